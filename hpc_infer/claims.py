@@ -1,0 +1,128 @@
+"""Atomic chunk claims: how workers share the run without a coordinator.
+
+A claim is a file created with O_CREAT|O_EXCL, so exactly one worker wins it. Its
+holder refreshes the file's mtime while working; a claim whose mtime is older than
+the lease, or whose holder is a dead process on this host, is stale and may be taken
+over. Takeover renames the stale file away first (rename is atomic: one taker wins),
+then claims anew. Claims only avoid wasted work; exactly-once output comes from each
+chunk having a single output path written by rename. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Owner:
+    worker_id: str
+    host: str
+    pid: int
+
+    @staticmethod
+    def current(worker_id: str) -> "Owner":
+        return Owner(worker_id, socket.gethostname(), os.getpid())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"worker": self.worker_id, "host": self.host, "pid": self.pid}).encode()
+
+
+def read_owner(path: Path) -> Owner | None:
+    try:
+        d = json.loads(path.read_bytes())
+        return Owner(str(d["worker"]), str(d["host"]), int(d["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def try_claim(run: RunDir, chunk_id: int, owner: Owner) -> bool:
+    path = run.claim_path(chunk_id)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(owner.to_bytes())
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:
+    """A claim is stale when its lease ran out or its holder died on this host."""
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > lease_s:
+        return True
+    owner = read_owner(path)
+    if owner is None:
+        # Being written right now, or garbage: give the writer a moment.
+        return age > 5.0
+    return owner.host == socket.gethostname() and owner.pid != os.getpid() and not _pid_alive(owner.pid)
+
+
+def take_over(run: RunDir, chunk_id: int, owner: Owner) -> bool:
+    """Take a stale claim. Only one of several concurrent takers succeeds."""
+    path = run.claim_path(chunk_id)
+    grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return False
+    try:
+        os.unlink(grave)
+    except FileNotFoundError:
+        pass
+    return try_claim(run, chunk_id, owner)
+
+
+def refresh(run: RunDir, chunk_id: int) -> None:
+    try:
+        os.utime(run.claim_path(chunk_id))
+    except FileNotFoundError:
+        pass
+
+
+def release(run: RunDir, chunk_id: int, owner: Owner) -> None:
+    """Remove our claim (not someone else's who took it over)."""
+    path = run.claim_path(chunk_id)
+    if read_owner(path) == owner:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = None) -> list[int]:
+    """Drop stale claims and claims held by workers known to be dead (used on relaunch)."""
+    dropped = []
+    done = run.done_chunks()
+    for chunk_id in sorted(run.claimed_chunks()):
+        path = run.claim_path(chunk_id)
+        owner = read_owner(path)
+        dead = owner is not None and dead_workers is not None and owner.worker_id in dead_workers
+        if dead or is_stale(path, lease_s) or chunk_id in done:
+            try:
+                os.unlink(path)
+                dropped.append(chunk_id)
+            except FileNotFoundError:
+                pass
+    return dropped

@@ -1,0 +1,110 @@
+"""`hpc-infer`: launch, status, cancel, merge, sbatch, model.
+
+    hpc-infer launch model=qwen_math cluster=together data=math_r1_zero
+    hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
+    hpc-infer merge runs/<run> [--partial] [--format parquet]
+    hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
+    hpc-infer model build-cpu               (build the embedded CPU default model now)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _run_dir(path: str):
+    from .rundir import RunDir
+
+    run = RunDir(Path(path).expanduser().resolve())
+    if not run.manifest.exists():
+        raise UserError(f"{path}: not a run directory (no manifest.json)")
+    return run
+
+
+def _backend(run):
+    from omegaconf import OmegaConf
+
+    from .config import ClusterConfig
+    from .submit import make_backend, recorded_jobs
+
+    name, ids = recorded_jobs(run)
+    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")),
+                                                  {"backend": name or "debug"}))
+    return make_backend(cluster, run), ids
+
+
+def cmd_status(args) -> int:
+    from .status import describe
+
+    run = _run_dir(args.run_dir)
+    backend, ids = _backend(run)
+    print(describe(run, backend.states(ids)))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    run = _run_dir(args.run_dir)
+    backend, ids = _backend(run)
+    backend.cancel(ids)
+    print(f"cancelled {len(ids)} tasks of {run.root}; relaunch the same command to resume later")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    s = merge(_run_dir(args.run_dir), args.format, args.partial)
+    print(f"{s.records}/{s.records_expected} records -> {s.results}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .cpu_model import ensure_smollm2
+
+    print(ensure_smollm2())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("launch", "sbatch"):
+        # Hydra parses its own command line: hand the rest of it over.
+        sys.argv = [f"hpc-infer {argv[0]}", *argv[1:]]
+        if argv[0] == "launch":
+            from .launch import main as launch_main
+        else:
+            from .sbatch import main as launch_main
+        launch_main()
+        return 0
+    parser = argparse.ArgumentParser(prog="hpc-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("status", help="per-task state, chunks done, tokens/s, ETA")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("cancel", help="cancel the run's jobs (resumable)")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_cancel)
+    p = sub.add_parser("merge", help="merge finished chunks into results")
+    p.add_argument("run_dir")
+    p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
+    p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("model", help="embedded CPU model")
+    p.add_argument("action", choices=["build-cpu"])
+    p.set_defaults(fn=cmd_model)
+    sub.add_parser("launch", help="plan, submit, wait, merge (Hydra overrides follow)")
+    sub.add_parser("sbatch", help="render the run as a standalone sbatch script (Hydra overrides follow)")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed run configuration: Hydra's YAML groups are checked against these dataclasses.
+
+The schemas are registered in Hydra's ConfigStore, so an unknown key or a wrong type
+in `conf/` or on the command line fails inside Hydra with the key's name. `validate`
+then checks what types cannot (ranges, combinations) and names the setting and fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hf_id: Optional[str] = None  # Hugging Face repo id, e.g. Qwen/Qwen2.5-Math-1.5B
+    path: Optional[str] = None  # explicit local directory; wins over everything else
+    local_paths: List[str] = field(default_factory=list)  # known shared copies; the first that exists is used
+    builtin: Optional[str] = None  # a model this package builds offline (the CPU default)
+    revision: Optional[str] = None
+    task: str = "auto"  # auto (chat for `messages` records, else generate) | generate | chat
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    trust_remote_code: bool = False
+    quantization: Optional[str] = None
+    enforce_eager: bool = False
+    gpu_memory_utilization: Optional[float] = None
+    chat_template: Optional[str] = None  # path to a Jinja chat template file
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
+
+
+@dataclass
+class ContainerConfig:
+    image: Optional[str] = None  # .sif path or docker:// URI; None runs on the host
+    runtime: Optional[str] = None  # apptainer | singularity; detected from PATH when None
+    binds: List[str] = field(default_factory=list)
+    nv: bool = True  # --nv: expose the node's NVIDIA GPUs
+    extra_args: List[str] = field(default_factory=list)
+    python: str = "python3"  # the interpreter inside the image
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    backend: str = "slurm"  # slurm | local | debug
+    workers: int = 1  # array tasks (slurm) or processes (local)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_task: int = 1
+    gres: Optional[str] = None  # overrides gpu:<gpus_per_task>
+    cpus_per_task: int = 8
+    mem: Optional[str] = "40G"
+    time: str = "04:00:00"
+    array_parallelism: Optional[int] = None  # the %N of --array
+    max_array_size: Optional[int] = None  # None: read MaxArraySize from scontrol
+    sbatch_extra: List[str] = field(default_factory=list)  # extra "#SBATCH" options, e.g. "--constraint=a100"
+    setup: List[str] = field(default_factory=list)  # shell lines run before the worker (module load ...)
+    env: Dict[str, str] = field(default_factory=dict)  # environment for the worker (no secrets)
+    container: ContainerConfig = field(default_factory=ContainerConfig)
+    model_roots: List[str] = field(default_factory=list)  # shared read-only model directories
+    hf_home: Optional[str] = None  # shared Hugging Face cache
+    token_file: Optional[str] = None  # where to look for the HF token
+    lease_s: float = 600.0  # a claim not refreshed for this long is taken over
+    heartbeat_s: float = 10.0
+
+
+@dataclass
+class SamplingConfig:
+    name: str = MISSING
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 1024
+    min_tokens: int = 0
+    stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: Optional[int] = None
+
+    def to_vllm(self) -> Dict[str, Any]:
+        d = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+        d.pop("name")
+        if d["top_k"] == 0:
+            d["top_k"] = -1  # vLLM: -1 disables top-k
+        return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING
+    format: str = "auto"  # auto | jsonl | parquet | csv | txt
+    id_field: Optional[str] = "id"  # None or absent in the file: ids are derived from line numbers
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    template: Optional[str] = None  # inline template, "{prompt}" and any record field
+    template_file: Optional[str] = None
+    system_prompt: Optional[str] = None  # prepended to chat messages
+    limit: Optional[int] = None
+
+
+@dataclass
+class MergeConfig:
+    format: str = "jsonl"  # jsonl | parquet
+    allow_partial: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    sampling: SamplingConfig = MISSING
+    data: DataConfig = MISSING
+    run_name: Optional[str] = None  # default: <data>__<model>__<sampling>
+    output_root: str = "runs"
+    seed: Optional[int] = 0  # run seed; each record gets a seed derived from it and its id
+    chunks_per_worker: int = 4
+    wait: bool = True
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    @property
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.data.name}__{self.model.name}__{self.sampling.name}"
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.output_root).expanduser().resolve() / self.resolved_run_name
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(group="sampling", name="sampling_schema", node=SamplingConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel), replace=True)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Turn Hydra's DictConfig into typed dataclasses, then validate."""
+    try:
+        rc = OmegaConf.to_object(cfg)
+    except Exception as e:  # omegaconf reports the key and the offending value
+        raise UserError(f"invalid configuration: {e}") from None
+    if not isinstance(rc, RunConfig):
+        raise UserError("configuration root is not a RunConfig (is conf/config.yaml's defaults list intact?)")
+    validate(rc)
+    return rc
+
+
+def validate(rc: RunConfig) -> None:
+    errors: list[str] = []
+
+    def check(ok: bool, setting: str, msg: str) -> None:
+        if not ok:
+            errors.append(f"{setting}: {msg}")
+
+    m, c, s, d = rc.model, rc.cluster, rc.sampling, rc.data
+    check(m.task in ("auto", "generate", "chat"), "model.task", f"'{m.task}' is not one of auto, generate, chat")
+    check(bool(m.hf_id or m.path or m.builtin), f"model={m.name}", "set model.hf_id or model.path")
+    check(m.tensor_parallel_size >= 1, "model.tensor_parallel_size", "must be >= 1")
+    check(m.pipeline_parallel_size >= 1, "model.pipeline_parallel_size", "must be >= 1")
+    if m.chat_template:
+        check(Path(m.chat_template).is_file(), "model.chat_template", f"file {m.chat_template} does not exist")
+    check(c.backend in ("slurm", "local", "debug"), "cluster.backend", f"'{c.backend}' is not one of slurm, local, debug")
+    check(c.workers >= 1, "cluster.workers", f"{c.workers} must be >= 1")
+    check(c.gpus_per_task >= 0, "cluster.gpus_per_task", "must be >= 0")
+    if c.backend == "slurm" and c.gpus_per_task:
+        need = m.tensor_parallel_size * m.pipeline_parallel_size
+        check(
+            c.gpus_per_task >= need or c.gres is not None,
+            "cluster.gpus_per_task",
+            f"{c.gpus_per_task} GPUs cannot hold tensor_parallel_size x pipeline_parallel_size = {need}; "
+            f"set cluster.gpus_per_task={need}",
+        )
+    check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
+    if c.container.image and not c.container.image.startswith(("docker://", "library://", "oras://")):
+        check(Path(c.container.image).exists(), "cluster.container.image",
+              f"image {c.container.image} does not exist (pull it with `hpc-infer image pull`, or fix the path)")
+    check(c.container.runtime in (None, "apptainer", "singularity"), "cluster.container.runtime",
+          f"'{c.container.runtime}' is not one of apptainer, singularity")
+    check(s.n >= 1, "sampling.n", f"{s.n} must be >= 1")
+    check(s.temperature >= 0, "sampling.temperature", f"{s.temperature} must be >= 0")
+    check(0 < s.top_p <= 1, "sampling.top_p", f"{s.top_p} must be in (0, 1]")
+    check(s.top_k >= -1, "sampling.top_k", f"{s.top_k} must be >= 0 (0 disables)")
+    check(0 <= s.min_p <= 1, "sampling.min_p", f"{s.min_p} must be in [0, 1]")
+    check(s.max_tokens >= 1, "sampling.max_tokens", f"{s.max_tokens} must be >= 1")
+    check(0 <= s.min_tokens <= s.max_tokens, "sampling.min_tokens", "must be in [0, max_tokens]")
+    check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
+    check(-2 <= s.presence_penalty <= 2, "sampling.presence_penalty", "must be in [-2, 2]")
+    check(-2 <= s.frequency_penalty <= 2, "sampling.frequency_penalty", "must be in [-2, 2]")
+    check(d.format in ("auto", "jsonl", "json", "parquet", "csv", "txt"), "data.format",
+          f"'{d.format}' is not one of auto, jsonl, parquet, csv, txt")
+    check(Path(d.path).expanduser().is_file(), "data.path", f"file {d.path} does not exist")
+    if d.template_file:
+        check(Path(d.template_file).expanduser().is_file(), "data.template_file", f"file {d.template_file} does not exist")
+    check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1")
+    check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
+    check(rc.merge.format in ("jsonl", "parquet"), "merge.format", f"'{rc.merge.format}' is not one of jsonl, parquet")
+    check("/" not in rc.resolved_run_name, "run_name", "must not contain '/'")
+    if errors:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))

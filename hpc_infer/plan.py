@@ -1,0 +1,168 @@
+"""Plan a run: token-balanced chunks, the run directory and its manifest.
+
+Chunks are cut by estimated tokens, not record counts, and get smaller towards the end
+(guided self-scheduling): early chunks amortise claims, late ones keep the tail short,
+so the slowest worker does not set the finish time. Chunk 0 is the largest; workers
+claim in id order. Relaunching with the same input and settings resumes the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .config import RunConfig
+from .data import Record, file_fingerprint, load_template
+from .errors import UserError
+from .rundir import RunDir, read_json, write_json, write_jsonl
+
+CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
+
+
+def estimate_tokens(record: Record, max_tokens: int, n: int) -> int:
+    if record.messages is not None:
+        chars = sum(len(str(m.get("content", ""))) for m in record.messages) + 16 * len(record.messages)
+    else:
+        chars = len(record.prompt or "")
+    return chars // CHARS_PER_TOKEN + 1 + max_tokens * n
+
+
+@dataclass
+class Chunk:
+    id: int
+    n_records: int
+    est_tokens: int
+    first_index: int
+    last_index: int
+
+
+def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[list[int]]:
+    """Group record indices into chunks, largest first, sizes shrinking towards the end.
+
+    Records are taken longest first. Each chunk targets remaining / (2 * workers)
+    estimated tokens, but never less than total / (workers * chunks_per_worker * 2),
+    so the count of chunks stays near workers * chunks_per_worker.
+    """
+    order = sorted(range(len(est)), key=lambda i: (-est[i], i))
+    total = sum(est)
+    floor = max(1.0, total / (workers * chunks_per_worker * 2))
+    chunks: list[list[int]] = []
+    remaining = total
+    current: list[int] = []
+    current_tokens = 0
+    target = max(floor, remaining / (2 * workers))
+    for i in order:
+        current.append(i)
+        current_tokens += est[i]
+        if current_tokens >= target:
+            chunks.append(sorted(current))
+            remaining -= current_tokens
+            current, current_tokens = [], 0
+            target = max(floor, remaining / (2 * workers))
+    if current:
+        chunks.append(sorted(current))
+    return chunks
+
+
+def fingerprint_parts(rc: RunConfig) -> dict[str, str]:
+    """What decides a run's output. A changed part means a different run."""
+
+    def h(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    data = OmegaConf.to_container(OmegaConf.structured(rc.data))
+    model = OmegaConf.to_container(OmegaConf.structured(rc.model))
+    return {
+        "input file": file_fingerprint(Path(rc.data.path).expanduser())[:16],
+        "data settings": h({k: v for k, v in data.items() if k not in ("name", "path")}),
+        "prompt template": h(load_template(rc.data)),
+        "model": h({k: v for k, v in model.items() if k not in ("name",)}),
+        "sampling": h(rc.sampling.to_vllm()),
+        "seed": str(rc.seed),
+    }
+
+
+def worker_spec(rc: RunConfig, model_path: str) -> dict:
+    """Everything a worker needs, as plain JSON. Never holds a secret."""
+    m = rc.model
+    engine_kwargs: dict[str, Any] = {
+        "dtype": m.dtype,
+        "tensor_parallel_size": m.tensor_parallel_size,
+        "pipeline_parallel_size": m.pipeline_parallel_size,
+        "trust_remote_code": m.trust_remote_code,
+        "enforce_eager": m.enforce_eager,
+        "seed": rc.seed if rc.seed is not None else 0,
+    }
+    for key in ("max_model_len", "quantization", "gpu_memory_utilization", "revision"):
+        if getattr(m, key) is not None:
+            engine_kwargs[key] = getattr(m, key)
+    engine_kwargs.update(m.engine_kwargs)
+    chat_template = Path(m.chat_template).read_text() if m.chat_template else None
+    return {
+        "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template},
+        "sampling": rc.sampling.to_vllm(),
+        "seed": rc.seed,
+        "env": dict(rc.cluster.env),
+        "lease_s": rc.cluster.lease_s,
+        "heartbeat_s": rc.cluster.heartbeat_s,
+    }
+
+
+def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: str) -> tuple[RunDir, bool]:
+    """Create the run directory, or check that an existing one is the same run.
+
+    Returns the run directory and whether it was resumed.
+    """
+    run = RunDir(rc.run_path)
+    parts = fingerprint_parts(rc)
+    if run.manifest.exists():
+        old = read_json(run.manifest)
+        changed = [k for k, v in parts.items() if old.get("fingerprint", {}).get(k) != v]
+        if changed:
+            raise UserError(
+                f"{run.root} holds a run made from a different {', '.join(changed)}. "
+                f"Resuming it would mix results. Give a new run_name=..., or delete that directory."
+            )
+        run.make()
+        write_json(run.worker_spec, worker_spec(rc, model_path))  # cluster-side settings may change
+        return run, True
+    if run.root.exists() and any(run.root.iterdir()):
+        raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or set run_name=...")
+    tmp = run.root.with_name(f".{run.root.name}.planning")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    staging = RunDir(tmp)
+    staging.make()
+    est = [estimate_tokens(r, rc.sampling.max_tokens, rc.sampling.n) for r in records]
+    groups = make_chunks(est, rc.cluster.workers, rc.chunks_per_worker)
+    table = []
+    for cid, idx in enumerate(groups):
+        write_jsonl(staging.chunk_path(cid), (records[i].to_json() for i in idx))
+        table.append(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx[0], idx[-1])))
+    write_json(staging.worker_spec, worker_spec(rc, model_path))
+    staging.config.write_text(config_yaml)
+    write_json(
+        staging.manifest,
+        {
+            "version": 1,
+            "created": time.time(),
+            "input": str(Path(rc.data.path).expanduser().resolve()),
+            "n_records": len(records),
+            "n_chunks": len(groups),
+            "est_tokens": sum(est),
+            "fingerprint": parts,
+            "chunks": table,
+        },
+    )
+    run.root.parent.mkdir(parents=True, exist_ok=True)
+    if run.root.exists():
+        run.root.rmdir()
+    tmp.rename(run.root)  # the run directory appears whole, or not at all
+    return run, False

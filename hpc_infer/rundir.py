@@ -1,0 +1,141 @@
+"""The run directory: the contract between launcher, workers and merger.
+
+Workers and the merger may run on other machines, so the shared file system is the
+bus. This module names every path in it and provides the one write primitive
+everything uses (temp file + fsync + rename). Standard library only: it is imported
+inside the cluster's vLLM image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def worker_spec(self) -> Path:
+        return self.root / "worker.json"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs.json"
+
+    @property
+    def chunks(self) -> Path:
+        return self.root / "chunks"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / "claims"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.root / "heartbeats"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def results(self, fmt: str = "jsonl") -> Path:
+        return self.root / f"results.{fmt}"
+
+    def chunk_path(self, chunk_id: int) -> Path:
+        return self.chunks / f"{chunk_id:05d}.jsonl"
+
+    def claim_path(self, chunk_id: int) -> Path:
+        return self.claims / f"{chunk_id:05d}"
+
+    def out_path(self, chunk_id: int) -> Path:
+        return self.out / f"{chunk_id:05d}.jsonl"
+
+    def heartbeat_path(self, worker_id: str) -> Path:
+        return self.heartbeats / f"{worker_id}.json"
+
+    def make(self) -> None:
+        for d in (self.chunks, self.claims, self.out, self.heartbeats, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def done_chunks(self) -> set[int]:
+        """Chunk ids whose output file exists (temp files start with '.')."""
+        return _ids_in(self.out)
+
+    def claimed_chunks(self) -> set[int]:
+        return _ids_in(self.claims)
+
+
+def _ids_in(folder: Path) -> set[int]:
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return set()
+    ids = set()
+    for name in names:
+        stem = name.split(".", 1)[0]
+        if stem.isdigit() and not name.startswith("."):
+            if "stale" not in name:
+                ids.add(int(stem))
+    return ids
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that readers see either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared runs need the umask's mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]

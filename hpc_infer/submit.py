@@ -1,0 +1,234 @@
+"""Submit workers through submitit: one small base class, one subclass per backend.
+
+`slurm` submits ONE job array per run (several when the run needs more tasks than the
+cluster's MaxArraySize); `local` starts worker processes with submitit's local
+executor; `debug` runs one worker in this process. Job ids go to jobs.json so that
+`status`, `cancel` and a relaunch can find them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from .config import ClusterConfig
+from .errors import UserError
+from .rundir import RunDir, read_json, write_json
+from .task import WorkerTask
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE", "FINISHED", "INTERRUPTED", "DONE"}
+
+
+def time_to_minutes(spec: str) -> int:
+    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) to whole minutes."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", spec.strip())
+    if not m:
+        raise UserError(f"cluster.time={spec}: not a Slurm time; write it as HH:MM:SS or D-HH:MM:SS")
+    days, parts = int(m.group(1) or 0), [int(x) for x in m.group(2).split(":")]
+    if days:
+        h, mi, s = (parts + [0, 0])[:3]
+    else:
+        h, mi, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return max(1, math.ceil(days * 1440 + h * 60 + mi + s / 60))
+
+
+class Backend:
+    """Submits N workers for a run; reports and cancels them by job id."""
+
+    name = "base"
+
+    def __init__(self, cluster: ClusterConfig, run: RunDir, python: str | None = None):
+        self.cluster, self.run = cluster, run
+        self.python = python
+
+    def submit(self, n_workers: int) -> list[str]:
+        raise NotImplementedError
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        return {j: _result_state(self.run, j) or "UNKNOWN" for j in job_ids}
+
+    def cancel(self, job_ids: list[str]) -> None:
+        raise NotImplementedError
+
+    def record(self, job_ids: list[str]) -> None:
+        jobs = read_json(self.run.jobs) if self.run.jobs.exists() else {"launches": []}
+        jobs["backend"] = self.name
+        jobs["launches"].append({"time": time.time(), "job_ids": job_ids})
+        write_json(self.run.jobs, jobs)
+
+
+def _result_state(run: RunDir, job_id: str) -> str | None:
+    """submitit writes <job>_<task>_result.pkl when the task function returns or raises."""
+    path = run.logs / f"{job_id}_0_result.pkl"
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            outcome = pickle.load(f)[0]
+    except Exception:
+        return "FAILED"
+    return "COMPLETED" if outcome == "success" else "FAILED"
+
+
+class DebugBackend(Backend):
+    """One worker in this process (pdb works); submit returns when it has finished."""
+
+    name = "debug"
+
+    def submit(self, n_workers: int) -> list[str]:
+        from .worker import run_worker
+
+        run_worker(self.run.root, worker_id="debug")
+        return []
+
+    def cancel(self, job_ids: list[str]) -> None:
+        pass
+
+
+class LocalBackend(Backend):
+    """N worker processes on this machine via submitit's LocalExecutor."""
+
+    name = "local"
+
+    def submit(self, n_workers: int) -> list[str]:
+        ex = submitit.LocalExecutor(folder=self.run.logs, python=self.python)
+        ex.update_parameters(timeout_min=time_to_minutes(self.cluster.time))
+        jobs = ex.map_array(WorkerTask(), [str(self.run.root)] * n_workers)
+        ids = [j.job_id for j in jobs]
+        self.record(ids)
+        return ids
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        out = {}
+        for j in job_ids:
+            done = _result_state(self.run, j)
+            if done:
+                out[j] = done
+            else:
+                try:
+                    os.kill(int(j), 0)
+                    out[j] = "RUNNING"
+                except (ProcessLookupError, ValueError):
+                    out[j] = "FAILED"  # gone without a result: killed
+                except PermissionError:
+                    out[j] = "RUNNING"
+        return out
+
+    def cancel(self, job_ids: list[str]) -> None:
+        import signal
+
+        for j in job_ids:
+            try:
+                os.kill(int(j), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def max_array_size() -> int:
+    """MaxArraySize from the running Slurm (job array indices must stay below it)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(m.group(1)) if m else 1001
+
+
+def sbatch_options(extra: list[str]) -> dict[str, object]:
+    """["--constraint=a100", "--exclusive"] -> submitit's additional_parameters."""
+    params: dict[str, object] = {}
+    for item in extra:
+        key, _, value = item.lstrip("-").partition("=")
+        if not key:
+            raise UserError(f"cluster.sbatch_extra: '{item}' is not an sbatch option like --constraint=a100")
+        params[key.replace("-", "_")] = value if value else True
+    return params
+
+
+class SlurmBackend(Backend):
+    """One job array per run through submitit's SlurmExecutor (split at MaxArraySize)."""
+
+    name = "slurm"
+
+    def executor(self) -> submitit.SlurmExecutor:
+        c = self.cluster
+        ex = submitit.SlurmExecutor(folder=self.run.logs, python=self.python, max_num_timeout=3)
+        params: dict[str, object] = dict(
+            job_name=f"hpc_infer:{self.run.root.name}"[:100],
+            time=time_to_minutes(c.time),
+            cpus_per_task=c.cpus_per_task,
+            ntasks_per_node=1,
+            setup=list(c.setup),
+            stderr_to_stdout=False,
+        )
+        if c.gres or c.gpus_per_task:
+            params["gres"] = c.gres or f"gpu:{c.gpus_per_task}"
+        for key in ("partition", "account", "qos", "mem"):
+            if getattr(c, key):
+                params[key] = getattr(c, key)
+        if c.array_parallelism:
+            params["array_parallelism"] = c.array_parallelism
+        extra = sbatch_options(c.sbatch_extra)
+        if extra:
+            params["additional_parameters"] = extra
+        ex.update_parameters(**params)
+        return ex
+
+    def submit(self, n_workers: int) -> list[str]:
+        limit = self.cluster.max_array_size or max_array_size()
+        per_array = max(1, limit - 1)  # indices run 0..MaxArraySize-1
+        ex = self.executor()
+        ids: list[str] = []
+        try:
+            for start in range(0, n_workers, per_array):
+                count = min(per_array, n_workers - start)
+                jobs = ex.map_array(WorkerTask(), [str(self.run.root)] * count)
+                ids += [j.job_id for j in jobs]
+        except subprocess.CalledProcessError as e:
+            raise UserError(f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "
+                            f"(check cluster.partition/account/qos/gres)") from None
+        finally:
+            if ids:
+                self.record(ids)
+        return ids
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        arrays = sorted({j.split("_")[0] for j in job_ids})
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"],
+                             capture_output=True, text=True, timeout=60).stdout
+        live = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+        return {j: live.get(j) or _result_state(self.run, j) or "ENDED" for j in job_ids}
+
+    def cancel(self, job_ids: list[str]) -> None:
+        arrays = sorted({j.split("_")[0] for j in job_ids})
+        if arrays:
+            subprocess.run(["scancel", *arrays], check=False)
+
+
+BACKENDS = {"slurm": SlurmBackend, "local": LocalBackend, "debug": DebugBackend}
+
+
+def make_backend(cluster: ClusterConfig, run: RunDir, python: str | None = None) -> Backend:
+    return BACKENDS[cluster.backend](cluster, run, python)
+
+
+def recorded_jobs(run: RunDir) -> tuple[str | None, list[str]]:
+    if not run.jobs.exists():
+        return None, []
+    jobs = read_json(run.jobs)
+    return jobs.get("backend"), [j for launch in jobs.get("launches", []) for j in launch["job_ids"]]
+
+
+def host_python() -> str:
+    return sys.executable

@@ -1,0 +1,19 @@
+"""The callable submitit runs in each task: a checkpointable wrapper around the worker.
+
+On SIGUSR1 (Slurm's timeout/preemption warning) submitit calls `checkpoint`, requeues
+the task and exits; the exit unwinds the worker, which releases its claim, so the
+requeued task (or any other worker) picks the chunk up again.
+"""
+
+from __future__ import annotations
+
+import submitit
+
+from .worker import run_worker
+
+
+class WorkerTask(submitit.helpers.Checkpointable):
+    """Called with the run directory; `checkpoint` resubmits the same call."""
+
+    def __call__(self, run_dir: str) -> dict:
+        return run_worker(run_dir)

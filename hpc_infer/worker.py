@@ -1,0 +1,176 @@
+"""The worker: claim a chunk, generate, write its output atomically, repeat.
+
+Runs inside the job (often inside the cluster's vLLM image), so it imports only the
+standard library, its run-directory siblings and, lazily, vLLM. Everything it needs
+comes from `worker.json` in the run directory, never from a pickle or command line.
+
+    python -m hpc_infer.worker RUN_DIR [--worker-id ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import claims
+from .rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
+
+
+def default_worker_id() -> str:
+    """The scheduler's job id (Slurm array task, submitit local job), else host and pid."""
+    env = os.environ
+    if "SUBMITIT_LOCAL_JOB_ID" in env:
+        return env["SUBMITIT_LOCAL_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if "SLURM_JOB_ID" in env:
+        return env["SLURM_JOB_ID"]
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Heartbeat:
+    """Refreshes the current claim and writes heartbeats/W.json from a thread."""
+
+    def __init__(self, run: RunDir, owner: claims.Owner, interval_s: float):
+        self.run, self.owner, self.interval_s = run, owner, interval_s
+        self.state: dict[str, Any] = {
+            "worker": owner.worker_id,
+            "host": owner.host,
+            "pid": owner.pid,
+            "started": time.time(),
+            "state": "starting",
+            "chunk": None,
+            "chunk_records": 0,
+            "chunk_done": 0,
+            "chunks_done": 0,
+            "records_done": 0,
+            "prompt_tokens": 0,
+            "output_tokens": 0,
+            "engine_start_s": None,
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def update(self, **kw: Any) -> None:
+        with self._lock:
+            self.state.update(kw)
+
+    def beat(self) -> None:
+        with self._lock:
+            state = dict(self.state, t=time.time())
+        if state["chunk"] is not None:
+            claims.refresh(self.run, state["chunk"])
+        write_json(self.run.heartbeat_path(self.owner.worker_id), state)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except OSError:
+                pass
+
+    def stop(self, final_state: str) -> None:
+        self._stop.set()
+        self.update(state=final_state, chunk=None)
+        self.beat()
+
+
+def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) -> int | None:
+    """Claim the first free chunk (chunks are ordered largest first), else a stale one."""
+    done = run.done_chunks()
+    claimed = run.claimed_chunks()
+    for cid in range(n_chunks):
+        if cid not in done and cid not in claimed and claims.try_claim(run, cid, owner):
+            if not run.out_path(cid).exists():
+                return cid
+            claims.release(run, cid, owner)
+    for cid in sorted(claimed - done):
+        if claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner):
+            if not run.out_path(cid).exists():
+                return cid
+            claims.release(run, cid, owner)
+    return None
+
+
+def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None) -> dict:
+    """Process chunks until none is left to claim. Returns this worker's counters."""
+    run = RunDir(Path(run_dir))
+    spec = read_json(run.worker_spec)
+    n_chunks = int(read_json(run.manifest)["n_chunks"])
+    for key, value in (spec.get("env") or {}).items():
+        os.environ.setdefault(key, str(value))
+    os.environ["HF_HUB_OFFLINE"] = "1"  # workers never download; the launcher resolved the model
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+    owner = claims.Owner.current(worker_id or default_worker_id())
+    lease_s = float(spec.get("lease_s", 600))
+    hb = Heartbeat(run, owner, float(spec.get("heartbeat_s", 10)))
+    hb.start()
+    engine = None
+    processed = 0
+    try:
+        while max_chunks is None or processed < max_chunks:
+            cid = next_chunk(run, n_chunks, owner, lease_s)
+            if cid is None:
+                break
+            try:
+                records = read_jsonl(run.chunk_path(cid))
+                hb.update(state="loading" if engine is None else "running", chunk=cid,
+                          chunk_records=len(records), chunk_done=0)
+                if engine is None:
+                    t0 = time.time()
+                    from .engine import Engine
+
+                    engine = Engine(spec["model"])
+                    hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
+                t_chunk = time.time()
+                results = engine.run(records, spec.get("sampling") or {}, spec.get("seed"),
+                                     on_progress=lambda n: hb.update(chunk_done=n))
+                for r in results:
+                    r["worker"] = owner.worker_id
+                    r["chunk"] = cid
+                write_jsonl(run.out_path(cid), results)
+            finally:
+                claims.release(run, cid, owner)
+            processed += 1
+            s = hb.state
+            hb.update(
+                chunk=None,
+                chunks_done=s["chunks_done"] + 1,
+                records_done=s["records_done"] + len(results),
+                prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in results),
+                output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in results),
+                last_chunk_s=round(time.time() - t_chunk, 3),
+            )
+            hb.beat()
+    except BaseException:
+        hb.stop("failed")
+        raise
+    hb.stop("finished")
+    return dict(hb.state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--max-chunks", type=int, default=None)
+    args = parser.parse_args(argv)
+    state = run_worker(args.run_dir, args.worker_id, args.max_chunks)
+    print(f"worker {state['worker']}: {state['chunks_done']} chunks, {state['records_done']} records", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
