@@ -64,23 +64,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:
-    """A claim is stale when its lease ran out or its holder died on this host."""
-    try:
-        age = (now or time.time()) - path.stat().st_mtime
-    except FileNotFoundError:
-        return False
+def _stale(st: os.stat_result, owner: Owner | None, lease_s: float, now: float) -> bool:
+    age = now - st.st_mtime
     if age > lease_s:
         return True
-    owner = read_owner(path)
     if owner is None:
         # Being written right now, or garbage: give the writer a moment.
         return age > 5.0
     return owner.host == socket.gethostname() and owner.pid != os.getpid() and not _pid_alive(owner.pid)
 
 
-def take_over(run: RunDir, chunk_id: int, owner: Owner) -> bool:
-    """Take a stale claim. Only one of several concurrent takers succeeds."""
+def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:
+    """A claim is stale when its lease ran out or its holder died on this host."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return _stale(st, read_owner(path), lease_s, now or time.time())
+
+
+def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
+    """Take a stale claim. Only one of several concurrent takers succeeds.
+
+    The claim is renamed away first (atomic: one renamer wins). If what we renamed
+    turns out to be live (another taker's fresh claim), it is linked back.
+    """
     path = run.claim_path(chunk_id)
     grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
     try:
@@ -88,9 +96,14 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner) -> bool:
     except FileNotFoundError:
         return False
     try:
+        if not _stale(grave.stat(), read_owner(grave), lease_s, time.time()):
+            try:
+                os.link(grave, path)  # give it back; fails only if yet another claim exists
+            except FileExistsError:
+                pass
+            return False
+    finally:
         os.unlink(grave)
-    except FileNotFoundError:
-        pass
     return try_claim(run, chunk_id, owner)
 
 

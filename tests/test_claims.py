@@ -1,0 +1,76 @@
+"""Claims: one winner per chunk across processes, stale takeover by exactly one taker."""
+
+import multiprocessing as mp
+import os
+import time
+
+from hpc_infer import claims
+from hpc_infer.rundir import RunDir
+
+
+def _claim_all(root, wid, n, q):
+    run = RunDir(root)
+    owner = claims.Owner(wid, "h", os.getpid())
+    q.put([c for c in range(n) if claims.try_claim(run, c, owner)])
+
+
+def test_each_chunk_claimed_exactly_once_by_racing_processes(tmp_path):
+    run = RunDir(tmp_path)
+    run.make()
+    q = mp.Queue()
+    procs = [mp.Process(target=_claim_all, args=(tmp_path, f"w{i}", 200, q)) for i in range(8)]
+    for p in procs:
+        p.start()
+    won = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    flat = sorted(c for w in won for c in w)
+    assert flat == list(range(200))
+
+
+def _take(root, wid, q):
+    run = RunDir(root)
+    q.put(claims.take_over(run, 0, claims.Owner(wid, "h", os.getpid()), lease_s=60))
+
+
+def test_stale_claim_taken_over_once(tmp_path):
+    run = RunDir(tmp_path)
+    run.make()
+    assert claims.try_claim(run, 0, claims.Owner("dead", "elsewhere", 1))
+    old = time.time() - 1000
+    os.utime(run.claim_path(0), (old, old))
+    assert claims.is_stale(run.claim_path(0), lease_s=60)
+    q = mp.Queue()
+    procs = [mp.Process(target=_take, args=(tmp_path, f"t{i}", q)) for i in range(6)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert sum(results) == 1
+    assert claims.read_owner(run.claim_path(0)).worker_id.startswith("t")
+
+
+def test_claim_of_dead_local_process_is_stale_at_once(tmp_path):
+    run = RunDir(tmp_path)
+    run.make()
+    p = mp.Process(target=time.sleep, args=(0,))
+    p.start()
+    p.join()  # a pid that no longer exists
+    import socket
+
+    claims.try_claim(run, 3, claims.Owner("gone", socket.gethostname(), p.pid))
+    assert claims.is_stale(run.claim_path(3), lease_s=3600)
+    claims.try_claim(run, 4, claims.Owner("me", socket.gethostname(), os.getpid()))
+    assert not claims.is_stale(run.claim_path(4), lease_s=3600)
+
+
+def test_release_only_removes_own_claim(tmp_path):
+    run = RunDir(tmp_path)
+    run.make()
+    a, b = claims.Owner("a", "h", 1), claims.Owner("b", "h", 2)
+    claims.try_claim(run, 0, a)
+    claims.release(run, 0, b)
+    assert run.claim_path(0).exists()
+    claims.release(run, 0, a)
+    assert not run.claim_path(0).exists()

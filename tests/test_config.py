@@ -1,0 +1,75 @@
+"""Configs: every shipped group composes and validates; bad settings are named."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compose
+from hpc_infer.errors import UserError
+
+CONF = ROOT / "hpc_infer" / "conf"
+
+
+def names(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", names("model"))
+@pytest.mark.parametrize("sampling", names("sampling"))
+def test_every_model_and_sampling_composes(model, sampling):
+    rc = compose(f"model={model}", f"sampling={sampling}")
+    assert rc.model.name == model and rc.sampling.name == sampling
+
+
+@pytest.mark.parametrize("cluster", names("cluster"))
+def test_every_cluster_composes(cluster, tmp_path):
+    overrides = [f"cluster={cluster}"]
+    if cluster == "aau_ai_cloud":  # its image lives on that cluster only
+        image = tmp_path / "vllm.sif"
+        image.touch()
+        overrides.append(f"cluster.container.image={image}")
+    rc = compose(*overrides)
+    assert rc.cluster.name == cluster
+
+
+def test_shipped_values():
+    rc = compose("model=qwen_math", "cluster=together", "data=math_r1_zero", "sampling=r1_zero")
+    assert rc.model.local_paths == ["/data/a5-alignment/models/Qwen2.5-Math-1.5B"]
+    assert rc.sampling.stop == ["</answer>"] and rc.sampling.include_stop_str_in_output
+    assert rc.resolved_run_name == "math_r1_zero__qwen_math__r1_zero"
+    assert compose("model=llama33_70b_instruct", "cluster.gpus_per_task=4").model.tensor_parallel_size == 4
+    d = compose("sampling=default").sampling
+    assert (d.temperature, d.top_p, d.max_tokens, d.stop) == (1.0, 1.0, 1024, ["\n"])
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("sampling.temperature=-1", "sampling.temperature: -1.0 must be >= 0"),
+        ("sampling.top_p=0", "sampling.top_p"),
+        ("sampling.max_tokens=0", "sampling.max_tokens"),
+        ("cluster.workers=0", "cluster.workers"),
+        ("model.task=embedz", "model.task: 'embedz'"),
+        ("data.path=/nonexistent.jsonl", "data.path: file /nonexistent.jsonl does not exist"),
+        ("merge.format=xml", "merge.format"),
+        ("cluster.container.image=/no/such.sif", "cluster.container.image: image /no/such.sif does not exist"),
+    ],
+)
+def test_bad_values_named(override, expect):
+    with pytest.raises(UserError) as e:
+        compose(override)
+    assert expect in str(e.value)
+
+
+def test_tensor_parallel_needs_gpus():
+    with pytest.raises(UserError, match="cluster.gpus_per_task=4"):
+        compose("model=llama33_70b_instruct", "cluster=together")
+
+
+def test_unknown_key_and_wrong_type_fail_in_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="temprature"):
+        compose("sampling.temprature=0.5")
+    with pytest.raises(ConfigCompositionException, match="max_tokens"):
+        compose("sampling.max_tokens=lots")

@@ -1,0 +1,84 @@
+"""Merge: input order restored, every record once, incomplete/corrupt runs refused."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import compose
+from hpc_infer.data import load_records
+from hpc_infer.errors import UserError
+from hpc_infer.merge import merge
+from hpc_infer.plan import prepare
+from hpc_infer.rundir import read_json, read_jsonl, write_jsonl
+
+
+def planned_run(tmp_path, n=40, workers=3):
+    data = tmp_path / "in.jsonl"
+    # varied lengths so chunks are not contiguous slices of the input
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "w " * ((i * 7919) % 97 + 1)}) + "\n" for i in range(n)))
+    rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", f"cluster.workers={workers}")
+    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    return run
+
+
+def finish_chunk(run, cid):
+    """Write a chunk's output the way a worker does (engine results are not the subject here)."""
+    rows = [dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_jsonl(run.chunk_path(cid))]
+    write_jsonl(run.out_path(cid), rows)
+
+
+def test_merge_restores_input_order_exactly_once(tmp_path):
+    run = planned_run(tmp_path)
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    for cid in reversed(range(n_chunks)):
+        finish_chunk(run, cid)
+    s = merge(run)
+    rows = [json.loads(l) for l in open(s.results)]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(40)]
+    assert [r["index"] for r in rows] == list(range(40))
+    assert all(r["text"] == f"out-{r['id']}" for r in rows)
+    assert s.records == 40 and not s.partial and s.output_tokens == 80
+    assert read_json(run.summary)["records"] == 40
+
+
+def test_incomplete_run_refused_with_missing_chunks(tmp_path):
+    run = planned_run(tmp_path)
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    for cid in range(1, n_chunks):
+        finish_chunk(run, cid)
+    with pytest.raises(UserError, match=r"incomplete: 1 of \d+ chunks have no output \(0\)"):
+        merge(run)
+    assert not (run.root / "results.jsonl").exists()
+    s = merge(run, allow_partial=True)
+    assert s.partial and s.chunks_missing == [0] and s.results.endswith("results.partial.jsonl")
+    assert s.records == 40 - read_json(run.manifest)["chunks"][0]["n_records"]
+
+
+def test_corrupt_truncated_and_foreign_outputs_refused(tmp_path):
+    run = planned_run(tmp_path)
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    for cid in range(n_chunks):
+        finish_chunk(run, cid)
+    good = run.out_path(0).read_bytes()
+    run.out_path(0).write_bytes(good[: len(good) // 2])  # cut mid-line
+    with pytest.raises(UserError, match=r"00000.jsonl line \d+: corrupt output.*redo chunk 0"):
+        merge(run)
+    lines = good.splitlines(keepends=True)
+    run.out_path(0).write_bytes(b"".join(lines[:-1]))  # a whole line missing
+    with pytest.raises(UserError, match=r"has \d+ of the chunk's \d+ records"):
+        merge(run)
+    run.out_path(0).write_bytes(good + lines[0])  # a duplicated record
+    with pytest.raises(UserError, match="does not belong to chunk 0 or repeats"):
+        merge(run)
+    run.out_path(0).write_bytes(good)
+    merge(run)
+
+
+def test_parquet_output(tmp_path):
+    run = planned_run(tmp_path, n=10, workers=1)
+    for cid in range(read_json(run.manifest)["n_chunks"]):
+        finish_chunk(run, cid)
+    s = merge(run, fmt="parquet")
+    table = pq.read_table(s.results)
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(10)]

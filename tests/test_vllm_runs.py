@@ -1,0 +1,105 @@
+"""Real runs: vLLM's CPU build generating with SmolLM2-135M-Instruct through our workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_ENV, read_results, run_launch
+from hpc_infer.rundir import RunDir, read_json
+
+pytestmark = pytest.mark.slow
+
+
+def test_generate_in_process_debug_cluster(tmp_path, cpu_model):
+    run_launch(tmp_path, "cluster=debug", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=12")
+    rows = read_results(tmp_path / "runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
+    assert [r["prompt"] for r in rows][:2] == ["The capital of France is", "The three primary colors are"]
+    assert "Paris" in rows[0]["text"]
+    assert all(r["outputs"][0]["finish_reason"] in ("stop", "length") and r["output_tokens"] > 0 for r in rows)
+    summary = read_json(tmp_path / "runs/example_prompts__smollm2_cpu__greedy/summary.json")
+    assert summary["records"] == 8 and summary["output_tokens"] == sum(r["output_tokens"] for r in rows)
+
+
+def _scan_cmdlines(token: str, stop: threading.Event, hits: list):
+    while not stop.is_set():
+        for proc in Path("/proc").iterdir():
+            try:
+                if token.encode() in (proc / "cmdline").read_bytes():
+                    hits.append(proc.name)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def test_chat_on_local_workers_token_never_written(tmp_path, cpu_model):
+    """Chat records through LLM.chat on 2 local worker processes, with a known HF token
+    in the environment: the workers get it, and no file or command line ever holds it."""
+    token = "hf_TESTSECRET_" + os.urandom(8).hex()
+    stop, hits = threading.Event(), []
+    scanner = threading.Thread(target=_scan_cmdlines, args=(token, stop, hits), daemon=True)
+    scanner.start()
+    try:
+        run_launch(tmp_path, "cluster=local", "cluster.workers=2", "sampling=greedy", "sampling.max_tokens=24",
+                   env={"HF_TOKEN": token})
+    finally:
+        stop.set()
+        scanner.join()
+    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
+    rows = read_results(run.results())
+    assert len(rows) == 16 and len({r["id"] for r in rows}) == 16
+    assert rows[1]["messages"][0]["content"] == "What is 2+2?" and "4" in rows[1]["text"]
+    beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
+    assert beats and all(b["hf_token_present"] for b in beats)  # the token did reach the jobs
+    assert hits == []
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_model):
+    args = ("cluster=local", "cluster.workers=1", "cluster.heartbeat_s=1", "chunks_per_worker=4", "sampling=greedy",
+            "sampling.max_tokens=64")
+    run_launch(tmp_path, *args, "wait=false")
+    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
+    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it while it holds a claim, after >= 1 finished chunk
+        done, claimed = run.done_chunks(), run.claimed_chunks()
+        if done and claimed - done:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("worker never reached its second chunk")
+    (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
+    os.kill(beat["pid"], signal.SIGKILL)  # the worker process itself, mid-chunk
+    first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    assert len(first_done) < n_chunks
+    assert run.claimed_chunks() - run.done_chunks()  # the dead worker's claim is still there
+
+    p = run_launch(tmp_path, *args)
+    assert "resuming" in p.stderr
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(16))
+    assert len({r["id"] for r in rows}) == 16
+    for c, mtime in first_done.items():  # finished chunks were not redone
+        assert run.out_path(c).stat().st_mtime_ns == mtime
+    assert len({r["worker"] for r in rows}) == 2 and job_id in {r["worker"] for r in rows}  # both launches worked
+
+
+def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
+    """Per-record seeds: the same record gets the same sample whichever chunk it lands in."""
+    common = ("cluster=debug", "sampling.temperature=1.0", "sampling.max_tokens=16", "seed=7", "data=example_prompts")
+    run_launch(tmp_path, *common, "chunks_per_worker=1", "run_name=one")
+    run_launch(tmp_path, *common, "chunks_per_worker=8", "cluster.workers=2", "run_name=many")
+    one = read_results(tmp_path / "runs/one/results.jsonl")
+    many = read_results(tmp_path / "runs/many/results.jsonl")
+    assert len({r["chunk"] for r in one}) < len({r["chunk"] for r in many})
+    assert [r["text"] for r in one] == [r["text"] for r in many]
+    assert len({r["text"] for r in one}) > 1
