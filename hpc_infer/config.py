@@ -55,6 +55,7 @@ class ClusterConfig:
     name: str = MISSING
     backend: str = "slurm"  # slurm | local | debug
     workers: int = 1  # array tasks (slurm) or processes (local)
+    nodes_per_task: int = 1  # >1: one model over several nodes with Ray (hpc-infer sbatch only)
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -184,11 +185,12 @@ def validate(rc: RunConfig) -> None:
         check(Path(m.chat_template).is_file(), "model.chat_template", f"file {m.chat_template} does not exist")
     check(c.backend in ("slurm", "local", "debug"), "cluster.backend", f"'{c.backend}' is not one of slurm, local, debug")
     check(c.workers >= 1, "cluster.workers", f"{c.workers} must be >= 1")
+    check(c.nodes_per_task >= 1, "cluster.nodes_per_task", f"{c.nodes_per_task} must be >= 1")
     check(c.gpus_per_task >= 0, "cluster.gpus_per_task", "must be >= 0")
     if c.backend == "slurm" and c.gpus_per_task:
         need = m.tensor_parallel_size * m.pipeline_parallel_size
         check(
-            c.gpus_per_task >= need or c.gres is not None,
+            c.gpus_per_task * c.nodes_per_task >= need or c.gres is not None,
             "cluster.gpus_per_task",
             f"{c.gpus_per_task} GPUs cannot hold tensor_parallel_size x pipeline_parallel_size = {need}; "
             f"set cluster.gpus_per_task={need}",

@@ -49,6 +49,9 @@ def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
 
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     refuse_secrets_in_config(rc)
+    if rc.cluster.nodes_per_task > 1:
+        raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
+                        f"script (Ray inside one allocation): use `hpc-infer sbatch` with the same overrides")
     records = load_records(rc.data)
     token = find_token(rc.cluster.token_file)
     model_path = resolve_model(rc.model, rc.cluster, token)

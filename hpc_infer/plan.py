@@ -103,6 +103,8 @@ def worker_spec(rc: RunConfig, model_path: str) -> dict:
     for key in ("max_model_len", "quantization", "gpu_memory_utilization", "revision"):
         if getattr(m, key) is not None:
             engine_kwargs[key] = getattr(m, key)
+    if rc.cluster.nodes_per_task > 1:
+        engine_kwargs["distributed_executor_backend"] = "ray"  # vLLM spans the nodes through Ray
     engine_kwargs.update(m.engine_kwargs)
     chat_template = Path(m.chat_template).read_text() if m.chat_template else None
     return {

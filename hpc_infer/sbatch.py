@@ -1,0 +1,119 @@
+"""Render a run as a standalone, readable sbatch script (like a hand-written run_vllm.sh).
+
+    hpc-infer sbatch model=qwen_math cluster=together data=math_r1_zero
+    python -m hpc_infer.sbatch ...
+
+The run is planned exactly as `launch` plans it (same run directory, so `launch` and
+the script can resume each other); the script is written to <run>/job.sbatch from
+the Jinja templates in slurm/templates/. Single node: a job array of workers.
+Multi-node (cluster.nodes_per_task > 1): Ray head + workers inside one allocation.
+The token never appears in the script.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import hydra
+import jinja2
+from omegaconf import DictConfig, OmegaConf
+
+from .cache import resolve_model
+from .config import RunConfig, register_configs, to_run_config
+from .container import CODE_MOUNT, binds, exec_prefix, project_root
+from .data import load_records
+from .errors import UserError
+from .plan import prepare
+from .rundir import RunDir, read_json
+from .secrets import find_token
+
+TEMPLATES = project_root() / "slurm" / "templates"
+
+register_configs()
+
+
+def sbatch_options(rc: RunConfig) -> list[str]:
+    c = rc.cluster
+    opts = []
+    for key in ("partition", "account", "qos"):
+        if getattr(c, key):
+            opts.append(f"--{key}={getattr(c, key)}")
+    gres = c.gres or (f"gpu:{c.gpus_per_task}" if c.gpus_per_task else None)
+    if gres:
+        opts.append(f"--gres={gres}")
+    opts.append(f"--cpus-per-task={c.cpus_per_task}")
+    if c.mem:
+        opts.append(f"--mem={c.mem}")
+    opts.append(f"--time={c.time}")
+    opts += [o if o.startswith("-") else f"--{o}" for o in c.sbatch_extra]
+    return opts
+
+
+def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
+    c = rc.cluster
+    multi = c.nodes_per_task > 1
+    script_path = run.root / "job.sbatch"
+    worker = ["-m", "hpc_infer.worker", str(run.root)]
+    if c.container.image:
+        prefix = exec_prefix(c.container, binds(c.container, run.root, model_path, c.hf_home, c.model_roots),
+                             gpus=c.gpus_per_task > 0)
+        worker_command = shlex.join(prefix + [c.container.python] + worker)
+        ray_prefix = shlex.join(prefix) + " "
+    else:
+        worker_command = shlex.join([sys.executable] + worker)
+        ray_prefix = ""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    env.filters["shquote"] = lambda v: shlex.quote(str(v))
+    template = env.get_template("multi_node.sbatch.j2" if multi else "single_node.sbatch.j2")
+    return template.render(
+        title=f"hpc_infer run {run.root.name}: model={rc.model.name} data={rc.data.name} sampling={rc.sampling.name}",
+        script_path=script_path,
+        run_dir=run.root,
+        job_name=f"hpc_infer:{run.root.name}"[:100],
+        n_tasks=n_tasks,
+        array_parallelism=c.array_parallelism,
+        sbatch_options=sbatch_options(rc),
+        logs=run.logs,
+        setup=list(c.setup),
+        env=dict(c.env),
+        container=bool(c.container.image),
+        code_dir=project_root() if not c.container.image else CODE_MOUNT,
+        worker_command=worker_command,
+        nodes=c.nodes_per_task,
+        tp=rc.model.tensor_parallel_size,
+        pp=rc.model.pipeline_parallel_size,
+        gpus_per_node=c.gpus_per_task,
+        exec_prefix=ray_prefix,
+        ray_port=6379,
+    )
+
+
+def write_script(rc: RunConfig, config_yaml: str) -> Path:
+    records = load_records(rc.data)
+    model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
+    run, _ = prepare(rc, records, model_path, config_yaml)
+    manifest = read_json(run.manifest)
+    remaining = manifest["n_chunks"] - len(run.done_chunks())
+    n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
+    path = run.root / "job.sbatch"
+    path.write_text(render(rc, run, model_path, n_tasks))
+    path.chmod(0o755)
+    return path
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        path = write_script(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+    print(f"submit with: sbatch {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The Slurm path against the real slurmctld/slurmd started by slurm/local-cluster.sh.
+
+Jobs go through submitit's SlurmExecutor and the real `sbatch`; workers run real vLLM
+(CPU build) on SmolLM2-135M-Instruct. No container runtime is installable here, so
+these runs use the host Python; test_container.py checks the exact exec lines.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_results, run_launch
+from hpc_infer.rundir import RunDir, read_json
+from test_vllm_runs import _scan_cmdlines
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+BASE = ("cluster=slurm_local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=16")
+
+
+def squeue(job_prefix: str) -> str:
+    return subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
+
+
+def wait_gone(array_ids, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = squeue("")
+        if not any(line.split()[0].split("_")[0] in array_ids for line in out.splitlines() if line.strip()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs {array_ids} still queued: {squeue('')}")
+
+
+def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_model):
+    token = "hf_SLURMSECRET_" + os.urandom(8).hex()
+    stop, hits = threading.Event(), []
+    scanner = threading.Thread(target=_scan_cmdlines, args=(token, stop, hits), daemon=True)
+    scanner.start()
+    try:
+        run_launch(tmp_path, *BASE, "cluster.workers=2", env={"HF_TOKEN": token})
+    finally:
+        stop.set()
+        scanner.join()
+    run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(8)) and "Paris" in rows[0]["text"]
+    (launch,) = read_json(run.jobs)["launches"]
+    assert len(launch["job_ids"]) == 2 and len({j.split("_")[0] for j in launch["job_ids"]}) == 1  # ONE array
+    assert len(list(run.logs.glob("*_submission.sh"))) == 1  # one sbatch call
+    beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
+    assert beats and all(b["hf_token_present"] for b in beats)
+    assert hits == []
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
+    # MaxArraySize=3 allows indices 0..2: 5 tasks need two arrays (3 + 2).
+    run_launch(tmp_path, *BASE, "cluster.workers=5", "cluster.max_array_size=4", "chunks_per_worker=1",
+               "data.limit=5")
+    run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
+    (launch,) = read_json(run.jobs)["launches"]
+    arrays = {}
+    for j in launch["job_ids"]:
+        arrays.setdefault(j.split("_")[0], []).append(j)
+    assert sorted(len(v) for v in arrays.values()) == [2, 3]
+    assert len(read_results(run.results())) == 5
+
+
+def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cpu_model):
+    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "chunks_per_worker=4",
+            "data=example")
+    run_launch(tmp_path, *args, "wait=false")
+    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done, claimed = run.done_chunks(), run.claimed_chunks()
+        if done and claimed - done:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("worker never reached its second chunk")
+    cli = [sys.executable, "-m", "hpc_infer.cli"]
+    out = subprocess.run([*cli, "status", str(run.root)], capture_output=True, text=True, check=True).stdout
+    assert "RUNNING" in out and "chunks" in out
+    subprocess.run([*cli, "cancel", str(run.root)], check=True, capture_output=True)
+    arrays = {j.split("_")[0] for j in read_json(run.jobs)["launches"][0]["job_ids"]}
+    wait_gone(arrays)
+    first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    assert 0 < len(first_done) < n_chunks
+    r = subprocess.run([*cli, "merge", str(run.root)], capture_output=True, text=True)
+    assert r.returncode == 2 and "incomplete" in r.stderr
+
+    p = run_launch(tmp_path, *args)
+    assert "resuming" in p.stderr
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
+    for c, mtime in first_done.items():
+        assert run.out_path(c).stat().st_mtime_ns == mtime
+
+
+def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
+    env = dict(os.environ)
+    p = subprocess.run([sys.executable, "-m", "hpc_infer.sbatch", f"output_root={tmp_path / 'runs'}", *BASE],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    script = Path(p.stdout.strip().splitlines()[-1])
+    text = script.read_text()
+    assert "#SBATCH --array=0-1" in text and "#SBATCH --partition=debug" in text and "-m hpc_infer.worker" in text
+    t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert t.returncode == 0 and "to start at" in t.stderr, t.stderr
+    subprocess.run(["sbatch", "--wait", str(script)], check=True, capture_output=True, timeout=600)
+    m = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(script.parent)], capture_output=True, text=True)
+    assert m.returncode == 0, m.stderr
+    rows = read_results(script.parent / "results.jsonl")
+    assert len(rows) == 8 and "Paris" in rows[0]["text"]
+
+
+def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
+    """The Ray multi-node script is checked by Slurm (two nodes in the test cluster);
+    it is not run: Ray and GPUs are not available here."""
+    p = subprocess.run([sys.executable, "-m", "hpc_infer.sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
+                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=1", "model.tensor_parallel_size=2"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    script = Path(p.stdout.strip().splitlines()[-1])
+    text = script.read_text()
+    assert "#SBATCH --nodes=2" in text and "ray start --head" in text and "--gres=gpu:1" in text
+    assert read_json(script.parent / "worker.json")["model"]["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert t.returncode == 0 and "node[1-2]" in t.stderr, t.stderr
