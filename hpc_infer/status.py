@@ -40,7 +40,7 @@ def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = run.done_chunks() & sizes.keys()
     beats = read_heartbeats(run)
-    in_flight = sum(b.get("chunk_done", 0) for b in beats if b.get("chunk") is not None and b["chunk"] not in done)
+    in_flight = sum(n for b in beats for c, n in (b.get("in_flight") or {}).items() if int(c) not in done)
     return Progress(
         n_records=manifest["n_records"],
         n_chunks=manifest["n_chunks"],
@@ -101,7 +101,8 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
             lines.append(f"    {job_id:>14}  {state}")
     for b in p.workers:
         age = now - b.get("t", now)
-        lines.append(f"  worker {b['worker']:>14}  {b.get('state', '?'):9} chunk={b.get('chunk')}  "
+        chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
+        lines.append(f"  worker {b['worker']:>14}  {b.get('state', '?'):9} chunks={chunks}  "
                      f"chunks_done={b.get('chunks_done', 0)}  records={b.get('records_done', 0)}  "
                      f"last heartbeat {age:.0f}s ago")
     missing = sorted(set(range(p.n_chunks)) - run.done_chunks())

@@ -15,11 +15,14 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import claims
 from .rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
+
+MAX_CHUNKS_IN_FLIGHT = 4
 
 
 def default_worker_id() -> str:
@@ -35,7 +38,7 @@ def default_worker_id() -> str:
 
 
 class Heartbeat:
-    """Refreshes the current claim and writes heartbeats/W.json from a thread."""
+    """Refreshes the claims in flight and writes heartbeats/W.json from a thread."""
 
     def __init__(self, run: RunDir, owner: claims.Owner, interval_s: float):
         self.run, self.owner, self.interval_s = run, owner, interval_s
@@ -45,9 +48,7 @@ class Heartbeat:
             "pid": owner.pid,
             "started": time.time(),
             "state": "starting",
-            "chunk": None,
-            "chunk_records": 0,
-            "chunk_done": 0,
+            "in_flight": {},  # chunk id -> records finished so far
             "chunks_done": 0,
             "records_done": 0,
             "prompt_tokens": 0,
@@ -70,9 +71,9 @@ class Heartbeat:
 
     def beat(self) -> None:
         with self._lock:
-            state = dict(self.state, t=time.time())
-        if state["chunk"] is not None:
-            claims.refresh(self.run, state["chunk"])
+            state = dict(self.state, in_flight=dict(self.state["in_flight"]), t=time.time())
+        for cid in state["in_flight"]:
+            claims.refresh(self.run, int(cid))
         write_json(self.run.heartbeat_path(self.owner.worker_id), state)
 
     def _loop(self) -> None:
@@ -84,7 +85,7 @@ class Heartbeat:
 
     def stop(self, final_state: str) -> None:
         self._stop.set()
-        self.update(state=final_state, chunk=None)
+        self.update(state=final_state, in_flight={})
         self.beat()
 
 
@@ -105,8 +106,22 @@ def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) 
     return None
 
 
+@dataclass
+class _Chunk:
+    id: int
+    size: int
+    started: float
+    rows: list = field(default_factory=list)
+
+
 def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None) -> dict:
-    """Process chunks until none is left to claim. Returns this worker's counters."""
+    """Process chunks until none is left to claim. Returns this worker's counters.
+
+    Another chunk is claimed and enqueued whenever the engine has spare batch
+    capacity (fewer unfinished requests than vLLM's max_num_seqs), so the batch never
+    drains at a chunk boundary; a worker holds at most MAX_CHUNKS_IN_FLIGHT claims, so
+    it cannot hoard a small run's chunks from the other workers.
+    """
     run = RunDir(Path(run_dir))
     spec = read_json(run.worker_spec)
     n_chunks = int(read_json(run.manifest)["n_chunks"])
@@ -120,47 +135,68 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     hb = Heartbeat(run, owner, float(spec.get("heartbeat_s", 10)))
     hb.start()
     engine = None
-    processed = 0
+    inflight: dict[int, _Chunk] = {}
+    claimed = 0
+    exhausted = False
     try:
-        while max_chunks is None or processed < max_chunks:
-            cid = next_chunk(run, n_chunks, owner, lease_s)
-            if cid is None:
-                break
-            try:
+        while True:
+            while not exhausted and len(inflight) < MAX_CHUNKS_IN_FLIGHT and (
+                engine is None or engine.unfinished < engine.max_num_seqs
+            ):
+                if max_chunks is not None and claimed >= max_chunks:
+                    exhausted = True
+                    break
+                cid = next_chunk(run, n_chunks, owner, lease_s)
+                if cid is None:
+                    exhausted = True
+                    break
                 records = read_jsonl(run.chunk_path(cid))
-                hb.update(state="loading" if engine is None else "running", chunk=cid,
-                          chunk_records=len(records), chunk_done=0)
+                for r in records:
+                    r["worker"], r["chunk"] = owner.worker_id, cid
+                inflight[cid] = _Chunk(cid, len(records), time.time())
+                claimed += 1
+                hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
                 if engine is None:
+                    hb.update(state="loading")
                     t0 = time.time()
                     from .engine import Engine
 
                     engine = Engine(spec["model"])
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
-                t_chunk = time.time()
-                results = engine.run(records, spec.get("sampling") or {}, spec.get("seed"),
-                                     on_progress=lambda n: hb.update(chunk_done=n))
-                for r in results:
-                    r["worker"] = owner.worker_id
-                    r["chunk"] = cid
-                write_jsonl(run.out_path(cid), results)
-            finally:
-                claims.release(run, cid, owner)
-            processed += 1
-            s = hb.state
-            hb.update(
-                chunk=None,
-                chunks_done=s["chunks_done"] + 1,
-                records_done=s["records_done"] + len(results),
-                prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in results),
-                output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in results),
-                last_chunk_s=round(time.time() - t_chunk, 3),
-            )
-            hb.beat()
+                engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
+            if not inflight:
+                break
+            finished = engine.step()
+            for row in finished:
+                inflight[row["chunk"]].rows.append(row)
+            for chunk in [inflight[c] for c in {r["chunk"] for r in finished}]:
+                if len(chunk.rows) == chunk.size:
+                    _finish(run, chunk, owner, hb)
+                    del inflight[chunk.id]
+            if finished:
+                hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
     except BaseException:
+        for cid in inflight:
+            claims.release(run, cid, owner)
         hb.stop("failed")
         raise
     hb.stop("finished")
     return dict(hb.state)
+
+
+def _finish(run: RunDir, chunk: _Chunk, owner: claims.Owner, hb: Heartbeat) -> None:
+    """Write a chunk's output atomically, then drop its claim and count it."""
+    rows = sorted(chunk.rows, key=lambda r: r["index"])
+    write_jsonl(run.out_path(chunk.id), rows)
+    claims.release(run, chunk.id, owner)
+    s = hb.state
+    hb.update(
+        chunks_done=s["chunks_done"] + 1,
+        records_done=s["records_done"] + len(rows),
+        prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in rows),
+        output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in rows),
+        last_chunk_s=round(time.time() - chunk.started, 3),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

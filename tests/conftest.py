@@ -32,7 +32,7 @@ def compose(*overrides: str):
 def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600):
     """Run `python -m hpc_infer.launch` as a user would, in a subprocess."""
     full_env = dict(os.environ, **(env or {}))
-    cmd = [sys.executable, "-m", "hpc_infer.launch", f"output_root={tmp_path / 'runs'}", *overrides]
+    cmd = [sys.executable, "-m", "hpc_infer.launch", *overrides, f"output_root={tmp_path / 'runs'}"]
     # Files, not pipes: local workers inherit the launcher's stdout/stderr, and a pipe
     # would keep us waiting for them even when the launcher itself has returned.
     out, err = tmp_path / "launch.stdout", tmp_path / "launch.stderr"

@@ -103,3 +103,12 @@ def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
     assert len({r["chunk"] for r in one}) < len({r["chunk"] for r in many})
     assert [r["text"] for r in one] == [r["text"] for r in many]
     assert len({r["text"] for r in one}) > 1
+
+
+def test_hydra_multirun_one_run_per_combination(tmp_path, cpu_model):
+    p = run_launch(tmp_path, "-m", "cluster=debug", "data=example_prompts", "data.limit=2", "sampling.max_tokens=8",
+                   "sampling=greedy,default")
+    assert p.returncode == 0
+    for name in ("example_prompts__smollm2_cpu__greedy", "example_prompts__smollm2_cpu__default"):
+        rows = read_results(tmp_path / "runs" / name / "results.jsonl")
+        assert len(rows) == 2

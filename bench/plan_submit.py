@@ -1,0 +1,88 @@
+"""Plan + submit for a large prompt set vs. one plain read of the same file.
+
+Generates N prompts (default 1,000,000), then measures side by side in one run:
+  read   - read the file and json-parse every line (the least any tool must do)
+  plan   - hpc_infer's data checks + token-balanced chunking + run directory (chunk files,
+           manifest, worker.json)
+  submit - the real `sbatch` through submitit for `--workers` array tasks, submitted
+           held (--hold) and cancelled right after, so nothing runs
+and counts sbatch calls. Needs the local Slurm (slurm/local-cluster.sh) for `submit`;
+without it only read and plan are measured.
+
+    .venv/bin/python bench/plan_submit.py [--records 1000000] [--workers 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=1000)
+    args = ap.parse_args()
+
+    from hydra import compose, initialize_config_dir
+
+    from hpc_infer.config import register_configs, to_run_config
+    from hpc_infer.data import load_records
+    from hpc_infer.plan import prepare
+    from hpc_infer.rundir import read_json
+    from hpc_infer.submit import SlurmBackend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "prompts.jsonl"
+        with open(data, "w") as f:
+            for i in range(args.records):
+                f.write(json.dumps({"id": f"q{i}", "prompt": "Solve: " + "x + " * (i % 50) + f"{i} = ?"}) + "\n")
+        size_mb = data.stat().st_size / 1e6
+
+        t = time.perf_counter()
+        with open(data) as f:
+            n = sum(1 for line in f if json.loads(line))
+        t_read = time.perf_counter() - t
+
+        register_configs()
+        with initialize_config_dir(config_dir=str(ROOT / "hpc_infer/conf"), version_base=None):
+            cfg = compose("config", overrides=[f"data.path={data}", "cluster=slurm_local", f"output_root={tmp}/runs",
+                                               f"cluster.workers={args.workers}", "cluster.sbatch_extra=[--hold]"])
+        rc = to_run_config(cfg)
+        t = time.perf_counter()
+        records = load_records(rc.data)
+        run, _ = prepare(rc, records, "/models/unused", "")
+        t_plan = time.perf_counter() - t
+        n_chunks = read_json(run.manifest)["n_chunks"]
+
+        t_submit = None
+        if shutil.which("sbatch") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
+            backend = SlurmBackend(rc.cluster, run, sys.executable)
+            t = time.perf_counter()
+            ids = backend.submit(args.workers)
+            t_submit = time.perf_counter() - t
+            backend.cancel(ids)
+            sbatch_calls = len(list(run.logs.glob("*_submission.sh")))
+
+    print(f"records={n:,} file={size_mb:.0f} MB chunks={n_chunks} workers={args.workers}")
+    print(f"read + json.loads every line: {t_read:6.2f} s")
+    print(f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}")
+    if t_submit is not None:
+        print(f"submit {args.workers} tasks (real sbatch): {t_submit:6.2f} s   sbatch calls = {sbatch_calls}")
+        print(f"plan + submit / read        : {(t_plan + t_submit) / t_read:.2f}")
+    else:
+        print("submit: skipped (no Slurm running; start slurm/local-cluster.sh)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Container wrapping. No Apptainer/Singularity can be installed on these machines
+(none is packaged for Debian 12 here), so these tests check the exact command lines
+that would run; where a runtime exists the same code paths run for real."""
+
+import shlex
+from pathlib import Path
+
+import submitit
+
+from conftest import compose
+from hpc_infer.container import CODE_MOUNT, DEPS_MOUNT, binds, python_command
+from hpc_infer.rundir import RunDir
+from hpc_infer.sbatch import render
+from hpc_infer.secrets import Token, job_env
+from hpc_infer.submit import SlurmBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def aau(tmp_path, *extra):
+    image = tmp_path / "vllm-openai_latest.sif"
+    image.touch()
+    return compose("cluster=aau_ai_cloud", f"cluster.container.image={image}", f"output_root={tmp_path}", *extra), image
+
+
+def test_exec_line_for_submitit(tmp_path):
+    rc, image = aau(tmp_path, "cluster.model_roots=[/shared/models]")
+    run = RunDir(tmp_path / "run")
+    c = rc.cluster.container
+    cmd = python_command(c, binds(c, run.root, "/shared/models/m", None, rc.cluster.model_roots), gpus=True,
+                         host_python="/usr/bin/python3")
+    subm = Path(submitit.__file__).parent
+    assert shlex.split(cmd) == [
+        "singularity", "exec", "--nv",
+        "--bind", f"{ROOT}:{CODE_MOUNT}",
+        "--bind", f"{subm}:{DEPS_MOUNT}/submitit",
+        "--bind", f"{run.root}:{run.root}",
+        "--bind", "/shared/models:/shared/models:ro",
+        "--bind", "/shared/models/m:/shared/models/m:ro",
+        "--env", f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}",
+        str(image), "python3",
+    ]
+    # submitit puts exactly this in front of `-u -m submitit.core._submit` in the sbatch file
+    backend = SlurmBackend(rc.cluster, run, cmd)
+    ex = backend.executor()
+    assert ex._submitit_command_str.startswith(cmd + " -u -m submitit.core._submit")
+    assert ex.parameters["gres"] == "gpu:1" and ex.parameters["mem"] == "40G" and ex.parameters["time"] == 240
+
+
+def test_no_image_means_host_python(tmp_path):
+    rc = compose("cluster=together")
+    assert python_command(rc.cluster.container, [], gpus=True, host_python="/venv/bin/python") == "/venv/bin/python"
+
+
+def test_token_reaches_images_through_env_only():
+    env = job_env(Token("hf_abc", "test"))
+    assert env == {"HF_TOKEN": "hf_abc", "APPTAINERENV_HF_TOKEN": "hf_abc", "SINGULARITYENV_HF_TOKEN": "hf_abc"}
+    assert "hf_abc" not in repr(Token("hf_abc", "test"))
+
+
+def test_rendered_container_script(tmp_path):
+    rc, image = aau(tmp_path)
+    run = RunDir(tmp_path / "run")
+    run.make()
+    text = render(rc, run, "/models/m", n_tasks=4)
+    assert "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=16\n#SBATCH --mem=40G\n#SBATCH --time=04:00:00" in text
+    assert "#SBATCH --array=0-3\n" in text
+    assert f"singularity exec --nv --bind {ROOT}:{CODE_MOUNT}" in text
+    assert f"{image} python3 -m hpc_infer.worker {run.root} --worker-id" in text
+    assert 'APPTAINERENV_HF_TOKEN="${HF_TOKEN:-}"' in text  # a reference, never a value
