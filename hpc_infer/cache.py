@@ -1,7 +1,7 @@
 """Resolve the model to a local directory on the login node, before any job starts.
 
-Order: explicit path -> the cluster's shared model roots -> the shared HF cache ->
-one download under a lock. Workers then run with HF_HUB_OFFLINE=1 against that path
+Order: explicit path -> the model's known shared paths -> the cluster's catalog ->
+the cluster's shared model roots -> the shared HF cache -> one download under a lock. Workers then run with HF_HUB_OFFLINE=1 against that path
 and never download (N concurrent first downloads is a known hang).
 """
 
@@ -40,7 +40,14 @@ def resolve_model(model: ModelConfig, cluster: ClusterConfig, token: Token | Non
         from .cpu_model import ensure_smollm2
 
         return str(ensure_smollm2())
-    for path in [*map(Path, model.local_paths), *candidates_in_roots(model, cluster.model_roots)]:
+    shared = [*map(Path, model.local_paths)]
+    if cluster.model_catalog:
+        from .cache_admin import lookup
+
+        hit = lookup(cluster.model_catalog, model.name, model.hf_id)
+        if hit:
+            shared.append(Path(hit))
+    for path in [*shared, *candidates_in_roots(model, cluster.model_roots)]:
         if _is_model_dir(path):
             return str(path.resolve())
     assert model.hf_id  # validate() guarantees hf_id, path or builtin

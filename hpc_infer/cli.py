@@ -4,6 +4,7 @@
     hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
     hpc-infer merge runs/<run> [--partial] [--format parquet]
     hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
+    hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
     hpc-infer model build-cpu               (build the embedded CPU default model now)
 """
 
@@ -62,6 +63,34 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from . import cache_admin
+
+    if args.action == "stage":
+        if not args.source:
+            raise UserError("cache stage needs SOURCE (a model directory or a Hugging Face id)")
+        print(cache_admin.stage(args.source, args.root, args.name, args.hf_id, args.revision))
+    elif args.action == "list":
+        entries = cache_admin.list_models(args.root)
+        print(f"{'name':32} {'size':>10}  {'mode':11} {'readable by':12} hf_id / path")
+        for e in entries:
+            who = "all" if e.world_readable else ("group" if e.group_readable else "owner")
+            print(f"{e.name:32} {e.size_bytes / 2**30:8.2f}Gi  {e.mode:11} {who:12} {e.hf_id or '-'}  {e.path}")
+    elif args.action == "verify":
+        names = [args.source] if args.source else [e.name for e in cache_admin.list_models(args.root)]
+        bad = 0
+        for name in names:
+            problems = cache_admin.verify_dir(Path(args.root).expanduser() / name)
+            bad += bool(problems)
+            print(f"{name}: {'OK' if not problems else 'BROKEN'}")
+            for p in problems:
+                print(f"  {p}")
+        return 1 if bad else 0
+    elif args.action == "catalog":
+        print(cache_admin.write_catalog(args.root))
+    return 0
+
+
 def cmd_model(args) -> int:
     from .cpu_model import ensure_smollm2
 
@@ -93,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
     p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog")
+    p.add_argument("action", choices=["stage", "list", "verify", "catalog"])
+    p.add_argument("source", nargs="?", help="stage: model directory or HF id; verify: one model name")
+    p.add_argument("--root", required=True, help="the shared model root, e.g. /data/models")
+    p.add_argument("--name", default=None)
+    p.add_argument("--hf-id", default=None)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(fn=cmd_cache)
     p = sub.add_parser("model", help="embedded CPU model")
     p.add_argument("action", choices=["build-cpu"])
     p.set_defaults(fn=cmd_model)

@@ -71,6 +71,7 @@ class ClusterConfig:
     env: Dict[str, str] = field(default_factory=dict)  # environment for the worker (no secrets)
     container: ContainerConfig = field(default_factory=ContainerConfig)
     model_roots: List[str] = field(default_factory=list)  # shared read-only model directories
+    model_catalog: Optional[str] = None  # catalog.json written by `hpc-infer cache catalog`
     hf_home: Optional[str] = None  # shared Hugging Face cache
     token_file: Optional[str] = None  # where to look for the HF token
     lease_s: float = 600.0  # a claim not refreshed for this long is taken over

@@ -8,12 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Settings that make vLLM's CPU build start in seconds (see docs/cpu.md).
-CPU_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-}
 
 
 def compose(*overrides: str):
@@ -46,6 +40,19 @@ def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: 
 
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_mid_run(run, timeout: float = 300) -> None:
+    """Wait until some chunk is finished while another is still claimed (mid-run)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, claimed = run.done_chunks(), run.claimed_chunks()
+        if done and claimed - done:
+            return
+        time.sleep(0.05)
+    pytest.fail("the run never had a finished chunk and a claimed one at the same time")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Bad input through the real command line: one clear message, exit 2, nothing submitted."""
 
-import json
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Configs: every shipped group composes and validates; bad settings are named."""
 
-from pathlib import Path
 
 import pytest
 

@@ -6,7 +6,6 @@ these runs use the host Python; test_container.py checks the exact exec lines.
 """
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_results, run_launch
+from conftest import wait_mid_run, read_results, run_launch
 from hpc_infer.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -78,14 +77,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
             "data=example")
     run_launch(tmp_path, *args, "wait=false")
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        done, claimed = run.done_chunks(), run.claimed_chunks()
-        if done and claimed - done:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("worker never reached its second chunk")
+    wait_mid_run(run)  # kill it while it holds a claim, after >= 1 finished chunk
     cli = [sys.executable, "-m", "hpc_infer.cli"]
     out = subprocess.run([*cli, "status", str(run.root)], capture_output=True, text=True, check=True).stdout
     assert "RUNNING" in out and "chunks" in out

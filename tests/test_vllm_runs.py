@@ -1,17 +1,14 @@
 """Real runs: vLLM's CPU build generating with SmolLM2-135M-Instruct through our workers."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CPU_ENV, read_results, run_launch
+from conftest import read_results, run_launch, wait_mid_run
 from hpc_infer.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
@@ -68,14 +65,7 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
     run_launch(tmp_path, *args, "wait=false")
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
     (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it while it holds a claim, after >= 1 finished chunk
-        done, claimed = run.done_chunks(), run.claimed_chunks()
-        if done and claimed - done:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("worker never reached its second chunk")
+    wait_mid_run(run)  # kill it while it holds a claim, after >= 1 finished chunk
     (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
     os.kill(beat["pid"], signal.SIGKILL)  # the worker process itself, mid-chunk
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}

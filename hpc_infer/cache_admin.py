@@ -1,0 +1,185 @@
+"""Admin side of the shared model cache: stage, list, verify, catalog.
+
+    hpc-infer cache stage SOURCE --root /shared/models [--name NAME] [--hf-id ID]
+    hpc-infer cache list --root /shared/models
+    hpc-infer cache verify --root /shared/models [NAME ...]
+    hpc-infer cache catalog --root /shared/models     (writes ROOT/catalog.json)
+
+Staging copies into a hidden directory beside the target, verifies it, makes it
+group-readable with setgid directories, then renames it into place: users never see a
+half-copied model. A per-model lock makes concurrent stagers copy once; the others
+wait and find the finished copy. A cluster config points at the catalog
+(`cluster.model_catalog`) so users write `model=llama31_8b` and get the shared copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .rundir import write_json
+
+META = ".hpc_infer.json"
+
+
+@dataclass
+class Entry:
+    name: str
+    path: str
+    hf_id: str | None
+    revision: str | None
+    size_bytes: int
+    mode: str  # e.g. drwxr-sr-x
+    group_readable: bool
+    world_readable: bool
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _share(path: Path) -> None:
+    """Directories rwxr-sr-x (setgid keeps the group), files rw-r--r--."""
+    for d, _, files in os.walk(path):
+        os.chmod(d, 0o2755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+
+
+def verify_dir(path: Path) -> list[str]:
+    """Problems found in a model directory (empty list: complete and readable)."""
+    problems = []
+    config = path / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{config}: missing or not JSON ({type(e).__name__})")
+    index = path / "model.safetensors.index.json"
+    shards = sorted(path.glob("*.safetensors"))
+    if index.exists():
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"{index}: unreadable ({type(e).__name__})")
+            wanted = set()
+        for name in sorted(wanted - {p.name for p in shards}):
+            problems.append(f"{path / name}: listed in the index but missing")
+    if not shards and not list(path.glob("*.bin")) and not list(path.glob("*.gguf")):
+        problems.append(f"{path}: no weight files (*.safetensors, *.bin, *.gguf)")
+    for shard in shards:
+        problems += _check_safetensors(shard)
+    return problems
+
+
+def _check_safetensors(path: Path) -> list[str]:
+    """Header parses and every tensor's bytes lie inside the file (catches truncation)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            if keys:
+                f.get_slice(keys[-1])
+    except Exception as e:
+        return [f"{path}: not a readable safetensors file ({type(e).__name__}: {e})"]
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + header_len + end:
+        return [f"{path}: truncated ({path.stat().st_size} bytes, header says {8 + header_len + end})"]
+    return []
+
+
+def stage(source: str, root: str, name: str | None = None, hf_id: str | None = None,
+          revision: str | None = None) -> Path:
+    """Copy a model into the shared root once, atomically. Returns the final path."""
+    root_p = Path(root).expanduser()
+    src = Path(source).expanduser()
+    if not src.is_dir():
+        if "/" in source and not src.exists():
+            from huggingface_hub import snapshot_download
+
+            try:
+                src = Path(snapshot_download(source, revision=revision))
+            except Exception as e:
+                raise UserError(f"cannot fetch {source} ({type(e).__name__}); stage from a local directory instead") from None
+            hf_id = hf_id or source
+        else:
+            raise UserError(f"{source}: not a directory (give a model directory or a Hugging Face id)")
+    name = name or (hf_id or src.name).split("/")[-1]
+    target = root_p / name
+    root_p.mkdir(parents=True, exist_ok=True)
+    with open(root_p / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target  # another stager finished it while we waited
+        problems = verify_dir(src)
+        if problems:
+            raise UserError("source is incomplete, not staged:\n  " + "\n  ".join(problems))
+        tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(src, tmp, symlinks=False)
+            write_json(tmp / META, {"name": name, "hf_id": hf_id, "revision": revision, "source": str(src),
+                                    "staged_at": time.time(), "staged_by": getpass.getuser()})
+            problems = verify_dir(tmp)
+            if problems:
+                raise UserError("copy failed verification, not staged:\n  " + "\n  ".join(problems))
+            _share(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def list_models(root: str) -> list[Entry]:
+    out = []
+    for path in sorted(Path(root).expanduser().iterdir()):
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        meta = {}
+        if (path / META).exists():
+            meta = json.loads((path / META).read_text())
+        mode = path.stat().st_mode
+        files = [p for p in path.rglob("*") if p.is_file()]
+        out.append(Entry(
+            name=path.name, path=str(path), hf_id=meta.get("hf_id"), revision=meta.get("revision"),
+            size_bytes=_size(path), mode=stat.filemode(mode),
+            group_readable=all(p.stat().st_mode & stat.S_IRGRP for p in files),
+            world_readable=all(p.stat().st_mode & stat.S_IROTH for p in files),
+        ))
+    return out
+
+
+def write_catalog(root: str) -> Path:
+    entries = list_models(root)
+    catalog = {"models": {e.name: {"path": e.path, "hf_id": e.hf_id, "revision": e.revision} for e in entries}}
+    path = Path(root).expanduser() / "catalog.json"
+    write_json(path, catalog)
+    return path
+
+
+def lookup(catalog_path: str, name: str, hf_id: str | None) -> str | None:
+    """The shared path of a model by config name or HF id, from a catalog file."""
+    try:
+        models = json.loads(Path(catalog_path).expanduser().read_text())["models"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cluster.model_catalog={catalog_path}: unreadable ({type(e).__name__}); "
+                        f"regenerate it with `hpc-infer cache catalog`") from None
+    for key, entry in models.items():
+        if key == name or (hf_id and (entry.get("hf_id") == hf_id or key == hf_id.split("/")[-1])):
+            return entry["path"]
+    return None
+
+
+def as_dicts(entries: list[Entry]) -> list[dict]:
+    return [asdict(e) for e in entries]
