@@ -75,6 +75,7 @@ class ClusterConfig:
     hf_home: Optional[str] = None  # shared Hugging Face cache
     token_file: Optional[str] = None  # where to look for the HF token
     lease_s: float = 600.0  # a claim not refreshed for this long is taken over
+    max_chunks_in_flight: int = 4  # chunks one worker feeds its engine at once
     heartbeat_s: float = 10.0
 
 
@@ -196,6 +197,7 @@ def validate(rc: RunConfig) -> None:
             f"{c.gpus_per_task} GPUs cannot hold tensor_parallel_size x pipeline_parallel_size = {need}; "
             f"set cluster.gpus_per_task={need}",
         )
+    check(c.max_chunks_in_flight >= 1, "cluster.max_chunks_in_flight", "must be >= 1")
     check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
     if c.container.image and not c.container.image.startswith(("docker://", "library://", "oras://")):
         check(Path(c.container.image).exists(), "cluster.container.image",

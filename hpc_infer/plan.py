@@ -114,6 +114,7 @@ def worker_spec(rc: RunConfig, model_path: str) -> dict:
         "env": dict(rc.cluster.env),
         "lease_s": rc.cluster.lease_s,
         "heartbeat_s": rc.cluster.heartbeat_s,
+        "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
     }
 
 

@@ -22,8 +22,6 @@ from typing import Any
 from . import claims
 from .rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
 
-MAX_CHUNKS_IN_FLIGHT = 4
-
 
 def default_worker_id() -> str:
     """The scheduler's job id (Slurm array task, submitit local job), else host and pid."""
@@ -119,8 +117,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 
     Another chunk is claimed and enqueued whenever the engine has spare batch
     capacity (fewer unfinished requests than vLLM's max_num_seqs), so the batch never
-    drains at a chunk boundary; a worker holds at most MAX_CHUNKS_IN_FLIGHT claims, so
-    it cannot hoard a small run's chunks from the other workers.
+    drains at a chunk boundary; a worker holds at most `max_chunks_in_flight` claims
+    (cluster setting, default 4), so it cannot hoard a small run's chunks.
     """
     run = RunDir(Path(run_dir))
     spec = read_json(run.worker_spec)
@@ -138,9 +136,10 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     inflight: dict[int, _Chunk] = {}
     claimed = 0
     exhausted = False
+    max_in_flight = int(spec.get("max_chunks_in_flight", 4))
     try:
         while True:
-            while not exhausted and len(inflight) < MAX_CHUNKS_IN_FLIGHT and (
+            while not exhausted and len(inflight) < max_in_flight and (
                 engine is None or engine.unfinished < engine.max_num_seqs
             ):
                 if max_chunks is not None and claimed >= max_chunks:

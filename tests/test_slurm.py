@@ -73,7 +73,7 @@ def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
 
 
 def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cpu_model):
-    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "chunks_per_worker=4",
+    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4",
             "data=example")
     run_launch(tmp_path, *args, "wait=false")
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
@@ -129,3 +129,27 @@ def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
     assert t.returncode == 0 and "node[1-2]" in t.stderr, t.stderr
+
+
+def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cpu_model):
+    """Slurm's timeout/preemption warning (submitit's USR2, sent to the job step as
+    `--signal=USR2@90` would) makes the task release its chunks, requeue itself through
+    submitit and `scontrol requeue`, and the requeued task finishes the run."""
+    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
+            "chunks_per_worker=4", "data=example")
+    run_launch(tmp_path, *args, "wait=false")
+    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
+    wait_mid_run(run)
+    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    deadline = time.time() + 400
+    while len(run.done_chunks()) < n_chunks and time.time() < deadline:
+        time.sleep(1)
+    log = "".join(p.read_text(errors="replace") for p in run.logs.glob(f"{job_id}_0_log.*"))
+    assert "Requeued" in log or "requeue" in log.lower(), log[-3000:]
+    assert len(run.done_chunks()) == n_chunks, f"requeued task did not finish: {squeue('')}\n{log[-3000:]}"
+    m = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(run.root)], capture_output=True, text=True)
+    assert m.returncode == 0, m.stderr
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16

@@ -60,7 +60,7 @@ def test_chat_on_local_workers_token_never_written(tmp_path, cpu_model):
 
 
 def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_model):
-    args = ("cluster=local", "cluster.workers=1", "cluster.heartbeat_s=1", "chunks_per_worker=4", "sampling=greedy",
+    args = ("cluster=local", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4", "sampling=greedy",
             "sampling.max_tokens=64")
     run_launch(tmp_path, *args, "wait=false")
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
