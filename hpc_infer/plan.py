@@ -9,6 +9,7 @@ claim in id order. Relaunching with the same input and settings resumes the run.
 from __future__ import annotations
 
 import hashlib
+from array import array
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 from .config import RunConfig
 from .data import Record, file_fingerprint, load_template
 from .errors import UserError
-from .rundir import RunDir, read_json, write_json, write_jsonl
+from .rundir import RunDir, read_json, write_atomic, write_json, write_jsonl
 
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
 
@@ -148,6 +149,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
     table = []
     for cid, idx in enumerate(groups):
         write_jsonl(staging.chunk_path(cid), (records[i].to_json() for i in idx))
+        write_atomic(staging.index_path(cid), array("q", idx).tobytes())
         table.append(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx[0], idx[-1])))
     write_json(staging.worker_spec, worker_spec(rc, model_path))
     staging.config.write_text(config_yaml)

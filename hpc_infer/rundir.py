@@ -69,6 +69,10 @@ class RunDir:
     def chunk_path(self, chunk_id: int) -> Path:
         return self.chunks / f"{chunk_id:05d}.jsonl"
 
+    def index_path(self, chunk_id: int) -> Path:
+        """The chunk's record indices as packed int64 (the merge checks outputs against it)."""
+        return self.chunks / f"{chunk_id:05d}.idx"
+
     def claim_path(self, chunk_id: int) -> Path:
         return self.claims / f"{chunk_id:05d}"
 

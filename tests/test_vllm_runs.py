@@ -84,13 +84,20 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
 
 
 def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
-    """Per-record seeds: the same record gets the same sample whichever chunk it lands in."""
-    common = ("cluster=debug", "sampling.temperature=1.0", "sampling.max_tokens=16", "seed=7", "data=example_prompts")
+    """Per-record seeds: the same record gets the same sample whichever chunk it lands in.
+
+    Both runs keep every record in the engine at once (max_chunks_in_flight=16), so the
+    batches hold the same sequences. Across different batch compositions bf16 kernels
+    on CPU can round differently and flip a rare sampled token (seen here: 1 of 8
+    records); the seeds themselves never depend on chunking."""
+    common = ("cluster=debug", "sampling.temperature=1.0", "sampling.max_tokens=16", "seed=7", "data=example_prompts",
+              "cluster.max_chunks_in_flight=16")
     run_launch(tmp_path, *common, "chunks_per_worker=1", "run_name=one")
     run_launch(tmp_path, *common, "chunks_per_worker=8", "cluster.workers=2", "run_name=many")
     one = read_results(tmp_path / "runs/one/results.jsonl")
     many = read_results(tmp_path / "runs/many/results.jsonl")
     assert len({r["chunk"] for r in one}) < len({r["chunk"] for r in many})
+    assert [r["seed"] for r in one] == [r["seed"] for r in many]
     assert [r["text"] for r in one] == [r["text"] for r in many]
     assert len({r["text"] for r in one}) > 1
 
