@@ -1,20 +1,24 @@
 """Merge chunk outputs into one result file: every record exactly once, input order.
 
-Each chunk's output is checked against the chunk's input (same record indices, each
-once) before anything is written; a corrupt or foreign file is refused with its name
-and line. The result file is written atomically, so a half-merged file never exists.
+Chunks are contiguous input ranges, so the result is the chunk outputs concatenated in
+chunk order. Each output's trailer (chunk id, record range, byte count, CRC-32; see
+rundir.encode_chunk_output) is checked against the manifest, and its CRC against the
+bytes copied, so a cut, edited, duplicated or foreign file is refused with its name,
+without parsing a million JSON lines. The result is written atomically.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from array import array
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import UserError
-from .rundir import RunDir, read_json, write_json
+from .rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
 from .status import read_heartbeats
 
 
@@ -39,106 +43,109 @@ class Summary:
     sampling: dict = field(default_factory=dict)
 
 
-def _expected(run: RunDir, cid: int) -> array:
-    idx = array("q")
-    idx.frombytes(run.index_path(cid).read_bytes())
-    return idx
+def _corrupt(path: Path, cid: int, why: str) -> UserError:
+    return UserError(f"{path}: {why}; delete {path} and relaunch the same command to redo chunk {cid}")
 
 
-def _corrupt(path, line_no: int, cid: int, why: str) -> UserError:
-    return UserError(f"{path} line {line_no}: {why}; delete {path} and relaunch to redo chunk {cid}")
+@dataclass
+class _Checked:
+    """A chunk output whose trailer matches the manifest (its CRC is checked while copying)."""
+
+    id: int
+    path: Path
+    body_bytes: int
+    crc32: int
+    records: int
+    prompt_tokens: int
+    output_tokens: int
 
 
-class _Index:
-    """Where each record's output line lives: chunk, byte offset, length (arrays, not dicts:
-    a million records cost ~20 MB here instead of gigabytes of parsed JSON)."""
-
-    def __init__(self, n: int):
-        self.chunk = array("i", [-1]) * n
-        self.offset = array("q", [0]) * n
-        self.length = array("i", [0]) * n
-        self.prompt_tokens = 0
-        self.output_tokens = 0
-        self.records = 0
-
-    def add_chunk(self, run: RunDir, cid: int) -> None:
-        expected = _expected(run, cid)
-        want = set(expected)
-        path = run.out_path(cid)
-        seen = 0
-        offset = 0
-        with open(path, "rb") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.endswith(b"}\n"):
-                    raise _corrupt(path, line_no, cid, "corrupt output (truncated line)")
-                try:
-                    row = json.loads(line)
-                    index = row["index"]
-                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                    raise _corrupt(path, line_no, cid, f"corrupt output ({type(e).__name__})") from None
-                if index not in want or self.chunk[index] == cid:
-                    raise _corrupt(path, line_no, cid, f"record {index} does not belong to chunk {cid} or repeats")
-                self.chunk[index], self.offset[index], self.length[index] = cid, offset, len(line)
-                self.prompt_tokens += row.get("prompt_tokens", 0)
-                self.output_tokens += row.get("output_tokens", 0)
-                offset += len(line)
-                seen += 1
-        if seen != len(want):
-            raise UserError(f"{path}: has {seen} of the chunk's {len(want)} records (truncated?); "
-                            f"delete it and relaunch to redo chunk {cid}")
-        self.records += seen
+def check_trailer(run: RunDir, chunk: dict) -> _Checked:
+    """Read a chunk output's trailer and hold it against the manifest's chunk table."""
+    cid, path = chunk["id"], run.out_path(chunk["id"])
+    found = read_chunk_trailer(path)
+    if found is None:
+        raise _corrupt(path, cid, "no valid trailer line (cut short, or not written by an hpc_infer worker)")
+    t, body = found
+    if t.get(TRAILER_KEY) != cid:
+        raise _corrupt(path, cid, f"holds the output of chunk {t.get(TRAILER_KEY)}, not chunk {cid}")
+    want = (chunk["n_records"], chunk["first_index"], chunk["last_index"])
+    if (t.get("records"), t.get("first"), t.get("last")) != want:
+        raise _corrupt(path, cid, f"covers records {t.get('first')}..{t.get('last')} ({t.get('records')}), "
+                                  f"the chunk is {want[1]}..{want[2]} ({want[0]})")
+    if t.get("bytes") != body:
+        raise _corrupt(path, cid, f"has {body} bytes of records, its trailer says {t.get('bytes')} "
+                                  f"(lines added, removed or cut)")
+    return _Checked(cid, path, body, int(t["crc32"]), want[0], int(t.get("prompt_tokens", 0)),
+                    int(t.get("output_tokens", 0)))
 
 
-def _write_jsonl(run: RunDir, index: _Index, out: Path, sampling: dict) -> None:
-    """Copy each record's line in input order (pread from the chunk files), adding the
-    sampling settings by byte splice; written to a temp name and renamed."""
-    tail = b', "sampling": ' + json.dumps(sampling).encode() + b"}\n"
-    fds: dict[int, int] = {}
+def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
+    """Append a chunk's records to `out`, verifying the CRC of exactly the bytes copied."""
+    crc, left = 0, chunk.body_bytes
+    with open(chunk.path, "rb") as f:
+        while left:
+            data = f.read(min(block, left))
+            if not data:
+                raise _corrupt(chunk.path, chunk.id, "shorter than its trailer says")
+            crc = zlib.crc32(data, crc)
+            out.write(data)
+            left -= len(data)
+    if crc != chunk.crc32:
+        raise _corrupt(chunk.path, chunk.id, "records do not match their checksum (edited or damaged)")
+
+
+def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
+    """Concatenate the checked chunk outputs in chunk order (= input order); temp + rename."""
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
-            for i in range(len(index.chunk)):
-                cid = index.chunk[i]
-                if cid < 0:
-                    continue
-                fd = fds.get(cid)
-                if fd is None:
-                    if len(fds) >= 256:  # stay far below the open-files limit
-                        os.close(fds.pop(next(iter(fds))))
-                    fd = fds[cid] = os.open(run.out_path(cid), os.O_RDONLY)
-                line = os.pread(fd, index.length[i], index.offset[i])
-                f.write(line[:-2])
-                f.write(tail)
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                _copy_checked(c, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
     finally:
-        for fd in fds.values():
-            os.close(fd)
         if tmp.exists():
             tmp.unlink()
 
 
-def _write_parquet(run: RunDir, index: _Index, out: Path, sampling: dict) -> None:
-    """Parquet needs rows in memory; free-form dicts are kept as JSON text columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = []
-    for cid in sorted({c for c in index.chunk if c >= 0}):
-        rows += [json.loads(line) for line in open(run.out_path(cid), "rb")]
-    rows.sort(key=lambda r: r["index"])
-    for r in rows:
-        r["sampling"] = json.dumps(sampling)
+def _rows(chunk: _Checked) -> list[dict]:
+    with io.BytesIO() as buf:
+        _copy_checked(chunk, buf)
+        rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    for r in rows:  # free-form values become JSON text, so every chunk has the same columns
         for key in ("fields", "messages"):
             if key in r:
                 r[key] = json.dumps(r[key], ensure_ascii=False)
+    return rows
+
+
+def _write_parquet(chunks: list[_Checked], out: Path) -> None:
+    """One row group per chunk, so memory holds one chunk, not the run. The schema is
+    unified over all chunks first (a column that is null in one chunk is typed by another)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pa.Table.from_pylist(_rows(c)).schema for c in chunks]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(out)
+    try:
+        with pq.ParquetWriter(tmp, schema) as w:
+            for c in chunks:
+                w.write_table(pa.Table.from_pylist(_rows(c), schema=schema))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1) -> Summary:
+    """Check every finished chunk, then write the result file and summary.json.
+
+    Every trailer is checked before the first byte is written; each chunk's CRC is
+    checked as it is copied. Any failure leaves no result file behind.
+    """
     manifest = read_json(run.manifest)
     spec = read_json(run.worker_spec)
     done = run.done_chunks() & set(range(manifest["n_chunks"]))
@@ -147,35 +154,32 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
-    index = _Index(manifest["n_records"])
-    for cid in sorted(done):
-        index.add_chunk(run, cid)
-    sampling = spec.get("sampling", {})
+    checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
     out = run.root / f"results{'.partial' if missing else ''}.{fmt}"
-    (_write_parquet if fmt == "parquet" else _write_jsonl)(run, index, out, sampling)
-    summary = _summarize(run, manifest, index, out, fmt, missing, sampling, gpus_per_worker)
+    (_write_parquet if fmt == "parquet" else _write_jsonl)(checked, out)
+    summary = _summarize(run, manifest, checked, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
     write_json(run.summary, asdict(summary))
     return summary
 
 
-def _summarize(run: RunDir, manifest: dict, index: _Index, out: Path, fmt: str, missing: list[int],
+def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], out: Path, fmt: str, missing: list[int],
                sampling: dict, gpus_per_worker: int) -> Summary:
     beats = read_heartbeats(run)
     starts = [b["started"] for b in beats if "started" in b]
     ends = [run.out_path(c).stat().st_mtime for c in range(manifest["n_chunks"]) if c not in missing]
     wall = (max(ends) - min(starts)) if starts and ends else 0.0
-    out_tokens = index.output_tokens
+    out_tokens = sum(c.output_tokens for c in checked)
     worker_s = sum(max(0.0, b.get("t", b["started"]) - b["started"]) for b in beats if "started" in b)
     return Summary(
         run=str(run.root),
         results=str(out),
         format=fmt,
         partial=bool(missing),
-        records=index.records,
+        records=sum(c.records for c in checked),
         records_expected=manifest["n_records"],
         chunks=manifest["n_chunks"],
         chunks_missing=missing,
-        prompt_tokens=index.prompt_tokens,
+        prompt_tokens=sum(c.prompt_tokens for c in checked),
         output_tokens=out_tokens,
         wall_s=round(wall, 3),
         output_tokens_per_s=round(out_tokens / wall, 2) if wall > 0 else 0.0,

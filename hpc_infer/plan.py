@@ -3,13 +3,13 @@
 Chunks are cut by estimated tokens, not record counts, and get smaller towards the end
 (guided self-scheduling): early chunks amortise claims, late ones keep the tail short,
 so the slowest worker does not set the finish time. Chunk 0 is the largest; workers
-claim in id order. Relaunching with the same input and settings resumes the run.
+claim in id order. Each chunk is a contiguous range of the input, so merging is a
+checked concatenation. Relaunching with the same input and settings resumes the run.
 """
 
 from __future__ import annotations
 
 import hashlib
-from array import array
 import json
 import shutil
 import time
@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from .config import RunConfig
 from .data import Record, file_fingerprint, load_template
 from .errors import UserError
-from .rundir import RunDir, read_json, write_atomic, write_json, write_jsonl
+from .rundir import RunDir, read_json, write_json, write_jsonl
 
+MANIFEST_VERSION = 2  # 2: contiguous chunks, outputs end with a checked trailer
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
 
 
@@ -44,31 +45,32 @@ class Chunk:
     last_index: int
 
 
-def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[list[int]]:
-    """Group record indices into chunks, largest first, sizes shrinking towards the end.
+def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[range]:
+    """Cut the records, in input order, into contiguous chunks whose sizes shrink.
 
-    Records are taken longest first. Each chunk targets remaining / (2 * workers)
-    estimated tokens, but never less than total / (workers * chunks_per_worker * 2),
-    so the count of chunks stays near workers * chunks_per_worker.
+    Each chunk targets remaining / (2 * workers) estimated tokens, but never less than
+    total / (workers * chunks_per_worker * 2), so the count of chunks stays near
+    workers * chunks_per_worker. Chunks are contiguous input ranges, so the merge is a
+    concatenation; balance comes from the dynamic claiming of shrinking chunks, not from
+    reordering records (output lengths, which dominate, are unknown before the run;
+    bench/balance.py measures both).
     """
-    order = sorted(range(len(est)), key=lambda i: (-est[i], i))
     total = sum(est)
     floor = max(1.0, total / (workers * chunks_per_worker * 2))
-    chunks: list[list[int]] = []
+    chunks: list[range] = []
     remaining = total
-    current: list[int] = []
+    start = 0
     current_tokens = 0
     target = max(floor, remaining / (2 * workers))
-    for i in order:
-        current.append(i)
-        current_tokens += est[i]
+    for i, e in enumerate(est):
+        current_tokens += e
         if current_tokens >= target:
-            chunks.append(sorted(current))
+            chunks.append(range(start, i + 1))
             remaining -= current_tokens
-            current, current_tokens = [], 0
+            start, current_tokens = i + 1, 0
             target = max(floor, remaining / (2 * workers))
-    if current:
-        chunks.append(sorted(current))
+    if start < len(est):
+        chunks.append(range(start, len(est)))
     return chunks
 
 
@@ -128,6 +130,9 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
     parts = fingerprint_parts(rc)
     if run.manifest.exists():
         old = read_json(run.manifest)
+        if old.get("version") != MANIFEST_VERSION:
+            raise UserError(f"{run.root} was planned by an older hpc_infer (run format {old.get('version')}); "
+                            f"merge it with that version, or give a new run_name=...")
         changed = [k for k, v in parts.items() if old.get("fingerprint", {}).get(k) != v]
         if changed:
             raise UserError(
@@ -149,14 +154,13 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
     table = []
     for cid, idx in enumerate(groups):
         write_jsonl(staging.chunk_path(cid), (records[i].to_json() for i in idx))
-        write_atomic(staging.index_path(cid), array("q", idx).tobytes())
-        table.append(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx[0], idx[-1])))
+        table.append(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx.start, idx.stop - 1)))
     write_json(staging.worker_spec, worker_spec(rc, model_path))
     staging.config.write_text(config_yaml)
     write_json(
         staging.manifest,
         {
-            "version": 1,
+            "version": MANIFEST_VERSION,
             "created": time.time(),
             "input": str(Path(rc.data.path).expanduser().resolve()),
             "n_records": len(records),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import claims
-from .rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
+from .rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic, write_json
 
 
 def default_worker_id() -> str:
@@ -186,7 +186,10 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 def _finish(run: RunDir, chunk: _Chunk, owner: claims.Owner, hb: Heartbeat) -> None:
     """Write a chunk's output atomically, then drop its claim and count it."""
     rows = sorted(chunk.rows, key=lambda r: r["index"])
-    write_jsonl(run.out_path(chunk.id), rows)
+    indices = [r["index"] for r in rows]
+    if indices != list(range(indices[0], indices[0] + len(rows))):
+        raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
+    write_atomic(run.out_path(chunk.id), encode_chunk_output(chunk.id, rows))
     claims.release(run, chunk.id, owner)
     s = hb.state
     hb.update(

@@ -10,12 +10,12 @@ from hpc_infer.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.merge import merge
 from hpc_infer.plan import prepare
-from hpc_infer.rundir import read_json, read_jsonl, write_jsonl
+from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
 
 
 def planned_run(tmp_path, n=40, workers=3):
     data = tmp_path / "in.jsonl"
-    # varied lengths so chunks are not contiguous slices of the input
+    # varied lengths so chunks differ in record count
     data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "w " * ((i * 7919) % 97 + 1)}) + "\n" for i in range(n)))
     rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", f"cluster.workers={workers}")
     run, _ = prepare(rc, load_records(rc.data), "/m", "")
@@ -25,7 +25,7 @@ def planned_run(tmp_path, n=40, workers=3):
 def finish_chunk(run, cid):
     """Write a chunk's output the way a worker does (engine results are not the subject here)."""
     rows = [dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_jsonl(run.chunk_path(cid))]
-    write_jsonl(run.out_path(cid), rows)
+    write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))
 
 
 def test_merge_restores_input_order_exactly_once(tmp_path):
@@ -55,24 +55,31 @@ def test_incomplete_run_refused_with_missing_chunks(tmp_path):
     assert s.records == 40 - read_json(run.manifest)["chunks"][0]["n_records"]
 
 
-def test_corrupt_truncated_and_foreign_outputs_refused(tmp_path):
+def test_corrupt_truncated_duplicated_and_foreign_outputs_refused(tmp_path):
     run = planned_run(tmp_path)
     n_chunks = read_json(run.manifest)["n_chunks"]
     for cid in range(n_chunks):
         finish_chunk(run, cid)
-    good = run.out_path(0).read_bytes()
-    run.out_path(0).write_bytes(good[: len(good) // 2])  # cut mid-line
-    with pytest.raises(UserError, match=r"00000.jsonl line \d+: corrupt output.*redo chunk 0"):
-        merge(run)
+    out = run.out_path(0)
+    good = out.read_bytes()
     lines = good.splitlines(keepends=True)
-    run.out_path(0).write_bytes(b"".join(lines[:-1]))  # a whole line missing
-    with pytest.raises(UserError, match=r"has \d+ of the chunk's \d+ records"):
-        merge(run)
-    run.out_path(0).write_bytes(good + lines[0])  # a duplicated record
-    with pytest.raises(UserError, match="does not belong to chunk 0 or repeats"):
-        merge(run)
-    run.out_path(0).write_bytes(good)
-    merge(run)
+    body, trailer = lines[:-1], lines[-1]
+    cases = {
+        "cut mid-line": (good[: len(good) // 2], "no valid trailer line"),
+        "trailer lost": (b"".join(body), "no valid trailer line"),
+        "a line missing": (b"".join(body[1:]) + trailer, "bytes of records, its trailer says"),
+        "a line duplicated": (b"".join(body + body[:1]) + trailer, "bytes of records, its trailer says"),
+        "a byte flipped": (good.replace(b"out-", b"OUT-", 1), "do not match their checksum"),
+        "another chunk's file": (run.out_path(1).read_bytes(), "holds the output of chunk 1, not chunk 0"),
+    }
+    for name, (data, message) in cases.items():
+        out.write_bytes(data)
+        with pytest.raises(UserError, match=message + ".*redo chunk 0"):
+            merge(run)
+        assert not (run.root / "results.jsonl").exists(), name
+        assert not list(run.root.glob(".results*")), name
+    out.write_bytes(good)
+    assert merge(run).records == 40
 
 
 def test_parquet_output(tmp_path):

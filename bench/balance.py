@@ -1,0 +1,251 @@
+"""Makespan efficiency at 1,000 workers: our dynamic claiming vs. static and interleaved slices.
+
+A discrete-event simulation of W workers, each a continuously batching vLLM engine:
+a decode step with b running sequences takes `a + c*b` seconds, a prefill costs `p`
+seconds per prompt token, an engine start costs `load_s`, and each chunk claim costs
+`claim_s` (file-system round trips). These constants come from the real engine:
+`--measure` times vLLM (the CPU build and SmolLM2 here; a GPU machine where one is lent)
+and writes bench/engine_model.json, which the simulation then reads. Output lengths
+are log-normal (reasoning traces: long tail, clipped at max_tokens); the planner cannot
+know them, so every scheme sees the same estimate (prompt chars + max_tokens).
+
+Schemes (what other tools do, and ours):
+  static       equal-count contiguous slices, one per worker (hand-rolled arrays, vec-inf)
+  interleaved  record i to worker i mod W (strided sharding)
+  shards/task  K shards per worker as separate array tasks, each loading the model
+  ours         one engine per worker, chunks cut by plan.make_chunks (guided, shrinking),
+               claimed dynamically, a new chunk enqueued while the batch has room
+
+Efficiency = ideal / makespan, ideal = load_s + (all work at a full batch) / W, so both
+imbalance and a half-empty batch at the tail count against a scheme.
+
+    .venv/bin/python bench/balance.py [--workers 1000] [--records-per-worker 1000]
+    .venv/bin/python bench/balance.py --measure     # re-measure the engine constants
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MODEL_FILE = ROOT / "bench" / "engine_model.json"
+
+
+@dataclass
+class EngineModel:
+    a: float  # seconds per decode step, fixed part
+    c: float  # seconds per decode step per running sequence
+    p: float  # seconds per prefill token
+    load_s: float  # engine start (model load, warm-up)
+    claim_s: float  # one chunk claim + input read + atomic output write
+    max_num_seqs: int
+    source: str = ""
+
+    def step(self, b: int) -> float:
+        return self.a + self.c * b
+
+
+class Worker:
+    """One engine: running sequences (finish step heap), a waiting queue, in-flight chunks."""
+
+    def __init__(self, m: EngineModel, start: float):
+        self.m, self.t, self.steps = m, start, 0
+        self.running: list[int] = []  # decode step at which each running sequence finishes
+        self.waiting: deque = deque()  # (prompt_tokens, output_tokens, chunk)
+        self.left: dict[int, int] = {}  # chunk -> records not finished yet
+        self.finishing: list[tuple[int, int]] = []  # (finish step, chunk)
+
+    def enqueue(self, records: list[tuple[int, int]], chunk: int) -> None:
+        self.waiting.extend((pt, ot, chunk) for pt, ot in records)
+        self.left[chunk] = len(records)
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def advance(self) -> bool:
+        """Admit what fits, then run to the next sequence finish. False when idle."""
+        m = self.m
+        while self.waiting and len(self.running) < m.max_num_seqs:
+            pt, ot, chunk = self.waiting.popleft()
+            self.t += m.p * pt
+            heapq.heappush(self.running, self.steps + max(1, ot))
+            heapq.heappush(self.finishing, (self.steps + max(1, ot), chunk))
+        if not self.running:
+            return False
+        nxt = self.running[0]
+        self.t += (nxt - self.steps) * m.step(len(self.running))
+        self.steps = nxt
+        while self.running and self.running[0] == nxt:
+            heapq.heappop(self.running)
+        while self.finishing and self.finishing[0][0] == nxt:
+            _, chunk = heapq.heappop(self.finishing)
+            self.left[chunk] -= 1
+            if not self.left[chunk]:
+                del self.left[chunk]
+        return True
+
+
+def run_dynamic(m: EngineModel, workers: int, chunks: list[list[tuple[int, int]]], *, load_per_chunk: bool,
+                max_in_flight: int = 4) -> float:
+    """Workers claim chunks in id order. With load_per_chunk, each chunk is its own array
+    task: a fresh engine (load_s), drained before the next task starts."""
+    queue = deque(enumerate(chunks))
+    ws = [Worker(m, 0.0 if load_per_chunk else m.load_s) for _ in range(workers)]
+    heap = [(w.t, i) for i, w in enumerate(ws)]
+    heapq.heapify(heap)
+    end = 0.0
+    while heap:
+        _, i = heapq.heappop(heap)
+        w = ws[i]
+        if load_per_chunk:
+            if w.unfinished == 0 and queue:
+                cid, recs = queue.popleft()
+                w.t += m.load_s + m.claim_s
+                w.enqueue(recs, cid)
+        else:
+            while queue and len(w.left) < max_in_flight and w.unfinished < m.max_num_seqs:
+                cid, recs = queue.popleft()
+                w.t += m.claim_s
+                w.enqueue(recs, cid)
+        if w.advance() or queue:
+            heapq.heappush(heap, (w.t, i))
+        else:
+            end = max(end, w.t)
+    return end
+
+
+def run_static(m: EngineModel, slices: list[list[tuple[int, int]]]) -> float:
+    end = 0.0
+    for recs in slices:
+        w = Worker(m, m.load_s + m.claim_s)
+        w.enqueue(recs, 0)
+        while w.advance():
+            pass
+        end = max(end, w.t)
+    return end
+
+
+def workload(n: int, seed: int, max_tokens: int, out_median: float, out_sigma: float) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens): log-normal prompts (median 150) and outputs (heavy tail)."""
+    rng = random.Random(seed)
+    return [(max(8, int(rng.lognormvariate(5.0, 0.7))),
+             min(max_tokens, max(1, int(rng.lognormvariate(__import__("math").log(out_median), out_sigma)))))
+            for _ in range(n)]
+
+
+def ideal(m: EngineModel, recs: list[tuple[int, int]], workers: int) -> float:
+    full = m.step(m.max_num_seqs) / m.max_num_seqs  # seconds per output token at a full batch
+    work = sum(m.p * pt + full * ot for pt, ot in recs)
+    return m.load_s + work / workers
+
+
+def measure(out: Path) -> EngineModel:
+    """Time the real engine: decode steps at several batch sizes, prefill, engine start."""
+    import os
+
+    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                       "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
+    from hpc_infer.claims import Owner, release, try_claim
+    from hpc_infer.cpu_model import ensure_smollm2
+    from hpc_infer.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
+
+    t0 = time.perf_counter()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(ensure_smollm2()), dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=128)
+    load_s = time.perf_counter() - t0
+    steps = 32
+
+    def gen(batch: int, prompt_words: int, max_tokens: int) -> float:
+        prompts = [f"Item {i}: " + "word " * prompt_words for i in range(batch)]
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    gen(4, 8, 4)  # warm-up
+    prefill = {b: gen(b, 8, 1) for b in (1, 8, 32, 128)}
+    decode = {b: (gen(b, 8, steps + 1) - prefill[b]) / steps for b in (1, 8, 32, 128)}
+    xs, ys = list(decode), list(decode.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = max(1e-4, my - c * mx)
+    long_prefill = gen(16, 400, 1) - gen(16, 8, 1)
+    p = max(1e-7, long_prefill / (16 * 392 * 1.3))  # ~1.3 tokens per "word "
+    with __import__("tempfile").TemporaryDirectory() as tmp:  # claim + read + write, 50 records
+        run = RunDir(Path(tmp))
+        run.make()
+        rows = [{"id": str(i), "index": i, "prompt": "x" * 400, "text": "y" * 2000, "output_tokens": 500}
+                for i in range(50)]
+        write_jsonl(run.chunk_path(0), rows)
+        owner = Owner.current("bench")
+        t = time.perf_counter()
+        for _ in range(20):
+            try_claim(run, 0, owner)
+            read_jsonl(run.chunk_path(0))
+            write_atomic(run.out_path(0), encode_chunk_output(0, rows))
+            release(run, 0, owner)
+        claim_s = (time.perf_counter() - t) / 20
+    m = EngineModel(a=a, c=c, p=p, load_s=load_s, claim_s=claim_s, max_num_seqs=128,
+                    source=f"measured {time.strftime('%Y-%m-%d')} by `bench/balance.py --measure`: vLLM "
+                           f"{__import__('vllm').__version__}, SmolLM2-135M bf16, this machine's CPU; "
+                           f"decode s/step by batch {({b: round(v, 4) for b, v in decode.items()})}")
+    out.write_text(json.dumps(m.__dict__, indent=1) + "\n")
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=1000)
+    ap.add_argument("--records-per-worker", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--out-median", type=float, default=300, help="median output tokens (log-normal)")
+    ap.add_argument("--out-sigma", type=float, default=1.0, help="log-normal sigma of output tokens (tail)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--measure", action="store_true", help="time the real engine first (writes engine_model.json)")
+    args = ap.parse_args()
+
+    from hpc_infer.plan import make_chunks
+
+    m = measure(MODEL_FILE) if args.measure else EngineModel(**json.loads(MODEL_FILE.read_text()))
+    W = args.workers
+    recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma)
+    best = ideal(m, recs, W)
+    print(f"engine: step = {m.a * 1e3:.2f} ms + {m.c * 1e3:.3f} ms x batch (max {m.max_num_seqs}), "
+          f"prefill {m.p * 1e6:.1f} us/token, load {m.load_s:.1f} s, claim {m.claim_s * 1e3:.1f} ms")
+    print(f"        {m.source}")
+    outs = sorted(o for _, o in recs)
+    print(f"workload: {W} workers x {args.records_per_worker} records; output tokens median {outs[len(outs) // 2]}, "
+          f"p99 {outs[int(len(outs) * 0.99)]}, max {outs[-1]} (max_tokens {args.max_tokens}); "
+          f"ideal makespan {best:.0f} s")
+    rows = []
+
+    def report(name: str, makespan: float) -> None:
+        rows.append((name, makespan))
+        print(f"  {name:<40} makespan {makespan:9.0f} s   efficiency {best / makespan:5.3f}", flush=True)
+
+    n = len(recs)
+    report("static: equal-count slices", run_static(m, [recs[n * i // W: n * (i + 1) // W] for i in range(W)]))
+    report("interleaved: record i -> worker i mod W", run_static(m, [recs[i::W] for i in range(W)]))
+    for k in (1, 4):
+        shards = [recs[n * i // (W * k): n * (i + 1) // (W * k)] for i in range(W * k)]
+        report(f"{k} shards/worker, model loaded per task", run_dynamic(m, W, shards, load_per_chunk=True))
+    est = [pt + args.max_tokens for pt, _ in recs]  # what the planner can know: prompt size + max_tokens
+    for cpw in (1, 4, 16):
+        chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
+        report(f"ours: chunks_per_worker={cpw} ({len(chunks)} chunks)", run_dynamic(m, W, chunks, load_per_chunk=False))
+    print("efficiency = (load + all work at a full batch / workers) / makespan")
+
+
+if __name__ == "__main__":
+    main()
