@@ -14,10 +14,15 @@ Schemes (what other tools do, and ours):
   interleaved  record i to worker i mod W (strided sharding)
   shards/task  K shards per worker as separate array tasks, each loading the model
   ours         one engine per worker, chunks cut by plan.make_chunks (guided, shrinking),
-               claimed dynamically, a new chunk enqueued while the batch has room
+               claimed dynamically, a new chunk enqueued while the batch has room and
+               fewer than max_chunks_in_flight (16) are unfinished: worker.py's policy
 
-Efficiency = ideal / makespan, ideal = load_s + (all work at a full batch) / W, so both
-imbalance and a half-empty batch at the tail count against a scheme.
+Two efficiencies per scheme: balance = total busy worker-time / (W x makespan), the
+issue's "total work / (workers x finish time)", which a scheme improves by keeping
+every worker busy to the end; and vs. ideal = (load_s + all work at a full batch / W) /
+makespan, stricter, since it also counts half-empty batches and repeated model loads
+as waste. A worker slowed by a factor f (a slower GPU, a noisy neighbour) does 1/f of a
+normal worker's share in the ideal.
 
     .venv/bin/python bench/balance.py [--workers 1000] [--records-per-worker 1000]
     .venv/bin/python bench/balance.py --measure     # re-measure the engine constants
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import random
 import sys
 import time
@@ -57,8 +63,8 @@ class EngineModel:
 class Worker:
     """One engine: running sequences (finish step heap), a waiting queue, in-flight chunks."""
 
-    def __init__(self, m: EngineModel, start: float):
-        self.m, self.t, self.steps = m, start, 0
+    def __init__(self, m: EngineModel, start: float, slow: float = 1.0):
+        self.m, self.t, self.steps, self.slow = m, start, 0, slow
         self.running: list[int] = []  # decode step at which each running sequence finishes
         self.waiting: deque = deque()  # (prompt_tokens, output_tokens, chunk)
         self.left: dict[int, int] = {}  # chunk -> records not finished yet
@@ -77,13 +83,13 @@ class Worker:
         m = self.m
         while self.waiting and len(self.running) < m.max_num_seqs:
             pt, ot, chunk = self.waiting.popleft()
-            self.t += m.p * pt
+            self.t += m.p * pt * self.slow
             heapq.heappush(self.running, self.steps + max(1, ot))
             heapq.heappush(self.finishing, (self.steps + max(1, ot), chunk))
         if not self.running:
             return False
         nxt = self.running[0]
-        self.t += (nxt - self.steps) * m.step(len(self.running))
+        self.t += (nxt - self.steps) * m.step(len(self.running)) * self.slow
         self.steps = nxt
         while self.running and self.running[0] == nxt:
             heapq.heappop(self.running)
@@ -95,15 +101,15 @@ class Worker:
         return True
 
 
-def run_dynamic(m: EngineModel, workers: int, chunks: list[list[tuple[int, int]]], *, load_per_chunk: bool,
-                max_in_flight: int = 4) -> float:
+def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *, load_per_chunk: bool,
+                max_in_flight: int = 16) -> list[float]:
     """Workers claim chunks in id order. With load_per_chunk, each chunk is its own array
     task: a fresh engine (load_s), drained before the next task starts."""
     queue = deque(enumerate(chunks))
-    ws = [Worker(m, 0.0 if load_per_chunk else m.load_s) for _ in range(workers)]
+    ws = [Worker(m, 0.0 if load_per_chunk else m.load_s, f) for f in slow]
     heap = [(w.t, i) for i, w in enumerate(ws)]
     heapq.heapify(heap)
-    end = 0.0
+    ends = [0.0] * len(ws)
     while heap:
         _, i = heapq.heappop(heap)
         w = ws[i]
@@ -120,27 +126,33 @@ def run_dynamic(m: EngineModel, workers: int, chunks: list[list[tuple[int, int]]
         if w.advance() or queue:
             heapq.heappush(heap, (w.t, i))
         else:
-            end = max(end, w.t)
-    return end
+            ends[i] = w.t
+    return ends
 
 
-def run_static(m: EngineModel, slices: list[list[tuple[int, int]]]) -> float:
-    end = 0.0
-    for recs in slices:
-        w = Worker(m, m.load_s + m.claim_s)
+def run_static(m: EngineModel, slow: list[float], slices: list[list[tuple[int, int]]]) -> list[float]:
+    ends = []
+    for recs, f in zip(slices, slow):
+        w = Worker(m, m.load_s + m.claim_s, f)
         w.enqueue(recs, 0)
         while w.advance():
             pass
-        end = max(end, w.t)
-    return end
+        ends.append(w.t)
+    return ends
 
 
-def workload(n: int, seed: int, max_tokens: int, out_median: float, out_sigma: float) -> list[tuple[int, int]]:
-    """(prompt tokens, output tokens): log-normal prompts (median 150) and outputs (heavy tail)."""
+def workload(n: int, seed: int, max_tokens: int, out_median: float, out_sigma: float,
+             drift: float = 0.0) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens): log-normal prompts (median 150) and outputs (heavy
+    tail). `drift` makes outputs grow along the input (a data set sorted by difficulty):
+    the median at the end is exp(drift) times the median at the start."""
     rng = random.Random(seed)
-    return [(max(8, int(rng.lognormvariate(5.0, 0.7))),
-             min(max_tokens, max(1, int(rng.lognormvariate(__import__("math").log(out_median), out_sigma)))))
-            for _ in range(n)]
+    recs = []
+    for i in range(n):
+        mu = math.log(out_median) + drift * (i / n - 0.5)
+        recs.append((max(8, int(rng.lognormvariate(5.0, 0.7))),
+                     min(max_tokens, max(1, int(rng.lognormvariate(mu, out_sigma))))))
+    return recs
 
 
 def ideal(m: EngineModel, recs: list[tuple[int, int]], workers: int) -> float:
@@ -204,10 +216,17 @@ def measure(out: Path) -> EngineModel:
     return m
 
 
+SCENARIOS = {
+    "i.i.d. lengths": dict(drift=0.0, slow_fraction=0.0),
+    "lengths grow along the input": dict(drift=1.5, slow_fraction=0.0),
+    "5% of workers 2x slower": dict(drift=0.0, slow_fraction=0.05),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=1000)
-    ap.add_argument("--records-per-worker", type=int, default=1000)
+    ap.add_argument("--records-per-worker", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out-median", type=float, default=300, help="median output tokens (log-normal)")
     ap.add_argument("--out-sigma", type=float, default=1.0, help="log-normal sigma of output tokens (tail)")
@@ -219,32 +238,34 @@ def main() -> None:
 
     m = measure(MODEL_FILE) if args.measure else EngineModel(**json.loads(MODEL_FILE.read_text()))
     W = args.workers
-    recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma)
-    best = ideal(m, recs, W)
     print(f"engine: step = {m.a * 1e3:.2f} ms + {m.c * 1e3:.3f} ms x batch (max {m.max_num_seqs}), "
           f"prefill {m.p * 1e6:.1f} us/token, load {m.load_s:.1f} s, claim {m.claim_s * 1e3:.1f} ms")
     print(f"        {m.source}")
-    outs = sorted(o for _, o in recs)
-    print(f"workload: {W} workers x {args.records_per_worker} records; output tokens median {outs[len(outs) // 2]}, "
-          f"p99 {outs[int(len(outs) * 0.99)]}, max {outs[-1]} (max_tokens {args.max_tokens}); "
-          f"ideal makespan {best:.0f} s")
-    rows = []
-
-    def report(name: str, makespan: float) -> None:
-        rows.append((name, makespan))
-        print(f"  {name:<40} makespan {makespan:9.0f} s   efficiency {best / makespan:5.3f}", flush=True)
-
-    n = len(recs)
-    report("static: equal-count slices", run_static(m, [recs[n * i // W: n * (i + 1) // W] for i in range(W)]))
-    report("interleaved: record i -> worker i mod W", run_static(m, [recs[i::W] for i in range(W)]))
-    for k in (1, 4):
-        shards = [recs[n * i // (W * k): n * (i + 1) // (W * k)] for i in range(W * k)]
-        report(f"{k} shards/worker, model loaded per task", run_dynamic(m, W, shards, load_per_chunk=True))
-    est = [pt + args.max_tokens for pt, _ in recs]  # what the planner can know: prompt size + max_tokens
-    for cpw in (1, 4, 16):
-        chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
-        report(f"ours: chunks_per_worker={cpw} ({len(chunks)} chunks)", run_dynamic(m, W, chunks, load_per_chunk=False))
-    print("efficiency = (load + all work at a full batch / workers) / makespan")
+    print(f"{W} workers x {args.records_per_worker} records, output tokens log-normal (median {args.out_median:.0f}, "
+          f"sigma {args.out_sigma}, clipped at {args.max_tokens}); ideal makespan "
+          f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
+    schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
+               "ours, 16 (default)", "ours, 64"]
+    print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>30}" for name in schemes))
+    for scenario, sc in SCENARIOS.items():
+        rng = random.Random(args.seed + 1)
+        recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma,
+                        sc["drift"])
+        slow = [2.0 if rng.random() < sc["slow_fraction"] else 1.0 for _ in range(W)]
+        n = len(recs)
+        best = m.load_s + (ideal(m, recs, W) - m.load_s) * W / sum(1 / f for f in slow)
+        est = [pt + args.max_tokens for pt, _ in recs]  # what the planner knows: prompt size + max_tokens
+        spans = [
+            run_static(m, slow, [recs[n * i // W: n * (i + 1) // W] for i in range(W)]),
+            run_static(m, slow, [recs[i::W] for i in range(W)]),
+            run_dynamic(m, slow, [recs[n * i // (4 * W): n * (i + 1) // (4 * W)] for i in range(4 * W)],
+                        load_per_chunk=True),
+        ]
+        for cpw in (4, 16, 64):
+            chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
+            spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
+        cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]
+        print(f"{scenario:<30}" + "".join(f"{c:>30}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ then checks what types cannot (ranges, combinations) and names the setting and f
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -75,7 +77,7 @@ class ClusterConfig:
     hf_home: Optional[str] = None  # shared Hugging Face cache
     token_file: Optional[str] = None  # where to look for the HF token
     lease_s: float = 600.0  # a claim not refreshed for this long is taken over
-    max_chunks_in_flight: int = 4  # chunks one worker feeds its engine at once
+    max_chunks_in_flight: int = 16  # chunks one worker feeds its engine at once (bench/balance.py)
     heartbeat_s: float = 10.0
 
 
@@ -119,6 +121,7 @@ class DataConfig:
     template_file: Optional[str] = None
     system_prompt: Optional[str] = None  # prepended to chat messages
     limit: Optional[int] = None
+    max_line_bytes: int = 16 << 20  # a longer input line is almost surely a broken file
 
 
 @dataclass
@@ -136,7 +139,7 @@ class RunConfig:
     run_name: Optional[str] = None  # default: <data>__<model>__<sampling>
     output_root: str = "runs"
     seed: Optional[int] = 0  # run seed; each record gets a seed derived from it and its id
-    chunks_per_worker: int = 4
+    chunks_per_worker: int = 16  # chunk count ~ workers x this (bench/balance.py)
     wait: bool = True
     merge: MergeConfig = field(default_factory=MergeConfig)
 
@@ -171,6 +174,22 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return rc
 
 
+def time_to_minutes(spec: str) -> int:
+    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) to whole minutes."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(spec).strip())
+    if not m:
+        raise UserError(f"cluster.time={spec}: not a Slurm time; write it as HH:MM:SS or D-HH:MM:SS")
+    days, parts = int(m.group(1) or 0), [int(x) for x in m.group(2).split(":")]
+    if days:
+        h, mi, s = (parts + [0, 0])[:3]
+    else:
+        h, mi, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return max(1, math.ceil(days * 1440 + h * 60 + mi + s / 60))
+
+
+DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+
+
 def validate(rc: RunConfig) -> None:
     errors: list[str] = []
 
@@ -182,6 +201,12 @@ def validate(rc: RunConfig) -> None:
     check(m.task in ("auto", "generate", "chat"), "model.task", f"'{m.task}' is not one of auto, generate, chat")
     check(bool(m.hf_id or m.path or m.builtin), f"model={m.name}", "set model.hf_id or model.path")
     check(m.tensor_parallel_size >= 1, "model.tensor_parallel_size", "must be >= 1")
+    check(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {', '.join(DTYPES)}")
+    check(m.max_model_len is None or m.max_model_len >= 16, "model.max_model_len", f"{m.max_model_len} must be >= 16")
+    check(m.max_model_len is None or s.max_tokens < m.max_model_len, "sampling.max_tokens",
+          f"{s.max_tokens} leaves no room for the prompt in model.max_model_len={m.max_model_len}")
+    check(m.gpu_memory_utilization is None or 0 < m.gpu_memory_utilization <= 1, "model.gpu_memory_utilization",
+          f"{m.gpu_memory_utilization} must be in (0, 1]")
     check(m.pipeline_parallel_size >= 1, "model.pipeline_parallel_size", "must be >= 1")
     if m.chat_template:
         check(Path(m.chat_template).is_file(), "model.chat_template", f"file {m.chat_template} does not exist")
@@ -198,6 +223,12 @@ def validate(rc: RunConfig) -> None:
             f"set cluster.gpus_per_task={need}",
         )
     check(c.max_chunks_in_flight >= 1, "cluster.max_chunks_in_flight", "must be >= 1")
+    try:
+        time_to_minutes(c.time)
+    except UserError as e:
+        errors.append(str(e).replace("cluster.time=", "cluster.time: ", 1))
+    check(c.mem is None or re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(c.mem), re.I) is not None, "cluster.mem",
+          f"'{c.mem}' is not a Slurm memory size; write e.g. 40G or 512M")
     check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
     if c.container.image and not c.container.image.startswith(("docker://", "library://", "oras://")):
         check(Path(c.container.image).exists(), "cluster.container.image",
@@ -220,6 +251,7 @@ def validate(rc: RunConfig) -> None:
     if d.template_file:
         check(Path(d.template_file).expanduser().is_file(), "data.template_file", f"file {d.template_file} does not exist")
     check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1")
+    check(d.max_line_bytes >= 1, "data.max_line_bytes", "must be >= 1")
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
     check(rc.merge.format in ("jsonl", "parquet"), "merge.format", f"'{rc.merge.format}' is not one of jsonl, parquet")
     check("/" not in rc.resolved_run_name, "run_name", "must not contain '/'")

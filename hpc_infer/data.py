@@ -54,7 +54,15 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
+def _line_ends(raw: bytes) -> Iterator[int]:
+    pos = raw.find(b"\n")
+    while pos != -1:
+        yield pos
+        pos = raw.find(b"\n", pos + 1)
+    yield len(raw)
+
+
+def _rows(path: Path, fmt: str, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
     """Yield (line or row number, raw row) pairs; line numbers are 1-based."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -73,6 +81,14 @@ def _rows(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {e.start}); re-encode the file as UTF-8") from None
+    if len(raw) > max_line_bytes:  # only a file this big can hold a line this long
+        start = 0
+        for line_no, end in enumerate(_line_ends(raw), start=1):
+            if end - start > max_line_bytes:
+                raise UserError(f"{path} line {line_no}: {(end - start) / 1e6:.1f} MB on one line, over "
+                                f"data.max_line_bytes={max_line_bytes}; a broken file (missing newlines?), "
+                                f"or raise data.max_line_bytes")
+            start = end + 1
     if fmt == "txt":
         for i, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -117,7 +133,7 @@ def load_records(cfg: DataConfig) -> list[Record]:
     records: list[Record] = []
     seen: dict[str, int] = {}
     ids_given: bool | None = None
-    for line, row in _rows(path, fmt):
+    for line, row in _rows(path, fmt, cfg.max_line_bytes):
         where = f"{path} {'row' if fmt == 'parquet' else 'line'} {line}"
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")

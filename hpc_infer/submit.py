@@ -8,7 +8,6 @@ executor; `debug` runs one worker in this process. Job ids go to jobs.json so th
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import re
@@ -18,26 +17,13 @@ import time
 
 import submitit
 
-from .config import ClusterConfig
+from .config import ClusterConfig, time_to_minutes
 from .errors import UserError
 from .rundir import RunDir, read_json, write_json
 from .task import WorkerTask
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE", "FINISHED", "INTERRUPTED", "DONE"}
-
-
-def time_to_minutes(spec: str) -> int:
-    """Slurm's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) to whole minutes."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", spec.strip())
-    if not m:
-        raise UserError(f"cluster.time={spec}: not a Slurm time; write it as HH:MM:SS or D-HH:MM:SS")
-    days, parts = int(m.group(1) or 0), [int(x) for x in m.group(2).split(":")]
-    if days:
-        h, mi, s = (parts + [0, 0])[:3]
-    else:
-        h, mi, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
-    return max(1, math.ceil(days * 1440 + h * 60 + mi + s / 60))
 
 
 class Backend:

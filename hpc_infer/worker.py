@@ -118,7 +118,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     Another chunk is claimed and enqueued whenever the engine has spare batch
     capacity (fewer unfinished requests than vLLM's max_num_seqs), so the batch never
     drains at a chunk boundary; a worker holds at most `max_chunks_in_flight` claims
-    (cluster setting, default 4), so it cannot hoard a small run's chunks.
+    (cluster setting, default 16), so it cannot hoard a small run's chunks.
     """
     run = RunDir(Path(run_dir))
     spec = read_json(run.worker_spec)
@@ -136,7 +136,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     inflight: dict[int, _Chunk] = {}
     claimed = 0
     exhausted = False
-    max_in_flight = int(spec.get("max_chunks_in_flight", 4))
+    max_in_flight = int(spec.get("max_chunks_in_flight", 16))
     try:
         while True:
             while not exhausted and len(inflight) < max_in_flight and (
