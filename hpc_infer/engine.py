@@ -11,6 +11,7 @@ image, not in the user's environment.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 
@@ -18,6 +19,9 @@ def record_seed(run_seed: int, record_id: str) -> int:
     """A per-record seed, so a record's sample does not depend on chunking or worker."""
     digest = hashlib.sha256(f"{run_seed}:{record_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+_SHARED: dict[str, "Engine"] = {}
 
 
 class Engine:
@@ -31,6 +35,16 @@ class Engine:
         self.llm = LLM(model=model["path"], **(model.get("engine_kwargs") or {}))
         self._pending: dict[str, dict] = {}  # request id -> input record (+ seed)
         self._pending_alias: dict[str, str] = {}
+
+    @classmethod
+    def shared(cls, model: dict[str, Any]) -> "Engine":
+        """One engine per model per process: the debug backend runs successive workers
+        (relaunches, multirun) in one process, and loading the model is the slow part."""
+        key = json.dumps(model, sort_keys=True)
+        engine = _SHARED.get(key)
+        if engine is None or engine.unfinished:  # a worker that failed may leave requests behind
+            engine = _SHARED[key] = cls(model)
+        return engine
 
     @property
     def max_num_seqs(self) -> int:

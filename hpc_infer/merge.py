@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from . import faults
 from .errors import UserError
 from .rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
 from .status import read_heartbeats
@@ -104,6 +105,7 @@ def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
                 _copy_checked(c, f)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("merge_tmp_written", out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

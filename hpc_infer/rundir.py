@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import faults
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -115,7 +117,9 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("tmp_written", path)
         os.replace(tmp, path)
+        faults.point("renamed", path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import claims
+from . import claims, faults
 from .rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic, write_json
 
 
@@ -149,6 +149,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                 if cid is None:
                     exhausted = True
                     break
+                faults.point("claimed")
                 records = read_jsonl(run.chunk_path(cid))
                 for r in records:
                     r["worker"], r["chunk"] = owner.worker_id, cid
@@ -160,11 +161,12 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     t0 = time.time()
                     from .engine import Engine
 
-                    engine = Engine(spec["model"])
+                    engine = Engine.shared(spec["model"])
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
             if not inflight:
                 break
+            faults.point("step")
             finished = engine.step()
             for row in finished:
                 inflight[row["chunk"]].rows.append(row)

@@ -1,0 +1,33 @@
+"""Failpoints: let tests kill a process at an exact step of the run-directory protocol.
+
+Set `HPC_INFER_FAULT=POINT[@PATH_PART]:SIGNAL[:NTH]` and the process sends itself SIGNAL
+the NTH time (default 1st) it reaches POINT (on a path containing PATH_PART), e.g.
+`tmp_written@/out/:KILL:2` dies between fsync and rename of its second chunk output.
+Unset (always, outside tests) it costs one dict lookup. Standard library only: the
+worker imports it inside the cluster's image.
+
+Points: claimed, step (worker), tmp_written, renamed (rundir.write_atomic),
+merge_tmp_written (merge, before the result's rename).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+_hits: dict[str, int] = {}
+
+
+def point(name: str, path: object = "") -> None:
+    spec = os.environ.get("HPC_INFER_FAULT")
+    if not spec:
+        return
+    where, sig, *nth = spec.split(":")
+    want, _, part = where.partition("@")
+    if want != name or (part and part not in str(path)):
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == int(nth[0] if nth else 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+        time.sleep(30)  # a handled signal (USR1/2) returns here; the default actions never do

@@ -1,0 +1,170 @@
+"""Randomized fault injection: kill real vLLM workers anywhere, damage their files, relaunch.
+
+Each trial plans a run, starts a real worker process (vLLM CPU, SmolLM2) and kills it
+with SIGKILL or SIGTERM at a random failpoint (after a claim, mid-generation, between
+the fsync and the rename of a chunk output, right after that rename, while writing a
+heartbeat) or at a random moment. Then one random disk fault: a byte flipped in a
+finished output, a line duplicated, another chunk's file copied over, a claim file
+removed, a stray temp file. Recovery is what a user does: relaunch the same command
+(here in process, cluster=debug); if the merge refuses, follow its message (delete the
+named file) and relaunch. Half the trials also kill a merge between writing the result
+and renaming it. Every trial must end with every record exactly once.
+
+HPC_INFER_FAULT_TRIALS (default 6) sets the trial count; HPC_INFER_FAULT_SEED replays.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compose
+from hpc_infer.data import load_records
+from hpc_infer.errors import UserError
+from hpc_infer.launch import launch
+from hpc_infer.merge import merge
+from hpc_infer.plan import prepare
+from hpc_infer.rundir import RunDir, read_json
+
+pytestmark = pytest.mark.slow
+
+N_RECORDS = 24
+MAX_TOKENS = 6
+POINTS = ["claimed", "step", "tmp_written@/out/", "renamed@/out/", "renamed@/heartbeats/", "time"]
+DISK_FAULTS = ["none", "flip_byte", "duplicate_line", "foreign_file", "remove_claim", "stray_tmp"]
+REFUSAL = {"flip_byte": "do not match their checksum", "duplicate_line": "bytes of records, its trailer says",
+           "foreign_file": "holds the output of chunk"}
+CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _overrides(tmp: Path, data: Path) -> list[str]:
+    return [f"data.path={data}", "sampling=greedy", f"sampling.max_tokens={MAX_TOKENS}", "sampling.ignore_eos=true",
+            "chunks_per_worker=8", "cluster.max_chunks_in_flight=2", "cluster.heartbeat_s=1", "cluster.lease_s=30",
+            f"output_root={tmp / 'runs'}", "run_name=t"]
+
+
+def _kill_victim(run: RunDir, rng: random.Random, log: Path) -> str:
+    """Run one worker process and kill it; returns what happened."""
+    point, sig = rng.choice(POINTS), rng.choice(["KILL", "TERM"])
+    env = dict(os.environ, **CPU_ENV)
+    nth = rng.randint(1, 12 if point == "step" else 3)
+    if point != "time":
+        env["HPC_INFER_FAULT"] = f"{point}:{sig}:{nth}"
+    cmd = [sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", "victim"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=out)
+        if point == "time":  # a random moment once the engine runs
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None:
+                beat = run.heartbeat_path("victim")
+                if beat.exists() and read_json(beat).get("state") == "running":
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 1.5))
+            proc.send_signal(getattr(signal, f"SIG{sig}"))
+        rc = proc.wait(timeout=300)
+    died = rc == -getattr(signal, f"SIG{sig}")
+    return f"{point}:{sig}:{nth if point != 'time' else ''} -> {'killed' if died else f'exit {rc} (fault not reached)'}"
+
+
+def _disk_fault(run: RunDir, rng: random.Random) -> tuple[str, Path | None]:
+    done = sorted(run.done_chunks())
+    kind = rng.choice(DISK_FAULTS)
+    if kind in ("flip_byte", "duplicate_line") and not done or kind == "foreign_file" and len(done) < 2:
+        kind = "remove_claim"
+    if kind == "remove_claim" and not run.claimed_chunks():
+        kind = "stray_tmp"
+    if kind == "flip_byte":
+        path = run.out_path(rng.choice(done))
+        data = bytearray(path.read_bytes())
+        body = data.rfind(b"\n", 0, len(data) - 1)  # flip inside the records, not the trailer
+        i = rng.randrange(0, body)
+        data[i] = ord("#") if data[i] != ord("#") else ord("%")
+        path.write_bytes(bytes(data))
+        return kind, path
+    if kind == "duplicate_line":
+        path = run.out_path(rng.choice(done))
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:-1] + [rng.choice(lines[:-1]), lines[-1]]))
+        return kind, path
+    if kind == "foreign_file":
+        a, b = rng.sample(done, 2)
+        run.out_path(b).write_bytes(run.out_path(a).read_bytes())
+        return kind, run.out_path(b)
+    if kind == "remove_claim":
+        rng.choice(sorted(run.claims.iterdir())).unlink()
+    if kind == "stray_tmp":
+        (run.out / f".{run.out_path(0).name}.x1y2.tmp").write_bytes(b'{"half": ')
+    return kind, None
+
+
+def _recover(rc_overrides: list[str], damaged: Path | None, expect: str | None) -> int:
+    """Relaunch as a user would; when the merge refuses, delete what it names and relaunch."""
+    relaunches = 0
+    for _ in range(3):
+        relaunches += 1
+        try:
+            launch(compose("cluster=debug", *rc_overrides), "")
+            return relaunches
+        except UserError as e:
+            msg = str(e)
+            assert expect and expect in msg, msg
+            named = re.search(r"delete (\S+) and relaunch", msg)
+            assert named and Path(named.group(1)) == damaged, msg
+            damaged.unlink()
+            expect = None
+    raise AssertionError("three relaunches did not finish the run")
+
+
+def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, cpu_model, capsys):
+    trials = int(os.environ.get("HPC_INFER_FAULT_TRIALS", "6"))
+    seed = int(os.environ.get("HPC_INFER_FAULT_SEED", random.randrange(1 << 30)))
+    prompts = [line for line in (ROOT / "hpc_infer/data_files/example_prompts.txt").read_text().splitlines() if line]
+    totals = collections.Counter()
+    log = []
+    for t in range(trials):
+        rng = random.Random(seed + t)
+        tmp = tmp_path / f"trial{t}"
+        tmp.mkdir()
+        data = tmp / "in.jsonl"
+        data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{prompts[i % len(prompts)]} ({i})"}) + "\n"
+                                for i in range(N_RECORDS)))
+        overrides = _overrides(tmp, data)
+        rc = compose("cluster=local", *overrides)
+        run, _ = prepare(rc, load_records(rc.data), cpu_model, "")
+        kill = _kill_victim(run, rng, tmp / "victim.log")
+        fault, damaged = _disk_fault(run, rng)
+        relaunches = _recover(overrides, damaged, REFUSAL.get(fault))
+        merge_kill = rng.random() < 0.5
+        if merge_kill:  # kill a merge between writing the result and renaming it
+            run.results().unlink()
+            p = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(run.root)], cwd=ROOT,
+                               env=dict(os.environ, HPC_INFER_FAULT="merge_tmp_written:KILL"), capture_output=True)
+            assert p.returncode == -signal.SIGKILL and not run.results().exists()
+            merge(run)
+        rows = [json.loads(line) for line in run.results().read_text().splitlines()]
+        ids = collections.Counter(r["id"] for r in rows)
+        lost = N_RECORDS - len(ids)
+        duplicated = len(rows) - len(ids)
+        totals.update(trials=1, lost=lost, duplicated=duplicated, killed="killed" in kill,
+                      refused=fault in REFUSAL, merge_killed=merge_kill)
+        assert all(r["output_tokens"] == MAX_TOKENS for r in rows)  # real generations, complete
+        log.append(f"trial {t}: kill {kill}; disk {fault}; relaunches {relaunches}; merge killed {merge_kill}; "
+                   f"records {len(rows)}, lost {lost}, duplicated {duplicated}")
+    with capsys.disabled():
+        print(f"\nfault injection (seed {seed}):\n  " + "\n  ".join(log))
+        print(f"  trials {totals['trials']}, workers killed {totals['killed']}, corrupt merges refused "
+              f"{totals['refused']}, merges killed {totals['merge_killed']}, records lost {totals['lost']}, "
+              f"duplicated {totals['duplicated']}")
+    assert totals["lost"] == 0 and totals["duplicated"] == 0
+    assert totals["killed"] >= 1  # the suite must actually kill something
