@@ -1,16 +1,18 @@
-"""`hpc-infer`: launch, status, cancel, merge, sbatch, model.
+"""`hpc-infer`: launch, status, cancel, merge, sbatch, cache, image, model.
 
     hpc-infer launch model=qwen_math cluster=together data=math_r1_zero
     hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
     hpc-infer merge runs/<run> [--partial] [--format parquet]
     hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
     hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
+    hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
     hpc-infer model build-cpu               (build the embedded CPU default model now)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -98,6 +100,32 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_image(args) -> int:
+    from dataclasses import asdict
+
+    from . import images
+
+    if args.action == "inspect":
+        if not args.target:
+            raise UserError("image inspect: give the image file, e.g. hpc-infer image inspect /shared/vllm.sif")
+        print(json.dumps(asdict(images.inspect(Path(args.target), args.runtime)), indent=1))
+        return 0
+    if args.action == "pull":
+        if not args.target or not args.dest:
+            raise UserError("image pull: give the address and --dest, e.g. "
+                            "hpc-infer image pull docker://vllm/vllm-openai:latest --dest /shared/vllm.sif")
+        cmd = images.pull_command(args.target, Path(args.dest), args.force, args.runtime)
+    else:
+        if not args.dest:
+            raise UserError("image build: give --dest /shared/vllm-hpc_infer.sif")
+        cmd = images.build_command(Path(args.target or images.DEFAULT_DEF), Path(args.dest), not args.no_fakeroot,
+                                   args.force, args.runtime)
+    print(" ".join(cmd))
+    if not args.dry_run:
+        images.run(cmd, args.runtime)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("launch", "sbatch"):
@@ -130,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-id", default=None)
     p.add_argument("--revision", default=None)
     p.set_defaults(fn=cmd_cache)
+    p = sub.add_parser("image", help="container image: pull, build (containers/*.def), inspect")
+    p.add_argument("action", choices=["pull", "build", "inspect"])
+    p.add_argument("target", nargs="?", help="pull: docker://... address; build: .def file; inspect: .sif file")
+    p.add_argument("--dest", default=None, help="the .sif file to write (pull, build)")
+    p.add_argument("--runtime", default=None, choices=["apptainer", "singularity"])
+    p.add_argument("--force", action="store_true", help="replace an existing image file")
+    p.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
+    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.set_defaults(fn=cmd_image)
     p = sub.add_parser("model", help="embedded CPU model")
     p.add_argument("action", choices=["build-cpu"])
     p.set_defaults(fn=cmd_model)

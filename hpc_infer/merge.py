@@ -21,6 +21,7 @@ from . import faults
 from .errors import UserError
 from .rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
 from .status import read_heartbeats
+from .timeline import draw_timeline
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Summary:
     workers: int
     engine_start_s: list[float] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)
+    timeline: str | None = None  # timeline.png: chunks per worker over time
 
 
 def _corrupt(path: Path, cid: int, why: str) -> UserError:
@@ -59,6 +61,9 @@ class _Checked:
     records: int
     prompt_tokens: int
     output_tokens: int
+    worker: str = "?"
+    started: float | None = None
+    finished: float | None = None
 
 
 def check_trailer(run: RunDir, chunk: dict) -> _Checked:
@@ -78,7 +83,7 @@ def check_trailer(run: RunDir, chunk: dict) -> _Checked:
         raise _corrupt(path, cid, f"has {body} bytes of records, its trailer says {t.get('bytes')} "
                                   f"(lines added, removed or cut)")
     return _Checked(cid, path, body, int(t["crc32"]), want[0], int(t.get("prompt_tokens", 0)),
-                    int(t.get("output_tokens", 0)))
+                    int(t.get("output_tokens", 0)), str(t.get("worker", "?")), t.get("started"), t.get("finished"))
 
 
 def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
@@ -160,6 +165,7 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
     out = run.root / f"results{'.partial' if missing else ''}.{fmt}"
     (_write_parquet if fmt == "parquet" else _write_jsonl)(checked, out)
     summary = _summarize(run, manifest, checked, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
+    summary.timeline = draw_timeline(run, [asdict(c) for c in checked], read_heartbeats(run))
     write_json(run.summary, asdict(summary))
     return summary
 

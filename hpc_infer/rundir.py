@@ -153,8 +153,9 @@ def read_jsonl(path: Path) -> list[dict]:
 TRAILER_KEY = "_hpc_infer_chunk"
 
 
-def encode_chunk_output(chunk_id: int, rows: list[dict]) -> bytes:
-    """Records (sorted by input index, contiguous) as JSON lines plus the trailer line."""
+def encode_chunk_output(chunk_id: int, rows: list[dict], **meta: Any) -> bytes:
+    """Records (sorted by input index, contiguous) as JSON lines plus the trailer line;
+    `meta` (worker, started, finished) feeds the run's timeline."""
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     trailer = {
         TRAILER_KEY: chunk_id,
@@ -165,6 +166,7 @@ def encode_chunk_output(chunk_id: int, rows: list[dict]) -> bytes:
         "crc32": zlib.crc32(body),
         "prompt_tokens": sum(int(r.get("prompt_tokens", 0)) for r in rows),
         "output_tokens": sum(int(r.get("output_tokens", 0)) for r in rows),
+        **meta,
     }
     return body + (json.dumps(trailer) + "\n").encode()
 

@@ -191,7 +191,8 @@ def _finish(run: RunDir, chunk: _Chunk, owner: claims.Owner, hb: Heartbeat) -> N
     indices = [r["index"] for r in rows]
     if indices != list(range(indices[0], indices[0] + len(rows))):
         raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
-    write_atomic(run.out_path(chunk.id), encode_chunk_output(chunk.id, rows))
+    write_atomic(run.out_path(chunk.id), encode_chunk_output(
+        chunk.id, rows, worker=owner.worker_id, started=round(chunk.started, 3), finished=round(time.time(), 3)))
     claims.release(run, chunk.id, owner)
     s = hb.state
     hb.update(

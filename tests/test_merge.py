@@ -89,3 +89,14 @@ def test_parquet_output(tmp_path):
     s = merge(run, fmt="parquet")
     table = pq.read_table(s.results)
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(10)]
+
+
+def test_timeline_png_from_trailers_linked_from_summary(tmp_path):
+    run = planned_run(tmp_path, n=30, workers=2)
+    for cid in range(read_json(run.manifest)["n_chunks"]):
+        rows = [dict(r, text="x", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_jsonl(run.chunk_path(cid))]
+        meta = {"worker": f"w{cid % 2}", "started": 100.0 + cid, "finished": 103.5 + cid}  # overlapping chunks
+        write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, **meta))
+    s = merge(run)
+    assert s.timeline == "timeline.png" and read_json(run.summary)["timeline"] == "timeline.png"
+    assert (run.root / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,6 +22,8 @@ def test_generate_in_process_debug_cluster(tmp_path, cpu_model):
     assert all(r["outputs"][0]["finish_reason"] in ("stop", "length") and r["output_tokens"] > 0 for r in rows)
     summary = read_json(tmp_path / "runs/example_prompts__smollm2_cpu__greedy/summary.json")
     assert summary["records"] == 8 and summary["output_tokens"] == sum(r["output_tokens"] for r in rows)
+    timeline = tmp_path / "runs/example_prompts__smollm2_cpu__greedy" / summary["timeline"]
+    assert timeline.read_bytes()[:4] == b"\x89PNG"  # chunks per worker over time, from real timestamps
 
 
 def _scan_cmdlines(token: str, stop: threading.Event, hits: list):
