@@ -57,10 +57,24 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def _run_postprocess(run) -> dict | None:
+    """The post-processing hook the run was launched with (its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    if not run.config.exists() or not run.config.read_text().strip():
+        return None
+    cfg = OmegaConf.to_container(OmegaConf.load(run.config), resolve=False)
+    spec = (cfg.get("merge") or {}).get("postprocess")
+    if spec is None:
+        spec = (cfg.get("data") or {}).get("postprocess")
+    return dict(spec) if spec else None
+
+
 def cmd_merge(args) -> int:
     from .merge import merge
 
-    s = merge(_run_dir(args.run_dir), args.format, args.partial)
+    run = _run_dir(args.run_dir)
+    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run))
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
     return 0
 
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
+    p.add_argument("--no-postprocess", action="store_true", help="skip the run's merge.postprocess hook")
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog")
     p.add_argument("action", choices=["stage", "list", "verify", "catalog"])

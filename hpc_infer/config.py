@@ -122,12 +122,17 @@ class DataConfig:
     system_prompt: Optional[str] = None  # prepended to chat messages
     limit: Optional[int] = None
     max_line_bytes: int = 16 << 20  # a longer input line is almost surely a broken file
+    # The data set's own grader, used at merge unless merge.postprocess is set (MATH: r1_zero_reward).
+    postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
 
 
 @dataclass
 class MergeConfig:
     format: str = "jsonl"  # jsonl | parquet
     allow_partial: bool = False
+    # A callable applied to each record at merge, e.g. {_target_: hpc_infer.rewards.r1_zero_reward};
+    # its returned fields are added to the record and summed in summary.json.
+    postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
 
 
 @dataclass
@@ -142,6 +147,12 @@ class RunConfig:
     chunks_per_worker: int = 16  # chunk count ~ workers x this (bench/balance.py)
     wait: bool = True
     merge: MergeConfig = field(default_factory=MergeConfig)
+
+    @property
+    def postprocess(self) -> Optional[Dict[str, Any]]:
+        """merge.postprocess, else the data set's; `merge.postprocess={}` turns a data set's off."""
+        spec = self.merge.postprocess if self.merge.postprocess is not None else self.data.postprocess
+        return dict(spec) if spec else None
 
     @property
     def resolved_run_name(self) -> str:
@@ -188,6 +199,21 @@ def time_to_minutes(spec: str) -> int:
 
 
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+
+
+def postprocess_fn(spec: Dict[str, Any]):
+    """The merge hook as a callable (Hydra's instantiate with _partial_), checked before any job runs."""
+    from hydra.utils import instantiate
+
+    target = spec.get("_target_") if isinstance(spec, dict) else None
+    if not target:
+        raise UserError("merge.postprocess: needs _target_: module.function (e.g. hpc_infer.rewards.r1_zero_reward)")
+    try:
+        return instantiate(dict(spec), _partial_=True)
+    except Exception as e:  # import errors, unknown arguments
+        cause = e.__cause__ or e
+        raise UserError(f"merge.postprocess._target_={target}: cannot be loaded ({type(cause).__name__}: {cause}); "
+                        f"check the module path and that its package is installed") from None
 
 
 def validate(rc: RunConfig) -> None:
@@ -255,5 +281,10 @@ def validate(rc: RunConfig) -> None:
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
     check(rc.merge.format in ("jsonl", "parquet"), "merge.format", f"'{rc.merge.format}' is not one of jsonl, parquet")
     check("/" not in rc.resolved_run_name, "run_name", "must not contain '/'")
+    if rc.postprocess is not None:
+        try:
+            postprocess_fn(rc.postprocess)
+        except UserError as e:
+            errors.append(str(e))
     if errors:
         raise UserError("invalid configuration:\n  " + "\n  ".join(errors))

@@ -87,9 +87,13 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no worker "
                 f"is left (task states: {bad or states}). Logs: {run.logs}. Relaunch the same command to resume."
             )
-    summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task)
+    summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task,
+                    rc.postprocess)
     say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
         f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
+    if summary.postprocess:
+        sums = ", ".join(f"{k} {v:g}" for k, v in summary.postprocess["sums"].items())
+        say(f"{summary.postprocess['target']} over {summary.postprocess['records']} records: {sums}")
     return summary
 
 

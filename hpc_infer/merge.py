@@ -44,6 +44,7 @@ class Summary:
     engine_start_s: list[float] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
+    postprocess: dict | None = None  # hook target, records, sums and means of the fields it added
 
 
 def _corrupt(path: Path, cid: int, why: str) -> UserError:
@@ -117,10 +118,68 @@ def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
             tmp.unlink()
 
 
-def _rows(chunk: _Checked) -> list[dict]:
+def _records(chunk: _Checked, hook: "Hook | None") -> list[dict]:
+    """A checked chunk's records, parsed, with the post-processing hook applied."""
     with io.BytesIO() as buf:
         _copy_checked(chunk, buf)
         rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    if hook:
+        for r in rows:
+            hook(r)
+    return rows
+
+
+class Hook:
+    """Applies merge.postprocess to each record and totals the numeric fields it adds."""
+
+    def __init__(self, spec: dict):
+        from .config import postprocess_fn
+
+        self.target = spec["_target_"]
+        self.fn = postprocess_fn(spec)
+        self.records = 0
+        self.sums: dict[str, float] = {}
+        self.counting = True
+
+    def __call__(self, record: dict) -> None:
+        try:
+            added = self.fn(record)
+        except Exception as e:
+            raise UserError(f"merge.postprocess {self.target} failed on record {record.get('id')!r} "
+                            f"({type(e).__name__}: {e}); fix the hook and merge again (`hpc-infer merge RUN`)") from None
+        if not isinstance(added, dict):
+            raise UserError(f"merge.postprocess {self.target} returned {type(added).__name__}, not a dict of fields")
+        record.update(added)
+        if not self.counting:
+            return
+        self.records += 1
+        for k, v in added.items():
+            if isinstance(v, (int, float)):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def summary(self) -> dict:
+        return {"target": self.target, "records": self.records, "sums": self.sums,
+                "means": {k: round(v / self.records, 6) for k, v in self.sums.items()} if self.records else {}}
+
+
+def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook) -> None:
+    """With a hook, each record is parsed, extended and written again (slower than the copy)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for c in chunks:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, hook))
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point("merge_tmp_written", out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _rows(chunk: _Checked, hook: Hook | None = None) -> list[dict]:
+    rows = _records(chunk, hook)
     for r in rows:  # free-form values become JSON text, so every chunk has the same columns
         for key in ("fields", "messages"):
             if key in r:
@@ -128,26 +187,29 @@ def _rows(chunk: _Checked) -> list[dict]:
     return rows
 
 
-def _write_parquet(chunks: list[_Checked], out: Path) -> None:
+def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None) -> None:
     """One row group per chunk, so memory holds one chunk, not the run. The schema is
     unified over all chunks first (a column that is null in one chunk is typed by another)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schemas = [pa.Table.from_pylist(_rows(c)).schema for c in chunks]
+    schemas = [pa.Table.from_pylist(_rows(c, hook)).schema for c in chunks]
+    if hook:
+        hook.counting = False  # the second pass applies it again, without counting twice
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with pq.ParquetWriter(tmp, schema) as w:
             for c in chunks:
-                w.write_table(pa.Table.from_pylist(_rows(c), schema=schema))
+                w.write_table(pa.Table.from_pylist(_rows(c, hook), schema=schema))
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1) -> Summary:
+def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
+          postprocess: dict | None = None) -> Summary:
     """Check every finished chunk, then write the result file and summary.json.
 
     Every trailer is checked before the first byte is written; each chunk's CRC is
@@ -163,9 +225,16 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
     out = run.root / f"results{'.partial' if missing else ''}.{fmt}"
-    (_write_parquet if fmt == "parquet" else _write_jsonl)(checked, out)
+    hook = Hook(postprocess) if postprocess else None
+    if fmt == "parquet":
+        _write_parquet(checked, out, hook)
+    elif hook:
+        _write_jsonl_parsed(checked, out, hook)
+    else:
+        _write_jsonl(checked, out)
     summary = _summarize(run, manifest, checked, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
     summary.timeline = draw_timeline(run, [asdict(c) for c in checked], read_heartbeats(run))
+    summary.postprocess = hook.summary() if hook else None
     write_json(run.summary, asdict(summary))
     return summary
 

@@ -84,7 +84,7 @@ def fingerprint_parts(rc: RunConfig) -> dict[str, str]:
     model = OmegaConf.to_container(OmegaConf.structured(rc.model))
     return {
         "input file": file_fingerprint(Path(rc.data.path).expanduser())[:16],
-        "data settings": h({k: v for k, v in data.items() if k not in ("name", "path")}),
+        "data settings": h({k: v for k, v in data.items() if k not in ("name", "path", "postprocess")}),
         "prompt template": h(load_template(rc.data)),
         "model": h({k: v for k, v in model.items() if k not in ("name",)}),
         "sampling": h(rc.sampling.to_vllm()),
