@@ -35,11 +35,9 @@ def resolve_model(model: ModelConfig, cluster: ClusterConfig, token: Token | Non
                             f"or unset it to use model.hf_id={model.hf_id}")
         return str(path.resolve())
     if model.builtin:
-        if model.builtin != "smollm2-135m-instruct":
-            raise UserError(f"model.builtin={model.builtin}: unknown; the only built-in model is smollm2-135m-instruct")
-        from .cpu_model import ensure_smollm2
+        from .cpu_model import builtin_model
 
-        return str(ensure_smollm2())
+        return str(builtin_model(model.builtin))
     shared = [*map(Path, model.local_paths)]
     if cluster.model_catalog:
         from .cache_admin import lookup

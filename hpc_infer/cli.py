@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge finished chunks into results")
     p.add_argument("run_dir")
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet", "openai_batch"])
     p.add_argument("--no-postprocess", action="store_true", help="skip the run's merge.postprocess hook")
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog")

@@ -21,6 +21,9 @@ from .errors import UserError
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+TASKS = ("auto", "generate", "chat", "embed", "classify", "score")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -29,7 +32,8 @@ class ModelConfig:
     local_paths: List[str] = field(default_factory=list)  # known shared copies; the first that exists is used
     builtin: Optional[str] = None  # a model this package builds offline (the CPU default)
     revision: Optional[str] = None
-    task: str = "auto"  # auto (chat for `messages` records, else generate) | generate | chat
+    # auto (chat for `messages` records, else generate) | generate | chat | embed | classify | score
+    task: str = "auto"
     dtype: str = "auto"
     max_model_len: Optional[int] = None
     tensor_parallel_size: int = 1
@@ -40,6 +44,9 @@ class ModelConfig:
     gpu_memory_utilization: Optional[float] = None
     chat_template: Optional[str] = None  # path to a Jinja chat template file
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
+    # One LoRA adapter (a PEFT directory) applied to every request; sets vLLM's enable_lora.
+    lora_path: Optional[str] = None
+    lora_max_rank: int = 64  # vLLM's max_lora_rank: at least the adapter's r
 
 
 @dataclass
@@ -100,12 +107,22 @@ class SamplingConfig:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    # Structured output through vLLM's own guided decoding, one of:
+    #   {json: <JSON schema>} | {regex: "..."} | {choice: [a, b]} | {grammar: "<EBNF>"} | {json_object: true}
+    structured: Any = None
+    # Any other SamplingParams field (e.g. logit_bias, bad_words, prompt_logprobs), checked
+    # against the installed vLLM before submission.
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_vllm(self) -> Dict[str, Any]:
         d = OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
         d.pop("name")
         if d["top_k"] == 0:
             d["top_k"] = -1  # vLLM: -1 disables top-k
+        structured, extra = d.pop("structured"), d.pop("extra")
+        if structured:
+            d["structured_outputs"] = structured
+        d.update(extra)
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -113,13 +130,14 @@ class SamplingConfig:
 class DataConfig:
     name: str = MISSING
     path: str = MISSING
-    format: str = "auto"  # auto | jsonl | parquet | csv | txt
+    format: str = "auto"  # auto | jsonl | openai_batch | parquet | csv | txt
     id_field: Optional[str] = "id"  # None or absent in the file: ids are derived from line numbers
     prompt_field: str = "prompt"
     messages_field: str = "messages"
     template: Optional[str] = None  # inline template, "{prompt}" and any record field
     template_file: Optional[str] = None
     system_prompt: Optional[str] = None  # prepended to chat messages
+    pair_field: Optional[str] = None  # model.task=score: the field holding each record's second text
     limit: Optional[int] = None
     max_line_bytes: int = 16 << 20  # a longer input line is almost surely a broken file
     # The data set's own grader, used at merge unless merge.postprocess is set (MATH: r1_zero_reward).
@@ -128,7 +146,7 @@ class DataConfig:
 
 @dataclass
 class MergeConfig:
-    format: str = "jsonl"  # jsonl | parquet
+    format: str = "jsonl"  # jsonl | parquet | openai_batch (the shape `vllm run-batch` writes)
     allow_partial: bool = False
     # A callable applied to each record at merge, e.g. {_target_: hpc_infer.rewards.r1_zero_reward};
     # its returned fields are added to the record and summed in summary.json.
@@ -224,7 +242,12 @@ def validate(rc: RunConfig) -> None:
             errors.append(f"{setting}: {msg}")
 
     m, c, s, d = rc.model, rc.cluster, rc.sampling, rc.data
-    check(m.task in ("auto", "generate", "chat"), "model.task", f"'{m.task}' is not one of auto, generate, chat")
+    check(m.task in TASKS, "model.task", f"'{m.task}' is not one of {', '.join(TASKS)}")
+    check(m.task != "score" or bool(d.pair_field), "data.pair_field",
+          "model.task=score compares each record's text with a second text: name its field, e.g. data.pair_field=document")
+    if m.lora_path is not None:
+        check((Path(m.lora_path).expanduser() / "adapter_config.json").is_file(), "model.lora_path",
+              f"{m.lora_path} has no adapter_config.json (a PEFT LoRA adapter directory is expected)")
     check(bool(m.hf_id or m.path or m.builtin), f"model={m.name}", "set model.hf_id or model.path")
     check(m.tensor_parallel_size >= 1, "model.tensor_parallel_size", "must be >= 1")
     check(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {', '.join(DTYPES)}")
@@ -271,15 +294,25 @@ def validate(rc: RunConfig) -> None:
     check(s.repetition_penalty > 0, "sampling.repetition_penalty", "must be > 0")
     check(-2 <= s.presence_penalty <= 2, "sampling.presence_penalty", "must be in [-2, 2]")
     check(-2 <= s.frequency_penalty <= 2, "sampling.frequency_penalty", "must be in [-2, 2]")
-    check(d.format in ("auto", "jsonl", "json", "parquet", "csv", "txt"), "data.format",
-          f"'{d.format}' is not one of auto, jsonl, parquet, csv, txt")
+    if s.structured is not None:
+        kinds = {"json", "regex", "choice", "grammar", "json_object", "structural_tag"}
+        options = {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
+        spec = s.structured if isinstance(s.structured, dict) else {}
+        unknown = sorted(set(spec) - kinds - options)
+        check(isinstance(s.structured, dict) and not unknown, f"sampling.structured{'.' + unknown[0] if unknown else ''}",
+              f"unknown; give exactly one of {', '.join(sorted(kinds))}")
+        check(len(set(spec) & kinds) == 1 or unknown, "sampling.structured",
+              f"give exactly one of {', '.join(sorted(kinds))} (got {', '.join(sorted(set(spec) & kinds)) or 'none'})")
+    check(d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt"), "data.format",
+          f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt")
     check(Path(d.path).expanduser().is_file(), "data.path", f"file {d.path} does not exist")
     if d.template_file:
         check(Path(d.template_file).expanduser().is_file(), "data.template_file", f"file {d.template_file} does not exist")
     check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1")
     check(d.max_line_bytes >= 1, "data.max_line_bytes", "must be >= 1")
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
-    check(rc.merge.format in ("jsonl", "parquet"), "merge.format", f"'{rc.merge.format}' is not one of jsonl, parquet")
+    check(rc.merge.format in ("jsonl", "parquet", "openai_batch"), "merge.format",
+          f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch")
     check("/" not in rc.resolved_run_name, "run_name", "must not contain '/'")
     if rc.postprocess is not None:
         try:

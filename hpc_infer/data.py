@@ -24,6 +24,7 @@ class Record:
     prompt: str | None = None
     messages: list[dict] | None = None
     fields: dict[str, Any] = field(default_factory=dict)  # other input fields, kept for scoring
+    sampling: dict[str, Any] | None = None  # per-record SamplingParams overrides (OpenAI batch bodies)
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"id": self.id, "index": self.index}
@@ -33,6 +34,8 @@ class Record:
             d["prompt"] = self.prompt
         if self.fields:
             d["fields"] = self.fields
+        if self.sampling:
+            d["sampling"] = self.sampling
         return d
 
 
@@ -42,8 +45,21 @@ def detect_format(path: Path, fmt: str) -> str:
     suffixes = "".join(path.suffixes[-2:]).lower()
     for ext, name in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv"), (".txt", "txt")):
         if suffixes.endswith(ext):
+            if name == "jsonl" and _looks_like_openai_batch(path):
+                return "openai_batch"
             return name
-    raise UserError(f"{path}: cannot tell the format from the file name; set data.format=jsonl|parquet|csv|txt")
+    raise UserError(f"{path}: cannot tell the format from the file name; "
+                    f"set data.format=jsonl|openai_batch|parquet|csv|txt")
+
+
+def _looks_like_openai_batch(path: Path) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "custom_id" in row and "body" in row
 
 
 def file_fingerprint(path: Path) -> str:
@@ -137,6 +153,11 @@ def load_records(cfg: DataConfig) -> list[Record]:
         where = f"{path} {'row' if fmt == 'parquet' else 'line'} {line}"
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        overrides = None
+        if fmt == "openai_batch":
+            from .openai_batch import request_to_row
+
+            row, overrides = request_to_row(row, where, cfg)
         index = len(records)
         has_id = bool(cfg.id_field) and row.get(cfg.id_field) not in (None, "")
         if ids_given is None:
@@ -157,7 +178,7 @@ def load_records(cfg: DataConfig) -> list[Record]:
                 raise UserError(f"{where}: '{cfg.messages_field}' must be a non-empty list of {{role, content}} objects")
             if cfg.system_prompt and messages[0].get("role") != "system":
                 messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-            records.append(Record(index, rid, messages=messages, fields=fields))
+            records.append(Record(index, rid, messages=messages, fields=fields, sampling=overrides))
         elif cfg.prompt_field in row:
             prompt = row[cfg.prompt_field]
             if not isinstance(prompt, str):
@@ -166,12 +187,17 @@ def load_records(cfg: DataConfig) -> list[Record]:
                 raise UserError(f"{where}: '{cfg.prompt_field}' is empty; remove the record or fill it in")
             if template:
                 prompt = apply_template(template, prompt, row, where, template_name)
-            records.append(Record(index, rid, prompt=prompt, fields=fields))
+            records.append(Record(index, rid, prompt=prompt, fields=fields, sampling=overrides))
         else:
             raise UserError(
                 f"{where}: no '{cfg.prompt_field}' or '{cfg.messages_field}' field (fields: {', '.join(map(str, row))}); "
                 f"set data.prompt_field=<field> or data.messages_field=<field>"
             )
+        if cfg.pair_field:
+            pair = row.get(cfg.pair_field)
+            if not isinstance(pair, str) or not pair.strip():
+                raise UserError(f"{where}: data.pair_field '{cfg.pair_field}' must be a non-empty string "
+                                f"(the second text model.task=score compares with)")
         if cfg.limit and len(records) >= cfg.limit:
             break
     if not records:

@@ -1,8 +1,10 @@
 """The vLLM engine inside a worker: built once per task, fed chunk after chunk.
 
-Chunks are enqueued into one running engine (`LLM.enqueue` / `LLM.enqueue_chat`, then
-`llm_engine.step()`), so the batch never drains at a chunk boundary: the worker adds
-the next chunk while the previous one is still generating.
+Generation: chunks are enqueued into one running engine (`LLM.enqueue` /
+`LLM.enqueue_chat`, then `llm_engine.step()`), so the batch never drains at a chunk
+boundary: the worker adds the next chunk while the previous one is still generating.
+Pooling tasks (embed, classify, score) have no enqueue API in vLLM; a step runs
+`LLM.embed|classify|score` over what is pending (no decode, so nothing drains).
 
 Imports only the standard library and vLLM, because it runs inside the cluster's vLLM
 image, not in the user's environment.
@@ -22,6 +24,31 @@ def record_seed(run_seed: int, record_id: str) -> int:
 
 
 _SHARED: dict[str, "Engine"] = {}
+POOLING_TASKS = ("embed", "classify", "score")
+
+
+def sampling_params(kw: dict[str, Any]):
+    """SamplingParams from our plain dict (structured outputs as a nested dict). The login
+    node calls this too, so a setting vLLM refuses fails before anything is submitted."""
+    from vllm import SamplingParams
+
+    kw = dict(kw)
+    structured = kw.pop("structured_outputs", None)
+    if structured:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw["structured_outputs"] = StructuredOutputsParams(**structured)
+    return SamplingParams(**kw)
+
+
+def engine_kwargs(model: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(model.get("engine_kwargs") or {})
+    if model.get("task") in POOLING_TASKS:
+        kw.setdefault("runner", "pooling")
+    if model.get("lora"):
+        kw.setdefault("enable_lora", True)
+        kw.setdefault("max_lora_rank", int(model["lora"].get("max_rank", 64)))
+    return kw
 
 
 class Engine:
@@ -32,7 +59,13 @@ class Engine:
 
         self.task = model.get("task", "auto")
         self.chat_template = model.get("chat_template")
-        self.llm = LLM(model=model["path"], **(model.get("engine_kwargs") or {}))
+        self.pair_field = model.get("pair_field")
+        self.llm = LLM(model=model["path"], **engine_kwargs(model))
+        self.lora = None
+        if model.get("lora"):
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(model["lora"]["name"], 1, model["lora"]["path"])
         self._pending: dict[str, dict] = {}  # request id -> input record (+ seed)
         self._pending_alias: dict[str, str] = {}
 
@@ -59,20 +92,23 @@ class Engine:
         return len(self._pending)
 
     def add(self, records: list[dict], sampling: dict[str, Any], seed: int | None) -> None:
-        from vllm import SamplingParams
-
+        if self.task in POOLING_TASKS:
+            for r in records:
+                self._pending[f"p{r['index']}"] = r
+            return
         params = []
         for r in records:
-            kw = dict(sampling)
-            if seed is not None:
+            kw = dict(sampling, **(r.get("sampling") or {}))  # per-record overrides (OpenAI batch bodies)
+            if seed is not None and "seed" not in (r.get("sampling") or {}):
                 kw["seed"] = record_seed(seed, r["id"])
-            params.append(SamplingParams(**kw))
+            params.append(sampling_params(kw))
         if self.task == "chat" or "messages" in records[0]:
             # A plain prompt sent to a chat task becomes one user turn.
             conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
-            ids = self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template)
+            ids = self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template,
+                                        lora_request=self.lora)
         else:
-            ids = self.llm.enqueue([r["prompt"] for r in records], params, use_tqdm=False)
+            ids = self.llm.enqueue([r["prompt"] for r in records], params, use_tqdm=False, lora_request=self.lora)
         for rid, record, p in zip(ids, records, params):
             self._pending[rid] = dict(record, seed=p.seed)
             # vLLM returns internal ids ("7-1a2b3c4d") but reports outputs under "7".
@@ -80,6 +116,8 @@ class Engine:
 
     def step(self) -> list[dict]:
         """Run one engine step; return the result records that finished in it."""
+        if self.task in POOLING_TASKS:
+            return self._pool()
         engine = self.llm.llm_engine
         if self._pending and not engine.has_unfinished_requests():
             raise RuntimeError(f"vLLM finished with {len(self._pending)} of our requests unaccounted for")
@@ -93,10 +131,49 @@ class Engine:
                 done.append(_result(self._pending.pop(rid), out))
         return done
 
+    def _pool(self) -> list[dict]:
+        """Embed, classify or score everything pending in one call."""
+        records = list(self._pending.values())
+        self._pending.clear()
+        if not records:
+            return []
+        texts = [_text(r) for r in records]
+        if self.task == "embed":
+            outs = self.llm.embed(texts, use_tqdm=False, lora_request=self.lora)
+            extra = [{"embedding": o.outputs.embedding} for o in outs]
+        elif self.task == "classify":
+            outs = self.llm.classify(texts, use_tqdm=False, lora_request=self.lora)
+            labels = getattr(self.llm.llm_engine.model_config.hf_config, "id2label", None) or {}
+            extra = []
+            for o in outs:
+                probs = list(o.outputs.probs)
+                best = max(range(len(probs)), key=probs.__getitem__)
+                extra.append({"probs": probs, "label": labels.get(best, best)})
+        else:  # score: the record's text against its pair field (cross-encoder, or cosine of embeddings)
+            pairs = [(r.get("fields") or {}).get(self.pair_field) for r in records]
+            outs = self.llm.score(texts, pairs, use_tqdm=False, lora_request=self.lora)  # pairwise, 1:1
+            extra = [{"score": o.outputs.score} for o in outs]
+        return [dict(r, **e, prompt_tokens=len(o.prompt_token_ids or []), output_tokens=0)
+                for r, e, o in zip(records, extra, outs)]
+
+
+def _text(record: dict) -> str:
+    if record.get("prompt") is not None:
+        return record["prompt"]
+    return "\n".join(str(m.get("content", "")) for m in record["messages"])
+
 
 def _external_id(request_id: str) -> str:
     head, sep, tail = request_id.rpartition("-")
     return head if sep and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else request_id
+
+
+def _logprobs(c: Any) -> list | None:
+    """Per generated token: the sampled token's logprob and the top alternatives."""
+    if not c.logprobs:
+        return None
+    return [[{"token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank} for lp in pos.values()]
+            for pos in c.logprobs]
 
 
 def _result(record: dict, out: Any) -> dict:
@@ -106,6 +183,7 @@ def _result(record: dict, out: Any) -> dict:
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
             "num_tokens": len(c.token_ids),
+            **({"cumulative_logprob": c.cumulative_logprob, "logprobs": _logprobs(c)} if c.logprobs else {}),
         }
         for c in out.outputs
     ]

@@ -15,7 +15,7 @@ import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from . import faults
 from .errors import UserError
@@ -162,13 +162,16 @@ class Hook:
                 "means": {k: round(v / self.records, 6) for k, v in self.sums.items()} if self.records else {}}
 
 
-def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook) -> None:
-    """With a hook, each record is parsed, extended and written again (slower than the copy)."""
+def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook | None,
+                        transform: Callable[[dict], dict] | None = None) -> None:
+    """With a hook or another output shape, each record is parsed, extended or reshaped,
+    and written again (slower than the checked copy)."""
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for c in chunks:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, hook))
+                rows = _records(c, hook)
+                f.writelines(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n" for r in rows)
             f.flush()
             os.fsync(f.fileno())
         faults.point("merge_tmp_written", out)
@@ -224,10 +227,15 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
         raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
-    out = run.root / f"results{'.partial' if missing else ''}.{fmt}"
+    out = run.root / f"results{'.partial' if missing else ''}.{'parquet' if fmt == 'parquet' else 'jsonl'}"
     hook = Hook(postprocess) if postprocess else None
     if fmt == "parquet":
         _write_parquet(checked, out, hook)
+    elif fmt == "openai_batch":
+        from .openai_batch import result_to_response
+
+        name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
+        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created))
     elif hook:
         _write_jsonl_parsed(checked, out, hook)
     else:

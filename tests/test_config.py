@@ -16,8 +16,14 @@ def names(group):
 @pytest.mark.parametrize("model", names("model"))
 @pytest.mark.parametrize("sampling", names("sampling"))
 def test_every_model_and_sampling_composes(model, sampling):
-    rc = compose(f"model={model}", f"sampling={sampling}")
+    pair = ["data.pair_field=document"] if "task: score" in (CONF / "model" / f"{model}.yaml").read_text() else []
+    rc = compose(f"model={model}", f"sampling={sampling}", *pair)
     assert rc.model.name == model and rc.sampling.name == sampling
+
+
+def test_score_task_needs_a_pair_field():
+    with pytest.raises(UserError, match="data.pair_field: model.task=score compares"):
+        compose("model=bge_reranker_score")
 
 
 @pytest.mark.parametrize("cluster", names("cluster"))

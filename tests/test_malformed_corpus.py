@@ -90,6 +90,32 @@ CORPUS = {
     "unknown backend": ("in.jsonl", OK, ["cluster.backend=kubernetes"], "cluster.backend: 'kubernetes' is not one of"),
     "unknown task": ("in.jsonl", OK, ["model.task=dance"], "model.task: 'dance' is not one of"),
     "slash in run name": ("in.jsonl", OK, ["run_name=a/b"], "run_name: must not contain '/'"),
+    # --- checked against the installed vLLM and the task
+    "SamplingParams field vLLM lacks": ("in.jsonl", OK, ["+sampling.extra.best_of=2"],
+                                        "best_of is not a SamplingParams field in vLLM"),
+    "vLLM refuses a value": ("in.jsonl", OK, ["sampling.logprobs=-3"], "refuses these settings: logprobs must be"),
+    "structured output typo": ("in.jsonl", OK, ["sampling.structured={regexp: 'a+'}"],
+                               "sampling.structured.regexp: unknown; give exactly one of"),
+    "two structured constraints": ("in.jsonl", OK, ["sampling.structured={regex: 'a+', choice: [x, y]}"],
+                                   "sampling.structured: give exactly one of"),
+    "score without a pair field": ("in.jsonl", OK, ["model=minilm_cpu", "model.task=score"],
+                                   "data.pair_field: model.task=score compares"),
+    "pair field missing in a record": ("in.jsonl", '{"prompt": "a", "doc": "b"}\n{"prompt": "c"}\n',
+                                       ["model=minilm_cpu", "model.task=score", "data.pair_field=doc"],
+                                       "line 2: data.pair_field 'doc' must be a non-empty string"),
+    "LoRA adapter missing": ("in.jsonl", OK, ["model.lora_path=/nonexistent/adapter"],
+                             "model.lora_path: /nonexistent/adapter has no adapter_config.json"),
+    "unloadable merge hook": ("in.jsonl", OK, ["merge.postprocess={_target_: nosuch.fn}"],
+                              "merge.postprocess._target_=nosuch.fn: cannot be loaded"),
+    "OpenAI batch: unknown url": ("in.jsonl", '{"custom_id": "a", "url": "/v1/images", "body": {}}\n', [],
+                                  "line 1: url '/v1/images' is not one of"),
+    "OpenAI batch: unsupported body field": (
+        "in.jsonl", '{"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": '
+                    '[{"role": "user", "content": "hi"}], "tools": []}}\n', [],
+        "line 1: body field(s) tools are not supported"),
+    "OpenAI batch: per-request value vLLM refuses": (
+        "in.jsonl", '{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "hi", "temperature": -2}}\n', [],
+        "a record's request body: vLLM"),
 }
 
 

@@ -1,0 +1,37 @@
+"""Check sampling settings against the installed vLLM on the login node, before submission.
+
+Builds the SamplingParams each request will get, with the worker's own code
+(engine.sampling_params), so a typo in sampling.extra or a value vLLM refuses fails
+here with the setting named, not in a job an hour later. Where vLLM is not installed
+on the login node (it may live only in the cluster's image) the check is skipped and
+says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from .errors import UserError
+
+
+def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:
+    """Raises UserError naming the setting; returns what was checked, for the launch log."""
+    if importlib.util.find_spec("vllm") is None:
+        return "sampling not checked against vLLM (not installed here; the workers' image has it)"
+    import vllm
+
+    from .engine import sampling_params
+
+    distinct = {json.dumps(o, sort_keys=True): o for o in (overrides or []) if o}
+    for where, kw in [("sampling", sampling)] + [("a record's request body", dict(sampling, **o))
+                                                  for o in distinct.values()]:
+        try:
+            sampling_params(kw)
+        except TypeError as e:  # an unknown field
+            name = str(e).split("'")[1] if "'" in str(e) else str(e)
+            raise UserError(f"{where}: {name} is not a SamplingParams field in vLLM {vllm.__version__} "
+                            f"(sampling.extra.{name}); see vLLM's SamplingParams reference for the fields") from None
+        except Exception as e:  # vLLM's own validation: ValueError / VLLMValidationError
+            raise UserError(f"{where}: vLLM {vllm.__version__} refuses these settings: {e}") from None
+    return f"sampling checked against vLLM {vllm.__version__}"
