@@ -13,7 +13,6 @@ warm-up read, so both read from the page cache; peak RSS from getrusage.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

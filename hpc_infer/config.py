@@ -7,6 +7,7 @@ then checks what types cannot (ranges, combinations) and names the setting and f
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
     # Structured output through vLLM's own guided decoding, one of:
-    #   {json: <JSON schema>} | {regex: "..."} | {choice: [a, b]} | {grammar: "<EBNF>"} | {json_object: true}
+    #   {json: <JSON schema, or a .json file holding one>} | {regex: "..."} | {choice: [a, b]}
+    #   | {grammar: "<EBNF>"} | {json_object: true}
     structured: Any = None
     # Any other SamplingParams field (e.g. logit_bias, bad_words, prompt_logprobs), checked
     # against the installed vLLM before submission.
@@ -121,6 +123,9 @@ class SamplingConfig:
             d["top_k"] = -1  # vLLM: -1 disables top-k
         structured, extra = d.pop("structured"), d.pop("extra")
         if structured:
+            schema = structured.get("json")
+            if isinstance(schema, str) and schema.endswith(".json") and Path(schema).expanduser().is_file():
+                structured = dict(structured, json=json.loads(Path(schema).expanduser().read_text()))
             d["structured_outputs"] = structured
         d.update(extra)
         return {k: v for k, v in d.items() if v is not None}
