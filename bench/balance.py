@@ -246,7 +246,7 @@ def main() -> None:
           f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
     schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
                "ours, 16 (default)", "ours, 64"]
-    print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>30}" for name in schemes))
+    print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>32}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
         rng = random.Random(args.seed + 1)
         recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma,
@@ -265,7 +265,7 @@ def main() -> None:
             chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
             spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
         cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]
-        print(f"{scenario:<30}" + "".join(f"{c:>30}" for c in cells), flush=True)
+        print(f"{scenario:<30}" + "".join(f"{c:>32}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

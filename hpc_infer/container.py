@@ -1,8 +1,10 @@
 """Wrap the worker's python in `apptainer|singularity exec` when the cluster has an image.
 
 The project's code (and submitit, which unpickles the job) reach the image by bind
-mount + PYTHONPATH, so the image needs only vLLM. Environment passes through (no
---cleanenv): Slurm's and submitit's per-task variables must reach the worker.
+mount + PYTHONPATH, so the image needs only vLLM. By default the environment passes
+through; with `container.cleanenv` the exec gets --cleanenv and container_env.sh
+forwards only the variables in `container.passenv` (Slurm's and submitit's per-task
+variables, which exist only at run time, are forwarded by name pattern).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool) -> list[
     if not cfg.image:
         raise UserError("cluster.container.image is not set")
     cmd = [detect_runtime(cfg), "exec"]
+    if cfg.cleanenv:
+        cmd = ["bash", str(Path(__file__).with_name("container_env.sh")), *cfg.passenv, "--", *cmd, "--cleanenv"]
     if cfg.nv and gpus:
         cmd.append("--nv")
     for b in bind_list:

@@ -68,3 +68,26 @@ def test_rendered_container_script(tmp_path):
     assert f"singularity exec --nv --bind {ROOT}:{CODE_MOUNT}" in text
     assert f"{image} python3 -m hpc_infer.worker {run.root} --worker-id" in text
     assert 'APPTAINERENV_HF_TOKEN="${HF_TOKEN:-}"' in text  # a reference, never a value
+
+
+def test_cleanenv_exec_line_and_forwarding_wrapper(tmp_path):
+    """--cleanenv: the exact exec line, then the wrapper itself run for real (with `env`
+    standing where `apptainer exec ...` would be): matching variables are forwarded as
+    APPTAINERENV_/SINGULARITYENV_, others are not, and no value is on any command line."""
+    import os
+    import subprocess
+
+    rc, image = aau(tmp_path, "cluster.container.cleanenv=true", "cluster.container.passenv=[SLURM_*,HF_TOKEN]")
+    c = rc.cluster.container
+    cmd = shlex.split(python_command(c, [], gpus=True, host_python="/usr/bin/python3"))
+    wrapper = str(ROOT / "hpc_infer" / "container_env.sh")
+    assert cmd[:6] == ["bash", wrapper, "SLURM_*", "HF_TOKEN", "--", "singularity"]
+    assert cmd[6:9] == ["exec", "--cleanenv", "--nv"] and cmd[-2:] == [str(image), "python3"]
+    env = {"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77", "HF_TOKEN": "hf_secret_x",
+           "UNRELATED": "no"}
+    out = subprocess.run(["bash", wrapper, *c.passenv, "--", "env"], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert "APPTAINERENV_SLURM_ARRAY_TASK_ID=3" in out and "SINGULARITYENV_SLURM_JOB_ID=77" in out
+    assert "APPTAINERENV_HF_TOKEN=hf_secret_x" in out
+    assert not any(line.startswith(("APPTAINERENV_UNRELATED", "APPTAINERENV_PATH")) for line in out)
+    assert "hf_secret_x" not in " ".join(cmd)
