@@ -13,9 +13,10 @@ import io
 import json
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from . import faults
 from .errors import UserError
@@ -102,13 +103,13 @@ def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
         raise _corrupt(chunk.path, chunk.id, "records do not match their checksum (edited or damaged)")
 
 
-def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
-    """Concatenate the checked chunk outputs in chunk order (= input order); temp + rename."""
+@contextmanager
+def _atomic_result(out: Path) -> Iterator[BinaryIO]:
+    """The result file, written under a temp name, fsynced and renamed: never half there."""
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            for c in chunks:
-                _copy_checked(c, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         faults.point("merge_tmp_written", out)
@@ -116,6 +117,13 @@ def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
+    """Concatenate the checked chunk outputs in chunk order (= input order)."""
+    with _atomic_result(out) as f:
+        for c in chunks:
+            _copy_checked(c, f)
 
 
 def _records(chunk: _Checked, hook: "Hook | None") -> list[dict]:
@@ -166,19 +174,11 @@ def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook | None,
                         transform: Callable[[dict], dict] | None = None) -> None:
     """With a hook or another output shape, each record is parsed, extended or reshaped,
     and written again (slower than the checked copy)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for c in chunks:
-                rows = _records(c, hook)
-                f.writelines(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point("merge_tmp_written", out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _atomic_result(out) as f:
+        for c in chunks:
+            rows = _records(c, hook)
+            f.write("".join(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n"
+                            for r in rows).encode())
 
 
 def _rows(chunk: _Checked, hook: Hook | None = None) -> list[dict]:
@@ -200,15 +200,9 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None) 
     if hook:
         hook.counting = False  # the second pass applies it again, without counting twice
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with pq.ParquetWriter(tmp, schema) as w:
-            for c in chunks:
-                w.write_table(pa.Table.from_pylist(_rows(c, hook), schema=schema))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _atomic_result(out) as f, pq.ParquetWriter(f, schema) as w:
+        for c in chunks:
+            w.write_table(pa.Table.from_pylist(_rows(c, hook), schema=schema))
 
 
 def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
