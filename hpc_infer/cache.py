@@ -8,6 +8,7 @@ and never download (N concurrent first downloads is a known hang).
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 from .config import ClusterConfig, ModelConfig
@@ -81,5 +82,8 @@ def _download_once(model: ModelConfig, cache_dir: str | None, token: Token | Non
             raise UserError(f"model {model.hf_id} does not exist on the Hugging Face hub (or is private: set HF_TOKEN); "
                             f"check model.hf_id") from None
         except Exception as e:
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+                raise UserError(f"cannot download {model.hf_id}: HF_HUB_OFFLINE=1 is set in your environment; unset it "
+                                f"for this launch (workers stay offline anyway), or stage the model and set model.path") from None
             raise UserError(f"cannot download {model.hf_id} ({type(e).__name__}); on a machine without network, "
                             f"stage the model into a shared root (cluster.model_roots) or set model.path") from None

@@ -72,7 +72,12 @@ class DebugBackend(Backend):
     def submit(self, n_workers: int) -> list[str]:
         from .worker import run_worker
 
-        run_worker(self.run.root, worker_id="debug")
+        saved = dict(os.environ)  # the worker sets HF_HUB_OFFLINE etc. for itself, not for the launcher
+        try:
+            run_worker(self.run.root, worker_id="debug")
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         return []
 
     def cancel(self, job_ids: list[str]) -> None:

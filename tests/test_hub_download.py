@@ -26,8 +26,9 @@ def hub(tmp_path):
 
 
 def _env(hub, tmp_path, **extra):
+    # HF_HUB_OFFLINE=0: in-process debug workers of earlier tests set it to 1 in this process.
     return {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"),
-            "HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", **extra}
+            "HF_HUB_OFFLINE": "0", "HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", **extra}
 
 
 @pytest.mark.parametrize("token, hint", [("", "then set HF_TOKEN"), ("hf_fake_token_123", "the token from $HF_TOKEN has no access yet")])
@@ -64,3 +65,10 @@ def test_concurrent_launches_download_once(tmp_path, hub):
     paths = {o.strip().splitlines()[-1] for o, _ in outs}
     assert len(paths) == 1 and str(shared) in paths.pop()
     assert sorted(hub.downloads) == ["org/tiny/config.json", "org/tiny/model.safetensors"]  # once each, not 6x
+
+
+def test_offline_environment_is_named(tmp_path, hub):
+    p = run_launch(tmp_path, "model=opt_125m", "model.hf_id=org/tiny", "cluster=local", "wait=false",
+                   f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path, HF_HUB_OFFLINE="1"),
+                   check=False, timeout=180)
+    assert p.returncode == 2 and "HF_HUB_OFFLINE=1 is set" in p.stderr, p.stderr
