@@ -61,13 +61,12 @@ def _run_postprocess(run) -> dict | None:
     """The post-processing hook the run was launched with (its config.yaml)."""
     from omegaconf import OmegaConf
 
+    from .config import choose_postprocess
+
     if not run.config.exists() or not run.config.read_text().strip():
         return None
     cfg = OmegaConf.to_container(OmegaConf.load(run.config), resolve=False)
-    spec = (cfg.get("merge") or {}).get("postprocess")
-    if spec is None:
-        spec = (cfg.get("data") or {}).get("postprocess")
-    return dict(spec) if spec else None
+    return choose_postprocess((cfg.get("merge") or {}).get("postprocess"), (cfg.get("data") or {}).get("postprocess"))
 
 
 def cmd_merge(args) -> int:

@@ -179,9 +179,7 @@ class RunConfig:
 
     @property
     def postprocess(self) -> Optional[Dict[str, Any]]:
-        """merge.postprocess, else the data set's; `merge.postprocess={}` turns a data set's off."""
-        spec = self.merge.postprocess if self.merge.postprocess is not None else self.data.postprocess
-        return dict(spec) if spec else None
+        return choose_postprocess(self.merge.postprocess, self.data.postprocess)
 
     @property
     def resolved_run_name(self) -> str:
@@ -228,6 +226,12 @@ def time_to_minutes(spec: str) -> int:
 
 
 DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")
+
+
+def choose_postprocess(merge_spec: Any, data_spec: Any) -> Optional[Dict[str, Any]]:
+    """merge.postprocess, else the data set's; `merge.postprocess={}` turns a data set's off."""
+    spec = merge_spec if merge_spec is not None else data_spec
+    return dict(spec) if spec else None
 
 
 def postprocess_fn(spec: Dict[str, Any]):

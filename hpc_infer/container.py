@@ -20,14 +20,17 @@ CODE_MOUNT = "/opt/hpc_infer/code"
 DEPS_MOUNT = "/opt/hpc_infer/deps"
 
 
-def detect_runtime(cfg: ContainerConfig) -> str:
-    if cfg.runtime:
-        return cfg.runtime
-    for name in ("apptainer", "singularity"):
+def runtime_on_path(prefer: str | None = None) -> str | None:
+    """The container runtime on PATH: `prefer` if given and present, else apptainer, else singularity."""
+    for name in ([prefer] if prefer else []) + ["apptainer", "singularity"]:
         if shutil.which(name):
             return name
+    return None
+
+
+def detect_runtime(cfg: ContainerConfig) -> str:
     # Not on this host (e.g. a login node without it): assume apptainer on the compute nodes.
-    return "apptainer"
+    return cfg.runtime or runtime_on_path() or "apptainer"
 
 
 def project_root() -> Path:

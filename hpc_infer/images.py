@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .container import runtime_on_path
 from .errors import UserError
 
 URI = re.compile(r"^(docker|docker-archive|library|oras|shub|https)://\S+$")
@@ -21,16 +21,8 @@ SIF_MAGIC = b"SIF_MAGIC"
 DEFAULT_DEF = Path(__file__).resolve().parent.parent / "containers" / "vllm-hpc_infer.def"
 
 
-def runtime(prefer: str | None = None) -> str | None:
-    """The container runtime on PATH: `prefer` if given and present, else apptainer, else singularity."""
-    for name in ([prefer] if prefer else []) + ["apptainer", "singularity"]:
-        if name and shutil.which(name):
-            return name
-    return None
-
-
 def _need_runtime(prefer: str | None) -> str:
-    found = runtime(prefer)
+    found = runtime_on_path(prefer)
     if not found:
         raise UserError("no apptainer or singularity on PATH here. Run this on a node that has one (often "
                         "`module load apptainer`), or ask the cluster admins for the shared image; "
@@ -46,7 +38,7 @@ def pull_command(uri: str, dest: Path, force: bool = False, prefer: str | None =
         raise UserError(f"--dest {dest}: name the image file, ending in .sif")
     if dest.exists() and not force:
         raise UserError(f"{dest} exists; pass --force to replace it")
-    return [runtime(prefer) or "apptainer", "pull", *(["--force"] if force else []), str(dest), uri]
+    return [runtime_on_path(prefer) or "apptainer", "pull", *(["--force"] if force else []), str(dest), uri]
 
 
 def build_command(definition: Path, dest: Path, fakeroot: bool = True, force: bool = False,
@@ -57,7 +49,7 @@ def build_command(definition: Path, dest: Path, fakeroot: bool = True, force: bo
         raise UserError(f"--dest {dest}: name the image file, ending in .sif")
     if dest.exists() and not force:
         raise UserError(f"{dest} exists; pass --force to replace it")
-    return [runtime(prefer) or "apptainer", "build", *(["--fakeroot"] if fakeroot else []),
+    return [runtime_on_path(prefer) or "apptainer", "build", *(["--fakeroot"] if fakeroot else []),
             *(["--force"] if force else []), str(dest), str(definition)]
 
 
@@ -94,7 +86,7 @@ def inspect(image: Path, prefer: str | None = None) -> ImageInfo:
     if SIF_MAGIC not in head:
         raise UserError(f"{image}: not a SIF image (no SIF header); a sandbox directory or a docker tarball "
                         f"must be converted with `apptainer build {image.with_suffix('.sif').name} {image}`")
-    info = ImageInfo(str(image), round(image.stat().st_size / 1e6, 1), True, runtime(prefer))
+    info = ImageInfo(str(image), round(image.stat().st_size / 1e6, 1), True, runtime_on_path(prefer))
     if not info.runtime:
         info.note = "no apptainer/singularity here: labels and the vLLM version were not read"
         return info

@@ -17,15 +17,14 @@ from .cache import resolve_model
 from .config import RunConfig, register_configs, to_run_config
 from .container import binds, python_command
 from .data import load_records
-from .engine import POOLING_TASKS
 from .errors import UserError
 from .merge import Summary, merge
 from .plan import prepare
 from .rundir import RunDir, read_json
 from .secrets import exported, find_token, job_env
 from .status import wait
-from .vllm_check import check_sampling
 from .submit import TERMINAL, host_python, make_backend, recorded_jobs
+from .vllm_check import check_run_sampling
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.I)
 
@@ -55,8 +54,9 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
                         f"script (Ray inside one allocation): use `hpc-infer sbatch` with the same overrides")
     records = load_records(rc.data)
-    if rc.model.task not in POOLING_TASKS:
-        say(check_sampling(rc.sampling.to_vllm(), [r.sampling for r in records if r.sampling]))
+    checked = check_run_sampling(rc, records)
+    if checked:
+        say(checked)
     token = find_token(rc.cluster.token_file)
     model_path = resolve_model(rc.model, rc.cluster, token)
     run, resumed = prepare(rc, records, model_path, config_yaml)

@@ -234,18 +234,18 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
         _write_jsonl_parsed(checked, out, hook)
     else:
         _write_jsonl(checked, out)
-    summary = _summarize(run, manifest, checked, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
-    summary.timeline = draw_timeline(run, [asdict(c) for c in checked], read_heartbeats(run))
+    beats = read_heartbeats(run)
+    summary = _summarize(run, manifest, checked, beats, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
+    summary.timeline = draw_timeline(run, [asdict(c) for c in checked], beats)
     summary.postprocess = hook.summary() if hook else None
     write_json(run.summary, asdict(summary))
     return summary
 
 
-def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], out: Path, fmt: str, missing: list[int],
-               sampling: dict, gpus_per_worker: int) -> Summary:
-    beats = read_heartbeats(run)
+def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], beats: list[dict], out: Path, fmt: str,
+               missing: list[int], sampling: dict, gpus_per_worker: int) -> Summary:
     starts = [b["started"] for b in beats if "started" in b]
-    ends = [run.out_path(c).stat().st_mtime for c in range(manifest["n_chunks"]) if c not in missing]
+    ends = [c.path.stat().st_mtime for c in checked]
     wall = (max(ends) - min(starts)) if starts and ends else 0.0
     out_tokens = sum(c.output_tokens for c in checked)
     worker_s = sum(max(0.0, b.get("t", b["started"]) - b["started"]) for b in beats if "started" in b)

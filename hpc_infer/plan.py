@@ -53,7 +53,7 @@ def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[ra
     workers * chunks_per_worker. Chunks are contiguous input ranges, so the merge is a
     concatenation; balance comes from the dynamic claiming of shrinking chunks, not from
     reordering records (output lengths, which dominate, are unknown before the run;
-    bench/balance.py measures both).
+    bench/balance.py measures the result against static and interleaved slices).
     """
     total = sum(est)
     floor = max(1.0, total / (workers * chunks_per_worker * 2))

@@ -188,8 +188,3 @@ def read_chunk_trailer(path: Path, tail_bytes: int = 4096) -> tuple[dict, int] |
     if not isinstance(trailer, dict) or TRAILER_KEY not in trailer:
         return None
     return trailer, size - (len(tail) - start)
-
-
-def read_chunk_rows(path: Path) -> list[dict]:
-    """The records of a chunk output file, without its trailer."""
-    return [r for r in read_jsonl(path) if TRAILER_KEY not in r]

@@ -24,12 +24,11 @@ from .cache import resolve_model
 from .config import RunConfig, register_configs, to_run_config
 from .container import CODE_MOUNT, binds, exec_prefix, project_root
 from .data import load_records
-from .engine import POOLING_TASKS
-from .vllm_check import check_sampling
 from .errors import UserError
 from .plan import prepare
 from .rundir import RunDir, read_json
 from .secrets import find_token
+from .vllm_check import check_run_sampling
 
 TEMPLATES = project_root() / "slurm" / "templates"
 
@@ -95,8 +94,9 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
     records = load_records(rc.data)
-    if rc.model.task not in POOLING_TASKS:
-        print(check_sampling(rc.sampling.to_vllm(), [r.sampling for r in records if r.sampling]), file=sys.stderr)
+    checked = check_run_sampling(rc, records)
+    if checked:
+        print(checked, file=sys.stderr)
     model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
     run, _ = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)

@@ -11,8 +11,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from typing import Any
 
 from .errors import UserError
+
+
+def check_run_sampling(rc: Any, records: list) -> str | None:
+    """What launch and sbatch both check: the run's sampling and each record's overrides
+    (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
+    from .engine import POOLING_TASKS
+
+    if rc.model.task in POOLING_TASKS:
+        return None
+    return check_sampling(rc.sampling.to_vllm(), [r.sampling for r in records if r.sampling])
 
 
 def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:
