@@ -36,6 +36,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ def measure(out: Path) -> EngineModel:
     from hpc_infer.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
 
     t0 = time.perf_counter()
+    import vllm
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(ensure_smollm2()), dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=128)
@@ -194,7 +196,7 @@ def measure(out: Path) -> EngineModel:
     a = max(1e-4, my - c * mx)
     long_prefill = gen(16, 400, 1) - gen(16, 8, 1)
     p = max(1e-7, long_prefill / (16 * 392 * 1.3))  # ~1.3 tokens per "word "
-    with __import__("tempfile").TemporaryDirectory() as tmp:  # claim + read + write, 50 records
+    with tempfile.TemporaryDirectory() as tmp:  # claim + read + write, 50 records
         run = RunDir(Path(tmp))
         run.make()
         rows = [{"id": str(i), "index": i, "prompt": "x" * 400, "text": "y" * 2000, "output_tokens": 500}
@@ -210,7 +212,7 @@ def measure(out: Path) -> EngineModel:
         claim_s = (time.perf_counter() - t) / 20
     m = EngineModel(a=a, c=c, p=p, load_s=load_s, claim_s=claim_s, max_num_seqs=128,
                     source=f"measured {time.strftime('%Y-%m-%d')} by `bench/balance.py --measure`: vLLM "
-                           f"{__import__('vllm').__version__}, SmolLM2-135M bf16, this machine's CPU; "
+                           f"{vllm.__version__}, SmolLM2-135M bf16, this machine's CPU; "
                            f"decode s/step by batch {({b: round(v, 4) for b, v in decode.items()})}")
     out.write_text(json.dumps(m.__dict__, indent=1) + "\n")
     return m
