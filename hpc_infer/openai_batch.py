@@ -16,8 +16,9 @@ from typing import Any
 from .errors import UserError
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-IGNORED = {"model", "user", "stream", "metadata", "store", "logprobs", "top_logprobs", "response_format",
-           "max_tokens", "max_completion_tokens", "stop", "encoding_format"}
+# Body fields accepted besides SAMPLING and GUIDED: mapped below, or without effect on a batch run.
+OTHER_KNOWN = {"model", "user", "stream", "metadata", "store", "logprobs", "top_logprobs", "response_format",
+               "max_tokens", "max_completion_tokens", "stop", "encoding_format"}
 SAMPLING = {"temperature", "top_p", "top_k", "min_p", "n", "seed", "presence_penalty", "frequency_penalty",
             "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
             "stop_token_ids"}
@@ -36,7 +37,7 @@ def request_to_row(req: dict, where: str, cfg: Any) -> tuple[dict, dict]:
         raise UserError(f"{where}: method {req.get('method')!r}; batch requests are POST")
     if not isinstance(body, dict):
         raise UserError(f"{where}: 'body' must be an object")
-    unknown = sorted(set(body) - IGNORED - SAMPLING - set(GUIDED) - {"messages", "prompt", "input"})
+    unknown = sorted(set(body) - OTHER_KNOWN - SAMPLING - set(GUIDED) - {"messages", "prompt", "input"})
     if unknown:
         raise UserError(f"{where}: body field(s) {', '.join(unknown)} are not supported by hpc_infer's batch runner; "
                         f"remove them (supported sampling fields: {', '.join(sorted(SAMPLING))}, max_tokens, stop, "
