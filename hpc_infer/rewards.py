@@ -9,44 +9,59 @@ the config the Hydra way:
         _target_: hpc_infer.rewards.r1_zero_reward
         answer_field: answer
 
-`r1_zero_reward` is the CS336 MATH evaluation: format reward (the response closes its
-reasoning with "</think> <answer>" and ends with "</answer>") and answer reward (the
-answer, or its \\boxed{} part, is mathematically equal to the ground truth, decided by
-Hugging Face's math-verify).
+`r1_zero_reward` is CS336's r1_zero reward in its default mode (`math_grader.py`:
+Hendrycks/Minerva normalisation and sympy, deterministic); `fast=False` adds the
+reference's math-verify fallback. `math_verify_reward` grades with Hugging Face's
+math-verify alone, for users who want that grader by name.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from .math_grader import r1_zero_score
 
 
-def _answer_matches(answer: str, truth: str) -> bool:
+def _truth(record: dict[str, Any], answer_field: str) -> Any:
+    truth = (record.get("fields") or {}).get(answer_field)
+    if truth is None:
+        raise KeyError(f"record has no '{answer_field}' field to grade against (set answer_field=...)")
+    return truth
+
+
+def _score_outputs(record: dict[str, Any], score: Callable[[str], dict[str, float]]) -> dict[str, float]:
+    """Scores every sampled output (n >= 1); the record gets the mean, each output its own."""
+    outputs = record.get("outputs") or [{"text": record.get("text", "")}]
+    scores = [score(o.get("text", "")) for o in outputs]
+    for o, s in zip(outputs, scores):
+        o.update(s)
+    return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+
+
+def r1_zero_reward(record: dict[str, Any], answer_field: str = "answer", fast: bool = True) -> dict[str, Any]:
+    """CS336's `r1_zero_reward_fn(response, ground_truth, fast)` on every output of a record."""
+    truth = _truth(record, answer_field)
+    return _score_outputs(record, lambda text: r1_zero_score(text, truth, fast))
+
+
+def math_verify_score(response: str, truth: str) -> dict[str, float]:
+    """r1_zero format reward, answer graded by HF math-verify alone (its own timeouts apply)."""
     from math_verify import parse, verify
+
+    if "</think> <answer>" not in response or "</answer>" not in response:
+        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+    answer = response.split("<answer>")[-1].replace("</answer>", "").strip()
 
     def as_math(s: str) -> str:
         s = s.strip()
         return s if "$" in s or "\\boxed" in s else f"${s}$"
 
-    gold, guess = parse(as_math(truth)), parse(as_math(answer))
-    return bool(gold and guess and verify(gold, guess))
-
-
-def r1_zero_score(response: str, truth: str) -> dict[str, float]:
-    """CS336's r1_zero_reward_fn: format first; only a well-formed answer is graded."""
-    if "</think> <answer>" not in response or "</answer>" not in response:
-        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
-    answer = response.split("<answer>")[-1].replace("</answer>", "").strip()
-    correct = _answer_matches(answer, str(truth))
+    gold, guess = parse(as_math(str(truth))), parse(as_math(answer))
+    correct = bool(gold and guess and verify(gold, guess))
     return {"format_reward": 1.0, "answer_reward": float(correct), "reward": float(correct)}
 
 
-def r1_zero_reward(record: dict[str, Any], answer_field: str = "answer") -> dict[str, Any]:
-    """Scores every sampled output (n >= 1); the record gets the mean, each output its own."""
-    truth = (record.get("fields") or {}).get(answer_field)
-    if truth is None:
-        raise KeyError(f"record has no '{answer_field}' field to grade against (set answer_field=...)")
-    outputs = record.get("outputs") or [{"text": record.get("text", "")}]
-    scores = [r1_zero_score(o.get("text", ""), truth) for o in outputs]
-    for o, s in zip(outputs, scores):
-        o.update(s)
-    return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+def math_verify_reward(record: dict[str, Any], answer_field: str = "answer") -> dict[str, Any]:
+    """The r1_zero format with math-verify's (more lenient, version-dependent) answer check."""
+    truth = _truth(record, answer_field)
+    return _score_outputs(record, lambda text: math_verify_score(text, truth))

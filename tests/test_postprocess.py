@@ -9,7 +9,7 @@ from hpc_infer.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.merge import merge
 from hpc_infer.plan import prepare
-from hpc_infer.rewards import r1_zero_score
+from hpc_infer.math_grader import r1_zero_score
 from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
 
 
@@ -17,7 +17,8 @@ from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_a
     "response, truth, expected",
     [
         ("2+2 is 4.</think> <answer>4</answer>", "4", (1, 1)),
-        ("so it is</think> <answer>\\boxed{\\frac{10}{12}}</answer>", "\\frac{5}{6}", (1, 1)),
+        ("so it is</think> <answer>\\boxed{\\frac{5}{6}}</answer>", "\\frac{5}{6}", (1, 1)),
+        ("so it is</think> <answer>\\boxed{\\frac{10}{12}}</answer>", "\\frac{5}{6}", (1, 0)),  # unreduced: no credit
         ("thinking</think> <answer>5</answer>", "4", (1, 0)),
         ("the answer is 4", "4", (0, 0)),  # right answer, wrong format: no credit
         ("</think><answer>4</answer>", "4", (0, 0)),  # the space is part of the format
