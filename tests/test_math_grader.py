@@ -71,7 +71,8 @@ def test_normalisers_follow_the_papers_steps():
     assert hendrycks_normalize("\\left( 1, 2 \\right)") == "(1,2)"
     assert hendrycks_normalize("\\frac") == "\\frac"  # unhandled form: compared as written
     assert minerva_normalize("1,000,000") == "1000000"
-    assert minerva_normalize("\\text{Monday}") == "monday"
+    assert minerva_normalize("\\text{Blue}") == "blue"
+    assert minerva_normalize("Monday") == "mon"  # the reference strips "day" as a unit; so do we
     assert minerva_normalize("5 meters") == "5"
     assert extract_answer("so \\boxed{\\frac{1}{2}} and then \\boxed{7}") == "7"
     assert extract_answer("#### 42") == "42"
