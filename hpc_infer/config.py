@@ -193,15 +193,47 @@ class RunConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
-    cs.store(group="sampling", name="sampling_schema", node=SamplingConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(name="model_schema", node=ModelConfig)
+    cs.store(name="cluster_schema", node=ClusterConfig)
+    cs.store(name="sampling_schema", node=SamplingConfig)
+    cs.store(name="data_schema", node=DataConfig)
     OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel), replace=True)
+
+
+def unknown_keys(tree: Any, schema: type, path: str = "") -> list[str]:
+    """Keys the dataclass schema does not have, however they arrived (`+key=`, a YAML file),
+    each with the nearest valid key; free-form fields (Dict/Any) may hold anything."""
+    import dataclasses
+    import difflib
+    import typing
+
+    if not isinstance(tree, dict) or not dataclasses.is_dataclass(schema):
+        return []
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key, value in tree.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)
+            hint = f"did you mean {(path + '.' if path else '') + near[0]}?" if near else \
+                f"valid keys here: {', '.join(hints)}"
+            problems.append(f"{where}: unknown setting; {hint}")
+        elif dataclasses.is_dataclass(hints[key]):
+            problems += unknown_keys(value, hints[key], where)
+    return problems
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Turn Hydra's DictConfig into typed dataclasses, then validate."""
+    from .secrets import SECRET_ADVICE, secrets_in
+
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    found = secrets_in(tree)
+    if found:
+        raise UserError(f"{', '.join(found)}: {SECRET_ADVICE} (value not shown)")
+    unknown = unknown_keys(tree, RunConfig)
+    if unknown:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(unknown))
     try:
         rc = OmegaConf.to_object(cfg)
     except Exception as e:  # omegaconf reports the key and the offending value
@@ -247,6 +279,31 @@ def postprocess_fn(spec: Dict[str, Any]):
         cause = e.__cause__ or e
         raise UserError(f"merge.postprocess._target_={target}: cannot be loaded ({type(cause).__name__}: {cause}); "
                         f"check the module path and that its package is installed") from None
+
+
+def not_a_file(path: str) -> Optional[str]:
+    """Why `path` is not a regular file we can read (None when it is one)."""
+    import os
+    import stat
+
+    p = Path(path).expanduser()
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist" + (f" (its folder {p.parent} does not exist either)" if not p.parent.exists() else "")
+    except PermissionError:
+        return "cannot be read (permission denied on a folder on its path)"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO); a run reads its input twice (plan, fingerprint), so copy it to a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file"
+    if not os.access(p, os.R_OK):
+        return "is not readable by you (check its permissions)"
+    return None
 
 
 def validate(rc: RunConfig) -> None:
@@ -320,9 +377,11 @@ def validate(rc: RunConfig) -> None:
               f"give exactly one of {', '.join(sorted(kinds))} (got {', '.join(sorted(set(spec) & kinds)) or 'none'})")
     check(d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt"), "data.format",
           f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt")
-    check(Path(d.path).expanduser().is_file(), "data.path", f"file {d.path} does not exist")
+    problem = not_a_file(d.path)
+    check(problem is None, "data.path", f"{d.path} {problem}; give the prompt file (jsonl, parquet, csv, txt)")
     if d.template_file:
-        check(Path(d.template_file).expanduser().is_file(), "data.template_file", f"file {d.template_file} does not exist")
+        problem = not_a_file(d.template_file)
+        check(problem is None, "data.template_file", f"{d.template_file} {problem}")
     check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1")
     check(d.max_line_bytes >= 1, "data.max_line_bytes", "must be >= 1")
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")

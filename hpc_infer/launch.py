@@ -6,36 +6,27 @@ Everything that can be wrong with the input is found before anything is submitte
 
 from __future__ import annotations
 
-import re
 import sys
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import claims
 from .cache import resolve_model
-from .config import RunConfig, register_configs, to_run_config
+from .config import RunConfig, to_run_config
 from .container import binds, python_command
 from .data import load_records
+from .entry import run_hydra
 from .errors import UserError
 from .merge import Summary, merge
 from .plan import prepare
 from .rundir import RunDir, read_json
 from .secrets import exported, find_token, job_env
-from .status import wait
-from .submit import TERMINAL, host_python, make_backend, recorded_jobs
+from .status import failures, wait
+from .submit import BACKENDS, TERMINAL, host_python, make_backend, recorded_jobs
 from .vllm_check import check_run_sampling
 
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.I)
-
-register_configs()
-
-
-def refuse_secrets_in_config(rc: RunConfig) -> None:
-    for key in rc.cluster.env:
-        if SECRET_NAME.search(key):
-            raise UserError(f"cluster.env.{key}: secrets do not belong in the config (it is saved in the run directory). "
-                            f"Export {key} in your shell or put the HF token in ~/.cache/huggingface/token instead.")
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def say(msg: str) -> None:
@@ -49,10 +40,10 @@ def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
 
 
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
-    refuse_secrets_in_config(rc)
     if rc.cluster.nodes_per_task > 1:
         raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
                         f"script (Ray inside one allocation): use `hpc-infer sbatch` with the same overrides")
+    BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
     records = load_records(rc.data)
     checked = check_run_sampling(rc, records)
     if checked:
@@ -62,9 +53,14 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     run, resumed = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
-    say(f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
-        f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}"
-        + (f"; HF token from {token.source}" if token else ""))
+    if resumed and not remaining:
+        say(f"{run.root} is already complete: all {manifest['n_records']} records were done by an earlier launch, "
+            f"so nothing is submitted (a changed cluster= does not start a new run). To run again, give a new "
+            f"run_name=..., or delete {run.root}. Merging what is there:")
+    else:
+        say(f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
+            f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}"
+            + (f"; HF token from {token.source}" if token else ""))
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
         old_backend, old_ids = recorded_jobs(run)
@@ -79,36 +75,40 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         with exported(job_env(token)):
             job_ids = backend.submit(n_workers)
         if job_ids:
-            say(f"submitted {len(job_ids)} {rc.cluster.backend} workers: {job_ids[0]}{' ...' if len(job_ids) > 1 else ''}")
+            say(f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}{' ...' if len(job_ids) > 1 else ''}")
         if not rc.wait:
             say(f"not waiting; follow with `hpc-infer status {run.root}`, then `hpc-infer merge {run.root}`")
             return None
         progress = wait(run, lambda: backend.states(job_ids))
         if not progress.complete and not rc.merge.allow_partial:
             states = backend.states(job_ids)
-            bad = {j: s for j, s in states.items() if s != "COMPLETED"}
+            why = failures(run, states) or [f"task states: {states}"]
             raise UserError(
                 f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no worker "
-                f"is left (task states: {bad or states}). Logs: {run.logs}. Relaunch the same command to resume."
-            )
+                f"is left:\n  " + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
+                f"command to resume (finished chunks are kept).")
     summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task,
                     rc.postprocess)
     say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
         f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
+    say(f"summary: {run.summary}" + (f"   timeline: {run.root / summary.timeline}" if summary.timeline else ""))
     if summary.postprocess:
         sums = ", ".join(f"{k} {v:g}" for k, v in summary.postprocess["sums"].items())
         say(f"{summary.postprocess['target']} over {summary.postprocess['records']} records: {sums}")
     return summary
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     try:
         rc = to_run_config(cfg)
         launch(rc, OmegaConf.to_yaml(cfg, resolve=True))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    run_hydra(_task)
 
 
 if __name__ == "__main__":

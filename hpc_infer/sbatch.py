@@ -16,14 +16,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import hydra
 import jinja2
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import resolve_model
-from .config import RunConfig, register_configs, to_run_config
+from .config import RunConfig, to_run_config
 from .container import CODE_MOUNT, binds, exec_prefix, project_root
 from .data import load_records
+from .entry import run_hydra
 from .errors import UserError
 from .plan import prepare
 from .rundir import RunDir, read_json
@@ -32,7 +32,6 @@ from .vllm_check import check_run_sampling
 
 TEMPLATES = project_root() / "slurm" / "templates"
 
-register_configs()
 
 
 def sbatch_options(rc: RunConfig) -> list[str]:
@@ -108,8 +107,7 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
     return path
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     try:
         path = write_script(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
     except UserError as e:
@@ -117,6 +115,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     print(path)
     print(f"submit with: sbatch {path}", file=sys.stderr)
+
+
+def main() -> None:
+    run_hydra(_task)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ APPTAINERENV_/SINGULARITYENV_ variables, which survive --cleanenv.
 from __future__ import annotations
 
 import contextlib
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +76,58 @@ def exported(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- secrets that must never reach a run's files: one check for every entry point ---------
+
+SECRET_KEY = re.compile(r"(^|[_\-])(token|auth)$|secret|passw|api_?key|credential|private_?key", re.I)
+NOT_SECRET_SUFFIX = ("_file", "_path", "_dir", "_env", "_var")  # token_file names where a secret lives, not it
+TOKEN_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|glpat-[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})")
+
+
+def secret_key(name: str) -> bool:
+    return bool(SECRET_KEY.search(name)) and not name.lower().endswith(NOT_SECRET_SUFFIX)
+
+
+def looks_like_token(value: object) -> bool:
+    return isinstance(value, str) and bool(TOKEN_VALUE.search(value))
+
+
+def secrets_in(tree: object, path: str = "") -> list[str]:
+    """Dotted paths of secret-named keys with a value, and of values that look like tokens."""
+    found: list[str] = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            p = f"{path}.{k}" if path else str(k)
+            if secret_key(str(k)) and v not in (None, "", [], {}) and not isinstance(v, (dict, list, bool)):
+                found.append(p)
+            else:
+                found += secrets_in(v, p)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            found += secrets_in(v, f"{path}[{i}]")
+    elif looks_like_token(tree):
+        found.append(path)
+    return found
+
+
+SECRET_ADVICE = ("secrets do not belong in the config: it is saved in the run directory, the sbatch script and "
+                 "the job's files. Export the token in your shell (HF_TOKEN=...) or put it in "
+                 "~/.cache/huggingface/token (or cluster.token_file), and remove it from the command line and config")
+
+
+def refuse_secret_overrides(argv: list[str]) -> None:
+    """Before Hydra writes anything (multirun.yaml) or echoes a value: refuse secrets on the command line."""
+    from .errors import UserError
+
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            if looks_like_token(arg):
+                raise UserError(f"a command-line argument looks like a token (value not shown): {SECRET_ADVICE}")
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if (secret_key(key.split(".")[-1]) and value.strip() not in ("", "null")) or looks_like_token(value):
+            raise UserError(f"{key}: {SECRET_ADVICE} (value not shown)")

@@ -46,13 +46,34 @@ def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
         n_chunks=manifest["n_chunks"],
         chunks_done=len(done),
         records_done=sum(sizes[c] for c in done) + in_flight,
-        output_tokens=sum(b.get("output_tokens", 0) for b in beats),
+        output_tokens=sum(b.get("output_tokens", 0) + b.get("in_flight_tokens", 0) for b in beats),
         workers=beats,
     )
 
 
-def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 2.0, show: bool = True) -> Progress:
-    """Block until every chunk is done, or no job is left that could finish one."""
+def failures(run: RunDir, states: dict[str, str]) -> list[str]:
+    """One line per failed worker: its exception (from its heartbeat) and its log files."""
+    lines = []
+    for b in read_heartbeats(run):
+        if b.get("state") == "failed" or b.get("error"):
+            logs = sorted(str(p) for p in run.logs.glob(f"{b['worker']}*")) if b.get("worker") else []
+            lines.append(f"worker {b.get('worker')}: {b.get('error') or 'failed'}"
+                         + (f" (log: {', '.join(logs)})" if logs else ""))
+    failed_jobs = [j for j, s in states.items() if s not in ("COMPLETED", "RUNNING", "PENDING")]
+    seen = " ".join(lines)
+    for j in failed_jobs:
+        if j not in seen:
+            logs = sorted(str(p) for p in run.logs.glob(f"{j}_*")) + sorted(str(p) for p in run.logs.glob(f"*{j}*.err"))
+            lines.append(f"task {j}: {states[j]}" + (f" (log: {', '.join(dict.fromkeys(logs))})" if logs else ""))
+    return lines
+
+
+def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 2.0, show: bool = True,
+         log_every_s: float = 30.0) -> Progress:
+    """Block until every chunk is done, or no job is left that could finish one.
+
+    On a terminal: a tqdm bar. In a log (no TTY): one progress line every `log_every_s`.
+    """
     from tqdm import tqdm
 
     from .submit import TERMINAL
@@ -60,16 +81,24 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     manifest = read_json(run.manifest)
     p = snapshot(run, manifest)
     start_tokens, t0 = p.output_tokens, time.time()
-    bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not show,
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not (show and tty),
                file=sys.stderr, dynamic_ncols=True)
+    last_log = 0.0
     while True:
         p = snapshot(run, manifest)
         states = job_states()
         failed = sum(1 for s in states.values() if s in TERMINAL and s != "COMPLETED")
         running = sum(1 for s in states.values() if s == "RUNNING")
-        rate = (p.output_tokens - start_tokens) / max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(f"tok/s={rate:,.0f} running={running} failed={failed}", refresh=False)
+        elapsed = max(time.time() - t0, 1e-9)
+        rate = (p.output_tokens - start_tokens) / elapsed
+        postfix = f"tok/s={rate:,.0f} running={running} failed={failed}"
+        bar.set_postfix_str(postfix, refresh=False)
         bar.update(max(0, p.records_done - bar.n))
+        if show and not tty and (time.time() - last_log >= log_every_s or p.complete):
+            last_log = time.time()
+            print(f"[hpc_infer] {run.root.name}: {p.records_done}/{p.n_records} records, "
+                  f"{p.chunks_done}/{p.n_chunks} chunks, {elapsed:,.0f}s, {postfix}", file=sys.stderr, flush=True)
         if p.complete:
             break
         if states and all(s in TERMINAL for s in states.values()):
@@ -94,17 +123,27 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         rate = sum(b.get("records_done", 0) / max(now - b.get("started", now), 1e-9) for b in live)
         tok = sum(b.get("output_tokens", 0) / max(now - b.get("started", now), 1e-9) for b in live)
         eta = (p.n_records - p.records_done) / rate if rate > 0 else float("nan")
-        lines.append(f"  {len(live)} live workers   {tok:,.0f} tok/s   ETA {eta:,.0f} s")
+        lines.append(f"  {len(live)} live worker{'s' * (len(live) != 1)}   {tok:,.0f} tok/s   ETA {eta:,.0f} s")
     if states:
         lines.append("  tasks:")
         for job_id, state in sorted(states.items()):
             lines.append(f"    {job_id:>14}  {state}")
     for b in p.workers:
-        age = now - b.get("t", now)
-        chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
-        lines.append(f"  worker {b['worker']:>14}  {b.get('state', '?'):9} chunks={chunks}  "
-                     f"chunks_done={b.get('chunks_done', 0)}  records={b.get('records_done', 0)}  "
-                     f"last heartbeat {age:.0f}s ago")
+        counts = f"chunks_done={b.get('chunks_done', 0)}  records={b.get('records_done', 0)}"
+        state = b.get("state", "?")
+        if state in ("finished", "failed"):
+            end = b.get("finished_at") or b.get("t", now)
+            ran = end - b.get("started", end)
+            tail = f"ran {ran:,.0f}s, ended {now - end:,.0f}s ago"
+            if b.get("error"):
+                tail += f"  error: {b['error']}"
+            lines.append(f"  worker {b['worker']:>14}  {state:9} {counts}  {tail}")
+        else:
+            age = now - b.get("t", now)
+            chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
+            stale = "  (no heartbeat for long: the worker may have died)" if age > 3 * 60 else ""
+            lines.append(f"  worker {b['worker']:>14}  {state:9} chunks={chunks}  {counts}  "
+                         f"last heartbeat {age:.0f}s ago{stale}")
     missing = sorted(set(range(p.n_chunks)) - run.done_chunks())
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")

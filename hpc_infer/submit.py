@@ -35,6 +35,10 @@ class Backend:
         self.cluster, self.run = cluster, run
         self.python = python
 
+    @classmethod
+    def check_reachable(cls, cluster: ClusterConfig) -> None:
+        """Raise a UserError naming the cluster config when this backend cannot submit from here."""
+
     def submit(self, n_workers: int) -> list[str]:
         raise NotImplementedError
 
@@ -172,6 +176,27 @@ class SlurmBackend(Backend):
             params["additional_parameters"] = extra
         ex.update_parameters(**params)
         return ex
+
+    @classmethod
+    def check_reachable(cls, cluster: ClusterConfig) -> None:
+        import shutil
+
+        where = f"cluster={cluster.name} uses the slurm backend"
+        missing = [cmd for cmd in ("sbatch", "squeue", "scontrol", "srun") if shutil.which(cmd) is None]
+        if missing:
+            raise UserError(f"{where}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH "
+                            f"here: run this on the cluster's login node (or `module load slurm`), or pick "
+                            f"cluster=local to run on this machine. Nothing was planned or submitted.")
+        try:
+            ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"{where}, but `scontrol ping` did not answer in 120 s: the controller is down or "
+                            f"unreachable. Nothing was planned or submitted.") from None
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            said = (ping.stdout + ping.stderr).strip().splitlines()
+            raise UserError(f"{where}, but the Slurm controller does not answer (`scontrol ping`: "
+                            f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
+                            f"Nothing was planned or submitted.")
 
     def submit(self, n_workers: int) -> list[str]:
         limit = self.cluster.max_array_size or max_array_size()

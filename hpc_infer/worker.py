@@ -51,6 +51,7 @@ class Heartbeat:
             "records_done": 0,
             "prompt_tokens": 0,
             "output_tokens": 0,
+            "in_flight_tokens": 0,  # output tokens of finished records in chunks not yet written
             "engine_start_s": None,
             # Whether a token reached this job (never its value): `status` can tell users.
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
@@ -83,7 +84,7 @@ class Heartbeat:
 
     def stop(self, final_state: str) -> None:
         self._stop.set()
-        self.update(state=final_state, in_flight={})
+        self.update(state=final_state, in_flight={}, in_flight_tokens=0, finished_at=time.time())
         self.beat()
 
 
@@ -175,10 +176,13 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     _finish(run, chunk, owner, hb)
                     del inflight[chunk.id]
             if finished:
-                hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
-    except BaseException:
+                hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
+                          in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows))
+    except BaseException as e:
         for cid in inflight:
             claims.release(run, cid, owner)
+        # the user sees this line in `launch` and `status`, not only "FAILED"
+        hb.update(error=(f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:500])
         hb.stop("failed")
         raise
     hb.stop("finished")

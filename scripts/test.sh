@@ -6,9 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${HPC_INFER_VENV:-.venv}
+# The daemons this run starts are recorded here and stopped when the tests end
+# (HPC_INFER_KEEP_SLURM=1 keeps them running); a Slurm that was already up is left alone.
+export HPC_INFER_SLURM_PIDS=${HPC_INFER_SLURM_PIDS:-$(mktemp -t hpc_infer-slurm.XXXXXX)}
 if [ "$(id -u)" = 0 ]; then
   bash slurm/local-cluster.sh
+  [ "${HPC_INFER_KEEP_SLURM:-0}" = 1 ] || trap 'bash slurm/local-cluster.sh stop >&2' EXIT
 else
   echo "not root: the local Slurm cannot be started; tests marked 'slurm' will be skipped" >&2
 fi
-exec "$VENV/bin/python" -m pytest -ra "$@"
+START=$(date +%s)
+rc=0
+"$VENV/bin/python" -m pytest -ra "$@" || rc=$?
+echo "test suite: $(( $(date +%s) - START )) s on $(nproc) cores; CPU flags: $(grep -o -w -E 'avx512f|avx2|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
+exit $rc

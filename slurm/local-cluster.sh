@@ -7,11 +7,29 @@
 # autodetect with IgnoreSystemd; four placeholder GPU devices per node under /dev/shm
 # so `--gres=gpu:N` schedules (nothing runs on them).
 #   slurm/local-cluster.sh          start (installs packages if missing)
-#   slurm/local-cluster.sh stop     stop the daemons
+#   slurm/local-cluster.sh stop     stop the daemons this script started (by the PIDs it recorded)
+# The PIDs of the daemons it starts are appended to $HPC_INFER_SLURM_PIDS (default
+# /run/hpc_infer-local-slurm.pids); `stop` signals exactly those, never by name, so a
+# Slurm or munge that something else started is left alone.
 set -euo pipefail
+PIDS=${HPC_INFER_SLURM_PIDS:-/run/hpc_infer-local-slurm.pids}
 if [ "${1:-}" = "stop" ]; then
-  pkill -x slurmd || true; pkill -x slurmctld || true; exit 0
+  [ -f "$PIDS" ] || { echo "nothing to stop: $PIDS lists no daemon started by this script"; exit 0; }
+  while read -r pid name; do
+    # the PID must still be the daemon we started (not a reused number)
+    if [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ]; then kill "$pid" 2>/dev/null || true; fi
+  done < "$PIDS"
+  for _ in $(seq 50); do
+    alive=0
+    while read -r pid name; do [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ] && alive=1; done < "$PIDS"
+    [ $alive = 0 ] && break; sleep 0.2
+  done
+  rm -f "$PIDS"; echo "stopped the daemons listed in $PIDS"; exit 0
 fi
+started() {  # started NAME PIDFILE: record the PID a daemon wrote once it has written it
+  for _ in $(seq 100); do [ -s "$2" ] && break; sleep 0.1; done
+  [ -s "$2" ] && echo "$(cat "$2") $1" >> "$PIDS"
+}
 NODES="node1 node2"
 [ "$(id -u)" = 0 ] || { echo "run as root (it writes /etc/slurm and starts daemons)" >&2; exit 1; }
 H=$(hostname -s)
@@ -55,9 +73,15 @@ printf 'AutoDetect=off\nNodeName=node[1-2] Name=gpu File=/dev/shm/fakegpu[0-3]\n
 printf 'CgroupPlugin=autodetect\nIgnoreSystemd=yes\n' > /etc/slurm/cgroup.conf
 test -f /etc/munge/munge.key || mungekey -c
 chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
-if pgrep -x slurmctld >/dev/null; then scontrol reconfigure >/dev/null 2>&1 || true; else slurmctld; fi
-for n in $NODES; do pgrep -f "slurmd -N $n\$" >/dev/null || slurmd -N "$n"; done
+# pgrep only looks (is one already running?); stopping goes by the recorded PIDs above
+if ! pgrep -x munged >/dev/null; then
+  rm -f /run/munge/munged.pid; su -s /bin/sh munge -c /usr/sbin/munged; started munged /run/munge/munged.pid
+fi
+if pgrep -x slurmctld >/dev/null; then scontrol reconfigure >/dev/null 2>&1 || true
+else rm -f /run/slurmctld.pid; slurmctld; started slurmctld /run/slurmctld.pid; fi
+for n in $NODES; do
+  pgrep -f "slurmd -N $n\$" >/dev/null || { rm -f "/run/slurmd-$n.pid"; slurmd -N "$n"; started slurmd "/run/slurmd-$n.pid"; }
+done
 for _ in $(seq 30); do
   if [ "$(sinfo -h -N -o %t 2>/dev/null | grep -Ec '^(idle|mix|alloc)')" = 2 ]; then echo "slurm up: node1 node2 on $H"; exit 0; fi
   scontrol update nodename=node1,node2 state=resume >/dev/null 2>&1 || true

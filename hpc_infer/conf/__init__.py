@@ -1,0 +1,1 @@
+"""Hydra config groups (a package so Hydra finds them as `pkg://hpc_infer.conf` from the console script)."""

@@ -1,0 +1,29 @@
+"""The Hydra door shared by `launch` and `sbatch` (and `hpc-infer launch|sbatch`).
+
+Secrets on the command line are refused before Hydra runs, so Hydra can neither echo
+them in an error nor write them to multirun.yaml; the composed config is then checked
+for unknown keys and secrets before any step writes a file.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import register_configs
+from .errors import UserError
+from .secrets import refuse_secret_overrides
+
+register_configs()
+
+
+def run_hydra(task: Callable[[DictConfig], None]) -> None:
+    try:
+        refuse_secret_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(config_path="conf", config_name="config", version_base=None)(task)()
