@@ -59,7 +59,8 @@ def _looks_like_openai_batch(path: Path) -> bool:
         row = json.loads(first)
     except ValueError:
         return False
-    return isinstance(row, dict) and "custom_id" in row and "body" in row
+    # the batch shape, even when a line lacks custom_id (then reading it names that line)
+    return isinstance(row, dict) and ("custom_id" in row or "body" in row) and ("body" in row or "url" in row)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -204,5 +205,8 @@ def load_records(cfg: DataConfig) -> list[Record]:
         raise UserError(f"{path}: no records (empty file?); point data.path at a non-empty prompt set")
     kinds = {r.messages is None for r in records}
     if len(kinds) > 1:
+        if fmt == "openai_batch":
+            raise UserError(f"{path}: mixes /v1/chat/completions and /v1/completions requests; one batch file holds "
+                            f"one endpoint (as OpenAI's Batch API requires): split it into two files and run both")
         raise UserError(f"{path}: mixes plain prompts and chat messages; split it into two data sets")
     return records

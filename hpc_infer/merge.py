@@ -229,7 +229,7 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
         from .openai_batch import result_to_response
 
         name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
-        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created))
+        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"))
     elif hook:
         _write_jsonl_parsed(checked, out, hook)
     else:

@@ -77,33 +77,67 @@ def _id(prefix: str, *parts: str) -> str:
     return f"{prefix}-{hashlib.sha256(':'.join(parts).encode()).hexdigest()[:24]}"
 
 
-def result_to_response(rec: dict, model: str, created: int) -> dict:
-    """One merged record -> one line of `vllm run-batch` output (ids are stable across merges)."""
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def _chat_logprobs(positions: list[list[dict]], top_n: int) -> dict:
+    """vLLM's ChatCompletionLogProbs: per token its logprob and bytes, plus the first `top_n`
+    entries of vLLM's logprob dict (none when the request asked for logprobs only)."""
+    return {"content": [
+        {"token": pos[0]["token"], "logprob": max(pos[0]["logprob"], -9999.0), "bytes": _bytes(pos[0]["token"]),
+         "top_logprobs": [{"token": p["token"], "logprob": max(p["logprob"], -9999.0), "bytes": _bytes(p["token"])}
+                          for p in pos[:top_n]]}
+        for pos in positions]}
+
+
+def _completion_logprobs(positions: list[list[dict]], top_n: int) -> dict:
+    """vLLM's CompletionLogProbs: parallel lists tokens / token_logprobs / top_logprobs / text_offset."""
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for pos in positions:
+        token = pos[0]["token"]
+        tokens.append(token)
+        token_logprobs.append(max(pos[0]["logprob"], -9999.0))
+        top.append({p["token"]: max(p["logprob"], -9999.0) for p in pos[:top_n]})
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def result_to_response(rec: dict, model: str, created: int, run_key: str = "") -> dict:
+    """One merged record -> one line of `vllm run-batch` output.
+
+    Ids are unique per run (`run_key`: the run directory and its planning time) and
+    stable when the same run is merged again or resumed.
+    """
     fields = rec.get("fields") or {}
     url = fields.get("url", "/v1/chat/completions" if "messages" in rec else "/v1/completions")
     model = fields.get("model") or model
     usage = {"prompt_tokens": rec.get("prompt_tokens", 0), "total_tokens": rec.get("prompt_tokens", 0)}
+    rid = str(rec["id"])
     if url == "/v1/embeddings":
-        body: dict[str, Any] = {"object": "list", "model": model, "usage": usage,
+        body: dict[str, Any] = {"id": _id("embd", run_key, rid), "object": "list", "created": created,
+                                "model": model, "usage": usage,
                                 "data": [{"object": "embedding", "index": 0, "embedding": rec.get("embedding")}]}
     else:
         usage["completion_tokens"] = rec.get("output_tokens", 0)
         usage["total_tokens"] += usage["completion_tokens"]
         chat = url == "/v1/chat/completions"
+        top_n = int((rec.get("sampling") or {}).get("logprobs") or 0)
         choices = []
         for i, o in enumerate(rec.get("outputs") or []):
-            c: dict[str, Any] = {"index": i, "finish_reason": o.get("finish_reason"), "logprobs": None}
+            c: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": o.get("finish_reason"),
+                                 "stop_reason": o.get("stop_reason")}
             if chat:
-                c["message"] = {"role": "assistant", "content": o.get("text")}
+                c["message"] = {"role": "assistant", "content": o.get("text"), "tool_calls": []}
             else:
                 c["text"] = o.get("text")
             if o.get("logprobs"):
-                c["logprobs"] = {"content": [{"token": pos[0]["token"], "logprob": pos[0]["logprob"],
-                                              "top_logprobs": pos} for pos in o["logprobs"]]}
+                c["logprobs"] = (_chat_logprobs if chat else _completion_logprobs)(o["logprobs"], top_n)
             choices.append(c)
-        body = {"id": _id("chatcmpl" if chat else "cmpl", str(rec["id"]), str(created)),
+        body = {"id": _id("chatcmpl" if chat else "cmpl", run_key, rid),
                 "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage}
-    return {"id": _id("vllm", str(rec["id"])), "custom_id": rec["id"],
-            "response": {"status_code": 200, "request_id": _id("vllm-batch", str(rec["id"])), "body": body},
+                "choices": choices, "usage": usage, "system_fingerprint": None}
+    return {"id": _id("vllm", run_key, rid), "custom_id": rec["id"],
+            "response": {"status_code": 200, "request_id": _id("vllm-batch", run_key, rid), "body": body},
             "error": None}

@@ -23,10 +23,23 @@ def compose(*overrides: str):
     return to_run_config(cfg)
 
 
-def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600):
-    """Run `python -m hpc_infer.launch` as a user would, in a subprocess."""
-    full_env = dict(os.environ, **(env or {}))
-    cmd = [sys.executable, "-m", "hpc_infer.launch", *overrides, f"output_root={tmp_path / 'runs'}"]
+BIN = Path(sys.executable).parent  # the venv's bin/, where pip put the `hpc-infer` console script
+
+
+def user_env(env: dict | None = None) -> dict:
+    """The environment of a user whose PATH has the installed `hpc-infer` (and no checkout on sys.path)."""
+    full = dict(os.environ, **(env or {}))
+    full["PATH"] = f"{BIN}:{full.get('PATH', '')}"
+    full.pop("PYTHONPATH", None)
+    return full
+
+
+def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600,
+               command: str = "hpc-infer launch"):
+    """Run `hpc-infer launch` as a user would: the installed console script, in bash, from tmp_path
+    (outside the checkout). `command="python -m hpc_infer.launch"` checks the module form."""
+    full_env = user_env(env)
+    cmd = ["bash", "-c", f'exec {command} "$@"', "launch", *overrides, f"output_root={tmp_path / 'runs'}"]
     # Files, not pipes: local workers inherit the launcher's stdout/stderr, and a pipe
     # would keep us waiting for them even when the launcher itself has returned.
     out, err = tmp_path / "launch.stdout", tmp_path / "launch.stderr"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import compose
+from conftest import BIN, compose
 from hpc_infer import cache_admin
 from hpc_infer.cache import resolve_model
 from hpc_infer.errors import UserError
@@ -72,7 +72,7 @@ def test_catalog_lets_users_name_the_model(tmp_path, source):
 
 def test_cli_list_and_verify(tmp_path, source):
     root = tmp_path / "shared"
-    cli = [sys.executable, "-m", "hpc_infer.cli", "cache"]
+    cli = [str(BIN / "hpc-infer"), "cache"]
     subprocess.run([*cli, "stage", str(source), "--root", str(root)], check=True, capture_output=True)
     out = subprocess.run([*cli, "list", "--root", str(root)], check=True, capture_output=True, text=True).stdout
     assert "Tiny-Model" in out and "drwxr-sr-x" in out

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose
+from conftest import BIN, ROOT, compose
 from hpc_infer.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.launch import launch
@@ -148,7 +148,7 @@ def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, c
         merge_kill = rng.random() < 0.5
         if merge_kill:  # kill a merge between writing the result and renaming it
             run.results().unlink()
-            p = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(run.root)], cwd=ROOT,
+            p = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], cwd=run.root.parent,
                                env=dict(os.environ, HPC_INFER_FAULT="merge_tmp_written:KILL"), capture_output=True)
             assert p.returncode == -signal.SIGKILL and not run.results().exists()
             merge(run)

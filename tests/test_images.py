@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import BIN, ROOT
 
 
 def hpc_infer(*args, path=None):
@@ -21,7 +21,7 @@ def hpc_infer(*args, path=None):
         import os
 
         env = dict(os.environ, PATH=path)
-    return subprocess.run([sys.executable, "-m", "hpc_infer.cli", "image", *args], capture_output=True, text=True,
+    return subprocess.run([str(BIN / "hpc-infer"), "image", *args], capture_output=True, text=True,
                           cwd=ROOT, env=env)
 
 

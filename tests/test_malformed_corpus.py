@@ -54,9 +54,9 @@ CORPUS = {
     "garbage parquet": ("in.parquet", b"PAR1 not really", [], "not a readable parquet file"),
     "unknown extension": ("in.xml", "<prompts/>", [], "cannot tell the format from the file name"),
     "input file missing": (None, None, ["data.path=/nonexistent/prompts.jsonl"],
-                           "data.path: file /nonexistent/prompts.jsonl does not exist"),
+                           "data.path: /nonexistent/prompts.jsonl does not exist"),
     "template file missing": ("in.jsonl", OK, ["data.template_file=/nonexistent.prompt"],
-                              "data.template_file: file /nonexistent.prompt does not exist"),
+                              "data.template_file: /nonexistent.prompt does not exist"),
     # --- settings: named by key, with the allowed range
     "negative temperature": ("in.jsonl", OK, ["sampling.temperature=-1"], "sampling.temperature: -1.0 must be >= 0"),
     "top_p above 1": ("in.jsonl", OK, ["sampling.top_p=1.5"], "sampling.top_p: 1.5 must be in (0, 1]"),

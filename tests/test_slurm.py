@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_mid_run, read_results, run_launch
+from conftest import BIN, wait_mid_run, read_results, run_launch
 from hpc_infer.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -78,7 +78,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     run_launch(tmp_path, *args, "wait=false")
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
     wait_mid_run(run)  # kill it while it holds a claim, after >= 1 finished chunk
-    cli = [sys.executable, "-m", "hpc_infer.cli"]
+    cli = [str(BIN / "hpc-infer")]
     out = subprocess.run([*cli, "status", str(run.root)], capture_output=True, text=True, check=True).stdout
     assert "RUNNING" in out and "chunks" in out
     subprocess.run([*cli, "cancel", str(run.root)], check=True, capture_output=True)
@@ -100,7 +100,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
 
 def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
     env = dict(os.environ)
-    p = subprocess.run([sys.executable, "-m", "hpc_infer.sbatch", f"output_root={tmp_path / 'runs'}", *BASE],
+    p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     script = Path(p.stdout.strip().splitlines()[-1])
@@ -109,7 +109,7 @@ def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
     t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
     assert t.returncode == 0 and "to start at" in t.stderr, t.stderr
     subprocess.run(["sbatch", "--wait", str(script)], check=True, capture_output=True, timeout=600)
-    m = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(script.parent)], capture_output=True, text=True)
+    m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(script.parent)], capture_output=True, text=True)
     assert m.returncode == 0, m.stderr
     rows = read_results(script.parent / "results.jsonl")
     assert len(rows) == 8 and "Paris" in rows[0]["text"]
@@ -118,7 +118,7 @@ def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
 def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     """The Ray multi-node script is checked by Slurm (two nodes in the test cluster);
     it is not run: Ray and GPUs are not available here."""
-    p = subprocess.run([sys.executable, "-m", "hpc_infer.sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
+    p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
                         "cluster.nodes_per_task=2", "cluster.gpus_per_task=1", "model.tensor_parallel_size=2"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -149,7 +149,7 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cp
     log = "".join(p.read_text(errors="replace") for p in run.logs.glob(f"{job_id}_0_log.*"))
     assert "Requeued" in log or "requeue" in log.lower(), log[-3000:]
     assert len(run.done_chunks()) == n_chunks, f"requeued task did not finish: {squeue('')}\n{log[-3000:]}"
-    m = subprocess.run([sys.executable, "-m", "hpc_infer.cli", "merge", str(run.root)], capture_output=True, text=True)
+    m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], capture_output=True, text=True)
     assert m.returncode == 0, m.stderr
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16

@@ -1,0 +1,100 @@
+"""Every `hpc-infer` subcommand through the installed console script, in bash, from a
+directory outside the checkout: the door users take (a `python -m` test does not cover it)."""
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import BIN, ROOT, compose, user_env
+from hpc_infer.data import load_records
+from hpc_infer.plan import prepare
+from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+
+
+def sh(cwd, line: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """One command line typed into bash in `cwd`."""
+    assert not str(cwd).startswith(str(ROOT)), "run from outside the checkout"
+    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run whose chunks hold outputs as workers write them (no engine needed)."""
+    rc = compose("data=math_r1_zero", "data.limit=4", "cluster=local", f"output_root={tmp_path / 'runs'}")
+    from omegaconf import OmegaConf
+
+    run, _ = prepare(rc, load_records(rc.data), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))
+    for cid in range(read_json(run.manifest)["n_chunks"]):
+        rows = [dict(r, text="x</think> <answer>1</answer>", outputs=[{"text": "x"}], prompt_tokens=1,
+                     output_tokens=1) for r in read_jsonl(run.chunk_path(cid))]
+        write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w1", started=1.0, finished=2.0))
+    return run
+
+
+def test_help_of_every_entry(tmp_path):
+    p = sh(tmp_path, "hpc-infer --help")
+    assert p.returncode == 0
+    for cmd in ("launch", "sbatch", "status", "cancel", "merge", "cache", "image", "model"):
+        assert cmd in p.stdout
+    for entry in ("hpc-infer launch --help", "hpc-infer sbatch --help", "python -m hpc_infer.launch --help"):
+        p = sh(tmp_path, entry)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, (entry, p.stderr[-2000:])
+        assert "model: " in p.stdout and "smollm2_cpu" in p.stdout
+        assert "_schema" not in p.stdout  # internal ConfigStore names are not choices
+
+
+def test_launch_and_sbatch_find_their_configs(tmp_path):
+    # the bug users hit: "Primary config module 'hpc_infer.conf' not found"
+    p = sh(tmp_path, f"hpc-infer sbatch cluster=slurm_local data.limit=2 output_root={tmp_path}/runs")
+    assert p.returncode == 0, p.stderr[-3000:]
+    script = tmp_path / "runs" / "example__smollm2_cpu__default" / "job.sbatch"
+    assert p.stdout.strip() == str(script) and script.read_text().startswith("#!/bin/bash")
+
+
+def test_slurm_cluster_without_slurm_is_refused_before_planning(tmp_path):
+    env = user_env()
+    env["PATH"] = str(BIN)  # a machine without Slurm's commands
+    p = sh(tmp_path, f"hpc-infer launch cluster=together output_root={tmp_path}/runs", env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "cluster=together uses the slurm backend" in p.stderr and "cluster=local" in p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("+samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
+    ("+sampling.temprature=0", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
+    ("+model.engine_kwargs.hf_token=hf_abcdefghijklmnopqrstuvwx", "model.engine_kwargs.hf_token: secrets do not"),
+])
+def test_refusals_name_the_setting(tmp_path, override, expect):
+    p = sh(tmp_path, f"hpc-infer launch '{override}' cluster=local output_root={tmp_path}/runs")
+    assert p.returncode == 2 and expect in p.stderr, p.stderr[-2000:]
+    assert "hf_abcdefghijklmnopqrstuvwx" not in p.stdout + p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_status_merge_cancel_on_a_run(tmp_path, finished_run):
+    root = finished_run.root
+    p = sh(tmp_path, f"hpc-infer status {root}")
+    n = read_json(finished_run.manifest)["n_chunks"]
+    assert p.returncode == 0 and f"chunks {n}/{n}" in p.stdout and "records 4/4" in p.stdout
+    p = sh(tmp_path, f"hpc-infer merge {root}")
+    assert p.returncode == 0 and "4/4 records" in p.stdout, p.stderr
+    graded = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    assert [r["answer_reward"] for r in graded] == [float(r["fields"]["answer"] == "1") for r in graded]
+    p = sh(tmp_path, f"hpc-infer cancel {root}")
+    assert p.returncode == 0 and "cancelled 0 tasks" in p.stdout
+    p = sh(tmp_path, f"hpc-infer status {tmp_path}")
+    assert p.returncode == 2 and "not a run directory" in p.stderr
+
+
+def test_cache_image_model_subcommands(tmp_path):
+    (tmp_path / "models").mkdir()
+    p = sh(tmp_path, f"hpc-infer cache list --root {tmp_path}/models")
+    assert p.returncode == 0 and "name" in p.stdout
+    p = sh(tmp_path, f"hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest {tmp_path}/v.sif --dry-run "
+                     f"--runtime apptainer")
+    assert p.returncode == 0 and p.stdout.startswith("apptainer pull"), p.stderr
+    p = sh(tmp_path, "hpc-infer model build-cpu")
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
