@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -48,7 +49,44 @@ def engine_kwargs(model: dict[str, Any]) -> dict[str, Any]:
     if model.get("lora"):
         kw.setdefault("enable_lora", True)
         kw.setdefault("max_lora_rank", int(model["lora"].get("max_rank", 64)))
+    if model.get("task") not in POOLING_TASKS and _on_cpu():
+        kw.update(cpu_scheduler_kwargs(model["path"], kw))
     return kw
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_scheduler_kwargs(path: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """No chunked prefill on vLLM's CPU build.
+
+    A request whose prompt is split over two steps (chunked prefill) samples a token
+    that vLLM discards, then rewinds that request's seeded generator with
+    `set_offset`; CPU torch generators cannot (`RuntimeError: CPU Generator does not
+    use offset`), so every run with per-record seeds and enough prompt tokens in flight
+    died. With whole prompts per step nothing is discarded, and each seeded request
+    draws from its own generator exactly once per kept token, as before: the same
+    record and seed give the same output whatever the chunking. The step budget must
+    then hold the longest prompt (max_model_len). A user's explicit setting wins.
+    """
+    out: dict[str, Any] = {}
+    if kw.get("enable_chunked_prefill", False):
+        return out
+    out["enable_chunked_prefill"] = False
+    if "max_num_batched_tokens" not in kw:
+        longest = kw.get("max_model_len")
+        if not longest:
+            try:
+                cfg = json.loads((Path(path) / "config.json").read_text())
+                longest = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get(
+                    "max_position_embeddings")
+            except (OSError, ValueError):
+                longest = None
+        out["max_num_batched_tokens"] = max(int(longest or 8192), 2048)
+    return out
 
 
 class Engine:

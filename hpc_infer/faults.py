@@ -6,6 +6,8 @@ the NTH time (default 1st) it reaches POINT (on a path containing PATH_PART), e.
 Unset (always, outside tests) it costs one dict lookup. Standard library only: the
 worker imports it inside the cluster's image.
 
+SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an exception).
+
 Points: claimed, step (worker), tmp_written, renamed (rundir.write_atomic),
 merge_tmp_written (merge, before the result's rename).
 """
@@ -29,5 +31,7 @@ def point(name: str, path: object = "") -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(nth[0] if nth else 1):
+        if sig == "RAISE":
+            raise RuntimeError(f"injected fault at {name}")
         os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
         time.sleep(30)  # a handled signal (USR1/2) returns here; the default actions never do

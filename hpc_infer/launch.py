@@ -19,6 +19,7 @@ from .entry import run_hydra
 from .errors import UserError
 from .merge import Summary, merge
 from .plan import prepare
+from .preflight import preflight
 from .rundir import RunDir, read_json
 from .secrets import exported, find_token, job_env
 from .status import failures, wait
@@ -50,6 +51,8 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         say(checked)
     token = find_token(rc.cluster.token_file)
     model_path = resolve_model(rc.model, rc.cluster, token)
+    for note in preflight(rc.model, rc.cluster, model_path):
+        say(note)
     run, resumed = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())

@@ -26,6 +26,7 @@ from .data import load_records
 from .entry import run_hydra
 from .errors import UserError
 from .plan import prepare
+from .preflight import gpus_per_node, preflight
 from .rundir import RunDir, read_json
 from .secrets import find_token
 from .vllm_check import check_run_sampling
@@ -59,11 +60,12 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
     if c.container.image:
         prefix = exec_prefix(c.container, binds(c.container, run.root, model_path, c.hf_home, c.model_roots),
                              gpus=c.gpus_per_task > 0)
-        worker_command = shlex.join(prefix + [c.container.python] + worker)
+        python = shlex.join(prefix + [c.container.python])
         ray_prefix = shlex.join(prefix) + " "
     else:
-        worker_command = shlex.join([sys.executable] + worker)
+        python = shlex.quote(sys.executable)
         ray_prefix = ""
+    worker_command = python + " " + shlex.join(worker)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     env.filters["shquote"] = lambda v: shlex.quote(str(v))
@@ -85,9 +87,11 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
         nodes=c.nodes_per_task,
         tp=rc.model.tensor_parallel_size,
         pp=rc.model.pipeline_parallel_size,
-        gpus_per_node=c.gpus_per_task,
+        gpus_per_node=gpus_per_node(c),
         exec_prefix=ray_prefix,
+        python=python,
         ray_port=6379,
+        ray_wait_s=600,
     )
 
 
@@ -97,6 +101,8 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
     if checked:
         print(checked, file=sys.stderr)
     model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
+    for note in preflight(rc.model, rc.cluster, model_path):
+        print(f"[hpc_infer] {note}", file=sys.stderr)
     run, _ = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())

@@ -51,20 +51,25 @@ def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
     )
 
 
+def _log_files(run: RunDir, job: str) -> list[str]:
+    """A task's stderr/stdout files: submitit's <job>_0_log.err/out, an sbatch script's <job>.err/out."""
+    return sorted(str(p) for p in run.logs.glob(f"{job}*") if p.suffix in (".err", ".out"))[:2]
+
+
 def failures(run: RunDir, states: dict[str, str]) -> list[str]:
     """One line per failed worker: its exception (from its heartbeat) and its log files."""
     lines = []
     for b in read_heartbeats(run):
         if b.get("state") == "failed" or b.get("error"):
-            logs = sorted(str(p) for p in run.logs.glob(f"{b['worker']}*")) if b.get("worker") else []
+            logs = _log_files(run, str(b["worker"])) if b.get("worker") else []
             lines.append(f"worker {b.get('worker')}: {b.get('error') or 'failed'}"
                          + (f" (log: {', '.join(logs)})" if logs else ""))
     failed_jobs = [j for j, s in states.items() if s not in ("COMPLETED", "RUNNING", "PENDING")]
     seen = " ".join(lines)
     for j in failed_jobs:
         if j not in seen:
-            logs = sorted(str(p) for p in run.logs.glob(f"{j}_*")) + sorted(str(p) for p in run.logs.glob(f"*{j}*.err"))
-            lines.append(f"task {j}: {states[j]}" + (f" (log: {', '.join(dict.fromkeys(logs))})" if logs else ""))
+            logs = _log_files(run, j)
+            lines.append(f"task {j}: {states[j]}" + (f" (log: {', '.join(logs)})" if logs else ""))
     return lines
 
 

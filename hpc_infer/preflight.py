@@ -1,0 +1,243 @@
+"""GPU pre-flight: the parallel layout, the model and the allocation checked against each
+other on the login node, before a job waits hours in the queue to die in its first minute.
+
+Reads the resolved model's `config.json` (and the safetensors index's total size when
+there is one) and the cluster config. Each refusal names both sides and the fix. What
+vLLM itself checks at start (heads divisible by TP, KV heads, layers, positions,
+quantization) is checked here the same way; the memory estimate is deliberately rough
+(weights + the KV cache of one full-length sequence + a fixed overhead) and only
+refuses what cannot fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ClusterConfig, ModelConfig
+from .errors import UserError
+
+# GPU memory (GiB) and bf16 support by type name, for `cluster.gpu_type`.
+GPU_TYPES: dict[str, tuple[float, bool]] = {
+    "V100": (32, False), "V100-16": (16, False), "T4": (16, False), "P100": (16, False),
+    "A10": (24, True), "A10G": (24, True), "L4": (24, True), "A30": (24, True),
+    "A40": (48, True), "L40": (48, True), "L40S": (48, True), "RTX6000ADA": (48, True),
+    "A100-40": (40, True), "A100": (80, True), "A100-80": (80, True), "H100": (80, True), "H100-94": (94, True),
+    "H200": (141, True), "GH200": (96, True), "B200": (180, True), "MI250X": (64, True), "MI300X": (192, True),
+}
+BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "int8": 1}
+ON_THE_FLY_QUANT = {"fp8", "bitsandbytes", "experts_int8", "torchao"}  # need no quantization_config
+OVERHEAD_GIB = 1.5  # CUDA context, activations, sampler; rough
+
+
+@dataclass
+class Layout:
+    gpus_per_node: int
+    nodes: int
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+def gpus_per_node(cluster: ClusterConfig) -> int:
+    """GPUs one task gets per node: the count in `gres` (gpu:4, gpu:a100:4), else gpus_per_task."""
+    for item in (cluster.gres or "").split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return cluster.gpus_per_task
+
+
+def read_model_config(path: str | Path) -> Optional[dict]:
+    p = Path(path) / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not a readable JSON model config ({e}); the model directory looks broken") from None
+
+
+def _text(cfg: dict) -> dict:
+    """Multimodal configs keep the language model's numbers under text_config."""
+    return cfg.get("text_config") or cfg.get("llm_config") or cfg
+
+
+def max_positions(cfg: dict) -> Optional[int]:
+    """The model's longest sequence, as vLLM derives it (smallest of the length keys, times a
+    linear/yarn rope scaling factor)."""
+    t = _text(cfg)
+    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+            "max_seq_length", "seq_len")
+    found = [int(t[k]) for k in keys if isinstance(t.get(k), (int, float)) and t[k] > 0]
+    if not found:
+        return None
+    n = min(found)
+    rope = t.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind in ("linear", "yarn", "dynamic") and rope.get("factor") and kind != "dynamic":
+        n = int(n * float(rope["factor"]))
+    return n
+
+
+def weight_bytes(path: str | Path, cfg: dict, dtype_bytes: int) -> Optional[float]:
+    """Weight bytes at the run's dtype: from the safetensors index (exact), else from the config."""
+    t = _text(cfg)
+    index = Path(path) / "model.safetensors.index.json"
+    src_bytes = BYTES.get(str(t.get("torch_dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), 2)
+    try:
+        total = json.loads(index.read_text())["metadata"]["total_size"]
+        return float(total) / src_bytes * dtype_bytes
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h, layers, vocab = t.get("hidden_size"), t.get("num_hidden_layers"), t.get("vocab_size")
+    if not (h and layers and vocab):
+        return None
+    inter = t.get("intermediate_size") or t.get("ffn_dim") or 4 * h
+    heads = t.get("num_attention_heads") or 1
+    kv = t.get("num_key_value_heads") or heads
+    head_dim = t.get("head_dim") or h // heads
+    attn = h * head_dim * (heads + 2 * kv) + heads * head_dim * h
+    mlp = (3 if t.get("hidden_act", "silu") in ("silu", "swiglu") or "intermediate_size" in t else 2) * h * inter
+    experts = t.get("num_local_experts") or t.get("num_experts") or 1
+    embed = vocab * h * (1 if t.get("tie_word_embeddings", cfg.get("tie_word_embeddings")) else 2)
+    return float(layers * (attn + mlp * experts) + embed) * dtype_bytes
+
+
+def kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> Optional[float]:
+    t = _text(cfg)
+    h, layers, heads = t.get("hidden_size"), t.get("num_hidden_layers"), t.get("num_attention_heads")
+    if not (h and layers and heads):
+        return None
+    kv = t.get("num_key_value_heads") or heads
+    head_dim = t.get("head_dim") or h // heads
+    return 2.0 * layers * kv * head_dim * dtype_bytes
+
+
+def _dtype(model: ModelConfig, cfg: dict) -> str:
+    if model.dtype not in ("auto", None):
+        return {"half": "float16", "float": "float32"}.get(model.dtype, model.dtype)
+    src = str(_text(cfg).get("torch_dtype") or cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    return "float16" if src == "float32" else src  # vLLM's auto serves fp32 checkpoints in fp16 on GPUs
+
+
+def check(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path) -> list[str]:
+    """Everything that would make vLLM refuse this model on this allocation; [] when it fits.
+    Returns notes on what could not be checked (printed, not fatal)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
+    per_node = gpus_per_node(cluster)
+    uses_gpus = cluster.backend == "slurm" and (per_node > 0 or cluster.gres)
+    if uses_gpus:
+        layout = Layout(per_node, cluster.nodes_per_task)
+        if tp * pp != layout.gpus:
+            gres = f"gres {cluster.gres}" if cluster.gres else f"gpus_per_task {cluster.gpus_per_task}"
+            fix_nodes = tp * pp // layout.nodes if (tp * pp) % layout.nodes == 0 else None
+            fixes = []
+            if fix_nodes:
+                key = f"cluster.gres=gpu:{fix_nodes}" if cluster.gres else f"cluster.gpus_per_task={fix_nodes}"
+                fixes.append(key + (f" (× nodes_per_task {layout.nodes})" if layout.nodes > 1 else ""))
+            if layout.gpus % pp == 0:
+                fixes.append(f"model.tensor_parallel_size={layout.gpus // pp}")
+            problems.append(
+                f"model.tensor_parallel_size={tp} × pipeline_parallel_size={pp} needs {tp * pp} GPU{'s' * (tp * pp != 1)} per task; "
+                f"cluster {cluster.name} gives {per_node} ({gres}) × nodes_per_task {layout.nodes} = {layout.gpus}: "
+                f"set {' or '.join(fixes) or 'the two to agree'}")
+    cfg = read_model_config(model_path)
+    if cfg is None:
+        notes.append(f"no config.json in {model_path}: heads, layers, positions and memory not checked")
+        return _finish(problems, notes)
+    t = _text(cfg)
+    heads, kv = t.get("num_attention_heads"), t.get("num_key_value_heads") or t.get("num_attention_heads")
+    if heads and heads % tp:
+        ok = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 16]
+        problems.append(f"model.tensor_parallel_size={tp} does not divide the model's {heads} attention heads "
+                        f"({model_path}/config.json): use one of {ok}")
+    if kv and tp > 1 and (tp % kv if tp >= kv else kv % tp):
+        problems.append(f"model.tensor_parallel_size={tp} and the model's {kv} KV heads: one must divide the other "
+                        f"({model_path}/config.json)")
+    layers = t.get("num_hidden_layers")
+    if layers and pp > layers:
+        problems.append(f"model.pipeline_parallel_size={pp} exceeds the model's {layers} layers")
+    longest = max_positions(cfg)
+    allow_long = str(cluster.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "")) in ("1", "true", "True")
+    if model.max_model_len and longest and model.max_model_len > longest and not allow_long:
+        problems.append(f"model.max_model_len={model.max_model_len} exceeds the model's maximum of {longest} positions "
+                        f"({model_path}/config.json): set model.max_model_len={longest} or less (or force it with "
+                        f"cluster.env.VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, at your own risk)")
+    dtype = _dtype(model, cfg)
+    if model.dtype not in (None, "auto") and model.dtype not in BYTES:
+        problems.append(f"model.dtype={model.dtype}: not a dtype vLLM serves (bfloat16, float16, float32)")
+    gpu_mem, bf16 = gpu_memory(cluster)
+    if uses_gpus and dtype == "bfloat16" and bf16 is False:
+        problems.append(f"model.dtype resolves to bfloat16, which cluster.gpu_type={cluster.gpu_type} does not support: "
+                        f"set model.dtype=float16")
+    qcfg = cfg.get("quantization_config") or t.get("quantization_config")
+    have = (qcfg or {}).get("quant_method")
+    if model.quantization and have and model.quantization != have and not (
+            model.quantization.endswith("_marlin") and model.quantization.startswith(have)):
+        problems.append(f"model.quantization={model.quantization} but the checkpoint is quantized with {have} "
+                        f"({model_path}/config.json quantization_config): set model.quantization={have} or null")
+    if model.quantization and not have and model.quantization not in ON_THE_FLY_QUANT:
+        problems.append(f"model.quantization={model.quantization} but the checkpoint has no quantization_config: "
+                        f"point the model at a {model.quantization} checkpoint, or use one of "
+                        f"{', '.join(sorted(ON_THE_FLY_QUANT))} (quantized at load), or null")
+    if uses_gpus:
+        if gpu_mem is None:
+            notes.append("GPU memory not checked: set cluster.gpu_type (e.g. A100) or cluster.gpu_mem_gb")
+        else:
+            problems += _memory(model, cluster, model_path, cfg, dtype, gpu_mem, have)
+    return _finish(problems, notes)
+
+
+def gpu_memory(cluster: ClusterConfig) -> tuple[Optional[float], Optional[bool]]:
+    if cluster.gpu_type:
+        key = cluster.gpu_type.upper().replace(" ", "")
+        if key not in GPU_TYPES:
+            raise UserError(f"cluster.gpu_type={cluster.gpu_type}: unknown; use one of {', '.join(GPU_TYPES)} or set "
+                            f"cluster.gpu_mem_gb")
+        mem, bf16 = GPU_TYPES[key]
+        return (cluster.gpu_mem_gb or mem), bf16
+    return cluster.gpu_mem_gb, None
+
+
+def _memory(model: ModelConfig, cluster: ClusterConfig, path, cfg: dict, dtype: str, gpu_mem: float,
+            quant: Optional[str]) -> list[str]:
+    tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
+    width = BYTES.get(dtype, 2)
+    wbytes = weight_bytes(path, cfg, 1 if (quant or model.quantization) in ("fp8",) else width)
+    if quant and quant not in ("fp8",):
+        return []  # 4-bit and other packed formats: their size is the files' size; not estimated here
+    per_tok = kv_bytes_per_token(cfg, width)
+    if wbytes is None or per_tok is None:
+        return []
+    seq = model.max_model_len or max_positions(cfg) or 4096
+    gib = 2 ** 30
+    need = (wbytes / (tp * pp) + per_tok * seq / (tp * pp)) / gib + OVERHEAD_GIB
+    util = model.gpu_memory_utilization or 0.9
+    have = gpu_mem * util
+    if need <= have:
+        return []
+    gpus_needed = tp * pp
+    while gpus_needed < 64 and (wbytes / gpus_needed + per_tok * seq / gpus_needed) / gib + OVERHEAD_GIB > have:
+        gpus_needed *= 2
+    return [f"model {model.name} needs about {need:.0f} GiB per GPU ({wbytes / gib:.0f} GiB of {dtype} weights and "
+            f"{per_tok * seq / gib:.1f} GiB of KV cache for one {seq}-token sequence, over TP {tp} × PP {pp}, plus "
+            f"{OVERHEAD_GIB} GiB); cluster {cluster.name} gives {gpu_mem:g} GiB × gpu_memory_utilization {util} = "
+            f"{have:.0f} GiB: use more GPUs (model.tensor_parallel_size={gpus_needed} with as many GPUs per task), "
+            f"a smaller model.max_model_len, or a quantized checkpoint"]
+
+
+def _finish(problems: list[str], notes: list[str]) -> list[str]:
+    if problems:
+        raise UserError("GPU pre-flight: this job would fail on the cluster:\n  " + "\n  ".join(problems))
+    return notes
+
+
+def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: Any) -> list[str]:
+    """Entry for launch, sbatch and serve: raises on a layout that cannot run; returns notes."""
+    return check(model, cluster, str(model_path))

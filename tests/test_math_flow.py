@@ -1,0 +1,56 @@
+"""The headline use case at a size that resembles real use, and a failing worker that says why.
+
+200 MATH-style problems through the r1_zero template, SmolLM2 on vLLM's CPU build, with
+per-record seeds: enough prompt tokens in flight that vLLM would split prompts over
+steps (chunked prefill), which used to crash the CPU build ("CPU Generator does not
+use offset"; see engine.cpu_scheduler_kwargs). Graded at merge by the r1_zero reward.
+"""
+
+import json
+import random
+import subprocess
+
+import pytest
+
+from conftest import read_results, run_launch, user_env
+from hpc_infer.rundir import read_json
+
+pytestmark = pytest.mark.slow
+
+
+def _problems(path, n):
+    rng = random.Random(20261123)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(10, 999), rng.randint(10, 999)
+            f.write(json.dumps({"unique_id": f"gen/{i}", "problem": f"Compute {a} + {b}. Show the carrying step by "
+                                f"step, then check the sum by subtracting {b}.", "answer": str(a + b)}) + "\n")
+
+
+def test_math_flow_200_problems_seeded_on_cpu(tmp_path, cpu_model):
+    data = tmp_path / "math200.jsonl"
+    _problems(data, 200)
+    p = run_launch(tmp_path, "data=math_r1_zero", "sampling=r1_zero", "sampling.max_tokens=8", f"data.path={data}",
+                   "data.id_field=unique_id", "cluster=local", timeout=1800)
+    run = tmp_path / "runs/math_r1_zero__smollm2_cpu__r1_zero"
+    rows = read_results(run / "results.jsonl")
+    assert [r["id"] for r in rows] == [f"gen/{i}" for i in range(200)]  # each once, in input order
+    assert all(r["output_tokens"] > 0 and "format_reward" in r and "answer_reward" in r for r in rows)
+    summary = read_json(run / "summary.json")
+    assert summary["records"] == 200 and summary["postprocess"]["records"] == 200
+    assert summary["postprocess"]["sums"]["answer_reward"] == sum(r["answer_reward"] for r in rows)
+    assert f"summary: {run}/summary.json" in p.stderr and "timeline.png" in p.stderr
+    spec = read_json(run / "worker.json")
+    assert spec["seed"] == 0  # per-record seeds were on
+
+
+def test_failing_worker_tells_the_user_why(tmp_path, cpu_model):
+    p = run_launch(tmp_path, "data=example_prompts", "data.limit=2", "sampling.max_tokens=4", "cluster=local",
+                   env={"HPC_INFER_FAULT": "step:RAISE"}, check=False, timeout=900)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "RuntimeError: injected fault at step" in p.stderr and "_log.err" in p.stderr
+    assert "Traceback" not in p.stderr  # the launcher's own output; the worker's traceback is in its log
+    run = tmp_path / "runs/example_prompts__smollm2_cpu__default"
+    s = subprocess.run(["/bin/bash", "-c", f"hpc-infer status {run}"], cwd=tmp_path, env=user_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert s.returncode == 0 and "failed" in s.stdout and "RuntimeError: injected fault at step" in s.stdout
