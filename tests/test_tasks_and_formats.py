@@ -103,6 +103,53 @@ def test_openai_batch_in_and_out(tmp_path):
         assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
 
 
+def _validated(rows, completion: bool):
+    """Each line against vLLM's own BatchRequestOutput and response model, and the openai client's type."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+
+    out = []
+    for r in rows:
+        if completion:  # vLLM 0.32's run-batch has no /v1/completions: same envelope, body checked below
+            assert set(r) == {"id", "custom_id", "response", "error"} and r["response"]["status_code"] == 200
+        else:
+            BatchRequestOutput.model_validate(r)
+        body = r["response"]["body"]
+        (CompletionResponse if completion else ChatCompletionResponse).model_validate(body)
+        out.append((Completion if completion else ChatCompletion).model_validate(body))
+    return out
+
+
+def test_openai_batch_logprobs_in_the_clients_layouts(tmp_path):
+    completions = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                    "body": {"model": "smollm2", "prompt": p, "max_tokens": 4, "logprobs": 2, "temperature": 0,
+                             "stop": [], "ignore_eos": True}}
+                   for i, p in enumerate(["The capital of France is", "One, two,"])]
+    _, rows = run(tmp_path / "c", completions, "merge.format=openai_batch", name="batch.jsonl")
+    for c in _validated(rows, completion=True):
+        lp = c.choices[0].logprobs
+        assert lp.tokens and len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+        assert "".join(lp.tokens) == c.choices[0].text
+    ids_first = [r["id"] for r in rows]
+    chat = [{"custom_id": "l1", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True}},
+            {"custom_id": "l2", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "user", "content": "Yo"}], "max_tokens": 3, "logprobs": True,
+                      "top_logprobs": 2}}]
+    _, rows = run(tmp_path / "l", chat, "merge.format=openai_batch", name="batch.jsonl")
+    no_top, top2 = _validated(rows, completion=False)
+    assert all(t.top_logprobs == [] and t.bytes == list(t.token.encode()) for t in no_top.choices[0].logprobs.content)
+    assert all(len(t.top_logprobs) == 2 for t in top2.choices[0].logprobs.content)
+    assert rows[0]["response"]["body"]["choices"][0]["stop_reason"] is None  # kept, as vLLM writes it
+    assert "system_fingerprint" in rows[0]["response"]["body"]
+    assert not set(ids_first) & {r["id"] for r in rows}  # ids differ between runs
+
+
 def test_math_run_graded_at_merge(tmp_path):
     summary = launch(compose("cluster=debug", "data=math_r1_zero", "data.limit=4", "sampling.max_tokens=16",
                              f"output_root={tmp_path / 'runs'}"), "")
