@@ -176,6 +176,13 @@ class RunConfig:
     output_root: str = "runs"
     seed: Optional[int] = 0  # run seed; each record gets a seed derived from it and its id
     chunks_per_worker: int = 16  # chunk count ~ workers x this (bench/balance.py)
+    # Upper bound on a chunk's records: a chunk's output is saved only when it finishes, so
+    # a chunk must fit well inside one job's time limit (a requeue redoes it from zero).
+    max_chunk_records: int = 2000
+    # Who may read the run directory on a shared file system: private (0700/0600, the default),
+    # group (0750/0640 + setgid, owned by run_group), or umask (follow your umask).
+    permissions: str = "private"
+    run_group: Optional[str] = None
     wait: bool = True
     merge: MergeConfig = field(default_factory=MergeConfig)
 
@@ -311,6 +318,26 @@ def not_a_file(path: str) -> Optional[str]:
     return None
 
 
+def not_writable(folder: str) -> Optional[str]:
+    """Why runs cannot be created under `folder` (None when they can); looks up to the
+    nearest existing ancestor, since output_root is created on first use."""
+    import os
+
+    p = Path(folder).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"cannot hold runs: {p} is not a directory"
+    import tempfile
+
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".hpc_infer-probe.", dir=p))
+    except OSError as e:
+        return (f"is not writable by you ({p}: {e.strerror}); set output_root to a folder of yours, "
+                f"e.g. output_root=$HOME/runs")
+    return None
+
+
 def validate(rc: RunConfig) -> None:
     errors: list[str] = []
 
@@ -384,7 +411,24 @@ def validate(rc: RunConfig) -> None:
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
     check(rc.merge.format in ("jsonl", "parquet", "openai_batch"), "merge.format",
           f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch")
-    check("/" not in rc.resolved_run_name, "run_name", "must not contain '/'")
+    name = rc.resolved_run_name
+    check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}", name) is not None, "run_name",
+          f"{name!r} must be one plain name (letters, digits and ._+=@,- ; no '/', spaces, or leading '.'): "
+          f"it becomes a directory under output_root and appears unquoted in #SBATCH lines")
+    check(rc.max_chunk_records >= 1, "max_chunk_records", "must be >= 1")
+    check(rc.permissions in ("private", "group", "umask"), "permissions",
+          f"'{rc.permissions}' is not one of private, group, umask")
+    check(rc.permissions != "group" or bool(rc.run_group), "run_group",
+          "permissions=group needs the group that may read the run, e.g. run_group=myproject")
+    if rc.run_group:
+        import grp
+
+        try:
+            grp.getgrnam(rc.run_group)
+        except KeyError:
+            errors.append(f"run_group: no group named {rc.run_group!r} on this machine (see `id -Gn`)")
+    problem = not_writable(rc.output_root)
+    check(problem is None, "output_root", f"{rc.output_root} {problem}")
     if rc.postprocess is not None:
         try:
             postprocess_fn(rc.postprocess)

@@ -63,6 +63,26 @@ def _looks_like_openai_batch(path: Path) -> bool:
     return isinstance(row, dict) and ("custom_id" in row or "body" in row) and ("body" in row or "url" in row)
 
 
+class Records(list):
+    """The records of one read of the input, with the SHA-256 and size of exactly the bytes
+    that were parsed: the run's fingerprint can never describe other content than its plan."""
+
+    sha256: str = ""
+    size: int = 0
+
+
+class _Digest:
+    """Counts and hashes every byte as it is read (one pass)."""
+
+    def __init__(self) -> None:
+        self.h, self.size = hashlib.sha256(), 0
+
+    def update(self, b: bytes) -> bytes:
+        self.h.update(b)
+        self.size += len(b)
+        return b
+
+
 def file_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -71,51 +91,67 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _line_ends(raw: bytes) -> Iterator[int]:
-    pos = raw.find(b"\n")
-    while pos != -1:
-        yield pos
-        pos = raw.find(b"\n", pos + 1)
-    yield len(raw)
+def _lines(path: Path, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[int, str]]:
+    """(line number, text) per line, split on "\n" only (not on U+2028, U+0085, form feed:
+    those are characters inside a record), in one streaming pass: memory stays bounded by
+    data.max_line_bytes however long a broken line is. A leading BOM is dropped."""
+    with open(path, "rb") as f:
+        line_no = 0
+        while True:
+            raw = digest.update(f.readline(max_line_bytes + 2))
+            if not raw:
+                return
+            line_no += 1
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            if len(body) > max_line_bytes:
+                raise UserError(f"{path} line {line_no}: longer than data.max_line_bytes={max_line_bytes} bytes (reading "
+                                f"stopped there); a broken file (missing newlines?), or raise data.max_line_bytes")
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                offset = digest.size - len(raw) + e.start
+                raise UserError(f"{path} line {line_no}: not valid UTF-8 (byte offset {offset}); re-encode the file "
+                                f"as UTF-8") from None
+            if line_no == 1 and text.startswith("\ufeff"):  # Excel and some editors start files with a BOM
+                text = text[1:]
+            yield line_no, text
 
 
-def _rows(path: Path, fmt: str, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+def _rows(path: Path, fmt: str, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[int, Any]]:
     """Yield (line or row number, raw row) pairs; line numbers are 1-based."""
     if fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        with open(path, "rb") as f:
+            raw = digest.update(f.read())
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(raw))
         except Exception as e:
             raise UserError(f"{path}: not a readable parquet file ({e})") from None
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, row
         return
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {e.start}); re-encode the file as UTF-8") from None
-    if len(raw) > max_line_bytes:  # only a file this big can hold a line this long
-        start = 0
-        for line_no, end in enumerate(_line_ends(raw), start=1):
-            if end - start > max_line_bytes:
-                raise UserError(f"{path} line {line_no}: {(end - start) / 1e6:.1f} MB on one line, over "
-                                f"data.max_line_bytes={max_line_bytes}; a broken file (missing newlines?), "
-                                f"or raise data.max_line_bytes")
-            start = end + 1
+    lines = _lines(path, max_line_bytes, digest)
     if fmt == "txt":
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in lines:
             if line.strip():
                 yield i, {"prompt": line}
     elif fmt == "csv":
-        reader = csv.DictReader(text.splitlines())
-        for i, row in enumerate(reader, start=2):
-            yield i, row
+        numbered = iter(lines)
+        current = [0]
+
+        def texts() -> Iterator[str]:
+            for n, text in numbered:
+                current[0] = n
+                yield text + "\n"
+
+        for row in csv.DictReader(texts()):
+            yield current[0], row
     else:
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in lines:
             if not line.strip():
                 continue
             try:
@@ -142,15 +178,16 @@ def apply_template(template: str, prompt: str, row: dict, where: str, template_n
         raise UserError(f"template {template_name}: {e}; write literal braces as {{{{ and }}}}") from None
 
 
-def load_records(cfg: DataConfig) -> list[Record]:
+def load_records(cfg: DataConfig) -> Records:
     path = Path(cfg.path).expanduser()
     fmt = detect_format(path, cfg.format)
     template = load_template(cfg)
     template_name = cfg.template_file or "data.template"
-    records: list[Record] = []
+    records = Records()
+    digest = _Digest()
     seen: dict[str, int] = {}
     ids_given: bool | None = None
-    for line, row in _rows(path, fmt, cfg.max_line_bytes):
+    for line, row in _rows(path, fmt, cfg.max_line_bytes, digest):
         where = f"{path} {'row' if fmt == 'parquet' else 'line'} {line}"
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -201,6 +238,8 @@ def load_records(cfg: DataConfig) -> list[Record]:
                                 f"(the second text model.task=score compares with)")
         if cfg.limit and len(records) >= cfg.limit:
             break
+    # exactly the bytes the records came from (with data.limit: up to the last one read)
+    records.sha256, records.size = digest.h.hexdigest(), digest.size
     if not records:
         raise UserError(f"{path}: no records (empty file?); point data.path at a non-empty prompt set")
     kinds = {r.messages is None for r in records}

@@ -20,7 +20,7 @@ from .errors import UserError
 from .merge import Summary, merge
 from .plan import prepare
 from .preflight import preflight
-from .rundir import RunDir, read_json
+from .rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
 from .status import failures, wait
 from .submit import BACKENDS, TERMINAL, host_python, make_backend, recorded_jobs
@@ -53,6 +53,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     model_path = resolve_model(rc.model, rc.cluster, token)
     for note in preflight(rc.model, rc.cluster, model_path):
         say(note)
+    set_permissions(rc.permissions)
     run, resumed = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())

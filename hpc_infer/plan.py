@@ -9,9 +9,12 @@ checked concatenation. Relaunching with the same input and settings resumes the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from omegaconf import OmegaConf
 from .config import RunConfig
 from .data import Record, file_fingerprint, load_template
 from .errors import UserError
-from .rundir import RunDir, read_json, write_json, write_jsonl
+from .rundir import RunDir, read_json, secure_root, write_json, write_jsonl
 
 MANIFEST_VERSION = 2  # 2: contiguous chunks, outputs end with a checked trailer
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
@@ -45,7 +48,7 @@ class Chunk:
     last_index: int
 
 
-def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[range]:
+def make_chunks(est: list[int], workers: int, chunks_per_worker: int, max_records: int | None = None) -> list[range]:
     """Cut the records, in input order, into contiguous chunks whose sizes shrink.
 
     Each chunk targets remaining / (2 * workers) estimated tokens, but never less than
@@ -64,7 +67,9 @@ def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[ra
     target = max(floor, remaining / (2 * workers))
     for i, e in enumerate(est):
         current_tokens += e
-        if current_tokens >= target:
+        # max_records bounds a chunk's length: nothing of a chunk is saved until it finishes, so a
+        # chunk longer than the job's time limit would restart from zero at every requeue
+        if current_tokens >= target or (max_records and i + 1 - start >= max_records):
             chunks.append(range(start, i + 1))
             remaining -= current_tokens
             start, current_tokens = i + 1, 0
@@ -74,8 +79,9 @@ def make_chunks(est: list[int], workers: int, chunks_per_worker: int) -> list[ra
     return chunks
 
 
-def fingerprint_parts(rc: RunConfig) -> dict[str, str]:
-    """What decides a run's output. A changed part means a different run."""
+def fingerprint_parts(rc: RunConfig, records: list[Record] | None = None) -> dict[str, str]:
+    """What decides a run's output. A changed part means a different run. The input part is
+    the hash of the bytes the records were parsed from (`Records.sha256`), never a second read."""
 
     def h(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -83,7 +89,7 @@ def fingerprint_parts(rc: RunConfig) -> dict[str, str]:
     data = OmegaConf.to_container(OmegaConf.structured(rc.data))
     model = OmegaConf.to_container(OmegaConf.structured(rc.model))
     return {
-        "input file": file_fingerprint(Path(rc.data.path).expanduser())[:16],
+        "input file": (getattr(records, "sha256", "") or file_fingerprint(Path(rc.data.path).expanduser()))[:16],
         "data settings": h({k: v for k, v in data.items() if k not in ("name", "path", "postprocess")}),
         "prompt template": h(load_template(rc.data)),
         "model": h({k: v for k, v in model.items() if k not in ("name",)}),
@@ -123,6 +129,7 @@ def worker_spec(rc: RunConfig, model_path: str) -> dict:
         "lease_s": rc.cluster.lease_s,
         "heartbeat_s": rc.cluster.heartbeat_s,
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
+        "permissions": rc.permissions,
     }
 
 
@@ -132,7 +139,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
     Returns the run directory and whether it was resumed.
     """
     run = RunDir(rc.run_path)
-    parts = fingerprint_parts(rc)
+    parts = fingerprint_parts(rc, records)
     if run.manifest.exists():
         old = read_json(run.manifest)
         if old.get("version") != MANIFEST_VERSION:
@@ -149,13 +156,32 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
         return run, True
     if run.root.exists() and any(run.root.iterdir()):
         raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or set run_name=...")
-    tmp = run.root.with_name(f".{run.root.name}.planning")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    staging = RunDir(tmp)
-    staging.make()
+    run.root.parent.mkdir(parents=True, exist_ok=True)
+    # A staging directory of our own: two first launches of one run_name never share one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=run.root.parent))
+    try:
+        staging = RunDir(tmp)
+        staging.make()
+        _plan_into(staging, rc, records, model_path, config_yaml, parts)
+        try:
+            secure_root(tmp, rc.permissions, rc.run_group)
+            os.rename(tmp, run.root)  # the run directory appears whole, or not at all
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another launch published this run first: resume it if it is the same run, never mix.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return prepare(rc, records, model_path, config_yaml)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return run, False
+
+
+def _plan_into(staging: RunDir, rc: RunConfig, records: list[Record], model_path: str, config_yaml: str,
+               parts: dict[str, str]) -> None:
     est = [estimate_tokens(r, rc.sampling.max_tokens, rc.sampling.n) for r in records]
-    groups = make_chunks(est, rc.cluster.workers, rc.chunks_per_worker)
+    groups = make_chunks(est, rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records)
     table = []
     for cid, idx in enumerate(groups):
         write_jsonl(staging.chunk_path(cid), (records[i].to_json() for i in idx))
@@ -169,14 +195,11 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
             "created": time.time(),
             "input": str(Path(rc.data.path).expanduser().resolve()),
             "n_records": len(records),
+            "input_bytes": getattr(records, "size", None),
             "n_chunks": len(groups),
             "est_tokens": sum(est),
             "fingerprint": parts,
             "chunks": table,
         },
     )
-    run.root.parent.mkdir(parents=True, exist_ok=True)
-    if run.root.exists():
-        run.root.rmdir()
-    tmp.rename(run.root)  # the run directory appears whole, or not at all
-    return run, False
+

@@ -107,6 +107,32 @@ def _ids_in(folder: Path) -> set[int]:
     return ids
 
 
+# permissions setting -> umask for everything a run writes (claims, logs, scripts included)
+UMASKS = {"private": 0o077, "group": 0o027}
+
+
+def set_permissions(kind: str | None) -> None:
+    """Apply the run's permissions to this process (launcher or worker) and its children."""
+    global _UMASK
+    if kind in UMASKS:
+        os.umask(UMASKS[kind])
+        _UMASK = UMASKS[kind]
+
+
+def secure_root(root: Path, kind: str, group: str | None = None) -> None:
+    """The run directory itself: 0700 (private) or 2750 owned by `group` (group), else the umask's."""
+    if group:
+        import shutil
+
+        shutil.chown(root, group=group)
+    mode = 0o777 & ~_UMASK
+    os.chmod(root, mode | (0o2000 if kind == "group" else 0))
+    for sub in ("chunks", "claims", "out", "heartbeats", "logs"):
+        d = root / sub
+        if d.is_dir():
+            os.chmod(d, mode | (0o2000 if kind == "group" else 0))
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` so that readers see either nothing or the whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ The token never appears in the script.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from .entry import run_hydra
 from .errors import UserError
 from .plan import prepare
 from .preflight import gpus_per_node, preflight
-from .rundir import RunDir, read_json
+from .rundir import RunDir, read_json, set_permissions
 from .secrets import find_token
 from .vllm_check import check_run_sampling
 
@@ -103,13 +104,14 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
     model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
     for note in preflight(rc.model, rc.cluster, model_path):
         print(f"[hpc_infer] {note}", file=sys.stderr)
+    set_permissions(rc.permissions)
     run, _ = prepare(rc, records, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
     path = run.root / "job.sbatch"
     path.write_text(render(rc, run, model_path, n_tasks))
-    path.chmod(0o755)
+    path.chmod(0o777 & ~os.umask(os.umask(0)))  # executable by those the run's permissions allow
     return path
 
 

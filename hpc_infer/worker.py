@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import claims, faults
-from .rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic, write_json
+from .rundir import RunDir, encode_chunk_output, read_json, read_jsonl, set_permissions, write_atomic, write_json
 
 
 def default_worker_id() -> str:
@@ -123,6 +123,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     """
     run = RunDir(Path(run_dir))
     spec = read_json(run.worker_spec)
+    set_permissions(spec.get("permissions"))
     n_chunks = int(read_json(run.manifest)["n_chunks"])
     for key, value in (spec.get("env") or {}).items():
         os.environ.setdefault(key, str(value))

@@ -68,9 +68,12 @@ def test_bad_values_named(override, expect):
     assert expect in str(e.value)
 
 
-def test_tensor_parallel_needs_gpus():
-    with pytest.raises(UserError, match="cluster.gpus_per_task=4"):
-        compose("model=llama33_70b_instruct", "cluster=together")
+def test_gpu_clusters_give_a_task_the_models_tp_x_pp_gpus():
+    assert compose("model=llama33_70b_instruct", "cluster=together").cluster.gpus_per_task == 4
+    rc = compose("model=llama33_70b_instruct", "cluster=aau_ai_cloud", "cluster.nodes_per_task=2",
+                 "cluster.container.image=null")
+    assert (rc.cluster.gpus_per_task, rc.cluster.gres) == (2, "gpu:2")  # per node, over 2 nodes
+    assert compose("model=qwen_math", "cluster=together").cluster.gpus_per_task == 1
 
 
 def test_unknown_key_and_wrong_type_fail_in_hydra():
