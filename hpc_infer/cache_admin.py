@@ -18,6 +18,7 @@ import fcntl
 import getpass
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -47,12 +48,65 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _share(path: Path) -> None:
-    """Directories rwxr-sr-x (setgid keeps the group), files rw-r--r--."""
+def _share(path: Path, private: set[str]) -> None:
+    """Directories rwxr-sr-x (setgid keeps the group), files rw-r--r--, except files whose
+    source was not readable by others (`private`, relative paths): staging never widens those."""
     for d, _, files in os.walk(path):
         os.chmod(d, 0o2755)
         for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
+            full = os.path.join(d, f)
+            os.chmod(full, 0o600 if os.path.relpath(full, path) in private else 0o644)
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def check_names(name: str | None, hf_id: str | None) -> None:
+    """Before touching the file system: a cache name is one plain path component, an HF id is
+    org/name of plain components (no '..', no absolute paths), so nothing lands outside the root."""
+    if name is not None and (not PLAIN_NAME.fullmatch(name) or name in (".", "..")):
+        raise UserError(f"--name {name!r}: give one plain name (letters, digits, ._+-; no '/', no leading '.'), "
+                        f"e.g. --name Llama-3.1-8B")
+    if hf_id is not None:
+        parts = hf_id.split("/")
+        if len(parts) != 2 or not all(PLAIN_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
+            raise UserError(f"--hf-id {hf_id!r}: give a Hugging Face id as org/name, e.g. meta-llama/Llama-3.1-8B")
+
+
+def _copy_model(src: Path, dst: Path, base: Path) -> set[str]:
+    """Copy a model directory without following links out of `base`: a symlink whose target
+    lies outside is refused (never read), one inside is copied as the file it points to.
+    Returns the relative paths of files that were not readable by others in the source."""
+    base = base.resolve()
+    private: set[str] = set()
+    problems: list[str] = []
+    for d, dirs, files in os.walk(src, followlinks=False):
+        rel_d = os.path.relpath(d, src)
+        os.makedirs(dst / rel_d, exist_ok=True)
+        for name in list(dirs) + files:
+            p = Path(d) / name
+            if name.startswith(".") and name != ".gitattributes":
+                dirs[:] = [x for x in dirs if x != name]
+                continue  # .cache/, .git/, editor files: not part of a model
+            target = p
+            if p.is_symlink():
+                target = p.resolve()
+                if not target.is_relative_to(base) or not target.is_file():
+                    problems.append(f"{p} -> {os.readlink(p)}: a link out of {base} (or to a folder); "
+                                    f"refused, not read. Replace it with the file itself")
+                    continue
+            elif p.is_dir():
+                continue
+            elif not p.is_file():
+                problems.append(f"{p}: not a regular file (a device, FIFO or socket)")
+                continue
+            rel = os.path.join(rel_d, name) if rel_d != "." else name
+            if not os.stat(target).st_mode & stat.S_IROTH:
+                private.add(rel)
+            shutil.copyfile(target, dst / rel, follow_symlinks=True)
+    if problems:
+        raise UserError("source not staged:\n  " + "\n  ".join(problems))
+    return private
 
 
 def verify_dir(path: Path) -> list[str]:
@@ -103,20 +157,27 @@ def _check_safetensors(path: Path) -> list[str]:
 def stage(source: str, root: str, name: str | None = None, hf_id: str | None = None,
           revision: str | None = None) -> Path:
     """Copy a model into the shared root once, atomically. Returns the final path."""
+    check_names(name, hf_id)
     root_p = Path(root).expanduser()
     src = Path(source).expanduser()
+    base = src  # symlinks must stay inside this
     if not src.is_dir():
         if "/" in source and not src.exists():
             from huggingface_hub import snapshot_download
 
             try:
+                check_names(None, source)
                 src = Path(snapshot_download(source, revision=revision))
+            except UserError:
+                raise
             except Exception as e:
                 raise UserError(f"cannot fetch {source} ({type(e).__name__}); stage from a local directory instead") from None
             hf_id = hf_id or source
+            base = src.parent.parent  # the hub cache's models--org--name: snapshot links point to its blobs/
         else:
             raise UserError(f"{source}: not a directory (give a model directory or a Hugging Face id)")
     name = name or (hf_id or src.name).split("/")[-1]
+    check_names(name, hf_id)
     target = root_p / name
     root_p.mkdir(parents=True, exist_ok=True)
     with open(root_p / f".{name}.lock", "w") as lock:
@@ -128,13 +189,13 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
             raise UserError("source is incomplete, not staged:\n  " + "\n  ".join(problems))
         tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
         try:
-            shutil.copytree(src, tmp, symlinks=False)
+            private = _copy_model(src, tmp, base)
             write_json(tmp / META, {"name": name, "hf_id": hf_id, "revision": revision, "source": str(src),
                                     "staged_at": time.time(), "staged_by": getpass.getuser()})
             problems = verify_dir(tmp)
             if problems:
                 raise UserError("copy failed verification, not staged:\n  " + "\n  ".join(problems))
-            _share(tmp)
+            _share(tmp, private)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

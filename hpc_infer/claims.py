@@ -139,3 +139,10 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
             except FileNotFoundError:
                 pass
     return dropped
+
+
+def live_claims(run: RunDir, lease_s: float) -> set[int]:
+    """Chunks being worked on right now: claimed, not done, lease not run out, holder not dead."""
+    now = time.time()
+    return {cid for cid in run.claimed_chunks() - run.done_chunks()
+            if not is_stale(run.claim_path(cid), lease_s, now)}

@@ -52,8 +52,8 @@ def cmd_status(args) -> int:
 def cmd_cancel(args) -> int:
     run = _run_dir(args.run_dir)
     backend, ids = _backend(run)
-    backend.cancel(ids)
-    print(f"cancelled {len(ids)} tasks of {run.root}; relaunch the same command to resume later")
+    what = backend.cancel(ids)
+    print(f"cancelled {len(ids)} tasks of {run.root} ({what}); relaunch the same command to resume later")
     return 0
 
 

@@ -75,15 +75,21 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         dropped = claims.release_dead(run, rc.cluster.lease_s, dead)
         if dropped:
             say(f"released {len(dropped)} claims left by workers that are gone: chunks {dropped[:10]}")
-        n_workers = min(rc.cluster.workers, remaining)
-        with exported(job_env(token)):
-            job_ids = backend.submit(n_workers)
+        held = claims.live_claims(run, rc.cluster.lease_s)
+        if held:
+            say(f"{plural(len(held), 'chunk')} {'is' if len(held) == 1 else 'are'} being worked on by live workers of "
+                f"an earlier launch; waiting for them as well")
+        n_workers = min(rc.cluster.workers, remaining - len(held))
+        job_ids = []
+        if n_workers > 0:
+            with exported(job_env(token)):
+                job_ids = backend.submit(n_workers)
         if job_ids:
             say(f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}{' ...' if len(job_ids) > 1 else ''}")
         if not rc.wait:
             say(f"not waiting; follow with `hpc-infer status {run.root}`, then `hpc-infer merge {run.root}`")
             return None
-        progress = wait(run, lambda: backend.states(job_ids))
+        progress = wait(run, lambda: backend.states(job_ids), lease_s=rc.cluster.lease_s)
         if not progress.complete and not rc.merge.allow_partial:
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
+import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -106,9 +108,10 @@ def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
 @contextmanager
 def _atomic_result(out: Path) -> Iterator[BinaryIO]:
     """The result file, written under a temp name, fsynced and renamed: never half there."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # never shared
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -210,11 +213,30 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
     """Check every finished chunk, then write the result file and summary.json.
 
     Every trailer is checked before the first byte is written; each chunk's CRC is
-    checked as it is copied. Any failure leaves no result file behind.
+    checked as it is copied. Any failure leaves no result file behind. One merge of a
+    run at a time: a second one waits for the first (and says so).
     """
+    with _merge_lock(run):
+        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess)
+
+
+@contextmanager
+def _merge_lock(run: RunDir) -> Iterator[None]:
+    import fcntl
+
+    with open(run.root / ".merge.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[hpc_infer] another merge of {run.root} is running; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, postprocess: dict | None) -> Summary:
     manifest = read_json(run.manifest)
     spec = read_json(run.worker_spec)
-    done = run.done_chunks() & set(range(manifest["n_chunks"]))
+    done = run.output_files() & set(range(manifest["n_chunks"]))  # damaged ones are named by check_trailer
     missing = sorted(set(range(manifest["n_chunks"])) - done)
     if missing and not allow_partial:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")

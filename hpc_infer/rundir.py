@@ -86,25 +86,53 @@ class RunDir:
             d.mkdir(parents=True, exist_ok=True)
 
     def done_chunks(self) -> set[int]:
-        """Chunk ids whose output file exists (temp files start with '.')."""
-        return _ids_in(self.out)
+        """Chunk ids with a finished output: exactly `NNNNN.jsonl` (a stray `.bak` copy,
+        a temp file or `00001 (copy).jsonl` never counts) whose trailer names that chunk
+        and whose size matches the trailer's byte count."""
+        return {cid for cid, name in _ids_in(self.out, ".jsonl") if chunk_done(self.out / name, cid)}
+
+    def output_files(self) -> set[int]:
+        """Chunk ids with an exactly named output file, checked or not (the merge checks them
+        and names any damage)."""
+        return {cid for cid, _ in _ids_in(self.out, ".jsonl")}
+
+    def chunk_done(self, chunk_id: int) -> bool:
+        return chunk_done(self.out_path(chunk_id), chunk_id)
 
     def claimed_chunks(self) -> set[int]:
-        return _ids_in(self.claims)
+        return {cid for cid, _ in _ids_in(self.claims, "")}
 
 
-def _ids_in(folder: Path) -> set[int]:
+def _ids_in(folder: Path, suffix: str) -> list[tuple[int, str]]:
+    """(id, name) for names that are exactly five digits plus `suffix`."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
-        return set()
-    ids = set()
-    for name in names:
-        stem = name.split(".", 1)[0]
-        if stem.isdigit() and not name.startswith("."):
-            if "stale" not in name:
-                ids.add(int(stem))
-    return ids
+        return []
+    n = 5 + len(suffix)
+    return [(int(name[:5]), name) for name in names
+            if len(name) == n and name[:5].isdigit() and name[5:] == suffix]
+
+
+_DONE_CACHE: dict[str, tuple[int, int, bool]] = {}  # path -> (mtime_ns, size, verdict): status polls often
+
+
+def chunk_done(path: Path, chunk_id: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    key = str(path)
+    cached = _DONE_CACHE.get(key)
+    if cached and cached[:2] == (st.st_mtime_ns, st.st_size):
+        return cached[2]
+    try:
+        found = read_chunk_trailer(path)
+    except OSError:
+        return False
+    ok = found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]
+    _DONE_CACHE[key] = (st.st_mtime_ns, st.st_size, ok)
+    return ok
 
 
 # permissions setting -> umask for everything a run writes (claims, logs, scripts included)
@@ -134,8 +162,8 @@ def secure_root(root: Path, kind: str, group: str | None = None) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that readers see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` so that readers see either nothing or the whole file. Never creates
+    folders: a run directory deleted under a worker is not brought back piecemeal."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared runs need the umask's mode

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .claims import live_claims
 from .rundir import RunDir, read_json
 
 
@@ -74,8 +75,10 @@ def failures(run: RunDir, states: dict[str, str]) -> list[str]:
 
 
 def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 2.0, show: bool = True,
-         log_every_s: float = 30.0) -> Progress:
-    """Block until every chunk is done, or no job is left that could finish one.
+         log_every_s: float = 30.0, lease_s: float = 600.0) -> Progress:
+    """Block until every chunk is done, or no job is left that could finish one: none of
+    ours, and no live claim of a worker from an earlier launch (a relaunch while the first
+    launch's workers still run waits for them instead of calling the run failed).
 
     On a terminal: a tqdm bar. In a log (no TTY): one progress line every `log_every_s`.
     """
@@ -106,9 +109,9 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
                   f"{p.chunks_done}/{p.n_chunks} chunks, {elapsed:,.0f}s, {postfix}", file=sys.stderr, flush=True)
         if p.complete:
             break
-        if states and all(s in TERMINAL for s in states.values()):
+        if not states or all(s in TERMINAL for s in states.values()):
             p = snapshot(run, manifest)  # a last look: the final rename may have just landed
-            if not p.complete:
+            if not p.complete and not live_claims(run, lease_s):
                 break
         time.sleep(poll_s)
     bar.close()

@@ -45,7 +45,8 @@ class Backend:
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: _result_state(self.run, j) or "UNKNOWN" for j in job_ids}
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: list[str]) -> str:
+        """Stop the jobs; returns what was done, for the user."""
         raise NotImplementedError
 
     def record(self, job_ids: list[str]) -> None:
@@ -84,8 +85,8 @@ class DebugBackend(Backend):
             os.environ.update(saved)
         return []
 
-    def cancel(self, job_ids: list[str]) -> None:
-        pass
+    def cancel(self, job_ids: list[str]) -> str:
+        return "the debug backend runs in the launching process: nothing to cancel"
 
 
 class LocalBackend(Backend):
@@ -117,14 +118,51 @@ class LocalBackend(Backend):
                     out[j] = "RUNNING"
         return out
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: list[str], grace_s: float = 15.0) -> str:
+        """SIGTERM each worker we started (by its PID, after checking it is still a submitit
+        job, not a reused PID); whatever still runs after `grace_s` gets SIGKILL. The outcome
+        (all stopped) does not depend on how fast they react."""
         import signal
 
-        for j in job_ids:
-            try:
-                os.kill(int(j), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+        ours = [int(j) for j in job_ids if j.isdigit() and _is_submitit_job(int(j))]
+        for pid in ours:
+            _signal_job(pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        alive = ours
+        while alive and time.time() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in alive if _is_submitit_job(p)]
+        for pid in alive:
+            _signal_job(pid, signal.SIGKILL)
+        for _ in range(100):  # a SIGKILL always lands; wait until the kernel has reaped them
+            if not [p for p in alive if _is_submitit_job(p)]:
+                break
+            time.sleep(0.1)
+        return (f"stopped {len(ours)} local worker{'s' * (len(ours) != 1)}"
+                + (f" ({len(alive)} ignored SIGTERM for {grace_s:g}s and were killed)" if alive else ""))
+
+
+def _is_submitit_job(pid: int) -> bool:
+    """Is `pid` alive and still the submitit local job we started (not a reused PID, not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"submitit" in f.read()
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_job(pid: int, sig: int) -> None:
+    """The job and, when it leads its own process group, the children it started (vLLM's engine)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def max_array_size() -> int:
@@ -225,10 +263,11 @@ class SlurmBackend(Backend):
         live = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
         return {j: live.get(j) or _result_state(self.run, j) or "ENDED" for j in job_ids}
 
-    def cancel(self, job_ids: list[str]) -> None:
+    def cancel(self, job_ids: list[str]) -> str:
         arrays = sorted({j.split("_")[0] for j in job_ids})
         if arrays:
             subprocess.run(["scancel", *arrays], check=False)
+        return f"scancel {' '.join(arrays)}" if arrays else "no Slurm job recorded"
 
 
 BACKENDS = {"slurm": SlurmBackend, "local": LocalBackend, "debug": DebugBackend}

@@ -56,6 +56,7 @@ class Heartbeat:
             # Whether a token reached this job (never its value): `status` can tell users.
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
         }
+        self.run_deleted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -77,6 +78,9 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if not self.run.manifest.exists():
+                self.run_deleted = True  # the main loop stops at its next step
+                return
             try:
                 self.beat()
             except OSError:
@@ -94,15 +98,19 @@ def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) 
     claimed = run.claimed_chunks()
     for cid in range(n_chunks):
         if cid not in done and cid not in claimed and claims.try_claim(run, cid, owner):
-            if not run.out_path(cid).exists():
+            if not run.chunk_done(cid):
                 return cid
             claims.release(run, cid, owner)
     for cid in sorted(claimed - done):
         if claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner, lease_s):
-            if not run.out_path(cid).exists():
+            if not run.chunk_done(cid):
                 return cid
             claims.release(run, cid, owner)
     return None
+
+
+class RunDeleted(Exception):
+    """The run directory vanished (deleted by its owner): nothing to write to."""
 
 
 @dataclass
@@ -168,6 +176,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
             if not inflight:
                 break
+            if hb.run_deleted or not run.manifest.exists():
+                raise RunDeleted(f"{run.root} was deleted while this worker ran; stopping without writing")
             faults.point("step")
             finished = engine.step()
             for row in finished:
@@ -179,6 +189,10 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
             if finished:
                 hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
                           in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows))
+    except RunDeleted as e:
+        hb._stop.set()
+        print(f"worker {owner.worker_id}: {e}", file=sys.stderr)
+        return dict(hb.state, state="run deleted")
     except BaseException as e:
         for cid in inflight:
             claims.release(run, cid, owner)

@@ -89,3 +89,16 @@ def slurm():
             pytest.fail("Slurm is not running: start it with slurm/local-cluster.sh")
         pytest.skip("no local Slurm (start it with slurm/local-cluster.sh, as root)")
     return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask():
+    """In-process launches apply the run's permissions (a umask) to this process; keep each test's own."""
+    import hpc_infer.rundir as rundir
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    saved = rundir._UMASK
+    yield
+    os.umask(mask)
+    rundir._UMASK = saved
