@@ -58,6 +58,11 @@ def _share(path: Path, private: set[str]) -> None:
             os.chmod(full, 0o600 if os.path.relpath(full, path) in private else 0o644)
 
 
+# Files the cache policy publishes (0644) whatever their source mode: what a model directory holds.
+MODEL_FILE = re.compile(
+    r"[\w.-]+\.(safetensors|gguf|bin|pt|pth|msgpack|h5|onnx|tiktoken|model|jinja)|[\w.-]*config\.json"
+    r"|[\w.-]+\.index\.json|tokenizer[\w.-]*\.json|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt"
+    r"|added_tokens\.json|chat_template\.json|README\.md|LICEN[CS]E[\w.-]*|USE_POLICY\.md|NOTICE|\.gitattributes")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
 
@@ -101,8 +106,8 @@ def _copy_model(src: Path, dst: Path, base: Path) -> set[str]:
                 problems.append(f"{p}: not a regular file (a device, FIFO or socket)")
                 continue
             rel = os.path.join(rel_d, name) if rel_d != "." else name
-            if not os.stat(target).st_mode & stat.S_IROTH:
-                private.add(rel)
+            if not MODEL_FILE.fullmatch(name) and not os.stat(target).st_mode & stat.S_IROTH:
+                private.add(rel)  # not a model file and private at the source: stays private
             shutil.copyfile(target, dst / rel, follow_symlinks=True)
     if problems:
         raise UserError("source not staged:\n  " + "\n  ".join(problems))

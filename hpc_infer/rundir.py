@@ -139,6 +139,10 @@ def chunk_done(path: Path, chunk_id: int) -> bool:
 UMASKS = {"private": 0o077, "group": 0o027}
 
 
+def current_umask() -> int:
+    return _UMASK
+
+
 def set_permissions(kind: str | None) -> None:
     """Apply the run's permissions to this process (launcher or worker) and its children."""
     global _UMASK

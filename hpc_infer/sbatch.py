@@ -12,7 +12,6 @@ The token never appears in the script.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from .entry import run_hydra
 from .errors import UserError
 from .plan import prepare
 from .preflight import gpus_per_node, preflight
+from . import rundir
 from .rundir import RunDir, read_json, set_permissions
 from .secrets import find_token
 from .vllm_check import check_run_sampling
@@ -111,7 +111,7 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
     path = run.root / "job.sbatch"
     path.write_text(render(rc, run, model_path, n_tasks))
-    path.chmod(0o777 & ~os.umask(os.umask(0)))  # executable by those the run's permissions allow
+    path.chmod(0o777 & ~rundir.current_umask())  # executable by those the run's permissions allow
     return path
 
 
