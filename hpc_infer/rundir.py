@@ -199,6 +199,16 @@ def read_json(path: Path) -> Any:
         return json.loads(f.read())
 
 
+def read_chunk_input(path: Path, expect: dict | None = None) -> list[dict]:
+    """A chunk's input records, checked against the manifest's size and CRC-32 when it has them."""
+    with open(path, "rb") as f:
+        body = f.read()
+    if expect and "crc32" in expect and (len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]):
+        raise RuntimeError(f"{path}: {len(body)} bytes that do not match the plan ({expect['bytes']} bytes, CRC "
+                           f"{expect['crc32']}); the run directory is damaged: delete it and launch again")
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, "rb") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import claims, faults
-from .rundir import RunDir, encode_chunk_output, read_json, read_jsonl, set_permissions, write_atomic, write_json
+from .rundir import RunDir, encode_chunk_output, read_chunk_input, read_json, set_permissions, write_atomic, write_json
 
 
 def default_worker_id() -> str:
@@ -132,7 +132,9 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     run = RunDir(Path(run_dir))
     spec = read_json(run.worker_spec)
     set_permissions(spec.get("permissions"))
-    n_chunks = int(read_json(run.manifest)["n_chunks"])
+    manifest = read_json(run.manifest)
+    n_chunks = int(manifest["n_chunks"])
+    planned = {c["id"]: c for c in manifest["chunks"]}
     for key, value in (spec.get("env") or {}).items():
         os.environ.setdefault(key, str(value))
     os.environ["HF_HUB_OFFLINE"] = "1"  # workers never download; the launcher resolved the model
@@ -160,7 +162,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     exhausted = True
                     break
                 faults.point("claimed")
-                records = read_jsonl(run.chunk_path(cid))
+                records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
                 for r in records:
                     r["worker"], r["chunk"] = owner.worker_id, cid
                 inflight[cid] = _Chunk(cid, len(records), time.time())
