@@ -4,6 +4,8 @@
     hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
     hpc-infer merge runs/<run> [--partial] [--format parquet]
     hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
+    hpc-infer serve model=... cluster=... [serve.replicas=N]   (OpenAI-compatible vLLM servers)
+    hpc-infer serve status [RUN]            hpc-infer serve stop RUN
     hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
     hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
     hpc-infer model build-cpu               (build the embedded CPU default model now)
@@ -141,6 +143,26 @@ def cmd_image(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("status", "stop"):
+        from .serve import status as serve_status
+
+        try:
+            if argv[1] == "status":
+                print(serve_status.status(argv[2] if len(argv) > 2 else None))
+            else:
+                if len(argv) < 3:
+                    raise UserError("serve stop: give the serve run directory, e.g. hpc-infer serve stop runs/serve__x")
+                print(serve_status.stop(argv[2]))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if argv and argv[0] == "serve":
+        sys.argv = ["hpc-infer serve", *argv[1:]]
+        from .serve.launch import main as serve_main
+
+        serve_main()
+        return 0
     if argv and argv[0] in ("launch", "sbatch"):
         # Hydra parses its own command line: hand the rest of it over.
         sys.argv = [f"hpc-infer {argv[0]}", *argv[1:]]
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_model)
     sub.add_parser("launch", help="plan, submit, wait, merge (Hydra overrides follow)")
     sub.add_parser("sbatch", help="render the run as a standalone sbatch script (Hydra overrides follow)")
+    sub.add_parser("serve", help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop RUN")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -95,6 +95,11 @@ class ClusterConfig:
     lease_s: float = 600.0  # a claim not refreshed for this long is taken over
     max_chunks_in_flight: int = 16  # chunks one worker feeds its engine at once (bench/balance.py)
     heartbeat_s: float = 10.0
+    # Batch through running servers instead of loading a model: a `hpc-infer serve` run
+    # directory, or base URL(s) "http://node:port/v1[,http://...]" (key: serve.api_key_file
+    # or $OPENAI_API_KEY's name, never a value here).
+    endpoint: Optional[str] = None
+    endpoint_concurrency: int = 32  # requests in flight per replica
 
 
 @dataclass
@@ -167,6 +172,21 @@ class MergeConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`hpc-infer serve`: N replicas of vLLM's OpenAI server, one per array task."""
+
+    replicas: int = 1
+    name: Optional[str] = None  # --served-model-name; default: the model's HF id (else its config name)
+    api_key_file: Optional[str] = None  # your own key (a 0600 file); default: generated, ~/.config/hpc_infer/keys/
+    idle_minutes: Optional[float] = None  # a replica that served nothing this long stops and frees its GPUs
+    port_min: int = 20000  # replicas pick a free port in [port_min, port_max) on their node
+    port_max: int = 60000
+    host: str = "0.0.0.0"
+    ready_timeout_min: float = 60.0  # a replica not answering /health by then gives up (and says why)
+    extra_args: List[str] = field(default_factory=list)  # more `vllm serve` flags
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     cluster: ClusterConfig = MISSING
@@ -185,6 +205,7 @@ class RunConfig:
     run_group: Optional[str] = None
     wait: bool = True
     merge: MergeConfig = field(default_factory=MergeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def postprocess(self) -> Optional[Dict[str, Any]]:
@@ -416,6 +437,11 @@ def validate(rc: RunConfig) -> None:
           f"{name!r} must be one plain name (letters, digits and ._+=@,- ; no '/', spaces, or leading '.'): "
           f"it becomes a directory under output_root and appears unquoted in #SBATCH lines")
     check(rc.max_chunk_records >= 1, "max_chunk_records", "must be >= 1")
+    check(rc.serve.replicas >= 1, "serve.replicas", f"{rc.serve.replicas} must be >= 1")
+    check(0 < rc.serve.port_min < rc.serve.port_max <= 65535, "serve.port_min",
+          "serve.port_min < serve.port_max must lie in 1..65535")
+    check(rc.serve.idle_minutes is None or rc.serve.idle_minutes > 0, "serve.idle_minutes", "must be > 0 (or null)")
+    check(c.endpoint_concurrency >= 1, "cluster.endpoint_concurrency", "must be >= 1")
     check(rc.permissions in ("private", "group", "umask"), "permissions",
           f"'{rc.permissions}' is not one of private, group, umask")
     check(rc.permissions != "group" or bool(rc.run_group), "run_group",

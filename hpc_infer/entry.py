@@ -13,7 +13,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from .config import register_configs
+from .config import PACKAGE_DIR, register_configs
 from .errors import UserError
 from .secrets import refuse_secret_overrides
 
@@ -26,4 +26,5 @@ def run_hydra(task: Callable[[DictConfig], None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    hydra.main(config_path="conf", config_name="config", version_base=None)(task)()
+    # absolute: the task may live in a subpackage (serve/), and the console script must find it too
+    hydra.main(config_path=str(PACKAGE_DIR / "conf"), config_name="config", version_base=None)(task)()

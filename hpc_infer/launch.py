@@ -40,6 +40,37 @@ def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
     return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python())
 
 
+def resolve_endpoint(rc: RunConfig) -> dict:
+    """cluster.endpoint: a `hpc-infer serve` run directory (its ready replicas, model name and
+    key file), or base URL(s) with the key in serve.api_key_file. Checked before planning."""
+    from pathlib import Path
+
+    from .serve.status import replica_states
+
+    spec_path = Path(rc.cluster.endpoint).expanduser() / "serve.json"
+    common = {"concurrency": rc.cluster.endpoint_concurrency}
+    if spec_path.exists():
+        import json
+
+        root = spec_path.parent.resolve()
+        spec = json.loads(spec_path.read_text())
+        ready = [r["url"] for r in replica_states(root) if r["state"] == "ready"]
+        if not ready:
+            raise UserError(f"cluster.endpoint={rc.cluster.endpoint}: no replica is ready (`hpc-infer serve status "
+                            f"{root}`); start or wait for one, then relaunch")
+        return dict(common, run=str(root), urls=ready, model=spec["served_name"], key_file=spec["key_file"],
+                    model_path=spec["model"]["path"])
+    urls = [u.strip() for u in rc.cluster.endpoint.split(",") if u.strip()]
+    if not all(u.startswith(("http://", "https://")) for u in urls):
+        raise UserError(f"cluster.endpoint={rc.cluster.endpoint}: give a `hpc-infer serve` run directory or "
+                        f"http(s)://host:port/v1 URL(s)")
+    if not rc.serve.api_key_file:
+        raise UserError("cluster.endpoint with URLs: name the file holding the server's API key with "
+                        "serve.api_key_file=... (a key never goes into the config)")
+    return dict(common, run=None, urls=urls, model=rc.serve.name or rc.model.hf_id or rc.model.name,
+                key_file=str(Path(rc.serve.api_key_file).expanduser()), model_path=f"endpoint:{urls[0]}")
+
+
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     if rc.cluster.nodes_per_task > 1:
         raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
@@ -50,11 +81,16 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     if checked:
         say(checked)
     token = find_token(rc.cluster.token_file)
-    model_path = resolve_model(rc.model, rc.cluster, token)
-    for note in preflight(rc.model, rc.cluster, model_path):
-        say(note)
+    endpoint = resolve_endpoint(rc) if rc.cluster.endpoint else None
+    if endpoint:
+        model_path = endpoint["model_path"]
+        say(f"batch through {len(endpoint['urls'])} running server(s) of {endpoint['model']}: no model load per worker")
+    else:
+        model_path = resolve_model(rc.model, rc.cluster, token)
+        for note in preflight(rc.model, rc.cluster, model_path):
+            say(note)
     set_permissions(rc.permissions)
-    run, resumed = prepare(rc, records, model_path, config_yaml)
+    run, resumed = prepare(rc, records, model_path, config_yaml, endpoint)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     if resumed and not remaining:

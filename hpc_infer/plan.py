@@ -99,7 +99,7 @@ def fingerprint_parts(rc: RunConfig, records: list[Record] | None = None) -> dic
     }
 
 
-def worker_spec(rc: RunConfig, model_path: str) -> dict:
+def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) -> dict:
     """Everything a worker needs, as plain JSON. Never holds a secret."""
     m = rc.model
     engine_kwargs: dict[str, Any] = {
@@ -131,10 +131,12 @@ def worker_spec(rc: RunConfig, model_path: str) -> dict:
         "heartbeat_s": rc.cluster.heartbeat_s,
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
         "permissions": rc.permissions,
+        "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }
 
 
-def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: str) -> tuple[RunDir, bool]:
+def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: str,
+            endpoint: dict | None = None) -> tuple[RunDir, bool]:
     """Create the run directory, or check that an existing one is the same run.
 
     Returns the run directory and whether it was resumed.
@@ -153,7 +155,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
                 f"Resuming it would mix results. Give a new run_name=..., or delete that directory."
             )
         run.make()
-        write_json(run.worker_spec, worker_spec(rc, model_path))  # cluster-side settings may change
+        write_json(run.worker_spec, worker_spec(rc, model_path, endpoint))  # cluster-side settings may change
         return run, True
     if run.root.exists() and any(run.root.iterdir()):
         raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or set run_name=...")
@@ -163,7 +165,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
     try:
         staging = RunDir(tmp)
         staging.make()
-        _plan_into(staging, rc, records, model_path, config_yaml, parts)
+        _plan_into(staging, rc, records, model_path, config_yaml, parts, endpoint)
         try:
             secure_root(tmp, rc.permissions, rc.run_group)
             os.rename(tmp, run.root)  # the run directory appears whole, or not at all
@@ -172,7 +174,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
                 raise
             # Another launch published this run first: resume it if it is the same run, never mix.
             shutil.rmtree(tmp, ignore_errors=True)
-            return prepare(rc, records, model_path, config_yaml)
+            return prepare(rc, records, model_path, config_yaml, endpoint)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +182,7 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
 
 
 def _plan_into(staging: RunDir, rc: RunConfig, records: list[Record], model_path: str, config_yaml: str,
-               parts: dict[str, str]) -> None:
+               parts: dict[str, str], endpoint: dict | None = None) -> None:
     est = [estimate_tokens(r, rc.sampling.max_tokens, rc.sampling.n) for r in records]
     groups = make_chunks(est, rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records)
     table = []
@@ -193,7 +195,7 @@ def _plan_into(staging: RunDir, rc: RunConfig, records: list[Record], model_path
             f.write(body)
         table.append(dict(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx.start, idx.stop - 1)),
                           bytes=len(body), crc32=zlib.crc32(body)))
-    write_json(staging.worker_spec, worker_spec(rc, model_path))
+    write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint))
     staging.config.write_text(config_yaml)
     write_json(
         staging.manifest,

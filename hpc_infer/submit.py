@@ -39,8 +39,13 @@ class Backend:
     def check_reachable(cls, cluster: ClusterConfig) -> None:
         """Raise a UserError naming the cluster config when this backend cannot submit from here."""
 
-    def submit(self, n_workers: int) -> list[str]:
+    def submit(self, n_workers: int, task=None) -> list[str]:
+        """Start n copies of `task(run_dir, index)` (default: the batch worker, `WorkerTask()(run_dir)`)."""
         raise NotImplementedError
+
+    def _calls(self, start: int, count: int, task=None) -> tuple:
+        roots = [str(self.run.root)] * count
+        return (task, roots, list(range(start, start + count))) if task else (WorkerTask(), roots)
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: _result_state(self.run, j) or "UNKNOWN" for j in job_ids}
@@ -74,9 +79,11 @@ class DebugBackend(Backend):
 
     name = "debug"
 
-    def submit(self, n_workers: int) -> list[str]:
+    def submit(self, n_workers: int, task=None) -> list[str]:
         from .worker import run_worker
 
+        if task is not None:
+            raise UserError("cluster=debug runs one batch worker in this process; use cluster=local to serve")
         saved = dict(os.environ)  # the worker sets HF_HUB_OFFLINE etc. for itself, not for the launcher
         try:
             run_worker(self.run.root, worker_id="debug")
@@ -94,10 +101,10 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def submit(self, n_workers: int) -> list[str]:
+    def submit(self, n_workers: int, task=None) -> list[str]:
         ex = submitit.LocalExecutor(folder=self.run.logs, python=self.python)
         ex.update_parameters(timeout_min=time_to_minutes(self.cluster.time))
-        jobs = ex.map_array(WorkerTask(), [str(self.run.root)] * n_workers)
+        jobs = ex.map_array(*self._calls(0, n_workers, task))
         ids = [j.job_id for j in jobs]
         self.record(ids)
         return ids
@@ -236,7 +243,7 @@ class SlurmBackend(Backend):
                             f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
                             f"Nothing was planned or submitted.")
 
-    def submit(self, n_workers: int) -> list[str]:
+    def submit(self, n_workers: int, task=None) -> list[str]:
         limit = self.cluster.max_array_size or max_array_size()
         per_array = max(1, limit - 1)  # indices run 0..MaxArraySize-1
         ex = self.executor()
@@ -244,7 +251,7 @@ class SlurmBackend(Backend):
         try:
             for start in range(0, n_workers, per_array):
                 count = min(per_array, n_workers - start)
-                jobs = ex.map_array(WorkerTask(), [str(self.run.root)] * count)
+                jobs = ex.map_array(*self._calls(start, count, task))
                 ids += [j.job_id for j in jobs]
         except subprocess.CalledProcessError as e:
             raise UserError(f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "

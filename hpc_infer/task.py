@@ -17,3 +17,12 @@ class WorkerTask(submitit.helpers.Checkpointable):
 
     def __call__(self, run_dir: str) -> dict:
         return run_worker(run_dir)
+
+
+class ServeTask:
+    """Called with the serve run directory and the replica index (one per array task)."""
+
+    def __call__(self, run_dir: str, index: int) -> dict:
+        from .serve.replica import run_replica
+
+        return run_replica(run_dir, index)

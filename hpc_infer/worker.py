@@ -173,7 +173,12 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     t0 = time.time()
                     from .engine import Engine
 
-                    engine = Engine.shared(spec["model"])
+                    if spec.get("endpoint"):  # batch through running servers: no model load here
+                        from .endpoint import HttpEngine
+
+                        engine = HttpEngine(spec["endpoint"], spec["model"])
+                    else:
+                        engine = Engine.shared(spec["model"])
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
             if not inflight:

@@ -1,0 +1,113 @@
+"""Batch through running OpenAI-compatible servers: the worker's engine when
+`cluster.endpoint` is set, with the same interface as `engine.Engine` (add, step,
+unfinished, max_num_seqs), so planning, claims, trailers and the merge are unchanged.
+
+Each record becomes one request (chat records to /v1/chat/completions, plain prompts to
+/v1/completions) with the run's sampling, the record's own overrides and its per-record
+seed; requests go round-robin over the ready replicas with bounded concurrency per
+replica. The `openai` client (a vLLM dependency) retries connection errors and 5xx with
+backoff; when retries run out the worker fails with that error, releases its claims,
+and a relaunch resumes. The key is read from the user's key file, never from worker.json.
+Standard library + openai: importable in the cluster's vLLM image.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from .engine import record_seed
+
+# SamplingParams fields the OpenAI request has at top level; the rest go in vLLM's extra_body.
+TOP_LEVEL = {"n", "temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty"}
+
+
+def ready_urls(endpoint: dict) -> list[str]:
+    """The URLs to use now: the serve run's ready replicas (re-read at worker start, so
+    replicas restarted since the launch are found), else the URLs given."""
+    run = endpoint.get("run")
+    if run:
+        urls = []
+        for path in sorted((Path(run) / "serve").glob("*.json")):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if state.get("state") == "ready" and state.get("url"):
+                urls.append(state["url"])
+        if urls:
+            return urls
+    return list(endpoint.get("urls") or [])
+
+
+class HttpEngine:
+    def __init__(self, endpoint: dict, model: dict):
+        from openai import OpenAI
+
+        key = Path(endpoint["key_file"]).expanduser().read_text().strip() if endpoint.get("key_file") else "EMPTY"
+        self.urls = ready_urls(endpoint)
+        if not self.urls:
+            raise RuntimeError(f"no ready replica at {endpoint.get('run') or endpoint.get('urls')}; "
+                               f"start one with `hpc-infer serve`, or check `hpc-infer serve status`")
+        self.model = endpoint["model"]
+        self.task = model.get("task", "auto")
+        per = int(endpoint.get("concurrency", 32))
+        self.clients = [OpenAI(base_url=u, api_key=key, max_retries=int(endpoint.get("max_retries", 6)),
+                               timeout=float(endpoint.get("timeout_s", 3600))) for u in self.urls]
+        self.pool = ThreadPoolExecutor(max_workers=per * len(self.urls), thread_name_prefix="hpc_infer-http")
+        self.max_num_seqs = per * len(self.urls)
+        self._pending: dict[Future, dict] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def unfinished(self) -> int:
+        return len(self._pending)
+
+    def add(self, records: list[dict], sampling: dict[str, Any], seed: int | None) -> None:
+        for r in records:
+            kw = dict(sampling, **(r.get("sampling") or {}))
+            if seed is not None and "seed" not in (r.get("sampling") or {}):
+                kw["seed"] = record_seed(seed, r["id"])
+            client = self.clients[self._next % len(self.clients)]
+            self._next += 1
+            self._pending[self.pool.submit(self._request, client, r, kw)] = dict(r, seed=kw.get("seed"))
+
+    def _request(self, client, record: dict, kw: dict) -> dict:
+        top = {k: v for k, v in kw.items() if k in TOP_LEVEL}
+        extra = {k: v for k, v in kw.items() if k not in TOP_LEVEL and k != "logprobs"}
+        extra["return_token_ids"] = True  # exact per-output token counts, as the offline engine reports
+        chat = self.task == "chat" or "messages" in record
+        if kw.get("logprobs") is not None:
+            top.update({"logprobs": True, "top_logprobs": kw["logprobs"]} if chat else {"logprobs": kw["logprobs"]})
+        if chat:
+            messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+            resp = client.chat.completions.create(model=self.model, messages=messages, extra_body=extra, **top)
+            texts = [c.message.content or "" for c in resp.choices]
+        else:
+            resp = client.completions.create(model=self.model, prompt=record["prompt"], extra_body=extra, **top)
+            texts = [c.text for c in resp.choices]
+        outputs = []
+        for c, text in zip(resp.choices, texts):
+            ids = getattr(c, "token_ids", None) or (c.model_extra or {}).get("token_ids")
+            outputs.append({"text": text, "finish_reason": c.finish_reason,
+                            "stop_reason": (c.model_extra or {}).get("stop_reason"),
+                            "num_tokens": len(ids) if ids is not None else
+                            (resp.usage.completion_tokens if len(resp.choices) == 1 else None)})
+        return {"text": outputs[0]["text"] if outputs else "", "outputs": outputs,
+                "prompt_tokens": resp.usage.prompt_tokens if resp.usage else 0,
+                "output_tokens": resp.usage.completion_tokens if resp.usage else 0}
+
+    def step(self) -> list[dict]:
+        """Wait for at least one request to finish; return the result records that did."""
+        if not self._pending:
+            return []
+        done, _ = wait(list(self._pending), return_when=FIRST_COMPLETED)
+        rows = []
+        for fut in done:
+            record = self._pending.pop(fut)
+            rows.append(dict(record, **fut.result()))  # an exhausted retry raises here: the worker fails
+        return rows

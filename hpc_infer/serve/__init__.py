@@ -1,0 +1,1 @@
+"""Serving: OpenAI-compatible vLLM endpoints as Slurm job arrays (`hpc-infer serve`)."""

