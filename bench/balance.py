@@ -168,9 +168,9 @@ def measure(out: Path) -> EngineModel:
 
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                        "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
-    from hpc_infer.claims import Owner, release, try_claim
-    from hpc_infer.cpu_model import ensure_smollm2
-    from hpc_infer.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
+    from hpc_infer.worker.claims import Owner, release, try_claim
+    from hpc_infer.models.cpu_model import ensure_smollm2
+    from hpc_infer.worker.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
 
     t0 = time.perf_counter()
     import vllm
@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true", help="time the real engine first (writes engine_model.json)")
     args = ap.parse_args()
 
-    from hpc_infer.plan import make_chunks
+    from hpc_infer.run.plan import make_chunks
 
     m = measure(MODEL_FILE) if args.measure else EngineModel(**json.loads(MODEL_FILE.read_text()))
     W = args.workers

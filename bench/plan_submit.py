@@ -36,10 +36,10 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from hpc_infer.config import register_configs, to_run_config
-    from hpc_infer.data import load_records
-    from hpc_infer.plan import prepare
-    from hpc_infer.rundir import read_json
-    from hpc_infer.submit import SlurmBackend
+    from hpc_infer.io.data import load_records
+    from hpc_infer.run.plan import prepare
+    from hpc_infer.worker.rundir import read_json
+    from hpc_infer.cluster.submit import SlurmBackend
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from hpc_infer.cpu_model import ensure_smollm2
+    from hpc_infer.models.cpu_model import ensure_smollm2
 
     model = str(ensure_smollm2())
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from .errors import UserError
 
 
 def _run_dir(path: str):
-    from .rundir import RunDir
+    from .worker.rundir import RunDir
 
     run = RunDir(Path(path).expanduser().resolve())
     if not run.manifest.exists():
@@ -34,7 +34,7 @@ def _backend(run):
     from omegaconf import OmegaConf
 
     from .config import ClusterConfig
-    from .submit import make_backend, recorded_jobs
+    from .cluster.submit import make_backend, recorded_jobs
 
     name, ids = recorded_jobs(run)
     cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")),
@@ -43,7 +43,7 @@ def _backend(run):
 
 
 def cmd_status(args) -> int:
-    from .status import describe
+    from .run.status import describe
 
     run = _run_dir(args.run_dir)
     backend, ids = _backend(run)
@@ -72,7 +72,7 @@ def _run_postprocess(run) -> dict | None:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from .run.merge import merge
 
     run = _run_dir(args.run_dir)
     s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run))
@@ -81,7 +81,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from . import cache_admin
+    from .models import cache_admin
 
     if args.action == "stage":
         if not args.source:
@@ -109,7 +109,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .cpu_model import ensure_smollm2
+    from .models.cpu_model import ensure_smollm2
 
     print(ensure_smollm2())
     return 0
@@ -118,7 +118,7 @@ def cmd_model(args) -> int:
 def cmd_image(args) -> int:
     from dataclasses import asdict
 
-    from . import images
+    from .cluster import images
 
     if args.action == "inspect":
         if not args.target:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "launch":
             from .launch import main as launch_main
         else:
-            from .sbatch import main as launch_main
+            from .run.sbatch import main as launch_main
         launch_main()
         return 0
     parser = argparse.ArgumentParser(prog="hpc-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

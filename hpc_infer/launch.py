@@ -10,21 +10,21 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import claims
-from .cache import resolve_model
+from .worker import claims
+from .models.cache import resolve_model
 from .config import RunConfig, to_run_config
-from .container import binds, python_command
-from .data import load_records
+from .cluster.container import binds, python_command
+from .io.data import load_records
 from .entry import run_hydra
 from .errors import UserError
-from .merge import Summary, merge
-from .plan import prepare
-from .preflight import preflight
-from .rundir import RunDir, read_json, set_permissions
+from .run.merge import Summary, merge
+from .run.plan import prepare
+from .cluster.preflight import preflight
+from .worker.rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
-from .status import failures, wait
-from .submit import BACKENDS, TERMINAL, host_python, make_backend, recorded_jobs
-from .vllm_check import check_run_sampling
+from .run.status import failures, wait
+from .cluster.submit import BACKENDS, TERMINAL, host_python, make_backend, recorded_jobs
+from .models.vllm_check import check_run_sampling
 
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"

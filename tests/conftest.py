@@ -70,7 +70,7 @@ def wait_mid_run(run, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="session")
 def cpu_model() -> str:
-    from hpc_infer.cpu_model import ensure_smollm2
+    from hpc_infer.models.cpu_model import ensure_smollm2
 
     return str(ensure_smollm2())
 
@@ -94,7 +94,7 @@ def slurm():
 @pytest.fixture(autouse=True)
 def _restore_umask():
     """In-process launches apply the run's permissions (a umask) to this process; keep each test's own."""
-    import hpc_infer.rundir as rundir
+    import hpc_infer.worker.rundir as rundir
 
     mask = os.umask(0o022)
     os.umask(mask)

@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, user_env
-from hpc_infer import cache_admin, claims
-from hpc_infer.data import load_records
+from hpc_infer.models import cache_admin
+from hpc_infer.worker import claims
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
-from hpc_infer.merge import merge
-from hpc_infer.plan import prepare
-from hpc_infer.rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic
-from hpc_infer.status import wait
-from hpc_infer.submit import LocalBackend
+from hpc_infer.run.merge import merge
+from hpc_infer.run.plan import prepare
+from hpc_infer.worker.rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.run.status import wait
+from hpc_infer.cluster.submit import LocalBackend
 
 TOKEN = "hf_AdversarialProbeToken0123456789abcd"
 
@@ -298,7 +299,7 @@ def test_one_huge_line_is_refused_with_bounded_memory(tmp_path):
         f.write(b'{"prompt": "ok"}\n{"prompt": "')
         for _ in range(200):
             f.write(b"x" * (1 << 20))  # 200 MB on line 2
-    code = (f"import resource; from conftest import compose; from hpc_infer.data import load_records\n"
+    code = (f"import resource; from conftest import compose; from hpc_infer.io.data import load_records\n"
             f"rc = compose('data.path={big}', 'data.max_line_bytes=1000000')\n"
             f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"try:\n    load_records(rc.data)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"

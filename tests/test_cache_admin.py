@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import BIN, compose
-from hpc_infer import cache_admin
-from hpc_infer.cache import resolve_model
+from hpc_infer.models import cache_admin
+from hpc_infer.models.cache import resolve_model
 from hpc_infer.errors import UserError
 
 

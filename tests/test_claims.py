@@ -4,8 +4,8 @@ import multiprocessing as mp
 import os
 import time
 
-from hpc_infer import claims
-from hpc_infer.rundir import RunDir
+from hpc_infer.worker import claims
+from hpc_infer.worker.rundir import RunDir
 
 
 def _claim_all(root, wid, n, q):

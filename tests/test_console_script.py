@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT, compose, user_env
-from hpc_infer.data import load_records
-from hpc_infer.plan import prepare
-from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.io.data import load_records
+from hpc_infer.run.plan import prepare
+from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
 
 
 def sh(cwd, line: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

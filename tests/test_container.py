@@ -8,11 +8,11 @@ from pathlib import Path
 import submitit
 
 from conftest import compose
-from hpc_infer.container import CODE_MOUNT, DEPS_MOUNT, binds, python_command
-from hpc_infer.rundir import RunDir
-from hpc_infer.sbatch import render
+from hpc_infer.cluster.container import CODE_MOUNT, DEPS_MOUNT, binds, python_command
+from hpc_infer.worker.rundir import RunDir
+from hpc_infer.run.sbatch import render
 from hpc_infer.secrets import Token, job_env
-from hpc_infer.submit import SlurmBackend
+from hpc_infer.cluster.submit import SlurmBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_cleanenv_exec_line_and_forwarding_wrapper(tmp_path):
     rc, image = aau(tmp_path, "cluster.container.cleanenv=true", "cluster.container.passenv=[SLURM_*,HF_TOKEN]")
     c = rc.cluster.container
     cmd = shlex.split(python_command(c, [], gpus=True, host_python="/usr/bin/python3"))
-    wrapper = str(ROOT / "hpc_infer" / "container_env.sh")
+    wrapper = str(ROOT / "hpc_infer" / "cluster" / "container_env.sh")
     assert cmd[:6] == ["bash", wrapper, "SLURM_*", "HF_TOKEN", "--", "singularity"]
     assert cmd[6:9] == ["exec", "--cleanenv", "--nv"] and cmd[-2:] == [str(image), "python3"]
     env = {"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77", "HF_TOKEN": "hf_secret_x",

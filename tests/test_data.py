@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hpc_infer.config import DataConfig
-from hpc_infer.data import load_records
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
 
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, compose
-from hpc_infer.data import load_records
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.launch import launch
-from hpc_infer.merge import merge
-from hpc_infer.plan import prepare
-from hpc_infer.rundir import RunDir, read_json
+from hpc_infer.run.merge import merge
+from hpc_infer.run.plan import prepare
+from hpc_infer.worker.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
 

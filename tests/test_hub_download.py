@@ -50,7 +50,7 @@ def test_missing_model_named(tmp_path, hub):
 
 RESOLVE = """
 import sys
-from hpc_infer.cache import resolve_model
+from hpc_infer.models.cache import resolve_model
 from hpc_infer.config import ClusterConfig, ModelConfig
 print(resolve_model(ModelConfig(name="tiny", hf_id="org/tiny"), ClusterConfig(name="c", hf_home=sys.argv[1]), None))
 """

@@ -8,7 +8,7 @@ plain fractions compared literally, tuples/intervals element-wise and in order.
 
 import pytest
 
-from hpc_infer.math_grader import extract_answer, grade, hendrycks_normalize, minerva_normalize, r1_zero_score
+from hpc_infer.rewards.math_grader import extract_answer, grade, hendrycks_normalize, minerva_normalize, r1_zero_score
 from hpc_infer.rewards import math_verify_score, r1_zero_reward
 
 CASES = [

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import compose
-from hpc_infer.data import load_records
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
-from hpc_infer.merge import merge
-from hpc_infer.plan import prepare
-from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.run.merge import merge
+from hpc_infer.run.plan import prepare
+from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
 
 
 def planned_run(tmp_path, n=40, workers=3):

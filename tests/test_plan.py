@@ -5,10 +5,10 @@ import json
 import pytest
 
 from conftest import compose
-from hpc_infer.data import load_records
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
-from hpc_infer.plan import make_chunks, prepare
-from hpc_infer.rundir import read_json, read_jsonl
+from hpc_infer.run.plan import make_chunks, prepare
+from hpc_infer.worker.rundir import read_json, read_jsonl
 
 
 def test_chunks_cover_every_record_once_in_order_largest_first():

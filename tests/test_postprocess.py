@@ -5,12 +5,12 @@ import json
 import pytest
 
 from conftest import compose
-from hpc_infer.data import load_records
+from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
-from hpc_infer.merge import merge
-from hpc_infer.plan import prepare
-from hpc_infer.math_grader import r1_zero_score
-from hpc_infer.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.run.merge import merge
+from hpc_infer.run.plan import prepare
+from hpc_infer.rewards.math_grader import r1_zero_score
+from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import BIN, compose, user_env
 from hpc_infer.errors import UserError
-from hpc_infer.preflight import max_positions, preflight
+from hpc_infer.cluster.preflight import max_positions, preflight
 
 CONFIGS = Path(__file__).parent / "model_configs"
 MODELS = sorted(p.stem for p in (Path(__file__).parent.parent / "hpc_infer/conf/model").glob("*.yaml"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, wait_mid_run, read_results, run_launch
-from hpc_infer.rundir import RunDir, read_json
+from hpc_infer.worker.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_results, run_launch, wait_mid_run
-from hpc_infer.rundir import RunDir, read_json
+from hpc_infer.worker.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
 

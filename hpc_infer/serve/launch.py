@@ -20,15 +20,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..cache import resolve_model
+from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
 from ..entry import run_hydra
 from ..errors import UserError
-from ..plan import worker_spec
-from ..preflight import preflight
-from ..rundir import RunDir, set_permissions, write_atomic
+from ..run.plan import worker_spec
+from ..cluster.preflight import preflight
+from ..worker.rundir import RunDir, set_permissions, write_atomic
 from ..secrets import exported, find_token, job_env
-from ..submit import BACKENDS, make_backend
+from ..cluster.submit import BACKENDS, make_backend
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
@@ -106,7 +106,7 @@ def serve(rc: RunConfig) -> Path:
     with open(REGISTRY, "a") as f:
         f.write(f"{root}\n")
     from ..launch import worker_python
-    from ..task import ServeTask
+    from ..cluster.task import ServeTask
 
     backend = make_backend(c, run, worker_python(rc, run, model_path))
     with exported(job_env(token)):

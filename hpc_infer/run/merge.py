@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from . import faults
-from .errors import UserError
-from .rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
+from ..worker import faults
+from ..errors import UserError
+from ..worker.rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
 from .status import read_heartbeats
 from .timeline import draw_timeline
 
@@ -144,7 +144,7 @@ class Hook:
     """Applies merge.postprocess to each record and totals the numeric fields it adds."""
 
     def __init__(self, spec: dict):
-        from .config import postprocess_fn
+        from ..config import postprocess_fn
 
         self.target = spec["_target_"]
         self.fn = postprocess_fn(spec)
@@ -248,7 +248,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
     if fmt == "parquet":
         _write_parquet(checked, out, hook)
     elif fmt == "openai_batch":
-        from .openai_batch import result_to_response
+        from ..io.openai_batch import result_to_response
 
         name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
         _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"))

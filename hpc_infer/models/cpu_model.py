@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 NAME = "SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

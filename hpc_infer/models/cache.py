@@ -11,9 +11,9 @@ import fcntl
 import os
 from pathlib import Path
 
-from .config import ClusterConfig, ModelConfig
-from .errors import UserError
-from .secrets import Token
+from ..config import ClusterConfig, ModelConfig
+from ..errors import UserError
+from ..secrets import Token
 
 
 def _is_model_dir(path: Path) -> bool:

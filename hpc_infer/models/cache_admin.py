@@ -26,8 +26,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import write_json
+from ..errors import UserError
+from ..worker.rundir import write_json
 
 META = ".hpc_infer.json"
 

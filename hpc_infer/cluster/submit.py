@@ -17,9 +17,9 @@ import time
 
 import submitit
 
-from .config import ClusterConfig, time_to_minutes
-from .errors import UserError
-from .rundir import RunDir, read_json, write_json
+from ..config import ClusterConfig, time_to_minutes
+from ..errors import UserError
+from ..worker.rundir import RunDir, read_json, write_json
 from .task import WorkerTask
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -80,7 +80,7 @@ class DebugBackend(Backend):
     name = "debug"
 
     def submit(self, n_workers: int, task=None) -> list[str]:
-        from .worker import run_worker
+        from ..worker.loop import run_worker
 
         if task is not None:
             raise UserError("cluster=debug runs one batch worker in this process; use cluster=local to serve")

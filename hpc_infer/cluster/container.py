@@ -13,8 +13,8 @@ import shlex
 import shutil
 from pathlib import Path
 
-from .config import ContainerConfig
-from .errors import UserError
+from ..config import ContainerConfig
+from ..errors import UserError
 
 CODE_MOUNT = "/opt/hpc_infer/code"
 DEPS_MOUNT = "/opt/hpc_infer/deps"
@@ -34,7 +34,9 @@ def detect_runtime(cfg: ContainerConfig) -> str:
 
 
 def project_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    from ..config import PACKAGE_DIR
+
+    return PACKAGE_DIR.parent
 
 
 def binds(cfg: ContainerConfig, run_root: Path, model_path: str | None, hf_home: str | None,

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .claims import live_claims
-from .rundir import RunDir, read_json
+from ..worker.claims import live_claims
+from ..worker.rundir import RunDir, read_json
 
 
 @dataclass
@@ -84,7 +84,7 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     """
     from tqdm import tqdm
 
-    from .submit import TERMINAL
+    from ..cluster.submit import TERMINAL
 
     manifest = read_json(run.manifest)
     p = snapshot(run, manifest)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ClusterConfig, ModelConfig
-from .errors import UserError
+from ..config import ClusterConfig, ModelConfig
+from ..errors import UserError
 
 # GPU memory (GiB) and bf16 support by type name, for `cluster.gpu_type`.
 GPU_TYPES: dict[str, tuple[float, bool]] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import submitit
 
-from .worker import run_worker
+from ..worker.loop import run_worker
 
 
 class WorkerTask(submitit.helpers.Checkpointable):
@@ -23,6 +23,6 @@ class ServeTask:
     """Called with the serve run directory and the replica index (one per array task)."""
 
     def __call__(self, run_dir: str, index: int) -> dict:
-        from .serve.replica import run_replica
+        from ..serve.replica import run_replica
 
         return run_replica(run_dir, index)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import DataConfig
-from .errors import UserError
+from ..config import DataConfig
+from ..errors import UserError
 
 
 @dataclass

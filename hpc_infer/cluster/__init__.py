@@ -1,0 +1,1 @@
+"""Where work runs: submitit backends (debug, local, Slurm), containers, images, GPU pre-flight."""

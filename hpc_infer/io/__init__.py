@@ -1,0 +1,1 @@
+"""Reading prompt sets (jsonl, OpenAI batch, parquet, csv, txt) into records."""

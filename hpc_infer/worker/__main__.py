@@ -1,0 +1,7 @@
+"""`python -m hpc_infer.worker RUN_DIR [--worker-id ID]`: the worker a rendered sbatch script runs."""
+
+import sys
+
+from .loop import main
+
+sys.exit(main())
