@@ -119,12 +119,12 @@ def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     """The Ray multi-node script is checked by Slurm (two nodes in the test cluster);
     it is not run: Ray and GPUs are not available here."""
     p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
-                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=1", "model.tensor_parallel_size=2"],
+                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=1", "model.pipeline_parallel_size=2"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     script = Path(p.stdout.strip().splitlines()[-1])
     text = script.read_text()
-    assert "#SBATCH --nodes=2" in text and "ray start --head" in text and "--gres=gpu:1" in text
+    assert "#SBATCH --nodes=2" in text and "ray start --head" in text and "--gres=gpu:1" in text and "wait_for_ray 2 2" in text
     assert read_json(script.parent / "worker.json")["model"]["engine_kwargs"]["distributed_executor_backend"] == "ray"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)

@@ -111,3 +111,13 @@ def test_hydra_multirun_one_run_per_combination(tmp_path, cpu_model):
     for name in ("example_prompts__smollm2_cpu__greedy", "example_prompts__smollm2_cpu__default"):
         rows = read_results(tmp_path / "runs" / name / "results.jsonl")
         assert len(rows) == 2
+
+
+def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
+    """`hpc-infer launch` with nothing else (the README's first command; output kept in tmp_path)."""
+    p = run_launch(tmp_path, timeout=1800)
+    run = tmp_path / "runs/example__smollm2_cpu__default"
+    rows = read_results(run / "results.jsonl")
+    assert len(rows) == 16 and all(r["output_tokens"] > 0 for r in rows)
+    assert f"{run}/results.jsonl" in p.stderr and f"summary: {run}/summary.json" in p.stderr
+    assert f"timeline: {run}/timeline.png" in p.stderr and "1 local worker:" in p.stderr

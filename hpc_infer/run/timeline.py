@@ -25,7 +25,7 @@ def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | N
     t0 = min([c["started"] for c in timed] + [b["started"] for b in beats if b.get("started")])
     workers = sorted({c["worker"] for c in timed} | {b["worker"] for b in beats if "worker" in b})
     lane = {w: i for i, w in enumerate(workers)}
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.35 * len(workers)))
+    fig, ax = plt.subplots(figsize=(11, max(2.4, 1.2 + 0.45 * len(workers))))
     for b in beats:
         if b.get("worker") in lane and b.get("started") and b.get("engine_start_s"):
             ax.barh(lane[b["worker"]], b["engine_start_s"], left=b["started"] - t0, color="0.85", height=0.8,
@@ -40,7 +40,7 @@ def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | N
             ax.text(c["started"] - t0 + width / 2, y, str(c["id"]), ha="center", va="center",
                     fontsize=max(5, min(8, 40 / slots)))
     ax.set_yticks(range(len(workers)), [str(w) for w in workers], fontsize=7)
-    ax.set_ylabel("worker (job id or host:pid)")
+    ax.set_ylabel("worker")
     ax.set_xlabel("seconds since the first worker started")
     n_chunks, n_workers = len(timed), len(workers)
     ax.set_title(f"{Path(run.root).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
@@ -48,7 +48,8 @@ def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | N
     handles, labels = ax.get_legend_handles_labels()
     first = {label: h for h, label in zip(handles, labels)}
     if first:
-        ax.legend(list(first.values()), list(first.keys()), loc="upper right", fontsize=7)
+        ax.legend(list(first.values()), list(first.keys()), loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                  fontsize=7, frameon=False)  # beside the lanes, never over a bar
     fig.tight_layout()
     out = run.root / "timeline.png"
     tmp = out.with_name(".timeline.png.tmp")
