@@ -94,6 +94,9 @@ class ClusterConfig:
     token_file: Optional[str] = None  # where to look for the HF token
     lease_s: float = 600.0  # a claim not refreshed for this long is taken over
     max_chunks_in_flight: int = 16  # chunks one worker feeds its engine at once (bench/balance.py)
+    # An idle worker (nothing left to claim) re-executes up to this many of the tail's slowest
+    # chunks as backup copies; the first complete output wins (0: never).
+    max_backups: int = 2
     heartbeat_s: float = 10.0
     # Batch through running servers instead of loading a model: a `hpc-infer serve` run
     # directory, or base URL(s) "http://node:port/v1[,http://...]" (key: serve.api_key_file
@@ -389,6 +392,7 @@ def validate(rc: RunConfig) -> None:
     check(c.nodes_per_task >= 1, "cluster.nodes_per_task", f"{c.nodes_per_task} must be >= 1")
     check(c.gpus_per_task >= 0, "cluster.gpus_per_task", "must be >= 0")
     check(c.max_chunks_in_flight >= 1, "cluster.max_chunks_in_flight", "must be >= 1")
+    check(c.max_backups >= 0, "cluster.max_backups", "must be >= 0 (0 turns backup copies off)")
     try:
         time_to_minutes(c.time)
     except UserError as e:

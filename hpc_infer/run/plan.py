@@ -130,6 +130,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
         "lease_s": rc.cluster.lease_s,
         "heartbeat_s": rc.cluster.heartbeat_s,
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
+        "max_backups": rc.cluster.max_backups,
         "permissions": rc.permissions,
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }

@@ -146,3 +146,24 @@ def live_claims(run: RunDir, lease_s: float) -> set[int]:
     now = time.time()
     return {cid for cid in run.claimed_chunks() - run.done_chunks()
             if not is_stale(run.claim_path(cid), lease_s, now)}
+
+
+def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
+    """Mark a backup copy of a chunk (O_EXCL: at most one backup per chunk, ever)."""
+    try:
+        fd = os.open(run.claims / f"{chunk_id:05d}.backup", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"worker": owner.worker_id, "host": owner.host, "pid": owner.pid, "t": time.time()}))
+    return True
+
+
+def backup_candidate(run: RunDir, sizes: dict[int, int], progress: dict[int, int], lease_s: float) -> int | None:
+    """The chunk most likely to finish last: held by a live worker, not done, no backup yet,
+    most records left (from the holders' heartbeats); ties go to the older (lower) id."""
+    backed = {int(n[:5]) for n in os.listdir(run.claims) if n.endswith(".backup") and n[:5].isdigit()}
+    live = live_claims(run, lease_s) - backed
+    if not live:
+        return None
+    return max(sorted(live), key=lambda c: sizes.get(c, 0) - progress.get(c, 0))

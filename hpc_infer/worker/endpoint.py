@@ -101,6 +101,14 @@ class HttpEngine:
                 "prompt_tokens": resp.usage.prompt_tokens if resp.usage else 0,
                 "output_tokens": resp.usage.completion_tokens if resp.usage else 0}
 
+    def abort(self, chunk_id: int) -> int:
+        """Cancel a chunk's requests not yet sent; ones in flight finish and are dropped."""
+        futs = [f for f, r in self._pending.items() if r.get("chunk") == chunk_id]
+        for f in futs:
+            f.cancel()
+            self._pending.pop(f, None)
+        return len(futs)
+
     def step(self) -> list[dict]:
         """Wait for at least one request to finish; return the result records that did."""
         if not self._pending:

@@ -169,6 +169,19 @@ class Engine:
                 done.append(_result(self._pending.pop(rid), out))
         return done
 
+    def abort(self, chunk_id: int) -> int:
+        """Drop a chunk's unfinished requests (its output was published by another worker)."""
+        rids = [rid for rid, r in self._pending.items() if r.get("chunk") == chunk_id]
+        if rids and self.task not in POOLING_TASKS:
+            try:
+                self.llm.llm_engine.abort_request(rids, internal=True)
+            except TypeError:  # older vLLM: no `internal`
+                self.llm.llm_engine.abort_request(rids)
+        for rid in rids:
+            self._pending.pop(rid, None)
+            self._pending_alias.pop(_external_id(rid), None)
+        return len(rids)
+
     def _pool(self) -> list[dict]:
         """Embed, classify or score everything pending in one call."""
         records = list(self._pending.values())

@@ -6,7 +6,8 @@ the NTH time (default 1st) it reaches POINT (on a path containing PATH_PART), e.
 Unset (always, outside tests) it costs one dict lookup. Standard library only: the
 worker imports it inside the cluster's image.
 
-SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an exception).
+SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an exception);
+`SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`).
 
 Points: claimed, step (worker), tmp_written, renamed (rundir.write_atomic),
 merge_tmp_written (merge, before the result's rename).
@@ -28,6 +29,9 @@ def point(name: str, path: object = "") -> None:
     where, sig, *nth = spec.split(":")
     want, _, part = where.partition("@")
     if want != name or (part and part not in str(path)):
+        return
+    if sig.startswith("SLEEP"):
+        time.sleep(int(sig[5:]) / 1000)
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(nth[0] if nth else 1):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import claims, faults
-from .rundir import RunDir, encode_chunk_output, read_chunk_input, read_json, set_permissions, write_atomic, write_json
+from .rundir import (RunDir, encode_chunk_output, publish_chunk_output, read_chunk_input, read_json, set_permissions,
+                     write_json)
 
 
 def default_worker_id() -> str:
@@ -118,7 +119,21 @@ class _Chunk:
     id: int
     size: int
     started: float
+    backup: bool = False  # a backup copy of a chunk another worker holds
     rows: list = field(default_factory=list)
+
+
+def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease_s: float) -> int | None:
+    """The tail chunk most likely to finish last, marked as backed up by us (one backup per chunk)."""
+    from .status_beats import progress_by_chunk
+
+    for _ in range(3):
+        cid = claims.backup_candidate(run, sizes, progress_by_chunk(run), lease_s)
+        if cid is None:
+            return None
+        if claims.try_backup(run, cid, owner) and not run.chunk_done(cid):
+            return cid
+    return None
 
 
 def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None) -> dict:
@@ -149,6 +164,9 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     claimed = 0
     exhausted = False
     max_in_flight = int(spec.get("max_chunks_in_flight", 16))
+    backups_left = int(spec.get("max_backups", 2))
+    sizes = {cid: int(c["n_records"]) for cid, c in planned.items()}
+    last_done_check = 0.0
     try:
         while True:
             while not exhausted and len(inflight) < max_in_flight and (
@@ -181,18 +199,39 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                         engine = Engine.shared(spec["model"])
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
+            if not inflight and exhausted and backups_left > 0 and engine is not None:
+                # Nothing left to claim and this worker is idle: re-execute the tail (MapReduce's
+                # backup tasks). First complete output wins; see rundir.publish_chunk_output.
+                cid = _claim_backup(run, owner, sizes, lease_s)
+                if cid is not None:
+                    backups_left -= 1
+                    records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
+                    for r in records:
+                        r["worker"], r["chunk"] = owner.worker_id, cid
+                    inflight[cid] = _Chunk(cid, len(records), time.time(), backup=True)
+                    hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
+                              backups=hb.state.get("backups", 0) + 1)
+                    engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
             if not inflight:
                 break
             if hb.run_deleted or not run.manifest.exists():
                 raise RunDeleted(f"{run.root} was deleted while this worker ran; stopping without writing")
             faults.point("step")
-            finished = engine.step()
+            finished = [row for row in engine.step() if row["chunk"] in inflight]  # abandoned chunks: dropped
             for row in finished:
                 inflight[row["chunk"]].rows.append(row)
             for chunk in [inflight[c] for c in {r["chunk"] for r in finished}]:
                 if len(chunk.rows) == chunk.size:
                     _finish(run, chunk, owner, hb)
                     del inflight[chunk.id]
+            if time.time() - last_done_check > 1.0:  # another copy published first: stop ours
+                last_done_check = time.time()
+                for cid in [c for c in inflight if run.chunk_done(c)]:
+                    engine.abort(cid)
+                    if not inflight[cid].backup:
+                        claims.release(run, cid, owner)
+                    del inflight[cid]
+                    hb.update(abandoned=hb.state.get("abandoned", 0) + 1)
             if finished:
                 hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
                           in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows))
@@ -217,10 +256,15 @@ def _finish(run: RunDir, chunk: _Chunk, owner: claims.Owner, hb: Heartbeat) -> N
     indices = [r["index"] for r in rows]
     if indices != list(range(indices[0], indices[0] + len(rows))):
         raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
-    write_atomic(run.out_path(chunk.id), encode_chunk_output(
-        chunk.id, rows, worker=owner.worker_id, started=round(chunk.started, 3), finished=round(time.time(), 3)))
-    claims.release(run, chunk.id, owner)
+    published = publish_chunk_output(run.out_path(chunk.id), chunk.id, encode_chunk_output(
+        chunk.id, rows, worker=owner.worker_id, started=round(chunk.started, 3), finished=round(time.time(), 3),
+        **({"backup": True} if chunk.backup else {})))
+    if not chunk.backup:
+        claims.release(run, chunk.id, owner)
     s = hb.state
+    if not published:  # another copy finished first: ours is discarded, nothing counted twice
+        hb.update(abandoned=s.get("abandoned", 0) + 1)
+        return
     hb.update(
         chunks_done=s["chunks_done"] + 1,
         records_done=s["records_done"] + len(rows),

@@ -165,6 +165,17 @@ def secure_root(root: Path, kind: str, group: str | None = None) -> None:
             os.chmod(d, mode | (0o2000 if kind == "group" else 0))
 
 
+def publish_chunk_output(path: Path, chunk_id: int, data: bytes) -> bool:
+    """Publish a chunk's output unless a complete one is already there: with backup copies
+    (or a taken-over chunk whose first holder was alive after all) the first complete
+    output wins and the later one is discarded. A damaged file there is replaced. Returns
+    whether ours was published."""
+    if chunk_done(path, chunk_id):
+        return False
+    write_atomic(path, data)
+    return True
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` so that readers see either nothing or the whole file. Never creates
     folders: a run directory deleted under a worker is not brought back piecemeal."""

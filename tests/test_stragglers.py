@@ -1,0 +1,56 @@
+"""Backup copies of the tail (MapReduce's backup tasks) on real vLLM workers.
+
+One worker is slowed by a failpoint (a sleep at every engine step) among a normal one.
+Once nothing is left to claim, the idle normal worker re-executes the chunk the slow one
+holds; the first complete output wins, the other copy is dropped, and the merge has
+every record exactly once. How much sooner the run ends is measured in
+bench/stragglers.py, not asserted here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import compose
+from hpc_infer.io.data import load_records
+from hpc_infer.run.merge import merge
+from hpc_infer.run.plan import prepare
+from hpc_infer.worker.rundir import read_chunk_trailer, read_json
+
+pytestmark = pytest.mark.slow
+CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _worker(run, worker_id, log, **env):
+    return subprocess.Popen([sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", worker_id],
+                            env=dict(os.environ, **CPU_ENV, **env), stdout=log, stderr=log)
+
+
+def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp_path, cpu_model):
+    rc = compose("data=example", "sampling=greedy", "sampling.max_tokens=12", "+sampling.extra.ignore_eos=true",
+                 "cluster=local", "cluster.workers=2", "cluster.max_chunks_in_flight=1", "cluster.heartbeat_s=1",
+                 f"output_root={tmp_path}/runs")
+    run, _ = prepare(rc, load_records(rc.data), cpu_model, "")
+    n_records = read_json(run.manifest)["n_records"]
+    with open(tmp_path / "slow.log", "w") as slow_log, open(tmp_path / "fast.log", "w") as fast_log:
+        slow = _worker(run, "slow", slow_log, HPC_INFER_FAULT="step:SLEEP3000")
+        deadline = time.time() + 600
+        while not run.claim_path(0).exists() and time.time() < deadline:
+            time.sleep(0.2)  # the slow worker holds chunk 0 (the largest) before the other starts
+        fast = _worker(run, "fast", fast_log)
+        assert fast.wait(timeout=1800) == 0 and slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
+    marker = run.claims / "00000.backup"
+    assert json.loads(marker.read_text())["worker"] == "fast"  # the idle worker backed up the straggler's chunk
+    beats = {b: read_json(run.heartbeats / f"{b}.json") for b in ("slow", "fast")}
+    assert beats["fast"].get("backups") == 1
+    trailer, _ = read_chunk_trailer(run.out_path(0))
+    # whichever copy won, the other was dropped (abandoned or discarded), never published twice
+    loser = "slow" if trailer["worker"] == "fast" else "fast"
+    assert beats[loser].get("abandoned", 0) >= 1
+    s = merge(run)
+    rows = [json.loads(line) for line in open(s.results)]
+    assert [r["index"] for r in rows] == list(range(n_records))
