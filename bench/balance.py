@@ -70,6 +70,7 @@ class Worker:
         self.waiting: deque = deque()  # (prompt_tokens, output_tokens, chunk)
         self.left: dict[int, int] = {}  # chunk -> records not finished yet
         self.finishing: list[tuple[int, int]] = []  # (finish step, chunk)
+        self.completed: list[tuple[int, float]] = []  # (chunk, time) as chunks finish here
 
     def enqueue(self, records: list[tuple[int, int]], chunk: int) -> None:
         self.waiting.extend((pt, ot, chunk) for pt, ot in records)
@@ -96,10 +97,25 @@ class Worker:
             heapq.heappop(self.running)
         while self.finishing and self.finishing[0][0] == nxt:
             _, chunk = heapq.heappop(self.finishing)
+            if chunk not in self.left:
+                continue  # aborted
             self.left[chunk] -= 1
             if not self.left[chunk]:
                 del self.left[chunk]
+                self.completed.append((chunk, self.t))
         return True
+
+    def abort(self, chunk: int) -> None:
+        """Drop a chunk's remaining sequences (another copy finished first)."""
+        if chunk not in self.left:
+            return
+        del self.left[chunk]
+        self.waiting = deque(x for x in self.waiting if x[2] != chunk)
+        keep = [(f, c) for f, c in self.finishing if c != chunk]
+        heapq.heapify(keep)
+        self.finishing = keep
+        self.running = [f for f, _ in keep]
+        heapq.heapify(self.running)
 
 
 def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *, load_per_chunk: bool,
@@ -129,6 +145,70 @@ def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
         else:
             ends[i] = w.t
     return ends
+
+
+STRAGGLER = 0.75  # a holder slower than this fraction of the median rate gets its chunks backed up
+
+
+def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *,
+                max_in_flight: int = 16, max_backups: int = 2) -> tuple[list[float], float]:
+    """Ours plus backup copies (worker.py): once nothing is left to claim, an idle worker
+    re-executes a straggler's live chunk with the longest expected time left (one backup per chunk, at most
+    `max_backups` per worker); the first copy to finish wins and the other is aborted.
+    Other workers' progress is read at their own simulated clock, which may be slightly
+    ahead: a small bias against backups. Returns worker end times and the worker-time
+    spent on copies that lost (the backups' extra cost)."""
+    queue = deque(enumerate(chunks))
+    ws = [Worker(m, m.load_s, f) for f in slow]
+    heap = [(w.t, i) for i, w in enumerate(ws)]
+    heapq.heapify(heap)
+    ends = [0.0] * len(ws)
+    holders: dict[int, dict[int, float]] = {}  # chunk -> {worker: time its copy started}
+    done: set[int] = set()
+    backed: set[int] = set()
+    left = [max_backups] * len(ws)
+    wasted = 0.0
+    while heap:
+        _, i = heapq.heappop(heap)
+        w = ws[i]
+        while queue and len(w.left) < max_in_flight and w.unfinished < m.max_num_seqs:
+            cid, recs = queue.popleft()
+            w.t += m.claim_s
+            w.enqueue(recs, cid)
+            holders.setdefault(cid, {})[i] = w.t
+        busy = w.advance()
+        for cid, t in w.completed:
+            if cid in done:
+                continue
+            done.add(cid)
+            for j, started in holders.pop(cid, {}).items():
+                if j != i:
+                    ws[j].abort(cid)
+                    wasted += max(0.0, t - started)
+                    if not ws[j].left:  # that copy was all it had: it stops when the winner finishes
+                        ws[j].t = t
+        w.completed.clear()
+        if not busy and not queue and left[i] > 0:
+            # expected time left: records left x the holder's slowness (the worker estimates the
+            # latter from the holder's heartbeat rate)
+            # only a straggler's chunks: the holder's rate under 0.75 x the median rate
+            median = sorted(1 / x.slow for x in ws)[len(ws) // 2]
+            live = [(max(ws[j].left.get(c, 0) * ws[j].slow for j in hs), c) for c, hs in holders.items()
+                    if c not in done and c not in backed and i not in hs
+                    and any(1 / ws[j].slow < STRAGGLER * median for j in hs)]
+            if live:
+                _, cid = max(live)
+                backed.add(cid)
+                left[i] -= 1
+                w.t += m.claim_s
+                w.enqueue(chunks[cid], cid)
+                holders[cid][i] = w.t
+                busy = True
+        if busy or queue:
+            heapq.heappush(heap, (w.t, i))
+        else:
+            ends[i] = w.t
+    return ends, wasted
 
 
 def run_static(m: EngineModel, slow: list[float], slices: list[list[tuple[int, int]]]) -> list[float]:
@@ -247,7 +327,7 @@ def main() -> None:
           f"sigma {args.out_sigma}, clipped at {args.max_tokens}); ideal makespan "
           f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
     schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
-               "ours, 16 (default)", "ours, 64"]
+               "ours, 16 (default)", "ours, 64", "ours, 16 + backups (default)"]
     print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>32}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
         rng = random.Random(args.seed + 1)
@@ -266,8 +346,13 @@ def main() -> None:
         for cpw in (4, 16, 64):
             chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
             spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
+        chunks = [[recs[i] for i in r] for r in make_chunks(est, W, 16)]
+        ends, wasted = run_backups(m, slow, chunks)
+        spans.append(ends)
         cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]
         print(f"{scenario:<30}" + "".join(f"{c:>32}" for c in cells), flush=True)
+        print(f"{'':<30}backups: extra worker-time on losing copies {wasted:,.0f} s = "
+              f"{100 * wasted / sum(ends):.2f}% of all worker-time", flush=True)
 
 
 if __name__ == "__main__":

@@ -159,11 +159,27 @@ def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
     return True
 
 
-def backup_candidate(run: RunDir, sizes: dict[int, int], progress: dict[int, int], lease_s: float) -> int | None:
+STRAGGLER = 0.75  # bench/balance.py simulates the same threshold
+
+
+def backup_candidate(run: RunDir, sizes: dict[int, int], progress: dict[int, tuple[int, float]],
+                     lease_s: float, rates_by_worker: list[float] | None = None) -> int | None:
     """The chunk most likely to finish last: held by a live worker, not done, no backup yet,
-    most records left (from the holders' heartbeats); ties go to the older (lower) id."""
+    with the longest expected time left = records left / the holder's rate (from the
+    holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
     backed = {int(n[:5]) for n in os.listdir(run.claims) if n.endswith(".backup") and n[:5].isdigit()}
     live = live_claims(run, lease_s) - backed
     if not live:
         return None
-    return max(sorted(live), key=lambda c: sizes.get(c, 0) - progress.get(c, 0))
+    def time_left(c: int) -> float:
+        done, rate = progress.get(c, (0, 0.0))
+        return (sizes.get(c, 0) - done) / max(rate, 1e-3)
+
+    # only a straggler's chunks: a holder under STRAGGLER x the median rate of all workers
+    # (a backup of a chunk a normal worker holds rarely wins and costs batch time)
+    rates = sorted(rates_by_worker or [r for _, r in progress.values()])
+    median = rates[len(rates) // 2] if rates else 0.0
+    live = {c for c in live if progress.get(c, (0, 0.0))[1] < STRAGGLER * median}
+    if not live:
+        return None
+    return max(sorted(live), key=time_left)

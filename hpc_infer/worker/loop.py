@@ -128,7 +128,9 @@ def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease
     from .status_beats import progress_by_chunk
 
     for _ in range(3):
-        cid = claims.backup_candidate(run, sizes, progress_by_chunk(run), lease_s)
+        rates: list[float] = []
+        progress = progress_by_chunk(run, rates)
+        cid = claims.backup_candidate(run, sizes, progress, lease_s, rates)
         if cid is None:
             return None
         if claims.try_backup(run, cid, owner) and not run.chunk_done(cid):

@@ -8,9 +8,10 @@ import os
 from .rundir import RunDir
 
 
-def progress_by_chunk(run: RunDir) -> dict[int, int]:
-    """Records finished so far in each chunk in flight, per the holders' latest heartbeats."""
-    out: dict[int, int] = {}
+def progress_by_chunk(run: RunDir, rates: list[float] | None = None) -> dict[int, tuple[int, float]]:
+    """(records finished so far, the holder's records per second) for each chunk in flight,
+    per the holders' latest heartbeats; `rates` collects every worker's rate."""
+    out: dict[int, tuple[int, float]] = {}
     try:
         names = os.listdir(run.heartbeats)
     except FileNotFoundError:
@@ -23,6 +24,11 @@ def progress_by_chunk(run: RunDir) -> dict[int, int]:
                 beat = json.loads(f.read())
         except (OSError, ValueError):
             continue
+        elapsed = max(float(beat.get("t", 0)) - float(beat.get("started", 0)), 1e-6)
+        rate = (int(beat.get("records_done", 0)) + sum((beat.get("in_flight") or {}).values())) / elapsed
+        if rates is not None and beat.get("records_done"):
+            rates.append(rate)
         for cid, done in (beat.get("in_flight") or {}).items():
-            out[int(cid)] = max(out.get(int(cid), 0), int(done))
+            if int(done) >= out.get(int(cid), (-1, 0.0))[0]:
+                out[int(cid)] = (int(done), rate)
     return out
