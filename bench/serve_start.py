@@ -2,7 +2,8 @@
 
 Runs `hpc-infer serve` twice on the same model (the second finds the weights in the page
 cache) and prints, side by side:
-  queue   - submission to the replica's job starting (scheduler)
+  queue   - `hpc-infer serve` typed to the replica's job starting: the command's own start (imports,
+            model resolution, pre-flight) plus the scheduler's queue
   import  - job start to vLLM's banner (Python, torch and vLLM imported)
   load    - banner to "Starting vLLM server" (weights loaded, engine built, warmed up)
   ready   - server listening to /health answering (what the replica waits for)
@@ -34,7 +35,8 @@ def _log_time(line: str) -> float | None:
 
 
 def one(tmp: Path, cluster: str, name: str) -> dict:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"))
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"),
+               HPC_INFER_CACHE=os.environ.get("HPC_INFER_CACHE", str(Path.home() / ".cache" / "hpc_infer")))
     t_submit = time.time()
     p = subprocess.run(["hpc-infer", "serve", f"cluster={cluster}", f"run_name={name}", f"output_root={tmp}/runs"],
                        env=env, capture_output=True, text=True)

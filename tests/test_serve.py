@@ -173,3 +173,19 @@ def test_idle_replica_stops_itself(tmp_path, cpu_model):
     assert s["state"] == "stopped" and "idle" in s["stopped_because"]
     assert not Path(f"/proc/{s['server_pid']}").exists() or b"api_server" not in Path(
         f"/proc/{s['server_pid']}/cmdline").read_bytes()
+
+
+def test_local_serve_never_holds_the_callers_pipe(tmp_path, cpu_model):
+    """Local replicas outlive `hpc-infer serve`; a caller reading its output through a pipe
+    (`| tee`, subprocess capture) must get EOF when the command ends, not when the server does."""
+    env = user_env({"HOME": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    t = time.time()
+    p = subprocess.run(["/bin/bash", "-c", f"hpc-infer serve cluster=local wait=false run_name=pipe "
+                        f"output_root={tmp_path}/runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    took = time.time() - t
+    stop = sh(tmp_path, f"hpc-infer serve stop {tmp_path}/runs/pipe", env=env)
+    assert p.returncode == 0 and "not waiting" in p.stderr, p.stderr[-2000:]
+    assert stop.returncode == 0 and "stopped 1 replica" in stop.stdout
+    assert took < 600  # (subprocess.run would have raised TimeoutExpired while the server ran)

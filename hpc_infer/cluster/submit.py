@@ -8,6 +8,7 @@ executor; `debug` runs one worker in this process. Job ids go to jobs.json so th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -104,7 +105,8 @@ class LocalBackend(Backend):
     def submit(self, n_workers: int, task=None) -> list[str]:
         ex = submitit.LocalExecutor(folder=self.run.logs, python=self.python)
         ex.update_parameters(timeout_min=time_to_minutes(self.cluster.time))
-        jobs = ex.map_array(*self._calls(0, n_workers, task))
+        with _stdio_detached():  # the controllers outlive this command: never hold the caller's pipes
+            jobs = ex.map_array(*self._calls(0, n_workers, task))
         ids = [j.job_id for j in jobs]
         self.record(ids)
         return ids
@@ -147,6 +149,27 @@ class LocalBackend(Backend):
             time.sleep(0.1)
         return (f"stopped {len(ours)} local worker{'s' * (len(ours) != 1)}"
                 + (f" ({len(alive)} ignored SIGTERM for {grace_s:g}s and were killed)" if alive else ""))
+
+
+@contextlib.contextmanager
+def _stdio_detached():
+    """submitit's local controller inherits stdin/stdout/stderr and outlives the command that
+    started it (a server, a wait=false run): with a caller reading our output through a pipe
+    (`| tee`, subprocess capture), that pipe would stay open until the job ends. Start the
+    controllers with /dev/null there; their jobs write to their own log files."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, old in zip((0, 1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(null)
 
 
 def _is_submitit_job(pid: int) -> bool:
