@@ -7,6 +7,7 @@ for unknown keys and secrets before any step writes a file.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable
 
@@ -21,10 +22,20 @@ register_configs()
 
 
 def run_hydra(task: Callable[[DictConfig], None]) -> None:
+    """Run `task(cfg)` on the composed config; a UserError anywhere is one `error:` line, exit 2."""
+
+    @functools.wraps(task)
+    def guarded(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
     try:
         refuse_secret_overrides(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     # absolute: the task may live in a subpackage (serve/), and the console script must find it too
-    hydra.main(config_path=str(PACKAGE_DIR / "conf"), config_name="config", version_base=None)(task)()
+    hydra.main(config_path=str(PACKAGE_DIR / "conf"), config_name="config", version_base=None)(guarded)()

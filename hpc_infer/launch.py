@@ -145,12 +145,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
 
 
 def _task(cfg: DictConfig) -> None:
-    try:
-        rc = to_run_config(cfg)
-        launch(rc, OmegaConf.to_yaml(cfg, resolve=True))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    launch(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def main() -> None:

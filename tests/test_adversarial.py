@@ -56,7 +56,7 @@ def finish_all(run: RunDir) -> int:
 @pytest.mark.parametrize("entry", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m",
                                    "python -m hpc_infer.launch"])
 @pytest.mark.parametrize("override", [f"+cluster.env.HF_TOKEN={TOKEN}", f"+model.engine_kwargs.hf_token={TOKEN}",
-                                      f"+cluster.env.MY_API_KEY=abc123secretvalue", f"data.system_prompt={TOKEN}",
+                                      "+cluster.env.MY_API_KEY=abc123secretvalue", f"data.system_prompt={TOKEN}",
                                       f"+cluster.env.NOTE=prefix-{TOKEN}"])
 def test_secret_refused_by_every_entry_before_any_file(tmp_path, entry, override):
     p = sh(tmp_path, f"{entry} '{override}' cluster=local output_root={tmp_path}/runs")

@@ -5,7 +5,6 @@ import multiprocessing as mp
 import os
 import stat
 import subprocess
-import sys
 
 import pytest
 

@@ -8,7 +8,6 @@ message when no runtime is on PATH; where apptainer exists the same code runs it
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, compose, user_env
+from conftest import compose, user_env
 from hpc_infer.errors import UserError
 from hpc_infer.cluster.preflight import max_positions, preflight
 
@@ -108,7 +108,7 @@ def test_rendered_scripts_pass_sbatch_test_only(tmp_path, model, cluster, nodes)
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     p = subprocess.run(
-        ["/bin/bash", "-c", f'exec hpc-infer sbatch "$@"', "sbatch", f"model={model}", f"cluster={cluster}",
+        ["/bin/bash", "-c", 'exec hpc-infer sbatch "$@"', "sbatch", f"model={model}", f"cluster={cluster}",
          f"model.path={CONFIGS / model}", f"data.path={data}", f"output_root={tmp_path}/runs", "cluster.partition=debug",
          "cluster.qos=null", "cluster.container.image=null", "cluster.mem=1G", "cluster.cpus_per_task=1",
          f"cluster.nodes_per_task={nodes}", "model.task=generate"],

@@ -7,6 +7,8 @@ suite pays for two server starts, not one per check.
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 import subprocess
 import threading
 import time
@@ -88,9 +90,6 @@ def test_openai_client_chat_stream_completions_and_401(served):
         assert "Paris" in comp.choices[0].text
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=s["url"], api_key="not-the-key").models.list()
-        import urllib.error
-        import urllib.request
-
         req = urllib.request.Request(f"{s['url']}/chat/completions", method="POST",  # no Authorization header
                                      data=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                       "max_tokens": 1}).encode(),

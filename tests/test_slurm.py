@@ -7,7 +7,6 @@ these runs use the host Python; test_container.py checks the exact exec lines.
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

@@ -24,7 +24,6 @@ from ..config import RunConfig, to_run_config
 from ..cluster.container import CODE_MOUNT, binds, exec_prefix, project_root
 from ..io.data import load_records
 from ..entry import run_hydra
-from ..errors import UserError
 from .plan import prepare
 from ..cluster.preflight import gpus_per_node, preflight
 from ..worker import rundir
@@ -116,11 +115,7 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
 
 
 def _task(cfg: DictConfig) -> None:
-    try:
-        path = write_script(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    path = write_script(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
     print(path)
     print(f"submit with: sbatch {path}", file=sys.stderr)
 

@@ -167,11 +167,7 @@ def instructions(root: Path, served: str, key_file: Path, ready: list[dict]) -> 
 
 
 def _task(cfg: DictConfig) -> None:
-    try:
-        serve(to_run_config(cfg))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    serve(to_run_config(cfg))
 
 
 def main() -> None:
