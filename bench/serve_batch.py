@@ -23,8 +23,13 @@ BIN = Path(sys.executable).parent
 CACHE = os.environ.get("HPC_INFER_CACHE", str(Path.home() / ".cache" / "hpc_infer"))  # the built CPU model
 
 
+def user_env(tmp: Path) -> dict:
+    """The installed `hpc-infer` on PATH, a fresh HOME (its own API keys), the built CPU model."""
+    return dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"), HPC_INFER_CACHE=CACHE)
+
+
 def launch(tmp: Path, name: str, data: Path, max_tokens: int, *extra: str) -> tuple[float, dict]:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"), HPC_INFER_CACHE=CACHE)
+    env = user_env(tmp)
     t = time.time()
     p = subprocess.run(["hpc-infer", "launch", "cluster=local", f"data.path={data}", "sampling=greedy",
                         f"sampling.max_tokens={max_tokens}", "+sampling.extra.ignore_eos=true", f"run_name={name}",
@@ -49,7 +54,7 @@ def main() -> None:
             data.write_text("".join(json.dumps({"prompt": f"Set {k}, item {i}: write one sentence about the number "
                                                           f"{i * 7 + k}."}) + "\n" for i in range(args.prompts)))
             sets.append(data)
-        env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"), HPC_INFER_CACHE=CACHE)
+        env = user_env(tmp)
         t = time.time()
         offline = [launch(tmp, f"off{k}", d, args.max_tokens) for k, d in enumerate(sets)]
         t_offline = time.time() - t

@@ -30,30 +30,21 @@ def _run_dir(path: str):
     return run
 
 
-def _backend(run):
-    from omegaconf import OmegaConf
-
-    from .config import ClusterConfig
-    from .cluster.submit import make_backend, recorded_jobs
-
-    name, ids = recorded_jobs(run)
-    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")),
-                                                  {"backend": name or "debug"}))
-    return make_backend(cluster, run), ids
-
-
 def cmd_status(args) -> int:
+    from .cluster.submit import recorded_backend
     from .run.status import describe
 
     run = _run_dir(args.run_dir)
-    backend, ids = _backend(run)
+    backend, ids = recorded_backend(run)
     print(describe(run, backend.states(ids)))
     return 0
 
 
 def cmd_cancel(args) -> int:
+    from .cluster.submit import recorded_backend
+
     run = _run_dir(args.run_dir)
-    backend, ids = _backend(run)
+    backend, ids = recorded_backend(run)
     what = backend.cancel(ids)
     print(f"cancelled {len(ids)} tasks of {run.root} ({what}); relaunch the same command to resume later")
     return 0

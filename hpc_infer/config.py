@@ -99,8 +99,8 @@ class ClusterConfig:
     max_backups: int = 2
     heartbeat_s: float = 10.0
     # Batch through running servers instead of loading a model: a `hpc-infer serve` run
-    # directory, or base URL(s) "http://node:port/v1[,http://...]" (key: serve.api_key_file
-    # or $OPENAI_API_KEY's name, never a value here).
+    # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"
+    # with the key's file in serve.api_key_file (never a key here).
     endpoint: Optional[str] = None
     endpoint_concurrency: int = 32  # requests in flight per replica
 
@@ -332,7 +332,8 @@ def not_a_file(path: str) -> Optional[str]:
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO); a run reads its input twice (plan, fingerprint), so copy it to a file"
+        return ("is a named pipe (FIFO), which can be read once; a relaunch reads the input again to resume, "
+                "so copy it to a file")
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "is a device, not a file"
     if stat.S_ISSOCK(mode):

@@ -1,4 +1,4 @@
-"""The Hydra door shared by `launch` and `sbatch` (and `hpc-infer launch|sbatch`).
+"""The Hydra door shared by `launch`, `sbatch` and `serve` (`hpc-infer launch|sbatch|serve`).
 
 Secrets on the command line are refused before Hydra runs, so Hydra can neither echo
 them in an error nor write them to multirun.yaml; the composed config is then checked

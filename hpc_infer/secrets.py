@@ -101,7 +101,7 @@ def secrets_in(tree: object, path: str = "") -> list[str]:
     if isinstance(tree, dict):
         for k, v in tree.items():
             p = f"{path}.{k}" if path else str(k)
-            if secret_key(str(k)) and v not in (None, "", [], {}) and not isinstance(v, (dict, list, bool)):
+            if secret_key(str(k)) and v not in (None, "") and not isinstance(v, (dict, list, bool)):
                 found.append(p)
             else:
                 found += secrets_in(v, p)

@@ -12,9 +12,8 @@ refuses what cannot fit.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..config import ClusterConfig, ModelConfig
 from ..errors import UserError
@@ -30,16 +29,6 @@ GPU_TYPES: dict[str, tuple[float, bool]] = {
 BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "int8": 1}
 ON_THE_FLY_QUANT = {"fp8", "bitsandbytes", "experts_int8", "torchao"}  # need no quantization_config
 OVERHEAD_GIB = 1.5  # CUDA context, activations, sampler; rough
-
-
-@dataclass
-class Layout:
-    gpus_per_node: int
-    nodes: int
-
-    @property
-    def gpus(self) -> int:
-        return self.gpus_per_node * self.nodes
 
 
 def gpus_per_node(cluster: ClusterConfig) -> int:
@@ -124,28 +113,30 @@ def _dtype(model: ModelConfig, cfg: dict) -> str:
     return "float16" if src == "float32" else src  # vLLM's auto serves fp32 checkpoints in fp16 on GPUs
 
 
-def check(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path) -> list[str]:
-    """Everything that would make vLLM refuse this model on this allocation; [] when it fits.
-    Returns notes on what could not be checked (printed, not fatal)."""
+def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path) -> list[str]:
+    """Everything that would make vLLM refuse this model on this allocation, raised as one
+    UserError (launch, sbatch and serve call this before planning). Returns notes on what
+    could not be checked (printed, not fatal)."""
     problems: list[str] = []
     notes: list[str] = []
     tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
     per_node = gpus_per_node(cluster)
     uses_gpus = cluster.backend == "slurm" and (per_node > 0 or cluster.gres)
     if uses_gpus:
-        layout = Layout(per_node, cluster.nodes_per_task)
-        if tp * pp != layout.gpus:
+        nodes = cluster.nodes_per_task
+        gpus = per_node * nodes
+        if tp * pp != gpus:
             gres = f"gres {cluster.gres}" if cluster.gres else f"gpus_per_task {cluster.gpus_per_task}"
-            fix_nodes = tp * pp // layout.nodes if (tp * pp) % layout.nodes == 0 else None
+            fix_nodes = tp * pp // nodes if (tp * pp) % nodes == 0 else None
             fixes = []
             if fix_nodes:
                 key = f"cluster.gres=gpu:{fix_nodes}" if cluster.gres else f"cluster.gpus_per_task={fix_nodes}"
-                fixes.append(key + (f" (× nodes_per_task {layout.nodes})" if layout.nodes > 1 else ""))
-            if layout.gpus % pp == 0:
-                fixes.append(f"model.tensor_parallel_size={layout.gpus // pp}")
+                fixes.append(key + (f" (× nodes_per_task {nodes})" if nodes > 1 else ""))
+            if gpus % pp == 0:
+                fixes.append(f"model.tensor_parallel_size={gpus // pp}")
             problems.append(
                 f"model.tensor_parallel_size={tp} × pipeline_parallel_size={pp} needs {tp * pp} GPU{'s' * (tp * pp != 1)} per task; "
-                f"cluster {cluster.name} gives {per_node} ({gres}) × nodes_per_task {layout.nodes} = {layout.gpus}: "
+                f"cluster {cluster.name} gives {per_node} ({gres}) × nodes_per_task {nodes} = {gpus}: "
                 f"set {' or '.join(fixes) or 'the two to agree'}")
     cfg = read_model_config(model_path)
     if cfg is None:
@@ -207,23 +198,27 @@ def gpu_memory(cluster: ClusterConfig) -> tuple[Optional[float], Optional[bool]]
 
 def _memory(model: ModelConfig, cluster: ClusterConfig, path, cfg: dict, dtype: str, gpu_mem: float,
             quant: Optional[str]) -> list[str]:
+    if quant and quant not in ("fp8",):
+        return []  # 4-bit and other packed formats: their size is the files' size; not estimated here
     tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
     width = BYTES.get(dtype, 2)
     wbytes = weight_bytes(path, cfg, 1 if (quant or model.quantization) in ("fp8",) else width)
-    if quant and quant not in ("fp8",):
-        return []  # 4-bit and other packed formats: their size is the files' size; not estimated here
     per_tok = kv_bytes_per_token(cfg, width)
     if wbytes is None or per_tok is None:
         return []
     seq = model.max_model_len or max_positions(cfg) or 4096
     gib = 2 ** 30
-    need = (wbytes / (tp * pp) + per_tok * seq / (tp * pp)) / gib + OVERHEAD_GIB
+
+    def need_gib(gpus: int) -> float:  # weights and one full-length sequence's KV cache, split over the GPUs
+        return (wbytes + per_tok * seq) / gpus / gib + OVERHEAD_GIB
+
+    need = need_gib(tp * pp)
     util = model.gpu_memory_utilization or 0.9
     have = gpu_mem * util
     if need <= have:
         return []
     gpus_needed = tp * pp
-    while gpus_needed < 64 and (wbytes / gpus_needed + per_tok * seq / gpus_needed) / gib + OVERHEAD_GIB > have:
+    while gpus_needed < 64 and need_gib(gpus_needed) > have:
         gpus_needed *= 2
     return [f"model {model.name} needs about {need:.0f} GiB per GPU ({wbytes / gib:.0f} GiB of {dtype} weights and "
             f"{per_tok * seq / gib:.1f} GiB of KV cache for one {seq}-token sequence, over TP {tp} × PP {pp}, plus "
@@ -236,8 +231,3 @@ def _finish(problems: list[str], notes: list[str]) -> list[str]:
     if problems:
         raise UserError("GPU pre-flight: this job would fail on the cluster:\n  " + "\n  ".join(problems))
     return notes
-
-
-def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: Any) -> list[str]:
-    """Entry for launch, sbatch and serve: raises on a layout that cannot run; returns notes."""
-    return check(model, cluster, str(model_path))

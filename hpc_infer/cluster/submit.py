@@ -314,5 +314,16 @@ def recorded_jobs(run: RunDir) -> tuple[str | None, list[str]]:
     return jobs.get("backend"), [j for launch in jobs.get("launches", []) for j in launch["job_ids"]]
 
 
+def recorded_backend(run: RunDir) -> tuple[Backend, list[str]]:
+    """The backend that submitted a run's (or a serve run's) jobs, and their ids: for status,
+    cancel and stop, which have only the run directory."""
+    from omegaconf import OmegaConf
+
+    name, ids = recorded_jobs(run)
+    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")),
+                                                  {"backend": name or "debug"}))
+    return make_backend(cluster, run), ids
+
+
 def host_python() -> str:
     return sys.executable

@@ -22,8 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from ..worker import faults
 from ..errors import UserError
-from ..worker.rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_json, write_json
-from .status import read_heartbeats
+from ..worker.rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_heartbeats, read_json, write_json
 from .timeline import draw_timeline
 
 

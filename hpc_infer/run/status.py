@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..worker.claims import live_claims
-from ..worker.rundir import RunDir, read_json
+from ..worker.rundir import RunDir, read_heartbeats, read_json
 
 
 @dataclass
@@ -24,16 +23,6 @@ class Progress:
     @property
     def complete(self) -> bool:
         return self.chunks_done == self.n_chunks
-
-
-def read_heartbeats(run: RunDir) -> list[dict]:
-    beats = []
-    for path in sorted(run.heartbeats.glob("*.json")):
-        try:
-            beats.append(read_json(path))
-        except (OSError, json.JSONDecodeError):
-            continue  # being replaced right now
-    return beats
 
 
 def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
@@ -59,18 +48,17 @@ def _log_files(run: RunDir, job: str) -> list[str]:
 
 def failures(run: RunDir, states: dict[str, str]) -> list[str]:
     """One line per failed worker: its exception (from its heartbeat) and its log files."""
-    lines = []
+    lines, reported = [], set()
     for b in read_heartbeats(run):
         if b.get("state") == "failed" or b.get("error"):
+            reported.add(str(b.get("worker")))
             logs = _log_files(run, str(b["worker"])) if b.get("worker") else []
             lines.append(f"worker {b.get('worker')}: {b.get('error') or 'failed'}"
                          + (f" (log: {', '.join(logs)})" if logs else ""))
-    failed_jobs = [j for j, s in states.items() if s not in ("COMPLETED", "RUNNING", "PENDING")]
-    seen = " ".join(lines)
-    for j in failed_jobs:
-        if j not in seen:
+    for j, state in states.items():
+        if state not in ("COMPLETED", "RUNNING", "PENDING") and j not in reported:
             logs = _log_files(run, j)
-            lines.append(f"task {j}: {states[j]}" + (f" (log: {', '.join(logs)})" if logs else ""))
+            lines.append(f"task {j}: {state}" + (f" (log: {', '.join(logs)})" if logs else ""))
     return lines
 
 

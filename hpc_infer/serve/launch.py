@@ -24,6 +24,7 @@ from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
 from ..entry import run_hydra
 from ..errors import UserError
+from ..launch import say, worker_python
 from ..run.plan import worker_spec
 from ..cluster.preflight import preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
@@ -32,10 +33,6 @@ from ..cluster.submit import BACKENDS, make_backend
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
-
-
-def say(msg: str) -> None:
-    print(f"[hpc_infer] {msg}", file=sys.stderr, flush=True)
 
 
 def api_key_file(rc: RunConfig, run_name: str) -> tuple[Path, bool]:
@@ -105,7 +102,6 @@ def serve(rc: RunConfig) -> Path:
     REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(REGISTRY, "a") as f:
         f.write(f"{root}\n")
-    from ..launch import worker_python
     from ..cluster.task import ServeTask
 
     backend = make_backend(c, run, worker_python(rc, run, model_path))

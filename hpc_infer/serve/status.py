@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..cluster.submit import recorded_backend
 from ..errors import UserError
 from ..worker.rundir import RunDir, write_atomic
 from .replica import STATE_DIR, _get, metrics
@@ -19,24 +20,6 @@ from .replica import STATE_DIR, _get, metrics
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
 KEYS_DIR = CONFIG_DIR / "keys"
 REGISTRY = CONFIG_DIR / "serve_runs"  # every serve run this user started, one path a line
-
-
-def _jobs(root: Path) -> tuple[str | None, list[str]]:
-    try:
-        jobs = json.loads((root / "jobs.json").read_text())
-    except (OSError, ValueError):
-        return None, []
-    return jobs.get("backend"), [j for launch in jobs.get("launches", []) for j in launch["job_ids"]]
-
-
-def _backend(root: Path, name: str):
-    from omegaconf import OmegaConf
-
-    from ..config import ClusterConfig
-    from ..cluster.submit import make_backend
-
-    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")), {"backend": name}))
-    return make_backend(cluster, RunDir(root))
 
 
 def _time_left(job_ids: list[str]) -> dict[str, str]:
@@ -50,9 +33,9 @@ def _time_left(job_ids: list[str]) -> dict[str, str]:
 
 def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
     spec = json.loads((root / "serve.json").read_text())
-    backend_name, ids = _jobs(root)
-    sched = _backend(root, backend_name).states(ids) if backend_name and ids else {}
-    left = _time_left(ids) if backend_name == "slurm" and ids else {}
+    backend, ids = recorded_backend(RunDir(root))
+    sched = backend.states(ids) if ids else {}
+    left = _time_left(ids) if backend.name == "slurm" and ids else {}
     out = []
     for i in range(int(spec.get("replicas", 1))):
         try:
@@ -132,10 +115,9 @@ def serve_root(path: str) -> Path:
 def stop(run: str, wait_s: float = 120.0) -> str:
     """Cancel the replicas' jobs, wait until the scheduler shows them gone, mark them stopped."""
     root = serve_root(run)
-    backend_name, ids = _jobs(root)
+    backend, ids = recorded_backend(RunDir(root))
     if not ids:
         return f"{root}: no jobs recorded"
-    backend = _backend(root, backend_name)
     what = backend.cancel(ids)
     deadline = time.time() + wait_s
     while time.time() < deadline:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import RunDir
+from .rundir import RunDir, read_heartbeats
 
 
 @dataclass(frozen=True)
@@ -162,22 +162,39 @@ def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
 STRAGGLER = 0.75  # bench/balance.py simulates the same threshold
 
 
-def backup_candidate(run: RunDir, sizes: dict[int, int], progress: dict[int, tuple[int, float]],
-                     lease_s: float, rates_by_worker: list[float] | None = None) -> int | None:
-    """The chunk most likely to finish last: held by a live worker, not done, no backup yet,
+def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[int, float]]:
+    """(records finished so far, the holder's records per second) for each chunk in flight,
+    from the holders' latest heartbeats; `rates` collects every worker's rate."""
+    out: dict[int, tuple[int, float]] = {}
+    for beat in beats:
+        elapsed = max(float(beat.get("t", 0)) - float(beat.get("started", 0)), 1e-6)
+        rate = (int(beat.get("records_done", 0)) + sum((beat.get("in_flight") or {}).values())) / elapsed
+        if beat.get("records_done"):
+            rates.append(rate)
+        for cid, done in (beat.get("in_flight") or {}).items():
+            if int(done) >= out.get(int(cid), (-1, 0.0))[0]:
+                out[int(cid)] = (int(done), rate)
+    return out
+
+
+def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float) -> int | None:
+    """The chunk most likely to finish last: held by a live straggler, not done, no backup yet,
     with the longest expected time left = records left / the holder's rate (from the
     holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
     backed = {int(n[:5]) for n in os.listdir(run.claims) if n.endswith(".backup") and n[:5].isdigit()}
     live = live_claims(run, lease_s) - backed
     if not live:
         return None
+    rates: list[float] = []
+    progress = progress_by_chunk(read_heartbeats(run), rates)
+
     def time_left(c: int) -> float:
         done, rate = progress.get(c, (0, 0.0))
         return (sizes.get(c, 0) - done) / max(rate, 1e-3)
 
     # only a straggler's chunks: a holder under STRAGGLER x the median rate of all workers
     # (a backup of a chunk a normal worker holds rarely wins and costs batch time)
-    rates = sorted(rates_by_worker or [r for _, r in progress.values()])
+    rates = sorted(rates or [r for _, r in progress.values()])
     median = rates[len(rates) // 2] if rates else 0.0
     live = {c for c in live if progress.get(c, (0, 0.0))[1] < STRAGGLER * median}
     if not live:

@@ -14,7 +14,6 @@ Standard library + openai: importable in the cluster's vLLM image.
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,6 @@ class HttpEngine:
         self.max_num_seqs = per * len(self.urls)
         self._pending: dict[Future, dict] = {}
         self._next = 0
-        self._lock = threading.Lock()
 
     @property
     def unfinished(self) -> int:

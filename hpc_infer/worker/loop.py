@@ -113,6 +113,9 @@ def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) 
 class RunDeleted(Exception):
     """The run directory vanished (deleted by its owner): nothing to write to."""
 
+    def __init__(self, root: Path):
+        super().__init__(f"{root} was deleted while this worker ran; stopping without writing")
+
 
 @dataclass
 class _Chunk:
@@ -125,12 +128,8 @@ class _Chunk:
 
 def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease_s: float) -> int | None:
     """The tail chunk most likely to finish last, marked as backed up by us (one backup per chunk)."""
-    from .status_beats import progress_by_chunk
-
     for _ in range(3):
-        rates: list[float] = []
-        progress = progress_by_chunk(run, rates)
-        cid = claims.backup_candidate(run, sizes, progress, lease_s, rates)
+        cid = claims.backup_candidate(run, sizes, lease_s)
         if cid is None:
             return None
         if claims.try_backup(run, cid, owner) and not run.chunk_done(cid):
@@ -169,6 +168,16 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     backups_left = int(spec.get("max_backups", 2))
     sizes = {cid: int(c["n_records"]) for cid, c in planned.items()}
     last_done_check = 0.0
+
+    def start(cid: int, backup: bool = False) -> list[dict]:
+        """Read a chunk's records (checked against the plan) and put it in flight."""
+        records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
+        for r in records:
+            r["worker"], r["chunk"] = owner.worker_id, cid
+        inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup)
+        hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
+        return records
+
     try:
         while True:
             while not exhausted and len(inflight) < max_in_flight and (
@@ -182,12 +191,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     exhausted = True
                     break
                 faults.point("claimed")
-                records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
-                for r in records:
-                    r["worker"], r["chunk"] = owner.worker_id, cid
-                inflight[cid] = _Chunk(cid, len(records), time.time())
+                records = start(cid)
                 claimed += 1
-                hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
                 if engine is None:
                     hb.update(state="loading")
                     t0 = time.time()
@@ -207,23 +212,20 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                 cid = _claim_backup(run, owner, sizes, lease_s)
                 if cid is not None:
                     backups_left -= 1
-                    records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
-                    for r in records:
-                        r["worker"], r["chunk"] = owner.worker_id, cid
-                    inflight[cid] = _Chunk(cid, len(records), time.time(), backup=True)
-                    hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
-                              backups=hb.state.get("backups", 0) + 1)
-                    engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
+                    hb.update(backups=hb.state.get("backups", 0) + 1)
+                    engine.add(start(cid, backup=True), spec.get("sampling") or {}, spec.get("seed"))
             if not inflight:
                 break
-            if hb.run_deleted or not run.manifest.exists():
-                raise RunDeleted(f"{run.root} was deleted while this worker ran; stopping without writing")
+            if hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
+                raise RunDeleted(run.root)
             faults.point("step")
             finished = [row for row in engine.step() if row["chunk"] in inflight]  # abandoned chunks: dropped
             for row in finished:
                 inflight[row["chunk"]].rows.append(row)
             for chunk in [inflight[c] for c in {r["chunk"] for r in finished}]:
                 if len(chunk.rows) == chunk.size:
+                    if not run.manifest.exists():
+                        raise RunDeleted(run.root)
                     _finish(run, chunk, owner, hb)
                     del inflight[chunk.id]
             if time.time() - last_done_check > 1.0:  # another copy published first: stop ours

@@ -210,6 +210,17 @@ def read_json(path: Path) -> Any:
         return json.loads(f.read())
 
 
+def read_heartbeats(run: RunDir) -> list[dict]:
+    """Every worker's latest heartbeat (heartbeats/W.json), skipping one being replaced."""
+    beats = []
+    for path in sorted(run.heartbeats.glob("*.json")):
+        try:
+            beats.append(read_json(path))
+        except (OSError, ValueError):
+            continue  # being replaced right now
+    return beats
+
+
 def read_chunk_input(path: Path, expect: dict | None = None) -> list[dict]:
     """A chunk's input records, checked against the manifest's size and CRC-32 when it has them."""
     with open(path, "rb") as f:
