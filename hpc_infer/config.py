@@ -59,7 +59,7 @@ class ContainerConfig:
     extra_args: List[str] = field(default_factory=list)
     python: str = "python3"  # the interpreter inside the image
     # --cleanenv: the job sees only the variables named here (a name, or a prefix ending
-    # in *), forwarded by hpc_infer/container_env.sh; the worker sets cluster.env itself.
+    # in *), forwarded by hpc_infer/cluster/container_exec.sh; the worker sets cluster.env itself.
     cleanenv: bool = False
     passenv: List[str] = field(default_factory=lambda: [
         "SLURM_*", "SUBMITIT_*", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CUDA_VISIBLE_DEVICES", "NVIDIA_*",

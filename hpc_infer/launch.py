@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .worker import claims
 from .models.cache import resolve_model
 from .config import RunConfig, to_run_config
-from .cluster.container import binds, python_command
+from .cluster.container import container_binds, python_command
 from .io.data import load_records
 from .entry import run_hydra
 from .errors import UserError
@@ -36,8 +36,10 @@ def say(msg: str) -> None:
 
 def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
     c = rc.cluster
-    bind_list = binds(c.container, run.root, model_path, c.hf_home, c.model_roots) if c.container.image else []
-    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python())
+    bind_list = container_binds(c, rc.model, run.root, model_path) if c.container.image else []
+    requests = run.logs / "requeue" if c.backend == "slurm" else None
+    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python(),
+                          requests=requests)
 
 
 def resolve_endpoint(rc: RunConfig) -> dict:

@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HPC_INFER_VENV:-.venv}
 PY=${PYTHON:-python3}
+# The container tests run workers in a bubblewrap stand-in for Apptainer, on an image
+# built from this machine's /usr (its python3): install both when we can (root).
+if [ "$(id -u)" = 0 ] && { ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ]; }; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 >/dev/null \
+    || echo "could not install bubblewrap/python3: the container tests will be skipped" >&2
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi

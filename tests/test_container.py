@@ -8,7 +8,7 @@ from pathlib import Path
 import submitit
 
 from conftest import compose
-from hpc_infer.cluster.container import CODE_MOUNT, DEPS_MOUNT, binds, python_command
+from hpc_infer.cluster.container import CODE_MOUNT, DEPS_MOUNT, SHIM_DIR, binds, python_command
 from hpc_infer.worker.rundir import RunDir
 from hpc_infer.run.sbatch import render
 from hpc_infer.secrets import Token, job_env
@@ -32,12 +32,12 @@ def test_exec_line_for_submitit(tmp_path):
     subm = Path(submitit.__file__).parent
     assert shlex.split(cmd) == [
         "singularity", "exec", "--nv",
-        "--bind", f"{ROOT}:{CODE_MOUNT}",
+        "--bind", f"{ROOT / 'hpc_infer'}:{CODE_MOUNT}/hpc_infer",
         "--bind", f"{subm}:{DEPS_MOUNT}/submitit",
         "--bind", f"{run.root}:{run.root}",
         "--bind", "/shared/models:/shared/models:ro",
         "--bind", "/shared/models/m:/shared/models/m:ro",
-        "--env", f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}",
+        "--env", f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}", "--env", f"PREPEND_PATH={SHIM_DIR}",
         str(image), "python3",
     ]
     # submitit puts exactly this in front of `-u -m submitit.core._submit` in the sbatch file
@@ -65,7 +65,7 @@ def test_rendered_container_script(tmp_path):
     text = render(rc, run, "/models/m", n_tasks=4)
     assert "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=16\n#SBATCH --mem=40G\n#SBATCH --time=04:00:00" in text
     assert "#SBATCH --array=0-3\n" in text
-    assert f"singularity exec --nv --bind {ROOT}:{CODE_MOUNT}" in text
+    assert f"singularity exec --nv --bind {ROOT / 'hpc_infer'}:{CODE_MOUNT}/hpc_infer" in text
     assert f"{image} python3 -m hpc_infer.worker {run.root} --worker-id" in text
     assert 'APPTAINERENV_HF_TOKEN="${HF_TOKEN:-}"' in text  # a reference, never a value
 
@@ -80,7 +80,7 @@ def test_cleanenv_exec_line_and_forwarding_wrapper(tmp_path):
     rc, image = aau(tmp_path, "cluster.container.cleanenv=true", "cluster.container.passenv=[SLURM_*,HF_TOKEN]")
     c = rc.cluster.container
     cmd = shlex.split(python_command(c, [], gpus=True, host_python="/usr/bin/python3"))
-    wrapper = str(ROOT / "hpc_infer" / "cluster" / "container_env.sh")
+    wrapper = str(ROOT / "hpc_infer" / "cluster" / "container_exec.sh")
     assert cmd[:6] == ["bash", wrapper, "SLURM_*", "HF_TOKEN", "--", "singularity"]
     assert cmd[6:9] == ["exec", "--cleanenv", "--nv"] and cmd[-2:] == [str(image), "python3"]
     env = {"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77", "HF_TOKEN": "hf_secret_x",

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_results, run_launch, user_env
+from conftest import read_results, run_launch, user_env, wait_mid_run
+from hpc_infer.worker.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
 
@@ -131,6 +132,39 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     spec_text = (tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/worker.json").read_text()
     assert json.loads(spec_text)["endpoint"]["key_file"] == str(served["key_file"])  # the file, never the key
     assert served["key_file"].read_text().strip() not in spec_text
+
+
+def test_batch_survives_a_replica_killed_mid_run(served, tmp_path):
+    """One of the two replicas is cancelled (scancel) while a batch runs through both: its
+    requests fail over to the other after the client's retries, and every record is
+    merged exactly once."""
+    root = served["root"]
+    replica_1 = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
+    result = {}
+
+    def batch():
+        result["p"] = run_launch(tmp_path, "cluster=local", f"cluster.endpoint={root}", "data=example",
+                                 "sampling=greedy", "sampling.max_tokens=48", "sampling.ignore_eos=true",
+                                 "model.dtype=float32", "cluster.endpoint_concurrency=2",
+                                 "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1",
+                                 env={"HOME": str(served["tmp"] / "home")}, check=False)
+
+    thread = threading.Thread(target=batch)
+    thread.start()
+    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
+    deadline = time.time() + 300
+    while not run.manifest.exists() and time.time() < deadline and thread.is_alive():
+        time.sleep(0.2)
+    wait_mid_run(run)
+    subprocess.run(["scancel", replica_1], check=True)
+    thread.join(900)
+    p = result["p"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
+    assert all(r["output_tokens"] == 48 for r in rows)
+    logs = "".join(f.read_text(errors="replace") for f in run.logs.glob("*.err"))
+    assert "failed after retries" in logs and "sending its requests to the others" in logs, logs[-3000:]
 
 
 def test_no_key_or_token_in_any_file_or_command_line(served):

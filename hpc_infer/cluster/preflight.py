@@ -117,6 +117,13 @@ def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path
     """Everything that would make vLLM refuse this model on this allocation, raised as one
     UserError (launch, sbatch and serve call this before planning). Returns notes on what
     could not be checked (printed, not fatal)."""
+    if cluster.container.image:
+        from .container import check_paths, container_binds
+
+        missing = check_paths(cluster.container, container_binds(cluster, model, None, str(model_path)), cluster.env)
+        if missing:
+            raise UserError("container pre-flight: inside the image the worker would not find what it needs:\n  "
+                            + "\n  ".join(missing) + "\nNothing was planned or submitted.")
     problems: list[str] = []
     notes: list[str] = []
     tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
-from ..cluster.container import CODE_MOUNT, binds, exec_prefix, project_root
+from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, project_root
 from ..io.data import load_records
 from ..entry import run_hydra
 from .plan import prepare
@@ -58,13 +58,11 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
     script_path = run.root / "job.sbatch"
     worker = ["-m", "hpc_infer.worker", str(run.root)]
     if c.container.image:
-        prefix = exec_prefix(c.container, binds(c.container, run.root, model_path, c.hf_home, c.model_roots),
+        prefix = exec_prefix(c.container, container_binds(c, rc.model, run.root, model_path),
                              gpus=c.gpus_per_task > 0)
         python = shlex.join(prefix + [c.container.python])
-        ray_prefix = shlex.join(prefix) + " "
     else:
         python = shlex.quote(sys.executable)
-        ray_prefix = ""
     worker_command = python + " " + shlex.join(worker)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
@@ -88,7 +86,6 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
         tp=rc.model.tensor_parallel_size,
         pp=rc.model.pipeline_parallel_size,
         gpus_per_node=gpus_per_node(c),
-        exec_prefix=ray_prefix,
         python=python,
         ray_port=6379,
         ray_wait_s=600,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -28,30 +27,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..worker.ports import free_port
 from ..worker.rundir import set_permissions, write_atomic
 
 STATE_DIR = "serve"
-
-
-def free_port(lo: int, hi: int, span: int = 1, tries: int = 200) -> int:
-    """A port p in [lo, hi) with p..p+span-1 all free on this node right now (random, so jobs
-    starting together on one node do not race for the same one)."""
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(tries):
-        p = rng.randrange(lo, hi - span)
-        socks = []
-        try:
-            for q in range(p, p + span):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("", q))
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no free port in [{lo}, {hi}) on {socket.gethostname()}")
 
 
 def cpu_build() -> bool:

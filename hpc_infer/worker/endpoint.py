@@ -6,14 +6,17 @@ Each record becomes one request (chat records to /v1/chat/completions, plain pro
 /v1/completions) with the run's sampling, the record's own overrides and its per-record
 seed; requests go round-robin over the ready replicas with bounded concurrency per
 replica. The `openai` client (a vLLM dependency) retries connection errors and 5xx with
-backoff; when retries run out the worker fails with that error, releases its claims,
-and a relaunch resumes. The key is read from the user's key file, never from worker.json.
+backoff; a replica that still fails is taken out of the rotation and its request goes
+to the next one (a replica killed mid-run costs one retry cycle, not the run). When
+every replica has failed, the worker fails with the error, releases its claims, and a
+relaunch resumes. The key is read from the user's key file, never from worker.json.
 Standard library + openai: importable in the cluster's vLLM image.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ class HttpEngine:
         self.max_num_seqs = per * len(self.urls)
         self._pending: dict[Future, dict] = {}
         self._next = 0
+        self.down: set[int] = set()  # replicas whose retries ran out: no new requests
 
     @property
     def unfinished(self) -> int:
@@ -70,9 +74,31 @@ class HttpEngine:
             kw = dict(sampling, **(r.get("sampling") or {}))
             if seed is not None and "seed" not in (r.get("sampling") or {}):
                 kw["seed"] = record_seed(seed, r["id"])
-            client = self.clients[self._next % len(self.clients)]
+            up = [i for i in range(len(self.clients)) if i not in self.down] or list(range(len(self.clients)))
+            first = up[self._next % len(up)]
             self._next += 1
-            self._pending[self.pool.submit(self._request, client, r, kw)] = dict(r, seed=kw.get("seed"))
+            self._pending[self.pool.submit(self._failover, first, r, kw)] = dict(r, seed=kw.get("seed"))
+
+    def _failover(self, first: int, record: dict, kw: dict) -> dict:
+        """The request on replica `first`; when its retries run out on a connection error or
+        a 5xx, the same request on each other replica in turn (a replica that failed is not
+        given new requests). Re-sending is safe: a request's output is kept only once."""
+        from openai import APIConnectionError, InternalServerError
+
+        order = [first] + [i for i in range(len(self.clients)) if i != first]
+        order = [i for i in order if i not in self.down] + [i for i in order if i in self.down]
+        for n, i in enumerate(order):
+            try:
+                return self._request(self.clients[i], record, kw)
+            except (APIConnectionError, InternalServerError) as e:
+                if i not in self.down:
+                    self.down.add(i)
+                    print(f"hpc_infer: replica {self.urls[i]} failed after retries ({type(e).__name__}: {e}); "
+                          f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
+                          file=sys.stderr, flush=True)
+                if n + 1 == len(order):
+                    raise
+        raise AssertionError("unreachable")
 
     def _request(self, client, record: dict, kw: dict) -> dict:
         top = {k: v for k, v in kw.items() if k in TOP_LEVEL}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,12 @@ class Engine:
         self.task = model.get("task", "auto")
         self.chat_template = model.get("chat_template")
         self.pair_field = model.get("pair_field")
-        self.llm = LLM(model=model["path"], **engine_kwargs(model))
+        kwargs = engine_kwargs(model)
+        if kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) > 1:
+            from .ports import own_vllm_ports
+
+            own_vllm_ports(os.environ)  # several TP/PP workers on one node: apart from each other's ports
+        self.llm = LLM(model=model["path"], **kwargs)
         self.lora = None
         if model.get("lora"):
             from vllm.lora.request import LoRARequest

@@ -45,6 +45,7 @@ class Heartbeat:
             "worker": owner.worker_id,
             "host": owner.host,
             "pid": owner.pid,
+            "python": sys.executable,  # inside a container: the image's interpreter
             "started": time.time(),
             "state": "starting",
             "in_flight": {},  # chunk id -> records finished so far
