@@ -121,3 +121,20 @@ def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
     assert len(rows) == 16 and all(r["output_tokens"] > 0 for r in rows)
     assert f"{run}/results.jsonl" in p.stderr and f"summary: {run}/summary.json" in p.stderr
     assert f"timeline: {run}/timeline.png" in p.stderr and "1 local worker:" in p.stderr
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_workers_start_together_on_one_node(tmp_path, cpu_model):
+    """Two local workers, each a tensor_parallel_size=3 vLLM engine (SmolLM2 has 9 heads,
+    3 KV heads; the CPU build runs TP with gloo), started together on this one node: each
+    gets its own VLLM_PORT range, both load and serve chunks, greedy outputs are the same
+    as with TP=1 (test above: 'Paris')."""
+    run_launch(tmp_path, "cluster=local", "cluster.workers=2", "model.tensor_parallel_size=3", "data=example_prompts",
+               "data.limit=4", "sampling=greedy", "sampling.max_tokens=8", "chunks_per_worker=1")
+    run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(4)) and "Paris" in rows[0]["text"]
+    beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
+    assert len(beats) == 2 and all(b["engine_start_s"] and b["chunks_done"] >= 1 for b in beats)
+    ports = [int(b["vllm_port"]) for b in beats]
+    assert len(set(ports)) == 2, ports

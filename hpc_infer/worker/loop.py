@@ -205,7 +205,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                         engine = HttpEngine(spec["endpoint"], spec["model"])
                     else:
                         engine = Engine.shared(spec["model"])
-                    hb.update(engine_start_s=round(time.time() - t0, 3), state="running")
+                    hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
+                              vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
             if not inflight and exhausted and backups_left > 0 and engine is not None:
                 # Nothing left to claim and this worker is idle: re-execute the tail (MapReduce's
