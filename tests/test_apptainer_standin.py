@@ -42,9 +42,10 @@ def sh(image, script, *flags, **kw):
 
 
 def test_image_is_root_and_read_only(image, tmp_path):
+    # --contain: no host /tmp, $HOME or cwd, so the checkout is hidden wherever it lives
     p = sh(image, "cat /opt/in-image.txt; test -e " + str(Path(__file__).resolve()) + " && echo LEAK; "
            "touch /usr/x 2>/dev/null || echo read-only; python3 -c 'import sys; print(sys.executable)'",
-           cwd=tmp_path)
+           "--contain", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["inside", "read-only", "/usr/bin/python3"]  # the checkout is not inside
 

@@ -146,12 +146,13 @@ def test_missing_bind_source_refused_before_planning(tmp_path, cpu_model):
 
 def test_env_path_the_container_cannot_see_refused(tmp_path, cpu_model):
     """A path in cluster.env outside every bind and default mount (the checkout is not
-    bound; only the hpc_infer package is) is named with the fix."""
+    bound, only the hpc_infer package is; `--contain` drops /tmp and $HOME, so this holds
+    wherever the checkout lives) is named with the fix."""
     image = tmp_path / "img"
     image.mkdir()
     hidden = ROOT / "bench"
-    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}",
-                   f"+cluster.env.MY_CACHE={hidden}", *TINY, check=False, env=container_env(tmp_path))
+    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}", "cluster.container.extra_args=[--contain]",
+                   f"+cluster.env.MY_CACHE={hidden}", *TINY, check=False, env=container_env(tmp_path), timeout=300)
     assert p.returncode == 2
     assert f"cluster.env.MY_CACHE: {hidden} is not visible inside the container" in p.stderr
     assert f"cluster.container.binds=[{hidden}]" in p.stderr and not (tmp_path / "runs").exists()
@@ -159,8 +160,8 @@ def test_env_path_the_container_cannot_see_refused(tmp_path, cpu_model):
     from hpc_infer.cluster.container import check_paths
     from hpc_infer.config import ContainerConfig
 
-    assert check_paths(ContainerConfig(image=str(image), binds=[str(hidden)]), [str(hidden)],
-                       {"MY_CACHE": str(hidden)}) == []
+    assert check_paths(ContainerConfig(image=str(image), binds=[str(hidden)], extra_args=["--contain"]),
+                       [str(hidden)], {"MY_CACHE": str(hidden)}) == []
     assert check_paths(ContainerConfig(image=str(image)), [], {"MY_CACHE": str(tmp_path)}) == []
     assert check_paths(ContainerConfig(image=str(image), extra_args=["--contain"]), [], {"MY_CACHE": str(tmp_path)})
 
@@ -178,3 +179,15 @@ def test_definition_file_post_steps_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     path, offline = p.stdout.split()
     assert path.startswith("/usr/local/lib/python3") and offline == "1"
+
+
+def test_container_that_cannot_start_fails_with_its_error(tmp_path, cpu_model):
+    """A worker whose container never starts (here: an image with no /bin/sh) leaves no
+    heartbeat and no result: the launch reports the task failed with the runtime's last
+    words, instead of waiting on the local controller, which lingers as a zombie."""
+    image = tmp_path / "img"
+    image.mkdir()
+    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}", *TINY, check=False,
+                   env=container_env(tmp_path), timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "FAILED: bwrap: execvp /bin/sh: No such file or directory" in p.stderr

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import submitit
 
@@ -118,13 +119,7 @@ class LocalBackend(Backend):
             if done:
                 out[j] = done
             else:
-                try:
-                    os.kill(int(j), 0)
-                    out[j] = "RUNNING"
-                except (ProcessLookupError, ValueError):
-                    out[j] = "FAILED"  # gone without a result: killed
-                except PermissionError:
-                    out[j] = "RUNNING"
+                out[j] = "RUNNING" if j.isdigit() and _alive(int(j)) else "FAILED"  # gone without a result
         return out
 
     def cancel(self, job_ids: list[str], grace_s: float = 15.0) -> str:
@@ -149,6 +144,27 @@ class LocalBackend(Backend):
             time.sleep(0.1)
         return (f"stopped {len(ours)} local worker{'s' * (len(ours) != 1)}"
                 + (f" ({len(alive)} ignored SIGTERM for {grace_s:g}s and were killed)" if alive else ""))
+
+
+def _alive(pid: int) -> bool:
+    """A local job's controller is still running. This launcher started it, so once it
+    exits it stays a zombie (and `kill(pid, 0)` succeeds) until reaped: reap it here, and
+    count anyone else's zombie as gone."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
+    except ChildProcessError:
+        pass  # not our child (a relaunch, `hpc-infer status`)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager

@@ -46,6 +46,18 @@ def _log_files(run: RunDir, job: str) -> list[str]:
     return sorted(str(p) for p in run.logs.glob(f"{job}*") if p.suffix in (".err", ".out"))[:2]
 
 
+def _last_error_line(logs: list[str]) -> str | None:
+    for path in logs:
+        if path.endswith(".err"):
+            try:
+                lines = [ln.strip() for ln in open(path, errors="replace").read()[-4000:].splitlines() if ln.strip()]
+            except OSError:
+                continue
+            if lines:
+                return lines[-1][:300]
+    return None
+
+
 def failures(run: RunDir, states: dict[str, str]) -> list[str]:
     """One line per failed worker: its exception (from its heartbeat) and its log files."""
     lines, reported = [], set()
@@ -58,7 +70,9 @@ def failures(run: RunDir, states: dict[str, str]) -> list[str]:
     for j, state in states.items():
         if state not in ("COMPLETED", "RUNNING", "PENDING") and j not in reported:
             logs = _log_files(run, j)
-            lines.append(f"task {j}: {state}" + (f" (log: {', '.join(logs)})" if logs else ""))
+            last = _last_error_line(logs)  # died before its heartbeat: e.g. the container did not start
+            lines.append(f"task {j}: {state}" + (f": {last}" if last else "")
+                         + (f" (log: {', '.join(logs)})" if logs else ""))
     return lines
 
 
