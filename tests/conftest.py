@@ -68,6 +68,31 @@ def wait_mid_run(run, timeout: float = 300) -> None:
     pytest.fail("the run never had a finished chunk and a claimed one at the same time")
 
 
+def preempt_then_finish(run, timeout: float) -> None:
+    """Mid-run, send the run's one Slurm task the preemption warning (submitit's USR2, as
+    `--signal=USR2@90` would); the task must requeue itself, the requeued task finish the
+    run, and the merge keep all 16 records of `data=example` exactly once."""
+    import time
+
+    from hpc_infer.worker.rundir import read_json
+
+    wait_mid_run(run)
+    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    deadline = time.time() + timeout
+    while len(run.done_chunks()) < n_chunks and time.time() < deadline:
+        time.sleep(1)
+    log = "".join(p.read_text(errors="replace") for p in run.logs.glob(f"{job_id}_0_log.*"))
+    queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert "requeue" in log.lower(), log[-3000:]
+    assert len(run.done_chunks()) == n_chunks, f"requeued task did not finish: {queue}\n{log[-3000:]}"
+    m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], capture_output=True, text=True)
+    assert m.returncode == 0, m.stderr
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
+
+
 @pytest.fixture(scope="session")
 def cpu_model() -> str:
     from hpc_infer.models.cpu_model import ensure_smollm2

@@ -11,12 +11,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, read_results, run_launch, wait_mid_run
+from conftest import ROOT, preempt_then_finish, read_results, run_launch
 from hpc_infer.worker.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -116,21 +115,7 @@ def test_slurm_preempted_container_requeues_and_merges_once(tmp_path, slurm, cpu
             "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
             "chunks_per_worker=4", f"cluster.container.image={vllm_image}")
     run_launch(tmp_path, *args, "wait=false", env=container_env(tmp_path))
-    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    wait_mid_run(run)
-    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    n_chunks = read_json(run.manifest)["n_chunks"]
-    deadline = time.time() + 500
-    while len(run.done_chunks()) < n_chunks and time.time() < deadline:
-        time.sleep(1)
-    log = "".join(p.read_text(errors="replace") for p in run.logs.glob(f"{job_id}_0_log.*"))
-    assert "requeue" in log.lower(), log[-3000:]
-    assert len(run.done_chunks()) == n_chunks, log[-3000:]
-    m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], capture_output=True, text=True)
-    assert m.returncode == 0, m.stderr
-    rows = read_results(run.results())
-    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
+    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), timeout=500)
 
 
 def test_missing_bind_source_refused_before_planning(tmp_path, cpu_model):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, wait_mid_run, read_results, run_launch
+from conftest import BIN, preempt_then_finish, wait_mid_run, read_results, run_launch
 from hpc_infer.worker.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -164,18 +164,4 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cp
     args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
             "chunks_per_worker=4", "data=example")
     run_launch(tmp_path, *args, "wait=false")
-    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    wait_mid_run(run)
-    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    n_chunks = read_json(run.manifest)["n_chunks"]
-    deadline = time.time() + 400
-    while len(run.done_chunks()) < n_chunks and time.time() < deadline:
-        time.sleep(1)
-    log = "".join(p.read_text(errors="replace") for p in run.logs.glob(f"{job_id}_0_log.*"))
-    assert "Requeued" in log or "requeue" in log.lower(), log[-3000:]
-    assert len(run.done_chunks()) == n_chunks, f"requeued task did not finish: {squeue('')}\n{log[-3000:]}"
-    m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], capture_output=True, text=True)
-    assert m.returncode == 0, m.stderr
-    rows = read_results(run.results())
-    assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
+    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), timeout=400)

@@ -1,10 +1,11 @@
 """Wrap the worker's python in `apptainer|singularity exec` when the cluster has an image.
 
 The hpc_infer package (and submitit, which unpickles the job) reach the image by bind
-mount + PYTHONPATH, so the image needs only vLLM. Slurm requeues that submitit asks for
-inside the image are relayed to the host (container_exec.sh, container_bin/scontrol). Only the package directory is bound,
+mount + PYTHONPATH, so the image needs only vLLM. Only the package directory is bound,
 never the folder holding it: for an installed (non-editable) hpc_infer that folder is
-the host's site-packages, whose torch and vLLM would shadow the image's.
+the host's site-packages, whose torch and vLLM would shadow the image's. Slurm requeues
+that submitit asks for inside the image are relayed to the host (container_exec.sh,
+container_bin/scontrol).
 
 A container sees only the image, the runtime's default mounts and our binds. Every
 path the worker reads is bound here (run directory, model with the targets of its

@@ -21,6 +21,7 @@ import submitit
 
 from ..config import ClusterConfig, time_to_minutes
 from ..errors import UserError
+from ..worker.claims import pid_alive
 from ..worker.rundir import RunDir, read_json, write_json
 from .task import WorkerTask
 
@@ -155,12 +156,8 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass  # not our child (a relaunch, `hpc-infer status`)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):

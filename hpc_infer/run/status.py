@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..worker.claims import live_claims
-from ..worker.rundir import RunDir, read_heartbeats, read_json
+from ..worker.rundir import RunDir, read_heartbeats, read_json, tail_lines
 
 
 @dataclass
@@ -49,10 +49,7 @@ def _log_files(run: RunDir, job: str) -> list[str]:
 def _last_error_line(logs: list[str]) -> str | None:
     for path in logs:
         if path.endswith(".err"):
-            try:
-                lines = [ln.strip() for ln in open(path, errors="replace").read()[-4000:].splitlines() if ln.strip()]
-            except OSError:
-                continue
+            lines = [ln.strip() for ln in tail_lines(path, 50) if ln.strip()]
             if lines:
                 return lines[-1][:300]
     return None

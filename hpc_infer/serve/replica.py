@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from ..worker.ports import free_port
-from ..worker.rundir import set_permissions, write_atomic
+from ..worker.rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
 
@@ -105,13 +105,6 @@ def metrics(base: str) -> dict[str, float]:
     return out
 
 
-def _tail(path: Path, n: int = 20) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
-
-
 def run_replica(run_dir: str, index: int) -> dict:
     root = Path(run_dir)
     spec = json.loads((root / "serve.json").read_text())
@@ -172,7 +165,7 @@ def run_replica(run_dir: str, index: int) -> dict:
         if child.poll() is None:
             child.terminate()
             child.wait(timeout=60)
-        tail = _tail(log_path)
+        tail = tail_lines(log_path)
         if stopping["why"]:
             save(state="stopped", error=f"stopped before ready ({stopping['why']})")
             return state
@@ -203,5 +196,5 @@ def run_replica(run_dir: str, index: int) -> dict:
     if stopping["why"]:
         save(state="stopped", error=None, stopped_because=stopping["why"], served=last)
         return state
-    save(state="failed", error=f"the server exited with {child.returncode}", log_tail=_tail(log_path))
+    save(state="failed", error=f"the server exited with {child.returncode}", log_tail=tail_lines(log_path))
     raise SystemExit(1)

@@ -54,7 +54,8 @@ def try_claim(run: RunDir, chunk_id: int, owner: Owner) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this id exists on this host (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +72,7 @@ def _stale(st: os.stat_result, owner: Owner | None, lease_s: float, now: float) 
     if owner is None:
         # Being written right now, or garbage: give the writer a moment.
         return age > 5.0
-    return owner.host == socket.gethostname() and owner.pid != os.getpid() and not _pid_alive(owner.pid)
+    return owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid)
 
 
 def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:

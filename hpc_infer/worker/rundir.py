@@ -221,6 +221,18 @@ def read_heartbeats(run: RunDir) -> list[dict]:
     return beats
 
 
+def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last `n` lines of a log, reading only its last `max_bytes` (a vLLM log grows large)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    return (lines[1:] if size > max_bytes else lines)[-n:]  # the first line may be cut
+
+
 def read_chunk_input(path: Path, expect: dict | None = None) -> list[dict]:
     """A chunk's input records, checked against the manifest's size and CRC-32 when it has them."""
     with open(path, "rb") as f:
