@@ -281,12 +281,12 @@ def measure(out: Path) -> EngineModel:
         run.make()
         rows = [{"id": str(i), "index": i, "prompt": "x" * 400, "text": "y" * 2000, "output_tokens": 500}
                 for i in range(50)]
-        write_jsonl(run.chunk_path(0), rows)
+        write_jsonl(run.input_copy, rows)
         owner = Owner.current("bench")
         t = time.perf_counter()
         for _ in range(20):
             try_claim(run, 0, owner)
-            read_jsonl(run.chunk_path(0))
+            read_jsonl(run.input_copy)
             write_atomic(run.out_path(0), encode_chunk_output(0, rows))
             release(run, 0, owner)
         claim_s = (time.perf_counter() - t) / 20

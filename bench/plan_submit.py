@@ -2,8 +2,10 @@
 
 Generates N prompts (default 1,000,000), then measures side by side in one run:
   read   - read the file and json-parse every line (the least any tool must do)
-  plan   - hpc_infer's data checks + token-balanced chunking + run directory (chunk files,
-           manifest, worker.json)
+  plan   - hpc_infer's one streaming pass: read, hash, check every record, cut token-balanced
+           chunks and copy each chunk's bytes into the run directory (+ manifest, worker.json);
+           once with all parsing in this process, once with blocks parsed by a few processes
+           (the default for inputs over 16 MB), with how much the peak memory grew
   submit - the real `sbatch` through submitit for `--workers` array tasks, submitted
            held (--hold) and cancelled right after, so nothing runs
 and counts sbatch calls. Needs the local Slurm (slurm/local-cluster.sh) for `submit`;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,8 +39,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from hpc_infer.config import register_configs, to_run_config
-    from hpc_infer.io.data import load_records
-    from hpc_infer.run.plan import prepare
+    from hpc_infer.io.data import _scan_processes
+    from hpc_infer.run.plan import plan_input, prepare
     from hpc_infer.worker.rundir import read_json
     from hpc_infer.cluster.submit import SlurmBackend
 
@@ -59,10 +62,14 @@ def main() -> None:
             cfg = compose("config", overrides=[f"data.path={data}", "cluster=slurm_local", f"output_root={tmp}/runs",
                                                f"cluster.workers={args.workers}", "cluster.sbatch_extra=[--hold]"])
         rc = to_run_config(cfg)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
-        records = load_records(rc.data)
-        run, _ = prepare(rc, records, "/models/unused", "")
+        plan_input(rc, parallel=False).discard()
+        t_plan_1 = time.perf_counter() - t
+        t = time.perf_counter()
+        run, _ = prepare(rc, plan_input(rc), "/models/unused", "")
         t_plan = time.perf_counter() - t
+        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         n_chunks = read_json(run.manifest)["n_chunks"]
 
         t_submit = None
@@ -76,7 +83,9 @@ def main() -> None:
 
     print(f"records={n:,} file={size_mb:.0f} MB chunks={n_chunks} workers={args.workers}")
     print(f"read + json.loads every line: {t_read:6.2f} s")
-    print(f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}")
+    print(f"hpc_infer plan, 1 process   : {t_plan_1:6.2f} s   ratio plan/read = {t_plan_1 / t_read:.2f}")
+    print(f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}   "
+          f"(blocks parsed in {_scan_processes(int(size_mb * 1e6))} processes; peak memory of this process grew {rss_growth:.0f} MB over both plans)")
     if t_submit is not None:
         print(f"submit {args.workers} tasks (real sbatch): {t_submit:6.2f} s   sbatch calls = {sbatch_calls}")
         print(f"plan + submit / read        : {(t_plan + t_submit) / t_read:.2f}")

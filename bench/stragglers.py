@@ -26,16 +26,15 @@ CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "
 
 def one(tmp: Path, backups: int, sleep_ms: int, max_tokens: int) -> dict:
     from conftest import compose
-    from hpc_infer.io.data import load_records
     from hpc_infer.models.cpu_model import ensure_smollm2
-    from hpc_infer.run.plan import prepare
+    from hpc_infer.run.plan import plan_input, prepare
     from hpc_infer.worker.rundir import read_json
 
     rc = compose("data=example", "sampling=greedy", f"sampling.max_tokens={max_tokens}",
                  "+sampling.extra.ignore_eos=true", "cluster=local", "cluster.workers=2",
                  "cluster.max_chunks_in_flight=1", "cluster.heartbeat_s=1", f"cluster.max_backups={backups}",
                  f"output_root={tmp}/runs", f"run_name=b{backups}")
-    run, _ = prepare(rc, load_records(rc.data), str(ensure_smollm2()), "")
+    run, _ = prepare(rc, plan_input(rc), str(ensure_smollm2()), "")
     n = read_json(run.manifest)["n_chunks"]
     t0 = time.time()
     procs = []

@@ -14,11 +14,10 @@ from .worker import claims
 from .models.cache import resolve_model
 from .config import RunConfig, to_run_config
 from .cluster.container import container_binds, python_command
-from .io.data import load_records
 from .entry import run_hydra
 from .errors import UserError
 from .run.merge import Summary, merge
-from .run.plan import prepare
+from .run.plan import plan_input, prepare
 from .cluster.preflight import preflight
 from .worker.rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
@@ -78,21 +77,22 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
                         f"script (Ray inside one allocation): use `hpc-infer sbatch` with the same overrides")
     BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
-    records = load_records(rc.data)
-    checked = check_run_sampling(rc, records)
-    if checked:
-        say(checked)
-    token = find_token(rc.cluster.token_file)
-    endpoint = resolve_endpoint(rc) if rc.cluster.endpoint else None
-    if endpoint:
-        model_path = endpoint["model_path"]
-        say(f"batch through {len(endpoint['urls'])} running server(s) of {endpoint['model']}: no model load per worker")
-    else:
-        model_path = resolve_model(rc.model, rc.cluster, token)
-        for note in preflight(rc.model, rc.cluster, model_path):
-            say(note)
     set_permissions(rc.permissions)
-    run, resumed = prepare(rc, records, model_path, config_yaml, endpoint)
+    with plan_input(rc) as planned:  # one pass over the input; a private staging dir, gone on any error
+        checked = check_run_sampling(rc, planned.overrides)
+        if checked:
+            say(checked)
+        token = find_token(rc.cluster.token_file)
+        endpoint = resolve_endpoint(rc) if rc.cluster.endpoint else None
+        if endpoint:
+            model_path = endpoint["model_path"]
+            say(f"batch through {len(endpoint['urls'])} running server(s) of {endpoint['model']}: no model load per "
+                f"worker")
+        else:
+            model_path = resolve_model(rc.model, rc.cluster, token)
+            for note in preflight(rc.model, rc.cluster, model_path):
+                say(note)
+        run, resumed = prepare(rc, planned, model_path, config_yaml, endpoint)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     if resumed and not remaining:

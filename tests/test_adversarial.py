@@ -25,8 +25,8 @@ from hpc_infer.worker import claims
 from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
-from hpc_infer.run.plan import prepare
-from hpc_infer.worker.rundir import RunDir, encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.run.plan import plan_input, prepare
+from hpc_infer.worker.rundir import read_chunk_records, RunDir, encode_chunk_output, read_json, write_atomic
 from hpc_infer.run.status import wait
 from hpc_infer.cluster.submit import LocalBackend
 
@@ -46,7 +46,7 @@ def finish_all(run: RunDir) -> int:
     n = read_json(run.manifest)["n_chunks"]
     for cid in range(n):
         rows = [dict(r, text="t", outputs=[{"text": "t"}], prompt_tokens=1, output_tokens=1)
-                for r in read_jsonl(run.chunk_path(cid))]
+                for r in read_chunk_records(run, cid)]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w", started=1.0, finished=2.0))
     return n
 
@@ -154,22 +154,23 @@ def test_fingerprint_is_of_the_bytes_that_were_read(tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(6)))
     rc = compose(f"data.path={data}", f"output_root={tmp_path}/runs", "cluster=local")
-    records = load_records(rc.data)
-    with open(data, "a") as f:  # the file grows between the read and the plan
+    planned = plan_input(rc)
+    with open(data, "a") as f:  # the file grows between the read and the publish
         f.write("".join(json.dumps({"prompt": f"late{i}"}) + "\n" for i in range(4)))
-    run, _ = prepare(rc, records, "/m", "")
+    run, _ = prepare(rc, planned, "/m", "")
     m = read_json(run.manifest)
-    assert m["n_records"] == 6 and m["input_bytes"] == records.size
+    assert m["n_records"] == 6 and m["input_bytes"] == planned.size == 6 * len(json.dumps({"prompt": "p0"}) + "\n")
+    assert [r["prompt"] for c in range(m["n_chunks"]) for r in read_chunk_records(run, c)] == [f"p{i}" for i in range(6)]
     with pytest.raises(UserError, match="different input file"):  # a relaunch sees 10 records: refused, not "resumed"
-        prepare(rc, load_records(rc.data), "/m", "")
+        prepare(rc, plan_input(rc), "/m", "")
 
 
 def _first_launch(path, out, barrier, q):
     rc = compose(f"data.path={path}", f"output_root={out}", "run_name=same", "cluster=local")
-    records = load_records(rc.data)
+    planned = plan_input(rc)
     barrier.wait()
     try:
-        run, resumed = prepare(rc, records, "/m", "")
+        run, resumed = prepare(rc, planned, "/m", "")
         q.put(("ok", resumed))
     except UserError as e:
         q.put(("refused", str(e)))
@@ -192,7 +193,7 @@ def test_two_first_launches_never_mix(tmp_path, same_input):
         assert [r[0] for r in results] == ["ok", "ok"] and {r[1] for r in results} == {False, True}
     else:
         assert results[0][0] == "ok" and results[1][0] == "refused" and "different input file" in results[1][1]
-    prompts = [r["prompt"] for c in range(read_json(run.manifest)["n_chunks"]) for r in read_jsonl(run.chunk_path(c))]
+    prompts = [r["prompt"] for c in range(read_json(run.manifest)["n_chunks"]) for r in read_chunk_records(run, c)]
     assert len(set(p[0] for p in prompts)) == 1 and len(prompts) == 50  # one input's records, complete
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["same"]  # no staging left behind
 
@@ -203,7 +204,7 @@ def _merge_proc(root):
 
 def test_concurrent_merges_leave_one_intact_result(tmp_path):
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     finish_all(run)
     procs = [mp.Process(target=_merge_proc, args=(str(run.root),)) for _ in range(4)]
     for p in procs:
@@ -218,7 +219,7 @@ def test_concurrent_merges_leave_one_intact_result(tmp_path):
 
 def test_stray_files_in_out_never_count(tmp_path):
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.workers=2")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     n = finish_all(run)
     good = run.out_path(0).read_bytes()
     for cid in range(n):
@@ -234,7 +235,7 @@ def test_stray_files_in_out_never_count(tmp_path):
 
 def test_relaunch_waits_for_live_workers_of_an_earlier_launch(tmp_path):
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.workers=1")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     n = read_json(run.manifest)["n_chunks"]
     owner = claims.Owner.current("earlier-launch")
     for cid in range(n):
@@ -262,7 +263,7 @@ def test_local_cancel_stops_a_worker_that_ignores_sigterm(tmp_path):
 
 def test_a_deleted_run_is_not_recreated(tmp_path):
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     import shutil
 
     shutil.rmtree(run.root)
@@ -324,6 +325,6 @@ def test_chunks_are_bounded_in_records(tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"prompt": "p"}) + "\n" for _ in range(5000)))
     rc = compose(f"data.path={data}", f"output_root={tmp_path}/runs", "cluster.workers=1", "max_chunk_records=500")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     sizes = [c["n_records"] for c in read_json(run.manifest)["chunks"]]
     assert max(sizes) <= 500 and sum(sizes) == 5000

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT, compose, user_env
-from hpc_infer.io.data import load_records
-from hpc_infer.run.plan import prepare
-from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+
+from hpc_infer.run.plan import plan_input, prepare
+from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 def sh(cwd, line: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -25,10 +25,10 @@ def finished_run(tmp_path):
     rc = compose("data=math_r1_zero", "data.limit=4", "cluster=local", f"output_root={tmp_path / 'runs'}")
     from omegaconf import OmegaConf
 
-    run, _ = prepare(rc, load_records(rc.data), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))
+    run, _ = prepare(rc, plan_input(rc), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))
     for cid in range(read_json(run.manifest)["n_chunks"]):
         rows = [dict(r, text="x</think> <answer>1</answer>", outputs=[{"text": "x"}], prompt_tokens=1,
-                     output_tokens=1) for r in read_jsonl(run.chunk_path(cid))]
+                     output_tokens=1) for r in read_chunk_records(run, cid)]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w1", started=1.0, finished=2.0))
     return run
 

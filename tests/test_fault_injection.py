@@ -29,11 +29,11 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, compose
-from hpc_infer.io.data import load_records
+
 from hpc_infer.errors import UserError
 from hpc_infer.launch import launch
 from hpc_infer.run.merge import merge
-from hpc_infer.run.plan import prepare
+from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, c
                                 for i in range(N_RECORDS)))
         overrides = _overrides(tmp, data)
         rc = compose("cluster=local", *overrides)
-        run, _ = prepare(rc, load_records(rc.data), cpu_model, "")
+        run, _ = prepare(rc, plan_input(rc), cpu_model, "")
         kill = _kill_victim(run, rng, tmp / "victim.log")
         fault, damaged = _disk_fault(run, rng)
         relaunches = _recover(overrides, damaged, REFUSAL.get(fault))

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import compose
-from hpc_infer.io.data import load_records
+
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
-from hpc_infer.run.plan import prepare
-from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.run.plan import plan_input, prepare
+from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 def planned_run(tmp_path, n=40, workers=3):
@@ -18,13 +18,13 @@ def planned_run(tmp_path, n=40, workers=3):
     # varied lengths so chunks differ in record count
     data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "w " * ((i * 7919) % 97 + 1)}) + "\n" for i in range(n)))
     rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", f"cluster.workers={workers}")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     return run
 
 
 def finish_chunk(run, cid):
     """Write a chunk's output the way a worker does (engine results are not the subject here)."""
-    rows = [dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_jsonl(run.chunk_path(cid))]
+    rows = [dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_chunk_records(run, cid)]
     write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))
 
 
@@ -94,7 +94,7 @@ def test_parquet_output(tmp_path):
 def test_timeline_png_from_trailers_linked_from_summary(tmp_path):
     run = planned_run(tmp_path, n=30, workers=2)
     for cid in range(read_json(run.manifest)["n_chunks"]):
-        rows = [dict(r, text="x", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_jsonl(run.chunk_path(cid))]
+        rows = [dict(r, text="x", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_chunk_records(run, cid)]
         meta = {"worker": f"w{cid % 2}", "started": 100.0 + cid, "finished": 103.5 + cid}  # overlapping chunks
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, **meta))
     s = merge(run)

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from conftest import compose
-from hpc_infer.io.data import load_records
+
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
-from hpc_infer.run.plan import prepare
+from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.rewards.math_grader import r1_zero_score
-from hpc_infer.worker.rundir import encode_chunk_output, read_json, read_jsonl, write_atomic
+from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 @pytest.mark.parametrize(
@@ -32,10 +32,10 @@ def test_r1_zero_score(response, truth, expected):
 def _math_run(tmp_path, answers):
     """A planned MATH run whose chunk outputs hold the given responses, as a worker writes them."""
     rc = compose("data=math_r1_zero", "data.limit=6", "cluster=debug", f"output_root={tmp_path / 'runs'}")
-    run, _ = prepare(rc, load_records(rc.data), "/m", "")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
     for cid in range(read_json(run.manifest)["n_chunks"]):
         rows = [dict(r, text=answers(r), outputs=[{"text": answers(r)}], prompt_tokens=1, output_tokens=1)
-                for r in read_jsonl(run.chunk_path(cid))]
+                for r in read_chunk_records(run, cid)]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))
     return rc, run
 

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from conftest import compose
-from hpc_infer.io.data import load_records
+
 from hpc_infer.run.merge import merge
-from hpc_infer.run.plan import prepare
+from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import read_chunk_trailer, read_json
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp
     rc = compose("data=example", "sampling=greedy", "sampling.max_tokens=12", "+sampling.extra.ignore_eos=true",
                  "cluster=local", "cluster.workers=2", "cluster.max_chunks_in_flight=1", "cluster.heartbeat_s=1",
                  f"output_root={tmp_path}/runs")
-    run, _ = prepare(rc, load_records(rc.data), cpu_model, "")
+    run, _ = prepare(rc, plan_input(rc), cpu_model, "")
     n_records = read_json(run.manifest)["n_records"]
     with open(tmp_path / "slow.log", "w") as slow_log, open(tmp_path / "fast.log", "w") as fast_log:
         slow = _worker(run, "slow", slow_log, HPC_INFER_FAULT="step:SLEEP3000")

@@ -1,4 +1,6 @@
-"""Read a prompt set into records with stable ids, templates applied.
+"""Read a prompt set in one streaming pass: hashed as read, split on "\n" only, every
+record checked (io/records.py builds it), memory bounded by a block and
+data.max_line_bytes, not by the input's size.
 
 Every problem is reported with the file and line (or row) and the setting to change,
 before anything is written or submitted.
@@ -6,15 +8,23 @@ before anything is written or submitted.
 
 from __future__ import annotations
 
+import array
 import csv
 import hashlib
+import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import DataConfig
 from ..errors import UserError
+from .records import InputSpec, RecordError, apply_template, to_record
+
+__all__ = ["Record", "Records", "InputScan", "load_records", "load_template", "input_spec", "apply_template",
+           "detect_format", "file_fingerprint"]
+BLOCK = 1 << 20
 
 
 @dataclass
@@ -37,6 +47,11 @@ class Record:
         if self.sampling:
             d["sampling"] = self.sampling
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Record":
+        return cls(d["index"], d["id"], prompt=d.get("prompt"), messages=d.get("messages"),
+                   fields=d.get("fields") or {}, sampling=d.get("sampling"))
 
 
 def detect_format(path: Path, fmt: str) -> str:
@@ -71,6 +86,359 @@ class Records(list):
     size: int = 0
 
 
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_template(cfg: DataConfig) -> str | None:
+    if cfg.template_file:
+        return Path(cfg.template_file).expanduser().read_text(encoding="utf-8")
+    return cfg.template
+
+
+def input_spec(cfg: DataConfig) -> InputSpec:
+    return InputSpec(format=detect_format(Path(cfg.path).expanduser(), cfg.format), id_field=cfg.id_field,
+                     prompt_field=cfg.prompt_field, messages_field=cfg.messages_field,
+                     system_prompt=cfg.system_prompt, template=load_template(cfg),
+                     template_name=cfg.template_file or "data.template", pair_field=cfg.pair_field)
+
+
+class Parsed:
+    """What one block of input gave: per record its prompt's length in characters (the
+    planner's token estimate), its byte end in the block and its id's 64-bit hash, plus
+    what the block's records agree on. Small and picklable: blocks can be parsed in other
+    processes while this one reads, hashes and copies."""
+
+    def __init__(self, first_line: int, keep: bool, spec: InputSpec, kind: str = "line"):
+        self.spec, self.kind = spec, kind
+        self.first_line = first_line  # line (or row) number of the block's first record
+        self.lines = 0  # lines (rows) the block held
+        self.record_lines: list[int] = []  # with `keep`: each record's line (or row)
+        self.rows: list | None = None  # csv/parquet: the raw rows, copied into the run as JSON
+        self.chars, self.ends, self.hashes = array.array("q"), array.array("q"), array.array("q")
+        self.has_id: bool | None = None
+        self.chat: bool | None = None
+        self.overrides: dict[str, dict] = {}
+        self.records: list[dict] | None = [] if keep else None
+
+    def add(self, rec: dict, has_id: bool, line: int, end: int) -> None:
+        if self.has_id is None:
+            self.has_id, self.chat, self.first_line = has_id, "messages" in rec, line
+        elif has_id != self.has_id:
+            raise RecordError(ids_unlike_first(has_id, self.spec.id_field))
+        elif ("messages" in rec) != self.chat:
+            raise RecordError(mixed_kinds(self.spec.format))
+        prompt = rec.get("prompt")
+        self.chars.append(len(prompt) if prompt is not None else
+                          sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"]))
+        self.ends.append(end)
+        if has_id:
+            self.hashes.append(hash(rec["id"]))
+        if "sampling" in rec:
+            self.overrides.setdefault(json.dumps(rec["sampling"], sort_keys=True), rec["sampling"])
+        if self.records is not None:
+            self.records.append(rec)
+            self.record_lines.append(line)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def truncate(self, take: int) -> None:
+        """Keep the first `take` records (data.limit ends the input inside this block)."""
+        self.chars, self.ends = self.chars[:take], self.ends[:take]
+        if self.records is not None:
+            self.records, self.record_lines = self.records[:take], self.record_lines[:take]
+        if self.rows is not None:
+            self.rows = self.rows[:take]
+
+
+def ids_unlike_first(has_id: bool, id_field: str) -> str:
+    return (f"{'has' if has_id else 'has no'} '{id_field}' field unlike the first record; give every record an "
+            f"id, or none (then ids are derived from positions)")
+
+
+def mixed_kinds(fmt: str) -> str:
+    if fmt == "openai_batch":
+        return ("mixes /v1/chat/completions and /v1/completions requests; one batch file holds one endpoint (as "
+                "OpenAI's Batch API requires): split it into two files and run both")
+    return "mixes plain prompts and chat messages; split it into two data sets"
+
+
+def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int, offset0: int, max_line: int,
+                keep: bool) -> Parsed:
+    """Whole lines of a line format -> Parsed. `line0`: lines before the block; `index0`:
+    records before it (positional ids; only exact when `keep`); `offset0`: its file offset."""
+    try:
+        text = buf.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line0 + buf.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {offset0 + e.start}); re-encode the file "
+                        f"as UTF-8") from None
+    lines = text.split("\n")  # "\n" only: U+2028, U+0085 and form feed stay inside a record
+    if not lines[-1]:
+        lines.pop()
+    out = Parsed(line0 + 1, keep, spec)
+    out.lines = len(lines)
+    end = 0
+    if line0 == 0 and text.startswith("\ufeff"):  # Excel and some editors start files with a BOM
+        lines[0] = lines[0][1:]
+        end = 3
+    if max_line < len(buf):
+        for i, line in enumerate(lines):
+            if len(line) > max_line // 4 and len(line.encode()) - line.endswith("\r") > max_line:
+                raise UserError(f"{path} line {line0 + i + 1}: longer than data.max_line_bytes={max_line} bytes "
+                                f"(reading stopped there); a broken file (missing newlines?), or raise "
+                                f"data.max_line_bytes")
+    ascii_only, cr, txt = text.isascii(), "\r" in text, spec.format == "txt"
+    batch = spec.format == "openai_batch"
+    loads = json.JSONDecoder().decode  # json.loads without its per-call wrapper
+    index, n_buf = index0, len(buf)
+    for i, line in enumerate(lines):
+        end += (len(line) if ascii_only else len(line.encode())) + 1
+        if cr and line.endswith("\r"):
+            line = line[:-1]
+        if not line or line.isspace():  # a blank line (str.strip() would copy every line)
+            continue
+        try:
+            if txt:
+                row = {"prompt": line}
+            else:
+                try:
+                    row = loads(line)
+                except ValueError as e:
+                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}); "
+                                      f"fix or remove the line") from None
+            rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
+            out.add(rec, has_id, line0 + i + 1, min(end, n_buf))
+        except RecordError as e:
+            raise UserError(f"{path} line {line0 + i + 1}: {e}") from None
+        index += 1
+    return out
+
+
+def _parse_rows(spec: InputSpec, path: str, rows: list[tuple[int, Any]], index0: int, kind: str,
+                keep: bool) -> Parsed:
+    """csv/parquet rows (number, row) -> Parsed; chunk files get each row as JSON."""
+    out = Parsed(rows[0][0] if rows else 0, keep, spec, kind)
+    out.lines = len(rows)
+    for k, (number, row) in enumerate(rows):
+        try:
+            rec, has_id = to_record(row, index0 + k, spec)
+            out.add(rec, has_id, number, -1)
+        except RecordError as e:
+            raise UserError(f"{path} {kind} {number}: {e}") from None
+    return out
+
+
+def _scan_processes(size: int) -> int:
+    """Processes that parse blocks while this one reads: none for small inputs (a pool
+    costs more than it saves), else up to 4 of the cores this process may use."""
+    if size < 16 * BLOCK:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(4, cores) if cores > 1 else 0
+
+
+# One block of the scan: the raw bytes (whole lines; None for csv/parquet), where the records'
+# bytes start in it (after a BOM), what parsing it gave, and how much input is left per unit
+# read so far (bytes or rows), for the planner's estimate of the whole.
+Block = tuple["bytes | None", int, Parsed, float]
+
+
+class InputScan:
+    """One pass over data.path. Iterate `blocks()`; afterwards `sha256`/`size` describe
+    exactly the bytes the records came from, `n` counts them and `overrides` holds the
+    distinct per-record sampling overrides (OpenAI batch bodies).
+
+    Ids are checked unique through an array of their 64-bit hashes (8 bytes a record, not
+    a dict of strings); only when two hashes meet is the input read again, to name the lines.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.path = Path(cfg.path).expanduser()
+        self.spec = input_spec(cfg)
+        self.sha256, self.size, self.n = "", 0, 0
+        self.overrides: dict[str, dict] = {}
+        self._id_hashes = array.array("q")
+        self._ids_given: bool | None = None
+        self._chat: bool | None = None
+
+    def blocks(self, keep: bool = False, parallel: bool = True) -> Iterator[Block]:
+        """`keep`: hold each block's records (load_records); `parallel`: parse big inputs
+        in a few processes (the order of blocks, errors and results is the file's)."""
+        if self.spec.chunk_encoding == "lines":
+            yield from self._line_blocks(keep, parallel)
+        else:
+            yield from self._row_blocks(keep)
+        if not self.n:
+            raise UserError(f"{self.path}: no records (empty file?); point data.path at a non-empty prompt set")
+        if self._ids_given:
+            self._check_unique()
+
+    def _take(self, parsed: Parsed) -> int:
+        """Check a block against the blocks before it; returns how many of its records count
+        (fewer than all when data.limit ends the input inside it)."""
+        if not len(parsed):
+            return 0
+        if self._ids_given is None:
+            self._ids_given, self._chat = parsed.has_id, parsed.chat
+        elif parsed.has_id != self._ids_given:
+            raise UserError(f"{self.path} {parsed.kind} {parsed.first_line}: "
+                            f"{ids_unlike_first(parsed.has_id, self.cfg.id_field)}")
+        elif parsed.chat != self._chat:
+            raise UserError(f"{self.path} {parsed.kind} {parsed.first_line}: {mixed_kinds(self.spec.format)}")
+        take = len(parsed)
+        if self.cfg.limit:
+            take = min(take, self.cfg.limit - self.n)
+        self._id_hashes.extend(parsed.hashes[:take] if take < len(parsed) else parsed.hashes)
+        self.overrides.update(parsed.overrides)  # (with a limit, overrides past it are checked too: harmless)
+        self.n += take
+        return take
+
+    def _check_unique(self) -> None:
+        import numpy as np
+
+        hashes = np.sort(np.frombuffer(self._id_hashes, dtype=np.int64))
+        clash = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+        if not clash:
+            return
+        seen: dict[str, int] = {}  # read again, keeping only the ids whose hashes clash, to name both lines
+        again = InputScan(self.cfg)
+        for _raw, _seg, parsed, _left in again.blocks(keep=True, parallel=False):
+            for k, rec in enumerate(parsed.records):
+                if hash(rec["id"]) in clash:
+                    first = seen.setdefault(rec["id"], rec["index"])
+                    if first != rec["index"]:
+                        raise UserError(f"{self.path} {parsed.kind} {parsed.record_lines[k]}: duplicate id '{rec['id']}' (first seen at record "
+                                        f"{first + 1}); ids must be unique")
+
+    def _line_blocks(self, keep: bool, parallel: bool) -> Iterator[Block]:
+        """jsonl, OpenAI batch, txt: blocks of whole lines, parsed in order (in a few other
+        processes for big inputs), then hashed and handed out in file order."""
+        path, max_line = self.path, self.cfg.max_line_bytes
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            file_size = max(1, os.fstat(f.fileno()).st_size)
+            procs = _scan_processes(file_size) if parallel and not keep else 0
+            pool = None
+            if procs:
+                import multiprocessing
+
+                pool = multiprocessing.get_context("fork").Pool(procs)
+            try:
+                pending: list = []  # (buf, future or Parsed), oldest first; at most 2 per process
+                line0 = offset0 = 0
+                for buf in self._raw_blocks(f):
+                    args = (self.spec, str(path), buf, line0, self.n if keep else 0, offset0, max_line, keep)
+                    line0 += buf.count(b"\n")
+                    offset0 += len(buf)
+                    pending.append((buf, pool.apply_async(parse_block, args) if pool else parse_block(*args)))
+                    while pending and (len(pending) > 2 * procs or not pool):
+                        done = yield from self._hand_out(pending.pop(0), digest, file_size)
+                        if done:
+                            return
+                while pending:
+                    if (yield from self._hand_out(pending.pop(0), digest, file_size)):
+                        return
+            finally:
+                if pool is not None:
+                    pool.terminate()
+
+    def _hand_out(self, item: tuple, digest: Any, file_size: int) -> Iterator[Block]:
+        """Check, hash and yield one parsed block; returns True when data.limit ends the input."""
+        buf, result = item
+        parsed = result if isinstance(result, Parsed) else result.get()
+        take = self._take(parsed)
+        stop = take < len(parsed) or (self.cfg.limit is not None and self.n >= self.cfg.limit)
+        if take < len(parsed):
+            buf = buf[:parsed.ends[take - 1]] if take else b""
+            parsed.truncate(take)
+        elif stop and len(parsed):
+            buf = buf[:parsed.ends[-1]]
+        digest.update(buf)
+        self.size += len(buf)
+        self.sha256 = digest.hexdigest()
+        left = (file_size - self.size) / max(1, self.size)
+        if self.cfg.limit:
+            left = min(left, (self.cfg.limit - self.n) / max(1, self.n))
+        seg = 3 if self.size == len(buf) and buf.startswith(b"\xef\xbb\xbf") else 0
+        yield buf, seg, parsed, max(0.0, left)
+        return stop
+
+    def _raw_blocks(self, f: Any) -> Iterator[bytes]:
+        """The file in blocks of whole lines (the last may lack its "\n"); a line longer
+        than data.max_line_bytes stops the read, so memory stays bounded."""
+        max_line, line_no = self.cfg.max_line_bytes, 0
+        carry: list[bytes] = []
+        carry_len = 0
+        while True:
+            data = f.read(BLOCK)
+            if not data:
+                if carry_len:
+                    yield b"".join(carry)
+                return
+            nl = data.rfind(b"\n")
+            if nl < 0:
+                carry.append(data)
+                carry_len += len(data)
+                if carry_len > max_line + 2:
+                    raise UserError(f"{self.path} line {line_no + 1}: longer than data.max_line_bytes={max_line} "
+                                    f"bytes (reading stopped there); a broken file (missing newlines?), or raise "
+                                    f"data.max_line_bytes")
+                continue
+            buf = b"".join(carry) + data[:nl + 1]
+            carry, carry_len = [data[nl + 1:]], len(data) - nl - 1
+            line_no += buf.count(b"\n")
+            yield buf
+
+    def _row_blocks(self, keep: bool) -> Iterator[Block]:
+        """csv and parquet: rows, 4096 to a block; chunk files get each row as JSON."""
+        path, limit = self.path, self.cfg.limit
+        digest = _Digest()
+        if self.spec.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            with open(path, "rb") as f:  # parquet is not streamable by line: read whole, hashed as read
+                raw = digest.update(f.read())
+            try:
+                rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
+            except Exception as e:
+                raise UserError(f"{path}: not a readable parquet file ({e})") from None
+            numbered: Iterator[tuple[int, Any]] = enumerate(rows, start=1)
+            total, kind = len(rows), "row"
+        else:
+            numbered = _csv_rows(_lines(path, self.cfg.max_line_bytes, digest))
+            total, kind = max(1, path.stat().st_size), "line"
+        batch: list[tuple[int, Any]] = []
+        for number, row in itertools.chain(numbered, [(None, None)]):
+            if number is not None:
+                batch.append((number, row))
+            if batch and (number is None or len(batch) == 4096 or (limit and self.n + len(batch) >= limit)):
+                parsed = _parse_rows(self.spec, str(path), batch, self.n, kind, True)
+                parsed.rows = [r for _, r in batch]
+                parsed.truncate(self._take(parsed))
+                left = 0.0
+                if number is not None:
+                    done = number if kind == "row" else max(1, digest.size)
+                    left = (total - done) / max(1, done)
+                    if limit:
+                        left = min(left, (limit - self.n) / max(1, self.n))
+                batch = []
+                yield None, 0, parsed, max(0.0, left)
+                if limit and self.n >= limit:
+                    break
+        self.sha256, self.size = digest.h.hexdigest(), digest.size
+
+
 class _Digest:
     """Counts and hashes every byte as it is read (one pass)."""
 
@@ -83,18 +451,8 @@ class _Digest:
         return b
 
 
-def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _lines(path: Path, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[int, str]]:
-    """(line number, text) per line, split on "\n" only (not on U+2028, U+0085, form feed:
-    those are characters inside a record), in one streaming pass: memory stays bounded by
-    data.max_line_bytes however long a broken line is. A leading BOM is dropped."""
+    """(line number, text) per line of a csv file, split on "\n" only, one streaming pass."""
     with open(path, "rb") as f:
         line_no = 0
         while True:
@@ -114,138 +472,28 @@ def _lines(path: Path, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[i
                 offset = digest.size - len(raw) + e.start
                 raise UserError(f"{path} line {line_no}: not valid UTF-8 (byte offset {offset}); re-encode the file "
                                 f"as UTF-8") from None
-            if line_no == 1 and text.startswith("\ufeff"):  # Excel and some editors start files with a BOM
+            if line_no == 1 and text.startswith("\ufeff"):  # Excel writes CSV with a BOM: keep the id column's name
                 text = text[1:]
             yield line_no, text
 
 
-def _rows(path: Path, fmt: str, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, raw row) pairs; line numbers are 1-based."""
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def _csv_rows(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
+    current = [0]
 
-        with open(path, "rb") as f:
-            raw = digest.update(f.read())
-        try:
-            table = pq.read_table(pa.BufferReader(raw))
-        except Exception as e:
-            raise UserError(f"{path}: not a readable parquet file ({e})") from None
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield i, row
-        return
-    lines = _lines(path, max_line_bytes, digest)
-    if fmt == "txt":
-        for i, line in lines:
-            if line.strip():
-                yield i, {"prompt": line}
-    elif fmt == "csv":
-        numbered = iter(lines)
-        current = [0]
+    def texts() -> Iterator[str]:
+        for n, text in lines:
+            current[0] = n
+            yield text + "\n"
 
-        def texts() -> Iterator[str]:
-            for n, text in numbered:
-                current[0] = n
-                yield text + "\n"
-
-        for row in csv.DictReader(texts()):
-            yield current[0], row
-    else:
-        for i, line in lines:
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-
-
-def load_template(cfg: DataConfig) -> str | None:
-    if cfg.template_file:
-        return Path(cfg.template_file).expanduser().read_text(encoding="utf-8")
-    return cfg.template
-
-
-def apply_template(template: str, prompt: str, row: dict, where: str, template_name: str) -> str:
-    values = {k: v for k, v in row.items() if isinstance(k, str)}
-    values.update(prompt=prompt, question=prompt)
-    try:
-        return template.format_map(values)
-    except KeyError as e:
-        raise UserError(f"{where}: template {template_name} uses {{{e.args[0]}}}, which the record does not have "
-                        f"(fields: {', '.join(sorted(values))})") from None
-    except (ValueError, IndexError) as e:
-        raise UserError(f"template {template_name}: {e}; write literal braces as {{{{ and }}}}") from None
+    for row in csv.DictReader(texts()):
+        yield current[0], row
 
 
 def load_records(cfg: DataConfig) -> Records:
-    path = Path(cfg.path).expanduser()
-    fmt = detect_format(path, cfg.format)
-    template = load_template(cfg)
-    template_name = cfg.template_file or "data.template"
+    """All records in memory (tests, small tools); planning streams through InputScan instead."""
+    scan = InputScan(cfg)
     records = Records()
-    digest = _Digest()
-    seen: dict[str, int] = {}
-    ids_given: bool | None = None
-    for line, row in _rows(path, fmt, cfg.max_line_bytes, digest):
-        where = f"{path} {'row' if fmt == 'parquet' else 'line'} {line}"
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        overrides = None
-        if fmt == "openai_batch":
-            from .openai_batch import request_to_row
-
-            row, overrides = request_to_row(row, where, cfg)
-        index = len(records)
-        has_id = bool(cfg.id_field) and row.get(cfg.id_field) not in (None, "")
-        if ids_given is None:
-            ids_given = has_id
-        elif has_id != ids_given:
-            raise UserError(f"{where}: {'has' if has_id else 'has no'} '{cfg.id_field}' field unlike the first record; "
-                            f"give every record an id, or none (then ids are derived from positions)")
-        rid = str(row[cfg.id_field]) if has_id else str(index)
-        if rid in seen:
-            raise UserError(f"{where}: duplicate id '{rid}' (first seen at record {seen[rid] + 1}); ids must be unique")
-        seen[rid] = index
-        fields = {k: v for k, v in row.items() if k not in (cfg.id_field, cfg.prompt_field, cfg.messages_field)}
-        if cfg.messages_field in row and row[cfg.messages_field] is not None:
-            messages = row[cfg.messages_field]
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
-            ):
-                raise UserError(f"{where}: '{cfg.messages_field}' must be a non-empty list of {{role, content}} objects")
-            if cfg.system_prompt and messages[0].get("role") != "system":
-                messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-            records.append(Record(index, rid, messages=messages, fields=fields, sampling=overrides))
-        elif cfg.prompt_field in row:
-            prompt = row[cfg.prompt_field]
-            if not isinstance(prompt, str):
-                raise UserError(f"{where}: '{cfg.prompt_field}' must be a string, got {type(prompt).__name__}")
-            if not prompt.strip():
-                raise UserError(f"{where}: '{cfg.prompt_field}' is empty; remove the record or fill it in")
-            if template:
-                prompt = apply_template(template, prompt, row, where, template_name)
-            records.append(Record(index, rid, prompt=prompt, fields=fields, sampling=overrides))
-        else:
-            raise UserError(
-                f"{where}: no '{cfg.prompt_field}' or '{cfg.messages_field}' field (fields: {', '.join(map(str, row))}); "
-                f"set data.prompt_field=<field> or data.messages_field=<field>"
-            )
-        if cfg.pair_field:
-            pair = row.get(cfg.pair_field)
-            if not isinstance(pair, str) or not pair.strip():
-                raise UserError(f"{where}: data.pair_field '{cfg.pair_field}' must be a non-empty string "
-                                f"(the second text model.task=score compares with)")
-        if cfg.limit and len(records) >= cfg.limit:
-            break
-    # exactly the bytes the records came from (with data.limit: up to the last one read)
-    records.sha256, records.size = digest.h.hexdigest(), digest.size
-    if not records:
-        raise UserError(f"{path}: no records (empty file?); point data.path at a non-empty prompt set")
-    kinds = {r.messages is None for r in records}
-    if len(kinds) > 1:
-        if fmt == "openai_batch":
-            raise UserError(f"{path}: mixes /v1/chat/completions and /v1/completions requests; one batch file holds "
-                            f"one endpoint (as OpenAI's Batch API requires): split it into two files and run both")
-        raise UserError(f"{path}: mixes plain prompts and chat messages; split it into two data sets")
+    for _raw, _seg, parsed, _left in scan.blocks(keep=True, parallel=False):
+        records.extend(Record.from_json(rec) for rec in parsed.records)
+    records.sha256, records.size = scan.sha256, scan.size
     return records

@@ -16,14 +16,14 @@ from typing import Any
 from ..errors import UserError
 
 
-def check_run_sampling(rc: Any, records: list) -> str | None:
-    """What launch and sbatch both check: the run's sampling and each record's overrides
-    (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
+def check_run_sampling(rc: Any, overrides: list[dict]) -> str | None:
+    """What launch and sbatch both check: the run's sampling and each distinct per-record
+    override (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
     from ..worker.engine import POOLING_TASKS
 
     if rc.model.task in POOLING_TASKS:
         return None
-    return check_sampling(rc.sampling.to_vllm(), [r.sampling for r in records if r.sampling])
+    return check_sampling(rc.sampling.to_vllm(), overrides)
 
 
 def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:

@@ -9,7 +9,9 @@ checked concatenation. Relaunching with the same input and settings resumes the 
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import hashlib
 import json
 import os
@@ -17,72 +19,217 @@ import shutil
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from ..config import RunConfig
-from ..io.data import Record, file_fingerprint, load_template
+from ..io.data import InputScan, file_fingerprint, input_spec, load_template
 from ..errors import UserError
 from ..worker.rundir import RunDir, read_json, secure_root, write_json
 
-MANIFEST_VERSION = 2  # 2: contiguous chunks, outputs end with a checked trailer
+MANIFEST_VERSION = 3  # 3: chunk files are the input's own bytes (rows as JSON for csv/parquet)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
 
 
-def estimate_tokens(record: Record, max_tokens: int, n: int) -> int:
-    if record.messages is not None:
-        chars = sum(len(str(m.get("content", ""))) for m in record.messages) + 16 * len(record.messages)
-    else:
-        chars = len(record.prompt or "")
-    return chars // CHARS_PER_TOKEN + 1 + max_tokens * n
+def estimate_tokens(prompt_chars: int, max_tokens: int, n: int) -> int:
+    """A record's tokens, prompt and output, from its prompt's characters (io/data.py counts
+    a chat's message contents + 16 a message)."""
+    return prompt_chars // CHARS_PER_TOKEN + 1 + max_tokens * n
 
 
-@dataclass
-class Chunk:
-    id: int
-    n_records: int
-    est_tokens: int
-    first_index: int
-    last_index: int
-
-
-def make_chunks(est: list[int], workers: int, chunks_per_worker: int, max_records: int | None = None) -> list[range]:
-    """Cut the records, in input order, into contiguous chunks whose sizes shrink.
+class ChunkCutter:
+    """Decides where chunks end, block by block in input order, so the plan is one
+    streaming pass.
 
     Each chunk targets remaining / (2 * workers) estimated tokens, but never less than
     total / (workers * chunks_per_worker * 2), so the count of chunks stays near
-    workers * chunks_per_worker. Chunks are contiguous input ranges, so the merge is a
-    concatenation; balance comes from the dynamic claiming of shrinking chunks, not from
-    reordering records (output lengths, which dominate, are unknown before the run;
-    bench/balance.py measures the result against static and interleaved slices).
+    workers * chunks_per_worker and their sizes shrink towards the end (guided
+    self-scheduling). `total` is the caller's estimate of the whole input's tokens as
+    known so far; with the exact total this is the classic schedule. Chunks are
+    contiguous input ranges, so the merge is a concatenation; balance comes from the
+    dynamic claiming of shrinking chunks, not from reordering records (output lengths,
+    which dominate, are unknown before the run; bench/balance.py measures the result).
+    `max_records` bounds a chunk's length: nothing of a chunk is saved until it finishes,
+    so a chunk longer than the job's time limit would restart from zero at every requeue.
     """
-    total = sum(est)
-    floor = max(1.0, total / (workers * chunks_per_worker * 2))
-    chunks: list[range] = []
-    remaining = total
-    start = 0
-    current_tokens = 0
-    target = max(floor, remaining / (2 * workers))
-    for i, e in enumerate(est):
-        current_tokens += e
-        # max_records bounds a chunk's length: nothing of a chunk is saved until it finishes, so a
-        # chunk longer than the job's time limit would restart from zero at every requeue
-        if current_tokens >= target or (max_records and i + 1 - start >= max_records):
-            chunks.append(range(start, i + 1))
-            remaining -= current_tokens
-            start, current_tokens = i + 1, 0
-            target = max(floor, remaining / (2 * workers))
+
+    def __init__(self, workers: int, chunks_per_worker: int, max_records: int | None = None):
+        self.workers, self.per_worker, self.max_records = workers, chunks_per_worker, max_records or 0
+        self.before = 0.0  # estimated tokens in chunks already cut
+        self.current, self.count = 0, 0  # the open chunk: tokens and records so far
+
+    def cuts(self, ests: list[int], total: float) -> list[int]:
+        """Positions in `ests` after which a chunk ends (a cumulative sum and a bisection per
+        chunk, not a Python step per record)."""
+        cum = list(itertools.accumulate(ests, initial=0))  # cum[i]: tokens of ests[:i]
+        out, start, base = [], 0, cum[0] - self.current  # base: where the open chunk began
+        while start < len(ests):
+            target = max(1.0, total / (self.workers * self.per_worker * 2), (total - self.before) / (2 * self.workers))
+            # first i (>= start) with cum[i + 1] - base >= target
+            i = bisect.bisect_left(cum, base + target, lo=start + 1) - 1
+            if self.max_records:
+                i = min(i, start + self.max_records - self.count - 1)
+            if i >= len(ests):
+                break
+            out.append(i)
+            self.before += cum[i + 1] - base
+            start, base, self.count = i + 1, cum[i + 1], 0
+        self.current = cum[-1] - base
+        self.count += len(ests) - start
+        return out
+
+
+def make_chunks(est: list[int], workers: int, chunks_per_worker: int, max_records: int | None = None) -> list[range]:
+    """Contiguous chunks for known per-record estimates (the simulation in bench/balance.py)."""
+    ends = ChunkCutter(workers, chunks_per_worker, max_records).cuts(est, sum(est))
+    chunks, start = [], 0
+    for i in ends:
+        chunks.append(range(start, i + 1))
+        start = i + 1
     if start < len(est):
         chunks.append(range(start, len(est)))
     return chunks
 
 
-def fingerprint_parts(rc: RunConfig, records: list[Record] | None = None) -> dict[str, str]:
+class _ChunkWriter:
+    """Copies the input into the run as the scan goes (`input.copy`: the input's bytes, or
+    JSON rows for csv/parquet), one sequential file: each chunk is a byte range of it with
+    its size and CRC-32 in the manifest (one file, since creating thousands of small files
+    cost more than the whole read). A chunk's manifest entry: id, n_records, est_tokens,
+    first_index, last_index, offset, bytes, crc32."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.table: list[dict] = []
+        self.offset = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.crc, self.bytes, self.first, self.n, self.est = 0, 0, -1, 0, 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.f.write(data)
+            self.crc = zlib.crc32(data, self.crc)
+            self.bytes += len(data)
+
+    def close(self, last: int) -> None:
+        self.table.append(dict(id=len(self.table), n_records=self.n, est_tokens=self.est, first_index=self.first,
+                               last_index=last, offset=self.offset, bytes=self.bytes, crc32=self.crc))
+        self.offset += self.bytes
+        self._reset()
+
+    def finish(self, last: int) -> None:
+        if self.n:
+            self.close(last)
+        else:  # only blank lines after the last record
+            self.f.truncate(self.offset)
+        self.f.close()
+
+
+@dataclass
+class PlannedInput:
+    """The input read once into a private staging directory (`input.copy` + the chunk
+    table); `prepare` publishes it as the run directory or, for a resumed run, discards it.
+    Discarded unpublished (a later check failed), it leaves nothing behind: not even the
+    output_root folders the plan created."""
+
+    staging: Path
+    n_records: int
+    sha256: str
+    size: int
+    est_tokens: int
+    chunks: list[dict]
+    overrides: list[dict]
+    created: Path | None = None  # the first folder of output_root that planning created
+
+    def discard(self) -> None:
+        if self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        _remove_empty(self.staging.parent, self.created)
+
+    def __enter__(self) -> "PlannedInput":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.discard()
+
+
+def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
+    """One streaming pass over data.path: read, hash, check each record, cut chunks and
+    write each chunk file as the input's own bytes for its range (copied, so the run never
+    depends on the input staying put; ids and templates are applied where a record is
+    used, by the same io/records.py). Memory: a few blocks, the chunk table, 8 bytes an id.
+    Big inputs are parsed by a few processes while this one reads, hashes and copies
+    (`parallel=False`: all in this one)."""
+    scan = InputScan(rc.data)
+    run = RunDir(rc.run_path)
+    created = next((p for p in reversed(run.root.parents) if not p.exists()), None)
+    run.root.parent.mkdir(parents=True, exist_ok=True)
+    # A staging directory of our own: two first launches of one run_name never share one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=run.root.parent))
+    try:
+        staging = RunDir(tmp)
+        staging.make()
+        writer = _ChunkWriter(staging.input_copy)
+        cutter = ChunkCutter(rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records)
+        max_tokens, n = rc.sampling.max_tokens, rc.sampling.n
+        rows = scan.spec.chunk_encoding == "rows"
+        per_record = estimate_tokens(0, max_tokens, n)
+        seen, base = 0, 0  # estimated tokens so far; records in the blocks before this one
+        for raw, seg, parsed, left in scan.blocks(parallel=parallel):
+            ests = [c // CHARS_PER_TOKEN + per_record for c in parsed.chars]  # estimate_tokens, inlined
+            seen += sum(ests)
+            total = seen * (1.0 + left)  # what is read so far, scaled by what is left of the file
+            start = 0
+            for i in cutter.cuts(ests, total) + [None]:
+                stop = len(ests) if i is None else i + 1
+                if stop <= start:
+                    break
+                if writer.first < 0:
+                    writer.first = base + start
+                writer.n += stop - start
+                writer.est += sum(ests[start:stop])
+                if rows:
+                    writer.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                                         for row in parsed.rows[start:stop]).encode())
+                elif i is not None:
+                    writer.write(raw[seg:parsed.ends[i]])
+                    seg = parsed.ends[i]
+                if i is not None:
+                    writer.close(base + i)
+                start = stop
+            if raw is not None:
+                writer.write(raw[seg:])
+            base += len(ests)
+        writer.finish(base - 1)
+        return PlannedInput(tmp, scan.n, scan.sha256, scan.size, seen, writer.table, list(scan.overrides.values()),
+                            created)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(tmp.parent, created)
+        raise
+
+
+def _remove_empty(folder: Path, created: Path | None) -> None:
+    """Remove `folder` and its parents up to `created`, those of them that are empty."""
+    if created is None:
+        return
+    for d in [folder, *folder.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == created:
+            return
+
+
+def fingerprint_parts(rc: RunConfig, input_sha256: str = "") -> dict[str, str]:
     """What decides a run's output. A changed part means a different run. The input part is
-    the hash of the bytes the records were parsed from (`Records.sha256`), never a second read."""
+    the hash of the bytes the records were parsed from (one pass), never a second read."""
 
     def h(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -90,7 +237,7 @@ def fingerprint_parts(rc: RunConfig, records: list[Record] | None = None) -> dic
     data = OmegaConf.to_container(OmegaConf.structured(rc.data))
     model = OmegaConf.to_container(OmegaConf.structured(rc.model))
     return {
-        "input file": (getattr(records, "sha256", "") or file_fingerprint(Path(rc.data.path).expanduser()))[:16],
+        "input file": (input_sha256 or file_fingerprint(Path(rc.data.path).expanduser()))[:16],
         "data settings": h({k: v for k, v in data.items() if k not in ("name", "path", "postprocess")}),
         "prompt template": h(load_template(rc.data)),
         "model": h({k: v for k, v in model.items() if k not in ("name",)}),
@@ -124,6 +271,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
     return {
         "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
                   "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name},
+        "input": input_spec(rc.data).to_json(),  # how a worker rebuilds records from chunk files
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,
         "env": dict(rc.cluster.env),
@@ -136,19 +284,47 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
     }
 
 
-def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: str,
+def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: str,
             endpoint: dict | None = None) -> tuple[RunDir, bool]:
-    """Create the run directory, or check that an existing one is the same run.
+    """Publish the planned input as the run directory (one rename), or check that an
+    existing one is the same run. The staging directory is gone afterwards either way.
 
     Returns the run directory and whether it was resumed.
     """
     run = RunDir(rc.run_path)
-    parts = fingerprint_parts(rc, records)
-    if run.manifest.exists():
+    parts = fingerprint_parts(rc, planned.sha256)
+    try:
+        if not run.manifest.exists():
+            if run.root.exists() and any(run.root.iterdir()):
+                raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or "
+                                f"set run_name=...")
+            staging = RunDir(planned.staging)
+            write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint))
+            staging.config.write_text(config_yaml)
+            write_json(staging.manifest, {
+                "version": MANIFEST_VERSION,
+                "created": time.time(),
+                "input": str(Path(rc.data.path).expanduser().resolve()),
+                "n_records": planned.n_records,
+                "input_bytes": planned.size,
+                "n_chunks": len(planned.chunks),
+                "est_tokens": planned.est_tokens,
+                "fingerprint": parts,
+                "chunks": planned.chunks,
+            })
+            secure_root(planned.staging, rc.permissions, rc.run_group)
+            try:
+                os.rename(planned.staging, run.root)  # the run directory appears whole, or not at all
+                return run, False
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Another launch published this run first: resume it if it is the same run, never mix.
         old = read_json(run.manifest)
         if old.get("version") != MANIFEST_VERSION:
-            raise UserError(f"{run.root} was planned by an older hpc_infer (run format {old.get('version')}); "
-                            f"merge it with that version, or give a new run_name=...")
+            raise UserError(f"{run.root} was planned by another hpc_infer version (run format {old.get('version')}, "
+                            f"this one writes {MANIFEST_VERSION}); merge it with that version, or give a new "
+                            f"run_name=...")
         changed = [k for k, v in parts.items() if old.get("fingerprint", {}).get(k) != v]
         if changed:
             raise UserError(
@@ -158,58 +334,5 @@ def prepare(rc: RunConfig, records: list[Record], model_path: str, config_yaml: 
         run.make()
         write_json(run.worker_spec, worker_spec(rc, model_path, endpoint))  # cluster-side settings may change
         return run, True
-    if run.root.exists() and any(run.root.iterdir()):
-        raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or set run_name=...")
-    run.root.parent.mkdir(parents=True, exist_ok=True)
-    # A staging directory of our own: two first launches of one run_name never share one.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=run.root.parent))
-    try:
-        staging = RunDir(tmp)
-        staging.make()
-        _plan_into(staging, rc, records, model_path, config_yaml, parts, endpoint)
-        try:
-            secure_root(tmp, rc.permissions, rc.run_group)
-            os.rename(tmp, run.root)  # the run directory appears whole, or not at all
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            # Another launch published this run first: resume it if it is the same run, never mix.
-            shutil.rmtree(tmp, ignore_errors=True)
-            return prepare(rc, records, model_path, config_yaml, endpoint)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return run, False
-
-
-def _plan_into(staging: RunDir, rc: RunConfig, records: list[Record], model_path: str, config_yaml: str,
-               parts: dict[str, str], endpoint: dict | None = None) -> None:
-    est = [estimate_tokens(r, rc.sampling.max_tokens, rc.sampling.n) for r in records]
-    groups = make_chunks(est, rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records)
-    table = []
-    for cid, idx in enumerate(groups):
-        # Written straight into the private staging directory (published whole by one rename),
-        # without a per-file fsync: the manifest keeps each chunk's size and CRC-32 and the worker
-        # checks them on read, so a chunk file damaged by a crash is caught, never trusted.
-        body = "".join(json.dumps(records[i].to_json(), ensure_ascii=False) + "\n" for i in idx).encode()
-        with open(staging.chunk_path(cid), "wb") as f:
-            f.write(body)
-        table.append(dict(asdict(Chunk(cid, len(idx), sum(est[i] for i in idx), idx.start, idx.stop - 1)),
-                          bytes=len(body), crc32=zlib.crc32(body)))
-    write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint))
-    staging.config.write_text(config_yaml)
-    write_json(
-        staging.manifest,
-        {
-            "version": MANIFEST_VERSION,
-            "created": time.time(),
-            "input": str(Path(rc.data.path).expanduser().resolve()),
-            "n_records": len(records),
-            "input_bytes": getattr(records, "size", None),
-            "n_chunks": len(groups),
-            "est_tokens": sum(est),
-            "fingerprint": parts,
-            "chunks": table,
-        },
-    )
-
+        planned.discard()

@@ -22,9 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
 from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, project_root
-from ..io.data import load_records
 from ..entry import run_hydra
-from .plan import prepare
+from .plan import plan_input, prepare
 from ..cluster.preflight import gpus_per_node, preflight
 from ..worker import rundir
 from ..worker.rundir import RunDir, read_json, set_permissions
@@ -93,15 +92,15 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 
 
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
-    records = load_records(rc.data)
-    checked = check_run_sampling(rc, records)
-    if checked:
-        print(checked, file=sys.stderr)
-    model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
-    for note in preflight(rc.model, rc.cluster, model_path):
-        print(f"[hpc_infer] {note}", file=sys.stderr)
     set_permissions(rc.permissions)
-    run, _ = prepare(rc, records, model_path, config_yaml)
+    with plan_input(rc) as planned:
+        checked = check_run_sampling(rc, planned.overrides)
+        if checked:
+            print(checked, file=sys.stderr)
+        model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
+        for note in preflight(rc.model, rc.cluster, model_path):
+            print(f"[hpc_infer] {note}", file=sys.stderr)
+        run, _ = prepare(rc, planned, model_path, config_yaml)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))

@@ -172,7 +172,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 
     def start(cid: int, backup: bool = False) -> list[dict]:
         """Read a chunk's records (checked against the plan) and put it in flight."""
-        records = read_chunk_input(run.chunk_path(cid), planned.get(cid))
+        records = read_chunk_input(run.input_copy, planned[cid], spec["input"])
         for r in records:
             r["worker"], r["chunk"] = owner.worker_id, cid
         inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup)

@@ -43,8 +43,10 @@ class RunDir:
         return self.root / "jobs.json"
 
     @property
-    def chunks(self) -> Path:
-        return self.root / "chunks"
+    def input_copy(self) -> Path:
+        """The input's bytes as planned (rows as JSON for csv/parquet); chunk i is the byte
+        range manifest["chunks"][i]["offset"] .. + ["bytes"]."""
+        return self.root / "input.copy"
 
     @property
     def claims(self) -> Path:
@@ -69,9 +71,6 @@ class RunDir:
     def results(self, fmt: str = "jsonl") -> Path:
         return self.root / f"results.{fmt}"
 
-    def chunk_path(self, chunk_id: int) -> Path:
-        return self.chunks / f"{chunk_id:05d}.jsonl"
-
     def claim_path(self, chunk_id: int) -> Path:
         return self.claims / f"{chunk_id:05d}"
 
@@ -82,7 +81,7 @@ class RunDir:
         return self.heartbeats / f"{worker_id}.json"
 
     def make(self) -> None:
-        for d in (self.chunks, self.claims, self.out, self.heartbeats, self.logs):
+        for d in (self.claims, self.out, self.heartbeats, self.logs):
             d.mkdir(parents=True, exist_ok=True)
 
     def done_chunks(self) -> set[int]:
@@ -159,7 +158,7 @@ def secure_root(root: Path, kind: str, group: str | None = None) -> None:
         shutil.chown(root, group=group)
     mode = 0o777 & ~_UMASK
     os.chmod(root, mode | (0o2000 if kind == "group" else 0))
-    for sub in ("chunks", "claims", "out", "heartbeats", "logs"):
+    for sub in ("claims", "out", "heartbeats", "logs"):
         d = root / sub
         if d.is_dir():
             os.chmod(d, mode | (0o2000 if kind == "group" else 0))
@@ -233,14 +232,30 @@ def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 64 * 1024) -> lis
     return (lines[1:] if size > max_bytes else lines)[-n:]  # the first line may be cut
 
 
-def read_chunk_input(path: Path, expect: dict | None = None) -> list[dict]:
-    """A chunk's input records, checked against the manifest's size and CRC-32 when it has them."""
+def read_chunk_input(path: Path, expect: dict, spec: dict) -> list[dict]:
+    """A chunk's records, its bytes checked against the manifest's size and CRC-32, then
+    rebuilt from the input's own bytes the way the planner checked them (io/records.py)."""
+    from ..io.records import InputSpec, chunk_records
+
     with open(path, "rb") as f:
-        body = f.read()
-    if expect and "crc32" in expect and (len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]):
-        raise RuntimeError(f"{path}: {len(body)} bytes that do not match the plan ({expect['bytes']} bytes, CRC "
-                           f"{expect['crc32']}); the run directory is damaged: delete it and launch again")
-    return [json.loads(line) for line in body.splitlines() if line.strip()]
+        f.seek(expect["offset"])
+        body = f.read(expect["bytes"])
+    if len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]:
+        raise RuntimeError(f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
+                           f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
+                           f"launch again")
+    records = chunk_records(body, int(expect["first_index"]), InputSpec.from_json(spec), str(path))
+    if len(records) != expect["n_records"]:
+        raise RuntimeError(f"{path}: {len(records)} records where the plan has {expect['n_records']}; the run "
+                           f"directory is damaged: delete it and launch again")
+    return records
+
+
+def read_chunk_records(run: RunDir, chunk_id: int) -> list[dict]:
+    """Chunk `chunk_id`'s input records as a worker sees them (tools and tests)."""
+    manifest = read_json(run.manifest)
+    return read_chunk_input(run.input_copy, manifest["chunks"][chunk_id],
+                            read_json(run.worker_spec)["input"])
 
 
 def read_jsonl(path: Path) -> list[dict]:
