@@ -15,7 +15,9 @@ Schemes (what other tools do, and ours):
   shards/task  K shards per worker as separate array tasks, each loading the model
   ours         one engine per worker, chunks cut by plan.make_chunks (guided, shrinking),
                claimed dynamically, a new chunk enqueued while the batch has room and
-               fewer than max_chunks_in_flight (16) are unfinished: worker.py's policy
+               fewer than max_chunks_in_flight (16) are unfinished: worker.py's policy;
+               then with backup copies of the tail, and with straggler pacing too (the
+               default: see run_backups)
 
 Two efficiencies per scheme: balance = total busy worker-time / (W x makespan), the
 issue's "total work / (workers x finish time)", which a scheme improves by keeping
@@ -147,18 +149,29 @@ def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
     return ends
 
 
-STRAGGLER = 0.75  # a holder slower than this fraction of the median rate gets its chunks backed up
+STRAGGLER = 0.75  # worker/claims.py: a worker under this fraction of the median rate is a straggler
+TAIL_SHARE = 1 / 6  # worker/claims.py: a straggler leaves the last sixth of the estimated work to the others
 
 
 def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *,
-                max_in_flight: int = 16, max_backups: int = 2) -> tuple[list[float], float]:
-    """Ours plus backup copies (worker.py): once nothing is left to claim, an idle worker
-    re-executes a straggler's live chunk with the longest expected time left (one backup per chunk, at most
-    `max_backups` per worker); the first copy to finish wins and the other is aborted.
-    Other workers' progress is read at their own simulated clock, which may be slightly
-    ahead: a small bias against backups. Returns worker end times and the worker-time
-    spent on copies that lost (the backups' extra cost)."""
+                max_in_flight: int = 16, max_backups: int = 2, pacing: bool = True,
+                tail_share: float = TAIL_SHARE, est: list[int] | None = None) -> tuple[list[float], float]:
+    """Ours plus the tail policy of worker/loop.py.
+
+    Pacing: a straggler (rate under STRAGGLER x the median) holds at most its rate / the
+    median of a full batch, and claims nothing once less than `tail_share` of the
+    estimated work (`est`: each chunk's estimate, as in the manifest) is unclaimed, so
+    little of the run is left on slow engines at the end. (The worker
+    estimates the rates from a sample of heartbeats every few heartbeats; here they are
+    exact.) Backups: once nothing is left to claim, an idle worker that is not a straggler
+    re-executes a straggler's live chunk with the longest expected time left (one backup
+    per chunk, at most `max_backups` per worker); the first copy to finish wins and the
+    other is aborted. Other workers' progress is read at their own simulated clock, which
+    may be slightly ahead: a small bias against backups. Returns worker end times and the
+    worker-time spent on copies that lost (the backups' extra cost)."""
     queue = deque(enumerate(chunks))
+    est = est or [len(c) for c in chunks]
+    unclaimed, est_total = float(sum(est)), float(sum(est))
     ws = [Worker(m, m.load_s, f) for f in slow]
     heap = [(w.t, i) for i, w in enumerate(ws)]
     heapq.heapify(heap)
@@ -168,11 +181,17 @@ def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
     backed: set[int] = set()
     left = [max_backups] * len(ws)
     wasted = 0.0
+    median = sorted(1 / x.slow for x in ws)[len(ws) // 2]
+    share = [min(1.0, (1 / w.slow) / median) for w in ws]
+    straggler = [pacing and s < STRAGGLER for s in share]
     while heap:
         _, i = heapq.heappop(heap)
         w = ws[i]
-        while queue and len(w.left) < max_in_flight and w.unfinished < m.max_num_seqs:
+        cap = max(1, int(m.max_num_seqs * share[i])) if straggler[i] else m.max_num_seqs
+        leave_tail = straggler[i] and unclaimed < tail_share * est_total
+        while queue and not leave_tail and len(w.left) < max_in_flight and w.unfinished < cap:
             cid, recs = queue.popleft()
+            unclaimed -= est[cid]
             w.t += m.claim_s
             w.enqueue(recs, cid)
             holders.setdefault(cid, {})[i] = w.t
@@ -188,11 +207,9 @@ def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
                     if not ws[j].left:  # that copy was all it had: it stops when the winner finishes
                         ws[j].t = t
         w.completed.clear()
-        if not busy and not queue and left[i] > 0:
+        if not busy and not queue and left[i] > 0 and not straggler[i]:
             # expected time left: records left x the holder's slowness (the worker estimates the
-            # latter from the holder's heartbeat rate)
-            # only a straggler's chunks: the holder's rate under 0.75 x the median rate
-            median = sorted(1 / x.slow for x in ws)[len(ws) // 2]
+            # latter from the holder's heartbeat rate); only a straggler's chunks
             live = [(max(ws[j].left.get(c, 0) * ws[j].slow for j in hs), c) for c, hs in holders.items()
                     if c not in done and c not in backed and i not in hs
                     and any(1 / ws[j].slow < STRAGGLER * median for j in hs)]
@@ -204,7 +221,7 @@ def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
                 w.enqueue(chunks[cid], cid)
                 holders[cid][i] = w.t
                 busy = True
-        if busy or queue:
+        if busy or (queue and not leave_tail):
             heapq.heappush(heap, (w.t, i))
         else:
             ends[i] = w.t
@@ -327,8 +344,8 @@ def main() -> None:
           f"sigma {args.out_sigma}, clipped at {args.max_tokens}); ideal makespan "
           f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
     schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
-               "ours, 16 (default)", "ours, 64", "ours, 16 + backups (default)"]
-    print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>32}" for name in schemes))
+               "ours, 16", "ours, 64", "ours, 16 + backups", "ours, 16 + pacing + backups (default)"]
+    print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>40}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
         rng = random.Random(args.seed + 1)
         recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma,
@@ -346,12 +363,15 @@ def main() -> None:
         for cpw in (4, 16, 64):
             chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
             spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
-        chunks = [[recs[i] for i in r] for r in make_chunks(est, W, 16)]
-        ends, wasted = run_backups(m, slow, chunks)
+        ranges = make_chunks(est, W, 16)
+        chunks = [[recs[i] for i in r] for r in ranges]
+        chunk_est = [sum(est[i] for i in r) for r in ranges]
+        spans.append(run_backups(m, slow, chunks, pacing=False)[0])
+        ends, wasted = run_backups(m, slow, chunks, est=chunk_est)
         spans.append(ends)
         cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]
-        print(f"{scenario:<30}" + "".join(f"{c:>32}" for c in cells), flush=True)
-        print(f"{'':<30}backups: extra worker-time on losing copies {wasted:,.0f} s = "
+        print(f"{scenario:<30}" + "".join(f"{c:>40}" for c in cells), flush=True)
+        print(f"{'':<30}default: extra worker-time on losing backup copies {wasted:,.0f} s = "
               f"{100 * wasted / sum(ends):.2f}% of all worker-time", flush=True)
 
 

@@ -71,7 +71,7 @@ class ClusterConfig:
     name: str = MISSING
     backend: str = "slurm"  # slurm | local | debug
     workers: int = 1  # array tasks (slurm) or processes (local)
-    nodes_per_task: int = 1  # >1: one model over several nodes with Ray (hpc-infer sbatch only)
+    nodes_per_task: int = 1  # >1: one model over several nodes with Ray (hpc-infer sbatch, or serve on Slurm)
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -102,7 +102,7 @@ class ClusterConfig:
     # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"
     # with the key's file in serve.api_key_file (never a key here).
     endpoint: Optional[str] = None
-    endpoint_concurrency: int = 32  # requests in flight per replica
+    endpoint_concurrency: int = 128  # requests in flight per replica: enough for the server to batch as the offline engine does
 
 
 @dataclass

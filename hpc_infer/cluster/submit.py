@@ -241,7 +241,8 @@ class SlurmBackend(Backend):
             job_name=f"hpc_infer:{self.run.root.name}"[:100],
             time=time_to_minutes(c.time),
             cpus_per_task=c.cpus_per_task,
-            ntasks_per_node=1,
+            ntasks_per_node=1,  # one task per node: a multi-node replica runs ServeTask on each
+            nodes=c.nodes_per_task,
             setup=list(c.setup),
             stderr_to_stdout=False,
         )

@@ -61,9 +61,9 @@ def serve(rc: RunConfig) -> Path:
     c = rc.cluster
     if c.backend == "debug":
         raise UserError("cluster=debug runs in this process; serve with cluster=local (this machine) or a Slurm cluster")
-    if c.nodes_per_task > 1:
-        raise UserError("serve: multi-node models (cluster.nodes_per_task > 1) are not served by hpc-infer yet; "
-                        "serve on one node (a larger cluster.gres), or run batch jobs with `hpc-infer sbatch`")
+    if c.nodes_per_task > 1 and c.backend != "slurm":
+        raise UserError(f"cluster.nodes_per_task={c.nodes_per_task}: a replica across nodes needs a Slurm cluster "
+                        f"(cluster={c.name} is {c.backend}); serve on one node, or pick a Slurm cluster")
     if rc.serve.replicas > 1 and c.backend == "local" and c.gpus_per_task:
         say("several local replicas share this machine's GPUs")
     BACKENDS[c.backend].check_reachable(c)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,18 @@ def server_command(spec: dict, port: int) -> list[str]:
     return cmd + list(spec.get("extra_args") or [])
 
 
+def root_cause(lines: list[str]) -> str | None:
+    """The exception that stopped vLLM's server, from its log: the last `SomethingError: ...`
+    line that is not one of the wrappers saying "see root cause above" (the engine core's
+    own traceback comes first, prefixed by vLLM's log format)."""
+    found = None
+    for line in lines:
+        text = re.sub(r"^\(\w+ pid=\d+\) ERROR [^\]]*\] ", "", line).strip()
+        if re.match(r"^[\w.]*(Error|Exception): ", text) and "root cause above" not in text:
+            found = text
+    return found[:300] if found else None
+
+
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -106,9 +119,32 @@ def metrics(base: str) -> dict[str, float]:
 
 
 def run_replica(run_dir: str, index: int) -> dict:
+    """One replica; on a multi-node allocation the first node runs it on a Ray cluster the
+    other nodes join (serve/ray_nodes.py)."""
+    from . import ray_nodes
+
     root = Path(run_dir)
     spec = json.loads((root / "serve.json").read_text())
     set_permissions(spec.get("permissions"))
+    rank, nodes = ray_nodes.node_rank()
+    if nodes > 1 and rank > 0:
+        return ray_nodes.join_and_wait(root, index, root / STATE_DIR / f"{index}.node{rank}.log")
+    helpers: list[subprocess.Popen] = []  # the Ray head of a multi-node replica
+    try:
+        return _run_replica(root, spec, index, nodes, helpers)
+    finally:
+        for p in helpers:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) -> dict:
+    from . import ray_nodes
+
     state_path, log_path = root / STATE_DIR / f"{index}.json", root / STATE_DIR / f"{index}.log"
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", ""))
     if os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -145,7 +181,15 @@ def run_replica(run_dir: str, index: int) -> dict:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    if nodes > 1:
+        try:
+            head, env["RAY_ADDRESS"] = ray_nodes.start_head(root, index, nodes, log_path, spec)
+        except RuntimeError as e:
+            save(state="failed", error=str(e), log_tail=tail_lines(log_path))
+            raise SystemExit(1)
+        helpers.append(head)
     lo, hi = spec.get("port_min", 20000), spec.get("port_max", 60000)
+
     for attempt in range(3):  # another job may grab our port between the probe and vLLM's bind
         port = free_port(lo, hi)
         env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'
@@ -172,6 +216,8 @@ def run_replica(run_dir: str, index: int) -> dict:
         if any("Address already in use" in line for line in tail) and attempt < 2:
             continue
         why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
+        cause = root_cause(tail_lines(log_path, n=400, max_bytes=256 * 1024))
+        why += f": {cause}" if cause else ""
         save(state="failed", error=why, log_tail=tail)
         raise SystemExit(1)
     save(state="ready", ready_at=time.time())
@@ -196,5 +242,7 @@ def run_replica(run_dir: str, index: int) -> dict:
     if stopping["why"]:
         save(state="stopped", error=None, stopped_because=stopping["why"], served=last)
         return state
-    save(state="failed", error=f"the server exited with {child.returncode}", log_tail=tail_lines(log_path))
+    cause = root_cause(tail_lines(log_path, n=400, max_bytes=256 * 1024))
+    save(state="failed", error=f"the server exited with {child.returncode}" + (f": {cause}" if cause else ""),
+         log_tail=tail_lines(log_path))
     raise SystemExit(1)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import RunDir, read_heartbeats
+from .rundir import RunDir, read_heartbeats, read_json
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,45 @@ def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
 
 
 STRAGGLER = 0.75  # bench/balance.py simulates the same threshold
+TAIL_SHARE = 1 / 6  # a straggler claims nothing once less than this share of the estimated work is unclaimed
+PACE_SAMPLE = 32  # heartbeats read to estimate the median rate (not all: 1,000 workers poll this)
+
+
+def beat_rate(beat: dict) -> float:
+    """A worker's records per second since it started, from its heartbeat."""
+    elapsed = max(float(beat.get("t", 0)) - float(beat.get("started", 0)), 1e-6)
+    return (int(beat.get("records_done", 0)) + sum((beat.get("in_flight") or {}).values())) / elapsed
+
+
+@dataclass
+class Pace:
+    ratio: float  # this worker's rate / the median rate, at most 1
+    others_running: bool  # a sampled other worker is running now (its heartbeat is fresh)
+
+
+def pace(run: RunDir, worker_id: str, fresh_s: float, rng: random.Random | None = None) -> Pace | None:
+    """This worker's rate over the median rate of a sample of the others' heartbeats, or
+    None while no sampled worker has finished a record yet. Under STRAGGLER, the worker
+    holds fewer sequences and leaves the last chunks to the others (loop.py); the same
+    policy is simulated in bench/balance.py."""
+    try:
+        names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json") and n != f"{worker_id}.json"]
+        own = beat_rate(read_json(run.heartbeat_path(worker_id)))
+    except (OSError, ValueError):
+        return None
+    rates, running, now = [], False, time.time()
+    for name in (rng or random).sample(names, min(PACE_SAMPLE, len(names))):
+        try:
+            beat = read_json(run.heartbeats / name)
+        except (OSError, ValueError):
+            continue  # being replaced right now
+        if beat.get("records_done"):
+            rates.append(beat_rate(beat))
+        running = running or (beat.get("state") == "running" and now - float(beat.get("t", 0)) < fresh_s)
+    rates.sort()
+    if not rates or rates[len(rates) // 2] <= 0:
+        return None
+    return Pace(min(1.0, own / rates[len(rates) // 2]), running)
 
 
 def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[int, float]]:
@@ -168,8 +208,7 @@ def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[
     from the holders' latest heartbeats; `rates` collects every worker's rate."""
     out: dict[int, tuple[int, float]] = {}
     for beat in beats:
-        elapsed = max(float(beat.get("t", 0)) - float(beat.get("started", 0)), 1e-6)
-        rate = (int(beat.get("records_done", 0)) + sum((beat.get("in_flight") or {}).values())) / elapsed
+        rate = beat_rate(beat)
         if beat.get("records_done"):
             rates.append(rate)
         for cid, done in (beat.get("in_flight") or {}).items():

@@ -56,7 +56,7 @@ class HttpEngine:
                                f"start one with `hpc-infer serve`, or check `hpc-infer serve status`")
         self.model = endpoint["model"]
         self.task = model.get("task", "auto")
-        per = int(endpoint.get("concurrency", 32))
+        per = int(endpoint.get("concurrency", 128))
         self.clients = [OpenAI(base_url=u, api_key=key, max_retries=int(endpoint.get("max_retries", 6)),
                                timeout=float(endpoint.get("timeout_s", 3600))) for u in self.urls]
         self.pool = ThreadPoolExecutor(max_workers=per * len(self.urls), thread_name_prefix="hpc_infer-http")

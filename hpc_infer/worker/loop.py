@@ -169,6 +169,13 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     backups_left = int(spec.get("max_backups", 2))
     sizes = {cid: int(c["n_records"]) for cid, c in planned.items()}
     last_done_check = 0.0
+    # Straggler pacing (bench/balance.py simulates it): a worker slower than STRAGGLER x the
+    # median holds only `ratio` of a full batch, so less of the run waits on it at the end,
+    # and leaves the last TAIL_SHARE of the estimated work to the others while another runs.
+    pace_every = max(5.0, 3 * float(spec.get("heartbeat_s", 10)))
+    next_pace, batch_share, leave_tail = time.time() + pace_every, 1.0, False
+    est = {cid: int(c.get("est_tokens", 1)) for cid, c in planned.items()}
+    est_total = max(1, sum(est.values()))
 
     def start(cid: int, backup: bool = False) -> list[dict]:
         """Read a chunk's records (checked against the plan) and put it in flight."""
@@ -181,8 +188,21 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 
     try:
         while True:
-            while not exhausted and len(inflight) < max_in_flight and (
-                engine is None or engine.unfinished < engine.max_num_seqs
+            if engine is not None and time.time() >= next_pace:
+                next_pace = time.time() + pace_every
+                p = claims.pace(run, owner.worker_id, fresh_s=3 * hb.interval_s)
+                if p is not None:
+                    straggler = p.ratio < claims.STRAGGLER
+                    batch_share = p.ratio if straggler else 1.0
+                    if straggler and p.others_running:
+                        taken = run.done_chunks() | run.claimed_chunks()
+                        left = sum(e for cid, e in est.items() if cid not in taken)
+                        leave_tail = left < claims.TAIL_SHARE * est_total
+                    else:
+                        leave_tail = False
+                    hb.update(pace=round(p.ratio, 3), straggler=straggler)
+            while not exhausted and not leave_tail and len(inflight) < max_in_flight and (
+                engine is None or engine.unfinished < max(1, int(engine.max_num_seqs * batch_share))
             ):
                 if max_chunks is not None and claimed >= max_chunks:
                     exhausted = True
@@ -208,6 +228,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
                               vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
                 engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
+            if not inflight and leave_tail:
+                break  # the others finish the tail; a straggler's backup copy would not win
             if not inflight and exhausted and backups_left > 0 and engine is not None:
                 # Nothing left to claim and this worker is idle: re-execute the tail (MapReduce's
                 # backup tasks). First complete output wins; see rundir.publish_chunk_output.
