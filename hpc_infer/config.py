@@ -97,6 +97,9 @@ class ClusterConfig:
     # An idle worker (nothing left to claim) re-executes up to this many of the tail's slowest
     # chunks as backup copies; the first complete output wins (0: never).
     max_backups: int = 2
+    # A worker under 0.75x the median rate holds only its share of a full batch and leaves the
+    # last sixth of the estimated work to the others (worker/loop.py; false: never).
+    straggler_pacing: bool = True
     heartbeat_s: float = 10.0
     # Batch through running servers instead of loading a model: a `hpc-infer serve` run
     # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"

@@ -21,8 +21,9 @@ from .secrets import refuse_secret_overrides
 register_configs()
 
 
-def run_hydra(task: Callable[[DictConfig], None]) -> None:
-    """Run `task(cfg)` on the composed config; a UserError anywhere is one `error:` line, exit 2."""
+def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
+    """Run `task(cfg)` on the composed config; a UserError anywhere is one `error:` line, exit 2.
+    `command` ("hpc-infer serve") names the program in `--help` (Hydra would say the module's name)."""
 
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> None:
@@ -37,5 +38,7 @@ def run_hydra(task: Callable[[DictConfig], None]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        sys.argv.append(f"hydra.help.app_name='{command}'")
     # absolute: the task may live in a subpackage (serve/), and the console script must find it too
     hydra.main(config_path=str(PACKAGE_DIR / "conf"), config_name="config", version_base=None)(guarded)()

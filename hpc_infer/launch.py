@@ -151,7 +151,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_hydra(_task)
+    run_hydra(_task, "hpc-infer launch")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,12 @@ def test_help_of_every_entry(tmp_path):
     assert p.returncode == 0
     for cmd in ("launch", "sbatch", "status", "cancel", "merge", "cache", "image", "model"):
         assert cmd in p.stdout
-    for entry in ("hpc-infer launch --help", "hpc-infer sbatch --help", "python -m hpc_infer.launch --help"):
+    for entry, name in (("hpc-infer launch --help", "hpc-infer launch"), ("hpc-infer sbatch --help", "hpc-infer sbatch"),
+                        ("hpc-infer serve --help", "hpc-infer serve"),
+                        ("python -m hpc_infer.launch --help", "hpc-infer launch")):
         p = sh(tmp_path, entry)
         assert p.returncode == 0 and "Traceback" not in p.stderr, (entry, p.stderr[-2000:])
+        assert p.stdout.startswith(f"{name} is powered by Hydra")  # the command the user typed, not a module
         assert "model: " in p.stdout and "smollm2_cpu" in p.stdout
         assert "_schema" not in p.stdout  # internal ConfigStore names are not choices
 

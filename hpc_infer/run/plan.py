@@ -279,6 +279,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
         "heartbeat_s": rc.cluster.heartbeat_s,
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
         "max_backups": rc.cluster.max_backups,
+        "straggler_pacing": rc.cluster.straggler_pacing,
         "workers": rc.cluster.workers,  # straggler pacing leaves the last 2 x workers chunks to the others
         "permissions": rc.permissions,
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)

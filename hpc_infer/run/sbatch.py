@@ -117,7 +117,7 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_hydra(_task)
+    run_hydra(_task, "hpc-infer sbatch")
 
 
 if __name__ == "__main__":

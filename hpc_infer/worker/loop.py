@@ -188,7 +188,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 
     try:
         while True:
-            if engine is not None and time.time() >= next_pace:
+            if engine is not None and spec.get("straggler_pacing", True) and time.time() >= next_pace:
                 next_pace = time.time() + pace_every
                 p = claims.pace(run, owner.worker_id, fresh_s=3 * hb.interval_s)
                 if p is not None:
