@@ -134,27 +134,29 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     assert served["key_file"].read_text().strip() not in spec_text
 
 
+def _batch_in_thread(tmp_path, run_name: str, *args: str, env: dict) -> tuple[threading.Thread, dict, RunDir]:
+    """A launch in a thread; returns once its run directory is planned (or the launch ended)."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(p=run_launch(tmp_path, *args, env=env, check=False)))
+    thread.start()
+    run = RunDir(tmp_path / "runs" / run_name)
+    deadline = time.time() + 300
+    while not run.manifest.exists() and time.time() < deadline and thread.is_alive():
+        time.sleep(0.2)
+    return thread, result, run
+
+
 def test_batch_survives_a_replica_killed_mid_run(served, tmp_path):
     """One of the two replicas is cancelled (scancel) while a batch runs through both: its
     requests fail over to the other after the client's retries, and every record is
     merged exactly once."""
     root = served["root"]
     replica_1 = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
-    result = {}
-
-    def batch():
-        result["p"] = run_launch(tmp_path, "cluster=local", f"cluster.endpoint={root}", "data=example",
-                                 "sampling=greedy", "sampling.max_tokens=48", "sampling.ignore_eos=true",
-                                 "model.dtype=float32", "cluster.endpoint_concurrency=2",
-                                 "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1",
-                                 env={"HOME": str(served["tmp"] / "home")}, check=False)
-
-    thread = threading.Thread(target=batch)
-    thread.start()
-    run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    deadline = time.time() + 300
-    while not run.manifest.exists() and time.time() < deadline and thread.is_alive():
-        time.sleep(0.2)
+    thread, result, run = _batch_in_thread(
+        tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint={root}", "data=example",
+        "sampling=greedy", "sampling.max_tokens=48", "sampling.ignore_eos=true", "model.dtype=float32",
+        "cluster.endpoint_concurrency=2", "cluster.max_chunks_in_flight=1", "chunks_per_worker=8",
+        "cluster.heartbeat_s=1", env={"HOME": str(served["tmp"] / "home")})
     wait_mid_run(run)
     subprocess.run(["scancel", replica_1], check=True)
     thread.join(900)
@@ -178,13 +180,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
             "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
             "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1", "run_name=resume")
     env = {"HOME": str(tmp / "home")}
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(p=run_launch(tmp_path, *args, env=env, check=False)))
-    thread.start()
-    run = RunDir(tmp_path / "runs/resume")
-    deadline = time.time() + 300
-    while not run.manifest.exists() and time.time() < deadline and thread.is_alive():
-        time.sleep(0.2)
+    thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=env)
     wait_mid_run(run)
     replicas = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"]
     subprocess.run(["scancel", *replicas], check=True)

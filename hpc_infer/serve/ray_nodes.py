@@ -32,6 +32,17 @@ def node_rank() -> tuple[int, int]:
     return int(os.environ.get("SLURM_NODEID", "0")), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
 
 
+def stop_process(p: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM a child we started, SIGKILL it if it is still there after `grace_s`."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _ray(*args: str) -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts", *args]
 
@@ -97,10 +108,5 @@ def join_and_wait(root: Path, index: int, log_path: Path) -> dict:
                 pass  # not written yet, or being replaced
             time.sleep(2)
     finally:
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
     return {"replica": index, "node_state": f"left the Ray cluster ({stop['why'] or 'the replica ended'})"}

@@ -134,12 +134,7 @@ def run_replica(run_dir: str, index: int) -> dict:
         return _run_replica(root, spec, index, nodes, helpers)
     finally:
         for p in helpers:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            ray_nodes.stop_process(p)
 
 
 def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) -> dict:
