@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 from ..config import DataConfig
 from ..errors import UserError
-from .records import InputSpec, RecordError, apply_template, to_record
+from .records import (InputSpec, Parsed, RecordError, apply_template, ids_unlike_first, line_too_long, mixed_kinds,
+                      parse_block, to_record)
 
 __all__ = ["Record", "Records", "InputScan", "load_records", "load_template", "input_spec", "apply_template",
            "detect_format", "file_fingerprint"]
@@ -107,124 +108,10 @@ def input_spec(cfg: DataConfig) -> InputSpec:
                      template_name=cfg.template_file or "data.template", pair_field=cfg.pair_field)
 
 
-class Parsed:
-    """What one block of input gave: per record its prompt's length in characters (the
-    planner's token estimate), its byte end in the block and its id's 64-bit hash, plus
-    what the block's records agree on. Small and picklable: blocks can be parsed in other
-    processes while this one reads, hashes and copies."""
-
-    def __init__(self, first_line: int, keep: bool, spec: InputSpec, kind: str = "line"):
-        self.spec, self.kind = spec, kind
-        self.first_line = first_line  # line (or row) number of the block's first record
-        self.lines = 0  # lines (rows) the block held
-        self.record_lines: list[int] = []  # with `keep`: each record's line (or row)
-        self.rows: list | None = None  # csv/parquet: the raw rows, copied into the run as JSON
-        self.chars, self.ends, self.hashes = array.array("q"), array.array("q"), array.array("q")
-        self.has_id: bool | None = None
-        self.chat: bool | None = None
-        self.overrides: dict[str, dict] = {}
-        self.records: list[dict] | None = [] if keep else None
-
-    def add(self, rec: dict, has_id: bool, line: int, end: int) -> None:
-        if self.has_id is None:
-            self.has_id, self.chat, self.first_line = has_id, "messages" in rec, line
-        elif has_id != self.has_id:
-            raise RecordError(ids_unlike_first(has_id, self.spec.id_field))
-        elif ("messages" in rec) != self.chat:
-            raise RecordError(mixed_kinds(self.spec.format))
-        prompt = rec.get("prompt")
-        self.chars.append(len(prompt) if prompt is not None else
-                          sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"]))
-        self.ends.append(end)
-        if has_id:
-            self.hashes.append(hash(rec["id"]))
-        if "sampling" in rec:
-            self.overrides.setdefault(json.dumps(rec["sampling"], sort_keys=True), rec["sampling"])
-        if self.records is not None:
-            self.records.append(rec)
-            self.record_lines.append(line)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def truncate(self, take: int) -> None:
-        """Keep the first `take` records (data.limit ends the input inside this block)."""
-        self.chars, self.ends = self.chars[:take], self.ends[:take]
-        if self.records is not None:
-            self.records, self.record_lines = self.records[:take], self.record_lines[:take]
-        if self.rows is not None:
-            self.rows = self.rows[:take]
-
-
-def ids_unlike_first(has_id: bool, id_field: str) -> str:
-    return (f"{'has' if has_id else 'has no'} '{id_field}' field unlike the first record; give every record an "
-            f"id, or none (then ids are derived from positions)")
-
-
-def mixed_kinds(fmt: str) -> str:
-    if fmt == "openai_batch":
-        return ("mixes /v1/chat/completions and /v1/completions requests; one batch file holds one endpoint (as "
-                "OpenAI's Batch API requires): split it into two files and run both")
-    return "mixes plain prompts and chat messages; split it into two data sets"
-
-
-def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int, offset0: int, max_line: int,
-                keep: bool) -> Parsed:
-    """Whole lines of a line format -> Parsed. `line0`: lines before the block; `index0`:
-    records before it (positional ids; only exact when `keep`); `offset0`: its file offset."""
-    try:
-        text = buf.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = line0 + buf.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {offset0 + e.start}); re-encode the file "
-                        f"as UTF-8") from None
-    lines = text.split("\n")  # "\n" only: U+2028, U+0085 and form feed stay inside a record
-    if not lines[-1]:
-        lines.pop()
-    out = Parsed(line0 + 1, keep, spec)
-    out.lines = len(lines)
-    end = 0
-    if line0 == 0 and text.startswith("\ufeff"):  # Excel and some editors start files with a BOM
-        lines[0] = lines[0][1:]
-        end = 3
-    if max_line < len(buf):
-        for i, line in enumerate(lines):
-            if len(line) > max_line // 4 and len(line.encode()) - line.endswith("\r") > max_line:
-                raise UserError(f"{path} line {line0 + i + 1}: longer than data.max_line_bytes={max_line} bytes "
-                                f"(reading stopped there); a broken file (missing newlines?), or raise "
-                                f"data.max_line_bytes")
-    ascii_only, cr, txt = text.isascii(), "\r" in text, spec.format == "txt"
-    batch = spec.format == "openai_batch"
-    loads = json.JSONDecoder().decode  # json.loads without its per-call wrapper
-    index, n_buf = index0, len(buf)
-    for i, line in enumerate(lines):
-        end += (len(line) if ascii_only else len(line.encode())) + 1
-        if cr and line.endswith("\r"):
-            line = line[:-1]
-        if not line or line.isspace():  # a blank line (str.strip() would copy every line)
-            continue
-        try:
-            if txt:
-                row = {"prompt": line}
-            else:
-                try:
-                    row = loads(line)
-                except ValueError as e:
-                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}); "
-                                      f"fix or remove the line") from None
-            rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
-            out.add(rec, has_id, line0 + i + 1, min(end, n_buf))
-        except RecordError as e:
-            raise UserError(f"{path} line {line0 + i + 1}: {e}") from None
-        index += 1
-    return out
-
-
 def _parse_rows(spec: InputSpec, path: str, rows: list[tuple[int, Any]], index0: int, kind: str,
                 keep: bool) -> Parsed:
     """csv/parquet rows (number, row) -> Parsed; chunk files get each row as JSON."""
     out = Parsed(rows[0][0] if rows else 0, keep, spec, kind)
-    out.lines = len(rows)
     for k, (number, row) in enumerate(rows):
         try:
             rec, has_id = to_record(row, index0 + k, spec)
@@ -317,8 +204,8 @@ class InputScan:
                 if hash(rec["id"]) in clash:
                     first = seen.setdefault(rec["id"], rec["index"])
                     if first != rec["index"]:
-                        raise UserError(f"{self.path} {parsed.kind} {parsed.record_lines[k]}: duplicate id '{rec['id']}' (first seen at record "
-                                        f"{first + 1}); ids must be unique")
+                        raise UserError(f"{self.path} {parsed.kind} {parsed.record_lines[k]}: duplicate id "
+                                        f"'{rec['id']}' (first seen at record {first + 1}); ids must be unique")
 
     def _line_blocks(self, keep: bool, parallel: bool) -> Iterator[Block]:
         """jsonl, OpenAI batch, txt: blocks of whole lines, parsed in order (in a few other
@@ -335,10 +222,10 @@ class InputScan:
                 pool = multiprocessing.get_context("fork").Pool(procs)
             try:
                 pending: list = []  # (buf, future or Parsed), oldest first; at most 2 per process
-                line0 = offset0 = 0
-                for buf in self._raw_blocks(f):
-                    args = (self.spec, str(path), buf, line0, self.n if keep else 0, offset0, max_line, keep)
-                    line0 += buf.count(b"\n")
+                offset0 = 0
+                for buf, line0 in self._raw_blocks(f):
+                    args = (self.spec, str(path), buf, line0, self.n if keep else 0, offset0, max_line, keep,
+                            offset0 == 0)
                     offset0 += len(buf)
                     pending.append((buf, pool.apply_async(parse_block, args) if pool else parse_block(*args)))
                     while pending and (len(pending) > 2 * procs or not pool):
@@ -373,9 +260,10 @@ class InputScan:
         yield buf, seg, parsed, max(0.0, left)
         return stop
 
-    def _raw_blocks(self, f: Any) -> Iterator[bytes]:
-        """The file in blocks of whole lines (the last may lack its "\n"); a line longer
-        than data.max_line_bytes stops the read, so memory stays bounded."""
+    def _raw_blocks(self, f: Any) -> Iterator[tuple[bytes, int]]:
+        """The file in blocks of whole lines (the last may lack its "\n"), each with the
+        count of lines before it; a line longer than data.max_line_bytes stops the read, so
+        memory stays bounded."""
         max_line, line_no = self.cfg.max_line_bytes, 0
         carry: list[bytes] = []
         carry_len = 0
@@ -383,21 +271,19 @@ class InputScan:
             data = f.read(BLOCK)
             if not data:
                 if carry_len:
-                    yield b"".join(carry)
+                    yield b"".join(carry), line_no
                 return
             nl = data.rfind(b"\n")
             if nl < 0:
                 carry.append(data)
                 carry_len += len(data)
                 if carry_len > max_line + 2:
-                    raise UserError(f"{self.path} line {line_no + 1}: longer than data.max_line_bytes={max_line} "
-                                    f"bytes (reading stopped there); a broken file (missing newlines?), or raise "
-                                    f"data.max_line_bytes")
+                    raise line_too_long(str(self.path), line_no + 1, max_line)
                 continue
             buf = b"".join(carry) + data[:nl + 1]
             carry, carry_len = [data[nl + 1:]], len(data) - nl - 1
+            yield buf, line_no
             line_no += buf.count(b"\n")
-            yield buf
 
     def _row_blocks(self, keep: bool) -> Iterator[Block]:
         """csv and parquet: rows, 4096 to a block; chunk files get each row as JSON."""
@@ -464,8 +350,7 @@ def _lines(path: Path, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[i
             if body.endswith(b"\r"):
                 body = body[:-1]
             if len(body) > max_line_bytes:
-                raise UserError(f"{path} line {line_no}: longer than data.max_line_bytes={max_line_bytes} bytes (reading "
-                                f"stopped there); a broken file (missing newlines?), or raise data.max_line_bytes")
+                raise line_too_long(str(path), line_no, max_line_bytes)
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -1,14 +1,15 @@
-"""One input row -> one record, the same way at planning time and in the worker.
+"""Input bytes -> records, the same way at planning time and in the worker.
 
-Stdlib only: the worker imports it inside the cluster's image. Chunk files hold the
-input's own bytes (jsonl, txt, OpenAI batch) or its rows as JSON (csv, parquet), so the
-planner validates every record with `to_record` and discards the result, and the worker
-rebuilds the same records from the chunk with the same function: one definition of
-ids, templates, system prompts and batch bodies.
+Stdlib only: the worker imports it inside the cluster's image. Chunks hold the input's
+own bytes (jsonl, txt, OpenAI batch) or its rows as JSON (csv, parquet), so the planner
+checks every line with `parse_block` / `to_record` and keeps only what planning needs,
+and the worker rebuilds its chunk's records with the same two functions: one definition
+of line splitting, ids, templates, system prompts and batch bodies.
 """
 
 from __future__ import annotations
 
+import array
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,25 +60,6 @@ def apply_template(template: str, prompt: str, row: dict, template_name: str) ->
                           f"(fields: {', '.join(sorted(values))})") from None
     except (ValueError, IndexError) as e:
         raise RecordError(f"template {template_name}: {e}; write literal braces as {{{{ and }}}}") from None
-
-
-def split_lines(body: bytes) -> list[bytes]:
-    """Lines split on b"\\n" only (U+2028, U+0085 and form feed are characters inside a
-    record, which str.splitlines() would split on), a trailing "\\r" dropped."""
-    lines = body.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
-
-
-def parse_line(text: str, fmt: str) -> Any:
-    """A non-blank line of a line format (or a chunk's JSON row) -> its raw row."""
-    if fmt == "txt":
-        return {"prompt": text}
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
 
 
 def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[dict, bool]:
@@ -132,17 +114,122 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
     return rec, has_id
 
 
-def chunk_records(body: bytes, first_index: int, spec: InputSpec, where: str = "chunk") -> list[dict]:
-    """A chunk's records, rebuilt exactly as the planner checked them."""
-    fmt = spec.format if spec.chunk_encoding == "lines" else "rows"
-    records = []
-    for n, raw in enumerate(split_lines(body), start=1):
-        text = raw.decode("utf-8")  # the planner left out a leading BOM
-        if not text or text.isspace():
+class Parsed:
+    """What one block of input gave: per record its prompt's length in characters (the
+    planner's token estimate), its byte end in the block and its id's 64-bit hash, plus
+    what the block's records agree on. Small and picklable: blocks can be parsed in other
+    processes while this one reads, hashes and copies."""
+
+    def __init__(self, first_line: int, keep: bool, spec: InputSpec, kind: str = "line"):
+        self.spec, self.kind = spec, kind
+        self.first_line = first_line  # line (or row) number of the block's first record
+        self.record_lines: list[int] = []  # with `keep`: each record's line (or row)
+        self.rows: list | None = None  # csv/parquet: the raw rows, copied into the run as JSON
+        self.chars, self.ends, self.hashes = array.array("q"), array.array("q"), array.array("q")
+        self.has_id: bool | None = None
+        self.chat: bool | None = None
+        self.overrides: dict[str, dict] = {}
+        self.records: list[dict] | None = [] if keep else None
+
+    def add(self, rec: dict, has_id: bool, line: int, end: int) -> None:
+        if self.has_id is None:
+            self.has_id, self.chat, self.first_line = has_id, "messages" in rec, line
+        elif has_id != self.has_id:
+            raise RecordError(ids_unlike_first(has_id, self.spec.id_field))
+        elif ("messages" in rec) != self.chat:
+            raise RecordError(mixed_kinds(self.spec.format))
+        prompt = rec.get("prompt")
+        self.chars.append(len(prompt) if prompt is not None else
+                          sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"]))
+        self.ends.append(end)
+        if has_id:
+            self.hashes.append(hash(rec["id"]))
+        if "sampling" in rec:
+            self.overrides.setdefault(json.dumps(rec["sampling"], sort_keys=True), rec["sampling"])
+        if self.records is not None:
+            self.records.append(rec)
+            self.record_lines.append(line)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def truncate(self, take: int) -> None:
+        """Keep the first `take` records (data.limit ends the input inside this block)."""
+        self.chars, self.ends = self.chars[:take], self.ends[:take]
+        if self.records is not None:
+            self.records, self.record_lines = self.records[:take], self.record_lines[:take]
+        if self.rows is not None:
+            self.rows = self.rows[:take]
+
+
+def line_too_long(path: str, line: int, max_line: int) -> UserError:
+    return UserError(f"{path} line {line}: longer than data.max_line_bytes={max_line} bytes (reading stopped there); "
+                     f"a broken file (missing newlines?), or raise data.max_line_bytes")
+
+
+def ids_unlike_first(has_id: bool, id_field: str) -> str:
+    return (f"{'has' if has_id else 'has no'} '{id_field}' field unlike the first record; give every record an "
+            f"id, or none (then ids are derived from positions)")
+
+
+def mixed_kinds(fmt: str) -> str:
+    if fmt == "openai_batch":
+        return ("mixes /v1/chat/completions and /v1/completions requests; one batch file holds one endpoint (as "
+                "OpenAI's Batch API requires): split it into two files and run both")
+    return "mixes plain prompts and chat messages; split it into two data sets"
+
+
+def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int, offset0: int,
+                max_line: int | None, keep: bool, bom: bool = False) -> Parsed:
+    """Whole lines of a line format (or a chunk's JSON rows) -> Parsed: the one line parser,
+    for the planner's blocks and the worker's chunks. `line0`: lines before the block;
+    `index0`: records before it (positional ids; only exact when `keep`); `offset0`: its
+    offset in `path`; `bom`: the block starts the file (a leading BOM is not text)."""
+    try:
+        text = buf.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line0 + buf.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {offset0 + e.start}); re-encode the file "
+                        f"as UTF-8") from None
+    lines = text.split("\n")  # "\n" only: U+2028, U+0085 and form feed stay inside a record
+    if not lines[-1]:
+        lines.pop()
+    out = Parsed(line0 + 1, keep, spec)
+    end = 0
+    if bom and text.startswith("\ufeff"):  # Excel and some editors start files with a BOM
+        lines[0] = lines[0][1:]
+        end = 3
+    if max_line is not None and max_line < len(buf):
+        for i, line in enumerate(lines):
+            if len(line) > max_line // 4 and len(line.encode()) - line.endswith("\r") > max_line:
+                raise line_too_long(path, line0 + i + 1, max_line)
+    ascii_only, cr, txt = text.isascii(), "\r" in text, spec.format == "txt"
+    batch = spec.format == "openai_batch"
+    loads = json.JSONDecoder().decode  # json.loads without its per-call wrapper
+    index, n_buf = index0, len(buf)
+    for i, line in enumerate(lines):
+        end += (len(line) if ascii_only else len(line.encode())) + 1
+        if cr and line.endswith("\r"):
+            line = line[:-1]
+        if not line or line.isspace():  # a blank line (str.strip() would copy every line)
             continue
         try:
-            rec, _ = to_record(parse_line(text, fmt), first_index + len(records), spec, f"{where} line {n}")
+            if txt:
+                row = {"prompt": line}
+            else:
+                try:
+                    row = loads(line)
+                except ValueError as e:
+                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}); "
+                                      f"fix or remove the line") from None
+            rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
+            out.add(rec, has_id, line0 + i + 1, min(end, n_buf))
         except RecordError as e:
-            raise UserError(f"{where} line {n}: {e}") from None
-        records.append(rec)
-    return records
+            raise UserError(f"{path} line {line0 + i + 1}: {e}") from None
+        index += 1
+    return out
+
+
+def chunk_records(body: bytes, first_index: int, spec: InputSpec, where: str = "chunk") -> list[dict]:
+    """A chunk's records, rebuilt from its bytes by the planner's own line parser."""
+    return parse_block(spec, where, body, 0, first_index, 0, None, keep=True).records

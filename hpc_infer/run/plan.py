@@ -110,6 +110,13 @@ class _ChunkWriter:
     def _reset(self) -> None:
         self.crc, self.bytes, self.first, self.n, self.est = 0, 0, -1, 0, 0
 
+    def add(self, first: int, count: int, est: int) -> None:
+        """Records `first` .. `first + count - 1` belong to the open chunk."""
+        if self.first < 0:
+            self.first = first
+        self.n += count
+        self.est += est
+
     def write(self, data: bytes) -> None:
         if data:
             self.f.write(data)
@@ -189,10 +196,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
                 stop = len(ests) if i is None else i + 1
                 if stop <= start:
                     break
-                if writer.first < 0:
-                    writer.first = base + start
-                writer.n += stop - start
-                writer.est += sum(ests[start:stop])
+                writer.add(base + start, stop - start, sum(ests[start:stop]))
                 if rows:
                     writer.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
                                          for row in parsed.rows[start:stop]).encode())
@@ -280,7 +284,6 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
         "max_backups": rc.cluster.max_backups,
         "straggler_pacing": rc.cluster.straggler_pacing,
-        "workers": rc.cluster.workers,  # straggler pacing leaves the last 2 x workers chunks to the others
         "permissions": rc.permissions,
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }

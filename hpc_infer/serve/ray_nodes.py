@@ -75,7 +75,8 @@ def start_head(root: Path, index: int, nodes: int, log_path: Path, spec: dict) -
     deadline, seen = time.time() + WAIT_S, 0
     while time.time() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"the Ray head exited with {head.returncode} before the cluster formed (log: {log_path})")
+            raise RuntimeError(f"the Ray head exited with {head.returncode} before the cluster formed "
+                               f"(log: {log_path})")
         seen = registered(address)
         if seen >= nodes:
             with open(log_path, "a") as log:

@@ -89,6 +89,13 @@ def root_cause(lines: list[str]) -> str | None:
     return found[:300] if found else None
 
 
+def failure_report(log_path: Path) -> tuple[str, list[str]]:
+    """(": <root cause>" or "", the log's last 20 lines) from one read of the log's end."""
+    lines = tail_lines(log_path, n=400, max_bytes=256 * 1024)
+    cause = root_cause(lines)
+    return (f": {cause}" if cause else ""), lines[-20:]
+
+
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -204,16 +211,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         if child.poll() is None:
             child.terminate()
             child.wait(timeout=60)
-        tail = tail_lines(log_path)
+        cause, tail = failure_report(log_path)
         if stopping["why"]:
             save(state="stopped", error=f"stopped before ready ({stopping['why']})")
             return state
         if any("Address already in use" in line for line in tail) and attempt < 2:
             continue
         why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
-        cause = root_cause(tail_lines(log_path, n=400, max_bytes=256 * 1024))
-        why += f": {cause}" if cause else ""
-        save(state="failed", error=why, log_tail=tail)
+        save(state="failed", error=why + cause, log_tail=tail)
         raise SystemExit(1)
     save(state="ready", ready_at=time.time())
     idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
@@ -237,7 +242,6 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     if stopping["why"]:
         save(state="stopped", error=None, stopped_because=stopping["why"], served=last)
         return state
-    cause = root_cause(tail_lines(log_path, n=400, max_bytes=256 * 1024))
-    save(state="failed", error=f"the server exited with {child.returncode}" + (f": {cause}" if cause else ""),
-         log_tail=tail_lines(log_path))
+    cause, tail = failure_report(log_path)
+    save(state="failed", error=f"the server exited with {child.returncode}{cause}", log_tail=tail)
     raise SystemExit(1)
