@@ -50,24 +50,40 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-def _run_postprocess(run) -> dict | None:
-    """The post-processing hook the run was launched with (its config.yaml)."""
+def _run_config(run) -> dict:
+    """The config the run was launched with (its config.yaml), unresolved."""
     from omegaconf import OmegaConf
 
+    if not run.config.exists() or not run.config.read_text().strip():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(run.config), resolve=False) or {}
+
+
+def _run_setting(run, group: str, key: str):
+    return (_run_config(run).get(group) or {}).get(key)
+
+
+def _run_postprocess(run) -> dict | None:
+    """The post-processing hook the run was launched with."""
     from .config import choose_postprocess
 
-    if not run.config.exists() or not run.config.read_text().strip():
+    cfg = _run_config(run)
+    if not cfg:
         return None
-    cfg = OmegaConf.to_container(OmegaConf.load(run.config), resolve=False)
     return choose_postprocess((cfg.get("merge") or {}).get("postprocess"), (cfg.get("data") or {}).get("postprocess"))
 
 
 def cmd_merge(args) -> int:
     from .run.merge import merge
 
+    from .run.merge import report_errors
+
     run = _run_dir(args.run_dir)
-    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run))
+    on_error = args.on_error or _run_setting(run, "merge", "on_error") or "keep"
+    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run),
+              on_error=on_error)
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
+    report_errors(s, lambda line: print(line, file=sys.stderr))
     return 0
 
 
@@ -176,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet", "openai_batch"])
     p.add_argument("--no-postprocess", action="store_true", help="skip the run's merge.postprocess hook")
+    p.add_argument("--on-error", choices=["keep", "drop", "fail"], default=None,
+                   help="records the engine refused: keep them as error records (default: the run's "
+                        "merge.on_error), drop them from the results, or fail (exit 3)")
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog")
     p.add_argument("action", choices=["stage", "list", "verify", "catalog"])
@@ -205,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

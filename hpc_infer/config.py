@@ -164,6 +164,9 @@ class DataConfig:
     pair_field: Optional[str] = None  # model.task=score: the field holding each record's second text
     limit: Optional[int] = None
     max_line_bytes: int = 16 << 20  # a longer input line is almost surely a broken file
+    # OpenAI batch files: a field a body leaves out takes vLLM's server default (`server`, as
+    # `vllm run-batch` does), or the run's sampling group and seed (`run`, said in the summary).
+    batch_defaults: str = "server"
     # The data set's own grader, used at merge unless merge.postprocess is set (MATH: r1_zero_reward).
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
 
@@ -172,6 +175,10 @@ class DataConfig:
 class MergeConfig:
     format: str = "jsonl"  # jsonl | parquet | openai_batch (the shape `vllm run-batch` writes)
     allow_partial: bool = False
+    # Records the engine refused (too long, a value it rejects, ...): keep them as error
+    # records in the results (exit 0) | drop them from the results | fail (exit 3). errors.jsonl
+    # lists them in every case.
+    on_error: str = "keep"
     # A callable applied to each record at merge, e.g. {_target_: hpc_infer.rewards.r1_zero_reward};
     # its returned fields are added to the record and summed in summary.json.
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
@@ -187,7 +194,7 @@ class ServeConfig:
     idle_minutes: Optional[float] = None  # a replica that served nothing this long stops and frees its GPUs
     port_min: int = 20000  # replicas pick a free port in [port_min, port_max) on their node
     port_max: int = 60000
-    host: str = "0.0.0.0"
+    host: Optional[str] = None  # default: 127.0.0.1 on local backends, 0.0.0.0 on Slurm (serve/launch.py)
     ready_timeout_min: float = 60.0  # a replica not answering /health by then gives up (and says why)
     extra_args: List[str] = field(default_factory=list)  # more `vllm serve` flags
 
@@ -273,6 +280,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     unknown = unknown_keys(tree, RunConfig)
     if unknown:
         raise UserError("invalid configuration:\n  " + "\n  ".join(unknown))
+    # What is written is the resolved config: `${oc.env:...}` or any interpolation that pulls a
+    # secret in must be caught after resolution, not only as typed
+    from .secrets import known_secrets, secrets_in_resolved
+
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # a missing variable, a bad interpolation: name it
+        raise UserError(f"invalid configuration: {e}") from None
+    found = secrets_in_resolved(resolved, known_secrets())
+    if found:
+        raise UserError(f"{', '.join(found)}: resolves to a secret; {SECRET_ADVICE} (value not shown)")
     try:
         rc = OmegaConf.to_object(cfg)
     except Exception as e:  # omegaconf reports the key and the offending value
@@ -440,6 +458,11 @@ def validate(rc: RunConfig) -> None:
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
     check(rc.merge.format in ("jsonl", "parquet", "openai_batch"), "merge.format",
           f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch")
+    check(rc.merge.on_error in ("keep", "drop", "fail"), "merge.on_error",
+          f"'{rc.merge.on_error}' is not one of keep (error records stay in the results), drop, fail (exit 3)")
+    check(rc.data.batch_defaults in ("server", "run"), "data.batch_defaults",
+          f"'{rc.data.batch_defaults}' is not one of server (vLLM's server defaults, as run-batch), run (the "
+          f"run's sampling group)")
     name = rc.resolved_run_name
     check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}", name) is not None, "run_name",
           f"{name!r} must be one plain name (letters, digits and ._+=@,- ; no '/', spaces, or leading '.'): "

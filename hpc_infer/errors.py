@@ -3,3 +3,12 @@
 
 class UserError(Exception):
     """Bad input or configuration. Printed without a traceback; nothing is submitted."""
+
+    exit_code = 2
+
+
+class RecordsFailed(UserError):
+    """The run finished, but records failed and merge.on_error=fail: results and errors.jsonl
+    are written; the command exits 3 so a script notices."""
+
+    exit_code = 3

@@ -13,63 +13,27 @@ from omegaconf import DictConfig, OmegaConf
 from .worker import claims
 from .models.cache import resolve_model
 from .config import RunConfig, to_run_config
-from .cluster.container import container_binds, python_command
+from .cluster.container import worker_python
 from .entry import run_hydra
+from .log import plural, say
+from .serve.endpoint import resolve_endpoint
 from .errors import UserError
-from .run.merge import Summary, merge
+from .run.merge import Summary, merge, report_errors
 from .run.plan import plan_input, prepare
 from .cluster.preflight import preflight
 from .worker.rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
 from .run.status import failures, wait
-from .cluster.submit import BACKENDS, TERMINAL, host_python, make_backend, recorded_jobs
+from .cluster.submit import BACKENDS, TERMINAL, make_backend, recorded_jobs
 from .models.vllm_check import check_run_sampling
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def say(msg: str) -> None:
-    print(f"[hpc_infer] {msg}", file=sys.stderr, flush=True)
-
-
-def worker_python(rc: RunConfig, run: RunDir, model_path: str) -> str:
-    c = rc.cluster
-    bind_list = container_binds(c, rc.model, run.root, model_path) if c.container.image else []
-    requests = run.logs / "requeue" if c.backend == "slurm" else None
-    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python(),
-                          requests=requests)
-
-
-def resolve_endpoint(rc: RunConfig) -> dict:
-    """cluster.endpoint: a `hpc-infer serve` run directory (its ready replicas, model name and
-    key file), or base URL(s) with the key in serve.api_key_file. Checked before planning."""
-    from pathlib import Path
-
-    from .serve.status import replica_states
-
-    spec_path = Path(rc.cluster.endpoint).expanduser() / "serve.json"
-    common = {"concurrency": rc.cluster.endpoint_concurrency}
-    if spec_path.exists():
-        import json
-
-        root = spec_path.parent.resolve()
-        spec = json.loads(spec_path.read_text())
-        ready = [r["url"] for r in replica_states(root) if r["state"] == "ready"]
-        if not ready:
-            raise UserError(f"cluster.endpoint={rc.cluster.endpoint}: no replica is ready (`hpc-infer serve status "
-                            f"{root}`); start or wait for one, then relaunch")
-        return dict(common, run=str(root), urls=ready, model=spec["served_name"], key_file=spec["key_file"],
-                    model_path=spec["model"]["path"])
-    urls = [u.strip() for u in rc.cluster.endpoint.split(",") if u.strip()]
-    if not all(u.startswith(("http://", "https://")) for u in urls):
-        raise UserError(f"cluster.endpoint={rc.cluster.endpoint}: give a `hpc-infer serve` run directory or "
-                        f"http(s)://host:port/v1 URL(s)")
-    if not rc.serve.api_key_file:
-        raise UserError("cluster.endpoint with URLs: name the file holding the server's API key with "
-                        "serve.api_key_file=... (a key never goes into the config)")
-    return dict(common, run=None, urls=urls, model=rc.serve.name or rc.model.hf_id or rc.model.name,
-                key_file=str(Path(rc.serve.api_key_file).expanduser()), model_path=f"endpoint:{urls[0]}")
+def sampling_line(rc: RunConfig, planned) -> str:
+    """Which sampling the records get, said before anything runs."""
+    if planned.input_format == "openai_batch" and rc.data.batch_defaults == "server":
+        return "sampling per batch line (a field a body leaves out: vLLM's server default)"
+    s = rc.sampling
+    return (f"sampling={s.name} (temperature {s.temperature:g}, top_p {s.top_p:g}, max_tokens {s.max_tokens}"
+            + (f", stop {list(s.stop)}" if s.stop else "") + ")")
 
 
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
@@ -79,7 +43,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
     set_permissions(rc.permissions)
     with plan_input(rc) as planned:  # one pass over the input; a private staging dir, gone on any error
-        checked = check_run_sampling(rc, planned.overrides)
+        checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:
             say(checked)
         token = find_token(rc.cluster.token_file)
@@ -101,7 +65,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             f"run_name=..., or delete {run.root}. Merging what is there:")
     else:
         say(f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
-            f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}"
+            f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}; {sampling_line(rc, planned)}"
             + (f"; HF token from {token.source}" if token else ""))
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
@@ -136,13 +100,14 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 f"is left:\n  " + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
                 f"command to resume (finished chunks are kept).")
     summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task,
-                    rc.postprocess)
+                    rc.postprocess, rc.merge.on_error)
     say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
         f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
     say(f"summary: {run.summary}" + (f"   timeline: {run.root / summary.timeline}" if summary.timeline else ""))
     if summary.postprocess:
         sums = ", ".join(f"{k} {v:g}" for k, v in summary.postprocess["sums"].items())
         say(f"{summary.postprocess['target']} over {summary.postprocess['records']} records: {sums}")
+    report_errors(summary, say)
     return summary
 
 

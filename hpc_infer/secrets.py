@@ -118,10 +118,50 @@ SECRET_ADVICE = ("secrets do not belong in the config: it is saved in the run di
                  "~/.cache/huggingface/token (or cluster.token_file), and remove it from the command line and config")
 
 
+def known_secrets() -> list[str]:
+    """The secret values this process can see: the HF token wherever find_token looks, and
+    every secret-named environment variable (OPENAI_API_KEY, WANDB_API_KEY, ...). A config
+    value holding one is refused even when it does not look like a token."""
+    values = []
+    token = find_token()
+    if token:
+        values.append(token.value)
+    values += [v.strip() for k, v in os.environ.items() if secret_key(k) and len(v.strip()) >= 8]
+    return sorted(set(values))
+
+
+def holds_secret(value: object, secrets: list[str]) -> bool:
+    return isinstance(value, str) and (looks_like_token(value) or any(s in value for s in secrets))
+
+
+def secrets_in_resolved(tree: object, secrets: list[str], path: str = "") -> list[str]:
+    """Dotted paths of values that, resolved (interpolations filled in), hold a known secret
+    or look like a token: what would actually be written to config.yaml, worker.json, the
+    script, the run directory's name and the job name."""
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in secrets_in_resolved(v, secrets, f"{path}.{k}" if path else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [p for i, v in enumerate(tree) for p in secrets_in_resolved(v, secrets, f"{path}[{i}]")]
+    return [path] if holds_secret(tree, secrets) else []
+
+
+ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}\s]+)")
+
+
 def refuse_secret_overrides(argv: list[str]) -> None:
-    """Before Hydra writes anything (multirun.yaml) or echoes a value: refuse secrets on the command line."""
+    """Before Hydra writes anything (multirun.yaml) or echoes a value: refuse secrets on the
+    command line, including `${oc.env:VAR}` interpolations that would pull one in."""
     from .errors import UserError
 
+    secrets = known_secrets()
+    for arg in argv:
+        for var in ENV_INTERPOLATION.findall(arg):
+            if secret_key(var) or var in TOKEN_VARS or holds_secret(os.environ.get(var, ""), secrets):
+                raise UserError(f"{arg.split('=', 1)[0].lstrip('+~')}: reads ${{oc.env:{var}}}, a secret; "
+                                f"{SECRET_ADVICE} (value not shown)")
+        if holds_secret(arg, secrets) and not looks_like_token(arg):
+            raise UserError(f"{arg.split('=', 1)[0].lstrip('+~') if '=' in arg else 'an argument'}: holds the value "
+                            f"of a secret from your environment: {SECRET_ADVICE} (value not shown)")
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             if looks_like_token(arg):

@@ -127,3 +127,20 @@ def _restore_umask():
     yield
     os.umask(mask)
     rundir._UMASK = saved
+
+
+# --- the suite's time per file (scripts/test.sh prints it; issue: keep CI within budget) ------
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.write_sep("-", "time per test file (setup + call + teardown)")
+    for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{s:8.1f} s  {path}")

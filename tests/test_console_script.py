@@ -52,7 +52,7 @@ def test_launch_and_sbatch_find_their_configs(tmp_path):
     # the bug users hit: "Primary config module 'hpc_infer.conf' not found"
     p = sh(tmp_path, f"hpc-infer sbatch cluster=slurm_local data.limit=2 output_root={tmp_path}/runs")
     assert p.returncode == 0, p.stderr[-3000:]
-    script = tmp_path / "runs" / "example__smollm2_cpu__default" / "job.sbatch"
+    script = tmp_path / "runs" / "example__smollm2_cpu__chat" / "job.sbatch"
     assert p.stdout.strip() == str(script) and script.read_text().startswith("#!/bin/bash")
 
 

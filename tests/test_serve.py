@@ -100,6 +100,77 @@ def test_openai_client_chat_stream_completions_and_401(served):
         assert e.value.code == 401
 
 
+def test_every_route_but_health_needs_the_key(served):
+    """The routes are the running server's own (its OpenAPI schema, plus what it mounts
+    outside the schema), so a route a future vLLM adds is covered without editing this list."""
+    key = served["key_file"].read_text().strip()
+    base = json.loads((served["root"] / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
+
+    def call(method, path, token=None):
+        req = urllib.request.Request(base + path, method=method, data=b"{}" if method in ("POST", "PUT") else None,
+                                     headers=dict({"Content-Type": "application/json"},
+                                                  **({"Authorization": f"Bearer {token}"} if token else {})))
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    code, schema = call("GET", "/openapi.json", key)
+    assert code == 200
+    routes = {p: [m.upper() for m in ops] for p, ops in json.loads(schema)["paths"].items()}
+    for extra in ("/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):  # outside the schema
+        routes.setdefault(extra, ["GET"])
+    assert {"/invocations", "/tokenize", "/detokenize", "/v1/chat/completions"} <= set(routes), sorted(routes)
+    checked = 0
+    for path, methods in routes.items():
+        concrete = "/".join("x" if part.startswith("{") else part for part in path.split("/"))
+        for method in methods:
+            if path == "/health":
+                assert call(method, concrete)[0] == 200
+                continue
+            for token in (None, "not-the-key"):
+                code, _ = call(method, concrete, token)
+                assert code == 401, (method, path, token, code)
+                checked += 1
+    assert checked >= 40
+    assert call("GET", "/metrics", key)[0] == 200  # with the key, as `serve status` reads it
+    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    assert p.returncode == 0 and "requests" in p.stdout, p.stdout
+
+
+def test_completions_batch_lines_match_the_server_answering_the_same_bodies(served, tmp_path):
+    """run-batch 0.32 has no /v1/completions: compare with `vllm serve` answering the same
+    bodies through the openai client. Bodies leave max_tokens out (the server's default, 16,
+    applies) and ask for answers that span lines."""
+    from openai import OpenAI
+
+    bodies = [{"model": MODEL, "prompt": p, "temperature": 0} for p in
+              ("1. one\n2. two\n3.", "Shopping list:\n- eggs\n-", "def add(a, b):\n")]
+    bodies.append({"model": MODEL, "prompt": "Colours:\n", "temperature": 0, "max_tokens": 9})
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                         "body": b}) + "\n" for i, b in enumerate(bodies)))
+    run_launch(tmp_path, "cluster=debug", f"data.path={batch}", "merge.format=openai_batch", "model.dtype=float32",
+               "run_name=cmp")
+    ours = read_results(tmp_path / "runs" / "cmp" / "results.jsonl")
+    key = served["key_file"].read_text().strip()
+    url = json.loads((served["root"] / "serve" / "0.json").read_text())["url"]
+    client = OpenAI(base_url=url, api_key=key)
+    spans = 0
+    for line, body in zip(ours, bodies):
+        want = client.completions.create(**body)
+        got = line["response"]["body"]
+        assert got["choices"][0]["text"] == want.choices[0].text, body
+        assert got["choices"][0]["finish_reason"] == want.choices[0].finish_reason, body
+        assert got["usage"]["completion_tokens"] == want.usage.completion_tokens, body
+        spans += "\n" in want.choices[0].text
+    defaulted = [o["response"]["body"] for o in ours[:3]]
+    assert any(b["usage"]["completion_tokens"] == 16 and b["choices"][0]["finish_reason"] == "length"
+               for b in defaulted)  # the server's default max_tokens for completions, not the run's 512
+    assert spans >= 2
+
+
 def test_status_reads_scheduler_and_health(served):
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
     assert p.returncode == 0 and p.stdout.count(" ready ") == 2, p.stdout
@@ -217,9 +288,25 @@ def test_no_key_or_token_in_any_file_or_command_line(served):
 
 
 def test_stop_leaves_nothing_in_the_queue(served):
+    """The replica's process is killed with SIGKILL first: its vLLM server must go with it (it
+    would go on answering with the key), and `serve stop` leaves no recorded process alive."""
+    import os
+    import signal
+
+    from hpc_infer.worker.procs import identify
+
     root = served["root"]  # serving one replica: the resume test above restarted it so
+    state = json.loads((root / "serve" / "0.json").read_text())
+    server, replica = identify(state["server_pid"], state["server_pid_start"]), identify(state["pid"], state["pid_start"])
+    assert server and replica
+    os.kill(replica.pid, signal.SIGKILL)
+    deadline = time.time() + 300
+    while identify(server.pid, server.start) and time.time() < deadline:
+        time.sleep(0.2)
+    assert identify(server.pid, server.start) is None, "the killed replica's server is still running"
     p = sh(served["tmp"], f"hpc-infer serve stop {root}", env=served["env"])
     assert p.returncode == 0 and "stopped 1 replica " in p.stdout, p.stderr
+    assert identify(server.pid, server.start) is None and identify(replica.pid, replica.start) is None
     array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
     q = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True)
     assert q.stdout.strip() == ""
@@ -294,3 +381,4 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
         time.sleep(2)
     node_log = (root / "serve" / "0.node1.log").read_text(errors="replace")
     assert "Ray runtime started" in node_log, node_log[-2000:]  # the second node joined, then left
+

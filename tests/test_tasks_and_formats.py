@@ -88,10 +88,10 @@ def test_logprobs_n_and_penalties(tmp_path):
 def test_openai_batch_in_and_out(tmp_path):
     requests = [
         {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3,
+         "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3,
                   "ignore_eos": True}},
         {"custom_id": "chat-2", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Count to 3."}],
+         "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Count to 3."}],
                   "max_completion_tokens": 7, "ignore_eos": True, "temperature": 0}},
     ]
     s, rows = run(tmp_path, requests, "merge.format=openai_batch", "sampling=greedy", name="batch.jsonl")
@@ -99,7 +99,7 @@ def test_openai_batch_in_and_out(tmp_path):
     for r, want in zip(rows, (3, 7)):  # each request's own max_tokens
         body = r["response"]["body"]
         assert r["error"] is None and r["response"]["status_code"] == 200 and body["object"] == "chat.completion"
-        assert body["usage"]["completion_tokens"] == want and body["model"] == "smollm2"
+        assert body["usage"]["completion_tokens"] == want and body["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
 
 
@@ -125,7 +125,7 @@ def _validated(rows, completion: bool):
 
 def test_openai_batch_logprobs_in_the_clients_layouts(tmp_path):
     completions = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                    "body": {"model": "smollm2", "prompt": p, "max_tokens": 4, "logprobs": 2, "temperature": 0,
+                    "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "prompt": p, "max_tokens": 4, "logprobs": 2, "temperature": 0,
                              "stop": [], "ignore_eos": True}}
                    for i, p in enumerate(["The capital of France is", "One, two,"])]
     _, rows = run(tmp_path / "c", completions, "merge.format=openai_batch", name="batch.jsonl")

@@ -116,7 +116,7 @@ def test_hydra_multirun_one_run_per_combination(tmp_path, cpu_model):
 def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
     """`hpc-infer launch` with nothing else (the README's first command; output kept in tmp_path)."""
     p = run_launch(tmp_path, timeout=1800)
-    run = tmp_path / "runs/example__smollm2_cpu__default"
+    run = tmp_path / "runs/example__smollm2_cpu__chat"
     rows = read_results(run / "results.jsonl")
     assert len(rows) == 16 and all(r["output_tokens"] > 0 for r in rows)
     assert f"{run}/results.jsonl" in p.stderr and f"summary: {run}/summary.json" in p.stderr

@@ -164,3 +164,15 @@ def check_paths(cfg: ContainerConfig, bind_list: list[str], env: dict[str, str])
                                 f"or a default mount); add it to cluster.container.binds, e.g. "
                                 f"'cluster.container.binds=[{part}]'")
     return problems
+
+
+def worker_python(rc, run, model_path: str) -> str:
+    """The interpreter command a run's workers are started with: the host's python, or the
+    same inside the cluster's image (binds for the run, the model and its links)."""
+    from .submit import host_python
+
+    c = rc.cluster
+    bind_list = container_binds(c, rc.model, run.root, model_path) if c.container.image else []
+    requests = run.logs / "requeue" if c.backend == "slurm" else None
+    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python(),
+                          requests=requests)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import pickle
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import submitit
 from ..config import ClusterConfig, time_to_minutes
 from ..errors import UserError
 from ..worker.claims import pid_alive
-from ..worker.rundir import RunDir, read_json, write_json
+from ..worker.rundir import RunDir, read_heartbeats, read_json, write_json
 from .task import WorkerTask
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -124,27 +125,32 @@ class LocalBackend(Backend):
         return out
 
     def cancel(self, job_ids: list[str], grace_s: float = 15.0) -> str:
-        """SIGTERM each worker we started (by its PID, after checking it is still a submitit
-        job, not a reused PID); whatever still runs after `grace_s` gets SIGKILL. The outcome
-        (all stopped) does not depend on how fast they react."""
+        """Stop every process of the run: each job's controller (by its PID, checked to still
+        be a submitit job), everything under it, and the workers the run's heartbeats name on
+        this host (a worker whose controller died was re-parented to init). All are
+        collected first, then: SIGTERM to the controllers, SIGINT to their tasks (submitit's
+        job code ignores SIGTERM; SIGINT unwinds the worker, which releases its claims),
+        SIGKILL to whatever is left after `grace_s`. Nothing of the run stays alive."""
         import signal
 
-        ours = [int(j) for j in job_ids if j.isdigit() and _is_submitit_job(int(j))]
-        for pid in ours:
-            _signal_job(pid, signal.SIGTERM)
-        deadline = time.time() + grace_s
-        alive = ours
-        while alive and time.time() < deadline:
-            time.sleep(0.2)
-            alive = [p for p in alive if _is_submitit_job(p)]
-        for pid in alive:
-            _signal_job(pid, signal.SIGKILL)
-        for _ in range(100):  # a SIGKILL always lands; wait until the kernel has reaped them
-            if not [p for p in alive if _is_submitit_job(p)]:
-                break
-            time.sleep(0.1)
-        return (f"stopped {len(ours)} local worker{'s' * (len(ours) != 1)}"
-                + (f" ({len(alive)} ignored SIGTERM for {grace_s:g}s and were killed)" if alive else ""))
+        from ..worker.procs import descendants, identify, signal_all, stop_all
+
+        controllers = [p for p in (identify(int(j)) for j in job_ids if j.isdigit() and _is_submitit_job(int(j)))
+                       if p]
+        tasks = [c for p in controllers for c in descendants(p.pid)]
+        host = socket.gethostname()
+        for beat in read_heartbeats(self.run):
+            w = identify(int(beat["pid"]), beat.get("pid_start")) if beat.get("host") == host and beat.get("pid") \
+                else None
+            if w and beat.get("pid_start") and w not in tasks:  # only a heartbeat that names its start time
+                tasks += [w] + [d for d in descendants(w.pid) if d not in tasks]
+        everything = controllers + tasks
+        signal_all(controllers, signal.SIGTERM)
+        killed = stop_all(tasks, grace_s=grace_s, first=signal.SIGINT)
+        killed += stop_all(controllers, grace_s=1.0)
+        return (f"stopped {len(controllers)} local worker{'s' * (len(controllers) != 1)} and "
+                f"{len(everything) - len(controllers)} process{'es' * (len(everything) - len(controllers) != 1)} "
+                f"under them" + (f" ({len(killed)} did not stop within {grace_s:g}s and were killed)" if killed else ""))
 
 
 def _alive(pid: int) -> bool:
@@ -195,17 +201,6 @@ def _is_submitit_job(pid: int) -> bool:
             return b"submitit" in f.read()
     except (OSError, IndexError):
         return False
-
-
-def _signal_job(pid: int, sig: int) -> None:
-    """The job and, when it leads its own process group, the children it started (vLLM's engine)."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def max_array_size() -> int:

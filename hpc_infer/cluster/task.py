@@ -16,7 +16,19 @@ class WorkerTask(submitit.helpers.Checkpointable):
     """Called with the run directory; `checkpoint` resubmits the same call."""
 
     def __call__(self, run_dir: str) -> dict:
+        _die_with_controller()
         return run_worker(run_dir)
+
+
+def _die_with_controller() -> None:
+    """A local job's controller (submitit's) is what `cancel` and the launcher know; when it
+    ends, even by SIGKILL, its task must end too, not run on re-parented to init."""
+    import os
+
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        from ..worker.procs import die_with_parent
+
+        die_with_parent()
 
 
 class ServeTask:
@@ -25,4 +37,5 @@ class ServeTask:
     def __call__(self, run_dir: str, index: int) -> dict:
         from ..serve.replica import run_replica
 
+        _die_with_controller()
         return run_replica(run_dir, index)

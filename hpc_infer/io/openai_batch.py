@@ -73,6 +73,11 @@ def request_to_row(req: dict, where: str, cfg: Any) -> tuple[dict, dict]:
     return row, over
 
 
+# vLLM's create_error_response: HTTP status -> the error's type
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
+               422: "UnprocessableEntityError"}
+
+
 def _id(prefix: str, *parts: str) -> str:
     return f"{prefix}-{hashlib.sha256(':'.join(parts).encode()).hexdigest()[:24]}"
 
@@ -111,10 +116,17 @@ def result_to_response(rec: dict, model: str, created: int, run_key: str = "") -
     stable when the same run is merged again or resumed.
     """
     fields = rec.get("fields") or {}
+    rid = str(rec["id"])
+    if rec.get("error"):  # run-batch's failed line: a non-200 status, no body, an ErrorResponse
+        err = rec["error"]
+        code = int(err.get("code") or 400)
+        return {"id": _id("vllm", run_key, rid), "custom_id": rec["id"],
+                "response": {"status_code": code, "request_id": _id("vllm-batch", run_key, rid), "body": None},
+                "error": {"error": {"message": err.get("message", ""), "type": ERROR_TYPES.get(code, "BadRequestError"),
+                                    "param": err.get("param"), "code": code}}}
     url = fields.get("url", "/v1/chat/completions" if "messages" in rec else "/v1/completions")
     model = fields.get("model") or model
     usage = {"prompt_tokens": rec.get("prompt_tokens", 0), "total_tokens": rec.get("prompt_tokens", 0)}
-    rid = str(rec["id"])
     if url == "/v1/embeddings":
         body: dict[str, Any] = {"id": _id("embd", run_key, rid), "object": "list", "created": created,
                                 "model": model, "usage": usage,

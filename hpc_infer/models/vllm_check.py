@@ -16,27 +16,30 @@ from typing import Any
 from ..errors import UserError
 
 
-def check_run_sampling(rc: Any, overrides: list[dict]) -> str | None:
+def check_run_sampling(rc: Any, overrides: list[dict], input_format: str = "") -> str | None:
     """What launch and sbatch both check: the run's sampling and each distinct per-record
     override (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
     from ..worker.engine import POOLING_TASKS
 
     if rc.model.task in POOLING_TASKS:
         return None
-    return check_sampling(rc.sampling.to_vllm(), overrides)
+    # OpenAI batch bodies (the only per-record overrides) start from vLLM's server defaults
+    # unless data.batch_defaults=run
+    base = {} if (input_format == "openai_batch" or overrides) and rc.data.batch_defaults == "server" else None
+    return check_sampling(rc.sampling.to_vllm(), overrides, base)
 
 
-def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:
-    """Raises UserError naming the setting; returns what was checked, for the launch log."""
+def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: dict | None = None) -> str:
+    """Raises UserError naming the run's setting; returns what was checked, for the launch
+    log. A request body vLLM refuses is not the run's error: its record will fail alone (an
+    error record, as `vllm run-batch` writes an error line), and the log says how many."""
     if importlib.util.find_spec("vllm") is None:
         return "sampling not checked against vLLM (not installed here; the workers' image has it)"
     import vllm
 
     from ..worker.engine import sampling_params
 
-    distinct = {json.dumps(o, sort_keys=True): o for o in (overrides or []) if o}
-    for where, kw in [("sampling", sampling)] + [("a record's request body", dict(sampling, **o))
-                                                  for o in distinct.values()]:
+    def build(where: str, kw: dict) -> None:
         try:
             sampling_params(kw)
         except TypeError as e:  # an unknown field
@@ -45,4 +48,16 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None) -> str:
                             f"(sampling.extra.{name}); see vLLM's SamplingParams reference for the fields") from None
         except Exception as e:  # vLLM's own validation: ValueError / VLLMValidationError
             raise UserError(f"{where}: vLLM {vllm.__version__} refuses these settings: {e}") from None
-    return f"sampling checked against vLLM {vllm.__version__}"
+
+    build("sampling", sampling)
+    refused = []
+    for o in {json.dumps(o, sort_keys=True): o for o in (overrides or []) if o}.values():
+        try:
+            build("a request body", dict(sampling if base is None else base, **o))
+        except UserError as e:
+            refused.append(str(e))
+    note = f"sampling checked against vLLM {vllm.__version__}"
+    if refused:
+        note += (f"; {len(refused)} distinct request bod{'y' if len(refused) == 1 else 'ies'} will fail as error "
+                 f"records (listed in errors.jsonl at merge), e.g. {refused[0]}")
+    return note

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..worker import faults
-from ..errors import UserError
+from ..errors import RecordsFailed, UserError
 from ..worker.rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_heartbeats, read_json, write_json
 from .timeline import draw_timeline
 
@@ -47,6 +47,10 @@ class Summary:
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
     postprocess: dict | None = None  # hook target, records, sums and means of the fields it added
+    errors: int = 0  # records the engine refused (each one an error record, listed in errors.jsonl)
+    error_types: dict = field(default_factory=dict)
+    errors_file: str | None = None
+    on_error: str = "keep"
 
 
 def _corrupt(path: Path, cid: int, why: str) -> UserError:
@@ -67,6 +71,8 @@ class _Checked:
     worker: str = "?"
     started: float | None = None
     finished: float | None = None
+    errors: int = 0
+    error_types: dict = field(default_factory=dict)
 
 
 def check_trailer(run: RunDir, chunk: dict) -> _Checked:
@@ -86,7 +92,8 @@ def check_trailer(run: RunDir, chunk: dict) -> _Checked:
         raise _corrupt(path, cid, f"has {body} bytes of records, its trailer says {t.get('bytes')} "
                                   f"(lines added, removed or cut)")
     return _Checked(cid, path, body, int(t["crc32"]), want[0], int(t.get("prompt_tokens", 0)),
-                    int(t.get("output_tokens", 0)), str(t.get("worker", "?")), t.get("started"), t.get("finished"))
+                    int(t.get("output_tokens", 0)), str(t.get("worker", "?")), t.get("started"), t.get("finished"),
+                    int(t.get("errors", 0)), dict(t.get("error_types") or {}))
 
 
 def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
@@ -121,11 +128,38 @@ def _atomic_result(out: Path) -> Iterator[BinaryIO]:
             tmp.unlink()
 
 
-def _write_jsonl(chunks: list[_Checked], out: Path) -> None:
-    """Concatenate the checked chunk outputs in chunk order (= input order)."""
+def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -> None:
+    """Concatenate the checked chunk outputs in chunk order (= input order). With
+    merge.on_error=drop, the few chunks holding error records are parsed and filtered."""
     with _atomic_result(out) as f:
         for c in chunks:
-            _copy_checked(c, f)
+            if drop_errors and c.errors:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, None)
+                                if not r.get("error")).encode())
+            else:
+                _copy_checked(c, f)
+
+
+ERROR_KEY = "_hpc_infer_error"
+
+
+def _write_errors(chunks: list[_Checked], out: Path) -> int:
+    """errors.jsonl: each failed record's input row as it was written (a valid input for a
+    follow-up run: data.path=errors.jsonl data.format=jsonl, or openai_batch for a batch
+    file), with what failed under `_hpc_infer_error`. Only chunks with errors are parsed."""
+    n = 0
+    with _atomic_result(out) as f:
+        for c in chunks:
+            if not c.errors:
+                continue
+            for r in _records(c, None):
+                if r.get("error"):
+                    where = {k: r[k] for k in ("line", "row") if k in r}
+                    row = r.get("input") if isinstance(r.get("input"), dict) else {"id": r["id"]}
+                    row = dict(row, **{ERROR_KEY: dict(id=r["id"], index=r["index"], **where, **r["error"])})
+                    f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                    n += 1
+    return n
 
 
 def _records(chunk: _Checked, hook: "Hook | None") -> list[dict]:
@@ -152,11 +186,14 @@ class Hook:
         self.counting = True
 
     def __call__(self, record: dict) -> None:
+        if record.get("error"):  # nothing was generated: nothing to grade
+            return
         try:
             added = self.fn(record)
         except Exception as e:
             raise UserError(f"merge.postprocess {self.target} failed on record {record.get('id')!r} "
-                            f"({type(e).__name__}: {e}); fix the hook and merge again (`hpc-infer merge RUN`)") from None
+                            f"({type(e).__name__}: {e}); fix the hook and merge again (`hpc-infer merge RUN`), "
+                            f"or merge without it: `hpc-infer merge RUN --no-postprocess`") from None
         if not isinstance(added, dict):
             raise UserError(f"merge.postprocess {self.target} returned {type(added).__name__}, not a dict of fields")
         record.update(added)
@@ -173,50 +210,78 @@ class Hook:
 
 
 def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook | None,
-                        transform: Callable[[dict], dict] | None = None) -> None:
+                        transform: Callable[[dict], dict] | None = None, drop_errors: bool = False) -> None:
     """With a hook or another output shape, each record is parsed, extended or reshaped,
     and written again (slower than the checked copy)."""
     with _atomic_result(out) as f:
         for c in chunks:
-            rows = _records(c, hook)
+            rows = [r for r in _records(c, hook) if not (drop_errors and r.get("error"))]
             f.write("".join(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n"
                             for r in rows).encode())
 
 
-def _rows(chunk: _Checked, hook: Hook | None = None) -> list[dict]:
-    rows = _records(chunk, hook)
+def _rows(chunk: _Checked, hook: Hook | None = None, drop_errors: bool = False) -> list[dict]:
+    rows = [r for r in _records(chunk, hook) if not (drop_errors and r.get("error"))]
     for r in rows:  # free-form values become JSON text, so every chunk has the same columns
-        for key in ("fields", "messages"):
+        for key in ("fields", "messages", "input", "error"):
             if key in r:
                 r[key] = json.dumps(r[key], ensure_ascii=False)
     return rows
 
 
-def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None) -> None:
+def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, drop_errors: bool = False) -> None:
     """One row group per chunk, so memory holds one chunk, not the run. The schema is
     unified over all chunks first (a column that is null in one chunk is typed by another)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schemas = [pa.Table.from_pylist(_rows(c, hook)).schema for c in chunks]
+    schemas = [pa.Table.from_pylist(_rows(c, hook, drop_errors)).schema for c in chunks]
     if hook:
         hook.counting = False  # the second pass applies it again, without counting twice
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     with _atomic_result(out) as f, pq.ParquetWriter(f, schema) as w:
         for c in chunks:
-            w.write_table(pa.Table.from_pylist(_rows(c, hook), schema=schema))
+            w.write_table(pa.Table.from_pylist(_rows(c, hook, drop_errors), schema=schema))
+
+
+ON_ERROR = ("keep", "drop", "fail")
 
 
 def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
-          postprocess: dict | None = None) -> Summary:
+          postprocess: dict | None = None, on_error: str = "keep") -> Summary:
     """Check every finished chunk, then write the result file and summary.json.
 
     Every trailer is checked before the first byte is written; each chunk's CRC is
     checked as it is copied. Any failure leaves no result file behind. One merge of a
     run at a time: a second one waits for the first (and says so).
+
+    Records the engine refused are error records (merge.on_error): `keep` them in the
+    results in their place (default; every input record appears exactly once), `drop`
+    them from the results, or `fail`: like keep, and the command exits 3 (`report_errors`).
+    errors.jsonl lists them in every case.
     """
+    if on_error not in ON_ERROR:
+        raise UserError(f"merge.on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
     with _merge_lock(run):
-        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess)
+        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error)
+
+
+def report_errors(summary: Summary, say: Callable[[str], None]) -> None:
+    """The closing line about failed records; with merge.on_error=fail, exit 3 after it."""
+    if not summary.errors:
+        return
+    if summary.on_error == "fail":
+        raise RecordsFailed(f"{errors_line(summary)} (merge.on_error=fail)")
+    say(errors_line(summary))
+
+
+def errors_line(s: Summary) -> str:
+    """The line `launch` and `merge` end with when records failed."""
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(s.error_types.items(), key=lambda kv: -kv[1]))
+    kept = {"keep": "kept in the results as error records", "drop": "left out of the results",
+            "fail": "kept in the results as error records"}[s.on_error]
+    return (f"{s.errors} of {s.records_expected} records failed ({kinds}); {kept}; listed in {s.errors_file} "
+            f"(a valid input for a follow-up run)")
 
 
 @contextmanager
@@ -232,7 +297,8 @@ def _merge_lock(run: RunDir) -> Iterator[None]:
         yield
 
 
-def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, postprocess: dict | None) -> Summary:
+def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, postprocess: dict | None,
+           on_error: str) -> Summary:
     manifest = read_json(run.manifest)
     spec = read_json(run.worker_spec)
     done = run.output_files() & set(range(manifest["n_chunks"]))  # damaged ones are named by check_trailer
@@ -244,21 +310,43 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
     out = run.root / f"results{'.partial' if missing else ''}.{'parquet' if fmt == 'parquet' else 'jsonl'}"
     hook = Hook(postprocess) if postprocess else None
+    drop = on_error == "drop"
     if fmt == "parquet":
-        _write_parquet(checked, out, hook)
+        _write_parquet(checked, out, hook, drop)
     elif fmt == "openai_batch":
         from ..io.openai_batch import result_to_response
 
         name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
-        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"))
+        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"),
+                            drop)
     elif hook:
-        _write_jsonl_parsed(checked, out, hook)
+        _write_jsonl_parsed(checked, out, hook, drop_errors=drop)
     else:
-        _write_jsonl(checked, out)
+        _write_jsonl(checked, out, drop)
+    errors_path = run.root / "errors.jsonl"
+    n_errors = sum(c.errors for c in checked)
+    if n_errors:
+        _write_errors(checked, errors_path)
+    elif errors_path.exists():  # an earlier merge's list: nothing failed in this one
+        errors_path.unlink()
     beats = read_heartbeats(run)
-    summary = _summarize(run, manifest, checked, beats, out, fmt, missing, spec.get("sampling", {}), gpus_per_worker)
+    sampling = spec.get("sampling", {})
+    if spec["input"].get("format") == "openai_batch":  # say which defaults the batch lines took
+        sampling = ({"per_line": "the body's fields; what a body leaves out: vLLM's OpenAI-server defaults "
+                                 "(data.batch_defaults=server)"} if spec.get("batch_defaults", "server") == "server"
+                    else dict(sampling, per_line="the body's fields over the run's sampling group and seed "
+                                                 "(data.batch_defaults=run)"))
+    summary = _summarize(run, manifest, checked, beats, out, fmt, missing, sampling, gpus_per_worker)
     summary.timeline = draw_timeline(run, [asdict(c) for c in checked], beats)
     summary.postprocess = hook.summary() if hook else None
+    summary.on_error = on_error
+    if n_errors and drop:
+        summary.records -= n_errors  # records in the result file
+    if n_errors:
+        summary.errors, summary.errors_file = n_errors, str(errors_path)
+        for c in checked:
+            for t, k in c.error_types.items():
+                summary.error_types[t] = summary.error_types.get(t, 0) + k
     write_json(run.summary, asdict(summary))
     return summary
 

@@ -109,6 +109,9 @@ class _ChunkWriter:
 
     def _reset(self) -> None:
         self.crc, self.bytes, self.first, self.n, self.est = 0, 0, -1, 0, 0
+        self.first_line = getattr(self, "lines", 0) + 1
+
+    lines = 0  # newlines written so far: a chunk's first line in the input (line formats)
 
     def add(self, first: int, count: int, est: int) -> None:
         """Records `first` .. `first + count - 1` belong to the open chunk."""
@@ -122,10 +125,12 @@ class _ChunkWriter:
             self.f.write(data)
             self.crc = zlib.crc32(data, self.crc)
             self.bytes += len(data)
+            self.lines += data.count(b"\n")
 
     def close(self, last: int) -> None:
         self.table.append(dict(id=len(self.table), n_records=self.n, est_tokens=self.est, first_index=self.first,
-                               last_index=last, offset=self.offset, bytes=self.bytes, crc32=self.crc))
+                               last_index=last, offset=self.offset, bytes=self.bytes, crc32=self.crc,
+                               first_line=self.first_line))
         self.offset += self.bytes
         self._reset()
 
@@ -152,6 +157,7 @@ class PlannedInput:
     chunks: list[dict]
     overrides: list[dict]
     created: Path | None = None  # the first folder of output_root that planning created
+    input_format: str = ""  # data.format as read (auto resolved)
 
     def discard(self) -> None:
         if self.staging.exists():
@@ -211,7 +217,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
             base += len(ests)
         writer.finish(base - 1)
         return PlannedInput(tmp, scan.n, scan.sha256, scan.size, seen, writer.table, list(scan.overrides.values()),
-                            created)
+                            created, scan.spec.format)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(tmp.parent, created)
@@ -231,7 +237,7 @@ def _remove_empty(folder: Path, created: Path | None) -> None:
             return
 
 
-def fingerprint_parts(rc: RunConfig, input_sha256: str = "") -> dict[str, str]:
+def fingerprint_parts(rc: RunConfig, input_sha256: str = "", endpoint: dict | None = None) -> dict[str, str]:
     """What decides a run's output. A changed part means a different run. The input part is
     the hash of the bytes the records were parsed from (one pass), never a second read."""
 
@@ -247,6 +253,9 @@ def fingerprint_parts(rc: RunConfig, input_sha256: str = "") -> dict[str, str]:
         "model": h({k: v for k, v in model.items() if k not in ("name",)}),
         "sampling": h(rc.sampling.to_vllm()),
         "seed": str(rc.seed),
+        # through served replicas: the served model's name and weights; offline: none. A run
+        # resumed through another server (or offline) would mix two models' outputs
+        **({"served model": h(endpoint["model"] + "\0" + endpoint["model_path"])} if endpoint else {}),
     }
 
 
@@ -274,10 +283,12 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
         lora = {"path": str(path), "name": path.name, "max_rank": m.lora_max_rank}
     return {
         "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
-                  "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name},
+                  "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name,
+                  "aliases": [m.name]},  # batch lines may name the model by its config name too
         "input": input_spec(rc.data).to_json(),  # how a worker rebuilds records from chunk files
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,
+        "batch_defaults": rc.data.batch_defaults,  # OpenAI batch lines: vLLM's server defaults, or the run's
         "env": dict(rc.cluster.env),
         "lease_s": rc.cluster.lease_s,
         "heartbeat_s": rc.cluster.heartbeat_s,
@@ -297,7 +308,7 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
     Returns the run directory and whether it was resumed.
     """
     run = RunDir(rc.run_path)
-    parts = fingerprint_parts(rc, planned.sha256)
+    parts = fingerprint_parts(rc, planned.sha256, endpoint)
     try:
         if not run.manifest.exists():
             if run.root.exists() and any(run.root.iterdir()):
@@ -330,7 +341,8 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
             raise UserError(f"{run.root} was planned by another hpc_infer version (run format {old.get('version')}, "
                             f"this one writes {MANIFEST_VERSION}); merge it with that version, or give a new "
                             f"run_name=...")
-        changed = [k for k, v in parts.items() if old.get("fingerprint", {}).get(k) != v]
+        was = old.get("fingerprint", {})
+        changed = [k for k in dict.fromkeys([*parts, *was]) if was.get(k) != parts.get(k)]
         if changed:
             raise UserError(
                 f"{run.root} holds a run made from a different {', '.join(changed)}. "

@@ -94,7 +94,7 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
     set_permissions(rc.permissions)
     with plan_input(rc) as planned:
-        checked = check_run_sampling(rc, planned.overrides)
+        checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:
             print(checked, file=sys.stderr)
         model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))

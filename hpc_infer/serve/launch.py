@@ -24,7 +24,8 @@ from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
 from ..entry import run_hydra
 from ..errors import UserError
-from ..launch import say, worker_python
+from ..cluster.container import worker_python
+from ..log import say
 from ..run.plan import worker_spec
 from ..cluster.preflight import preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
@@ -33,6 +34,15 @@ from ..cluster.submit import BACKENDS, make_backend
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
+
+
+def bind_address(rc) -> str:
+    """Where a replica listens: this machine only for the local backends (clients are here),
+    every interface on Slurm (clients run on other nodes and the login node). Every route
+    but /health needs the run's key either way (serve/auth.py). serve.host overrides."""
+    if rc.serve.host:
+        return rc.serve.host
+    return "0.0.0.0" if rc.cluster.backend == "slurm" else "127.0.0.1"
 
 
 def api_key_file(rc: RunConfig, run_name: str) -> tuple[Path, bool]:
@@ -93,7 +103,7 @@ def serve(rc: RunConfig) -> Path:
                  if rc.model.chat_template else None)
     served = rc.serve.name or rc.model.hf_id or rc.model.name
     write_atomic(root / "serve.json", (json.dumps({
-        "model": model, "served_name": served, "host": rc.serve.host, "port_min": rc.serve.port_min,
+        "model": model, "served_name": served, "host": bind_address(rc), "port_min": rc.serve.port_min,
         "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
         "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
         "env": dict(c.env), "key_file": str(key_file), "permissions": rc.permissions,

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from ..worker.ports import free_port
+from ..worker.procs import die_with_parent, identify
 from ..worker.rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
@@ -55,7 +56,8 @@ def server_command(spec: dict, port: int) -> list[str]:
         m["engine_kwargs"] = dict(m.get("engine_kwargs") or {})
         m["engine_kwargs"].update(cpu_scheduler_kwargs(m["path"], m["engine_kwargs"]))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m["path"],
-           "--served-model-name", spec["served_name"], "--host", spec.get("host", "0.0.0.0"), "--port", str(port)]
+           "--served-model-name", spec["served_name"], "--host", spec.get("host", "0.0.0.0"), "--port", str(port),
+           "--middleware", "hpc_infer.serve.auth.RequireKey"]  # the key on every route but /health
     for key, value in (m.get("engine_kwargs") or {}).items():
         if key == "seed" or value is None or (value is False and key != "enable_chunked_prefill"):
             continue
@@ -96,9 +98,10 @@ def failure_report(log_path: Path) -> tuple[str, list[str]]:
     return (f": {cause}" if cause else ""), lines[-20:]
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+def _get(url: str, timeout: float = 5.0, key: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, ""
@@ -106,9 +109,10 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return 0, ""
 
 
-def metrics(base: str) -> dict[str, float]:
-    """Requests served, requests in flight and tokens generated, from vLLM's /metrics."""
-    code, text = _get(f"{base}/metrics")
+def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str, float]:
+    """Requests served, requests in flight and tokens generated, from vLLM's /metrics (which,
+    like every route but /health, needs the key: serve/auth.py)."""
+    code, text = _get(f"{base}/metrics", timeout=timeout, key=key)
     out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0}
     if code != 200:
         return out
@@ -153,7 +157,8 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     job_id = job_id or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
     host = socket.gethostname()
-    state = {"replica": index, "job_id": job_id, "host": host, "pid": os.getpid(), "started": time.time(),
+    state = {"replica": index, "job_id": job_id, "host": host, "pid": os.getpid(),
+             "pid_start": identify(os.getpid()).start, "started": time.time(),
              "state": "loading", "port": None, "url": None, "ready_at": None, "server_pid": None}
 
     def save(**kw) -> None:
@@ -179,6 +184,8 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     def on_term(signum, frame):  # scancel / serve stop / Slurm time limit
         stopping["why"] = f"signal {signal.Signals(signum).name}"
         if child and child.poll() is None:
+            if stopping.get("base"):  # what it served up to now, not at the last poll
+                stopping["served"] = metrics(stopping["base"], timeout=2.0, key=env["VLLM_API_KEY"])
             child.terminate()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -196,11 +203,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         port = free_port(lo, hi)
         env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'
         base = f"http://127.0.0.1:{port}"
-        save(port=port, url=f"http://{host}:{port}/v1", state="loading")
+        addr = "127.0.0.1" if spec.get("host") in ("127.0.0.1", "localhost") else host  # clients reach it there
+        save(port=port, url=f"http://{addr}:{port}/v1", state="loading")
         with open(log_path, "ab") as log:
+            # the server goes when this replica goes, even by SIGKILL (it would answer with the key)
             child = subprocess.Popen(server_command(spec, port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        save(server_pid=child.pid)
+                                     stdin=subprocess.DEVNULL, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+        server = identify(child.pid)
+        save(server_pid=child.pid, server_pid_start=server.start if server else None)
         deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
         while child.poll() is None and stopping["why"] is None and time.time() < deadline:
             if _get(f"{base}/health", timeout=2)[0] == 200:
@@ -221,13 +231,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         save(state="failed", error=why + cause, log_tail=tail)
         raise SystemExit(1)
     save(state="ready", ready_at=time.time())
+    stopping["base"] = base
     idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
-    last = metrics(base)
+    last = metrics(base, key=env["VLLM_API_KEY"])
     last_active = time.time()
     poll = min(15.0, idle_s / 4) if idle_s else 15.0
     while child.poll() is None and stopping["why"] is None:
         time.sleep(poll)
-        now = metrics(base)
+        now = metrics(base, key=env["VLLM_API_KEY"])
         if now["requests"] != last["requests"] or now["running"] or now["waiting"]:
             last_active = time.time()
         last = now
@@ -240,7 +251,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         child.kill()
         child.wait()
     if stopping["why"]:
-        save(state="stopped", error=None, stopped_because=stopping["why"], served=last)
+        served = stopping.get("served")
+        save(state="stopped", error=None, stopped_because=stopping["why"],
+             served=served if served and served["requests"] >= last["requests"] else last)
         return state
     cause, tail = failure_report(log_path)
     save(state="failed", error=f"the server exited with {child.returncode}{cause}", log_tail=tail)

@@ -8,6 +8,7 @@ server look failed, nor a dead one look ready.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,13 @@ def _time_left(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
 
 
+def _key(spec: dict) -> str | None:
+    try:
+        return Path(spec["key_file"]).expanduser().read_text().strip()
+    except (KeyError, OSError):
+        return None
+
+
 def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
     spec = json.loads((root / "serve.json").read_text())
     backend, ids = recorded_backend(RunDir(root))
@@ -44,7 +52,8 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
             f = {}
         job = ids[i] if i < len(ids) else None
         js = sched.get(job, "UNKNOWN") if job else "NOT SUBMITTED"
-        healthy = bool(f.get("port")) and _get(f"http://{f.get('host')}:{f['port']}/health", timeout=3)[0] == 200
+        base = (f.get("url") or "").removesuffix("/v1")
+        healthy = bool(f.get("port")) and _get(f"{base}/health", timeout=3)[0] == 200
         if healthy:
             state = "ready"
         elif js in ("PENDING", "CONFIGURING"):
@@ -58,7 +67,7 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
              "started": f.get("started"), "ready_at": f.get("ready_at"), "time_left": left.get(job or ""),
              "stopped_because": f.get("stopped_because")}
         if with_metrics and healthy:
-            r["metrics"] = metrics(f"http://{f['host']}:{f['port']}")
+            r["metrics"] = metrics(base, key=_key(spec))
         out.append(r)
     return out
 
@@ -124,6 +133,7 @@ def stop(run: str, wait_s: float = 120.0) -> str:
         if all(s not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING") for s in backend.states(ids).values()):
             break
         time.sleep(1)
+    left = _stop_servers(root)
     for i in range(len(ids)):
         path = root / STATE_DIR / f"{i}.json"
         try:
@@ -133,4 +143,29 @@ def stop(run: str, wait_s: float = 120.0) -> str:
         if f.get("state") not in ("stopped", "failed"):
             f.update(state="stopped", stopped_because="hpc-infer serve stop", t=time.time())
             write_atomic(path, (json.dumps(f) + "\n").encode())
-    return f"stopped {len(ids)} replica{'s' * (len(ids) != 1)} of {root} ({what})"
+    return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)} of {root} ({what})"
+            + (f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
+               f" and {'were' if left != 1 else 'was'} stopped by PID" if left else ""))
+
+
+def _stop_servers(root: Path) -> int:
+    """vLLM servers (and their replica processes) the state files name on this host that are
+    still running after the scheduler ended their jobs: a replica killed by SIGKILL cannot
+    stop its server itself. Each is checked by its start time, never found by name."""
+    from ..worker.procs import descendants, identify, stop_all
+
+    host = socket.gethostname()
+    left = []
+    for path in sorted((root / STATE_DIR).glob("*.json")):
+        try:
+            f = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if f.get("host") != host:
+            continue
+        for pid, start in ((f.get("server_pid"), f.get("server_pid_start")), (f.get("pid"), f.get("pid_start"))):
+            p = identify(int(pid), start) if pid and start else None
+            if p:
+                left += [p] + descendants(p.pid)
+    stop_all(left, grace_s=30.0)
+    return len(left)

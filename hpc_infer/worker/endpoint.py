@@ -21,10 +21,37 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from .engine import record_seed
+from .engine import error_result, record_seed
+
+# A request the server refuses on its own merits (too long, a value or schema it rejects, a
+# model it does not serve) is that record's error; 401/403 (the key) and 429/5xx are not.
+RECORD_ERRORS = (400, 404, 413, 422)
 
 # SamplingParams fields the OpenAI request has at top level; the rest go in vLLM's extra_body.
 TOP_LEVEL = {"n", "temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty"}
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a base URL a worker may send the key to, or None: http(s), a host, an
+    optional port and a plain path; no credentials, query, `..`, `//` or encoded dots."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return "not a valid URL"
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return "give http(s)://host:port/v1"
+    if u.username or u.password or "@" in u.netloc:
+        return "credentials in a URL are not accepted; the key comes from the key file"
+    if u.query or u.fragment or any(c.isspace() or ord(c) < 32 for c in url) or "\\" in url:
+        return "no query, fragment, whitespace or backslash"
+    if any(part in ("..", ".") for part in u.path.split("/")) or "%2e" in u.path.lower() or "//" in u.path:
+        return "no '.', '..', '//' or encoded dots in the path"
+    if port is not None and not 0 < port < 65536:
+        return "a port between 1 and 65535"
+    return None
 
 
 def ready_urls(endpoint: dict) -> list[str]:
@@ -38,7 +65,7 @@ def ready_urls(endpoint: dict) -> list[str]:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if state.get("state") == "ready" and state.get("url"):
+            if state.get("state") == "ready" and state.get("url") and url_problem(str(state["url"])) is None:
                 urls.append(state["url"])
         if urls:
             return urls
@@ -69,10 +96,12 @@ class HttpEngine:
     def unfinished(self) -> int:
         return len(self._pending)
 
-    def add(self, records: list[dict], sampling: dict[str, Any], seed: int | None) -> None:
+    def add(self, records: list[dict], sampling: dict[str, Any] | None, seed: int | None) -> None:
+        """`sampling=None` (OpenAI batch lines): only the body's fields are sent; the server
+        applies its own defaults to the rest."""
         for r in records:
-            kw = dict(sampling, **(r.get("sampling") or {}))
-            if seed is not None and "seed" not in (r.get("sampling") or {}):
+            kw = dict(sampling or {}, **(r.get("sampling") or {}))
+            if sampling is not None and seed is not None and "seed" not in (r.get("sampling") or {}):
                 kw["seed"] = record_seed(seed, r["id"])
             up = [i for i in range(len(self.clients)) if i not in self.down] or list(range(len(self.clients)))
             first = up[self._next % len(up)]
@@ -83,13 +112,18 @@ class HttpEngine:
         """The request on replica `first`; when its retries run out on a connection error or
         a 5xx, the same request on each other replica in turn (a replica that failed is not
         given new requests). Re-sending is safe: a request's output is kept only once."""
-        from openai import APIConnectionError, InternalServerError
+        from openai import APIConnectionError, APIStatusError, InternalServerError
 
         order = [first] + [i for i in range(len(self.clients)) if i != first]
         order = [i for i in order if i not in self.down] + [i for i in order if i in self.down]
         for n, i in enumerate(order):
             try:
                 return self._request(self.clients[i], record, kw)
+            except APIStatusError as e:
+                if e.status_code not in RECORD_ERRORS:
+                    raise
+                err = error_result(record, _ServerRefused(e), e.status_code)
+                return {k: err[k] for k in ("text", "outputs", "prompt_tokens", "output_tokens", "error")}
             except (APIConnectionError, InternalServerError) as e:
                 if i not in self.down:
                     self.down.add(i)
@@ -143,3 +177,14 @@ class HttpEngine:
             record = self._pending.pop(fut)
             rows.append(dict(record, **fut.result()))  # an exhausted retry raises here: the worker fails
         return rows
+
+
+class _ServerRefused(Exception):
+    """A 4xx for one request, with the server's own error type, message and parameter."""
+
+    def __init__(self, e: Any):
+        body = e.body if isinstance(getattr(e, "body", None), dict) else {}
+        body = body.get("error", body) if isinstance(body.get("error", body), dict) else body
+        super().__init__(body.get("message") or getattr(e, "message", str(e)))
+        self.parameter = body.get("param")
+        self.kind = body.get("type") or type(e).__name__

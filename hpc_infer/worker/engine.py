@@ -90,6 +90,61 @@ def cpu_scheduler_kwargs(path: str, kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# OpenAI's defaults for a request's max_tokens when the body gives none: chat completions
+# run to the context's end; vLLM's CompletionRequest defaults to 16 (OpenAI's legacy API).
+COMPLETIONS_MAX_TOKENS = 16
+
+
+def request_kwargs(record: dict, sampling: dict[str, Any] | None, seed: int | None,
+                   server_defaults: dict[str, Any]) -> dict[str, Any]:
+    """A record's SamplingParams fields. Run records: the run's sampling, the record's
+    overrides, a per-record seed. `sampling=None` (OpenAI batch lines): the body's fields
+    on top of what vLLM's OpenAI server applies to a field left out (its defaults from the
+    model's generation config; max_tokens: to the context's end for chat, 16 for
+    completions, capped by the generation config's; no stop, no seed, n=1)."""
+    over = record.get("sampling") or {}
+    if sampling is None:
+        kw = {k: v for k, v in server_defaults.items() if k != "max_tokens"}
+        default_max = server_defaults.get("max_tokens")
+        chat = (record.get("fields") or {}).get("url", "/v1/chat/completions") == "/v1/chat/completions"
+        if chat:
+            kw["max_tokens"] = default_max  # None: vLLM generates up to max_model_len - prompt
+        else:
+            kw["max_tokens"] = min(COMPLETIONS_MAX_TOKENS, default_max or COMPLETIONS_MAX_TOKENS)
+        kw.update(over)
+        if "max_tokens" in over and default_max:
+            kw["max_tokens"] = min(over["max_tokens"], default_max)
+        return kw
+    kw = dict(sampling, **over)
+    if seed is not None and "seed" not in over:
+        kw["seed"] = record_seed(seed, record["id"])
+    return kw
+
+
+def served_model_check(record: dict, names: set[str]) -> None:
+    """An OpenAI batch line naming a model this run does not serve fails as that line's
+    error, as `vllm run-batch` answers it (404)."""
+    want = (record.get("fields") or {}).get("model")
+    if want and "url" in (record.get("fields") or {}) and want not in names:
+        raise ModelNotServed(f"The model `{want}` does not exist.")
+
+
+class ModelNotServed(LookupError):
+    status = 404
+
+
+def error_result(record: dict, exc: BaseException, status: int | None = None) -> dict:
+    """The record, failed: its error in place of outputs. Counted once, like a result; the
+    merge lists it in errors.jsonl. `code` is the HTTP status vLLM's server would give."""
+    message = str(exc).strip() or type(exc).__name__
+    res = dict(record)
+    res.update(text=None, outputs=[], prompt_tokens=0, output_tokens=0,
+               error={"type": getattr(exc, "kind", None) or type(exc).__name__, "message": message[:4000],
+                      "param": getattr(exc, "parameter", None),
+                      "code": status or getattr(exc, "status", None) or 400})
+    return res
+
+
 class Engine:
     """One vLLM `LLM`; records in, finished result records out, in any order."""
 
@@ -112,6 +167,12 @@ class Engine:
             self.lora = LoRARequest(model["lora"]["name"], 1, model["lora"]["path"])
         self._pending: dict[str, dict] = {}  # request id -> input record (+ seed)
         self._pending_alias: dict[str, str] = {}
+        self._errors: list[dict] = []  # error records not yet returned by step()
+        # What vLLM's OpenAI server applies to a field a request leaves out (the model's
+        # generation_config.json, as `vllm serve` / `run-batch` read it).
+        self.server_defaults = dict(self.llm.llm_engine.model_config.get_diff_sampling_param())
+        self.served_names = {n for n in (model.get("served_name"), model["path"], Path(model["path"]).name,
+                                         *(model.get("aliases") or [])) if n}
 
     @classmethod
     def shared(cls, model: dict[str, Any]) -> "Engine":
@@ -133,39 +194,69 @@ class Engine:
 
     @property
     def unfinished(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._errors)
 
-    def add(self, records: list[dict], sampling: dict[str, Any], seed: int | None) -> None:
+    def add(self, records: list[dict], sampling: dict[str, Any] | None, seed: int | None) -> None:
+        """Put records in flight. `sampling=None`: OpenAI batch lines whose fields the body
+        leaves out take vLLM's server defaults (`server_defaults`), not the run's. A record
+        vLLM refuses (too long, a value or grammar it rejects, a template error) becomes an
+        error record returned by the next `step`; the others go on."""
         if self.task in POOLING_TASKS:
             for r in records:
                 self._pending[f"p{r['index']}"] = r
             return
-        params = []
+        ok, params = [], []
         for r in records:
-            kw = dict(sampling, **(r.get("sampling") or {}))  # per-record overrides (OpenAI batch bodies)
-            if seed is not None and "seed" not in (r.get("sampling") or {}):
-                kw["seed"] = record_seed(seed, r["id"])
-            params.append(sampling_params(kw))
-        if self.task == "chat" or "messages" in records[0]:
-            # A plain prompt sent to a chat task becomes one user turn.
-            conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
-            ids = self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template,
-                                        lora_request=self.lora)
-        else:
-            ids = self.llm.enqueue([r["prompt"] for r in records], params, use_tqdm=False, lora_request=self.lora)
-        for rid, record, p in zip(ids, records, params):
+            try:
+                served_model_check(r, self.served_names)
+                kw = request_kwargs(r, sampling, seed, self.server_defaults)
+                params.append(sampling_params(kw))
+                ok.append(r)
+            except Exception as e:  # the request's own error, as vLLM's server would answer it
+                self._errors.append(error_result(r, e))
+        if not ok:
+            return
+        try:
+            ids = self._enqueue(ok, params)
+        except Exception:
+            # vLLM aborts the whole call on the first bad prompt: enqueue one by one, so
+            # only the record it refuses fails (the common case pays nothing for this)
+            ids = []
+            for r, p in zip(ok, params):
+                try:
+                    ids += self._enqueue([r], [p])
+                except Exception as e:
+                    self._errors.append(error_result(r, e))
+                    ids.append(None)
+        for rid, record, p in zip(ids, ok, params):
+            if rid is None:
+                continue
             self._pending[rid] = dict(record, seed=p.seed)
             # vLLM returns internal ids ("7-1a2b3c4d") but reports outputs under "7".
             self._pending_alias[_external_id(rid)] = rid
 
+    def _enqueue(self, records: list[dict], params: list) -> list[str]:
+        if self.task == "chat" or "messages" in records[0]:
+            # A plain prompt sent to a chat task becomes one user turn.
+            conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
+            return self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template,
+                                         lora_request=self.lora)
+        return self.llm.enqueue([r["prompt"] for r in records], params, use_tqdm=False, lora_request=self.lora)
+
+    def take_errors(self) -> list[dict]:
+        out, self._errors = self._errors, []
+        return out
+
     def step(self) -> list[dict]:
         """Run one engine step; return the result records that finished in it."""
+        done = self.take_errors()
         if self.task in POOLING_TASKS:
-            return self._pool()
+            return done + self._pool()
         engine = self.llm.llm_engine
-        if self._pending and not engine.has_unfinished_requests():
+        if not self._pending:
+            return done
+        if not engine.has_unfinished_requests():
             raise RuntimeError(f"vLLM finished with {len(self._pending)} of our requests unaccounted for")
-        done = []
         for out in engine.step():
             if not out.finished:
                 continue
@@ -186,6 +277,7 @@ class Engine:
         for rid in rids:
             self._pending.pop(rid, None)
             self._pending_alias.pop(_external_id(rid), None)
+        self._errors = [r for r in self._errors if r.get("chunk") != chunk_id]
         return len(rids)
 
     def _pool(self) -> list[dict]:
@@ -194,6 +286,18 @@ class Engine:
         self._pending.clear()
         if not records:
             return []
+        try:
+            return self._pool_records(records)
+        except Exception:  # one input vLLM refuses fails the call: run one by one, failing only that one
+            out = []
+            for r in records:
+                try:
+                    out += self._pool_records([r])
+                except Exception as e:
+                    out.append(error_result(r, e))
+            return out
+
+    def _pool_records(self, records: list[dict]) -> list[dict]:
         texts = [_text(r) for r in records]
         if self.task == "embed":
             outs = self.llm.embed(texts, use_tqdm=False, lora_request=self.lora)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import claims, faults
-from .rundir import (RunDir, encode_chunk_output, publish_chunk_output, read_chunk_input, read_json, set_permissions,
+from . import claims, faults, procs
+from .rundir import (RunDir, encode_chunk_output, publish_chunk_output, read_chunk_source, read_json, set_permissions,
                      write_json)
 
 
@@ -45,6 +45,7 @@ class Heartbeat:
             "worker": owner.worker_id,
             "host": owner.host,
             "pid": owner.pid,
+            "pid_start": procs.this_process().start,  # with pid: exactly this process, for `cancel`
             "python": sys.executable,  # inside a container: the image's interpreter
             "started": time.time(),
             "state": "starting",
@@ -125,6 +126,7 @@ class _Chunk:
     started: float
     backup: bool = False  # a backup copy of a chunk another worker holds
     rows: list = field(default_factory=list)
+    source: Any = None  # rundir.ChunkSource: where an error record's input line came from
 
 
 def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease_s: float) -> int | None:
@@ -177,12 +179,15 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     est = {cid: int(c.get("est_tokens", 1)) for cid, c in planned.items()}
     est_total = max(1, sum(est.values()))
 
+    sampling, seed = run_sampling(spec)
+
     def start(cid: int, backup: bool = False) -> list[dict]:
         """Read a chunk's records (checked against the plan) and put it in flight."""
-        records = read_chunk_input(run.input_copy, planned[cid], spec["input"])
+        source = read_chunk_source(run.input_copy, planned[cid], spec["input"])
+        records = source.records
         for r in records:
             r["worker"], r["chunk"] = owner.worker_id, cid
-        inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup)
+        inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup, source=source)
         hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
         return records
 
@@ -227,7 +232,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                         engine = Engine.shared(spec["model"])
                     hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
                               vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
-                engine.add(records, spec.get("sampling") or {}, spec.get("seed"))
+                engine.add(records, sampling, seed)
             if not inflight and leave_tail:
                 break  # the others finish the tail; a straggler's backup copy would not win
             if not inflight and exhausted and backups_left > 0 and engine is not None:
@@ -237,7 +242,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                 if cid is not None:
                     backups_left -= 1
                     hb.update(backups=hb.state.get("backups", 0) + 1)
-                    engine.add(start(cid, backup=True), spec.get("sampling") or {}, spec.get("seed"))
+                    engine.add(start(cid, backup=True), sampling, seed)
             if not inflight:
                 break
             if hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
@@ -245,7 +250,10 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
             faults.point("step")
             finished = [row for row in engine.step() if row["chunk"] in inflight]  # abandoned chunks: dropped
             for row in finished:
-                inflight[row["chunk"]].rows.append(row)
+                chunk = inflight[row["chunk"]]
+                if row.get("error"):  # refused by the engine: the record's error, with its input line
+                    row.update(chunk.source.origin(row["index"] - chunk.source.first_index))
+                chunk.rows.append(row)
             for chunk in [inflight[c] for c in {r["chunk"] for r in finished}]:
                 if len(chunk.rows) == chunk.size:
                     if not run.manifest.exists():
@@ -276,6 +284,15 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
         raise
     hb.stop("finished")
     return dict(hb.state)
+
+
+def run_sampling(spec: dict) -> tuple[dict | None, int | None]:
+    """(sampling, seed) every record starts from. OpenAI batch lines (data.batch_defaults=
+    server, the default) start from nothing: what a body leaves out takes vLLM's server
+    defaults, as in `vllm run-batch`; the run's sampling group and seed do not apply."""
+    if spec["input"].get("format") == "openai_batch" and spec.get("batch_defaults", "server") == "server":
+        return None, None
+    return spec.get("sampling") or {}, spec.get("seed")
 
 
 def _finish(run: RunDir, chunk: _Chunk, owner: claims.Owner, hb: Heartbeat) -> None:

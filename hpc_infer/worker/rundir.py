@@ -235,7 +235,35 @@ def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 64 * 1024) -> lis
 def read_chunk_input(path: Path, expect: dict, spec: dict) -> list[dict]:
     """A chunk's records, its bytes checked against the manifest's size and CRC-32, then
     rebuilt from the input's own bytes the way the planner checked them (io/records.py)."""
-    from ..io.records import InputSpec, chunk_records
+    return read_chunk_source(path, expect, spec).records
+
+
+class ChunkSource:
+    """A chunk's input bytes and the records rebuilt from them; `origin(k)` gives record
+    k's input line (or row) and its row as written, for an error record's errors.jsonl line."""
+
+    def __init__(self, body: bytes, parsed: Any, spec: dict, first_index: int):
+        self.body, self.parsed, self.spec, self.first_index = body, parsed, spec, first_index
+        self.records: list[dict] = parsed.records
+
+    def origin(self, k: int) -> dict:
+        start = self.parsed.ends[k - 1] if k else 0
+        raw = self.body[start:self.parsed.ends[k]].decode("utf-8", errors="replace").split("\n")
+        text = next((t.rstrip("\r") for t in reversed(raw) if t.strip()), "")
+        if self.spec.get("format") == "txt":
+            row: Any = {"prompt": text}
+        else:
+            try:
+                row = json.loads(text.lstrip("\ufeff"))
+            except ValueError:
+                row = {"text": text}
+        where = ("line", self.parsed.record_lines[k]) if self.spec.get("format") in ("jsonl", "openai_batch", "txt") \
+            else ("row", self.first_index + k + 1)
+        return {where[0]: where[1], "input": row}
+
+
+def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
+    from ..io.records import InputSpec, parse_block
 
     with open(path, "rb") as f:
         f.seek(expect["offset"])
@@ -244,11 +272,13 @@ def read_chunk_input(path: Path, expect: dict, spec: dict) -> list[dict]:
         raise RuntimeError(f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
                            f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
                            f"launch again")
-    records = chunk_records(body, int(expect["first_index"]), InputSpec.from_json(spec), str(path))
-    if len(records) != expect["n_records"]:
-        raise RuntimeError(f"{path}: {len(records)} records where the plan has {expect['n_records']}; the run "
+    first = int(expect["first_index"])
+    parsed = parse_block(InputSpec.from_json(spec), str(path), body, int(expect.get("first_line", 1)) - 1, first, 0,
+                         None, keep=True)
+    if len(parsed.records) != expect["n_records"]:
+        raise RuntimeError(f"{path}: {len(parsed.records)} records where the plan has {expect['n_records']}; the run "
                            f"directory is damaged: delete it and launch again")
-    return records
+    return ChunkSource(body, parsed, spec, first)
 
 
 def read_chunk_records(run: RunDir, chunk_id: int) -> list[dict]:
@@ -285,6 +315,10 @@ def encode_chunk_output(chunk_id: int, rows: list[dict], **meta: Any) -> bytes:
         "output_tokens": sum(int(r.get("output_tokens", 0)) for r in rows),
         **meta,
     }
+    errors = [r["error"].get("type", "Error") for r in rows if r.get("error")]
+    if errors:  # the merge lists these without parsing the chunks that have none
+        trailer["errors"] = len(errors)
+        trailer["error_types"] = {t: errors.count(t) for t in sorted(set(errors))}
     return body + (json.dumps(trailer) + "\n").encode()
 
 

@@ -1,0 +1,55 @@
+"""The key on every route of a served replica, except `/health`.
+
+vLLM's own check (`VLLM_API_KEY`) guards only paths under /v1, /v2, /inference and
+/cohere: `/invocations`, `/tokenize`, `/metrics`, `/openapi.json`, ... answered without a
+key. This pure ASGI middleware, given to the server with `--middleware
+hpc_infer.serve.auth.RequireKey`, turns away any request without the server's key
+before it reaches a route, so a route a future vLLM adds is covered too. `/health`
+stays open: the replica and the scheduler poll it, and it tells nothing.
+
+Stdlib only (it runs inside the server's process, in the cluster's vLLM image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+
+OPEN_PATHS = ("/health",)
+
+
+class RequireKey:
+    def __init__(self, app):
+        self.app = app
+        key = os.environ.get("VLLM_API_KEY", "")
+        if not key:  # never serve open by accident: a server started without a key refuses all
+            key = os.urandom(32).hex()
+        self.digest = hashlib.sha256(key.encode()).digest()
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers") or []:
+            if name.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    hashlib.sha256(token.strip().encode()).digest(), self.digest)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)  # lifespan
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path in OPEN_PATHS or self._authorized(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = json.dumps({"error": {"message": "a valid API key is required (Authorization: Bearer KEY)",
+                                     "type": "Unauthorized", "param": None, "code": 401}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

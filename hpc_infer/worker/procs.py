@@ -1,0 +1,113 @@
+"""Processes we start, identified so that we stop exactly them (stdlib; Linux /proc).
+
+A process is known by (pid, start time): a pid alone can be reused once the process is
+gone, the pair cannot. `cancel` and `serve stop` collect a run's processes (the job's
+controller, everything under it, the workers its heartbeats name) before signalling
+any of them, so a worker re-parented to init when its controller died is still found.
+`die_with_parent` makes a child we start go when its parent goes, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from typing import Iterable, NamedTuple
+
+PR_SET_PDEATHSIG = 1
+
+
+class Proc(NamedTuple):
+    pid: int
+    start: int  # clock ticks after boot (/proc/PID/stat field 22)
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has ended
+
+
+def this_process() -> Proc:
+    return Proc(os.getpid(), start_time(os.getpid()) or 0)
+
+
+def identify(pid: int, start: int | None = None) -> Proc | None:
+    """The running process `pid`, if it is (still) the one that started at `start`."""
+    now = start_time(pid)
+    if now is None or (start is not None and now != start):
+        return None
+    return Proc(pid, now)
+
+
+def alive(p: Proc) -> bool:
+    return start_time(p.pid) == p.start
+
+
+def descendants(root: int) -> list[Proc]:
+    """Every process under `root` now (children, grandchildren, ...), by one /proc scan."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        p = identify(pid)
+        if p:
+            out.append(p)
+        todo += children.get(pid, [])
+    return out
+
+
+def signal_all(procs: Iterable[Proc], sig: int) -> None:
+    for p in procs:
+        if alive(p):
+            try:
+                os.kill(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def stop_all(procs: list[Proc], grace_s: float = 15.0, first: int = signal.SIGTERM) -> list[Proc]:
+    """Signal `first`, wait until they are gone or `grace_s` passed, SIGKILL what is left and
+    wait for it to go. Returns the processes that needed SIGKILL. The outcome (all gone)
+    does not depend on how fast they react; only how long it takes does."""
+    signal_all(procs, first)
+    deadline = time.time() + grace_s
+    left = [p for p in procs if alive(p)]
+    while left and time.time() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if alive(p)]
+    signal_all(left, signal.SIGKILL)
+    for _ in range(600):  # SIGKILL always lands; a process in uninterruptible sleep takes a moment
+        if not [p for p in left if alive(p)]:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent ends (PR_SET_PDEATHSIG).
+    Used in a child right after it starts (preexec_fn, or a worker under its controller).
+    If the parent already ended before the call, exit now. False where unsupported."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it ended between our look and the call
+        os.kill(os.getpid(), sig)
+    return True

@@ -1,0 +1,75 @@
+"""A process we start, we stop: `cancel` on real local workers (submitit's LocalExecutor,
+whose job code ignores SIGTERM), a worker whose controller was killed outright.
+
+"Nothing of the run is left" is checked two ways: every PID the run recorded (controllers
+in jobs.json, workers in their heartbeats, with start times) is gone, and no process on
+this machine has the run directory in its command line or environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_launch, user_env
+from hpc_infer.worker.procs import identify
+from hpc_infer.worker.rundir import RunDir, read_heartbeats, read_json
+
+pytestmark = pytest.mark.slow
+
+
+def processes_of(root: Path) -> list[int]:
+    """PIDs (not ours) whose command line or environment names the run directory."""
+    needle, me, found = str(root).encode(), os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes():
+                if identify(int(proc.name)):  # not a zombie
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(what: str, cond, timeout: float = 900.0) -> None:
+    """State-based wait; the deadline only turns a hang into a failure."""
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            pytest.fail(f"never: {what}")
+        time.sleep(0.2)
+
+
+def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_path, cpu_model):
+    # each engine step waits 1 s (a failpoint), so both workers are mid-run whatever the machine's speed
+    run_launch(tmp_path, "cluster=local", "cluster.workers=2", "data=example_prompts", "sampling=greedy",
+               "sampling.max_tokens=32", "run_name=c", "wait=false", env={"HPC_INFER_FAULT": "step:SLEEP1000"})
+    run = RunDir(tmp_path / "runs" / "c")
+    wait_for("two workers running", lambda: len([b for b in read_heartbeats(run) if b["state"] == "running"]) == 2)
+    controllers = read_json(run.jobs)["launches"][0]["job_ids"]
+    beats = {b["worker"]: b for b in read_heartbeats(run)}
+    workers = {w: identify(b["pid"], b["pid_start"]) for w, b in beats.items()}
+    assert all(workers.values()) and set(workers) == set(controllers)
+
+    # a controller killed outright (OOM killer, a user's kill -9): its worker goes with it
+    os.kill(int(controllers[0]), signal.SIGKILL)
+    first = workers[controllers[0]]
+    wait_for("the orphaned worker to end", lambda: identify(first.pid, first.start) is None, timeout=60)
+
+    p = subprocess.run(["bash", "-c", 'exec hpc-infer cancel "$1"', "x", str(run.root)], capture_output=True,
+                       text=True, env=user_env(), cwd=tmp_path, timeout=300)
+    assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
+    assert [w for w, proc in workers.items() if identify(proc.pid, proc.start)] == []
+    assert [c for c in controllers if identify(int(c))] == []
+    assert processes_of(run.root) == []
+    # the relaunch resumes: nothing the cancel left behind blocks it
+    p = run_launch(tmp_path, "cluster=local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=32",
+                   "run_name=c")
+    assert "resuming" in p.stderr and "8 records ->" in p.stderr, p.stderr[-2000:]
