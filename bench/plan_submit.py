@@ -69,6 +69,32 @@ def main() -> None:
         t = time.perf_counter()
         run, _ = prepare(rc, plan_input(rc), "/models/unused", "")
         t_plan = time.perf_counter() - t
+
+        # the plan-time context check (models/fit.py) with the real CPU model's tokenizer: only
+        # chunks whose longest prompt could exceed max_model_len are read again; 1% of these
+        # prompts are made long enough that they must be tokenized
+        from hpc_infer.models.cpu_model import ensure_smollm2
+        from hpc_infer.models.fit import find_too_long
+
+        long_data = tmp / "some_long.jsonl"
+        with open(long_data, "w") as f:
+            for i in range(args.records // 10):
+                f.write(json.dumps({"id": f"q{i}", "prompt": ("word " * 500 if i % 100 == 0 else f"Solve {i}")}) + "\n")
+        with initialize_config_dir(config_dir=str(ROOT / "hpc_infer/conf"), version_base=None):
+            rc_long = to_run_config(compose("config", overrides=[f"data.path={long_data}", f"output_root={tmp}/runs2",
+                                                                 "data.too_long=mark"]))
+        model = str(ensure_smollm2())
+        with plan_input(rc_long) as planned_long:
+            t = time.perf_counter()
+            with plan_input(rc_long) as again:
+                pass
+            t_plan_long = time.perf_counter() - t
+            t = time.perf_counter()
+            found, _ = find_too_long(rc_long, planned_long, model, planned_long.spec)
+            t_fit = time.perf_counter() - t
+            t = time.perf_counter()
+            find_too_long(rc, plan_input(rc), model, None)  # the 1M short prompts: no chunk is a candidate
+            t_fit_short = time.perf_counter() - t
         rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         n_chunks = read_json(run.manifest)["n_chunks"]
 
@@ -84,6 +110,9 @@ def main() -> None:
     print(f"records={n:,} file={size_mb:.0f} MB chunks={n_chunks} workers={args.workers}")
     print(f"read + json.loads every line: {t_read:6.2f} s")
     print(f"hpc_infer plan, 1 process   : {t_plan_1:6.2f} s   ratio plan/read = {t_plan_1 / t_read:.2f}")
+    print(f"context check, {args.records // 10:,} prompts, 1% long: plan {t_plan_long:.2f} s + check {t_fit:.2f} s "
+          f"(ratio {(t_plan_long + t_fit) / t_plan_long:.2f}; {len(found)} found); {args.records:,} short prompts: "
+          f"check {t_fit_short:.3f} s")
     print(f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}   "
           f"(blocks parsed in {_scan_processes(int(size_mb * 1e6))} processes; peak memory of this process grew {rss_growth:.0f} MB over both plans)")
     if t_submit is not None:

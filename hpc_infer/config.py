@@ -167,6 +167,10 @@ class DataConfig:
     # OpenAI batch files: a field a body leaves out takes vLLM's server default (`server`, as
     # `vllm run-batch` does), or the run's sampling group and seed (`run`, said in the summary).
     batch_defaults: str = "server"
+    # Records whose prompt + max_tokens cannot fit max_model_len (found at plan time with the
+    # model's tokenizer): error (refused before submission, with lines) | mark (error records,
+    # the rest runs) | truncate (plain prompts keep their last tokens; chat records are marked)
+    too_long: str = "error"
     # The data set's own grader, used at merge unless merge.postprocess is set (MATH: r1_zero_reward).
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
 
@@ -323,6 +327,27 @@ def choose_postprocess(merge_spec: Any, data_spec: Any) -> Optional[Dict[str, An
     return dict(spec) if spec else None
 
 
+def hook_needs(spec: Optional[Dict[str, Any]]) -> tuple[tuple[str, ...], str]:
+    """(the record fields a merge hook reads, how to name the hook). A hook declares them
+    with a `field_args` attribute: the names of its keyword arguments that hold field
+    names (r1_zero_reward: answer_field, default "answer")."""
+    import inspect
+
+    if not spec:
+        return (), ""
+    fn = postprocess_fn(spec)
+    func = getattr(fn, "func", fn)
+    names = []
+    for arg in getattr(func, "field_args", ()):
+        value = spec.get(arg)
+        if value is None:
+            param = inspect.signature(func).parameters.get(arg)
+            value = param.default if param is not None and param.default is not inspect.Parameter.empty else None
+        if value:
+            names.append(str(value))
+    return tuple(names), f"merge.postprocess {spec['_target_']}"
+
+
 def postprocess_fn(spec: Dict[str, Any]):
     """The merge hook as a callable (Hydra's instantiate with _partial_), checked before any job runs."""
     from hydra.utils import instantiate
@@ -460,6 +485,8 @@ def validate(rc: RunConfig) -> None:
           f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch")
     check(rc.merge.on_error in ("keep", "drop", "fail"), "merge.on_error",
           f"'{rc.merge.on_error}' is not one of keep (error records stay in the results), drop, fail (exit 3)")
+    check(rc.data.too_long in ("error", "mark", "truncate"), "data.too_long",
+          f"'{rc.data.too_long}' is not one of error (refuse before submission), mark (error records), truncate")
     check(rc.data.batch_defaults in ("server", "run"), "data.batch_defaults",
           f"'{rc.data.batch_defaults}' is not one of server (vLLM's server defaults, as run-batch), run (the "
           f"run's sampling group)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
+from typing import Any
 from typing import Callable
 
 import hydra
@@ -34,6 +36,98 @@ def _umask_for(argv: list[str]) -> None:
         os.umask(0o027)
 
 
+GROUPS = ("model", "cluster", "sampling", "data")
+
+
+def _group_options(group: str, config_dirs: list[str]) -> list[str]:
+    dirs = [PACKAGE_DIR / "conf" / group] + [Path(d).expanduser() / group for d in config_dirs]
+    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def check_overrides(argv: list[str]) -> list[str]:
+    """Our one door for what Hydra would answer with its own words and exit 1: a misspelt
+    key (with or without `+`) gets the nearest valid key, a misspelt group option the
+    nearest option, before Hydra composes anything."""
+    import difflib
+
+    from .config import RunConfig, unknown_keys
+
+    config_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    problems = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key.startswith("hydra.") or key == "hydra" or "@" in key:
+            continue
+        if key in GROUPS:
+            options = _group_options(key, config_dirs)
+            for choice in (v.strip() for v in value.split(",")):
+                if choice and options and choice not in options:
+                    near = difflib.get_close_matches(choice, options, n=1, cutoff=0.5)
+                    problems.append(f"{key}={choice}: no such {key} config; "
+                                    + (f"did you mean {key}={near[0]}? " if near else "")
+                                    + f"(options: {', '.join(options)})")
+            continue
+        tree: dict = {}
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        problems += unknown_keys(tree, RunConfig)
+    return problems
+
+
+def _free_form(key: str) -> bool:
+    """The key goes inside a free-form field (cluster.env.X, model.engine_kwargs.X, ...)."""
+    import dataclasses
+    import typing
+
+    from .config import RunConfig
+
+    schema: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return i < len(parts)
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            return False
+        schema = hints[part]
+    return False
+
+
+def add_free_form(argv: list[str]) -> list[str]:
+    """`cluster.env.FOO=1` means "set FOO", whether or not the chosen config has it: Hydra
+    wants `+` for a new key, `++` for either; give it `++` (a key of a typed group is
+    checked by check_overrides instead)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith(("-", "+", "~")) and not key.startswith("hydra") and _free_form(key):
+            arg = f"++{arg}"
+        out.append(arg)
+    return out
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """`data.path=~/prompts.jsonl`: the shell leaves `~` after `key=` alone and Hydra's parser
+    refuses it; expand it as a user means it (quoted, so the path reaches Hydra as typed)."""
+    import os
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-") and (value == "~" or value.startswith("~/")):
+            path = os.path.expanduser(value)
+            arg = f"{key}='{path}'" if "'" not in path else f"{key}={path}"
+        out.append(arg)
+    return out
+
+
 def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
     """Run `task(cfg)` on the composed config; a UserError anywhere is one `error:` line, exit 2.
     `command` ("hpc-infer serve") names the program in `--help` (Hydra would say the module's name)."""
@@ -46,8 +140,12 @@ def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
 
+    sys.argv[1:] = add_free_form(expand_home(sys.argv[1:]))
     try:
         refuse_secret_overrides(sys.argv[1:])
+        problems = check_overrides(sys.argv[1:])
+        if problems:
+            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

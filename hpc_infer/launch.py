@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .worker import claims
 from .models.cache import resolve_model
+from .models.fit import check_fit
 from .config import RunConfig, to_run_config
 from .cluster.container import worker_python
 from .entry import run_hydra
@@ -26,6 +27,27 @@ from .secrets import exported, find_token, job_env
 from .run.status import failures, wait
 from .cluster.submit import BACKENDS, TERMINAL, make_backend, recorded_jobs
 from .models.vllm_check import check_run_sampling
+
+def unreachable_for_group(root, group: str | None) -> str | None:
+    """With permissions=group, a folder above the run that the group cannot enter (an
+    output_root created private, a 0700 home) makes the run unreachable for it: say which."""
+    import grp
+    import os
+    import stat
+    from pathlib import Path
+
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        gid = None
+    for d in Path(root).resolve().parents:
+        st = os.stat(d)
+        if st.st_mode & stat.S_IXOTH or (gid is not None and st.st_gid == gid and st.st_mode & stat.S_IXGRP):
+            continue
+        return (f"permissions=group: {d} (mode {stat.filemode(st.st_mode)}) does not let group {group} in, so the "
+                f"group cannot reach {root}; run `chmod o+x {d}` or `chgrp {group} {d} && chmod g+x {d}`")
+    return None
+
 
 def sampling_line(rc: RunConfig, planned) -> str:
     """Which sampling the records get, said before anything runs."""
@@ -56,7 +78,12 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             model_path = resolve_model(rc.model, rc.cluster, token)
             for note in preflight(rc.model, rc.cluster, model_path):
                 say(note)
-        run, resumed = prepare(rc, planned, model_path, config_yaml, endpoint)
+        too_long = check_fit(rc, planned, model_path, say)
+        run, resumed = prepare(rc, planned, model_path, config_yaml, endpoint, too_long)
+    if rc.permissions == "group":
+        blocked = unreachable_for_group(run.root, rc.run_group)
+        if blocked:
+            say(blocked)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     if resumed and not remaining:

@@ -54,7 +54,7 @@ def finish_all(run: RunDir) -> int:
 # --- secrets: one check, every entry point, before anything is written ------------------------
 
 @pytest.mark.parametrize("entry", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m",
-                                   "python -m hpc_infer.launch"])
+                                   "python -m hpc_infer.launch", "hpc-infer serve"])
 @pytest.mark.parametrize("override", [f"+cluster.env.HF_TOKEN={TOKEN}", f"+model.engine_kwargs.hf_token={TOKEN}",
                                       "+cluster.env.MY_API_KEY=abc123secretvalue", f"data.system_prompt={TOKEN}",
                                       f"+cluster.env.NOTE=prefix-{TOKEN}"])
@@ -66,6 +66,51 @@ def test_secret_refused_by_every_entry_before_any_file(tmp_path, entry, override
     assert secret not in p.stdout + p.stderr  # not echoed (Hydra would)
     assert secret.encode() not in all_bytes(tmp_path)  # no multirun.yaml, config dump or script holds it
     assert not (tmp_path / "runs").exists()
+
+
+# Secrets that arrive through interpolation: checked resolved, where they would be written.
+PLAIN_SECRET = "plain-secret-value-42"  # a secret that does not look like a token
+
+
+@pytest.mark.parametrize("entry", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "hpc-infer serve"])
+@pytest.mark.parametrize("override", ["+cluster.env.FOO=${oc.env:HF_TOKEN}", "run_name=${oc.env:HF_TOKEN}",
+                                      "+cluster.env.FOO=x${oc.env:HUGGING_FACE_HUB_TOKEN}y",
+                                      "data.system_prompt=${oc.env:WANDB_API_KEY}",
+                                      "+cluster.env.FOO=${oc.env:INNOCENT_NAME}",
+                                      "+cluster.env.FOO=${oc.env:INNOCENT_NAME,default}",
+                                      f"+cluster.env.FOO={PLAIN_SECRET}"])
+def test_secret_through_interpolation_refused_before_any_file(tmp_path, entry, override):
+    env = user_env({"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": TOKEN, "WANDB_API_KEY": PLAIN_SECRET,
+                    "INNOCENT_NAME": TOKEN})
+    p = sh(tmp_path, f"{entry} '{override}' cluster=local output_root={tmp_path}/runs", env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "value not shown" in p.stderr
+    for secret in (TOKEN, PLAIN_SECRET):
+        assert secret not in p.stdout + p.stderr
+        assert secret.encode() not in all_bytes(tmp_path)  # no multirun.yaml, dump, script or run dir name
+    assert not (tmp_path / "runs").exists()
+
+
+def test_secret_interpolated_in_a_config_file_is_refused_resolved(tmp_path):
+    conf = tmp_path / "conf" / "cluster"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("defaults: [local, _self_]\nname: mine\nenv:\n  NOTE: ${oc.env:SOME_VAR}\n")
+    p = sh(tmp_path, f"hpc-infer sbatch --config-dir {tmp_path}/conf cluster=mine output_root={tmp_path}/runs",
+           env=user_env({"SOME_VAR": TOKEN}))
+    assert p.returncode == 2 and "cluster.env.NOTE: resolves to a secret" in p.stderr, p.stderr
+    assert TOKEN.encode() not in all_bytes(tmp_path) and not (tmp_path / "runs").exists()
+
+
+def test_a_refused_multirun_writes_nothing_and_hydra_files_follow_permissions(tmp_path):
+    p = sh(tmp_path, f"umask 022; hpc-infer launch -m '+cluster.env.A=${{oc.env:HF_TOKEN}}' seed=1,2 "
+                     f"output_root={tmp_path}/runs", env=user_env({"HF_TOKEN": TOKEN}))
+    assert p.returncode == 2 and not (tmp_path / "runs").exists()
+    p = sh(tmp_path, f"umask 022; hpc-infer sbatch -m run_name=a,b data.limit=2 cluster=slurm_local "
+                     f"output_root={tmp_path}/runs")
+    assert p.returncode == 0, p.stderr[-2000:]
+    hydra_files = list((tmp_path / "runs" / ".multirun").rglob("*"))
+    assert hydra_files and all(stat.S_IMODE(f.stat().st_mode) & 0o077 == 0 for f in hydra_files), \
+        {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in hydra_files}
 
 
 def test_secret_in_a_config_file_is_refused(tmp_path):
@@ -104,6 +149,105 @@ def test_group_permissions_share_with_the_group_only(tmp_path):
     assert all(m & 0o007 == 0 for m in modes.values())  # nothing for others
 
 
+def test_group_run_results_and_a_standalone_merge_follow_the_runs_permissions(tmp_path):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    (tmp_path / "runs").mkdir(mode=0o700)  # an output_root the group cannot enter
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "permissions=group",
+                 f"run_group={group}")
+    from hpc_infer.launch import unreachable_for_group
+    from hpc_infer.worker.rundir import set_permissions
+
+    set_permissions("group")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    said = unreachable_for_group(run.root, group)
+    assert said and str(tmp_path / "runs") in said and "chmod" in said
+    finish_all(run)
+    for fmt in ("jsonl", "parquet", "openai_batch"):
+        merge(run, fmt)
+    os.umask(0o077)  # a standalone `hpc-infer merge` by a user whose umask is private
+    p = sh(tmp_path, f"umask 077; hpc-infer merge {run.root}")
+    assert p.returncode == 0, p.stderr
+    modes = _modes(run.root)
+    for name in ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "summary.json", ".merge.lock",
+                 "timeline.png"):
+        assert modes[name] == 0o640, (name, oct(modes[name]))
+
+
+def test_merges_in_two_formats_never_replace_each_other(tmp_path):
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    finish_all(run)
+    a = merge(run, "jsonl")
+    b = merge(run, "openai_batch")
+    assert a.results != b.results and Path(a.results).exists() and Path(b.results).exists()
+    assert "custom_id" not in Path(a.results).read_text() and "custom_id" in Path(b.results).read_text()
+
+
+def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monkeypatch):
+    from hpc_infer.serve import endpoint as ep
+
+    home = tmp_path / "home"
+    keys = home / ".config" / "hpc_infer" / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    monkeypatch.setattr(ep, "KEYS_DIR", keys)
+    stolen = tmp_path / "other_secret"  # any file the user can read, named as a "key file"
+    stolen.write_text(TOKEN)
+    stolen.chmod(0o600)
+    serve_dir = tmp_path / "srv"
+    (serve_dir / "serve").mkdir(parents=True, mode=0o700)
+    serve_dir.chmod(0o700)
+    (serve_dir / "serve.json").write_text(json.dumps({"served_name": "m", "key_file": str(stolen),
+                                                      "model": {"path": "/m"}, "replicas": 1}))
+    (serve_dir / "serve.json").chmod(0o600)
+    rc = compose("cluster=local", f"cluster.endpoint={serve_dir}")
+    with pytest.raises(UserError, match="not in your key directory"):
+        ep.resolve_endpoint(rc)
+    serve_dir.chmod(0o777)  # anyone could have edited it
+    with pytest.raises(UserError, match="writable by others"):
+        ep.resolve_endpoint(rc)
+    serve_dir.chmod(0o700)
+    (serve_dir / "serve.json").chmod(0o666)
+    with pytest.raises(UserError, match="writable by others"):
+        ep.resolve_endpoint(rc)
+    (serve_dir / "serve.json").chmod(0o600)
+    key = keys / "k.key"
+    key.write_text("k")
+    key.chmod(0o644)
+    (serve_dir / "serve.json").write_text(json.dumps({"served_name": "m", "key_file": str(key),
+                                                      "model": {"path": "/m"}, "replicas": 1}))
+    with pytest.raises(UserError, match="readable by others"):
+        ep.resolve_endpoint(rc)
+    os.chown(serve_dir / "serve.json", 12345, -1)  # another user's file (we are root in the tests)
+    with pytest.raises(UserError, match="is not yours"):
+        ep.resolve_endpoint(rc)
+
+
+@pytest.mark.parametrize("url", ["http://user:pw@host:1/v1", "http://host:1/v1/../../admin", "http://host:1/%2e%2e/x",
+                                 "file:///etc/passwd", "http://host:1/v1?redirect=x", "http://host:1//v1",
+                                 "http://host:99999/v1", "http://host:1/v1 x", "http:///v1"])
+def test_endpoint_urls_with_tricks_are_refused(tmp_path, url):
+    from hpc_infer.serve.endpoint import check_url
+    from hpc_infer.worker.endpoint import url_problem
+
+    with pytest.raises(UserError, match="refused"):
+        check_url(url, "cluster.endpoint")
+    assert url_problem(url)  # the worker applies the same rule to the state files it re-reads
+
+
+def test_a_run_resumed_through_another_served_model_is_refused(tmp_path):
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "run_name=r")
+    a = {"model": "org/a", "model_path": "/w/a", "urls": ["http://h:1/v1"], "run": None, "key_file": "/k",
+         "concurrency": 1}
+    prepare(rc, plan_input(rc), "endpoint:x", "", a)
+    prepare(rc, plan_input(rc), "endpoint:x", "", a)  # the same server: resumes
+    with pytest.raises(UserError, match="served model"):
+        prepare(rc, plan_input(rc), "endpoint:x", "", dict(a, model="org/b", model_path="/w/b"))
+    with pytest.raises(UserError, match="served model"):
+        prepare(rc, plan_input(rc), "/w/a", "")  # offline now: would mix two engines' outputs
+
+
 # --- the admin cache, run as root --------------------------------------------------------------
 
 @pytest.fixture
@@ -115,6 +259,7 @@ def model_dir(tmp_path):
     src.mkdir(parents=True)
     (src / "config.json").write_text('{"model_type": "llama"}')
     save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(src / "model.safetensors"))
+    (src / "model.safetensors").chmod(0o644)  # a model meant to be shared (safetensors writes 0600)
     return src
 
 
@@ -137,6 +282,63 @@ def test_stage_keeps_a_private_non_model_file_private(tmp_path, model_dir):
     assert stat.S_IMODE((target / "notes_token").stat().st_mode) == 0o600
     assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o644  # a model file: published
     assert not (target / "inner.json").is_symlink() and (target / "inner.json").read_text() == '{"model_type": "llama"}'
+
+
+def _published(target: Path) -> dict[str, int]:
+    return {str(p.relative_to(target)): stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*") if p.is_file()}
+
+
+def test_stage_never_widens_a_hard_link_to_a_private_token(tmp_path, model_dir):
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    os.link(token, model_dir / "tokenizer.model")  # a model file's name, the token's inode and mode
+    with pytest.raises(UserError, match="others cannot read it at the source"):
+        cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+    assert TOKEN.encode() not in all_bytes(tmp_path / "shared")
+    os.unlink(model_dir / "tokenizer.model")
+    os.link(token, model_dir / "notes.txt")  # not a model file: kept private, and said
+    target = cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+    assert _published(target)["notes.txt"] == 0o600
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "notes.txt"])
+def test_stage_never_widens_a_file_behind_a_private_folder(tmp_path, model_dir, name, capsys):
+    hidden = model_dir / "sub"
+    hidden.mkdir()
+    (hidden / name).write_text(TOKEN)
+    (hidden / name).chmod(0o644)  # readable itself, but only through a 0700 folder
+    hidden.chmod(0o700)
+    if name == "tokenizer.json":
+        with pytest.raises(UserError, match="inside .*sub"):
+            cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+        assert TOKEN.encode() not in all_bytes(tmp_path / "shared")
+    else:
+        target = cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+        assert _published(target)["sub/notes.txt"] == 0o600 and "kept private" in capsys.readouterr().err
+        assert stat.S_IMODE((target / "sub").stat().st_mode) & 0o777 == 0o755  # the folder, not its file
+
+
+def test_stage_never_widens_a_link_into_a_hidden_private_folder(tmp_path, model_dir):
+    secret_dir = model_dir / ".secret"
+    secret_dir.mkdir()
+    (secret_dir / "t").write_text(TOKEN)
+    (secret_dir / "t").chmod(0o644)
+    secret_dir.chmod(0o700)
+    (model_dir / "special_tokens_map.json").symlink_to(secret_dir / "t")
+    with pytest.raises(UserError, match="others cannot read it at the source"):
+        cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+    assert TOKEN.encode() not in all_bytes(tmp_path / "shared")
+
+
+def test_stage_turns_an_os_error_into_one_line(tmp_path, model_dir, monkeypatch):
+    def boom(*a, **k):
+        raise FileNotFoundError(2, "No such file or directory", str(model_dir / "gone"))
+
+    monkeypatch.setattr(cache_admin.shutil, "copyfile", boom)  # a file removed mid-copy (a rename race)
+    with pytest.raises(UserError, match="failed: No such file or directory .*nothing was published"):
+        cache_admin.stage(str(model_dir), str(tmp_path / "shared"))
+    assert not (tmp_path / "shared" / "M").exists()
 
 
 @pytest.mark.parametrize("kw", [{"name": ".."}, {"name": "../x"}, {"name": "a/b"}, {"name": "."},

@@ -24,6 +24,7 @@ def source(tmp_path):
     src.mkdir(parents=True)
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({f"w{i}": np.full((256, 256), i, dtype=np.float32) for i in range(8)}, str(src / "model.safetensors"))
+    (src / "model.safetensors").chmod(0o644)  # a model meant to be shared (safetensors writes 0600)
     return src
 
 

@@ -169,3 +169,23 @@ def test_hydra_rejections_reach_the_user_without_traceback(tmp_path, override, e
     p = run_launch(tmp_path, override, "cluster=local", "wait=false", check=False, timeout=120)
     assert p.returncode != 0 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_record_without_the_field_the_merge_hook_needs_is_refused_at_plan_time(tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"unique_id": "a", "problem": "1+1?", "answer": "2"}\n'
+                    '{"unique_id": "b", "problem": "2+2?"}\n')
+    with pytest.raises(UserError) as e:
+        launch(compose("data=math_r1_zero", f"data.path={data}", "cluster=local", "wait=false",
+                       f"output_root={tmp_path / 'runs'}"), "")
+    msg = str(e.value)
+    assert f"{data} line 2: no 'answer' field, which merge.postprocess hpc_infer.rewards.r1_zero_reward needs" in msg
+    assert "merge.postprocess={}" in msg and not (tmp_path / "runs").exists()
+    # the hook pointed at another field, or turned off: planned
+    for override in ("merge.postprocess={_target_: hpc_infer.rewards.r1_zero_reward, answer_field: unique_id}",
+                     "merge.postprocess={}"):
+        rc = compose("data=math_r1_zero", f"data.path={data}", override, f"output_root={tmp_path / 'runs'}")
+        from hpc_infer.run.plan import plan_input
+
+        with plan_input(rc) as planned:
+            assert planned.n_records == 2

@@ -61,8 +61,8 @@ def test_every_refusal_class_is_one_error_line_in_run_batch_shape(tmp_path):
     lines = [_batch_line("ok_first", _chat("Say hi"))]
     lines += [_batch_line(cid, body) for cid, (body, _, _) in BAD_LINES.items()]
     lines += [_batch_line("ok_last", _chat("Say bye"))]
-    s = _launch(tmp_path, lines, "merge.format=openai_batch", "chunks_per_worker=2")
-    out = read_results(tmp_path / "runs" / "r" / "results.jsonl")
+    s = _launch(tmp_path, lines, "merge.format=openai_batch", "chunks_per_worker=2", "data.too_long=mark")
+    out = read_results(tmp_path / "runs" / "r" / "results.openai_batch.jsonl")  # each format its own file
     assert [o["custom_id"] for o in out] == [line["custom_id"] for line in lines]  # each exactly once, in order
     for o in out:
         BatchRequestOutput.model_validate(o)  # vLLM's own model of a batch output line
@@ -75,6 +75,8 @@ def test_every_refusal_class_is_one_error_line_in_run_batch_shape(tmp_path):
         assert o["response"]["status_code"] == status and o["response"]["body"] is None, o
         assert o["error"]["error"]["code"] == status and word.lower() in o["error"]["error"]["message"].lower(), o
     assert s.errors == len(BAD_LINES) and sum(s.error_types.values()) == len(BAD_LINES)
+    assert s.error_types["TooLong"] == 1  # found at plan time; the others refused by the engine
+    assert s.error_types["VLLMValidationError"] == 5 and s.error_types["ModelNotServed"] == 1
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
     assert summary["errors"] == len(BAD_LINES) and summary["on_error"] == "keep"
     # errors.jsonl: the failed lines as written, with line numbers, and a valid input file again
@@ -83,19 +85,19 @@ def test_every_refusal_class_is_one_error_line_in_run_batch_shape(tmp_path):
     assert [e["_hpc_infer_error"]["line"] for e in errs] == list(range(2, 2 + len(BAD_LINES)))
     assert all(e["body"] == BAD_LINES[e["custom_id"]][0] for e in errs)
     again = _launch(tmp_path / "again", [], "data.path=" + str(tmp_path / "runs" / "r" / "errors.jsonl"),
-                    "merge.format=openai_batch", name="unused.jsonl")
+                    "merge.format=openai_batch", "data.too_long=mark", name="unused.jsonl")
     assert again.errors == len(BAD_LINES) and again.records_expected == len(BAD_LINES)
 
 
 def test_one_prompt_too_long_among_six_loses_nothing(tmp_path):
     rows = [{"id": f"p{i}", "prompt": LONG if i == 3 else f"Question {i}: what is {i} plus {i}?"} for i in range(6)]
-    s = _launch(tmp_path, rows, "sampling=greedy", "sampling.max_tokens=4", "chunks_per_worker=1")
+    s = _launch(tmp_path, rows, "sampling=greedy", "sampling.max_tokens=4", "chunks_per_worker=1", "data.too_long=mark")
     out = read_results(tmp_path / "runs" / "r" / "results.jsonl")
     assert [r["id"] for r in out] == [f"p{i}" for i in range(6)]
     assert [bool(r.get("error")) for r in out] == [False, False, False, True, False, False]
-    assert out[3]["error"]["type"] == "VLLMValidationError" and out[3]["line"] == 4 and out[3]["outputs"] == []
+    assert out[3]["error"]["type"] == "TooLong" and out[3]["line"] == 4 and out[3]["outputs"] == []
     assert all(r["outputs"][0]["finish_reason"] in ("length", "stop") for i, r in enumerate(out) if i != 3)
-    assert s.error_types == {"VLLMValidationError": 1}
+    assert s.error_types == {"TooLong": 1}
     errs = read_results(tmp_path / "runs" / "r" / "errors.jsonl")
     assert errs == [dict(rows[3], _hpc_infer_error=errs[0]["_hpc_infer_error"])]
     assert errs[0]["_hpc_infer_error"]["line"] == 4
@@ -116,14 +118,14 @@ def test_one_prompt_too_long_among_six_loses_nothing(tmp_path):
 def test_on_error_fail_exits_3_through_launch(tmp_path):
     rows = [{"id": "a", "prompt": "Hi"}, {"id": "b", "prompt": LONG}]
     with pytest.raises(RecordsFailed) as e:
-        _launch(tmp_path, rows, "sampling=greedy", "sampling.max_tokens=2", "merge.on_error=fail")
-    assert e.value.exit_code == 3 and "1 of 2 records failed (1 VLLMValidationError)" in str(e.value)
+        _launch(tmp_path, rows, "sampling=greedy", "sampling.max_tokens=2", "merge.on_error=fail", "data.too_long=mark")
+    assert e.value.exit_code == 3 and "1 of 2 records failed (1 TooLong)" in str(e.value)
 
 
 def test_embedding_input_too_long_is_its_records_error(tmp_path):
     rows = [{"id": "short", "prompt": "A cat sat on a mat."}, {"id": "long", "prompt": "cat " * 1200},
             {"id": "short2", "prompt": "Stocks fell."}]
-    s = _launch(tmp_path, rows, "model=minilm_cpu")
+    s = _launch(tmp_path, rows, "model=minilm_cpu", "data.too_long=mark")
     out = read_results(tmp_path / "runs" / "r" / "results.jsonl")
     assert [r["id"] for r in out] == ["short", "long", "short2"]
     assert len(out[0]["embedding"]) == 384 and len(out[2]["embedding"]) == 384
@@ -155,7 +157,7 @@ def test_openai_batch_lines_mean_what_they_mean_to_vllm_run_batch(tmp_path, cpu_
     assert p.returncode == 0, p.stderr[-3000:]
     ref = {o["custom_id"]: o for o in read_results(ref_out)}
     s = _launch(tmp_path / "ours", lines, f"data.path={batch}", "merge.format=openai_batch")
-    ours = {o["custom_id"]: o for o in read_results(tmp_path / "ours" / "runs" / "r" / "results.jsonl")}
+    ours = {o["custom_id"]: o for o in read_results(tmp_path / "ours" / "runs" / "r" / "results.openai_batch.jsonl")}
     assert "vLLM's OpenAI-server defaults" in s.sampling["per_line"]
     multiline = 0
     for cid, want in ref.items():
@@ -169,3 +171,29 @@ def test_openai_batch_lines_mean_what_they_mean_to_vllm_run_batch(tmp_path, cpu_
                [want["response"]["body"]["usage"][k] for k in counts], cid
         multiline += "\n" in wc["message"]["content"]
     assert multiline >= 2  # the comparison covered answers a stop at "\n" would have cut
+
+
+def test_records_that_cannot_fit_are_found_at_plan_time_with_their_lines(tmp_path):
+    """prompt + max_tokens over max_model_len (2048): `error` refuses before anything runs,
+    naming each line; `mark` makes them error records; `truncate` keeps a plain prompt's
+    last tokens. Only long records are tokenized (a token covers at least one byte)."""
+    from hpc_infer.errors import UserError
+
+    rows = [{"id": "a", "prompt": "Hi"}, {"id": "b", "prompt": "word " * 1900}, {"id": "c", "prompt": "Bye"},
+            {"id": "d", "prompt": "x " * 3000}]
+    with pytest.raises(UserError) as e:
+        _launch(tmp_path / "err", rows, "sampling=greedy", "sampling.max_tokens=200")
+    msg = str(e.value)
+    assert "2 records cannot fit" in msg and "in.jsonl line 2: prompt" in msg and "in.jsonl line 4: prompt" in msg
+    assert "max_tokens 200 > max_model_len 2048" in msg and "data.too_long=mark" in msg
+    assert not (tmp_path / "err" / "runs" / "r").exists()
+
+    s = _launch(tmp_path / "mark", rows, "sampling=greedy", "sampling.max_tokens=200", "data.too_long=mark")
+    out = read_results(tmp_path / "mark" / "runs" / "r" / "results.jsonl")
+    assert [bool(r.get("error")) for r in out] == [False, True, False, True] and s.error_types == {"TooLong": 2}
+    assert "found at plan time" in out[1]["error"]["message"] and out[1]["line"] == 2
+
+    s = _launch(tmp_path / "cut", rows, "sampling=greedy", "sampling.max_tokens=200", "data.too_long=truncate")
+    out = read_results(tmp_path / "cut" / "runs" / "r" / "results.jsonl")
+    assert s.errors == 0 and [r.get("truncated_to") for r in out] == [None, 1848, None, 1848]
+    assert out[1]["prompt_tokens"] == 1848 and out[1]["outputs"][0]["finish_reason"] in ("length", "stop")

@@ -153,7 +153,7 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
                                          "body": b}) + "\n" for i, b in enumerate(bodies)))
     run_launch(tmp_path, "cluster=debug", f"data.path={batch}", "merge.format=openai_batch", "model.dtype=float32",
                "run_name=cmp")
-    ours = read_results(tmp_path / "runs" / "cmp" / "results.jsonl")
+    ours = read_results(tmp_path / "runs" / "cmp" / "results.openai_batch.jsonl")
     key = served["key_file"].read_text().strip()
     url = json.loads((served["root"] / "serve" / "0.json").read_text())["url"]
     client = OpenAI(base_url=url, api_key=key)

@@ -148,10 +148,14 @@ class InputScan:
     a dict of strings); only when two hashes meet is the input read again, to name the lines.
     """
 
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, needs: tuple[str, ...] = (), needed_by: str = ""):
+        import dataclasses
+
+        self.cfg, self.needs, self.needed_by = cfg, needs, needed_by
         self.path = Path(cfg.path).expanduser()
         self.spec = input_spec(cfg)
+        if needs:  # fields the merge hook reads: a record without them is refused now, with its line
+            self.spec = dataclasses.replace(self.spec, needs=tuple(needs), needed_by=needed_by)
         self.sha256, self.size, self.n = "", 0, 0
         self.overrides: dict[str, dict] = {}
         self._id_hashes = array.array("q")
@@ -198,7 +202,7 @@ class InputScan:
         if not clash:
             return
         seen: dict[str, int] = {}  # read again, keeping only the ids whose hashes clash, to name both lines
-        again = InputScan(self.cfg)
+        again = InputScan(self.cfg, self.needs, self.needed_by)
         for _raw, _seg, parsed, _left in again.blocks(keep=True, parallel=False):
             for k, rec in enumerate(parsed.records):
                 if hash(rec["id"]) in clash:

@@ -36,6 +36,8 @@ class InputSpec:
     template: str | None = None
     template_name: str = "data.template"
     pair_field: str | None = None
+    needs: tuple = ()  # fields every record must carry (the merge hook's, e.g. r1_zero_reward's answer)
+    needed_by: str = ""
 
     @property
     def chunk_encoding(self) -> str:
@@ -47,6 +49,8 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "InputSpec":
+        d = dict(d)
+        d["needs"] = tuple(d.get("needs") or ())
         return cls(**d)
 
 
@@ -102,6 +106,10 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
         if not isinstance(pair, str) or not pair.strip():
             raise RecordError(f"data.pair_field '{spec.pair_field}' must be a non-empty string (the second text "
                               f"model.task=score compares with)")
+    for name in spec.needs:
+        if row.get(name) is None:
+            raise RecordError(f"no '{name}' field, which {spec.needed_by} needs at merge; add it to every record, "
+                              f"point the hook at another field, or turn the hook off (merge.postprocess={{}})")
     if len(row) > 1 + has_id:  # anything besides the prompt/messages and the id
         fields = dict(row)
         fields.pop(spec.id_field, None)
@@ -220,7 +228,7 @@ def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int,
                 try:
                     row = loads(line)
                 except ValueError as e:
-                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}); "
+                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
                                       f"fix or remove the line") from None
             rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
             out.add(rec, has_id, line0 + i + 1, min(end, n_buf))

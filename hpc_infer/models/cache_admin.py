@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import stat
 import time
 import uuid
@@ -78,12 +79,33 @@ def check_names(name: str | None, hf_id: str | None) -> None:
             raise UserError(f"--hf-id {hf_id!r}: give a Hugging Face id as org/name, e.g. meta-llama/Llama-3.1-8B")
 
 
-def _copy_model(src: Path, dst: Path, base: Path) -> set[str]:
+def _hidden_from_others(target: Path, base: Path) -> str | None:
+    """Why others could not read `target` at the source, or None: the file itself is not
+    world-readable, or a folder on the way from `base` down to it is not world-searchable
+    (a 0700 subfolder, a link into a hidden 0700 folder). A hard link has its target's mode."""
+    st = os.stat(target)
+    if not st.st_mode & stat.S_IROTH:
+        return f"mode {stat.filemode(st.st_mode)}"
+    d = target.parent
+    while True:
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return f"inside {d} (mode {stat.filemode(os.stat(d).st_mode)})"
+        if d == base or d == d.parent or not d.is_relative_to(base):
+            return None
+        d = d.parent
+
+
+def _copy_model(src: Path, dst: Path, base: Path) -> tuple[set[str], list[str]]:
     """Copy a model directory without following links out of `base`: a symlink whose target
     lies outside is refused (never read), one inside is copied as the file it points to.
-    Returns the relative paths of files that were not readable by others in the source."""
+    Staging never widens what the source protected: a file others could not read there
+    (its mode, or a folder above it up to `base`) is published private (0600) if it is not
+    part of a model, and refuses the stage if it is (a model others cannot read is no
+    shared model: make it readable at the source if it is meant to be shared).
+    Returns (relative paths kept private, a line for each)."""
     base = base.resolve()
     private: set[str] = set()
+    said: list[str] = []
     problems: list[str] = []
     for d, dirs, files in os.walk(src, followlinks=False):
         rel_d = os.path.relpath(d, src)
@@ -106,12 +128,24 @@ def _copy_model(src: Path, dst: Path, base: Path) -> set[str]:
                 problems.append(f"{p}: not a regular file (a device, FIFO or socket)")
                 continue
             rel = os.path.join(rel_d, name) if rel_d != "." else name
-            if not MODEL_FILE.fullmatch(name) and not os.stat(target).st_mode & stat.S_IROTH:
+            hidden = _hidden_from_others(target, base)
+            if hidden and MODEL_FILE.fullmatch(name):
+                problems.append(f"{p}: others cannot read it at the source ({hidden}); staging would publish it "
+                                f"to everyone. Refused: make it readable at the source (chmod o+r, o+x on its "
+                                f"folders) if it is meant to be shared, or remove it")
+                continue
+            if hidden:
                 private.add(rel)  # not a model file and private at the source: stays private
+                said.append(f"{rel}: kept private (0600): others cannot read it at the source ({hidden})")
+                continue  # copied below, after the checks: nothing of a refused stage is read
             shutil.copyfile(target, dst / rel, follow_symlinks=True)
     if problems:
         raise UserError("source not staged:\n  " + "\n  ".join(problems))
-    return private
+    for rel in private:
+        fd = os.open(dst / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never briefly wider
+        with os.fdopen(fd, "wb") as out, open((src / rel).resolve(), "rb") as f:
+            shutil.copyfileobj(f, out)
+    return private, said
 
 
 def verify_dir(path: Path) -> list[str]:
@@ -194,7 +228,7 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
             raise UserError("source is incomplete, not staged:\n  " + "\n  ".join(problems))
         tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
         try:
-            private = _copy_model(src, tmp, base)
+            private, said = _copy_model(src, tmp, base)
             write_json(tmp / META, {"name": name, "hf_id": hf_id, "revision": revision, "source": str(src),
                                     "staged_at": time.time(), "staged_by": getpass.getuser()})
             problems = verify_dir(tmp)
@@ -202,6 +236,11 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
                 raise UserError("copy failed verification, not staged:\n  " + "\n  ".join(problems))
             _share(tmp, private)
             tmp.rename(target)
+            for line in said:
+                print(f"[hpc_infer] {line}", file=sys.stderr)
+        except OSError as e:  # a rename race, a full disk, a file gone mid-copy: one clear line
+            raise UserError(f"staging {source} into {root_p} failed: {e.strerror or e} "
+                            f"({e.filename or ''}); nothing was published, run the same command again") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -65,3 +65,9 @@ def math_verify_reward(record: dict[str, Any], answer_field: str = "answer") -> 
     """The r1_zero format with math-verify's (more lenient, version-dependent) answer check."""
     truth = _truth(record, answer_field)
     return _score_outputs(record, lambda text: math_verify_score(text, truth))
+
+
+# The record fields each hook reads (the names of its arguments that hold a field name): the
+# planner refuses a record without them, with its line, before anything runs.
+r1_zero_reward.field_args = ("answer_field",)
+math_verify_reward.field_args = ("answer_field",)

@@ -22,7 +22,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from ..worker import faults
 from ..errors import RecordsFailed, UserError
-from ..worker.rundir import TRAILER_KEY, RunDir, read_chunk_trailer, read_heartbeats, read_json, write_json
+from ..worker.rundir import (TRAILER_KEY, RunDir, current_umask, read_chunk_trailer, read_heartbeats, read_json,
+                             set_permissions, write_json)
 from .timeline import draw_timeline
 
 
@@ -117,6 +118,7 @@ def _atomic_result(out: Path) -> Iterator[BinaryIO]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # never shared
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: a group run's results are the group's
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -245,6 +247,7 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
 
 
 ON_ERROR = ("keep", "drop", "fail")
+RESULT_NAMES = {"jsonl": "results.jsonl", "parquet": "results.parquet", "openai_batch": "results.openai_batch.jsonl"}
 
 
 def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
@@ -262,6 +265,8 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
     """
     if on_error not in ON_ERROR:
         raise UserError(f"merge.on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
+    # whoever merges (a standalone `hpc-infer merge` too), the files follow the run's permissions
+    set_permissions(read_json(run.worker_spec).get("permissions"))
     with _merge_lock(run):
         return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error)
 
@@ -308,7 +313,8 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
         raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
-    out = run.root / f"results{'.partial' if missing else ''}.{'parquet' if fmt == 'parquet' else 'jsonl'}"
+    # each format its own file: two merges in different formats never replace each other's result
+    out = run.root / RESULT_NAMES[fmt].replace("results", "results.partial" if missing else "results")
     hook = Hook(postprocess) if postprocess else None
     drop = on_error == "drop"
     if fmt == "parquet":

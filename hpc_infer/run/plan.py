@@ -108,17 +108,18 @@ class _ChunkWriter:
         self._reset()
 
     def _reset(self) -> None:
-        self.crc, self.bytes, self.first, self.n, self.est = 0, 0, -1, 0, 0
+        self.crc, self.bytes, self.first, self.n, self.est, self.max_chars = 0, 0, -1, 0, 0, 0
         self.first_line = getattr(self, "lines", 0) + 1
 
     lines = 0  # newlines written so far: a chunk's first line in the input (line formats)
 
-    def add(self, first: int, count: int, est: int) -> None:
+    def add(self, first: int, count: int, est: int, max_chars: int = 0) -> None:
         """Records `first` .. `first + count - 1` belong to the open chunk."""
         if self.first < 0:
             self.first = first
         self.n += count
         self.est += est
+        self.max_chars = max(self.max_chars, max_chars)
 
     def write(self, data: bytes) -> None:
         if data:
@@ -130,7 +131,7 @@ class _ChunkWriter:
     def close(self, last: int) -> None:
         self.table.append(dict(id=len(self.table), n_records=self.n, est_tokens=self.est, first_index=self.first,
                                last_index=last, offset=self.offset, bytes=self.bytes, crc32=self.crc,
-                               first_line=self.first_line))
+                               first_line=self.first_line, max_chars=self.max_chars))
         self.offset += self.bytes
         self._reset()
 
@@ -158,6 +159,7 @@ class PlannedInput:
     overrides: list[dict]
     created: Path | None = None  # the first folder of output_root that planning created
     input_format: str = ""  # data.format as read (auto resolved)
+    spec: Any = None  # io.records.InputSpec the records were checked with
 
     def discard(self) -> None:
         if self.staging.exists():
@@ -178,7 +180,9 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     used, by the same io/records.py). Memory: a few blocks, the chunk table, 8 bytes an id.
     Big inputs are parsed by a few processes while this one reads, hashes and copies
     (`parallel=False`: all in this one)."""
-    scan = InputScan(rc.data)
+    from ..config import hook_needs
+
+    scan = InputScan(rc.data, *hook_needs(rc.postprocess))
     run = RunDir(rc.run_path)
     created = next((p for p in reversed(run.root.parents) if not p.exists()), None)
     run.root.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +206,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
                 stop = len(ests) if i is None else i + 1
                 if stop <= start:
                     break
-                writer.add(base + start, stop - start, sum(ests[start:stop]))
+                writer.add(base + start, stop - start, sum(ests[start:stop]), max(parsed.chars[start:stop]))
                 if rows:
                     writer.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
                                          for row in parsed.rows[start:stop]).encode())
@@ -217,7 +221,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
             base += len(ests)
         writer.finish(base - 1)
         return PlannedInput(tmp, scan.n, scan.sha256, scan.size, seen, writer.table, list(scan.overrides.values()),
-                            created, scan.spec.format)
+                            created, scan.spec.format, scan.spec)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(tmp.parent, created)
@@ -259,7 +263,7 @@ def fingerprint_parts(rc: RunConfig, input_sha256: str = "", endpoint: dict | No
     }
 
 
-def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) -> dict:
+def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, too_long: dict | None = None) -> dict:
     """Everything a worker needs, as plain JSON. Never holds a secret."""
     m = rc.model
     engine_kwargs: dict[str, Any] = {
@@ -296,12 +300,13 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None) ->
         "max_backups": rc.cluster.max_backups,
         "straggler_pacing": rc.cluster.straggler_pacing,
         "permissions": rc.permissions,
+        "too_long": too_long or {},  # index -> {reason[, keep]}: records that cannot fit (models/fit.py)
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }
 
 
 def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: str,
-            endpoint: dict | None = None) -> tuple[RunDir, bool]:
+            endpoint: dict | None = None, too_long: dict | None = None) -> tuple[RunDir, bool]:
     """Publish the planned input as the run directory (one rename), or check that an
     existing one is the same run. The staging directory is gone afterwards either way.
 
@@ -315,7 +320,7 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
                 raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or "
                                 f"set run_name=...")
             staging = RunDir(planned.staging)
-            write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint))
+            write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint, too_long))
             staging.config.write_text(config_yaml)
             write_json(staging.manifest, {
                 "version": MANIFEST_VERSION,

@@ -28,6 +28,7 @@ from ..cluster.preflight import gpus_per_node, preflight
 from ..worker import rundir
 from ..worker.rundir import RunDir, read_json, set_permissions
 from ..secrets import find_token
+from ..models.fit import check_fit
 from ..models.vllm_check import check_run_sampling
 
 TEMPLATES = project_root() / "slurm" / "templates"
@@ -93,6 +94,11 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
     set_permissions(rc.permissions)
+    if rc.cluster.backend != "slurm":  # never a Slurm script for a non-Slurm cluster without a word
+        print(f"[hpc_infer] cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script "
+              f"assumes a default partition, {rc.cluster.gpus_per_task} GPU(s) and the time {rc.cluster.time} per task; "
+              f"for your cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or "
+              f"your own)", file=sys.stderr)
     with plan_input(rc) as planned:
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:
@@ -100,7 +106,8 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
         model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
         for note in preflight(rc.model, rc.cluster, model_path):
             print(f"[hpc_infer] {note}", file=sys.stderr)
-        run, _ = prepare(rc, planned, model_path, config_yaml)
+        too_long = check_fit(rc, planned, model_path, lambda m: print(f"[hpc_infer] {m}", file=sys.stderr))
+        run, _ = prepare(rc, planned, model_path, config_yaml, None, too_long)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))

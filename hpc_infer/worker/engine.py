@@ -133,6 +133,13 @@ class ModelNotServed(LookupError):
     status = 404
 
 
+class TooLong(ValueError):
+    """Prompt + max_tokens over max_model_len, found at plan time (data.too_long=mark)."""
+
+    status = 400
+    parameter = "input_tokens"
+
+
 def error_result(record: dict, exc: BaseException, status: int | None = None) -> dict:
     """The record, failed: its error in place of outputs. Counted once, like a result; the
     merge lists it in errors.jsonl. `code` is the HTTP status vLLM's server would give."""
@@ -201,12 +208,21 @@ class Engine:
         leaves out take vLLM's server defaults (`server_defaults`), not the run's. A record
         vLLM refuses (too long, a value or grammar it rejects, a template error) becomes an
         error record returned by the next `step`; the others go on."""
+        runnable = []
+        for r in records:
+            fit = r.pop("too_long", None)
+            if fit and ("keep" not in fit or self.task in POOLING_TASKS):
+                self._errors.append(error_result(r, TooLong(fit["reason"])))
+                continue
+            if fit:
+                r["truncated_to"] = fit["keep"]  # kept in the result: the prompt was cut
+            runnable.append(r)
         if self.task in POOLING_TASKS:
-            for r in records:
+            for r in runnable:
                 self._pending[f"p{r['index']}"] = r
             return
         ok, params = [], []
-        for r in records:
+        for r in runnable:
             try:
                 served_model_check(r, self.served_names)
                 kw = request_kwargs(r, sampling, seed, self.server_defaults)
@@ -241,7 +257,16 @@ class Engine:
             conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
             return self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template,
                                          lora_request=self.lora)
-        return self.llm.enqueue([r["prompt"] for r in records], params, use_tqdm=False, lora_request=self.lora)
+        return self.llm.enqueue([self._prompt(r) for r in records], params, use_tqdm=False, lora_request=self.lora)
+
+    def _prompt(self, record: dict):
+        """The prompt, or its last `truncated_to` tokens (data.too_long=truncate; the
+        behaviour of vLLM's former `truncate_prompt_tokens`: the end of a prompt is kept)."""
+        keep = record.get("truncated_to")
+        if not keep:
+            return record["prompt"]
+        ids = self.llm.get_tokenizer()(record["prompt"]).input_ids
+        return {"prompt_token_ids": ids[-keep:]}
 
     def take_errors(self) -> list[dict]:
         out, self._errors = self._errors, []

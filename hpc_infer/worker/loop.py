@@ -180,6 +180,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
     est_total = max(1, sum(est.values()))
 
     sampling, seed = run_sampling(spec)
+    too_long = spec.get("too_long") or {}
 
     def start(cid: int, backup: bool = False) -> list[dict]:
         """Read a chunk's records (checked against the plan) and put it in flight."""
@@ -187,6 +188,9 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
         records = source.records
         for r in records:
             r["worker"], r["chunk"] = owner.worker_id, cid
+            fit = too_long.get(str(r["index"]))
+            if fit:  # found at plan time (models/fit.py): truncated, or failed without the engine
+                r["too_long"] = fit
         inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup, source=source)
         hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
         return records

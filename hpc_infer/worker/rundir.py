@@ -69,7 +69,7 @@ class RunDir:
         return self.root / "summary.json"
 
     def results(self, fmt: str = "jsonl") -> Path:
-        return self.root / f"results.{fmt}"
+        return self.root / ("results.openai_batch.jsonl" if fmt == "openai_batch" else f"results.{fmt}")
 
     def claim_path(self, chunk_id: int) -> Path:
         return self.claims / f"{chunk_id:05d}"
