@@ -83,6 +83,9 @@ def cmd_merge(args) -> int:
     s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run),
               on_error=on_error)
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
+    if s.postprocess:  # the same reward line launch prints
+        sums = ", ".join(f"{k} {v:g}" for k, v in s.postprocess["sums"].items())
+        print(f"{s.postprocess['target']} over {s.postprocess['records']} records: {sums}")
     report_errors(s, lambda line: print(line, file=sys.stderr))
     return 0
 

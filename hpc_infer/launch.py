@@ -21,7 +21,7 @@ from .serve.endpoint import resolve_endpoint
 from .errors import UserError
 from .run.merge import Summary, merge, report_errors
 from .run.plan import plan_input, prepare
-from .cluster.preflight import preflight
+from .cluster.preflight import cpu_build_on_gpus, preflight
 from .worker.rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
 from .run.status import failures, wait
@@ -75,6 +75,9 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             say(f"batch through {len(endpoint['urls'])} running server(s) of {endpoint['model']}: no model load per "
                 f"worker")
         else:
+            wrong_build = cpu_build_on_gpus(rc.cluster)
+            if wrong_build:
+                raise UserError(wrong_build)
             model_path = resolve_model(rc.model, rc.cluster, token)
             for note in preflight(rc.model, rc.cluster, model_path):
                 say(note)

@@ -2,12 +2,27 @@
 # Install hpc_infer with vLLM's CPU build into a virtual environment and build the
 # embedded CPU default model. Idempotent; ~2-5 min the first time, seconds after.
 #   HPC_INFER_VENV=path   where the venv goes (default: .venv in the checkout)
+#   scripts/setup.sh              this machine, no GPU: vLLM's CPU build + the embedded CPU model
+#   scripts/setup.sh --gpu        a GPU cluster, workers in this venv: the CUDA build of vLLM
+#                                 (pyproject's [gpu] range); put the venv on shared storage
+#   scripts/setup.sh --login-only a GPU cluster whose workers run in the cluster's vLLM image:
+#                                 hpc_infer without vLLM (the image brings it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-cpu}
+case "$MODE" in cpu|--cpu) MODE=cpu ;; --gpu) MODE=gpu ;; --login-only) MODE=login ;;
+  *) echo "usage: scripts/setup.sh [--gpu | --login-only]" >&2; exit 2 ;; esac
 VENV=${HPC_INFER_VENV:-.venv}
 PY=${PYTHON:-python3}
 # The container tests run workers in a bubblewrap stand-in for Apptainer, on an image
 # built from this machine's /usr (its python3): install both when we can (root).
+if [ "$MODE" != cpu ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  if [ "$MODE" = gpu ]; then "$VENV/bin/python" -m pip install -q -e ".[gpu]"; else "$VENV/bin/python" -m pip install -q -e .; fi
+  echo "hpc_infer ready in $VENV ($MODE); launch from it: $VENV/bin/hpc-infer launch cluster=... model=..."
+  exit 0
+fi
 if [ "$(id -u)" = 0 ] && { ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ]; }; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 >/dev/null \
     || echo "could not install bubblewrap/python3: the container tests will be skipped" >&2

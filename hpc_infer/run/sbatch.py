@@ -28,6 +28,7 @@ from ..cluster.preflight import gpus_per_node, preflight
 from ..worker import rundir
 from ..worker.rundir import RunDir, read_json, set_permissions
 from ..secrets import find_token
+from ..cluster.preflight import cpu_build_on_gpus
 from ..models.fit import check_fit
 from ..models.vllm_check import check_run_sampling
 
@@ -103,6 +104,9 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:
             print(checked, file=sys.stderr)
+        wrong_build = cpu_build_on_gpus(rc.cluster)
+        if wrong_build:  # the script is for another machine's environment too: said, not refused
+            print(f"[hpc_infer] warning: {wrong_build}", file=sys.stderr)
         model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
         for note in preflight(rc.model, rc.cluster, model_path):
             print(f"[hpc_infer] {note}", file=sys.stderr)

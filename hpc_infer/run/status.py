@@ -17,7 +17,8 @@ class Progress:
     n_chunks: int
     chunks_done: int
     records_done: int  # finished chunks plus records finished inside running chunks
-    output_tokens: int
+    output_tokens: int  # of finished records, plus tokens generated so far by running ones
+    prompt_tokens: int = 0
     workers: list[dict] = field(default_factory=list)
 
     @property
@@ -36,7 +37,9 @@ def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
         n_chunks=manifest["n_chunks"],
         chunks_done=len(done),
         records_done=sum(sizes[c] for c in done) + in_flight,
-        output_tokens=sum(b.get("output_tokens", 0) + b.get("in_flight_tokens", 0) for b in beats),
+        output_tokens=sum(b.get("output_tokens", 0) + b.get("in_flight_tokens", 0) + b.get("generating_tokens", 0)
+                          for b in beats),
+        prompt_tokens=sum(b.get("prompt_tokens", 0) + b.get("in_flight_prompt_tokens", 0) for b in beats),
         workers=beats,
     )
 
@@ -86,8 +89,12 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     from ..cluster.submit import TERMINAL
 
     manifest = read_json(run.manifest)
+    try:
+        pooling = read_json(run.worker_spec)["model"].get("task") in ("embed", "classify", "score")
+    except (OSError, ValueError, KeyError):
+        pooling = False
     p = snapshot(run, manifest)
-    start_tokens, t0 = p.output_tokens, time.time()
+    start_tokens, start_prompt, start_records, t0 = p.output_tokens, p.prompt_tokens, p.records_done, time.time()
     tty = sys.stderr.isatty()
     bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not (show and tty),
                file=sys.stderr, dynamic_ncols=True)
@@ -98,8 +105,14 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
         failed = sum(1 for s in states.values() if s in TERMINAL and s != "COMPLETED")
         running = sum(1 for s in states.values() if s == "RUNNING")
         elapsed = max(time.time() - t0, 1e-9)
-        rate = (p.output_tokens - start_tokens) / elapsed
-        postfix = f"tok/s={rate:,.0f} running={running} failed={failed}"
+        rec_rate = (p.records_done - start_records) / elapsed
+        eta = f"{(p.n_records - p.records_done) / rec_rate:,.0f}s" if rec_rate > 0 else "--"  # never nan
+        if pooling:  # embed/score/classify generate nothing: records and input tokens per second
+            postfix = (f"rec/s={rec_rate:,.1f} in_tok/s={(p.prompt_tokens - start_prompt) / elapsed:,.0f} "
+                       f"ETA={eta} running={running} failed={failed}")
+        else:
+            postfix = (f"tok/s={(p.output_tokens - start_tokens) / elapsed:,.0f} ETA={eta} running={running} "
+                       f"failed={failed}")
         bar.set_postfix_str(postfix, refresh=False)
         bar.update(max(0, p.records_done - bar.n))
         if show and not tty and (time.time() - last_log >= log_every_s or p.complete):
@@ -129,8 +142,8 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
     if live:
         rate = sum(b.get("records_done", 0) / max(now - b.get("started", now), 1e-9) for b in live)
         tok = sum(b.get("output_tokens", 0) / max(now - b.get("started", now), 1e-9) for b in live)
-        eta = (p.n_records - p.records_done) / rate if rate > 0 else float("nan")
-        lines.append(f"  {len(live)} live worker{'s' * (len(live) != 1)}   {tok:,.0f} tok/s   ETA {eta:,.0f} s")
+        eta = f"{(p.n_records - p.records_done) / rate:,.0f} s" if rate > 0 else "unknown until a record finishes"
+        lines.append(f"  {len(live)} live worker{'s' * (len(live) != 1)}   {tok:,.0f} tok/s   ETA {eta}")
     if states:
         lines.append("  tasks:")
         for job_id, state in sorted(states.items()):

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..cluster.container import worker_python
 from ..log import say
 from ..run.plan import worker_spec
-from ..cluster.preflight import preflight
+from ..cluster.preflight import cpu_build_on_gpus, preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
 from ..secrets import exported, find_token, job_env
 from ..cluster.submit import BACKENDS, make_backend
@@ -79,6 +79,9 @@ def serve(rc: RunConfig) -> Path:
     BACKENDS[c.backend].check_reachable(c)
     token = find_token(c.token_file)
     model_path = resolve_model(rc.model, c, token)
+    wrong_build = cpu_build_on_gpus(c)
+    if wrong_build:
+        raise UserError(wrong_build)
     for note in preflight(rc.model, c, model_path):
         say(note)
     run_name = rc.run_name or f"serve__{rc.model.name}"

@@ -175,6 +175,7 @@ class Engine:
         self._pending: dict[str, dict] = {}  # request id -> input record (+ seed)
         self._pending_alias: dict[str, str] = {}
         self._errors: list[dict] = []  # error records not yet returned by step()
+        self.generating_tokens = 0  # tokens generated so far by requests still running (progress only)
         # What vLLM's OpenAI server applies to a field a request leaves out (the model's
         # generation_config.json, as `vllm serve` / `run-batch` read it).
         self.server_defaults = dict(self.llm.llm_engine.model_config.get_diff_sampling_param())
@@ -282,6 +283,9 @@ class Engine:
             return done
         if not engine.has_unfinished_requests():
             raise RuntimeError(f"vLLM finished with {len(self._pending)} of our requests unaccounted for")
+        # one token per running sequence per step (prefill steps make it an estimate): progress
+        # shows tokens as they are generated, not only when a record finishes
+        self.generating_tokens += min(len(self._pending), self.max_num_seqs)
         for out in engine.step():
             if not out.finished:
                 continue
@@ -289,6 +293,9 @@ class Engine:
             if rid in self._pending:
                 self._pending_alias.pop(_external_id(rid), None)
                 done.append(_result(self._pending.pop(rid), out))
+                self.generating_tokens = max(0, self.generating_tokens - done[-1]["output_tokens"])
+        if not self._pending:
+            self.generating_tokens = 0
         return done
 
     def abort(self, chunk_id: int) -> int:

@@ -55,6 +55,7 @@ class Heartbeat:
             "prompt_tokens": 0,
             "output_tokens": 0,
             "in_flight_tokens": 0,  # output tokens of finished records in chunks not yet written
+            "generating_tokens": 0,  # tokens of requests still generating (an estimate, for progress)
             "engine_start_s": None,
             # Whether a token reached this job (never its value): `status` can tell users.
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
@@ -91,7 +92,7 @@ class Heartbeat:
 
     def stop(self, final_state: str) -> None:
         self._stop.set()
-        self.update(state=final_state, in_flight={}, in_flight_tokens=0, finished_at=time.time())
+        self.update(state=final_state, in_flight={}, in_flight_tokens=0, generating_tokens=0, finished_at=time.time())
         self.beat()
 
 
@@ -272,9 +273,12 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                         claims.release(run, cid, owner)
                     del inflight[cid]
                     hb.update(abandoned=hb.state.get("abandoned", 0) + 1)
-            if finished:
+            generating = int(getattr(engine, "generating_tokens", 0))
+            if finished or generating != hb.state.get("generating_tokens"):
                 hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
-                          in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows))
+                          in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows),
+                          generating_tokens=generating,
+                          in_flight_prompt_tokens=sum(r["prompt_tokens"] for k in inflight.values() for r in k.rows))
     except RunDeleted as e:
         hb._stop.set()
         print(f"worker {owner.worker_id}: {e}", file=sys.stderr)
