@@ -72,13 +72,17 @@ def test_secret_refused_by_every_entry_before_any_file(tmp_path, entry, override
 PLAIN_SECRET = "plain-secret-value-42"  # a secret that does not look like a token
 
 
-@pytest.mark.parametrize("entry", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "hpc-infer serve"])
-@pytest.mark.parametrize("override", ["+cluster.env.FOO=${oc.env:HF_TOKEN}", "run_name=${oc.env:HF_TOKEN}",
-                                      "+cluster.env.FOO=x${oc.env:HUGGING_FACE_HUB_TOKEN}y",
-                                      "data.system_prompt=${oc.env:WANDB_API_KEY}",
-                                      "+cluster.env.FOO=${oc.env:INNOCENT_NAME}",
-                                      "+cluster.env.FOO=${oc.env:INNOCENT_NAME,default}",
-                                      f"+cluster.env.FOO={PLAIN_SECRET}"])
+INTERPOLATED = ["+cluster.env.FOO=${oc.env:HF_TOKEN}", "run_name=${oc.env:HF_TOKEN}",
+                "+cluster.env.FOO=x${oc.env:HUGGING_FACE_HUB_TOKEN}y", "data.system_prompt=${oc.env:WANDB_API_KEY}",
+                "+cluster.env.FOO=${oc.env:INNOCENT_NAME}", "+cluster.env.FOO=${oc.env:INNOCENT_NAME,default}",
+                f"+cluster.env.FOO={PLAIN_SECRET}"]
+
+
+# every entry point with two of the forms, every form through one entry (the check is shared)
+@pytest.mark.parametrize("entry, override", [
+    *[(e, o) for e in ("hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "hpc-infer serve")
+      for o in INTERPOLATED[:2]],
+    *[("hpc-infer sbatch", o) for o in INTERPOLATED[2:]]])
 def test_secret_through_interpolation_refused_before_any_file(tmp_path, entry, override):
     env = user_env({"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": TOKEN, "WANDB_API_KEY": PLAIN_SECRET,
                     "INNOCENT_NAME": TOKEN})

@@ -132,6 +132,9 @@ def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, c
     prompts = [line for line in (ROOT / "hpc_infer/data_files/example_prompts.txt").read_text().splitlines() if line]
     totals = collections.Counter()
     log = []
+    with capsys.disabled():  # first, so a run that fails or hangs can be replayed
+        print(f"\nfault injection: seed {seed}, {trials} trials (replay: HPC_INFER_FAULT_SEED={seed} "
+              f"HPC_INFER_FAULT_TRIALS={trials})", flush=True)
     for t in range(trials):
         rng = random.Random(seed + t)
         tmp = tmp_path / f"trial{t}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose, user_env
+from conftest import compose, user_env, require_slurm
 from hpc_infer.errors import UserError
 from hpc_infer.cluster.preflight import max_positions, preflight
 
@@ -103,8 +103,7 @@ def test_positions_follow_rope_scaling():
     ("llama33_70b_instruct", "together", 2), ("llama33_70b_instruct", "aau_ai_cloud", 2)])
 def test_rendered_scripts_pass_sbatch_test_only(tmp_path, model, cluster, nodes):
     """The script of every GPU pair, through the real scheduler's --test-only (no GPUs run here)."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("no local Slurm (slurm/local-cluster.sh)")
+    require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     p = subprocess.run(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_results, run_launch, user_env, wait_mid_run
+from conftest import read_results, run_launch, user_env, wait_mid_run, require_slurm
 from hpc_infer.worker.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
@@ -43,8 +43,7 @@ def _scan(needles: list[bytes], stop: threading.Event, hits: list):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, cpu_model):
-    if shutil.which("sbatch") is None:
-        pytest.skip("no local Slurm (slurm/local-cluster.sh)")
+    require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
     tmp = tmp_path_factory.mktemp("serve")
     env = user_env({"HF_TOKEN": TOKEN, "HOME": str(tmp / "home")})
     (tmp / "home").mkdir()
@@ -355,8 +354,7 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
     exactly that failure, reported by `serve`, or a ready server. Either way the second
     node leaves when the replica ends and nothing stays queued."""
     pytest.importorskip("ray")
-    if shutil.which("sbatch") is None:
-        pytest.skip("no local Slurm (slurm/local-cluster.sh)")
+    require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
     (tmp_path / "home").mkdir()
     env = user_env({"HOME": str(tmp_path / "home")})
     p = sh(tmp_path, f"hpc-infer serve cluster=slurm_local cluster.nodes_per_task=2 cluster.gpus_per_task=0 "

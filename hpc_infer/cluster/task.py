@@ -1,6 +1,6 @@
 """The callable submitit runs in each task: a checkpointable wrapper around the worker.
 
-On SIGUSR1 (Slurm's timeout/preemption warning) submitit calls `checkpoint`, requeues
+On SIGUSR2 (the timeout/preemption warning submitit asks Slurm for) submitit calls `checkpoint`, requeues
 the task and exits; the exit unwinds the worker, which releases its claim, so the
 requeued task (or any other worker) picks the chunk up again.
 """
