@@ -115,6 +115,10 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
+    if rc.cluster.nodes_per_task > 1 and rc.cluster.workers > 1:  # never silently fewer workers than asked
+        print(f"[hpc_infer] warning: cluster.workers={rc.cluster.workers} with cluster.nodes_per_task="
+              f"{rc.cluster.nodes_per_task}: a multi-node run is one allocation (one worker) for now; submit the "
+              f"script again for more allocations on other nodes (the Ray port is fixed): they share the run's chunks", file=sys.stderr)
     path = run.root / "job.sbatch"
     path.write_text(render(rc, run, model_path, n_tasks))
     path.chmod(0o777 & ~rundir.current_umask())  # executable by those the run's permissions allow
