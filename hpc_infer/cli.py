@@ -59,28 +59,22 @@ def _run_config(run) -> dict:
     return OmegaConf.to_container(OmegaConf.load(run.config), resolve=False) or {}
 
 
-def _run_setting(run, group: str, key: str):
-    return (_run_config(run).get(group) or {}).get(key)
-
-
-def _run_postprocess(run) -> dict | None:
+def _run_postprocess(cfg: dict) -> dict | None:
     """The post-processing hook the run was launched with."""
     from .config import choose_postprocess
 
-    cfg = _run_config(run)
     if not cfg:
         return None
     return choose_postprocess((cfg.get("merge") or {}).get("postprocess"), (cfg.get("data") or {}).get("postprocess"))
 
 
 def cmd_merge(args) -> int:
-    from .run.merge import merge
-
-    from .run.merge import report_errors
+    from .run.merge import merge, report_errors
 
     run = _run_dir(args.run_dir)
-    on_error = args.on_error or _run_setting(run, "merge", "on_error") or "keep"
-    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(run),
+    cfg = _run_config(run)
+    on_error = args.on_error or (cfg.get("merge") or {}).get("on_error") or "keep"
+    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(cfg),
               on_error=on_error)
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
     if s.postprocess:  # the same reward line launch prints

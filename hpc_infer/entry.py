@@ -10,8 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Any
-from typing import Callable
+from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -26,14 +25,10 @@ register_configs()
 def _umask_for(argv: list[str]) -> None:
     """What Hydra writes itself (a multirun's .multirun/multirun.yaml) follows `permissions`
     like the run's own files: private unless the command line says group or umask."""
-    import os
+    from .worker.rundir import set_permissions
 
     chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("permissions=")]
-    mode = chosen[-1] if chosen else "private"
-    if mode == "private":
-        os.umask(0o077)
-    elif mode == "group":
-        os.umask(0o027)
+    set_permissions(chosen[-1] if chosen else "private")
 
 
 GROUPS = ("model", "cluster", "sampling", "data")

@@ -11,9 +11,8 @@ refuses what cannot fit.
 
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 

@@ -237,7 +237,3 @@ def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int,
         index += 1
     return out
 
-
-def chunk_records(body: bytes, first_index: int, spec: InputSpec, where: str = "chunk") -> list[dict]:
-    """A chunk's records, rebuilt from its bytes by the planner's own line parser."""
-    return parse_block(spec, where, body, 0, first_index, 0, None, keep=True).records

@@ -44,8 +44,8 @@ def _load_tokenizer(model_path: str):
 
 def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[list[dict], str | None]:
     """([{index, line, tokens, limit, max_tokens}], a note when the check could not run)."""
-    from ..io.records import parse_block
     from ..worker.engine import POOLING_TASKS
+    from ..worker.rundir import read_chunk_source
 
     limit = context_limit(rc, model_path)
     if not limit:
@@ -64,27 +64,24 @@ def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[li
                     f"not be loaded here: {type(e).__name__}); the workers will refuse what does not fit")
     template = Path(rc.model.chat_template).read_text() if rc.model.chat_template else None
     found = []
-    with open(Path(planned.staging) / "input.copy", "rb") as f:
-        for c in chunks:
-            f.seek(c["offset"])
-            parsed = parse_block(spec, str(rc.data.path), f.read(c["bytes"]), int(c.get("first_line", 1)) - 1,
-                                 int(c["first_index"]), 0, None, keep=True)
-            for k, (rec, chars) in enumerate(zip(parsed.records, parsed.chars)):
-                want = run_max
-                if batch:
-                    o = rec.get("sampling") or {}
-                    want = int(o.get("max_tokens") or (0 if "messages" in rec else 16))
-                if chars * MAX_BYTES_PER_CHAR + TEMPLATE_ROOM + want <= limit:
-                    continue
-                if "messages" in rec:
-                    ids = tok.apply_chat_template(rec["messages"], chat_template=template, tokenize=True,
-                                                  add_generation_prompt=True)
-                    n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
-                else:
-                    n = len(tok(rec["prompt"]).input_ids)
-                if n + want > limit:
-                    found.append({"index": rec["index"], "line": parsed.record_lines[k], "tokens": n, "limit": limit,
-                                  "max_tokens": want, "chat": "messages" in rec})
+    for c in chunks:  # read back from the staged copy the way a worker reads its chunk
+        parsed = read_chunk_source(Path(planned.staging) / "input.copy", c, spec.to_json()).parsed
+        for k, (rec, chars) in enumerate(zip(parsed.records, parsed.chars)):
+            want = run_max
+            if batch:
+                o = rec.get("sampling") or {}
+                want = int(o.get("max_tokens") or (0 if "messages" in rec else 16))
+            if chars * MAX_BYTES_PER_CHAR + TEMPLATE_ROOM + want <= limit:
+                continue
+            if "messages" in rec:
+                ids = tok.apply_chat_template(rec["messages"], chat_template=template, tokenize=True,
+                                              add_generation_prompt=True)
+                n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
+            else:
+                n = len(tok(rec["prompt"]).input_ids)
+            if n + want > limit:
+                found.append({"index": rec["index"], "line": parsed.record_lines[k], "tokens": n, "limit": limit,
+                              "max_tokens": want, "chat": "messages" in rec})
     return found, None
 
 

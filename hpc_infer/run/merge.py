@@ -136,8 +136,7 @@ def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -
     with _atomic_result(out) as f:
         for c in chunks:
             if drop_errors and c.errors:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, None)
-                                if not r.get("error")).encode())
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, None, True)).encode())
             else:
                 _copy_checked(c, f)
 
@@ -145,11 +144,10 @@ def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -
 ERROR_KEY = "_hpc_infer_error"
 
 
-def _write_errors(chunks: list[_Checked], out: Path) -> int:
+def _write_errors(chunks: list[_Checked], out: Path) -> None:
     """errors.jsonl: each failed record's input row as it was written (a valid input for a
     follow-up run: data.path=errors.jsonl data.format=jsonl, or openai_batch for a batch
     file), with what failed under `_hpc_infer_error`. Only chunks with errors are parsed."""
-    n = 0
     with _atomic_result(out) as f:
         for c in chunks:
             if not c.errors:
@@ -160,15 +158,16 @@ def _write_errors(chunks: list[_Checked], out: Path) -> int:
                     row = r.get("input") if isinstance(r.get("input"), dict) else {"id": r["id"]}
                     row = dict(row, **{ERROR_KEY: dict(id=r["id"], index=r["index"], **where, **r["error"])})
                     f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-                    n += 1
-    return n
 
 
-def _records(chunk: _Checked, hook: "Hook | None") -> list[dict]:
-    """A checked chunk's records, parsed, with the post-processing hook applied."""
+def _records(chunk: _Checked, hook: "Hook | None", drop_errors: bool = False) -> list[dict]:
+    """A checked chunk's records, parsed, with the post-processing hook applied; without
+    its error records with merge.on_error=drop."""
     with io.BytesIO() as buf:
         _copy_checked(chunk, buf)
         rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    if drop_errors:
+        rows = [r for r in rows if not r.get("error")]
     if hook:
         for r in rows:
             hook(r)
@@ -217,13 +216,13 @@ def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook | None,
     and written again (slower than the checked copy)."""
     with _atomic_result(out) as f:
         for c in chunks:
-            rows = [r for r in _records(c, hook) if not (drop_errors and r.get("error"))]
+            rows = _records(c, hook, drop_errors)
             f.write("".join(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n"
                             for r in rows).encode())
 
 
 def _rows(chunk: _Checked, hook: Hook | None = None, drop_errors: bool = False) -> list[dict]:
-    rows = [r for r in _records(chunk, hook) if not (drop_errors and r.get("error"))]
+    rows = _records(chunk, hook, drop_errors)
     for r in rows:  # free-form values become JSON text, so every chunk has the same columns
         for key in ("fields", "messages", "input", "error"):
             if key in r:
@@ -247,7 +246,6 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
 
 
 ON_ERROR = ("keep", "drop", "fail")
-RESULT_NAMES = {"jsonl": "results.jsonl", "parquet": "results.parquet", "openai_batch": "results.openai_batch.jsonl"}
 
 
 def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
@@ -313,8 +311,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
         raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
-    # each format its own file: two merges in different formats never replace each other's result
-    out = run.root / RESULT_NAMES[fmt].replace("results", "results.partial" if missing else "results")
+    out = run.results(fmt, partial=bool(missing))
     hook = Hook(postprocess) if postprocess else None
     drop = on_error == "drop"
     if fmt == "parquet":

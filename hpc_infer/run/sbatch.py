@@ -24,11 +24,11 @@ from ..config import RunConfig, to_run_config
 from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, project_root
 from ..entry import run_hydra
 from .plan import plan_input, prepare
-from ..cluster.preflight import gpus_per_node, preflight
+from ..cluster.preflight import cpu_build_on_gpus, gpus_per_node, preflight
 from ..worker import rundir
 from ..worker.rundir import RunDir, read_json, set_permissions
 from ..secrets import find_token
-from ..cluster.preflight import cpu_build_on_gpus
+from ..log import say
 from ..models.fit import check_fit
 from ..models.vllm_check import check_run_sampling
 
@@ -96,29 +96,28 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
     set_permissions(rc.permissions)
     if rc.cluster.backend != "slurm":  # never a Slurm script for a non-Slurm cluster without a word
-        print(f"[hpc_infer] cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script "
-              f"assumes a default partition, {rc.cluster.gpus_per_task} GPU(s) and the time {rc.cluster.time} per task; "
-              f"for your cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or "
-              f"your own)", file=sys.stderr)
+        say(f"cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script assumes a "
+            f"default partition, {rc.cluster.gpus_per_task} GPU(s) and the time {rc.cluster.time} per task; for your "
+            f"cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or your own)")
     with plan_input(rc) as planned:
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:
             print(checked, file=sys.stderr)
         wrong_build = cpu_build_on_gpus(rc.cluster)
         if wrong_build:  # the script is for another machine's environment too: said, not refused
-            print(f"[hpc_infer] warning: {wrong_build}", file=sys.stderr)
+            say(f"warning: {wrong_build}")
         model_path = resolve_model(rc.model, rc.cluster, find_token(rc.cluster.token_file))
         for note in preflight(rc.model, rc.cluster, model_path):
             print(f"[hpc_infer] {note}", file=sys.stderr)
-        too_long = check_fit(rc, planned, model_path, lambda m: print(f"[hpc_infer] {m}", file=sys.stderr))
+        too_long = check_fit(rc, planned, model_path, say)
         run, _ = prepare(rc, planned, model_path, config_yaml, None, too_long)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
     if rc.cluster.nodes_per_task > 1 and rc.cluster.workers > 1:  # never silently fewer workers than asked
-        print(f"[hpc_infer] warning: cluster.workers={rc.cluster.workers} with cluster.nodes_per_task="
-              f"{rc.cluster.nodes_per_task}: a multi-node run is one allocation (one worker) for now; submit the "
-              f"script again for more allocations on other nodes (the Ray port is fixed): they share the run's chunks", file=sys.stderr)
+        say(f"warning: cluster.workers={rc.cluster.workers} with cluster.nodes_per_task={rc.cluster.nodes_per_task}: "
+            f"a multi-node run is one allocation (one worker) for now; submit the script again for more allocations "
+            f"on other nodes (the Ray port is fixed): they share the run's chunks")
     path = run.root / "job.sbatch"
     path.write_text(render(rc, run, model_path, n_tasks))
     path.chmod(0o777 & ~rundir.current_umask())  # executable by those the run's permissions allow

@@ -89,8 +89,10 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     from ..cluster.submit import TERMINAL
 
     manifest = read_json(run.manifest)
+    from ..worker.engine import POOLING_TASKS
+
     try:
-        pooling = read_json(run.worker_spec)["model"].get("task") in ("embed", "classify", "score")
+        pooling = read_json(run.worker_spec)["model"].get("task") in POOLING_TASKS
     except (OSError, ValueError, KeyError):
         pooling = False
     p = snapshot(run, manifest)

@@ -102,8 +102,3 @@ def resolve_endpoint(rc) -> dict:
     return dict(common, run=None, urls=urls, model=rc.serve.name or rc.model.hf_id or rc.model.name,
                 key_file=str(key_file), model_path=f"endpoint:{urls[0]}")
 
-
-def served_identity(endpoint: dict) -> str:
-    """What a run resumed through an endpoint must still be talking to: the served model's
-    name and weights (part of the run's fingerprint)."""
-    return json.dumps({"model": endpoint["model"], "path": endpoint["model_path"]}, sort_keys=True)

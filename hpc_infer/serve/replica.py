@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from ..worker.ports import free_port
-from ..worker.procs import die_with_parent, identify
+from ..worker.procs import die_with_parent, identify, this_process
 from ..worker.rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
@@ -158,7 +158,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     job_id = job_id or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
     host = socket.gethostname()
     state = {"replica": index, "job_id": job_id, "host": host, "pid": os.getpid(),
-             "pid_start": identify(os.getpid()).start, "started": time.time(),
+             "pid_start": this_process().start, "started": time.time(),
              "state": "loading", "port": None, "url": None, "ready_at": None, "server_pid": None}
 
     def save(**kw) -> None:

@@ -274,11 +274,13 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     del inflight[cid]
                     hb.update(abandoned=hb.state.get("abandoned", 0) + 1)
             generating = int(getattr(engine, "generating_tokens", 0))
-            if finished or generating != hb.state.get("generating_tokens"):
+            if finished:  # the sums walk every finished row in flight: only when some finished
                 hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()},
                           in_flight_tokens=sum(r["output_tokens"] for k in inflight.values() for r in k.rows),
                           generating_tokens=generating,
                           in_flight_prompt_tokens=sum(r["prompt_tokens"] for k in inflight.values() for r in k.rows))
+            elif generating != hb.state.get("generating_tokens"):
+                hb.update(generating_tokens=generating)
     except RunDeleted as e:
         hb._stop.set()
         print(f"worker {owner.worker_id}: {e}", file=sys.stderr)

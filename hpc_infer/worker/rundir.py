@@ -68,8 +68,10 @@ class RunDir:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
-    def results(self, fmt: str = "jsonl") -> Path:
-        return self.root / ("results.openai_batch.jsonl" if fmt == "openai_batch" else f"results.{fmt}")
+    def results(self, fmt: str = "jsonl", partial: bool = False) -> Path:
+        """Each format its own file: merges in two formats never replace each other's result."""
+        name = "results.partial" if partial else "results"
+        return self.root / (f"{name}.openai_batch.jsonl" if fmt == "openai_batch" else f"{name}.{fmt}")
 
     def claim_path(self, chunk_id: int) -> Path:
         return self.claims / f"{chunk_id:05d}"
@@ -232,12 +234,6 @@ def tail_lines(path: Path | str, n: int = 20, max_bytes: int = 64 * 1024) -> lis
     return (lines[1:] if size > max_bytes else lines)[-n:]  # the first line may be cut
 
 
-def read_chunk_input(path: Path, expect: dict, spec: dict) -> list[dict]:
-    """A chunk's records, its bytes checked against the manifest's size and CRC-32, then
-    rebuilt from the input's own bytes the way the planner checked them (io/records.py)."""
-    return read_chunk_source(path, expect, spec).records
-
-
 class ChunkSource:
     """A chunk's input bytes and the records rebuilt from them; `origin(k)` gives record
     k's input line (or row) and its row as written, for an error record's errors.jsonl line."""
@@ -257,12 +253,16 @@ class ChunkSource:
                 row = json.loads(text.lstrip("\ufeff"))
             except ValueError:
                 row = {"text": text}
-        where = ("line", self.parsed.record_lines[k]) if self.spec.get("format") in ("jsonl", "openai_batch", "txt") \
+        from ..io.records import LINE_FORMATS
+
+        where = ("line", self.parsed.record_lines[k]) if self.spec.get("format") in LINE_FORMATS \
             else ("row", self.first_index + k + 1)
         return {where[0]: where[1], "input": row}
 
 
 def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
+    """A chunk's records, its bytes checked against the manifest's size and CRC-32, then
+    rebuilt from the input's own bytes the way the planner checked them (io/records.py)."""
     from ..io.records import InputSpec, parse_block
 
     with open(path, "rb") as f:
@@ -284,8 +284,8 @@ def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
 def read_chunk_records(run: RunDir, chunk_id: int) -> list[dict]:
     """Chunk `chunk_id`'s input records as a worker sees them (tools and tests)."""
     manifest = read_json(run.manifest)
-    return read_chunk_input(run.input_copy, manifest["chunks"][chunk_id],
-                            read_json(run.worker_spec)["input"])
+    return read_chunk_source(run.input_copy, manifest["chunks"][chunk_id],
+                             read_json(run.worker_spec)["input"]).records
 
 
 def read_jsonl(path: Path) -> list[dict]:
