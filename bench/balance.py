@@ -331,11 +331,16 @@ def main() -> None:
     ap.add_argument("--out-sigma", type=float, default=1.0, help="log-normal sigma of output tokens (tail)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--measure", action="store_true", help="time the real engine first (writes engine_model.json)")
+    ap.add_argument("--start-s", type=float, default=None,
+                    help="price an engine start at this many seconds (e.g. bench/engine_start.py's cold start) "
+                         "instead of engine_model.json's load_s")
     args = ap.parse_args()
 
     from hpc_infer.run.plan import make_chunks
 
     m = measure(MODEL_FILE) if args.measure else EngineModel(**json.loads(MODEL_FILE.read_text()))
+    if args.start_s is not None:
+        m.load_s = args.start_s
     W = args.workers
     print(f"engine: step = {m.a * 1e3:.2f} ms + {m.c * 1e3:.3f} ms x batch (max {m.max_num_seqs}), "
           f"prefill {m.p * 1e6:.1f} us/token, load {m.load_s:.1f} s, claim {m.claim_s * 1e3:.1f} ms")
@@ -345,6 +350,11 @@ def main() -> None:
           f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
     schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
                "ours, 16", "ours, 64", "ours, 16 + backups", "ours, 16 + pacing + backups (default)"]
+    # Engine starts per scheme, each priced at the measured start: what a scheme pays before
+    # its first token, whatever the balance (the shards/task scheme loads once per task).
+    starts = [W, W, 4 * W, W, W, W, W, W]
+    print(f"{'engine starts x ' + format(m.load_s, '.1f') + ' s':<30}" + "".join(
+        f"{f'{n:,} = {n * m.load_s / 3600:,.1f} worker-h':>40}" for n in starts))
     print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>40}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
         rng = random.Random(args.seed + 1)

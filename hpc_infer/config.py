@@ -100,6 +100,13 @@ class ClusterConfig:
     # A worker under 0.75x the median rate holds only its share of a full batch and leaves the
     # last sixth of the estimated work to the others (worker/loop.py; false: never).
     straggler_pacing: bool = True
+    # Poison records (worker/isolate.py): a chunk whose holder died with it in its engine's
+    # batch this many times is run alone and bisected until the record that kills the engine
+    # is found (it dies alone this many times) and becomes an error record.
+    max_attempts: int = 2
+    # When every worker ended with chunks left and that round got further (a chunk done, an
+    # attempt recorded), launch submits again, at most this many times (0: never).
+    max_resubmits: int = 12
     heartbeat_s: float = 10.0
     # Batch through running servers instead of loading a model: a `hpc-infer serve` run
     # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"
@@ -440,6 +447,8 @@ def validate(rc: RunConfig) -> None:
     check(c.gpus_per_task >= 0, "cluster.gpus_per_task", "must be >= 0")
     check(c.max_chunks_in_flight >= 1, "cluster.max_chunks_in_flight", "must be >= 1")
     check(c.max_backups >= 0, "cluster.max_backups", "must be >= 0 (0 turns backup copies off)")
+    check(c.max_attempts >= 1, "cluster.max_attempts", "must be >= 1")
+    check(c.max_resubmits >= 0, "cluster.max_resubmits", "must be >= 0 (0: never resubmit)")
     try:
         time_to_minutes(c.time)
     except UserError as e:

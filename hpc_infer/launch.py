@@ -10,7 +10,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from .worker import claims
+from .worker import claims, isolate
 from .models.cache import resolve_model
 from .models.fit import check_fit
 from .config import RunConfig, to_run_config
@@ -58,10 +58,43 @@ def sampling_line(rc: RunConfig, planned) -> str:
             + (f", stop {list(s.stop)}" if s.stop else "") + ")")
 
 
+def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
+    """Workers for what is left: claims of dead workers released, live ones waited for."""
+    remaining = read_json(run.manifest)["n_chunks"] - len(run.done_chunks())
+    old_backend, old_ids = recorded_jobs(run)
+    dead: set[str] = set()
+    if old_ids and old_backend == rc.cluster.backend:
+        states = backend.states(old_ids)
+        dead = {j for j, s in states.items() if s in TERMINAL or s == "UNKNOWN"}
+    dropped = claims.release_dead(run, rc.cluster.lease_s, dead)
+    if dropped:
+        say(f"released {len(dropped)} claims left by workers that are gone: chunks {dropped[:10]}")
+    held = claims.live_claims(run, rc.cluster.lease_s)
+    if held:
+        say(f"{plural(len(held), 'chunk')} {'is' if len(held) == 1 else 'are'} being worked on by live workers of "
+            f"an earlier launch; waiting for them as well")
+    n_workers = min(rc.cluster.workers, remaining - len(held))
+    job_ids = []
+    if n_workers > 0 and rc.cluster.nodes_per_task > 1:  # the rendered script: Ray per allocation
+        from .run.sbatch import write_rendered
+
+        script = write_rendered(rc, run, model_path, n_workers)
+        with exported(job_env(token)):
+            job_ids = backend.submit_script(script, n_workers)
+    elif n_workers > 0:
+        with exported(job_env(token)):
+            job_ids = backend.submit(n_workers)
+    if job_ids:
+        say(f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}"
+            f"{' ...' if len(job_ids) > 1 else ''}")
+    return job_ids
+
+
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
-    if rc.cluster.nodes_per_task > 1:
-        raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: multi-node models run from a rendered "
-                        f"script (Ray inside one allocation): use `hpc-infer sbatch` with the same overrides")
+    if rc.cluster.nodes_per_task > 1 and rc.cluster.backend != "slurm":
+        raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: a model across nodes needs Slurm "
+                        f"allocations (Ray inside each); cluster={rc.cluster.name} has backend "
+                        f"{rc.cluster.backend}. Use a Slurm cluster config, or nodes_per_task=1")
     BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
     set_permissions(rc.permissions)
     with plan_input(rc) as planned:  # one pass over the input; a private staging dir, gone on any error
@@ -99,32 +132,27 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             + (f"; HF token from {token.source}" if token else ""))
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
-        old_backend, old_ids = recorded_jobs(run)
-        dead: set[str] = set()
-        if old_ids and old_backend == rc.cluster.backend:
-            states = backend.states(old_ids)
-            dead = {j for j, s in states.items() if s in TERMINAL or s in ("ENDED", "UNKNOWN")}
-        dropped = claims.release_dead(run, rc.cluster.lease_s, dead)
-        if dropped:
-            say(f"released {len(dropped)} claims left by workers that are gone: chunks {dropped[:10]}")
-        held = claims.live_claims(run, rc.cluster.lease_s)
-        if held:
-            say(f"{plural(len(held), 'chunk')} {'is' if len(held) == 1 else 'are'} being worked on by live workers of "
-                f"an earlier launch; waiting for them as well")
-        n_workers = min(rc.cluster.workers, remaining - len(held))
-        job_ids = []
-        if n_workers > 0:
-            with exported(job_env(token)):
-                job_ids = backend.submit(n_workers)
-        if job_ids:
-            say(f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}{' ...' if len(job_ids) > 1 else ''}")
-        if not rc.wait:
-            say(f"not waiting; follow with `hpc-infer status {run.root}`, then `hpc-infer merge {run.root}`")
-            return None
-        progress = wait(run, lambda: backend.states(job_ids), lease_s=rc.cluster.lease_s)
-        if not progress.complete and not rc.merge.allow_partial:
+        resubmits = 0
+        while True:
+            before = isolate.run_marker(run)
+            job_ids = _submit(rc, run, backend, token, model_path)
+            if not rc.wait:
+                say(f"not waiting; follow with `hpc-infer status {run.root}`, then `hpc-infer merge {run.root}`")
+                return None
+            progress = wait(run, lambda: backend.states(job_ids), lease_s=rc.cluster.lease_s)
+            if progress.complete or rc.merge.allow_partial:
+                break
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]
+            if resubmits < rc.cluster.max_resubmits and job_ids and isolate.run_marker(run) != before:
+                # the round got further (a chunk done, a range tried): workers died on what they
+                # were generating, e.g. a record that kills the engine; the next round goes on
+                resubmits += 1
+                say(f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no "
+                    f"worker is left:\n  " + "\n  ".join(why[:5]) + f"\nsubmitting again ({resubmits} of at most "
+                    f"{rc.cluster.max_resubmits}, cluster.max_resubmits): a chunk whose workers keep dying is run "
+                    f"alone and bisected to its poison record")
+                continue
             raise UserError(
                 f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no worker "
                 f"is left:\n  " + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "

@@ -51,6 +51,30 @@ def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: 
     return p
 
 
+def tool_shims(folder: Path, tools=("sbatch", "squeue", "scontrol", "scancel", "srun", "sacct", "bwrap",
+                                     "apptainer", "singularity")) -> tuple[str, Path]:
+    """A PATH prefix whose tools write every argv they are called with to folder/argv.log
+    (one call a line, NUL between words), then run the real tool: an exhaustive record of
+    the command lines we produce, where sampling /proc misses short-lived processes."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "argv.log"
+    for tool in tools:
+        real = shutil.which(tool)
+        if real:
+            shim = folder / tool
+            shim.write_text(f'#!/bin/bash\n{{ printf "%s\\0" "$0" "$@"; echo; }} >> {log}\nexec {real} "$@"\n')
+            shim.chmod(0o755)
+    return str(folder), log
+
+
+def shim_calls(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [line.rstrip("\0").split("\0") for line in log.read_text(errors="replace").splitlines() if line]
+
+
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

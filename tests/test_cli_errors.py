@@ -15,7 +15,7 @@ from conftest import run_launch
         ('{"prompt": "a"}\n', ["sampling.temperature=-0.5"], "sampling.temperature: -0.5 must be >= 0"),
         ('{"prompt": "a"}\n', ["model=smollm2_cpu", "model.path=/nope"], "model.path=/nope: no model there"),
         ('{"prompt": "a"}\n', ["+cluster.env.HF_TOKEN=hf_x"], "secrets do not belong in the config"),
-        ('{"prompt": "a"}\n', ["cluster.nodes_per_task=2"], "use `hpc-infer sbatch`"),
+        ('{"prompt": "a"}\n', ["cluster.nodes_per_task=2"], "a model across nodes needs Slurm allocations"),
     ],
 )
 def test_rejected_before_submission(tmp_path, content, overrides, expect):

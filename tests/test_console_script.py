@@ -93,9 +93,31 @@ def test_status_merge_cancel_on_a_run(tmp_path, finished_run):
 
 
 def test_cache_image_model_subcommands(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     (tmp_path / "models").mkdir()
     p = sh(tmp_path, f"hpc-infer cache list --root {tmp_path}/models")
     assert p.returncode == 0 and "name" in p.stdout
+    src = tmp_path / "dl" / "Tiny-Model"  # the admins' guide, as typed: stage, verify, catalog, list
+    src.mkdir(parents=True)
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": np.ones((64, 64), dtype=np.float32)}, str(src / "model.safetensors"))
+    (src / "model.safetensors").chmod(0o644)
+    p = sh(tmp_path, f"hpc-infer cache stage {src} --root {tmp_path}/models --hf-id org/Tiny-Model")
+    assert p.returncode == 0 and (tmp_path / "models" / "Tiny-Model" / "model.safetensors").is_file(), p.stderr
+    p = sh(tmp_path, f"hpc-infer cache verify --root {tmp_path}/models")
+    assert p.returncode == 0 and "Tiny-Model" in p.stdout + p.stderr, p.stdout + p.stderr
+    p = sh(tmp_path, f"hpc-infer cache catalog --root {tmp_path}/models")
+    catalog = json.loads((tmp_path / "models" / "catalog.json").read_text())
+    assert p.returncode == 0 and "org/Tiny-Model" in json.dumps(catalog), catalog
+    p = sh(tmp_path, f"hpc-infer cache list --root {tmp_path}/models")
+    assert p.returncode == 0 and "Tiny-Model" in p.stdout, p.stdout
+    p = sh(tmp_path, f"hpc-infer image build --dest {tmp_path}/h.sif --dry-run --runtime apptainer")
+    assert p.returncode == 0 and p.stdout.startswith(f"apptainer build --fakeroot {tmp_path}/h.sif"), p.stderr
+    (tmp_path / "bad.sif").write_bytes(b"not an image")
+    p = sh(tmp_path, f"hpc-infer image inspect {tmp_path}/bad.sif")
+    assert p.returncode == 2 and "bad.sif" in p.stderr, p.stderr
     p = sh(tmp_path, f"hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest {tmp_path}/v.sif --dry-run "
                      f"--runtime apptainer")
     assert p.returncode == 0 and p.stdout.startswith("apptainer pull"), p.stderr

@@ -66,7 +66,8 @@ def test_rendered_container_script(tmp_path):
     assert "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=16\n#SBATCH --mem=40G\n#SBATCH --time=04:00:00" in text
     assert "#SBATCH --array=0-3\n" in text
     assert f"singularity exec --nv --bind {ROOT / 'hpc_infer'}:{CODE_MOUNT}/hpc_infer" in text
-    assert f"{image} python3 -m hpc_infer.worker {run.root} --worker-id" in text
+    assert f"{image} python3)\n" in text  # the image's interpreter, defined once (py=(...))
+    assert f'"${{py[@]}}" -m hpc_infer.worker {run.root} --worker-id' in text
     assert 'APPTAINERENV_HF_TOKEN="${HF_TOKEN:-}"' in text  # a reference, never a value
 
 

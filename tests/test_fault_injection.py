@@ -8,7 +8,13 @@ finished output, a line duplicated, another chunk's file copied over, a claim fi
 removed, a stray temp file. Recovery is what a user does: relaunch the same command
 (here in process, cluster=debug); if the merge refuses, follow its message (delete the
 named file) and relaunch. Half the trials also kill a merge between writing the result
-and renaming it. Every trial must end with every record exactly once.
+and renaming it. A third of the trials hold a poison record: a record that ends the
+engine's process whenever it enters a batch (the victim is SIGKILLed/SIGTERMed there;
+in the relaunches, which run in this process, the same failpoint raises, as vLLM does
+when its engine core dies). Every trial must end with every record exactly once, and
+every poison record as its own `engine_died` error record (worker/isolate.py), and every
+other record's text equal to a run of the same input without faults: a damaged output is
+either refused by the merge (observed, with the damaged file named) or repaired.
 
 HPC_INFER_FAULT_TRIALS (default 6) sets the trial count; HPC_INFER_FAULT_SEED replays.
 """
@@ -53,11 +59,13 @@ def _overrides(tmp: Path, data: Path) -> list[str]:
             f"output_root={tmp / 'runs'}", "run_name=t"]
 
 
-def _kill_victim(run: RunDir, rng: random.Random, log: Path) -> str:
+def _kill_victim(run: RunDir, rng: random.Random, log: Path, poison: str | None) -> str:
     """Run one worker process and kill it; returns what happened."""
     point, sig = rng.choice(POINTS), rng.choice(["KILL", "TERM"])
     env = dict(os.environ, **CPU_ENV)
     nth = rng.randint(1, 12 if point == "step" else 3)
+    if poison:
+        point, nth = f"record@{poison}", 1
     if point != "time":
         env["HPC_INFER_FAULT"] = f"{point}:{sig}:{nth}"
     cmd = [sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", "victim"]
@@ -108,22 +116,45 @@ def _disk_fault(run: RunDir, rng: random.Random) -> tuple[str, Path | None]:
     return kind, None
 
 
-def _recover(rc_overrides: list[str], damaged: Path | None, expect: str | None) -> int:
-    """Relaunch as a user would; when the merge refuses, delete what it names and relaunch."""
-    relaunches = 0
-    for _ in range(3):
+def _recover(rc_overrides: list[str], damaged: Path | None, expect: str | None,
+             poison: str | None) -> tuple[int, bool]:
+    """Relaunch as a user would; when the merge refuses, delete what it names and relaunch;
+    when the poison record kills the (in-process) worker, relaunch. Returns the relaunches
+    and whether a refusal was observed."""
+    relaunches, refused = 0, False
+    for _ in range(3 + (12 if poison else 0)):
         relaunches += 1
         try:
+            if poison:
+                os.environ["HPC_INFER_FAULT"] = f"record@{poison}:RAISE"
             launch(compose("cluster=debug", *rc_overrides), "")
-            return relaunches
+            return relaunches, refused
+        except RuntimeError as e:
+            assert poison and "injected fault at record" in str(e), e
         except UserError as e:
             msg = str(e)
             assert expect and expect in msg, msg
             named = re.search(r"delete (\S+) and relaunch", msg)
-            assert named and Path(named.group(1)) == damaged, msg
+            assert named and Path(named.group(1)) == damaged, msg  # the damaged chunk, by name
             damaged.unlink()
-            expect = None
-    raise AssertionError("three relaunches did not finish the run")
+            expect, refused = None, True
+        finally:
+            os.environ.pop("HPC_INFER_FAULT", None)
+    raise AssertionError(f"{relaunches} relaunches did not finish the run")
+
+
+def _input(tmp: Path, prompts: list[str]) -> Path:
+    data = tmp / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{prompts[i % len(prompts)]} ({i})"}) + "\n"
+                            for i in range(N_RECORDS)))
+    return data
+
+
+def _reference(tmp: Path, prompts: list[str]) -> dict[str, str]:
+    """The same run without faults (in this process): what every trial must end with."""
+    tmp.mkdir()
+    run = launch(compose("cluster=debug", *_overrides(tmp, _input(tmp, prompts))), "")
+    return {r["id"]: r["text"] for r in map(json.loads, Path(run.results).read_text().splitlines())}
 
 
 def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, cpu_model, capsys):
@@ -135,19 +166,19 @@ def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, c
     with capsys.disabled():  # first, so a run that fails or hangs can be replayed
         print(f"\nfault injection: seed {seed}, {trials} trials (replay: HPC_INFER_FAULT_SEED={seed} "
               f"HPC_INFER_FAULT_TRIALS={trials})", flush=True)
+    reference = _reference(tmp_path / "reference", prompts)
     for t in range(trials):
         rng = random.Random(seed + t)
         tmp = tmp_path / f"trial{t}"
         tmp.mkdir()
-        data = tmp / "in.jsonl"
-        data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{prompts[i % len(prompts)]} ({i})"}) + "\n"
-                                for i in range(N_RECORDS)))
+        data = _input(tmp, prompts)
         overrides = _overrides(tmp, data)
         rc = compose("cluster=local", *overrides)
         run, _ = prepare(rc, plan_input(rc), cpu_model, "")
-        kill = _kill_victim(run, rng, tmp / "victim.log")
+        poison = f"r{rng.randrange(N_RECORDS)}" if rng.random() < 1 / 3 else None
+        kill = _kill_victim(run, rng, tmp / "victim.log", poison)
         fault, damaged = _disk_fault(run, rng)
-        relaunches = _recover(overrides, damaged, REFUSAL.get(fault))
+        relaunches, refused = _recover(overrides, damaged, REFUSAL.get(fault), poison)
         merge_kill = rng.random() < 0.5
         if merge_kill:  # kill a merge between writing the result and renaming it
             run.results().unlink()
@@ -159,15 +190,26 @@ def test_randomized_kills_and_disk_faults_lose_and_duplicate_nothing(tmp_path, c
         ids = collections.Counter(r["id"] for r in rows)
         lost = N_RECORDS - len(ids)
         duplicated = len(rows) - len(ids)
+        failed = {r["id"] for r in rows if r.get("error")}
+        reported = poison is not None and failed == {poison} and \
+            next(r for r in rows if r["id"] == poison)["error"]["type"] == "engine_died"
         totals.update(trials=1, lost=lost, duplicated=duplicated, killed="killed" in kill,
-                      refused=fault in REFUSAL, merge_killed=merge_kill)
-        assert all(r["output_tokens"] == MAX_TOKENS for r in rows)  # real generations, complete
-        log.append(f"trial {t}: kill {kill}; disk {fault}; relaunches {relaunches}; merge killed {merge_kill}; "
-                   f"records {len(rows)}, lost {lost}, duplicated {duplicated}")
+                      refused=refused, merge_killed=merge_kill, poison=poison is not None,
+                      poison_reported=reported)
+        assert failed == ({poison} if poison else set()) and (reported or not poison), failed
+        assert all(r["output_tokens"] == MAX_TOKENS for r in rows if r["id"] not in failed)  # real, complete
+        # refused (the damaged chunk named, seen above) or repaired: either way the result is
+        # the undamaged run's, record for record (greedy)
+        changed = sorted(r["id"] for r in rows if r["id"] not in failed and r["text"] != reference[r["id"]])
+        assert not changed, f"trial {t}: records differ from the reference run: {changed}"
+        log.append(f"trial {t}: kill {kill}; disk {fault} ({'refused' if refused else 'repaired'}); poison {poison}; "
+                   f"relaunches {relaunches}; merge killed "
+                   f"{merge_kill}; records {len(rows)}, lost {lost}, duplicated {duplicated}")
     with capsys.disabled():
         print(f"\nfault injection (seed {seed}):\n  " + "\n  ".join(log))
-        print(f"  trials {totals['trials']}, workers killed {totals['killed']}, corrupt merges refused "
-              f"{totals['refused']}, merges killed {totals['merge_killed']}, records lost {totals['lost']}, "
+        print(f"  trials {totals['trials']}, workers killed {totals['killed']}, damaged outputs refused (observed) "
+              f"{totals['refused']}, merges killed {totals['merge_killed']}, poison records {totals['poison']} "
+              f"(reported as errors {totals['poison_reported']}), records lost {totals['lost']}, "
               f"duplicated {totals['duplicated']}")
     assert totals["lost"] == 0 and totals["duplicated"] == 0
     assert totals["killed"] >= 1  # the suite must actually kill something

@@ -84,7 +84,7 @@ CORPUS = {
     "max_tokens fills the context": ("in.jsonl", OK, ["model.max_model_len=512", "sampling.max_tokens=1024"],
                                      "sampling.max_tokens: 1024 leaves no room for the prompt"),
     "token in the config": ("in.jsonl", OK, ["+cluster.env.HF_TOKEN=hf_x"], "cluster.env.HF_TOKEN: secrets do not"),
-    "multi-node via launch": ("in.jsonl", OK, ["cluster.nodes_per_task=2"], "use `hpc-infer sbatch`"),
+    "multi-node via launch": ("in.jsonl", OK, ["cluster.nodes_per_task=2"], "a model across nodes needs Slurm allocations"),
     "unknown merge format": ("in.jsonl", OK, ["merge.format=xml"], "merge.format: 'xml' is not one of"),
     "zero chunks per worker": ("in.jsonl", OK, ["chunks_per_worker=0"], "chunks_per_worker: must be >= 1"),
     "unknown backend": ("in.jsonl", OK, ["cluster.backend=kubernetes"], "cluster.backend: 'kubernetes' is not one of"),

@@ -39,6 +39,21 @@ def test_math_flow_200_problems_seeded_on_cpu(tmp_path, cpu_model):
     summary = read_json(run / "summary.json")
     assert summary["records"] == 200 and summary["postprocess"]["records"] == 200
     assert summary["postprocess"]["sums"]["answer_reward"] == sum(r["answer_reward"] for r in rows)
+    # every record's reward is the grader's verdict on its own text and answer (the grader is
+    # checked against the CS336 reference in test_math_grader.py) ...
+    from hpc_infer.rewards.math_grader import r1_zero_score
+
+    for r in rows:
+        want = r1_zero_score(r["text"], r["fields"]["answer"], True)
+        assert (r["format_reward"], r["answer_reward"]) == (want["format_reward"], want["answer_reward"]), r
+    # ... and on known answers, through the same merge hook: a right one, a wrong one, no format
+    from hpc_infer.rewards import r1_zero_reward
+
+    known = [(" 12 </think> <answer> 1236 </answer>", "1236", 1.0, 1.0), (" x </think> <answer> 7 </answer>", "8",
+                                                                         1.0, 0.0), ("1236", "1236", 0.0, 0.0)]
+    for text, answer, fmt, ans in known:
+        got = r1_zero_reward({"text": text, "outputs": [{"text": text}], "fields": {"answer": answer}})
+        assert (got["format_reward"], got["answer_reward"]) == (fmt, ans), (text, got)
     assert f"summary: {run}/summary.json" in p.stderr and "timeline.png" in p.stderr
     spec = read_json(run / "worker.json")
     assert spec["seed"] == 0  # per-record seeds were on

@@ -6,6 +6,7 @@ these runs use the host Python; test_container.py checks the exact exec lines.
 """
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, preempt_then_finish, wait_mid_run, read_results, run_launch
-from hpc_infer.worker.rundir import RunDir, read_json
+from conftest import (BIN, preempt_then_finish, wait_mid_run, read_results, run_launch, shim_calls, tool_shims,
+                      user_env)
+from hpc_infer.worker.procs import identify
+from hpc_infer.worker.rundir import RunDir, read_heartbeats, read_json
+from test_processes import processes_of, wait_for
 from test_vllm_runs import _scan_cmdlines
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -40,11 +44,16 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
     stop, hits = threading.Event(), []
     scanner = threading.Thread(target=_scan_cmdlines, args=(token, stop, hits), daemon=True)
     scanner.start()
+    shims, argv_log = tool_shims(tmp_path / "shims")  # every sbatch/squeue/scontrol/srun call, in and out of jobs
     try:
-        run_launch(tmp_path, *BASE, "cluster.workers=2", env={"HF_TOKEN": token})
+        run_launch(tmp_path, *BASE, "cluster.workers=2",
+                   env={"HF_TOKEN": token, "PATH": f"{shims}:{os.environ['PATH']}"})
     finally:
         stop.set()
         scanner.join()
+    calls = shim_calls(argv_log)
+    assert any(c[0].endswith("/sbatch") for c in calls) and any(c[0].endswith("/squeue") for c in calls), calls
+    assert not [c for c in calls if any(token in w for w in c)]  # no command line we made holds the token
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(8)) and "Paris" in rows[0]["text"]
@@ -60,16 +69,21 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
 
 def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
     # max_array_size=4 allows indices 0..3, of which we use 3 an array: 4 tasks need two arrays
-    # (3 + 1). (Each task starts an engine on this 2-core machine: as few as show the split.)
+    # (3 + 1). The split is a property of the submission: checked in Slurm's own queue, then
+    # cancelled (the tasks' engines would add nothing the array test above does not show).
     run_launch(tmp_path, *BASE, "cluster.workers=4", "cluster.max_array_size=4", "chunks_per_worker=1",
-               "data.limit=4")
+               "data.limit=4", "wait=false")
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     (launch,) = read_json(run.jobs)["launches"]
     arrays = {}
     for j in launch["job_ids"]:
         arrays.setdefault(j.split("_")[0], []).append(j)
     assert sorted(len(v) for v in arrays.values()) == [1, 3]
-    assert len(read_results(run.results())) == 4
+    queued = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert sorted(queued) == sorted(launch["job_ids"])  # Slurm holds exactly these tasks, in two arrays
+    subprocess.run([str(BIN / "hpc-infer"), "cancel", str(run.root)], check=True, capture_output=True)
+    wait_gone(set(arrays))
 
 
 def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cpu_model):
@@ -81,9 +95,14 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     cli = [str(BIN / "hpc-infer")]
     out = subprocess.run([*cli, "status", str(run.root)], capture_output=True, text=True, check=True).stdout
     assert "RUNNING" in out and "chunks" in out
+    beats = [b for b in read_heartbeats(run) if b.get("pid")]
+    assert beats and all(identify(b["pid"], b["pid_start"]) for b in beats)  # the worker runs now
     subprocess.run([*cli, "cancel", str(run.root)], check=True, capture_output=True)
     arrays = {j.split("_")[0] for j in read_json(run.jobs)["launches"][0]["job_ids"]}
     wait_gone(arrays)
+    # nothing of the run is left: no recorded worker (PID + start time), no process naming the run
+    wait_for("the cancelled run's processes gone", lambda: not processes_of(run.root)
+             and not any(identify(b["pid"], b["pid_start"]) for b in beats), timeout=120)
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     n_chunks = read_json(run.manifest)["n_chunks"]
     assert 0 < len(first_done) < n_chunks
@@ -116,46 +135,58 @@ def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
 
 
 def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
-    """The Ray multi-node script is checked by Slurm (two nodes in the test cluster);
-    it is not run: Ray and GPUs are not available here."""
+    """The Ray multi-node script, an array of 3 two-node allocations, is checked by Slurm
+    (two nodes in the test cluster); it is not run here with GPUs (none)."""
     p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
-                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=1", "model.pipeline_parallel_size=2"],
+                        "cluster.workers=3", "chunks_per_worker=1", "cluster.nodes_per_task=2",
+                        "cluster.gpus_per_task=1", "model.pipeline_parallel_size=2"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
+    assert "cluster.workers=" not in p.stderr, p.stderr  # workers=3 is what is rendered: no "one allocation"
     script = Path(p.stdout.strip().splitlines()[-1])
     text = script.read_text()
-    assert "#SBATCH --nodes=2" in text and "-m ray.scripts.scripts start --head" in text and "--gres=gpu:1" in text and "wait_for_ray 2 2" in text
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --array=0-2" in text and "--gres=gpu:1" in text
+    assert "-m ray.scripts.scripts start --head" in text and "wait_for_ray 2 2" in text
+    assert "6379" not in text and "free_port(" in text  # a port per allocation, picked on its head node
+    assert text.count("-m hpc_infer.worker") == 1 and text.count("py=(") == 1  # the exec line once
     assert read_json(script.parent / "worker.json")["model"]["engine_kwargs"]["distributed_executor_backend"] == "ray"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     t = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
     assert t.returncode == 0 and "node[1-2]" in t.stderr, t.stderr
 
 
-def test_multi_node_ray_cluster_forms_in_the_allocation(tmp_path, slurm, cpu_model):
-    """The multi-node template run for real on the local two-node Slurm: a Ray head on
-    the first node and a Ray worker on the second (srun steps inside one allocation) form
-    one cluster, and the vLLM worker starts against it with pipeline_parallel_size=2.
-    vLLM's CPU build then stops at `ValueError: current platform cpu does not support
-    ray.` (vllm/v1/executor/ray_utils.py): no CPU model runs across Ray nodes. The test
-    accepts exactly that error or a complete, merged run, so a vLLM that lifts the limit
-    turns it into a full end-to-end check."""
+def test_multi_node_ray_clusters_form_in_two_allocations(tmp_path, slurm, cpu_model):
+    """`hpc-infer launch` with a two-node model and two workers, on the local two-node Slurm:
+    an array of two allocations that share both nodes. In each, a Ray head on the first
+    node and a Ray worker on the second (srun steps inside the allocation) form a cluster
+    of their own, on a port of their own, and each allocation's vLLM worker starts with
+    pipeline_parallel_size=2. vLLM's CPU build then stops at `ValueError: current platform
+    cpu does not support ray.` (vllm/v1/executor/ray_utils.py): no CPU model runs across
+    Ray nodes. The test accepts exactly that error or a complete, merged run, so a vLLM
+    that lifts the limit turns it into a full end-to-end check."""
     pytest.importorskip("ray")
-    p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE, "data.limit=4",
-                        "sampling.max_tokens=8", "cluster.nodes_per_task=2", "cluster.gpus_per_task=0",
-                        "model.pipeline_parallel_size=2"], capture_output=True, text=True, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    script = Path(p.stdout.strip().splitlines()[-1])
-    done = subprocess.run(["sbatch", "--wait", str(script)], capture_output=True, text=True, timeout=900)
-    run = RunDir(script.parent)
-    out = "".join(f.read_text(errors="replace") for f in run.logs.glob("*.out"))
-    assert "ray: 2 nodes, 0 GPUs registered" in out, out[-3000:]
-    (beat,) = [read_json(b) for b in run.heartbeats.glob("*.json")]  # the worker started in the allocation
-    if beat.get("state") == "failed":
-        assert beat["error"] == "ValueError: current platform cpu does not support ray.", beat
-        assert done.returncode != 0
+    p = subprocess.run(["bash", "-c", 'exec hpc-infer launch "$@"', "launch", f"output_root={tmp_path / 'runs'}",
+                        *BASE, "data.limit=4", "sampling.max_tokens=8", "cluster.workers=2", "chunks_per_worker=1",
+                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=0", "model.pipeline_parallel_size=2"],
+                       capture_output=True, text=True, cwd=tmp_path, env=user_env(), timeout=900)
+    run = RunDir(next((tmp_path / "runs").iterdir()))
+    assert (run.root / "job.sbatch").exists() and "submitted 2 slurm workers" in p.stderr, p.stderr[-3000:]
+    outs = sorted(run.logs.glob("*.out"))
+    assert len(outs) == 2, outs  # two array tasks, two allocations
+    heads = []
+    for f in outs:
+        out = f.read_text(errors="replace")
+        assert "ray: 2 nodes, 0 GPUs registered" in out, out[-3000:]
+        heads.append(re.search(r"ray head on \S+ \((\S+)\)", out).group(1))
+    assert len(set(heads)) == 2, heads  # on the same host: different ports, two clusters
+    beats = [read_json(b) for b in run.heartbeats.glob("*.json")]
+    assert len(beats) == 2  # each allocation's worker started against its own cluster
+    if any(b.get("state") == "failed" for b in beats):
+        assert all(b["error"] == "ValueError: current platform cpu does not support ray." for b in beats), beats
+        assert p.returncode == 2 and "current platform cpu does not support ray" in p.stderr, p.stderr[-3000:]
+        assert "submitting again" not in p.stderr  # no engine ever ran: nothing to resubmit for
     else:
-        m = subprocess.run([str(BIN / "hpc-infer"), "merge", str(run.root)], capture_output=True, text=True)
-        assert m.returncode == 0 and len(read_results(run.results())) == 4, m.stderr
+        assert p.returncode == 0 and len(read_results(run.results())) == 4, p.stderr[-3000:]
 
 
 def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cpu_model):

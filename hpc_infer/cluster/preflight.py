@@ -114,10 +114,12 @@ def _dtype(model: ModelConfig, cfg: dict) -> str:
     return "float16" if src == "float32" else src  # vLLM's auto serves fp32 checkpoints in fp16 on GPUs
 
 
-def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path) -> list[str]:
+def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path,
+              host_mem_gib: float | None = None) -> list[str]:
     """Everything that would make vLLM refuse this model on this allocation, raised as one
     UserError (launch, sbatch and serve call this before planning). Returns notes on what
-    could not be checked (printed, not fatal)."""
+    could not be checked (printed, not fatal). `host_mem_gib`: this machine's memory, for
+    CPU workers on the local backends (default: read from /proc/meminfo)."""
     if cluster.container.image:
         from .container import check_paths, container_binds
 
@@ -190,7 +192,70 @@ def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path
             notes.append("GPU memory not checked: set cluster.gpu_type (e.g. A100) or cluster.gpu_mem_gb")
         else:
             problems += _memory(model, cluster, model_path, cfg, dtype, gpu_mem, have)
+    elif cluster.gpus_per_task == 0 and not cluster.gres:
+        problems += _cpu_memory(model, cluster, model_path, cfg, dtype, have, host_mem_gib)
     return _finish(problems, notes)
+
+
+CPU_OVERHEAD_GIB = 1.0  # a CPU worker's interpreter, torch and vLLM beside the weights and the KV cache
+
+
+def _cpu_memory(model: ModelConfig, cluster: ClusterConfig, path, cfg: dict, dtype: str, quant: Optional[str],
+                host_mem_gib: float | None) -> list[str]:
+    """CPU workers (vLLM's CPU build): the weights and the KV cache space (VLLM_CPU_KVCACHE_SPACE
+    GiB, vLLM's default 4) must fit in a Slurm task's cluster.mem, or, on the local backends,
+    in this machine's memory shared by cluster.workers processes. A 70B model on a laptop is
+    refused here, not after minutes of loading."""
+    if quant:
+        return []  # packed formats: their size is the files' size; not estimated here
+    wbytes = weight_bytes(path, cfg, BYTES.get(dtype, 2))
+    if wbytes is None:
+        return []
+    gib = 2 ** 30
+    try:
+        kv = float(cluster.env.get("VLLM_CPU_KVCACHE_SPACE") or 4)
+    except ValueError:
+        kv = 4.0
+    need = wbytes / gib + kv + CPU_OVERHEAD_GIB
+    what = (f"model {model.name} needs about {need:.1f} GiB per CPU worker ({wbytes / gib:.1f} GiB of {dtype} "
+            f"weights, {kv:g} GiB of KV cache space (VLLM_CPU_KVCACHE_SPACE), {CPU_OVERHEAD_GIB} GiB for Python, "
+            f"torch and vLLM)")
+    if cluster.backend == "slurm":
+        have = mem_gib(cluster.mem) if cluster.mem else None
+        if have is None or need <= have:
+            return []
+        return [f"{what}; cluster {cluster.name} gives a task cluster.mem={cluster.mem}: set cluster.mem="
+                f"{int(need) + 1}G or more, a smaller model, or a GPU cluster"]
+    host = host_mem_gib if host_mem_gib is not None else _host_mem_gib()
+    workers = 1 if cluster.backend == "debug" else max(1, cluster.workers)
+    if host is None or need * workers <= host:
+        return []
+    fewer = int(host // need)
+    return [f"{what}; this machine has {host:.0f} GiB for {workers} worker{'s' * (workers != 1)}: "
+            + (f"set cluster.workers={fewer}, " if 0 < fewer < workers else "")
+            + "use a smaller model, or a GPU cluster"]
+
+
+def _host_mem_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def mem_gib(spec: str) -> float | None:
+    """A Slurm memory size ('40G', '512M', '4096' = MiB) in GiB."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", str(spec).strip(), re.I)
+    if not m:
+        return None
+    scale = {"K": 2 ** -20, "M": 2 ** -10, "": 2 ** -10, "G": 1, "T": 2 ** 10}[m.group(2).upper()]
+    return float(m.group(1)) * scale
 
 
 def gpu_memory(cluster: ClusterConfig) -> tuple[Optional[float], Optional[bool]]:
@@ -237,7 +302,7 @@ def _memory(model: ModelConfig, cluster: ClusterConfig, path, cfg: dict, dtype: 
 
 def _finish(problems: list[str], notes: list[str]) -> list[str]:
     if problems:
-        raise UserError("GPU pre-flight: this job would fail on the cluster:\n  " + "\n  ".join(problems))
+        raise UserError("pre-flight: this job would fail on the cluster:\n  " + "\n  ".join(problems))
     return notes
 
 

@@ -26,8 +26,10 @@ from ..worker.claims import pid_alive
 from ..worker.rundir import RunDir, read_heartbeats, read_json, write_json
 from .task import WorkerTask
 
+# ENDED: gone from squeue without a submitit result (a rendered script's task, or a task that
+# died before writing one); states() says it when Slurm no longer knows the job.
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE", "FINISHED", "INTERRUPTED", "DONE"}
+            "DEADLINE", "FINISHED", "INTERRUPTED", "DONE", "ENDED"}
 
 
 class Backend:
@@ -291,6 +293,17 @@ class SlurmBackend(Backend):
         finally:
             if ids:
                 self.record(ids)
+        return ids
+
+    def submit_script(self, script: Path, n_tasks: int) -> list[str]:
+        """Submit a rendered array script (multi-node models: each task one allocation with
+        its own Ray cluster, which submitit's one-process-per-task model does not start)."""
+        p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise UserError(f"sbatch refused {script}: {p.stderr.strip()} (check cluster.partition/account/qos/gres)")
+        array = p.stdout.strip().split(";")[0]
+        ids = [f"{array}_{i}" for i in range(n_tasks)]
+        self.record(ids)
         return ids
 
     def states(self, job_ids: list[str]) -> dict[str, str]:

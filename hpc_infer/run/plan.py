@@ -299,6 +299,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
         "max_backups": rc.cluster.max_backups,
         "straggler_pacing": rc.cluster.straggler_pacing,
+        "max_attempts": rc.cluster.max_attempts,
         "permissions": rc.permissions,
         "too_long": too_long or {},  # index -> {reason[, keep]}: records that cannot fit (models/fit.py)
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)

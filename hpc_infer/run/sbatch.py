@@ -5,8 +5,9 @@
 
 The run is planned exactly as `launch` plans it (same run directory, so `launch` and
 the script can resume each other); the script is written to <run>/job.sbatch from
-the Jinja templates in slurm/templates/. Single node: a job array of workers.
-Multi-node (cluster.nodes_per_task > 1): Ray head + workers inside one allocation.
+the Jinja templates in slurm/templates/. A job array of workers; with
+cluster.nodes_per_task > 1 each array task is one allocation of that many nodes, a Ray
+head and Ray workers inside it (on a port of its own) and one vLLM worker driving them.
 The token never appears in the script.
 """
 
@@ -64,7 +65,6 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
         python = shlex.join(prefix + [c.container.python])
     else:
         python = shlex.quote(sys.executable)
-    worker_command = python + " " + shlex.join(worker)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     env.filters["shquote"] = lambda v: shlex.quote(str(v))
@@ -82,13 +82,14 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
         env=dict(c.env),
         container=bool(c.container.image),
         code_dir=project_root() if not c.container.image else CODE_MOUNT,
-        worker_command=worker_command,
+        worker_args=shlex.join(worker),
         nodes=c.nodes_per_task,
         tp=rc.model.tensor_parallel_size,
         pp=rc.model.pipeline_parallel_size,
         gpus_per_node=gpus_per_node(c),
         python=python,
-        ray_port=6379,
+        ray_port_min=20000,
+        ray_port_max=60000,
         ray_wait_s=600,
     )
 
@@ -113,14 +114,15 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
         run, _ = prepare(rc, planned, model_path, config_yaml, None, too_long)
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
-    n_tasks = 1 if rc.cluster.nodes_per_task > 1 else max(1, min(rc.cluster.workers, remaining))
-    if rc.cluster.nodes_per_task > 1 and rc.cluster.workers > 1:  # never silently fewer workers than asked
-        say(f"warning: cluster.workers={rc.cluster.workers} with cluster.nodes_per_task={rc.cluster.nodes_per_task}: "
-            f"a multi-node run is one allocation (one worker) for now; submit the script again for more allocations "
-            f"on other nodes (the Ray port is fixed): they share the run's chunks")
+    n_tasks = max(1, min(rc.cluster.workers, remaining))  # multi-node: each task one allocation, its own Ray
+    return write_rendered(rc, run, model_path, n_tasks)
+
+
+def write_rendered(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> Path:
+    """<run>/job.sbatch, executable by those the run's permissions allow."""
     path = run.root / "job.sbatch"
     path.write_text(render(rc, run, model_path, n_tasks))
-    path.chmod(0o777 & ~rundir.current_umask())  # executable by those the run's permissions allow
+    path.chmod(0o777 & ~rundir.current_umask())
     return path
 
 

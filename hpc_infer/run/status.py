@@ -164,10 +164,20 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
             age = now - b.get("t", now)
             chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
             stale = "  (no heartbeat for long: the worker may have died)" if age > 3 * 60 else ""
+            alone = (f"  running chunk {b['isolating']} alone (its workers died with it: finding the record that "
+                     f"kills the engine)") if b.get("isolating") is not None else ""
             lines.append(f"  worker {b['worker']:>14}  {state:9} chunks={chunks}  {counts}  "
-                         f"last heartbeat {age:.0f}s ago{stale}")
+                         f"last heartbeat {age:.0f}s ago{stale}{alone}")
     missing = sorted(set(range(p.n_chunks)) - run.done_chunks())
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         lines.append(f"  chunks not done: {shown}")
+        from ..worker import isolate
+
+        deaths = {c: isolate.attempts(run, c) for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
+        deaths = {c: shared + sum(alone.values()) for c, (shared, alone) in deaths.items()}
+        if any(deaths.values()):
+            lines.append("  workers died with these chunks in their batch: " + ", ".join(
+                f"{c} ({n}x)" for c, n in sorted(deaths.items()) if n) + " (a chunk that died cluster.max_attempts "
+                "times is run alone and bisected)")
     return "\n".join(lines)

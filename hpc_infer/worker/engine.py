@@ -188,8 +188,10 @@ class Engine:
         (relaunches, multirun) in one process, and loading the model is the slow part."""
         key = json.dumps(model, sort_keys=True)
         engine = _SHARED.get(key)
-        if engine is None or engine.unfinished:  # a worker that failed may leave requests behind
+        if engine is None:
             engine = _SHARED[key] = cls(model)
+        for chunk_id in {r.get("chunk") for r in engine._pending.values()} | {r.get("chunk") for r in engine._errors}:
+            engine.abort(chunk_id)  # left by a worker that failed in this process
         return engine
 
     @property

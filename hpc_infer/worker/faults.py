@@ -10,7 +10,9 @@ SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an except
 `SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`).
 
 Points: claimed, step (worker), tmp_written, renamed (rundir.write_atomic),
-merge_tmp_written (merge, before the result's rename).
+merge_tmp_written (merge, before the result's rename), record (a record going into the
+engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a
+poison record that ends the engine's process every time it is reached).
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ def point(name: str, path: object = "") -> None:
         return
     where, sig, *nth = spec.split(":")
     want, _, part = where.partition("@")
-    if want != name or (part and part not in str(path)):
+    if want != name or (part and (part != str(path) if name == "record" else part not in str(path))):
         return
     if sig.startswith("SLEEP"):
         time.sleep(int(sig[5:]) / 1000)
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] == int(nth[0] if nth else 1):
+    if name == "record" or _hits[name] == int(nth[0] if nth else 1):  # a poison record: every time
         if sig == "RAISE":
-            raise RuntimeError(f"injected fault at {name}")
+            exc = RuntimeError(f"injected fault at {name}")
+            exc.engine_died = name == "record"  # a poison record: what vLLM's EngineDeadError means
+            raise exc
         os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
         time.sleep(30)  # a handled signal (USR1/2) returns here; the default actions never do

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import claims, faults, procs
+from . import claims, faults, isolate, procs
 from .rundir import (RunDir, encode_chunk_output, publish_chunk_output, read_chunk_source, read_json, set_permissions,
                      write_json)
 
@@ -96,17 +96,20 @@ class Heartbeat:
         self.beat()
 
 
-def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float) -> int | None:
-    """Claim the first free chunk (chunks are ordered largest first), else a stale one."""
+def next_chunk(run: RunDir, n_chunks: int, owner: claims.Owner, lease_s: float,
+               skip=lambda cid: False) -> int | None:
+    """Claim the first free chunk (chunks are ordered largest first), else a stale one;
+    never one that `skip` says to leave for now (a suspect chunk while others are in flight)."""
     done = run.done_chunks()
     claimed = run.claimed_chunks()
     for cid in range(n_chunks):
-        if cid not in done and cid not in claimed and claims.try_claim(run, cid, owner):
+        if cid not in done and cid not in claimed and not skip(cid) and claims.try_claim(run, cid, owner):
             if not run.chunk_done(cid):
                 return cid
             claims.release(run, cid, owner)
     for cid in sorted(claimed - done):
-        if claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner, lease_s):
+        if not skip(cid) and claims.is_stale(run.claim_path(cid), lease_s) and claims.take_over(run, cid, owner,
+                                                                                                 lease_s):
             if not run.chunk_done(cid):
                 return cid
             claims.release(run, cid, owner)
@@ -128,13 +131,18 @@ class _Chunk:
     backup: bool = False  # a backup copy of a chunk another worker holds
     rows: list = field(default_factory=list)
     source: Any = None  # rundir.ChunkSource: where an error record's input line came from
+    records: list = field(default_factory=list)
+    part: tuple[int, int] | None = None  # a suspect chunk runs one range at a time (isolate.py)
+    fed: tuple[int, int] | None = None  # the range whose attempt is recorded and in the engine now
 
 
-def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease_s: float) -> int | None:
-    """The tail chunk most likely to finish last, marked as backed up by us (one backup per chunk)."""
+def _claim_backup(run: RunDir, owner: claims.Owner, sizes: dict[int, int], lease_s: float,
+                  max_attempts: int) -> int | None:
+    """The tail chunk most likely to finish last, marked as backed up by us (one backup per
+    chunk); never a suspect chunk (isolate.py): its holder runs it alone, slowly, on purpose."""
     for _ in range(3):
         cid = claims.backup_candidate(run, sizes, lease_s)
-        if cid is None:
+        if cid is None or isolate.suspect(run, cid, max_attempts):
             return None
         if claims.try_backup(run, cid, owner) and not run.chunk_done(cid):
             return cid
@@ -182,6 +190,60 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
 
     sampling, seed = run_sampling(spec)
     too_long = spec.get("too_long") or {}
+    max_attempts = int(spec.get("max_attempts", 2))
+    isolating: int | None = None  # the suspect chunk this worker runs alone: nothing else is claimed meanwhile
+    suspects_waiting = False  # suspect chunks were left for when nothing else is in flight
+
+    def is_suspect(cid: int) -> bool:
+        return isolate.suspect(run, cid, max_attempts)
+
+    def ensure_engine() -> Any:
+        nonlocal engine
+        if engine is None:
+            hb.update(state="loading")
+            t0 = time.time()
+            from .engine import Engine
+
+            if spec.get("endpoint"):  # batch through running servers: no model load here
+                from .endpoint import HttpEngine
+
+                engine = HttpEngine(spec["endpoint"], spec["model"])
+            else:
+                engine = Engine.shared(spec["model"])
+            hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
+                      vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
+        return engine
+
+    def feed(chunk: _Chunk, lo: int, hi: int) -> None:
+        """Records [lo, hi) of a chunk into the engine, the attempt recorded first: if the
+        engine's process dies now, the next holder knows this range was in its batch."""
+        eng = ensure_engine()
+        isolate.record_attempt(run, chunk.id, (lo, hi), owner.worker_id, alone=chunk.id == isolating)
+        chunk.fed = (lo, hi)
+        for r in chunk.records[lo:hi]:
+            faults.point("record", r.get("id"))
+        eng.add(chunk.records[lo:hi], sampling, seed)
+
+    def advance(chunk: _Chunk) -> bool:
+        """A suspect chunk's next range into the engine; True once every record is in a part
+        (its rows then hold the whole chunk, ready to publish)."""
+        while True:
+            step = isolate.next_step((0, chunk.size), isolate.attempts(run, chunk.id)[1],
+                                     set(isolate.done_parts(run, chunk.id)), max_attempts)
+            if step is None:
+                chunk.rows, chunk.part = isolate.read_parts(run, chunk.id), None
+                return True
+            what, (lo, hi) = step
+            if what == "poison":
+                from .engine import error_result
+
+                row = error_result(chunk.records[lo], isolate.poison_reason(max_attempts), 500)
+                row.update(chunk.source.origin(lo))
+                isolate.save_part(run, chunk.id, (lo, hi), [row])
+                continue
+            chunk.rows, chunk.part = [], (lo, hi)
+            feed(chunk, lo, hi)
+            return False
 
     def start(cid: int, backup: bool = False) -> list[dict]:
         """Read a chunk's records (checked against the plan) and put it in flight."""
@@ -192,7 +254,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
             fit = too_long.get(str(r["index"]))
             if fit:  # found at plan time (models/fit.py): truncated, or failed without the engine
                 r["too_long"] = fit
-        inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup, source=source)
+        inflight[cid] = _Chunk(cid, len(records), time.time(), backup=backup, source=source, records=records)
         hb.update(in_flight={c: len(k.rows) for c, k in inflight.items()})
         return records
 
@@ -211,43 +273,53 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     else:
                         leave_tail = False
                     hb.update(pace=round(p.ratio, 3), straggler=straggler)
-            while not exhausted and not leave_tail and len(inflight) < max_in_flight and (
-                engine is None or engine.unfinished < max(1, int(engine.max_num_seqs * batch_share))
-            ):
+            if suspects_waiting and not inflight:
+                suspects_waiting = False  # nothing else in flight now: a suspect chunk can run alone
+            while not exhausted and not leave_tail and isolating is None and not suspects_waiting \
+                    and len(inflight) < max_in_flight and (
+                        engine is None or engine.unfinished < max(1, int(engine.max_num_seqs * batch_share))):
                 if max_chunks is not None and claimed >= max_chunks:
                     exhausted = True
                     break
-                cid = next_chunk(run, n_chunks, owner, lease_s)
+                deferred: list[int] = []
+
+                def skip(c: int) -> bool:  # a suspect runs alone: left for later while others are in flight
+                    if inflight and is_suspect(c):
+                        deferred.append(c)
+                        return True
+                    return False
+
+                cid = next_chunk(run, n_chunks, owner, lease_s, skip)
                 if cid is None:
-                    exhausted = True
+                    suspects_waiting = bool(deferred)
+                    exhausted = not deferred
                     break
                 faults.point("claimed")
-                records = start(cid)
+                start(cid)
                 claimed += 1
-                if engine is None:
-                    hb.update(state="loading")
-                    t0 = time.time()
-                    from .engine import Engine
-
-                    if spec.get("endpoint"):  # batch through running servers: no model load here
-                        from .endpoint import HttpEngine
-
-                        engine = HttpEngine(spec["endpoint"], spec["model"])
-                    else:
-                        engine = Engine.shared(spec["model"])
-                    hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
-                              vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
-                engine.add(records, sampling, seed)
+                chunk = inflight[cid]
+                if is_suspect(cid):
+                    isolating = cid
+                    hb.update(isolating=cid)
+                    if advance(chunk):  # every record already in a part (a holder died publishing)
+                        _finish(run, chunk, owner, hb)
+                        isolate.forget(run, cid)
+                        isolating = None
+                        hb.update(isolating=None)
+                        del inflight[cid]
+                else:
+                    feed(chunk, 0, chunk.size)
             if not inflight and leave_tail:
                 break  # the others finish the tail; a straggler's backup copy would not win
             if not inflight and exhausted and backups_left > 0 and engine is not None:
                 # Nothing left to claim and this worker is idle: re-execute the tail (MapReduce's
                 # backup tasks). First complete output wins; see rundir.publish_chunk_output.
-                cid = _claim_backup(run, owner, sizes, lease_s)
+                cid = _claim_backup(run, owner, sizes, lease_s, max_attempts)
                 if cid is not None:
                     backups_left -= 1
                     hb.update(backups=hb.state.get("backups", 0) + 1)
-                    engine.add(start(cid, backup=True), sampling, seed)
+                    start(cid, backup=True)
+                    feed(inflight[cid], 0, sizes[cid])
             if not inflight:
                 break
             if hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
@@ -260,15 +332,28 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     row.update(chunk.source.origin(row["index"] - chunk.source.first_index))
                 chunk.rows.append(row)
             for chunk in [inflight[c] for c in {r["chunk"] for r in finished}]:
-                if len(chunk.rows) == chunk.size:
+                if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
+                    if not run.manifest.exists():
+                        raise RunDeleted(run.root)
+                    isolate.save_part(run, chunk.id, chunk.part, chunk.rows)
+                    chunk.fed = None  # written: nothing of this chunk is in the engine now
+                    if not advance(chunk):
+                        continue
+                if chunk.part is None and len(chunk.rows) == chunk.size:
                     if not run.manifest.exists():
                         raise RunDeleted(run.root)
                     _finish(run, chunk, owner, hb)
+                    if isolating == chunk.id:
+                        isolate.forget(run, chunk.id)
+                        isolating = None
+                        hb.update(isolating=None)
                     del inflight[chunk.id]
             if time.time() - last_done_check > 1.0:  # another copy published first: stop ours
                 last_done_check = time.time()
                 for cid in [c for c in inflight if run.chunk_done(c)]:
                     engine.abort(cid)
+                    if isolating == cid:
+                        isolating = None
                     if not inflight[cid].backup:
                         claims.release(run, cid, owner)
                     del inflight[cid]
@@ -286,7 +371,9 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
         print(f"worker {owner.worker_id}: {e}", file=sys.stderr)
         return dict(hb.state, state="run deleted")
     except BaseException as e:
-        for cid in inflight:
+        for cid, chunk in inflight.items():
+            if chunk.fed and not isolate.engine_died(e):  # a bug, a cancel, a preemption: not the records' doing
+                isolate.record_attempt(run, cid, chunk.fed, owner.worker_id, alone=cid == isolating, released=True)
             claims.release(run, cid, owner)
         # the user sees this line in `launch` and `status`, not only "FAILED"
         hb.update(error=(f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:500])

@@ -1,0 +1,179 @@
+"""Poison records: find the record that kills the engine, fail it alone, finish the rest.
+
+A record that ends the engine's process (a segfault, the OOM killer, a CUDA error that
+takes the engine down) cannot become an error record the usual way: nothing survives
+to write it. MapReduce's skip-bad-records mode is the model. Every time a range of a
+chunk's records goes into an engine, one line is appended to `claims/C.attempts`; a
+range that was put in and never written out was in the batch when its worker died. A
+chunk whose whole range died `max_attempts` times is a suspect: the worker that claims
+it next runs it alone (nothing else in its batch, so a death blames only this chunk) and
+bisects: the halves of a range that died are tried one after the other, each finished
+half saved in `parts/C/LO-HI.jsonl`, until a single record has died alone
+`max_attempts` times. That record becomes an error record (type `engine_died`) and the
+rest of the chunk completes. Everything lives on disk, so the search goes on across
+workers, resubmissions and relaunches; a death costs one engine start, and a chunk of n
+records with one poison record costs at most 2 x max_attempts + ceil(log2 n) deaths
+(tests/test_poison.py checks the bound). A worker that stops with an error that is not
+the engine's death (a bug, a cancel, a preemption) takes its attempts back. Standard
+library only: the worker imports it inside the cluster's image.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .rundir import RunDir, read_jsonl, write_jsonl
+
+Range = tuple[int, int]  # record offsets within the chunk, [lo, hi)
+
+
+class EngineDied(RuntimeError):
+    """The reason written into a poison record's error."""
+
+    kind = "engine_died"
+    status = 500
+
+
+def attempts_path(run: RunDir, chunk_id: int) -> Path:
+    return run.claims / f"{chunk_id:05d}.attempts"
+
+
+def parts_dir(run: RunDir, chunk_id: int) -> Path:
+    return run.root / "parts" / f"{chunk_id:05d}"
+
+
+def record_attempt(run: RunDir, chunk_id: int, rng: Range, worker: str, alone: bool, released: bool = False) -> None:
+    """One line per range put into an engine (`alone`: nothing else in its batch), appended
+    before the engine sees it (O_APPEND: one write, never interleaved). `released`: the
+    worker stopped with a Python error that is not the engine's death (a bug, a cancel, a
+    preemption), so that attempt says nothing about the records and is taken back."""
+    line = json.dumps({"range": list(rng), "alone": alone, "worker": worker, "t": round(time.time(), 3),
+                       **({"released": True} if released else {})}) + "\n"
+    line = "\n" + line  # a line torn by a death mid-write stays a line of its own (skipped), never joins ours
+    fd = os.open(attempts_path(run, chunk_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def attempts(run: RunDir, chunk_id: int) -> tuple[int, collections.Counter]:
+    """(times the whole chunk went into an engine among other chunks, times each range went
+    in alone); a torn last line is skipped."""
+    shared, alone = 0, collections.Counter()
+    try:
+        with open(attempts_path(run, chunk_id), "rb") as f:
+            for line in f:
+                try:
+                    d = json.loads(line)
+                    lo, hi = d["range"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                n = -1 if d.get("released") else 1
+                if d.get("alone"):
+                    alone[(int(lo), int(hi))] += n
+                else:
+                    shared += n
+    except FileNotFoundError:
+        pass
+    return shared, alone
+
+
+def suspect(run: RunDir, chunk_id: int, max_attempts: int) -> bool:
+    """The chunk went into an engine max_attempts times and was never written: its holder
+    died with it in the batch each time. A chunk never tried costs one stat."""
+    if not attempts_path(run, chunk_id).exists():
+        return False
+    return attempts(run, chunk_id)[0] >= max_attempts
+
+
+def done_parts(run: RunDir, chunk_id: int) -> dict[Range, Path]:
+    out = {}
+    try:
+        names = os.listdir(parts_dir(run, chunk_id))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        lo, _, hi = name.removesuffix(".jsonl").partition("-")
+        if name.endswith(".jsonl") and lo.isdigit() and hi.isdigit():
+            out[(int(lo), int(hi))] = parts_dir(run, chunk_id) / name
+    return out
+
+
+def _covered(rng: Range, done: set[Range]) -> bool:
+    lo, hi = rng
+    if rng in done:
+        return True
+    if hi - lo <= 1:
+        return False
+    mid = (lo + hi) // 2
+    return _covered((lo, mid), done) and _covered((mid, hi), done)
+
+
+def next_step(rng: Range, tried: collections.Counter, done: set[Range], max_attempts: int,
+              root: bool = True) -> tuple[str, Range] | None:
+    """What to do next for a suspect chunk: ("try", range) alone, ("poison", one record),
+    or None when every record is in a finished part. `tried` counts tries alone; each one
+    not in a part died. Ranges are the nodes of the chunk's halving tree, so parts never
+    overlap. The whole chunk (the root) is not tried alone first: it already died, and its
+    halves cost no death when it is innocent (it only shared a batch with the poison)."""
+    if _covered(rng, done):
+        return None
+    lo, hi = rng
+    if tried[rng] == 0 and (not root or hi - lo == 1):
+        return "try", rng
+    if hi - lo == 1:
+        return ("poison", rng) if tried[rng] >= max_attempts else ("try", rng)
+    mid = (lo + hi) // 2
+    return (next_step((lo, mid), tried, done, max_attempts, False)
+            or next_step((mid, hi), tried, done, max_attempts, False))
+
+
+def save_part(run: RunDir, chunk_id: int, rng: Range, rows: list[dict]) -> None:
+    folder = parts_dir(run, chunk_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / f"{rng[0]:06d}-{rng[1]:06d}.jsonl", rows)
+
+
+def read_parts(run: RunDir, chunk_id: int) -> list[dict]:
+    rows = []
+    for rng, path in sorted(done_parts(run, chunk_id).items()):
+        rows.extend(read_jsonl(path))
+    return rows
+
+
+def forget(run: RunDir, chunk_id: int) -> None:
+    """After the chunk's output is published, its parts are redundant."""
+    shutil.rmtree(parts_dir(run, chunk_id), ignore_errors=True)
+
+
+def poison_reason(tried: int) -> EngineDied:
+    return EngineDied(f"the engine's process died each time this record was in its batch, alone ({tried} times); "
+                      f"the rest of its chunk completed without it. Typical causes: a segfault or an OOM kill "
+                      f"on this input, or a CUDA error. The worker logs hold the cause.")
+
+
+def engine_died(exc: BaseException) -> bool:
+    """An exception that means the engine's process died under the worker (vLLM raises
+    EngineDeadError when its engine core process is gone; the `record` failpoint's RAISE
+    stands for that): its attempts stay counted."""
+    return type(exc).__name__ == "EngineDeadError" or bool(getattr(exc, "engine_died", False))
+
+
+def run_marker(run: RunDir) -> tuple[int, int, int]:
+    """Changes whenever a round of workers got further: a chunk published, an engine death
+    recorded, a part saved (attempts taken back do not count). The launcher resubmits only
+    after a round that changed it."""
+    deaths = 0
+    for name in os.listdir(run.claims):
+        if name.endswith(".attempts") and name[:5].isdigit():
+            shared, alone = attempts(run, int(name[:5]))
+            deaths += shared + sum(alone.values())
+    parts = sum(len(files) for _, _, files in os.walk(run.root / "parts"))
+    return len(run.done_chunks()), deaths, parts

@@ -1,0 +1,176 @@
+"""Every command and config key the README and docs/ mention is used by some test.
+
+The checker reads the docs, keeps the dotted names that are real fields of the config
+(so `serve.md` or `merge.py` are not mistaken for keys) and every `hpc-infer` subcommand,
+and fails on one that no test file spells out. What cannot run here is listed in
+NOT_HERE with the reason. Below it, small tests for keys that had none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compose
+from hpc_infer import config
+from hpc_infer.errors import UserError
+
+TESTS = Path(__file__).parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+# Mentioned in the docs, not run by any test, and why.
+NOT_HERE = {
+    "model.engine_kwargs.x": "a placeholder in the docs' own example (model.engine_kwargs.X=...); "
+                             "model.engine_kwargs is tested",
+}
+GROUPS = {"cluster": config.ClusterConfig, "data": config.DataConfig, "model": config.ModelConfig,
+          "sampling": config.SamplingConfig, "merge": config.MergeConfig, "serve": config.ServeConfig}
+
+
+def _is_key(dotted: str) -> bool:
+    group, field, *_ = dotted.split(".")
+    return field in {f.name for f in dataclasses.fields(GROUPS[group])}
+
+
+def _test_text() -> str:
+    return "\n".join(p.read_text() for p in TESTS.glob("*.py"))
+
+
+def documented_keys() -> dict[str, set[str]]:
+    keys: dict[str, set[str]] = {}
+    for doc in DOCS:
+        for m in re.finditer(r"\b((?:cluster|data|model|sampling|merge|serve)\.[a-z_]+(?:\.[a-zA-Z_]+)?)\b",
+                             doc.read_text()):
+            if _is_key(m.group(1)):
+                keys.setdefault(m.group(1), set()).add(doc.name)
+    return keys
+
+
+def documented_commands() -> dict[str, set[str]]:
+    cmds: dict[str, set[str]] = {}
+    for doc in DOCS:
+        for m in re.finditer(r"hpc-infer ([a-z]+)(?: ([a-z]+)\b(?![=.]))?", doc.read_text()):
+            sub = m.group(1) + (f" {m.group(2)}" if m.group(1) in ("serve", "cache", "image") and m.group(2) else "")
+            cmds.setdefault(sub, set()).add(doc.name)
+    return cmds
+
+
+def test_every_documented_key_is_used_by_a_test():
+    tests = _test_text()
+    keys = documented_keys()
+    assert len(keys) > 30  # the reader still finds the docs' keys
+    missing = {k: sorted(d) for k, d in keys.items() if k not in tests and k.lower() not in NOT_HERE}
+    assert not missing, f"documented but used by no test (add one, or say why in NOT_HERE): {missing}"
+
+
+def test_every_documented_command_is_run_by_a_test():
+    tests = _test_text()
+    cmds = documented_commands()
+    assert {"launch", "sbatch", "status", "merge", "cancel", "serve status", "cache stage"} <= set(cmds)
+    missing = {}
+    for cmd, docs in cmds.items():
+        words = cmd.split()
+        spelled = [f"hpc-infer {cmd}", ", ".join(f'"{w}"' for w in words)]
+        if not any(s in tests for s in spelled):
+            missing[cmd] = sorted(docs)
+    assert not missing, f"documented commands no test runs: {missing}"
+
+
+# -- keys that had no test -------------------------------------------------------------
+
+def test_gpu_mem_gb_decides_the_memory_check():
+    from hpc_infer.cluster.preflight import preflight
+
+    configs = TESTS / "model_configs" / "llama33_70b_instruct"
+    common = ("model=llama33_70b_instruct", "cluster=together", f"model.path={configs}",
+              "cluster.container.image=null")
+    rc = compose(*common, "cluster.gpu_mem_gb=24")
+    with pytest.raises(UserError, match="use more GPUs"):
+        preflight(rc.model, rc.cluster, configs)
+    rc = compose(*common, "cluster.gpu_mem_gb=141")
+    preflight(rc.model, rc.cluster, configs)
+
+
+@pytest.mark.parametrize("where", ["HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "cluster.token_file"])
+def test_token_sources_the_docs_name(tmp_path, monkeypatch, where):
+    from hpc_infer.secrets import find_token
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no hub token file of the machine's
+    value = "hf_" + os.urandom(8).hex()
+    path = tmp_path / "token"
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    if where == "HUGGING_FACE_HUB_TOKEN":
+        monkeypatch.setenv(where, value)
+    elif where == "HF_TOKEN_PATH":
+        monkeypatch.setenv(where, str(path))
+    token = find_token(str(path) if where == "cluster.token_file" else None)
+    assert token is not None and token.value == value and where in token.source
+    assert value not in repr(token)
+
+
+def test_batch_defaults_run_brings_back_the_runs_sampling():
+    from hpc_infer.worker.loop import run_sampling
+
+    spec = {"input": {"format": "openai_batch"}, "sampling": {"temperature": 0.3}, "seed": 7}
+    assert run_sampling(dict(spec, batch_defaults="server")) == (None, None)  # vLLM's server defaults
+    assert run_sampling(dict(spec, batch_defaults="run")) == ({"temperature": 0.3}, 7)
+    assert compose("data.batch_defaults=run").data.batch_defaults == "run"
+    with pytest.raises(UserError, match="data.batch_defaults"):
+        compose("data.batch_defaults=mine")
+
+
+def test_worker_policies_reach_the_worker_spec(tmp_path):
+    """cluster.max_backups, straggler_pacing and max_attempts are read by the worker from
+    worker.json (worker/loop.py); max_resubmits by launch; bad values refused by name."""
+    from hpc_infer.run.plan import plan_input, prepare
+    from hpc_infer.worker.rundir import read_json
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    rc = compose("cluster=local", f"data.path={data}", f"output_root={tmp_path}", "cluster.max_backups=0",
+                 "cluster.straggler_pacing=false", "cluster.max_attempts=3", "cluster.max_resubmits=0")
+    assert rc.cluster.max_resubmits == 0
+    with plan_input(rc) as planned:
+        run, _ = prepare(rc, planned, "/models/m", "")
+    spec = read_json(run.worker_spec)
+    assert (spec["max_backups"], spec["straggler_pacing"], spec["max_attempts"]) == (0, False, 3)
+    for bad, name in (("cluster.max_attempts=0", "cluster.max_attempts"),
+                      ("cluster.max_resubmits=-1", "cluster.max_resubmits"),
+                      ("cluster.max_backups=-1", "cluster.max_backups")):
+        with pytest.raises(UserError, match=name):
+            compose(bad)
+
+
+def test_serve_host_and_name_and_key_file(tmp_path):
+    from hpc_infer.serve.endpoint import resolve_endpoint
+    from hpc_infer.serve.launch import bind_address
+
+    assert bind_address(compose("cluster=local")) == "127.0.0.1"  # clients are on this machine
+    assert bind_address(compose("cluster=slurm_local")) == "0.0.0.0"  # clients on other nodes
+    assert bind_address(compose("cluster=slurm_local", "serve.host=10.1.2.3")) == "10.1.2.3"
+    key = tmp_path / "key"
+    key.write_text("sk-" + os.urandom(8).hex())
+    key.chmod(0o644)
+    urls = "cluster.endpoint=http://127.0.0.1:8000/v1"
+    with pytest.raises(UserError, match="serve.api_key_file"):  # readable by others: refused
+        resolve_endpoint(compose(urls, f"serve.api_key_file={key}", "serve.name=my-model"))
+    key.chmod(0o600)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    got = resolve_endpoint(compose(urls, f"serve.api_key_file={key}", "serve.name=my-model"))
+    assert got["model"] == "my-model" and got["key_file"] == str(key) and got["urls"] == ["http://127.0.0.1:8000/v1"]
+
+
+def test_data_postprocess_is_the_default_grader_and_merge_postprocess_overrides_it():
+    rc = compose("data=math_r1_zero")
+    assert rc.data.postprocess["_target_"].endswith("r1_zero_reward") and rc.postprocess == rc.data.postprocess
+    assert compose("data=math_r1_zero", "merge.postprocess={}").postprocess is None  # turned off
+    # merge.allow_partial: the merge of what is done (tests/test_merge.py runs that merge itself)
+    assert compose("merge.allow_partial=true").merge.allow_partial is True
