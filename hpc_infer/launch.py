@@ -144,18 +144,17 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 break
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]
+            stuck = f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no " \
+                    f"worker is left:\n  "
             if resubmits < rc.cluster.max_resubmits and job_ids and isolate.run_marker(run) != before:
                 # the round got further (a chunk done, a range tried): workers died on what they
                 # were generating, e.g. a record that kills the engine; the next round goes on
                 resubmits += 1
-                say(f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no "
-                    f"worker is left:\n  " + "\n  ".join(why[:5]) + f"\nsubmitting again ({resubmits} of at most "
+                say(stuck + "\n  ".join(why[:5]) + f"\nsubmitting again ({resubmits} of at most "
                     f"{rc.cluster.max_resubmits}, cluster.max_resubmits): a chunk whose workers keep dying is run "
                     f"alone and bisected to its poison record")
                 continue
-            raise UserError(
-                f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no worker "
-                f"is left:\n  " + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
+            raise UserError(stuck + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
                 f"command to resume (finished chunks are kept).")
     summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task,
                     rc.postprocess, rc.merge.on_error)

@@ -174,8 +174,7 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         lines.append(f"  chunks not done: {shown}")
         from ..worker import isolate
 
-        deaths = {c: isolate.attempts(run, c) for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
-        deaths = {c: shared + sum(alone.values()) for c, (shared, alone) in deaths.items()}
+        deaths = {c: isolate.deaths(run, c) for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
         if any(deaths.values()):
             lines.append("  workers died with these chunks in their batch: " + ", ".join(
                 f"{c} ({n}x)" for c, n in sorted(deaths.items()) if n) + " (a chunk that died cluster.max_attempts "

@@ -85,6 +85,12 @@ def attempts(run: RunDir, chunk_id: int) -> tuple[int, collections.Counter]:
     return shared, alone
 
 
+def deaths(run: RunDir, chunk_id: int) -> int:
+    """Times a worker died with some of this chunk in its engine's batch."""
+    shared, alone = attempts(run, chunk_id)
+    return shared + sum(alone.values())
+
+
 def suspect(run: RunDir, chunk_id: int, max_attempts: int) -> bool:
     """The chunk went into an engine max_attempts times and was never written: its holder
     died with it in the batch each time. A chunk never tried costs one stat."""
@@ -170,10 +176,7 @@ def run_marker(run: RunDir) -> tuple[int, int, int]:
     """Changes whenever a round of workers got further: a chunk published, an engine death
     recorded, a part saved (attempts taken back do not count). The launcher resubmits only
     after a round that changed it."""
-    deaths = 0
-    for name in os.listdir(run.claims):
-        if name.endswith(".attempts") and name[:5].isdigit():
-            shared, alone = attempts(run, int(name[:5]))
-            deaths += shared + sum(alone.values())
+    died = sum(deaths(run, int(name[:5])) for name in os.listdir(run.claims)
+               if name.endswith(".attempts") and name[:5].isdigit())
     parts = sum(len(files) for _, _, files in os.walk(run.root / "parts"))
-    return len(run.done_chunks()), deaths, parts
+    return len(run.done_chunks()), died, parts
