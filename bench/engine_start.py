@@ -10,6 +10,20 @@ cache / warm-up, and the first token of one greedy request. The floor is a bare
 caches as far as this machine lets us (weights not read since the last repetition's
 `posix_fadvise(DONTNEED)`); later ones are warm (page cache, .pyc files).
 Prints the ratios; measurement only, nothing asserted.
+
+    --load-formats auto,sharded_state,runai_streamer,fastsafetensors [--extra-path DIR]
+
+starts the engine once per `model.load_format` (warm page cache, a fresh process each):
+`sharded_state` from a copy written first by `hpc-infer cache shard`'s own function, the
+others from the model; their packages from DIR (`pip install --target DIR
+runai-model-streamer humanize fastsafetensors`, kept out of the project's venv). A format
+the CPU build refuses prints its error.
+
+    --compile
+
+starts the engine twice with torch.compile on (enforce_eager=False) against one shared
+compile cache (worker/compile_cache.py): the first start compiles and publishes, the
+second is seeded from the published copy.
 """
 
 from __future__ import annotations
@@ -87,7 +101,7 @@ def vllm_phases(log: str) -> dict[str, float]:
     import re
 
     out = {}
-    m = re.search(r"Loading weights took ([\d.]+) seconds", log) or re.search(r"Model loading took [\d.]+ \w+ and ([\d.]+) seconds", log)
+    m = re.search(r"Loading weights took ([\d.]+) seconds", log) or re.search(r"Model loading took .*? and ([\d.]+) seconds", log)
     if m:
         out["weights"] = float(m.group(1))
     m = re.search(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s", log)
@@ -96,13 +110,96 @@ def vllm_phases(log: str) -> dict[str, float]:
     return out
 
 
+LOADER = r'''
+import json, sys, time
+t0 = time.time()
+from vllm import LLM, SamplingParams
+kw = json.loads(sys.argv[3])
+cache = None
+if kw.pop("compile_cache", None):
+    from hpc_infer.worker.compile_cache import open_cache
+    cache = open_cache(sys.argv[4], "bench", 1, 1)
+t1 = time.time()
+llm = LLM(model=sys.argv[2], dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False,
+          max_num_batched_tokens=2048, **kw)
+t2 = time.time()
+text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0].outputs[0].text
+print("LOADED " + json.dumps({"import": t1 - t0, "llm": t2 - t1, "text": text,
+      "cache": dict(cache.describe(), published=cache.publish()) if cache else None}), flush=True)
+'''
+
+
+def start_with(model: Path, kw: dict, extra_path: str | None = None, cache_root: str = "") -> dict:
+    """One fresh engine start with these LLM(...) arguments: times, vLLM's phases, or its error."""
+    env = dict(os.environ, **ENV)
+    if extra_path:
+        env["PYTHONPATH"] = f"{extra_path}:{env.get('PYTHONPATH', '')}"
+    p = subprocess.run([sys.executable, "-c", LOADER, repr(time.time()), str(model), json.dumps(kw), cache_root],
+                       capture_output=True, text=True, env=env, timeout=1800)
+    if p.returncode:
+        lines = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return {"error": (lines[-1] if lines else p.stderr[-300:]).strip()}
+    out = json.loads(p.stdout.split("LOADED ", 1)[1].splitlines()[0])
+    return {**out, **vllm_phases(p.stdout + p.stderr)}  # vLLM logs to stdout
+
+
+def load_formats(model: Path, formats: list[str], extra_path: str | None) -> None:
+    import tempfile
+
+    print(f"\nweight loaders (warm page cache; a fresh process each; LLM(...) = engine build to ready):")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
+    base = None
+    for fmt in formats:
+        path = model
+        if fmt == "sharded_state":
+            path = tmp / "copy"
+            code = ("import sys; from pathlib import Path; from hpc_infer.models.load_format import write_sharded_state; "
+                    "write_sharded_state(sys.argv[1], Path(sys.argv[2]), 1, 1, 'bfloat16')")
+            subprocess.run([sys.executable, "-c", code, str(model), str(path)], check=True, capture_output=True,
+                           env=dict(os.environ, **ENV), timeout=1800)
+        r = start_with(path, {"load_format": fmt, "enforce_eager": True}, extra_path)
+        if "error" in r:
+            print(f"  {fmt:16} refused by this build: {r['error'][:200]}")
+            continue
+        base = base or r["llm"]
+        weights = f"{r['weights']:.2f} s" if "weights" in r else "not in vLLM's log"
+        print(f"  {fmt:16} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / base:.2f} of the first), weights "
+              f"{weights}, greedy text {r['text']!r}")
+
+
+def compile_starts(model: Path) -> None:
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="bench-compile-")
+    print("\ntorch.compile on (enforce_eager=False), one shared compile cache:")
+    eager = start_with(model, {"enforce_eager": True})
+    print(f"  eager, for reference     LLM(...) {eager['llm']:6.2f} s")
+    for which in ("first (compiles, publishes)", "second (seeded from the shared copy)"):
+        r = start_with(model, {"enforce_eager": False, "compile_cache": True}, cache_root=root)
+        if "error" in r:
+            print(f"  {which}: refused by this build: {r['error'][:200]}")
+            return
+        c = r["cache"]
+        print(f"  {which:36} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / eager['llm']:.2f} of eager); seeded "
+              f"{c['seeded']} entries, published {len(c['published'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--load-formats", default=None, help="comma-separated model.load_format values to compare")
+    ap.add_argument("--extra-path", default=None, help="a pip --target directory with the loaders' packages")
+    ap.add_argument("--compile", action="store_true", help="cold vs seeded start with torch.compile on")
     args = ap.parse_args()
     from hpc_infer.models.cpu_model import ensure_smollm2
 
     model = Path(ensure_smollm2())
+    if args.load_formats:
+        load_formats(model, args.load_formats.split(","), args.extra_path)
+    if args.compile:
+        compile_starts(model)
+    if args.load_formats or args.compile:
+        return
     rows = []
     for rep in range(args.reps):
         kind = "cold" if rep == 0 else "warm"
@@ -120,7 +217,7 @@ def main() -> None:
         fout, _ = run(FLOOR, model)
         imp, read, nbytes = fout.split("FLOOR ", 1)[1].split()[:3]
         floor = float(imp) + float(read)
-        rows.append((kind, phases, vllm_phases(err), total, floor, float(imp), float(read)))
+        rows.append((kind, phases, vllm_phases(out + err), total, floor, float(imp), float(read)))
     for kind, phases, vp, total, floor, imp, read in rows:
         print(f"[{kind}] our worker's start to first token: {total:.1f} s")
         for k, v in phases.items():

@@ -7,6 +7,7 @@
     hpc-infer serve model=... cluster=... [serve.replicas=N]   (OpenAI-compatible vLLM servers)
     hpc-infer serve status [RUN]            hpc-infer serve stop RUN
     hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
+    hpc-infer cache shard MODEL --root /shared/models --tp N   (a sharded_state copy for TP=N)
     hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
     hpc-infer model build-cpu               (build the embedded CPU default model now)
 """
@@ -109,6 +110,14 @@ def cmd_cache(args) -> int:
         return 1 if bad else 0
     elif args.action == "catalog":
         print(cache_admin.write_catalog(args.root))
+    elif args.action == "shard":
+        if not args.source:
+            raise UserError("cache shard needs SOURCE (a model directory, or a model's name under --root)")
+        out = cache_admin.shard(args.source, args.root, args.tp, args.pp, args.name, args.dtype)
+        print(out)
+        print(f"[hpc_infer] load it with model.path={out} model.load_format=sharded_state "
+              f"model.tensor_parallel_size={args.tp}" + (f" model.pipeline_parallel_size={args.pp}" if args.pp > 1
+                                                         else ""), file=sys.stderr)
     return 0
 
 
@@ -193,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="records the engine refused: keep them as error records (default: the run's "
                         "merge.on_error), drop them from the results, or fail (exit 3)")
     p.set_defaults(fn=cmd_merge)
-    p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog")
-    p.add_argument("action", choices=["stage", "list", "verify", "catalog"])
-    p.add_argument("source", nargs="?", help="stage: model directory or HF id; verify: one model name")
+    p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog, shard")
+    p.add_argument("action", choices=["stage", "list", "verify", "catalog", "shard"])
+    p.add_argument("source", nargs="?", help="stage: model directory or HF id; verify: one model name; "
+                                             "shard: model directory or name under --root")
+    p.add_argument("--tp", type=int, default=1, help="shard: tensor_parallel_size the copy is for")
+    p.add_argument("--pp", type=int, default=1, help="shard: pipeline_parallel_size the copy is for")
+    p.add_argument("--dtype", default="auto", help="shard: dtype the weights are written in")
     p.add_argument("--root", required=True, help="the shared model root, e.g. /data/models")
     p.add_argument("--name", default=None)
     p.add_argument("--hf-id", default=None)

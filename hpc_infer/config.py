@@ -41,6 +41,9 @@ class ModelConfig:
     pipeline_parallel_size: int = 1
     trust_remote_code: bool = False
     quantization: Optional[str] = None
+    # vLLM's weight loader: auto | safetensors | runai_streamer | fastsafetensors | sharded_state
+    # (a copy from `hpc-infer cache shard`) | ...; its package and the checkpoint are pre-flight checked
+    load_format: Optional[str] = None
     enforce_eager: bool = False
     gpu_memory_utilization: Optional[float] = None
     chat_template: Optional[str] = None  # path to a Jinja chat template file
@@ -108,6 +111,11 @@ class ClusterConfig:
     # attempt recorded), launch submits again, at most this many times (0: never).
     max_resubmits: int = 12
     heartbeat_s: float = 10.0
+    # vLLM's compile cache shared by every worker and replica of a model (worker/compile_cache.py):
+    # a directory on shared storage, or node-local ("/tmp/vllm-compile"); None: vLLM's own per-user
+    # default (~/.cache/vllm). Entries are published whole by one rename: never corrupted by
+    # concurrent first starts.
+    compile_cache: Optional[str] = None
     # Batch through running servers instead of loading a model: a `hpc-infer serve` run
     # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"
     # with the key's file in serve.api_key_file (never a key here).
@@ -207,6 +215,11 @@ class ServeConfig:
     port_max: int = 60000
     host: Optional[str] = None  # default: 127.0.0.1 on local backends, 0.0.0.0 on Slurm (serve/launch.py)
     ready_timeout_min: float = 60.0  # a replica not answering /health by then gives up (and says why)
+    # The watchdog: a replica whose server dies (crash, OOM kill) starts it again in place, on
+    # the same port, after restart_backoff_s x 2^(restarts so far) (at most 5 min), at most
+    # max_restarts times (0: never); the Slurm time limit still ends the replica.
+    max_restarts: int = 3
+    restart_backoff_s: float = 5.0
     extra_args: List[str] = field(default_factory=list)  # more `vllm serve` flags
 
 
@@ -456,6 +469,11 @@ def validate(rc: RunConfig) -> None:
     check(c.mem is None or re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(c.mem), re.I) is not None, "cluster.mem",
           f"'{c.mem}' is not a Slurm memory size; write e.g. 40G or 512M")
     check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
+    check(rc.serve.max_restarts >= 0, "serve.max_restarts", "must be >= 0 (0: a dead server is not restarted)")
+    check(rc.serve.restart_backoff_s >= 0, "serve.restart_backoff_s", "must be >= 0")
+    check(not c.compile_cache or "$" in c.compile_cache or Path(c.compile_cache).expanduser().is_absolute(),
+          "cluster.compile_cache", f"'{c.compile_cache}' is relative; give an absolute directory every worker sees "
+          "(shared storage), or a node-local one like /tmp/vllm-compile")
     if c.container.image and not c.container.image.startswith(("docker://", "library://", "oras://")):
         check(Path(c.container.image).exists(), "cluster.container.image",
               f"image {c.container.image} does not exist (pull it with `hpc-infer image pull`, or fix the path)")

@@ -46,6 +46,8 @@ SlurmctldHost=$H
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire before it may start again (default 120 s; preemption tests requeue)
+AuthInfo=cred_expire=30
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -92,17 +92,52 @@ def wait_mid_run(run, timeout: float = 300) -> None:
     pytest.fail("the run never had a finished chunk and a claimed one at the same time")
 
 
-def preempt_then_finish(run, timeout: float) -> None:
-    """Mid-run, send the run's one Slurm task the preemption warning (submitit's USR2, as
-    `--signal=USR2@90` would); the task must requeue itself, the requeued task finish the
-    run, and the merge keep all 16 records of `data=example` exactly once."""
+def hold_env(tmp_path: Path, where: str = "claimed@/00002") -> dict:
+    """The environment of a worker that stops at a failpoint until the test releases it
+    (worker/faults.py HOLD): by default once it has finished chunks 0 and 1 (one chunk in
+    flight at a time) and holds chunk 2's claim: mid-run, by state, not by timing."""
+    hold = tmp_path / "hold"
+    hold.mkdir(exist_ok=True)
+    return {"HPC_INFER_FAULT": f"{where}:HOLD", "HPC_INFER_HOLD_DIR": str(hold)}
+
+
+def wait_held(tmp_path: Path, timeout: float = 900) -> int:
+    """The PID of the process holding at the failpoint, once it is there. The timeout only
+    bounds a broken run; nothing waits on it in a passing one."""
     import time
 
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        held = list((tmp_path / "hold").glob("held.*"))
+        if held:
+            return int(held[0].name.split(".", 1)[1])
+        time.sleep(0.05)
+    pytest.fail("no worker reached the failpoint")
+
+
+def release(tmp_path: Path) -> None:
+    (tmp_path / "hold" / "release").touch()
+
+
+def preempt_then_finish(run, tmp_path: Path, timeout: float) -> None:
+    """With the run's one Slurm task holding chunk 2's claim (hold_env), send it the
+    preemption warning (submitit's USR2, as `--signal=USR2@90` would); once the task has
+    gone, let the failpoint go: the task must have requeued itself, the requeued task
+    finish the run, and the merge keep all 16 records of `data=example` exactly once."""
+    import time
+
+    from hpc_infer.worker.procs import identify
     from hpc_infer.worker.rundir import read_json
 
-    wait_mid_run(run)
+    pid = wait_held(tmp_path)
+    held = identify(pid)
+    assert run.done_chunks() == {0, 1} and 2 in run.claimed_chunks()
     (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.time() + timeout
+    while held and identify(pid, held.start) and time.time() < deadline:
+        time.sleep(0.2)
+    release(tmp_path)  # the requeued task passes the same point
     n_chunks = read_json(run.manifest)["n_chunks"]
     deadline = time.time() + timeout
     while len(run.done_chunks()) < n_chunks and time.time() < deadline:
@@ -159,18 +194,50 @@ def _restore_umask():
     rundir._UMASK = saved
 
 
-# --- the suite's time per file (scripts/test.sh prints it; issue: keep CI within budget) ------
+# --- the suite's cost: time per file, the slowest tests, engine starts (issue: CI within budget) --
 _FILE_SECONDS: dict[str, float] = {}
+_TEST_SECONDS: dict[str, float] = {}
+ENGINE_LINE = b"Initializing a V1 LLM engine"  # vLLM logs it once per engine it builds (LLM or server)
+_LOG_SUFFIXES = (".log", ".err", ".out", ".stderr", ".stdout")
 
 
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::", 1)[0]
     _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+    _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
 
 
-def pytest_terminal_summary(terminalreporter):
+def _engine_starts(basetemp: Path) -> dict[str, int]:
+    """Engines built by each test's processes, counted from vLLM's own line in the logs the
+    test's runs wrote under its tmp dir (named after the test). Engines built inside the
+    pytest process itself log to pytest's capture and are not counted."""
+    counts: dict[str, int] = {}
+    for f in basetemp.rglob("*"):
+        try:
+            if f.suffix in _LOG_SUFFIXES and f.is_file() and f.stat().st_size < 64 << 20:
+                n = f.read_bytes().count(ENGINE_LINE)
+                if n:
+                    top = f.relative_to(basetemp).parts[0]
+                    counts[top] = counts.get(top, 0) + n
+        except OSError:
+            continue
+    return counts
+
+
+def pytest_terminal_summary(terminalreporter, config):
     if not _FILE_SECONDS:
         return
     terminalreporter.write_sep("-", "time per test file (setup + call + teardown)")
     for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{s:8.1f} s  {path}")
+    terminalreporter.write_sep("-", "slowest tests")
+    for nodeid, s in sorted(_TEST_SECONDS.items(), key=lambda kv: -kv[1])[:30]:
+        terminalreporter.write_line(f"{s:8.1f} s  {nodeid}")
+    try:
+        basetemp = config._tmp_path_factory.getbasetemp()
+    except Exception:  # no test asked for a tmp dir
+        return
+    starts = _engine_starts(Path(basetemp))
+    terminalreporter.write_sep("-", f"vLLM engine starts logged under the tests' tmp dirs: {sum(starts.values())}")
+    for top, n in sorted(starts.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{n:5d}  {top}")

@@ -1,6 +1,8 @@
 """Configs: every shipped group composes and validates; bad settings are named."""
 
 
+import re
+
 import pytest
 
 from conftest import ROOT, compose
@@ -83,3 +85,12 @@ def test_unknown_key_and_wrong_type_fail_in_hydra():
         compose("sampling.temprature=0.5")
     with pytest.raises(ConfigCompositionException, match="max_tokens"):
         compose("sampling.max_tokens=lots")
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("serve.max_restarts=-1", "serve.max_restarts: must be >= 0 (0: a dead server is not restarted)"),
+    ("serve.restart_backoff_s=-2", "serve.restart_backoff_s: must be >= 0"),
+])
+def test_watchdog_settings_are_checked(override, expect):
+    with pytest.raises(UserError, match=re.escape(expect)):
+        compose("cluster=local", override)

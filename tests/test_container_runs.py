@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, preempt_then_finish, read_results, run_launch
+from conftest import ROOT, hold_env, preempt_then_finish, read_results, run_launch
 from hpc_infer.worker.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -111,11 +111,11 @@ def test_slurm_preempted_container_requeues_and_merges_once(tmp_path, slurm, cpu
     """Slurm's preemption warning reaches the worker inside the container (sent to the
     step, and forwarded by the runtime as Apptainer's starter does); the task requeues
     and the requeued task finishes; every record is merged exactly once."""
-    args = ("cluster=slurm_local", "data=example", "sampling=greedy", "sampling.max_tokens=60",
-            "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
+    args = ("cluster=slurm_local", "data=example", "sampling=greedy", "sampling.max_tokens=16",
+            "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
             "chunks_per_worker=4", f"cluster.container.image={vllm_image}")
-    run_launch(tmp_path, *args, "wait=false", env=container_env(tmp_path))
-    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), timeout=500)
+    run_launch(tmp_path, *args, "wait=false", env=container_env(tmp_path, **hold_env(tmp_path)))
+    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), tmp_path, timeout=900)
 
 
 def test_missing_bind_source_refused_before_planning(tmp_path, cpu_model):

@@ -1,9 +1,11 @@
 """The headline use case at a size that resembles real use, and a failing worker that says why.
 
-200 MATH-style problems through the r1_zero template, SmolLM2 on vLLM's CPU build, with
-per-record seeds: enough prompt tokens in flight that vLLM would split prompts over
-steps (chunked prefill), which used to crash the CPU build ("CPU Generator does not
-use offset"; see engine.cpu_scheduler_kwargs). Graded at merge by the r1_zero reward.
+72 MATH-style problems through the r1_zero template, SmolLM2 on vLLM's CPU build, with
+per-record seeds: more prompt tokens in flight than two steps of vLLM's CPU default
+budget (4096 tokens a step), so vLLM would split prompts over steps (chunked prefill),
+which used to crash the CPU build ("CPU Generator does not use offset"; see
+engine.cpu_scheduler_kwargs). Graded at merge by the r1_zero reward. (200 problems
+until this round: 72 (about 9,100 prompt tokens) already puts that many tokens in flight, asserted below.)
 """
 
 import json
@@ -27,17 +29,22 @@ def _problems(path, n):
                                 f"step, then check the sum by subtracting {b}.", "answer": str(a + b)}) + "\n")
 
 
-def test_math_flow_200_problems_seeded_on_cpu(tmp_path, cpu_model):
-    data = tmp_path / "math200.jsonl"
-    _problems(data, 200)
+N = 72
+CPU_STEP_TOKENS = 4096  # vLLM's default max_num_batched_tokens for LLM on CPU (engine/arg_utils.py)
+
+
+def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cpu_model):
+    data = tmp_path / "math.jsonl"
+    _problems(data, N)
     p = run_launch(tmp_path, "data=math_r1_zero", "sampling=r1_zero", "sampling.max_tokens=8", f"data.path={data}",
                    "data.id_field=unique_id", "cluster=local", timeout=1800)
     run = tmp_path / "runs/math_r1_zero__smollm2_cpu__r1_zero"
     rows = read_results(run / "results.jsonl")
-    assert [r["id"] for r in rows] == [f"gen/{i}" for i in range(200)]  # each once, in input order
+    assert [r["id"] for r in rows] == [f"gen/{i}" for i in range(N)]  # each once, in input order
+    assert sum(r["prompt_tokens"] for r in rows) > 2 * CPU_STEP_TOKENS  # all in flight at once (16 chunks)
     assert all(r["output_tokens"] > 0 and "format_reward" in r and "answer_reward" in r for r in rows)
     summary = read_json(run / "summary.json")
-    assert summary["records"] == 200 and summary["postprocess"]["records"] == 200
+    assert summary["records"] == N and summary["postprocess"]["records"] == N
     assert summary["postprocess"]["sums"]["answer_reward"] == sum(r["answer_reward"] for r in rows)
     # every record's reward is the grader's verdict on its own text and answer (the grader is
     # checked against the CS336 reference in test_math_grader.py) ...

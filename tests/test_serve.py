@@ -50,8 +50,8 @@ def served(tmp_path_factory, cpu_model):
     stop, hits = threading.Event(), []
     scanner = threading.Thread(target=_scan, args=([TOKEN.encode()], stop, hits), daemon=True)
     scanner.start()
-    p = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 output_root={tmp}/runs",
-           env=env)
+    p = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
+              f"serve.restart_backoff_s=1 output_root={tmp}/runs", env=env)
     root = tmp / "runs" / "serve__smollm2_cpu"
     key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
     yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits}
@@ -183,6 +183,39 @@ def test_status_reads_scheduler_and_health(served):
     state.write_text(saved)
     p = sh(served["tmp"], "hpc-infer serve status", env=served["env"])  # all my servers
     assert str(served["root"]) in p.stdout
+
+
+def test_watchdog_restarts_a_killed_server_on_its_port(served):
+    """Replica 1's vLLM server is SIGKILLed (what an OOM kill does): the replica, still
+    holding its allocation, starts the server again on the same port after its backoff; it
+    answers with the same key, and `serve status` shows the restart and its cause."""
+    import os
+    import signal
+
+    from openai import OpenAI
+
+    from hpc_infer.worker.procs import identify
+
+    path = served["root"] / "serve" / "1.json"
+    before = json.loads(path.read_text())
+    assert before["state"] == "ready" and before.get("restarts", 0) == 0, before
+    os.kill(before["server_pid"], signal.SIGKILL)
+    deadline = time.time() + 900  # a bound for a broken watchdog only; the wait ends on the state file
+    while time.time() < deadline:
+        now = json.loads(path.read_text())
+        if now["state"] in ("failed", "stopped") or (now["state"] == "ready" and now.get("restarts") == 1):
+            break
+        time.sleep(0.5)
+    assert now["state"] == "ready" and now["restarts"] == 1, now
+    assert now["server_pid"] != before["server_pid"] and now["url"] == before["url"]  # in place, same port
+    assert now["last_exit"].startswith("the server exited with -9 (SIGKILL)"), now
+    assert identify(before["server_pid"], before["server_pid_start"]) is None
+    client = OpenAI(base_url=now["url"], api_key=served["key_file"].read_text().strip())
+    comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in comp.choices[0].text
+    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    assert p.stdout.count(" ready ") == 2 and "restarts 1 (last: the server exited with -9 (SIGKILL)" in p.stdout, \
+        p.stdout
 
 
 def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BIN, preempt_then_finish, wait_mid_run, read_results, run_launch, shim_calls, tool_shims,
-                      user_env)
+from conftest import (BIN, hold_env, preempt_then_finish, read_results, run_launch, shim_calls, tool_shims,
+                      user_env, wait_held)
 from hpc_infer.worker.procs import identify
 from hpc_infer.worker.rundir import RunDir, read_heartbeats, read_json
 from test_processes import processes_of, wait_for
-from test_vllm_runs import _scan_cmdlines
+from test_vllm_runs import _scan_cmdlines, check_compile_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 BASE = ("cluster=slurm_local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=16")
@@ -46,7 +46,7 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
     scanner.start()
     shims, argv_log = tool_shims(tmp_path / "shims")  # every sbatch/squeue/scontrol/srun call, in and out of jobs
     try:
-        run_launch(tmp_path, *BASE, "cluster.workers=2",
+        run_launch(tmp_path, *BASE, "cluster.workers=2", f"cluster.compile_cache={tmp_path}/compile",
                    env={"HF_TOKEN": token, "PATH": f"{shims}:{os.environ['PATH']}"})
     finally:
         stop.set()
@@ -62,6 +62,7 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
     assert len(list(run.logs.glob("*_submission.sh"))) == 1  # one sbatch call
     beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
     assert beats and all(b["hf_token_present"] for b in beats)
+    check_compile_cache(beats, tmp_path / "compile")  # two nodes' workers, one shared cache
     assert hits == []
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert leaked == []
@@ -87,11 +88,11 @@ def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
 
 
 def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cpu_model):
-    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4",
+    args = (*BASE, "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4",
             "data=example")
-    run_launch(tmp_path, *args, "wait=false")
+    run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    wait_mid_run(run)  # kill it while it holds a claim, after >= 1 finished chunk
+    wait_held(tmp_path)  # cancel it while it holds chunk 2's claim, chunks 0 and 1 finished (never released)
     cli = [str(BIN / "hpc-infer")]
     out = subprocess.run([*cli, "status", str(run.root)], capture_output=True, text=True, check=True).stdout
     assert "RUNNING" in out and "chunks" in out
@@ -104,8 +105,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     wait_for("the cancelled run's processes gone", lambda: not processes_of(run.root)
              and not any(identify(b["pid"], b["pid_start"]) for b in beats), timeout=120)
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
-    n_chunks = read_json(run.manifest)["n_chunks"]
-    assert 0 < len(first_done) < n_chunks
+    assert set(first_done) == {0, 1} and read_json(run.manifest)["n_chunks"] == 4
     r = subprocess.run([*cli, "merge", str(run.root)], capture_output=True, text=True)
     assert r.returncode == 2 and "incomplete" in r.stderr
 
@@ -193,7 +193,7 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cp
     """Slurm's timeout/preemption warning (submitit's USR2, sent to the job step as
     `--signal=USR2@90` would) makes the task release its chunks, requeue itself through
     submitit and `scontrol requeue`, and the requeued task finishes the run."""
-    args = (*BASE, "sampling.max_tokens=200", "sampling.ignore_eos=true", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
+    args = (*BASE, "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
             "chunks_per_worker=4", "data=example")
-    run_launch(tmp_path, *args, "wait=false")
-    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), timeout=400)
+    run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
+    preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), tmp_path, timeout=900)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_results, run_launch, wait_mid_run
+from conftest import hold_env, read_results, run_launch, wait_held
 from hpc_infer.worker.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def test_chat_on_local_workers_token_never_written(tmp_path, cpu_model):
     scanner.start()
     try:
         run_launch(tmp_path, "cluster=local", "cluster.workers=2", "sampling=greedy", "sampling.max_tokens=24",
-                   env={"HF_TOKEN": token})
+                   f"cluster.compile_cache={tmp_path}/compile", env={"HF_TOKEN": token})
     finally:
         stop.set()
         scanner.join()
@@ -59,17 +59,30 @@ def test_chat_on_local_workers_token_never_written(tmp_path, cpu_model):
     assert hits == []
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert leaked == []
+    check_compile_cache(beats, tmp_path / "compile")
+
+
+def check_compile_cache(beats: list[dict], root: Path) -> None:
+    """Both workers started at once against one shared compile cache: each had its own
+    private VLLM_CACHE_ROOT, removed when it ended, under one key directory (vLLM's CPU
+    build runs eager here, so there is nothing compiled to publish: published is empty)."""
+    caches = [b["compile_cache"] for b in beats]
+    assert len(caches) == 2 and len({c["private"] for c in caches}) == 2, caches
+    (shared,) = {c["shared"] for c in caches}
+    assert Path(shared).parent.parent.parent == root and Path(shared).name == "tp1-pp1", shared
+    assert all(c["published"] == [] and not Path(c["private"]).exists() for c in caches), caches
 
 
 def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_model):
     args = ("cluster=local", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4", "sampling=greedy",
-            "sampling.max_tokens=64")
-    run_launch(tmp_path, *args, "wait=false")
+            "sampling.max_tokens=16")
+    run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
     (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
-    wait_mid_run(run)  # kill it while it holds a claim, after >= 1 finished chunk
+    pid = wait_held(tmp_path)  # it holds chunk 2's claim, chunks 0 and 1 finished (never released)
     (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
-    os.kill(beat["pid"], signal.SIGKILL)  # the worker process itself, mid-chunk
+    assert beat["pid"] == pid and run.done_chunks() == {0, 1}
+    os.kill(beat["pid"], signal.SIGKILL)  # the worker process itself, mid-run
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     n_chunks = read_json(run.manifest)["n_chunks"]
     assert len(first_done) < n_chunks

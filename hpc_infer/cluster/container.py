@@ -74,9 +74,11 @@ def _under(path: str, roots: list[str]) -> bool:
 
 
 def binds(cfg: ContainerConfig, run_root: Path | None, model_path: str | None, hf_home: str | None,
-          model_roots: list[str], files: list[str | None] = ()) -> list[str]:
+          model_roots: list[str], files: list[str | None] = (), writes: list[str | None] = ()) -> list[str]:
     """`src:dst[:ro]` for everything the worker touches; `files` are further read-only
-    inputs (a LoRA adapter; the chat template travels inside worker.json)."""
+    inputs (a LoRA adapter; the chat template travels inside worker.json); `writes` are
+    shared directories the worker writes (the compile cache). Paths with `$VARS` are the
+    node's own (expanded there) and not bound."""
     import submitit
 
     from ..config import PACKAGE_DIR
@@ -89,6 +91,10 @@ def binds(cfg: ContainerConfig, run_root: Path | None, model_path: str | None, h
     for path in reads:
         if path:
             out.append(f"{path}:{path}:ro")
+    for path in writes:
+        if path and "$" not in path:
+            path = os.path.realpath(os.path.expanduser(path))
+            out.append(f"{path}:{path}")
     out += list(cfg.binds)
     seen, unique = set(), []
     for b in out:
@@ -99,7 +105,8 @@ def binds(cfg: ContainerConfig, run_root: Path | None, model_path: str | None, h
 
 
 def container_binds(cluster: ClusterConfig, model: ModelConfig, run_root: Path | None, model_path: str) -> list[str]:
-    return binds(cluster.container, run_root, model_path, cluster.hf_home, cluster.model_roots, [model.lora_path])
+    return binds(cluster.container, run_root, model_path, cluster.hf_home, cluster.model_roots, [model.lora_path],
+                 [cluster.compile_cache])
 
 
 def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool, requests: Path | None = None) -> list[str]:

@@ -12,6 +12,7 @@ refuses what cannot fit.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -120,6 +121,12 @@ def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path
     UserError (launch, sbatch and serve call this before planning). Returns notes on what
     could not be checked (printed, not fatal). `host_mem_gib`: this machine's memory, for
     CPU workers on the local backends (default: read from /proc/meminfo)."""
+    if cluster.compile_cache and "$" not in cluster.compile_cache:  # bound into images: it must exist
+        try:
+            os.makedirs(os.path.expanduser(cluster.compile_cache), exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cluster.compile_cache: cannot create {cluster.compile_cache}: {e.strerror}; give a "
+                            f"directory you can write (shared storage, or node-local like /tmp/vllm-compile)")
     if cluster.container.image:
         from .container import check_paths, container_binds
 
@@ -148,6 +155,14 @@ def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path
                 f"model.tensor_parallel_size={tp} × pipeline_parallel_size={pp} needs {tp * pp} GPU{'s' * (tp * pp != 1)} per task; "
                 f"cluster {cluster.name} gives {per_node} ({gres}) × nodes_per_task {nodes} = {gpus}: "
                 f"set {' or '.join(fixes) or 'the two to agree'}")
+    if model.load_format:  # the loader's package where the worker runs, a checkpoint that suits it
+        from ..models.load_format import check_load_format
+        from .container import container_binds, python_command
+        from .submit import host_python
+
+        binds = container_binds(cluster, model, None, str(model_path)) if cluster.container.image else []
+        python = python_command(cluster.container, binds, gpus=False, host_python=host_python())
+        problems += check_load_format(model.load_format, model_path, tp, pp, python)
     cfg = read_model_config(model_path)
     if cfg is None:
         notes.append(f"no config.json in {model_path}: heads, layers, positions and memory not checked")

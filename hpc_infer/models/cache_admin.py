@@ -246,6 +246,44 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
     return target
 
 
+def shard(source: str, root: str, tp: int, pp: int = 1, name: str | None = None, dtype: str = "auto") -> Path:
+    """A sharded-state copy of a model for TP x PP (model.load_format=sharded_state), written
+    by vLLM itself into a staging directory and published into the root by one rename, like
+    `stage`. Runs an engine of TP x PP ranks: on a GPU cluster, inside an allocation with
+    that many GPUs (`srun --gres=gpu:TP hpc-infer cache shard ...`)."""
+    from .load_format import check_load_format, write_sharded_state
+
+    root_p = Path(root).expanduser()
+    src = Path(source).expanduser()
+    if not src.is_dir():
+        src = root_p / source
+    if not (src / "config.json").is_file():
+        raise UserError(f"{source}: not a model directory (no config.json), here or under {root_p}")
+    name = name or f"{src.name}-tp{tp}" + (f"-pp{pp}" if pp > 1 else "")
+    check_names(name, None)
+    target = root_p / name
+    if target.exists():
+        raise UserError(f"{target} exists; give another --name or remove it first")
+    root_p.mkdir(parents=True, exist_ok=True)
+    tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        write_sharded_state(str(src), tmp, tp, pp, dtype)
+        write_json(tmp / META, {"name": name, "source": str(src), "load_format": "sharded_state",
+                                "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+                                "staged_at": time.time(), "staged_by": getpass.getuser()})
+        problems = check_load_format("sharded_state", tmp, tp, pp, sys.executable)
+        if problems:
+            raise UserError("the sharded copy is incomplete, not published:\n  " + "\n  ".join(problems))
+        _share(tmp, set())
+        tmp.rename(target)
+    except OSError as e:
+        raise UserError(f"sharding {source} into {root_p} failed: {e.strerror or e} ({e.filename or ''}); "
+                        f"nothing was published") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def list_models(root: str) -> list[Entry]:
     out = []
     for path in sorted(Path(root).expanduser().iterdir()):

@@ -274,7 +274,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "enforce_eager": m.enforce_eager,
         "seed": rc.seed if rc.seed is not None else 0,
     }
-    for key in ("max_model_len", "quantization", "gpu_memory_utilization", "revision"):
+    for key in ("max_model_len", "quantization", "gpu_memory_utilization", "revision", "load_format"):
         if getattr(m, key) is not None:
             engine_kwargs[key] = getattr(m, key)
     if rc.cluster.nodes_per_task > 1:
@@ -288,7 +288,8 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
     return {
         "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
                   "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name,
-                  "aliases": [m.name]},  # batch lines may name the model by its config name too
+                  "aliases": [m.name],  # batch lines may name the model by its config name too
+                  "compile_cache": rc.cluster.compile_cache},  # worker/compile_cache.py
         "input": input_spec(rc.data).to_json(),  # how a worker rebuilds records from chunk files
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,

@@ -109,6 +109,7 @@ def serve(rc: RunConfig) -> Path:
         "model": model, "served_name": served, "host": bind_address(rc), "port_min": rc.serve.port_min,
         "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
         "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
+        "max_restarts": rc.serve.max_restarts, "restart_backoff_s": rc.serve.restart_backoff_s,
         "env": dict(c.env), "key_file": str(key_file), "permissions": rc.permissions,
         "replicas": rc.serve.replicas, "cluster": c.name, "backend": c.backend, "created": time.time(),
     }, indent=1) + "\n").encode())

@@ -12,7 +12,9 @@ point, which works for both the CUDA and the CPU build). The replica
    (host, port, url, job id, pids, started, ready_at); a replica that dies first writes
    why (the last lines of its log) into the same file;
 4. watches `/metrics` and, with `idle_minutes`, stops a server that served nothing for
-   that long (frees its GPUs); on SIGTERM (scancel, `serve stop`) it stops the server.
+   that long (frees its GPUs); on SIGTERM (scancel, `serve stop`) it stops the server;
+5. restarts a server that died on its own (crash, OOM kill) in place, on the same port,
+   with backoff, at most `max_restarts` times (the watchdog).
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str
     return out
 
 
+def _signal_name(code: int) -> str:
+    try:
+        return f" ({signal.Signals(-code).name})" if code < 0 else ""
+    except ValueError:
+        return ""
+
+
 def run_replica(run_dir: str, index: int) -> dict:
     """One replica; on a multi-node allocation the first node runs it on a Ray cluster the
     other nodes join (serve/ray_nodes.py)."""
@@ -178,6 +187,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         save(state="failed", error=f"cannot read the API key file {spec['key_file']}: {e.strerror}")
         raise SystemExit(2)
 
+    cache = None
+    if spec["model"].get("compile_cache"):  # a private VLLM_CACHE_ROOT seeded from the shared cache
+        from ..worker.compile_cache import open_cache
+
+        ekw = spec["model"].get("engine_kwargs") or {}
+        cache = open_cache(spec["model"]["compile_cache"], spec.get("served_name") or spec["model"]["path"],
+                           int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)), env)
+
     child: subprocess.Popen | None = None
     stopping = {"why": None}
 
@@ -199,62 +216,107 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         helpers.append(head)
     lo, hi = spec.get("port_min", 20000), spec.get("port_max", 60000)
 
-    for attempt in range(3):  # another job may grab our port between the probe and vLLM's bind
-        port = free_port(lo, hi)
-        env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'
-        base = f"http://127.0.0.1:{port}"
-        addr = "127.0.0.1" if spec.get("host") in ("127.0.0.1", "localhost") else host  # clients reach it there
-        save(port=port, url=f"http://{addr}:{port}/v1", state="loading")
-        with open(log_path, "ab") as log:
-            # the server goes when this replica goes, even by SIGKILL (it would answer with the key)
-            child = subprocess.Popen(server_command(spec, port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-        server = identify(child.pid)
-        save(server_pid=child.pid, server_pid_start=server.start if server else None)
-        deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
-        while child.poll() is None and stopping["why"] is None and time.time() < deadline:
-            if _get(f"{base}/health", timeout=2)[0] == 200:
-                break
-            time.sleep(1)
-        if child.poll() is None and stopping["why"] is None and time.time() < deadline:
-            break
-        if child.poll() is None:
-            child.terminate()
-            child.wait(timeout=60)
-        cause, tail = failure_report(log_path)
+    def start_server(same_port: int | None = None) -> str | None:
+        """Start vLLM's server and wait for /health: None once it answers, else why not
+        ("" when stopped meanwhile). A restart tries the port clients already know first."""
+        nonlocal child
+        for attempt in range(3):  # another job may grab our port between the probe and vLLM's bind
+            port = same_port if same_port and attempt == 0 else free_port(lo, hi)
+            env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'
+            stopping["base"] = base = f"http://127.0.0.1:{port}"
+            addr = "127.0.0.1" if spec.get("host") in ("127.0.0.1", "localhost") else host  # clients reach it there
+            save(port=port, url=f"http://{addr}:{port}/v1")
+            if stopping["why"]:
+                return ""
+            with open(log_path, "ab") as log:
+                # the server goes when this replica goes, even by SIGKILL (it would answer with the key)
+                child = subprocess.Popen(server_command(spec, port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+            server = identify(child.pid)
+            save(server_pid=child.pid, server_pid_start=server.start if server else None)
+            deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
+            while child.poll() is None and stopping["why"] is None and time.time() < deadline:
+                if _get(f"{base}/health", timeout=2)[0] == 200:
+                    break
+                time.sleep(1)
+            if child.poll() is None and stopping["why"] is None and time.time() < deadline:
+                return None
+            if child.poll() is None:
+                child.terminate()
+                child.wait(timeout=60)
+            if stopping["why"]:
+                return ""
+            cause, tail = failure_report(log_path)
+            if any("Address already in use" in line for line in tail) and attempt < 2:
+                continue
+            why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
+            save(log_tail=tail)
+            return why + cause
+        return "no free port"
+
+    def stopped_before_ready() -> dict:
+        save(state="stopped", error=f"stopped before ready ({stopping['why']})")
+        return state
+
+    save(state="loading", restarts=0)
+    why = start_server()
+    if why is not None:
         if stopping["why"]:
-            save(state="stopped", error=f"stopped before ready ({stopping['why']})")
-            return state
-        if any("Address already in use" in line for line in tail) and attempt < 2:
-            continue
-        why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
-        save(state="failed", error=why + cause, log_tail=tail)
+            return stopped_before_ready()
+        save(state="failed", error=why)
         raise SystemExit(1)
-    save(state="ready", ready_at=time.time())
-    stopping["base"] = base
+    save(state="ready", ready_at=time.time(),
+         compile_cache=dict(cache.describe(), published=cache.publish()) if cache else None)
     idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
-    last = metrics(base, key=env["VLLM_API_KEY"])
+    max_restarts, backoff_s = int(spec.get("max_restarts", 3)), float(spec.get("restart_backoff_s", 5.0))
+    last = metrics(stopping["base"], key=env["VLLM_API_KEY"])
     last_active = time.time()
     poll = min(15.0, idle_s / 4) if idle_s else 15.0
-    while child.poll() is None and stopping["why"] is None:
-        time.sleep(poll)
-        now = metrics(base, key=env["VLLM_API_KEY"])
-        if now["requests"] != last["requests"] or now["running"] or now["waiting"]:
-            last_active = time.time()
-        last = now
-        if idle_s and time.time() - last_active > idle_s:
-            stopping["why"] = f"idle for {spec['idle_minutes']:g} min (serve.idle_minutes)"
-            child.terminate()
-    try:
-        child.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-    if stopping["why"]:
-        served = stopping.get("served")
-        save(state="stopped", error=None, stopped_because=stopping["why"],
-             served=served if served and served["requests"] >= last["requests"] else last)
-        return state
-    cause, tail = failure_report(log_path)
-    save(state="failed", error=f"the server exited with {child.returncode}{cause}", log_tail=tail)
-    raise SystemExit(1)
+    while True:
+        while child.poll() is None and stopping["why"] is None:
+            try:
+                child.wait(timeout=poll)  # wakes at once when the server dies
+            except subprocess.TimeoutExpired:
+                pass
+            if child.poll() is not None:
+                break
+            now = metrics(stopping["base"], key=env["VLLM_API_KEY"])
+            if now["requests"] != last["requests"] or now["running"] or now["waiting"]:
+                last_active = time.time()
+            last = now
+            if idle_s and time.time() - last_active > idle_s:
+                stopping["why"] = f"idle for {spec['idle_minutes']:g} min (serve.idle_minutes)"
+                child.terminate()
+        try:
+            child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if stopping["why"]:
+            served = stopping.get("served")
+            save(state="stopped", error=None, stopped_because=stopping["why"],
+                 served=served if served and served["requests"] >= last["requests"] else last)
+            return state
+        # The watchdog: the server died (crash, OOM kill) while this replica holds its
+        # allocation. Start it again in place, after a growing pause, a bounded number of times.
+        cause, tail = failure_report(log_path)
+        code = child.returncode
+        exit_why = f"the server exited with {code}{_signal_name(code)}{cause}"
+        restarts = state.get("restarts", 0)
+        if restarts >= max_restarts:
+            save(state="failed", error=f"{exit_why}; restarted {restarts} time{'s' * (restarts != 1)} already "
+                                       f"(serve.max_restarts={max_restarts})", log_tail=tail)
+            raise SystemExit(1)
+        save(state="restarting", restarts=restarts + 1, last_exit=exit_why, last_exit_at=time.time())
+        pause = min(300.0, backoff_s * 2 ** restarts)
+        end = time.time() + pause
+        while time.time() < end and stopping["why"] is None:
+            time.sleep(max(0.0, min(1.0, end - time.time())))
+        why = start_server(same_port=state.get("port"))
+        if why is not None:
+            if stopping["why"]:
+                return stopped_before_ready()
+            save(state="failed", error=f"restart {restarts + 1} failed: {why}")
+            raise SystemExit(1)
+        save(state="ready", restarted_at=time.time())
+        last, last_active = metrics(stopping["base"], key=env["VLLM_API_KEY"]), time.time()

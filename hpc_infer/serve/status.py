@@ -59,13 +59,14 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
         elif js in ("PENDING", "CONFIGURING"):
             state = "queued"
         elif js in ("RUNNING", "COMPLETING"):
-            state = "loading" if f.get("state") in (None, "loading", "ready") else f["state"]
+            state = "loading" if f.get("state") in (None, "loading", "ready") else f["state"]  # restarting too
         else:
             state = f.get("state") if f.get("state") in ("failed", "stopped") else "ended"
         r = {"replica": i, "state": state, "job": job, "scheduler": js, "url": f.get("url"), "host": f.get("host"),
              "port": f.get("port"), "error": f.get("error"), "log_tail": f.get("log_tail"),
              "started": f.get("started"), "ready_at": f.get("ready_at"), "time_left": left.get(job or ""),
-             "stopped_because": f.get("stopped_because")}
+             "stopped_because": f.get("stopped_because"), "restarts": f.get("restarts", 0),
+             "last_exit": f.get("last_exit")}
         if with_metrics and healthy:
             r["metrics"] = metrics(base, key=_key(spec))
         out.append(r)
@@ -89,6 +90,8 @@ def describe(root: Path) -> str:
             line += f", time left {r['time_left']}"
         if r.get("stopped_because"):
             line += f"  ({r['stopped_because']})"
+        if r.get("restarts"):  # the watchdog restarted its server
+            line += f"  restarts {r['restarts']} (last: {r['last_exit']})"
         if r["error"] and r["state"] != "ready":
             line += f"  error: {r['error']}"
         lines.append(line)

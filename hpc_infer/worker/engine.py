@@ -156,6 +156,13 @@ class Engine:
     """One vLLM `LLM`; records in, finished result records out, in any order."""
 
     def __init__(self, model: dict[str, Any]):
+        cache = None
+        if model.get("compile_cache"):  # before vLLM reads VLLM_CACHE_ROOT
+            from .compile_cache import open_cache
+
+            ekw = model.get("engine_kwargs") or {}
+            cache = open_cache(model["compile_cache"], model.get("served_name") or model["path"],
+                               int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)))
         from vllm import LLM
 
         self.task = model.get("task", "auto")
@@ -167,6 +174,8 @@ class Engine:
 
             own_vllm_ports(os.environ)  # several TP/PP workers on one node: apart from each other's ports
         self.llm = LLM(model=model["path"], **kwargs)
+        # compiled and captured by now: offer what this start built to the shared cache
+        self.compile_cache = dict(cache.describe(), published=cache.publish()) if cache else None
         self.lora = None
         if model.get("lora"):
             from vllm.lora.request import LoRARequest

@@ -7,9 +7,12 @@ Unset (always, outside tests) it costs one dict lookup. Standard library only: t
 worker imports it inside the cluster's image.
 
 SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an exception);
-`SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`).
+`SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`); `HOLD` stops
+there until the test lets it go: the process writes `$HPC_INFER_HOLD_DIR/held.<pid>` and
+waits for `$HPC_INFER_HOLD_DIR/release` (a test then acts on a known state, e.g. a worker
+that has finished two chunks and holds the third's claim, instead of racing the clock).
 
-Points: claimed, step (worker), tmp_written, renamed (rundir.write_atomic),
+Points: claimed (PATH_PART: the claim file, e.g. `claimed@/00002:HOLD`), step (worker), tmp_written, renamed (rundir.write_atomic),
 merge_tmp_written (merge, before the result's rename), record (a record going into the
 engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a
 poison record that ends the engine's process every time it is reached).
@@ -37,6 +40,12 @@ def point(name: str, path: object = "") -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     if name == "record" or _hits[name] == int(nth[0] if nth else 1):  # a poison record: every time
+        if sig == "HOLD":
+            hold = os.environ["HPC_INFER_HOLD_DIR"]
+            open(os.path.join(hold, f"held.{os.getpid()}"), "w").close()
+            while not os.path.exists(os.path.join(hold, "release")):
+                time.sleep(0.05)
+            return
         if sig == "RAISE":
             exc = RuntimeError(f"injected fault at {name}")
             exc.engine_died = name == "record"  # a poison record: what vLLM's EngineDeadError means

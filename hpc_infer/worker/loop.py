@@ -211,7 +211,8 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
             else:
                 engine = Engine.shared(spec["model"])
             hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
-                      vllm_port=os.environ.get("VLLM_PORT"))  # TP/PP workers: their own range
+                      vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
+                      compile_cache=getattr(engine, "compile_cache", None))
         return engine
 
     def feed(chunk: _Chunk, lo: int, hi: int) -> None:
@@ -294,7 +295,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
                     suspects_waiting = bool(deferred)
                     exhausted = not deferred
                     break
-                faults.point("claimed")
+                faults.point("claimed", run.claim_path(cid))
                 start(cid)
                 claimed += 1
                 chunk = inflight[cid]

@@ -1,0 +1,115 @@
+"""vLLM's compile cache shared by every worker and replica of a model: copied in, published once.
+
+vLLM writes its torch.compile / inductor / Triton artifacts under
+`VLLM_CACHE_ROOT/torch_compile_cache/<hash>/`, one directory per compiled configuration
+(vLLM hashes the model, config and versions into the name and stores paths relative to
+it, compiler_interface.py, so a copy works wherever it lands). A warm cache turns
+minutes of compile and graph capture into seconds. Pointing many processes at one
+directory is how datatrove's shared cache got corrupted: two first starts writing the
+same files at once. Here no process ever writes into a shared entry:
+
+- the shared place is `<cluster.compile_cache>/<model>/vllm-<version>/tp<T>-pp<P>/`;
+- each process gets a private `VLLM_CACHE_ROOT` (node-local, under $TMPDIR), seeded
+  with a copy of every published entry;
+- after its engine is up (compiled, graphs captured), the process offers each entry it
+  made that is not published yet: copied to `.incoming-<host>-<pid>-<hash>/` beside it,
+  then renamed to `<hash>/`. A rename onto an existing entry fails: the first complete
+  copy wins, the others are removed. No lock is needed, so it works on NFS and Lustre,
+  where file locks are unreliable, and a killed process leaves at most an `.incoming-*`
+  directory that nothing reads.
+
+Standard library only: runs inside the cluster's image.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENTRIES = "torch_compile_cache"  # under VLLM_CACHE_ROOT: one directory per compiled configuration
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def key_dir(root: str, model_name: str, tp: int, pp: int, version: str) -> Path:
+    """One directory per model, vLLM version and parallel layout."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.strip("/")).strip("_") or "model"
+    return Path(os.path.expandvars(root)).expanduser() / slug / f"vllm-{version}" / f"tp{tp}-pp{pp}"
+
+
+def _entries(folder: Path) -> set[str]:
+    try:
+        return {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass
+class CacheUse:
+    """This process's private cache directory and the shared one it came from / goes to."""
+
+    shared: Path  # the key directory
+    private: Path  # VLLM_CACHE_ROOT for this process
+    seeded: list[str]  # entries copied in from the shared cache
+    problems: list[str] = field(default_factory=list)  # entries that could not be read or published
+
+    def publish(self) -> list[str]:
+        """Offer the entries this process compiled; returns those that became the published copy.
+        Never fails the worker: a cache it cannot write is noted in `problems` and skipped."""
+        mine = _entries(self.private / ENTRIES) - set(self.seeded)
+        if not mine:
+            return []
+        target = self.shared / ENTRIES
+        won = []
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError:  # not ours to write (another user's private cache): the run goes on without it
+            return won
+        for name in sorted(mine - _entries(target)):
+            incoming = target / f".incoming-{socket.gethostname()}-{os.getpid()}-{name}"
+            try:
+                shutil.rmtree(incoming, ignore_errors=True)
+                shutil.copytree(self.private / ENTRIES / name, incoming, symlinks=True)
+                os.rename(incoming, target / name)
+                won.append(name)
+            except OSError as exc:  # published first by another process (theirs stays), or a full disk
+                shutil.rmtree(incoming, ignore_errors=True)
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    self.problems.append(f"publishing {name}: {exc.strerror or exc}")
+        return won
+
+    def describe(self) -> dict:
+        return {"shared": str(self.shared), "private": str(self.private), "seeded": len(self.seeded),
+                **({"problems": self.problems} if self.problems else {})}
+
+
+def open_cache(root: str, model_name: str, tp: int, pp: int, env=os.environ) -> CacheUse:
+    """Make this process's private cache, seeded with every published entry, and point vLLM
+    at it through `env["VLLM_CACHE_ROOT"]`. The private copy is removed at exit."""
+    shared = key_dir(root, model_name, tp, pp, vllm_version())
+    private = Path(tempfile.mkdtemp(prefix="hpc_infer-vllm-cache-"))
+    atexit.register(shutil.rmtree, private, True)
+    seeded, problems = [], []
+    for name in sorted(_entries(shared / ENTRIES)):
+        try:
+            shutil.copytree(shared / ENTRIES / name, private / ENTRIES / name, symlinks=True)
+            seeded.append(name)
+        except OSError as exc:  # unreadable to us (another user's private entry): compiled anew
+            shutil.rmtree(private / ENTRIES / name, ignore_errors=True)
+            problems.append(f"seeding {name}: {exc.strerror or exc}")
+    env["VLLM_CACHE_ROOT"] = str(private)
+    return CacheUse(shared=shared, private=private, seeded=seeded, problems=problems)
