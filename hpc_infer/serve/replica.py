@@ -189,11 +189,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     cache = None
     if spec["model"].get("compile_cache"):  # a private VLLM_CACHE_ROOT seeded from the shared cache
-        from ..worker.compile_cache import open_cache
+        from ..worker.compile_cache import open_for_model
 
-        ekw = spec["model"].get("engine_kwargs") or {}
-        cache = open_cache(spec["model"]["compile_cache"], spec.get("served_name") or spec["model"]["path"],
-                           int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)), env)
+        cache = open_for_model(spec["model"], env)  # keyed like batch workers of the model (not serve.name)
 
     child: subprocess.Popen | None = None
     stopping = {"why": None}

