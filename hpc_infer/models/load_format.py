@@ -67,8 +67,8 @@ def check_load_format(fmt: str | None, model_path: str | Path, tp: int, pp: int,
             written = (f"written for TP={1 + max(t for _, t in have)} x PP={1 + max(p for p, _ in have)}" if have
                        else "has no sharded-state files (model-rank-R-part-N.safetensors)")
             problems.append(f"model.load_format={fmt}: {path} {written}, and this run needs TP={tp} x PP={pp}; "
-                            f"write a copy for it with `hpc-infer cache shard {path} --tp {tp} --pp {pp} --out DIR` "
-                            f"and point model.path at DIR")
+                            f"write a copy for it with `hpc-infer cache shard SOURCE --root DIR --tp {tp} --pp {pp}` "
+                            f"(SOURCE: the model's own checkpoint) and point model.path at the directory it prints")
     return problems
 
 
