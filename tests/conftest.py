@@ -195,15 +195,12 @@ def _restore_umask():
 
 
 # --- the suite's cost: time per file, the slowest tests, engine starts (issue: CI within budget) --
-_FILE_SECONDS: dict[str, float] = {}
 _TEST_SECONDS: dict[str, float] = {}
 ENGINE_LINE = b"Initializing a V1 LLM engine"  # vLLM logs it once per engine it builds (LLM or server)
 _LOG_SUFFIXES = (".log", ".err", ".out", ".stderr", ".stdout")
 
 
 def pytest_runtest_logreport(report):
-    path = report.nodeid.split("::", 1)[0]
-    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
     _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
 
 
@@ -225,10 +222,14 @@ def _engine_starts(basetemp: Path) -> dict[str, int]:
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if not _FILE_SECONDS:
+    if not _TEST_SECONDS:
         return
+    per_file: dict[str, float] = {}
+    for nodeid, s in _TEST_SECONDS.items():
+        path = nodeid.split("::", 1)[0]
+        per_file[path] = per_file.get(path, 0.0) + s
     terminalreporter.write_sep("-", "time per test file (setup + call + teardown)")
-    for path, s in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+    for path, s in sorted(per_file.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{s:8.1f} s  {path}")
     terminalreporter.write_sep("-", "slowest tests")
     for nodeid, s in sorted(_TEST_SECONDS.items(), key=lambda kv: -kv[1])[:30]:

@@ -9,7 +9,6 @@ there is not exercised here; bench/engine_start.py --compile measures that.
 """
 
 import json
-import os
 import stat
 import subprocess
 import sys

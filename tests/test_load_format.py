@@ -1,14 +1,12 @@
 """`model.load_format`: the pre-flight refuses what the worker could not load, before any
 job exists; `hpc-infer cache shard` writes a sharded-state copy that a run then loads."""
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, compose, read_results, run_launch, user_env
+from conftest import compose, read_results, run_launch, user_env
 from hpc_infer.errors import UserError
 
 
