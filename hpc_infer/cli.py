@@ -6,6 +6,7 @@
     hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
     hpc-infer serve model=... cluster=... [serve.replicas=N]   (OpenAI-compatible vLLM servers)
     hpc-infer serve status [RUN]            hpc-infer serve stop RUN
+    hpc-infer serve metrics RUN [--json]    hpc-infer serve scale RUN N
     hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
     hpc-infer cache shard MODEL --root /shared/models --tp N   (a sharded_state copy for TP=N)
     hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
@@ -154,8 +155,38 @@ def cmd_image(args) -> int:
     return 0
 
 
+def _serve_admin(argv: list[str]) -> int:
+    """`serve metrics RUN ...` and `serve scale RUN N`."""
+    p = argparse.ArgumentParser(prog=f"hpc-infer serve {argv[0]}")
+    p.add_argument("run", help="the serve run directory (runs/serve__...)")
+    if argv[0] == "scale":
+        p.add_argument("n", type=int, help="how many replicas should be live")
+    else:
+        p.add_argument("--json", action="store_true", help="one JSON object per sample")
+        p.add_argument("--once", action="store_true", help="one sample, then exit (the default off a terminal)")
+        p.add_argument("--watch", action="store_true", help="keep sampling off a terminal too (JSON lines with --json)")
+        p.add_argument("--interval", type=float, default=2.0, help="seconds between the two reads of a sample")
+    args = p.parse_args(argv[1:])
+    try:
+        if argv[0] == "scale":
+            from .serve.fleet import scale
+
+            print(scale(args.run, args.n))
+            return 0
+        from .serve.metrics import watch
+
+        if args.interval <= 0:
+            raise UserError(f"--interval {args.interval}: give seconds > 0")
+        return watch(args.run, args.interval, once=args.once, as_json=args.json, repeat=args.watch)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("metrics", "scale"):
+        return _serve_admin(argv[1:])
     if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("status", "stop"):
         from .serve import status as serve_status
 
@@ -228,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_model)
     sub.add_parser("launch", help="plan, submit, wait, merge (Hydra overrides follow)")
     sub.add_parser("sbatch", help="render the run as a standalone sbatch script (Hydra overrides follow)")
-    sub.add_parser("serve", help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop RUN")
+    sub.add_parser("serve", help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop|metrics RUN, "
+                       "serve scale RUN N")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

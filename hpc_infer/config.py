@@ -203,6 +203,9 @@ class MergeConfig:
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
 
 
+ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random", "consistent_hash")  # vllm-router's
+
+
 @dataclass
 class ServeConfig:
     """`hpc-infer serve`: N replicas of vLLM's OpenAI server, one per array task."""
@@ -221,6 +224,13 @@ class ServeConfig:
     max_restarts: int = 3
     restart_backoff_s: float = 5.0
     extra_args: List[str] = field(default_factory=list)  # more `vllm serve` flags
+    # One URL for all replicas: vllm-router in its own small CPU job (serve/router.py), every
+    # route behind the run's key. null: on when replicas > 1 (and when `serve scale` goes above 1).
+    router: Optional[bool] = None
+    router_policy: str = "round_robin"  # one of vllm-router's: round_robin, cache_aware, power_of_two, ...
+    router_port: Optional[int] = None  # default: a free port in [port_min, port_max) on the router's node
+    router_cpus: int = 1
+    router_mem: Optional[str] = "1G"
 
 
 @dataclass
@@ -523,6 +533,10 @@ def validate(rc: RunConfig) -> None:
           f"it becomes a directory under output_root and appears unquoted in #SBATCH lines")
     check(rc.max_chunk_records >= 1, "max_chunk_records", "must be >= 1")
     check(rc.serve.replicas >= 1, "serve.replicas", f"{rc.serve.replicas} must be >= 1")
+    check(rc.serve.router_policy in ROUTER_POLICIES, "serve.router_policy",
+          f"'{rc.serve.router_policy}' is not one of {', '.join(ROUTER_POLICIES)}")
+    check(rc.serve.router_port is None or 0 < rc.serve.router_port <= 65535, "serve.router_port", "must be in 1..65535")
+    check(rc.serve.router_cpus >= 1, "serve.router_cpus", "must be >= 1")
     check(0 < rc.serve.port_min < rc.serve.port_max <= 65535, "serve.port_min",
           "serve.port_min < serve.port_max must lie in 1..65535")
     check(rc.serve.idle_minutes is None or rc.serve.idle_minutes > 0, "serve.idle_minutes", "must be > 0 (or null)")

@@ -105,8 +105,9 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         endpoint = resolve_endpoint(rc) if rc.cluster.endpoint else None
         if endpoint:
             model_path = endpoint["model_path"]
-            say(f"batch through {len(endpoint['urls'])} running server(s) of {endpoint['model']}: no model load per "
-                f"worker")
+            where = (f"the router at {endpoint['urls'][0]}" if endpoint.get("router")
+                     else f"{len(endpoint['urls'])} running server(s)")
+            say(f"batch through {where} of {endpoint['model']}: no model load per worker")
         else:
             wrong_build = cpu_build_on_gpus(rc.cluster)
             if wrong_build:

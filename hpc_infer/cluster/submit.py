@@ -45,9 +45,15 @@ class Backend:
     def check_reachable(cls, cluster: ClusterConfig) -> None:
         """Raise a UserError naming the cluster config when this backend cannot submit from here."""
 
-    def submit(self, n_workers: int, task=None) -> list[str]:
-        """Start n copies of `task(run_dir, index)` (default: the batch worker, `WorkerTask()(run_dir)`)."""
+    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
+        """Start n copies of `task(run_dir, index)`, index from `start` (default task: the batch
+        worker, `WorkerTask()(run_dir)`); `record=False` keeps them out of jobs.json's launches
+        (a serve run's router, which is not one of its replicas)."""
         raise NotImplementedError
+
+    def cancel_one(self, job_id: str) -> str:
+        """Stop one job (one array task): `serve scale` down."""
+        return self.cancel([job_id])
 
     def _calls(self, start: int, count: int, task=None) -> tuple:
         roots = [str(self.run.root)] * count
@@ -85,7 +91,7 @@ class DebugBackend(Backend):
 
     name = "debug"
 
-    def submit(self, n_workers: int, task=None) -> list[str]:
+    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
         from ..worker.loop import run_worker
 
         if task is not None:
@@ -107,13 +113,14 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def submit(self, n_workers: int, task=None) -> list[str]:
+    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
         ex = submitit.LocalExecutor(folder=self.run.logs, python=self.python)
         ex.update_parameters(timeout_min=time_to_minutes(self.cluster.time))
         with _stdio_detached():  # the controllers outlive this command: never hold the caller's pipes
-            jobs = ex.map_array(*self._calls(0, n_workers, task))
+            jobs = ex.map_array(*self._calls(start, n_workers, task))
         ids = [j.job_id for j in jobs]
-        self.record(ids)
+        if record:
+            self.record(ids)
         return ids
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
@@ -277,21 +284,21 @@ class SlurmBackend(Backend):
                             f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
                             f"Nothing was planned or submitted.")
 
-    def submit(self, n_workers: int, task=None) -> list[str]:
+    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
         limit = self.cluster.max_array_size or max_array_size()
         per_array = max(1, limit - 1)  # indices run 0..MaxArraySize-1
         ex = self.executor()
         ids: list[str] = []
         try:
-            for start in range(0, n_workers, per_array):
-                count = min(per_array, n_workers - start)
-                jobs = ex.map_array(*self._calls(start, count, task))
+            for first in range(0, n_workers, per_array):
+                count = min(per_array, n_workers - first)
+                jobs = ex.map_array(*self._calls(start + first, count, task))
                 ids += [j.job_id for j in jobs]
         except subprocess.CalledProcessError as e:
             raise UserError(f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "
                             f"(check cluster.partition/account/qos/gres)") from None
         finally:
-            if ids:
+            if ids and record:
                 self.record(ids)
         return ids
 
@@ -320,6 +327,10 @@ class SlurmBackend(Backend):
         if arrays:
             subprocess.run(["scancel", *arrays], check=False)
         return f"scancel {' '.join(arrays)}" if arrays else "no Slurm job recorded"
+
+    def cancel_one(self, job_id: str) -> str:
+        subprocess.run(["scancel", job_id], check=False)  # 123_4: that array task only
+        return f"scancel {job_id}"
 
 
 BACKENDS = {"slurm": SlurmBackend, "local": LocalBackend, "debug": DebugBackend}

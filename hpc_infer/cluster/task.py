@@ -39,3 +39,13 @@ class ServeTask:
 
         _die_with_controller()
         return run_replica(run_dir, index)
+
+
+class RouterTask:
+    """Called with the serve run directory (index unused): the router in front of its replicas."""
+
+    def __call__(self, run_dir: str, index: int = 0) -> dict:
+        from ..serve.router import run_router
+
+        _die_with_controller()
+        return run_router(run_dir)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..worker.endpoint import url_problem
+from .fleet import router_url
 from .status import KEYS_DIR, replica_states
 
 
@@ -89,6 +90,12 @@ def resolve_endpoint(rc) -> dict:
         if not ready:
             raise UserError(f"{where}: no replica is ready (`hpc-infer serve status {root}`); start or wait for one, "
                             f"then relaunch")
+        router = router_url(root, key_file.read_text().strip())
+        if router:  # one URL; as many requests in flight as the replicas behind it take
+            check_url(router, f"{where}: the router's url")
+            return dict(common, run=str(root), urls=[router], router=True, model=spec["served_name"],
+                        key_file=str(key_file), model_path=spec["model"]["path"],
+                        concurrency=rc.cluster.endpoint_concurrency * len(ready))
         return dict(common, run=str(root), urls=ready, model=spec["served_name"], key_file=str(key_file),
                     model_path=spec["model"]["path"])
     urls = [check_url(u.strip(), "cluster.endpoint") for u in rc.cluster.endpoint.split(",") if u.strip()]

@@ -8,6 +8,7 @@ and prints the URLs, the key's location, an ssh tunnel line and an `openai` snip
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -29,8 +30,9 @@ from ..log import say
 from ..run.plan import worker_spec
 from ..cluster.preflight import cpu_build_on_gpus, preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
-from ..secrets import exported, find_token, job_env
-from ..cluster.submit import BACKENDS, make_backend
+from ..secrets import find_token
+from ..cluster.submit import BACKENDS, recorded_backend
+from .fleet import router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
@@ -95,13 +97,17 @@ def serve(rc: RunConfig) -> Path:
             raise UserError(f"{root} is already serving ({len(live)} replica(s) {live[0]['state']}): see "
                             f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
                             f"another run_name=...")
-        for old in (root / "serve").glob("*.json"):
+        gone_router = router_job(root)
+        if gone_router:  # the last serve's router, if its replicas were killed without a word
+            recorded_backend(run)[0].cancel_one(gone_router)
+        for old in [*(root / "serve").glob("*.json"), *(root / "serve").glob("*.removing")]:
             old.unlink()
         (root / "jobs.json").unlink(missing_ok=True)
     (root / "serve").mkdir(parents=True, exist_ok=True)
     run.logs.mkdir(parents=True, exist_ok=True)
     key_file, generated = api_key_file(rc, run_name)
     spec = worker_spec(rc, model_path)
+    python = worker_python(rc, run, model_path)
     model = dict(spec["model"], chat_template_path=str(Path(rc.model.chat_template).resolve())
                  if rc.model.chat_template else None)
     served = rc.serve.name or rc.model.hf_id or rc.model.name
@@ -112,17 +118,26 @@ def serve(rc: RunConfig) -> Path:
         "max_restarts": rc.serve.max_restarts, "restart_backoff_s": rc.serve.restart_backoff_s,
         "env": dict(c.env), "key_file": str(key_file), "permissions": rc.permissions,
         "replicas": rc.serve.replicas, "cluster": c.name, "backend": c.backend, "created": time.time(),
+        # what `serve scale` needs to submit more replicas (and the router) the same way
+        "cluster_config": dataclasses.asdict(c), "python": python, "router": rc.serve.router,
+        "router_policy": rc.serve.router_policy, "router_port": rc.serve.router_port,
+        "router_cpus": rc.serve.router_cpus, "router_mem": rc.serve.router_mem,
     }, indent=1) + "\n").encode())
     REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(REGISTRY, "a") as f:
         f.write(f"{root}\n")
-    from ..cluster.task import ServeTask
+    if router_wanted({"router": rc.serve.router}, rc.serve.replicas):
+        import importlib.util
 
-    backend = make_backend(c, run, worker_python(rc, run, model_path))
-    with exported(job_env(token)):
-        ids = backend.submit(rc.serve.replicas, task=ServeTask())
+        if importlib.util.find_spec("vllm_router") is None:
+            raise UserError("serve.router: vllm-router is not installed here (its wheel is for Linux x86_64 only); "
+                            "`pip install vllm-router==0.1.17`, or serve without it: serve.router=false")
+    ids = submit_replicas(root, c, python, rc.serve.replicas, start=0)
     say(f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
         f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}")
+    spec = json.loads((root / "serve.json").read_text())
+    if router_wanted(spec, rc.serve.replicas):
+        say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(root, spec)}")
     if generated and sys.stderr.isatty():  # shown once, on a terminal only (never into a log file)
         say(f"API key (shown once; kept in {key_file}): {key_file.read_text().strip()}")
     if not rc.wait:
@@ -134,7 +149,16 @@ def serve(rc: RunConfig) -> Path:
         why = "; ".join(f"replica {s['replica']}: {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
                         for s in states)
         raise UserError(f"no replica became ready: {why}. Logs: {root / 'serve'}/<replica>.log and {run.logs}")
-    print(instructions(root, served, key_file, ready))
+    router = None
+    if router_job(root):
+        key = key_file.read_text().strip()
+        workers = wait_router_follows(root, key, len(ready))
+        router = router_url(root, key)
+        if router and workers is not None:
+            say(f"router: {router} sends to {len(workers)} replica{'s' * (len(workers) != 1)}")
+        else:
+            say(f"the router is not answering (see {root / 'serve' / 'router.log'}); use the replicas' URLs")
+    print(instructions(root, served, key_file, ready, router))
     return root
 
 
@@ -154,23 +178,29 @@ def wait_ready(root: Path, poll_s: float = 2.0) -> list[dict]:
         time.sleep(poll_s)
 
 
-def instructions(root: Path, served: str, key_file: Path, ready: list[dict]) -> str:
-    first = ready[0]
+def instructions(root: Path, served: str, key_file: Path, ready: list[dict], router: str | None = None) -> str:
+    """What to paste: the router's URL first when there is one (one URL for all replicas)."""
+    from urllib.parse import urlsplit
+
+    url = router or ready[0]["url"]
+    u = urlsplit(url)
     login = socket.getfqdn()
-    lines = [f"{len(ready)} replica{'s' * (len(ready) != 1)} of {served} ready:"]
+    lines = [f"one URL for all {len(ready)} replicas (vllm-router): {router}"] if router else []
+    lines += [f"{len(ready)} replica{'s' * (len(ready) != 1)} of {served} ready:"]
     lines += [f"  {s['url']}" for s in ready]
     lines += [
         f"model name: {served}",
         f"API key: in {key_file} (mode 0600; it is never written to the run directory)",
-        f"  export OPENAI_API_KEY=$(cat {key_file}) OPENAI_BASE_URL={first['url']}",
-        f"from your laptop: ssh -N -L 8000:{first['host']}:{first['port']} {getpass.getuser()}@{login}"
+        f"  export OPENAI_API_KEY=$(cat {key_file}) OPENAI_BASE_URL={url}",
+        f"from your laptop: ssh -N -L 8000:{u.hostname}:{u.port} {getpass.getuser()}@{login}"
         f"   then use base_url http://localhost:8000/v1",
         "python:",
         "  from openai import OpenAI",
-        f"  client = OpenAI(base_url=\"{first['url']}\", api_key=open(\"{key_file}\").read().strip())",
+        f"  client = OpenAI(base_url=\"{url}\", api_key=open(\"{key_file}\").read().strip())",
         f"  print(client.chat.completions.create(model=\"{served}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
         f"status: hpc-infer serve status {root}     stop: hpc-infer serve stop {root}",
+        f"live load: hpc-infer serve metrics {root}     more or fewer replicas: hpc-infer serve scale {root} N",
         f"batch through it: hpc-infer launch ... cluster.endpoint={root}",
     ]
     return "\n".join(lines)

@@ -112,10 +112,11 @@ def _get(url: str, timeout: float = 5.0, key: str | None = None) -> tuple[int, s
 
 
 def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str, float]:
-    """Requests served, requests in flight and tokens generated, from vLLM's /metrics (which,
-    like every route but /health, needs the key: serve/auth.py)."""
+    """Requests served, running and waiting, prompt and generated tokens so far, KV-cache use,
+    from vLLM's /metrics (which, like every route but /health, needs the key: serve/auth.py)."""
     code, text = _get(f"{base}/metrics", timeout=timeout, key=key)
-    out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0}
+    out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0,
+           "kv_cache_usage": 0.0}
     if code != 200:
         return out
     names = {"vllm:request_success_total": "requests", "vllm:num_requests_running": "running",
@@ -123,7 +124,12 @@ def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str
              "vllm:prompt_tokens_total": "prompt_tokens"}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in names:
+        if name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # a fraction, 0..1; the fullest engine
+            try:
+                out["kv_cache_usage"] = max(out["kv_cache_usage"], float(line.rsplit(" ", 1)[1]))
+            except ValueError:
+                pass
+        elif name in names:
             try:
                 out[names[name]] += float(line.rsplit(" ", 1)[1])
             except ValueError:

@@ -77,6 +77,16 @@ def describe(root: Path) -> str:
     spec = json.loads((root / "serve.json").read_text())
     lines = [f"serve run {root}: model {spec['served_name']} ({spec['model']['path']}), key in {spec['key_file']}"]
     now = time.time()
+    from .fleet import router_job, router_state
+
+    if router_job(root):
+        r = router_state(root) or {"state": "queued"}
+        line = f"  router     {r['state']:8} job {router_job(root)}"
+        if r.get("url"):
+            line += f"  {r['url']}  policy {r.get('policy')}, sends to {len(r.get('workers') or [])} replica(s)"
+        if r.get("stopped_because") or r.get("error"):
+            line += f"  ({r.get('stopped_because') or r.get('error')})"
+        lines.append(line)
     for r in replica_states(root, with_metrics=True):
         line = f"  replica {r['replica']}  {r['state']:8} job {r['job'] or '-'} ({r['scheduler']})"
         if r["url"]:
@@ -127,13 +137,17 @@ def serve_root(path: str) -> Path:
 def stop(run: str, wait_s: float = 120.0) -> str:
     """Cancel the replicas' jobs, wait until the scheduler shows them gone, mark them stopped."""
     root = serve_root(run)
+    from .fleet import router_job
+
     backend, ids = recorded_backend(RunDir(root))
     if not ids:
         return f"{root}: no jobs recorded"
-    what = backend.cancel(ids)
+    router = router_job(root)
+    jobs = ids + ([router] if router else [])
+    what = backend.cancel(jobs)
     deadline = time.time() + wait_s
     while time.time() < deadline:
-        if all(s not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING") for s in backend.states(ids).values()):
+        if all(s not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING") for s in backend.states(jobs).values()):
             break
         time.sleep(1)
     left = _stop_servers(root)
@@ -146,7 +160,8 @@ def stop(run: str, wait_s: float = 120.0) -> str:
         if f.get("state") not in ("stopped", "failed"):
             f.update(state="stopped", stopped_because="hpc-infer serve stop", t=time.time())
             write_atomic(path, (json.dumps(f) + "\n").encode())
-    return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)} of {root} ({what})"
+    return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)}{' and the router' if router else ''} of {root} "
+            f"({what})"
             + (f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
                f" and {'were' if left != 1 else 'was'} stopped by PID" if left else ""))
 

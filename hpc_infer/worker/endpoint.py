@@ -55,12 +55,20 @@ def url_problem(url: str) -> str | None:
 
 
 def ready_urls(endpoint: dict) -> list[str]:
-    """The URLs to use now: the serve run's ready replicas (re-read at worker start, so
-    replicas restarted since the launch are found), else the URLs given."""
+    """The URLs to use now (re-read at worker start, so replicas restarted since the launch
+    are found): the serve run's router when the launch found one answering, else its ready
+    replicas, else the URLs given."""
     run = endpoint.get("run")
+    if run and endpoint.get("router"):  # the serve run's router: one URL in front of its replicas
+        try:
+            state = json.loads((Path(run) / "serve" / "router.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("state") == "ready" and state.get("url") and url_problem(str(state["url"])) is None:
+            return [state["url"]]
     if run:
         urls = []
-        for path in sorted((Path(run) / "serve").glob("*.json")):
+        for path in sorted((Path(run) / "serve").glob("[0-9]*.json")):
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):

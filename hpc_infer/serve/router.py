@@ -1,0 +1,208 @@
+"""One URL for a serve run: vLLM's router (`vllm-router`) in front of the ready replicas.
+
+Runs as its own small CPU job next to the replicas' array (serve/launch.py submits it,
+`serve stop` cancels it). This process
+
+1. starts a key check on 127.0.0.1 (`KeyCheck`): vllm-router's `--api-key` is only the
+   key it sends to the workers; with `api_key_validation_urls` it asks a URL whether a
+   client's `Authorization` header is good before any route (admin routes
+   `/add_worker`, `/remove_worker`, `/list_workers` and `/health` too) and caches a good
+   answer. Our check answers 200 for the run's key, 401 for anything else;
+2. starts the router in a child process (the key only in its environment, never on its
+   command line), bound where the replicas are, on a free port;
+3. every `SYNC_S` seconds compares the router's workers with the replicas that answer
+   `/health` (and are not being removed by `serve scale`), and adds or removes the
+   difference; `serve/router.json` says where it is and which replicas it sends to;
+4. ends with the serve run: on SIGTERM (`serve stop`, scancel, the time limit), or once
+   every replica has stopped or failed for good.
+
+Policy: round-robin (see docs/serve.md: replicas of one model are identical, batch
+requests are independent, and round-robin measured on par with a client's own
+round-robin; `serve.router_policy` picks another of vllm-router's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ..worker.ports import free_port
+from ..worker.procs import die_with_parent, identify, this_process
+from ..worker.rundir import tail_lines, write_atomic
+from .replica import STATE_DIR, _get
+
+ROUTER_STATE = "router.json"
+SYNC_S = 2.0
+
+
+def removing_marker(root: Path, index: int) -> Path:
+    """`serve scale` down writes this before cancelling a replica: the router stops sending to
+    it first, so only requests already on it can be lost."""
+    return root / STATE_DIR / f"{index}.removing"
+
+
+class KeyCheck(ThreadingHTTPServer):
+    """Answers 200 to `Authorization: Bearer <the run's key>`, 401 to anything else."""
+
+    daemon_threads = True
+
+    def __init__(self, key: str):
+        digest = hashlib.sha256(key.encode()).digest()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+                ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                    hashlib.sha256(token.strip().encode()).digest(), digest)
+                self.send_response(200 if ok else 401)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = _answer
+
+            def log_message(self, *args):  # never log requests (they carry keys)
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/check"
+
+
+def _call(method: str, url: str, key: str, timeout: float = 5.0) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:
+        return 0, ""
+
+
+def router_workers(base: str, key: str) -> list[str] | None:
+    code, text = _call("GET", f"{base}/list_workers", key)
+    if code != 200:
+        return None
+    try:
+        return list(json.loads(text).get("urls") or [])
+    except ValueError:
+        return None
+
+
+def healthy_replicas(root: Path, n_replicas: int) -> tuple[list[str], bool]:
+    """(base URLs of the replicas answering /health and not being removed, whether every
+    replica has ended for good: stopped or failed in its own state file)."""
+    urls, ended = [], True
+    for i in range(n_replicas):
+        try:
+            f = json.loads((root / STATE_DIR / f"{i}.json").read_text())
+        except (OSError, ValueError):
+            ended = False  # queued, not started yet
+            continue
+        if f.get("state") not in ("stopped", "failed"):
+            ended = False
+        base = (f.get("url") or "").removesuffix("/v1")
+        if base and not removing_marker(root, i).exists() and _get(f"{base}/health", timeout=3)[0] == 200:
+            urls.append(base)
+    return urls, ended
+
+
+def child_main() -> None:
+    """The router itself (a child of run_router): its settings and key from the environment."""
+    from vllm_router.router import Router, policy_from_str
+
+    conf = json.loads(os.environ.pop("HPC_INFER_ROUTER_CONF"))
+    key = os.environ.pop("HPC_INFER_ROUTER_KEY")
+    Router(worker_urls=[], policy=policy_from_str(conf["policy"]), host=conf["host"], port=conf["port"],
+           api_key=key, api_key_validation_urls=[conf["check_url"]], log_level="warning",
+           health_check_interval_secs=10, worker_startup_timeout_secs=30, worker_startup_check_interval=1).start()
+
+
+def run_router(run_dir: str) -> dict:
+    root = Path(run_dir)
+    spec = json.loads((root / "serve.json").read_text())
+    state_path, log_path = root / STATE_DIR / ROUTER_STATE, root / STATE_DIR / "router.log"
+    host = socket.gethostname()
+    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+    state = {"job_id": job_id, "host": host, "pid": os.getpid(), "pid_start": this_process().start,
+             "state": "starting", "url": None, "workers": [], "policy": spec.get("router_policy", "round_robin"),
+             "started": time.time()}
+
+    def save(**kw) -> None:
+        state.update(kw, t=time.time())
+        try:
+            write_atomic(state_path, (json.dumps(state) + "\n").encode())
+        except OSError:
+            pass
+
+    key = Path(spec["key_file"]).expanduser().read_text().strip()
+    check = KeyCheck(key)
+    threading.Thread(target=check.serve_forever, daemon=True).start()
+    bind = spec.get("host", "0.0.0.0")
+    port = int(spec.get("router_port") or free_port(spec.get("port_min", 20000), spec.get("port_max", 60000)))
+    addr = "127.0.0.1" if bind in ("127.0.0.1", "localhost") else host
+    base = f"http://127.0.0.1:{port}" if addr == "127.0.0.1" else f"http://{addr}:{port}"
+    env = dict(os.environ, HPC_INFER_ROUTER_KEY=key, NO_COLOR="1", HPC_INFER_ROUTER_CONF=json.dumps(
+        {"policy": state["policy"], "host": bind, "port": port, "check_url": check.url}))
+    stop = {"why": None}
+
+    def on_term(signum, frame):
+        stop["why"] = f"signal {signal.Signals(signum).name}"
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen([sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"],
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+    server = identify(child.pid)
+    save(port=port, server_pid=child.pid, server_pid_start=server.start if server else None)
+    try:
+        while child.poll() is None and stop["why"] is None and router_workers(base, key) is None:
+            time.sleep(0.5)
+        if child.poll() is not None:
+            save(state="failed", error=f"the router exited with {child.returncode}", log_tail=tail_lines(log_path))
+            raise SystemExit(1)
+        save(state="ready", url=f"{base}/v1", ready_at=time.time())
+        while stop["why"] is None and child.poll() is None:
+            want, ended = healthy_replicas(root, int(json.loads((root / "serve.json").read_text())["replicas"]))
+            have = router_workers(base, key)
+            if have is not None:
+                for url in sorted(set(want) - set(have)):
+                    _call("POST", f"{base}/add_worker?url={url}", key, timeout=60)
+                for url in sorted(set(have) - set(want)):
+                    _call("POST", f"{base}/remove_worker?url={url}", key, timeout=60)
+                now = router_workers(base, key)
+                if now is not None and sorted(now) != state["workers"]:
+                    save(workers=sorted(now))
+            if ended:
+                stop["why"] = "every replica has ended"
+                break
+            time.sleep(SYNC_S)
+        if child.poll() is not None and stop["why"] is None:
+            save(state="failed", error=f"the router exited with {child.returncode}", log_tail=tail_lines(log_path))
+            raise SystemExit(1)
+        save(state="stopped", stopped_because=stop["why"], workers=[])
+        return state
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        check.shutdown()
