@@ -61,6 +61,9 @@ def test_shipped_values():
             ("data.path=/tmp", "data.path: /tmp is a directory, not a file"),
             ("data.path=/dev/zero", "data.path: /dev/zero is a device"),
         ("merge.format=xml", "merge.format"),
+        ("serve.router_policy=fastest", "serve.router_policy: 'fastest' is not one of round_robin"),
+        ("serve.router_port=70000", "serve.router_port: must be in 1..65535"),
+        ("serve.router_cpus=0", "serve.router_cpus: must be >= 1"),
         ("cluster.container.image=/no/such.sif", "cluster.container.image: image /no/such.sif does not exist"),
     ],
 )

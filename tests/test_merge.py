@@ -89,6 +89,8 @@ def test_parquet_output(tmp_path):
     s = merge(run, fmt="parquet")
     table = pq.read_table(s.results)
     assert table.column("id").to_pylist() == [f"r{i}" for i in range(10)]
+    n_chunks = read_json(run.manifest)["n_chunks"]
+    assert n_chunks > 1 and pq.ParquetFile(s.results).num_row_groups == n_chunks  # one row group per chunk
 
 
 def test_timeline_png_from_trailers_linked_from_summary(tmp_path):

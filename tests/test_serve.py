@@ -1,12 +1,13 @@
 """`hpc-infer serve` on real parts: vLLM's CPU build serving SmolLM2 in real Slurm jobs,
 called with the real `openai` client; batch runs through a running replica.
 
-One serve run (two replicas) is shared by the checks that need a live server, so the
-suite pays for two server starts, not one per check.
+One serve run (two replicas behind vllm-router, scaled to three and back) is shared by
+the checks that need a live server, so the suite pays for three server starts (and the
+watchdog's restart), not one per check.
 """
 
 import json
-import shutil
+import re
 import urllib.error
 import urllib.request
 import subprocess
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_results, run_launch, user_env, wait_mid_run, require_slurm
+from conftest import hold_env, read_results, release, require_slurm, run_launch, user_env, wait_held, wait_mid_run
 from hpc_infer.worker.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
 
 TOKEN = "hf_ServeProbeToken0123456789abcdefgh"
+READY = re.compile(r"replica \d+ +ready ")
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -69,6 +71,13 @@ def test_two_replicas_ready_with_distinct_urls_and_instructions(served):
     for needle in ("2 replicas of", "API key: in", "ssh -N -L 8000:", "from openai import OpenAI", states[0]["url"]):
         assert needle in out, out
     assert (served["key_file"].stat().st_mode & 0o777) == 0o600
+    router = json.loads((served["root"] / "serve" / "router.json").read_text())
+    assert router["state"] == "ready" and router["policy"] == "round_robin"
+    assert sorted(router["workers"]) == sorted(s["url"].removesuffix("/v1") for s in states)
+    # the router's URL is the one to use: printed first, in the export line and the snippet
+    first = f"one URL for all 2 replicas (vllm-router): {router['url']}"
+    assert first in out.splitlines() and out.index(first) < out.index("2 replicas of"), out
+    assert f"OPENAI_BASE_URL={router['url']}" in out and f'base_url="{router["url"]}"' in out
 
 
 def test_openai_client_chat_stream_completions_and_401(served):
@@ -99,6 +108,18 @@ def test_openai_client_chat_stream_completions_and_401(served):
         assert e.value.code == 401
 
 
+def _call(url, method="GET", token=None, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else (b"{}" if method in ("POST", "PUT") else None)
+    req = urllib.request.Request(url, method=method, data=data,
+                                 headers=dict({"Content-Type": "application/json"},
+                                              **({"Authorization": f"Bearer {token}"} if token else {})))
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def test_every_route_but_health_needs_the_key(served):
     """The routes are the running server's own (its OpenAPI schema, plus what it mounts
     outside the schema), so a route a future vLLM adds is covered without editing this list."""
@@ -106,14 +127,7 @@ def test_every_route_but_health_needs_the_key(served):
     base = json.loads((served["root"] / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
 
     def call(method, path, token=None):
-        req = urllib.request.Request(base + path, method=method, data=b"{}" if method in ("POST", "PUT") else None,
-                                     headers=dict({"Content-Type": "application/json"},
-                                                  **({"Authorization": f"Bearer {token}"} if token else {})))
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        return _call(base + path, method, token)
 
     code, schema = call("GET", "/openapi.json", key)
     assert code == 200
@@ -136,6 +150,46 @@ def test_every_route_but_health_needs_the_key(served):
     assert call("GET", "/metrics", key)[0] == 200  # with the key, as `serve status` reads it
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
     assert p.returncode == 0 and "requests" in p.stdout, p.stdout
+
+
+def _requests_served(served, replica: int) -> float:
+    from hpc_infer.serve.replica import metrics
+
+    url = json.loads((served["root"] / "serve" / f"{replica}.json").read_text())["url"]
+    return metrics(url.removesuffix("/v1"), key=served["key_file"].read_text().strip())["requests"]
+
+
+def test_the_router_is_one_url_for_both_replicas_behind_the_run_key(served):
+    """vllm-router's own --api-key is only what it sends to the workers; our key check puts
+    every route of the router behind the run's key, its admin routes (add/remove a worker)
+    and /health included. With the key, the openai client gets answers from both replicas."""
+    from openai import OpenAI
+
+    key = served["key_file"].read_text().strip()
+    router = json.loads((served["root"] / "serve" / "router.json").read_text())
+    base = router["url"].removesuffix("/v1")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    for method, path, body in [
+            ("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat), ("POST", "/v1/completions", completion),
+            ("GET", "/health", None), ("GET", "/metrics", None), ("GET", "/list_workers", None),
+            ("GET", "/get_loads", None), ("POST", "/add_worker?url=http://127.0.0.1:9", None),
+            ("POST", f"/remove_worker?url={router['workers'][0]}", None), ("POST", "/flush_cache", None)]:
+        for token in (None, "not-the-key", key[:-1]):
+            assert _call(base + path, method, token, body)[0] == 401, (method, path, token)
+    # vllm-router reads an inference body before the key: a malformed one gets its 422, and
+    # goes nowhere (docs/serve.md)
+    assert _call(base + "/v1/chat/completions", "POST", None, {})[0] in (401, 422)
+    code, body = _call(base + "/list_workers", token=key)
+    assert code == 200 and sorted(json.loads(body)["urls"]) == sorted(router["workers"])  # nothing was added/removed
+    before = [_requests_served(served, i) for i in range(2)]
+    client = OpenAI(base_url=router["url"], api_key=key, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    for i in range(6):
+        comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+        assert "Paris" in comp.choices[0].text
+    after = [_requests_served(served, i) for i in range(2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)  # round-robin: both replicas answered
 
 
 def test_completions_batch_lines_match_the_server_answering_the_same_bodies(served, tmp_path):
@@ -172,14 +226,14 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
 
 def test_status_reads_scheduler_and_health(served):
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
-    assert p.returncode == 0 and p.stdout.count(" ready ") == 2, p.stdout
-    assert "time left" in p.stdout
+    assert p.returncode == 0 and len(READY.findall(p.stdout)) == 2, p.stdout
+    assert "time left" in p.stdout and re.search(r"router +ready .*sends to 2 replica", p.stdout), p.stdout
     # a state file that failed to update cannot make a live server look failed
     state = served["root"] / "serve" / "0.json"
     saved = state.read_text()
     state.write_text(json.dumps(dict(json.loads(saved), state="failed", error="stale file handle")))
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
-    assert p.stdout.count(" ready ") == 2, p.stdout
+    assert len(READY.findall(p.stdout)) == 2, p.stdout
     state.write_text(saved)
     p = sh(served["tmp"], "hpc-infer serve status", env=served["env"])  # all my servers
     assert str(served["root"]) in p.stdout
@@ -214,8 +268,18 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in comp.choices[0].text
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
-    assert p.stdout.count(" ready ") == 2 and "restarts 1 (last: the server exited with -9 (SIGKILL)" in p.stdout, \
+    assert len(READY.findall(p.stdout)) == 2 and "restarts 1 (last: the server exited with -9 (SIGKILL)" in p.stdout, \
         p.stdout
+    # the router dropped it while it was down and sends to it again now (its sync follows /health)
+    router = served["root"] / "serve" / "router.json"
+    base = now["url"].removesuffix("/v1")
+    while time.time() < deadline and base not in json.loads(router.read_text())["workers"]:
+        time.sleep(0.5)
+    before = _requests_served(served, 1)
+    via = OpenAI(base_url=json.loads(router.read_text())["url"], api_key=served["key_file"].read_text().strip())
+    for _ in range(4):
+        via.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0)
+    assert _requests_served(served, 1) > before
 
 
 def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
@@ -226,7 +290,7 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     assert offline.returncode == 0
     p = run_launch(tmp_path / "srv", "cluster=local", f"cluster.endpoint={served['root']}", *common,
                    env={"HOME": str(served["tmp"] / "home")})
-    assert "running server(s)" in p.stderr
+    assert "batch through the router at http" in p.stderr, p.stderr[-2000:]
     a = read_results(tmp_path / "off/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
     b = read_results(tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
     assert [r["id"] for r in b] == [r["id"] for r in a]  # each once, input order, checked merge
@@ -249,19 +313,91 @@ def _batch_in_thread(tmp_path, run_name: str, *args: str, env: dict) -> tuple[th
     return thread, result, run
 
 
-def test_batch_survives_a_replica_killed_mid_run(served, tmp_path):
-    """One of the two replicas is cancelled (scancel) while a batch runs through both: its
-    requests fail over to the other after the client's retries, and every record is
-    merged exactly once."""
+def _key(served) -> str:
+    return served["key_file"].read_text().strip()
+
+
+def test_scale_to_three_and_the_router_follows(served):
+    """`serve scale RUN 3` on the running two: one new array task, replica 2; the router adds
+    it once it answers /health. `serve metrics --json` then reads all three."""
+    from hpc_infer.serve.fleet import wait_router_follows
+
     root = served["root"]
-    replica_1 = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
+    p = sh(served["tmp"], f"hpc-infer serve scale {root} 3", env=served["env"])
+    assert p.returncode == 0 and "added 1 replica" in p.stdout and "3 live" in p.stdout, p.stdout + p.stderr
+    path = root / "serve" / "2.json"
+    deadline = time.time() + 900  # a bound for a broken replica only; the wait ends on its state
+    while time.time() < deadline:
+        state = json.loads(path.read_text()) if path.exists() else {}
+        if state.get("state") in ("ready", "failed"):
+            break
+        time.sleep(0.5)
+    assert state.get("state") == "ready", state
+    workers = wait_router_follows(root, _key(served), 3, timeout_s=300)
+    assert workers and state["url"].removesuffix("/v1") in workers, workers
+    p = sh(served["tmp"], f"hpc-infer serve metrics {root} --json --interval 0.5", env=served["env"])
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout)
+    assert [r["replica"] for r in m["replicas"]] == [0, 1, 2] and m["total"]["replicas_ready"] == 3, m
+    for r in m["replicas"]:
+        assert r["running"] == 0 and r["waiting"] == 0 and 0 <= r["kv_cache_usage"] <= 1 and r["time_left"], r
+        assert r["generation_tokens_per_s"] == 0.0 and r["requests"] >= 0
+    p = sh(served["tmp"], f"hpc-infer serve metrics {root} --once --interval 0.5", env=served["env"])
+    assert p.returncode == 0 and re.search(r"total +3/3 up", p.stdout) and "KV cache" in p.stdout, p.stdout
+
+
+def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
+    """Replica 1 is cancelled (scancel) during two batches: the openai client's through the
+    router (no client retries: what fails here, the user sees), cancelled once replica 1
+    reports requests of it running; and a launch sending to replicas 1 and 2 by URL (our
+    worker's own failover), held at a failpoint mid-run until after the cancel. The router's
+    retries leave no request failed; the router drops the dead replica; the launch's
+    requests to replica 1 fail over to replica 2, and it merges every record once."""
+    import concurrent.futures
+
+    from openai import OpenAI
+
+    from hpc_infer.serve.replica import metrics
+
+    root, key = served["root"], _key(served)
+    states = [json.loads((root / "serve" / f"{i}.json").read_text()) for i in range(3)]
+    victim = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
     thread, result, run = _batch_in_thread(
-        tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint={root}", "data=example",
-        "sampling=greedy", "sampling.max_tokens=48", "sampling.ignore_eos=true", "model.dtype=float32",
-        "cluster.endpoint_concurrency=2", "cluster.max_chunks_in_flight=1", "chunks_per_worker=8",
-        "cluster.heartbeat_s=1", env={"HOME": str(served["tmp"] / "home")})
-    wait_mid_run(run)
-    subprocess.run(["scancel", replica_1], check=True)
+        tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
+        f"serve.api_key_file={served['key_file']}", "data=example", "sampling=greedy", "sampling.max_tokens=48",
+        "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
+        "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1",
+        env={"HOME": str(served["tmp"] / "home"), **hold_env(tmp_path)})
+    wait_held(tmp_path)  # chunks 0 and 1 done through both replicas; it holds chunk 2 until released
+    assert run.done_chunks() == {0, 1}
+    client = OpenAI(base_url=json.loads((root / "serve" / "router.json").read_text())["url"], api_key=key,
+                    max_retries=0, timeout=600)
+
+    def one(i):
+        try:
+            r = client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=24,
+                                          extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens
+        except Exception as e:  # what the client saw
+            return repr(e)
+
+    pool = concurrent.futures.ThreadPoolExecutor(12)
+    futures = [pool.submit(one, i) for i in range(36)]
+    base1 = states[1]["url"].removesuffix("/v1")
+    deadline = time.time() + 600  # a bound for a broken router only: the wait ends on the replica's own count
+    while time.time() < deadline and metrics(base1, key=key)["running"] < 1:  # the held launch sends nothing
+        time.sleep(0.1)
+    assert metrics(base1, key=key)["running"] >= 1, "the router never sent to replica 1"
+    subprocess.run(["scancel", victim], check=True)
+    release(tmp_path)  # the launch goes on: its next requests to replica 1 find it gone
+    answers = [f.result() for f in futures]
+    failed = [a for a in answers if not isinstance(a, int)]
+    print(f"requests through the router that failed as the client saw them: {len(failed)} of {len(answers)}")
+    assert not failed, failed[:3]
+    assert all(a == 24 for a in answers)
+    while time.time() < deadline and base1 in json.loads((root / "serve" / "router.json").read_text())["workers"]:
+        time.sleep(0.5)
+    assert base1 not in json.loads((root / "serve" / "router.json").read_text())["workers"]
     thread.join(900)
     p = result["p"]
     assert p.returncode == 0, p.stderr[-3000:]
@@ -272,8 +408,27 @@ def test_batch_survives_a_replica_killed_mid_run(served, tmp_path):
     assert "failed after retries" in logs and "sending its requests to the others" in logs, logs[-3000:]
 
 
+def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
+    from hpc_infer.serve.router import router_workers
+
+    root = served["root"]
+    p = sh(served["tmp"], f"hpc-infer serve scale {root} 1", env=served["env"])
+    assert p.returncode == 0 and "removed replica 2" in p.stdout and "1 live" in p.stdout, p.stdout + p.stderr
+    router = json.loads((root / "serve" / "router.json").read_text())
+    zero = json.loads((root / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
+    assert router_workers(router["url"].removesuffix("/v1"), _key(served)) == [zero]
+    job = json.loads((root / "jobs.json").read_text())["launches"][1]["job_ids"][0]
+    deadline = time.time() + 300
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(0.5)
+    assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    p = sh(served["tmp"], f"hpc-infer serve status {root}", env=served["env"])
+    assert len(READY.findall(p.stdout)) == 1 and "(hpc-infer serve scale 1)" in p.stdout, p.stdout
+
+
 def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(served, tmp_path):
-    """Every replica gone mid-run (the one the previous test left is cancelled too): the
+    """Every replica gone mid-run (the one the previous tests left is cancelled too): the
     worker's requests fail on all of them, it releases its chunks and fails, and the
     launch says so, keeping what finished. `hpc-infer serve` with the same run name starts
     a new replica (same key file); the relaunch through it resumes: finished chunks are
@@ -285,7 +440,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     env = {"HOME": str(tmp / "home")}
     thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=env)
     wait_mid_run(run)
-    replicas = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"]
+    replicas = [j for launch in json.loads((root / "jobs.json").read_text())["launches"] for j in launch["job_ids"]]
     subprocess.run(["scancel", *replicas], check=True)
     thread.join(900)
     p = result["p"]
@@ -296,6 +451,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     again = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=1 model.dtype=float32 "
                     f"output_root={tmp}/runs", env=served["env"])
     assert again.returncode == 0, again.stderr[-3000:]
+    assert not (root / "serve" / "1.json").exists() and not (root / "serve" / "router.json").exists()  # cleared
     p = run_launch(tmp_path, *args, env=env, check=False)
     assert p.returncode == 0 and "resuming" in p.stderr, p.stderr[-3000:]
     assert {c: run.out_path(c).stat().st_mtime_ns for c in kept} == kept  # finished chunks were not redone
@@ -336,14 +492,14 @@ def test_stop_leaves_nothing_in_the_queue(served):
     while identify(server.pid, server.start) and time.time() < deadline:
         time.sleep(0.2)
     assert identify(server.pid, server.start) is None, "the killed replica's server is still running"
+    n = sum(len(launch["job_ids"]) for launch in json.loads((root / "jobs.json").read_text())["launches"])
     p = sh(served["tmp"], f"hpc-infer serve stop {root}", env=served["env"])
-    assert p.returncode == 0 and "stopped 1 replica " in p.stdout, p.stderr
+    assert p.returncode == 0 and f"stopped {n} replica{'s' * (n != 1)} " in p.stdout, p.stdout + p.stderr
     assert identify(server.pid, server.start) is None and identify(replica.pid, replica.start) is None
     array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
     q = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True)
     assert q.stdout.strip() == ""
-    assert json.loads((root / "serve" / "0.json").read_text())["state"] == "stopped"
-    assert not (root / "serve" / "1.json").exists()  # the earlier serve's replica states were cleared
+    assert all(json.loads((root / "serve" / f"{i}.json").read_text())["state"] == "stopped" for i in range(n))
 
 
 def test_idle_replica_stops_itself(tmp_path, cpu_model):

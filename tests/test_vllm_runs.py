@@ -137,6 +137,11 @@ def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
     assert len(rows) == 16 and all(r["output_tokens"] > 0 for r in rows)
     assert f"{run}/results.jsonl" in p.stderr and f"summary: {run}/summary.json" in p.stderr
     assert f"timeline: {run}/timeline.png" in p.stderr and "1 local worker:" in p.stderr
+    # relaunched as typed once finished: says it is complete and where, submits nothing, merges again
+    again = run_launch(tmp_path, timeout=600)
+    assert f"{run} is already complete: all 16 records were done by an earlier launch" in again.stderr, again.stderr
+    assert "To run again, give a new run_name=..." in again.stderr and "[hpc_infer] submitted" not in again.stderr
+    assert [r["id"] for r in read_results(run / "results.jsonl")] == [r["id"] for r in rows]
 
 
 @pytest.mark.slow

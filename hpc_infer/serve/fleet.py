@@ -22,6 +22,7 @@ from .router import ROUTER_STATE, removing_marker, router_workers
 from .replica import STATE_DIR
 
 LIVE = ("ready", "loading", "queued", "restarting")
+LIVE_JOB = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
 
 def cluster_from(spec: dict) -> ClusterConfig:
@@ -49,17 +50,21 @@ def router_job(root: Path) -> str | None:
     return (read_json(run.jobs).get("router") or None) if run.jobs.exists() else None
 
 
+def router_cluster(spec: dict) -> ClusterConfig:
+    """The replicas' cluster (partition, account, qos, time, setup, ...) without GPUs, on one node."""
+    return dataclasses.replace(cluster_from(spec), gpus_per_task=0, gres=None, nodes_per_task=1,
+                               cpus_per_task=int(spec.get("router_cpus", 1)), mem=spec.get("router_mem"),
+                               array_parallelism=None)
+
+
 def submit_router(root: Path, spec: dict) -> str:
     """The router's job: the replicas' cluster without GPUs, one node, serve.router_cpus and
     serve.router_mem; the host's python (the router is not part of the vLLM image)."""
     from ..cluster.submit import host_python
     from ..cluster.task import RouterTask
 
-    c = dataclasses.replace(cluster_from(spec), gpus_per_task=0, gres=None, nodes_per_task=1,
-                            cpus_per_task=int(spec.get("router_cpus", 1)), mem=spec.get("router_mem"),
-                            array_parallelism=None)
     run = RunDir(root)
-    (job,) = make_backend(c, run, host_python()).submit(1, task=RouterTask(), record=False)
+    (job,) = make_backend(router_cluster(spec), run, host_python()).submit(1, task=RouterTask(), record=False)
     jobs = read_json(run.jobs) if run.jobs.exists() else {"launches": []}
     jobs["router"] = job
     write_json(run.jobs, jobs)
@@ -126,20 +131,26 @@ def scale(run: str, target: int) -> str:
         return f"{root}: {target} replica{'s' * (target != 1)} live already"
     going = sorted(live, key=lambda s: s["replica"], reverse=True)[:len(live) - target]
     for s in going:
-        removing_marker(root, s["replica"]).write_text(f"serve scale {target}\n")
+        removing_marker(root, s["replica"]).write_text(f"hpc-infer serve scale {target}\n")
     if _router_alive(root) and key:
         left = sum(1 for s in live if s not in going and s["state"] == "ready")
         wait_router_follows(root, key, left, timeout_s=60)
     backend, _ = recorded_backend(RunDir(root))
-    for s in going:
-        backend.cancel_one(s["job"])
+    jobs = [s["job"] for s in going]
+    for job in jobs:
+        backend.cancel_one(job)
+    deadline = time.time() + 120
+    while time.time() < deadline and any(v in LIVE_JOB for v in backend.states(jobs).values()):
+        time.sleep(1)
+    for s in going:  # the replica writes why itself (it reads the mark); this covers one that could not
         path = root / STATE_DIR / f"{s['replica']}.json"
         try:
             f = json.loads(path.read_text())
         except (OSError, ValueError):
             f = {"replica": s["replica"]}
-        f.update(state="stopped", stopped_because=f"hpc-infer serve scale {target}", t=time.time())
-        write_atomic(path, (json.dumps(f) + "\n").encode())
+        if f.get("state") not in ("stopped", "failed"):
+            f.update(state="stopped", stopped_because=f"hpc-infer serve scale {target}", t=time.time())
+            write_atomic(path, (json.dumps(f) + "\n").encode())
     names = ", ".join(str(s["replica"]) for s in going)
     return f"removed replica{'s' * (len(going) != 1)} {names} (newest first); {target} live"
 
@@ -149,5 +160,5 @@ def _router_alive(root: Path) -> bool:
     if not job:
         return False
     backend, _ = recorded_backend(RunDir(root))
-    return backend.states([job]).get(job) in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
+    return backend.states([job]).get(job) in LIVE_JOB
 

@@ -32,7 +32,7 @@ from ..cluster.preflight import cpu_build_on_gpus, preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
 from ..secrets import find_token
 from ..cluster.submit import BACKENDS, recorded_backend
-from .fleet import router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
+from .fleet import LIVE_JOB, router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
@@ -98,8 +98,12 @@ def serve(rc: RunConfig) -> Path:
                             f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
                             f"another run_name=...")
         gone_router = router_job(root)
-        if gone_router:  # the last serve's router, if its replicas were killed without a word
-            recorded_backend(run)[0].cancel_one(gone_router)
+        if gone_router:  # the last serve's router (its replicas may have been killed without a word)
+            backend = recorded_backend(run)[0]
+            backend.cancel_one(gone_router)
+            deadline = time.time() + 120  # gone before its files are cleared: it writes router.json as it stops
+            while time.time() < deadline and backend.states([gone_router]).get(gone_router) in LIVE_JOB:
+                time.sleep(1)
         for old in [*(root / "serve").glob("*.json"), *(root / "serve").glob("*.removing")]:
             old.unlink()
         (root / "jobs.json").unlink(missing_ok=True)

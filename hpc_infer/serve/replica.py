@@ -202,8 +202,11 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     child: subprocess.Popen | None = None
     stopping = {"why": None}
 
-    def on_term(signum, frame):  # scancel / serve stop / Slurm time limit
-        stopping["why"] = f"signal {signal.Signals(signum).name}"
+    def on_term(signum, frame):  # scancel / serve stop / serve scale / Slurm time limit
+        try:  # `serve scale` marked this replica before cancelling it (serve/router.py: removing_marker)
+            stopping["why"] = (root / STATE_DIR / f"{index}.removing").read_text().strip()
+        except OSError:
+            stopping["why"] = f"signal {signal.Signals(signum).name}"
         if child and child.poll() is None:
             if stopping.get("base"):  # what it served up to now, not at the last poll
                 stopping["served"] = metrics(stopping["base"], timeout=2.0, key=env["VLLM_API_KEY"])
