@@ -241,8 +241,9 @@ def test_status_reads_scheduler_and_health(served):
 
 def test_watchdog_restarts_a_killed_server_on_its_port(served):
     """Replica 1's vLLM server is SIGKILLed (what an OOM kill does): the replica, still
-    holding its allocation, starts the server again on the same port after its backoff; it
-    answers with the same key, and `serve status` shows the restart and its cause."""
+    holding its allocation, stops the engine process the server left behind and starts the
+    server again on the same port after its backoff; it answers with the same key, `serve
+    status` shows the restart and its cause, and the router sends to it again."""
     import os
     import signal
 
@@ -253,6 +254,10 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     path = served["root"] / "serve" / "1.json"
     before = json.loads(path.read_text())
     assert before["state"] == "ready" and before.get("restarts", 0) == 0, before
+    from hpc_infer.worker.procs import alive, descendants
+
+    left_behind = descendants(before["server_pid"])  # vLLM's engine-core process under the server
+    assert left_behind, "the server runs its engine in a process of its own"
     os.kill(before["server_pid"], signal.SIGKILL)
     deadline = time.time() + 900  # a bound for a broken watchdog only; the wait ends on the state file
     while time.time() < deadline:
@@ -264,6 +269,9 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     assert now["server_pid"] != before["server_pid"] and now["url"] == before["url"]  # in place, same port
     assert now["last_exit"].startswith("the server exited with -9 (SIGKILL)"), now
     assert identify(before["server_pid"], before["server_pid_start"]) is None
+    # what the killed server had started was re-parented to the replica (a subreaper), not to
+    # init, and stopped before the restart
+    assert not [p for p in left_behind if alive(p)], left_behind
     client = OpenAI(base_url=now["url"], api_key=served["key_file"].read_text().strip())
     comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in comp.choices[0].text

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from ..worker.ports import free_port
-from ..worker.procs import die_with_parent, identify, this_process
+from ..worker.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
 from ..worker.rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
@@ -214,6 +214,13 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    become_subreaper()  # a server killed outright leaves its engine process to us, not to init
+
+    def server_gone() -> None:
+        """After the server exited: stop what it left running (its engine-core process when
+        it was SIGKILLed), never the Ray head of a multi-node replica."""
+        stop_orphans(keep=[h.pid for h in helpers])
+
     if nodes > 1:
         try:
             head, env["RAY_ADDRESS"] = ray_nodes.start_head(root, index, nodes, log_path, spec)
@@ -251,6 +258,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             if child.poll() is None:
                 child.terminate()
                 child.wait(timeout=60)
+            server_gone()
             if stopping["why"]:
                 return ""
             cause, tail = failure_report(log_path)
@@ -299,6 +307,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+        server_gone()
         if stopping["why"]:
             served = stopping.get("served")
             save(state="stopped", error=None, stopped_because=stopping["why"],

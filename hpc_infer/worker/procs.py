@@ -16,6 +16,7 @@ import time
 from typing import Iterable, NamedTuple
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class Proc(NamedTuple):
@@ -111,3 +112,30 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent:  # it ended between our look and the call
         os.kill(os.getpid(), sig)
     return True
+
+
+def become_subreaper() -> bool:
+    """Have orphaned descendants re-parented to this process instead of init
+    (PR_SET_CHILD_SUBREAPER): when a child we started is killed outright, what it started
+    (vLLM's engine-core process under its server) stays ours to find and stop."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def stop_orphans(keep: Iterable[int] = (), grace_s: float = 10.0) -> list[Proc]:
+    """Stop every process under this one except `keep` and what runs under those (a
+    subreaper's orphans, once the child that started them has ended), and reap them.
+    Returns what was stopped."""
+    kept = set(keep)
+    for pid in list(kept):
+        kept.update(p.pid for p in descendants(pid))
+    left = [p for p in descendants(os.getpid()) if p.pid not in kept]
+    stop_all(left, grace_s=grace_s)
+    for p in left:
+        try:
+            os.waitpid(p.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return left
