@@ -79,19 +79,6 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def wait_mid_run(run, timeout: float = 300) -> None:
-    """Wait until some chunk is finished while another is still claimed (mid-run)."""
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done, claimed = run.done_chunks(), run.claimed_chunks()
-        if done and claimed - done:
-            return
-        time.sleep(0.05)
-    pytest.fail("the run never had a finished chunk and a claimed one at the same time")
-
-
 def hold_env(tmp_path: Path, where: str = "claimed@/00002") -> dict:
     """The environment of a worker that stops at a failpoint until the test releases it
     (worker/faults.py HOLD): by default once it has finished chunks 0 and 1 (one chunk in

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hold_env, read_results, release, require_slurm, run_launch, user_env, wait_held, wait_mid_run
+from conftest import hold_env, read_results, release, require_slurm, run_launch, user_env, wait_held
 from hpc_infer.worker.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
@@ -372,7 +372,7 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
     victim = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
     thread, result, run = _batch_in_thread(
         tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
-        f"serve.api_key_file={served['key_file']}", "data=example", "sampling=greedy", "sampling.max_tokens=48",
+        f"serve.api_key_file={served['key_file']}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
         "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
         "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1",
         env={"HOME": str(served["tmp"] / "home"), **hold_env(tmp_path)})
@@ -411,7 +411,7 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
-    assert all(r["output_tokens"] == 48 for r in rows)
+    assert all(r["output_tokens"] == 16 for r in rows)
     logs = "".join(f.read_text(errors="replace") for f in run.logs.glob("*.err"))
     assert "failed after retries" in logs and "sending its requests to the others" in logs, logs[-3000:]
 
@@ -436,26 +436,32 @@ def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
 
 
 def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(served, tmp_path):
-    """Every replica gone mid-run (the one the previous tests left is cancelled too): the
-    worker's requests fail on all of them, it releases its chunks and fails, and the
+    """Every replica gone mid-run (the one the previous tests left is cancelled too, while
+    the launch's worker holds at a failpoint after chunks 0 and 1): the worker's requests
+    fail on all of them, it releases its chunks and fails, and the
     launch says so, keeping what finished. `hpc-infer serve` with the same run name starts
     a new replica (same key file); the relaunch through it resumes: finished chunks are
     kept as they are, the rest run, and every record is merged exactly once."""
     root, tmp = served["root"], served["tmp"]
-    args = ("cluster=local", f"cluster.endpoint={root}", "data=example", "sampling=greedy", "sampling.max_tokens=48",
+    args = ("cluster=local", f"cluster.endpoint={root}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
             "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
             "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1", "run_name=resume")
     env = {"HOME": str(tmp / "home")}
-    thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=env)
-    wait_mid_run(run)
+    thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=dict(env, **hold_env(tmp_path)))
+    wait_held(tmp_path)  # chunks 0 and 1 done; the worker holds chunk 2's claim until released
     replicas = [j for launch in json.loads((root / "jobs.json").read_text())["launches"] for j in launch["job_ids"]]
     subprocess.run(["scancel", *replicas], check=True)
+    deadline = time.time() + 600  # a bound for a broken scancel only: the wait ends when squeue shows them gone
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(replicas)], capture_output=True,
+                                                    text=True).stdout.strip():
+        time.sleep(0.5)
+    release(tmp_path)  # every replica is gone: the worker's next requests find none
     thread.join(900)
     p = result["p"]
     assert p.returncode == 2 and "no worker" in p.stderr, p.stderr[-3000:]
     n_chunks = json.loads(run.manifest.read_text())["n_chunks"]
     kept = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
-    assert 0 < len(kept) < n_chunks and not run.claimed_chunks()  # the failed worker released its claims
+    assert set(kept) == {0, 1} and n_chunks > 2 and not run.claimed_chunks()  # it released its claims
     again = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=1 model.dtype=float32 "
                     f"output_root={tmp}/runs", env=served["env"])
     assert again.returncode == 0, again.stderr[-3000:]
@@ -465,7 +471,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     assert {c: run.out_path(c).stat().st_mtime_ns for c in kept} == kept  # finished chunks were not redone
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(16)) and len({r["id"] for r in rows}) == 16
-    assert all(r["output_tokens"] == 48 for r in rows)
+    assert all(r["output_tokens"] == 16 for r in rows)
 
 
 def test_no_key_or_token_in_any_file_or_command_line(served):
