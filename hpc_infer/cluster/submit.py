@@ -30,6 +30,7 @@ from .task import WorkerTask
 # died before writing one); states() says it when Slurm no longer knows the job.
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE", "FINISHED", "INTERRUPTED", "DONE", "ENDED"}
+LIVE = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")  # a job the scheduler still holds
 
 
 class Backend:
@@ -54,6 +55,16 @@ class Backend:
     def cancel_one(self, job_id: str) -> str:
         """Stop one job (one array task): `serve scale` down."""
         return self.cancel([job_id])
+
+    def wait_ended(self, job_ids: list[str], timeout_s: float) -> bool:
+        """Wait until the scheduler holds none of the jobs (after a cancel); False if some
+        still were after `timeout_s`."""
+        deadline = time.time() + timeout_s
+        while any(s in LIVE for s in self.states(job_ids).values()):
+            if time.time() >= deadline:
+                return False
+            time.sleep(1)
+        return True
 
     def _calls(self, start: int, count: int, task=None) -> tuple:
         roots = [str(self.run.root)] * count

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cluster.submit import make_backend, recorded_backend
+from ..cluster.submit import LIVE as LIVE_JOB, make_backend, recorded_backend
 from ..config import ClusterConfig
 from ..errors import UserError
 from ..secrets import exported, find_token, job_env
@@ -22,7 +22,6 @@ from .router import ROUTER_STATE, removing_marker, router_workers
 from .replica import STATE_DIR
 
 LIVE = ("ready", "loading", "queued", "restarting")
-LIVE_JOB = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")
 
 
 def cluster_from(spec: dict) -> ClusterConfig:
@@ -105,7 +104,7 @@ def wait_router_follows(root: Path, key: str, want: int, timeout_s: float = 120.
 def scale(run: str, target: int) -> str:
     """`hpc-infer serve scale RUN N`: new array tasks for more replicas; for fewer, the newest
     live replicas are taken out of the router first, then cancelled."""
-    from .status import _key, replica_states, serve_root
+    from .status import _key, mark_stopped, replica_states, serve_root
 
     if target < 0:
         raise UserError(f"serve scale: N={target} must be >= 0 (0 stops every replica; the run stays)")
@@ -139,18 +138,9 @@ def scale(run: str, target: int) -> str:
     jobs = [s["job"] for s in going]
     for job in jobs:
         backend.cancel_one(job)
-    deadline = time.time() + 120
-    while time.time() < deadline and any(v in LIVE_JOB for v in backend.states(jobs).values()):
-        time.sleep(1)
+    backend.wait_ended(jobs, 120)
     for s in going:  # the replica writes why itself (it reads the mark); this covers one that could not
-        path = root / STATE_DIR / f"{s['replica']}.json"
-        try:
-            f = json.loads(path.read_text())
-        except (OSError, ValueError):
-            f = {"replica": s["replica"]}
-        if f.get("state") not in ("stopped", "failed"):
-            f.update(state="stopped", stopped_because=f"hpc-infer serve scale {target}", t=time.time())
-            write_atomic(path, (json.dumps(f) + "\n").encode())
+        mark_stopped(root, s["replica"], f"hpc-infer serve scale {target}")
     names = ", ".join(str(s["replica"]) for s in going)
     return f"removed replica{'s' * (len(going) != 1)} {names} (newest first); {target} live"
 

@@ -32,7 +32,7 @@ from ..cluster.preflight import cpu_build_on_gpus, preflight
 from ..worker.rundir import RunDir, set_permissions, write_atomic
 from ..secrets import find_token
 from ..cluster.submit import BACKENDS, recorded_backend
-from .fleet import LIVE_JOB, router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
+from .fleet import router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
 from .status import KEYS_DIR, REGISTRY, replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
@@ -86,6 +86,13 @@ def serve(rc: RunConfig) -> Path:
         raise UserError(wrong_build)
     for note in preflight(rc.model, c, model_path):
         say(note)
+    with_router = router_wanted({"router": rc.serve.router}, rc.serve.replicas)
+    if with_router:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm_router") is None:
+            raise UserError("serve.router: vllm-router is not installed here (its wheel is for Linux x86_64 only); "
+                            "`pip install vllm-router==0.1.17`, or serve without it: serve.router=false")
     run_name = rc.run_name or f"serve__{rc.model.name}"
     rc.run_name = run_name
     set_permissions(rc.permissions)
@@ -101,9 +108,7 @@ def serve(rc: RunConfig) -> Path:
         if gone_router:  # the last serve's router (its replicas may have been killed without a word)
             backend = recorded_backend(run)[0]
             backend.cancel_one(gone_router)
-            deadline = time.time() + 120  # gone before its files are cleared: it writes router.json as it stops
-            while time.time() < deadline and backend.states([gone_router]).get(gone_router) in LIVE_JOB:
-                time.sleep(1)
+            backend.wait_ended([gone_router], 120)  # gone before its files are cleared: it writes router.json as it stops
         for old in [*(root / "serve").glob("*.json"), *(root / "serve").glob("*.removing")]:
             old.unlink()
         (root / "jobs.json").unlink(missing_ok=True)
@@ -115,7 +120,7 @@ def serve(rc: RunConfig) -> Path:
     model = dict(spec["model"], chat_template_path=str(Path(rc.model.chat_template).resolve())
                  if rc.model.chat_template else None)
     served = rc.serve.name or rc.model.hf_id or rc.model.name
-    write_atomic(root / "serve.json", (json.dumps({
+    serve_spec = {
         "model": model, "served_name": served, "host": bind_address(rc), "port_min": rc.serve.port_min,
         "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
         "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
@@ -126,22 +131,16 @@ def serve(rc: RunConfig) -> Path:
         "cluster_config": dataclasses.asdict(c), "python": python, "router": rc.serve.router,
         "router_policy": rc.serve.router_policy, "router_port": rc.serve.router_port,
         "router_cpus": rc.serve.router_cpus, "router_mem": rc.serve.router_mem,
-    }, indent=1) + "\n").encode())
+    }
+    write_atomic(root / "serve.json", (json.dumps(serve_spec, indent=1) + "\n").encode())
     REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(REGISTRY, "a") as f:
         f.write(f"{root}\n")
-    if router_wanted({"router": rc.serve.router}, rc.serve.replicas):
-        import importlib.util
-
-        if importlib.util.find_spec("vllm_router") is None:
-            raise UserError("serve.router: vllm-router is not installed here (its wheel is for Linux x86_64 only); "
-                            "`pip install vllm-router==0.1.17`, or serve without it: serve.router=false")
     ids = submit_replicas(root, c, python, rc.serve.replicas, start=0)
     say(f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
         f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}")
-    spec = json.loads((root / "serve.json").read_text())
-    if router_wanted(spec, rc.serve.replicas):
-        say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(root, spec)}")
+    if with_router:
+        say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(root, serve_spec)}")
     if generated and sys.stderr.isatty():  # shown once, on a terminal only (never into a log file)
         say(f"API key (shown once; kept in {key_file}): {key_file.read_text().strip()}")
     if not rc.wait:

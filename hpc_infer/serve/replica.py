@@ -100,8 +100,9 @@ def failure_report(log_path: Path) -> tuple[str, list[str]]:
     return (f": {cause}" if cause else ""), lines[-20:]
 
 
-def _get(url: str, timeout: float = 5.0, key: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+def http(url: str, timeout: float = 5.0, key: str | None = None, method: str = "GET") -> tuple[int, str]:
+    """(status, body) of one call with the run's key (0 when nothing answered)."""
+    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode(errors="replace")
@@ -114,7 +115,7 @@ def _get(url: str, timeout: float = 5.0, key: str | None = None) -> tuple[int, s
 def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str, float]:
     """Requests served, running and waiting, prompt and generated tokens so far, KV-cache use,
     from vLLM's /metrics (which, like every route but /health, needs the key: serve/auth.py)."""
-    code, text = _get(f"{base}/metrics", timeout=timeout, key=key)
+    code, text = http(f"{base}/metrics", timeout=timeout, key=key)
     out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0,
            "kv_cache_usage": 0.0}
     if code != 200:
@@ -250,7 +251,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
             deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
             while child.poll() is None and stopping["why"] is None and time.time() < deadline:
-                if _get(f"{base}/health", timeout=2)[0] == 200:
+                if http(f"{base}/health", timeout=2)[0] == 200:
                     break
                 time.sleep(1)
             if child.poll() is None and stopping["why"] is None and time.time() < deadline:

@@ -33,14 +33,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..worker.ports import free_port
 from ..worker.procs import die_with_parent, identify, this_process
 from ..worker.rundir import tail_lines, write_atomic
-from .replica import STATE_DIR, _get
+from .replica import STATE_DIR, http
 
 ROUTER_STATE = "router.json"
 SYNC_S = 2.0
@@ -81,19 +80,8 @@ class KeyCheck(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/check"
 
 
-def _call(method: str, url: str, key: str, timeout: float = 5.0) -> tuple[int, str]:
-    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-    except OSError:
-        return 0, ""
-
-
 def router_workers(base: str, key: str) -> list[str] | None:
-    code, text = _call("GET", f"{base}/list_workers", key)
+    code, text = http(f"{base}/list_workers", key=key)
     if code != 200:
         return None
     try:
@@ -115,7 +103,7 @@ def healthy_replicas(root: Path, n_replicas: int) -> tuple[list[str], bool]:
         if f.get("state") not in ("stopped", "failed"):
             ended = False
         base = (f.get("url") or "").removesuffix("/v1")
-        if base and not removing_marker(root, i).exists() and _get(f"{base}/health", timeout=3)[0] == 200:
+        if base and not removing_marker(root, i).exists() and http(f"{base}/health", timeout=3)[0] == 200:
             urls.append(base)
     return urls, ended
 
@@ -182,9 +170,9 @@ def run_router(run_dir: str) -> dict:
             have = router_workers(base, key)
             if have is not None:
                 for url in sorted(set(want) - set(have)):
-                    _call("POST", f"{base}/add_worker?url={url}", key, timeout=60)
+                    http(f"{base}/add_worker?url={url}", timeout=60, key=key, method="POST")
                 for url in sorted(set(have) - set(want)):
-                    _call("POST", f"{base}/remove_worker?url={url}", key, timeout=60)
+                    http(f"{base}/remove_worker?url={url}", timeout=60, key=key, method="POST")
                 now = router_workers(base, key)
                 if now is not None and sorted(now) != state["workers"]:
                     save(workers=sorted(now))

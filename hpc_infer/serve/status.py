@@ -16,7 +16,7 @@ from pathlib import Path
 from ..cluster.submit import recorded_backend
 from ..errors import UserError
 from ..worker.rundir import RunDir, write_atomic
-from .replica import STATE_DIR, _get, metrics
+from .replica import STATE_DIR, http, metrics
 
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
 KEYS_DIR = CONFIG_DIR / "keys"
@@ -53,7 +53,7 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
         job = ids[i] if i < len(ids) else None
         js = sched.get(job, "UNKNOWN") if job else "NOT SUBMITTED"
         base = (f.get("url") or "").removesuffix("/v1")
-        healthy = bool(f.get("port")) and _get(f"{base}/health", timeout=3)[0] == 200
+        healthy = bool(f.get("port")) and http(f"{base}/health", timeout=3)[0] == 200
         if healthy:
             state = "ready"
         elif js in ("PENDING", "CONFIGURING"):
@@ -79,9 +79,10 @@ def describe(root: Path) -> str:
     now = time.time()
     from .fleet import router_job, router_state
 
-    if router_job(root):
+    router = router_job(root)
+    if router:
         r = router_state(root) or {"state": "queued"}
-        line = f"  router     {r['state']:8} job {router_job(root)}"
+        line = f"  router     {r['state']:8} job {router}"
         if r.get("url"):
             line += f"  {r['url']}  policy {r.get('policy')}, sends to {len(r.get('workers') or [])} replica(s)"
         if r.get("stopped_because") or r.get("error"):
@@ -145,25 +146,27 @@ def stop(run: str, wait_s: float = 120.0) -> str:
     router = router_job(root)
     jobs = ids + ([router] if router else [])
     what = backend.cancel(jobs)
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
-        if all(s not in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING") for s in backend.states(jobs).values()):
-            break
-        time.sleep(1)
+    backend.wait_ended(jobs, wait_s)
     left = _stop_servers(root)
     for i in range(len(ids)):
-        path = root / STATE_DIR / f"{i}.json"
-        try:
-            f = json.loads(path.read_text())
-        except (OSError, ValueError):
-            f = {"replica": i}
-        if f.get("state") not in ("stopped", "failed"):
-            f.update(state="stopped", stopped_because="hpc-infer serve stop", t=time.time())
-            write_atomic(path, (json.dumps(f) + "\n").encode())
+        mark_stopped(root, i, "hpc-infer serve stop")
     return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)}{' and the router' if router else ''} of {root} "
             f"({what})"
             + (f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
                f" and {'were' if left != 1 else 'was'} stopped by PID" if left else ""))
+
+
+def mark_stopped(root: Path, index: int, why: str) -> None:
+    """After its job ended: a replica killed before it could write why (SIGKILL after
+    Slurm's KillWait) is marked stopped; one that wrote stopped or failed keeps its own word."""
+    path = root / STATE_DIR / f"{index}.json"
+    try:
+        f = json.loads(path.read_text())
+    except (OSError, ValueError):
+        f = {"replica": index}
+    if f.get("state") not in ("stopped", "failed"):
+        f.update(state="stopped", stopped_because=why, t=time.time())
+        write_atomic(path, (json.dumps(f) + "\n").encode())
 
 
 def _stop_servers(root: Path) -> int:
