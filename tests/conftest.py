@@ -51,28 +51,61 @@ def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: 
     return p
 
 
+def run_line(cwd: Path, line: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """One command line typed into bash in `cwd` (a doc's, as written), output through files
+    like run_launch: local workers inherit it and would hold a pipe open."""
+    out, err = Path(cwd) / ".line.stdout", Path(cwd) / ".line.stderr"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        rc = subprocess.run(["bash", "-c", line], stdout=fo, stderr=fe, env=user_env(env), timeout=timeout,
+                            cwd=cwd).returncode
+    return subprocess.CompletedProcess(line, rc, out.read_text(), err.read_text())
+
+
+def user_checkout(tmp_path: Path) -> Path:
+    """A directory that looks like the checkout to the README's relative commands (scripts/,
+    pyproject.toml, tests/ and .venv as links to this one's), so that what they write
+    (runs/, the sandbox) lands under tmp_path, not in the real checkout."""
+    import hashlib
+
+    # setup.sh must find its work done (its stamp in the venv), or it would reinstall the
+    # package from this directory of links and point the venv's editable install here
+    digest = hashlib.sha256("".join(f"{hashlib.sha256((ROOT / f).read_bytes()).hexdigest()}  {f}\n"
+                                    for f in ("pyproject.toml", "scripts/setup.sh")).encode()).hexdigest()[:12]
+    stamp = BIN.parent / f".hpc_infer-setup-{digest}"
+    assert stamp.exists(), f"{stamp} missing: run `bash scripts/setup.sh` in the checkout first (scripts/test.sh does)"
+    here = tmp_path / "checkout"
+    here.mkdir()
+    for name in ("scripts", "pyproject.toml", "tests"):
+        (here / name).symlink_to(ROOT / name)
+    (here / ".venv").symlink_to(BIN.parent)
+    return here
+
+
 def tool_shims(folder: Path, tools=("sbatch", "squeue", "scontrol", "scancel", "srun", "sacct", "bwrap",
                                      "apptainer", "singularity")) -> tuple[str, Path]:
-    """A PATH prefix whose tools write every argv they are called with to folder/argv.log
-    (one call a line, NUL between words), then run the real tool: an exhaustive record of
-    the command lines we produce, where sampling /proc misses short-lived processes."""
+    """A PATH prefix whose tools record every argv they are called with (one file per call
+    in folder/calls/, NUL between words: an argument may hold newlines), then run the real
+    tool: an exhaustive record of the command lines we produce, where sampling /proc
+    misses short-lived processes."""
     import shutil
 
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "argv.log"
+    calls = folder / "calls"
+    calls.mkdir(parents=True, exist_ok=True)
     for tool in tools:
         real = shutil.which(tool)
         if real:
             shim = folder / tool
-            shim.write_text(f'#!/bin/bash\n{{ printf "%s\\0" "$0" "$@"; echo; }} >> {log}\nexec {real} "$@"\n')
+            shim.write_text(f'#!/bin/bash\nprintf "%s\\0" "$0" "$@" > "$(mktemp -p {calls} "$(date +%s%N).XXXXXX")"\n'
+                            f'exec {real} "$@"\n')
             shim.chmod(0o755)
-    return str(folder), log
+    return str(folder), calls
 
 
-def shim_calls(log: Path) -> list[list[str]]:
-    if not log.exists():
+def shim_calls(calls: Path) -> list[list[str]]:
+    """The recorded calls, oldest first."""
+    if not calls.exists():
         return []
-    return [line.rstrip("\0").split("\0") for line in log.read_text(errors="replace").splitlines() if line]
+    return [f.read_text(errors="replace").rstrip("\0").split("\0") for f in sorted(calls.iterdir())]
 
 
 def read_results(path: Path) -> list[dict]:

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from conftest import BIN, ROOT, compose, user_env
+from doc_commands import as_written
 
 from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
@@ -77,19 +78,45 @@ def test_refusals_name_the_setting(tmp_path, override, expect):
     assert not (tmp_path / "runs").exists()
 
 
-def test_status_merge_cancel_on_a_run(tmp_path, finished_run):
+def test_status_merge_cancel_on_a_run_as_the_docs_write_them(tmp_path, finished_run):
+    """README's "On a Slurm cluster" block and docs/ai-cloud-users.md, line by line, with
+    runs/<run> the run's own directory (relative: typed where the run was launched)."""
+    run = {"runs/<run>": f"runs/{finished_run.root.name}"}
     root = finished_run.root
-    p = sh(tmp_path, f"hpc-infer status {root}")
+    p = sh(tmp_path, as_written("hpc-infer status runs/<run>", run))
     n = read_json(finished_run.manifest)["n_chunks"]
     assert p.returncode == 0 and f"chunks {n}/{n}" in p.stdout and "records 4/4" in p.stdout
-    p = sh(tmp_path, f"hpc-infer merge {root}")
+    merge = as_written("hpc-infer merge  runs/<run> [--partial] [--format parquet]", run)
+    for options in ("", "--partial", "--format parquet"):
+        p = sh(tmp_path, merge.replace("[--partial] [--format parquet]", options))
+        assert p.returncode == 0 and "4/4 records" in p.stdout, p.stderr
+    assert (root / "results.parquet").is_file() and not (root / "results.partial.jsonl").exists()  # complete run
+    p = sh(tmp_path, as_written("hpc-infer merge runs/<run>", run))  # docs/ai-cloud-users.md
     assert p.returncode == 0 and "4/4 records" in p.stdout, p.stderr
     graded = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
     assert [r["answer_reward"] for r in graded] == [float(r["fields"]["answer"] == "1") for r in graded]
-    p = sh(tmp_path, f"hpc-infer cancel {root}")
+    p = sh(tmp_path, as_written("hpc-infer cancel runs/<run>", run))
     assert p.returncode == 0 and "cancelled 0 tasks" in p.stdout
     p = sh(tmp_path, f"hpc-infer status {tmp_path}")
     assert p.returncode == 2 and "not a run directory" in p.stderr
+    # `hpc-infer sbatch model=... cluster=...`: the embedded CPU model on the local Slurm's config
+    p = sh(tmp_path, as_written("hpc-infer sbatch model=... cluster=...",
+                                {"model=...": "model=smollm2_cpu", "cluster=...": "cluster=slurm_local"}))
+    assert p.returncode == 0 and (tmp_path / "runs/example__smollm2_cpu__chat/job.sbatch").is_file(), p.stderr
+
+
+def test_ai_cloud_users_sbatch_as_typed_stops_at_the_missing_image(tmp_path):
+    """docs/ai-cloud-users.md's sbatch line as typed, prompts in ~: here, without the AI
+    Cloud's image, it stops before writing anything, naming the image and the fix (on the
+    AI Cloud it renders; tests/test_cli_errors.py renders the same ~ path for slurm_local)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    p = sh(tmp_path, as_written("hpc-infer sbatch cluster=aau_ai_cloud model=llama32_1b_instruct "
+                                "data.path=~/prompts.jsonl"), env=user_env({"HOME": str(home)}))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "cluster.container.image: image /home/container/vllm-openai_latest.sif does not exist" in p.stderr
+    assert "hpc-infer image pull" in p.stderr and not (tmp_path / "runs").exists()
 
 
 def test_cache_image_model_subcommands(tmp_path):
@@ -99,20 +126,22 @@ def test_cache_image_model_subcommands(tmp_path):
     (tmp_path / "models").mkdir()
     p = sh(tmp_path, f"hpc-infer cache list --root {tmp_path}/models")
     assert p.returncode == 0 and "name" in p.stdout
-    src = tmp_path / "dl" / "Tiny-Model"  # the admins' guide, as typed: stage, verify, catalog, list
+    src = tmp_path / "dl" / "Llama-3.1-8B"  # docs/admins.md, line by line: stage, verify, catalog, list
     src.mkdir(parents=True)
     (src / "config.json").write_text('{"model_type": "llama"}')
     save_file({"w": np.ones((64, 64), dtype=np.float32)}, str(src / "model.safetensors"))
     (src / "model.safetensors").chmod(0o644)
-    p = sh(tmp_path, f"hpc-infer cache stage {src} --root {tmp_path}/models --hf-id org/Tiny-Model")
-    assert p.returncode == 0 and (tmp_path / "models" / "Tiny-Model" / "model.safetensors").is_file(), p.stderr
-    p = sh(tmp_path, f"hpc-infer cache verify --root {tmp_path}/models")
-    assert p.returncode == 0 and "Tiny-Model" in p.stdout + p.stderr, p.stdout + p.stderr
-    p = sh(tmp_path, f"hpc-infer cache catalog --root {tmp_path}/models")
+    fill = {"/scratch/dl/Llama-3.1-8B": str(src), "/data/models": f"{tmp_path}/models"}
+    p = sh(tmp_path, as_written("hpc-infer cache stage /scratch/dl/Llama-3.1-8B --root /data/models "
+                                "--hf-id meta-llama/Llama-3.1-8B", fill))
+    assert p.returncode == 0 and (tmp_path / "models" / "Llama-3.1-8B" / "model.safetensors").is_file(), p.stderr
+    p = sh(tmp_path, as_written("hpc-infer cache verify --root /data/models", fill))
+    assert p.returncode == 0 and "Llama-3.1-8B" in p.stdout + p.stderr, p.stdout + p.stderr
+    p = sh(tmp_path, as_written("hpc-infer cache catalog --root /data/models", fill))
     catalog = json.loads((tmp_path / "models" / "catalog.json").read_text())
-    assert p.returncode == 0 and "org/Tiny-Model" in json.dumps(catalog), catalog
-    p = sh(tmp_path, f"hpc-infer cache list --root {tmp_path}/models")
-    assert p.returncode == 0 and "Tiny-Model" in p.stdout, p.stdout
+    assert p.returncode == 0 and "meta-llama/Llama-3.1-8B" in json.dumps(catalog), catalog
+    p = sh(tmp_path, as_written("hpc-infer cache list --root /data/models", fill))
+    assert p.returncode == 0 and "Llama-3.1-8B" in p.stdout and "meta-llama/Llama-3.1-8B" in p.stdout, p.stdout
     p = sh(tmp_path, f"hpc-infer image build --dest {tmp_path}/h.sif --dry-run --runtime apptainer")
     assert p.returncode == 0 and p.stdout.startswith(f"apptainer build --fakeroot {tmp_path}/h.sif"), p.stderr
     (tmp_path / "bad.sif").write_bytes(b"not an image")

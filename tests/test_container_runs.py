@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hold_env, preempt_then_finish, read_results, run_launch
+from conftest import ROOT, hold_env, preempt_then_finish, read_results, run_launch, run_line, user_checkout
+from doc_commands import as_written
 from hpc_infer.worker.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
@@ -31,7 +32,13 @@ TINY = ("data=example_prompts", "data.limit=4", "sampling=greedy", "sampling.max
 
 @pytest.fixture(scope="module")
 def vllm_image(tmp_path_factory):
-    return build_image(tmp_path_factory.mktemp("image") / "vllm-cpu-sandbox")
+    """Built by docs/containers.md's step 1 as written (the sandbox in this module's tmp dir)."""
+    here = user_checkout(tmp_path_factory.mktemp("image"))
+    dest = here.parent / "vllm-cpu-sandbox"
+    p = run_line(here, as_written(".venv/bin/python tests/apptainer_standin/image.py /tmp/vllm-sandbox",
+                                  {"/tmp/vllm-sandbox": str(dest)}), timeout=1200)
+    assert p.returncode == 0 and (dest / "usr").is_dir(), p.stderr[-3000:]
+    return dest
 
 
 def container_env(tmp_path, **extra):
@@ -84,6 +91,28 @@ def test_local_run_contained_hf_cache_layout_token_only_in_worker(tmp_path, cpu_
     assert call["image"] == str(vllm_image) and "--contain" in call["argv"]
     assert f"{snap.parent.parent / 'blobs'}:{snap.parent.parent / 'blobs'}:ro" in call["binds"]
     check_secret_free(tmp_path, token, hits)
+
+
+@pytest.mark.slow
+def test_the_containers_doc_by_hand_as_written(tmp_path, cpu_model, vllm_image):
+    """docs/containers.md's steps 2 and 3 typed in the checkout: the stand-in first on PATH,
+    the run's worker inside the sandbox (the OS's python3), every call logged."""
+    here = user_checkout(tmp_path)
+    log = tmp_path / "apptainer-calls.jsonl"
+    fill = {"/tmp/vllm-sandbox": str(vllm_image), "/tmp/apptainer-calls.jsonl": str(log)}
+    lines = [as_written("export PATH=$PWD/tests/apptainer_standin:$PATH APPTAINER_STANDIN_LOG=/tmp/apptainer-calls.jsonl",
+                        fill),
+             as_written(".venv/bin/hpc-infer launch data=example_prompts sampling=greedy sampling.max_tokens=8 "
+                        "cluster.container.image=/tmp/vllm-sandbox 'cluster.container.extra_args=[--contain]'", fill)]
+    p = run_line(here, "set -e\n" + "\n".join(lines), timeout=1800)
+    assert p.returncode == 0, p.stderr[-5000:]
+    run = RunDir(here / "runs/example_prompts__smollm2_cpu__greedy")
+    rows = read_results(run.results())
+    assert [r["index"] for r in rows] == list(range(8)) and all(r["output_tokens"] > 0 for r in rows)
+    beats = [read_json(b) for b in run.heartbeats.glob("*.json")]
+    assert beats and all(b["python"] == "/usr/bin/python3" for b in beats)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls and all(c["image"] == str(vllm_image) and "--contain" in c["argv"] for c in calls)
 
 
 @pytest.mark.slow

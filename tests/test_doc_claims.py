@@ -81,6 +81,71 @@ def test_every_documented_command_is_run_by_a_test():
     assert not missing, f"documented commands no test runs: {missing}"
 
 
+# Shown in a doc's shell block, not run by any test, and why. The doc says so too: the
+# words "not run by the tests" in the block or in the lines just above it.
+COMMANDS_NOT_HERE = {
+    "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero":
+        "Together's GPUs and shared model copy (the bundled 20-problem sample runs here: tests/test_math_flow.py)",
+    "python -m hpc_infer.launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero "
+    "data.path=/data/a5-alignment/MATH/validation.jsonl cluster.workers=8": "Together's GPUs and its MATH copy",
+    "bash scripts/test.sh": "the test command itself; .ci/run runs it on a clean clone",
+    "~/venvs/hpc_infer/bin/hpc-infer launch model=qwen_math cluster=together data=math_r1_zero "
+    "cluster.container.image=/home/container/vllm-openai_latest.sif": "a GPU cluster and its vLLM image",
+    "HPC_INFER_VENV=/shared/$USER/venvs/hpc_infer bash scripts/setup.sh --gpu":
+        "downloads CUDA wheels; tests/test_install.py checks the [gpu] range against the registry's index",
+    "/shared/$USER/venvs/hpc_infer/bin/hpc-infer launch model=llama31_8b cluster=aau_ai_cloud "
+    "data.path=prompts.jsonl": "a GPU cluster",
+    "hpc-infer launch model=llama31_8b cluster=aau_ai_cloud data.path=prompts.jsonl": "a GPU cluster",
+    "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud serve.replicas=2": "a GPU cluster",
+    "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud": "a GPU cluster",
+    "hpc-infer serve model=qwen_math cluster=together serve.replicas=4": "a GPU cluster",
+    "hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest /shared/images/vllm.sif":
+        "Apptainer and a registry (--dry-run is tested)",
+    "hpc-infer image build --dest /shared/images/vllm-hpc_infer.sif": "Apptainer with --fakeroot (--dry-run is "
+                                                                      "tested; the %post steps run in a sandbox)",
+    "hpc-infer image inspect /shared/images/vllm.sif": "a real SIF image (the header check is tested)",
+    "srun --gres=gpu:4 hpc-infer cache shard Llama-3.1-70B --root /data/models --tp 4":
+        "4 GPUs (tests/test_load_format.py shards the CPU model with --tp 1)",
+    "singularity exec --nv /home/container/vllm-openai_latest.sif python3 basic.py": "the AI Cloud's image and GPUs",
+    "sbatch runs/<run>/job.sbatch": "the AI Cloud's partitions (tests/test_slurm.py submits a rendered script to the "
+                                    "local Slurm)",
+    "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero "
+    "cluster.container.image=/shared/images/vllm.sif": "a GPU cluster and its image",
+    "hpc-infer sbatch ... cluster.container.image=/shared/images/vllm.sif": "the cluster's image",
+    "lm_eval --model local-chat-completions --tasks gsm8k --apply_chat_template "
+    "--model_args model=meta-llama/Llama-3.1-8B,base_url=http://gpu-node-3:23456/v1/chat/completions":
+        "lm-eval is not installed here (the real `openai` client is tested against a replica)",
+    "hpc-infer launch model=llama31_70b model.path=/data/models/Llama-3.1-70B-tp4 model.load_format=sharded_state "
+    "model.tensor_parallel_size=4 ...": "4 GPUs",
+}
+
+
+def test_every_shown_command_is_run_as_written_or_its_doc_says_why():
+    """Each command of a doc's shell block is passed to doc_commands.as_written() by some
+    test (placeholders filled in, the rest as printed), or is in COMMANDS_NOT_HERE and its
+    doc says the tests do not run it."""
+    from doc_commands import DOCS, shown
+
+    tests = "\n".join(p.read_text() for p in TESTS.glob("test_*.py") if p.name != "test_doc_claims.py")
+    tests = re.sub(r'"\s*\n\s*"', "", tests)  # implicit concatenation of string literals
+    commands = shown()
+    assert len(commands) > 40, len(commands)
+    missing, unsaid, stale = {}, [], sorted(set(COMMANDS_NOT_HERE) - set(commands))
+    lines = {doc.name: doc.read_text().splitlines() for doc in DOCS}
+    for cmd, where in commands.items():
+        if cmd in COMMANDS_NOT_HERE:
+            for doc, start in where:
+                doc_lines = lines[doc]  # `start` is the block's first line (1-based): its fence is start - 1
+                end = next((i for i in range(start - 1, len(doc_lines)) if doc_lines[i] == "```"), len(doc_lines))
+                if "not run by the tests" not in " ".join(" ".join(doc_lines[max(0, start - 17):end]).split()):
+                    unsaid.append(f"{doc}:{start}: {cmd}")
+        elif f'as_written("{cmd}"' not in tests and f"as_written('{cmd}'" not in tests:
+            missing[cmd] = where
+    assert not stale, f"COMMANDS_NOT_HERE names commands no doc shows: {stale}"
+    assert not missing, f"shown but run as written by no test (use doc_commands.as_written, or say why): {missing}"
+    assert not unsaid, f"not run by the tests, and the doc does not say so: {unsaid}"
+
+
 # -- keys that had no test -------------------------------------------------------------
 
 def test_gpu_mem_gb_decides_the_memory_check():

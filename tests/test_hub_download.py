@@ -7,11 +7,10 @@ the launcher, huggingface_hub) is the real code.
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, run_launch
+from conftest import run_launch, user_env
 from hub_standin import HubStandIn
 
 GATED = "meta-llama/Llama-3.2-1B-Instruct"
@@ -48,23 +47,22 @@ def test_missing_model_named(tmp_path, hub):
     assert p.returncode == 2 and "model org/no-such-model does not exist on the Hugging Face hub" in p.stderr
 
 
-RESOLVE = """
-import sys
-from hpc_infer.models.cache import resolve_model
-from hpc_infer.config import ClusterConfig, ModelConfig
-print(resolve_model(ModelConfig(name="tiny", hf_id="org/tiny"), ClusterConfig(name="c", hf_home=sys.argv[1]), None))
-"""
-
-
 def test_concurrent_launches_download_once(tmp_path, hub):
+    """Four `hpc-infer sbatch` commands typed at once for the same hub model (sbatch resolves
+    and downloads the model like launch, and submits nothing): every run points at the one
+    shared copy, and the hub served each file once."""
     shared = tmp_path / "shared-hf"
-    procs = [subprocess.Popen([sys.executable, "-c", RESOLVE, str(shared)], cwd=ROOT, env=_env(hub, tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
-    paths = {o.strip().splitlines()[-1] for o, _ in outs}
-    assert len(paths) == 1 and str(shared) in paths.pop()
-    assert sorted(hub.downloads) == ["org/tiny/config.json", "org/tiny/model.safetensors"]  # once each, not 6x
+    env = user_env(_env(hub, tmp_path))
+    procs = [subprocess.Popen(["bash", "-c", f"hpc-infer sbatch model=opt_125m model.hf_id=org/tiny cluster=slurm_local "
+                                             f"cluster.hf_home={shared} data.limit=1 run_name=r{i} "
+                                             f"output_root={tmp_path}/runs"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    paths = {json.loads((tmp_path / "runs" / f"r{i}" / "worker.json").read_text())["model"]["path"] for i in range(4)}
+    assert len(paths) == 1 and str(shared) in paths.pop(), paths
+    assert sorted(hub.downloads) == ["org/tiny/config.json", "org/tiny/model.safetensors"]  # once each, not 4x
 
 
 def test_offline_environment_is_named(tmp_path, hub):
@@ -72,3 +70,34 @@ def test_offline_environment_is_named(tmp_path, hub):
                    f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path, HF_HUB_OFFLINE="1"),
                    check=False, timeout=180)
     assert p.returncode == 2 and "HF_HUB_OFFLINE=1 is set" in p.stderr, p.stderr
+
+
+def test_admins_stage_from_the_hub_as_written(tmp_path):
+    """docs/admins.md's `cache stage` of a hub id: fetched once through the real
+    huggingface_hub client, staged under the root, listed with its id; a second stage
+    downloads nothing."""
+    from conftest import user_env
+    from doc_commands import as_written
+
+    import numpy as np
+    from safetensors.numpy import save
+
+    files = {"config.json": TINY["config.json"], "model.safetensors": save({"w": np.ones((8, 8), dtype=np.float32)})}
+    hub = HubStandIn({"Qwen/Qwen2.5-Math-1.5B": files}, gated=set())
+    try:
+        line = as_written("hpc-infer cache stage Qwen/Qwen2.5-Math-1.5B --root /data/models",
+                          {"/data/models": str(tmp_path / "models")})
+        env = user_env(_env(hub, tmp_path))
+        p = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        staged = [f for f in (tmp_path / "models").rglob("model.safetensors")]
+        assert len(staged) == 1 and staged[0].read_bytes() == files["model.safetensors"], staged
+        assert sorted(hub.downloads) == ["Qwen/Qwen2.5-Math-1.5B/config.json", "Qwen/Qwen2.5-Math-1.5B/model.safetensors"]
+        listed = subprocess.run(["bash", "-c", f"hpc-infer cache list --root {tmp_path / 'models'}"], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert "Qwen/Qwen2.5-Math-1.5B" in listed.stdout, listed.stdout + listed.stderr
+        again = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0 and len(hub.downloads) == 2, (again.stderr[-2000:], hub.downloads)
+    finally:
+        hub.close()

@@ -19,6 +19,7 @@ import tomllib
 import pytest
 
 from conftest import ROOT, user_env
+from doc_commands import as_written
 
 
 def test_gpu_extra_names_released_vllm_versions():
@@ -38,10 +39,17 @@ def test_gpu_extra_names_released_vllm_versions():
 
 @pytest.mark.slow
 def test_login_only_install_runs_without_vllm(tmp_path, cpu_model):
-    venv = tmp_path / "venv"
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--login-only"], cwd=tmp_path,
-                       env=dict(user_env(), HPC_INFER_VENV=str(venv)), capture_output=True, text=True, timeout=1200)
+    """README's install path A, its first two lines as typed (in a home of the test's own;
+    <this repo> is this checkout's committed tree)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    venv = home / "venvs" / "hpc_infer"
+    lines = [as_written("git clone <this repo> ~/hpc_infer && cd ~/hpc_infer", {"<this repo>": str(ROOT)}),
+             as_written("HPC_INFER_VENV=~/venvs/hpc_infer bash scripts/setup.sh --login-only")]
+    p = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(lines)], cwd=tmp_path, env=user_env({"HOME": str(home)}),
+                       capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert (home / "hpc_infer" / "scripts" / "setup.sh").is_file() and f"hpc_infer ready in {home}/venvs" in p.stdout
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import vllm"], capture_output=True).returncode != 0
     env = dict(user_env(), PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
     r = subprocess.run(["bash", "-c", f"hpc-infer sbatch cluster=slurm_local data.limit=2 model.path={cpu_model} "

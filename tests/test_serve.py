@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hold_env, read_results, release, require_slurm, run_launch, user_env, wait_held
+from doc_commands import as_written
 from hpc_infer.worker.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
@@ -25,6 +26,8 @@ pytestmark = [pytest.mark.slow]
 TOKEN = "hf_ServeProbeToken0123456789abcdefgh"
 READY = re.compile(r"replica \d+ +ready ")
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The docs' RUN (and runs/serve__qwen_math) is typed relative to where `serve` ran: served["tmp"]
+RUN = "runs/serve__smollm2_cpu"
 
 
 def sh(cwd, line, env=None, timeout=900):
@@ -106,6 +109,14 @@ def test_openai_client_chat_stream_completions_and_401(served):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)
         assert e.value.code == 401
+    # docs/serve.md's key line for harnesses (its run name filled in), then a client that
+    # reads OPENAI_API_KEY from the environment, as lm-eval and the openai package do
+    line = as_written("export OPENAI_API_KEY=$(cat ~/.config/hpc_infer/keys/serve__llama31_8b.key)",
+                      {"serve__llama31_8b": "serve__smollm2_cpu"})
+    router = json.loads((served["root"] / "serve" / "router.json").read_text())["url"]
+    p = sh(served["tmp"], f"{line}\npython -c 'from openai import OpenAI; "
+                          f"print([m.id for m in OpenAI(base_url=\"{router}\").models.list()])'", env=served["env"])
+    assert p.returncode == 0 and p.stdout.strip() == str([MODEL]), p.stderr[-2000:]
 
 
 def _call(url, method="GET", token=None, body: dict | None = None):
@@ -225,17 +236,18 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
 
 
 def test_status_reads_scheduler_and_health(served):
-    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    status = as_written("hpc-infer serve status [RUN]", {"[RUN]": RUN})
+    p = sh(served["tmp"], status, env=served["env"])
     assert p.returncode == 0 and len(READY.findall(p.stdout)) == 2, p.stdout
     assert "time left" in p.stdout and re.search(r"router +ready .*sends to 2 replica", p.stdout), p.stdout
     # a state file that failed to update cannot make a live server look failed
     state = served["root"] / "serve" / "0.json"
     saved = state.read_text()
     state.write_text(json.dumps(dict(json.loads(saved), state="failed", error="stale file handle")))
-    p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
+    p = sh(served["tmp"], status, env=served["env"])
     assert len(READY.findall(p.stdout)) == 2, p.stdout
     state.write_text(saved)
-    p = sh(served["tmp"], "hpc-infer serve status", env=served["env"])  # all my servers
+    p = sh(served["tmp"], as_written("hpc-infer serve status [RUN]", {" [RUN]": ""}), env=served["env"])  # all mine
     assert str(served["root"]) in p.stdout
 
 
@@ -307,6 +319,20 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     spec_text = (tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/worker.json").read_text()
     assert json.loads(spec_text)["endpoint"]["key_file"] == str(served["key_file"])  # the file, never the key
     assert served["key_file"].read_text().strip() not in spec_text
+    # the README's and docs/serve.md's lines as typed (chat prompts, the chat sampling)
+    prompts = "".join(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"Say only: ok {i}"}]}) + "\n"
+                      for i in range(2))
+    for doc, cwd, fill in (("README", served["tmp"], {"RUN": RUN}),
+                           ("serve.md", tmp_path / "docs", {"runs/serve__qwen_math": str(served["root"])})):
+        cwd.mkdir(exist_ok=True)
+        (cwd / "prompts.jsonl").write_text(prompts)
+        line = (as_written("hpc-infer launch data.path=prompts.jsonl cluster.endpoint=RUN", fill) if doc == "README" else
+                as_written("hpc-infer launch data.path=prompts.jsonl cluster=local cluster.endpoint=runs/serve__qwen_math",
+                           fill))
+        p = sh(cwd, line, env=served["env"])
+        assert p.returncode == 0 and "batch through the router at http" in p.stderr, (doc, p.stderr[-3000:])
+        rows = read_results(cwd / "runs/example__smollm2_cpu__chat/results.jsonl")
+        assert [r["id"] for r in rows] == ["q0", "q1"] and all(r["output_tokens"] > 0 for r in rows), rows
 
 
 def _batch_in_thread(tmp_path, run_name: str, *args: str, env: dict) -> tuple[threading.Thread, dict, RunDir]:
@@ -315,7 +341,7 @@ def _batch_in_thread(tmp_path, run_name: str, *args: str, env: dict) -> tuple[th
     thread = threading.Thread(target=lambda: result.update(p=run_launch(tmp_path, *args, env=env, check=False)))
     thread.start()
     run = RunDir(tmp_path / "runs" / run_name)
-    deadline = time.time() + 300
+    deadline = time.time() + 1800
     while not run.manifest.exists() and time.time() < deadline and thread.is_alive():
         time.sleep(0.2)
     return thread, result, run
@@ -331,7 +357,8 @@ def test_scale_to_three_and_the_router_follows(served):
     from hpc_infer.serve.fleet import wait_router_follows
 
     root = served["root"]
-    p = sh(served["tmp"], f"hpc-infer serve scale {root} 3", env=served["env"])
+    fill = {"runs/serve__qwen_math": RUN, "RUN": RUN}
+    p = sh(served["tmp"], as_written("hpc-infer serve scale runs/serve__qwen_math 3", fill), env=served["env"])
     assert p.returncode == 0 and "added 1 replica" in p.stdout and "3 live" in p.stdout, p.stdout + p.stderr
     path = root / "serve" / "2.json"
     deadline = time.time() + 900  # a bound for a broken replica only; the wait ends on its state
@@ -343,15 +370,16 @@ def test_scale_to_three_and_the_router_follows(served):
     assert state.get("state") == "ready", state
     workers = wait_router_follows(root, _key(served), 3, timeout_s=300)
     assert workers and state["url"].removesuffix("/v1") in workers, workers
-    p = sh(served["tmp"], f"hpc-infer serve metrics {root} --json --interval 0.5", env=served["env"])
+    p = sh(served["tmp"], as_written("hpc-infer serve metrics runs/serve__qwen_math --json", fill), env=served["env"])
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)
     assert [r["replica"] for r in m["replicas"]] == [0, 1, 2] and m["total"]["replicas_ready"] == 3, m
     for r in m["replicas"]:
         assert r["running"] == 0 and r["waiting"] == 0 and 0 <= r["kv_cache_usage"] <= 1 and r["time_left"], r
         assert r["generation_tokens_per_s"] == 0.0 and r["requests"] >= 0
-    p = sh(served["tmp"], f"hpc-infer serve metrics {root} --once --interval 0.5", env=served["env"])
-    assert p.returncode == 0 and re.search(r"total +3/3 up", p.stdout) and "KV cache" in p.stdout, p.stdout
+    for line in (as_written("hpc-infer serve metrics RUN", fill), as_written("hpc-infer serve metrics runs/serve__qwen_math", fill)):
+        p = sh(served["tmp"], line, env=served["env"])  # not a terminal: one table, then it ends
+        assert p.returncode == 0 and re.search(r"total +3/3 up", p.stdout) and "KV cache" in p.stdout, p.stdout
 
 
 def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
@@ -392,7 +420,7 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
     pool = concurrent.futures.ThreadPoolExecutor(12)
     futures = [pool.submit(one, i) for i in range(36)]
     base1 = states[1]["url"].removesuffix("/v1")
-    deadline = time.time() + 600  # a bound for a broken router only: the wait ends on the replica's own count
+    deadline = time.time() + 1800  # a bound for a broken router only: the wait ends on the replica's own count
     while time.time() < deadline and metrics(base1, key=key)["running"] < 1:  # the held launch sends nothing
         time.sleep(0.1)
     assert metrics(base1, key=key)["running"] >= 1, "the router never sent to replica 1"
@@ -420,19 +448,22 @@ def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
     from hpc_infer.serve.router import router_workers
 
     root = served["root"]
-    p = sh(served["tmp"], f"hpc-infer serve scale {root} 1", env=served["env"])
+    fill = {"runs/serve__qwen_math": RUN, "RUN N": f"{RUN} 1"}
+    p = sh(served["tmp"], as_written("hpc-infer serve scale runs/serve__qwen_math 1", fill), env=served["env"])
     assert p.returncode == 0 and "removed replica 2" in p.stdout and "1 live" in p.stdout, p.stdout + p.stderr
     router = json.loads((root / "serve" / "router.json").read_text())
     zero = json.loads((root / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
     assert router_workers(router["url"].removesuffix("/v1"), _key(served)) == [zero]
     job = json.loads((root / "jobs.json").read_text())["launches"][1]["job_ids"][0]
-    deadline = time.time() + 300
+    deadline = time.time() + 1800
     while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
                                                     text=True).stdout.strip():
         time.sleep(0.5)
     assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
     p = sh(served["tmp"], f"hpc-infer serve status {root}", env=served["env"])
     assert len(READY.findall(p.stdout)) == 1 and "(hpc-infer serve scale 1)" in p.stdout, p.stdout
+    p = sh(served["tmp"], as_written("hpc-infer serve scale RUN N", fill), env=served["env"])  # already there
+    assert p.returncode == 0 and "1 replica live already" in p.stdout, p.stdout + p.stderr
 
 
 def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(served, tmp_path):
@@ -451,7 +482,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     wait_held(tmp_path)  # chunks 0 and 1 done; the worker holds chunk 2's claim until released
     replicas = [j for launch in json.loads((root / "jobs.json").read_text())["launches"] for j in launch["job_ids"]]
     subprocess.run(["scancel", *replicas], check=True)
-    deadline = time.time() + 600  # a bound for a broken scancel only: the wait ends when squeue shows them gone
+    deadline = time.time() + 1800  # a bound for a broken scancel only: the wait ends when squeue shows them gone
     while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(replicas)], capture_output=True,
                                                     text=True).stdout.strip():
         time.sleep(0.5)
@@ -502,12 +533,12 @@ def test_stop_leaves_nothing_in_the_queue(served):
     server, replica = identify(state["server_pid"], state["server_pid_start"]), identify(state["pid"], state["pid_start"])
     assert server and replica
     os.kill(replica.pid, signal.SIGKILL)
-    deadline = time.time() + 300
+    deadline = time.time() + 1800
     while identify(server.pid, server.start) and time.time() < deadline:
         time.sleep(0.2)
     assert identify(server.pid, server.start) is None, "the killed replica's server is still running"
     n = sum(len(launch["job_ids"]) for launch in json.loads((root / "jobs.json").read_text())["launches"])
-    p = sh(served["tmp"], f"hpc-infer serve stop {root}", env=served["env"])
+    p = sh(served["tmp"], as_written("hpc-infer serve stop RUN", {"RUN": RUN}), env=served["env"])
     assert p.returncode == 0 and f"stopped {n} replica{'s' * (n != 1)} " in p.stdout, p.stdout + p.stderr
     assert identify(server.pid, server.start) is None and identify(replica.pid, replica.start) is None
     array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
@@ -523,7 +554,7 @@ def test_idle_replica_stops_itself(tmp_path, cpu_model):
            env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     state = tmp_path / "runs/idle/serve/0.json"
-    deadline = time.time() + 600  # bounded; the stop itself does not depend on this timeout
+    deadline = time.time() + 1800  # bounded; the stop itself does not depend on this timeout
     while time.time() < deadline and json.loads(state.read_text())["state"] != "stopped":
         time.sleep(2)
     s = json.loads(state.read_text())
@@ -576,7 +607,7 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
         assert p.returncode == 0 and state["state"] == "ready", p.stderr[-3000:]
         sh(tmp_path, f"hpc-infer serve stop {root}", env=env)
     job = state["job_id"].split("_")[0]
-    deadline = time.time() + 180
+    deadline = time.time() + 1800
     while job in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout:
         assert time.time() < deadline, "the multi-node replica's job is still queued"
         time.sleep(2)

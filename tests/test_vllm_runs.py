@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hold_env, read_results, run_launch, wait_held
+from conftest import hold_env, read_results, release, run_launch, run_line, user_checkout, wait_held
+from doc_commands import as_written
 from hpc_infer.worker.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
@@ -101,6 +102,37 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
     assert len({r["worker"] for r in rows}) == 2 and job_id in {r["worker"] for r in rows}  # both launches worked
 
 
+def test_a_relaunch_waits_for_the_live_worker_of_an_earlier_launch(tmp_path, cpu_model):
+    """Two real launches of one command: the first's worker holds its fourth claim (the last
+    chunk) at a failpoint; the same command typed again meanwhile sees that chunk held by a
+    live worker, submits nothing, waits for it, and merges every record once when it ends."""
+    line = (f"hpc-infer launch cluster=local data=example_prompts data.limit=4 sampling=greedy sampling.max_tokens=4 "
+            f"chunks_per_worker=4 cluster.max_chunks_in_flight=1 cluster.heartbeat_s=1 output_root={tmp_path}/runs")
+    first = run_line(tmp_path, line + " wait=false", env=dict(hold_env(tmp_path), HPC_INFER_FAULT="claimed:HOLD:4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
+    wait_held(tmp_path)  # chunks 0-2 done, the last one claimed and held
+    assert len(run.done_chunks()) == 3 == read_json(run.manifest)["n_chunks"] - 1
+    again = tmp_path / "again"
+    again.mkdir()
+    result: dict = {}
+    second = threading.Thread(target=lambda: result.update(p=run_line(again, line)))
+    second.start()
+    deadline = time.time() + 1800  # bounds a broken launch only: the wait ends on what it says
+    while time.time() < deadline and "waiting for them as well" not in (
+            (again / ".line.stderr").read_text() if (again / ".line.stderr").exists() else ""):
+        time.sleep(0.2)
+    release(tmp_path)
+    second.join(1800)
+    p = result["p"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 chunk is being worked on by live workers of an earlier launch; waiting for them as well" in p.stderr
+    assert "submitted" not in p.stderr, p.stderr  # nothing duplicated the held chunk
+    rows = read_results(run.results())
+    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    assert [r["index"] for r in rows] == list(range(4)) and {r["worker"] for r in rows} == {job_id}
+
+
 def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
     """Per-record seeds: the same record gets the same sample whichever chunk it lands in.
 
@@ -130,15 +162,21 @@ def test_hydra_multirun_one_run_per_combination(tmp_path, cpu_model):
 
 
 def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
-    """`hpc-infer launch` with nothing else (the README's first command; output kept in tmp_path)."""
-    p = run_launch(tmp_path, timeout=1800)
-    run = tmp_path / "runs/example__smollm2_cpu__chat"
+    """The README's first command (`bash scripts/setup.sh && .venv/bin/hpc-infer launch`) as
+    typed in the checkout (setup.sh finds its work done and returns in seconds), then the
+    opening block's `hpc-infer launch` from the same place once the run is finished."""
+    here = user_checkout(tmp_path)
+    first = run_line(here, as_written("bash scripts/setup.sh && .venv/bin/hpc-infer launch"), timeout=1800)
+    assert first.returncode == 0, first.stderr[-5000:]
+    run = here / "runs/example__smollm2_cpu__chat"
     rows = read_results(run / "results.jsonl")
     assert len(rows) == 16 and all(r["output_tokens"] > 0 for r in rows)
-    assert f"{run}/results.jsonl" in p.stderr and f"summary: {run}/summary.json" in p.stderr
-    assert f"timeline: {run}/timeline.png" in p.stderr and "1 local worker:" in p.stderr
+    assert "hpc_infer ready in" in first.stdout and "sampling=chat" in first.stderr
+    assert f"{run}/results.jsonl" in first.stderr and f"summary: {run}/summary.json" in first.stderr
+    assert f"timeline: {run}/timeline.png" in first.stderr and "1 local worker:" in first.stderr
     # relaunched as typed once finished: says it is complete and where, submits nothing, merges again
-    again = run_launch(tmp_path, timeout=600)
+    again = run_line(here, as_written("hpc-infer launch"))
+    assert again.returncode == 0, again.stderr[-3000:]
     assert f"{run} is already complete: all 16 records were done by an earlier launch" in again.stderr, again.stderr
     assert "To run again, give a new run_name=..." in again.stderr and "[hpc_infer] submitted" not in again.stderr
     assert [r["id"] for r in read_results(run / "results.jsonl")] == [r["id"] for r in rows]
