@@ -146,7 +146,7 @@ def start_with(model: Path, kw: dict, extra_path: str | None = None, cache_root:
 def load_formats(model: Path, formats: list[str], extra_path: str | None) -> None:
     import tempfile
 
-    print(f"\nweight loaders (warm page cache; a fresh process each; LLM(...) = engine build to ready):")
+    print("\nweight loaders (warm page cache; a fresh process each; LLM(...) = engine build to ready):")
     tmp = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     base = None
     for fmt in formats:

@@ -86,7 +86,7 @@ def main() -> None:
         model = str(ensure_smollm2())
         with plan_input(rc_long) as planned_long:
             t = time.perf_counter()
-            with plan_input(rc_long) as again:
+            with plan_input(rc_long):
                 pass
             t_plan_long = time.perf_counter() - t
             t = time.perf_counter()

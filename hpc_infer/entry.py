@@ -42,10 +42,11 @@ def _group_options(group: str, config_dirs: list[str]) -> list[str]:
 def check_overrides(argv: list[str]) -> list[str]:
     """Our one door for what Hydra would answer with its own words and exit 1: a misspelt
     key (with or without `+`) gets the nearest valid key, a misspelt group option the
-    nearest option, before Hydra composes anything."""
+    nearest option, a word where a number or boolean belongs the field's type, before
+    Hydra composes anything."""
     import difflib
 
-    from .config import RunConfig, unknown_keys
+    from .config import RunConfig, unknown_keys, wrong_types
 
     config_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
     config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
@@ -72,7 +73,7 @@ def check_overrides(argv: list[str]) -> list[str]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-        problems += unknown_keys(tree, RunConfig)
+        problems += unknown_keys(tree, RunConfig) or wrong_types(tree, RunConfig)
     return problems
 
 

@@ -6,7 +6,6 @@ Everything that can be wrong with the input is found before anything is submitte
 
 from __future__ import annotations
 
-import sys
 
 from omegaconf import DictConfig, OmegaConf
 

@@ -9,26 +9,20 @@ error otherwise.
 import json
 import multiprocessing as mp
 import os
-import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import compose, user_env
 from hpc_infer.models import cache_admin
-from hpc_infer.worker import claims
 from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import read_chunk_records, RunDir, encode_chunk_output, read_json, write_atomic
-from hpc_infer.run.status import wait
-from hpc_infer.cluster.submit import LocalBackend
 
 TOKEN = "hf_AdversarialProbeToken0123456789abcd"
 
@@ -439,23 +433,8 @@ def test_stray_files_in_out_never_count(tmp_path):
         merge(run)
 
 
-def test_relaunch_waits_for_live_workers_of_an_earlier_launch(tmp_path):
-    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.workers=1")
-    run, _ = prepare(rc, plan_input(rc), "/m", "")
-    n = read_json(run.manifest)["n_chunks"]
-    owner = claims.Owner.current("earlier-launch")
-    for cid in range(n):
-        assert claims.try_claim(run, cid, owner)  # a live worker (this process) holds every chunk
-
-    def earlier_worker_finishes():
-        time.sleep(3)
-        finish_all(run)
-
-    t = threading.Thread(target=earlier_worker_finishes)
-    t.start()
-    progress = wait(run, lambda: {}, poll_s=0.2, show=False, lease_s=600)  # our own launch submitted nothing
-    t.join()
-    assert progress.complete
+# a relaunch while an earlier launch's worker is live: two real launches in
+# tests/test_vllm_runs.py::test_a_relaunch_waits_for_the_live_worker_of_an_earlier_launch
 
 
 # cancel on real local workers (a real LocalExecutor job whose task ignores SIGTERM, as submitit's

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 STANDIN = Path(__file__).resolve().parent / "apptainer_standin"
 sys.path.insert(0, str(STANDIN))
 from image import build_image  # noqa: E402
+from conftest import shim_calls, tool_shims  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("HPC_INFER_REQUIRE_SLURM"), reason="bubblewrap is not installed "
                                 "(scripts/setup.sh installs it as root: apt-get install bubblewrap)")
@@ -107,22 +107,18 @@ def test_environment_precedence(image, tmp_path):
 
 
 def test_values_never_on_a_command_line(image, tmp_path):
+    """Every argv the stand-in starts bwrap with is recorded (a PATH shim: exhaustive, where a
+    /proc snapshot misses short-lived processes); the value reaches the container's
+    environment, never a command line."""
     secret = "hf_STANDIN_" + os.urandom(6).hex()
-    proc = subprocess.Popen([str(STANDIN / "apptainer"), "exec", "--cleanenv", str(image), "sleep", "5"],
-                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "APPTAINERENV_HF_TOKEN": secret})
-    try:
-        time.sleep(1.5)
-        hits = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if secret in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                    hits.append(pid)
-            except OSError:
-                pass
-        assert hits == []
-    finally:
-        proc.kill()
-        proc.wait()
+    shims, log = tool_shims(tmp_path / "shims", tools=("bwrap",))
+    p = subprocess.run([str(STANDIN / "apptainer"), "exec", "--cleanenv", str(image), "printenv", "HF_TOKEN"],
+                       env={"PATH": f"{shims}:{os.environ['PATH']}", "HOME": str(tmp_path),
+                            "APPTAINERENV_HF_TOKEN": secret}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == secret, p.stderr
+    calls = shim_calls(log)
+    assert len(calls) == 1 and calls[0][0].endswith("bwrap") and "printenv" in calls[0], calls
+    assert not [c for c in calls if any(secret in word for word in c)]
 
 
 def test_nv_recorded_unknown_flags_and_sif_refused(image, tmp_path):

@@ -153,21 +153,31 @@ def test_refused_before_submission_with_file_line_or_setting(tmp_path, case):
     assert not list((tmp_path / "runs").rglob("jobs.json"))  # nothing was submitted
 
 
-def test_corpus_has_at_least_30_cases():
-    assert len(CORPUS) >= 30
+def test_the_corpus_is_as_big_as_the_readme_says():
+    import re
+
+    from conftest import ROOT
+
+    said = re.search(r"a (\d+)-case corpus", (ROOT / "README.md").read_text())
+    assert said and int(said.group(1)) == len(CORPUS) >= 30, (said and said.group(0), len(CORPUS))
 
 
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("sampling.temprature=0.5", "temprature"),  # a typo in a key
-        ("cluster.workers=many", "workers"),  # a wrong type
-        ("model=gpt5", "gpt5"),  # an unknown group option
+        ("sampling.temprature=0.5", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
+        ("cluster.workers=many", "cluster.workers=many: must be a whole number, e.g. cluster.workers=1"),
+        ("sampling.temperature=hot", "sampling.temperature=hot: must be a number, e.g. sampling.temperature=1.0"),
+        ("cluster.straggler_pacing=maybe", "cluster.straggler_pacing=maybe: must be true or false"),
+        ("model=gpt5", "model=gpt5: no such model config"),
     ],
 )
-def test_hydra_rejections_reach_the_user_without_traceback(tmp_path, override, expected):
+def test_what_hydra_would_refuse_gets_our_message_and_exit_2(tmp_path, override, expected):
+    """A misspelt key, a word where a number or boolean belongs, an unknown group option:
+    our `error:` line naming the setting and the fix, exit 2 (Hydra's own would exit 1)."""
     p = run_launch(tmp_path, override, "cluster=local", "wait=false", check=False, timeout=120)
-    assert p.returncode != 0 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 2 and expected in p.stderr, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "HYDRA_FULL_ERROR" not in p.stderr
     assert not (tmp_path / "runs").exists()
 
 

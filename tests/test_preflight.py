@@ -2,7 +2,6 @@
 (tests/model_configs/*/config.json) against each cluster config, before submission."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """Backup copies of the tail (MapReduce's backup tasks) on real vLLM workers.
 
-One worker is slowed by a failpoint (a sleep at every engine step) among a normal one.
+One worker is held by a failpoint (at its first engine step, until the test lets it go)
+among a normal one.
 Once nothing is left to claim, the idle normal worker re-executes the chunk the slow one
 holds; the first complete output wins, the other copy is dropped, and the merge has
 every record exactly once. How much sooner the run ends is measured in
@@ -11,11 +12,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import compose
+from conftest import compose, hold_env, release, wait_held
 
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
@@ -37,20 +37,21 @@ def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp
     run, _ = prepare(rc, plan_input(rc), cpu_model, "")
     n_records = read_json(run.manifest)["n_records"]
     with open(tmp_path / "slow.log", "w") as slow_log, open(tmp_path / "fast.log", "w") as fast_log:
-        slow = _worker(run, "slow", slow_log, HPC_INFER_FAULT="step:SLEEP3000")
-        deadline = time.time() + 600
-        while not run.claim_path(0).exists() and time.time() < deadline:
-            time.sleep(0.2)  # the slow worker holds chunk 0 (the largest) before the other starts
+        # the straggler: it claims chunk 0 (the largest) and stops at its first engine step
+        # until released (a failpoint, not a sleep that must outlast the other's load)
+        slow = _worker(run, "slow", slow_log, **hold_env(tmp_path, "step"))
+        wait_held(tmp_path)
         fast = _worker(run, "fast", fast_log)
-        assert fast.wait(timeout=1800) == 0 and slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
+        assert fast.wait(timeout=1800) == 0, (tmp_path / "fast.log").read_text()[-3000:]
+        release(tmp_path)  # the fast one did every other chunk and a backup copy of chunk 0
+        assert slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
     marker = run.claims / "00000.backup"
     assert json.loads(marker.read_text())["worker"] == "fast"  # the idle worker backed up the straggler's chunk
     beats = {b: read_json(run.heartbeats / f"{b}.json") for b in ("slow", "fast")}
     assert beats["fast"].get("backups") == 1
     trailer, _ = read_chunk_trailer(run.out_path(0))
-    # whichever copy won, the other was dropped (abandoned or discarded), never published twice
-    loser = "slow" if trailer["worker"] == "fast" else "fast"
-    assert beats[loser].get("abandoned", 0) >= 1
+    # the backup won (the straggler was held until it had); the straggler's copy was dropped
+    assert trailer["worker"] == "fast" and beats["slow"].get("abandoned", 0) >= 1, (trailer, beats["slow"])
     s = merge(run)
     rows = [json.loads(line) for line in open(s.results)]
     assert [r["index"] for r in rows] == list(range(n_records))
