@@ -10,6 +10,7 @@ until this round: 72 (about 9,100 prompt tokens) already puts that many tokens i
 
 import json
 import random
+import re
 import subprocess
 
 import pytest
@@ -62,6 +63,12 @@ def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cp
         got = r1_zero_reward({"text": text, "outputs": [{"text": text}], "fields": {"answer": answer}})
         assert (got["format_reward"], got["answer_reward"]) == (fmt, ans), (text, got)
     assert f"summary: {run}/summary.json" in p.stderr and "timeline.png" in p.stderr
+    # progress while it ran (a file, not a terminal: a line every 30 s and the last): tokens
+    # counted as the engine makes them, an ETA that is a number of seconds or "--", never nan
+    progress = [line for line in p.stderr.splitlines() if " records, " in line and "tok/s=" in line]
+    assert progress and f"{N}/{N} records" in progress[-1], progress
+    assert all(re.search(r": \d+/72 records, \d+/\d+ chunks, \d+s, tok/s=[\d,]+ ETA=(--|[\d,]+s) running=\d+ failed=0$",
+                         line) for line in progress), progress
     spec = read_json(run / "worker.json")
     assert spec["seed"] == 0  # per-record seeds were on
 

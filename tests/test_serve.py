@@ -240,6 +240,8 @@ def test_status_reads_scheduler_and_health(served):
     p = sh(served["tmp"], status, env=served["env"])
     assert p.returncode == 0 and len(READY.findall(p.stdout)) == 2, p.stdout
     assert "time left" in p.stdout and re.search(r"router +ready .*sends to 2 replica", p.stdout), p.stdout
+    # uptime, requests served and the average rate, from each replica's own /metrics
+    assert len(re.findall(r"up \d+ min, \d+ requests, [\d.]+ tok/s avg", p.stdout)) == 2, p.stdout
     # a state file that failed to update cannot make a live server look failed
     state = served["root"] / "serve" / "0.json"
     saved = state.read_text()
@@ -351,6 +353,28 @@ def _key(served) -> str:
     return served["key_file"].read_text().strip()
 
 
+def _ready(root: Path) -> list[dict]:
+    from hpc_infer.serve.status import replica_states
+
+    return [s for s in replica_states(root) if s["state"] == "ready"]
+
+
+def _ensure_ready(served, n: int) -> None:
+    """At least n ready replicas behind the router: what a test that runs alone, or after
+    another that scaled down, must set up itself (in file order this is a no-op)."""
+    from hpc_infer.serve.fleet import wait_router_follows
+
+    root = served["root"]
+    if len(_ready(root)) >= n:
+        return
+    p = sh(served["tmp"], f"hpc-infer serve scale {root} {n}", env=served["env"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    deadline = time.time() + 1800  # a bound for a broken replica only; the wait ends on their states
+    while time.time() < deadline and len(_ready(root)) < n:
+        time.sleep(0.5)
+    assert len(_ready(root)) >= n and wait_router_follows(root, _key(served), n, timeout_s=1800)
+
+
 def test_scale_to_three_and_the_router_follows(served):
     """`serve scale RUN 3` on the running two: one new array task, replica 2; the router adds
     it once it answers /health. `serve metrics --json` then reads all three."""
@@ -395,6 +419,7 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
 
     from hpc_infer.serve.replica import metrics
 
+    _ensure_ready(served, 3)  # replicas 1 and 2 (the scale test leaves three; alone, this adds them)
     root, key = served["root"], _key(served)
     states = [json.loads((root / "serve" / f"{i}.json").read_text()) for i in range(3)]
     victim = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
@@ -448,18 +473,21 @@ def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
     from hpc_infer.serve.router import router_workers
 
     root = served["root"]
+    _ensure_ready(served, 2)  # something to remove, whatever ran before
+    ready = sorted(_ready(root), key=lambda s: s["replica"])
+    keep, going = ready[0], ready[:0:-1]  # the oldest stays; the newest go first
     fill = {"runs/serve__qwen_math": RUN, "RUN N": f"{RUN} 1"}
     p = sh(served["tmp"], as_written("hpc-infer serve scale runs/serve__qwen_math 1", fill), env=served["env"])
-    assert p.returncode == 0 and "removed replica 2" in p.stdout and "1 live" in p.stdout, p.stdout + p.stderr
+    removed = f"removed replica{'s' * (len(going) != 1)} {', '.join(str(s['replica']) for s in going)} (newest first)"
+    assert p.returncode == 0 and removed in p.stdout and "1 live" in p.stdout, p.stdout + p.stderr
     router = json.loads((root / "serve" / "router.json").read_text())
-    zero = json.loads((root / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
-    assert router_workers(router["url"].removesuffix("/v1"), _key(served)) == [zero]
-    job = json.loads((root / "jobs.json").read_text())["launches"][1]["job_ids"][0]
+    assert router_workers(router["url"].removesuffix("/v1"), _key(served)) == [keep["url"].removesuffix("/v1")]
+    jobs = [s["job"] for s in going]
     deadline = time.time() + 1800
-    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True,
                                                     text=True).stdout.strip():
         time.sleep(0.5)
-    assert not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+    assert not subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True).stdout.strip()
     p = sh(served["tmp"], f"hpc-infer serve status {root}", env=served["env"])
     assert len(READY.findall(p.stdout)) == 1 and "(hpc-infer serve scale 1)" in p.stdout, p.stdout
     p = sh(served["tmp"], as_written("hpc-infer serve scale RUN N", fill), env=served["env"])  # already there

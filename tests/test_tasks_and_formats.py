@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,15 @@ def test_openai_batch_in_and_out(tmp_path):
         assert r["error"] is None and r["response"]["status_code"] == 200 and body["object"] == "chat.completion"
         assert body["usage"]["completion_tokens"] == want and body["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
+    # merged again (a relaunch of a finished run, a standalone `hpc-infer merge`): the same ids
+    from hpc_infer.run.merge import merge
+    from hpc_infer.worker.rundir import RunDir
+
+    again = merge(RunDir(Path(s.results).parent), fmt="openai_batch")
+    rows2 = [json.loads(line) for line in open(again.results)]
+    assert [(r["id"], r["response"]["body"]["id"]) for r in rows2] == \
+           [(r["id"], r["response"]["body"]["id"]) for r in rows]
+    assert len({r["id"] for r in rows}) == 2  # and distinct per line
 
 
 def _validated(rows, completion: bool):
