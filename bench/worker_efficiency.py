@@ -32,7 +32,7 @@ BARE = textwrap.dedent("""
     t0 = time.time()
     from vllm import LLM, SamplingParams
     prompts = [json.loads(l)["prompt"] for l in open(sys.argv[1])]
-    llm = LLM(model=sys.argv[2], dtype="bfloat16", enforce_eager=True, max_model_len=2048, seed=0)
+    llm = LLM(model=sys.argv[2], dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)  # as model=smollm2_cpu
     t1 = time.time()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=int(sys.argv[3]), ignore_eos=True),
                         use_tqdm=False)

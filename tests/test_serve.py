@@ -57,6 +57,7 @@ def served(tmp_path_factory, cpu_model):
     scanner.start()
     p = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
               f"serve.restart_backoff_s=1 output_root={tmp}/runs", env=env)
+    (tmp / "serve.stderr").write_text(p.stderr)  # what `serve` said, for a test that fails later
     root = tmp / "runs" / "serve__smollm2_cpu"
     key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
     yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits}

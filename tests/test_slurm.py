@@ -197,3 +197,27 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cp
             "chunks_per_worker=4", "data=example")
     run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), tmp_path, timeout=900)
+
+
+def test_a_silent_squeue_is_not_an_ended_job(tmp_path, monkeypatch):
+    """squeue failing (a busy slurmctld, "Socket timed out") says nothing about the jobs: they
+    are UNREACHABLE, not ENDED, so no wait ends and no claim is released on it; a job id
+    Slurm no longer knows (exit 1, "Invalid job id") has ended. No Slurm needed: a shim."""
+    from conftest import compose
+    from hpc_infer.cluster.submit import TERMINAL, UNREACHABLE, SlurmBackend
+
+    run = RunDir(tmp_path / "run")
+    run.make()
+    backend = SlurmBackend(compose("cluster=slurm_local").cluster, run)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    squeue = shims / "squeue"
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    assert backend.states(["7_0", "7_1"]) == {"7_0": UNREACHABLE, "7_1": UNREACHABLE}
+    assert UNREACHABLE not in TERMINAL and backend.wait_ended(["7_0"], timeout_s=0) is False
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    assert backend.states(["7_0"]) == {"7_0": "ENDED"}
+    squeue.write_text("#!/bin/sh\necho '7_0 RUNNING'\n")
+    assert backend.states(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "ENDED"}

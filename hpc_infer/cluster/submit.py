@@ -31,6 +31,9 @@ from .task import WorkerTask
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE", "FINISHED", "INTERRUPTED", "DONE", "ENDED"}
 LIVE = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")  # a job the scheduler still holds
+# squeue did not answer (slurmctld busy, a timeout): nothing is known, so nothing is concluded;
+# a job in this state is neither ended nor dead, and every wait goes on
+UNREACHABLE = "UNREACHABLE"
 
 
 class Backend:
@@ -60,7 +63,7 @@ class Backend:
         """Wait until the scheduler holds none of the jobs (after a cancel); False if some
         still were after `timeout_s`."""
         deadline = time.time() + timeout_s
-        while any(s in LIVE for s in self.states(job_ids).values()):
+        while any(s in LIVE or s == UNREACHABLE for s in self.states(job_ids).values()):
             if time.time() >= deadline:
                 return False
             time.sleep(1)
@@ -328,9 +331,14 @@ class SlurmBackend(Backend):
         if not job_ids:
             return {}
         arrays = sorted({j.split("_")[0] for j in job_ids})
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"],
-                             capture_output=True, text=True, timeout=60).stdout
-        live = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+        try:
+            p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"],
+                               capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            p = None
+        if p is None or p.returncode != 0 and "Invalid job id" not in p.stderr:  # (gone jobs: exit 1 and that)
+            return {j: _result_state(self.run, j) or UNREACHABLE for j in job_ids}  # not "ended": squeue did not say
+        live = dict(line.split() for line in p.stdout.splitlines() if len(line.split()) == 2)
         return {j: live.get(j) or _result_state(self.run, j) or "ENDED" for j in job_ids}
 
     def cancel(self, job_ids: list[str]) -> str:

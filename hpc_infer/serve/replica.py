@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 
 from ..worker.ports import free_port
@@ -108,7 +109,7 @@ def http(url: str, timeout: float = 5.0, key: str | None = None, method: str = "
             return r.status, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
         return e.code, ""
-    except OSError:
+    except (OSError, HTTPException, ValueError):  # a server mid-start: reset, bad status line
         return 0, ""
 
 

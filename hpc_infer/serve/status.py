@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..cluster.submit import recorded_backend
+from ..cluster.submit import UNREACHABLE, recorded_backend
 from ..errors import UserError
 from ..worker.rundir import RunDir, write_atomic
 from .replica import STATE_DIR, http, metrics
@@ -58,7 +58,7 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
             state = "ready"
         elif js in ("PENDING", "CONFIGURING"):
             state = "queued"
-        elif js in ("RUNNING", "COMPLETING"):
+        elif js in ("RUNNING", "COMPLETING", UNREACHABLE):  # squeue silent: what the file says, not "ended"
             state = "loading" if f.get("state") in (None, "loading", "ready") else f["state"]  # restarting too
         else:
             state = f.get("state") if f.get("state") in ("failed", "stopped") else "ended"
