@@ -3,9 +3,12 @@
     .venv/bin/python bench/engine_start.py [--reps 2]
 
 Each measurement is a fresh process (what every array task pays). Phases of our start:
-interpreter, `import torch`, `import vllm`, our worker modules, config + tokenizer,
-then vLLM's `LLM(...)` split by its own log lines into weight read and profiling / KV
-cache / warm-up, and the first token of one greedy request. The floor is a bare
+interpreter, `import torch`, `import vllm`, our worker modules, then the worker's own
+engine build (worker/engine.py's `Engine`, the CPU default's settings: float32, eager)
+split by vLLM's log lines into weight read and profiling / KV cache / warm-up, the rest
+being config, tokenizer, vLLM's engine-side imports and model init (vLLM reads config and
+tokenizer inside `LLM(...)`; the worker does not read them again), and the first token
+of one greedy request. The floor is a bare
 `import vllm` plus one read of the weight files. The first repetition runs with cold
 caches as far as this machine lets us (weights not read since the last repetition's
 `posix_fadvise(DONTNEED)`); later ones are warm (page cache, .pyc files).
@@ -46,15 +49,13 @@ import vllm
 t["vllm"] = time.time()
 from hpc_infer.worker import loop, engine, rundir, claims  # our worker's own modules
 t["ours"] = time.time()
-path = sys.argv[2]
-from transformers import AutoConfig, AutoTokenizer
-AutoConfig.from_pretrained(path); tok = AutoTokenizer.from_pretrained(path)
-t["config_tokenizer"] = time.time()
-from vllm import LLM, SamplingParams
-llm = LLM(model=path, dtype="bfloat16", enforce_eager=True, max_model_len=2048, enable_chunked_prefill=False,
-          max_num_batched_tokens=2048)
+# the worker's own engine build, from the model entry a run's worker.json gives it (CPU default)
+model = {"path": sys.argv[2], "task": "auto", "engine_kwargs": {"dtype": "float32", "enforce_eager": True,
+         "max_model_len": 2048, "seed": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}}
+e = engine.Engine(model)
 t["llm"] = time.time()
-llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+from vllm import SamplingParams
+e.llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
 t["first_token"] = time.time()
 print("TIMES " + json.dumps(t), flush=True)
 '''
@@ -209,7 +210,7 @@ def main() -> None:
         t = json.loads(out.split("TIMES ", 1)[1].splitlines()[0])
         phases = {"interpreter": t["interpreter"] - t["start"], "import torch": t["torch"] - t["interpreter"],
                   "import vllm": t["vllm"] - t["torch"], "import ours": t["ours"] - t["vllm"],
-                  "config+tokenizer": t["config_tokenizer"] - t["ours"], "LLM(...)": t["llm"] - t["config_tokenizer"],
+                  "engine build": t["llm"] - t["ours"],
                   "first token": t["first_token"] - t["llm"]}
         total = t["first_token"] - t["start"]
         if rep == 0:
@@ -223,7 +224,9 @@ def main() -> None:
         for k, v in phases.items():
             print(f"    {k:18} {v:6.2f} s")
         if vp:
-            print("    of LLM(...), vLLM's own log: " + ", ".join(f"{k} {v:.2f} s" for k, v in vp.items()))
+            rest = phases["engine build"] - sum(vp.values())
+            print("    of the engine build, vLLM's own log: " + ", ".join(f"{k} {v:.2f} s" for k, v in vp.items())
+                  + f"; the rest (config, tokenizer, vLLM's engine-side imports, model init) {rest:.2f} s")
         print(f"  floor (bare `import vllm` {imp:.2f} s + one read of the weights {read:.2f} s): {floor:.2f} s")
         print(f"  ratio start/floor = {total / floor:.2f}")
 

@@ -51,6 +51,14 @@ def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: 
     return p
 
 
+def sh(cwd, line: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """One command line typed into bash in `cwd` (outside the checkout), output captured.
+    A command whose children outlive it (local workers) goes through run_line instead."""
+    assert not str(cwd).startswith(str(ROOT)), "run from outside the checkout"
+    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def run_line(cwd: Path, line: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """One command line typed into bash in `cwd` (a doc's, as written), output through files
     like run_launch: local workers inherit it and would hold a pipe open."""
@@ -183,7 +191,8 @@ def slurm_available() -> bool:
     if not shutil.which("sinfo"):
         return False
     p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc"))
+    # nodes still completing a job that was just cancelled ("comp") are up as well
+    return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc", "comp"))
 
 
 def require_slurm() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose, user_env
+from conftest import compose, sh, user_env
 from hpc_infer.models import cache_admin
 from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
@@ -25,11 +25,6 @@ from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import read_chunk_records, RunDir, encode_chunk_output, read_json, write_atomic
 
 TOKEN = "hf_AdversarialProbeToken0123456789abcd"
-
-
-def sh(cwd, line, env=None, timeout=300):
-    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def all_bytes(folder: Path) -> bytes:

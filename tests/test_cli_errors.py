@@ -21,7 +21,7 @@ from conftest import run_launch
 def test_rejected_before_submission(tmp_path, content, overrides, expect):
     data = tmp_path / "in.jsonl"
     data.write_text(content)
-    p = run_launch(tmp_path, f"data.path={data}", "cluster=local", *overrides, check=False, timeout=120)
+    p = run_launch(tmp_path, f"data.path={data}", "cluster=local", *overrides, check=False, timeout=600)
     assert p.returncode == 2, p.stderr
     assert expect in p.stderr
     assert "Traceback" not in p.stderr
@@ -40,7 +40,7 @@ def test_rejected_before_submission(tmp_path, content, overrides, expect):
 def test_typos_get_our_message_the_nearest_name_and_exit_2(tmp_path, command, override, expect):
     """Typos with or without `+`, in keys and group options: one door, our words, exit 2
     (Hydra's own messages exit 1 and name no fix)."""
-    p = run_launch(tmp_path, override, check=False, timeout=120, command=command)
+    p = run_launch(tmp_path, override, check=False, timeout=600, command=command)
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert expect in p.stderr and "Traceback" not in p.stderr and "HYDRA_FULL_ERROR" not in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
@@ -53,7 +53,7 @@ def test_home_relative_paths_and_new_free_form_keys_work_as_typed(tmp_path):
     home.mkdir()
     (home / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
     p = run_launch(tmp_path, "data.path=~/prompts.jsonl", "cluster.env.MY_SETTING=1", "cluster=slurm_local",
-                   env={"HOME": str(home)}, command="hpc-infer sbatch", check=False, timeout=120)
+                   env={"HOME": str(home)}, command="hpc-infer sbatch", check=False, timeout=600)
     assert p.returncode == 0, p.stderr
     script = next((tmp_path / "runs").rglob("job.sbatch")).read_text()
     assert "MY_SETTING" in script or "MY_SETTING" in next((tmp_path / "runs").rglob("worker.json")).read_text()
@@ -62,5 +62,5 @@ def test_home_relative_paths_and_new_free_form_keys_work_as_typed(tmp_path):
 
 
 def test_sbatch_for_a_non_slurm_cluster_says_what_it_assumed(tmp_path):
-    p = run_launch(tmp_path, "cluster=local", command="hpc-infer sbatch", check=False, timeout=120)
+    p = run_launch(tmp_path, "cluster=local", command="hpc-infer sbatch", check=False, timeout=600)
     assert p.returncode == 0 and "cluster=local is not a Slurm cluster (backend local)" in p.stderr, p.stderr

@@ -2,22 +2,14 @@
 directory outside the checkout: the door users take (a `python -m` test does not cover it)."""
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, compose, user_env
+from conftest import BIN, compose, sh, user_env
 from doc_commands import as_written
 
 from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
-
-
-def sh(cwd, line: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """One command line typed into bash in `cwd`."""
-    assert not str(cwd).startswith(str(ROOT)), "run from outside the checkout"
-    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture

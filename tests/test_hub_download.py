@@ -34,7 +34,7 @@ def _env(hub, tmp_path, **extra):
 def test_gated_model_message_before_submission(tmp_path, hub, token, hint):
     p = run_launch(tmp_path, "model=llama32_1b_instruct", "cluster=local", "wait=false",
                    f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path, HF_TOKEN=token),
-                   check=False, timeout=180)
+                   check=False, timeout=600)
     assert p.returncode == 2, p.stderr
     assert f"Access to model {GATED} is restricted: request access on its Hugging Face page, {hint}" in p.stderr
     assert "Traceback" not in p.stderr and not list((tmp_path / "runs").rglob("jobs.json"))
@@ -43,7 +43,7 @@ def test_gated_model_message_before_submission(tmp_path, hub, token, hint):
 
 def test_missing_model_named(tmp_path, hub):
     p = run_launch(tmp_path, "model=opt_125m", "model.hf_id=org/no-such-model", "cluster=local", "wait=false",
-                   f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path), check=False, timeout=180)
+                   f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path), check=False, timeout=600)
     assert p.returncode == 2 and "model org/no-such-model does not exist on the Hugging Face hub" in p.stderr
 
 
@@ -68,7 +68,7 @@ def test_concurrent_launches_download_once(tmp_path, hub):
 def test_offline_environment_is_named(tmp_path, hub):
     p = run_launch(tmp_path, "model=opt_125m", "model.hf_id=org/tiny", "cluster=local", "wait=false",
                    f"cluster.hf_home={tmp_path / 'shared-hf'}", env=_env(hub, tmp_path, HF_HUB_OFFLINE="1"),
-                   check=False, timeout=180)
+                   check=False, timeout=600)
     assert p.returncode == 2 and "HF_HUB_OFFLINE=1 is set" in p.stderr, p.stderr
 
 

@@ -66,7 +66,7 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
     # a controller killed outright (OOM killer, a user's kill -9): its worker goes with it
     os.kill(int(controllers[0]), signal.SIGKILL)
     first = workers[controllers[0]]
-    wait_for("the orphaned worker to end", lambda: identify(first.pid, first.start) is None, timeout=60)
+    wait_for("the orphaned worker to end", lambda: identify(first.pid, first.start) is None, timeout=600)
 
     p = subprocess.run(["bash", "-c", 'exec hpc-infer cancel "$1"', "x", str(run.root)], capture_output=True,
                        text=True, env=user_env(), cwd=tmp_path, timeout=300)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hold_env, read_results, release, require_slurm, run_launch, user_env, wait_held
+from conftest import hold_env, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
 from doc_commands import as_written
 from hpc_infer.worker.rundir import RunDir
 
@@ -28,11 +28,6 @@ READY = re.compile(r"replica \d+ +ready ")
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The docs' RUN (and runs/serve__qwen_math) is typed relative to where `serve` ran: served["tmp"]
 RUN = "runs/serve__smollm2_cpu"
-
-
-def sh(cwd, line, env=None, timeout=900):
-    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _scan(needles: list[bytes], stop: threading.Event, hits: list):
@@ -46,6 +41,9 @@ def _scan(needles: list[bytes], stop: threading.Event, hits: list):
         time.sleep(0.3)
 
 
+LIVE_SERVE: list[Path] = []  # the module's shared serve run while its fixture is up
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, cpu_model):
     require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
@@ -55,27 +53,35 @@ def served(tmp_path_factory, cpu_model):
     stop, hits = threading.Event(), []
     scanner = threading.Thread(target=_scan, args=([TOKEN.encode()], stop, hits), daemon=True)
     scanner.start()
-    p = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
-              f"serve.restart_backoff_s=1 output_root={tmp}/runs", env=env)
+    command = (f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
+               f"serve.restart_backoff_s=1 output_root={tmp}/runs")
+    p = sh(tmp, command, env=env)
     (tmp / "serve.stderr").write_text(p.stderr)  # what `serve` said, for a test that fails later
     root = tmp / "runs" / "serve__smollm2_cpu"
     key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
-    yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits}
+    at_start = {f.name: json.loads(f.read_text()) for f in (root / "serve").glob("*.json")} if p.returncode == 0 else {}
+    LIVE_SERVE.append(root)
+    yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits,
+           "command": command, "at_start": at_start}
     stop.set()
+    LIVE_SERVE.remove(root)
     sh(tmp, f"hpc-infer serve stop {root}", env=env)
+    assert not hits, "a token or key reached a process command line"  # the whole module's scan
 
 
 def test_two_replicas_ready_with_distinct_urls_and_instructions(served):
+    """What `serve` printed, against the state files as it left them (kept by the fixture,
+    so this holds whatever other tests did to the run since)."""
     p = served["p"]
     assert p.returncode == 0, p.stderr[-4000:]
-    states = [json.loads((served["root"] / "serve" / f"{i}.json").read_text()) for i in range(2)]
+    states = [served["at_start"][f"{i}.json"] for i in range(2)]
     assert all(s["state"] == "ready" for s in states)
     assert len({s["url"] for s in states}) == 2 and all(s["port"] != 8000 for s in states)
     out = p.stdout
     for needle in ("2 replicas of", "API key: in", "ssh -N -L 8000:", "from openai import OpenAI", states[0]["url"]):
         assert needle in out, out
     assert (served["key_file"].stat().st_mode & 0o777) == 0o600
-    router = json.loads((served["root"] / "serve" / "router.json").read_text())
+    router = served["at_start"]["router.json"]
     assert router["state"] == "ready" and router["policy"] == "round_robin"
     assert sorted(router["workers"]) == sorted(s["url"].removesuffix("/v1") for s in states)
     # the router's URL is the one to use: printed first, in the export line and the snippet
@@ -88,8 +94,9 @@ def test_openai_client_chat_stream_completions_and_401(served):
     import openai
     from openai import OpenAI
 
+    _serving(served, 2)
     key = served["key_file"].read_text().strip()
-    for s in (json.loads((served["root"] / "serve" / f"{i}.json").read_text()) for i in range(2)):
+    for s in _ready(served["root"])[:2]:
         client = OpenAI(base_url=s["url"], api_key=key)
         assert [m.id for m in client.models.list()] == [MODEL]
         chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
@@ -135,8 +142,9 @@ def _call(url, method="GET", token=None, body: dict | None = None):
 def test_every_route_but_health_needs_the_key(served):
     """The routes are the running server's own (its OpenAPI schema, plus what it mounts
     outside the schema), so a route a future vLLM adds is covered without editing this list."""
+    _serving(served, 1)
     key = served["key_file"].read_text().strip()
-    base = json.loads((served["root"] / "serve" / "0.json").read_text())["url"].removesuffix("/v1")
+    base = _ready(served["root"])[0]["url"].removesuffix("/v1")
 
     def call(method, path, token=None):
         return _call(base + path, method, token)
@@ -177,7 +185,9 @@ def test_the_router_is_one_url_for_both_replicas_behind_the_run_key(served):
     and /health included. With the key, the openai client gets answers from both replicas."""
     from openai import OpenAI
 
+    _serving(served, 2)
     key = served["key_file"].read_text().strip()
+    replicas = [s["replica"] for s in _ready(served["root"])]
     router = json.loads((served["root"] / "serve" / "router.json").read_text())
     base = router["url"].removesuffix("/v1")
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
@@ -194,14 +204,14 @@ def test_the_router_is_one_url_for_both_replicas_behind_the_run_key(served):
     assert _call(base + "/v1/chat/completions", "POST", None, {})[0] in (401, 422)
     code, body = _call(base + "/list_workers", token=key)
     assert code == 200 and sorted(json.loads(body)["urls"]) == sorted(router["workers"])  # nothing was added/removed
-    before = [_requests_served(served, i) for i in range(2)]
+    before = [_requests_served(served, i) for i in replicas]
     client = OpenAI(base_url=router["url"], api_key=key, max_retries=0)
     assert [m.id for m in client.models.list()] == [MODEL]
-    for i in range(6):
+    for i in range(2 * len(replicas)):
         comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
         assert "Paris" in comp.choices[0].text
-    after = [_requests_served(served, i) for i in range(2)]
-    assert all(a > b for a, b in zip(after, before)), (before, after)  # round-robin: both replicas answered
+    after = [_requests_served(served, i) for i in replicas]
+    assert all(a > b for a, b in zip(after, before)), (before, after)  # round-robin: every replica answered
 
 
 def test_completions_batch_lines_match_the_server_answering_the_same_bodies(served, tmp_path):
@@ -219,8 +229,9 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
     run_launch(tmp_path, "cluster=debug", f"data.path={batch}", "merge.format=openai_batch", "model.dtype=float32",
                "run_name=cmp")
     ours = read_results(tmp_path / "runs" / "cmp" / "results.openai_batch.jsonl")
+    _serving(served, 1)
     key = served["key_file"].read_text().strip()
-    url = json.loads((served["root"] / "serve" / "0.json").read_text())["url"]
+    url = _ready(served["root"])[0]["url"]
     client = OpenAI(base_url=url, api_key=key)
     spans = 0
     for line, body in zip(ours, bodies):
@@ -237,18 +248,21 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
 
 
 def test_status_reads_scheduler_and_health(served):
+    _serving(served, 2)
+    ready = _ready(served["root"])
+    n = len(ready)  # 2 in file order (3 after the scale test, when run in another order)
     status = as_written("hpc-infer serve status [RUN]", {"[RUN]": RUN})
     p = sh(served["tmp"], status, env=served["env"])
-    assert p.returncode == 0 and len(READY.findall(p.stdout)) == 2, p.stdout
-    assert "time left" in p.stdout and re.search(r"router +ready .*sends to 2 replica", p.stdout), p.stdout
+    assert p.returncode == 0 and len(READY.findall(p.stdout)) == n, p.stdout
+    assert "time left" in p.stdout and re.search(rf"router +ready .*sends to {n} replica", p.stdout), p.stdout
     # uptime, requests served and the average rate, from each replica's own /metrics
-    assert len(re.findall(r"up \d+ min, \d+ requests, [\d.]+ tok/s avg", p.stdout)) == 2, p.stdout
+    assert len(re.findall(r"up \d+ min, \d+ requests, [\d.]+ tok/s avg", p.stdout)) == n, p.stdout
     # a state file that failed to update cannot make a live server look failed
-    state = served["root"] / "serve" / "0.json"
+    state = served["root"] / "serve" / f"{ready[0]['replica']}.json"
     saved = state.read_text()
     state.write_text(json.dumps(dict(json.loads(saved), state="failed", error="stale file handle")))
     p = sh(served["tmp"], status, env=served["env"])
-    assert len(READY.findall(p.stdout)) == 2, p.stdout
+    assert len(READY.findall(p.stdout)) == n, p.stdout
     state.write_text(saved)
     p = sh(served["tmp"], as_written("hpc-infer serve status [RUN]", {" [RUN]": ""}), env=served["env"])  # all mine
     assert str(served["root"]) in p.stdout
@@ -266,7 +280,10 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
 
     from hpc_infer.worker.procs import identify
 
-    path = served["root"] / "serve" / "1.json"
+    _serving(served, 2)
+    ready = _ready(served["root"])
+    victim = next(s["replica"] for s in ready if s["restarts"] == 0 and s["replica"] != ready[0]["replica"])
+    path = served["root"] / "serve" / f"{victim}.json"  # replica 1 in file order
     before = json.loads(path.read_text())
     assert before["state"] == "ready" and before.get("restarts", 0) == 0, before
     from hpc_infer.worker.procs import alive, descendants
@@ -291,21 +308,22 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in comp.choices[0].text
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
-    assert len(READY.findall(p.stdout)) == 2 and "restarts 1 (last: the server exited with -9 (SIGKILL)" in p.stdout, \
-        p.stdout
+    assert len(READY.findall(p.stdout)) == len(ready) and "restarts 1 (last: the server exited with -9 (SIGKILL)" \
+        in p.stdout, p.stdout
     # the router dropped it while it was down and sends to it again now (its sync follows /health)
     router = served["root"] / "serve" / "router.json"
     base = now["url"].removesuffix("/v1")
     while time.time() < deadline and base not in json.loads(router.read_text())["workers"]:
         time.sleep(0.5)
-    before = _requests_served(served, 1)
+    before = _requests_served(served, victim)
     via = OpenAI(base_url=json.loads(router.read_text())["url"], api_key=served["key_file"].read_text().strip())
-    for _ in range(4):
+    for _ in range(2 * len(ready)):
         via.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0)
-    assert _requests_served(served, 1) > before
+    assert _requests_served(served, victim) > before
 
 
 def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
+    _serving(served, 2)  # replicas behind the router
     common = ["data=example_prompts", "sampling=greedy", "sampling.max_tokens=8", "model.dtype=float32"]
     (tmp_path / "off").mkdir()
     (tmp_path / "srv").mkdir()
@@ -360,20 +378,27 @@ def _ready(root: Path) -> list[dict]:
     return [s for s in replica_states(root) if s["state"] == "ready"]
 
 
-def _ensure_ready(served, n: int) -> None:
-    """At least n ready replicas behind the router: what a test that runs alone, or after
-    another that scaled down, must set up itself (in file order this is a no-op)."""
+def _serving(served, n: int, exactly: bool = False) -> None:
+    """The shared serve run live with at least (or exactly) n ready replicas, the router
+    following them: what a test that runs alone, or after one that stopped, emptied or
+    scaled the run, sets up itself. In file order it is mostly a no-op; it does what a user
+    would (`hpc-infer serve` again with the same run name, `hpc-infer serve scale`)."""
     from hpc_infer.serve.fleet import wait_router_follows
+    from hpc_infer.serve.status import replica_states
 
     root = served["root"]
-    if len(_ready(root)) >= n:
-        return
-    p = sh(served["tmp"], f"hpc-infer serve scale {root} {n}", env=served["env"])
-    assert p.returncode == 0, p.stdout + p.stderr
+    if not any(s["state"] in ("ready", "loading", "queued") for s in replica_states(root)):
+        p = sh(served["tmp"], served["command"], env=served["env"])  # stopped or every replica gone: serve again
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    if len(_ready(root)) < n or exactly and len(_ready(root)) != n:
+        p = sh(served["tmp"], f"hpc-infer serve scale {root} {n}", env=served["env"])
+        assert p.returncode == 0, p.stdout + p.stderr
     deadline = time.time() + 1800  # a bound for a broken replica only; the wait ends on their states
     while time.time() < deadline and len(_ready(root)) < n:
         time.sleep(0.5)
-    assert len(_ready(root)) >= n and wait_router_follows(root, _key(served), n, timeout_s=1800)
+    assert len(_ready(root)) >= n, replica_states(root)
+    if n > 1:
+        assert wait_router_follows(root, _key(served), len(_ready(root)), timeout_s=1800)
 
 
 def test_scale_to_three_and_the_router_follows(served):
@@ -381,11 +406,15 @@ def test_scale_to_three_and_the_router_follows(served):
     it once it answers /health. `serve metrics --json` then reads all three."""
     from hpc_infer.serve.fleet import wait_router_follows
 
+    from hpc_infer.serve.status import replica_states
+
     root = served["root"]
+    _serving(served, 2, exactly=True)
+    new = len(replica_states(root))  # the next replica's number: 2 in file order
     fill = {"runs/serve__qwen_math": RUN, "RUN": RUN}
     p = sh(served["tmp"], as_written("hpc-infer serve scale runs/serve__qwen_math 3", fill), env=served["env"])
     assert p.returncode == 0 and "added 1 replica" in p.stdout and "3 live" in p.stdout, p.stdout + p.stderr
-    path = root / "serve" / "2.json"
+    path = root / "serve" / f"{new}.json"
     deadline = time.time() + 900  # a bound for a broken replica only; the wait ends on its state
     while time.time() < deadline:
         state = json.loads(path.read_text()) if path.exists() else {}
@@ -420,10 +449,10 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
 
     from hpc_infer.serve.replica import metrics
 
-    _ensure_ready(served, 3)  # replicas 1 and 2 (the scale test leaves three; alone, this adds them)
+    _serving(served, 3)  # replicas 1 and 2 in file order (the scale test leaves three; alone, this adds them)
     root, key = served["root"], _key(served)
-    states = [json.loads((root / "serve" / f"{i}.json").read_text()) for i in range(3)]
-    victim = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][1]
+    states = _ready(root)[:3]
+    victim = states[1]["job"]
     thread, result, run = _batch_in_thread(
         tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
         f"serve.api_key_file={served['key_file']}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
@@ -474,7 +503,7 @@ def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
     from hpc_infer.serve.router import router_workers
 
     root = served["root"]
-    _ensure_ready(served, 2)  # something to remove, whatever ran before
+    _serving(served, 2)  # something to remove, whatever ran before
     ready = sorted(_ready(root), key=lambda s: s["replica"])
     keep, going = ready[0], ready[:0:-1]  # the oldest stays; the newest go first
     fill = {"runs/serve__qwen_math": RUN, "RUN N": f"{RUN} 1"}
@@ -503,6 +532,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     a new replica (same key file); the relaunch through it resumes: finished chunks are
     kept as they are, the rest run, and every record is merged exactly once."""
     root, tmp = served["root"], served["tmp"]
+    _serving(served, 1)
     args = ("cluster=local", f"cluster.endpoint={root}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
             "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
             "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1", "run_name=resume")
@@ -536,8 +566,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
 
 def test_no_key_or_token_in_any_file_or_command_line(served):
     key = served["key_file"].read_text().strip().encode()
-    served["stop"].set()
-    assert not served["hits"], "a token reached a process command line"
+    assert not served["hits"], "a token reached a process command line"  # so far (the fixture checks the rest)
     for path in [*served["root"].rglob("*"), *Path("/var/log/slurm").glob("*")]:
         if path.is_file():
             data = path.read_bytes()
@@ -557,8 +586,9 @@ def test_stop_leaves_nothing_in_the_queue(served):
 
     from hpc_infer.worker.procs import identify
 
-    root = served["root"]  # serving one replica: the resume test above restarted it so
-    state = json.loads((root / "serve" / "0.json").read_text())
+    root = served["root"]
+    _serving(served, 1)  # in file order: the one replica the resume test above restarted
+    state = json.loads((root / "serve" / f"{_ready(root)[0]['replica']}.json").read_text())
     server, replica = identify(state["server_pid"], state["server_pid_start"]), identify(state["pid"], state["pid_start"])
     assert server and replica
     os.kill(replica.pid, signal.SIGKILL)
@@ -573,7 +603,8 @@ def test_stop_leaves_nothing_in_the_queue(served):
     array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
     q = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True)
     assert q.stdout.strip() == ""
-    assert all(json.loads((root / "serve" / f"{i}.json").read_text())["state"] == "stopped" for i in range(n))
+    states = [json.loads(f.read_text()) for f in (root / "serve").glob("[0-9]*.json")]
+    assert len(states) == n and all(s["state"] == "stopped" for s in states), states
 
 
 def test_idle_replica_stops_itself(tmp_path, cpu_model):
@@ -618,6 +649,8 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
     node leaves when the replica ends and nothing stays queued."""
     pytest.importorskip("ray")
     require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
+    for root in LIVE_SERVE:  # run before the shared serve's own tests end (another order): free both nodes for it
+        sh(root.parent.parent, f"hpc-infer serve scale {root} 0", env=user_env({"HOME": str(root.parent.parent / "home")}))
     (tmp_path / "home").mkdir()
     env = user_env({"HOME": str(tmp_path / "home")})
     p = sh(tmp_path, f"hpc-infer serve cluster=slurm_local cluster.nodes_per_task=2 cluster.gpus_per_task=0 "

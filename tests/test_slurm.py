@@ -29,7 +29,7 @@ def squeue(job_prefix: str) -> str:
     return subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True).stdout
 
 
-def wait_gone(array_ids, timeout=120):
+def wait_gone(array_ids, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = squeue("")
@@ -103,7 +103,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     wait_gone(arrays)
     # nothing of the run is left: no recorded worker (PID + start time), no process naming the run
     wait_for("the cancelled run's processes gone", lambda: not processes_of(run.root)
-             and not any(identify(b["pid"], b["pid_start"]) for b in beats), timeout=120)
+             and not any(identify(b["pid"], b["pid_start"]) for b in beats), timeout=600)
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     assert set(first_done) == {0, 1} and read_json(run.manifest)["n_chunks"] == 4
     r = subprocess.run([*cli, "merge", str(run.root)], capture_output=True, text=True)
