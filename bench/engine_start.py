@@ -9,7 +9,9 @@ split by vLLM's log lines into weight read and profiling / KV cache / warm-up, t
 being config, tokenizer, vLLM's engine-side imports and model init (vLLM reads config and
 tokenizer inside `LLM(...)`; the worker does not read them again), and the first token
 of one greedy request. The floor is a bare
-`import vllm` plus one read of the weight files. The first repetition runs with cold
+`import vllm` plus one read of the weight files; beside it, a bare vLLM script (LLM(...)
+with the same settings and one token, nothing of ours), so what is ours and what is
+vLLM's own start shows. The first repetition runs with cold
 caches as far as this machine lets us (weights not read since the last repetition's
 `posix_fadvise(DONTNEED)`); later ones are warm (page cache, .pyc files).
 Prints the ratios; measurement only, nothing asserted.
@@ -72,6 +74,15 @@ for f in glob.glob(os.path.join(sys.argv[2], "*.safetensors")):
             n += len(chunk)
 t2 = time.time()
 print(f"FLOOR {t1 - t0} {t2 - t1} {n}", flush=True)
+'''
+
+BARE = r'''
+import sys, time
+t0 = float(sys.argv[1])
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[2], dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
+llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+print(f"BARE {time.time() - t0}", flush=True)
 '''
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -218,8 +229,12 @@ def main() -> None:
         fout, _ = run(FLOOR, model)
         imp, read, nbytes = fout.split("FLOOR ", 1)[1].split()[:3]
         floor = float(imp) + float(read)
-        rows.append((kind, phases, vllm_phases(out + err), total, floor, float(imp), float(read)))
-    for kind, phases, vp, total, floor, imp, read in rows:
+        if rep == 0:
+            drop_cache(model)
+        bout, _ = run(BARE, model)
+        bare = float(bout.split("BARE ", 1)[1].split()[0])
+        rows.append((kind, phases, vllm_phases(out + err), total, floor, float(imp), float(read), bare))
+    for kind, phases, vp, total, floor, imp, read, bare in rows:
         print(f"[{kind}] our worker's start to first token: {total:.1f} s")
         for k, v in phases.items():
             print(f"    {k:18} {v:6.2f} s")
@@ -229,6 +244,8 @@ def main() -> None:
                   + f"; the rest (config, tokenizer, vLLM's engine-side imports, model init) {rest:.2f} s")
         print(f"  floor (bare `import vllm` {imp:.2f} s + one read of the weights {read:.2f} s): {floor:.2f} s")
         print(f"  ratio start/floor = {total / floor:.2f}")
+        print(f"  bare vLLM (a script: LLM(...) with the same settings, one token; no hpc_infer): {bare:.2f} s; "
+              f"ratio start/bare vLLM = {total / bare:.2f}")
 
 
 if __name__ == "__main__":
