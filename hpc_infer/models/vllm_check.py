@@ -46,8 +46,11 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
     if spec is None:
         return "sampling not checked against vLLM (not installed here; the workers' image has it)"
     remembered = _remembered(spec, sampling, overrides, base)
-    if remembered and remembered.exists():
-        return remembered.read_text() + " (this check passed before: remembered)"
+    try:
+        if remembered:
+            return remembered.read_text() + " (this check passed before: remembered)"
+    except OSError:  # not checked before (or unreadable): check now
+        pass
     import vllm
 
     from ..worker.engine import sampling_params
