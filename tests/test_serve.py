@@ -41,7 +41,7 @@ def _scan(needles: list[bytes], stop: threading.Event, hits: list):
         time.sleep(0.3)
 
 
-LIVE_SERVE: list[Path] = []  # the module's shared serve run while its fixture is up
+LIVE_SERVE: list[dict] = []  # the module's shared serve run while its fixture is up
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,12 @@ def served(tmp_path_factory, cpu_model):
     root = tmp / "runs" / "serve__smollm2_cpu"
     key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
     at_start = {f.name: json.loads(f.read_text()) for f in (root / "serve").glob("*.json")} if p.returncode == 0 else {}
-    LIVE_SERVE.append(root)
-    yield {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits,
-           "command": command, "at_start": at_start}
+    served = {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits,
+              "command": command, "at_start": at_start}
+    LIVE_SERVE.append(served)
+    yield served
     stop.set()
-    LIVE_SERVE.remove(root)
+    LIVE_SERVE.remove(served)
     sh(tmp, f"hpc-infer serve stop {root}", env=env)
     assert not hits, "a token or key reached a process command line"  # the whole module's scan
 
@@ -390,7 +391,8 @@ def _serving(served, n: int, exactly: bool = False) -> None:
     if not any(s["state"] in ("ready", "loading", "queued") for s in replica_states(root)):
         p = sh(served["tmp"], served["command"], env=served["env"])  # stopped or every replica gone: serve again
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    if len(_ready(root)) < n or exactly and len(_ready(root)) != n:
+    have = len(_ready(root))
+    if have < n or exactly and have != n:
         p = sh(served["tmp"], f"hpc-infer serve scale {root} {n}", env=served["env"])
         assert p.returncode == 0, p.stdout + p.stderr
     deadline = time.time() + 1800  # a bound for a broken replica only; the wait ends on their states
@@ -649,8 +651,8 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
     node leaves when the replica ends and nothing stays queued."""
     pytest.importorskip("ray")
     require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
-    for root in LIVE_SERVE:  # run before the shared serve's own tests end (another order): free both nodes for it
-        sh(root.parent.parent, f"hpc-infer serve scale {root} 0", env=user_env({"HOME": str(root.parent.parent / "home")}))
+    for served in LIVE_SERVE:  # run before the shared serve's own tests end (another order): free both nodes for it
+        sh(served["tmp"], f"hpc-infer serve scale {served['root']} 0", env=served["env"])
     (tmp_path / "home").mkdir()
     env = user_env({"HOME": str(tmp_path / "home")})
     p = sh(tmp_path, f"hpc-infer serve cluster=slurm_local cluster.nodes_per_task=2 cluster.gpus_per_task=0 "

@@ -222,3 +222,4 @@ def test_a_silent_squeue_is_not_an_ended_job(tmp_path, monkeypatch):
     squeue.write_text("#!/bin/sh\necho '7_0 RUNNING 59:58'\n")
     assert backend.states(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "ENDED"}
     assert backend.queue(["7_0", "7_1"]) == {"7_0": ("RUNNING", "59:58")}  # serve status: one call, both
+    assert backend.states_and_time_left(["7_0", "7_1"]) == ({"7_0": "RUNNING", "7_1": "ENDED"}, {"7_0": "59:58"})

@@ -76,6 +76,10 @@ class Backend:
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: _result_state(self.run, j) or "UNKNOWN" for j in job_ids}
 
+    def states_and_time_left(self, job_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """`serve status`: each job's state and, where the scheduler has one, its time left."""
+        return self.states(job_ids), {}
+
     def cancel(self, job_ids: list[str]) -> str:
         """Stop the jobs; returns what was done, for the user."""
         raise NotImplementedError
@@ -341,12 +345,17 @@ class SlurmBackend(Backend):
         return {f[0]: (f[1], f[2] if len(f) > 2 else "") for f in map(str.split, p.stdout.splitlines()) if len(f) > 1}
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
-        return self.states_in(job_ids, self.queue(job_ids)) if job_ids else {}
+        return self.states_and_time_left(job_ids)[0]
 
-    def states_in(self, job_ids: list[str], queue: dict[str, tuple[str, str]] | None) -> dict[str, str]:
-        if queue is None:
-            return {j: _result_state(self.run, j) or UNREACHABLE for j in job_ids}  # not "ended": squeue did not say
-        return {j: queue[j][0] if j in queue else _result_state(self.run, j) or "ENDED" for j in job_ids}
+    def states_and_time_left(self, job_ids: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Both from one squeue call."""
+        if not job_ids:
+            return {}, {}
+        queue = self.queue(job_ids)
+        if queue is None:  # not "ended": squeue did not say
+            return {j: _result_state(self.run, j) or UNREACHABLE for j in job_ids}, {}
+        states = {j: queue[j][0] if j in queue else _result_state(self.run, j) or "ENDED" for j in job_ids}
+        return states, {j: left for j, (_, left) in queue.items()}
 
     def cancel(self, job_ids: list[str]) -> str:
         arrays = sorted({j.split("_")[0] for j in job_ids})

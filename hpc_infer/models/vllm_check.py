@@ -93,7 +93,7 @@ def _remembered(spec, sampling: dict, overrides: list[dict] | None, base: dict |
         installed = [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
                      for f in (package / "sampling_params.py", package / "version.py", package / "_version.py")
                      if f.exists()]
-        ours = [Path(m.__file__).read_bytes() for m in (engine,)] + [Path(__file__).read_bytes()]
+        ours = [Path(engine.__file__).read_bytes(), Path(__file__).read_bytes()]
     except (OSError, StopIteration, TypeError):
         return None
     distinct = sorted({json.dumps(o, sort_keys=True) for o in (overrides or []) if o})

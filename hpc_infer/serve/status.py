@@ -32,12 +32,7 @@ def _key(spec: dict) -> str | None:
 def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
     spec = json.loads((root / "serve.json").read_text())
     backend, ids = recorded_backend(RunDir(root))
-    sched, left = {}, {}
-    if backend.name == "slurm" and ids:  # state and time left from one squeue call
-        queue = backend.queue(ids)
-        sched, left = backend.states_in(ids, queue), {j: t for j, (_, t) in (queue or {}).items()}
-    elif ids:
-        sched = backend.states(ids)
+    sched, left = backend.states_and_time_left(ids) if ids else ({}, {})
     out = []
     for i in range(int(spec.get("replicas", 1))):
         try:
