@@ -29,6 +29,47 @@ def test_sharded_state_needs_the_copy_for_this_layout(tmp_path, cpu_model):
         _preflight(copy, "model.load_format=sharded_state")
 
 
+def _fake_copy(at: Path, cpu_model, dtype: str, meta: bool) -> Path:
+    """A sharded copy's files (headers only) written in `dtype`, with or without our META."""
+    import json
+    import struct
+
+    at.mkdir()
+    (at / "config.json").write_text((Path(cpu_model) / "config.json").read_text())
+    st = {"bfloat16": "BF16", "float32": "F32"}[dtype]
+    header = json.dumps({"w": {"dtype": st, "shape": [2, 2], "data_offsets": [0, 4 * (4 if st == "F32" else 2)]}})
+    (at / "model-rank-0-part-0.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode()
+                                                         + bytes(16))
+    if meta:
+        (at / ".hpc_infer.json").write_text(json.dumps({"dtype": dtype}))
+    return at
+
+
+def test_sharded_copy_in_another_dtype_is_refused_naming_both_fixes(tmp_path, cpu_model):
+    """A copy written in bfloat16 (what `auto` gives for SmolLM2) and a float32 run (the CPU
+    default): refused before anything runs, naming model.dtype and `cache shard --dtype`;
+    the dtype is read from `cache shard`'s record, or from the weights' own headers."""
+    for meta in (True, False):
+        copy = _fake_copy(tmp_path / f"bf16-{meta}", cpu_model, "bfloat16", meta)
+        with pytest.raises(UserError, match=r"written in bfloat16 and this run loads float32 \(model.dtype=float32\): "
+                                            r"set model.dtype=bfloat16, or write a copy in float32 with "
+                                            r"`hpc-infer cache shard SOURCE --root DIR --tp 1 --dtype float32`"):
+            _preflight(copy, "model.load_format=sharded_state")
+        _preflight(copy, "model.load_format=sharded_state", "model.dtype=bfloat16")  # the same dtype: accepted
+    _preflight(_fake_copy(tmp_path / "f32", cpu_model, "float32", True), "model.load_format=sharded_state")
+
+
+def test_a_copy_that_lost_weights_is_named(tmp_path, cpu_model):
+    """What vLLM's CPU build wrote before `cache shard` kept the linear weights: a copy with
+    fewer elements than the checkpoint is never published."""
+    from hpc_infer.models.load_format import incomplete_copy
+
+    copy = _fake_copy(tmp_path / "c", cpu_model, "float32", True)
+    why = incomplete_copy(copy, Path(cpu_model))
+    assert why and "holds 4 weight elements" in why and "without some of the model's weights" in why, why
+    assert incomplete_copy(Path(cpu_model), Path(cpu_model)) is None
+
+
 def test_loader_package_missing_where_the_worker_runs(tmp_path, cpu_model):
     import importlib.util
 
@@ -52,12 +93,14 @@ def test_refused_through_launch_before_any_run_dir(tmp_path, cpu_model):
 
 @pytest.mark.slow
 def test_cache_shard_then_a_run_loads_the_copy(tmp_path, cpu_model):
-    """vLLM writes the copy (model-rank-0-part-0.safetensors + config and tokenizer), the
-    console script publishes it into the root, and a run with load_format=sharded_state
-    loads it: greedy text from real weights."""
+    """vLLM writes the copy (model-rank-0-part-0.safetensors + config and tokenizer) in the
+    run's float32, the console script publishes it into the root, and a run with
+    load_format=sharded_state loads it: greedy text from real weights. float32 is the dtype
+    vLLM's CPU build hands to oneDNN on every x86 machine (AVX2 and AVX-512): the copy must
+    still hold every linear weight (it held none before `cache shard` kept them)."""
     env = user_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                     "VLLM_CPU_KVCACHE_SPACE": "1"})
-    p = subprocess.run(["bash", "-c", f"hpc-infer cache shard {cpu_model} --root {tmp_path}/models --tp 1"],
+    p = subprocess.run(["bash", "-c", f"hpc-infer cache shard {cpu_model} --root {tmp_path}/models --tp 1 --dtype float32"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     copy = Path(p.stdout.strip().splitlines()[-1])
@@ -65,6 +108,9 @@ def test_cache_shard_then_a_run_loads_the_copy(tmp_path, cpu_model):
     assert [f.name for f in copy.glob("*.safetensors")] == ["model-rank-0-part-0.safetensors"]
     assert (copy / "tokenizer.json").is_file() and not list((tmp_path / "models").glob(".*staging*"))
     assert f"model.path={copy} model.load_format=sharded_state" in p.stderr
+    from hpc_infer.models.load_format import copy_dtype, incomplete_copy
+
+    assert copy_dtype(copy) == "float32" and incomplete_copy(copy, Path(cpu_model)) is None
     run_launch(tmp_path, "cluster=debug", f"model.path={copy}", "model.load_format=sharded_state",
                "data=example_prompts", "data.limit=1", "sampling=greedy", "sampling.max_tokens=4")
     (row,) = read_results(next((tmp_path / "runs").iterdir()) / "results.jsonl")

@@ -162,7 +162,7 @@ def preflight(model: ModelConfig, cluster: ClusterConfig, model_path: str | Path
 
         binds = container_binds(cluster, model, None, str(model_path)) if cluster.container.image else []
         python = python_command(cluster.container, binds, gpus=False, host_python=host_python())
-        problems += check_load_format(model.load_format, model_path, tp, pp, python)
+        problems += check_load_format(model.load_format, model_path, tp, pp, python, model.dtype)
     cfg = read_model_config(model_path)
     if cfg is None:
         notes.append(f"no config.json in {model_path}: heads, layers, positions and memory not checked")

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..worker.rundir import write_json
 
-META = ".hpc_infer.json"
+from .load_format import META  # noqa: E402  (one name for the file every copy carries)
 
 
 @dataclass
@@ -251,7 +251,7 @@ def shard(source: str, root: str, tp: int, pp: int = 1, name: str | None = None,
     by vLLM itself into a staging directory and published into the root by one rename, like
     `stage`. Runs an engine of TP x PP ranks: on a GPU cluster, inside an allocation with
     that many GPUs (`srun --gres=gpu:TP hpc-infer cache shard ...`)."""
-    from .load_format import check_load_format, write_sharded_state
+    from .load_format import check_load_format, incomplete_copy, write_sharded_state
 
     root_p = Path(root).expanduser()
     src = Path(source).expanduser()
@@ -267,11 +267,15 @@ def shard(source: str, root: str, tp: int, pp: int = 1, name: str | None = None,
     root_p.mkdir(parents=True, exist_ok=True)
     tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
     try:
-        write_sharded_state(str(src), tmp, tp, pp, dtype)
+        written = write_sharded_state(str(src), tmp, tp, pp, dtype)
         write_json(tmp / META, {"name": name, "source": str(src), "load_format": "sharded_state",
-                                "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+                                "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "dtype": written,
                                 "staged_at": time.time(), "staged_by": getpass.getuser()})
-        problems = check_load_format("sharded_state", tmp, tp, pp, sys.executable)
+        problems = check_load_format("sharded_state", tmp, tp, pp, sys.executable, written)
+        lost = incomplete_copy(tmp, src)
+        if lost:
+            problems.append(lost + (" (vLLM's CPU build keeps them only when the copy is written by one process: "
+                                    "--tp 1 --pp 1)" if tp * pp > 1 else ""))
         if problems:
             raise UserError("the sharded copy is incomplete, not published:\n  " + "\n  ".join(problems))
         _share(tmp, set())
