@@ -149,8 +149,8 @@ def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
     return ends
 
 
-STRAGGLER = 0.75  # worker/claims.py: a worker under this fraction of the median rate is a straggler
-TAIL_SHARE = 1 / 6  # worker/claims.py: a straggler leaves the last sixth of the estimated work to the others
+STRAGGLER = 0.75  # rundir/claims.py: a worker under this fraction of the median rate is a straggler
+TAIL_SHARE = 1 / 6  # rundir/claims.py: a straggler leaves the last sixth of the estimated work to the others
 
 
 def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *,
@@ -265,9 +265,9 @@ def measure(out: Path) -> EngineModel:
 
     os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                        "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
-    from hpc_infer.worker.claims import Owner, release, try_claim
+    from hpc_infer.rundir.claims import Owner, release, try_claim
     from hpc_infer.models.cpu_model import ensure_smollm2
-    from hpc_infer.worker.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
+    from hpc_infer.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
 
     t0 = time.perf_counter()
     import vllm

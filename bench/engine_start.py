@@ -27,7 +27,7 @@ the CPU build refuses prints its error.
     --compile
 
 starts the engine twice with torch.compile on (enforce_eager=False) against one shared
-compile cache (worker/compile_cache.py): the first start compiles and publishes, the
+compile cache (host/compile_cache.py): the first start compiles and publishes, the
 second is seeded from the published copy.
 """
 
@@ -49,7 +49,9 @@ import torch
 t["torch"] = time.time()
 import vllm
 t["vllm"] = time.time()
-from hpc_infer.worker import loop, engine, rundir, claims  # our worker's own modules
+from hpc_infer.worker import loop, engine  # our worker's own modules
+from hpc_infer import rundir
+from hpc_infer.rundir import claims
 t["ours"] = time.time()
 # the worker's own engine build, from the model entry a run's worker.json gives it (CPU default)
 model = {"path": sys.argv[2], "task": "auto", "engine_kwargs": {"dtype": "float32", "enforce_eager": True,
@@ -129,7 +131,7 @@ from vllm import LLM, SamplingParams
 kw = json.loads(sys.argv[3])
 cache = None
 if kw.pop("compile_cache", None):
-    from hpc_infer.worker.compile_cache import open_cache
+    from hpc_infer.host.compile_cache import open_cache
     cache = open_cache(sys.argv[4], "bench", 1, 1)
 t1 = time.time()
 llm = LLM(model=sys.argv[2], dtype="bfloat16", max_model_len=2048, enable_chunked_prefill=False,

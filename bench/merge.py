@@ -25,7 +25,7 @@ MERGE = """
 import resource, sys, time
 sys.path.insert(0, sys.argv[2])
 from hpc_infer.run.merge import merge
-from hpc_infer.worker.rundir import RunDir
+from hpc_infer.rundir import RunDir
 t = time.perf_counter()
 s = merge(RunDir(__import__("pathlib").Path(sys.argv[1])))
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, s.records)
@@ -46,7 +46,7 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def build(tmp: Path, n: int, k: int) -> Path:
-    from hpc_infer.worker.rundir import RunDir, encode_chunk_output, write_atomic, write_json
+    from hpc_infer.rundir import RunDir, encode_chunk_output, write_atomic, write_json
 
     run = RunDir(tmp / "run")
     run.make()

@@ -41,7 +41,7 @@ def main() -> None:
     from hpc_infer.config import register_configs, to_run_config
     from hpc_infer.io.data import _scan_processes
     from hpc_infer.run.plan import plan_input, prepare
-    from hpc_infer.worker.rundir import read_json
+    from hpc_infer.rundir import read_json
     from hpc_infer.cluster.submit import SlurmBackend
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ def one(tmp: Path, backups: int, pacing: bool, sleep_ms: int, max_tokens: int) -
     from conftest import compose
     from hpc_infer.models.cpu_model import ensure_smollm2
     from hpc_infer.run.plan import plan_input, prepare
-    from hpc_infer.worker.rundir import read_json
+    from hpc_infer.rundir import read_json
 
     rc = compose("data=example", "sampling=greedy", f"sampling.max_tokens={max_tokens}",
                  "+sampling.extra.ignore_eos=true", "cluster=local", "cluster.workers=2",

@@ -24,7 +24,7 @@ from .errors import UserError
 
 
 def _run_dir(path: str):
-    from .worker.rundir import RunDir
+    from .rundir import RunDir
 
     run = RunDir(Path(path).expanduser().resolve())
     if not run.manifest.exists():
@@ -34,7 +34,7 @@ def _run_dir(path: str):
 
 def cmd_status(args) -> int:
     from .cluster.submit import recorded_backend
-    from .run.status import describe
+    from .run.progress import describe
 
     run = _run_dir(args.run_dir)
     backend, ids = recorded_backend(run)

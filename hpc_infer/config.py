@@ -103,7 +103,7 @@ class ClusterConfig:
     # A worker under 0.75x the median rate holds only its share of a full batch and leaves the
     # last sixth of the estimated work to the others (worker/loop.py; false: never).
     straggler_pacing: bool = True
-    # Poison records (worker/isolate.py): a chunk whose holder died with it in its engine's
+    # Poison records (rundir/isolate.py): a chunk whose holder died with it in its engine's
     # batch this many times is run alone and bisected until the record that kills the engine
     # is found (it dies alone this many times) and becomes an error record.
     max_attempts: int = 2
@@ -111,7 +111,7 @@ class ClusterConfig:
     # attempt recorded), launch submits again, at most this many times (0: never).
     max_resubmits: int = 12
     heartbeat_s: float = 10.0
-    # vLLM's compile cache shared by every worker and replica of a model (worker/compile_cache.py):
+    # vLLM's compile cache shared by every worker and replica of a model (host/compile_cache.py):
     # a directory on shared storage, or node-local ("/tmp/vllm-compile"); None: vLLM's own per-user
     # default (~/.cache/vllm). Entries are published whole by one rename: never corrupted by
     # concurrent first starts.

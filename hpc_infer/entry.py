@@ -25,7 +25,7 @@ register_configs()
 def _umask_for(argv: list[str]) -> None:
     """What Hydra writes itself (a multirun's .multirun/multirun.yaml) follows `permissions`
     like the run's own files: private unless the command line says group or umask."""
-    from .worker.rundir import set_permissions
+    from .rundir import set_permissions
 
     chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("permissions=")]
     set_permissions(chosen[-1] if chosen else "private")

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from .worker import claims, isolate
+from .rundir import claims, isolate
 from .models.cache import resolve_model
 from .models.fit import check_fit
 from .config import RunConfig, to_run_config
 from .cluster.container import worker_python
 from .entry import run_hydra
 from .log import plural, say
-from .serve.endpoint import resolve_endpoint
+from .serve.batch_endpoint import resolve_endpoint
 from .errors import UserError
 from .run.merge import Summary, merge, report_errors
 from .run.plan import plan_input, prepare
 from .cluster.preflight import cpu_build_on_gpus, preflight
-from .worker.rundir import RunDir, read_json, set_permissions
+from .rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
-from .run.status import failures, wait
+from .run.progress import failures, wait
 from .cluster.submit import BACKENDS, TERMINAL, make_backend, recorded_jobs
 from .models.vllm_check import check_run_sampling
 

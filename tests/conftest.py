@@ -122,7 +122,7 @@ def read_results(path: Path) -> list[dict]:
 
 def hold_env(tmp_path: Path, where: str = "claimed@/00002") -> dict:
     """The environment of a worker that stops at a failpoint until the test releases it
-    (worker/faults.py HOLD): by default once it has finished chunks 0 and 1 (one chunk in
+    (rundir/faults.py HOLD): by default once it has finished chunks 0 and 1 (one chunk in
     flight at a time) and holds chunk 2's claim: mid-run, by state, not by timing."""
     hold = tmp_path / "hold"
     hold.mkdir(exist_ok=True)
@@ -154,8 +154,8 @@ def preempt_then_finish(run, tmp_path: Path, timeout: float) -> None:
     finish the run, and the merge keep all 16 records of `data=example` exactly once."""
     import time
 
-    from hpc_infer.worker.procs import identify
-    from hpc_infer.worker.rundir import read_json
+    from hpc_infer.host.procs import identify
+    from hpc_infer.rundir import read_json
 
     pid = wait_held(tmp_path)
     held = identify(pid)
@@ -213,7 +213,7 @@ def slurm():
 @pytest.fixture(autouse=True)
 def _restore_umask():
     """In-process launches apply the run's permissions (a umask) to this process; keep each test's own."""
-    import hpc_infer.worker.rundir as rundir
+    import hpc_infer.rundir.files as rundir
 
     mask = os.umask(0o022)
     os.umask(mask)

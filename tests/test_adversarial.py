@@ -22,7 +22,7 @@ from hpc_infer.io.data import load_records
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
-from hpc_infer.worker.rundir import read_chunk_records, RunDir, encode_chunk_output, read_json, write_atomic
+from hpc_infer.rundir import read_chunk_records, RunDir, encode_chunk_output, read_json, write_atomic
 
 TOKEN = "hf_AdversarialProbeToken0123456789abcd"
 
@@ -150,7 +150,7 @@ def test_group_run_results_and_a_standalone_merge_follow_the_runs_permissions(tm
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "permissions=group",
                  f"run_group={group}")
     from hpc_infer.launch import unreachable_for_group
-    from hpc_infer.worker.rundir import set_permissions
+    from hpc_infer.rundir import set_permissions
 
     set_permissions("group")
     run, _ = prepare(rc, plan_input(rc), "/m", "")
@@ -179,7 +179,7 @@ def test_merges_in_two_formats_never_replace_each_other(tmp_path):
 
 
 def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monkeypatch):
-    from hpc_infer.serve import endpoint as ep
+    from hpc_infer.serve import batch_endpoint as ep
 
     home = tmp_path / "home"
     keys = home / ".config" / "hpc_infer" / "keys"
@@ -221,8 +221,8 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
                                  "file:///etc/passwd", "http://host:1/v1?redirect=x", "http://host:1//v1",
                                  "http://host:99999/v1", "http://host:1/v1 x", "http:///v1"])
 def test_endpoint_urls_with_tricks_are_refused(tmp_path, url):
-    from hpc_infer.serve.endpoint import check_url
-    from hpc_infer.worker.endpoint import url_problem
+    from hpc_infer.serve.batch_endpoint import check_url
+    from hpc_infer.worker.http_engine import url_problem
 
     with pytest.raises(UserError, match="refused"):
         check_url(url, "cluster.endpoint")

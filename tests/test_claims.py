@@ -4,8 +4,8 @@ import multiprocessing as mp
 import os
 import time
 
-from hpc_infer.worker import claims
-from hpc_infer.worker.rundir import RunDir, write_json
+from hpc_infer.rundir import claims
+from hpc_infer.rundir import RunDir, write_json
 
 
 def _claim_all(root, wid, n, q):
@@ -84,7 +84,7 @@ def _beat(run, worker, records, elapsed, state="running", age=0.0, in_flight=Non
 
 
 def test_pace_is_the_rate_over_the_sampled_median(tmp_path):
-    from hpc_infer.worker import claims as c
+    from hpc_infer.rundir import claims as c
 
     run = RunDir(tmp_path)
     run.make()
@@ -101,7 +101,7 @@ def test_pace_is_the_rate_over_the_sampled_median(tmp_path):
 
 
 def test_pace_unknown_until_another_worker_has_finished_a_record(tmp_path):
-    from hpc_infer.worker import claims as c
+    from hpc_infer.rundir import claims as c
 
     run = RunDir(tmp_path)
     run.make()

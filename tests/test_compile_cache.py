@@ -1,4 +1,4 @@
-"""The shared compile cache (worker/compile_cache.py): concurrent first starts never corrupt it.
+"""The shared compile cache (host/compile_cache.py): concurrent first starts never corrupt it.
 
 Several real processes (on this machine, and as Slurm tasks on the local cluster's two
 nodes) open the same shared cache at once, each "compiles" an entry of its own bytes
@@ -23,7 +23,7 @@ from conftest import require_slurm
 STARTER = r"""
 import json, os, sys, time
 from pathlib import Path
-from hpc_infer.worker.compile_cache import ENTRIES, open_cache
+from hpc_infer.host.compile_cache import ENTRIES, open_cache
 root, n, barrier = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 os.umask(0o077)
 env = {}
@@ -74,7 +74,7 @@ def test_concurrent_first_starts_publish_one_whole_copy_then_seed(tmp_path):
     entries = _check_published(tmp_path / "cc", results)
     # a killed publisher's half copy is hidden and never seeded; the next start is warm
     (entries / ".incoming-node9-1-abc999").mkdir()
-    from hpc_infer.worker.compile_cache import open_cache
+    from hpc_infer.host.compile_cache import open_cache
 
     env = {}
     use = open_cache(str(tmp_path / "cc"), "org/Model-7B", 2, 1, env)

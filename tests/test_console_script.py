@@ -9,7 +9,7 @@ from conftest import BIN, compose, sh, user_env
 from doc_commands import as_written
 
 from hpc_infer.run.plan import plan_input, prepare
-from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
+from hpc_infer.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import submitit
 
 from conftest import compose
 from hpc_infer.cluster.container import CODE_MOUNT, DEPS_MOUNT, SHIM_DIR, binds, python_command
-from hpc_infer.worker.rundir import RunDir
+from hpc_infer.rundir import RunDir
 from hpc_infer.run.sbatch import render
 from hpc_infer.secrets import Token, job_env
 from hpc_infer.cluster.submit import SlurmBackend

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, hold_env, preempt_then_finish, read_results, run_launch, run_line, user_checkout
 from doc_commands import as_written
-from hpc_infer.worker.rundir import RunDir, read_json
+from hpc_infer.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
 
 STANDIN = Path(__file__).resolve().parent / "apptainer_standin"

@@ -196,7 +196,7 @@ def test_worker_policies_reach_the_worker_spec(tmp_path):
     """cluster.max_backups, straggler_pacing and max_attempts are read by the worker from
     worker.json (worker/loop.py); max_resubmits by launch; bad values refused by name."""
     from hpc_infer.run.plan import plan_input, prepare
-    from hpc_infer.worker.rundir import read_json
+    from hpc_infer.rundir import read_json
 
     data = tmp_path / "in.jsonl"
     data.write_text('{"prompt": "a"}\n')
@@ -215,7 +215,7 @@ def test_worker_policies_reach_the_worker_spec(tmp_path):
 
 
 def test_serve_host_and_name_and_key_file(tmp_path):
-    from hpc_infer.serve.endpoint import resolve_endpoint
+    from hpc_infer.serve.batch_endpoint import resolve_endpoint
     from hpc_infer.serve.launch import bind_address
 
     assert bind_address(compose("cluster=local")) == "127.0.0.1"  # clients are on this machine

@@ -12,7 +12,7 @@ and renaming it. A third of the trials hold a poison record: a record that ends 
 engine's process whenever it enters a batch (the victim is SIGKILLed/SIGTERMed there;
 in the relaunches, which run in this process, the same failpoint raises, as vLLM does
 when its engine core dies). Every trial must end with every record exactly once, and
-every poison record as its own `engine_died` error record (worker/isolate.py), and every
+every poison record as its own `engine_died` error record (rundir/isolate.py), and every
 other record's text equal to a run of the same input without faults: a damaged output is
 either refused by the merge (observed, with the damaged file named) or repaired.
 
@@ -40,7 +40,7 @@ from hpc_infer.errors import UserError
 from hpc_infer.launch import launch
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
-from hpc_infer.worker.rundir import RunDir, read_json
+from hpc_infer.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from conftest import read_results, run_launch, user_env
-from hpc_infer.worker.rundir import read_json
+from hpc_infer.rundir import read_json
 
 pytestmark = pytest.mark.slow
 

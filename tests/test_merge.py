@@ -10,7 +10,7 @@ from conftest import compose
 from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
-from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
+from hpc_infer.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 def planned_run(tmp_path, n=40, workers=3):

@@ -8,7 +8,7 @@ from conftest import compose
 
 from hpc_infer.errors import UserError
 from hpc_infer.run.plan import plan_input, make_chunks, prepare
-from hpc_infer.worker.rundir import read_chunk_records, read_json
+from hpc_infer.rundir import read_chunk_records, read_json
 
 
 def test_chunks_cover_every_record_once_in_order_largest_first():

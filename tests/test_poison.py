@@ -18,7 +18,7 @@ import pytest
 
 from conftest import compose
 
-from hpc_infer.worker import isolate
+from hpc_infer.rundir import isolate
 
 
 def _simulate(n: int, poison: set[int], max_attempts: int, flaky: float = 0.0, rng=None):
@@ -71,7 +71,7 @@ def test_bisection_with_unrelated_deaths_never_blames_a_good_record_twice_alone(
 
 
 def test_parts_and_attempts_survive_on_disk(tmp_path):
-    from hpc_infer.worker.rundir import RunDir
+    from hpc_infer.rundir import RunDir
 
     run = RunDir(tmp_path)
     run.make()

@@ -10,7 +10,7 @@ from hpc_infer.errors import UserError
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
 from hpc_infer.rewards.math_grader import r1_zero_score
-from hpc_infer.worker.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
+from hpc_infer.rundir import read_chunk_records, encode_chunk_output, read_json, write_atomic
 
 
 @pytest.mark.parametrize(

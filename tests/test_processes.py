@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_launch, user_env
-from hpc_infer.worker.procs import identify
-from hpc_infer.worker.rundir import RunDir, read_heartbeats, read_json
+from hpc_infer.host.procs import identify
+from hpc_infer.rundir import RunDir, read_heartbeats, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
     run = RunDir(tmp_path / "runs" / "c")
     wait_for("two workers running", lambda: len([b for b in read_heartbeats(run) if b["state"] == "running"]) == 2)
     # progress counts tokens as they are generated, before any record is finished (1 s a step here)
-    from hpc_infer.run.status import snapshot
+    from hpc_infer.run.progress import snapshot
 
     wait_for("tokens shown while generating", lambda: snapshot(run).output_tokens > 0, timeout=300)
     assert not run.done_chunks()

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import hold_env, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
 from doc_commands import as_written
-from hpc_infer.worker.rundir import RunDir
+from hpc_infer.rundir import RunDir
 
 pytestmark = [pytest.mark.slow]
 
@@ -279,7 +279,7 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
 
     from openai import OpenAI
 
-    from hpc_infer.worker.procs import identify
+    from hpc_infer.host.procs import identify
 
     _serving(served, 2)
     ready = _ready(served["root"])
@@ -287,7 +287,7 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     path = served["root"] / "serve" / f"{victim}.json"  # replica 1 in file order
     before = json.loads(path.read_text())
     assert before["state"] == "ready" and before.get("restarts", 0) == 0, before
-    from hpc_infer.worker.procs import alive, descendants
+    from hpc_infer.host.procs import alive, descendants
 
     left_behind = descendants(before["server_pid"])  # vLLM's engine-core process under the server
     assert left_behind, "the server runs its engine in a process of its own"
@@ -586,7 +586,7 @@ def test_stop_leaves_nothing_in_the_queue(served):
     import os
     import signal
 
-    from hpc_infer.worker.procs import identify
+    from hpc_infer.host.procs import identify
 
     root = served["root"]
     _serving(served, 1)  # in file order: the one replica the resume test above restarted

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import (BIN, hold_env, preempt_then_finish, read_results, run_launch, shim_calls, tool_shims,
                       user_env, wait_held)
-from hpc_infer.worker.procs import identify
-from hpc_infer.worker.rundir import RunDir, read_heartbeats, read_json
+from hpc_infer.host.procs import identify
+from hpc_infer.rundir import RunDir, read_heartbeats, read_json
 from test_processes import processes_of, wait_for
 from test_vllm_runs import _scan_cmdlines, check_compile_cache
 

@@ -19,7 +19,7 @@ from conftest import compose, hold_env, release, wait_held
 
 from hpc_infer.run.merge import merge
 from hpc_infer.run.plan import plan_input, prepare
-from hpc_infer.worker.rundir import read_chunk_trailer, read_json
+from hpc_infer.rundir import read_chunk_trailer, read_json
 
 pytestmark = pytest.mark.slow
 CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}

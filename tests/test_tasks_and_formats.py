@@ -104,7 +104,7 @@ def test_openai_batch_in_and_out(tmp_path):
         assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["message"]["content"]
     # merged again (a relaunch of a finished run, a standalone `hpc-infer merge`): the same ids
     from hpc_infer.run.merge import merge
-    from hpc_infer.worker.rundir import RunDir
+    from hpc_infer.rundir import RunDir
 
     again = merge(RunDir(Path(s.results).parent), fmt="openai_batch")
     rows2 = [json.loads(line) for line in open(again.results)]

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import hold_env, read_results, release, run_launch, run_line, user_checkout, wait_held
 from doc_commands import as_written
-from hpc_infer.worker.rundir import RunDir, read_json
+from hpc_infer.rundir import RunDir, read_json
 
 pytestmark = pytest.mark.slow
 

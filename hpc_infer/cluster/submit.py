@@ -22,8 +22,8 @@ import submitit
 
 from ..config import ClusterConfig, time_to_minutes
 from ..errors import UserError
-from ..worker.claims import pid_alive
-from ..worker.rundir import RunDir, read_heartbeats, read_json, write_json
+from ..rundir.claims import pid_alive
+from ..rundir import RunDir, read_heartbeats, read_json, write_json
 from .task import WorkerTask
 
 # ENDED: gone from squeue without a submitit result (a rendered script's task, or a task that
@@ -160,7 +160,7 @@ class LocalBackend(Backend):
         SIGKILL to whatever is left after `grace_s`. Nothing of the run stays alive."""
         import signal
 
-        from ..worker.procs import descendants, identify, signal_all, stop_all
+        from ..host.procs import descendants, identify, signal_all, stop_all
 
         controllers = [p for p in (identify(int(j)) for j in job_ids if j.isdigit() and _is_submitit_job(int(j)))
                        if p]

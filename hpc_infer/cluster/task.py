@@ -26,7 +26,7 @@ def _die_with_controller() -> None:
     import os
 
     if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-        from ..worker.procs import die_with_parent
+        from ..host.procs import die_with_parent
 
         die_with_parent()
 

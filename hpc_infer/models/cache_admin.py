@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..worker.rundir import write_json
+from ..rundir import write_json
 
 from .load_format import META  # noqa: E402  (one name for the file every copy carries)
 

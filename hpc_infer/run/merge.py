@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from ..worker import faults
+from ..rundir import faults
 from ..errors import RecordsFailed, UserError
-from ..worker.rundir import (TRAILER_KEY, RunDir, current_umask, read_chunk_trailer, read_heartbeats, read_json,
+from ..rundir import (TRAILER_KEY, RunDir, current_umask, read_chunk_trailer, read_heartbeats, read_json,
                              set_permissions, write_json)
 from .timeline import draw_timeline
 

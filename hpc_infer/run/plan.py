@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from ..config import RunConfig
 from ..io.data import InputScan, file_fingerprint, input_spec, load_template
 from ..errors import UserError
-from ..worker.rundir import RunDir, read_json, secure_root, write_json
+from ..rundir import RunDir, read_json, secure_root, write_json
 
 MANIFEST_VERSION = 3  # 3: chunk files are the input's own bytes (rows as JSON for csv/parquet)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
@@ -289,7 +289,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
                   "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name,
                   "aliases": [m.name],  # batch lines may name the model by its config name too
-                  "compile_cache": rc.cluster.compile_cache},  # worker/compile_cache.py
+                  "compile_cache": rc.cluster.compile_cache},  # host/compile_cache.py
         "input": input_spec(rc.data).to_json(),  # how a worker rebuilds records from chunk files
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,

@@ -26,8 +26,8 @@ from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, projec
 from ..entry import run_hydra
 from .plan import plan_input, prepare
 from ..cluster.preflight import cpu_build_on_gpus, gpus_per_node, preflight
-from ..worker import rundir
-from ..worker.rundir import RunDir, read_json, set_permissions
+from .. import rundir
+from ..rundir import RunDir, read_json, set_permissions
 from ..secrets import find_token
 from ..log import say
 from ..models.fit import check_fit

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..worker.rundir import RunDir
+from ..rundir import RunDir
 
 
 def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | None:

@@ -17,7 +17,7 @@ from ..cluster.submit import LIVE as LIVE_JOB, make_backend, recorded_backend
 from ..config import ClusterConfig
 from ..errors import UserError
 from ..secrets import exported, find_token, job_env
-from ..worker.rundir import RunDir, read_json, write_atomic, write_json
+from ..rundir import RunDir, read_json, write_atomic, write_json
 from .router import ROUTER_STATE, removing_marker, router_workers
 from .replica import STATE_DIR
 

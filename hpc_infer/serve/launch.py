@@ -29,7 +29,7 @@ from ..cluster.container import worker_python
 from ..log import say
 from ..run.plan import worker_spec
 from ..cluster.preflight import cpu_build_on_gpus, preflight
-from ..worker.rundir import RunDir, set_permissions, write_atomic
+from ..rundir import RunDir, set_permissions, write_atomic
 from ..secrets import find_token
 from ..cluster.submit import BACKENDS, recorded_backend
 from .fleet import router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..worker.ports import free_port
-from ..worker.rundir import write_atomic
+from ..host.ports import free_port
+from ..rundir import write_atomic
 
 WAIT_S = 600.0
 

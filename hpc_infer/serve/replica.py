@@ -32,9 +32,9 @@ from http.client import HTTPException
 from pathlib import Path
 
 from ..worker.engine import cpu_build
-from ..worker.ports import free_port
-from ..worker.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
-from ..worker.rundir import set_permissions, tail_lines, write_atomic
+from ..host.ports import free_port
+from ..host.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
+from ..rundir import set_permissions, tail_lines, write_atomic
 
 STATE_DIR = "serve"
 
@@ -187,7 +187,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     cache = None
     if spec["model"].get("compile_cache"):  # a private VLLM_CACHE_ROOT seeded from the shared cache
-        from ..worker.compile_cache import open_for_model
+        from ..host.compile_cache import open_for_model
 
         cache = open_for_model(spec["model"], env)  # keyed like batch workers of the model (not serve.name)
 

@@ -36,9 +36,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ..worker.ports import free_port
-from ..worker.procs import die_with_parent, identify, this_process
-from ..worker.rundir import tail_lines, write_atomic
+from ..host.ports import free_port
+from ..host.procs import die_with_parent, identify, this_process
+from ..rundir import tail_lines, write_atomic
 from .replica import STATE_DIR, http
 
 ROUTER_STATE = "router.json"

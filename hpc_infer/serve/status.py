@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..cluster.submit import UNREACHABLE, recorded_backend
 from ..errors import UserError
-from ..worker.rundir import RunDir, write_atomic
+from ..rundir import RunDir, write_atomic
 from .replica import STATE_DIR, http, metrics
 
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
@@ -162,7 +162,7 @@ def _stop_servers(root: Path) -> int:
     """vLLM servers (and their replica processes) the state files name on this host that are
     still running after the scheduler ended their jobs: a replica killed by SIGKILL cannot
     stop its server itself. Each is checked by its start time, never found by name."""
-    from ..worker.procs import descendants, identify, stop_all
+    from ..host.procs import descendants, identify, stop_all
 
     host = socket.gethostname()
     left = []

@@ -169,7 +169,7 @@ class Engine:
     def __init__(self, model: dict[str, Any]):
         cache = None
         if model.get("compile_cache"):  # before vLLM reads VLLM_CACHE_ROOT
-            from .compile_cache import open_for_model
+            from ..host.compile_cache import open_for_model
 
             cache = open_for_model(model)
         from vllm import LLM
@@ -179,7 +179,7 @@ class Engine:
         self.pair_field = model.get("pair_field")
         kwargs = engine_kwargs(model)
         if kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1) > 1:
-            from .ports import own_vllm_ports
+            from ..host.ports import own_vllm_ports
 
             own_vllm_ports(os.environ)  # several TP/PP workers on one node: apart from each other's ports
         self.llm = LLM(model=model["path"], **kwargs)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import claims, faults, isolate, procs
-from .rundir import (RunDir, encode_chunk_output, publish_chunk_output, read_chunk_source, read_json, set_permissions,
-                     write_json)
+from ..host import procs
+from ..rundir import (RunDir, claims, encode_chunk_output, faults, isolate, publish_chunk_output, read_chunk_source,
+                      read_json, set_permissions, write_json)
 
 
 def default_worker_id() -> str:
@@ -205,7 +205,7 @@ def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: in
             from .engine import Engine
 
             if spec.get("endpoint"):  # batch through running servers: no model load here
-                from .endpoint import HttpEngine
+                from .http_engine import HttpEngine
 
                 engine = HttpEngine(spec["endpoint"], spec["model"])
             else:

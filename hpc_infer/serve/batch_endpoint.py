@@ -18,13 +18,13 @@ import stat
 from pathlib import Path
 
 from ..errors import UserError
-from ..worker.endpoint import url_problem
+from ..worker.http_engine import url_problem
 from .fleet import router_url
 from .status import KEYS_DIR, replica_states
 
 
 def check_url(url: str, where: str) -> str:
-    """A base URL a worker may send the key to (worker/endpoint.py: url_problem), or UserError."""
+    """A base URL a worker may send the key to (worker/http_engine.py: url_problem), or UserError."""
     bad = url_problem(url)
     if bad:
         raise UserError(f"{where}: {url!r} refused ({bad})")

@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import RunDir, read_heartbeats, read_json
+from .files import read_json
+from .layout import RunDir, read_heartbeats
 
 
 @dataclass(frozen=True)

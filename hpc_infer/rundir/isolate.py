@@ -27,7 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .rundir import RunDir, read_jsonl, write_jsonl
+from .files import read_jsonl, write_jsonl
+from .layout import RunDir
 
 Range = tuple[int, int]  # record offsets within the chunk, [lo, hi)
 

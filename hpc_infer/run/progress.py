@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..worker.claims import live_claims
-from ..worker.rundir import RunDir, read_heartbeats, read_json, tail_lines
+from ..rundir.claims import live_claims
+from ..rundir import RunDir, read_heartbeats, read_json, tail_lines
 
 
 @dataclass
@@ -172,7 +172,7 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         lines.append(f"  chunks not done: {shown}")
-        from ..worker import isolate
+        from ..rundir import isolate
 
         deaths = {c: isolate.deaths(run, c) for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
         if any(deaths.values()):
