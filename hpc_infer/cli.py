@@ -23,20 +23,25 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _run_dir(path: str):
-    from .rundir import RunDir
+def _run_dir(path: str, command: str, need: str):
+    """The run directory a command was given, checked by the trust rule (rundir/trust.py):
+    `need=own` to act on it (cancel, merge into it), `shared` to read it as data (status, a
+    teammate's group run). Returns the run and its level."""
+    from .rundir import SUBDIRS, RunDir, trust
 
     run = RunDir(Path(path).expanduser().resolve())
     if not run.manifest.exists():
         raise UserError(f"{path}: not a run directory (no manifest.json)")
-    return run
+    level = trust.check_tree(run.root, f"hpc-infer {command}", need, SUBDIRS)
+    trust.check(run.manifest, f"hpc-infer {command}", need)
+    return run, level
 
 
 def cmd_status(args) -> int:
     from .cluster.submit import recorded_backend
     from .run.progress import describe
 
-    run = _run_dir(args.run_dir)
+    run, _ = _run_dir(args.run_dir, "status", "shared")
     backend, ids = recorded_backend(run)
     print(describe(run, backend.states(ids)))
     return 0
@@ -45,39 +50,63 @@ def cmd_status(args) -> int:
 def cmd_cancel(args) -> int:
     from .cluster.submit import recorded_backend
 
-    run = _run_dir(args.run_dir)
+    run, _ = _run_dir(args.run_dir, "cancel", "own")
     backend, ids = recorded_backend(run)
     what = backend.cancel(ids)
     print(f"cancelled {len(ids)} tasks of {run.root} ({what}); relaunch the same command to resume later")
     return 0
 
 
-def _run_config(run) -> dict:
-    """The config the run was launched with (its config.yaml), unresolved."""
+def _run_config(run, need: str) -> dict:
+    """The config the run was launched with (its config.yaml), unresolved, read as data."""
     from omegaconf import OmegaConf
 
-    if not run.config.exists() or not run.config.read_text().strip():
+    from .rundir import trust
+
+    if not run.config.exists():
         return {}
-    return OmegaConf.to_container(OmegaConf.load(run.config), resolve=False) or {}
+    text = trust.read_bytes(run.config, "hpc-infer merge: the run's config.yaml", need).decode()
+    if not text.strip():
+        return {}
+    cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    return cfg if isinstance(cfg, dict) else {}
 
 
-def _run_postprocess(cfg: dict) -> dict | None:
-    """The post-processing hook the run was launched with."""
-    from .config import choose_postprocess
+def _run_postprocess(cfg: dict, level: str, typed: str | None) -> dict | None:
+    """The merge hook: one the caller typed (--postprocess), else the run's own. A hook is
+    code: from a run the caller does not own (a teammate's group run), only a hook this
+    package ships runs, with plain values as its arguments; any other is named and skipped."""
+    from .config import SHIPPED_HOOKS, choose_postprocess
 
-    if not cfg:
-        return None
-    return choose_postprocess((cfg.get("merge") or {}).get("postprocess"), (cfg.get("data") or {}).get("postprocess"))
+    if typed:
+        return {"_target_": typed}
+    spec = choose_postprocess((cfg.get("merge") or {}).get("postprocess"),
+                              (cfg.get("data") or {}).get("postprocess")) if cfg else None
+    if not spec or level == "own":
+        return spec
+    target = str(spec.get("_target_"))
+    plain = all(isinstance(v, (str, int, float, bool, type(None))) for k, v in spec.items())
+    if target.startswith(SHIPPED_HOOKS) and plain:
+        return spec
+    print(f"[hpc_infer] the run's merge hook {target} was not run: this run is not yours, and only hooks hpc_infer "
+          f"ships ({', '.join(SHIPPED_HOOKS)}*) run from another's run; give it yourself with --postprocess "
+          f"{target} if you trust it", file=sys.stderr)
+    return None
 
 
 def cmd_merge(args) -> int:
     from .run.merge import merge, report_errors
 
-    run = _run_dir(args.run_dir)
-    cfg = _run_config(run)
+    run, level = _run_dir(args.run_dir, "merge", "shared")
+    if level != "own" and not args.out:
+        raise UserError(f"hpc-infer merge {args.run_dir}: the run is not yours (you may read it, not write into it); "
+                        f"merge into a folder of yours: hpc-infer merge {args.run_dir} --out DIR")
+    cfg = _run_config(run, level)
     on_error = args.on_error or (cfg.get("merge") or {}).get("on_error") or "keep"
-    s = merge(run, args.format, args.partial, postprocess=None if args.no_postprocess else _run_postprocess(cfg),
-              on_error=on_error)
+    fmt = args.format or (cfg.get("merge") or {}).get("format") or "jsonl"
+    s = merge(run, fmt, args.partial, postprocess=None if args.no_postprocess else
+              _run_postprocess(cfg, level, args.postprocess), on_error=on_error,
+              dest=Path(args.out).expanduser().resolve() if args.out else None)
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
     if s.postprocess:  # the same reward line launch prints
         sums = ", ".join(f"{k} {v:g}" for k, v in s.postprocess["sums"].items())
@@ -227,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge finished chunks into results")
     p.add_argument("run_dir")
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "parquet", "openai_batch"])
+    p.add_argument("--format", default=None, choices=["jsonl", "parquet", "openai_batch"],
+                   help="result format (default: the run's merge.format)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the run's merge.postprocess hook")
+    p.add_argument("--postprocess", default=None, metavar="MODULE.FUNCTION",
+                   help="run this merge hook instead of the run's")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write results and summary into DIR (needed for a run that is not yours)")
     p.add_argument("--on-error", choices=["keep", "drop", "fail"], default=None,
                    help="records the engine refused: keep them as error records (default: the run's "
                         "merge.on_error), drop them from the results, or fail (exit 3)")

@@ -355,17 +355,19 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     # secret in must be caught after resolution, not only as typed
     from .secrets import known_secrets, secrets_in_resolved
 
+    from .secrets import redact
+
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # a missing variable, a bad interpolation: name it
-        raise UserError(f"invalid configuration: {e}") from None
+    except Exception as e:  # a missing variable, a bad interpolation: name it (never a value it resolved to)
+        raise UserError(f"invalid configuration: {redact(str(e))}") from None
     found = secrets_in_resolved(resolved, known_secrets())
     if found:
         raise UserError(f"{', '.join(found)}: resolves to a secret; {SECRET_ADVICE} (value not shown)")
     try:
         rc = OmegaConf.to_object(cfg)
-    except Exception as e:  # omegaconf reports the key and the offending value
-        raise UserError(f"invalid configuration: {e}") from None
+    except Exception as e:  # omegaconf reports the key and the offending value (a secret blanked out)
+        raise UserError(f"invalid configuration: {redact(str(e))}") from None
     if not isinstance(rc, RunConfig):
         raise UserError("configuration root is not a RunConfig (is conf/config.yaml's defaults list intact?)")
     validate(rc)
@@ -415,19 +417,42 @@ def hook_needs(spec: Optional[Dict[str, Any]]) -> tuple[tuple[str, ...], str]:
     return tuple(names), f"merge.postprocess {spec['_target_']}"
 
 
+SHIPPED_HOOKS = ("hpc_infer.rewards.",)  # hooks a merge runs from a run the caller does not own (cli.py)
+
+
+def _nested_target(value: Any, path: str) -> Optional[str]:
+    if isinstance(value, dict):
+        if "_target_" in value:
+            return path
+        return next((p for k, v in value.items() if (p := _nested_target(v, f"{path}.{k}"))), None)
+    if isinstance(value, (list, tuple)):
+        return next((p for i, v in enumerate(value) if (p := _nested_target(v, f"{path}[{i}]"))), None)
+    return None
+
+
 def postprocess_fn(spec: Dict[str, Any]):
-    """The merge hook as a callable (Hydra's instantiate with _partial_), checked before any job runs."""
+    """The merge hook as a callable (Hydra's instantiate with _partial_), checked before any job
+    runs. Only its own `_target_` is imported: a `_target_` nested in its arguments would be
+    instantiated too (and gets past Hydra's own checks), so it is refused."""
     from hydra.utils import instantiate
 
     target = spec.get("_target_") if isinstance(spec, dict) else None
     if not target:
         raise UserError("merge.postprocess: needs _target_: module.function (e.g. hpc_infer.rewards.r1_zero_reward)")
+    nested = next((p for k, v in spec.items() if k != "_target_" and (p := _nested_target(v, f"merge.postprocess.{k}"))),
+                  None)
+    if nested:
+        raise UserError(f"{nested}: a _target_ inside a merge hook's arguments is not allowed (it would be imported and "
+                        f"called too); give the hook plain values")
     try:
-        return instantiate(dict(spec), _partial_=True)
+        return instantiate(dict(spec), _partial_=True, _recursive_=False)
     except Exception as e:  # import errors, unknown arguments
         cause = e.__cause__ or e
         raise UserError(f"merge.postprocess._target_={target}: cannot be loaded ({type(cause).__name__}: {cause}); "
                         f"check the module path and that its package is installed") from None
+
+
+KERNEL_FILES = ("/proc/", "/sys/")  # a process's environment, the kernel's state: never a prompt set
 
 
 def not_a_file(path: str) -> Optional[str]:
@@ -436,6 +461,10 @@ def not_a_file(path: str) -> Optional[str]:
     import stat
 
     p = Path(path).expanduser()
+    real = os.path.realpath(p)
+    if real.startswith(KERNEL_FILES) or str(p.absolute()).startswith(KERNEL_FILES):
+        return (f"is a kernel or process file ({real}); it would copy what it holds (a process's environment, "
+                f"its secrets) into the run's files. Give a file of yours")
     try:
         mode = p.stat().st_mode
     except FileNotFoundError:
@@ -476,6 +505,41 @@ def not_writable(folder: str) -> Optional[str]:
     return None
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _control(value: Any) -> bool:
+    return isinstance(value, str) and any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+
+
+def script_safe(rc: RunConfig) -> list[str]:
+    """Values that end up in a rendered job.sbatch (and in submitit's), line by line: no
+    control character in any (a newline in a partition would start a shell line of its
+    own), env keys valid shell names. Values are quoted for the shell where rendered."""
+    c = rc.cluster
+    problems = []
+    fields = {f"cluster.{k}": getattr(c, k) for k in ("partition", "account", "qos", "gres", "mem", "time",
+                                                         "token_file", "compile_cache", "model_catalog")}
+    fields.update({f"cluster.sbatch_extra[{i}]": v for i, v in enumerate(c.sbatch_extra)})
+    fields.update({f"cluster.setup[{i}]": v for i, v in enumerate(c.setup)})
+    fields.update({f"cluster.container.{k}": v for k, v in vars(c.container).items() if isinstance(v, str)})
+    fields.update({f"cluster.container.binds[{i}]": v for i, v in enumerate(c.container.binds)})
+    fields.update({f"cluster.container.extra_args[{i}]": v for i, v in enumerate(c.container.extra_args)})
+    fields.update({"model.name": rc.model.name, "model.path": rc.model.path, "data.name": rc.data.name,
+                   "sampling.name": rc.sampling.name, "output_root": rc.output_root, "run_name": rc.run_name,
+                   "run_group": rc.run_group})
+    for key, value in c.env.items():
+        if not ENV_NAME.fullmatch(str(key)):
+            problems.append(f"cluster.env.{key}: not a valid environment variable name (letters, digits, _; not "
+                            f"starting with a digit)")
+        fields[f"cluster.env.{key}"] = value
+    for where, value in fields.items():
+        if _control(value):
+            problems.append(f"{where}: holds a control character (a newline, tab, ...), which would start a new line "
+                            f"in the job script; remove it")
+    return problems
+
+
 def validate(rc: RunConfig) -> None:
     errors: list[str] = []
 
@@ -500,7 +564,9 @@ def validate(rc: RunConfig) -> None:
           f"{m.gpu_memory_utilization} must be in (0, 1]")
     check(m.pipeline_parallel_size >= 1, "model.pipeline_parallel_size", "must be >= 1")
     if m.chat_template:
-        check(Path(m.chat_template).is_file(), "model.chat_template", f"file {m.chat_template} does not exist")
+        problem = not_a_file(m.chat_template)
+        check(problem is None, "model.chat_template", f"{m.chat_template} {problem}")
+    errors += script_safe(rc)
     check(c.backend in ("slurm", "local", "debug"), "cluster.backend", f"'{c.backend}' is not one of slurm, local, debug")
     check(c.workers >= 1, "cluster.workers", f"{c.workers} must be >= 1")
     check(c.nodes_per_task >= 1, "cluster.nodes_per_task", f"{c.nodes_per_task} must be >= 1")

@@ -124,6 +124,65 @@ def expand_home(argv: list[str]) -> list[str]:
     return out
 
 
+WRITTEN_BY_HYDRA = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.output_subdir",
+                    "hydra.job.name", "output_root", "run_name")
+
+
+def _first_of_sweeps(argv: list[str]) -> list[str]:
+    """The overrides with each sweep (`a=1,2`, `range(...)`) replaced by its first value:
+    one point of a multirun, composed to check what Hydra would write for it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            ov = parser.parse_override(arg)
+            if ov.is_sweep_override():
+                first = next(iter(ov.sweep_string_iterator()), None)
+                arg = f"{ov.get_key_element()}={first}" if first is not None else arg
+        except Exception:
+            pass
+        out.append(arg)
+    return out
+
+
+def check_before_hydra_writes(argv: list[str]) -> None:
+    """What Hydra writes before our task runs (the output directories it names, .hydra/,
+    multirun.yaml) comes from the composed config resolved: compose it first and refuse a
+    secret in those values (hydra.run.dir=${oc.env:...}, output_root from a cluster file).
+    Composition problems are left for Hydra to report, values for to_run_config (redacted)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .secrets import SECRET_ADVICE, known_secrets, secrets_in_resolved
+
+    config_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    overrides = _first_of_sweeps(argv)
+    if config_dirs:
+        dirs = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in config_dirs)
+        overrides.append(f"hydra.searchpath=[{dirs}]")
+    try:
+        with initialize_config_dir(config_dir=str(PACKAGE_DIR / "conf"), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception:
+        return  # Hydra itself will say what is wrong (its message holds no resolved value)
+    secrets = known_secrets()
+    found = []
+    for key in WRITTEN_BY_HYDRA:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except Exception:  # set only at run time (hydra.job.num): Hydra fills it; not a secret from here
+            continue
+        found += [key] if secrets_in_resolved(value, secrets) else []
+    if found:
+        raise UserError(f"{', '.join(found)}: resolves to a secret, which would name a directory or a file; "
+                        f"{SECRET_ADVICE} (value not shown)")
+
+
 def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
     """Run `task(cfg)` on the composed config; a UserError anywhere is one `error:` line, exit 2.
     `command` ("hpc-infer serve") names the program in `--help` (Hydra would say the module's name)."""
@@ -142,6 +201,8 @@ def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
         problems = check_overrides(sys.argv[1:])
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+        if not any(a in ("--help", "-h", "--info", "-i", "--cfg", "-c") for a in sys.argv[1:]):
+            check_before_hydra_writes(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -156,8 +156,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 continue
             raise UserError(stuck + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
                 f"command to resume (finished chunks are kept).")
-    summary = merge(run, rc.merge.format, rc.merge.allow_partial, rc.cluster.gpus_per_task,
-                    rc.postprocess, rc.merge.on_error)
+    summary = merge(run, rc.merge.format, rc.merge.allow_partial, None, rc.postprocess, rc.merge.on_error)
     say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
         f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
     say(f"summary: {run.summary}" + (f"   timeline: {run.root / summary.timeline}" if summary.timeline else ""))

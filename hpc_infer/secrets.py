@@ -80,11 +80,13 @@ def exported(env: dict[str, str]) -> Iterator[None]:
 
 # --- secrets that must never reach a run's files: one check for every entry point ---------
 
-SECRET_KEY = re.compile(r"(^|[_\-])(token|auth)$|secret|passw|api_?key|credential|private_?key", re.I)
+SECRET_KEY = re.compile(r"(^|[_\-])(token|auth|pass)$|secret|passw|passphrase|api_?key|credential"
+                        r"|private_?key", re.I)
 NOT_SECRET_SUFFIX = ("_file", "_path", "_dir", "_env", "_var")  # token_file names where a secret lives, not it
 TOKEN_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-    r"|glpat-[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})")
+    r"|glpat-[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})"
+    r"|\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@")  # a URL with a password in it: postgres://u:p@host
 
 
 def secret_key(name: str) -> bool:
@@ -145,7 +147,7 @@ def secrets_in_resolved(tree: object, secrets: list[str], path: str = "") -> lis
     return [path] if holds_secret(tree, secrets) else []
 
 
-ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}\s]+)")
+ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:\s*['\"]?([^,}\s'\"]+)")
 
 
 def refuse_secret_overrides(argv: list[str]) -> None:
@@ -171,3 +173,27 @@ def refuse_secret_overrides(argv: list[str]) -> None:
         key = key.lstrip("+~")
         if (secret_key(key.split(".")[-1]) and value.strip() not in ("", "null")) or looks_like_token(value):
             raise UserError(f"{key}: {SECRET_ADVICE} (value not shown)")
+        # a dict or list value ({MY_TOKEN: ...}, [a, b]): its keys and items, as Hydra will parse them
+        found = [f"{key}{p if p.startswith('[') else '.' + p}" for p in secrets_in(_override_value(value))]
+        if found:
+            raise UserError(f"{', '.join(found)}: {SECRET_ADVICE} (value not shown)")
+
+
+def _override_value(value: str) -> object:
+    """An override's value as Hydra's grammar reads it (dicts and lists included), or the text."""
+    if not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        return OverridesParser.create().parse_override(f"x={value}").value()
+    except Exception:
+        return value
+
+
+def redact(text: str) -> str:
+    """`text` with every secret this process can see, and anything token-like, blanked out:
+    for messages that echo a resolved value (OmegaConf's conversion errors do)."""
+    for value in sorted(known_secrets(), key=len, reverse=True):
+        text = text.replace(value, "<secret not shown>")
+    return TOKEN_VALUE.sub("<secret not shown>", text)

@@ -163,7 +163,7 @@ def test_group_run_results_and_a_standalone_merge_follow_the_runs_permissions(tm
     p = sh(tmp_path, f"umask 077; hpc-infer merge {run.root}")
     assert p.returncode == 0, p.stderr
     modes = _modes(run.root)
-    for name in ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "summary.json", ".merge.lock",
+    for name in ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "summary.json",
                  "timeline.png"):
         assert modes[name] == 0o640, (name, oct(modes[name]))
 
@@ -180,11 +180,12 @@ def test_merges_in_two_formats_never_replace_each_other(tmp_path):
 
 def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monkeypatch):
     from hpc_infer.serve import batch_endpoint as ep
+    from hpc_infer.serve import serverun
 
     home = tmp_path / "home"
     keys = home / ".config" / "hpc_infer" / "keys"
     keys.mkdir(parents=True, mode=0o700)
-    monkeypatch.setattr(ep, "KEYS_DIR", keys)
+    monkeypatch.setattr(serverun, "KEYS_DIR", keys)
     stolen = tmp_path / "other_secret"  # any file the user can read, named as a "key file"
     stolen.write_text(TOKEN)
     stolen.chmod(0o600)
@@ -198,11 +199,11 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
     with pytest.raises(UserError, match="not in your key directory"):
         ep.resolve_endpoint(rc)
     serve_dir.chmod(0o777)  # anyone could have edited it
-    with pytest.raises(UserError, match="writable by others"):
+    with pytest.raises(UserError, match="writable by everyone"):
         ep.resolve_endpoint(rc)
     serve_dir.chmod(0o700)
     (serve_dir / "serve.json").chmod(0o666)
-    with pytest.raises(UserError, match="writable by others"):
+    with pytest.raises(UserError, match="writable by everyone"):
         ep.resolve_endpoint(rc)
     (serve_dir / "serve.json").chmod(0o600)
     key = keys / "k.key"
@@ -213,7 +214,7 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
     with pytest.raises(UserError, match="readable by others"):
         ep.resolve_endpoint(rc)
     os.chown(serve_dir / "serve.json", 12345, -1)  # another user's file (we are root in the tests)
-    with pytest.raises(UserError, match="is not yours"):
+    with pytest.raises(UserError, match="owned by uid 12345"):
         ep.resolve_endpoint(rc)
 
 

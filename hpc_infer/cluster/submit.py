@@ -2,15 +2,16 @@
 
 `slurm` submits ONE job array per run (several when the run needs more tasks than the
 cluster's MaxArraySize); `local` starts worker processes with submitit's local
-executor; `debug` runs one worker in this process. Job ids go to jobs.json so that
-`status`, `cancel` and a relaunch can find them.
+executor; `debug` runs one worker in this process. Job ids are recorded in the run's
+`jobs/` folder (rundir/jobs.py: one file per submission, no lock needed) so that
+`status`, `cancel` and a relaunch can find them. Every job is started with
+HPC_INFER_RUN_DIR in its environment: `cancel` signals only processes that carry it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 import socket
 import subprocess
@@ -23,7 +24,8 @@ import submitit
 from ..config import ClusterConfig, time_to_minutes
 from ..errors import UserError
 from ..rundir.claims import pid_alive
-from ..rundir import RunDir, read_heartbeats, read_json, write_json
+from ..rundir import RunDir, jobs, read_heartbeats, trust
+from ..secrets import exported
 from .task import WorkerTask
 
 # ENDED: gone from squeue without a submitit result (a rendered script's task, or a task that
@@ -49,10 +51,9 @@ class Backend:
     def check_reachable(cls, cluster: ClusterConfig) -> None:
         """Raise a UserError naming the cluster config when this backend cannot submit from here."""
 
-    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
-        """Start n copies of `task(run_dir, index)`, index from `start` (default task: the batch
-        worker, `WorkerTask()(run_dir)`); `record=False` keeps them out of jobs.json's launches
-        (a serve run's router, which is not one of its replicas)."""
+    def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
+        """Start n copies of `task(run_dir, index)` for these indices (default task: the batch
+        worker, `WorkerTask()(run_dir)`), recorded as `kind` in the run's jobs/ (rundir/jobs.py)."""
         raise NotImplementedError
 
     def cancel_one(self, job_id: str) -> str:
@@ -69,9 +70,14 @@ class Backend:
             time.sleep(1)
         return True
 
-    def _calls(self, start: int, count: int, task=None) -> tuple:
-        roots = [str(self.run.root)] * count
-        return (task, roots, list(range(start, start + count))) if task else (WorkerTask(), roots)
+    def _calls(self, indices: list[int], task=None) -> tuple:
+        roots = [str(self.run.root)] * len(indices)
+        return (task, roots, list(indices)) if task else (WorkerTask(), roots)
+
+    def _env(self):
+        """What every job of the run inherits: the run directory, so `cancel` can tell the run's
+        processes from any other (rundir/trust.py: process_of_run)."""
+        return exported({"HPC_INFER_RUN_DIR": os.path.realpath(self.run.root)})
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         return {j: _result_state(self.run, j) or "UNKNOWN" for j in job_ids}
@@ -84,21 +90,21 @@ class Backend:
         """Stop the jobs; returns what was done, for the user."""
         raise NotImplementedError
 
-    def record(self, job_ids: list[str]) -> None:
-        jobs = read_json(self.run.jobs) if self.run.jobs.exists() else {"launches": []}
-        jobs["backend"] = self.name
-        jobs["launches"].append({"time": time.time(), "job_ids": job_ids})
-        write_json(self.run.jobs, jobs)
+    def record(self, job_ids: list[str], kind: str = "workers", indices: list[int] | None = None) -> None:
+        jobs.add(self.run.root, self.name, kind, job_ids, indices)
 
 
 def _result_state(run: RunDir, job_id: str) -> str | None:
-    """submitit writes <job>_<task>_result.pkl when the task function returns or raises."""
+    """submitit writes <job>_<task>_result.pkl when the task function returns or raises. Read
+    as plain data, and only from a file nobody but the caller could have written
+    (rundir/trust.py): a planted pickle is never run, it only leaves the state unknown."""
     path = run.logs / f"{job_id}_0_result.pkl"
     if not path.exists():
         return None
     try:
-        with open(path, "rb") as f:
-            outcome = pickle.load(f)[0]
+        outcome = trust.load_result_pickle(path, f"task {job_id}'s result")[0]
+    except UserError:
+        return None
     except Exception:
         return "FAILED"
     return "COMPLETED" if outcome == "success" else "FAILED"
@@ -109,7 +115,7 @@ class DebugBackend(Backend):
 
     name = "debug"
 
-    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
+    def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
         from ..worker.loop import run_worker
 
         if task is not None:
@@ -131,14 +137,14 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
+    def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
+        indices = list(indices if indices is not None else range(n_workers))
         ex = submitit.LocalExecutor(folder=self.run.logs, python=self.python)
         ex.update_parameters(timeout_min=time_to_minutes(self.cluster.time))
-        with _stdio_detached():  # the controllers outlive this command: never hold the caller's pipes
-            jobs = ex.map_array(*self._calls(start, n_workers, task))
-        ids = [j.job_id for j in jobs]
-        if record:
-            self.record(ids)
+        with _stdio_detached(), self._env():  # the controllers outlive this command: never hold the caller's pipes
+            submitted = ex.map_array(*self._calls(indices, task))
+        ids = [j.job_id for j in submitted]
+        self.record(ids, kind, indices)
         return ids
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
@@ -162,15 +168,24 @@ class LocalBackend(Backend):
 
         from ..host.procs import descendants, identify, signal_all, stop_all
 
-        controllers = [p for p in (identify(int(j)) for j in job_ids if j.isdigit() and _is_submitit_job(int(j)))
+        self.record(job_ids, "cancelled")
+        root = self.run.root
+        controllers = [p for p in (identify(int(j)) for j in job_ids
+                                   if j.isdigit() and _is_submitit_job(int(j)) and trust.process_of_run(int(j), root))
                        if p]
         tasks = [c for p in controllers for c in descendants(p.pid)]
         host = socket.gethostname()
         for beat in read_heartbeats(self.run):
-            w = identify(int(beat["pid"]), beat.get("pid_start")) if beat.get("host") == host and beat.get("pid") \
-                else None
-            if w and beat.get("pid_start") and w not in tasks:  # only a heartbeat that names its start time
+            pid = beat.get("pid")
+            if beat.get("host") != host or not isinstance(pid, int) or not isinstance(beat.get("pid_start"), int):
+                continue  # only a heartbeat that names a start time, of a process on this host
+            w = identify(pid, beat["pid_start"])
+            # a heartbeat is a file: the PID it names is signalled only when that process is
+            # demonstrably the run's (ours, with the run directory in its environment)
+            if w and w not in tasks and trust.process_of_run(pid, root):
                 tasks += [w] + [d for d in descendants(w.pid) if d not in tasks]
+        # what is left of the run under init (its controller killed outright): found by the run's mark
+        tasks += [p for p in map(identify, trust.processes_of_run(root)) if p and p not in tasks and p not in controllers]
         everything = controllers + tasks
         signal_all(controllers, signal.SIGTERM)
         killed = stop_all(tasks, grace_s=grace_s, first=signal.SIGINT)
@@ -302,28 +317,30 @@ class SlurmBackend(Backend):
                             f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
                             f"Nothing was planned or submitted.")
 
-    def submit(self, n_workers: int, task=None, start: int = 0, record: bool = True) -> list[str]:
+    def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
+        indices = list(indices if indices is not None else range(n_workers))
         limit = self.cluster.max_array_size or max_array_size()
         per_array = max(1, limit - 1)  # indices run 0..MaxArraySize-1
         ex = self.executor()
         ids: list[str] = []
         try:
-            for first in range(0, n_workers, per_array):
-                count = min(per_array, n_workers - first)
-                jobs = ex.map_array(*self._calls(start + first, count, task))
-                ids += [j.job_id for j in jobs]
+            with self._env():
+                for first in range(0, len(indices), per_array):
+                    submitted = ex.map_array(*self._calls(indices[first:first + per_array], task))
+                    ids += [j.job_id for j in submitted]
         except subprocess.CalledProcessError as e:
             raise UserError(f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "
                             f"(check cluster.partition/account/qos/gres)") from None
         finally:
-            if ids and record:
-                self.record(ids)
+            if ids:
+                self.record(ids, kind, indices[:len(ids)])
         return ids
 
     def submit_script(self, script: Path, n_tasks: int) -> list[str]:
         """Submit a rendered array script (multi-node models: each task one allocation with
         its own Ray cluster, which submitit's one-process-per-task model does not start)."""
-        p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+        with self._env():
+            p = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
         if p.returncode != 0:
             raise UserError(f"sbatch refused {script}: {p.stderr.strip()} (check cluster.partition/account/qos/gres)")
         array = p.stdout.strip().split(";")[0]
@@ -360,10 +377,12 @@ class SlurmBackend(Backend):
     def cancel(self, job_ids: list[str]) -> str:
         arrays = sorted({j.split("_")[0] for j in job_ids})
         if arrays:
+            self.record(job_ids, "cancelled")
             subprocess.run(["scancel", *arrays], check=False)
         return f"scancel {' '.join(arrays)}" if arrays else "no Slurm job recorded"
 
     def cancel_one(self, job_id: str) -> str:
+        self.record([job_id], "cancelled")
         subprocess.run(["scancel", job_id], check=False)  # 123_4: that array task only
         return f"scancel {job_id}"
 
@@ -376,10 +395,7 @@ def make_backend(cluster: ClusterConfig, run: RunDir, python: str | None = None)
 
 
 def recorded_jobs(run: RunDir) -> tuple[str | None, list[str]]:
-    if not run.jobs.exists():
-        return None, []
-    jobs = read_json(run.jobs)
-    return jobs.get("backend"), [j for launch in jobs.get("launches", []) for j in launch["job_ids"]]
+    return jobs.backend_and_ids(run.root)
 
 
 def recorded_backend(run: RunDir) -> tuple[Backend, list[str]]:

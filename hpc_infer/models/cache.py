@@ -7,12 +7,12 @@ and never download (N concurrent first downloads is a known hang).
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from ..config import ClusterConfig, ModelConfig
 from ..errors import UserError
+from ..rundir.lease import Lock
 from ..secrets import Token
 
 
@@ -69,8 +69,8 @@ def _download_once(model: ModelConfig, cache_dir: str | None, token: Token | Non
 
     lock_dir = Path(cache_dir or Path.home() / ".cache" / "huggingface" / "hub").expanduser()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f".hpc_infer-{model.hf_id.replace('/', '--')}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second launcher waits, then finds the files
+    # a second launcher waits, then finds the files; O_EXCL, never follows a link, needs no flock
+    with Lock(lock_dir / f".hpc_infer-{model.hf_id.replace('/', '--')}.lock", lease_s=300):
         try:
             return snapshot_download(model.hf_id, revision=model.revision, cache_dir=cache_dir,
                                      token=token.value if token else None)

@@ -14,7 +14,6 @@ wait and find the finished copy. A cluster config points at the catalog
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..rundir import write_json
+from ..rundir.lease import Lock
 
 from .load_format import META  # noqa: E402  (one name for the file every copy carries)
 
@@ -219,8 +219,12 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
     check_names(name, hf_id)
     target = root_p / name
     root_p.mkdir(parents=True, exist_ok=True)
-    with open(root_p / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.getuid() == 0:  # root writes what a link planted in a root others can write would point it at
+        from ..rundir import trust
+
+        trust.check(root_p, "hpc-infer cache stage --root", trust.OWN,
+                    fix=f"as root, stage only into a root nobody else can write (`chmod go-w {root_p}`)")
+    with Lock(root_p / f".{name}.lock", lease_s=300):  # O_EXCL, never follows a link, needs no flock
         if target.exists():
             return target  # another stager finished it while we waited
         problems = verify_dir(src)

@@ -248,8 +248,8 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
 ON_ERROR = ("keep", "drop", "fail")
 
 
-def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int = 1,
-          postprocess: dict | None = None, on_error: str = "keep") -> Summary:
+def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int | None = None,
+          postprocess: dict | None = None, on_error: str = "keep", dest: Path | None = None) -> Summary:
     """Check every finished chunk, then write the result file and summary.json.
 
     Every trailer is checked before the first byte is written; each chunk's CRC is
@@ -260,13 +260,24 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
     results in their place (default; every input record appears exactly once), `drop`
     them from the results, or `fail`: like keep, and the command exits 3 (`report_errors`).
     errors.jsonl lists them in every case.
+
+    `dest`: where the results, summary, errors and timeline go (default: the run directory;
+    a teammate merging a group run they may read but not write gives a folder of theirs).
+    `gpus_per_worker`: default the run's own (worker.json), so a standalone merge reports
+    the GPU-hours the run used.
     """
     if on_error not in ON_ERROR:
         raise UserError(f"merge.on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
-    # whoever merges (a standalone `hpc-infer merge` too), the files follow the run's permissions
-    set_permissions(read_json(run.worker_spec).get("permissions"))
-    with _merge_lock(run):
-        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error)
+    spec = read_json(run.worker_spec)
+    dest = Path(dest) if dest else run.root
+    if dest == run.root:  # whoever merges (a standalone `hpc-infer merge` too), the files follow the run's permissions
+        set_permissions(spec.get("permissions"))
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+    if gpus_per_worker is None:
+        gpus_per_worker = int(spec.get("gpus_per_worker", 0))
+    with _merge_lock(dest):
+        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error, dest)
 
 
 def report_errors(summary: Summary, say: Callable[[str], None]) -> None:
@@ -288,20 +299,19 @@ def errors_line(s: Summary) -> str:
 
 
 @contextmanager
-def _merge_lock(run: RunDir) -> Iterator[None]:
-    import fcntl
+def _merge_lock(dest: Path) -> Iterator[None]:
+    """One merge into `dest` at a time (a lock file with a lease: rundir/lease.py, no flock)."""
+    from ..rundir.lease import Lock
 
-    with open(run.root / ".merge.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[hpc_infer] another merge of {run.root} is running; waiting for it", file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def waiting() -> None:
+        print(f"[hpc_infer] another merge into {dest} is running; waiting for it", file=sys.stderr, flush=True)
+
+    with Lock(dest / ".merge.lock", lease_s=120, on_wait=waiting):
         yield
 
 
 def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, postprocess: dict | None,
-           on_error: str) -> Summary:
+           on_error: str, dest: Path) -> Summary:
     manifest = read_json(run.manifest)
     spec = read_json(run.worker_spec)
     done = run.output_files() & set(range(manifest["n_chunks"]))  # damaged ones are named by check_trailer
@@ -311,7 +321,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
         raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
                         f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
-    out = run.results(fmt, partial=bool(missing))
+    out = dest / run.results(fmt, partial=bool(missing)).name
     hook = Hook(postprocess) if postprocess else None
     drop = on_error == "drop"
     if fmt == "parquet":
@@ -326,7 +336,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
         _write_jsonl_parsed(checked, out, hook, drop_errors=drop)
     else:
         _write_jsonl(checked, out, drop)
-    errors_path = run.root / "errors.jsonl"
+    errors_path = dest / "errors.jsonl"
     n_errors = sum(c.errors for c in checked)
     if n_errors:
         _write_errors(checked, errors_path)
@@ -340,7 +350,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
                     else dict(sampling, per_line="the body's fields over the run's sampling group and seed "
                                                  "(data.batch_defaults=run)"))
     summary = _summarize(run, manifest, checked, beats, out, fmt, missing, sampling, gpus_per_worker)
-    summary.timeline = draw_timeline(run, [asdict(c) for c in checked], beats)
+    summary.timeline = draw_timeline(dest, [asdict(c) for c in checked], beats, run.root.name)
     summary.postprocess = hook.summary() if hook else None
     summary.on_error = on_error
     if n_errors and drop:
@@ -350,7 +360,7 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
         for c in checked:
             for t, k in c.error_types.items():
                 summary.error_types[t] = summary.error_types.get(t, 0) + k
-    write_json(run.summary, asdict(summary))
+    write_json(dest / run.summary.name, asdict(summary))
     return summary
 
 

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from ..config import RunConfig
 from ..io.data import InputScan, file_fingerprint, input_spec, load_template
 from ..errors import UserError
-from ..rundir import RunDir, read_json, secure_root, write_json
+from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
 
 MANIFEST_VERSION = 3  # 3: chunk files are the input's own bytes (rows as JSON for csv/parquet)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
@@ -263,6 +263,14 @@ def fingerprint_parts(rc: RunConfig, input_sha256: str = "", endpoint: dict | No
     }
 
 
+def _gres_gpus(gres: str | None) -> int:
+    """gpu:4, gpu:a100:4 -> 4."""
+    if not gres or not gres.startswith("gpu"):
+        return 0
+    tail = gres.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 1
+
+
 def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, too_long: dict | None = None) -> dict:
     """Everything a worker needs, as plain JSON. Never holds a secret."""
     m = rc.model
@@ -302,6 +310,9 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "straggler_pacing": rc.cluster.straggler_pacing,
         "max_attempts": rc.cluster.max_attempts,
         "permissions": rc.permissions,
+        # what the merge's figures need without the launcher's config (hpc-infer merge alone)
+        "gpus_per_worker": (rc.cluster.gpus_per_task or _gres_gpus(rc.cluster.gres)) * rc.cluster.nodes_per_task
+        if rc.cluster.backend == "slurm" else 0,
         "too_long": too_long or {},  # index -> {reason[, keep]}: records that cannot fit (models/fit.py)
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }
@@ -317,6 +328,14 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
     run = RunDir(rc.run_path)
     parts = fingerprint_parts(rc, planned.sha256, endpoint)
     try:
+        if os.path.lexists(run.root):  # resumed only when nobody else could have written it
+            from ..rundir import trust
+
+            trust.check_tree(run.root, "run_dir", trust.OWN, SUBDIRS,
+                             fix=f"give a run_name of your own (run_name=...), or another output_root")
+            for f in (run.manifest, run.worker_spec, run.config):
+                if os.path.lexists(f):
+                    trust.check(f, "run_dir", trust.OWN, fix="give a run_name of your own (run_name=...)")
         if not run.manifest.exists():
             if run.root.exists() and any(run.root.iterdir()):
                 raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or "
@@ -356,7 +375,8 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
                 f"Resuming it would mix results. Give a new run_name=..., or delete that directory."
             )
         run.make()
-        write_json(run.worker_spec, worker_spec(rc, model_path, endpoint))  # cluster-side settings may change
+        # cluster-side settings may change; what shapes the records (too_long) is the plan's
+        write_json(run.worker_spec, worker_spec(rc, model_path, endpoint, too_long))
         return run, True
     finally:
         planned.discard()

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..rundir import RunDir
-
-
-def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | None:
-    """Write timeline.png into the run directory; returns its name, or None with no data."""
+def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str | None = None) -> str | None:
+    """Write timeline.png into `dest` (the run directory, or a merge's --out); returns its
+    name, or None with no data."""
     timed = [c for c in chunks if c.get("started") and c.get("finished")]
     if not timed:
         return None
@@ -43,7 +41,7 @@ def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | N
     ax.set_ylabel("worker")
     ax.set_xlabel("seconds since the first worker started")
     n_chunks, n_workers = len(timed), len(workers)
-    ax.set_title(f"{Path(run.root).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
+    ax.set_title(f"{title or Path(dest).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
                  f"worker{'s' * (n_workers != 1)} (stacked bars: chunks in one engine at once)", fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     first = {label: h for h, label in zip(handles, labels)}
@@ -51,7 +49,7 @@ def draw_timeline(run: RunDir, chunks: list[dict], beats: list[dict]) -> str | N
         ax.legend(list(first.values()), list(first.keys()), loc="upper left", bbox_to_anchor=(1.005, 1.0),
                   fontsize=7, frameon=False)  # beside the lanes, never over a bar
     fig.tight_layout()
-    out = run.root / "timeline.png"
+    out = Path(dest) / "timeline.png"
     tmp = out.with_name(".timeline.png.tmp")
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

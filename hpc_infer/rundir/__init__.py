@@ -12,9 +12,9 @@ from .chunks import (TRAILER_KEY, ChunkSource, chunk_done, encode_chunk_output, 
                      read_chunk_source, read_chunk_trailer)
 from .files import (UMASKS, current_umask, read_json, read_jsonl, set_permissions, tail_lines, write_atomic,
                     write_json, write_jsonl)
-from .layout import RunDir, read_chunk_records, read_heartbeats, secure_root
+from .layout import SUBDIRS, RunDir, read_chunk_records, read_heartbeats, secure_root
 
 __all__ = ["TRAILER_KEY", "ChunkSource", "chunk_done", "encode_chunk_output", "publish_chunk_output",
            "read_chunk_source", "read_chunk_trailer", "UMASKS", "current_umask", "read_json", "read_jsonl",
-           "set_permissions", "tail_lines", "write_atomic", "write_json", "write_jsonl", "RunDir",
+           "set_permissions", "tail_lines", "write_atomic", "write_json", "write_jsonl", "SUBDIRS", "RunDir",
            "read_chunk_records", "read_heartbeats", "secure_root"]

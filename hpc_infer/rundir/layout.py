@@ -9,6 +9,10 @@ from pathlib import Path
 from .chunks import chunk_done, read_chunk_source
 from .files import current_umask, read_json
 
+# the folders steps write into (each checked like the run directory itself: rundir/trust.py)
+SUBDIRS = ("claims", "out", "heartbeats", "logs", "parts", "jobs")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -103,17 +107,20 @@ def _ids_in(folder: Path, suffix: str) -> list[tuple[int, str]]:
 
 
 def secure_root(root: Path, kind: str, group: str | None = None) -> None:
-    """The run directory itself: 0700 (private) or 2750 owned by `group` (group), else the umask's."""
-    if group:
-        import shutil
+    """The staged run tree before it is published: folders 0700 (private) or 2750 (group:
+    setgid, so what workers write later gets the group too), else the umask's; with a group,
+    every folder and file in it (manifest, config, worker.json, input.copy, ...) gets it, so
+    a member can run `status` and `merge --out` on the run."""
+    import grp
 
-        shutil.chown(root, group=group)
-    mode = 0o777 & ~current_umask()
-    os.chmod(root, mode | (0o2000 if kind == "group" else 0))
-    for sub in ("claims", "out", "heartbeats", "logs"):
-        d = root / sub
-        if d.is_dir():
-            os.chmod(d, mode | (0o2000 if kind == "group" else 0))
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    mode = (0o777 & ~current_umask()) | (0o2000 if kind == "group" else 0)
+    for d, dirs, files in os.walk(root):
+        if gid >= 0:
+            os.chown(d, -1, gid)
+            for f in files:
+                os.chown(os.path.join(d, f), -1, gid, follow_symlinks=False)
+        os.chmod(d, mode)
 
 
 def read_heartbeats(run: RunDir) -> list[dict]:

@@ -29,11 +29,12 @@ from ..cluster.container import worker_python
 from ..log import say
 from ..run.plan import worker_spec
 from ..cluster.preflight import cpu_build_on_gpus, preflight
-from ..rundir import RunDir, set_permissions, write_atomic
+from ..rundir import RunDir, set_permissions, trust, write_atomic
 from ..secrets import find_token
 from ..cluster.submit import BACKENDS, recorded_backend
-from .fleet import router_job, router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
-from .status import KEYS_DIR, REGISTRY, replica_states
+from .fleet import router_url, router_wanted, submit_replicas, submit_router, wait_router_follows
+from .serverun import KEYS_DIR, REGISTRY, ServeRun
+from .status import replica_states
 
 TERMINAL_STATES = ("ready", "failed", "stopped", "ended")
 
@@ -98,20 +99,21 @@ def serve(rc: RunConfig) -> Path:
     set_permissions(rc.permissions)
     root = rc.run_path
     run = RunDir(root)
-    if (root / "serve.json").exists():
-        live = [r for r in replica_states(root) if r["state"] in ("ready", "loading", "queued")]
+    if (root / "serve.json").exists():  # served before under this name: ours to reuse, or refused
+        old = ServeRun.open(root, "run_dir", trust.OWN)
+        live = [r for r in replica_states(old) if r["state"] in ("ready", "loading", "queued", "restarting")]
         if live:
             raise UserError(f"{root} is already serving ({len(live)} replica(s) {live[0]['state']}): see "
                             f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
                             f"another run_name=...")
-        gone_router = router_job(root)
+        gone_router = old.router_job()
         if gone_router:  # the last serve's router (its replicas may have been killed without a word)
             backend = recorded_backend(run)[0]
             backend.cancel_one(gone_router)
             backend.wait_ended([gone_router], 120)  # gone before its files are cleared: it writes router.json as it stops
-        for old in [*(root / "serve").glob("*.json"), *(root / "serve").glob("*.removing")]:
-            old.unlink()
-        (root / "jobs.json").unlink(missing_ok=True)
+        old.clear()
+    elif os.path.lexists(root):
+        trust.check(root, "run_dir", trust.OWN, fix="give a run_name of your own (run_name=...)")
     (root / "serve").mkdir(parents=True, exist_ok=True)
     run.logs.mkdir(parents=True, exist_ok=True)
     key_file, generated = api_key_file(rc, run_name)
@@ -125,7 +127,8 @@ def serve(rc: RunConfig) -> Path:
         "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
         "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
         "max_restarts": rc.serve.max_restarts, "restart_backoff_s": rc.serve.restart_backoff_s,
-        "env": dict(c.env), "key_file": str(key_file), "permissions": rc.permissions,
+        "env": dict(c.env), "key_file": str(key_file), "key_file_explicit": bool(rc.serve.api_key_file),
+        "permissions": rc.permissions,
         "replicas": rc.serve.replicas, "cluster": c.name, "backend": c.backend, "created": time.time(),
         # what `serve scale` needs to submit more replicas (and the router) the same way
         "cluster_config": dataclasses.asdict(c), "python": python, "router": rc.serve.router,
@@ -136,27 +139,28 @@ def serve(rc: RunConfig) -> Path:
     REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(REGISTRY, "a") as f:
         f.write(f"{root}\n")
-    ids = submit_replicas(root, c, python, rc.serve.replicas, start=0)
+    srun = ServeRun(root)
+    ids = submit_replicas(srun, c, python, rc.serve.replicas)
     say(f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
         f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}")
     if with_router:
-        say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(root, serve_spec)}")
+        say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(srun)}")
     if generated and sys.stderr.isatty():  # shown once, on a terminal only (never into a log file)
         say(f"API key (shown once; kept in {key_file}): {key_file.read_text().strip()}")
     if not rc.wait:
         say(f"not waiting; follow with `hpc-infer serve status {root}`")
         return root
-    states = wait_ready(root)
+    states = wait_ready(srun)
     ready = [s for s in states if s["state"] == "ready"]
     if not ready:
         why = "; ".join(f"replica {s['replica']}: {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
                         for s in states)
         raise UserError(f"no replica became ready: {why}. Logs: {root / 'serve'}/<replica>.log and {run.logs}")
     router = None
-    if router_job(root):
+    if srun.router_job():
         key = key_file.read_text().strip()
-        workers = wait_router_follows(root, key, len(ready))
-        router = router_url(root, key)
+        workers = wait_router_follows(srun, key, len(ready))
+        router = router_url(srun, key)
         if router and workers is not None:
             say(f"router: {router} sends to {len(workers)} replica{'s' * (len(workers) != 1)}")
         else:
@@ -165,12 +169,12 @@ def serve(rc: RunConfig) -> Path:
     return root
 
 
-def wait_ready(root: Path, poll_s: float = 2.0) -> list[dict]:
+def wait_ready(run: ServeRun, poll_s: float = 2.0) -> list[dict]:
     """Per replica queued -> loading -> ready (or failed), one line per change."""
     seen: dict[int, str] = {}
     t0 = time.time()
     while True:
-        states = replica_states(root)
+        states = replica_states(run)
         for s in states:
             if seen.get(s["replica"]) != s["state"]:
                 seen[s["replica"]] = s["state"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from ..config import time_to_minutes
+from .serverun import ServeRun
 
 COUNTERS = ("prompt_tokens", "generation_tokens")
 
@@ -29,18 +29,18 @@ def _left(r: dict, limit_min: float | None, now: float) -> str | None:
     return None
 
 
-def sample(root: Path, interval_s: float) -> dict:
+def sample(run: ServeRun, interval_s: float) -> dict:
     """Two reads of every ready replica's /metrics, `interval_s` apart: levels from the second,
     rates from the difference."""
     from .status import replica_states
 
-    spec = json.loads((root / "serve.json").read_text())
+    spec = run.spec
     limit = spec.get("cluster_config", {}).get("time")
     limit_min = time_to_minutes(limit) if limit else None
-    first = {r["replica"]: r.get("metrics") for r in replica_states(root, with_metrics=True)}
+    first = {r["replica"]: r.get("metrics") for r in replica_states(run, with_metrics=True)}
     t0 = time.time()
     time.sleep(interval_s)
-    states = replica_states(root, with_metrics=True)
+    states = replica_states(run, with_metrics=True)
     dt, now = max(time.time() - t0, 1e-6), time.time()
     rows = []
     for r in states:
@@ -60,7 +60,7 @@ def sample(root: Path, interval_s: float) -> dict:
              "prompt_tokens_per_s": sum(r["prompt_tokens_per_s"] or 0.0 for r in up),
              "generation_tokens_per_s": sum(r["generation_tokens_per_s"] or 0.0 for r in up),
              "kv_cache_usage": (sum(r["kv_cache_usage"] for r in up) / len(up)) if up else None}
-    return {"run": str(root), "model": spec["served_name"], "t": now, "interval_s": round(dt, 3),
+    return {"run": str(run.root), "model": spec["served_name"], "t": now, "interval_s": round(dt, 3),
             "replicas": rows, "total": total}
 
 
@@ -87,13 +87,11 @@ def watch(run: str, interval_s: float = 2.0, once: bool = False, as_json: bool =
           repeat: bool = False) -> int:
     """On a terminal (no --json/--once): the table, redrawn every sample until Ctrl-C.
     Otherwise one sample, or with `repeat` (--watch) one per interval (JSON lines with --json)."""
-    from .status import serve_root
-
-    root = serve_root(run)
+    srun = ServeRun.open(run, "hpc-infer serve metrics")
     live = sys.stdout.isatty() and not once and not as_json
     try:
         while True:
-            s = sample(root, interval_s)
+            s = sample(srun, interval_s)
             if as_json:
                 print(json.dumps(s), flush=True)
             elif live:

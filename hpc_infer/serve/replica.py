@@ -27,16 +27,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from http.client import HTTPException
 from pathlib import Path
 
 from ..worker.engine import cpu_build
 from ..host.ports import free_port
 from ..host.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
 from ..rundir import set_permissions, tail_lines, write_atomic
+from .auth import http
+from .serverun import STATE_DIR
 
-STATE_DIR = "serve"
 
 
 def server_command(spec: dict, port: int) -> list[str]:
@@ -89,18 +88,6 @@ def failure_report(log_path: Path) -> tuple[str, list[str]]:
     lines = tail_lines(log_path, n=400, max_bytes=256 * 1024)
     cause = root_cause(lines)
     return (f": {cause}" if cause else ""), lines[-20:]
-
-
-def http(url: str, timeout: float = 5.0, key: str | None = None, method: str = "GET") -> tuple[int, str]:
-    """(status, body) of one call with the run's key (0 when nothing answered)."""
-    req = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-    except (OSError, HTTPException, ValueError):  # a server mid-start: reset, bad status line
-        return 0, ""
 
 
 def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str, float]:
@@ -178,7 +165,8 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     env = dict(os.environ)
     for key, value in (spec.get("env") or {}).items():
         env.setdefault(key, str(value))
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # the run's mark (cancel and stop find its processes by it) and what the server proves itself with
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HPC_INFER_RUN_DIR=os.path.realpath(root))
     try:
         env["VLLM_API_KEY"] = Path(spec["key_file"]).expanduser().read_text().strip()
     except OSError as e:

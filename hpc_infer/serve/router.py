@@ -10,9 +10,10 @@ Runs as its own small CPU job next to the replicas' array (serve/launch.py submi
    answer. Our check answers 200 for the run's key, 401 for anything else;
 2. starts the router in a child process (the key only in its environment, never on its
    command line), bound where the replicas are, on a free port;
-3. every `SYNC_S` seconds compares the router's workers with the replicas that answer
-   `/health` (and are not being removed by `serve scale`), and adds or removes the
-   difference; `serve/router.json` says where it is and which replicas it sends to;
+3. every `SYNC_S` seconds compares the router's workers with the replicas that prove
+   they are this run's (serve/auth.py: proves_ours; every vLLM answers `/health`, and the
+   router sends the key to its workers) and are not being removed by `serve scale`, and
+   adds or removes the difference; `serve/router.json` says where it is and which replicas it sends to;
 4. ends with the serve run: on SIGTERM (`serve stop`, scancel, the time limit), or once
    every replica has stopped or failed for good.
 
@@ -39,16 +40,10 @@ from pathlib import Path
 from ..host.ports import free_port
 from ..host.procs import die_with_parent, identify, this_process
 from ..rundir import tail_lines, write_atomic
-from .replica import STATE_DIR, http
+from .auth import http, proves_ours
+from .serverun import ServeRun
 
-ROUTER_STATE = "router.json"
 SYNC_S = 2.0
-
-
-def removing_marker(root: Path, index: int) -> Path:
-    """`serve scale` down writes this before cancelling a replica: the router stops sending to
-    it first, so only requests already on it can be lost."""
-    return root / STATE_DIR / f"{index}.removing"
 
 
 class KeyCheck(ThreadingHTTPServer):
@@ -90,20 +85,19 @@ def router_workers(base: str, key: str) -> list[str] | None:
         return None
 
 
-def healthy_replicas(root: Path, n_replicas: int) -> tuple[list[str], bool]:
-    """(base URLs of the replicas answering /health and not being removed, whether every
-    replica has ended for good: stopped or failed in its own state file)."""
+def healthy_replicas(run: ServeRun, key: str) -> tuple[list[str], bool]:
+    """(base URLs of the replicas that prove they are this run's and are not being removed,
+    whether every replica has ended for good: stopped or failed in its own state file)."""
     urls, ended = [], True
-    for i in range(n_replicas):
-        try:
-            f = json.loads((root / STATE_DIR / f"{i}.json").read_text())
-        except (OSError, ValueError):
+    for i in run.indices():
+        f = run.state(i)
+        if not f:
             ended = False  # queued, not started yet
             continue
         if f.get("state") not in ("stopped", "failed"):
             ended = False
         base = (f.get("url") or "").removesuffix("/v1")
-        if base and not removing_marker(root, i).exists() and http(f"{base}/health", timeout=3)[0] == 200:
+        if base and not run.removing_marker(i).exists() and proves_ours(base, key, run.root):
             urls.append(base)
     return urls, ended
 
@@ -120,9 +114,9 @@ def child_main() -> None:
 
 
 def run_router(run_dir: str) -> dict:
-    root = Path(run_dir)
-    spec = json.loads((root / "serve.json").read_text())
-    state_path, log_path = root / STATE_DIR / ROUTER_STATE, root / STATE_DIR / "router.log"
+    run = ServeRun(run_dir)
+    root, spec = run.root, run.spec
+    state_path, log_path = run.router_state_path, run.state_dir / "router.log"
     host = socket.gethostname()
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
     state = {"job_id": job_id, "host": host, "pid": os.getpid(), "pid_start": this_process().start,
@@ -166,7 +160,7 @@ def run_router(run_dir: str) -> dict:
             raise SystemExit(1)
         save(state="ready", url=f"{base}/v1", ready_at=time.time())
         while stop["why"] is None and child.poll() is None:
-            want, ended = healthy_replicas(root, int(json.loads((root / "serve.json").read_text())["replicas"]))
+            want, ended = healthy_replicas(run, key)
             have = router_workers(base, key)
             if have is not None:
                 for url in sorted(set(want) - set(have)):

@@ -1,54 +1,48 @@
 """`hpc-infer serve status [RUN]` and `hpc-infer serve stop RUN`.
 
-A replica's state comes from the scheduler and from its `/health`, never from one file:
-a state file that failed to update (a stale NFS handle, a full quota) cannot make a live
-server look failed, nor a dead one look ready.
+A replica's state comes from the scheduler and from the server itself, never from one
+file: it is `ready` only while its job is live and the server at its address proves it
+holds this run's key (serve/auth.py: proves_ours, the key never sent). A state file left
+`ready` by a replica killed outright, with something else listening on its port now,
+reads `ended`; a state file that failed to update (a stale NFS handle, a full quota)
+cannot make a live server look failed.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
 
-from ..cluster.submit import UNREACHABLE, recorded_backend
+from ..cluster.submit import LIVE, UNREACHABLE, recorded_backend
 from ..errors import UserError
-from ..rundir import RunDir, write_atomic
-from .replica import STATE_DIR, http, metrics
-
-CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
-KEYS_DIR = CONFIG_DIR / "keys"
-REGISTRY = CONFIG_DIR / "serve_runs"  # every serve run this user started, one path a line
+from ..rundir import RunDir, trust
+from .auth import proves_ours
+from .replica import metrics
+from .serverun import REGISTRY, ServeRun
 
 
-def _key(spec: dict) -> str | None:
-    try:
-        return Path(spec["key_file"]).expanduser().read_text().strip()
-    except (KeyError, OSError):
-        return None
-
-
-def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
-    spec = json.loads((root / "serve.json").read_text())
-    backend, ids = recorded_backend(RunDir(root))
-    sched, left = backend.states_and_time_left(ids) if ids else ({}, {})
+def replica_states(run: ServeRun, with_metrics: bool = False) -> list[dict]:
+    backend, _ = recorded_backend(RunDir(run.root))
+    jobs = run.replica_jobs()
+    sched, left = backend.states_and_time_left(list(jobs.values())) if jobs else ({}, {})
+    key = run.key()
     out = []
-    for i in range(int(spec.get("replicas", 1))):
-        try:
-            f = json.loads((root / STATE_DIR / f"{i}.json").read_text())
-        except (OSError, ValueError):
-            f = {}
-        job = ids[i] if i < len(ids) else None
-        js = sched.get(job, "UNKNOWN") if job else "NOT SUBMITTED"
+    for i in sorted(jobs):
+        f = run.state(i)
+        job = jobs[i]
+        js = sched.get(job, "UNKNOWN")
         base = (f.get("url") or "").removesuffix("/v1")
-        healthy = bool(f.get("port")) and http(f"{base}/health", timeout=3)[0] == 200
-        if healthy:
+        live = js in LIVE or js == UNREACHABLE  # squeue silent: what the server says decides
+        ours = live and bool(f.get("port")) and proves_ours(base, key, run.root)
+        if ours:
             state = "ready"
         elif js in ("PENDING", "CONFIGURING"):
             state = "queued"
-        elif js in ("RUNNING", "COMPLETING", UNREACHABLE):  # squeue silent: what the file says, not "ended"
+        elif live:
             state = "loading" if f.get("state") in (None, "loading", "ready") else f["state"]  # restarting too
+            if key is None and f.get("state") == "ready":
+                state = "ready?"  # not yours: nothing to prove it with
         else:
             state = f.get("state") if f.get("state") in ("failed", "stopped") else "ended"
         r = {"replica": i, "state": state, "job": job, "scheduler": js, "url": f.get("url"), "host": f.get("host"),
@@ -56,28 +50,28 @@ def replica_states(root: Path, with_metrics: bool = False) -> list[dict]:
              "started": f.get("started"), "ready_at": f.get("ready_at"), "time_left": left.get(job or ""),
              "stopped_because": f.get("stopped_because"), "restarts": f.get("restarts", 0),
              "last_exit": f.get("last_exit")}
-        if with_metrics and healthy:
-            r["metrics"] = metrics(base, key=_key(spec))
+        if with_metrics and ours:
+            r["metrics"] = metrics(base, key=key)
         out.append(r)
     return out
 
 
-def describe(root: Path) -> str:
-    spec = json.loads((root / "serve.json").read_text())
-    lines = [f"serve run {root}: model {spec['served_name']} ({spec['model']['path']}), key in {spec['key_file']}"]
+def describe(run: ServeRun) -> str:
+    spec = run.spec
+    lines = [f"serve run {run.root}: model {spec['served_name']} ({spec['model']['path']}), key in {spec['key_file']}"]
+    if run.level != trust.OWN:
+        lines[0] += " (not yours: states as its files say, unproven; no metrics)"
     now = time.time()
-    from .fleet import router_job, router_state
-
-    router = router_job(root)
+    router = run.router_job()
     if router:
-        r = router_state(root) or {"state": "queued"}
+        r = run.router_state() or {"state": "queued"}
         line = f"  router     {r['state']:8} job {router}"
         if r.get("url"):
             line += f"  {r['url']}  policy {r.get('policy')}, sends to {len(r.get('workers') or [])} replica(s)"
         if r.get("stopped_because") or r.get("error"):
             line += f"  ({r.get('stopped_because') or r.get('error')})"
         lines.append(line)
-    for r in replica_states(root, with_metrics=True):
+    for r in replica_states(run, with_metrics=True):
         line = f"  replica {r['replica']}  {r['state']:8} job {r['job'] or '-'} ({r['scheduler']})"
         if r["url"]:
             line += f"  {r['url']}"
@@ -108,74 +102,67 @@ def my_runs() -> list[Path]:
     return [p for p in paths if (p / "serve.json").exists()]
 
 
-def status(run: str | None) -> str:
-    if run:
-        return describe(serve_root(run))
+def status(path: str | None) -> str:
+    if path:
+        return describe(ServeRun.open(path, "hpc-infer serve status", trust.SHARED))
     runs = my_runs()
     if not runs:
         return "no serve runs of yours (start one with `hpc-infer serve model=... cluster=...`)"
-    return "\n".join(describe(r) for r in runs)
+    out = []
+    for root in runs:
+        try:
+            out.append(describe(ServeRun.open(root, "hpc-infer serve status", trust.SHARED)))
+        except UserError as e:  # a listed run that is no longer (only) yours: said, not used
+            out.append(f"serve run {root}: {e}")
+    return "\n".join(out)
 
 
-def serve_root(path: str) -> Path:
-    root = Path(path).expanduser().resolve()
-    if not (root / "serve.json").exists():
-        raise UserError(f"{path}: not a serve run directory (no serve.json)")
-    return root
-
-
-def stop(run: str, wait_s: float = 120.0) -> str:
+def stop(path: str, wait_s: float = 120.0) -> str:
     """Cancel the replicas' jobs, wait until the scheduler shows them gone, mark them stopped."""
-    root = serve_root(run)
-    from .fleet import router_job
-
-    backend, ids = recorded_backend(RunDir(root))
-    if not ids:
+    run = ServeRun.open(path, "hpc-infer serve stop")
+    root = run.root
+    backend, _ = recorded_backend(RunDir(root))
+    replicas = run.replica_jobs()
+    if not replicas:
         return f"{root}: no jobs recorded"
-    router = router_job(root)
+    ids = list(replicas.values())
+    router = run.router_job()
     jobs = ids + ([router] if router else [])
     what = backend.cancel(jobs)
     backend.wait_ended(jobs, wait_s)
-    left = _stop_servers(root)
-    for i in range(len(ids)):
-        mark_stopped(root, i, "hpc-infer serve stop")
+    left = _stop_servers(run)
+    for i in replicas:
+        run.mark_stopped(i, "hpc-infer serve stop")
     return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)}{' and the router' if router else ''} of {root} "
             f"({what})"
             + (f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
                f" and {'were' if left != 1 else 'was'} stopped by PID" if left else ""))
 
 
-def mark_stopped(root: Path, index: int, why: str) -> None:
-    """After its job ended: a replica killed before it could write why (SIGKILL after
-    Slurm's KillWait) is marked stopped; one that wrote stopped or failed keeps its own word."""
-    path = root / STATE_DIR / f"{index}.json"
-    try:
-        f = json.loads(path.read_text())
-    except (OSError, ValueError):
-        f = {"replica": index}
-    if f.get("state") not in ("stopped", "failed"):
-        f.update(state="stopped", stopped_because=why, t=time.time())
-        write_atomic(path, (json.dumps(f) + "\n").encode())
-
-
-def _stop_servers(root: Path) -> int:
+def _stop_servers(run: ServeRun) -> int:
     """vLLM servers (and their replica processes) the state files name on this host that are
     still running after the scheduler ended their jobs: a replica killed by SIGKILL cannot
-    stop its server itself. Each is checked by its start time, never found by name."""
+    stop its server itself. A state file is data: a process it names is stopped only when it
+    is still the one that started then and is demonstrably this run's (ours, the run
+    directory in its environment: rundir/trust.py), never found by name."""
     from ..host.procs import descendants, identify, stop_all
 
     host = socket.gethostname()
     left = []
-    for path in sorted((root / STATE_DIR).glob("*.json")):
+    for path in sorted(run.state_dir.glob("*.json")):
         try:
-            f = json.loads(path.read_text())
-        except (OSError, ValueError):
+            f = trust.read_json(path, "hpc-infer serve stop")
+        except UserError:
             continue
         if f.get("host") != host:
             continue
         for pid, start in ((f.get("server_pid"), f.get("server_pid_start")), (f.get("pid"), f.get("pid_start"))):
-            p = identify(int(pid), start) if pid and start else None
-            if p:
-                left += [p] + descendants(p.pid)
+            if not (isinstance(pid, int) and isinstance(start, int)):
+                continue
+            p = identify(pid, start)
+            if p and trust.process_of_run(pid, run.root):
+                left += [p] + [d for d in descendants(p.pid) if trust.process_of_run(d.pid, run.root)]
+    # what they left under init when killed outright (an engine core): found by the run's mark
+    left += [p for p in map(identify, trust.processes_of_run(run.root)) if p and p not in left]
     stop_all(left, grace_s=30.0)
     return len(left)

@@ -54,10 +54,12 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def ready_urls(endpoint: dict) -> list[str]:
-    """The URLs to use now (re-read at worker start, so replicas restarted since the launch
-    are found): the serve run's router when the launch found one answering, else its ready
-    replicas, else the URLs given."""
+def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]:
+    """(the URLs to use now, whether that is the serve run's router), re-read at worker start
+    so replicas restarted since the launch are found: the router when the launch found one
+    answering, else the run's replicas that prove they hold its key (serve/auth.py: a state
+    file left `ready` by a replica killed outright may name a port something else listens on
+    now), else the URLs given (for a serve run, only those that prove it too)."""
     run = endpoint.get("run")
     if run and endpoint.get("router"):  # the serve run's router: one URL in front of its replicas
         try:
@@ -65,19 +67,18 @@ def ready_urls(endpoint: dict) -> list[str]:
         except (OSError, ValueError):
             state = {}
         if state.get("state") == "ready" and state.get("url") and url_problem(str(state["url"])) is None:
-            return [state["url"]]
+            return [state["url"]], True
+    urls = []
     if run:
-        urls = []
         for path in sorted((Path(run) / "serve").glob("[0-9]*.json")):
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if state.get("state") == "ready" and state.get("url") and url_problem(str(state["url"])) is None:
+            if isinstance(state, dict) and state.get("state") == "ready" and isinstance(state.get("url"), str) \
+                    and url_problem(state["url"]) is None and _ours(state["url"], key, run):
                 urls.append(state["url"])
-        if urls:
-            return urls
-    return list(endpoint.get("urls") or [])
+    return urls or [u for u in endpoint.get("urls") or [] if not run or _ours(u, key, run)], False
 
 
 class HttpEngine:
@@ -85,7 +86,8 @@ class HttpEngine:
         from openai import OpenAI
 
         key = Path(endpoint["key_file"]).expanduser().read_text().strip() if endpoint.get("key_file") else "EMPTY"
-        self.urls = ready_urls(endpoint)
+        self.key, self.run_dir = key, endpoint.get("run")
+        self.urls, self.router = ready_urls(endpoint, key)
         if not self.urls:
             raise RuntimeError(f"no ready replica at {endpoint.get('run') or endpoint.get('urls')}; "
                                f"start one with `hpc-infer serve`, or check `hpc-infer serve status`")
@@ -130,17 +132,24 @@ class HttpEngine:
             except APIStatusError as e:
                 if e.status_code not in RECORD_ERRORS:
                     raise
+                if e.status_code == 404 and self.run_dir and not self.router \
+                        and not _ours(self.urls[i], self.key, self.run_dir):
+                    self._mark_down(i, f"it no longer proves it is this serve run's ({e.status_code})", n, order)
+                    continue  # not our server any more (a replica died, something else took its port): fail over
                 err = error_result(record, _ServerRefused(e), e.status_code)
                 return {k: err[k] for k in ("text", "outputs", "prompt_tokens", "output_tokens", "error")}
             except (APIConnectionError, InternalServerError) as e:
-                if i not in self.down:
-                    self.down.add(i)
-                    print(f"hpc_infer: replica {self.urls[i]} failed after retries ({type(e).__name__}: {e}); "
-                          f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
-                          file=sys.stderr, flush=True)
+                self._mark_down(i, f"failed after retries ({type(e).__name__}: {e})", n, order)
                 if n + 1 == len(order):
                     raise
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"no replica of {self.run_dir or self.urls} is left that proves it is this run's")
+
+    def _mark_down(self, i: int, why: str, n: int, order: list[int]) -> None:
+        if i not in self.down:
+            self.down.add(i)
+            print(f"hpc_infer: replica {self.urls[i]} {why}; "
+                  f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
+                  file=sys.stderr, flush=True)
 
     def _request(self, client, record: dict, kw: dict) -> dict:
         top = {k: v for k, v in kw.items() if k in TOP_LEVEL}
@@ -185,6 +194,12 @@ class HttpEngine:
             record = self._pending.pop(fut)
             rows.append(dict(record, **fut.result()))  # an exhausted retry raises here: the worker fails
         return rows
+
+
+def _ours(url: str, key: str | None, run: str | None) -> bool:
+    from ..serve.auth import proves_ours
+
+    return proves_ours(url.removesuffix("/v1"), key, run) if run else True
 
 
 class _ServerRefused(Exception):

@@ -1,0 +1,137 @@
+"""Which scheduler jobs belong to a run: one record file per submission, never rewritten.
+
+Two launches of one run, two `serve scale`s at once, a launch and a `cancel`: each adds
+its own file `jobs/<time>-<random>.json` (written whole by one rename), so no writer can
+lose another's job ids, without a lock (`flock` is missing or per-client on the shared
+file systems runs live on). Readers list the folder and order the records by time.
+A record: {"backend", "time", "kind", "job_ids", "indices"?}; kinds:
+
+- `workers`: batch workers of a launch;
+- `replicas`: serve replicas, `indices[i]` the replica number of `job_ids[i]`;
+- `router`: a serve run's router;
+- `cancelled`: job ids `hpc-infer cancel` / `serve stop` ended on purpose (their
+  workers' engine attempts are not engine deaths: rundir/isolate.py).
+
+A run written by an older hpc_infer has one `jobs.json`; it is read as its records.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import read_json, write_json
+
+FOLDER = "jobs"
+LEGACY = "jobs.json"
+
+
+@dataclass
+class Record:
+    backend: str
+    kind: str
+    job_ids: list[str]
+    time: float = 0.0
+    indices: list[int] = field(default_factory=list)
+
+
+def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None) -> None:
+    """One more record; concurrent writers each get their own file."""
+    folder = Path(root) / FOLDER
+    folder.mkdir(exist_ok=True)
+    now = time.time()
+    write_json(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json",
+               {"backend": backend, "kind": kind, "time": now, "job_ids": list(job_ids),
+                **({"indices": list(indices)} if indices is not None else {})})
+
+
+def _legacy(root: Path) -> list[Record]:
+    try:
+        old = read_json(root / LEGACY)
+    except (OSError, ValueError):
+        return []
+    out, index = [], 0
+    for launch in old.get("launches", []):
+        ids = [str(j) for j in launch.get("job_ids", [])]
+        out.append(Record(old.get("backend", "debug"), "workers", ids, float(launch.get("time", 0)),
+                          list(range(index, index + len(ids)))))
+        index += len(ids)
+    if old.get("router"):
+        out.append(Record(old.get("backend", "debug"), "router", [str(old["router"])], float("inf")))
+    return out
+
+
+def records(root: Path) -> list[Record]:
+    """Every record of the run, oldest first (a record being written is not there yet)."""
+    root = Path(root)
+    out = _legacy(root)
+    try:
+        names = sorted(os.listdir(root / FOLDER))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            d = read_json(root / FOLDER / name)
+            out.append(Record(str(d["backend"]), str(d["kind"]), [str(j) for j in d["job_ids"]],
+                              float(d.get("time", 0)), [int(i) for i in d.get("indices", [])]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def backend_and_ids(root: Path, kinds: tuple[str, ...] = ("workers", "replicas")) -> tuple[str | None, list[str]]:
+    """The backend of the run's latest submission and every job id of these kinds, in order."""
+    recs = [r for r in records(root) if r.kind in kinds]
+    if not recs:
+        return None, []
+    return recs[-1].backend, [j for r in recs for j in r.job_ids]
+
+
+def replicas(root: Path) -> dict[int, str]:
+    """A serve run's replica number -> its latest job id."""
+    out: dict[int, str] = {}
+    for r in records(root):
+        if r.kind in ("replicas", "workers") and r.indices:
+            out.update(zip(r.indices, r.job_ids))
+    return out
+
+
+def router(root: Path) -> str | None:
+    recs = [r for r in records(root) if r.kind == "router"]
+    return recs[-1].job_ids[-1] if recs else None
+
+
+def cancelled(root: Path) -> set[str]:
+    return {j for r in records(root) if r.kind == "cancelled" for j in r.job_ids}
+
+
+def clear(root: Path) -> None:
+    """A serve run served again under the same name starts a new list."""
+    root = Path(root)
+    (root / LEGACY).unlink(missing_ok=True)
+    try:
+        names = os.listdir(root / FOLDER)
+    except FileNotFoundError:
+        return
+    for name in names:
+        (root / FOLDER / name).unlink(missing_ok=True)
+
+
+def claim_index(root: Path, folder: str, lo: int = 0) -> int:
+    """The lowest free number >= lo, taken by creating `<folder>/<n>.slot` with O_EXCL: two
+    `serve scale`s at once never pick the same replica number."""
+    d = Path(root) / folder
+    d.mkdir(exist_ok=True)
+    n = lo
+    while True:
+        try:
+            os.close(os.open(d / f"{n}.slot", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return n
+        except FileExistsError:
+            n += 1

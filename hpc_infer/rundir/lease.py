@@ -1,0 +1,163 @@
+"""Leases that hold on a shared file system: ages from the file server's clock, and a lock
+that needs no `flock`.
+
+Nodes' clocks differ (minutes, on a bad day), and a file's mtime is set by the file
+server. So an age is never `time.time() - mtime`: it is the server's now minus the
+mtime, where the server's now is the mtime of a file this process just touched in the
+same folder (`server_now`; `utime(path, None)` asks an NFS server for its own time).
+
+`Lock` is a lock file created with O_EXCL (atomic on NFSv3/v4, Lustre, GPFS, BeeGFS and
+local disks, where `flock` may be missing, per client, or refused with ENOSYS), holding
+its owner, refreshed by a thread while held, and taken over only once its lease ran out
+by the server's clock (or its owner is a dead process on this host): renamed away first,
+so one taker wins. Opened without following links. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+_PROBES: dict[str, Path] = {}
+
+
+def server_now(folder: Path | str) -> float:
+    """The file server's clock for `folder`: the mtime of this process's probe file there,
+    touched now. Costs one utime and one stat."""
+    folder = str(folder)
+    probe = _PROBES.get(folder)
+    if probe is None:
+        probe = _PROBES[folder] = Path(folder) / f".clock-{socket.gethostname()}-{os.getpid()}"
+    try:
+        os.utime(probe)
+    except FileNotFoundError:
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        except OSError:
+            return time.time()  # a folder we cannot write: our own clock is all there is
+    except OSError:
+        return time.time()
+    try:
+        return os.stat(probe).st_mtime
+    except OSError:
+        return time.time()
+
+
+def forget_probe(folder: Path | str) -> None:
+    probe = _PROBES.pop(str(folder), None)
+    if probe is not None:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def age(path: Path | str, now: float) -> float | None:
+    """Seconds since `path` was last written, by the server's clock `now`; None if gone."""
+    try:
+        return now - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+
+
+def _dead_here(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Lock:
+    """`with Lock(path, lease_s):` one holder at a time across nodes, without flock."""
+
+    def __init__(self, path: Path | str, lease_s: float = 120.0, poll_s: float = 0.5, on_wait=None):
+        self.path, self.lease_s, self.poll_s, self.on_wait = Path(path), lease_s, poll_s, on_wait
+        self.owner = _owner()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _try(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.owner))
+        return True
+
+    def _read(self, path: Path) -> dict:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
+                value = json.loads(f.read() or "{}")
+            return value if isinstance(value, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self) -> bool:
+        a = age(self.path, server_now(self.path.parent))
+        if a is None:
+            return False
+        owner = self._read(self.path)
+        return a > self.lease_s or (not owner and a > 5.0) or _dead_here(owner)
+
+    def _take_over(self) -> bool:
+        grave = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, grave)  # one taker wins
+        except FileNotFoundError:
+            return False
+        os.unlink(grave)
+        return self._try()
+
+    def acquire(self) -> None:
+        said = False
+        while not self._try():
+            if self._stale() and self._take_over():
+                break
+            if not said and self.on_wait:
+                self.on_wait()
+                said = True
+            time.sleep(self.poll_s)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._refresh, daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if self._read(self.path).get("token") == self.owner["token"]:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        forget_probe(self.path.parent)
+
+    def __enter__(self) -> "Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

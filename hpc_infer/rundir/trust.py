@@ -1,0 +1,220 @@
+"""What a command may believe of a directory it reads back: one rule for every door.
+
+Run directories, serve directories and the admin cache live on shared scratch, under
+output roots others can often write, with names others can predict. What is in them is
+data; a command *acts* on it (resumes it, loads a result pickle, runs a hook or a
+command string, sends a key, signals a process) only when nobody but the caller could
+have written it. The rule is OpenSSH's StrictModes:
+
+- **own**: the path is owned by the caller (or root) and writable by nobody else: not by
+  others, and not by its group unless that group is the owner's private group (a user
+  private group: named after the user, no other members);
+- **shared** (read-only): owned by someone else, writable by nobody but its owner, and
+  readable by a group the caller belongs to: a teammate's `permissions=group` run. A
+  command reads it as data (status, merge into a folder of the caller's) and acts on
+  nothing in it.
+
+Everything else is refused with the path, its owner and mode, and the fix. Files are
+opened with O_NOFOLLOW and checked on the open descriptor (fstat), so a link or a swap
+between the check and the read is refused too. Standard library only.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import stat
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+OWN, SHARED = "own", "shared"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def private_group(gid: int, uid: int) -> bool:
+    """The owner's own group (a user private group), which no one else is in."""
+    try:
+        g, u = grp.getgrgid(gid), pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return g.gr_name == u.pw_name and not [m for m in g.gr_mem if m != u.pw_name]
+
+
+def _in_group(gid: int) -> bool:
+    return gid == os.getgid() or gid in os.getgroups()
+
+
+def verdict(st: os.stat_result) -> tuple[str | None, str]:
+    """(OWN, SHARED or None, why not) for a stat result."""
+    me = os.getuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return None, "writable by everyone"
+    if mode & stat.S_IWGRP and not private_group(st.st_gid, st.st_uid):
+        return None, f"writable by group {_group(st.st_gid)}"
+    if st.st_uid in (me, 0):
+        return OWN, ""
+    if mode & stat.S_IRGRP and _in_group(st.st_gid):
+        return SHARED, ""
+    return None, f"owned by {_user(st.st_uid)}, not you"
+
+
+def describe(path: Path, st: os.stat_result) -> str:
+    return f"{path} (owner {_user(st.st_uid)}, group {_group(st.st_gid)}, mode {stat.filemode(st.st_mode)})"
+
+
+def refusal(path: Path, st: os.stat_result, why: str, what: str, fix: str | None = None) -> UserError:
+    if fix is None:
+        fix = (f"if it is yours, run `chmod -R go-w {path}`" if "writable" in why and st.st_uid == os.getuid()
+               else "use a directory of your own")
+    return UserError(f"{what}: refused {describe(path, st)}: {why}. hpc_infer acts only on what nobody but you "
+                     f"could have written; {fix}")
+
+
+def check(path: Path | str, what: str, need: str = OWN, fix: str | None = None) -> str:
+    """OWN or SHARED for `path` (not followed if a link), or a UserError naming it. `need=OWN`
+    refuses a shared path too: the caller is about to act on it."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise UserError(f"{what}: cannot read {path} ({e.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link in "
+                        f"their place")
+    level, why = verdict(st)
+    if level is None or (need == OWN and level != OWN):
+        raise refusal(path, st, why or f"owned by {_user(st.st_uid)}: you may read it, not act on it", what, fix)
+    return level
+
+
+def open_checked(path: Path | str, what: str, need: str = OWN) -> int:
+    """A read-only descriptor of `path`, opened without following a link and checked on the
+    descriptor itself (no swap between check and read)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: a link in the file's place
+            raise UserError(f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link "
+                            f"in their place") from None
+        raise
+    st = os.fstat(fd)
+    level, why = verdict(st)
+    if level is None or (need == OWN and level != OWN) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise refusal(path, st, why or ("not a regular file" if not stat.S_ISREG(st.st_mode)
+                                        else f"owned by {_user(st.st_uid)}: you may read it, not act on it"), what)
+    return fd
+
+
+def read_bytes(path: Path | str, what: str, need: str = OWN) -> bytes:
+    with os.fdopen(open_checked(path, what, need), "rb") as f:
+        return f.read()
+
+
+def read_json(path: Path | str, what: str, need: str = OWN, kind: type = dict) -> Any:
+    """JSON from a checked file, of the expected top-level type."""
+    try:
+        value = json.loads(read_bytes(path, what, need))
+    except ValueError:
+        raise UserError(f"{what}: {path} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{what}: {path} holds {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def check_tree(root: Path, what: str, need: str = OWN, subdirs: tuple[str, ...] = (), fix: str | None = None) -> str:
+    """A run (or serve) directory and the folders in it that steps write into: each passes
+    the rule, so nothing in them can have been put there by anyone else. Returns the
+    directory's level (OWN, or SHARED when `need` allows it)."""
+    level = check(root, what, need, fix)
+    for name in subdirs:
+        if os.path.lexists(root / name):
+            check(root / name, what, need, fix)
+    return level
+
+
+def load_result_pickle(path: Path | str, what: str) -> Any:
+    """submitit's `<job>_0_result.pkl` as plain data: ("success", value) or ("error", text).
+    Only from a file the caller owns, and unpickled with no global allowed (the Python
+    docs' "restricting globals"): a planted pickle cannot name a function to call."""
+    import io
+    import pickle
+
+    class _Plain(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+    data = read_bytes(path, what, OWN)
+    return _Plain(io.BytesIO(data)).load()
+
+
+def process_of_run(pid: int, root: Path) -> bool:
+    """The process is demonstrably this run's: the caller's own (same uid), and the run
+    directory in its environment (HPC_INFER_RUN_DIR, set for every job we start) or on its
+    command line (submitit's controller and job: `... <run>/logs`). A PID that a file merely
+    names is never enough."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except OSError:
+        return False
+    want = os.fsencode(os.path.realpath(root))
+    if any(arg == want or arg.startswith(want + b"/") for arg in cmdline):
+        return True
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (b"HPC_INFER_RUN_DIR=" + want) in env
+
+
+def processes_of_run(root: Path) -> list[int]:
+    """Every process of the caller's on this host whose environment names this run
+    (HPC_INFER_RUN_DIR, inherited by everything a job starts): what is left of a run when
+    the processes that started it were killed outright (vLLM's engine core under a
+    SIGKILLed server is re-parented to init). Never this process or its parents."""
+    want = b"HPC_INFER_RUN_DIR=" + os.fsencode(os.path.realpath(root))
+    me, skip = os.getuid(), {os.getpid()}
+    pid = os.getppid()
+    while pid > 1 and pid not in skip:
+        skip.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in skip:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != me:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
