@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def _run_config(run, need: str) -> dict:
     text = trust.read_bytes(run.config, "hpc-infer merge: the run's config.yaml", need).decode()
     if not text.strip():
         return {}
-    cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except Exception as e:
+        raise UserError(f"{run.config}: not a config hpc_infer wrote ({type(e).__name__}); merge with "
+                        f"--no-postprocess and --format/--on-error given, or relaunch to rewrite it") from None
     return cfg if isinstance(cfg, dict) else {}
 
 
@@ -98,7 +103,7 @@ def cmd_merge(args) -> int:
     from .run.merge import merge, report_errors
 
     run, level = _run_dir(args.run_dir, "merge", "shared")
-    if level != "own" and not args.out:
+    if (level != "own" or not os.access(run.root, os.W_OK)) and not args.out:
         raise UserError(f"hpc-infer merge {args.run_dir}: the run is not yours (you may read it, not write into it); "
                         f"merge into a folder of yours: hpc-infer merge {args.run_dir} --out DIR")
     cfg = _run_config(run, level)
