@@ -156,7 +156,7 @@ TAIL_SHARE = 1 / 6  # rundir/claims.py: a straggler leaves the last sixth of the
 def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *,
                 max_in_flight: int = 16, max_backups: int = 2, pacing: bool = True,
                 tail_share: float = TAIL_SHARE, est: list[int] | None = None) -> tuple[list[float], float]:
-    """Ours plus the tail policy of worker/loop.py.
+    """Ours plus the tail policy of worker/worker.py.
 
     Pacing: a straggler (rate under STRAGGLER x the median) holds at most its rate / the
     median of a full batch, and claims nothing once less than `tail_share` of the

@@ -4,7 +4,7 @@
 
 Each measurement is a fresh process (what every array task pays). Phases of our start:
 interpreter, `import torch`, `import vllm`, our worker modules, then the worker's own
-engine build (worker/engine.py's `Engine`, the CPU default's settings: float32, eager)
+engine build (worker/vllm_engine.py's `Engine`, the CPU default's settings: float32, eager)
 split by vLLM's log lines into weight read and profiling / KV cache / warm-up, the rest
 being config, tokenizer, vLLM's engine-side imports and model init (vLLM reads config and
 tokenizer inside `LLM(...)`; the worker does not read them again), and the first token
@@ -49,14 +49,14 @@ import torch
 t["torch"] = time.time()
 import vllm
 t["vllm"] = time.time()
-from hpc_infer.worker import loop, engine  # our worker's own modules
+from hpc_infer.worker import worker, vllm_engine as engine  # our worker's own modules
 from hpc_infer import rundir
 from hpc_infer.rundir import claims
 t["ours"] = time.time()
 # the worker's own engine build, from the model entry a run's worker.json gives it (CPU default)
 model = {"path": sys.argv[2], "task": "auto", "engine_kwargs": {"dtype": "float32", "enforce_eager": True,
          "max_model_len": 2048, "seed": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}}
-e = engine.Engine(model)
+e = engine.VllmEngine(model)
 t["llm"] = time.time()
 from vllm import SamplingParams
 e.llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)

@@ -101,7 +101,7 @@ class ClusterConfig:
     # chunks as backup copies; the first complete output wins (0: never).
     max_backups: int = 2
     # A worker under 0.75x the median rate holds only its share of a full batch and leaves the
-    # last sixth of the estimated work to the others (worker/loop.py; false: never).
+    # last sixth of the estimated work to the others (worker/worker.py; false: never).
     straggler_pacing: bool = True
     # Poison records (rundir/isolate.py): a chunk whose holder died with it in its engine's
     # batch this many times is run alone and bisected until the record that kills the engine
@@ -111,6 +111,11 @@ class ClusterConfig:
     # attempt recorded), launch submits again, at most this many times (0: never).
     max_resubmits: int = 12
     heartbeat_s: float = 10.0
+    # Seconds before the time limit (or a preemption) Slurm warns a task with SIGUSR2: the
+    # worker releases its chunks and the task is requeued (submitit's signal_delay_s; the
+    # rendered script's --signal=B:USR2@N). A cluster.time that leaves no work time after a
+    # worker's start and this warning is refused before anything is submitted.
+    signal_lead_s: int = 90
     # vLLM's compile cache shared by every worker and replica of a model (host/compile_cache.py):
     # a directory on shared storage, or node-local ("/tmp/vllm-compile"); None: vLLM's own per-user
     # default (~/.cache/vllm). Entries are published whole by one rename: never corrupted by
@@ -582,6 +587,7 @@ def validate(rc: RunConfig) -> None:
     check(c.mem is None or re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(c.mem), re.I) is not None, "cluster.mem",
           f"'{c.mem}' is not a Slurm memory size; write e.g. 40G or 512M")
     check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
+    check(c.signal_lead_s >= 10, "cluster.signal_lead_s", "must be >= 10 (seconds of warning before the time limit)")
     check(rc.serve.max_restarts >= 0, "serve.max_restarts", "must be >= 0 (0: a dead server is not restarted)")
     check(rc.serve.restart_backoff_s >= 0, "serve.restart_backoff_s", "must be >= 0")
     check(not c.compile_cache or "$" in c.compile_cache or Path(c.compile_cache).expanduser().is_absolute(),

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from .rundir import claims, isolate
+import time
+
+from .rundir import claims, isolate, jobs
 from .models.cache import resolve_model
 from .models.fit import check_fit
 from .config import RunConfig, to_run_config
@@ -20,7 +22,7 @@ from .serve.batch_endpoint import resolve_endpoint
 from .errors import UserError
 from .run.merge import Summary, merge, report_errors
 from .run.plan import plan_input, prepare
-from .cluster.preflight import cpu_build_on_gpus, preflight
+from .cluster.preflight import check_time_limit, cpu_build_on_gpus, preflight
 from .rundir import RunDir, read_json, set_permissions
 from .secrets import exported, find_token, job_env
 from .run.progress import failures, wait
@@ -95,6 +97,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                         f"allocations (Ray inside each); cluster={rc.cluster.name} has backend "
                         f"{rc.cluster.backend}. Use a Slurm cluster config, or nodes_per_task=1")
     BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
+    check_time_limit(rc.cluster, rc.run_path)
     set_permissions(rc.permissions)
     with plan_input(rc) as planned:  # one pass over the input; a private staging dir, gone on any error
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)
@@ -133,6 +136,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
         resubmits = 0
+        started = time.time()
         while True:
             before = isolate.run_marker(run)
             job_ids = _submit(rc, run, backend, token, model_path)
@@ -141,6 +145,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 return None
             progress = wait(run, lambda: backend.states(job_ids), lease_s=rc.cluster.lease_s)
             if progress.complete or rc.merge.allow_partial:
+                jobs.add(run.root, rc.cluster.backend, "launch", [], started=started, ended=time.time())
                 break
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]

@@ -76,38 +76,46 @@ def test_release_only_removes_own_claim(tmp_path):
     assert not run.claim_path(0).exists()
 
 
-def _beat(run, worker, records, elapsed, state="running", age=0.0, in_flight=None):
+def _beat(run, worker, records, window_s, state="running", age=0.0, start_t=1000.0):
+    """A heartbeat whose recent window shows `records` finished over `window_s` seconds (on
+    the worker's own clock, which may be anything: only differences count), written
+    `age` seconds ago by the file server's clock."""
+    recent = [[start_t, 0, 0], [start_t + window_s, records, 10 * records]]
+    write_json(run.heartbeat_path(worker), {"worker": worker, "state": state, "recent": recent, "t": start_t + window_s,
+                                            "records_done": records, "in_flight": {}})
     now = time.time()
-    write_json(run.heartbeat_path(worker), {"worker": worker, "state": state, "started": now - age - elapsed,
-                                            "t": now - age, "records_done": records,
-                                            "in_flight": in_flight or {}})
+    os.utime(run.heartbeat_path(worker), (now - age, now - age))
 
 
-def test_pace_is_the_rate_over_the_sampled_median(tmp_path):
+def test_pace_is_the_recent_rate_over_the_live_median(tmp_path):
     from hpc_infer.rundir import claims as c
 
     run = RunDir(tmp_path)
     run.make()
-    _beat(run, "me", 0, 100, in_flight={"3": 20})  # 0.2 records/s, counting records of chunks in flight
+    _beat(run, "me", 20, 100, start_t=-5e6)  # 0.2 records/s; a clock far off changes nothing
     for i in range(5):
         _beat(run, f"w{i}", 40 + 10 * i, 100)  # 0.4 .. 0.8 records/s: median 0.6
     p = c.pace(run, "me", fresh_s=30)
     assert p is not None and abs(p.ratio - 0.2 / 0.6) < 1e-3 and p.ratio < c.STRAGGLER and p.others_running
-    for i in range(5):  # the others finished long ago: nobody would take the tail, so it is not left
-        _beat(run, f"w{i}", 40 + 10 * i, 100, state="finished", age=600)
-    assert not c.pace(run, "me", fresh_s=30).others_running
+    for i in range(5):  # the others' beats are old (dead, or an earlier launch's): they do not count
+        _beat(run, f"w{i}", 40 + 10 * i, 100, age=600)
+    assert c.pace(run, "me", fresh_s=30) is None
+    for i in range(5):  # live but finished: not running, not counted either
+        _beat(run, f"w{i}", 40 + 10 * i, 100, state="finished")
+    assert c.pace(run, "me", fresh_s=30) is None
+    _beat(run, "w0", 60, 100)
     _beat(run, "me", 90, 100)
     assert c.pace(run, "me", fresh_s=30).ratio == 1.0  # faster than the median: capped at a full share
 
 
-def test_pace_unknown_until_another_worker_has_finished_a_record(tmp_path):
+def test_pace_unknown_until_another_worker_has_a_rate(tmp_path):
     from hpc_infer.rundir import claims as c
 
     run = RunDir(tmp_path)
     run.make()
     _beat(run, "me", 5, 10)
     assert c.pace(run, "me", fresh_s=30) is None  # alone
-    _beat(run, "other", 0, 10, in_flight={"0": 3})
+    _beat(run, "other", 0, 10)
     assert c.pace(run, "me", fresh_s=30) is None  # the other has not finished one yet
     (run.heartbeats / "other.json").write_text("{half a file")  # being replaced: skipped, no crash
     assert c.pace(run, "me", fresh_s=30) is None

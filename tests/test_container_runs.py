@@ -187,8 +187,8 @@ def test_definition_file_post_steps_run(tmp_path):
     base = build_image(tmp_path / "base", extra=("pip",))
     built = build_from_def(ROOT / "containers" / "vllm-hpc_infer.def", base, tmp_path / "built", ROOT)
     p = subprocess.run([str(STANDIN / "apptainer"), "exec", "--cleanenv", "--containall", str(built), "python3", "-c",
-                        "import os, hpc_infer.worker.loop, hpc_infer.cluster.task, submitit, vllm; "
-                        "print(hpc_infer.worker.loop.__file__, os.environ['HF_HUB_OFFLINE'])"],
+                        "import os, hpc_infer.worker.worker, hpc_infer.cluster.task, submitit, vllm; "
+                        "print(hpc_infer.worker.worker.__file__, os.environ['HF_HUB_OFFLINE'])"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     path, offline = p.stdout.split()

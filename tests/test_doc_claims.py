@@ -182,7 +182,7 @@ def test_token_sources_the_docs_name(tmp_path, monkeypatch, where):
 
 
 def test_batch_defaults_run_brings_back_the_runs_sampling():
-    from hpc_infer.worker.loop import run_sampling
+    from hpc_infer.worker.worker import run_sampling
 
     spec = {"input": {"format": "openai_batch"}, "sampling": {"temperature": 0.3}, "seed": 7}
     assert run_sampling(dict(spec, batch_defaults="server")) == (None, None)  # vLLM's server defaults
@@ -194,7 +194,7 @@ def test_batch_defaults_run_brings_back_the_runs_sampling():
 
 def test_worker_policies_reach_the_worker_spec(tmp_path):
     """cluster.max_backups, straggler_pacing and max_attempts are read by the worker from
-    worker.json (worker/loop.py); max_resubmits by launch; bad values refused by name."""
+    worker.json (worker/worker.py); max_resubmits by launch; bad values refused by name."""
     from hpc_infer.run.plan import plan_input, prepare
     from hpc_infer.rundir import read_json
 

@@ -4,7 +4,7 @@
 per-record seeds: more prompt tokens in flight than two steps of vLLM's CPU default
 budget (4096 tokens a step), so vLLM would split prompts over steps (chunked prefill),
 which used to crash the CPU build ("CPU Generator does not use offset"; see
-engine.cpu_scheduler_kwargs). Graded at merge by the r1_zero reward. (200 problems
+vllm_engine.cpu_scheduler_kwargs). Graded at merge by the r1_zero reward. (200 problems
 until this round: 72 (about 9,100 prompt tokens) already puts that many tokens in flight, asserted below.)
 """
 

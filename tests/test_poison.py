@@ -78,10 +78,14 @@ def test_parts_and_attempts_survive_on_disk(tmp_path):
     isolate.record_attempt(run, 3, (0, 8), "w1", alone=False)
     isolate.record_attempt(run, 3, (0, 8), "w2", alone=False)
     isolate.record_attempt(run, 3, (4, 8), "w2", alone=True)
-    with open(isolate.attempts_path(run, 3), "ab") as f:
-        f.write(b'{"range": [0, ')  # torn by a death mid-write: skipped
+    (isolate.attempts_path(run, 3) / "99-torn.json").write_bytes(b'{"range": [0, ')  # damaged: skipped
     assert isolate.attempts(run, 3) == (2, {(4, 8): 1})
-    assert isolate.suspect(run, 3, 2) and not isolate.suspect(run, 3, 3) and not isolate.suspect(run, 4, 1)
+    assert isolate.attempts(run, 3, exclude=["w2"]) == (1, {})  # the live holder's attempt is not a death
+    from hpc_infer.rundir import jobs
+
+    jobs.add(run.root, "slurm", "cancelled", ["w1"])  # `hpc-infer cancel` ended w1: its attempt is no death
+    assert isolate.attempts(run, 3) == (1, {(4, 8): 1})
+    assert isolate.suspect(run, 3, 1) and not isolate.suspect(run, 3, 2) and not isolate.suspect(run, 4, 1)
     isolate.save_part(run, 3, (4, 8), [{"index": 4}])
     isolate.save_part(run, 3, (0, 4), [{"index": 0}])
     assert [r["index"] for r in isolate.read_parts(run, 3)] == [0, 4]

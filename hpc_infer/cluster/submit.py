@@ -71,8 +71,12 @@ class Backend:
         return True
 
     def _calls(self, indices: list[int], task=None) -> tuple:
+        """map_array's arguments: a serve task gets its replica number; a batch worker its rank
+        among the workers started with it (rundir/claims.py: Claimer's stripes)."""
         roots = [str(self.run.root)] * len(indices)
-        return (task, roots, list(indices)) if task else (WorkerTask(), roots)
+        if task:
+            return task, roots, list(indices)
+        return WorkerTask(), roots, list(range(len(indices))), [len(indices)] * len(indices)
 
     def _env(self):
         """What every job of the run inherits: the run directory, so `cancel` can tell the run's
@@ -116,7 +120,7 @@ class DebugBackend(Backend):
     name = "debug"
 
     def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
-        from ..worker.loop import run_worker
+        from ..worker.worker import run_worker
 
         if task is not None:
             raise UserError("cluster=debug runs one batch worker in this process; use cluster=local to serve")
@@ -274,6 +278,7 @@ class SlurmBackend(Backend):
     def executor(self) -> submitit.SlurmExecutor:
         c = self.cluster
         ex = submitit.SlurmExecutor(folder=self.run.logs, python=self.python, max_num_timeout=3)
+        ex.update_parameters(signal_delay_s=int(c.signal_lead_s))
         params: dict[str, object] = dict(
             job_name=f"hpc_infer:{self.run.root.name}"[:100],
             time=time_to_minutes(c.time),

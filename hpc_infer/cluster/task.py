@@ -1,23 +1,26 @@
 """The callable submitit runs in each task: a checkpointable wrapper around the worker.
 
 On SIGUSR2 (the timeout/preemption warning submitit asks Slurm for) submitit calls `checkpoint`, requeues
-the task and exits; the exit unwinds the worker, which releases its claim, so the
-requeued task (or any other worker) picks the chunk up again.
+the task and exits; the exit unwinds the worker, which takes its attempts back and releases
+its claims, so the requeued task (or any other worker) picks the chunk up again. SIGTERM
+(scancel; submitit itself only logs it) is the worker's own: it stops at its next step
+the same way (worker/worker.py).
 """
 
 from __future__ import annotations
 
 import submitit
 
-from ..worker.loop import run_worker
+from ..worker.worker import run_worker
 
 
 class WorkerTask(submitit.helpers.Checkpointable):
-    """Called with the run directory; `checkpoint` resubmits the same call."""
+    """Called with the run directory and the worker's rank among those started with it;
+    `checkpoint` resubmits the same call."""
 
-    def __call__(self, run_dir: str) -> dict:
+    def __call__(self, run_dir: str, rank: int = 0, of: int = 1) -> dict:
         _die_with_controller()
-        return run_worker(run_dir)
+        return run_worker(run_dir, rank=rank, of=of)
 
 
 def _die_with_controller() -> None:

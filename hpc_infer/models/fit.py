@@ -44,7 +44,7 @@ def _load_tokenizer(model_path: str):
 
 def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[list[dict], str | None]:
     """([{index, line, tokens, limit, max_tokens}], a note when the check could not run)."""
-    from ..worker.engine import POOLING_TASKS
+    from ..worker.protocol import POOLING_TASKS
     from ..rundir import read_chunk_source
 
     limit = context_limit(rc, model_path)

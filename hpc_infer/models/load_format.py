@@ -189,7 +189,7 @@ def write_sharded_state(model_path: str, out: Path, tp: int, pp: int, dtype: str
 
 
 def _cpu_build() -> bool:
-    from ..worker.engine import cpu_build
+    from ..worker.vllm_engine import cpu_build
 
     return cpu_build()
 

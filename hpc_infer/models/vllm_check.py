@@ -1,7 +1,7 @@
 """Check sampling settings against the installed vLLM on the login node, before submission.
 
 Builds the SamplingParams each request will get, with the worker's own code
-(engine.sampling_params), so a typo in sampling.extra or a value vLLM refuses fails
+(vllm_engine.sampling_params), so a typo in sampling.extra or a value vLLM refuses fails
 here with the setting named, not in a job an hour later. Where vLLM is not installed
 on the login node (it may live only in the cluster's image) the check is skipped and
 says so.
@@ -28,7 +28,7 @@ from ..errors import UserError
 def check_run_sampling(rc: Any, overrides: list[dict], input_format: str = "") -> str | None:
     """What launch and sbatch both check: the run's sampling and each distinct per-record
     override (OpenAI batch bodies); pooling tasks sample nothing. Returns the line to log."""
-    from ..worker.engine import POOLING_TASKS
+    from ..worker.protocol import POOLING_TASKS
 
     if rc.model.task in POOLING_TASKS:
         return None
@@ -53,7 +53,7 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
         pass
     import vllm
 
-    from ..worker.engine import sampling_params
+    from ..worker.vllm_engine import sampling_params
 
     def build(where: str, kw: dict) -> None:
         try:
@@ -85,7 +85,7 @@ def _remembered(spec, sampling: dict, overrides: list[dict] | None, base: dict |
     """Where a passed check of exactly these inputs is kept: the settings, the installed
     vLLM's files (their size and mtime change on any reinstall), and our code that builds
     the params. None when vLLM's files cannot be read."""
-    from ..worker import engine
+    from ..worker import vllm_engine as engine
     from .cpu_model import cache_root
 
     try:

@@ -45,6 +45,7 @@ class Summary:
     gpu_hours: float
     workers: int
     engine_start_s: list[float] = field(default_factory=list)
+    launches: list[dict] = field(default_factory=list)  # each launch's span, one clock each (launch_spans)
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
     postprocess: dict | None = None  # hook target, records, sums and means of the fields it added
@@ -184,7 +185,6 @@ class Hook:
         self.fn = postprocess_fn(spec)
         self.records = 0
         self.sums: dict[str, float] = {}
-        self.counting = True
 
     def __call__(self, record: dict) -> None:
         if record.get("error"):  # nothing was generated: nothing to grade
@@ -198,8 +198,6 @@ class Hook:
         if not isinstance(added, dict):
             raise UserError(f"merge.postprocess {self.target} returned {type(added).__name__}, not a dict of fields")
         record.update(added)
-        if not self.counting:
-            return
         self.records += 1
         for k, v in added.items():
             if isinstance(v, (int, float)):
@@ -231,18 +229,37 @@ def _rows(chunk: _Checked, hook: Hook | None = None, drop_errors: bool = False) 
 
 
 def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, drop_errors: bool = False) -> None:
-    """One row group per chunk, so memory holds one chunk, not the run. The schema is
-    unified over all chunks first (a column that is null in one chunk is typed by another)."""
+    """One row group per chunk, so memory holds one chunk, not the run. Each chunk is parsed
+    (and graded by the hook) once: its table is spooled to an Arrow file beside the result
+    while the schema is unified over all chunks (a column null in one chunk is typed by
+    another), then each is read back, cast and written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schemas = [pa.Table.from_pylist(_rows(c, hook, drop_errors)).schema for c in chunks]
-    if hook:
-        hook.counting = False  # the second pass applies it again, without counting twice
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    with _atomic_result(out) as f, pq.ParquetWriter(f, schema) as w:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.spool-", dir=out.parent) as spool:
+        schemas, paths = [], []
         for c in chunks:
-            w.write_table(pa.Table.from_pylist(_rows(c, hook, drop_errors), schema=schema))
+            table = pa.Table.from_pylist(_rows(c, hook, drop_errors))
+            path = Path(spool) / f"{c.id:05d}.arrow"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            schemas.append(table.schema)
+            paths.append(path)
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        with _atomic_result(out) as f, pq.ParquetWriter(f, schema) as w:
+            for path in paths:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+                w.write_table(_conform(table, schema))
+
+
+def _conform(table, schema):
+    """A chunk's table with every column of the unified schema, in its order and types."""
+    import pyarrow as pa
+
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 ON_ERROR = ("keep", "drop", "fail")
@@ -364,13 +381,34 @@ def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, pos
     return summary
 
 
+def launch_spans(run: RunDir, checked: list[_Checked]) -> list[dict]:
+    """Each launch's span, on one clock: the launcher's own (recorded when its wait ended).
+    A run with no such record (rendered scripts, a launch that did not wait) is measured
+    on its workers' clocks from the chunk trailers, each gap over 10 minutes (a pause
+    between launches) cut out."""
+    from ..rundir import jobs
+
+    spans = [{"started": round(float(r["started"]), 3), "ended": round(float(r["ended"]), 3),
+              "wall_s": round(float(r["ended"]) - float(r["started"]), 3), "clock": "launcher"}
+             for r in jobs.launches(run.root)]
+    if spans:
+        return spans
+    timed = sorted((c.started, c.finished) for c in checked if c.started and c.finished)
+    for a, b in timed:
+        if spans and a - spans[-1]["ended"] <= 600:
+            spans[-1]["ended"] = max(spans[-1]["ended"], b)
+        else:
+            spans.append({"started": a, "ended": b})
+    return [dict(s, wall_s=round(s["ended"] - s["started"], 3), clock="workers") for s in spans]
+
+
 def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], beats: list[dict], out: Path, fmt: str,
                missing: list[int], sampling: dict, gpus_per_worker: int) -> Summary:
-    starts = [b["started"] for b in beats if "started" in b]
-    ends = [c.path.stat().st_mtime for c in checked]
-    wall = (max(ends) - min(starts)) if starts and ends else 0.0
+    spans = launch_spans(run, checked)
+    wall = sum(s["wall_s"] for s in spans)
     out_tokens = sum(c.output_tokens for c in checked)
-    worker_s = sum(max(0.0, b.get("t", b["started"]) - b["started"]) for b in beats if "started" in b)
+    worker_s = sum(max(0.0, b.get("finished_at", b.get("t", b["started"])) - b["started"]) for b in beats
+                   if "started" in b)
     return Summary(
         run=str(run.root),
         results=str(out),
@@ -389,4 +427,5 @@ def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], beats: list
         workers=len(beats),
         engine_start_s=[b["engine_start_s"] for b in beats if b.get("engine_start_s") is not None],
         sampling=sampling,
+        launches=spans,
     )

@@ -30,7 +30,7 @@ from ..io.data import InputScan, file_fingerprint, input_spec, load_template
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
 
-MANIFEST_VERSION = 3  # 3: chunk files are the input's own bytes (rows as JSON for csv/parquet)
+MANIFEST_VERSION = 4  # 4: jobs/ and attempts/ folders of one file per record (3: chunk bytes = the input's)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
 
 

@@ -1,4 +1,13 @@
-"""Progress from the run directory: done chunks, heartbeats, job states; the wait loop."""
+"""Progress from the run directory, one estimator for `launch` and `status`; the wait loop.
+
+What counts as done is what is finished: records of published chunks, and records that
+finished inside chunks still in flight (the holders' heartbeats); their output tokens
+likewise. Tokens still being generated are shown as such, never counted as done (they
+made the total overshoot the final one). A rate is the sum over the *live* workers of
+each one's rate over its recent window (its heartbeat's `recent` samples, its own
+clock), so engine starts, a day between launches and dead workers of an earlier launch
+never water it down; ETA = records left / that rate, or unknown while it is 0.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..rundir.claims import live_claims
 from ..rundir import RunDir, read_heartbeats, read_json, tail_lines
+from ..rundir.claims import live_claims, rate, read_beat
+from ..rundir.lease import server_now
 
 
 @dataclass
@@ -16,32 +26,71 @@ class Progress:
     n_records: int
     n_chunks: int
     chunks_done: int
-    records_done: int  # finished chunks plus records finished inside running chunks
-    output_tokens: int  # of finished records, plus tokens generated so far by running ones
+    records_done: int  # records of published chunks, plus records finished inside chunks in flight
+    output_tokens: int  # output tokens of those records
     prompt_tokens: int = 0
+    generating_tokens: int = 0  # being generated now (shown, not done)
+    records_per_s: float = 0.0  # live workers, recent window
+    tokens_per_s: float = 0.0
+    live_workers: int = 0
     workers: list[dict] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return self.chunks_done == self.n_chunks
 
+    @property
+    def eta_s(self) -> float | None:
+        left = self.n_records - self.records_done
+        return left / self.records_per_s if self.records_per_s > 0 else (0.0 if left == 0 else None)
 
-def snapshot(run: RunDir, manifest: dict | None = None) -> Progress:
+
+def _token_rate(beat: dict) -> float | None:
+    recent = beat.get("recent") or []
+    if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+        return (recent[-1][2] - recent[0][2]) / (recent[-1][0] - recent[0][0])
+    return None
+
+
+def snapshot(run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0) -> Progress:
     manifest = manifest or read_json(run.manifest)
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = run.done_chunks() & sizes.keys()
-    beats = read_heartbeats(run)
-    in_flight = sum(n for b in beats for c, n in (b.get("in_flight") or {}).items() if int(c) not in done)
+    now = server_now(run.heartbeats)
+    found = [f for f in (read_beat(p, now) for p in sorted(run.heartbeats.glob("*.json"))) if f]
+    beats = [b for b, _ in found]
+    in_chunk: dict[int, int] = {}
+    for b in beats:  # the furthest any holder got in each chunk not yet published
+        for c, n in (b.get("in_flight") or {}).items():
+            if int(c) not in done:
+                in_chunk[int(c)] = max(in_chunk.get(int(c), 0), int(n))
+    live = [b for b, age in found if b.get("state") == "running" and age < fresh_s]
     return Progress(
         n_records=manifest["n_records"],
         n_chunks=manifest["n_chunks"],
         chunks_done=len(done),
-        records_done=sum(sizes[c] for c in done) + in_flight,
-        output_tokens=sum(b.get("output_tokens", 0) + b.get("in_flight_tokens", 0) + b.get("generating_tokens", 0)
-                          for b in beats),
+        records_done=sum(sizes[c] for c in done) + sum(in_chunk.values()),
+        output_tokens=sum(b.get("output_tokens", 0) + b.get("in_flight_tokens", 0) for b in beats),
         prompt_tokens=sum(b.get("prompt_tokens", 0) + b.get("in_flight_prompt_tokens", 0) for b in beats),
+        generating_tokens=sum(b.get("generating_tokens", 0) for b in live),
+        records_per_s=sum(max(rate(b) or 0.0, 0.0) for b in live),
+        tokens_per_s=sum(max(_token_rate(b) or 0.0, 0.0) for b in live),
+        live_workers=len(live),
         workers=beats,
     )
+
+
+def fresh_s_of(run: RunDir) -> float:
+    """How recent a heartbeat must be to count its worker as live: 3 beats and some slack."""
+    try:
+        return 3 * float(read_json(run.worker_spec).get("heartbeat_s", 10)) + 10
+    except (OSError, ValueError):
+        return 40.0
+
+
+def eta_text(p: Progress) -> str:
+    eta = p.eta_s
+    return "unknown until a record finishes" if eta is None else f"{eta:,.0f}s"
 
 
 def _log_files(run: RunDir, job: str) -> list[str]:
@@ -83,48 +132,47 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     launch's workers still run waits for them instead of calling the run failed).
 
     On a terminal: a tqdm bar. In a log (no TTY): one progress line every `log_every_s`.
+    The bar, the line and `hpc-infer status` show the same estimate (snapshot).
     """
     from tqdm import tqdm
 
     from ..cluster.submit import TERMINAL
+    from ..worker.protocol import POOLING_TASKS
 
     manifest = read_json(run.manifest)
-    from ..worker.engine import POOLING_TASKS
-
     try:
         pooling = read_json(run.worker_spec)["model"].get("task") in POOLING_TASKS
     except (OSError, ValueError, KeyError):
         pooling = False
-    p = snapshot(run, manifest)
-    start_tokens, start_prompt, start_records, t0 = p.output_tokens, p.prompt_tokens, p.records_done, time.time()
+    fresh_s = fresh_s_of(run)
+    p = snapshot(run, manifest, fresh_s)
+    t0 = time.time()
     tty = sys.stderr.isatty()
     bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not (show and tty),
                file=sys.stderr, dynamic_ncols=True)
     last_log = 0.0
     while True:
-        p = snapshot(run, manifest)
+        p = snapshot(run, manifest, fresh_s)
         states = job_states()
         failed = sum(1 for s in states.values() if s in TERMINAL and s != "COMPLETED")
         running = sum(1 for s in states.values() if s == "RUNNING")
-        elapsed = max(time.time() - t0, 1e-9)
-        rec_rate = (p.records_done - start_records) / elapsed
-        eta = f"{(p.n_records - p.records_done) / rec_rate:,.0f}s" if rec_rate > 0 else "--"  # never nan
-        if pooling:  # embed/score/classify generate nothing: records and input tokens per second
-            postfix = (f"rec/s={rec_rate:,.1f} in_tok/s={(p.prompt_tokens - start_prompt) / elapsed:,.0f} "
-                       f"ETA={eta} running={running} failed={failed}")
+        eta = p.eta_s
+        eta = "--" if eta is None else f"{eta:,.0f}s"  # never nan
+        if pooling:  # embed/score/classify generate nothing: records per second
+            postfix = f"rec/s={p.records_per_s:,.1f} ETA={eta} running={running} failed={failed}"
         else:
-            postfix = (f"tok/s={(p.output_tokens - start_tokens) / elapsed:,.0f} ETA={eta} running={running} "
-                       f"failed={failed}")
+            postfix = f"tok/s={p.tokens_per_s:,.0f} ETA={eta} running={running} failed={failed}"
         bar.set_postfix_str(postfix, refresh=False)
         bar.update(max(0, p.records_done - bar.n))
         if show and not tty and (time.time() - last_log >= log_every_s or p.complete):
             last_log = time.time()
             print(f"[hpc_infer] {run.root.name}: {p.records_done}/{p.n_records} records, "
-                  f"{p.chunks_done}/{p.n_chunks} chunks, {elapsed:,.0f}s, {postfix}", file=sys.stderr, flush=True)
+                  f"{p.chunks_done}/{p.n_chunks} chunks, {time.time() - t0:,.0f}s, {postfix}", file=sys.stderr,
+                  flush=True)
         if p.complete:
             break
         if not states or all(s in TERMINAL for s in states.values()):
-            p = snapshot(run, manifest)  # a last look: the final rename may have just landed
+            p = snapshot(run, manifest, fresh_s)  # a last look: the final rename may have just landed
             if not p.complete and not live_claims(run, lease_s):
                 break
         time.sleep(poll_s)
@@ -135,17 +183,15 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
 def describe(run: RunDir, states: dict[str, str]) -> str:
     """The `hpc-infer status` text: per task state, chunks done, tokens/s, ETA."""
     manifest = read_json(run.manifest)
-    p = snapshot(run, manifest)
+    p = snapshot(run, manifest, fresh_s_of(run))
     now = time.time()
     lines = [f"run {run.root}",
              f"  chunks {p.chunks_done}/{p.n_chunks}   records {p.records_done}/{p.n_records}   "
-             f"output tokens {p.output_tokens:,}"]
-    live = [b for b in p.workers if b.get("state") in ("starting", "loading", "running") and now - b.get("t", 0) < 120]
-    if live:
-        rate = sum(b.get("records_done", 0) / max(now - b.get("started", now), 1e-9) for b in live)
-        tok = sum(b.get("output_tokens", 0) / max(now - b.get("started", now), 1e-9) for b in live)
-        eta = f"{(p.n_records - p.records_done) / rate:,.0f} s" if rate > 0 else "unknown until a record finishes"
-        lines.append(f"  {len(live)} live worker{'s' * (len(live) != 1)}   {tok:,.0f} tok/s   ETA {eta}")
+             f"output tokens {p.output_tokens:,}" + (f" (+{p.generating_tokens:,} generating)" if p.generating_tokens
+                                                     else "")]
+    if p.live_workers:
+        lines.append(f"  {p.live_workers} live worker{'s' * (p.live_workers != 1)}   {p.tokens_per_s:,.0f} tok/s   "
+                     f"{p.records_per_s:,.1f} records/s   ETA {eta_text(p)}")
     if states:
         lines.append("  tasks:")
         for job_id, state in sorted(states.items()):
@@ -153,12 +199,14 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
     for b in p.workers:
         counts = f"chunks_done={b.get('chunks_done', 0)}  records={b.get('records_done', 0)}"
         state = b.get("state", "?")
-        if state in ("finished", "failed"):
+        if state in ("finished", "failed", "stopped"):
             end = b.get("finished_at") or b.get("t", now)
             ran = end - b.get("started", end)
             tail = f"ran {ran:,.0f}s, ended {now - end:,.0f}s ago"
             if b.get("error"):
                 tail += f"  error: {b['error']}"
+            if b.get("stopped_because"):
+                tail += f"  ({b['stopped_because']})"
             lines.append(f"  worker {b['worker']:>14}  {state:9} {counts}  {tail}")
         else:
             age = now - b.get("t", now)
@@ -173,8 +221,15 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         lines.append(f"  chunks not done: {shown}")
         from ..rundir import isolate
+        from ..rundir.claims import live_holders
 
-        deaths = {c: isolate.deaths(run, c) for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
+        try:
+            lease_s = float(read_json(run.worker_spec).get("lease_s", 600))
+        except (OSError, ValueError):
+            lease_s = 600.0
+        holders = live_holders(run, lease_s)  # a live holder's attempt is running, not a death
+        deaths = {c: isolate.deaths(run, c, exclude=[holders[c]] if c in holders else [])
+                  for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
         if any(deaths.values()):
             lines.append("  workers died with these chunks in their batch: " + ", ".join(
                 f"{c} ({n}x)" for c, n in sorted(deaths.items()) if n) + " (a chunk that died cluster.max_attempts "

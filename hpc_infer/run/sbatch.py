@@ -25,7 +25,7 @@ from ..config import RunConfig, to_run_config
 from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, project_root
 from ..entry import run_hydra
 from .plan import plan_input, prepare
-from ..cluster.preflight import cpu_build_on_gpus, gpus_per_node, preflight
+from ..cluster.preflight import check_time_limit, cpu_build_on_gpus, gpus_per_node, preflight
 from .. import rundir
 from ..rundir import RunDir, read_json, set_permissions
 from ..secrets import find_token
@@ -90,6 +90,7 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
         ray_port_min=20000,
         ray_port_max=60000,
         ray_wait_s=600,
+        signal_lead_s=c.signal_lead_s,
     )
 
 
@@ -99,6 +100,7 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
         say(f"cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script assumes a "
             f"default partition, {rc.cluster.gpus_per_task} GPU(s) and the time {rc.cluster.time} per task; for your "
             f"cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or your own)")
+    check_time_limit(rc.cluster, rc.run_path)
     with plan_input(rc) as planned:
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)
         if checked:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
-from .files import write_atomic
+from .files import write_exclusive
 
 # A chunk's output ends with one trailer line describing the lines above it. The merge
 # checks the trailer (chunk id, record range, byte count, CRC-32) instead of parsing every
@@ -81,14 +82,20 @@ def chunk_done(path: Path, chunk_id: int) -> bool:
 
 
 def publish_chunk_output(path: Path, chunk_id: int, data: bytes) -> bool:
-    """Publish a chunk's output unless a complete one is already there: with backup copies
-    (or a taken-over chunk whose first holder was alive after all) the first complete
-    output wins and the later one is discarded. A damaged file there is replaced. Returns
-    whether ours was published."""
+    """Publish a chunk's output unless one is already there: with backup copies (or a
+    taken-over chunk whose first holder was alive after all) exactly one complete output
+    wins (write_exclusive: link(), never a check-then-replace that two finishers could both
+    pass), and the later one is discarded. A damaged file there is moved aside first (one
+    mover wins the rename), then ours is offered again. Returns whether ours was published."""
+    if write_exclusive(path, data):
+        return True
     if chunk_done(path, chunk_id):
         return False
-    write_atomic(path, data)
-    return True
+    try:
+        os.rename(path, path.with_name(f".{path.name}.damaged-{uuid.uuid4().hex[:8]}"))
+    except FileNotFoundError:
+        pass
+    return write_exclusive(path, data)
 
 
 class ChunkSource:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .files import read_json
 from .layout import RunDir, read_heartbeats
+from .lease import age, server_now
 
 
 @dataclass(frozen=True)
@@ -67,23 +68,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale(st: os.stat_result, owner: Owner | None, lease_s: float, now: float) -> bool:
-    age = now - st.st_mtime
+OWNERLESS_GRACE_S = 30.0  # a claim file still empty: being written now (a death mid-write leaves it so)
+
+
+def _stale(age: float, owner: Owner | None, lease_s: float) -> bool:
+    """`age`: seconds since the claim was last refreshed, by the file server's clock."""
     if age > lease_s:
         return True
     if owner is None:
-        # Being written right now, or garbage: give the writer a moment.
-        return age > 5.0
+        return age > OWNERLESS_GRACE_S
     return owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid)
 
 
 def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:
-    """A claim is stale when its lease ran out or its holder died on this host."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    return _stale(st, read_owner(path), lease_s, now or time.time())
+    """A claim is stale when its lease ran out (by the file server's clock: `now` from
+    lease.server_now, never this node's) or its holder died on this host."""
+    a = age(path, now if now is not None else server_now(path.parent))
+    return a is not None and _stale(a, read_owner(path), lease_s)
 
 
 def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
@@ -99,7 +100,8 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     except FileNotFoundError:
         return False
     try:
-        if not _stale(grave.stat(), read_owner(grave), lease_s, time.time()):
+        a = age(grave, server_now(run.claims))
+        if a is not None and not _stale(a, read_owner(grave), lease_s):
             try:
                 os.link(grave, path)  # give it back; fails only if yet another claim exists
             except FileExistsError:
@@ -131,11 +133,12 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
     """Drop stale claims and claims held by workers known to be dead (used on relaunch)."""
     dropped = []
     done = run.done_chunks()
+    now = server_now(run.claims)
     for chunk_id in sorted(run.claimed_chunks()):
         path = run.claim_path(chunk_id)
         owner = read_owner(path)
         dead = owner is not None and dead_workers is not None and owner.worker_id in dead_workers
-        if dead or is_stale(path, lease_s) or chunk_id in done:
+        if dead or is_stale(path, lease_s, now) or chunk_id in done:
             try:
                 os.unlink(path)
                 dropped.append(chunk_id)
@@ -146,9 +149,19 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
 
 def live_claims(run: RunDir, lease_s: float) -> set[int]:
     """Chunks being worked on right now: claimed, not done, lease not run out, holder not dead."""
-    now = time.time()
+    now = server_now(run.claims)
     return {cid for cid in run.claimed_chunks() - run.done_chunks()
             if not is_stale(run.claim_path(cid), lease_s, now)}
+
+
+def live_holders(run: RunDir, lease_s: float) -> dict[int, str]:
+    """Chunk -> the worker holding a live claim on it (its attempt is running, not a death)."""
+    out = {}
+    for cid in live_claims(run, lease_s):
+        owner = read_owner(run.claim_path(cid))
+        if owner:
+            out[cid] = owner.worker_id
+    return out
 
 
 def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
@@ -167,77 +180,173 @@ TAIL_SHARE = 1 / 6  # a straggler claims nothing once less than this share of th
 PACE_SAMPLE = 32  # heartbeats read to estimate the median rate (not all: 1,000 workers poll this)
 
 
-def beat_rate(beat: dict) -> float:
-    """A worker's records per second since it started, from its heartbeat."""
-    elapsed = max(float(beat.get("t", 0)) - float(beat.get("started", 0)), 1e-6)
-    return (int(beat.get("records_done", 0)) + sum((beat.get("in_flight") or {}).values())) / elapsed
+def rate(beat: dict) -> float | None:
+    """A worker's records finished per second over its recent window (the `recent` samples
+    of its heartbeat, one clock: the worker's own), or None before it has two samples."""
+    recent = beat.get("recent") or []
+    if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+        return (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+    return None
+
+
+def read_beat(path: Path, now: float) -> tuple[dict, float] | None:
+    """(a heartbeat, its age by the file server's clock `now`), or None (gone, being replaced)."""
+    try:
+        with open(path, "rb") as f:
+            beat = json.loads(f.read())
+            mtime = os.fstat(f.fileno()).st_mtime
+    except (OSError, ValueError):
+        return None
+    return (beat, now - mtime) if isinstance(beat, dict) else None
+
+
+def live(beat: dict, beat_age: float, fresh_s: float) -> bool:
+    """The worker is alive and working: its beat is fresh by the server's clock."""
+    return beat.get("state") in ("loading", "running") and beat_age < fresh_s
 
 
 @dataclass
 class Pace:
-    ratio: float  # this worker's rate / the median rate, at most 1
-    others_running: bool  # a sampled other worker is running now (its heartbeat is fresh)
+    ratio: float  # this worker's rate / the median rate of the live workers sampled, at most 1
+    others_running: bool  # a sampled other worker is live and not a straggler itself
 
 
 def pace(run: RunDir, worker_id: str, fresh_s: float, rng: random.Random | None = None) -> Pace | None:
-    """This worker's rate over the median rate of a sample of the others' heartbeats, or
-    None while no sampled worker has finished a record yet. Under STRAGGLER, the worker
-    holds fewer sequences and leaves the last chunks to the others (loop.py); the same
-    policy is simulated in bench/balance.py."""
+    """This worker's recent rate over the median recent rate of a sample of the *live*
+    others (workers of earlier launches, finished or dead, never count), or None while
+    that is unknown. Under STRAGGLER, the worker holds fewer sequences and leaves the last
+    chunks to the others (worker.py); bench/balance.py simulates the same policy."""
+    now = server_now(run.heartbeats)
+    mine = read_beat(run.heartbeat_path(worker_id), now)
+    own = rate(mine[0]) if mine else None
+    if own is None:
+        return None
     try:
         names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json") and n != f"{worker_id}.json"]
-        own = beat_rate(read_json(run.heartbeat_path(worker_id)))
-    except (OSError, ValueError):
+    except OSError:
         return None
-    rates, running, now = [], False, time.time()
+    rates = []
     for name in (rng or random).sample(names, min(PACE_SAMPLE, len(names))):
-        try:
-            beat = read_json(run.heartbeats / name)
-        except (OSError, ValueError):
-            continue  # being replaced right now
-        if beat.get("records_done"):
-            rates.append(beat_rate(beat))
-        running = running or (beat.get("state") == "running" and now - float(beat.get("t", 0)) < fresh_s)
+        found = read_beat(run.heartbeats / name, now)
+        if found and live(found[0], found[1], fresh_s):
+            r = rate(found[0])
+            if r is not None and r > 0:
+                rates.append(r)
     rates.sort()
-    if not rates or rates[len(rates) // 2] <= 0:
+    if not rates:
         return None
-    return Pace(min(1.0, own / rates[len(rates) // 2]), running)
+    median = rates[len(rates) // 2]
+    return Pace(min(1.0, own / median), any(r >= STRAGGLER * median for r in rates))
 
 
 def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[int, float]]:
-    """(records finished so far, the holder's records per second) for each chunk in flight,
-    from the holders' latest heartbeats; `rates` collects every worker's rate."""
+    """(records finished so far, the holder's recent records per second) for each chunk in
+    flight, from the holders' latest heartbeats; `rates` collects every worker's rate."""
     out: dict[int, tuple[int, float]] = {}
     for beat in beats:
-        rate = beat_rate(beat)
-        if beat.get("records_done"):
-            rates.append(rate)
+        r = rate(beat) or 0.0
+        rates.append(r)
         for cid, done in (beat.get("in_flight") or {}).items():
             if int(done) >= out.get(int(cid), (-1, 0.0))[0]:
-                out[int(cid)] = (int(done), rate)
+                out[int(cid)] = (int(done), r)
     return out
 
 
-def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float) -> int | None:
+def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float, fresh_s: float) -> int | None:
     """The chunk most likely to finish last: held by a live straggler, not done, no backup yet,
-    with the longest expected time left = records left / the holder's rate (from the
-    holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
+    with the longest expected time left = records left / the holder's recent rate (from the
+    live holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
     backed = {int(n[:5]) for n in os.listdir(run.claims) if n.endswith(".backup") and n[:5].isdigit()}
-    live = live_claims(run, lease_s) - backed
-    if not live:
+    held = live_claims(run, lease_s) - backed
+    if not held:
         return None
+    now = server_now(run.heartbeats)
+    beats = [b for b, a in filter(None, (read_beat(p, now) for p in run.heartbeats.glob("*.json")))
+             if live(b, a, fresh_s)]
     rates: list[float] = []
-    progress = progress_by_chunk(read_heartbeats(run), rates)
+    progress = progress_by_chunk(beats, rates)
 
     def time_left(c: int) -> float:
-        done, rate = progress.get(c, (0, 0.0))
-        return (sizes.get(c, 0) - done) / max(rate, 1e-3)
+        done, r = progress.get(c, (0, 0.0))
+        return (sizes.get(c, 0) - done) / max(r, 1e-3)
 
-    # only a straggler's chunks: a holder under STRAGGLER x the median rate of all workers
+    # only a straggler's chunks: a holder under STRAGGLER x the median rate of the live workers
     # (a backup of a chunk a normal worker holds rarely wins and costs batch time)
-    rates = sorted(rates or [r for _, r in progress.values()])
+    rates.sort()
     median = rates[len(rates) // 2] if rates else 0.0
-    live = {c for c in live if progress.get(c, (0, 0.0))[1] < STRAGGLER * median}
-    if not live:
+    held = {c for c in held if progress.get(c, (0, 0.0))[1] < STRAGGLER * median}
+    if not held:
         return None
-    return max(sorted(live), key=time_left)
+    return max(sorted(held), key=time_left)
+
+
+class Claimer:
+    """Which chunk a worker tries next, with few file-system calls at any scale: first its
+    own stripe (rank, rank + of, ...: chunks are ordered largest first, so the first `of`
+    chunks go one to each worker with no contention and no listing), then the chunks a
+    listing of claims/ and out/ shows free, in order, then stale claims. A listing is made
+    when the last one's free chunks are used up, and always once more before saying that
+    nothing is left."""
+
+    def __init__(self, run: RunDir, n_chunks: int, owner: Owner, lease_s: float, rank: int = 0, of: int = 1):
+        self.run, self.n, self.owner, self.lease_s = run, n_chunks, owner, lease_s
+        self.stripe = list(range(rank % n_chunks, n_chunks, max(1, of))) if n_chunks else []
+        self.taken: set[int] = set()  # done or claimed by someone, as far as we know
+        self._free: list[int] = []
+        self._claimed_not_done: list[int] = []
+        self._listed = 0.0
+        self.listings = 0
+
+    def _list(self) -> None:
+        self._listed = time.time()
+        self.listings += 1
+        claimed, done = self.run.claimed_chunks(), self.run.done_chunks()
+        self.taken = claimed | done
+        self._claimed_not_done = sorted(claimed - done)
+        self._free = [c for c in range(self.n) if c not in self.taken]
+
+    def _try(self, cid: int) -> bool:
+        if try_claim(self.run, cid, self.owner):
+            if not self.run.chunk_done(cid):
+                return True
+            release(self.run, cid, self.owner)
+        self.taken.add(cid)
+        return False
+
+    def _from_free(self, skip) -> int | None:
+        for cid in list(self._free):
+            if cid in self.taken or skip(cid):
+                continue
+            self._free.remove(cid)
+            if self._try(cid):
+                return cid
+        return None
+
+    def next(self, skip=lambda cid: False) -> int | None:
+        """Claim a chunk; never one `skip` says to leave for now (a suspect while others run)."""
+        while self.stripe:
+            cid = self.stripe[0]
+            if cid in self.taken:
+                self.stripe.pop(0)
+                continue
+            if skip(cid):
+                break
+            self.stripe.pop(0)
+            if self._try(cid):
+                return cid
+        if not self._free:
+            self._list()
+        cid = self._from_free(skip)
+        if cid is None and time.time() - self._listed > 0.2:  # that listing was not fresh: look again
+            self._list()
+            cid = self._from_free(skip)
+        if cid is not None:
+            return cid
+        now = server_now(self.run.claims)
+        for cid in self._claimed_not_done:
+            if not skip(cid) and is_stale(self.run.claim_path(cid), self.lease_s, now) and \
+                    take_over(self.run, cid, self.owner, self.lease_s):
+                if not self.run.chunk_done(cid):
+                    return cid
+                release(self.run, cid, self.owner)
+        return None

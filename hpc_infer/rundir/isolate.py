@@ -3,8 +3,9 @@
 A record that ends the engine's process (a segfault, the OOM killer, a CUDA error that
 takes the engine down) cannot become an error record the usual way: nothing survives
 to write it. MapReduce's skip-bad-records mode is the model. Every time a range of a
-chunk's records goes into an engine, one line is appended to `claims/C.attempts`; a
-range that was put in and never written out was in the batch when its worker died. A
+chunk's records goes into an engine, one file is written into `attempts/C/` (a file of its
+own, published by rename: appends from several nodes are not atomic on NFS); a range that
+was put in and never written out was in the batch when its worker died. A
 chunk whose whole range died `max_attempts` times is a suspect: the worker that claims
 it next runs it alone (nothing else in its batch, so a death blames only this chunk) and
 bisects: the halves of a range that died are tried one after the other, each finished
@@ -14,20 +15,24 @@ rest of the chunk completes. Everything lives on disk, so the search goes on acr
 workers, resubmissions and relaunches; a death costs one engine start, and a chunk of n
 records with one poison record costs at most 2 x max_attempts + ceil(log2 n) deaths
 (tests/test_poison.py checks the bound). A worker that stops with an error that is not
-the engine's death (a bug, a cancel, a preemption) takes its attempts back. Standard
-library only: the worker imports it inside the cluster's image.
+the engine's death (a bug, a cancel, a scheduler's kill it caught) takes its attempts back,
+and attempts of workers `hpc-infer cancel` ended (rundir/jobs.py: `cancelled`) or of the
+chunk's live holder never count: a kill is not a poison record. Standard library only: the
+worker imports it inside the cluster's image.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
+from typing import Iterable
 
-from .files import read_jsonl, write_jsonl
+from . import jobs
+from .files import read_json, read_jsonl, write_json, write_jsonl
 from .layout import RunDir
 
 Range = tuple[int, int]  # record offsets within the chunk, [lo, hi)
@@ -41,7 +46,8 @@ class EngineDied(RuntimeError):
 
 
 def attempts_path(run: RunDir, chunk_id: int) -> Path:
-    return run.claims / f"{chunk_id:05d}.attempts"
+    """The folder of a chunk's attempts (one file each)."""
+    return run.root / "attempts" / f"{chunk_id:05d}"
 
 
 def parts_dir(run: RunDir, chunk_id: int) -> Path:
@@ -49,46 +55,50 @@ def parts_dir(run: RunDir, chunk_id: int) -> Path:
 
 
 def record_attempt(run: RunDir, chunk_id: int, rng: Range, worker: str, alone: bool, released: bool = False) -> None:
-    """One line per range put into an engine (`alone`: nothing else in its batch), appended
-    before the engine sees it (O_APPEND: one write, never interleaved). `released`: the
-    worker stopped with a Python error that is not the engine's death (a bug, a cancel, a
-    preemption), so that attempt says nothing about the records and is taken back."""
-    line = json.dumps({"range": list(rng), "alone": alone, "worker": worker, "t": round(time.time(), 3),
-                       **({"released": True} if released else {})}) + "\n"
-    line = "\n" + line  # a line torn by a death mid-write stays a line of its own (skipped), never joins ours
-    fd = os.open(attempts_path(run, chunk_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """One file per range put into an engine (`alone`: nothing else in its batch), written
+    before the engine sees it. `released`: the worker stopped for a reason that is not the
+    engine's death (a bug, a cancel, a preemption), so that attempt says nothing about the
+    records and is taken back."""
+    folder = attempts_path(run, chunk_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json",
+               {"range": list(rng), "alone": alone, "worker": worker, "t": round(time.time(), 3),
+                **({"released": True} if released else {})})
 
 
-def attempts(run: RunDir, chunk_id: int) -> tuple[int, collections.Counter]:
+def attempts(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> tuple[int, collections.Counter]:
     """(times the whole chunk went into an engine among other chunks, times each range went
-    in alone); a torn last line is skipped."""
-    shared, alone = 0, collections.Counter()
+    in alone) that ended in a death: not taken back, not by a worker `hpc-infer cancel`
+    ended, not by a worker in `exclude` (the chunk's live holder: its attempt is running)."""
+    folder = attempts_path(run, chunk_id)
     try:
-        with open(attempts_path(run, chunk_id), "rb") as f:
-            for line in f:
-                try:
-                    d = json.loads(line)
-                    lo, hi = d["range"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                n = -1 if d.get("released") else 1
-                if d.get("alone"):
-                    alone[(int(lo), int(hi))] += n
-                else:
-                    shared += n
+        names = sorted(os.listdir(folder))
     except FileNotFoundError:
-        pass
-    return shared, alone
+        return 0, collections.Counter()
+    not_deaths = set(exclude) | jobs.cancelled(run.root)
+    shared, alone = 0, collections.Counter()
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        try:
+            d = read_json(folder / name)
+            lo, hi = d["range"]
+            worker = str(d.get("worker"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if worker in not_deaths:
+            continue
+        n = -1 if d.get("released") else 1
+        if d.get("alone"):
+            alone[(int(lo), int(hi))] += n
+        else:
+            shared += n
+    return max(shared, 0), +alone
 
 
-def deaths(run: RunDir, chunk_id: int) -> int:
+def deaths(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> int:
     """Times a worker died with some of this chunk in its engine's batch."""
-    shared, alone = attempts(run, chunk_id)
+    shared, alone = attempts(run, chunk_id, exclude)
     return shared + sum(alone.values())
 
 
@@ -177,7 +187,10 @@ def run_marker(run: RunDir) -> tuple[int, int, int]:
     """Changes whenever a round of workers got further: a chunk published, an engine death
     recorded, a part saved (attempts taken back do not count). The launcher resubmits only
     after a round that changed it."""
-    died = sum(deaths(run, int(name[:5])) for name in os.listdir(run.claims)
-               if name.endswith(".attempts") and name[:5].isdigit())
+    try:
+        tried = [int(n) for n in os.listdir(run.root / "attempts") if n.isdigit()]
+    except FileNotFoundError:
+        tried = []
+    died = sum(deaths(run, cid) for cid in tried)
     parts = sum(len(files) for _, _, files in os.walk(run.root / "parts"))
     return len(run.done_chunks()), died, parts

@@ -10,7 +10,9 @@ A record: {"backend", "time", "kind", "job_ids", "indices"?}; kinds:
 - `replicas`: serve replicas, `indices[i]` the replica number of `job_ids[i]`;
 - `router`: a serve run's router;
 - `cancelled`: job ids `hpc-infer cancel` / `serve stop` ended on purpose (their
-  workers' engine attempts are not engine deaths: rundir/isolate.py).
+  workers' engine attempts are not engine deaths: rundir/isolate.py);
+- `launch`: one launch's span, {started, ended} on the launcher's clock (the summary's
+  wall time).
 
 A run written by an older hpc_infer has one `jobs.json`; it is read as its records.
 Standard library only.
@@ -37,16 +39,24 @@ class Record:
     job_ids: list[str]
     time: float = 0.0
     indices: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
 
-def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None) -> None:
+def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None,
+        **extra) -> None:
     """One more record; concurrent writers each get their own file."""
     folder = Path(root) / FOLDER
     folder.mkdir(exist_ok=True)
     now = time.time()
     write_json(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json",
                {"backend": backend, "kind": kind, "time": now, "job_ids": list(job_ids),
-                **({"indices": list(indices)} if indices is not None else {})})
+                **({"indices": list(indices)} if indices is not None else {}), **extra})
+
+
+def launches(root: Path) -> list[dict]:
+    """Each launch's span on the launcher's own clock ({started, ended}, kind `launch`):
+    one clock per launch, so a run's wall time never mixes the file server's and nodes'."""
+    return [dict(r.extra) for r in records(root) if r.kind == "launch" and "started" in r.extra]
 
 
 def _legacy(root: Path) -> list[Record]:
@@ -78,8 +88,10 @@ def records(root: Path) -> list[Record]:
             continue
         try:
             d = read_json(root / FOLDER / name)
+            known = ("backend", "kind", "job_ids", "time", "indices")
             out.append(Record(str(d["backend"]), str(d["kind"]), [str(j) for j in d["job_ids"]],
-                              float(d.get("time", 0)), [int(i) for i in d.get("indices", [])]))
+                              float(d.get("time", 0)), [int(i) for i in d.get("indices", [])],
+                              {k: v for k, v in d.items() if k not in known}))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out

@@ -10,7 +10,7 @@ from .chunks import chunk_done, read_chunk_source
 from .files import current_umask, read_json
 
 # the folders steps write into (each checked like the run directory itself: rundir/trust.py)
-SUBDIRS = ("claims", "out", "heartbeats", "logs", "parts", "jobs")
+SUBDIRS = ("claims", "out", "heartbeats", "logs", "parts", "jobs", "attempts")
 
 
 @dataclass(frozen=True)

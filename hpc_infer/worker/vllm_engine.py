@@ -1,4 +1,4 @@
-"""The vLLM engine inside a worker: built once per task, fed chunk after chunk.
+"""vLLM as the worker's engine (worker/protocol.py): built once per task, fed chunk after chunk.
 
 Generation: chunks are enqueued into one running engine (`LLM.enqueue` /
 `LLM.enqueue_chat`, then `llm_engine.step()`), so the batch never drains at a chunk
@@ -12,21 +12,15 @@ image, not in the user's environment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-
-def record_seed(run_seed: int, record_id: str) -> int:
-    """A per-record seed, so a record's sample does not depend on chunking or worker."""
-    digest = hashlib.sha256(f"{run_seed}:{record_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+from .protocol import POOLING_TASKS, ModelNotServed, TooLong, error_result, record_seed
 
 
-_SHARED: dict[str, "Engine"] = {}
-POOLING_TASKS = ("embed", "classify", "score")
+_SHARED: dict[str, "VllmEngine"] = {}
 
 
 def sampling_params(kw: dict[str, Any]):
@@ -140,30 +134,7 @@ def served_model_check(record: dict, names: set[str]) -> None:
         raise ModelNotServed(f"The model `{want}` does not exist.")
 
 
-class ModelNotServed(LookupError):
-    status = 404
-
-
-class TooLong(ValueError):
-    """Prompt + max_tokens over max_model_len, found at plan time (data.too_long=mark)."""
-
-    status = 400
-    parameter = "input_tokens"
-
-
-def error_result(record: dict, exc: BaseException, status: int | None = None) -> dict:
-    """The record, failed: its error in place of outputs. Counted once, like a result; the
-    merge lists it in errors.jsonl. `code` is the HTTP status vLLM's server would give."""
-    message = str(exc).strip() or type(exc).__name__
-    res = dict(record)
-    res.update(text=None, outputs=[], prompt_tokens=0, output_tokens=0,
-               error={"type": getattr(exc, "kind", None) or type(exc).__name__, "message": message[:4000],
-                      "param": getattr(exc, "parameter", None),
-                      "code": status or getattr(exc, "status", None) or 400})
-    return res
-
-
-class Engine:
+class VllmEngine:
     """One vLLM `LLM`; records in, finished result records out, in any order."""
 
     def __init__(self, model: dict[str, Any]):
@@ -201,7 +172,7 @@ class Engine:
                                          *(model.get("aliases") or [])) if n}
 
     @classmethod
-    def shared(cls, model: dict[str, Any]) -> "Engine":
+    def shared(cls, model: dict[str, Any]) -> "VllmEngine":
         """One engine per model per process: the debug backend runs successive workers
         (relaunches, multirun) in one process, and loading the model is the slow part."""
         key = json.dumps(model, sort_keys=True)

@@ -1,0 +1,108 @@
+"""A deterministic engine with no model: for protocol tests and benches (worker/protocol.py).
+
+Chosen by the worker when `HPC_INFER_FAKE_ENGINE` holds its settings as JSON (never
+through a run's config: a run is never fake by accident). Each record generates
+`max_tokens` tokens (the run's or the record's sampling; `tokens` overrides), at most
+`max_num_seqs` requests run at once, each step advances every running request by one
+token and takes `step_s` seconds: a known rate of max_num_seqs / step_s tokens per
+second. Settings:
+
+    {"step_s": 0.002, "max_num_seqs": 64, "tokens": null, "start_s": 0.0,
+     "fail_ids": ["r3"], "die_ids": ["r7"], "slow": {"worker-id-part": 5.0}}
+
+`fail_ids` come back as error records (what vLLM refuses); a record in `die_ids` makes
+step() raise as vLLM's EngineDeadError does (a poison record); `slow` multiplies step_s
+for workers whose id contains the key (a straggler). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from typing import Any
+
+from .protocol import error_result
+
+ENV = "HPC_INFER_FAKE_ENGINE"
+
+
+class FakeEngineDied(RuntimeError):
+    engine_died = True  # what rundir/isolate.engine_died looks for
+
+
+class FakeRefused(ValueError):
+    kind = "fake_refused"
+    status = 400
+
+
+def settings() -> dict | None:
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else None
+
+
+class FakeEngine:
+    def __init__(self, conf: dict, worker_id: str = ""):
+        self.step_s = float(conf.get("step_s", 0.002))
+        for part, factor in (conf.get("slow") or {}).items():
+            if part in worker_id:
+                self.step_s *= float(factor)
+        self.max_num_seqs = int(conf.get("max_num_seqs", 64))
+        self.tokens = conf.get("tokens")
+        self.fail_ids = set(map(str, conf.get("fail_ids") or []))
+        self.die_ids = set(map(str, conf.get("die_ids") or []))
+        self.generating_tokens = 0
+        self._waiting: deque[list] = deque()  # [record, tokens wanted, tokens so far]
+        self._running: list[list] = []
+        self._errors: list[dict] = []
+        time.sleep(float(conf.get("start_s", 0.0)))  # an engine's start
+
+    @property
+    def unfinished(self) -> int:
+        return len(self._waiting) + len(self._running) + len(self._errors)
+
+    def add(self, records: list[dict], sampling: dict[str, Any] | None, seed: int | None) -> None:
+        for r in records:
+            r.pop("too_long", None)
+            if str(r.get("id")) in self.fail_ids:
+                self._errors.append(error_result(r, FakeRefused(f"refused by the fake engine: {r.get('id')}")))
+                continue
+            want = self.tokens or (r.get("sampling") or {}).get("max_tokens") or (sampling or {}).get("max_tokens") or 16
+            self._waiting.append([r, int(want), 0])
+
+    def step(self) -> list[dict]:
+        done, self._errors = self._errors, []
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            self._running.append(self._waiting.popleft())
+        if not self._running:
+            return done
+        time.sleep(self.step_s)
+        for req in self._running:
+            if str(req[0].get("id")) in self.die_ids:
+                raise FakeEngineDied(f"the fake engine died on record {req[0].get('id')}")
+            req[2] += 1
+        self.generating_tokens += len(self._running)
+        still = []
+        for record, want, have in self._running:
+            if have >= want:
+                self.generating_tokens -= have
+                text = f"fake {record.get('id')} {have}"
+                done.append(dict(record, text=text, prompt_tokens=len(str(record.get("prompt") or "")) // 4,
+                                 output_tokens=have, outputs=[{"text": text, "finish_reason": "length",
+                                                               "stop_reason": None, "num_tokens": have}]))
+            else:
+                still.append([record, want, have])
+        self._running = still
+        return done
+
+    def abort(self, chunk_id: int) -> int:
+        n = 0
+        for queue in (self._waiting, self._running):
+            keep = [q for q in queue if q[0].get("chunk") != chunk_id]
+            n += len(queue) - len(keep)
+            self.generating_tokens -= sum(q[2] for q in queue if q[0].get("chunk") == chunk_id)
+            queue.clear()
+            queue.extend(keep)
+        self._errors = [r for r in self._errors if r.get("chunk") != chunk_id]
+        return n

@@ -1,0 +1,128 @@
+"""A worker's heartbeat: its claims refreshed and `heartbeats/W.json` written, from a thread.
+
+A shared file system fails in ways a local disk does not (ESTALE, EIO, a full quota): a
+failed beat is logged (once per kind of error, then every minute) and retried at the next
+interval, never silently dropped. While beats fail the worker is `unhealthy` and claims
+no new work (worker.py): its leases will run out and others will take its chunks over.
+The run counts as deleted only when its directory is gone on two looks in a row (a
+transient failure to see the manifest is not a deletion).
+
+The beat carries what progress needs (run/progress.py: one estimator for launch and
+status): records and output tokens of *finished* records (published chunks and finished
+rows of chunks in flight), and `recent`, the last samples of those two counters with
+their time, from which a rate over a recent window is computed. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from ..host import procs
+from ..rundir import RunDir, claims, write_json
+
+RECENT = 12  # samples kept in the beat: 12 x heartbeat_s is the window rates are measured over
+
+
+class Heartbeat:
+    def __init__(self, run: RunDir, owner: claims.Owner, interval_s: float, lease_s: float):
+        self.run, self.owner, self.interval_s, self.lease_s = run, owner, interval_s, lease_s
+        self.state: dict[str, Any] = {
+            "worker": owner.worker_id,
+            "host": owner.host,
+            "pid": owner.pid,
+            "pid_start": procs.this_process().start,  # with pid: exactly this process, for `cancel`
+            "python": sys.executable,  # inside a container: the image's interpreter
+            "started": time.time(),
+            "state": "starting",
+            "in_flight": {},  # chunk id -> records finished so far
+            "held": [],  # the chunks whose claims are ours (refreshed with every beat)
+            "chunks_done": 0,
+            "records_done": 0,  # records of chunks this worker published
+            "prompt_tokens": 0,
+            "output_tokens": 0,
+            "in_flight_tokens": 0,  # output tokens of finished records in chunks not yet published
+            "in_flight_prompt_tokens": 0,
+            "generating_tokens": 0,  # tokens of requests still generating (shown, never counted as done)
+            "recent": [],  # [t, records finished, output tokens finished]: the rate window
+            "engine_start_s": None,
+            # Whether a token reached this job (never its value): `status` can tell users.
+            "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
+        }
+        self.run_deleted = False
+        self.last_ok = time.time()
+        self._errors: dict[str, float] = {}  # kind of error -> when it was last logged
+        self._missing = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="hpc_infer-heartbeat")
+
+    @property
+    def healthy(self) -> bool:
+        """Beats reached the run directory lately (within half a lease)."""
+        return time.time() - self.last_ok < self.lease_s / 2
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def update(self, **kw: Any) -> None:
+        with self._lock:
+            self.state.update(kw)
+
+    def finished_counts(self) -> tuple[int, int]:
+        s = self.state
+        return (s["records_done"] + sum((s["in_flight"] or {}).values()),
+                s["output_tokens"] + s.get("in_flight_tokens", 0))
+
+    def beat(self) -> None:
+        now = time.time()
+        with self._lock:
+            records, tokens = self.finished_counts()
+            recent = (self.state["recent"] + [[round(now, 3), records, tokens]])[-RECENT:]
+            self.state["recent"] = recent
+            state = dict(self.state, in_flight=dict(self.state["in_flight"]), recent=list(recent), t=now)
+        for cid in state.get("held") or []:  # our own claims (a backup copy's claim is its holder's)
+            claims.refresh(self.run, int(cid))
+        write_json(self.run.heartbeat_path(self.owner.worker_id), state)
+        self.last_ok = time.time()
+
+    def _log(self, e: OSError) -> None:
+        kind = f"{type(e).__name__}:{getattr(e, 'errno', '')}"
+        now = time.time()
+        if now - self._errors.get(kind, 0.0) >= 60.0:
+            self._errors[kind] = now
+            print(f"[hpc_infer] worker {self.owner.worker_id}: heartbeat failed ({e}); retrying every "
+                  f"{self.interval_s:g}s; no new chunk is claimed while it fails", file=sys.stderr, flush=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                gone = not self.run.root.exists()
+            except OSError as e:
+                self._log(e)
+                continue
+            self._missing = self._missing + 1 if gone else 0
+            if self._missing >= 2:
+                self.run_deleted = True  # the main loop stops at its next step
+                return
+            if gone:
+                continue
+            try:
+                self.beat()
+            except OSError as e:
+                self._log(e)
+
+    def stop(self, final_state: str, **kw: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 5)
+        self.update(state=final_state, in_flight={}, held=[], in_flight_tokens=0, in_flight_prompt_tokens=0,
+                    generating_tokens=0, finished_at=time.time(), **kw)
+        try:
+            self.beat()
+        except OSError as e:
+            self._log(e)

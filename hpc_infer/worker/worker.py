@@ -1,0 +1,483 @@
+"""The worker: claim a chunk, put its records into an engine, publish what finishes, repeat.
+
+Runs inside the job (often inside the cluster's vLLM image), so it imports only the
+standard library, the run-directory protocol (hpc_infer/rundir) and, lazily, its engine.
+Everything it needs comes from `worker.json` in the run directory, never from a pickle or
+command line. The engine is anything with the small protocol of worker/protocol.py:
+vLLM in this process, running servers over HTTP, or the fake engine of the tests.
+
+    python -m hpc_infer.worker RUN_DIR [--worker-id ID]
+
+What stops it, and what it leaves:
+- every chunk published (or nothing left to claim): exit 0;
+- SIGTERM/SIGINT (scancel, `hpc-infer cancel`, a time limit's end) and SIGUSR2 (the
+  scheduler's warning before a time limit or a preemption, in a rendered script): it
+  stops at its next step, takes its engine attempts back (a kill is not a poison record:
+  rundir/isolate.py), releases its claims, writes a last heartbeat saying why, and exits
+  (75 after SIGUSR2: the rendered script then requeues the task). Under submitit, its
+  own SIGUSR2 handler requeues and exits; the same release runs on the way out;
+- its engine dies (a poison record, the OOM killer): its attempts stay counted, the
+  next holder runs the chunk alone and bisects it (rundir/isolate.py);
+- its heartbeat cannot reach the run directory: it claims nothing new, finishes what it
+  holds if it can, and leaves the rest to others once its leases run out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..rundir import (RunDir, claims, encode_chunk_output, faults, isolate, publish_chunk_output, read_chunk_source,
+                      read_json, set_permissions)
+from .heartbeat import Heartbeat
+
+EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
+CHECK_BACKUPS_S = 5.0  # how often a worker looks whether another copy of a chunk it runs was published
+
+
+def default_worker_id() -> str:
+    """The scheduler's job id (Slurm array task, submitit local job), else host and pid."""
+    env = os.environ
+    if "SUBMITIT_LOCAL_JOB_ID" in env:
+        return env["SUBMITIT_LOCAL_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if "SLURM_JOB_ID" in env:
+        return env["SLURM_JOB_ID"]
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def default_rank() -> tuple[int, int]:
+    """(this worker's index, how many were started with it): the array task's, else (0, 1)."""
+    env = os.environ
+    try:
+        return int(env.get("SLURM_ARRAY_TASK_ID", 0)), int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    except ValueError:
+        return 0, 1
+
+
+class RunDeleted(Exception):
+    """The run directory vanished (deleted by its owner): nothing to write to."""
+
+    def __init__(self, root: Path):
+        super().__init__(f"{root} was deleted while this worker ran; stopping without writing")
+
+
+class Stopped(Exception):
+    """A signal asked the worker to stop (scancel, cancel, a time limit, a preemption)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@dataclass
+class Chunk:
+    id: int
+    size: int
+    started: float
+    backup: bool = False  # a backup copy of a chunk another worker holds
+    rows: list = field(default_factory=list)
+    source: Any = None  # rundir.ChunkSource: where an error record's input line came from
+    records: list = field(default_factory=list)
+    part: tuple[int, int] | None = None  # a suspect chunk runs one range at a time (isolate.py)
+    fed: tuple[int, int] | None = None  # the range whose attempt is recorded and in the engine now
+
+
+class Pacing:
+    """Straggler pacing (bench/balance.py simulates it): a worker slower than STRAGGLER x the
+    live median holds only `share` of a full batch, so less of the run waits on it at the
+    end, and leaves the last TAIL_SHARE of the estimated work to the others while a worker
+    that is not a straggler is live."""
+
+    def __init__(self, run: RunDir, worker_id: str, heartbeat_s: float, est: dict[int, int]):
+        self.run, self.worker_id = run, worker_id
+        self.every, self.fresh_s = max(5.0, 3 * heartbeat_s), 3 * heartbeat_s + 10
+        self.next_at = time.time() + self.every
+        self.share, self.leave_tail = 1.0, False
+        self.est, self.total = est, max(1, sum(est.values()))
+
+    def update(self, claimer: claims.Claimer) -> dict | None:
+        if time.time() < self.next_at:
+            return None
+        self.next_at = time.time() + self.every
+        p = claims.pace(self.run, self.worker_id, fresh_s=self.fresh_s)
+        if p is None:
+            self.share, self.leave_tail = 1.0, False
+            return None
+        straggler = p.ratio < claims.STRAGGLER
+        self.share = p.ratio if straggler else 1.0
+        left = sum(e for cid, e in self.est.items() if cid not in claimer.taken)
+        self.leave_tail = straggler and p.others_running and left < claims.TAIL_SHARE * self.total
+        return {"pace": round(p.ratio, 3), "straggler": straggler}
+
+
+class Worker:
+    """One worker process over one engine; `work()` returns its counters.
+
+    Another chunk is claimed and fed whenever the engine has spare batch capacity (fewer
+    unfinished requests than its max_num_seqs), so the batch never drains at a chunk
+    boundary; a worker holds at most `max_chunks_in_flight` claims (cluster setting,
+    default 16), so it cannot hoard a small run's chunks.
+    """
+
+    def __init__(self, run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None,
+                 rank: int | None = None, of: int | None = None):
+        self.run = RunDir(Path(run_dir))
+        self.spec = spec = read_json(self.run.worker_spec)
+        set_permissions(spec.get("permissions"))
+        manifest = read_json(self.run.manifest)
+        self.planned = {c["id"]: c for c in manifest["chunks"]}
+        self.sizes = {cid: int(c["n_records"]) for cid, c in self.planned.items()}
+        for key, value in (spec.get("env") or {}).items():
+            os.environ.setdefault(key, str(value))
+        os.environ["HF_HUB_OFFLINE"] = "1"  # workers never download; the launcher resolved the model
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        self.owner = claims.Owner.current(worker_id or default_worker_id())
+        self.lease_s = float(spec.get("lease_s", 600))
+        heartbeat_s = float(spec.get("heartbeat_s", 10))
+        self.hb = Heartbeat(self.run, self.owner, heartbeat_s, self.lease_s)
+        if rank is None or of is None:
+            rank, of = default_rank()
+        self.claimer = claims.Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
+        self.pacing = Pacing(self.run, self.owner.worker_id, heartbeat_s,
+                             {cid: int(c.get("est_tokens", 1)) for cid, c in self.planned.items()})
+        self.engine: Any = None
+        self.inflight: dict[int, Chunk] = {}
+        self.max_chunks, self.claimed, self.exhausted = max_chunks, 0, False
+        self.max_in_flight = int(spec.get("max_chunks_in_flight", 16))
+        self.backups_left = int(spec.get("max_backups", 2))
+        self.max_attempts = int(spec.get("max_attempts", 2))
+        self.too_long = spec.get("too_long") or {}
+        self.sampling, self.seed = run_sampling(spec)
+        self.isolating: int | None = None  # the suspect chunk this worker runs alone: nothing else is claimed meanwhile
+        self.suspects_waiting = False  # suspect chunks left for when nothing else is in flight
+        self.stop_signal: int | None = None
+        self._backups_seen_at = 0.0
+
+    # --- the engine -------------------------------------------------------------------------
+    def ensure_engine(self) -> Any:
+        if self.engine is None:
+            self.hb.update(state="loading")
+            t0 = time.time()
+            self.engine = make_engine(self.spec, self.owner.worker_id)
+            self.hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
+                           vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
+                           compile_cache=getattr(self.engine, "compile_cache", None))
+        return self.engine
+
+    def feed(self, chunk: Chunk, lo: int, hi: int) -> None:
+        """Records [lo, hi) of a chunk into the engine, the attempt recorded first: if the
+        engine's process dies now, the next holder knows this range was in its batch."""
+        eng = self.ensure_engine()
+        isolate.record_attempt(self.run, chunk.id, (lo, hi), self.owner.worker_id, alone=chunk.id == self.isolating)
+        chunk.fed = (lo, hi)
+        for r in chunk.records[lo:hi]:
+            faults.point("record", r.get("id"))
+        eng.add(chunk.records[lo:hi], self.sampling, self.seed)
+
+    # --- chunks ----------------------------------------------------------------------------
+    def is_suspect(self, cid: int) -> bool:
+        return isolate.suspect(self.run, cid, self.max_attempts)
+
+    def start(self, cid: int, backup: bool = False) -> Chunk:
+        """Read a chunk's records (checked against the plan) and put it in flight."""
+        source = read_chunk_source(self.run.input_copy, self.planned[cid], self.spec["input"])
+        records = source.records
+        for r in records:
+            r["worker"], r["chunk"] = self.owner.worker_id, cid
+            fit = self.too_long.get(str(r["index"]))
+            if fit:  # found at plan time (models/fit.py): truncated, or failed without the engine
+                r["too_long"] = fit
+        chunk = self.inflight[cid] = Chunk(cid, len(records), time.time(), backup=backup, source=source,
+                                           records=records)
+        self._show_in_flight()
+        return chunk
+
+    def advance(self, chunk: Chunk) -> bool:
+        """A suspect chunk's next range into the engine; True once every record is in a part
+        (its rows then hold the whole chunk, ready to publish)."""
+        while True:
+            step = isolate.next_step((0, chunk.size), isolate.attempts(self.run, chunk.id)[1],
+                                     set(isolate.done_parts(self.run, chunk.id)), self.max_attempts)
+            if step is None:
+                chunk.rows, chunk.part = isolate.read_parts(self.run, chunk.id), None
+                return True
+            what, (lo, hi) = step
+            if what == "poison":
+                from .protocol import error_result
+
+                row = error_result(chunk.records[lo], isolate.poison_reason(self.max_attempts), 500)
+                row.update(chunk.source.origin(lo))
+                isolate.save_part(self.run, chunk.id, (lo, hi), [row])
+                continue
+            chunk.rows, chunk.part = [], (lo, hi)
+            self.feed(chunk, lo, hi)
+            return False
+
+    def publish(self, chunk: Chunk) -> None:
+        """Write a chunk's output (the first complete copy wins), drop its claim, count it."""
+        if not self.run.manifest.exists():
+            raise RunDeleted(self.run.root)
+        rows = sorted(chunk.rows, key=lambda r: r["index"])
+        indices = [r["index"] for r in rows]
+        if indices != list(range(indices[0], indices[0] + len(rows))):
+            raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
+        published = publish_chunk_output(self.run.out_path(chunk.id), chunk.id, encode_chunk_output(
+            chunk.id, rows, worker=self.owner.worker_id, started=round(chunk.started, 3),
+            finished=round(time.time(), 3), **({"backup": True} if chunk.backup else {})))
+        if not chunk.backup:
+            claims.release(self.run, chunk.id, self.owner)
+        if self.isolating == chunk.id:
+            isolate.forget(self.run, chunk.id)
+            self.isolating = None
+            self.hb.update(isolating=None)
+        del self.inflight[chunk.id]
+        s = self.hb.state
+        if not published:  # another copy finished first: ours is discarded, nothing counted twice
+            self.hb.update(abandoned=s.get("abandoned", 0) + 1)
+            return
+        self.hb.update(chunks_done=s["chunks_done"] + 1, records_done=s["records_done"] + len(rows),
+                       prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in rows),
+                       output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in rows),
+                       last_chunk_s=round(time.time() - chunk.started, 3))
+
+    def _show_in_flight(self) -> None:
+        rows = [r for k in self.inflight.values() for r in k.rows]
+        self.hb.update(in_flight={c: len(k.rows) for c, k in self.inflight.items()},
+                       held=[c for c, k in self.inflight.items() if not k.backup],
+                       in_flight_tokens=sum(r["output_tokens"] for r in rows),
+                       in_flight_prompt_tokens=sum(r["prompt_tokens"] for r in rows))
+
+    # --- one turn of the loop --------------------------------------------------------------
+    def fill(self) -> None:
+        """Claim and feed chunks while the engine has room."""
+        while not self.exhausted and not self.pacing.leave_tail and self.isolating is None \
+                and not self.suspects_waiting and len(self.inflight) < self.max_in_flight and self.hb.healthy \
+                and self.stop_signal is None and (self.engine is None or self.engine.unfinished < max(
+                    1, int(self.engine.max_num_seqs * self.pacing.share))):
+            if self.max_chunks is not None and self.claimed >= self.max_chunks:
+                self.exhausted = True
+                return
+            deferred: list[int] = []
+
+            def skip(c: int) -> bool:  # a suspect runs alone: left for later while others are in flight
+                if self.inflight and self.is_suspect(c):
+                    deferred.append(c)
+                    return True
+                return False
+
+            cid = self.claimer.next(skip)
+            if cid is None:
+                self.suspects_waiting = bool(deferred)
+                self.exhausted = not deferred
+                return
+            faults.point("claimed", self.run.claim_path(cid))
+            chunk = self.start(cid)
+            self.claimed += 1
+            if self.is_suspect(cid):
+                self.isolating = cid
+                self.hb.update(isolating=cid)
+                if self.advance(chunk):  # every record already in a part (a holder died publishing)
+                    self.publish(chunk)
+            else:
+                self.feed(chunk, 0, chunk.size)
+
+    def try_backup(self) -> None:
+        """Nothing left to claim and idle: re-execute the tail (MapReduce's backup tasks); the
+        first complete output wins (rundir/chunks.py: publish_chunk_output)."""
+        for _ in range(3):
+            cid = claims.backup_candidate(self.run, self.sizes, self.lease_s, self.pacing.fresh_s)
+            if cid is None or isolate.suspect(self.run, cid, self.max_attempts):
+                return  # a suspect's holder runs it alone, slowly, on purpose
+            if claims.try_backup(self.run, cid, self.owner) and not self.run.chunk_done(cid):
+                self.backups_left -= 1
+                self.hb.update(backups=self.hb.state.get("backups", 0) + 1)
+                chunk = self.start(cid, backup=True)
+                self.feed(chunk, 0, self.sizes[cid])
+                return
+
+    def take_finished(self, finished: list[dict]) -> None:
+        for row in finished:
+            chunk = self.inflight[row["chunk"]]
+            if row.get("error"):  # refused by the engine: the record's error, with its input line
+                row.update(chunk.source.origin(row["index"] - chunk.source.first_index))
+            chunk.rows.append(row)
+        for chunk in [self.inflight[c] for c in {r["chunk"] for r in finished}]:
+            if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
+                if not self.run.manifest.exists():
+                    raise RunDeleted(self.run.root)
+                isolate.save_part(self.run, chunk.id, chunk.part, chunk.rows)
+                chunk.fed = None  # written: nothing of this chunk is in the engine now
+                if not self.advance(chunk):
+                    continue
+            if chunk.part is None and len(chunk.rows) == chunk.size:
+                self.publish(chunk)
+        if finished:
+            self._show_in_flight()
+
+    def drop_published_elsewhere(self) -> None:
+        """Stop running chunks another copy of which was published (a backup raced ours). Only
+        chunks with a backup marker can have two copies: one listing every CHECK_BACKUPS_S,
+        then a stat of those alone."""
+        if time.time() - self._backups_seen_at < CHECK_BACKUPS_S:
+            return
+        self._backups_seen_at = time.time()
+        try:
+            backed = {int(n[:5]) for n in os.listdir(self.run.claims) if n.endswith(".backup") and n[:5].isdigit()}
+        except OSError:
+            return
+        for cid in [c for c in self.inflight if c in backed and self.run.chunk_done(c)]:
+            self.engine.abort(cid)
+            if self.isolating == cid:
+                self.isolating = None
+            if not self.inflight[cid].backup:
+                claims.release(self.run, cid, self.owner)
+            del self.inflight[cid]
+            self.hb.update(abandoned=self.hb.state.get("abandoned", 0) + 1)
+
+    def loop(self) -> None:
+        while True:
+            if self.stop_signal is not None:
+                raise Stopped(self.stop_signal)
+            if self.engine is not None and self.spec.get("straggler_pacing", True):
+                said = self.pacing.update(self.claimer)
+                if said:
+                    self.hb.update(**said)
+            if self.suspects_waiting and not self.inflight:
+                self.suspects_waiting = False  # nothing else in flight now: a suspect chunk can run alone
+            self.fill()
+            if not self.inflight and self.pacing.leave_tail:
+                return  # the others finish the tail; a straggler's backup copy would not win
+            if not self.inflight and self.exhausted and self.backups_left > 0 and self.engine is not None \
+                    and self.stop_signal is None and self.hb.healthy:
+                self.try_backup()
+            if not self.inflight:
+                return
+            if self.hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
+                raise RunDeleted(self.run.root)
+            faults.point("step")
+            self.take_finished([r for r in self.engine.step() if r["chunk"] in self.inflight])  # abandoned: dropped
+            self.drop_published_elsewhere()
+            generating = int(getattr(self.engine, "generating_tokens", 0))
+            if generating != self.hb.state.get("generating_tokens"):
+                self.hb.update(generating_tokens=generating)
+
+    # --- start and stop --------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum  # acted on at the next step: never mid-write
+
+    def _handle_signals(self) -> dict:
+        """SIGTERM and SIGINT always; SIGUSR2 unless submitit's own handler (checkpoint and
+        requeue) has it. Returns the handlers to put back."""
+        wanted = [signal.SIGTERM, signal.SIGINT]
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            wanted.append(signal.SIGUSR2)
+        saved = {}
+        for sig in wanted:
+            try:
+                saved[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (a test's thread): no handlers
+                break
+        return saved
+
+    def _release_all(self, engine_died: bool) -> None:
+        """Take back what this worker held: its attempts (unless its engine died with them:
+        those count toward finding a poison record) and its claims."""
+        for cid, chunk in self.inflight.items():
+            try:
+                if chunk.fed and not engine_died:
+                    isolate.record_attempt(self.run, cid, chunk.fed, self.owner.worker_id, alone=cid == self.isolating,
+                                           released=True)
+                if not chunk.backup:
+                    claims.release(self.run, cid, self.owner)
+            except OSError:
+                pass  # the lease runs out instead
+
+    def work(self) -> dict:
+        saved = self._handle_signals()
+        self.hb.start()
+        try:
+            self.loop()
+        except RunDeleted as e:
+            self._release_all(engine_died=False)
+            self.hb._stop.set()
+            print(f"worker {self.owner.worker_id}: {e}", file=sys.stderr)
+            return dict(self.hb.state, state="run deleted")
+        except Stopped as e:
+            self._release_all(engine_died=False)
+            self.hb.stop("stopped", stopped_because=str(e))
+            print(f"worker {self.owner.worker_id}: {e}; claims released, attempts taken back", file=sys.stderr)
+            return dict(self.hb.state, signal=e.signum)
+        except BaseException as e:
+            self._release_all(engine_died=isolate.engine_died(e))
+            # the user sees this line in `launch` and `status`, not only "FAILED"
+            self.hb.update(error=(f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:500])
+            self.hb.stop("failed")
+            raise
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        self.hb.stop("finished")
+        return dict(self.hb.state)
+
+
+def make_engine(spec: dict, worker_id: str = "") -> Any:
+    """The engine worker.json asks for: the fake engine when HPC_INFER_FAKE_ENGINE is set
+    (tests, benches), the running servers of `cluster.endpoint`, else vLLM in this process."""
+    from . import fake_engine
+
+    conf = fake_engine.settings()
+    if conf is not None:
+        return fake_engine.FakeEngine(conf, worker_id)
+    if spec.get("endpoint"):  # batch through running servers: no model load here
+        from .http_engine import HttpEngine
+
+        return HttpEngine(spec["endpoint"], spec["model"])
+    from .vllm_engine import VllmEngine
+
+    return VllmEngine.shared(spec["model"])
+
+
+def run_sampling(spec: dict) -> tuple[dict | None, int | None]:
+    """(sampling, seed) every record starts from. OpenAI batch lines (data.batch_defaults=
+    server, the default) start from nothing: what a body leaves out takes vLLM's server
+    defaults, as in `vllm run-batch`; the run's sampling group and seed do not apply."""
+    if spec["input"].get("format") == "openai_batch" and spec.get("batch_defaults", "server") == "server":
+        return None, None
+    return spec.get("sampling") or {}, spec.get("seed")
+
+
+def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None,
+               rank: int | None = None, of: int | None = None) -> dict:
+    """Process chunks until none is left to claim (or a signal). Returns this worker's counters."""
+    return Worker(run_dir, worker_id, max_chunks, rank, of).work()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--max-chunks", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=None, help="this worker's index among those started with it")
+    parser.add_argument("--of", type=int, default=None, help="how many were started with it")
+    args = parser.parse_args(argv)
+    state = run_worker(args.run_dir, args.worker_id, args.max_chunks, args.rank, args.of)
+    print(f"worker {state['worker']}: {state['chunks_done']} chunks, {state['records_done']} records", file=sys.stderr)
+    if state.get("signal") == signal.SIGUSR2:
+        return EX_REQUEUE
+    if state.get("signal") is not None:
+        return 128 + int(state["signal"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
