@@ -120,6 +120,13 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def launched(run) -> list[list[str]]:
+    """The job ids of each launch of a run, in order (rundir/jobs.py records)."""
+    from hpc_infer.rundir import jobs
+
+    return [r.job_ids for r in jobs.records(run.root) if r.kind == "workers"]
+
+
 def hold_env(tmp_path: Path, where: str = "claimed@/00002") -> dict:
     """The environment of a worker that stops at a failpoint until the test releases it
     (rundir/faults.py HOLD): by default once it has finished chunks 0 and 1 (one chunk in
@@ -160,7 +167,7 @@ def preempt_then_finish(run, tmp_path: Path, timeout: float) -> None:
     pid = wait_held(tmp_path)
     held = identify(pid)
     assert run.done_chunks() == {0, 1} and 2 in run.claimed_chunks()
-    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    (job_id,) = launched(run)[0]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     deadline = time.time() + timeout
     while held and identify(pid, held.start) and time.time() < deadline:

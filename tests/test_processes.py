@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_launch, user_env
+from conftest import launched, run_launch, user_env
 from hpc_infer.host.procs import identify
 from hpc_infer.rundir import RunDir, read_heartbeats, read_json
 
@@ -53,12 +53,14 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
                "sampling.max_tokens=32", "run_name=c", "wait=false", env={"HPC_INFER_FAULT": "step:SLEEP1000"})
     run = RunDir(tmp_path / "runs" / "c")
     wait_for("two workers running", lambda: len([b for b in read_heartbeats(run) if b["state"] == "running"]) == 2)
-    # progress counts tokens as they are generated, before any record is finished (1 s a step here)
+    # progress shows tokens as they are generated, before any record is finished (1 s a step here),
+    # and never counts them as done
     from hpc_infer.run.progress import snapshot
 
-    wait_for("tokens shown while generating", lambda: snapshot(run).output_tokens > 0, timeout=300)
+    wait_for("tokens shown while generating", lambda: snapshot(run).generating_tokens > 0, timeout=300)
+    assert snapshot(run).output_tokens == 0
     assert not run.done_chunks()
-    controllers = read_json(run.jobs)["launches"][0]["job_ids"]
+    controllers = launched(run)[0]
     beats = {b["worker"]: b for b in read_heartbeats(run)}
     workers = {w: identify(b["pid"], b["pid_start"]) for w, b in beats.items()}
     assert all(workers.values()) and set(workers) == set(controllers)

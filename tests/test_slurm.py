@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BIN, hold_env, preempt_then_finish, read_results, run_launch, shim_calls, tool_shims,
+from conftest import (launched, BIN, hold_env, preempt_then_finish, read_results, run_launch, shim_calls, tool_shims,
                       user_env, wait_held)
 from hpc_infer.host.procs import identify
 from hpc_infer.rundir import RunDir, read_heartbeats, read_json
@@ -57,8 +57,8 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(8)) and "Paris" in rows[0]["text"]
-    (launch,) = read_json(run.jobs)["launches"]
-    assert len(launch["job_ids"]) == 2 and len({j.split("_")[0] for j in launch["job_ids"]}) == 1  # ONE array
+    (launch,) = launched(run)
+    assert len(launch) == 2 and len({j.split("_")[0] for j in launch}) == 1  # ONE array
     assert len(list(run.logs.glob("*_submission.sh"))) == 1  # one sbatch call
     beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
     assert beats and all(b["hf_token_present"] for b in beats)
@@ -75,14 +75,14 @@ def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
     run_launch(tmp_path, *BASE, "cluster.workers=4", "cluster.max_array_size=4", "chunks_per_worker=1",
                "data.limit=4", "wait=false")
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
-    (launch,) = read_json(run.jobs)["launches"]
+    (launch,) = launched(run)
     arrays = {}
-    for j in launch["job_ids"]:
+    for j in launch:
         arrays.setdefault(j.split("_")[0], []).append(j)
     assert sorted(len(v) for v in arrays.values()) == [1, 3]
     queued = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"], capture_output=True,
                             text=True, check=True).stdout.split()
-    assert sorted(queued) == sorted(launch["job_ids"])  # Slurm holds exactly these tasks, in two arrays
+    assert sorted(queued) == sorted(launch)  # Slurm holds exactly these tasks, in two arrays
     subprocess.run([str(BIN / "hpc-infer"), "cancel", str(run.root)], check=True, capture_output=True)
     wait_gone(set(arrays))
 
@@ -99,7 +99,7 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     beats = [b for b in read_heartbeats(run) if b.get("pid")]
     assert beats and all(identify(b["pid"], b["pid_start"]) for b in beats)  # the worker runs now
     subprocess.run([*cli, "cancel", str(run.root)], check=True, capture_output=True)
-    arrays = {j.split("_")[0] for j in read_json(run.jobs)["launches"][0]["job_ids"]}
+    arrays = {j.split("_")[0] for j in launched(run)[0]}
     wait_gone(arrays)
     # nothing of the run is left: no recorded worker (PID + start time), no process naming the run
     wait_for("the cancelled run's processes gone", lambda: not processes_of(run.root)

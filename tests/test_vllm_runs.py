@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hold_env, read_results, release, run_launch, run_line, user_checkout, wait_held
+from conftest import launched, hold_env, read_results, release, run_launch, run_line, user_checkout, wait_held
 from doc_commands import as_written
 from hpc_infer.rundir import RunDir, read_json
 
@@ -82,7 +82,7 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
             "sampling.max_tokens=16")
     run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
-    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    (job_id,) = launched(run)[0]
     pid = wait_held(tmp_path)  # it holds chunk 2's claim, chunks 0 and 1 finished (never released)
     (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
     assert beat["pid"] == pid and run.done_chunks() == {0, 1}
@@ -130,7 +130,7 @@ def test_a_relaunch_waits_for_the_live_worker_of_an_earlier_launch(tmp_path, cpu
     assert "1 chunk is being worked on by live workers of an earlier launch; waiting for them as well" in p.stderr
     assert "submitted" not in p.stderr, p.stderr  # nothing duplicated the held chunk
     rows = read_results(run.results())
-    (job_id,) = read_json(run.jobs)["launches"][0]["job_ids"]
+    (job_id,) = launched(run)[0]
     assert [r["index"] for r in rows] == list(range(4)) and {r["worker"] for r in rows} == {job_id}
 
 

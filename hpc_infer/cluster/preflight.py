@@ -351,7 +351,8 @@ def time_limit_problem(cluster: ClusterConfig, measured_start_s: float | None = 
     limit_s = time_to_minutes(cluster.time) * 60
     start = measured_start_s if measured_start_s is not None else START_GUESS_S
     need = cluster.signal_lead_s + start
-    minimum = f"{int((need + 60) // 3600):02d}:{int((need + 60) % 3600 // 60):02d}:00"
+    whole = -(-int(need + 60) // 60)  # minutes, rounded up: the start, the warning and a minute of work
+    minimum = f"{whole // 60:02d}:{whole % 60:02d}:00"
     where = (f"cluster.time={cluster.time} ({limit_s:.0f} s) against a worker's start "
              f"({'measured in this run: ' if measured_start_s is not None else 'assumed: '}{start:.0f} s) and the "
              f"scheduler's warning {cluster.signal_lead_s} s before the limit (cluster.signal_lead_s)")

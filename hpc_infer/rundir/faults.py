@@ -7,12 +7,14 @@ Unset (always, outside tests) it costs one dict lookup. Standard library only: t
 worker imports it inside the cluster's image.
 
 SIGNAL `RAISE` raises a RuntimeError instead (a worker that fails with an exception);
-`SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`); `HOLD` stops
+`SLEEP<ms>` sleeps that long at every hit (a straggler: `step:SLEEP500`); `ERRNO_<NAME>` raises
+OSError(NAME) at every hit (a shared file system failing: `heartbeat:ERRNO_ESTALE`); `HOLD` stops
 there until the test lets it go: the process writes `$HPC_INFER_HOLD_DIR/held.<pid>` and
 waits for `$HPC_INFER_HOLD_DIR/release` (a test then acts on a known state, e.g. a worker
 that has finished two chunks and holds the third's claim, instead of racing the clock).
 
-Points: claimed (PATH_PART: the claim file, e.g. `claimed@/00002:HOLD`), step (worker), tmp_written, renamed (rundir.write_atomic),
+Points: claimed (PATH_PART: the claim file, e.g. `claimed@/00002:HOLD`), step (worker), heartbeat (each beat),
+tmp_written, renamed (rundir.write_atomic / write_exclusive),
 merge_tmp_written (merge, before the result's rename), record (a record going into the
 engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a
 poison record that ends the engine's process every time it is reached).
@@ -38,6 +40,11 @@ def point(name: str, path: object = "") -> None:
     if sig.startswith("SLEEP"):
         time.sleep(int(sig[5:]) / 1000)
         return
+    if sig.startswith("ERRNO_"):  # a shared file system's failure, at every hit: ERRNO_ESTALE, ERRNO_EIO
+        import errno
+
+        code = getattr(errno, sig[6:])
+        raise OSError(code, f"injected {sig[6:]} at {name}")
     _hits[name] = _hits.get(name, 0) + 1
     if name == "record" or _hits[name] == int(nth[0] if nth else 1):  # a poison record: every time
         if sig == "HOLD":
@@ -50,5 +57,8 @@ def point(name: str, path: object = "") -> None:
             exc = RuntimeError(f"injected fault at {name}")
             exc.engine_died = name == "record"  # a poison record: what vLLM's EngineDeadError means
             raise exc
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
-        time.sleep(30)  # a handled signal (USR1/2) returns here; the default actions never do
+        signum = getattr(signal, f"SIG{sig}")
+        os.kill(os.getpid(), signum)
+        if callable(signal.getsignal(signum)):
+            return  # handled (the worker's SIGTERM/SIGUSR2 handler): it acts at its next step
+        time.sleep(30)  # the default actions never return here

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ..host import procs
-from ..rundir import RunDir, claims, write_json
+from ..rundir import RunDir, claims, faults, write_json
 
 RECENT = 12  # samples kept in the beat: 12 x heartbeat_s is the window rates are measured over
 
@@ -53,7 +53,7 @@ class Heartbeat:
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
         }
         self.run_deleted = False
-        self.last_ok = time.time()
+        self.last_ok = 0.0  # no beat has reached the run directory yet: unhealthy until one does
         self._errors: dict[str, float] = {}  # kind of error -> when it was last logged
         self._missing = 0
         self._lock = threading.Lock()
@@ -66,7 +66,10 @@ class Heartbeat:
         return time.time() - self.last_ok < self.lease_s / 2
 
     def start(self) -> None:
-        self.beat()
+        try:
+            self.beat()
+        except OSError as e:
+            self._log(e)
         self._thread.start()
 
     def update(self, **kw: Any) -> None:
@@ -85,6 +88,7 @@ class Heartbeat:
             recent = (self.state["recent"] + [[round(now, 3), records, tokens]])[-RECENT:]
             self.state["recent"] = recent
             state = dict(self.state, in_flight=dict(self.state["in_flight"]), recent=list(recent), t=now)
+        faults.point("heartbeat", self.run.root)
         for cid in state.get("held") or []:  # our own claims (a backup copy's claim is its holder's)
             claims.refresh(self.run, int(cid))
         write_json(self.run.heartbeat_path(self.owner.worker_id), state)

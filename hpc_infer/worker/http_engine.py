@@ -5,7 +5,8 @@ unfinished, max_num_seqs), so planning, claims, trailers and the merge are uncha
 Each record becomes one request (chat records to /v1/chat/completions, plain prompts to
 /v1/completions) with the run's sampling, the record's own overrides and its per-record
 seed; requests go round-robin over the ready replicas with bounded concurrency per
-replica. The `openai` client (a vLLM dependency) retries connection errors and 5xx with
+replica. All of them run on one asyncio loop in one thread (`openai.AsyncOpenAI`), so
+128 requests in flight per replica over 100 replicas are 12,800 coroutines, not threads. The `openai` client (a vLLM dependency) retries connection errors and 5xx with
 backoff; a replica that still fails is taken out of the rotation and its request goes
 to the next one (a replica killed mid-run costs one retry cycle, not the run). When
 every replica has failed, the worker fails with the error, releases its claims, and a
@@ -15,9 +16,11 @@ Standard library + openai: importable in the cluster's vLLM image.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,8 @@ def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]
 
 class HttpEngine:
     def __init__(self, endpoint: dict, model: dict):
-        from openai import OpenAI
+        import httpx
+        from openai import AsyncOpenAI
 
         key = Path(endpoint["key_file"]).expanduser().read_text().strip() if endpoint.get("key_file") else "EMPTY"
         self.key, self.run_dir = key, endpoint.get("run")
@@ -94,9 +98,13 @@ class HttpEngine:
         self.model = endpoint["model"]
         self.task = model.get("task", "auto")
         per = int(endpoint.get("concurrency", 128))
-        self.clients = [OpenAI(base_url=u, api_key=key, max_retries=int(endpoint.get("max_retries", 6)),
-                               timeout=float(endpoint.get("timeout_s", 3600))) for u in self.urls]
-        self.pool = ThreadPoolExecutor(max_workers=per * len(self.urls), thread_name_prefix="hpc_infer-http")
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="hpc_infer-http").start()
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+        self.clients = [AsyncOpenAI(base_url=u, api_key=key, max_retries=int(endpoint.get("max_retries", 6)),
+                                    timeout=float(endpoint.get("timeout_s", 3600)),
+                                    http_client=httpx.AsyncClient(limits=limits, follow_redirects=False))
+                        for u in self.urls]
         self.max_num_seqs = per * len(self.urls)
         self._pending: dict[Future, dict] = {}
         self._next = 0
@@ -116,9 +124,10 @@ class HttpEngine:
             up = [i for i in range(len(self.clients)) if i not in self.down] or list(range(len(self.clients)))
             first = up[self._next % len(up)]
             self._next += 1
-            self._pending[self.pool.submit(self._failover, first, r, kw)] = dict(r, seed=kw.get("seed"))
+            future = asyncio.run_coroutine_threadsafe(self._failover(first, r, kw), self.loop)
+            self._pending[future] = dict(r, seed=kw.get("seed"))
 
-    def _failover(self, first: int, record: dict, kw: dict) -> dict:
+    async def _failover(self, first: int, record: dict, kw: dict) -> dict:
         """The request on replica `first`; when its retries run out on a connection error or
         a 5xx, the same request on each other replica in turn (a replica that failed is not
         given new requests). Re-sending is safe: a request's output is kept only once."""
@@ -128,12 +137,12 @@ class HttpEngine:
         order = [i for i in order if i not in self.down] + [i for i in order if i in self.down]
         for n, i in enumerate(order):
             try:
-                return self._request(self.clients[i], record, kw)
+                return await self._request(self.clients[i], record, kw)
             except APIStatusError as e:
                 if e.status_code not in RECORD_ERRORS:
                     raise
                 if e.status_code == 404 and self.run_dir and not self.router \
-                        and not _ours(self.urls[i], self.key, self.run_dir):
+                        and not await asyncio.to_thread(_ours, self.urls[i], self.key, self.run_dir):
                     self._mark_down(i, f"it no longer proves it is this serve run's ({e.status_code})", n, order)
                     continue  # not our server any more (a replica died, something else took its port): fail over
                 err = error_result(record, _ServerRefused(e), e.status_code)
@@ -151,7 +160,7 @@ class HttpEngine:
                   f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
                   file=sys.stderr, flush=True)
 
-    def _request(self, client, record: dict, kw: dict) -> dict:
+    async def _request(self, client, record: dict, kw: dict) -> dict:
         top = {k: v for k, v in kw.items() if k in TOP_LEVEL}
         extra = {k: v for k, v in kw.items() if k not in TOP_LEVEL and k != "logprobs"}
         extra["return_token_ids"] = True  # exact per-output token counts, as the offline engine reports
@@ -160,10 +169,10 @@ class HttpEngine:
             top.update({"logprobs": True, "top_logprobs": kw["logprobs"]} if chat else {"logprobs": kw["logprobs"]})
         if chat:
             messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-            resp = client.chat.completions.create(model=self.model, messages=messages, extra_body=extra, **top)
+            resp = await client.chat.completions.create(model=self.model, messages=messages, extra_body=extra, **top)
             texts = [c.message.content or "" for c in resp.choices]
         else:
-            resp = client.completions.create(model=self.model, prompt=record["prompt"], extra_body=extra, **top)
+            resp = await client.completions.create(model=self.model, prompt=record["prompt"], extra_body=extra, **top)
             texts = [c.text for c in resp.choices]
         outputs = []
         for c, text in zip(resp.choices, texts):
@@ -188,7 +197,9 @@ class HttpEngine:
         """Wait for at least one request to finish; return the result records that did."""
         if not self._pending:
             return []
-        done, _ = wait(list(self._pending), return_when=FIRST_COMPLETED)
+        done: set = set()
+        while not done:  # in slices: the worker notices a signal between them
+            done, _ = wait(list(self._pending), timeout=1.0, return_when=FIRST_COMPLETED)
         rows = []
         for fut in done:
             record = self._pending.pop(fut)

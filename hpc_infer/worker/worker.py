@@ -417,6 +417,11 @@ class Worker:
             self.hb.stop("stopped", stopped_because=str(e))
             print(f"worker {self.owner.worker_id}: {e}; claims released, attempts taken back", file=sys.stderr)
             return dict(self.hb.state, signal=e.signum)
+        except SystemExit:  # submitit's own SIGUSR2 handler: it requeued the task and exits now
+            self._release_all(engine_died=False)
+            self.hb.stop("stopped", stopped_because="requeued by submitit (the scheduler's warning: a time limit or a "
+                                                    "preemption)")
+            raise
         except BaseException as e:
             self._release_all(engine_died=isolate.engine_died(e))
             # the user sees this line in `launch` and `status`, not only "FAILED"
