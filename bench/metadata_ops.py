@@ -89,91 +89,133 @@ def count(trace_files: list[Path]) -> int:
     return total
 
 
-def run_workers(run: Path, n: int, code: Path | None, trace_dir: Path) -> tuple[float, int]:
-    """n workers to the end of the run, each under strace; (wall seconds, namespace calls)."""
-    env = dict(os.environ, HPC_INFER_FAKE_ENGINE=json.dumps(FAKE), PYTHONUNBUFFERED="1")
+def start_workers(run: Path, n: int, code: Path | None, trace_dir: Path, tag: str, fake: dict,
+                  timeout_s: float | None = None) -> list:
+    env = dict(os.environ, HPC_INFER_FAKE_ENGINE=json.dumps(fake), PYTHONUNBUFFERED="1")
     if code is not None:
         fake_dir = trace_dir / "fake"
         fake_dir.mkdir(exist_ok=True)
-        shutil.copy(ROOT / "hpc_infer" / "worker" / "fake_engine.py", fake_dir / "fake_engine_copy.py")
-        src = (fake_dir / "fake_engine_copy.py").read_text().replace("from .protocol import error_result",
-                                                                    "from hpc_infer.worker.engine import error_result")
-        (fake_dir / "fake_engine_copy.py").write_text(src)
+        src = (ROOT / "hpc_infer" / "worker" / "fake_engine.py").read_text()
+        (fake_dir / "fake_engine_copy.py").write_text(src.replace("from .protocol import error_result",
+                                                                  "from hpc_infer.worker.engine import error_result"))
         env.update(PYTHONPATH=str(code), HPC_INFER_BENCH_FAKE=str(fake_dir))
     procs = []
-    t0 = time.time()
     for i in range(n):
         argv = ([sys.executable, "-c", OLD_WORKER, str(run), "--worker-id", f"w{i}"] if code is not None else
                 [sys.executable, "-m", "hpc_infer.worker", str(run), "--worker-id", f"w{i}", "--rank", str(i),
                  "--of", str(n)])
-        out = trace_dir / f"w{i}.strace"
+        out = trace_dir / f"{tag}{i}.strace"
+        if timeout_s:
+            argv = ["timeout", "-s", "TERM", "-k", "60", str(timeout_s), *argv]
         procs.append(subprocess.Popen(["strace", "-f", "-c", "-o", str(out), *argv], env=env, cwd=code or ROOT,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for p in procs:
+    return procs
+
+
+def workers_until_done(run: Path, n: int, code: Path | None, trace_dir: Path, tag: str) -> tuple[float, int]:
+    t0 = time.time()
+    for p in start_workers(run, n, code, trace_dir, tag, FAKE):
         p.wait()
-    return time.time() - t0, count(sorted(trace_dir.glob("w*.strace")))
+    return time.time() - t0, count(sorted(trace_dir.glob(f"{tag}*.strace")))
+
+
+def per_chunk_cost(code: Path | None, records: int, chunks: int, n: int = 16) -> dict:
+    """Namespace calls per chunk: n fast workers through a fresh run, minus the same n workers
+    started on the finished run (their start and exit: imports, one look, nothing to do)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
+    try:
+        run = plan(tmp, code or ROOT, records, chunks)
+        traces = tmp / "traces"
+        traces.mkdir()
+        wall, total = workers_until_done(run, n, code, traces, "run")
+        _, idle = workers_until_done(run, n, code, traces, "idle")
+        n_chunks = json.loads((run / "manifest.json").read_text())["n_chunks"]
+        module = "progress" if ((code or ROOT) / "hpc_infer" / "run" / "progress.py").exists() else "status"
+        poll = launcher_poll(run, code or ROOT, module, 5, traces)
+        return {"chunks": n_chunks, "records": records, "ops_per_chunk": round((total - idle) / n_chunks, 2),
+                "ops_per_record": round((total - idle) / records, 2), "startup_ops_per_worker": round(idle / n),
+                "launcher_ops_per_poll": round(poll, 1), "poll_outputs": n_chunks, "poll_heartbeats": 2 * n}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def per_worker_second(code: Path | None, n: int, window_s: float, startup: float) -> float:
+    """Namespace calls a second a working worker makes apart from finishing chunks (its
+    heartbeat, pacing, checks): n workers each holding chunks that finish nothing within
+    `window_s` (a slow fake engine), stopped by SIGTERM at its end; their start subtracted."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
+    try:
+        run = plan(tmp, code or ROOT, 4 * n, 2 * n)
+        traces = tmp / "traces"
+        traces.mkdir()
+        # records that never finish (a million tokens each), steps every half second; each worker
+        # is stopped by `timeout` inside strace (SIGTERM: it stops at its next step), so the
+        # summary is written when it exits
+        procs = start_workers(run, n, code, traces, "slow", {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10 ** 6},
+                              timeout_s=window_s)
+        for p in procs:
+            p.wait()
+        total = count(sorted(traces.glob("slow*.strace")))
+        return max(0.0, (total - n * startup) / (n * window_s))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 POLL = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
 from hpc_infer.rundir import RunDir
 from hpc_infer.run import {module} as progress
-run = RunDir({run!r})
-progress.snapshot(run)  # the first look (a launch's start) is not steady state
+run = RunDir(Path({run!r}))
+tracker = progress.DoneTracker(run) if hasattr(progress, "DoneTracker") else None  # as the wait loop keeps one
+look = (lambda: progress.snapshot(run, tracker=tracker)) if tracker else (lambda: progress.snapshot(run))
+look()  # the first look (a launch's start) is not steady state
 time.sleep(0.5)
 for _ in range({polls}):
-    progress.snapshot(run)
+    look()
 """
 
 
 def launcher_poll(run: Path, code: Path, module: str, polls: int, trace_dir: Path) -> float:
     """Namespace calls of one poll of the launcher's wait loop (its snapshot), in steady state."""
-    script = POLL.format(root=str(code), module=module, run=str(run), polls=polls)
-    base = trace_dir / "poll0.strace"
-    subprocess.run(["strace", "-f", "-c", "-o", str(base), sys.executable, "-c",
-                    POLL.format(root=str(code), module=module, run=str(run), polls=0)], check=True,
-                   stdout=subprocess.DEVNULL, cwd=code)
-    out = trace_dir / "poll.strace"
-    subprocess.run(["strace", "-f", "-c", "-o", str(out), sys.executable, "-c", script], check=True,
-                   stdout=subprocess.DEVNULL, cwd=code)
-    return (count([out]) - count([base])) / polls
+    base, full = trace_dir / "poll0.strace", trace_dir / "poll.strace"
+    for out, n in ((base, 0), (full, polls)):
+        text = POLL.format(root=str(code), module=module, run=str(run), polls=n)
+        p = subprocess.run(["strace", "-f", "-c", "-o", str(out), sys.executable, "-c", text], capture_output=True,
+                           text=True, cwd=code)
+        if p.returncode:
+            raise RuntimeError(f"the launcher's poll failed: {p.stderr[-2000:]}")
+    return (count([full]) - count([base])) / polls
 
 
-def measure(label: str, code: Path | None, sizes: list[int], records: int, chunks: int) -> list[dict]:
-    rows = []
+def measure(label: str, code: Path | None, sizes: list[int], records: int, chunks: int, window_s: float) -> dict:
+    chunk = per_chunk_cost(code, records, chunks)
+    print(label, json.dumps(chunk), flush=True)
+    rates = {}
     for n in sizes:
-        tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
-        try:
-            run = plan(tmp, code or ROOT, records, chunks)
-            traces = tmp / "traces"
-            traces.mkdir()
-            wall, ops = run_workers(run, n, code, traces)
-            n_chunks = json.loads((run / "manifest.json").read_text())["n_chunks"]
-            module = "progress" if (Path(code or ROOT) / "hpc_infer" / "run" / "progress.py").exists() else "status"
-            poll = launcher_poll(run, code or ROOT, module, 5, traces)
-            rows.append({"code": label, "workers": n, "records": records, "chunks": n_chunks, "wall_s": round(wall, 1),
-                         "ops": ops, "ops_per_record": round(ops / records, 2),
-                         "ops_per_worker_s": round(ops / (n * wall), 2), "ops_per_poll": round(poll, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+        rates[n] = round(per_worker_second(code, n, window_s, chunk["startup_ops_per_worker"]), 3)
+        print(label, f"{n} workers: {rates[n]} namespace calls per worker-second", flush=True)
+    return dict(chunk, per_worker_s=rates)
 
 
-def extrapolate(rows: list[dict], workers: int = 1000, chunks: int = 16000) -> dict:
-    """A run of `workers` workers and `chunks` chunks: workers' steady rate from the largest
-    measured size, the launcher's poll scaled by what it lists (chunks + heartbeats) over the
-    measured, at its poll interval for that many workers (run/progress.py: poll_interval)."""
+def extrapolate(m: dict, workers: int = 1000, chunks: int = 16000, run_hours: float = 1.0) -> dict:
+    """A run of `workers` workers and `chunks` chunks finishing in `run_hours`: each worker's
+    steady rate (the largest measured size), the chunks' share, and the launcher's poll
+    scaled by what it lists and reads (outputs + heartbeats) at its interval for that many
+    workers (run/progress.py: poll_interval)."""
+    sys.path.insert(0, str(ROOT))
     from hpc_infer.run.progress import poll_interval
 
-    big = max(rows, key=lambda r: r["workers"])
-    per_poll = big["ops_per_poll"] * (chunks + workers) / (big["chunks"] + big["workers"])
-    interval = poll_interval(workers)
-    worker_ops = big["ops_per_worker_s"] * workers
-    return {"workers": workers, "chunks": chunks, "worker_ops_per_s": round(worker_ops),
-            "launcher_poll_s": interval, "launcher_ops_per_s": round(per_poll / interval),
-            "total_ops_per_s": round(worker_ops + per_poll / interval)}
+    per_worker = m["per_worker_s"][max(m["per_worker_s"])]
+    listed = m["poll_outputs"] + m["poll_heartbeats"]
+    poll = m["launcher_ops_per_poll"] * (chunks + workers) / listed
+    out = {"workers": workers, "chunks": chunks, "run_hours": run_hours,
+           "workers_ops_per_s": round(per_worker * workers),
+           "chunks_ops_per_s": round(m["ops_per_chunk"] * chunks / (run_hours * 3600)),
+           "launcher_ops_per_s": round(poll / poll_interval(workers))}
+    out["total_ops_per_s"] = out["workers_ops_per_s"] + out["chunks_ops_per_s"] + out["launcher_ops_per_s"]
+    return out
 
 
 def main() -> None:
@@ -181,23 +223,28 @@ def main() -> None:
     ap.add_argument("--workers", default="16,64,256")
     ap.add_argument("--records", type=int, default=4096)
     ap.add_argument("--chunks", type=int, default=2048)
+    ap.add_argument("--window", type=float, default=120.0, help="seconds the per-worker-second runs last")
     ap.add_argument("--before", default=None, help="a git revision whose worker to measure beside this one")
     args = ap.parse_args()
     sizes = [int(x) for x in args.workers.split(",")]
-    rows = measure("this checkout", None, sizes, args.records, args.chunks)
-    print("extrapolated:", json.dumps(extrapolate(rows)))
+    results = {"this checkout": measure("this checkout", None, sizes, args.records, args.chunks, args.window)}
     if args.before:
         tree = Path(tempfile.mkdtemp(prefix="bench-before-")) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
-            before = measure(args.before, tree, sizes, args.records, args.chunks)
+            results[args.before] = measure(args.before, tree, sizes, args.records, args.chunks, args.window)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        for a, b in zip(before, rows):
-            print(f"{a['workers']:>4} workers: ops/record {a['ops_per_record']} -> {b['ops_per_record']}, "
-                  f"ops/worker-s {a['ops_per_worker_s']} -> {b['ops_per_worker_s']}, "
-                  f"ops/poll {a['ops_per_poll']} -> {b['ops_per_poll']}")
+    print("\nnamespace calls (strace -c: open, stat, mkdir, unlink, rename, link, utime, getdents, ...)")
+    for label, m in results.items():
+        e = extrapolate(m)
+        print(f"{label:>14}: {m['ops_per_chunk']} per chunk ({m['ops_per_record']} per record), per worker-second "
+              f"{m['per_worker_s']}, launcher {m['launcher_ops_per_poll']} per poll ({m['poll_outputs']} outputs, "
+              f"{m['poll_heartbeats']} heartbeats)")
+        print(f"{'':>14}  1,000 workers, 16,000 chunks in an hour: workers {e['workers_ops_per_s']}/s + chunks "
+              f"{e['chunks_ops_per_s']}/s + launcher {e['launcher_ops_per_s']}/s = {e['total_ops_per_s']}/s "
+              f"(budget 500/s)")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before the worker (module load ...)
     env: Dict[str, str] = field(default_factory=dict)  # environment for the worker (no secrets)
     container: ContainerConfig = field(default_factory=ContainerConfig)
+    # The interpreter command workers run on the nodes without an image (default: the one
+    # this command runs in): a venv on shared storage, or a wrapper (`/opt/site/run python3`).
+    python: Optional[str] = None
     model_roots: List[str] = field(default_factory=list)  # shared read-only model directories
     model_catalog: Optional[str] = None  # catalog.json written by `hpc-infer cache catalog`
     hf_home: Optional[str] = None  # shared Hugging Face cache
@@ -524,7 +527,7 @@ def script_safe(rc: RunConfig) -> list[str]:
     c = rc.cluster
     problems = []
     fields = {f"cluster.{k}": getattr(c, k) for k in ("partition", "account", "qos", "gres", "mem", "time",
-                                                         "token_file", "compile_cache", "model_catalog")}
+                                                         "token_file", "compile_cache", "model_catalog", "python")}
     fields.update({f"cluster.sbatch_extra[{i}]": v for i, v in enumerate(c.sbatch_extra)})
     fields.update({f"cluster.setup[{i}]": v for i, v in enumerate(c.setup)})
     fields.update({f"cluster.container.{k}": v for k, v in vars(c.container).items() if isinstance(v, str)})

@@ -39,7 +39,7 @@ def test_stale_claim_taken_over_once(tmp_path):
     assert claims.try_claim(run, 0, claims.Owner("dead", "elsewhere", 1))
     old = time.time() - 1000
     os.utime(run.claim_path(0), (old, old))
-    assert claims.is_stale(run.claim_path(0), lease_s=60)
+    assert claims.is_stale(run, 0, lease_s=60)
     q = mp.Queue()
     procs = [mp.Process(target=_take, args=(tmp_path, f"t{i}", q)) for i in range(6)]
     for p in procs:
@@ -60,9 +60,9 @@ def test_claim_of_dead_local_process_is_stale_at_once(tmp_path):
     import socket
 
     claims.try_claim(run, 3, claims.Owner("gone", socket.gethostname(), p.pid))
-    assert claims.is_stale(run.claim_path(3), lease_s=3600)
+    assert claims.is_stale(run, 3, lease_s=3600)
     claims.try_claim(run, 4, claims.Owner("me", socket.gethostname(), os.getpid()))
-    assert not claims.is_stale(run.claim_path(4), lease_s=3600)
+    assert not claims.is_stale(run, 4, lease_s=3600)
 
 
 def test_release_only_removes_own_claim(tmp_path):
@@ -119,3 +119,25 @@ def test_pace_unknown_until_another_worker_has_a_rate(tmp_path):
     assert c.pace(run, "me", fresh_s=30) is None  # the other has not finished one yet
     (run.heartbeats / "other.json").write_text("{half a file")  # being replaced: skipped, no crash
     assert c.pace(run, "me", fresh_s=30) is None
+
+
+def test_a_claim_lives_as_long_as_its_holders_heartbeat(tmp_path):
+    """Claims are never refreshed: a claim is live while its holder's heartbeat is (by the
+    file server's clock), and stale once that beat is older than the lease, names another
+    process (a requeued task has its job's id), or says the worker ended."""
+    import socket
+
+    run = RunDir(tmp_path)
+    run.make()
+    me = claims.Owner("w", socket.gethostname(), os.getpid())
+    claims.try_claim(run, 0, me)
+    old = time.time() - 1000
+    os.utime(run.claim_path(0), (old, old))  # the claim file itself is old: it does not matter
+    write_json(run.heartbeat_path("w"), {"worker": "w", "host": me.host, "pid": me.pid, "state": "running"})
+    assert not claims.is_stale(run, 0, lease_s=60)
+    os.utime(run.heartbeat_path("w"), (old, old))
+    assert claims.is_stale(run, 0, lease_s=60)
+    write_json(run.heartbeat_path("w"), {"worker": "w", "host": me.host, "pid": me.pid + 1, "state": "running"})
+    assert claims.is_stale(run, 0, lease_s=60)  # the same worker id, another process
+    write_json(run.heartbeat_path("w"), {"worker": "w", "host": me.host, "pid": me.pid, "state": "stopped"})
+    assert claims.is_stale(run, 0, lease_s=60)

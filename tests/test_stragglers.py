@@ -45,7 +45,9 @@ def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp
         assert fast.wait(timeout=1800) == 0, (tmp_path / "fast.log").read_text()[-3000:]
         release(tmp_path)  # the fast one did every other chunk and a backup copy of chunk 0
         assert slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
-    marker = run.claims / "00000.backup"
+    from hpc_infer.rundir import claims
+
+    marker = claims.backups_dir(run) / "00000"
     assert json.loads(marker.read_text())["worker"] == "fast"  # the idle worker backed up the straggler's chunk
     beats = {b: read_json(run.heartbeats / f"{b}.json") for b in ("slow", "fast")}
     assert beats["fast"].get("backups") == 1

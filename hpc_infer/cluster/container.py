@@ -133,9 +133,10 @@ def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool, requests
 
 def python_command(cfg: ContainerConfig, bind_list: list[str], gpus: bool, host_python: str,
                    requests: Path | None = None) -> str:
-    """The string submitit uses as `python`: the host interpreter, or one inside the image."""
+    """The string submitit uses as `python`: the host interpreter (or the cluster's
+    `python` command, as given), or one inside the image."""
     if not cfg.image:
-        return shlex.quote(host_python)
+        return host_python if " " in host_python else shlex.quote(host_python)
     return shlex.join(exec_prefix(cfg, bind_list, gpus, requests) + [cfg.python])
 
 
@@ -181,5 +182,5 @@ def worker_python(rc, run, model_path: str) -> str:
     c = rc.cluster
     bind_list = container_binds(c, rc.model, run.root, model_path) if c.container.image else []
     requests = run.logs / "requeue" if c.backend == "slurm" else None
-    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=host_python(),
+    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=c.python or host_python(),
                           requests=requests)

@@ -52,10 +52,35 @@ def _token_rate(beat: dict) -> float | None:
     return None
 
 
-def snapshot(run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0) -> Progress:
+def poll_interval(workers: int) -> float:
+    """The launcher's poll: every 2 s for a few workers, up to every 30 s for a thousand (each
+    poll lists out/ and reads every heartbeat: bench/metadata_ops.py)."""
+    return min(30.0, max(2.0, workers / 20))
+
+
+class DoneTracker:
+    """The published chunks, learnt incrementally: one listing of out/ a look, and each new
+    output's trailer checked once (a published output is never replaced), instead of a stat
+    of every output at every poll."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.done = run, set()
+
+    def update(self) -> set[int]:
+        from ..rundir.chunks import chunk_done
+        from ..rundir.layout import _ids_in
+
+        for cid, name in _ids_in(self.run.out, ".jsonl"):
+            if cid not in self.done and chunk_done(self.run.out / name, cid):
+                self.done.add(cid)
+        return self.done
+
+
+def snapshot(run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0,
+             tracker: DoneTracker | None = None) -> Progress:
     manifest = manifest or read_json(run.manifest)
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
-    done = run.done_chunks() & sizes.keys()
+    done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
     now = server_now(run.heartbeats)
     found = [f for f in (read_beat(p, now) for p in sorted(run.heartbeats.glob("*.json"))) if f]
     beats = [b for b, _ in found]
@@ -145,14 +170,15 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     except (OSError, ValueError, KeyError):
         pooling = False
     fresh_s = fresh_s_of(run)
-    p = snapshot(run, manifest, fresh_s)
+    tracker = DoneTracker(run)
+    p = snapshot(run, manifest, fresh_s, tracker)
     t0 = time.time()
     tty = sys.stderr.isatty()
     bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not (show and tty),
                file=sys.stderr, dynamic_ncols=True)
     last_log = 0.0
     while True:
-        p = snapshot(run, manifest, fresh_s)
+        p = snapshot(run, manifest, fresh_s, tracker)
         states = job_states()
         failed = sum(1 for s in states.values() if s in TERMINAL and s != "COMPLETED")
         running = sum(1 for s in states.values() if s == "RUNNING")
@@ -172,10 +198,10 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
         if p.complete:
             break
         if not states or all(s in TERMINAL for s in states.values()):
-            p = snapshot(run, manifest, fresh_s)  # a last look: the final rename may have just landed
+            p = snapshot(run, manifest, fresh_s, tracker)  # a last look: the final rename may have just landed
             if not p.complete and not live_claims(run, lease_s):
                 break
-        time.sleep(poll_s)
+        time.sleep(max(poll_s, poll_interval(len(states))))
     bar.close()
     return p
 

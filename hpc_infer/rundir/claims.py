@@ -71,20 +71,39 @@ def pid_alive(pid: int) -> bool:
 OWNERLESS_GRACE_S = 30.0  # a claim file still empty: being written now (a death mid-write leaves it so)
 
 
-def _stale(age: float, owner: Owner | None, lease_s: float) -> bool:
-    """`age`: seconds since the claim was last refreshed, by the file server's clock."""
-    if age > lease_s:
-        return True
+def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool | None:
+    """Whether a claim's holder is alive, from its heartbeat: the same process (host and pid:
+    a requeued task has its job's id but is another process) beating within the lease by
+    the file server's clock. None when it has no heartbeat (the claim's own age decides)."""
+    if owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid):
+        return False
+    found = read_beat(run.heartbeat_path(owner.worker_id), now)
+    if found is None:
+        return None
+    beat, beat_age = found
+    if (beat.get("host"), beat.get("pid")) != (owner.host, owner.pid):
+        return False
+    return beat.get("state") not in ("finished", "failed", "stopped", "run deleted") and beat_age <= lease_s
+
+
+def _stale(run: RunDir, path: Path, lease_s: float, now: float) -> bool:
+    """A claim is stale when its holder is gone: its heartbeat (one file a worker writes per
+    beat; claims are never touched again, so holding 16 costs nothing more) is older than
+    the lease, names another process, or says it ended; or, with no heartbeat, the claim
+    itself is older than the lease."""
+    a = age(path, now)
+    if a is None:
+        return False
+    owner = read_owner(path)
     if owner is None:
-        return age > OWNERLESS_GRACE_S
-    return owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid)
+        return a > OWNERLESS_GRACE_S
+    alive = holder_alive(run, owner, lease_s, now)
+    return a > lease_s if alive is None else not alive
 
 
-def is_stale(path: Path, lease_s: float, now: float | None = None) -> bool:
-    """A claim is stale when its lease ran out (by the file server's clock: `now` from
-    lease.server_now, never this node's) or its holder died on this host."""
-    a = age(path, now if now is not None else server_now(path.parent))
-    return a is not None and _stale(a, read_owner(path), lease_s)
+def is_stale(run: RunDir, chunk_id: int, lease_s: float, now: float | None = None) -> bool:
+    """Ages by the file server's clock (`now` from lease.server_now), never this node's."""
+    return _stale(run, run.claim_path(chunk_id), lease_s, now if now is not None else server_now(run.claims))
 
 
 def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
@@ -100,8 +119,7 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     except FileNotFoundError:
         return False
     try:
-        a = age(grave, server_now(run.claims))
-        if a is not None and not _stale(a, read_owner(grave), lease_s):
+        if not _stale(run, grave, lease_s, server_now(run.claims)):
             try:
                 os.link(grave, path)  # give it back; fails only if yet another claim exists
             except FileExistsError:
@@ -110,13 +128,6 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     finally:
         os.unlink(grave)
     return try_claim(run, chunk_id, owner)
-
-
-def refresh(run: RunDir, chunk_id: int) -> None:
-    try:
-        os.utime(run.claim_path(chunk_id))
-    except FileNotFoundError:
-        pass
 
 
 def release(run: RunDir, chunk_id: int, owner: Owner) -> None:
@@ -138,7 +149,7 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
         path = run.claim_path(chunk_id)
         owner = read_owner(path)
         dead = owner is not None and dead_workers is not None and owner.worker_id in dead_workers
-        if dead or is_stale(path, lease_s, now) or chunk_id in done:
+        if dead or is_stale(run, chunk_id, lease_s, now) or chunk_id in done:
             try:
                 os.unlink(path)
                 dropped.append(chunk_id)
@@ -151,7 +162,7 @@ def live_claims(run: RunDir, lease_s: float) -> set[int]:
     """Chunks being worked on right now: claimed, not done, lease not run out, holder not dead."""
     now = server_now(run.claims)
     return {cid for cid in run.claimed_chunks() - run.done_chunks()
-            if not is_stale(run.claim_path(cid), lease_s, now)}
+            if not is_stale(run, cid, lease_s, now)}
 
 
 def live_holders(run: RunDir, lease_s: float) -> dict[int, str]:
@@ -164,10 +175,25 @@ def live_holders(run: RunDir, lease_s: float) -> dict[int, str]:
     return out
 
 
+def backups_dir(run: RunDir) -> Path:
+    """Backup markers, apart from the claims: a worker running a chunk looks here (a few names)
+    to learn whether another copy of it may be published, never lists the claims for that."""
+    return run.claims / "backups"
+
+
+def backed_up(run: RunDir) -> set[int]:
+    try:
+        return {int(n) for n in os.listdir(backups_dir(run)) if n.isdigit()}
+    except FileNotFoundError:
+        return set()
+
+
 def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
     """Mark a backup copy of a chunk (O_EXCL: at most one backup per chunk, ever)."""
+    folder = backups_dir(run)
+    folder.mkdir(exist_ok=True)
     try:
-        fd = os.open(run.claims / f"{chunk_id:05d}.backup", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(folder / f"{chunk_id:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
@@ -177,7 +203,9 @@ def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
 
 STRAGGLER = 0.75  # bench/balance.py simulates the same threshold
 TAIL_SHARE = 1 / 6  # a straggler claims nothing once less than this share of the estimated work is unclaimed
-PACE_SAMPLE = 32  # heartbeats read to estimate the median rate (not all: 1,000 workers poll this)
+PACE_SAMPLE = 8  # heartbeats read to estimate the median rate (not all: 1,000 workers poll this)
+NAMES_TTL_S = 600.0  # the heartbeat folder is listed again after this long (new workers appear rarely)
+_names: dict[str, tuple[float, list[str]]] = {}
 
 
 def rate(beat: dict) -> float | None:
@@ -221,10 +249,13 @@ def pace(run: RunDir, worker_id: str, fresh_s: float, rng: random.Random | None 
     own = rate(mine[0]) if mine else None
     if own is None:
         return None
-    try:
-        names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json") and n != f"{worker_id}.json"]
-    except OSError:
-        return None
+    listed, names = _names.get(str(run.root), (0.0, []))
+    if time.time() - listed > NAMES_TTL_S:
+        try:
+            names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json") and n != f"{worker_id}.json"]
+        except OSError:
+            return None
+        _names[str(run.root)] = (time.time(), names)
     rates = []
     for name in (rng or random).sample(names, min(PACE_SAMPLE, len(names))):
         found = read_beat(run.heartbeats / name, now)
@@ -256,8 +287,7 @@ def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float, fresh_s
     """The chunk most likely to finish last: held by a live straggler, not done, no backup yet,
     with the longest expected time left = records left / the holder's recent rate (from the
     live holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
-    backed = {int(n[:5]) for n in os.listdir(run.claims) if n.endswith(".backup") and n[:5].isdigit()}
-    held = live_claims(run, lease_s) - backed
+    held = live_claims(run, lease_s) - backed_up(run)
     if not held:
         return None
     now = server_now(run.heartbeats)
@@ -291,7 +321,9 @@ class Claimer:
     def __init__(self, run: RunDir, n_chunks: int, owner: Owner, lease_s: float, rank: int = 0, of: int = 1):
         self.run, self.n, self.owner, self.lease_s = run, n_chunks, owner, lease_s
         self.stripe = list(range(rank % n_chunks, n_chunks, max(1, of))) if n_chunks else []
-        self.taken: set[int] = set()  # done or claimed by someone, as far as we know
+        # done or claimed by someone, as far as we know: a relaunch's workers start from one
+        # listing of out/ (empty on a fresh run), never claim-and-release every done chunk
+        self.taken: set[int] = set(run.output_files())
         self._free: list[int] = []
         self._claimed_not_done: list[int] = []
         self._listed = 0.0
@@ -344,7 +376,7 @@ class Claimer:
             return cid
         now = server_now(self.run.claims)
         for cid in self._claimed_not_done:
-            if not skip(cid) and is_stale(self.run.claim_path(cid), self.lease_s, now) and \
+            if not skip(cid) and is_stale(self.run, cid, self.lease_s, now) and \
                     take_over(self.run, cid, self.owner, self.lease_s):
                 if not self.run.chunk_done(cid):
                     return cid

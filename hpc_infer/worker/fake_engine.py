@@ -56,7 +56,8 @@ class FakeEngine:
         self._waiting: deque[list] = deque()  # [record, tokens wanted, tokens so far]
         self._running: list[list] = []
         self._errors: list[dict] = []
-        time.sleep(float(conf.get("start_s", 0.0)))  # an engine's start
+        if conf.get("start_s"):
+            time.sleep(float(conf["start_s"]))  # an engine's start
 
     @property
     def unfinished(self) -> int:

@@ -1,4 +1,6 @@
-"""A worker's heartbeat: its claims refreshed and `heartbeats/W.json` written, from a thread.
+"""A worker's heartbeat: `heartbeats/W.json` written from a thread; it is the lease of every
+claim the worker holds (rundir/claims.py: a claim is live while its holder's heartbeat is),
+so one write a beat costs the same whatever the worker holds.
 
 A shared file system fails in ways a local disk does not (ESTALE, EIO, a full quota): a
 failed beat is logged (once per kind of error, then every minute) and retried at the next
@@ -39,7 +41,7 @@ class Heartbeat:
             "started": time.time(),
             "state": "starting",
             "in_flight": {},  # chunk id -> records finished so far
-            "held": [],  # the chunks whose claims are ours (refreshed with every beat)
+            "held": [],  # the chunks whose claims are ours (alive while this file is)
             "chunks_done": 0,
             "records_done": 0,  # records of chunks this worker published
             "prompt_tokens": 0,
@@ -89,8 +91,6 @@ class Heartbeat:
             self.state["recent"] = recent
             state = dict(self.state, in_flight=dict(self.state["in_flight"]), recent=list(recent), t=now)
         faults.point("heartbeat", self.run.root)
-        for cid in state.get("held") or []:  # our own claims (a backup copy's claim is its holder's)
-            claims.refresh(self.run, int(cid))
         write_json(self.run.heartbeat_path(self.owner.worker_id), state)
         self.last_ok = time.time()
 

@@ -99,7 +99,8 @@ class Pacing:
 
     def __init__(self, run: RunDir, worker_id: str, heartbeat_s: float, est: dict[int, int]):
         self.run, self.worker_id = run, worker_id
-        self.every, self.fresh_s = max(5.0, 3 * heartbeat_s), 3 * heartbeat_s + 10
+        # a look every 2 minutes at 8 heartbeats: a small, flat cost per worker (bench/metadata_ops.py)
+        self.every, self.fresh_s = max(120.0, 12 * heartbeat_s), 3 * heartbeat_s + 10
         self.next_at = time.time() + self.every
         self.share, self.leave_tail = 1.0, False
         self.est, self.total = est, max(1, sum(est.values()))
@@ -223,16 +224,21 @@ class Worker:
             return False
 
     def publish(self, chunk: Chunk) -> None:
-        """Write a chunk's output (the first complete copy wins), drop its claim, count it."""
-        if not self.run.manifest.exists():
-            raise RunDeleted(self.run.root)
+        """Write a chunk's output (the first complete copy wins), drop its claim, count it. A
+        run directory deleted under the worker is noticed by its heartbeat, or here when the
+        output cannot be created (no folder is brought back piecemeal)."""
         rows = sorted(chunk.rows, key=lambda r: r["index"])
         indices = [r["index"] for r in rows]
         if indices != list(range(indices[0], indices[0] + len(rows))):
             raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
-        published = publish_chunk_output(self.run.out_path(chunk.id), chunk.id, encode_chunk_output(
-            chunk.id, rows, worker=self.owner.worker_id, started=round(chunk.started, 3),
-            finished=round(time.time(), 3), **({"backup": True} if chunk.backup else {})))
+        try:
+            published = publish_chunk_output(self.run.out_path(chunk.id), chunk.id, encode_chunk_output(
+                chunk.id, rows, worker=self.owner.worker_id, started=round(chunk.started, 3),
+                finished=round(time.time(), 3), **({"backup": True} if chunk.backup else {})))
+        except FileNotFoundError:
+            if not self.run.root.exists():
+                raise RunDeleted(self.run.root) from None
+            raise
         if not chunk.backup:
             claims.release(self.run, chunk.id, self.owner)
         if self.isolating == chunk.id:
@@ -267,11 +273,14 @@ class Worker:
                 self.exhausted = True
                 return
             deferred: list[int] = []
+            verdicts: dict[int, bool] = {}
 
             def skip(c: int) -> bool:  # a suspect runs alone: left for later while others are in flight
-                if self.inflight and self.is_suspect(c):
-                    deferred.append(c)
-                    return True
+                if self.inflight:
+                    verdicts[c] = self.is_suspect(c)
+                    if verdicts[c]:
+                        deferred.append(c)
+                        return True
                 return False
 
             cid = self.claimer.next(skip)
@@ -282,7 +291,7 @@ class Worker:
             faults.point("claimed", self.run.claim_path(cid))
             chunk = self.start(cid)
             self.claimed += 1
-            if self.is_suspect(cid):
+            if verdicts[cid] if cid in verdicts else self.is_suspect(cid):
                 self.isolating = cid
                 self.hb.update(isolating=cid)
                 if self.advance(chunk):  # every record already in a part (a holder died publishing)
@@ -325,15 +334,12 @@ class Worker:
 
     def drop_published_elsewhere(self) -> None:
         """Stop running chunks another copy of which was published (a backup raced ours). Only
-        chunks with a backup marker can have two copies: one listing every CHECK_BACKUPS_S,
-        then a stat of those alone."""
+        chunks with a backup marker can have two copies: a listing of the (few) markers every
+        CHECK_BACKUPS_S, then a stat of those chunks' outputs alone."""
         if time.time() - self._backups_seen_at < CHECK_BACKUPS_S:
             return
         self._backups_seen_at = time.time()
-        try:
-            backed = {int(n[:5]) for n in os.listdir(self.run.claims) if n.endswith(".backup") and n[:5].isdigit()}
-        except OSError:
-            return
+        backed = claims.backed_up(self.run)
         for cid in [c for c in self.inflight if c in backed and self.run.chunk_done(c)]:
             self.engine.abort(cid)
             if self.isolating == cid:
