@@ -120,8 +120,14 @@ class Worker:
         heapq.heapify(self.running)
 
 
-def run_dynamic(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *, load_per_chunk: bool,
-                max_in_flight: int = 16) -> list[float]:
+def run_dynamic(
+    m: EngineModel,
+    slow: list[float],
+    chunks: list[list[tuple[int, int]]],
+    *,
+    load_per_chunk: bool,
+    max_in_flight: int = 16,
+) -> list[float]:
     """Workers claim chunks in id order. With load_per_chunk, each chunk is its own array
     task: a fresh engine (load_s), drained before the next task starts."""
     queue = deque(enumerate(chunks))
@@ -153,9 +159,17 @@ STRAGGLER = 0.75  # rundir/claims.py: a worker under this fraction of the median
 TAIL_SHARE = 1 / 6  # rundir/claims.py: a straggler leaves the last sixth of the estimated work to the others
 
 
-def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, int]]], *,
-                max_in_flight: int = 16, max_backups: int = 2, pacing: bool = True,
-                tail_share: float = TAIL_SHARE, est: list[int] | None = None) -> tuple[list[float], float]:
+def run_backups(
+    m: EngineModel,
+    slow: list[float],
+    chunks: list[list[tuple[int, int]]],
+    *,
+    max_in_flight: int = 16,
+    max_backups: int = 2,
+    pacing: bool = True,
+    tail_share: float = TAIL_SHARE,
+    est: list[int] | None = None,
+) -> tuple[list[float], float]:
     """Ours plus the tail policy of worker/worker.py.
 
     Pacing: a straggler (rate under STRAGGLER x the median) holds at most its rate / the
@@ -210,9 +224,14 @@ def run_backups(m: EngineModel, slow: list[float], chunks: list[list[tuple[int, 
         if not busy and not queue and left[i] > 0 and not straggler[i]:
             # expected time left: records left x the holder's slowness (the worker estimates the
             # latter from the holder's heartbeat rate); only a straggler's chunks
-            live = [(max(ws[j].left.get(c, 0) * ws[j].slow for j in hs), c) for c, hs in holders.items()
-                    if c not in done and c not in backed and i not in hs
-                    and any(1 / ws[j].slow < STRAGGLER * median for j in hs)]
+            live = [
+                (max(ws[j].left.get(c, 0) * ws[j].slow for j in hs), c)
+                for c, hs in holders.items()
+                if c not in done
+                and c not in backed
+                and i not in hs
+                and any(1 / ws[j].slow < STRAGGLER * median for j in hs)
+            ]
             if live:
                 _, cid = max(live)
                 backed.add(cid)
@@ -239,8 +258,9 @@ def run_static(m: EngineModel, slow: list[float], slices: list[list[tuple[int, i
     return ends
 
 
-def workload(n: int, seed: int, max_tokens: int, out_median: float, out_sigma: float,
-             drift: float = 0.0) -> list[tuple[int, int]]:
+def workload(
+    n: int, seed: int, max_tokens: int, out_median: float, out_sigma: float, drift: float = 0.0
+) -> list[tuple[int, int]]:
     """(prompt tokens, output tokens): log-normal prompts (median 150) and outputs (heavy
     tail). `drift` makes outputs grow along the input (a data set sorted by difficulty):
     the median at the end is exp(drift) times the median at the start."""
@@ -248,8 +268,9 @@ def workload(n: int, seed: int, max_tokens: int, out_median: float, out_sigma: f
     recs = []
     for i in range(n):
         mu = math.log(out_median) + drift * (i / n - 0.5)
-        recs.append((max(8, int(rng.lognormvariate(5.0, 0.7))),
-                     min(max_tokens, max(1, int(rng.lognormvariate(mu, out_sigma))))))
+        recs.append(
+            (max(8, int(rng.lognormvariate(5.0, 0.7))), min(max_tokens, max(1, int(rng.lognormvariate(mu, out_sigma)))))
+        )
     return recs
 
 
@@ -263,8 +284,14 @@ def measure(out: Path) -> EngineModel:
     """Time the real engine: decode steps at several batch sizes, prefill, engine start."""
     import os
 
-    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"})
+    os.environ.update(
+        {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     from hpc_infer.rundir.claims import Owner, release, try_claim
     from hpc_infer.models.cpu_model import ensure_smollm2
     from hpc_infer.rundir import RunDir, encode_chunk_output, read_jsonl, write_atomic, write_jsonl
@@ -296,8 +323,9 @@ def measure(out: Path) -> EngineModel:
     with tempfile.TemporaryDirectory() as tmp:  # claim + read + write, 50 records
         run = RunDir(Path(tmp))
         run.make()
-        rows = [{"id": str(i), "index": i, "prompt": "x" * 400, "text": "y" * 2000, "output_tokens": 500}
-                for i in range(50)]
+        rows = [
+            {"id": str(i), "index": i, "prompt": "x" * 400, "text": "y" * 2000, "output_tokens": 500} for i in range(50)
+        ]
         write_jsonl(run.input_copy, rows)
         owner = Owner.current("bench")
         t = time.perf_counter()
@@ -307,10 +335,17 @@ def measure(out: Path) -> EngineModel:
             write_atomic(run.out_path(0), encode_chunk_output(0, rows))
             release(run, 0, owner)
         claim_s = (time.perf_counter() - t) / 20
-    m = EngineModel(a=a, c=c, p=p, load_s=load_s, claim_s=claim_s, max_num_seqs=128,
-                    source=f"measured {time.strftime('%Y-%m-%d')} by `bench/balance.py --measure`: vLLM "
-                           f"{vllm.__version__}, SmolLM2-135M bf16, this machine's CPU; "
-                           f"decode s/step by batch {({b: round(v, 4) for b, v in decode.items()})}")
+    m = EngineModel(
+        a=a,
+        c=c,
+        p=p,
+        load_s=load_s,
+        claim_s=claim_s,
+        max_num_seqs=128,
+        source=f"measured {time.strftime('%Y-%m-%d')} by `bench/balance.py --measure`: vLLM "
+        f"{vllm.__version__}, SmolLM2-135M bf16, this machine's CPU; "
+        f"decode s/step by batch { ({b: round(v, 4) for b, v in decode.items()}) }",
+    )
     out.write_text(json.dumps(m.__dict__, indent=1) + "\n")
     return m
 
@@ -331,9 +366,13 @@ def main() -> None:
     ap.add_argument("--out-sigma", type=float, default=1.0, help="log-normal sigma of output tokens (tail)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--measure", action="store_true", help="time the real engine first (writes engine_model.json)")
-    ap.add_argument("--start-s", type=float, default=None,
-                    help="price an engine start at this many seconds (e.g. bench/engine_start.py's cold start) "
-                         "instead of engine_model.json's load_s")
+    ap.add_argument(
+        "--start-s",
+        type=float,
+        default=None,
+        help="price an engine start at this many seconds (e.g. bench/engine_start.py's cold start) "
+        "instead of engine_model.json's load_s",
+    )
     args = ap.parse_args()
 
     from hpc_infer.run.plan import make_chunks
@@ -342,33 +381,49 @@ def main() -> None:
     if args.start_s is not None:
         m.load_s = args.start_s
     W = args.workers
-    print(f"engine: step = {m.a * 1e3:.2f} ms + {m.c * 1e3:.3f} ms x batch (max {m.max_num_seqs}), "
-          f"prefill {m.p * 1e6:.1f} us/token, load {m.load_s:.1f} s, claim {m.claim_s * 1e3:.1f} ms")
+    print(
+        f"engine: step = {m.a * 1e3:.2f} ms + {m.c * 1e3:.3f} ms x batch (max {m.max_num_seqs}), "
+        f"prefill {m.p * 1e6:.1f} us/token, load {m.load_s:.1f} s, claim {m.claim_s * 1e3:.1f} ms"
+    )
     print(f"        {m.source}")
-    print(f"{W} workers x {args.records_per_worker} records, output tokens log-normal (median {args.out_median:.0f}, "
-          f"sigma {args.out_sigma}, clipped at {args.max_tokens}); ideal makespan "
-          f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s")
-    schemes = ["static slices", "interleaved", "4 shards/worker, load per task", "ours, chunks_per_worker=4",
-               "ours, 16", "ours, 64", "ours, 16 + backups", "ours, 16 + pacing + backups (default)"]
+    print(
+        f"{W} workers x {args.records_per_worker} records, output tokens log-normal (median {args.out_median:.0f}, "
+        f"sigma {args.out_sigma}, clipped at {args.max_tokens}); ideal makespan "
+        f"{ideal(m, workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma), W):.0f} s"
+    )
+    schemes = [
+        "static slices",
+        "interleaved",
+        "4 shards/worker, load per task",
+        "ours, chunks_per_worker=4",
+        "ours, 16",
+        "ours, 64",
+        "ours, 16 + backups",
+        "ours, 16 + pacing + backups (default)",
+    ]
     # Engine starts per scheme, each priced at the measured start: what a scheme pays before
     # its first token, whatever the balance (the shards/task scheme loads once per task).
     starts = [W, W, 4 * W, W, W, W, W, W]
-    print(f"{'engine starts x ' + format(m.load_s, '.1f') + ' s':<30}" + "".join(
-        f"{f'{n:,} = {n * m.load_s / 3600:,.1f} worker-h':>40}" for n in starts))
+    print(
+        f"{'engine starts x ' + format(m.load_s, '.1f') + ' s':<30}"
+        + "".join(f"{f'{n:,} = {n * m.load_s / 3600:,.1f} worker-h':>40}" for n in starts)
+    )
     print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>40}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
         rng = random.Random(args.seed + 1)
-        recs = workload(W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma,
-                        sc["drift"])
+        recs = workload(
+            W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma, sc["drift"]
+        )
         slow = [2.0 if rng.random() < sc["slow_fraction"] else 1.0 for _ in range(W)]
         n = len(recs)
         best = m.load_s + (ideal(m, recs, W) - m.load_s) * W / sum(1 / f for f in slow)
         est = [pt + args.max_tokens for pt, _ in recs]  # what the planner knows: prompt size + max_tokens
         spans = [
-            run_static(m, slow, [recs[n * i // W: n * (i + 1) // W] for i in range(W)]),
+            run_static(m, slow, [recs[n * i // W : n * (i + 1) // W] for i in range(W)]),
             run_static(m, slow, [recs[i::W] for i in range(W)]),
-            run_dynamic(m, slow, [recs[n * i // (4 * W): n * (i + 1) // (4 * W)] for i in range(4 * W)],
-                        load_per_chunk=True),
+            run_dynamic(
+                m, slow, [recs[n * i // (4 * W) : n * (i + 1) // (4 * W)] for i in range(4 * W)], load_per_chunk=True
+            ),
         ]
         for cpw in (4, 16, 64):
             chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
@@ -381,8 +436,11 @@ def main() -> None:
         spans.append(ends)
         cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]
         print(f"{scenario:<30}" + "".join(f"{c:>40}" for c in cells), flush=True)
-        print(f"{'':<30}default: extra worker-time on losing backup copies {wasted:,.0f} s = "
-              f"{100 * wasted / sum(ends):.2f}% of all worker-time", flush=True)
+        print(
+            f"{'':<30}default: extra worker-time on losing backup copies {wasted:,.0f} s = "
+            f"{100 * wasted / sum(ends):.2f}% of all worker-time",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, time
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype=sys.argv[2], enforce_eager=True, max_model_len=2048, enable_chunked_prefill=False,
@@ -33,22 +33,34 @@ for name, (ps, sp) in cases.items():
     llm.generate(ps, sp, use_tqdm=False)
     out[name] = time.perf_counter() - t
 print("TIMES " + json.dumps(out), flush=True)
-'''
+"""
 
-ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
-       "HF_HUB_OFFLINE": "1"}
+ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 def main() -> None:
     from hpc_infer.models.cpu_model import ensure_smollm2
 
     model = str(ensure_smollm2())
-    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                    for f in line.split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
+    flags = sorted(
+        {
+            f
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+            for f in line.split()
+            if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+        }
+    )
     times = {}
     for dtype in ("bfloat16", "float32"):
-        p = subprocess.run([sys.executable, "-c", CHILD, model, dtype], capture_output=True, text=True,
-                           env=dict(os.environ, **ENV))
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, model, dtype], capture_output=True, text=True, env=dict(os.environ, **ENV)
+        )
         line = next((x for x in p.stdout.splitlines() if x.startswith("TIMES ")), None)
         if line is None:
             sys.exit(f"{dtype} failed:\n{p.stderr[-3000:]}")

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, time
 t = {"start": float(sys.argv[1])}
 t["interpreter"] = time.time()
@@ -62,9 +62,9 @@ from vllm import SamplingParams
 e.llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
 t["first_token"] = time.time()
 print("TIMES " + json.dumps(t), flush=True)
-'''
+"""
 
-FLOOR = r'''
+FLOOR = r"""
 import sys, time, glob, os
 t0 = float(sys.argv[1])
 import vllm
@@ -76,19 +76,24 @@ for f in glob.glob(os.path.join(sys.argv[2], "*.safetensors")):
             n += len(chunk)
 t2 = time.time()
 print(f"FLOOR {t1 - t0} {t2 - t1} {n}", flush=True)
-'''
+"""
 
-BARE = r'''
+BARE = r"""
 import sys, time
 t0 = float(sys.argv[1])
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[2], dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
 llm.generate(["The capital of France is"], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
 print(f"BARE {time.time() - t0}", flush=True)
-'''
+"""
 
-ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
 
 def drop_cache(model: Path) -> None:
@@ -103,8 +108,13 @@ def drop_cache(model: Path) -> None:
 
 def run(code: str, model: Path) -> tuple[str, str]:
     env = dict(os.environ, **ENV)
-    p = subprocess.run([sys.executable, "-c", code, repr(time.time()), str(model)], capture_output=True, text=True,
-                       env=env, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, "-c", code, repr(time.time()), str(model)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if p.returncode:
         raise SystemExit(p.stderr[-3000:])
     return p.stdout, p.stderr
@@ -115,7 +125,9 @@ def vllm_phases(log: str) -> dict[str, float]:
     import re
 
     out = {}
-    m = re.search(r"Loading weights took ([\d.]+) seconds", log) or re.search(r"Model loading took .*? and ([\d.]+) seconds", log)
+    m = re.search(r"Loading weights took ([\d.]+) seconds", log) or re.search(
+        r"Model loading took .*? and ([\d.]+) seconds", log
+    )
     if m:
         out["weights"] = float(m.group(1))
     m = re.search(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s", log)
@@ -124,7 +136,7 @@ def vllm_phases(log: str) -> dict[str, float]:
     return out
 
 
-LOADER = r'''
+LOADER = r"""
 import json, sys, time
 t0 = time.time()
 from vllm import LLM, SamplingParams
@@ -140,7 +152,7 @@ t2 = time.time()
 text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0].outputs[0].text
 print("LOADED " + json.dumps({"import": t1 - t0, "llm": t2 - t1, "text": text,
       "cache": dict(cache.describe(), published=cache.publish()) if cache else None}), flush=True)
-'''
+"""
 
 
 def start_with(model: Path, kw: dict, extra_path: str | None = None, cache_root: str = "") -> dict:
@@ -148,8 +160,13 @@ def start_with(model: Path, kw: dict, extra_path: str | None = None, cache_root:
     env = dict(os.environ, **ENV)
     if extra_path:
         env["PYTHONPATH"] = f"{extra_path}:{env.get('PYTHONPATH', '')}"
-    p = subprocess.run([sys.executable, "-c", LOADER, repr(time.time()), str(model), json.dumps(kw), cache_root],
-                       capture_output=True, text=True, env=env, timeout=1800)
+    p = subprocess.run(
+        [sys.executable, "-c", LOADER, repr(time.time()), str(model), json.dumps(kw), cache_root],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if p.returncode:
         lines = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln]
         return {"error": (lines[-1] if lines else p.stderr[-300:]).strip()}
@@ -167,18 +184,27 @@ def load_formats(model: Path, formats: list[str], extra_path: str | None) -> Non
         path = model
         if fmt == "sharded_state":
             path = tmp / "copy"
-            code = ("import sys; from pathlib import Path; from hpc_infer.models.load_format import write_sharded_state; "
-                    "write_sharded_state(sys.argv[1], Path(sys.argv[2]), 1, 1, 'bfloat16')")
-            subprocess.run([sys.executable, "-c", code, str(model), str(path)], check=True, capture_output=True,
-                           env=dict(os.environ, **ENV), timeout=1800)
+            code = (
+                "import sys; from pathlib import Path; from hpc_infer.models.load_format import write_sharded_state; "
+                "write_sharded_state(sys.argv[1], Path(sys.argv[2]), 1, 1, 'bfloat16')"
+            )
+            subprocess.run(
+                [sys.executable, "-c", code, str(model), str(path)],
+                check=True,
+                capture_output=True,
+                env=dict(os.environ, **ENV),
+                timeout=1800,
+            )
         r = start_with(path, {"load_format": fmt, "enforce_eager": True}, extra_path)
         if "error" in r:
             print(f"  {fmt:16} refused by this build: {r['error'][:200]}")
             continue
         base = base or r["llm"]
         weights = f"{r['weights']:.2f} s" if "weights" in r else "not in vLLM's log"
-        print(f"  {fmt:16} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / base:.2f} of the first), weights "
-              f"{weights}, greedy text {r['text']!r}")
+        print(
+            f"  {fmt:16} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / base:.2f} of the first), weights "
+            f"{weights}, greedy text {r['text']!r}"
+        )
 
 
 def compile_starts(model: Path) -> None:
@@ -194,8 +220,10 @@ def compile_starts(model: Path) -> None:
             print(f"  {which}: refused by this build: {r['error'][:200]}")
             return
         c = r["cache"]
-        print(f"  {which:36} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / eager['llm']:.2f} of eager); seeded "
-              f"{c['seeded']} entries, published {len(c['published'])}")
+        print(
+            f"  {which:36} LLM(...) {r['llm']:6.2f} s (x{r['llm'] / eager['llm']:.2f} of eager); seeded "
+            f"{c['seeded']} entries, published {len(c['published'])}"
+        )
 
 
 def main() -> None:
@@ -221,10 +249,14 @@ def main() -> None:
             drop_cache(model)
         out, err = run(CHILD, model)
         t = json.loads(out.split("TIMES ", 1)[1].splitlines()[0])
-        phases = {"interpreter": t["interpreter"] - t["start"], "import torch": t["torch"] - t["interpreter"],
-                  "import vllm": t["vllm"] - t["torch"], "import ours": t["ours"] - t["vllm"],
-                  "engine build": t["llm"] - t["ours"],
-                  "first token": t["first_token"] - t["llm"]}
+        phases = {
+            "interpreter": t["interpreter"] - t["start"],
+            "import torch": t["torch"] - t["interpreter"],
+            "import vllm": t["vllm"] - t["torch"],
+            "import ours": t["ours"] - t["vllm"],
+            "engine build": t["llm"] - t["ours"],
+            "first token": t["first_token"] - t["llm"],
+        }
         total = t["first_token"] - t["start"]
         if rep == 0:
             drop_cache(model)
@@ -242,12 +274,17 @@ def main() -> None:
             print(f"    {k:18} {v:6.2f} s")
         if vp:
             rest = phases["engine build"] - sum(vp.values())
-            print("    of the engine build, vLLM's own log: " + ", ".join(f"{k} {v:.2f} s" for k, v in vp.items())
-                  + f"; the rest (config, tokenizer, vLLM's engine-side imports, model init) {rest:.2f} s")
+            print(
+                "    of the engine build, vLLM's own log: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in vp.items())
+                + f"; the rest (config, tokenizer, vLLM's engine-side imports, model init) {rest:.2f} s"
+            )
         print(f"  floor (bare `import vllm` {imp:.2f} s + one read of the weights {read:.2f} s): {floor:.2f} s")
         print(f"  ratio start/floor = {total / floor:.2f}")
-        print(f"  bare vLLM (a script: LLM(...) with the same settings, one token; no hpc_infer): {bare:.2f} s; "
-              f"ratio start/bare vLLM = {total / bare:.2f}")
+        print(
+            f"  bare vLLM (a script: LLM(...) with the same settings, one token; no hpc_infer): {bare:.2f} s; "
+            f"ratio start/bare vLLM = {total / bare:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -46,13 +46,26 @@ def main() -> None:
             (Path(tmp) / "models").symlink_to(cache_root() / "models")  # the built model, an empty check cache
             env = dict(os.environ, HPC_INFER_CACHE=tmp)
             for name, into in (("a", first), ("b", again)):
-                s, said = timed([str(BIN / "hpc-infer"), "sbatch", "cluster=slurm_local", "data=example_prompts",
-                                 "data.limit=2", "sampling=greedy", f"run_name={name}", f"output_root={tmp}/runs"],
-                                env, tmp)
+                s, said = timed(
+                    [
+                        str(BIN / "hpc-infer"),
+                        "sbatch",
+                        "cluster=slurm_local",
+                        "data=example_prompts",
+                        "data.limit=2",
+                        "sampling=greedy",
+                        f"run_name={name}",
+                        f"output_root={tmp}/runs",
+                    ],
+                    env,
+                    tmp,
+                )
                 into.append(s)
                 print(f"  rep {rep} run {name}: {s:6.2f} s   {said.strip()}")
-    print(f"\nmodel {model}; CPU flags: "
-          + " ".join(sorted({f for f in open('/proc/cpuinfo').read().split() if f in ('avx2', 'avx512f', 'amx_tile')})))
+    print(
+        f"\nmodel {model}; CPU flags: "
+        + " ".join(sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx2", "avx512f", "amx_tile")}))
+    )
     a, b = statistics.median(first), statistics.median(again)
     print(f"hpc-infer sbatch (plan, checks, script; no submission), median of {args.reps}:")
     print(f"  sampling checked with vLLM imported   {a:6.2f} s")

@@ -54,10 +54,21 @@ def build(tmp: Path, n: int, k: int) -> Path:
     answer = "The answer is 42. " * 12
     table = []
     for cid in range(k):
-        rows = [{"id": f"q{i}", "index": i, "prompt": f"Question number {i}?", "text": answer,
-                 "outputs": [{"text": answer, "finish_reason": "length", "stop_reason": None, "num_tokens": 64}],
-                 "prompt_tokens": 8, "output_tokens": 64, "seed": i, "worker": "w", "chunk": cid}
-                for i in range(bounds[cid], bounds[cid + 1])]
+        rows = [
+            {
+                "id": f"q{i}",
+                "index": i,
+                "prompt": f"Question number {i}?",
+                "text": answer,
+                "outputs": [{"text": answer, "finish_reason": "length", "stop_reason": None, "num_tokens": 64}],
+                "prompt_tokens": 8,
+                "output_tokens": 64,
+                "seed": i,
+                "worker": "w",
+                "chunk": cid,
+            }
+            for i in range(bounds[cid], bounds[cid + 1])
+        ]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))  # what a worker writes
         table.append({"id": cid, "n_records": len(rows), "first_index": bounds[cid], "last_index": bounds[cid + 1] - 1})
     write_json(run.manifest, {"version": 2, "n_records": n, "n_chunks": k, "chunks": table})

@@ -37,10 +37,41 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-NAMESPACE = ("open", "openat", "openat2", "creat", "stat", "lstat", "newfstatat", "statx", "access", "faccessat",
-             "faccessat2", "mkdir", "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2",
-             "link", "linkat", "utimensat", "utime", "utimes", "getdents64", "readlink", "readlinkat", "chmod",
-             "fchmodat", "chown", "fchownat", "symlink", "symlinkat")
+NAMESPACE = (
+    "open",
+    "openat",
+    "openat2",
+    "creat",
+    "stat",
+    "lstat",
+    "newfstatat",
+    "statx",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "mkdir",
+    "mkdirat",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "rename",
+    "renameat",
+    "renameat2",
+    "link",
+    "linkat",
+    "utimensat",
+    "utime",
+    "utimes",
+    "getdents64",
+    "readlink",
+    "readlinkat",
+    "chmod",
+    "fchmodat",
+    "chown",
+    "fchownat",
+    "symlink",
+    "symlinkat",
+)
 FAKE = {"step_s": 0.02, "max_num_seqs": 8}
 OLD_WORKER = """
 import json, os, sys
@@ -73,6 +104,7 @@ print(run.root)
 def plan(root: Path, code: Path, n_records: int, chunks: int) -> Path:
     """A run of n_records short prompts in about `chunks` chunks, planned by that checkout
     as its `launch` plans (each version in its own run-directory format)."""
+    root.mkdir(parents=True, exist_ok=True)
     script = PLAN.format(code=str(code), root=str(root), records=n_records, per_chunk=max(1, n_records // chunks))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=code)
     return Path(out.stdout.strip().splitlines()[-1])
@@ -89,52 +121,93 @@ def count(trace_files: list[Path]) -> int:
     return total
 
 
-def start_workers(run: Path, n: int, code: Path | None, trace_dir: Path, tag: str, fake: dict,
-                  timeout_s: float | None = None) -> list:
+def start_workers(
+    run: Path,
+    n: int,
+    code: Path | None,
+    trace_dir: Path,
+    tag: str,
+    fake: dict,
+    timeout_s: float | None = None,
+    extra: list[str] | None = None,
+) -> list:
     env = dict(os.environ, HPC_INFER_FAKE_ENGINE=json.dumps(fake), PYTHONUNBUFFERED="1")
     if code is not None:
         fake_dir = trace_dir / "fake"
         fake_dir.mkdir(exist_ok=True)
         src = (ROOT / "hpc_infer" / "worker" / "fake_engine.py").read_text()
-        (fake_dir / "fake_engine_copy.py").write_text(src.replace("from .protocol import error_result",
-                                                                  "from hpc_infer.worker.engine import error_result"))
+        (fake_dir / "fake_engine_copy.py").write_text(
+            src.replace("from .protocol import error_result", "from hpc_infer.worker.engine import error_result")
+        )
         env.update(PYTHONPATH=str(code), HPC_INFER_BENCH_FAKE=str(fake_dir))
     procs = []
     for i in range(n):
-        argv = ([sys.executable, "-c", OLD_WORKER, str(run), "--worker-id", f"w{i}"] if code is not None else
-                [sys.executable, "-m", "hpc_infer.worker", str(run), "--worker-id", f"w{i}", "--rank", str(i),
-                 "--of", str(n)])
+        argv = (
+            [sys.executable, "-c", OLD_WORKER, str(run), "--worker-id", f"w{i}"]
+            if code is not None
+            else [
+                sys.executable,
+                "-m",
+                "hpc_infer.worker",
+                str(run),
+                "--worker-id",
+                f"w{i}",
+                "--rank",
+                str(i),
+                "--of",
+                str(n),
+            ]
+        )
         out = trace_dir / f"{tag}{i}.strace"
+        argv += extra or []
         if timeout_s:
             argv = ["timeout", "-s", "TERM", "-k", "60", str(timeout_s), *argv]
-        procs.append(subprocess.Popen(["strace", "-f", "-c", "-o", str(out), *argv], env=env, cwd=code or ROOT,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                ["strace", "-f", "-c", "-o", str(out), *argv],
+                env=env,
+                cwd=code or ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     return procs
 
 
-def workers_until_done(run: Path, n: int, code: Path | None, trace_dir: Path, tag: str) -> tuple[float, int]:
+def workers_until_done(
+    run: Path, n: int, code: Path | None, trace_dir: Path, tag: str, extra: list[str] | None = None
+) -> tuple[float, int]:
     t0 = time.time()
-    for p in start_workers(run, n, code, trace_dir, tag, FAKE):
+    for p in start_workers(run, n, code, trace_dir, tag, FAKE, extra=extra):
         p.wait()
     return time.time() - t0, count(sorted(trace_dir.glob(f"{tag}*.strace")))
 
 
 def per_chunk_cost(code: Path | None, records: int, chunks: int, n: int = 16) -> dict:
-    """Namespace calls per chunk: n fast workers through a fresh run, minus the same n workers
-    started on the finished run (their start and exit: imports, one look, nothing to do)."""
+    """Namespace calls per chunk: n fast workers through a fresh run, minus what n workers
+    cost that start on a fresh run and claim nothing (--max-chunks 0: imports, the worker's
+    setup, a heartbeat, exit)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
     try:
         run = plan(tmp, code or ROOT, records, chunks)
+        idle_run = plan(tmp / "idle", code or ROOT, records, chunks)
         traces = tmp / "traces"
         traces.mkdir()
         wall, total = workers_until_done(run, n, code, traces, "run")
-        _, idle = workers_until_done(run, n, code, traces, "idle")
+        _, idle = workers_until_done(idle_run, n, code, traces, "idle", ["--max-chunks", "0"])
         n_chunks = json.loads((run / "manifest.json").read_text())["n_chunks"]
         module = "progress" if ((code or ROOT) / "hpc_infer" / "run" / "progress.py").exists() else "status"
         poll = launcher_poll(run, code or ROOT, module, 5, traces)
-        return {"chunks": n_chunks, "records": records, "ops_per_chunk": round((total - idle) / n_chunks, 2),
-                "ops_per_record": round((total - idle) / records, 2), "startup_ops_per_worker": round(idle / n),
-                "launcher_ops_per_poll": round(poll, 1), "poll_outputs": n_chunks, "poll_heartbeats": 2 * n}
+        return {
+            "chunks": n_chunks,
+            "records": records,
+            "ops_per_chunk": round((total - idle) / n_chunks, 2),
+            "ops_per_record": round((total - idle) / records, 2),
+            "startup_ops_per_worker": round(idle / n),
+            "launcher_ops_per_poll": round(poll, 1),
+            "poll_outputs": n_chunks,
+            "poll_heartbeats": 2 * n,
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -151,8 +224,9 @@ def per_worker_second(code: Path | None, n: int, window_s: float, startup: float
         # records that never finish (a million tokens each), steps every half second; each worker
         # is stopped by `timeout` inside strace (SIGTERM: it stops at its next step), so the
         # summary is written when it exits
-        procs = start_workers(run, n, code, traces, "slow", {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10 ** 6},
-                              timeout_s=window_s)
+        procs = start_workers(
+            run, n, code, traces, "slow", {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}, timeout_s=window_s
+        )
         for p in procs:
             p.wait()
         total = count(sorted(traces.glob("slow*.strace")))
@@ -182,8 +256,9 @@ def launcher_poll(run: Path, code: Path, module: str, polls: int, trace_dir: Pat
     base, full = trace_dir / "poll0.strace", trace_dir / "poll.strace"
     for out, n in ((base, 0), (full, polls)):
         text = POLL.format(root=str(code), module=module, run=str(run), polls=n)
-        p = subprocess.run(["strace", "-f", "-c", "-o", str(out), sys.executable, "-c", text], capture_output=True,
-                           text=True, cwd=code)
+        p = subprocess.run(
+            ["strace", "-f", "-c", "-o", str(out), sys.executable, "-c", text], capture_output=True, text=True, cwd=code
+        )
         if p.returncode:
             raise RuntimeError(f"the launcher's poll failed: {p.stderr[-2000:]}")
     return (count([full]) - count([base])) / polls
@@ -210,10 +285,14 @@ def extrapolate(m: dict, workers: int = 1000, chunks: int = 16000, run_hours: fl
     per_worker = m["per_worker_s"][max(m["per_worker_s"])]
     listed = m["poll_outputs"] + m["poll_heartbeats"]
     poll = m["launcher_ops_per_poll"] * (chunks + workers) / listed
-    out = {"workers": workers, "chunks": chunks, "run_hours": run_hours,
-           "workers_ops_per_s": round(per_worker * workers),
-           "chunks_ops_per_s": round(m["ops_per_chunk"] * chunks / (run_hours * 3600)),
-           "launcher_ops_per_s": round(poll / poll_interval(workers))}
+    out = {
+        "workers": workers,
+        "chunks": chunks,
+        "run_hours": run_hours,
+        "workers_ops_per_s": round(per_worker * workers),
+        "chunks_ops_per_s": round(m["ops_per_chunk"] * chunks / (run_hours * 3600)),
+        "launcher_ops_per_s": round(poll / poll_interval(workers)),
+    }
     out["total_ops_per_s"] = out["workers_ops_per_s"] + out["chunks_ops_per_s"] + out["launcher_ops_per_s"]
     return out
 
@@ -230,8 +309,11 @@ def main() -> None:
     results = {"this checkout": measure("this checkout", None, sizes, args.records, args.chunks, args.window)}
     if args.before:
         tree = Path(tempfile.mkdtemp(prefix="bench-before-")) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before],
+            check=True,
+            capture_output=True,
+        )
         try:
             results[args.before] = measure(args.before, tree, sizes, args.records, args.chunks, args.window)
         finally:
@@ -239,12 +321,16 @@ def main() -> None:
     print("\nnamespace calls (strace -c: open, stat, mkdir, unlink, rename, link, utime, getdents, ...)")
     for label, m in results.items():
         e = extrapolate(m)
-        print(f"{label:>14}: {m['ops_per_chunk']} per chunk ({m['ops_per_record']} per record), per worker-second "
-              f"{m['per_worker_s']}, launcher {m['launcher_ops_per_poll']} per poll ({m['poll_outputs']} outputs, "
-              f"{m['poll_heartbeats']} heartbeats)")
-        print(f"{'':>14}  1,000 workers, 16,000 chunks in an hour: workers {e['workers_ops_per_s']}/s + chunks "
-              f"{e['chunks_ops_per_s']}/s + launcher {e['launcher_ops_per_s']}/s = {e['total_ops_per_s']}/s "
-              f"(budget 500/s)")
+        print(
+            f"{label:>14}: {m['ops_per_chunk']} per chunk ({m['ops_per_record']} per record), per worker-second "
+            f"{m['per_worker_s']}, launcher {m['launcher_ops_per_poll']} per poll ({m['poll_outputs']} outputs, "
+            f"{m['poll_heartbeats']} heartbeats)"
+        )
+        print(
+            f"{'':>14}  1,000 workers, 16,000 chunks in an hour: workers {e['workers_ops_per_s']}/s + chunks "
+            f"{e['chunks_ops_per_s']}/s + launcher {e['launcher_ops_per_s']}/s = {e['total_ops_per_s']}/s "
+            f"(budget 500/s)"
+        )
 
 
 if __name__ == "__main__":

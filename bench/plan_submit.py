@@ -59,8 +59,16 @@ def main() -> None:
 
         register_configs()
         with initialize_config_dir(config_dir=str(ROOT / "hpc_infer/conf"), version_base=None):
-            cfg = compose("config", overrides=[f"data.path={data}", "cluster=slurm_local", f"output_root={tmp}/runs",
-                                               f"cluster.workers={args.workers}", "cluster.sbatch_extra=[--hold]"])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"data.path={data}",
+                    "cluster=slurm_local",
+                    f"output_root={tmp}/runs",
+                    f"cluster.workers={args.workers}",
+                    "cluster.sbatch_extra=[--hold]",
+                ],
+            )
         rc = to_run_config(cfg)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
@@ -81,8 +89,11 @@ def main() -> None:
             for i in range(args.records // 10):
                 f.write(json.dumps({"id": f"q{i}", "prompt": ("word " * 500 if i % 100 == 0 else f"Solve {i}")}) + "\n")
         with initialize_config_dir(config_dir=str(ROOT / "hpc_infer/conf"), version_base=None):
-            rc_long = to_run_config(compose("config", overrides=[f"data.path={long_data}", f"output_root={tmp}/runs2",
-                                                                 "data.too_long=mark"]))
+            rc_long = to_run_config(
+                compose(
+                    "config", overrides=[f"data.path={long_data}", f"output_root={tmp}/runs2", "data.too_long=mark"]
+                )
+            )
         model = str(ensure_smollm2())
         with plan_input(rc_long) as planned_long:
             t = time.perf_counter()
@@ -110,11 +121,15 @@ def main() -> None:
     print(f"records={n:,} file={size_mb:.0f} MB chunks={n_chunks} workers={args.workers}")
     print(f"read + json.loads every line: {t_read:6.2f} s")
     print(f"hpc_infer plan, 1 process   : {t_plan_1:6.2f} s   ratio plan/read = {t_plan_1 / t_read:.2f}")
-    print(f"context check, {args.records // 10:,} prompts, 1% long: plan {t_plan_long:.2f} s + check {t_fit:.2f} s "
-          f"(ratio {(t_plan_long + t_fit) / t_plan_long:.2f}; {len(found)} found); {args.records:,} short prompts: "
-          f"check {t_fit_short:.3f} s")
-    print(f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}   "
-          f"(blocks parsed in {_scan_processes(int(size_mb * 1e6))} processes; peak memory of this process grew {rss_growth:.0f} MB over both plans)")
+    print(
+        f"context check, {args.records // 10:,} prompts, 1% long: plan {t_plan_long:.2f} s + check {t_fit:.2f} s "
+        f"(ratio {(t_plan_long + t_fit) / t_plan_long:.2f}; {len(found)} found); {args.records:,} short prompts: "
+        f"check {t_fit_short:.3f} s"
+    )
+    print(
+        f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}   "
+        f"(blocks parsed in {_scan_processes(int(size_mb * 1e6))} processes; peak memory of this process grew {rss_growth:.0f} MB over both plans)"
+    )
     if t_submit is not None:
         print(f"submit {args.workers} tasks (real sbatch): {t_submit:6.2f} s   sbatch calls = {sbatch_calls}")
         print(f"plan + submit / read        : {(t_plan + t_submit) / t_read:.2f}")

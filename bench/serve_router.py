@@ -31,10 +31,15 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def batch(clients: list, requests: int, max_tokens: int, concurrency: int) -> tuple[float, int]:
     """Wall seconds and output tokens for `requests` completions; request i goes to client i % n."""
+
     def one(i):
-        r = clients[i % len(clients)].completions.create(model=MODEL, prompt=f"Request {i}: a short story about",
-                                                         max_tokens=max_tokens, temperature=0,
-                                                         extra_body={"ignore_eos": True})
+        r = clients[i % len(clients)].completions.create(
+            model=MODEL,
+            prompt=f"Request {i}: a short story about",
+            max_tokens=max_tokens,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         return r.usage.completion_tokens
 
     t = time.time()
@@ -63,9 +68,22 @@ def main() -> None:
         env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"), HPC_INFER_CACHE=CACHE)
         root = tmp / "runs" / "bench"
         t = time.time()
-        p = subprocess.run(["hpc-infer", "serve", f"cluster={args.cluster}", f"serve.replicas={args.replicas}",
-                            "serve.router=true", f"serve.router_policy={args.policy}", "model.dtype=float32",
-                            "run_name=bench", f"output_root={tmp}/runs"], env=env, capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                "hpc-infer",
+                "serve",
+                f"cluster={args.cluster}",
+                f"serve.replicas={args.replicas}",
+                "serve.router=true",
+                f"serve.router_policy={args.policy}",
+                "model.dtype=float32",
+                "run_name=bench",
+                f"output_root={tmp}/runs",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         try:
             if p.returncode != 0:
                 sys.exit(p.stderr[-3000:])
@@ -86,15 +104,21 @@ def main() -> None:
                     if name == "router":
                         served = [s + a - b for s, a, b in zip(served, after, before)]
                     rates[name].append(tokens / wall)
-                    print(f"pass {n + 1} {name:18} {args.requests} requests x {args.max_tokens} tokens: "
-                          f"{wall:6.2f} s, {tokens / wall:7.1f} output tok/s")
+                    print(
+                        f"pass {n + 1} {name:18} {args.requests} requests x {args.max_tokens} tokens: "
+                        f"{wall:6.2f} s, {tokens / wall:7.1f} output tok/s"
+                    )
             mean = {k: sum(v) / len(v) for k, v in rates.items()}
-            print(f"\nthroughput router / client round-robin: {mean['router'] / mean['client round-robin']:.3f} "
-                  f"({mean['router']:.1f} vs {mean['client round-robin']:.1f} output tok/s, mean of {args.passes} "
-                  f"passes each, policy {args.policy})")
+            print(
+                f"\nthroughput router / client round-robin: {mean['router'] / mean['client round-robin']:.3f} "
+                f"({mean['router']:.1f} vs {mean['client round-robin']:.1f} output tok/s, mean of {args.passes} "
+                f"passes each, policy {args.policy})"
+            )
             total = sum(served) or 1
-            print("share of the router's requests per replica: "
-                  + ", ".join(f"replica {i} {100 * s / total:.1f}%" for i, s in enumerate(served)))
+            print(
+                "share of the router's requests per replica: "
+                + ", ".join(f"replica {i} {100 * s / total:.1f}%" for i, s in enumerate(served))
+            )
         finally:
             subprocess.run(["hpc-infer", "serve", "stop", str(root)], env=env, capture_output=True, text=True)
 

@@ -35,11 +35,19 @@ def _log_time(line: str) -> float | None:
 
 
 def one(tmp: Path, cluster: str, name: str) -> dict:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(tmp / "home"),
-               HPC_INFER_CACHE=os.environ.get("HPC_INFER_CACHE", str(Path.home() / ".cache" / "hpc_infer")))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}:{os.environ['PATH']}",
+        HOME=str(tmp / "home"),
+        HPC_INFER_CACHE=os.environ.get("HPC_INFER_CACHE", str(Path.home() / ".cache" / "hpc_infer")),
+    )
     t_submit = time.time()
-    p = subprocess.run(["hpc-infer", "serve", f"cluster={cluster}", f"run_name={name}", f"output_root={tmp}/runs"],
-                       env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        ["hpc-infer", "serve", f"cluster={cluster}", f"run_name={name}", f"output_root={tmp}/runs"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     t_done = time.time()
     root = tmp / "runs" / name
     if p.returncode != 0:
@@ -52,9 +60,14 @@ def one(tmp: Path, cluster: str, name: str) -> dict:
         if listening is None and "Starting vLLM server" in line:
             listening = _log_time(line)
     subprocess.run(["hpc-infer", "serve", "stop", str(root)], env=env, capture_output=True)
-    return {"queue": state["started"] - t_submit, "import": banner - state["started"], "load": listening - banner,
-            "ready": state["ready_at"] - listening, "total": state["ready_at"] - t_submit,
-            "command": t_done - t_submit}
+    return {
+        "queue": state["started"] - t_submit,
+        "import": banner - state["started"],
+        "load": listening - banner,
+        "ready": state["ready_at"] - listening,
+        "total": state["ready_at"] - t_submit,
+        "command": t_done - t_submit,
+    }
 
 
 def main() -> None:
@@ -69,8 +82,10 @@ def main() -> None:
     print(f"{'part':8} {'first':>8} {'second':>8}   (seconds; second start has the weights in the page cache)")
     for k in ("queue", "import", "load", "ready", "total"):
         print(f"{k:8} {cold[k]:8.1f} {warm[k]:8.1f}")
-    print(f"second/first total = {warm['total'] / cold['total']:.2f}; the `hpc-infer serve` command returned after "
-          f"{cold['command']:.1f} s and {warm['command']:.1f} s")
+    print(
+        f"second/first total = {warm['total'] / cold['total']:.2f}; the `hpc-infer serve` command returned after "
+        f"{cold['command']:.1f} s and {warm['command']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -32,18 +32,33 @@ def one(tmp: Path, backups: int, pacing: bool, sleep_ms: int, max_tokens: int) -
     from hpc_infer.run.plan import plan_input, prepare
     from hpc_infer.rundir import read_json
 
-    rc = compose("data=example", "sampling=greedy", f"sampling.max_tokens={max_tokens}",
-                 "+sampling.extra.ignore_eos=true", "cluster=local", "cluster.workers=2",
-                 "cluster.max_chunks_in_flight=1", "cluster.heartbeat_s=1", f"cluster.max_backups={backups}",
-                 f"cluster.straggler_pacing={pacing}", f"output_root={tmp}/runs", f"run_name=b{backups}{pacing}")
+    rc = compose(
+        "data=example",
+        "sampling=greedy",
+        f"sampling.max_tokens={max_tokens}",
+        "+sampling.extra.ignore_eos=true",
+        "cluster=local",
+        "cluster.workers=2",
+        "cluster.max_chunks_in_flight=1",
+        "cluster.heartbeat_s=1",
+        f"cluster.max_backups={backups}",
+        f"cluster.straggler_pacing={pacing}",
+        f"output_root={tmp}/runs",
+        f"run_name=b{backups}{pacing}",
+    )
     run, _ = prepare(rc, plan_input(rc), str(ensure_smollm2()), "")
     n = read_json(run.manifest)["n_chunks"]
     t0 = time.time()
     procs = []
     for wid, env in (("slow", {"HPC_INFER_FAULT": f"step:SLEEP{sleep_ms}"}), ("fast", {})):
-        procs.append(subprocess.Popen([sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", wid],
-                                      env=dict(os.environ, **CPU_ENV, **env), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", wid],
+                env=dict(os.environ, **CPU_ENV, **env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         while wid == "slow" and not run.claim_path(0).exists():
             time.sleep(0.1)
     while len(run.done_chunks()) < n:
@@ -53,8 +68,13 @@ def one(tmp: Path, backups: int, pacing: bool, sleep_ms: int, max_tokens: int) -
         p.wait()
     beats = {w: read_json(run.heartbeats / f"{w}.json") for w in ("slow", "fast")}
     busy = sum(b.get("finished_at", time.time()) - b["started"] for b in beats.values())
-    return {"done_s": done, "busy_s": busy, "backups": beats["fast"].get("backups", 0),
-            "pace": beats["slow"].get("pace"), "straggler": beats["slow"].get("straggler")}
+    return {
+        "done_s": done,
+        "busy_s": busy,
+        "backups": beats["fast"].get("backups", 0),
+        "pace": beats["slow"].get("pace"),
+        "straggler": beats["slow"].get("straggler"),
+    }
 
 
 def main() -> None:
@@ -67,11 +87,15 @@ def main() -> None:
         backups = one(Path(tmp), 2, False, args.sleep_ms, args.max_tokens)
         both = one(Path(tmp), 2, True, args.sleep_ms, args.max_tokens)
     print(f"2 workers, one slowed by {args.sleep_ms} ms per engine step; 16 prompts x {args.max_tokens} tokens")
-    print(f"all chunks done: neither {off['done_s']:.1f} s; backups only {backups['done_s']:.1f} s "
-          f"(ratio {backups['done_s'] / off['done_s']:.2f}, {backups['backups']} backup copies); backups + pacing "
-          f"(default) {both['done_s']:.1f} s (ratio {both['done_s'] / off['done_s']:.2f}, {both['backups']} backup copies)")
-    print(f"worker lifetime summed (incl. losing copies): {off['busy_s']:.1f} s, {backups['busy_s']:.1f} s, "
-          f"{both['busy_s']:.1f} s")
+    print(
+        f"all chunks done: neither {off['done_s']:.1f} s; backups only {backups['done_s']:.1f} s "
+        f"(ratio {backups['done_s'] / off['done_s']:.2f}, {backups['backups']} backup copies); backups + pacing "
+        f"(default) {both['done_s']:.1f} s (ratio {both['done_s'] / off['done_s']:.2f}, {both['backups']} backup copies)"
+    )
+    print(
+        f"worker lifetime summed (incl. losing copies): {off['busy_s']:.1f} s, {backups['busy_s']:.1f} s, "
+        f"{both['busy_s']:.1f} s"
+    )
     print(f"with pacing, the slow worker's last heartbeat: pace {both['pace']}, straggler {both['straggler']}")
 
 

@@ -24,8 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1"}
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
 
 BARE = textwrap.dedent("""
     import json, sys, time
@@ -50,8 +54,13 @@ def make_prompts(path: Path, n: int) -> None:
 
 def run_bare(data: Path, model: str, max_tokens: int) -> dict:
     t = time.time()
-    p = subprocess.run([sys.executable, "-c", BARE, str(data), model, str(max_tokens)], capture_output=True, text=True,
-                       env=dict(os.environ, **CPU_ENV), check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", BARE, str(data), model, str(max_tokens)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **CPU_ENV),
+        check=True,
+    )
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.time() - t
     return res
@@ -59,10 +68,25 @@ def run_bare(data: Path, model: str, max_tokens: int) -> dict:
 
 def run_ours(data: Path, out: Path, max_tokens: int, rep: int) -> dict:
     t = time.time()
-    subprocess.run([sys.executable, "-m", "hpc_infer.launch", "cluster=debug", f"data.path={data}", "sampling=greedy",
-                    f"sampling.max_tokens={max_tokens}", "sampling.ignore_eos=true", f"output_root={out}",
-                    f"run_name=rep{rep}"], capture_output=True, text=True, env=dict(os.environ, **CPU_ENV), check=True,
-                   cwd=out)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc_infer.launch",
+            "cluster=debug",
+            f"data.path={data}",
+            "sampling=greedy",
+            f"sampling.max_tokens={max_tokens}",
+            "sampling.ignore_eos=true",
+            f"output_root={out}",
+            f"run_name=rep{rep}",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **CPU_ENV),
+        check=True,
+        cwd=out,
+    )
     wall = time.time() - t
     summary = json.loads((out / f"rep{rep}" / "summary.json").read_text())
     return {"tokens": summary["output_tokens"], "wall_s": wall}

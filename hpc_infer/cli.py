@@ -1,16 +1,16 @@
-"""`hpc-infer`: launch, status, cancel, merge, sbatch, cache, image, model.
+"""`hpc-infer`: launch, status, cancel, merge, report, sbatch, cache, image, model.
 
-    hpc-infer launch model=qwen_math cluster=together data=math_r1_zero
-    hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
-    hpc-infer merge runs/<run> [--partial] [--format parquet]
-    hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
-    hpc-infer serve model=... cluster=... [serve.replicas=N]   (OpenAI-compatible vLLM servers)
-    hpc-infer serve status [RUN]            hpc-infer serve stop RUN
-    hpc-infer serve metrics RUN [--json]    hpc-infer serve scale RUN N
-    hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
-    hpc-infer cache shard MODEL --root /shared/models --tp N   (a sharded_state copy for TP=N)
-    hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
-    hpc-infer model build-cpu               (build the embedded CPU default model now)
+hpc-infer launch model=qwen_math cluster=together data=math_r1_zero
+hpc-infer status runs/<run>          hpc-infer cancel runs/<run>
+hpc-infer merge runs/<run> [--partial] [--format parquet]
+hpc-infer sbatch model=... cluster=...   (writes a standalone sbatch script)
+hpc-infer serve model=... cluster=... [serve.replicas=N]   (OpenAI-compatible vLLM servers)
+hpc-infer serve status [RUN]            hpc-infer serve stop RUN
+hpc-infer serve metrics RUN [--json]    hpc-infer serve scale RUN N
+hpc-infer cache stage|list|verify|catalog --root /shared/models   (admins)
+hpc-infer cache shard MODEL --root /shared/models --tp N   (a sharded_state copy for TP=N)
+hpc-infer image pull docker://vllm/vllm-openai:TAG --dest /shared/vllm.sif | build | inspect IMAGE
+hpc-infer model build-cpu               (build the embedded CPU default model now)
 """
 
 from __future__ import annotations
@@ -72,8 +72,10 @@ def _run_config(run, need: str) -> dict:
     try:
         cfg = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except Exception as e:
-        raise UserError(f"{run.config}: not a config hpc_infer wrote ({type(e).__name__}); merge with "
-                        f"--no-postprocess and --format/--on-error given, or relaunch to rewrite it") from None
+        raise UserError(
+            f"{run.config}: not a config hpc_infer wrote ({type(e).__name__}); merge with "
+            f"--no-postprocess and --format/--on-error given, or relaunch to rewrite it"
+        ) from None
     return cfg if isinstance(cfg, dict) else {}
 
 
@@ -85,17 +87,23 @@ def _run_postprocess(cfg: dict, level: str, typed: str | None) -> dict | None:
 
     if typed:
         return {"_target_": typed}
-    spec = choose_postprocess((cfg.get("merge") or {}).get("postprocess"),
-                              (cfg.get("data") or {}).get("postprocess")) if cfg else None
+    spec = (
+        choose_postprocess((cfg.get("merge") or {}).get("postprocess"), (cfg.get("data") or {}).get("postprocess"))
+        if cfg
+        else None
+    )
     if not spec or level == "own":
         return spec
     target = str(spec.get("_target_"))
     plain = all(isinstance(v, (str, int, float, bool, type(None))) for k, v in spec.items())
     if target.startswith(SHIPPED_HOOKS) and plain:
         return spec
-    print(f"[hpc_infer] the run's merge hook {target} was not run: this run is not yours, and only hooks hpc_infer "
-          f"ships ({', '.join(SHIPPED_HOOKS)}*) run from another's run; give it yourself with --postprocess "
-          f"{target} if you trust it", file=sys.stderr)
+    print(
+        f"[hpc_infer] the run's merge hook {target} was not run: this run is not yours, and only hooks hpc_infer "
+        f"ships ({', '.join(SHIPPED_HOOKS)}*) run from another's run; give it yourself with --postprocess "
+        f"{target} if you trust it",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -104,19 +112,38 @@ def cmd_merge(args) -> int:
 
     run, level = _run_dir(args.run_dir, "merge", "shared")
     if (level != "own" or not os.access(run.root, os.W_OK)) and not args.out:
-        raise UserError(f"hpc-infer merge {args.run_dir}: the run is not yours (you may read it, not write into it); "
-                        f"merge into a folder of yours: hpc-infer merge {args.run_dir} --out DIR")
+        raise UserError(
+            f"hpc-infer merge {args.run_dir}: the run is not yours (you may read it, not write into it); "
+            f"merge into a folder of yours: hpc-infer merge {args.run_dir} --out DIR"
+        )
     cfg = _run_config(run, level)
     on_error = args.on_error or (cfg.get("merge") or {}).get("on_error") or "keep"
     fmt = args.format or (cfg.get("merge") or {}).get("format") or "jsonl"
-    s = merge(run, fmt, args.partial, postprocess=None if args.no_postprocess else
-              _run_postprocess(cfg, level, args.postprocess), on_error=on_error,
-              dest=Path(args.out).expanduser().resolve() if args.out else None)
+    s = merge(
+        run,
+        fmt,
+        args.partial,
+        postprocess=None if args.no_postprocess else _run_postprocess(cfg, level, args.postprocess),
+        on_error=on_error,
+        dest=Path(args.out).expanduser().resolve() if args.out else None,
+        group_by=args.group_by.split(",") if args.group_by else list((cfg.get("merge") or {}).get("group_by") or []),
+    )
     print(f"{s.records}/{s.records_expected} records -> {s.results}")
+    if s.postprocess and s.postprocess.get("metrics"):
+        from .run.report import headline
+
+        print(headline(s.postprocess["metrics"]))
     if s.postprocess:  # the same reward line launch prints
         sums = ", ".join(f"{k} {v:g}" for k, v in s.postprocess["sums"].items())
         print(f"{s.postprocess['target']} over {s.postprocess['records']} records: {sums}")
     report_errors(s, lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .run.report import write_report
+
+    print(write_report([Path(p) for p in args.runs], Path(args.out).expanduser() if args.out else None))
     return 0
 
 
@@ -150,9 +177,12 @@ def cmd_cache(args) -> int:
             raise UserError("cache shard needs SOURCE (a model directory, or a model's name under --root)")
         out = cache_admin.shard(args.source, args.root, args.tp, args.pp, args.name, args.dtype)
         print(out)
-        print(f"[hpc_infer] load it with model.path={out} model.load_format=sharded_state "
-              f"model.tensor_parallel_size={args.tp}" + (f" model.pipeline_parallel_size={args.pp}" if args.pp > 1
-                                                         else ""), file=sys.stderr)
+        print(
+            f"[hpc_infer] load it with model.path={out} model.load_format=sharded_state "
+            f"model.tensor_parallel_size={args.tp}"
+            + (f" model.pipeline_parallel_size={args.pp}" if args.pp > 1 else ""),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -175,14 +205,17 @@ def cmd_image(args) -> int:
         return 0
     if args.action == "pull":
         if not args.target or not args.dest:
-            raise UserError("image pull: give the address and --dest, e.g. "
-                            "hpc-infer image pull docker://vllm/vllm-openai:latest --dest /shared/vllm.sif")
+            raise UserError(
+                "image pull: give the address and --dest, e.g. "
+                "hpc-infer image pull docker://vllm/vllm-openai:latest --dest /shared/vllm.sif"
+            )
         cmd = images.pull_command(args.target, Path(args.dest), args.force, args.runtime)
     else:
         if not args.dest:
             raise UserError("image build: give --dest /shared/vllm-hpc_infer.sif")
-        cmd = images.build_command(Path(args.target or images.DEFAULT_DEF), Path(args.dest), not args.no_fakeroot,
-                                   args.force, args.runtime)
+        cmd = images.build_command(
+            Path(args.target or images.DEFAULT_DEF), Path(args.dest), not args.no_fakeroot, args.force, args.runtime
+        )
     print(" ".join(cmd))
     if not args.dry_run:
         images.run(cmd, args.runtime)
@@ -241,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_main()
         return 0
+    if argv and argv[0] == "tune":
+        sys.argv = ["hpc-infer tune", *argv[1:]]
+        from .tune import main as tune_main
+
+        tune_main()
+        return 0
     if argv and argv[0] in ("launch", "sbatch"):
         # Hydra parses its own command line: hand the rest of it over.
         sys.argv = [f"hpc-infer {argv[0]}", *argv[1:]]
@@ -250,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             from .run.sbatch import main as launch_main
         launch_main()
         return 0
-    parser = argparse.ArgumentParser(prog="hpc-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpc-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("status", help="per-task state, chunks done, tokens/s, ETA")
     p.add_argument("run_dir")
@@ -261,21 +302,47 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge finished chunks into results")
     p.add_argument("run_dir")
     p.add_argument("--partial", action="store_true", help="merge what is done; missing chunks listed in summary.json")
-    p.add_argument("--format", default=None, choices=["jsonl", "parquet", "openai_batch"],
-                   help="result format (default: the run's merge.format)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=["jsonl", "parquet", "openai_batch"],
+        help="result format (default: the run's merge.format)",
+    )
     p.add_argument("--no-postprocess", action="store_true", help="skip the run's merge.postprocess hook")
-    p.add_argument("--postprocess", default=None, metavar="MODULE.FUNCTION",
-                   help="run this merge hook instead of the run's")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="write results and summary into DIR (needed for a run that is not yours)")
-    p.add_argument("--on-error", choices=["keep", "drop", "fail"], default=None,
-                   help="records the engine refused: keep them as error records (default: the run's "
-                        "merge.on_error), drop them from the results, or fail (exit 3)")
+    p.add_argument(
+        "--postprocess", default=None, metavar="MODULE.FUNCTION", help="run this merge hook instead of the run's"
+    )
+    p.add_argument(
+        "--group-by",
+        default=None,
+        metavar="FIELD[,FIELD]",
+        help="report the hook's metrics per value of these record fields (default: the run's merge.group_by)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write results and summary into DIR (needed for a run that is not yours)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=["keep", "drop", "fail"],
+        default=None,
+        help="records the engine refused: keep them as error records (default: the run's "
+        "merge.on_error), drop them from the results, or fail (exit 3)",
+    )
     p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("report", help="one self-contained HTML page of a run's metrics and outputs (or runs side by side)")
+    p.add_argument("runs", nargs="+", help="run directories, or a sweep folder (runs/.multirun/<sweep>)")
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write it (default: report.html beside the results)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog, shard")
     p.add_argument("action", choices=["stage", "list", "verify", "catalog", "shard"])
-    p.add_argument("source", nargs="?", help="stage: model directory or HF id; verify: one model name; "
-                                             "shard: model directory or name under --root")
+    p.add_argument(
+        "source",
+        nargs="?",
+        help="stage: model directory or HF id; verify: one model name; shard: model directory or name under --root",
+    )
     p.add_argument("--tp", type=int, default=1, help="shard: tensor_parallel_size the copy is for")
     p.add_argument("--pp", type=int, default=1, help="shard: pipeline_parallel_size the copy is for")
     p.add_argument("--dtype", default="auto", help="shard: dtype the weights are written in")
@@ -297,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["build-cpu"])
     p.set_defaults(fn=cmd_model)
     sub.add_parser("launch", help="plan, submit, wait, merge (Hydra overrides follow)")
+    sub.add_parser("tune", help="time engine settings on a sample of the run's prompts; launch uses the fastest")
     sub.add_parser("sbatch", help="render the run as a standalone sbatch script (Hydra overrides follow)")
-    sub.add_parser("serve", help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop|metrics RUN, "
-                       "serve scale RUN N")
+    sub.add_parser(
+        "serve",
+        help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop|metrics RUN, "
+        "serve scale RUN N",
+    )
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -48,6 +48,10 @@ class ModelConfig:
     gpu_memory_utilization: Optional[float] = None
     chat_template: Optional[str] = None  # path to a Jinja chat template file
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
+    # The model card's recommended sampling (temperature, top_p, top_k, min_p,
+    # repetition_penalty), as vLLM's server takes a model's generation_config.json: the
+    # `chat` and `default` sampling groups use it for what the command line leaves out.
+    sampling_defaults: Dict[str, Any] = field(default_factory=dict)
     # One LoRA adapter (a PEFT directory) applied to every request; sets vLLM's enable_lora.
     lora_path: Optional[str] = None
     lora_max_rank: int = 64  # vLLM's max_lora_rank: at least the adapter's r
@@ -64,9 +68,22 @@ class ContainerConfig:
     # --cleanenv: the job sees only the variables named here (a name, or a prefix ending
     # in *), forwarded by hpc_infer/cluster/container_exec.sh; the worker sets cluster.env itself.
     cleanenv: bool = False
-    passenv: List[str] = field(default_factory=lambda: [
-        "SLURM_*", "SUBMITIT_*", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CUDA_VISIBLE_DEVICES", "NVIDIA_*",
-        "TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RAY_*", "VLLM_*", "OMP_NUM_THREADS"])
+    passenv: List[str] = field(
+        default_factory=lambda: [
+            "SLURM_*",
+            "SUBMITIT_*",
+            "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN",
+            "CUDA_VISIBLE_DEVICES",
+            "NVIDIA_*",
+            "TMPDIR",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "RAY_*",
+            "VLLM_*",
+            "OMP_NUM_THREADS",
+        ]
+    )
 
 
 @dataclass
@@ -128,7 +145,9 @@ class ClusterConfig:
     # directory (its key file is used), or base URL(s) "http://node:port/v1[,http://...]"
     # with the key's file in serve.api_key_file (never a key here).
     endpoint: Optional[str] = None
-    endpoint_concurrency: int = 128  # requests in flight per replica: enough for the server to batch as the offline engine does
+    endpoint_concurrency: int = (
+        128  # requests in flight per replica: enough for the server to batch as the offline engine does
+    )
 
 
 @dataclass
@@ -187,6 +206,10 @@ class DataConfig:
     pair_field: Optional[str] = None  # model.task=score: the field holding each record's second text
     limit: Optional[int] = None
     max_line_bytes: int = 16 << 20  # a longer input line is almost surely a broken file
+    # Prefix-aware planning (run/plan.py): `auto` groups records whose prompts share their
+    # first 1,024 characters into the same chunks, in input order within a group, when the
+    # input has such groups scattered (so a worker's prefix cache hits); `off` never does.
+    group_prefixes: str = "auto"
     # OpenAI batch files: a field a body leaves out takes vLLM's server default (`server`, as
     # `vllm run-batch` does), or the run's sampling group and seed (`run`, said in the summary).
     batch_defaults: str = "server"
@@ -196,6 +219,9 @@ class DataConfig:
     too_long: str = "error"
     # The data set's own grader, used at merge unless merge.postprocess is set (MATH: r1_zero_reward).
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
+    # Record fields to report the hook's metrics by (pass@k, maj@k, categories), e.g.
+    # [level, type] for MATH: a field of the record, or of its input row.
+    group_by: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,6 +235,9 @@ class MergeConfig:
     # A callable applied to each record at merge, e.g. {_target_: hpc_infer.rewards.r1_zero_reward};
     # its returned fields are added to the record and summed in summary.json.
     postprocess: Any = None  # (typed Any: OmegaConf cannot assign a dict to an Optional[Dict] None)
+    # Record fields to report the hook's metrics by (pass@k, maj@k, categories), e.g.
+    # [level, type] for MATH: a field of the record, or of its input row.
+    group_by: List[str] = field(default_factory=list)
 
 
 ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random", "consistent_hash")  # vllm-router's
@@ -242,6 +271,18 @@ class ServeConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`hpc-infer tune`: engine settings timed on a sample of the run's own prompts."""
+
+    sample: int = 64  # prompts from data.path (the first ones)
+    budget_s: float = 600.0  # stop trying settings after this long (engine starts included)
+    repeats: int = 2  # timed runs of the sample per setting: their spread is the noise
+    # launch applies the settings `hpc-infer tune` kept for this model and cluster
+    # (<output_root>/tuned/<model>__<cluster>.yaml); a setting given in model.engine_kwargs wins
+    use: bool = True
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     cluster: ClusterConfig = MISSING
@@ -261,6 +302,7 @@ class RunConfig:
     wait: bool = True
     merge: MergeConfig = field(default_factory=MergeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def postprocess(self) -> Optional[Dict[str, Any]]:
@@ -269,6 +311,11 @@ class RunConfig:
     @property
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.data.name}__{self.model.name}__{self.sampling.name}"
+
+    @property
+    def tuned_path(self) -> Path:
+        """Where `hpc-infer tune` keeps the settings it chose for this model and cluster."""
+        return Path(self.output_root).expanduser().resolve() / "tuned" / f"{self.model.name}__{self.cluster.name}.yaml"
 
     @property
     def run_path(self) -> Path:
@@ -284,8 +331,9 @@ def register_configs() -> None:
     cs.store(name="data_schema", node=DataConfig)
     OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel), replace=True)
     # GPU clusters give a task the model's TP x PP GPUs, spread over nodes_per_task nodes
-    OmegaConf.register_new_resolver("gpus_per_node", lambda tp, pp, nodes: -(-int(tp) * int(pp) // max(1, int(nodes))),
-                                    replace=True)
+    OmegaConf.register_new_resolver(
+        "gpus_per_node", lambda tp, pp, nodes: -(-int(tp) * int(pp) // max(1, int(nodes))), replace=True
+    )
 
 
 def unknown_keys(tree: Any, schema: type, path: str = "") -> list[str]:
@@ -303,8 +351,11 @@ def unknown_keys(tree: Any, schema: type, path: str = "") -> list[str]:
         where = f"{path}.{key}" if path else str(key)
         if key not in hints:
             near = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)
-            hint = f"did you mean {(path + '.' if path else '') + near[0]}?" if near else \
-                f"valid keys here: {', '.join(hints)}"
+            hint = (
+                f"did you mean {(path + '.' if path else '') + near[0]}?"
+                if near
+                else f"valid keys here: {', '.join(hints)}"
+            )
             problems.append(f"{where}: unknown setting; {hint}")
         elif dataclasses.is_dataclass(hints[key]):
             problems += unknown_keys(value, hints[key], where)
@@ -334,17 +385,27 @@ def wrong_types(tree: Any, schema: type, path: str = "") -> list[str]:
         optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
         if optional:
             kind = next((a for a in typing.get_args(kind) if a is not type(None)), None)
-        if kind not in words or not isinstance(value, str) or value.startswith(("${", "'", '"')) or \
-                (optional and value == "null"):
+        if (
+            kind not in words
+            or not isinstance(value, str)
+            or value.startswith(("${", "'", '"'))
+            or (optional and value == "null")
+        ):
             continue
-        ok = (re.fullmatch(r"[+-]?\d+", value) if kind is int else
-              value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0") if kind is bool else
-              re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", value.lower()))
+        ok = (
+            re.fullmatch(r"[+-]?\d+", value)
+            if kind is int
+            else value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0")
+            if kind is bool
+            else re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", value.lower())
+        )
         if not ok:
             example = defaults.get(key)
             example = str(example).lower() if isinstance(example, bool) else example
-            problems.append(f"{where}={value}: must be {words[kind]}"
-                            + (f", e.g. {where}={example}" if isinstance(example, (int, float, str)) else ""))
+            problems.append(
+                f"{where}={value}: must be {words[kind]}"
+                + (f", e.g. {where}={example}" if isinstance(example, (int, float, str)) else "")
+            )
     return problems
 
 
@@ -447,17 +508,22 @@ def postprocess_fn(spec: Dict[str, Any]):
     target = spec.get("_target_") if isinstance(spec, dict) else None
     if not target:
         raise UserError("merge.postprocess: needs _target_: module.function (e.g. hpc_infer.rewards.r1_zero_reward)")
-    nested = next((p for k, v in spec.items() if k != "_target_" and (p := _nested_target(v, f"merge.postprocess.{k}"))),
-                  None)
+    nested = next(
+        (p for k, v in spec.items() if k != "_target_" and (p := _nested_target(v, f"merge.postprocess.{k}"))), None
+    )
     if nested:
-        raise UserError(f"{nested}: a _target_ inside a merge hook's arguments is not allowed (it would be imported and "
-                        f"called too); give the hook plain values")
+        raise UserError(
+            f"{nested}: a _target_ inside a merge hook's arguments is not allowed (it would be imported and "
+            f"called too); give the hook plain values"
+        )
     try:
         return instantiate(dict(spec), _partial_=True, _recursive_=False)
     except Exception as e:  # import errors, unknown arguments
         cause = e.__cause__ or e
-        raise UserError(f"merge.postprocess._target_={target}: cannot be loaded ({type(cause).__name__}: {cause}); "
-                        f"check the module path and that its package is installed") from None
+        raise UserError(
+            f"merge.postprocess._target_={target}: cannot be loaded ({type(cause).__name__}: {cause}); "
+            f"check the module path and that its package is installed"
+        ) from None
 
 
 KERNEL_FILES = ("/proc/", "/sys/")  # a process's environment, the kernel's state: never a prompt set
@@ -471,8 +537,10 @@ def not_a_file(path: str) -> Optional[str]:
     p = Path(path).expanduser()
     real = os.path.realpath(p)
     if real.startswith(KERNEL_FILES) or str(p.absolute()).startswith(KERNEL_FILES):
-        return (f"is a kernel or process file ({real}); it would copy what it holds (a process's environment, "
-                f"its secrets) into the run's files. Give a file of yours")
+        return (
+            f"is a kernel or process file ({real}); it would copy what it holds (a process's environment, "
+            f"its secrets) into the run's files. Give a file of yours"
+        )
     try:
         mode = p.stat().st_mode
     except FileNotFoundError:
@@ -482,8 +550,10 @@ def not_a_file(path: str) -> Optional[str]:
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     if stat.S_ISFIFO(mode):
-        return ("is a named pipe (FIFO), which can be read once; a relaunch reads the input again to resume, "
-                "so copy it to a file")
+        return (
+            "is a named pipe (FIFO), which can be read once; a relaunch reads the input again to resume, "
+            "so copy it to a file"
+        )
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "is a device, not a file"
     if stat.S_ISSOCK(mode):
@@ -508,11 +578,14 @@ def not_writable(folder: str) -> Optional[str]:
     try:  # a real probe: permission bits say nothing for root, read-only mounts or /proc
         os.rmdir(tempfile.mkdtemp(prefix=".hpc_infer-probe.", dir=p))
     except OSError as e:
-        return (f"is not writable by you ({p}: {e.strerror}); set output_root to a folder of yours, "
-                f"e.g. output_root=$HOME/runs")
+        return (
+            f"is not writable by you ({p}: {e.strerror}); set output_root to a folder of yours, "
+            f"e.g. output_root=$HOME/runs"
+        )
     return None
 
 
+CARD_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")  # what a model card recommends
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -526,25 +599,50 @@ def script_safe(rc: RunConfig) -> list[str]:
     own), env keys valid shell names. Values are quoted for the shell where rendered."""
     c = rc.cluster
     problems = []
-    fields = {f"cluster.{k}": getattr(c, k) for k in ("partition", "account", "qos", "gres", "mem", "time",
-                                                         "token_file", "compile_cache", "model_catalog", "python")}
+    fields = {
+        f"cluster.{k}": getattr(c, k)
+        for k in (
+            "partition",
+            "account",
+            "qos",
+            "gres",
+            "mem",
+            "time",
+            "token_file",
+            "compile_cache",
+            "model_catalog",
+            "python",
+        )
+    }
     fields.update({f"cluster.sbatch_extra[{i}]": v for i, v in enumerate(c.sbatch_extra)})
     fields.update({f"cluster.setup[{i}]": v for i, v in enumerate(c.setup)})
     fields.update({f"cluster.container.{k}": v for k, v in vars(c.container).items() if isinstance(v, str)})
     fields.update({f"cluster.container.binds[{i}]": v for i, v in enumerate(c.container.binds)})
     fields.update({f"cluster.container.extra_args[{i}]": v for i, v in enumerate(c.container.extra_args)})
-    fields.update({"model.name": rc.model.name, "model.path": rc.model.path, "data.name": rc.data.name,
-                   "sampling.name": rc.sampling.name, "output_root": rc.output_root, "run_name": rc.run_name,
-                   "run_group": rc.run_group})
+    fields.update(
+        {
+            "model.name": rc.model.name,
+            "model.path": rc.model.path,
+            "data.name": rc.data.name,
+            "sampling.name": rc.sampling.name,
+            "output_root": rc.output_root,
+            "run_name": rc.run_name,
+            "run_group": rc.run_group,
+        }
+    )
     for key, value in c.env.items():
         if not ENV_NAME.fullmatch(str(key)):
-            problems.append(f"cluster.env.{key}: not a valid environment variable name (letters, digits, _; not "
-                            f"starting with a digit)")
+            problems.append(
+                f"cluster.env.{key}: not a valid environment variable name (letters, digits, _; not "
+                f"starting with a digit)"
+            )
         fields[f"cluster.env.{key}"] = value
     for where, value in fields.items():
         if _control(value):
-            problems.append(f"{where}: holds a control character (a newline, tab, ...), which would start a new line "
-                            f"in the job script; remove it")
+            problems.append(
+                f"{where}: holds a control character (a newline, tab, ...), which would start a new line "
+                f"in the job script; remove it"
+            )
     return problems
 
 
@@ -557,25 +655,42 @@ def validate(rc: RunConfig) -> None:
 
     m, c, s, d = rc.model, rc.cluster, rc.sampling, rc.data
     check(m.task in TASKS, "model.task", f"'{m.task}' is not one of {', '.join(TASKS)}")
-    check(m.task != "score" or bool(d.pair_field), "data.pair_field",
-          "model.task=score compares each record's text with a second text: name its field, e.g. data.pair_field=document")
+    check(
+        m.task != "score" or bool(d.pair_field),
+        "data.pair_field",
+        "model.task=score compares each record's text with a second text: name its field, e.g. data.pair_field=document",
+    )
     if m.lora_path is not None:
-        check((Path(m.lora_path).expanduser() / "adapter_config.json").is_file(), "model.lora_path",
-              f"{m.lora_path} has no adapter_config.json (a PEFT LoRA adapter directory is expected)")
+        check(
+            (Path(m.lora_path).expanduser() / "adapter_config.json").is_file(),
+            "model.lora_path",
+            f"{m.lora_path} has no adapter_config.json (a PEFT LoRA adapter directory is expected)",
+        )
     check(bool(m.hf_id or m.path or m.builtin), f"model={m.name}", "set model.hf_id or model.path")
     check(m.tensor_parallel_size >= 1, "model.tensor_parallel_size", "must be >= 1")
     check(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {', '.join(DTYPES)}")
     check(m.max_model_len is None or m.max_model_len >= 16, "model.max_model_len", f"{m.max_model_len} must be >= 16")
-    check(m.max_model_len is None or s.max_tokens < m.max_model_len, "sampling.max_tokens",
-          f"{s.max_tokens} leaves no room for the prompt in model.max_model_len={m.max_model_len}")
-    check(m.gpu_memory_utilization is None or 0 < m.gpu_memory_utilization <= 1, "model.gpu_memory_utilization",
-          f"{m.gpu_memory_utilization} must be in (0, 1]")
+    check(
+        m.max_model_len is None or s.max_tokens < m.max_model_len,
+        "sampling.max_tokens",
+        f"{s.max_tokens} leaves no room for the prompt in model.max_model_len={m.max_model_len}",
+    )
+    check(
+        m.gpu_memory_utilization is None or 0 < m.gpu_memory_utilization <= 1,
+        "model.gpu_memory_utilization",
+        f"{m.gpu_memory_utilization} must be in (0, 1]",
+    )
     check(m.pipeline_parallel_size >= 1, "model.pipeline_parallel_size", "must be >= 1")
     if m.chat_template:
         problem = not_a_file(m.chat_template)
         check(problem is None, "model.chat_template", f"{m.chat_template} {problem}")
     errors += script_safe(rc)
-    check(c.backend in ("slurm", "local", "debug"), "cluster.backend", f"'{c.backend}' is not one of slurm, local, debug")
+    unknown = sorted(set(m.sampling_defaults) - set(CARD_SAMPLING))
+    check(not unknown, "model.sampling_defaults", f"{unknown} are not model-card sampling fields; use "
+                                                  f"{', '.join(CARD_SAMPLING)}")
+    check(
+        c.backend in ("slurm", "local", "debug"), "cluster.backend", f"'{c.backend}' is not one of slurm, local, debug"
+    )
     check(c.workers >= 1, "cluster.workers", f"{c.workers} must be >= 1")
     check(c.nodes_per_task >= 1, "cluster.nodes_per_task", f"{c.nodes_per_task} must be >= 1")
     check(c.gpus_per_task >= 0, "cluster.gpus_per_task", "must be >= 0")
@@ -587,20 +702,32 @@ def validate(rc: RunConfig) -> None:
         time_to_minutes(c.time)
     except UserError as e:
         errors.append(str(e).replace("cluster.time=", "cluster.time: ", 1))
-    check(c.mem is None or re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(c.mem), re.I) is not None, "cluster.mem",
-          f"'{c.mem}' is not a Slurm memory size; write e.g. 40G or 512M")
+    check(
+        c.mem is None or re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(c.mem), re.I) is not None,
+        "cluster.mem",
+        f"'{c.mem}' is not a Slurm memory size; write e.g. 40G or 512M",
+    )
     check(c.lease_s > c.heartbeat_s * 2, "cluster.lease_s", "must exceed twice cluster.heartbeat_s")
     check(c.signal_lead_s >= 10, "cluster.signal_lead_s", "must be >= 10 (seconds of warning before the time limit)")
     check(rc.serve.max_restarts >= 0, "serve.max_restarts", "must be >= 0 (0: a dead server is not restarted)")
     check(rc.serve.restart_backoff_s >= 0, "serve.restart_backoff_s", "must be >= 0")
-    check(not c.compile_cache or "$" in c.compile_cache or Path(c.compile_cache).expanduser().is_absolute(),
-          "cluster.compile_cache", f"'{c.compile_cache}' is relative; give an absolute directory every worker sees "
-          "(shared storage), or a node-local one like /tmp/vllm-compile")
+    check(
+        not c.compile_cache or "$" in c.compile_cache or Path(c.compile_cache).expanduser().is_absolute(),
+        "cluster.compile_cache",
+        f"'{c.compile_cache}' is relative; give an absolute directory every worker sees "
+        "(shared storage), or a node-local one like /tmp/vllm-compile",
+    )
     if c.container.image and not c.container.image.startswith(("docker://", "library://", "oras://")):
-        check(Path(c.container.image).exists(), "cluster.container.image",
-              f"image {c.container.image} does not exist (pull it with `hpc-infer image pull`, or fix the path)")
-    check(c.container.runtime in (None, "apptainer", "singularity"), "cluster.container.runtime",
-          f"'{c.container.runtime}' is not one of apptainer, singularity")
+        check(
+            Path(c.container.image).exists(),
+            "cluster.container.image",
+            f"image {c.container.image} does not exist (pull it with `hpc-infer image pull`, or fix the path)",
+        )
+    check(
+        c.container.runtime in (None, "apptainer", "singularity"),
+        "cluster.container.runtime",
+        f"'{c.container.runtime}' is not one of apptainer, singularity",
+    )
     check(s.n >= 1, "sampling.n", f"{s.n} must be >= 1")
     check(s.temperature >= 0, "sampling.temperature", f"{s.temperature} must be >= 0")
     check(0 < s.top_p <= 1, "sampling.top_p", f"{s.top_p} must be in (0, 1]")
@@ -616,47 +743,84 @@ def validate(rc: RunConfig) -> None:
         options = {"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"}
         spec = s.structured if isinstance(s.structured, dict) else {}
         unknown = sorted(set(spec) - kinds - options)
-        check(isinstance(s.structured, dict) and not unknown, f"sampling.structured{'.' + unknown[0] if unknown else ''}",
-              f"unknown; give exactly one of {', '.join(sorted(kinds))}")
-        check(len(set(spec) & kinds) == 1 or unknown, "sampling.structured",
-              f"give exactly one of {', '.join(sorted(kinds))} (got {', '.join(sorted(set(spec) & kinds)) or 'none'})")
-    check(d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt"), "data.format",
-          f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt")
+        check(
+            isinstance(s.structured, dict) and not unknown,
+            f"sampling.structured{'.' + unknown[0] if unknown else ''}",
+            f"unknown; give exactly one of {', '.join(sorted(kinds))}",
+        )
+        check(
+            len(set(spec) & kinds) == 1 or unknown,
+            "sampling.structured",
+            f"give exactly one of {', '.join(sorted(kinds))} (got {', '.join(sorted(set(spec) & kinds)) or 'none'})",
+        )
+    check(
+        d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt"),
+        "data.format",
+        f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt",
+    )
     problem = not_a_file(d.path)
     check(problem is None, "data.path", f"{d.path} {problem}; give the prompt file (jsonl, parquet, csv, txt)")
     if d.template_file:
         problem = not_a_file(d.template_file)
         check(problem is None, "data.template_file", f"{d.template_file} {problem}")
     check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1")
+    check(d.group_prefixes in ("auto", "off"), "data.group_prefixes", f"'{d.group_prefixes}' is not one of auto, off")
     check(d.max_line_bytes >= 1, "data.max_line_bytes", "must be >= 1")
     check(rc.chunks_per_worker >= 1, "chunks_per_worker", "must be >= 1")
-    check(rc.merge.format in ("jsonl", "parquet", "openai_batch"), "merge.format",
-          f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch")
-    check(rc.merge.on_error in ("keep", "drop", "fail"), "merge.on_error",
-          f"'{rc.merge.on_error}' is not one of keep (error records stay in the results), drop, fail (exit 3)")
-    check(rc.data.too_long in ("error", "mark", "truncate"), "data.too_long",
-          f"'{rc.data.too_long}' is not one of error (refuse before submission), mark (error records), truncate")
-    check(rc.data.batch_defaults in ("server", "run"), "data.batch_defaults",
-          f"'{rc.data.batch_defaults}' is not one of server (vLLM's server defaults, as run-batch), run (the "
-          f"run's sampling group)")
+    check(
+        rc.merge.format in ("jsonl", "parquet", "openai_batch"),
+        "merge.format",
+        f"'{rc.merge.format}' is not one of jsonl, parquet, openai_batch",
+    )
+    check(
+        rc.merge.on_error in ("keep", "drop", "fail"),
+        "merge.on_error",
+        f"'{rc.merge.on_error}' is not one of keep (error records stay in the results), drop, fail (exit 3)",
+    )
+    check(
+        rc.data.too_long in ("error", "mark", "truncate"),
+        "data.too_long",
+        f"'{rc.data.too_long}' is not one of error (refuse before submission), mark (error records), truncate",
+    )
+    check(
+        rc.data.batch_defaults in ("server", "run"),
+        "data.batch_defaults",
+        f"'{rc.data.batch_defaults}' is not one of server (vLLM's server defaults, as run-batch), run (the "
+        f"run's sampling group)",
+    )
     name = rc.resolved_run_name
-    check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}", name) is not None, "run_name",
-          f"{name!r} must be one plain name (letters, digits and ._+=@,- ; no '/', spaces, or leading '.'): "
-          f"it becomes a directory under output_root and appears unquoted in #SBATCH lines")
+    check(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}", name) is not None,
+        "run_name",
+        f"{name!r} must be one plain name (letters, digits and ._+=@,- ; no '/', spaces, or leading '.'): "
+        f"it becomes a directory under output_root and appears unquoted in #SBATCH lines",
+    )
     check(rc.max_chunk_records >= 1, "max_chunk_records", "must be >= 1")
     check(rc.serve.replicas >= 1, "serve.replicas", f"{rc.serve.replicas} must be >= 1")
-    check(rc.serve.router_policy in ROUTER_POLICIES, "serve.router_policy",
-          f"'{rc.serve.router_policy}' is not one of {', '.join(ROUTER_POLICIES)}")
+    check(
+        rc.serve.router_policy in ROUTER_POLICIES,
+        "serve.router_policy",
+        f"'{rc.serve.router_policy}' is not one of {', '.join(ROUTER_POLICIES)}",
+    )
     check(rc.serve.router_port is None or 0 < rc.serve.router_port <= 65535, "serve.router_port", "must be in 1..65535")
     check(rc.serve.router_cpus >= 1, "serve.router_cpus", "must be >= 1")
-    check(0 < rc.serve.port_min < rc.serve.port_max <= 65535, "serve.port_min",
-          "serve.port_min < serve.port_max must lie in 1..65535")
+    check(
+        0 < rc.serve.port_min < rc.serve.port_max <= 65535,
+        "serve.port_min",
+        "serve.port_min < serve.port_max must lie in 1..65535",
+    )
     check(rc.serve.idle_minutes is None or rc.serve.idle_minutes > 0, "serve.idle_minutes", "must be > 0 (or null)")
     check(c.endpoint_concurrency >= 1, "cluster.endpoint_concurrency", "must be >= 1")
-    check(rc.permissions in ("private", "group", "umask"), "permissions",
-          f"'{rc.permissions}' is not one of private, group, umask")
-    check(rc.permissions != "group" or bool(rc.run_group), "run_group",
-          "permissions=group needs the group that may read the run, e.g. run_group=myproject")
+    check(
+        rc.permissions in ("private", "group", "umask"),
+        "permissions",
+        f"'{rc.permissions}' is not one of private, group, umask",
+    )
+    check(
+        rc.permissions != "group" or bool(rc.run_group),
+        "run_group",
+        "permissions=group needs the group that may read the run, e.g. run_group=myproject",
+    )
     if rc.run_group:
         import grp
 

@@ -63,9 +63,11 @@ def check_overrides(argv: list[str]) -> list[str]:
             for choice in (v.strip() for v in value.split(",")):
                 if choice and options and choice not in options:
                     near = difflib.get_close_matches(choice, options, n=1, cutoff=0.5)
-                    problems.append(f"{key}={choice}: no such {key} config; "
-                                    + (f"did you mean {key}={near[0]}? " if near else "")
-                                    + f"(options: {', '.join(options)})")
+                    problems.append(
+                        f"{key}={choice}: no such {key} config; "
+                        + (f"did you mean {key}={near[0]}? " if near else "")
+                        + f"(options: {', '.join(options)})"
+                    )
             continue
         tree: dict = {}
         node = tree
@@ -124,8 +126,15 @@ def expand_home(argv: list[str]) -> list[str]:
     return out
 
 
-WRITTEN_BY_HYDRA = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.output_subdir",
-                    "hydra.job.name", "output_root", "run_name")
+WRITTEN_BY_HYDRA = (
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "hydra.sweep.subdir",
+    "hydra.output_subdir",
+    "hydra.job.name",
+    "output_root",
+    "run_name",
+)
 
 
 def _first_of_sweeps(argv: list[str]) -> list[str]:
@@ -179,8 +188,10 @@ def check_before_hydra_writes(argv: list[str]) -> None:
             continue
         found += [key] if secrets_in_resolved(value, secrets) else []
     if found:
-        raise UserError(f"{', '.join(found)}: resolves to a secret, which would name a directory or a file; "
-                        f"{SECRET_ADVICE} (value not shown)")
+        raise UserError(
+            f"{', '.join(found)}: resolves to a secret, which would name a directory or a file; "
+            f"{SECRET_ADVICE} (value not shown)"
+        )
 
 
 def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:

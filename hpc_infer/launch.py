@@ -29,6 +29,7 @@ from .run.progress import failures, wait
 from .cluster.submit import BACKENDS, TERMINAL, make_backend, recorded_jobs
 from .models.vllm_check import check_run_sampling
 
+
 def unreachable_for_group(root, group: str | None) -> str | None:
     """With permissions=group, a folder above the run that the group cannot enter (an
     output_root created private, a 0700 home) makes the run unreachable for it: say which."""
@@ -45,8 +46,10 @@ def unreachable_for_group(root, group: str | None) -> str | None:
         st = os.stat(d)
         if st.st_mode & stat.S_IXOTH or (gid is not None and st.st_gid == gid and st.st_mode & stat.S_IXGRP):
             continue
-        return (f"permissions=group: {d} (mode {stat.filemode(st.st_mode)}) does not let group {group} in, so the "
-                f"group cannot reach {root}; run `chmod o+x {d}` or `chgrp {group} {d} && chmod g+x {d}`")
+        return (
+            f"permissions=group: {d} (mode {stat.filemode(st.st_mode)}) does not let group {group} in, so the "
+            f"group cannot reach {root}; run `chmod o+x {d}` or `chgrp {group} {d} && chmod g+x {d}`"
+        )
     return None
 
 
@@ -55,12 +58,36 @@ def sampling_line(rc: RunConfig, planned) -> str:
     if planned.input_format == "openai_batch" and rc.data.batch_defaults == "server":
         return "sampling per batch line (a field a body leaves out: vLLM's server default)"
     s = rc.sampling
-    return (f"sampling={s.name} (temperature {s.temperature:g}, top_p {s.top_p:g}, max_tokens {s.max_tokens}"
-            + (f", stop {list(s.stop)}" if s.stop else "") + ")")
+    card = [k for k, v in rc.model.sampling_defaults.items() if getattr(s, k, None) == v]
+    return (
+        f"sampling={s.name} (temperature {s.temperature:g}, top_p {s.top_p:g}, max_tokens {s.max_tokens}"
+        + (f", stop {list(s.stop)}" if s.stop else "")
+        + ")"
+        + (f"; {', '.join(card)} from model {rc.model.name}'s card (model.sampling_defaults)" if card else "")
+    )
+
+
+def set_aside_damaged(run: RunDir) -> list[int]:
+    """Outputs that exist but are not complete (cut, edited: never written so by a worker,
+    whose outputs appear whole by link()) are moved aside, said, and their chunks redone:
+    workers take an output's name as done without reading it."""
+    import uuid
+
+    damaged = sorted(run.output_files() - run.done_chunks())
+    for cid in damaged:
+        path = run.out_path(cid)
+        path.rename(path.with_name(f".{path.name}.damaged-{uuid.uuid4().hex[:8]}"))
+    if damaged:
+        say(
+            f"chunk output{'s' * (len(damaged) != 1)} {damaged[:10]} {'were' if len(damaged) != 1 else 'was'} "
+            f"damaged (no valid trailer): moved aside in {run.out}, redone"
+        )
+    return damaged
 
 
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
+    set_aside_damaged(run)
     remaining = read_json(run.manifest)["n_chunks"] - len(run.done_chunks())
     old_backend, old_ids = recorded_jobs(run)
     dead: set[str] = set()
@@ -72,8 +99,10 @@ def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list
         say(f"released {len(dropped)} claims left by workers that are gone: chunks {dropped[:10]}")
     held = claims.live_claims(run, rc.cluster.lease_s)
     if held:
-        say(f"{plural(len(held), 'chunk')} {'is' if len(held) == 1 else 'are'} being worked on by live workers of "
-            f"an earlier launch; waiting for them as well")
+        say(
+            f"{plural(len(held), 'chunk')} {'is' if len(held) == 1 else 'are'} being worked on by live workers of "
+            f"an earlier launch; waiting for them as well"
+        )
     n_workers = min(rc.cluster.workers, remaining - len(held))
     job_ids = []
     if n_workers > 0 and rc.cluster.nodes_per_task > 1:  # the rendered script: Ray per allocation
@@ -86,16 +115,20 @@ def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list
         with exported(job_env(token)):
             job_ids = backend.submit(n_workers)
     if job_ids:
-        say(f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}"
-            f"{' ...' if len(job_ids) > 1 else ''}")
+        say(
+            f"submitted {plural(len(job_ids), rc.cluster.backend + ' worker')}: {job_ids[0]}"
+            f"{' ...' if len(job_ids) > 1 else ''}"
+        )
     return job_ids
 
 
 def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     if rc.cluster.nodes_per_task > 1 and rc.cluster.backend != "slurm":
-        raise UserError(f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: a model across nodes needs Slurm "
-                        f"allocations (Ray inside each); cluster={rc.cluster.name} has backend "
-                        f"{rc.cluster.backend}. Use a Slurm cluster config, or nodes_per_task=1")
+        raise UserError(
+            f"cluster.nodes_per_task={rc.cluster.nodes_per_task}: a model across nodes needs Slurm "
+            f"allocations (Ray inside each); cluster={rc.cluster.name} has backend "
+            f"{rc.cluster.backend}. Use a Slurm cluster config, or nodes_per_task=1"
+        )
     BACKENDS[rc.cluster.backend].check_reachable(rc.cluster)
     check_time_limit(rc.cluster, rc.run_path)
     set_permissions(rc.permissions)
@@ -107,8 +140,11 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         endpoint = resolve_endpoint(rc) if rc.cluster.endpoint else None
         if endpoint:
             model_path = endpoint["model_path"]
-            where = (f"the router at {endpoint['urls'][0]}" if endpoint.get("router")
-                     else f"{len(endpoint['urls'])} running server(s)")
+            where = (
+                f"the router at {endpoint['urls'][0]}"
+                if endpoint.get("router")
+                else f"{len(endpoint['urls'])} running server(s)"
+            )
             say(f"batch through {where} of {endpoint['model']}: no model load per worker")
         else:
             wrong_build = cpu_build_on_gpus(rc.cluster)
@@ -126,13 +162,27 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     manifest = read_json(run.manifest)
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     if resumed and not remaining:
-        say(f"{run.root} is already complete: all {manifest['n_records']} records were done by an earlier launch, "
+        say(
+            f"{run.root} is already complete: all {manifest['n_records']} records were done by an earlier launch, "
             f"so nothing is submitted (a changed cluster= does not start a new run). To run again, give a new "
-            f"run_name=..., or delete {run.root}. Merging what is there:")
+            f"run_name=..., or delete {run.root}. Merging what is there:"
+        )
     else:
-        say(f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
+        say(
+            f"{'resuming' if resumed else 'planned'} {run.root}: {manifest['n_records']} records in "
             f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}; {sampling_line(rc, planned)}"
-            + (f"; HF token from {token.source}" if token else ""))
+            + (f"; HF token from {token.source}" if token else "")
+        )
+    tuned = read_json(run.worker_spec)["model"].get("tuned_from")
+    if tuned:
+        kept = OmegaConf.to_container(OmegaConf.load(tuned))["model"]["engine_kwargs"]
+        say(f"engine settings from `hpc-infer tune` ({tuned}): "
+            + (", ".join(f"{k}={v}" for k, v in kept.items()) or "vLLM's defaults") + " (tune.use=false: none)")
+    g = manifest.get("grouped")
+    if g:
+        say(f"prefix-aware plan: {g['records_in_shared_groups']} records in {g['groups']} groups sharing their first "
+            f"{g['prefix_chars']:,} characters planned into the same chunks (they were in {g['runs_before']} pieces); "
+            f"results keep the input's order (data.group_prefixes=off plans in input order)")
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
         resubmits = 0
@@ -149,27 +199,63 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 break
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]
-            stuck = f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no " \
-                    f"worker is left:\n  "
+            stuck = (
+                f"{progress.n_chunks - progress.chunks_done} of {progress.n_chunks} chunks are not done and no "
+                f"worker is left:\n  "
+            )
             if resubmits < rc.cluster.max_resubmits and job_ids and isolate.run_marker(run) != before:
                 # the round got further (a chunk done, a range tried): workers died on what they
                 # were generating, e.g. a record that kills the engine; the next round goes on
                 resubmits += 1
-                say(stuck + "\n  ".join(why[:5]) + f"\nsubmitting again ({resubmits} of at most "
+                say(
+                    stuck + "\n  ".join(why[:5]) + f"\nsubmitting again ({resubmits} of at most "
                     f"{rc.cluster.max_resubmits}, cluster.max_resubmits): a chunk whose workers keep dying is run "
-                    f"alone and bisected to its poison record")
+                    f"alone and bisected to its poison record"
+                )
                 continue
-            raise UserError(stuck + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
-                f"command to resume (finished chunks are kept).")
-    summary = merge(run, rc.merge.format, rc.merge.allow_partial, None, rc.postprocess, rc.merge.on_error)
-    say(f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
-        f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)")
+            raise UserError(
+                stuck + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
+                f"command to resume (finished chunks are kept)."
+            )
+    summary = merge(run, rc.merge.format, rc.merge.allow_partial, None, rc.postprocess, rc.merge.on_error,
+                    group_by=list(rc.merge.group_by))
+    say(
+        f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
+        f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)"
+    )
     say(f"summary: {run.summary}" + (f"   timeline: {run.root / summary.timeline}" if summary.timeline else ""))
     if summary.postprocess:
         sums = ", ".join(f"{k} {v:g}" for k, v in summary.postprocess["sums"].items())
         say(f"{summary.postprocess['target']} over {summary.postprocess['records']} records: {sums}")
+        if summary.postprocess.get("metrics"):
+            from .run.report import headline
+
+            say(headline(summary.postprocess["metrics"]))
+    from .run.report import write_report
+
+    say(f"report: {write_report([run.root])}")
+    note_in_sweep(run.root)
     report_errors(summary, say)
     return summary
+
+
+def note_in_sweep(root) -> None:
+    """In a Hydra multirun, list the run in the sweep folder's runs.txt: `hpc-infer report
+    runs/.multirun/<sweep>` then shows the whole sweep side by side."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not under Hydra (tests call launch() directly)
+        return
+    if hc.mode == RunMode.MULTIRUN:
+        from pathlib import Path
+
+        sweep = Path(hc.sweep.dir)
+        sweep.mkdir(parents=True, exist_ok=True)
+        with open(sweep / "runs.txt", "a") as f:
+            f.write(f"{root}\n")
 
 
 def _task(cfg: DictConfig) -> None:

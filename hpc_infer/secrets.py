@@ -80,13 +80,17 @@ def exported(env: dict[str, str]) -> Iterator[None]:
 
 # --- secrets that must never reach a run's files: one check for every entry point ---------
 
-SECRET_KEY = re.compile(r"(^|[_\-])(token|auth|pass)$|secret|passw|passphrase|api_?key|credential"
-                        r"|private_?key", re.I)
+SECRET_KEY = re.compile(
+    r"(^|[_\-])(token|auth|pass)$|secret|passw|passphrase|api_?key|credential"
+    r"|private_?key",
+    re.I,
+)
 NOT_SECRET_SUFFIX = ("_file", "_path", "_dir", "_env", "_var")  # token_file names where a secret lives, not it
 TOKEN_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
     r"|glpat-[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})"
-    r"|\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@")  # a URL with a password in it: postgres://u:p@host
+    r"|\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@"
+)  # a URL with a password in it: postgres://u:p@host
 
 
 def secret_key(name: str) -> bool:
@@ -115,9 +119,11 @@ def secrets_in(tree: object, path: str = "") -> list[str]:
     return found
 
 
-SECRET_ADVICE = ("secrets do not belong in the config: it is saved in the run directory, the sbatch script and "
-                 "the job's files. Export the token in your shell (HF_TOKEN=...) or put it in "
-                 "~/.cache/huggingface/token (or cluster.token_file), and remove it from the command line and config")
+SECRET_ADVICE = (
+    "secrets do not belong in the config: it is saved in the run directory, the sbatch script and "
+    "the job's files. Export the token in your shell (HF_TOKEN=...) or put it in "
+    "~/.cache/huggingface/token (or cluster.token_file), and remove it from the command line and config"
+)
 
 
 def known_secrets() -> list[str]:
@@ -159,11 +165,15 @@ def refuse_secret_overrides(argv: list[str]) -> None:
     for arg in argv:
         for var in ENV_INTERPOLATION.findall(arg):
             if secret_key(var) or var in TOKEN_VARS or holds_secret(os.environ.get(var, ""), secrets):
-                raise UserError(f"{arg.split('=', 1)[0].lstrip('+~')}: reads ${{oc.env:{var}}}, a secret; "
-                                f"{SECRET_ADVICE} (value not shown)")
+                raise UserError(
+                    f"{arg.split('=', 1)[0].lstrip('+~')}: reads ${{oc.env:{var}}}, a secret; "
+                    f"{SECRET_ADVICE} (value not shown)"
+                )
         if holds_secret(arg, secrets) and not looks_like_token(arg):
-            raise UserError(f"{arg.split('=', 1)[0].lstrip('+~') if '=' in arg else 'an argument'}: holds the value "
-                            f"of a secret from your environment: {SECRET_ADVICE} (value not shown)")
+            raise UserError(
+                f"{arg.split('=', 1)[0].lstrip('+~') if '=' in arg else 'an argument'}: holds the value "
+                f"of a secret from your environment: {SECRET_ADVICE} (value not shown)"
+            )
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             if looks_like_token(arg):

@@ -23,9 +23,15 @@ if [ "$MODE" != cpu ]; then
   echo "hpc_infer ready in $VENV ($MODE); launch from it: $VENV/bin/hpc-infer launch cluster=... model=..."
   exit 0
 fi
-if [ "$(id -u)" = 0 ] && { ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ]; }; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 >/dev/null \
-    || echo "could not install bubblewrap/python3: the container tests will be skipped" >&2
+# The shared-file-system stand-in (tests/sharedfs.py) mounts two bindfs clients of one folder
+# (bench/metadata_ops.py counts file-system calls with strace);
+# the trust tests make real users (useradd, runuser, unshare: Debian's passwd and util-linux).
+# The report's test opens it in headless Chromium (Debian's chromium + chromium-driver, Selenium).
+if [ "$(id -u)" = 0 ] && { ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ] || ! command -v bindfs >/dev/null \
+    || ! command -v strace >/dev/null || ! command -v chromedriver >/dev/null; }; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 bindfs fuse3 strace \
+    chromium chromium-driver >/dev/null \
+    || echo "could not install bubblewrap/python3/bindfs/chromium: those tests will fail" >&2
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

@@ -16,6 +16,8 @@ else
   echo "not root: the local Slurm cannot be started; tests marked 'slurm' will be skipped" >&2
 fi
 START=$(date +%s)
+# lint and format first: a minute at most, and a red one ends the run before the long suite
+"$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
 rc=0
 "$VENV/bin/python" -m pytest -ra "$@" || rc=$?
 echo "test suite: $(( $(date +%s) - START )) s on $(nproc) cores; CPU flags: $(grep -o -w -E 'avx512f|avx2|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2

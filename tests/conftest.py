@@ -34,8 +34,14 @@ def user_env(env: dict | None = None) -> dict:
     return full
 
 
-def run_launch(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600,
-               command: str = "hpc-infer launch"):
+def run_launch(
+    tmp_path: Path,
+    *overrides: str,
+    env: dict | None = None,
+    check: bool = True,
+    timeout: int = 600,
+    command: str = "hpc-infer launch",
+):
     """Run `hpc-infer launch` as a user would: the installed console script, in bash, from tmp_path
     (outside the checkout). `command="python -m hpc_infer.launch"` checks the module form."""
     full_env = user_env(env)
@@ -55,8 +61,9 @@ def sh(cwd, line: str, env: dict | None = None, timeout: int = 900) -> subproces
     """One command line typed into bash in `cwd` (outside the checkout), output captured.
     A command whose children outlive it (local workers) goes through run_line instead."""
     assert not str(cwd).startswith(str(ROOT)), "run from outside the checkout"
-    return subprocess.run(["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["/bin/bash", "-c", line], cwd=cwd, env=env or user_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_line(cwd: Path, line: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -64,8 +71,9 @@ def run_line(cwd: Path, line: str, env: dict | None = None, timeout: int = 600) 
     like run_launch: local workers inherit it and would hold a pipe open."""
     out, err = Path(cwd) / ".line.stdout", Path(cwd) / ".line.stderr"
     with open(out, "w") as fo, open(err, "w") as fe:
-        rc = subprocess.run(["bash", "-c", line], stdout=fo, stderr=fe, env=user_env(env), timeout=timeout,
-                            cwd=cwd).returncode
+        rc = subprocess.run(
+            ["bash", "-c", line], stdout=fo, stderr=fe, env=user_env(env), timeout=timeout, cwd=cwd
+        ).returncode
     return subprocess.CompletedProcess(line, rc, out.read_text(), err.read_text())
 
 
@@ -77,8 +85,12 @@ def user_checkout(tmp_path: Path) -> Path:
 
     # setup.sh must find its work done (its stamp in the venv), or it would reinstall the
     # package from this directory of links and point the venv's editable install here
-    digest = hashlib.sha256("".join(f"{hashlib.sha256((ROOT / f).read_bytes()).hexdigest()}  {f}\n"
-                                    for f in ("pyproject.toml", "scripts/setup.sh")).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        "".join(
+            f"{hashlib.sha256((ROOT / f).read_bytes()).hexdigest()}  {f}\n"
+            for f in ("pyproject.toml", "scripts/setup.sh")
+        ).encode()
+    ).hexdigest()[:12]
     stamp = BIN.parent / f".hpc_infer-setup-{digest}"
     assert stamp.exists(), f"{stamp} missing: run `bash scripts/setup.sh` in the checkout first (scripts/test.sh does)"
     here = tmp_path / "checkout"
@@ -89,8 +101,10 @@ def user_checkout(tmp_path: Path) -> Path:
     return here
 
 
-def tool_shims(folder: Path, tools=("sbatch", "squeue", "scontrol", "scancel", "srun", "sacct", "bwrap",
-                                     "apptainer", "singularity")) -> tuple[str, Path]:
+def tool_shims(
+    folder: Path,
+    tools=("sbatch", "squeue", "scontrol", "scancel", "srun", "sacct", "bwrap", "apptainer", "singularity"),
+) -> tuple[str, Path]:
     """A PATH prefix whose tools record every argv they are called with (one file per call
     in folder/calls/, NUL between words: an argument may hold newlines), then run the real
     tool: an exhaustive record of the command lines we produce, where sampling /proc
@@ -103,8 +117,10 @@ def tool_shims(folder: Path, tools=("sbatch", "squeue", "scontrol", "scancel", "
         real = shutil.which(tool)
         if real:
             shim = folder / tool
-            shim.write_text(f'#!/bin/bash\nprintf "%s\\0" "$0" "$@" > "$(mktemp -p {calls} "$(date +%s%N).XXXXXX")"\n'
-                            f'exec {real} "$@"\n')
+            shim.write_text(
+                f'#!/bin/bash\nprintf "%s\\0" "$0" "$@" > "$(mktemp -p {calls} "$(date +%s%N).XXXXXX")"\n'
+                f'exec {real} "$@"\n'
+            )
             shim.chmod(0o755)
     return str(folder), calls
 
@@ -202,6 +218,19 @@ def slurm_available() -> bool:
     return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc", "comp"))
 
 
+def need(module: str):
+    """Import `module`, or skip the test; in CI (HPC_INFER_REQUIRE_SLURM=1: everything is
+    installed) a missing dependency is a failure, never a quiet skip."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("HPC_INFER_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{module} is missing in CI: {e}")
+        pytest.skip(f"{module} is not installed")
+
+
 def require_slurm() -> None:
     """Skip without a running local Slurm, except in CI (HPC_INFER_REQUIRE_SLURM=1): there a
     missing Slurm fails the test instead of hiding it."""
@@ -236,10 +265,6 @@ ENGINE_LINE = b"Initializing a V1 LLM engine"  # vLLM logs it once per engine it
 _LOG_SUFFIXES = (".log", ".err", ".out", ".stderr", ".stdout")
 
 
-def pytest_runtest_logreport(report):
-    _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
-
-
 def _engine_starts(basetemp: Path) -> dict[str, int]:
     """Engines built by each test's processes, counted from vLLM's own line in the logs the
     test's runs wrote under its tmp dir (named after the test). Engines built inside the
@@ -258,6 +283,16 @@ def _engine_starts(basetemp: Path) -> dict[str, int]:
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    unobserved = getattr(config, "_hpc_infer_unobserved", None)
+    if unobserved:
+        terminalreporter.write_sep(
+            "=",
+            "doc commands no passing test ran (run them with doc_commands.as_written, "
+            "or say why in test_doc_claims.COMMANDS_NOT_HERE and the doc)",
+            red=True,
+        )
+        for cmd in unobserved:
+            terminalreporter.write_line(f"  {cmd}")
     if not _TEST_SECONDS:
         return
     per_file: dict[str, float] = {}
@@ -278,3 +313,38 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_sep("-", f"vLLM engine starts logged under the tests' tmp dirs: {sum(starts.values())}")
     for top, n in sorted(starts.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{n:5d}  {top}")
+
+
+# --- every command a doc shows is observed running, or the session fails -----------------------
+# doc_commands.as_written() records which test asked for which command; a command counts as
+# run once a test that asked for it has passed. At the end of a whole-suite session, any
+# command no passing test ran (and that is not listed as not run here) fails the session.
+_OBSERVED: set[str] = set()
+
+
+def _whole_suite(config) -> bool:
+    return (
+        not config.getoption("keyword")
+        and not config.getoption("markexpr")
+        and all(Path(a).resolve() == ROOT / "tests" for a in (config.args or ["tests"]))
+    )
+
+
+def pytest_runtest_logreport(report):
+    _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
+    if report.when == "call" and report.passed:
+        import doc_commands
+
+        _OBSERVED.update(doc_commands.ASKED.pop(report.nodeid, set()))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _whole_suite(session.config) or exitstatus != 0:
+        return
+    import doc_commands
+    from test_doc_claims import COMMANDS_NOT_HERE
+
+    unobserved = sorted(set(doc_commands.shown()) - set(COMMANDS_NOT_HERE) - _OBSERVED)
+    if unobserved:
+        session.config._hpc_infer_unobserved = unobserved
+        session.exitstatus = 1

@@ -5,19 +5,24 @@ command a line, `\\` continuations joined, a trailing `# comment` dropped. `as_w
 hands a test one of them, failing when no doc shows it any more, with the placeholders a
 doc uses (runs/<run>, RUN, N, `...`, /data/models, ...) filled in by the test: the rest
 of the line is run exactly as printed. tests/test_doc_claims.py checks that every shown
-command is run by a test this way, or that its doc says why the tests cannot run it.
+command is run by a test this way, or that its doc says why the tests cannot run it; and
+conftest.py observes it: at the end of a whole-suite session, a shown command no *passing*
+test asked for fails the session.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = ("bash", "sh", "shell")
-COMMAND_START = re.compile(r"^(hpc-infer|python -m|\.venv/|bash |export |srun |sbatch |singularity |lm_eval |git |"
-                           r"HPC_INFER_VENV=|/shared/|~/)")
+COMMAND_START = re.compile(
+    r"^(hpc-infer|python -m|\.venv/|bash |export |srun |sbatch |singularity |lm_eval |git |"
+    r"HPC_INFER_VENV=|/shared/|~/)"
+)
 
 
 def _commands(block: str) -> list[str]:
@@ -52,10 +57,17 @@ def shown() -> dict[str, list[tuple[str, int]]]:
     return found
 
 
+ASKED: dict[str, set[str]] = {}  # test node id -> the doc commands it ran (conftest observes which passed)
+
+
 def as_written(command: str, fill: dict[str, str] | None = None) -> str:
     """`command` as a doc shows it, placeholders replaced: fill={"runs/<run>": "runs/x"}.
-    Keys are the doc's own placeholder text (one fill can serve several commands)."""
+    Keys are the doc's own placeholder text (one fill can serve several commands). The
+    asking test is recorded: once it passes, the command counts as observed running."""
     assert command in shown(), f"no doc shows {command!r} any more: update the test with the doc"
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    if test:
+        ASKED.setdefault(test, set()).add(command)
     line = command
     for placeholder, value in (fill or {}).items():
         line = line.replace(placeholder, value)

@@ -46,8 +46,10 @@ class HubStandIn:
                     return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
                 files = hub.repos[repo]
                 if path.startswith("/api/models/") and "/tree/" in path:
-                    tree = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                            for f, d in files.items()]
+                    tree = [
+                        {"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for f, d in files.items()
+                    ]
                     return self._send(200, json.dumps(tree).encode())
                 if path.startswith("/api/models/"):
                     info = {"id": repo, "sha": SHA, "siblings": [{"rfilename": f} for f in files]}
@@ -57,7 +59,9 @@ class HubStandIn:
                     if self.command == "GET":
                         hub.downloads.append(f"{repo}/{name}")
                     data = files[name]
-                    return self._send(200, data, {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
+                    return self._send(
+                        200, data, {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+                    )
                 self._send(404, b"{}", {"X-Error-Code": "EntryNotFound"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -57,7 +57,8 @@ class SharedFS:
             "if _s:\n"
             "    _t, _ns = time.time, time.time_ns\n"
             "    time.time = lambda: _t() + _s\n"
-            "    time.time_ns = lambda: _ns() + int(_s * 1e9)\n")
+            "    time.time_ns = lambda: _ns() + int(_s * 1e9)\n"
+        )
         self.wrapper = self.top / "node.sh"
         self.wrapper.write_text(f"""#!/bin/sh
 # Run "$@" the way this node sees the shared file system (tests/sharedfs.py).

@@ -34,19 +34,31 @@ def all_bytes(folder: Path) -> bytes:
 def finish_all(run: RunDir) -> int:
     n = read_json(run.manifest)["n_chunks"]
     for cid in range(n):
-        rows = [dict(r, text="t", outputs=[{"text": "t"}], prompt_tokens=1, output_tokens=1)
-                for r in read_chunk_records(run, cid)]
+        rows = [
+            dict(r, text="t", outputs=[{"text": "t"}], prompt_tokens=1, output_tokens=1)
+            for r in read_chunk_records(run, cid)
+        ]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w", started=1.0, finished=2.0))
     return n
 
 
 # --- secrets: one check, every entry point, before anything is written ------------------------
 
-@pytest.mark.parametrize("entry", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m",
-                                   "python -m hpc_infer.launch", "hpc-infer serve"])
-@pytest.mark.parametrize("override", [f"+cluster.env.HF_TOKEN={TOKEN}", f"+model.engine_kwargs.hf_token={TOKEN}",
-                                      "+cluster.env.MY_API_KEY=abc123secretvalue", f"data.system_prompt={TOKEN}",
-                                      f"+cluster.env.NOTE=prefix-{TOKEN}"])
+
+@pytest.mark.parametrize(
+    "entry",
+    ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "python -m hpc_infer.launch", "hpc-infer serve"],
+)
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"+cluster.env.HF_TOKEN={TOKEN}",
+        f"+model.engine_kwargs.hf_token={TOKEN}",
+        "+cluster.env.MY_API_KEY=abc123secretvalue",
+        f"data.system_prompt={TOKEN}",
+        f"+cluster.env.NOTE=prefix-{TOKEN}",
+    ],
+)
 def test_secret_refused_by_every_entry_before_any_file(tmp_path, entry, override):
     p = sh(tmp_path, f"{entry} '{override}' cluster=local output_root={tmp_path}/runs")
     assert p.returncode == 2, p.stderr[-2000:]
@@ -61,20 +73,33 @@ def test_secret_refused_by_every_entry_before_any_file(tmp_path, entry, override
 PLAIN_SECRET = "plain-secret-value-42"  # a secret that does not look like a token
 
 
-INTERPOLATED = ["+cluster.env.FOO=${oc.env:HF_TOKEN}", "run_name=${oc.env:HF_TOKEN}",
-                "+cluster.env.FOO=x${oc.env:HUGGING_FACE_HUB_TOKEN}y", "data.system_prompt=${oc.env:WANDB_API_KEY}",
-                "+cluster.env.FOO=${oc.env:INNOCENT_NAME}", "+cluster.env.FOO=${oc.env:INNOCENT_NAME,default}",
-                f"+cluster.env.FOO={PLAIN_SECRET}"]
+INTERPOLATED = [
+    "+cluster.env.FOO=${oc.env:HF_TOKEN}",
+    "run_name=${oc.env:HF_TOKEN}",
+    "+cluster.env.FOO=x${oc.env:HUGGING_FACE_HUB_TOKEN}y",
+    "data.system_prompt=${oc.env:WANDB_API_KEY}",
+    "+cluster.env.FOO=${oc.env:INNOCENT_NAME}",
+    "+cluster.env.FOO=${oc.env:INNOCENT_NAME,default}",
+    f"+cluster.env.FOO={PLAIN_SECRET}",
+]
 
 
 # every entry point with two of the forms, every form through one entry (the check is shared)
-@pytest.mark.parametrize("entry, override", [
-    *[(e, o) for e in ("hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "hpc-infer serve")
-      for o in INTERPOLATED[:2]],
-    *[("hpc-infer sbatch", o) for o in INTERPOLATED[2:]]])
+@pytest.mark.parametrize(
+    "entry, override",
+    [
+        *[
+            (e, o)
+            for e in ("hpc-infer launch", "hpc-infer sbatch", "hpc-infer launch -m", "hpc-infer serve")
+            for o in INTERPOLATED[:2]
+        ],
+        *[("hpc-infer sbatch", o) for o in INTERPOLATED[2:]],
+    ],
+)
 def test_secret_through_interpolation_refused_before_any_file(tmp_path, entry, override):
-    env = user_env({"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": TOKEN, "WANDB_API_KEY": PLAIN_SECRET,
-                    "INNOCENT_NAME": TOKEN})
+    env = user_env(
+        {"HF_TOKEN": TOKEN, "HUGGING_FACE_HUB_TOKEN": TOKEN, "WANDB_API_KEY": PLAIN_SECRET, "INNOCENT_NAME": TOKEN}
+    )
     p = sh(tmp_path, f"{entry} '{override}' cluster=local output_root={tmp_path}/runs", env=env)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "value not shown" in p.stderr
@@ -88,22 +113,31 @@ def test_secret_interpolated_in_a_config_file_is_refused_resolved(tmp_path):
     conf = tmp_path / "conf" / "cluster"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text("defaults: [local, _self_]\nname: mine\nenv:\n  NOTE: ${oc.env:SOME_VAR}\n")
-    p = sh(tmp_path, f"hpc-infer sbatch --config-dir {tmp_path}/conf cluster=mine output_root={tmp_path}/runs",
-           env=user_env({"SOME_VAR": TOKEN}))
+    p = sh(
+        tmp_path,
+        f"hpc-infer sbatch --config-dir {tmp_path}/conf cluster=mine output_root={tmp_path}/runs",
+        env=user_env({"SOME_VAR": TOKEN}),
+    )
     assert p.returncode == 2 and "cluster.env.NOTE: resolves to a secret" in p.stderr, p.stderr
     assert TOKEN.encode() not in all_bytes(tmp_path) and not (tmp_path / "runs").exists()
 
 
 def test_a_refused_multirun_writes_nothing_and_hydra_files_follow_permissions(tmp_path):
-    p = sh(tmp_path, f"umask 022; hpc-infer launch -m '+cluster.env.A=${{oc.env:HF_TOKEN}}' seed=1,2 "
-                     f"output_root={tmp_path}/runs", env=user_env({"HF_TOKEN": TOKEN}))
+    p = sh(
+        tmp_path,
+        f"umask 022; hpc-infer launch -m '+cluster.env.A=${{oc.env:HF_TOKEN}}' seed=1,2 output_root={tmp_path}/runs",
+        env=user_env({"HF_TOKEN": TOKEN}),
+    )
     assert p.returncode == 2 and not (tmp_path / "runs").exists()
-    p = sh(tmp_path, f"umask 022; hpc-infer sbatch -m run_name=a,b data.limit=2 cluster=slurm_local "
-                     f"output_root={tmp_path}/runs")
+    p = sh(
+        tmp_path,
+        f"umask 022; hpc-infer sbatch -m run_name=a,b data.limit=2 cluster=slurm_local output_root={tmp_path}/runs",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     hydra_files = list((tmp_path / "runs" / ".multirun").rglob("*"))
-    assert hydra_files and all(stat.S_IMODE(f.stat().st_mode) & 0o077 == 0 for f in hydra_files), \
-        {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in hydra_files}
+    assert hydra_files and all(stat.S_IMODE(f.stat().st_mode) & 0o077 == 0 for f in hydra_files), {
+        str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in hydra_files
+    }
 
 
 def test_secret_in_a_config_file_is_refused(tmp_path):
@@ -116,6 +150,7 @@ def test_secret_in_a_config_file_is_refused(tmp_path):
 
 
 # --- file modes on a shared file system -------------------------------------------------------
+
 
 def _modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
@@ -133,8 +168,11 @@ def test_group_permissions_share_with_the_group_only(tmp_path):
     import grp
 
     group = grp.getgrgid(os.getgid()).gr_name
-    p = sh(tmp_path, f"umask 022; hpc-infer sbatch cluster=slurm_local data.limit=3 permissions=group "
-                     f"run_group={group} output_root={tmp_path}/runs")
+    p = sh(
+        tmp_path,
+        f"umask 022; hpc-infer sbatch cluster=slurm_local data.limit=3 permissions=group "
+        f"run_group={group} output_root={tmp_path}/runs",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     root = Path(p.stdout.strip()).parent
     modes = _modes(root)
@@ -147,8 +185,9 @@ def test_group_run_results_and_a_standalone_merge_follow_the_runs_permissions(tm
 
     group = grp.getgrgid(os.getgid()).gr_name
     (tmp_path / "runs").mkdir(mode=0o700)  # an output_root the group cannot enter
-    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "permissions=group",
-                 f"run_group={group}")
+    rc = compose(
+        f"output_root={tmp_path}/runs", "data=example", "cluster=local", "permissions=group", f"run_group={group}"
+    )
     from hpc_infer.launch import unreachable_for_group
     from hpc_infer.rundir import set_permissions
 
@@ -163,8 +202,7 @@ def test_group_run_results_and_a_standalone_merge_follow_the_runs_permissions(tm
     p = sh(tmp_path, f"umask 077; hpc-infer merge {run.root}")
     assert p.returncode == 0, p.stderr
     modes = _modes(run.root)
-    for name in ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "summary.json",
-                 "timeline.png"):
+    for name in ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "summary.json", "timeline.png"):
         assert modes[name] == 0o640, (name, oct(modes[name]))
 
 
@@ -192,8 +230,9 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
     serve_dir = tmp_path / "srv"
     (serve_dir / "serve").mkdir(parents=True, mode=0o700)
     serve_dir.chmod(0o700)
-    (serve_dir / "serve.json").write_text(json.dumps({"served_name": "m", "key_file": str(stolen),
-                                                      "model": {"path": "/m"}, "replicas": 1}))
+    (serve_dir / "serve.json").write_text(
+        json.dumps({"served_name": "m", "key_file": str(stolen), "model": {"path": "/m"}, "replicas": 1})
+    )
     (serve_dir / "serve.json").chmod(0o600)
     rc = compose("cluster=local", f"cluster.endpoint={serve_dir}")
     with pytest.raises(UserError, match="not in your key directory"):
@@ -209,8 +248,9 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
     key = keys / "k.key"
     key.write_text("k")
     key.chmod(0o644)
-    (serve_dir / "serve.json").write_text(json.dumps({"served_name": "m", "key_file": str(key),
-                                                      "model": {"path": "/m"}, "replicas": 1}))
+    (serve_dir / "serve.json").write_text(
+        json.dumps({"served_name": "m", "key_file": str(key), "model": {"path": "/m"}, "replicas": 1})
+    )
     with pytest.raises(UserError, match="readable by others"):
         ep.resolve_endpoint(rc)
     os.chown(serve_dir / "serve.json", 12345, -1)  # another user's file (we are root in the tests)
@@ -218,9 +258,20 @@ def test_endpoint_dirs_and_key_files_are_trusted_only_when_yours(tmp_path, monke
         ep.resolve_endpoint(rc)
 
 
-@pytest.mark.parametrize("url", ["http://user:pw@host:1/v1", "http://host:1/v1/../../admin", "http://host:1/%2e%2e/x",
-                                 "file:///etc/passwd", "http://host:1/v1?redirect=x", "http://host:1//v1",
-                                 "http://host:99999/v1", "http://host:1/v1 x", "http:///v1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:pw@host:1/v1",
+        "http://host:1/v1/../../admin",
+        "http://host:1/%2e%2e/x",
+        "file:///etc/passwd",
+        "http://host:1/v1?redirect=x",
+        "http://host:1//v1",
+        "http://host:99999/v1",
+        "http://host:1/v1 x",
+        "http:///v1",
+    ],
+)
 def test_endpoint_urls_with_tricks_are_refused(tmp_path, url):
     from hpc_infer.serve.batch_endpoint import check_url
     from hpc_infer.worker.http_engine import url_problem
@@ -232,8 +283,14 @@ def test_endpoint_urls_with_tricks_are_refused(tmp_path, url):
 
 def test_a_run_resumed_through_another_served_model_is_refused(tmp_path):
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "run_name=r")
-    a = {"model": "org/a", "model_path": "/w/a", "urls": ["http://h:1/v1"], "run": None, "key_file": "/k",
-         "concurrency": 1}
+    a = {
+        "model": "org/a",
+        "model_path": "/w/a",
+        "urls": ["http://h:1/v1"],
+        "run": None,
+        "key_file": "/k",
+        "concurrency": 1,
+    }
     prepare(rc, plan_input(rc), "endpoint:x", "", a)
     prepare(rc, plan_input(rc), "endpoint:x", "", a)  # the same server: resumes
     with pytest.raises(UserError, match="served model"):
@@ -243,6 +300,7 @@ def test_a_run_resumed_through_another_served_model_is_refused(tmp_path):
 
 
 # --- the admin cache, run as root --------------------------------------------------------------
+
 
 @pytest.fixture
 def model_dir(tmp_path):
@@ -335,8 +393,18 @@ def test_stage_turns_an_os_error_into_one_line(tmp_path, model_dir, monkeypatch)
     assert not (tmp_path / "shared" / "M").exists()
 
 
-@pytest.mark.parametrize("kw", [{"name": ".."}, {"name": "../x"}, {"name": "a/b"}, {"name": "."},
-                                {"hf_id": "org/.."}, {"hf_id": "../../etc"}, {"hf_id": "/abs/path"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"name": ".."},
+        {"name": "../x"},
+        {"name": "a/b"},
+        {"name": "."},
+        {"hf_id": "org/.."},
+        {"hf_id": "../../etc"},
+        {"hf_id": "/abs/path"},
+    ],
+)
 def test_stage_refuses_names_that_leave_the_root_before_touching_anything(tmp_path, model_dir, kw):
     root = tmp_path / "shared"
     with pytest.raises(UserError, match="--name|--hf-id"):
@@ -345,6 +413,7 @@ def test_stage_refuses_names_that_leave_the_root_before_touching_anything(tmp_pa
 
 
 # --- races and inputs changed under us ----------------------------------------------------------
+
 
 def test_fingerprint_is_of_the_bytes_that_were_read(tmp_path):
     data = tmp_path / "in.jsonl"
@@ -356,7 +425,9 @@ def test_fingerprint_is_of_the_bytes_that_were_read(tmp_path):
     run, _ = prepare(rc, planned, "/m", "")
     m = read_json(run.manifest)
     assert m["n_records"] == 6 and m["input_bytes"] == planned.size == 6 * len(json.dumps({"prompt": "p0"}) + "\n")
-    assert [r["prompt"] for c in range(m["n_chunks"]) for r in read_chunk_records(run, c)] == [f"p{i}" for i in range(6)]
+    assert [r["prompt"] for c in range(m["n_chunks"]) for r in read_chunk_records(run, c)] == [
+        f"p{i}" for i in range(6)
+    ]
     with pytest.raises(UserError, match="different input file"):  # a relaunch sees 10 records: refused, not "resumed"
         prepare(rc, plan_input(rc), "/m", "")
 
@@ -450,6 +521,7 @@ def test_a_deleted_run_is_not_recreated(tmp_path):
 
 # --- inputs altered without a word ----------------------------------------------------------------
 
+
 def _read(tmp_path, name, content: bytes, **over):
     p = tmp_path / name
     p.write_bytes(content)
@@ -476,19 +548,23 @@ def test_one_huge_line_is_refused_with_bounded_memory(tmp_path):
         f.write(b'{"prompt": "ok"}\n{"prompt": "')
         for _ in range(200):
             f.write(b"x" * (1 << 20))  # 200 MB on line 2
-    code = (f"import resource; from conftest import compose; from hpc_infer.io.data import load_records\n"
-            f"rc = compose('data.path={big}', 'data.max_line_bytes=1000000')\n"
-            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"try:\n    load_records(rc.data)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-            f"print('grew_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
-                       timeout=300)
+    code = (
+        f"import resource; from conftest import compose; from hpc_infer.io.data import load_records\n"
+        f"rc = compose('data.path={big}', 'data.max_line_bytes=1000000')\n"
+        f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"try:\n    load_records(rc.data)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+        f"print('grew_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300
+    )
     assert "UserError" in p.stdout and "line 2: longer than data.max_line_bytes=1000000" in p.stdout, p.stderr[-2000:]
     assert int(p.stdout.split("grew_kb")[1]) < 50_000  # not the 200 MB line (or 2x it) in memory
 
 
-@pytest.mark.parametrize("kind, expect", [("dir", "is a directory"), ("fifo", "is a named pipe"),
-                                          ("dev", "is a device")])
+@pytest.mark.parametrize(
+    "kind, expect", [("dir", "is a directory"), ("fifo", "is a named pipe"), ("dev", "is a device")]
+)
 def test_non_regular_inputs_named_for_what_they_are(tmp_path, kind, expect):
     path = {"dir": tmp_path, "dev": Path("/dev/zero"), "fifo": tmp_path / "pipe"}[kind]
     if kind == "fifo":

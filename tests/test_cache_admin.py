@@ -65,8 +65,7 @@ def test_catalog_lets_users_name_the_model(tmp_path, source):
     root = tmp_path / "shared"
     cache_admin.stage(str(source), str(root), name="tiny", hf_id="org/Tiny-Model")
     catalog = cache_admin.write_catalog(str(root))
-    rc = compose("model=opt_125m", "model.hf_id=org/Tiny-Model", f"cluster.model_catalog={catalog}",
-                 "cluster=together")
+    rc = compose("model=opt_125m", "model.hf_id=org/Tiny-Model", f"cluster.model_catalog={catalog}", "cluster=together")
     assert resolve_model(rc.model, rc.cluster, None) == str(root / "tiny")
 
 

@@ -81,8 +81,17 @@ def _beat(run, worker, records, window_s, state="running", age=0.0, start_t=1000
     the worker's own clock, which may be anything: only differences count), written
     `age` seconds ago by the file server's clock."""
     recent = [[start_t, 0, 0], [start_t + window_s, records, 10 * records]]
-    write_json(run.heartbeat_path(worker), {"worker": worker, "state": state, "recent": recent, "t": start_t + window_s,
-                                            "records_done": records, "in_flight": {}})
+    write_json(
+        run.heartbeat_path(worker),
+        {
+            "worker": worker,
+            "state": state,
+            "recent": recent,
+            "t": start_t + window_s,
+            "records_done": records,
+            "in_flight": {},
+        },
+    )
     now = time.time()
     os.utime(run.heartbeat_path(worker), (now - age, now - age))
 

@@ -1,6 +1,5 @@
 """Bad input through the real command line: one clear message, exit 2, nothing submitted."""
 
-
 import pytest
 
 from conftest import run_launch
@@ -29,14 +28,17 @@ def test_rejected_before_submission(tmp_path, content, overrides, expect):
 
 
 @pytest.mark.parametrize("command", ["hpc-infer launch", "hpc-infer sbatch", "hpc-infer serve"])
-@pytest.mark.parametrize("override, expect", [
-    ("samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
-    ("+samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
-    ("sampling.temprature=0", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
-    ("cluster.wokers=2", "cluster.wokers: unknown setting; did you mean cluster.workers?"),
-    ("model=qwen_mth", "model=qwen_mth: no such model config; did you mean model=qwen_math?"),
-    ("cluster=togther", "cluster=togther: no such cluster config; did you mean cluster=together?"),
-])
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
+        ("+samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
+        ("sampling.temprature=0", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
+        ("cluster.wokers=2", "cluster.wokers: unknown setting; did you mean cluster.workers?"),
+        ("model=qwen_mth", "model=qwen_mth: no such model config; did you mean model=qwen_math?"),
+        ("cluster=togther", "cluster=togther: no such cluster config; did you mean cluster=together?"),
+    ],
+)
 def test_typos_get_our_message_the_nearest_name_and_exit_2(tmp_path, command, override, expect):
     """Typos with or without `+`, in keys and group options: one door, our words, exit 2
     (Hydra's own messages exit 1 and name no fix)."""
@@ -52,8 +54,16 @@ def test_home_relative_paths_and_new_free_form_keys_work_as_typed(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
-    p = run_launch(tmp_path, "data.path=~/prompts.jsonl", "cluster.env.MY_SETTING=1", "cluster=slurm_local",
-                   env={"HOME": str(home)}, command="hpc-infer sbatch", check=False, timeout=600)
+    p = run_launch(
+        tmp_path,
+        "data.path=~/prompts.jsonl",
+        "cluster.env.MY_SETTING=1",
+        "cluster=slurm_local",
+        env={"HOME": str(home)},
+        command="hpc-infer sbatch",
+        check=False,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     script = next((tmp_path / "runs").rglob("job.sbatch")).read_text()
     assert "MY_SETTING" in script or "MY_SETTING" in next((tmp_path / "runs").rglob("worker.json")).read_text()

@@ -59,16 +59,26 @@ def _starters(tmp_path: Path, n: int, launcher: list[str]) -> list[dict]:
     barrier.mkdir(exist_ok=True)
     for f in barrier.iterdir():
         f.unlink()
-    p = subprocess.run([*launcher, sys.executable, "-c", STARTER, str(tmp_path / "cc"), str(n), str(barrier)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [*launcher, sys.executable, "-c", STARTER, str(tmp_path / "cc"), str(n), str(barrier)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return [json.loads(line) for line in p.stdout.splitlines()]
 
 
 def test_concurrent_first_starts_publish_one_whole_copy_then_seed(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path / "cc"), "6", str(tmp_path / "b")],
-                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
-    (tmp_path / "b").mkdir()
+    (tmp_path / "b").mkdir()  # the barrier exists before any starter looks for it
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, str(tmp_path / "cc"), "6", str(tmp_path / "b")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     entries = _check_published(tmp_path / "cc", results)
@@ -88,8 +98,19 @@ def test_concurrent_first_starts_publish_one_whole_copy_then_seed(tmp_path):
 @pytest.mark.slurm
 def test_concurrent_first_starts_on_two_slurm_nodes(tmp_path):
     require_slurm()
-    results = _starters(tmp_path, 4, ["srun", "--nodes=2", "--ntasks=4", "--cpus-per-task=1", "--mem=200M",
-                                      f"--chdir={tmp_path}", f"--export=ALL,PYTHONPATH={Path(__file__).parent.parent}"])
+    results = _starters(
+        tmp_path,
+        4,
+        [
+            "srun",
+            "--nodes=2",
+            "--ntasks=4",
+            "--cpus-per-task=1",
+            "--mem=200M",
+            f"--chdir={tmp_path}",
+            f"--export=ALL,PYTHONPATH={Path(__file__).parent.parent}",
+        ],
+    )
     assert len(results) == 4 and len({r["me"].split("-")[0] for r in results}) == 2, results  # both nodes
     _check_published(tmp_path / "cc", results)
 

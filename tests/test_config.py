@@ -1,6 +1,5 @@
 """Configs: every shipped group composes and validates; bad settings are named."""
 
-
 import re
 
 import pytest
@@ -58,8 +57,8 @@ def test_shipped_values():
         ("cluster.workers=0", "cluster.workers"),
         ("model.task=embedz", "model.task: 'embedz'"),
         ("data.path=/nonexistent.jsonl", "data.path: /nonexistent.jsonl does not exist"),
-            ("data.path=/tmp", "data.path: /tmp is a directory, not a file"),
-            ("data.path=/dev/zero", "data.path: /dev/zero is a device"),
+        ("data.path=/tmp", "data.path: /tmp is a directory, not a file"),
+        ("data.path=/dev/zero", "data.path: /dev/zero is a device"),
         ("merge.format=xml", "merge.format"),
         ("serve.router_policy=fastest", "serve.router_policy: 'fastest' is not one of round_robin"),
         ("serve.router_port=70000", "serve.router_port: must be in 1..65535"),
@@ -75,8 +74,9 @@ def test_bad_values_named(override, expect):
 
 def test_gpu_clusters_give_a_task_the_models_tp_x_pp_gpus():
     assert compose("model=llama33_70b_instruct", "cluster=together").cluster.gpus_per_task == 4
-    rc = compose("model=llama33_70b_instruct", "cluster=aau_ai_cloud", "cluster.nodes_per_task=2",
-                 "cluster.container.image=null")
+    rc = compose(
+        "model=llama33_70b_instruct", "cluster=aau_ai_cloud", "cluster.nodes_per_task=2", "cluster.container.image=null"
+    )
     assert (rc.cluster.gpus_per_task, rc.cluster.gres) == (2, "gpu:2")  # per node, over 2 nodes
     assert compose("model=qwen_math", "cluster=together").cluster.gpus_per_task == 1
 
@@ -90,10 +90,13 @@ def test_unknown_key_and_wrong_type_fail_in_hydra():
         compose("sampling.max_tokens=lots")
 
 
-@pytest.mark.parametrize("override, expect", [
-    ("serve.max_restarts=-1", "serve.max_restarts: must be >= 0 (0: a dead server is not restarted)"),
-    ("serve.restart_backoff_s=-2", "serve.restart_backoff_s: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("serve.max_restarts=-1", "serve.max_restarts: must be >= 0 (0: a dead server is not restarted)"),
+        ("serve.restart_backoff_s=-2", "serve.restart_backoff_s: must be >= 0"),
+    ],
+)
 def test_watchdog_settings_are_checked(override, expect):
     with pytest.raises(UserError, match=re.escape(expect)):
         compose("cluster=local", override)

@@ -20,8 +20,10 @@ def finished_run(tmp_path):
 
     run, _ = prepare(rc, plan_input(rc), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))
     for cid in range(read_json(run.manifest)["n_chunks"]):
-        rows = [dict(r, text="x</think> <answer>1</answer>", outputs=[{"text": "x"}], prompt_tokens=1,
-                     output_tokens=1) for r in read_chunk_records(run, cid)]
+        rows = [
+            dict(r, text="x</think> <answer>1</answer>", outputs=[{"text": "x"}], prompt_tokens=1, output_tokens=1)
+            for r in read_chunk_records(run, cid)
+        ]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w1", started=1.0, finished=2.0))
     return run
 
@@ -31,9 +33,12 @@ def test_help_of_every_entry(tmp_path):
     assert p.returncode == 0
     for cmd in ("launch", "sbatch", "status", "cancel", "merge", "cache", "image", "model"):
         assert cmd in p.stdout
-    for entry, name in (("hpc-infer launch --help", "hpc-infer launch"), ("hpc-infer sbatch --help", "hpc-infer sbatch"),
-                        ("hpc-infer serve --help", "hpc-infer serve"),
-                        ("python -m hpc_infer.launch --help", "hpc-infer launch")):
+    for entry, name in (
+        ("hpc-infer launch --help", "hpc-infer launch"),
+        ("hpc-infer sbatch --help", "hpc-infer sbatch"),
+        ("hpc-infer serve --help", "hpc-infer serve"),
+        ("python -m hpc_infer.launch --help", "hpc-infer launch"),
+    ):
         p = sh(tmp_path, entry)
         assert p.returncode == 0 and "Traceback" not in p.stderr, (entry, p.stderr[-2000:])
         assert p.stdout.startswith(f"{name} is powered by Hydra")  # the command the user typed, not a module
@@ -58,11 +63,14 @@ def test_slurm_cluster_without_slurm_is_refused_before_planning(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("override, expect", [
-    ("+samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
-    ("+sampling.temprature=0", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
-    ("+model.engine_kwargs.hf_token=hf_abcdefghijklmnopqrstuvwx", "model.engine_kwargs.hf_token: secrets do not"),
-])
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("+samplng.temperature=0", "samplng: unknown setting; did you mean sampling?"),
+        ("+sampling.temprature=0", "sampling.temprature: unknown setting; did you mean sampling.temperature?"),
+        ("+model.engine_kwargs.hf_token=hf_abcdefghijklmnopqrstuvwx", "model.engine_kwargs.hf_token: secrets do not"),
+    ],
+)
 def test_refusals_name_the_setting(tmp_path, override, expect):
     p = sh(tmp_path, f"hpc-infer launch '{override}' cluster=local output_root={tmp_path}/runs")
     assert p.returncode == 2 and expect in p.stderr, p.stderr[-2000:]
@@ -92,8 +100,13 @@ def test_status_merge_cancel_on_a_run_as_the_docs_write_them(tmp_path, finished_
     p = sh(tmp_path, f"hpc-infer status {tmp_path}")
     assert p.returncode == 2 and "not a run directory" in p.stderr
     # `hpc-infer sbatch model=... cluster=...`: the embedded CPU model on the local Slurm's config
-    p = sh(tmp_path, as_written("hpc-infer sbatch model=... cluster=...",
-                                {"model=...": "model=smollm2_cpu", "cluster=...": "cluster=slurm_local"}))
+    p = sh(
+        tmp_path,
+        as_written(
+            "hpc-infer sbatch model=... cluster=...",
+            {"model=...": "model=smollm2_cpu", "cluster=...": "cluster=slurm_local"},
+        ),
+    )
     assert p.returncode == 0 and (tmp_path / "runs/example__smollm2_cpu__chat/job.sbatch").is_file(), p.stderr
 
 
@@ -104,8 +117,11 @@ def test_ai_cloud_users_sbatch_as_typed_stops_at_the_missing_image(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
-    p = sh(tmp_path, as_written("hpc-infer sbatch cluster=aau_ai_cloud model=llama32_1b_instruct "
-                                "data.path=~/prompts.jsonl"), env=user_env({"HOME": str(home)}))
+    p = sh(
+        tmp_path,
+        as_written("hpc-infer sbatch cluster=aau_ai_cloud model=llama32_1b_instruct data.path=~/prompts.jsonl"),
+        env=user_env({"HOME": str(home)}),
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "cluster.container.image: image /home/container/vllm-openai_latest.sif does not exist" in p.stderr
     assert "hpc-infer image pull" in p.stderr and not (tmp_path / "runs").exists()
@@ -124,8 +140,12 @@ def test_cache_image_model_subcommands(tmp_path):
     save_file({"w": np.ones((64, 64), dtype=np.float32)}, str(src / "model.safetensors"))
     (src / "model.safetensors").chmod(0o644)
     fill = {"/scratch/dl/Llama-3.1-8B": str(src), "/data/models": f"{tmp_path}/models"}
-    p = sh(tmp_path, as_written("hpc-infer cache stage /scratch/dl/Llama-3.1-8B --root /data/models "
-                                "--hf-id meta-llama/Llama-3.1-8B", fill))
+    p = sh(
+        tmp_path,
+        as_written(
+            "hpc-infer cache stage /scratch/dl/Llama-3.1-8B --root /data/models --hf-id meta-llama/Llama-3.1-8B", fill
+        ),
+    )
     assert p.returncode == 0 and (tmp_path / "models" / "Llama-3.1-8B" / "model.safetensors").is_file(), p.stderr
     p = sh(tmp_path, as_written("hpc-infer cache verify --root /data/models", fill))
     assert p.returncode == 0 and "Llama-3.1-8B" in p.stdout + p.stderr, p.stdout + p.stderr
@@ -139,8 +159,10 @@ def test_cache_image_model_subcommands(tmp_path):
     (tmp_path / "bad.sif").write_bytes(b"not an image")
     p = sh(tmp_path, f"hpc-infer image inspect {tmp_path}/bad.sif")
     assert p.returncode == 2 and "bad.sif" in p.stderr, p.stderr
-    p = sh(tmp_path, f"hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest {tmp_path}/v.sif --dry-run "
-                     f"--runtime apptainer")
+    p = sh(
+        tmp_path,
+        f"hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest {tmp_path}/v.sif --dry-run --runtime apptainer",
+    )
     assert p.returncode == 0 and p.stdout.startswith("apptainer pull"), p.stderr
     p = sh(tmp_path, "hpc-infer model build-cpu")
     assert p.returncode == 0 and p.stdout.strip(), p.stderr

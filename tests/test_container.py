@@ -27,18 +27,33 @@ def test_exec_line_for_submitit(tmp_path):
     rc, image = aau(tmp_path, "cluster.model_roots=[/shared/models]")
     run = RunDir(tmp_path / "run")
     c = rc.cluster.container
-    cmd = python_command(c, binds(c, run.root, "/shared/models/m", None, rc.cluster.model_roots), gpus=True,
-                         host_python="/usr/bin/python3")
+    cmd = python_command(
+        c,
+        binds(c, run.root, "/shared/models/m", None, rc.cluster.model_roots),
+        gpus=True,
+        host_python="/usr/bin/python3",
+    )
     subm = Path(submitit.__file__).parent
     assert shlex.split(cmd) == [
-        "singularity", "exec", "--nv",
-        "--bind", f"{ROOT / 'hpc_infer'}:{CODE_MOUNT}/hpc_infer",
-        "--bind", f"{subm}:{DEPS_MOUNT}/submitit",
-        "--bind", f"{run.root}:{run.root}",
-        "--bind", "/shared/models:/shared/models:ro",
-        "--bind", "/shared/models/m:/shared/models/m:ro",
-        "--env", f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}", "--env", f"PREPEND_PATH={SHIM_DIR}",
-        str(image), "python3",
+        "singularity",
+        "exec",
+        "--nv",
+        "--bind",
+        f"{ROOT / 'hpc_infer'}:{CODE_MOUNT}/hpc_infer",
+        "--bind",
+        f"{subm}:{DEPS_MOUNT}/submitit",
+        "--bind",
+        f"{run.root}:{run.root}",
+        "--bind",
+        "/shared/models:/shared/models:ro",
+        "--bind",
+        "/shared/models/m:/shared/models/m:ro",
+        "--env",
+        f"PYTHONPATH={CODE_MOUNT}:{DEPS_MOUNT}",
+        "--env",
+        f"PREPEND_PATH={SHIM_DIR}",
+        str(image),
+        "python3",
     ]
     # submitit puts exactly this in front of `-u -m submitit.core._submit` in the sbatch file
     backend = SlurmBackend(rc.cluster, run, cmd)
@@ -84,10 +99,16 @@ def test_cleanenv_exec_line_and_forwarding_wrapper(tmp_path):
     wrapper = str(ROOT / "hpc_infer" / "cluster" / "container_exec.sh")
     assert cmd[:6] == ["bash", wrapper, "SLURM_*", "HF_TOKEN", "--", "singularity"]
     assert cmd[6:9] == ["exec", "--cleanenv", "--nv"] and cmd[-2:] == [str(image), "python3"]
-    env = {"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77", "HF_TOKEN": "hf_secret_x",
-           "UNRELATED": "no"}
-    out = subprocess.run(["bash", wrapper, *c.passenv, "--", "env"], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    env = {
+        "PATH": os.environ["PATH"],
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_JOB_ID": "77",
+        "HF_TOKEN": "hf_secret_x",
+        "UNRELATED": "no",
+    }
+    out = subprocess.run(
+        ["bash", wrapper, *c.passenv, "--", "env"], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert "APPTAINERENV_SLURM_ARRAY_TASK_ID=3" in out and "SINGULARITYENV_SLURM_JOB_ID=77" in out
     assert "APPTAINERENV_HF_TOKEN=hf_secret_x" in out
     assert not any(line.startswith(("APPTAINERENV_UNRELATED", "APPTAINERENV_PATH")) for line in out)

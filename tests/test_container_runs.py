@@ -24,8 +24,10 @@ STANDIN = Path(__file__).resolve().parent / "apptainer_standin"
 sys.path.insert(0, str(STANDIN))
 from image import build_from_def, build_image  # noqa: E402
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("HPC_INFER_REQUIRE_SLURM"), reason="bubblewrap is not installed "
-                                 "(scripts/setup.sh installs it as root: apt-get install bubblewrap)")
+needs_bwrap = pytest.mark.skipif(
+    shutil.which("bwrap") is None and not os.environ.get("HPC_INFER_REQUIRE_SLURM"),
+    reason="bubblewrap is not installed (scripts/setup.sh installs it as root: apt-get install bubblewrap)",
+)
 pytestmark = [needs_bwrap]
 TINY = ("data=example_prompts", "data.limit=4", "sampling=greedy", "sampling.max_tokens=8")
 
@@ -35,16 +37,24 @@ def vllm_image(tmp_path_factory):
     """Built by docs/containers.md's step 1 as written (the sandbox in this module's tmp dir)."""
     here = user_checkout(tmp_path_factory.mktemp("image"))
     dest = here.parent / "vllm-cpu-sandbox"
-    p = run_line(here, as_written(".venv/bin/python tests/apptainer_standin/image.py /tmp/vllm-sandbox",
-                                  {"/tmp/vllm-sandbox": str(dest)}), timeout=1200)
+    p = run_line(
+        here,
+        as_written(
+            ".venv/bin/python tests/apptainer_standin/image.py /tmp/vllm-sandbox", {"/tmp/vllm-sandbox": str(dest)}
+        ),
+        timeout=1200,
+    )
     assert p.returncode == 0 and (dest / "usr").is_dir(), p.stderr[-3000:]
     return dest
 
 
 def container_env(tmp_path, **extra):
     """The stand-in as `apptainer` on PATH, each call recorded."""
-    return {"PATH": f"{STANDIN}:{os.environ['PATH']}", "APPTAINER_STANDIN_LOG": str(tmp_path / "apptainer-calls.jsonl"),
-            **extra}
+    return {
+        "PATH": f"{STANDIN}:{os.environ['PATH']}",
+        "APPTAINER_STANDIN_LOG": str(tmp_path / "apptainer-calls.jsonl"),
+        **extra,
+    }
 
 
 def hf_cache_copy(model: str, hub: Path) -> Path:
@@ -77,8 +87,15 @@ def test_local_run_contained_hf_cache_layout_token_only_in_worker(tmp_path, cpu_
     scanner = threading.Thread(target=_scan_cmdlines, args=(token, stop, hits), daemon=True)
     scanner.start()
     try:
-        run_launch(tmp_path, "cluster=local", f"cluster.container.image={vllm_image}", "cluster.container.extra_args=[--contain]",
-                   f"model.path={snap}", *TINY, env=container_env(tmp_path, HF_TOKEN=token))
+        run_launch(
+            tmp_path,
+            "cluster=local",
+            f"cluster.container.image={vllm_image}",
+            "cluster.container.extra_args=[--contain]",
+            f"model.path={snap}",
+            *TINY,
+            env=container_env(tmp_path, HF_TOKEN=token),
+        )
     finally:
         stop.set()
         scanner.join()
@@ -100,10 +117,16 @@ def test_the_containers_doc_by_hand_as_written(tmp_path, cpu_model, vllm_image):
     here = user_checkout(tmp_path)
     log = tmp_path / "apptainer-calls.jsonl"
     fill = {"/tmp/vllm-sandbox": str(vllm_image), "/tmp/apptainer-calls.jsonl": str(log)}
-    lines = [as_written("export PATH=$PWD/tests/apptainer_standin:$PATH APPTAINER_STANDIN_LOG=/tmp/apptainer-calls.jsonl",
-                        fill),
-             as_written(".venv/bin/hpc-infer launch data=example_prompts sampling=greedy sampling.max_tokens=8 "
-                        "cluster.container.image=/tmp/vllm-sandbox 'cluster.container.extra_args=[--contain]'", fill)]
+    lines = [
+        as_written(
+            "export PATH=$PWD/tests/apptainer_standin:$PATH APPTAINER_STANDIN_LOG=/tmp/apptainer-calls.jsonl", fill
+        ),
+        as_written(
+            ".venv/bin/hpc-infer launch data=example_prompts sampling=greedy sampling.max_tokens=8 "
+            "cluster.container.image=/tmp/vllm-sandbox 'cluster.container.extra_args=[--contain]'",
+            fill,
+        ),
+    ]
     p = run_line(here, "set -e\n" + "\n".join(lines), timeout=1800)
     assert p.returncode == 0, p.stderr[-5000:]
     run = RunDir(here / "runs/example_prompts__smollm2_cpu__greedy")
@@ -121,9 +144,16 @@ def test_slurm_run_cleanenv_no_home(tmp_path, slurm, cpu_model, vllm_image):
     """A real Slurm job array whose workers run with --cleanenv and no $HOME: the token
     reaches them only as APPTAINERENV_HF_TOKEN through container_exec.sh."""
     token = "hf_CLEANENV_" + os.urandom(8).hex()
-    run_launch(tmp_path, "cluster=slurm_local", "cluster.workers=2", f"cluster.container.image={vllm_image}",
-               "cluster.container.cleanenv=true", "cluster.container.extra_args=[--no-home]", *TINY,
-               env=container_env(tmp_path, HF_TOKEN=token))
+    run_launch(
+        tmp_path,
+        "cluster=slurm_local",
+        "cluster.workers=2",
+        f"cluster.container.image={vllm_image}",
+        "cluster.container.cleanenv=true",
+        "cluster.container.extra_args=[--no-home]",
+        *TINY,
+        env=container_env(tmp_path, HF_TOKEN=token),
+    )
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(4)) and len({r["id"] for r in rows}) == 4
@@ -140,9 +170,17 @@ def test_slurm_preempted_container_requeues_and_merges_once(tmp_path, slurm, cpu
     """Slurm's preemption warning reaches the worker inside the container (sent to the
     step, and forwarded by the runtime as Apptainer's starter does); the task requeues
     and the requeued task finishes; every record is merged exactly once."""
-    args = ("cluster=slurm_local", "data=example", "sampling=greedy", "sampling.max_tokens=16",
-            "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
-            "chunks_per_worker=4", f"cluster.container.image={vllm_image}")
+    args = (
+        "cluster=slurm_local",
+        "data=example",
+        "sampling=greedy",
+        "sampling.max_tokens=16",
+        "cluster.workers=1",
+        "cluster.heartbeat_s=1",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=4",
+        f"cluster.container.image={vllm_image}",
+    )
     run_launch(tmp_path, *args, "wait=false", env=container_env(tmp_path, **hold_env(tmp_path)))
     preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), tmp_path, timeout=900)
 
@@ -150,9 +188,15 @@ def test_slurm_preempted_container_requeues_and_merges_once(tmp_path, slurm, cpu
 def test_missing_bind_source_refused_before_planning(tmp_path, cpu_model):
     image = tmp_path / "img"
     image.mkdir()
-    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}",
-                   "cluster.container.binds=[/no/such/scratch:/scratch]", *TINY, check=False,
-                   env=container_env(tmp_path))
+    p = run_launch(
+        tmp_path,
+        "cluster=local",
+        f"cluster.container.image={image}",
+        "cluster.container.binds=[/no/such/scratch:/scratch]",
+        *TINY,
+        check=False,
+        env=container_env(tmp_path),
+    )
     assert p.returncode == 2
     assert "cluster.container.binds: /no/such/scratch:/scratch: /no/such/scratch does not exist" in p.stderr
     assert "Nothing was planned or submitted" in p.stderr and not (tmp_path / "runs").exists()
@@ -165,8 +209,17 @@ def test_env_path_the_container_cannot_see_refused(tmp_path, cpu_model):
     image = tmp_path / "img"
     image.mkdir()
     hidden = ROOT / "bench"
-    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}", "cluster.container.extra_args=[--contain]",
-                   f"+cluster.env.MY_CACHE={hidden}", *TINY, check=False, env=container_env(tmp_path), timeout=300)
+    p = run_launch(
+        tmp_path,
+        "cluster=local",
+        f"cluster.container.image={image}",
+        "cluster.container.extra_args=[--contain]",
+        f"+cluster.env.MY_CACHE={hidden}",
+        *TINY,
+        check=False,
+        env=container_env(tmp_path),
+        timeout=300,
+    )
     assert p.returncode == 2
     assert f"cluster.env.MY_CACHE: {hidden} is not visible inside the container" in p.stderr
     assert f"cluster.container.binds=[{hidden}]" in p.stderr and not (tmp_path / "runs").exists()
@@ -174,8 +227,14 @@ def test_env_path_the_container_cannot_see_refused(tmp_path, cpu_model):
     from hpc_infer.cluster.container import check_paths
     from hpc_infer.config import ContainerConfig
 
-    assert check_paths(ContainerConfig(image=str(image), binds=[str(hidden)], extra_args=["--contain"]),
-                       [str(hidden)], {"MY_CACHE": str(hidden)}) == []
+    assert (
+        check_paths(
+            ContainerConfig(image=str(image), binds=[str(hidden)], extra_args=["--contain"]),
+            [str(hidden)],
+            {"MY_CACHE": str(hidden)},
+        )
+        == []
+    )
     assert check_paths(ContainerConfig(image=str(image)), [], {"MY_CACHE": str(tmp_path)}) == []
     assert check_paths(ContainerConfig(image=str(image), extra_args=["--contain"]), [], {"MY_CACHE": str(tmp_path)})
 
@@ -186,10 +245,23 @@ def test_definition_file_post_steps_run(tmp_path):
     result imports the worker, the submitit task and vLLM with no bind and a clean env."""
     base = build_image(tmp_path / "base", extra=("pip",))
     built = build_from_def(ROOT / "containers" / "vllm-hpc_infer.def", base, tmp_path / "built", ROOT)
-    p = subprocess.run([str(STANDIN / "apptainer"), "exec", "--cleanenv", "--containall", str(built), "python3", "-c",
-                        "import os, hpc_infer.worker.worker, hpc_infer.cluster.task, submitit, vllm; "
-                        "print(hpc_infer.worker.worker.__file__, os.environ['HF_HUB_OFFLINE'])"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            str(STANDIN / "apptainer"),
+            "exec",
+            "--cleanenv",
+            "--containall",
+            str(built),
+            "python3",
+            "-c",
+            "import os, hpc_infer.worker.worker, hpc_infer.cluster.task, submitit, vllm; "
+            "print(hpc_infer.worker.worker.__file__, os.environ['HF_HUB_OFFLINE'])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     path, offline = p.stdout.split()
     assert path.startswith("/usr/local/lib/python3") and offline == "1"
@@ -201,7 +273,14 @@ def test_container_that_cannot_start_fails_with_its_error(tmp_path, cpu_model):
     words, instead of waiting on the local controller, which lingers as a zombie."""
     image = tmp_path / "img"
     image.mkdir()
-    p = run_launch(tmp_path, "cluster=local", f"cluster.container.image={image}", *TINY, check=False,
-                   env=container_env(tmp_path), timeout=300)
+    p = run_launch(
+        tmp_path,
+        "cluster=local",
+        f"cluster.container.image={image}",
+        *TINY,
+        check=False,
+        env=container_env(tmp_path),
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "FAILED: bwrap: execvp /bin/sh: No such file or directory" in p.stderr

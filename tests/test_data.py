@@ -36,8 +36,13 @@ def test_ids_derived_from_position_when_absent(tmp_path):
 def test_txt_csv_parquet(tmp_path):
     assert [r.prompt for r in load_records(cfg(write(tmp_path, "p.txt", "one\n\ntwo\n")))] == ["one", "two"]
     csv = write(tmp_path, "p.csv", "id,question\nq1,What?\nq2,Why?\n")
-    assert [(r.id, r.prompt) for r in load_records(cfg(csv, prompt_field="question"))] == [("q1", "What?"), ("q2", "Why?")]
-    pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": "p1"}, {"id": "b", "prompt": "p2"}]), tmp_path / "p.parquet")
+    assert [(r.id, r.prompt) for r in load_records(cfg(csv, prompt_field="question"))] == [
+        ("q1", "What?"),
+        ("q2", "Why?"),
+    ]
+    pq.write_table(
+        pa.Table.from_pylist([{"id": "a", "prompt": "p1"}, {"id": "b", "prompt": "p2"}]), tmp_path / "p.parquet"
+    )
     assert [r.id for r in load_records(cfg(tmp_path / "p.parquet"))] == ["a", "b"]
 
 
@@ -65,7 +70,7 @@ def test_template_file_and_question_alias(tmp_path):
         ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id '1'"),
         ('{"prompt": ""}\n', "line 1: 'prompt' is empty"),
         ('{"prompt": 5}\n', "line 1: 'prompt' must be a string"),
-        ('[1, 2]\n', "line 1: expected a JSON object"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
         ('{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n', "line 2: has no 'id' field"),
         ('{"messages": "hi"}\n', "line 1: 'messages' must be a non-empty list"),
         ('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n', "mixes plain prompts and chat"),

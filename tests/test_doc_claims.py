@@ -26,10 +26,16 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Mentioned in the docs, not run by any test, and why.
 NOT_HERE = {
     "model.engine_kwargs.x": "a placeholder in the docs' own example (model.engine_kwargs.X=...); "
-                             "model.engine_kwargs is tested",
+    "model.engine_kwargs is tested",
 }
-GROUPS = {"cluster": config.ClusterConfig, "data": config.DataConfig, "model": config.ModelConfig,
-          "sampling": config.SamplingConfig, "merge": config.MergeConfig, "serve": config.ServeConfig}
+GROUPS = {
+    "cluster": config.ClusterConfig,
+    "data": config.DataConfig,
+    "model": config.ModelConfig,
+    "sampling": config.SamplingConfig,
+    "merge": config.MergeConfig,
+    "serve": config.ServeConfig,
+}
 
 
 def _is_key(dotted: str) -> bool:
@@ -44,8 +50,9 @@ def _test_text() -> str:
 def documented_keys() -> dict[str, set[str]]:
     keys: dict[str, set[str]] = {}
     for doc in DOCS:
-        for m in re.finditer(r"\b((?:cluster|data|model|sampling|merge|serve)\.[a-z_]+(?:\.[a-zA-Z_]+)?)\b",
-                             doc.read_text()):
+        for m in re.finditer(
+            r"\b((?:cluster|data|model|sampling|merge|serve)\.[a-z_]+(?:\.[a-zA-Z_]+)?)\b", doc.read_text()
+        ):
             if _is_key(m.group(1)):
                 keys.setdefault(m.group(1), set()).add(doc.name)
     return keys
@@ -84,37 +91,32 @@ def test_every_documented_command_is_run_by_a_test():
 # Shown in a doc's shell block, not run by any test, and why. The doc says so too: the
 # words "not run by the tests" in the block or in the lines just above it.
 COMMANDS_NOT_HERE = {
-    "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero":
-        "Together's GPUs and shared model copy (the bundled 20-problem sample runs here: tests/test_math_flow.py)",
+    "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero": "Together's GPUs and shared model copy (the bundled 20-problem sample runs here: tests/test_math_flow.py)",
     "python -m hpc_infer.launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero "
     "data.path=/data/a5-alignment/MATH/validation.jsonl cluster.workers=8": "Together's GPUs and its MATH copy",
     "bash scripts/test.sh": "the test command itself; .ci/run runs it on a clean clone",
     "~/venvs/hpc_infer/bin/hpc-infer launch model=qwen_math cluster=together data=math_r1_zero "
     "cluster.container.image=/home/container/vllm-openai_latest.sif": "a GPU cluster and its vLLM image",
-    "HPC_INFER_VENV=/shared/$USER/venvs/hpc_infer bash scripts/setup.sh --gpu":
-        "downloads CUDA wheels; tests/test_install.py checks the [gpu] range against the registry's index",
+    "HPC_INFER_VENV=/shared/$USER/venvs/hpc_infer bash scripts/setup.sh --gpu": "downloads CUDA wheels; tests/test_install.py checks the [gpu] range against the registry's index",
     "/shared/$USER/venvs/hpc_infer/bin/hpc-infer launch model=llama31_8b cluster=aau_ai_cloud "
     "data.path=prompts.jsonl": "a GPU cluster",
     "hpc-infer launch model=llama31_8b cluster=aau_ai_cloud data.path=prompts.jsonl": "a GPU cluster",
     "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud serve.replicas=2": "a GPU cluster",
     "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud": "a GPU cluster",
     "hpc-infer serve model=qwen_math cluster=together serve.replicas=4": "a GPU cluster",
-    "hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest /shared/images/vllm.sif":
-        "Apptainer and a registry (--dry-run is tested)",
+    "hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest /shared/images/vllm.sif": "Apptainer and a registry (--dry-run is tested)",
     "hpc-infer image build --dest /shared/images/vllm-hpc_infer.sif": "Apptainer with --fakeroot (--dry-run is "
-                                                                      "tested; the %post steps run in a sandbox)",
+    "tested; the %post steps run in a sandbox)",
     "hpc-infer image inspect /shared/images/vllm.sif": "a real SIF image (the header check is tested)",
-    "srun --gres=gpu:4 hpc-infer cache shard Llama-3.1-70B --root /data/models --tp 4":
-        "4 GPUs (tests/test_load_format.py shards the CPU model with --tp 1)",
+    "srun --gres=gpu:4 hpc-infer cache shard Llama-3.1-70B --root /data/models --tp 4": "4 GPUs (tests/test_load_format.py shards the CPU model with --tp 1)",
     "singularity exec --nv /home/container/vllm-openai_latest.sif python3 basic.py": "the AI Cloud's image and GPUs",
     "sbatch runs/<run>/job.sbatch": "the AI Cloud's partitions (tests/test_slurm.py submits a rendered script to the "
-                                    "local Slurm)",
+    "local Slurm)",
     "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero "
     "cluster.container.image=/shared/images/vllm.sif": "a GPU cluster and its image",
     "hpc-infer sbatch ... cluster.container.image=/shared/images/vllm.sif": "the cluster's image",
     "lm_eval --model local-chat-completions --tasks gsm8k --apply_chat_template "
-    "--model_args model=meta-llama/Llama-3.1-8B,base_url=http://gpu-node-3:23456/v1/chat/completions":
-        "lm-eval is not installed here (the real `openai` client is tested against a replica)",
+    "--model_args model=meta-llama/Llama-3.1-8B,base_url=http://gpu-node-3:23456/v1/chat/completions": "lm-eval is not installed here (the real `openai` client is tested against a replica)",
     "hpc-infer launch model=llama31_70b model.path=/data/models/Llama-3.1-70B-tp4 model.load_format=sharded_state "
     "model.tensor_parallel_size=4 ...": "4 GPUs",
 }
@@ -137,7 +139,7 @@ def test_every_shown_command_is_run_as_written_or_its_doc_says_why():
             for doc, start in where:
                 doc_lines = lines[doc]  # `start` is the block's first line (1-based): its fence is start - 1
                 end = next((i for i in range(start - 1, len(doc_lines)) if doc_lines[i] == "```"), len(doc_lines))
-                if "not run by the tests" not in " ".join(" ".join(doc_lines[max(0, start - 17):end]).split()):
+                if "not run by the tests" not in " ".join(" ".join(doc_lines[max(0, start - 17) : end]).split()):
                     unsaid.append(f"{doc}:{start}: {cmd}")
         elif f'as_written("{cmd}"' not in tests and f"as_written('{cmd}'" not in tests:
             missing[cmd] = where
@@ -148,12 +150,12 @@ def test_every_shown_command_is_run_as_written_or_its_doc_says_why():
 
 # -- keys that had no test -------------------------------------------------------------
 
+
 def test_gpu_mem_gb_decides_the_memory_check():
     from hpc_infer.cluster.preflight import preflight
 
     configs = TESTS / "model_configs" / "llama33_70b_instruct"
-    common = ("model=llama33_70b_instruct", "cluster=together", f"model.path={configs}",
-              "cluster.container.image=null")
+    common = ("model=llama33_70b_instruct", "cluster=together", f"model.path={configs}", "cluster.container.image=null")
     rc = compose(*common, "cluster.gpu_mem_gb=24")
     with pytest.raises(UserError, match="use more GPUs"):
         preflight(rc.model, rc.cluster, configs)
@@ -200,16 +202,25 @@ def test_worker_policies_reach_the_worker_spec(tmp_path):
 
     data = tmp_path / "in.jsonl"
     data.write_text('{"prompt": "a"}\n')
-    rc = compose("cluster=local", f"data.path={data}", f"output_root={tmp_path}", "cluster.max_backups=0",
-                 "cluster.straggler_pacing=false", "cluster.max_attempts=3", "cluster.max_resubmits=0")
+    rc = compose(
+        "cluster=local",
+        f"data.path={data}",
+        f"output_root={tmp_path}",
+        "cluster.max_backups=0",
+        "cluster.straggler_pacing=false",
+        "cluster.max_attempts=3",
+        "cluster.max_resubmits=0",
+    )
     assert rc.cluster.max_resubmits == 0
     with plan_input(rc) as planned:
         run, _ = prepare(rc, planned, "/models/m", "")
     spec = read_json(run.worker_spec)
     assert (spec["max_backups"], spec["straggler_pacing"], spec["max_attempts"]) == (0, False, 3)
-    for bad, name in (("cluster.max_attempts=0", "cluster.max_attempts"),
-                      ("cluster.max_resubmits=-1", "cluster.max_resubmits"),
-                      ("cluster.max_backups=-1", "cluster.max_backups")):
+    for bad, name in (
+        ("cluster.max_attempts=0", "cluster.max_attempts"),
+        ("cluster.max_resubmits=-1", "cluster.max_resubmits"),
+        ("cluster.max_backups=-1", "cluster.max_backups"),
+    ):
         with pytest.raises(UserError, match=name):
             compose(bad)
 

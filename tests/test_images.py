@@ -20,8 +20,7 @@ def hpc_infer(*args, path=None):
         import os
 
         env = dict(os.environ, PATH=path)
-    return subprocess.run([str(BIN / "hpc-infer"), "image", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
+    return subprocess.run([str(BIN / "hpc-infer"), "image", *args], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_pull_and_build_print_the_exact_command(tmp_path):
@@ -31,7 +30,9 @@ def test_pull_and_build_print_the_exact_command(tmp_path):
     assert p.stdout.strip() == f"{runtime} pull {tmp_path / 'vllm.sif'} docker://vllm/vllm-openai:v0.11.0"
     p = hpc_infer("build", "--dest", str(tmp_path / "h.sif"), "--dry-run")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == f"{runtime} build --fakeroot {tmp_path / 'h.sif'} {ROOT / 'containers/vllm-hpc_infer.def'}"
+    assert (
+        p.stdout.strip() == f"{runtime} build --fakeroot {tmp_path / 'h.sif'} {ROOT / 'containers/vllm-hpc_infer.def'}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,4 +74,6 @@ def test_inspect_checks_the_sif_header(tmp_path):
     p = hpc_infer("inspect", str(good), path="/usr/bin:/bin")
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
-    assert info["sif"] is True and info["runtime"] is None and "labels and the vLLM version were not read" in info["note"]
+    assert (
+        info["sif"] is True and info["runtime"] is None and "labels and the vLLM version were not read" in info["note"]
+    )

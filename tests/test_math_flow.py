@@ -26,8 +26,17 @@ def _problems(path, n):
     with open(path, "w") as f:
         for i in range(n):
             a, b = rng.randint(10, 999), rng.randint(10, 999)
-            f.write(json.dumps({"unique_id": f"gen/{i}", "problem": f"Compute {a} + {b}. Show the carrying step by "
-                                f"step, then check the sum by subtracting {b}.", "answer": str(a + b)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "unique_id": f"gen/{i}",
+                        "problem": f"Compute {a} + {b}. Show the carrying step by "
+                        f"step, then check the sum by subtracting {b}.",
+                        "answer": str(a + b),
+                    }
+                )
+                + "\n"
+            )
 
 
 N = 72
@@ -37,8 +46,16 @@ CPU_STEP_TOKENS = 4096  # vLLM's default max_num_batched_tokens for LLM on CPU (
 def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cpu_model):
     data = tmp_path / "math.jsonl"
     _problems(data, N)
-    p = run_launch(tmp_path, "data=math_r1_zero", "sampling=r1_zero", "sampling.max_tokens=8", f"data.path={data}",
-                   "data.id_field=unique_id", "cluster=local", timeout=1800)
+    p = run_launch(
+        tmp_path,
+        "data=math_r1_zero",
+        "sampling=r1_zero",
+        "sampling.max_tokens=8",
+        f"data.path={data}",
+        "data.id_field=unique_id",
+        "cluster=local",
+        timeout=1800,
+    )
     run = tmp_path / "runs/math_r1_zero__smollm2_cpu__r1_zero"
     rows = read_results(run / "results.jsonl")
     assert [r["id"] for r in rows] == [f"gen/{i}" for i in range(N)]  # each once, in input order
@@ -57,8 +74,11 @@ def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cp
     # ... and on known answers, through the same merge hook: a right one, a wrong one, no format
     from hpc_infer.rewards import r1_zero_reward
 
-    known = [(" 12 </think> <answer> 1236 </answer>", "1236", 1.0, 1.0), (" x </think> <answer> 7 </answer>", "8",
-                                                                         1.0, 0.0), ("1236", "1236", 0.0, 0.0)]
+    known = [
+        (" 12 </think> <answer> 1236 </answer>", "1236", 1.0, 1.0),
+        (" x </think> <answer> 7 </answer>", "8", 1.0, 0.0),
+        ("1236", "1236", 0.0, 0.0),
+    ]
     for text, answer, fmt, ans in known:
         got = r1_zero_reward({"text": text, "outputs": [{"text": text}], "fields": {"answer": answer}})
         assert (got["format_reward"], got["answer_reward"]) == (fmt, ans), (text, got)
@@ -67,19 +87,35 @@ def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cp
     # counted as the engine makes them, an ETA that is a number of seconds or "--", never nan
     progress = [line for line in p.stderr.splitlines() if " records, " in line and "tok/s=" in line]
     assert progress and f"{N}/{N} records" in progress[-1], progress
-    assert all(re.search(r": \d+/72 records, \d+/\d+ chunks, \d+s, tok/s=[\d,]+ ETA=(--|[\d,]+s) running=\d+ failed=0$",
-                         line) for line in progress), progress
+    assert all(
+        re.search(r": \d+/72 records, \d+/\d+ chunks, \d+s, tok/s=[\d,]+ ETA=(--|[\d,]+s) running=\d+ failed=0$", line)
+        for line in progress
+    ), progress
     spec = read_json(run / "worker.json")
     assert spec["seed"] == 0  # per-record seeds were on
 
 
 def test_failing_worker_tells_the_user_why(tmp_path, cpu_model):
-    p = run_launch(tmp_path, "data=example_prompts", "data.limit=2", "sampling.max_tokens=4", "cluster=local",
-                   env={"HPC_INFER_FAULT": "step:RAISE"}, check=False, timeout=900)
+    p = run_launch(
+        tmp_path,
+        "data=example_prompts",
+        "data.limit=2",
+        "sampling.max_tokens=4",
+        "cluster=local",
+        env={"HPC_INFER_FAULT": "step:RAISE"},
+        check=False,
+        timeout=900,
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     assert "RuntimeError: injected fault at step" in p.stderr and "_log.err" in p.stderr
     assert "Traceback" not in p.stderr  # the launcher's own output; the worker's traceback is in its log
     run = tmp_path / "runs/example_prompts__smollm2_cpu__default"
-    s = subprocess.run(["/bin/bash", "-c", f"hpc-infer status {run}"], cwd=tmp_path, env=user_env(),
-                       capture_output=True, text=True, timeout=300)
+    s = subprocess.run(
+        ["/bin/bash", "-c", f"hpc-infer status {run}"],
+        cwd=tmp_path,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert s.returncode == 0 and "failed" in s.stdout and "RuntimeError: injected fault at step" in s.stdout

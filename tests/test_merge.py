@@ -16,7 +16,9 @@ from hpc_infer.rundir import read_chunk_records, encode_chunk_output, read_json,
 def planned_run(tmp_path, n=40, workers=3):
     data = tmp_path / "in.jsonl"
     # varied lengths so chunks differ in record count
-    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "w " * ((i * 7919) % 97 + 1)}) + "\n" for i in range(n)))
+    data.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": "w " * ((i * 7919) % 97 + 1)}) + "\n" for i in range(n))
+    )
     rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", f"cluster.workers={workers}")
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     return run
@@ -24,7 +26,10 @@ def planned_run(tmp_path, n=40, workers=3):
 
 def finish_chunk(run, cid):
     """Write a chunk's output the way a worker does (engine results are not the subject here)."""
-    rows = [dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2) for r in read_chunk_records(run, cid)]
+    rows = [
+        dict(r, text=f"out-{r['id']}", outputs=[], prompt_tokens=1, output_tokens=2)
+        for r in read_chunk_records(run, cid)
+    ]
     write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))
 
 

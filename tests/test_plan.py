@@ -78,6 +78,7 @@ def test_changed_input_or_sampling_is_refused(tmp_path):
 
 # --- planning in one pass: chunks are the input's own bytes, rebuilt by the worker -----------
 
+
 def _write(path, rows, crlf=False, bom=False, blank_every=0):
     nl = "\r\n" if crlf else "\n"
     out = "\ufeff" if bom else ""
@@ -90,8 +91,7 @@ def _write(path, rows, crlf=False, bom=False, blank_every=0):
 
 
 def _plan_all(tmp_path, data, *extra, parallel=True):
-    rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", "cluster.workers=5",
-                 *extra)
+    rc = compose(f"data.path={data}", f"output_root={tmp_path / 'runs'}", "cluster=debug", "cluster.workers=5", *extra)
     run, _ = prepare(rc, plan_input(rc, parallel=parallel), "/m", "")
     m = read_json(run.manifest)
     return run, m, [r for c in range(m["n_chunks"]) for r in read_chunk_records(run, c)]
@@ -107,21 +107,38 @@ def test_chunks_are_the_inputs_bytes_and_the_worker_rebuilds_each_record(tmp_pat
     run, m, rebuilt = _plan_all(tmp_path, data, *extra)
     raw = data.read_bytes()
     copy = run.input_copy.read_bytes()
-    assert copy == raw[3 if bom else 0:]  # a byte copy of the input (no re-encoding), BOM left out
+    assert copy == raw[3 if bom else 0 :]  # a byte copy of the input (no re-encoding), BOM left out
     assert [(c["offset"], c["offset"] + c["bytes"]) for c in m["chunks"]] == list(
-        zip([0] + [c["offset"] + c["bytes"] for c in m["chunks"][:-1]], [c["offset"] + c["bytes"] for c in m["chunks"]]))
+        zip([0] + [c["offset"] + c["bytes"] for c in m["chunks"][:-1]], [c["offset"] + c["bytes"] for c in m["chunks"]])
+    )
     rc = compose(f"data.path={data}", *extra)
     assert rebuilt == [r.to_json() for r in load_records(rc.data)]  # the worker's records are the checked ones
     assert rebuilt[1] == {"id": "q1", "index": 1, "prompt": "Q: 1 + 1\u2028= ?x (1)", "fields": {"answer": 1}}
 
 
-@pytest.mark.parametrize("name, body, extra", [
-    ("p.txt", "one\n\n two \fthree\nfour\n", []),
-    ("p.csv", "\ufeffid,question\nq1,\"What,\nnow?\"\nq2,Why?\n", ["data.prompt_field=question"]),
-    ("b.jsonl", "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-                                    "body": {"messages": [{"role": "user", "content": f"hi {i}"}],
-                                             "temperature": i / 10}}) + "\n" for i in range(4)), []),
-])
+@pytest.mark.parametrize(
+    "name, body, extra",
+    [
+        ("p.txt", "one\n\n two \fthree\nfour\n", []),
+        ("p.csv", '\ufeffid,question\nq1,"What,\nnow?"\nq2,Why?\n', ["data.prompt_field=question"]),
+        (
+            "b.jsonl",
+            "".join(
+                json.dumps(
+                    {
+                        "custom_id": f"c{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {"messages": [{"role": "user", "content": f"hi {i}"}], "temperature": i / 10},
+                    }
+                )
+                + "\n"
+                for i in range(4)
+            ),
+            [],
+        ),
+    ],
+)
 def test_every_format_plans_to_what_load_records_reads(tmp_path, name, body, extra):
     from hpc_infer.io.data import load_records
 

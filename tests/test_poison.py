@@ -126,8 +126,16 @@ def test_poison_record_raising_in_process_is_isolated_across_relaunches(tmp_path
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("HPC_INFER_FAULT", "record@p6:RAISE")
-    overrides = ["cluster=debug", f"data.path={data}", f"output_root={tmp_path / 'runs'}", "run_name=r",
-                 "chunks_per_worker=2", "sampling=greedy", "sampling.max_tokens=3", "sampling.ignore_eos=true"]
+    overrides = [
+        "cluster=debug",
+        f"data.path={data}",
+        f"output_root={tmp_path / 'runs'}",
+        "run_name=r",
+        "chunks_per_worker=2",
+        "sampling=greedy",
+        "sampling.max_tokens=3",
+        "sampling.ignore_eos=true",
+    ]
     deaths = 0
     for _ in range(10):
         try:
@@ -141,8 +149,14 @@ def test_poison_record_raising_in_process_is_isolated_across_relaunches(tmp_path
 
                 from conftest import user_env
 
-                st = subprocess.run(["bash", "-c", f"hpc-infer status {tmp_path / 'runs' / 'r'}"], env=user_env(),
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                st = subprocess.run(
+                    ["bash", "-c", f"hpc-infer status {tmp_path / 'runs' / 'r'}"],
+                    env=user_env(),
+                    cwd=tmp_path,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 assert st.returncode == 0 and "workers died with these chunks in their batch" in st.stdout, st
     run_root = tmp_path / "runs" / "r"
     summary = _check_results(run_root, [r["id"] for r in rows], {"p6"})
@@ -165,11 +179,27 @@ def test_poison_record_killing_worker_processes_is_isolated_by_resubmission(tmp_
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(user_env(), HPC_INFER_FAULT="record@b1:KILL")
-    p = subprocess.run([str(BIN / "hpc-infer"), "launch", "cluster=local", "cluster.workers=1",
-                        "cluster.max_attempts=1", f"data.path={data}", f"output_root={tmp_path / 'runs'}",
-                        "run_name=r", "chunks_per_worker=2", "sampling=greedy", "sampling.max_tokens=3",
-                        "sampling.ignore_eos=true"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=1200)
+    p = subprocess.run(
+        [
+            str(BIN / "hpc-infer"),
+            "launch",
+            "cluster=local",
+            "cluster.workers=1",
+            "cluster.max_attempts=1",
+            f"data.path={data}",
+            f"output_root={tmp_path / 'runs'}",
+            "run_name=r",
+            "chunks_per_worker=2",
+            "sampling=greedy",
+            "sampling.max_tokens=3",
+            "sampling.ignore_eos=true",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     # 4 records in 3 chunks, all in the first worker's batch: it dies, then each chunk runs alone:
     # [a0 a1] in halves, [b0] alone, [b1] alone dies (max_attempts=1): 3 worker processes in all

@@ -34,8 +34,10 @@ def _math_run(tmp_path, answers):
     rc = compose("data=math_r1_zero", "data.limit=6", "cluster=debug", f"output_root={tmp_path / 'runs'}")
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     for cid in range(read_json(run.manifest)["n_chunks"]):
-        rows = [dict(r, text=answers(r), outputs=[{"text": answers(r)}], prompt_tokens=1, output_tokens=1)
-                for r in read_chunk_records(run, cid)]
+        rows = [
+            dict(r, text=answers(r), outputs=[{"text": answers(r)}], prompt_tokens=1, output_tokens=1)
+            for r in read_chunk_records(run, cid)
+        ]
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows))
     return rc, run
 

@@ -18,8 +18,14 @@ CLUSTERS = sorted(p.stem for p in (Path(__file__).parent.parent / "hpc_infer/con
 
 def _rc(model, cluster, *more):
     pair = ["data.pair_field=answer"] if model == "bge_reranker_score" else []
-    return compose(f"model={model}", f"cluster={cluster}", f"model.path={CONFIGS / model}", "cluster.container.image=null",
-                   *pair, *more)
+    return compose(
+        f"model={model}",
+        f"cluster={cluster}",
+        f"model.path={CONFIGS / model}",
+        "cluster.container.image=null",
+        *pair,
+        *more,
+    )
 
 
 def test_every_model_has_its_real_config():
@@ -74,18 +80,23 @@ def test_layout_refusal_names_both_sides_and_the_fix():
     with pytest.raises(UserError) as e:
         preflight(rc.model, rc.cluster, CONFIGS / "llama33_70b_instruct")
     msg = str(e.value)
-    assert ("model.tensor_parallel_size=4 × pipeline_parallel_size=1 needs 4 GPUs per task; cluster aau_ai_cloud gives "
-            "1 (gres gpu:1) × nodes_per_task 2 = 2: set cluster.gres=gpu:2 (× nodes_per_task 2) or "
-            "model.tensor_parallel_size=2") in msg
+    assert (
+        "model.tensor_parallel_size=4 × pipeline_parallel_size=1 needs 4 GPUs per task; cluster aau_ai_cloud gives "
+        "1 (gres gpu:1) × nodes_per_task 2 = 2: set cluster.gres=gpu:2 (× nodes_per_task 2) or "
+        "model.tensor_parallel_size=2"
+    ) in msg
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (["model.tensor_parallel_size=5"], "does not divide the model's 12 attention heads"),
-    (["model.pipeline_parallel_size=40", "cluster.gpus_per_task=40"], "exceeds the model's 28 layers"),
-    (["model.max_model_len=8192"], "model.max_model_len=8192 exceeds the model's maximum of 4096 positions"),
-    (["model.dtype=bfloat16", "cluster.gpu_type=V100"], "set model.dtype=float16"),
-    (["model.quantization=awq"], "the checkpoint has no quantization_config"),
-])
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (["model.tensor_parallel_size=5"], "does not divide the model's 12 attention heads"),
+        (["model.pipeline_parallel_size=40", "cluster.gpus_per_task=40"], "exceeds the model's 28 layers"),
+        (["model.max_model_len=8192"], "model.max_model_len=8192 exceeds the model's maximum of 4096 positions"),
+        (["model.dtype=bfloat16", "cluster.gpu_type=V100"], "set model.dtype=float16"),
+        (["model.quantization=awq"], "the checkpoint has no quantization_config"),
+    ],
+)
 def test_model_side_refusals(overrides, expect):
     rc = _rc("qwen_math", "together", *overrides)
     with pytest.raises(UserError) as e:
@@ -126,21 +137,48 @@ def test_positions_follow_rope_scaling():
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("model, cluster, nodes", [
-    *[(m, c, 1) for m in ("qwen_math", "llama31_8b", "llama33_70b_instruct", "smollm3_3b")
-      for c in ("together", "aau_ai_cloud")],
-    ("llama33_70b_instruct", "together", 2), ("llama33_70b_instruct", "aau_ai_cloud", 2)])
+@pytest.mark.parametrize(
+    "model, cluster, nodes",
+    [
+        *[
+            (m, c, 1)
+            for m in ("qwen_math", "llama31_8b", "llama33_70b_instruct", "smollm3_3b")
+            for c in ("together", "aau_ai_cloud")
+        ],
+        ("llama33_70b_instruct", "together", 2),
+        ("llama33_70b_instruct", "aau_ai_cloud", 2),
+    ],
+)
 def test_rendered_scripts_pass_sbatch_test_only(tmp_path, model, cluster, nodes):
     """The script of every GPU pair, through the real scheduler's --test-only (no GPUs run here)."""
     require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     p = subprocess.run(
-        ["/bin/bash", "-c", 'exec hpc-infer sbatch "$@"', "sbatch", f"model={model}", f"cluster={cluster}",
-         f"model.path={CONFIGS / model}", f"data.path={data}", f"output_root={tmp_path}/runs", "cluster.partition=debug",
-         "cluster.qos=null", "cluster.container.image=null", "cluster.mem=1G", "cluster.cpus_per_task=1",
-         f"cluster.nodes_per_task={nodes}", "model.task=generate"],
-        cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=300)
+        [
+            "/bin/bash",
+            "-c",
+            'exec hpc-infer sbatch "$@"',
+            "sbatch",
+            f"model={model}",
+            f"cluster={cluster}",
+            f"model.path={CONFIGS / model}",
+            f"data.path={data}",
+            f"output_root={tmp_path}/runs",
+            "cluster.partition=debug",
+            "cluster.qos=null",
+            "cluster.container.image=null",
+            "cluster.mem=1G",
+            "cluster.cpus_per_task=1",
+            f"cluster.nodes_per_task={nodes}",
+            "model.task=generate",
+        ],
+        cwd=tmp_path,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     script = Path(p.stdout.strip())
     body = script.read_text()

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import launched, run_launch, user_env
 from hpc_infer.host.procs import identify
-from hpc_infer.rundir import RunDir, read_heartbeats, read_json
+from hpc_infer.rundir import RunDir, read_heartbeats
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,17 @@ def wait_for(what: str, cond, timeout: float = 900.0) -> None:
 
 def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_path, cpu_model):
     # each engine step waits 1 s (a failpoint), so both workers are mid-run whatever the machine's speed
-    run_launch(tmp_path, "cluster=local", "cluster.workers=2", "data=example_prompts", "sampling=greedy",
-               "sampling.max_tokens=32", "run_name=c", "wait=false", env={"HPC_INFER_FAULT": "step:SLEEP1000"})
+    run_launch(
+        tmp_path,
+        "cluster=local",
+        "cluster.workers=2",
+        "data=example_prompts",
+        "sampling=greedy",
+        "sampling.max_tokens=32",
+        "run_name=c",
+        "wait=false",
+        env={"HPC_INFER_FAULT": "step:SLEEP1000"},
+    )
     run = RunDir(tmp_path / "runs" / "c")
     wait_for("two workers running", lambda: len([b for b in read_heartbeats(run) if b["state"] == "running"]) == 2)
     # progress shows tokens as they are generated, before any record is finished (1 s a step here),
@@ -70,13 +79,20 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
     first = workers[controllers[0]]
     wait_for("the orphaned worker to end", lambda: identify(first.pid, first.start) is None, timeout=600)
 
-    p = subprocess.run(["bash", "-c", 'exec hpc-infer cancel "$1"', "x", str(run.root)], capture_output=True,
-                       text=True, env=user_env(), cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        ["bash", "-c", 'exec hpc-infer cancel "$1"', "x", str(run.root)],
+        capture_output=True,
+        text=True,
+        env=user_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0 and "cancelled" in p.stdout, p.stdout + p.stderr
     assert [w for w, proc in workers.items() if identify(proc.pid, proc.start)] == []
     assert [c for c in controllers if identify(int(c))] == []
     assert processes_of(run.root) == []
     # the relaunch resumes: nothing the cancel left behind blocks it
-    p = run_launch(tmp_path, "cluster=local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=32",
-                   "run_name=c")
+    p = run_launch(
+        tmp_path, "cluster=local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=32", "run_name=c"
+    )
     assert "resuming" in p.stderr and "8 records ->" in p.stderr, p.stderr[-2000:]

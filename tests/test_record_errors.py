@@ -29,8 +29,12 @@ def _launch(tmp_path, rows, *overrides, name="in.jsonl", run_name="r"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / name
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return launch(compose("cluster=debug", f"data.path={data}", f"output_root={tmp_path / 'runs'}",
-                          f"run_name={run_name}", *overrides), "")
+    return launch(
+        compose(
+            "cluster=debug", f"data.path={data}", f"output_root={tmp_path / 'runs'}", f"run_name={run_name}", *overrides
+        ),
+        "",
+    )
 
 
 def _batch_line(cid, body, url="/v1/chat/completions"):
@@ -46,8 +50,13 @@ BAD_LINES = {
     "too_long": (_chat(LONG), 400, "maximum context length"),
     "neg_temperature": (_chat("hi", temperature=-1), 400, "temperature"),
     "bad_top_p": (_chat("hi", top_p=7), 400, "top_p"),
-    "bad_schema": (_chat("hi", response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "nonsense"}}}), 400, "nonsense"),
+    "bad_schema": (
+        _chat(
+            "hi", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+        ),
+        400,
+        "nonsense",
+    ),
     "bad_regex": (_chat("hi", guided_regex="([a-z"), 400, "regex"),
     "bad_grammar": (_chat("hi", guided_grammar="root ::= ("), 400, "grammar"),
     "bad_content": ({"messages": [{"role": "user", "content": 5}], "max_tokens": 4}, 400, ""),
@@ -84,8 +93,14 @@ def test_every_refusal_class_is_one_error_line_in_run_batch_shape(tmp_path):
     assert [e["custom_id"] for e in errs] == list(BAD_LINES)
     assert [e["_hpc_infer_error"]["line"] for e in errs] == list(range(2, 2 + len(BAD_LINES)))
     assert all(e["body"] == BAD_LINES[e["custom_id"]][0] for e in errs)
-    again = _launch(tmp_path / "again", [], "data.path=" + str(tmp_path / "runs" / "r" / "errors.jsonl"),
-                    "merge.format=openai_batch", "data.too_long=mark", name="unused.jsonl")
+    again = _launch(
+        tmp_path / "again",
+        [],
+        "data.path=" + str(tmp_path / "runs" / "r" / "errors.jsonl"),
+        "merge.format=openai_batch",
+        "data.too_long=mark",
+        name="unused.jsonl",
+    )
     assert again.errors == len(BAD_LINES) and again.records_expected == len(BAD_LINES)
 
 
@@ -105,12 +120,22 @@ def test_one_prompt_too_long_among_six_loses_nothing(tmp_path):
     # merge policies through the console script, as a user runs them
     run = tmp_path / "runs" / "r"
     env = user_env()
-    drop = subprocess.run(["bash", "-c", 'exec hpc-infer merge "$1" --on-error drop', "x", str(run)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    drop = subprocess.run(
+        ["bash", "-c", 'exec hpc-infer merge "$1" --on-error drop', "x", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert drop.returncode == 0 and "1 of 6 records failed" in drop.stderr, drop.stderr
     assert [r["id"] for r in read_results(run / "results.jsonl")] == ["p0", "p1", "p2", "p4", "p5"]
-    fail = subprocess.run(["bash", "-c", 'exec hpc-infer merge "$1" --on-error fail', "x", str(run)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    fail = subprocess.run(
+        ["bash", "-c", 'exec hpc-infer merge "$1" --on-error fail', "x", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert fail.returncode == 3 and "merge.on_error=fail" in fail.stderr and "errors.jsonl" in fail.stderr, fail.stderr
     assert len(read_results(run / "results.jsonl")) == 6  # written in full before the exit code says it
 
@@ -123,8 +148,11 @@ def test_on_error_fail_exits_3_through_launch(tmp_path):
 
 
 def test_embedding_input_too_long_is_its_records_error(tmp_path):
-    rows = [{"id": "short", "prompt": "A cat sat on a mat."}, {"id": "long", "prompt": "cat " * 1200},
-            {"id": "short2", "prompt": "Stocks fell."}]
+    rows = [
+        {"id": "short", "prompt": "A cat sat on a mat."},
+        {"id": "long", "prompt": "cat " * 1200},
+        {"id": "short2", "prompt": "Stocks fell."},
+    ]
     s = _launch(tmp_path, rows, "model=minilm_cpu", "data.too_long=mark")
     out = read_results(tmp_path / "runs" / "r" / "results.jsonl")
     assert [r["id"] for r in out] == ["short", "long", "short2"]
@@ -133,27 +161,65 @@ def test_embedding_input_too_long_is_its_records_error(tmp_path):
 
 
 # Answers that span several lines, so a leaked run default (stop "\n") would cut them.
-MULTILINE = ["Count from 1 to 6, one number per line.", "List three colours, one per line.",
-             "Write two short lines about the sea."]
+MULTILINE = [
+    "Count from 1 to 6, one number per line.",
+    "List three colours, one per line.",
+    "Write two short lines about the sea.",
+]
 
 
 def test_openai_batch_lines_mean_what_they_mean_to_vllm_run_batch(tmp_path, cpu_model):
     """The same chat batch through `vllm run-batch` and through us, greedy, no stop in any
     body: texts, finish reasons and usage agree line by line (no run default leaks in)."""
-    lines = [_batch_line(f"q{i}", {"messages": [{"role": "user", "content": q}], "max_tokens": 24,
-                                   "temperature": 0}) for i, q in enumerate(MULTILINE)]
-    lines.append(_batch_line("no_max", {"messages": [{"role": "user", "content": "Say OK."}], "temperature": 0,
-                                         "max_completion_tokens": 12}))
+    lines = [
+        _batch_line(f"q{i}", {"messages": [{"role": "user", "content": q}], "max_tokens": 24, "temperature": 0})
+        for i, q in enumerate(MULTILINE)
+    ]
+    lines.append(
+        _batch_line(
+            "no_max",
+            {"messages": [{"role": "user", "content": "Say OK."}], "temperature": 0, "max_completion_tokens": 12},
+        )
+    )
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
     ref_out = tmp_path / "run_batch.jsonl"
-    env = user_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                    "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
-    p = subprocess.run([str(BIN / "python"), "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
-                        str(ref_out), "--model", cpu_model, "--served-model-name", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                        "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-                        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    env = user_env(
+        {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    p = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(batch),
+            "-o",
+            str(ref_out),
+            "--model",
+            cpu_model,
+            "--served-model-name",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens",
+            "2048",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ref = {o["custom_id"]: o for o in read_results(ref_out)}
     s = _launch(tmp_path / "ours", lines, f"data.path={batch}", "merge.format=openai_batch")
@@ -167,8 +233,9 @@ def test_openai_batch_lines_mean_what_they_mean_to_vllm_run_batch(tmp_path, cpu_
         assert gc["message"]["content"] == wc["message"]["content"], cid
         assert (gc["finish_reason"], gc["stop_reason"]) == (wc["finish_reason"], wc["stop_reason"]), cid
         counts = ("prompt_tokens", "completion_tokens", "total_tokens")
-        assert [got["response"]["body"]["usage"][k] for k in counts] == \
-               [want["response"]["body"]["usage"][k] for k in counts], cid
+        assert [got["response"]["body"]["usage"][k] for k in counts] == [
+            want["response"]["body"]["usage"][k] for k in counts
+        ], cid
         multiline += "\n" in wc["message"]["content"]
     assert multiline >= 2  # the comparison covered answers a stop at "\n" would have cut
 
@@ -179,8 +246,12 @@ def test_records_that_cannot_fit_are_found_at_plan_time_with_their_lines(tmp_pat
     last tokens. Only long records are tokenized (a token covers at least one byte)."""
     from hpc_infer.errors import UserError
 
-    rows = [{"id": "a", "prompt": "Hi"}, {"id": "b", "prompt": "word " * 1900}, {"id": "c", "prompt": "Bye"},
-            {"id": "d", "prompt": "x " * 3000}]
+    rows = [
+        {"id": "a", "prompt": "Hi"},
+        {"id": "b", "prompt": "word " * 1900},
+        {"id": "c", "prompt": "Bye"},
+        {"id": "d", "prompt": "x " * 3000},
+    ]
     with pytest.raises(UserError) as e:
         _launch(tmp_path / "err", rows, "sampling=greedy", "sampling.max_tokens=200")
     msg = str(e.value)
@@ -195,8 +266,14 @@ def test_records_that_cannot_fit_are_found_at_plan_time_with_their_lines(tmp_pat
 
     # a stop at the first space: the truncation depends on max_tokens, not on the tokens made
     # (200 tokens decoded over 1848-token contexts cost about a minute on this CPU)
-    s = _launch(tmp_path / "cut", rows, "sampling=greedy", "sampling.max_tokens=200", "data.too_long=truncate",
-                'sampling.stop=[" "]')
+    s = _launch(
+        tmp_path / "cut",
+        rows,
+        "sampling=greedy",
+        "sampling.max_tokens=200",
+        "data.too_long=truncate",
+        'sampling.stop=[" "]',
+    )
     out = read_results(tmp_path / "cut" / "runs" / "r" / "results.jsonl")
     assert s.errors == 0 and [r.get("truncated_to") for r in out] == [None, 1848, None, 1848]
     assert out[1]["prompt_tokens"] == 1848 and out[1]["outputs"][0]["finish_reason"] in ("length", "stop")

@@ -37,17 +37,27 @@ def test_key_check_accepts_the_run_key_only():
 
 
 def test_router_job_is_the_replicas_cluster_without_gpus():
-    rc = compose("cluster=slurm_local", "cluster.gpus_per_task=2", "cluster.nodes_per_task=2", "cluster.qos=high",
-                 "serve.router_cpus=2", "serve.router_mem=3G")
-    spec = {"cluster_config": dataclasses.asdict(rc.cluster), "router_cpus": rc.serve.router_cpus,
-            "router_mem": rc.serve.router_mem}
+    rc = compose(
+        "cluster=slurm_local",
+        "cluster.gpus_per_task=2",
+        "cluster.nodes_per_task=2",
+        "cluster.qos=high",
+        "serve.router_cpus=2",
+        "serve.router_mem=3G",
+    )
+    spec = {
+        "cluster_config": dataclasses.asdict(rc.cluster),
+        "router_cpus": rc.serve.router_cpus,
+        "router_mem": rc.serve.router_mem,
+    }
     c = router_cluster(spec)
     assert (c.gpus_per_task, c.gres, c.nodes_per_task, c.cpus_per_task, c.mem) == (0, None, 1, 2, "3G")
     assert (c.partition, c.qos, c.time, c.backend) == (rc.cluster.partition, "high", rc.cluster.time, "slurm")
 
 
-@pytest.mark.parametrize("setting,replicas,expect", [(None, 1, False), (None, 2, True), (False, 4, False),
-                                                     (True, 1, True)])
+@pytest.mark.parametrize(
+    "setting,replicas,expect", [(None, 1, False), (None, 2, True), (False, 4, False), (True, 1, True)]
+)
 def test_serve_router_on_by_default_above_one_replica(setting, replicas, expect):
     assert compose(f"serve.router={'null' if setting is None else str(setting).lower()}").serve.router is setting
     assert router_wanted({"router": setting}, replicas) is expect

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hold_env, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
+from conftest import hold_env, need, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
 from doc_commands import as_written
 from hpc_infer.rundir import RunDir
 from hpc_infer.serve.serverun import ServeRun
@@ -54,15 +54,26 @@ def served(tmp_path_factory, cpu_model):
     stop, hits = threading.Event(), []
     scanner = threading.Thread(target=_scan, args=([TOKEN.encode()], stop, hits), daemon=True)
     scanner.start()
-    command = (f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
-               f"serve.restart_backoff_s=1 output_root={tmp}/runs")
+    command = (
+        f"hpc-infer serve cluster=slurm_local serve.replicas=2 model.dtype=float32 serve.max_restarts=1 "
+        f"serve.restart_backoff_s=1 output_root={tmp}/runs"
+    )
     p = sh(tmp, command, env=env)
     (tmp / "serve.stderr").write_text(p.stderr)  # what `serve` said, for a test that fails later
     root = tmp / "runs" / "serve__smollm2_cpu"
     key_file = tmp / "home" / ".config/hpc_infer/keys/serve__smollm2_cpu.key"
     at_start = {f.name: json.loads(f.read_text()) for f in (root / "serve").glob("*.json")} if p.returncode == 0 else {}
-    served = {"tmp": tmp, "env": env, "p": p, "root": root, "key_file": key_file, "stop": stop, "hits": hits,
-              "command": command, "at_start": at_start}
+    served = {
+        "tmp": tmp,
+        "env": env,
+        "p": p,
+        "root": root,
+        "key_file": key_file,
+        "stop": stop,
+        "hits": hits,
+        "command": command,
+        "at_start": at_start,
+    }
     LIVE_SERVE.append(served)
     yield served
     stop.set()
@@ -101,39 +112,55 @@ def test_openai_client_chat_stream_completions_and_401(served):
     for s in _ready(served["root"])[:2]:
         client = OpenAI(base_url=s["url"], api_key=key)
         assert [m.id for m in client.models.list()] == [MODEL]
-        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                              max_tokens=8, temperature=0)
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0
+        )
         assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
-        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0, stream=True)
-            if c.choices]
+        pieces = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0, stream=True
+            )
+            if c.choices
+        ]
         assert "".join(pieces)
         comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
         assert "Paris" in comp.choices[0].text
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=s["url"], api_key="not-the-key").models.list()
-        req = urllib.request.Request(f"{s['url']}/chat/completions", method="POST",  # no Authorization header
-                                     data=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                      "max_tokens": 1}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{s['url']}/chat/completions",
+            method="POST",  # no Authorization header
+            data=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)
         assert e.value.code == 401
     # docs/serve.md's key line for harnesses (its run name filled in), then a client that
     # reads OPENAI_API_KEY from the environment, as lm-eval and the openai package do
-    line = as_written("export OPENAI_API_KEY=$(cat ~/.config/hpc_infer/keys/serve__llama31_8b.key)",
-                      {"serve__llama31_8b": "serve__smollm2_cpu"})
+    line = as_written(
+        "export OPENAI_API_KEY=$(cat ~/.config/hpc_infer/keys/serve__llama31_8b.key)",
+        {"serve__llama31_8b": "serve__smollm2_cpu"},
+    )
     router = json.loads((served["root"] / "serve" / "router.json").read_text())["url"]
-    p = sh(served["tmp"], f"{line}\npython -c 'from openai import OpenAI; "
-                          f"print([m.id for m in OpenAI(base_url=\"{router}\").models.list()])'", env=served["env"])
+    p = sh(
+        served["tmp"],
+        f"{line}\npython -c 'from openai import OpenAI; "
+        f'print([m.id for m in OpenAI(base_url="{router}").models.list()])\'',
+        env=served["env"],
+    )
     assert p.returncode == 0 and p.stdout.strip() == str([MODEL]), p.stderr[-2000:]
 
 
 def _call(url, method="GET", token=None, body: dict | None = None):
     data = json.dumps(body).encode() if body is not None else (b"{}" if method in ("POST", "PUT") else None)
-    req = urllib.request.Request(url, method=method, data=data,
-                                 headers=dict({"Content-Type": "application/json"},
-                                              **({"Authorization": f"Bearer {token}"} if token else {})))
+    req = urllib.request.Request(
+        url,
+        method=method,
+        data=data,
+        headers=dict({"Content-Type": "application/json"}, **({"Authorization": f"Bearer {token}"} if token else {})),
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.read()
@@ -195,10 +222,17 @@ def test_the_router_is_one_url_for_both_replicas_behind_the_run_key(served):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
     for method, path, body in [
-            ("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat), ("POST", "/v1/completions", completion),
-            ("GET", "/health", None), ("GET", "/metrics", None), ("GET", "/list_workers", None),
-            ("GET", "/get_loads", None), ("POST", "/add_worker?url=http://127.0.0.1:9", None),
-            ("POST", f"/remove_worker?url={router['workers'][0]}", None), ("POST", "/flush_cache", None)]:
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/completions", completion),
+        ("GET", "/health", None),
+        ("GET", "/metrics", None),
+        ("GET", "/list_workers", None),
+        ("GET", "/get_loads", None),
+        ("POST", "/add_worker?url=http://127.0.0.1:9", None),
+        ("POST", f"/remove_worker?url={router['workers'][0]}", None),
+        ("POST", "/flush_cache", None),
+    ]:
         for token in (None, "not-the-key", key[:-1]):
             assert _call(base + path, method, token, body)[0] == 401, (method, path, token)
     # vllm-router reads an inference body before the key: a malformed one gets its 422, and
@@ -222,14 +256,26 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
     applies) and ask for answers that span lines."""
     from openai import OpenAI
 
-    bodies = [{"model": MODEL, "prompt": p, "temperature": 0} for p in
-              ("1. one\n2. two\n3.", "Shopping list:\n- eggs\n-", "def add(a, b):\n")]
+    bodies = [
+        {"model": MODEL, "prompt": p, "temperature": 0}
+        for p in ("1. one\n2. two\n3.", "Shopping list:\n- eggs\n-", "def add(a, b):\n")
+    ]
     bodies.append({"model": MODEL, "prompt": "Colours:\n", "temperature": 0, "max_tokens": 9})
     batch = tmp_path / "batch.jsonl"
-    batch.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                                         "body": b}) + "\n" for i, b in enumerate(bodies)))
-    run_launch(tmp_path, "cluster=debug", f"data.path={batch}", "merge.format=openai_batch", "model.dtype=float32",
-               "run_name=cmp")
+    batch.write_text(
+        "".join(
+            json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": b}) + "\n"
+            for i, b in enumerate(bodies)
+        )
+    )
+    run_launch(
+        tmp_path,
+        "cluster=debug",
+        f"data.path={batch}",
+        "merge.format=openai_batch",
+        "model.dtype=float32",
+        "run_name=cmp",
+    )
     ours = read_results(tmp_path / "runs" / "cmp" / "results.openai_batch.jsonl")
     _serving(served, 1)
     key = served["key_file"].read_text().strip()
@@ -244,8 +290,9 @@ def test_completions_batch_lines_match_the_server_answering_the_same_bodies(serv
         assert got["usage"]["completion_tokens"] == want.usage.completion_tokens, body
         spans += "\n" in want.choices[0].text
     defaulted = [o["response"]["body"] for o in ours[:3]]
-    assert any(b["usage"]["completion_tokens"] == 16 and b["choices"][0]["finish_reason"] == "length"
-               for b in defaulted)  # the server's default max_tokens for completions, not the run's 512
+    assert any(
+        b["usage"]["completion_tokens"] == 16 and b["choices"][0]["finish_reason"] == "length" for b in defaulted
+    )  # the server's default max_tokens for completions, not the run's 512
     assert spans >= 2
 
 
@@ -310,8 +357,10 @@ def test_watchdog_restarts_a_killed_server_on_its_port(served):
     comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in comp.choices[0].text
     p = sh(served["tmp"], f"hpc-infer serve status {served['root']}", env=served["env"])
-    assert len(READY.findall(p.stdout)) == len(ready) and "restarts 1 (last: the server exited with -9 (SIGKILL)" \
-        in p.stdout, p.stdout
+    assert (
+        len(READY.findall(p.stdout)) == len(ready)
+        and "restarts 1 (last: the server exited with -9 (SIGKILL)" in p.stdout
+    ), p.stdout
     # the router dropped it while it was down and sends to it again now (its sync follows /health)
     router = served["root"] / "serve" / "router.json"
     base = now["url"].removesuffix("/v1")
@@ -331,8 +380,13 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     (tmp_path / "srv").mkdir()
     offline = run_launch(tmp_path / "off", "cluster=debug", *common)
     assert offline.returncode == 0
-    p = run_launch(tmp_path / "srv", "cluster=local", f"cluster.endpoint={served['root']}", *common,
-                   env={"HOME": str(served["tmp"] / "home")})
+    p = run_launch(
+        tmp_path / "srv",
+        "cluster=local",
+        f"cluster.endpoint={served['root']}",
+        *common,
+        env={"HOME": str(served["tmp"] / "home")},
+    )
     assert "batch through the router at http" in p.stderr, p.stderr[-2000:]
     a = read_results(tmp_path / "off/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
     b = read_results(tmp_path / "srv/runs/example_prompts__smollm2_cpu__greedy/results.jsonl")
@@ -343,15 +397,23 @@ def test_batch_through_the_replicas_equals_offline_greedy(served, tmp_path):
     assert json.loads(spec_text)["endpoint"]["key_file"] == str(served["key_file"])  # the file, never the key
     assert served["key_file"].read_text().strip() not in spec_text
     # the README's and docs/serve.md's lines as typed (chat prompts, the chat sampling)
-    prompts = "".join(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"Say only: ok {i}"}]}) + "\n"
-                      for i in range(2))
-    for doc, cwd, fill in (("README", served["tmp"], {"RUN": RUN}),
-                           ("serve.md", tmp_path / "docs", {"runs/serve__qwen_math": str(served["root"])})):
+    prompts = "".join(
+        json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"Say only: ok {i}"}]}) + "\n"
+        for i in range(2)
+    )
+    for doc, cwd, fill in (
+        ("README", served["tmp"], {"RUN": RUN}),
+        ("serve.md", tmp_path / "docs", {"runs/serve__qwen_math": str(served["root"])}),
+    ):
         cwd.mkdir(exist_ok=True)
         (cwd / "prompts.jsonl").write_text(prompts)
-        line = (as_written("hpc-infer launch data.path=prompts.jsonl cluster.endpoint=RUN", fill) if doc == "README" else
-                as_written("hpc-infer launch data.path=prompts.jsonl cluster=local cluster.endpoint=runs/serve__qwen_math",
-                           fill))
+        line = (
+            as_written("hpc-infer launch data.path=prompts.jsonl cluster.endpoint=RUN", fill)
+            if doc == "README"
+            else as_written(
+                "hpc-infer launch data.path=prompts.jsonl cluster=local cluster.endpoint=runs/serve__qwen_math", fill
+            )
+        )
         p = sh(cwd, line, env=served["env"])
         assert p.returncode == 0 and "batch through the router at http" in p.stderr, (doc, p.stderr[-3000:])
         rows = read_results(cwd / "runs/example__smollm2_cpu__chat/results.jsonl")
@@ -434,7 +496,10 @@ def test_scale_to_three_and_the_router_follows(served):
     for r in m["replicas"]:
         assert r["running"] == 0 and r["waiting"] == 0 and 0 <= r["kv_cache_usage"] <= 1 and r["time_left"], r
         assert r["generation_tokens_per_s"] == 0.0 and r["requests"] >= 0
-    for line in (as_written("hpc-infer serve metrics RUN", fill), as_written("hpc-infer serve metrics runs/serve__qwen_math", fill)):
+    for line in (
+        as_written("hpc-infer serve metrics RUN", fill),
+        as_written("hpc-infer serve metrics runs/serve__qwen_math", fill),
+    ):
         p = sh(served["tmp"], line, env=served["env"])  # not a terminal: one table, then it ends
         assert p.returncode == 0 and re.search(r"total +3/3 up", p.stdout) and "KV cache" in p.stdout, p.stdout
 
@@ -457,20 +522,36 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
     states = _ready(root)[:3]
     victim = states[1]["job"]
     thread, result, run = _batch_in_thread(
-        tmp_path, "example__smollm2_cpu__greedy", "cluster=local", f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
-        f"serve.api_key_file={served['key_file']}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
-        "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
-        "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1",
-        env={"HOME": str(served["tmp"] / "home"), **hold_env(tmp_path)})
+        tmp_path,
+        "example__smollm2_cpu__greedy",
+        "cluster=local",
+        f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
+        f"serve.api_key_file={served['key_file']}",
+        "data=example",
+        "sampling=greedy",
+        "sampling.max_tokens=16",
+        "sampling.ignore_eos=true",
+        "model.dtype=float32",
+        "cluster.endpoint_concurrency=2",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=8",
+        "cluster.heartbeat_s=1",
+        env={"HOME": str(served["tmp"] / "home"), **hold_env(tmp_path)},
+    )
     wait_held(tmp_path)  # chunks 0 and 1 done through both replicas; it holds chunk 2 until released
     assert run.done_chunks() == {0, 1}
-    client = OpenAI(base_url=json.loads((root / "serve" / "router.json").read_text())["url"], api_key=key,
-                    max_retries=0, timeout=600)
+    client = OpenAI(
+        base_url=json.loads((root / "serve" / "router.json").read_text())["url"],
+        api_key=key,
+        max_retries=0,
+        timeout=600,
+    )
 
     def one(i):
         try:
-            r = client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=24,
-                                          extra_body={"ignore_eos": True})
+            r = client.completions.create(
+                model=MODEL, prompt=f"Story {i}:", max_tokens=24, extra_body={"ignore_eos": True}
+            )
             return r.usage.completion_tokens
         except Exception as e:  # what the client saw
             return repr(e)
@@ -517,8 +598,10 @@ def test_scale_down_to_one_takes_the_newest_out_of_the_router_first(served):
     assert router_workers(router["url"].removesuffix("/v1"), _key(served)) == [keep["url"].removesuffix("/v1")]
     jobs = [s["job"] for s in going]
     deadline = time.time() + 1800
-    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True,
-                                                    text=True).stdout.strip():
+    while (
+        time.time() < deadline
+        and subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True).stdout.strip()
+    ):
         time.sleep(0.5)
     assert not subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True).stdout.strip()
     p = sh(served["tmp"], f"hpc-infer serve status {root}", env=served["env"])
@@ -536,17 +619,30 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     kept as they are, the rest run, and every record is merged exactly once."""
     root, tmp = served["root"], served["tmp"]
     _serving(served, 1)
-    args = ("cluster=local", f"cluster.endpoint={root}", "data=example", "sampling=greedy", "sampling.max_tokens=16",
-            "sampling.ignore_eos=true", "model.dtype=float32", "cluster.endpoint_concurrency=2",
-            "cluster.max_chunks_in_flight=1", "chunks_per_worker=8", "cluster.heartbeat_s=1", "run_name=resume")
+    args = (
+        "cluster=local",
+        f"cluster.endpoint={root}",
+        "data=example",
+        "sampling=greedy",
+        "sampling.max_tokens=16",
+        "sampling.ignore_eos=true",
+        "model.dtype=float32",
+        "cluster.endpoint_concurrency=2",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=8",
+        "cluster.heartbeat_s=1",
+        "run_name=resume",
+    )
     env = {"HOME": str(tmp / "home")}
     thread, result, run = _batch_in_thread(tmp_path, "resume", *args, env=dict(env, **hold_env(tmp_path)))
     wait_held(tmp_path)  # chunks 0 and 1 done; the worker holds chunk 2's claim until released
     replicas = list(ServeRun(root).replica_jobs().values())
     subprocess.run(["scancel", *replicas], check=True)
     deadline = time.time() + 1800  # a bound for a broken scancel only: the wait ends when squeue shows them gone
-    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(replicas)], capture_output=True,
-                                                    text=True).stdout.strip():
+    while (
+        time.time() < deadline
+        and subprocess.run(["squeue", "-h", "-j", ",".join(replicas)], capture_output=True, text=True).stdout.strip()
+    ):
         time.sleep(0.5)
     release(tmp_path)  # every replica is gone: the worker's next requests find none
     thread.join(900)
@@ -555,8 +651,11 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     n_chunks = json.loads(run.manifest.read_text())["n_chunks"]
     kept = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     assert set(kept) == {0, 1} and n_chunks > 2 and not run.claimed_chunks()  # it released its claims
-    again = sh(tmp, f"hpc-infer serve cluster=slurm_local serve.replicas=1 model.dtype=float32 "
-                    f"output_root={tmp}/runs", env=served["env"])
+    again = sh(
+        tmp,
+        f"hpc-infer serve cluster=slurm_local serve.replicas=1 model.dtype=float32 output_root={tmp}/runs",
+        env=served["env"],
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert not (root / "serve" / "1.json").exists() and not (root / "serve" / "router.json").exists()  # cleared
     p = run_launch(tmp_path, *args, env=env, check=False)
@@ -592,7 +691,10 @@ def test_stop_leaves_nothing_in_the_queue(served):
     root = served["root"]
     _serving(served, 1)  # in file order: the one replica the resume test above restarted
     state = json.loads((root / "serve" / f"{_ready(root)[0]['replica']}.json").read_text())
-    server, replica = identify(state["server_pid"], state["server_pid_start"]), identify(state["pid"], state["pid_start"])
+    server, replica = (
+        identify(state["server_pid"], state["server_pid_start"]),
+        identify(state["pid"], state["pid_start"]),
+    )
     assert server and replica
     os.kill(replica.pid, signal.SIGKILL)
     deadline = time.time() + 1800
@@ -613,8 +715,11 @@ def test_stop_leaves_nothing_in_the_queue(served):
 def test_idle_replica_stops_itself(tmp_path, cpu_model):
     env = user_env({"HOME": str(tmp_path / "home")})
     (tmp_path / "home").mkdir()
-    p = sh(tmp_path, f"hpc-infer serve cluster=local serve.idle_minutes=0.25 run_name=idle output_root={tmp_path}/runs",
-           env=env)
+    p = sh(
+        tmp_path,
+        f"hpc-infer serve cluster=local serve.idle_minutes=0.25 run_name=idle output_root={tmp_path}/runs",
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     state = tmp_path / "runs/idle/serve/0.json"
     deadline = time.time() + 1800  # bounded; the stop itself does not depend on this timeout
@@ -622,8 +727,10 @@ def test_idle_replica_stops_itself(tmp_path, cpu_model):
         time.sleep(2)
     s = json.loads(state.read_text())
     assert s["state"] == "stopped" and "idle" in s["stopped_because"]
-    assert not Path(f"/proc/{s['server_pid']}").exists() or b"api_server" not in Path(
-        f"/proc/{s['server_pid']}/cmdline").read_bytes()
+    assert (
+        not Path(f"/proc/{s['server_pid']}").exists()
+        or b"api_server" not in Path(f"/proc/{s['server_pid']}/cmdline").read_bytes()
+    )
 
 
 def test_local_serve_never_holds_the_callers_pipe(tmp_path, cpu_model):
@@ -632,9 +739,14 @@ def test_local_serve_never_holds_the_callers_pipe(tmp_path, cpu_model):
     env = user_env({"HOME": str(tmp_path / "home")})
     (tmp_path / "home").mkdir()
     t = time.time()
-    p = subprocess.run(["/bin/bash", "-c", f"hpc-infer serve cluster=local wait=false run_name=pipe "
-                        f"output_root={tmp_path}/runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        ["/bin/bash", "-c", f"hpc-infer serve cluster=local wait=false run_name=pipe output_root={tmp_path}/runs"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     took = time.time() - t
     stop = sh(tmp_path, f"hpc-infer serve stop {tmp_path}/runs/pipe", env=env)
     assert p.returncode == 0 and "not waiting" in p.stderr, p.stderr[-2000:]
@@ -650,15 +762,19 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
     test_slurm.py::test_multi_node_ray_cluster_forms_in_the_allocation); the test accepts
     exactly that failure, reported by `serve`, or a ready server. Either way the second
     node leaves when the replica ends and nothing stays queued."""
-    pytest.importorskip("ray")
+    need("ray")
     require_slurm()  # skip without Slurm; fail under HPC_INFER_REQUIRE_SLURM=1 (CI)
     for served in LIVE_SERVE:  # run before the shared serve's own tests end (another order): free both nodes for it
         sh(served["tmp"], f"hpc-infer serve scale {served['root']} 0", env=served["env"])
     (tmp_path / "home").mkdir()
     env = user_env({"HOME": str(tmp_path / "home")})
-    p = sh(tmp_path, f"hpc-infer serve cluster=slurm_local cluster.nodes_per_task=2 cluster.gpus_per_task=0 "
-                     f"model.pipeline_parallel_size=2 model.dtype=float32 serve.ready_timeout_min=10 "
-                     f"output_root={tmp_path}/runs", env=env)
+    p = sh(
+        tmp_path,
+        f"hpc-infer serve cluster=slurm_local cluster.nodes_per_task=2 cluster.gpus_per_task=0 "
+        f"model.pipeline_parallel_size=2 model.dtype=float32 serve.ready_timeout_min=10 "
+        f"output_root={tmp_path}/runs",
+        env=env,
+    )
     root = tmp_path / "runs" / "serve__smollm2_cpu"
     state = json.loads((root / "serve" / "0.json").read_text())
     log = (root / "serve" / "0.log").read_text(errors="replace")
@@ -667,7 +783,9 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
     if state["state"] == "failed":
         assert p.returncode == 2 and "no replica became ready" in p.stderr
         # the root cause from the log, not the engine's "see root cause above" wrapper
-        assert state["error"] == "the server exited with 1: ValueError: current platform cpu does not support ray.", state
+        assert state["error"] == "the server exited with 1: ValueError: current platform cpu does not support ray.", (
+            state
+        )
     else:
         assert p.returncode == 0 and state["state"] == "ready", p.stderr[-3000:]
         sh(tmp_path, f"hpc-infer serve stop {root}", env=env)
@@ -678,4 +796,3 @@ def test_multi_node_replica_forms_a_ray_cluster_across_the_allocation(tmp_path, 
         time.sleep(2)
     node_log = (root / "serve" / "0.node1.log").read_text(errors="replace")
     assert "Ray runtime started" in node_log, node_log[-2000:]  # the second node joined, then left
-

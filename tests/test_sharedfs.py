@@ -45,16 +45,29 @@ def _plan(root: Path, *overrides: str) -> RunDir:
 
     data = root.parent / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"q{i}"}) + "\n" for i in range(48)))
-    rc = compose(f"output_root={root}", f"data.path={data}", "cluster=local", "sampling=greedy",
-                 "sampling.max_tokens=6", "max_chunk_records=4", "cluster.heartbeat_s=1", *overrides)
+    rc = compose(
+        f"output_root={root}",
+        f"data.path={data}",
+        "cluster=local",
+        "sampling=greedy",
+        "sampling.max_tokens=6",
+        "max_chunk_records=4",
+        "cluster.heartbeat_s=1",
+        *overrides,
+    )
     run, _ = prepare(rc, plan_input(rc), "/model/not/loaded", "")
     return run
 
 
 def _worker(fs: SharedFS, node: str, run: RunDir, wid: str, log: Path, **env) -> subprocess.Popen:
     argv = fs.on(node, [sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", wid])
-    return subprocess.Popen(argv, env={**os.environ, **FAKE, **env}, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **FAKE, **env},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
+    )
 
 
 def _ids(run: RunDir) -> list[str]:
@@ -73,19 +86,41 @@ def test_the_stand_in_is_what_it_claims(fs):
         fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)  # both "hold" it: flock is per client here
     clock = f"{fs.a}/clock"  # written by node2 now: its mtime is the server's time, time.time() node2's
-    skew = subprocess.run(fs.on("node2", [sys.executable, "-c", f"import os, time; open('{clock}', 'w').close(); "
-                                                                  f"print(time.time() - os.stat('{clock}').st_mtime)"]),
-                          capture_output=True, text=True, check=True).stdout
+    skew = subprocess.run(
+        fs.on(
+            "node2",
+            [
+                sys.executable,
+                "-c",
+                f"import os, time; open('{clock}', 'w').close(); print(time.time() - os.stat('{clock}').st_mtime)",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert seen_late and float(skew) > 250, (seen_late, skew)
     from hpc_infer.rundir.lease import Lock
 
     first = Lock(fs.a / "ours.lock", lease_s=60)
     first.acquire()
-    p = subprocess.run(fs.on("node2", [sys.executable, "-c", f"""
+    p = subprocess.run(
+        fs.on(
+            "node2",
+            [
+                sys.executable,
+                "-c",
+                f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 from hpc_infer.rundir.lease import Lock
 l = Lock('{fs.a}/ours.lock', lease_s=60, poll_s=0.1)
-print(l._try() or l._stale())"""]), capture_output=True, text=True, check=True)
+print(l._try() or l._stale())""",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     first.release()
     assert p.stdout.strip() == "False", p.stdout + p.stderr  # ours excludes across clients, skewed clock or not
 
@@ -111,8 +146,11 @@ def _lease_kept(fs: SharedFS, run: RunDir, one: subprocess.Popen, tmp_path: Path
     held = {int(c) for c in read_json(run.heartbeat_path("n1"))["held"]}
     two = _worker(fs, "node2", run, "n2", tmp_path / "n2.log")
     assert two.wait(timeout=600) == 0, (tmp_path / "n2.log").read_text()[-3000:]
-    taken = [f for f in (run.root / "attempts").rglob("*.json") if read_json(f)["worker"] == "n2"
-             and int(f.parent.name) in held]
+    taken = [
+        f
+        for f in (run.root / "attempts").rglob("*.json")
+        if read_json(f)["worker"] == "n2" and int(f.parent.name) in held
+    ]
     assert held and taken == [], taken
     assert all(read_json(run.claim_path(c))["worker"] == "n1" for c in held)
     release(tmp_path)
@@ -134,8 +172,15 @@ def test_fault_trials_through_two_mounts(fs, tmp_path):
     for trial in range(int(os.environ.get("HPC_INFER_SHAREDFS_TRIALS", 6))):
         run = _plan(fs.a / f"t{trial}", "cluster.lease_s=4", "cluster.max_chunks_in_flight=2")
         point, nth = rng.choice(POINTS), rng.randint(1, 3)
-        victim = _worker(fs, "node2", run, "victim", tmp_path / f"v{trial}.log", HPC_INFER_FAULT=f"{point}:KILL:{nth}",
-                         HPC_INFER_FAKE_ENGINE=json.dumps({"step_s": 0.1, "max_num_seqs": 4}))  # lives for beats
+        victim = _worker(
+            fs,
+            "node2",
+            run,
+            "victim",
+            tmp_path / f"v{trial}.log",
+            HPC_INFER_FAULT=f"{point}:KILL:{nth}",
+            HPC_INFER_FAKE_ENGINE=json.dumps({"step_s": 0.1, "max_num_seqs": 4}),
+        )  # lives for beats
         rc = victim.wait(timeout=600)
         assert rc == -signal.SIGKILL, f"trial {trial} ({point}:{nth}): the fault was not reached (exit {rc})"
         damage = rng.choice(["none", "stray_tmp", "remove_claim"])
@@ -162,14 +207,28 @@ def test_a_run_on_both_slurm_nodes_through_their_own_mounts(fs, tmp_path, slurm)
     jobs see the run through mount B with their clock five minutes ahead. The launch
     completes with every record once, and node2's worker did part of it."""
     require_slurm()
-    p = run_launch(tmp_path, "cluster=slurm_local", "cluster.workers=2", "cluster.cpus_per_task=2",
-                   f"cluster.python={fs.wrapper} {sys.executable}", "data=example", "sampling=greedy",
-                   "sampling.max_tokens=8", "cluster.heartbeat_s=1", "cluster.lease_s=20", "max_chunk_records=2",
-                   f"output_root={fs.a}/runs", env={**FAKE, "HPC_INFER_FAKE_ENGINE": json.dumps(
-                       {"step_s": 0.2, "max_num_seqs": 2})})
+    p = run_launch(
+        tmp_path,
+        "cluster=slurm_local",
+        "cluster.workers=2",
+        "cluster.cpus_per_task=2",
+        f"cluster.python={fs.wrapper} {sys.executable}",
+        "data=example",
+        "sampling=greedy",
+        "sampling.max_tokens=8",
+        "cluster.heartbeat_s=1",
+        "cluster.lease_s=20",
+        "max_chunk_records=2",
+        f"output_root={fs.a}/runs",
+        env={**FAKE, "HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.2, "max_num_seqs": 2})},
+    )
     run = RunDir(next((fs.a / "runs").iterdir()))
     rows = read_results(run.results())
     assert len(rows) == 16 and len({r["id"] for r in rows}) == 16, p.stderr[-2000:]
     beats = [read_json(b) for b in run.heartbeats.glob("*.json")]
-    skewed = [b for b in beats if b.get("recent") and b["recent"][-1][0] - os.stat(run.heartbeat_path(b["worker"])).st_mtime > 200]
+    skewed = [
+        b
+        for b in beats
+        if b.get("recent") and b["recent"][-1][0] - os.stat(run.heartbeat_path(b["worker"])).st_mtime > 200
+    ]
     assert skewed and all(b["chunks_done"] > 0 for b in beats), beats

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (launched, BIN, hold_env, preempt_then_finish, read_results, run_launch, shim_calls, tool_shims,
-                      user_env, wait_held)
+from conftest import (
+    launched,
+    need,
+    BIN,
+    hold_env,
+    preempt_then_finish,
+    read_results,
+    run_launch,
+    shim_calls,
+    tool_shims,
+    user_env,
+    wait_held,
+)
 from hpc_infer.host.procs import identify
 from hpc_infer.rundir import RunDir, read_heartbeats, read_json
 from test_processes import processes_of, wait_for
@@ -46,8 +57,13 @@ def test_one_job_array_real_results_and_no_token_anywhere(tmp_path, slurm, cpu_m
     scanner.start()
     shims, argv_log = tool_shims(tmp_path / "shims")  # every sbatch/squeue/scontrol/srun call, in and out of jobs
     try:
-        run_launch(tmp_path, *BASE, "cluster.workers=2", f"cluster.compile_cache={tmp_path}/compile",
-                   env={"HF_TOKEN": token, "PATH": f"{shims}:{os.environ['PATH']}"})
+        run_launch(
+            tmp_path,
+            *BASE,
+            "cluster.workers=2",
+            f"cluster.compile_cache={tmp_path}/compile",
+            env={"HF_TOKEN": token, "PATH": f"{shims}:{os.environ['PATH']}"},
+        )
     finally:
         stop.set()
         scanner.join()
@@ -72,24 +88,38 @@ def test_arrays_split_at_max_array_size(tmp_path, slurm, cpu_model):
     # max_array_size=4 allows indices 0..3, of which we use 3 an array: 4 tasks need two arrays
     # (3 + 1). The split is a property of the submission: checked in Slurm's own queue, then
     # cancelled (the tasks' engines would add nothing the array test above does not show).
-    run_launch(tmp_path, *BASE, "cluster.workers=4", "cluster.max_array_size=4", "chunks_per_worker=1",
-               "data.limit=4", "wait=false")
+    run_launch(
+        tmp_path,
+        *BASE,
+        "cluster.workers=4",
+        "cluster.max_array_size=4",
+        "chunks_per_worker=1",
+        "data.limit=4",
+        "wait=false",
+    )
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     (launch,) = launched(run)
     arrays = {}
     for j in launch:
         arrays.setdefault(j.split("_")[0], []).append(j)
     assert sorted(len(v) for v in arrays.values()) == [1, 3]
-    queued = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"], capture_output=True,
-                            text=True, check=True).stdout.split()
+    queued = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert sorted(queued) == sorted(launch)  # Slurm holds exactly these tasks, in two arrays
     subprocess.run([str(BIN / "hpc-infer"), "cancel", str(run.root)], check=True, capture_output=True)
     wait_gone(set(arrays))
 
 
 def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cpu_model):
-    args = (*BASE, "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4",
-            "data=example")
+    args = (
+        *BASE,
+        "cluster.workers=1",
+        "cluster.heartbeat_s=1",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=4",
+        "data=example",
+    )
     run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
     wait_held(tmp_path)  # cancel it while it holds chunk 2's claim, chunks 0 and 1 finished (never released)
@@ -102,8 +132,11 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
     arrays = {j.split("_")[0] for j in launched(run)[0]}
     wait_gone(arrays)
     # nothing of the run is left: no recorded worker (PID + start time), no process naming the run
-    wait_for("the cancelled run's processes gone", lambda: not processes_of(run.root)
-             and not any(identify(b["pid"], b["pid_start"]) for b in beats), timeout=600)
+    wait_for(
+        "the cancelled run's processes gone",
+        lambda: not processes_of(run.root) and not any(identify(b["pid"], b["pid_start"]) for b in beats),
+        timeout=600,
+    )
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     assert set(first_done) == {0, 1} and read_json(run.manifest)["n_chunks"] == 4
     r = subprocess.run([*cli, "merge", str(run.root)], capture_output=True, text=True)
@@ -119,8 +152,13 @@ def test_scancel_mid_run_then_relaunch_finishes_exactly_once(tmp_path, slurm, cp
 
 def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
     env = dict(os.environ)
-    p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     script = Path(p.stdout.strip().splitlines()[-1])
     text = script.read_text()
@@ -137,10 +175,22 @@ def test_sbatch_script_passes_test_only_and_runs(tmp_path, slurm, cpu_model):
 def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     """The Ray multi-node script, an array of 3 two-node allocations, is checked by Slurm
     (two nodes in the test cluster); it is not run here with GPUs (none)."""
-    p = subprocess.run([str(BIN / "hpc-infer"), "sbatch", f"output_root={tmp_path / 'runs'}", *BASE,
-                        "cluster.workers=3", "chunks_per_worker=1", "cluster.nodes_per_task=2",
-                        "cluster.gpus_per_task=1", "model.pipeline_parallel_size=2"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            str(BIN / "hpc-infer"),
+            "sbatch",
+            f"output_root={tmp_path / 'runs'}",
+            *BASE,
+            "cluster.workers=3",
+            "chunks_per_worker=1",
+            "cluster.nodes_per_task=2",
+            "cluster.gpus_per_task=1",
+            "model.pipeline_parallel_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "cluster.workers=" not in p.stderr, p.stderr  # workers=3 is what is rendered: no "one allocation"
     script = Path(p.stdout.strip().splitlines()[-1])
@@ -164,11 +214,29 @@ def test_multi_node_ray_clusters_form_in_two_allocations(tmp_path, slurm, cpu_mo
     cpu does not support ray.` (vllm/v1/executor/ray_utils.py): no CPU model runs across
     Ray nodes. The test accepts exactly that error or a complete, merged run, so a vLLM
     that lifts the limit turns it into a full end-to-end check."""
-    pytest.importorskip("ray")
-    p = subprocess.run(["bash", "-c", 'exec hpc-infer launch "$@"', "launch", f"output_root={tmp_path / 'runs'}",
-                        *BASE, "data.limit=4", "sampling.max_tokens=8", "cluster.workers=2", "chunks_per_worker=1",
-                        "cluster.nodes_per_task=2", "cluster.gpus_per_task=0", "model.pipeline_parallel_size=2"],
-                       capture_output=True, text=True, cwd=tmp_path, env=user_env(), timeout=900)
+    need("ray")
+    p = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'exec hpc-infer launch "$@"',
+            "launch",
+            f"output_root={tmp_path / 'runs'}",
+            *BASE,
+            "data.limit=4",
+            "sampling.max_tokens=8",
+            "cluster.workers=2",
+            "chunks_per_worker=1",
+            "cluster.nodes_per_task=2",
+            "cluster.gpus_per_task=0",
+            "model.pipeline_parallel_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=user_env(),
+        timeout=900,
+    )
     run = RunDir(next((tmp_path / "runs").iterdir()))
     assert (run.root / "job.sbatch").exists() and "submitted 2 slurm workers" in p.stderr, p.stderr[-3000:]
     outs = sorted(run.logs.glob("*.out"))
@@ -193,8 +261,14 @@ def test_preemption_signal_checkpoints_requeues_and_finishes(tmp_path, slurm, cp
     """Slurm's timeout/preemption warning (submitit's USR2, sent to the job step as
     `--signal=USR2@90` would) makes the task release its chunks, requeue itself through
     submitit and `scontrol requeue`, and the requeued task finishes the run."""
-    args = (*BASE, "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1",
-            "chunks_per_worker=4", "data=example")
+    args = (
+        *BASE,
+        "cluster.workers=1",
+        "cluster.heartbeat_s=1",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=4",
+        "data=example",
+    )
     run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     preempt_then_finish(RunDir(tmp_path / "runs/example__smollm2_cpu__greedy"), tmp_path, timeout=900)
 

@@ -26,14 +26,26 @@ CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "
 
 
 def _worker(run, worker_id, log, **env):
-    return subprocess.Popen([sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", worker_id],
-                            env=dict(os.environ, **CPU_ENV, **env), stdout=log, stderr=log)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpc_infer.worker", str(run.root), "--worker-id", worker_id],
+        env=dict(os.environ, **CPU_ENV, **env),
+        stdout=log,
+        stderr=log,
+    )
 
 
 def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp_path, cpu_model):
-    rc = compose("data=example", "sampling=greedy", "sampling.max_tokens=12", "+sampling.extra.ignore_eos=true",
-                 "cluster=local", "cluster.workers=2", "cluster.max_chunks_in_flight=1", "cluster.heartbeat_s=1",
-                 f"output_root={tmp_path}/runs")
+    rc = compose(
+        "data=example",
+        "sampling=greedy",
+        "sampling.max_tokens=12",
+        "+sampling.extra.ignore_eos=true",
+        "cluster=local",
+        "cluster.workers=2",
+        "cluster.max_chunks_in_flight=1",
+        "cluster.heartbeat_s=1",
+        f"output_root={tmp_path}/runs",
+    )
     run, _ = prepare(rc, plan_input(rc), cpu_model, "")
     n_records = read_json(run.manifest)["n_records"]
     with open(tmp_path / "slow.log", "w") as slow_log, open(tmp_path / "fast.log", "w") as fast_log:

@@ -26,8 +26,9 @@ def run(tmp_path, rows, *overrides, name="in.jsonl"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / name
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = launch(compose("cluster=debug", f"data.path={data}", f"output_root={tmp_path / 'runs'}", "run_name=r",
-                             *overrides), "")
+    summary = launch(
+        compose("cluster=debug", f"data.path={data}", f"output_root={tmp_path / 'runs'}", "run_name=r", *overrides), ""
+    )
     return summary, [json.loads(line) for line in open(summary.results)]
 
 
@@ -35,9 +36,11 @@ def cosine(a, b):
     return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
-TEXTS = [{"id": "cat", "prompt": "The cat sat on the mat.", "doc": "A cat is sitting on a mat."},
-         {"id": "cat2", "prompt": "A cat is sitting on a mat.", "doc": "The cat sat on the mat."},
-         {"id": "stocks", "prompt": "Stock markets fell sharply today.", "doc": "A cat is sitting on a mat."}]
+TEXTS = [
+    {"id": "cat", "prompt": "The cat sat on the mat.", "doc": "A cat is sitting on a mat."},
+    {"id": "cat2", "prompt": "A cat is sitting on a mat.", "doc": "The cat sat on the mat."},
+    {"id": "stocks", "prompt": "Stock markets fell sharply today.", "doc": "A cat is sitting on a mat."},
+]
 
 
 def test_embed_task(tmp_path):
@@ -54,21 +57,38 @@ def test_score_task_pairs(tmp_path):
     assert scores["cat"] > 0.8 and scores["cat2"] > 0.8 and scores["stocks"] < 0.3
 
 
-QUESTIONS = [{"id": f"q{i}", "prompt": p} for i, p in enumerate(
-    ["Is the sky blue? Answer:", "Is fire cold? Answer:", "Is water wet? Answer:", "Do fish fly? Answer:"])]
+QUESTIONS = [
+    {"id": f"q{i}", "prompt": p}
+    for i, p in enumerate(
+        ["Is the sky blue? Answer:", "Is fire cold? Answer:", "Is water wet? Answer:", "Do fish fly? Answer:"]
+    )
+]
 
 
 def test_structured_choice_regex_and_json(tmp_path):
     _, rows = run(tmp_path / "choice", QUESTIONS, "sampling.structured={choice: [yes, no]}", "sampling.max_tokens=8")
     assert {r["text"] for r in rows} <= {"yes", "no"}
-    _, rows = run(tmp_path / "regex", QUESTIONS, "sampling.structured={regex: '(Yes|No), [a-z]{3,8}\\.'}",
-                  "sampling.max_tokens=16")
+    _, rows = run(
+        tmp_path / "regex",
+        QUESTIONS,
+        "sampling.structured={regex: '(Yes|No), [a-z]{3,8}\\.'}",
+        "sampling.max_tokens=16",
+    )
     assert all(re.fullmatch(r"(Yes|No), [a-z]{3,8}\.", r["text"]) for r in rows), [r["text"] for r in rows]
-    schema = {"type": "object", "properties": {"answer": {"type": "boolean"}, "confidence": {"enum": ["low", "high"]}},
-              "required": ["answer", "confidence"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "boolean"}, "confidence": {"enum": ["low", "high"]}},
+        "required": ["answer", "confidence"],
+        "additionalProperties": False,
+    }
     (tmp_path / "schema.json").write_text(json.dumps(schema))
-    _, rows = run(tmp_path / "json", QUESTIONS, "sampling=greedy", "sampling.max_tokens=60",
-                  f"sampling.structured={{json: {tmp_path / 'schema.json'}}}")
+    _, rows = run(
+        tmp_path / "json",
+        QUESTIONS,
+        "sampling=greedy",
+        "sampling.max_tokens=60",
+        f"sampling.structured={{json: {tmp_path / 'schema.json'}}}",
+    )
     for r in rows:
         obj = json.loads(r["text"])
         assert set(obj) == {"answer", "confidence"} and isinstance(obj["answer"], bool)
@@ -76,9 +96,19 @@ def test_structured_choice_regex_and_json(tmp_path):
 
 
 def test_logprobs_n_and_penalties(tmp_path):
-    _, rows = run(tmp_path, QUESTIONS[:2], "sampling.logprobs=2", "sampling.n=2", "sampling.max_tokens=5", "sampling.stop=[]",
-                  "sampling.ignore_eos=true", "sampling.presence_penalty=0.5", "sampling.repetition_penalty=1.2",
-                  "sampling.min_p=0.05", "sampling.top_k=20")
+    _, rows = run(
+        tmp_path,
+        QUESTIONS[:2],
+        "sampling.logprobs=2",
+        "sampling.n=2",
+        "sampling.max_tokens=5",
+        "sampling.stop=[]",
+        "sampling.ignore_eos=true",
+        "sampling.presence_penalty=0.5",
+        "sampling.repetition_penalty=1.2",
+        "sampling.min_p=0.05",
+        "sampling.top_k=20",
+    )
     for r in rows:
         assert len(r["outputs"]) == 2 and r["output_tokens"] == 10
         for o in r["outputs"]:
@@ -88,12 +118,29 @@ def test_logprobs_n_and_penalties(tmp_path):
 
 def test_openai_batch_in_and_out(tmp_path):
     requests = [
-        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3,
-                  "ignore_eos": True}},
-        {"custom_id": "chat-2", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Count to 3."}],
-                  "max_completion_tokens": 7, "ignore_eos": True, "temperature": 0}},
+        {
+            "custom_id": "chat-1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 3,
+                "ignore_eos": True,
+            },
+        },
+        {
+            "custom_id": "chat-2",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Count to 3."}],
+                "max_completion_tokens": 7,
+                "ignore_eos": True,
+                "temperature": 0,
+            },
+        },
     ]
     s, rows = run(tmp_path, requests, "merge.format=openai_batch", "sampling=greedy", name="batch.jsonl")
     assert [r["custom_id"] for r in rows] == ["chat-1", "chat-2"]
@@ -108,8 +155,9 @@ def test_openai_batch_in_and_out(tmp_path):
 
     again = merge(RunDir(Path(s.results).parent), fmt="openai_batch")
     rows2 = [json.loads(line) for line in open(again.results)]
-    assert [(r["id"], r["response"]["body"]["id"]) for r in rows2] == \
-           [(r["id"], r["response"]["body"]["id"]) for r in rows]
+    assert [(r["id"], r["response"]["body"]["id"]) for r in rows2] == [
+        (r["id"], r["response"]["body"]["id"]) for r in rows
+    ]
     assert len({r["id"] for r in rows}) == 2  # and distinct per line
 
 
@@ -134,10 +182,23 @@ def _validated(rows, completion: bool):
 
 
 def test_openai_batch_logprobs_in_the_clients_layouts(tmp_path):
-    completions = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-                    "body": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "prompt": p, "max_tokens": 4, "logprobs": 2, "temperature": 0,
-                             "stop": [], "ignore_eos": True}}
-                   for i, p in enumerate(["The capital of France is", "One, two,"])]
+    completions = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "prompt": p,
+                "max_tokens": 4,
+                "logprobs": 2,
+                "temperature": 0,
+                "stop": [],
+                "ignore_eos": True,
+            },
+        }
+        for i, p in enumerate(["The capital of France is", "One, two,"])
+    ]
     _, rows = run(tmp_path / "c", completions, "merge.format=openai_batch", name="batch.jsonl")
     for c in _validated(rows, completion=True):
         lp = c.choices[0].logprobs
@@ -146,11 +207,25 @@ def test_openai_batch_logprobs_in_the_clients_layouts(tmp_path):
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
         assert "".join(lp.tokens) == c.choices[0].text
     ids_first = [r["id"] for r in rows]
-    chat = [{"custom_id": "l1", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True}},
-            {"custom_id": "l2", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"messages": [{"role": "user", "content": "Yo"}], "max_tokens": 3, "logprobs": True,
-                      "top_logprobs": 2}}]
+    chat = [
+        {
+            "custom_id": "l1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": True},
+        },
+        {
+            "custom_id": "l2",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "messages": [{"role": "user", "content": "Yo"}],
+                "max_tokens": 3,
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+        },
+    ]
     _, rows = run(tmp_path / "l", chat, "merge.format=openai_batch", name="batch.jsonl")
     no_top, top2 = _validated(rows, completion=False)
     assert all(t.top_logprobs == [] and t.bytes == list(t.token.encode()) for t in no_top.choices[0].logprobs.content)
@@ -161,8 +236,16 @@ def test_openai_batch_logprobs_in_the_clients_layouts(tmp_path):
 
 
 def test_math_run_graded_at_merge(tmp_path):
-    summary = launch(compose("cluster=debug", "data=math_r1_zero", "data.limit=4", "sampling.max_tokens=16",
-                             f"output_root={tmp_path / 'runs'}"), "")
+    summary = launch(
+        compose(
+            "cluster=debug",
+            "data=math_r1_zero",
+            "data.limit=4",
+            "sampling.max_tokens=16",
+            f"output_root={tmp_path / 'runs'}",
+        ),
+        "",
+    )
     assert summary.postprocess["target"] == "hpc_infer.rewards.r1_zero_reward"
     assert summary.postprocess["records"] == 4
     assert set(summary.postprocess["sums"]) == {"format_reward", "answer_reward", "reward"}
@@ -187,9 +270,20 @@ def _lora_adapter(path, base, zero_b: bool):
             tensors[f"{key}.lora_B.weight"] = torch.zeros(out, 8) if zero_b else torch.randn(out, 8, generator=g) * 0.5
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none", "base_model_name_or_path": str(base)}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "none",
+                "base_model_name_or_path": str(base),
+            }
+        )
+    )
     return path
 
 

@@ -21,7 +21,6 @@ import os
 import pickle
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,12 @@ ATTACKS = {"doors": 0, "attacks": 0}  # printed at the end of the module: the no
 
 def _user(name: str, groups: str | None = None) -> int:
     if subprocess.run(["id", "-u", name], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-d", f"/tmp/home-{name}", "-s", "/bin/bash"]
-                       + (["-G", groups] if groups else []) + [name], check=True)
+        subprocess.run(
+            ["useradd", "-M", "-d", f"/tmp/home-{name}", "-s", "/bin/bash"]
+            + (["-G", groups] if groups else [])
+            + [name],
+            check=True,
+        )
     Path(f"/tmp/home-{name}").mkdir(exist_ok=True)
     shutil.chown(f"/tmp/home-{name}", name, name)
     return int(subprocess.run(["id", "-u", name], capture_output=True, text=True).stdout)
@@ -72,11 +75,25 @@ def as_user(user: str, line: str, cwd: Path | str = "/tmp") -> subprocess.Comple
     """`line` in bash as `user`, with the venv's hpc-infer on PATH. The interpreter lives under
     /root (0700 here): a private mount namespace mounts an empty /root with only .pyenv in it."""
     env_line = f"export PATH={BIN}:/usr/bin:/bin HOME=/tmp/home-{user}; cd {cwd}; {line}"
-    setup = ("d=$(mktemp -d) && mount --bind /root/.pyenv $d && mount -t tmpfs -o mode=755 tmpfs /root && "
-             "mkdir /root/.pyenv && mount --move $d /root/.pyenv && rmdir $d && ")
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           setup + f"exec runuser -u {user} -- bash -c \"$0\"", env_line],
-                          capture_output=True, text=True, timeout=600)
+    setup = (
+        "d=$(mktemp -d) && mount --bind /root/.pyenv $d && mount -t tmpfs -o mode=755 tmpfs /root && "
+        "mkdir /root/.pyenv && mount --move $d /root/.pyenv && rmdir $d && "
+    )
+    return subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            setup + f'exec runuser -u {user} -- bash -c "$0"',
+            env_line,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def attack(doors: int = 1) -> None:
@@ -87,8 +104,11 @@ def attack(doors: int = 1) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _tally():
     yield
-    print(f"\ntrust probe: {ATTACKS['attacks']} attacks through {ATTACKS['doors']} doors, each asserted to refuse, "
-          f"run nothing and send no key", file=sys.stderr)
+    print(
+        f"\ntrust probe: {ATTACKS['attacks']} attacks through {ATTACKS['doors']} doors, each asserted to refuse, "
+        f"run nothing and send no key",
+        file=sys.stderr,
+    )
 
 
 def _uid(name: str) -> int:
@@ -97,6 +117,7 @@ def _uid(name: str) -> int:
 
 def canary_payload(canary: Path) -> bytes:
     """A pickle that, loaded, creates the canary file."""
+
     class Boom:
         def __reduce__(self):
             return (os.system, (f"touch {canary}",))
@@ -161,12 +182,15 @@ def _finish(run: Path) -> None:
 
     r = RunDir(run)
     for cid in range(read_json(r.manifest)["n_chunks"]):
-        rows = [dict(x, text="mine", outputs=[{"text": "mine"}], prompt_tokens=1, output_tokens=1)
-                for x in read_chunk_records(r, cid)]
+        rows = [
+            dict(x, text="mine", outputs=[{"text": "mine"}], prompt_tokens=1, output_tokens=1)
+            for x in read_chunk_records(r, cid)
+        ]
         write_atomic(r.out_path(cid), encode_chunk_output(cid, rows, worker="w", started=1.0, finished=2.0))
 
 
 # --- run directories -------------------------------------------------------------------------
+
 
 def test_a_run_dir_someone_else_created_is_never_resumed(scratch):
     """mallory plans the predictable run name first (a copy of a real run, forged outputs
@@ -210,8 +234,11 @@ def test_planted_pickle_edited_config_and_writable_folders_are_refused(scratch):
     run.parent.chmod(0o711)
     run.chmod(0o711)
     (run / "logs").chmod(0o777)
-    p = as_user("mallory", f"python3 -c 'import sys; open(sys.argv[1], \"wb\").write(bytes.fromhex(sys.argv[2]))' "
-                           f"{run}/logs/7_0_result.pkl {canary_payload(canary).hex()}")
+    p = as_user(
+        "mallory",
+        f"python3 -c 'import sys; open(sys.argv[1], \"wb\").write(bytes.fromhex(sys.argv[2]))' "
+        f"{run}/logs/7_0_result.pkl {canary_payload(canary).hex()}",
+    )
     assert p.returncode == 0, p.stderr
     for door in ("status", "cancel", "merge"):
         attack()
@@ -242,9 +269,12 @@ def test_a_hook_nested_in_a_hooks_arguments_is_refused(scratch):
     blocklist does not see it): refused at launch, naming the setting."""
     canary = scratch / "canary"
     attack()
-    p = sh(scratch, f"hpc-infer sbatch cluster=slurm_local data.limit=2 output_root={scratch}/runs "
-                    f"'+merge.postprocess={{_target_: hpc_infer.rewards.r1_zero_reward, "
-                    f"answer_field: {{_target_: os.system, command: \"touch {canary}\"}}}}'")
+    p = sh(
+        scratch,
+        f"hpc-infer sbatch cluster=slurm_local data.limit=2 output_root={scratch}/runs "
+        f"'+merge.postprocess={{_target_: hpc_infer.rewards.r1_zero_reward, "
+        f'answer_field: {{_target_: os.system, command: "touch {canary}"}}}}\'',
+    )
     assert p.returncode == 2 and "merge.postprocess.answer_field: a _target_ inside" in p.stderr, p.stderr
     assert not canary.exists()
 
@@ -261,11 +291,21 @@ def test_cancel_signals_only_the_runs_own_processes(scratch):
         beats = run / "heartbeats"
         for name, proc in (("forged", innocent), ("real", marked)):
             p = identify(proc.pid)
-            (beats / f"{name}.json").write_text(json.dumps({"worker": name, "host": socket.gethostname(),
-                                                            "pid": proc.pid, "pid_start": p.start, "state": "running"}))
+            (beats / f"{name}.json").write_text(
+                json.dumps(
+                    {
+                        "worker": name,
+                        "host": socket.gethostname(),
+                        "pid": proc.pid,
+                        "pid_start": p.start,
+                        "state": "running",
+                    }
+                )
+            )
         (run / "jobs").mkdir(exist_ok=True)
-        (run / "jobs" / "0.json").write_text(json.dumps({"backend": "local", "kind": "workers", "time": 1,
-                                                         "job_ids": [str(innocent.pid)]}))
+        (run / "jobs" / "0.json").write_text(
+            json.dumps({"backend": "local", "kind": "workers", "time": 1, "job_ids": [str(innocent.pid)]})
+        )
         attack(2)
         p = sh(scratch, f"hpc-infer cancel {run}")
         assert p.returncode == 0, p.stderr
@@ -278,18 +318,38 @@ def test_cancel_signals_only_the_runs_own_processes(scratch):
 
 # --- serve directories -----------------------------------------------------------------------
 
+
 def _foreign_serve_dir(scratch: Path, listener: Listener, canary: Path, key_file: str) -> Path:
     d = scratch / "scratch" / "serve__x"
     (d / "serve").mkdir(parents=True)
     (d / "jobs").mkdir()
-    (d / "serve.json").write_text(json.dumps({
-        "served_name": "m", "model": {"path": "/m"}, "key_file": key_file, "replicas": 1,
-        "python": f"sh -c 'touch {canary}'; python3", "cluster_config": {"name": "local", "backend": "local"},
-        "backend": "local"}))
-    (d / "serve" / "0.json").write_text(json.dumps({"replica": 0, "state": "ready", "url": f"{listener.url}/v1",
-                                                    "port": listener.port, "host": socket.gethostname()}))
-    (d / "jobs" / "0.json").write_text(json.dumps({"backend": "local", "kind": "replicas", "time": 1,
-                                                   "job_ids": [str(os.getpid())], "indices": [0]}))
+    (d / "serve.json").write_text(
+        json.dumps(
+            {
+                "served_name": "m",
+                "model": {"path": "/m"},
+                "key_file": key_file,
+                "replicas": 1,
+                "python": f"sh -c 'touch {canary}'; python3",
+                "cluster_config": {"name": "local", "backend": "local"},
+                "backend": "local",
+            }
+        )
+    )
+    (d / "serve" / "0.json").write_text(
+        json.dumps(
+            {
+                "replica": 0,
+                "state": "ready",
+                "url": f"{listener.url}/v1",
+                "port": listener.port,
+                "host": socket.gethostname(),
+            }
+        )
+    )
+    (d / "jobs" / "0.json").write_text(
+        json.dumps({"backend": "local", "kind": "replicas", "time": 1, "job_ids": [str(os.getpid())], "indices": [0]})
+    )
     subprocess.run(["chown", "-R", "mallory:mallory", str(d)], check=True)
     return d
 
@@ -305,15 +365,21 @@ def test_a_foreign_serve_dir_gets_no_key_and_runs_nothing(scratch):
         d = _foreign_serve_dir(scratch, listener, canary, str(home_token))
         for door in ("serve status", "serve metrics", "serve scale", "serve stop"):
             attack()
-            p = sh(scratch, f"hpc-infer {door} {d}" + (" 2" if door == "serve scale" else ""),
-                   env=user_env({"HF_TOKEN": TOKEN}))
+            p = sh(
+                scratch,
+                f"hpc-infer {door} {d}" + (" 2" if door == "serve scale" else ""),
+                env=user_env({"HF_TOKEN": TOKEN}),
+            )
             if door == "serve status":  # readable as data (mallory's is world-readable): shown, never proven
                 assert p.returncode == 2 or "not yours" in p.stdout, p.stdout + p.stderr
             else:
                 assert p.returncode == 2 and "mallory" in p.stderr, (door, p.stdout, p.stderr)
         attack()
-        p = sh(scratch, f"hpc-infer launch cluster=local data.limit=2 cluster.endpoint={d} output_root={scratch}/runs",
-               env=user_env({"HF_TOKEN": TOKEN}))
+        p = sh(
+            scratch,
+            f"hpc-infer launch cluster=local data.limit=2 cluster.endpoint={d} output_root={scratch}/runs",
+            env=user_env({"HF_TOKEN": TOKEN}),
+        )
         assert p.returncode == 2 and "mallory" in p.stderr, p.stderr
         assert listener.keys_seen() == [] and not canary.exists()
     finally:
@@ -339,10 +405,14 @@ def test_a_stale_ready_replica_gets_no_key(scratch, monkeypatch):
         d = scratch / "own_serve"
         (d / "serve").mkdir(parents=True)
         d.chmod(0o700)
-        (d / "serve.json").write_text(json.dumps({"served_name": "m", "model": {"path": "/m"},
-                                                  "key_file": str(keys / "k.key"), "backend": "local"}))
-        (d / "serve" / "0.json").write_text(json.dumps({"replica": 0, "state": "ready", "port": listener.port,
-                                                        "url": f"{listener.url}/v1"}))
+        (d / "serve.json").write_text(
+            json.dumps(
+                {"served_name": "m", "model": {"path": "/m"}, "key_file": str(keys / "k.key"), "backend": "local"}
+            )
+        )
+        (d / "serve" / "0.json").write_text(
+            json.dumps({"replica": 0, "state": "ready", "port": listener.port, "url": f"{listener.url}/v1"})
+        )
         from hpc_infer.rundir import jobs
 
         keeper = subprocess.Popen(["sleep", "600"])  # a live "job" for the local backend
@@ -377,17 +447,24 @@ def test_the_key_never_follows_a_redirect(scratch):
 
 # --- secrets before anything is written ------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    "-m '+cluster.env={MY_TOKEN: abcdefgh12345678}' seed=1,2",
-    "'+cluster.env={NOTE: " + TOKEN + "}'",
-    "hydra.output_subdir=.hydra '+cluster.env={DB_PASSWORD: abcdefgh12345678}'",
-    "'+cluster.env.DSN=postgres://u:pw12345678@db/x'",
-    "'hydra.run.dir=${oc.env:INNOCENT}'",
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "-m '+cluster.env={MY_TOKEN: abcdefgh12345678}' seed=1,2",
+        "'+cluster.env={NOTE: " + TOKEN + "}'",
+        "hydra.output_subdir=.hydra '+cluster.env={DB_PASSWORD: abcdefgh12345678}'",
+        "'+cluster.env.DSN=postgres://u:pw12345678@db/x'",
+        "'hydra.run.dir=${oc.env:INNOCENT}'",
+    ],
+)
 def test_secrets_in_structured_overrides_are_refused_before_hydra_writes(scratch, args):
     attack()
-    p = sh(scratch, f"hpc-infer launch cluster=local data.limit=2 output_root={scratch}/runs {args}",
-           env=user_env({"INNOCENT": TOKEN}))
+    p = sh(
+        scratch,
+        f"hpc-infer launch cluster=local data.limit=2 output_root={scratch}/runs {args}",
+        env=user_env({"INNOCENT": TOKEN}),
+    )
     assert p.returncode == 2 and "value not shown" in p.stderr, p.stderr
     written = b"".join(f.read_bytes() for f in scratch.rglob("*") if f.is_file())
     assert TOKEN.encode() not in written and b"abcdefgh12345678" not in written and b"pw12345678" not in written
@@ -399,14 +476,21 @@ def test_a_secret_from_a_config_file_names_no_directory_and_no_error_echoes_it(s
     (conf / "cluster").mkdir(parents=True)
     (conf / "cluster" / "mine.yaml").write_text("defaults: [local, _self_]\nname: mine\nworkers: ${oc.env:INNOCENT}\n")
     attack()
-    p = sh(scratch, f"hpc-infer launch --config-dir {conf} cluster=mine data.limit=2 output_root={scratch}/runs",
-           env=user_env({"INNOCENT": TOKEN}))
+    p = sh(
+        scratch,
+        f"hpc-infer launch --config-dir {conf} cluster=mine data.limit=2 output_root={scratch}/runs",
+        env=user_env({"INNOCENT": TOKEN}),
+    )
     assert p.returncode == 2 and TOKEN not in p.stdout + p.stderr, p.stdout + p.stderr
     (conf / "hydra_dir.yaml").write_text("")
     (conf / "cluster" / "mine.yaml").write_text("defaults: [local, _self_]\nname: mine\n")
     attack()
-    p = sh(scratch, f"hpc-infer launch --config-dir {conf} cluster=mine data.limit=2 "
-                    f"'output_root={scratch}/runs/${{oc.env:INNOCENT}}'", env=user_env({"INNOCENT": TOKEN}))
+    p = sh(
+        scratch,
+        f"hpc-infer launch --config-dir {conf} cluster=mine data.limit=2 "
+        f"'output_root={scratch}/runs/${{oc.env:INNOCENT}}'",
+        env=user_env({"INNOCENT": TOKEN}),
+    )
     assert p.returncode == 2 and TOKEN not in p.stdout + p.stderr
     assert not any(TOKEN in str(f) for f in scratch.rglob("*"))
 
@@ -414,28 +498,42 @@ def test_a_secret_from_a_config_file_names_no_directory_and_no_error_echoes_it(s
 @pytest.mark.parametrize("path", ["/proc/self/environ", "/proc/1/environ", "/sys/kernel/hostname"])
 def test_kernel_and_process_files_are_not_inputs(scratch, path):
     attack()
-    p = sh(scratch, f"hpc-infer launch cluster=local data.path={path} data.format=txt output_root={scratch}/runs",
-           env=user_env({"HF_TOKEN": TOKEN}))
+    p = sh(
+        scratch,
+        f"hpc-infer launch cluster=local data.path={path} data.format=txt output_root={scratch}/runs",
+        env=user_env({"HF_TOKEN": TOKEN}),
+    )
     assert p.returncode == 2 and "kernel or process file" in p.stderr, p.stderr
     assert not (scratch / "runs").exists()
 
 
-@pytest.mark.parametrize("yaml", ['partition: "gpu\\nrm -rf ~"', 'sbatch_extra: ["--x=1\\ntouch c"]',
-                                  'setup: ["module load x\\ntouch c"]', 'env: {A: "1\\ntouch c"}',
-                                  'env: {"A B": "1"}', 'account: "a\\rb"'])
+@pytest.mark.parametrize(
+    "yaml",
+    [
+        'partition: "gpu\\nrm -rf ~"',
+        'sbatch_extra: ["--x=1\\ntouch c"]',
+        'setup: ["module load x\\ntouch c"]',
+        'env: {A: "1\\ntouch c"}',
+        'env: {"A B": "1"}',
+        'account: "a\\rb"',
+    ],
+)
 def test_a_newline_never_becomes_a_script_line(scratch, yaml):
     """Hydra's command line refuses a newline itself; a cluster file is where one comes from."""
     conf = scratch / "conf" / "cluster"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text(f"defaults: [slurm_local, _self_]\nname: mine\n{yaml}\n")
     attack()
-    p = sh(scratch, f"hpc-infer sbatch --config-dir {scratch}/conf cluster=mine data.limit=2 output_root={scratch}/runs")
+    p = sh(
+        scratch, f"hpc-infer sbatch --config-dir {scratch}/conf cluster=mine data.limit=2 output_root={scratch}/runs"
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "control character" in p.stderr or "environment variable name" in p.stderr, p.stderr
     assert not list(scratch.rglob("job.sbatch"))
 
 
 # --- the admin cache -------------------------------------------------------------------------
+
 
 def test_a_planted_lock_link_truncates_nothing(scratch, cpu_model):
     """As root, staging into a cache root others can write is refused (a link planted there
@@ -465,6 +563,7 @@ def test_a_planted_lock_link_truncates_nothing(scratch, cpu_model):
 
 # --- a teammate's group run ------------------------------------------------------------------
 
+
 def test_a_group_member_reads_and_merges_a_group_run(scratch, users):
     """bob plans a permissions=group run; the whole tree has the group; alice (in it) runs
     status and merges into her own folder; she cannot write into the run; the run's hook
@@ -473,8 +572,11 @@ def test_a_group_member_reads_and_merges_a_group_run(scratch, users):
     runs = scratch / "runs"
     runs.mkdir()
     runs.chmod(0o777)
-    p = as_user("bob", f"hpc-infer sbatch cluster=slurm_local data.limit=3 output_root={runs} permissions=group "
-                       f"run_group=team", cwd=scratch)
+    p = as_user(
+        "bob",
+        f"hpc-infer sbatch cluster=slurm_local data.limit=3 output_root={runs} permissions=group run_group=team",
+        cwd=scratch,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     run = Path(p.stdout.strip().splitlines()[-1]).parent
     _finish(run)
@@ -482,8 +584,9 @@ def test_a_group_member_reads_and_merges_a_group_run(scratch, users):
     cfg = run / "config.yaml"  # bob's own hook, in bob's own config: code alice did not choose
     _set_hook(cfg, {"_target_": "os.system", "command": f"touch {canary}"})
     gid = int(subprocess.run(["getent", "group", "team"], capture_output=True, text=True).stdout.split(":")[2])
-    assert all(p.stat().st_gid == gid for p in [run, *run.rglob("*")]), \
-        [str(p) for p in [run, *run.rglob("*")] if p.stat().st_gid != gid]
+    assert all(p.stat().st_gid == gid for p in [run, *run.rglob("*")]), [
+        str(p) for p in [run, *run.rglob("*")] if p.stat().st_gid != gid
+    ]
     p = as_user("alice", f"hpc-infer status {run}")
     assert p.returncode == 0 and "chunks" in p.stdout, p.stdout + p.stderr
     p = as_user("alice", f"hpc-infer merge {run}")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need
 from hpc_infer.errors import UserError
 from hpc_infer.models import vllm_check
 from hpc_infer.models.vllm_check import check_sampling
 
-pytest.importorskip("vllm")
+need("vllm")
 
 
 def test_a_passed_check_is_remembered_and_a_refusal_is_not(tmp_path, monkeypatch):
@@ -27,8 +28,10 @@ def test_a_passed_check_is_remembered_and_a_refusal_is_not(tmp_path, monkeypatch
     assert "remembered" not in check_sampling(dict(greedy, max_tokens=8))
     bodies = check_sampling(greedy, [{"max_tokens": 3}, {"logprobs": -3}], base={})
     assert "1 distinct request body will fail" in bodies and "remembered" not in bodies
-    assert check_sampling(greedy, [{"logprobs": -3}, {"max_tokens": 3}], base={}) == \
-        bodies + " (this check passed before: remembered)"  # the same bodies, in another order
+    assert (
+        check_sampling(greedy, [{"logprobs": -3}, {"max_tokens": 3}], base={})
+        == bodies + " (this check passed before: remembered)"
+    )  # the same bodies, in another order
     # a refusal is re-checked (and re-explained) every time, never remembered
     for _ in range(2):
         with pytest.raises(UserError, match="refuses these settings: logprobs must be"):

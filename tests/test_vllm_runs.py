@@ -46,8 +46,15 @@ def test_chat_on_local_workers_token_never_written(tmp_path, cpu_model):
     scanner = threading.Thread(target=_scan_cmdlines, args=(token, stop, hits), daemon=True)
     scanner.start()
     try:
-        run_launch(tmp_path, "cluster=local", "cluster.workers=2", "sampling=greedy", "sampling.max_tokens=24",
-                   f"cluster.compile_cache={tmp_path}/compile", env={"HF_TOKEN": token})
+        run_launch(
+            tmp_path,
+            "cluster=local",
+            "cluster.workers=2",
+            "sampling=greedy",
+            "sampling.max_tokens=24",
+            f"cluster.compile_cache={tmp_path}/compile",
+            env={"HF_TOKEN": token},
+        )
     finally:
         stop.set()
         scanner.join()
@@ -78,8 +85,15 @@ def check_compile_cache(beats: list[dict], root: Path) -> None:
 
 
 def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_model):
-    args = ("cluster=local", "cluster.workers=1", "cluster.heartbeat_s=1", "cluster.max_chunks_in_flight=1", "chunks_per_worker=4", "sampling=greedy",
-            "sampling.max_tokens=16")
+    args = (
+        "cluster=local",
+        "cluster.workers=1",
+        "cluster.heartbeat_s=1",
+        "cluster.max_chunks_in_flight=1",
+        "chunks_per_worker=4",
+        "sampling=greedy",
+        "sampling.max_tokens=16",
+    )
     run_launch(tmp_path, *args, "wait=false", env=hold_env(tmp_path))
     run = RunDir(tmp_path / "runs/example__smollm2_cpu__greedy")
     (job_id,) = launched(run)[0]
@@ -106,8 +120,10 @@ def test_a_relaunch_waits_for_the_live_worker_of_an_earlier_launch(tmp_path, cpu
     """Two real launches of one command: the first's worker holds its second claim (the last
     of the 2 chunks 4 short records make) at a failpoint; the same command typed again meanwhile sees that chunk held by a
     live worker, submits nothing, waits for it, and merges every record once when it ends."""
-    line = (f"hpc-infer launch cluster=local data=example_prompts data.limit=4 sampling=greedy sampling.max_tokens=4 "
-            f"chunks_per_worker=2 cluster.max_chunks_in_flight=1 cluster.heartbeat_s=1 output_root={tmp_path}/runs")
+    line = (
+        f"hpc-infer launch cluster=local data=example_prompts data.limit=4 sampling=greedy sampling.max_tokens=4 "
+        f"chunks_per_worker=2 cluster.max_chunks_in_flight=1 cluster.heartbeat_s=1 output_root={tmp_path}/runs"
+    )
     first = run_line(tmp_path, line + " wait=false", env=dict(hold_env(tmp_path), HPC_INFER_FAULT="claimed:HOLD:2"))
     assert first.returncode == 0, first.stderr[-3000:]
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
@@ -121,7 +137,8 @@ def test_a_relaunch_waits_for_the_live_worker_of_an_earlier_launch(tmp_path, cpu
     second.start()
     deadline = time.time() + 1800  # bounds a broken launch only: the wait ends on what it says
     while time.time() < deadline and "waiting for them as well" not in (
-            (again / ".line.stderr").read_text() if (again / ".line.stderr").exists() else ""):
+        (again / ".line.stderr").read_text() if (again / ".line.stderr").exists() else ""
+    ):
         time.sleep(0.2)
     release(tmp_path)
     second.join(1800)
@@ -141,8 +158,14 @@ def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
     batches hold the same sequences. Across different batch compositions bf16 kernels
     on CPU can round differently and flip a rare sampled token (seen here: 1 of 8
     records); the seeds themselves never depend on chunking."""
-    common = ("cluster=debug", "sampling.temperature=1.0", "sampling.max_tokens=16", "seed=7", "data=example_prompts",
-              "cluster.max_chunks_in_flight=16")
+    common = (
+        "cluster=debug",
+        "sampling.temperature=1.0",
+        "sampling.max_tokens=16",
+        "seed=7",
+        "data=example_prompts",
+        "cluster.max_chunks_in_flight=16",
+    )
     run_launch(tmp_path, *common, "chunks_per_worker=1", "run_name=one")
     run_launch(tmp_path, *common, "chunks_per_worker=8", "cluster.workers=2", "run_name=many")
     one = read_results(tmp_path / "runs/one/results.jsonl")
@@ -154,8 +177,15 @@ def test_sampled_output_does_not_depend_on_chunking(tmp_path, cpu_model):
 
 
 def test_hydra_multirun_one_run_per_combination(tmp_path, cpu_model):
-    p = run_launch(tmp_path, "-m", "cluster=debug", "data=example_prompts", "data.limit=2", "sampling.max_tokens=8",
-                   "sampling=greedy,default")
+    p = run_launch(
+        tmp_path,
+        "-m",
+        "cluster=debug",
+        "data=example_prompts",
+        "data.limit=2",
+        "sampling.max_tokens=8",
+        "sampling=greedy,default",
+    )
     assert p.returncode == 0
     for name in ("example_prompts__smollm2_cpu__greedy", "example_prompts__smollm2_cpu__default"):
         rows = read_results(tmp_path / "runs" / name / "results.jsonl")
@@ -190,8 +220,17 @@ def test_two_tensor_parallel_workers_start_together_on_one_node(tmp_path, cpu_mo
     3 KV heads; the CPU build runs TP with gloo), started together on this one node: each
     gets its own VLLM_PORT range, both load and serve chunks, greedy outputs are the same
     as with TP=1 (test above: 'Paris')."""
-    run_launch(tmp_path, "cluster=local", "cluster.workers=2", "model.tensor_parallel_size=3", "data=example_prompts",
-               "data.limit=4", "sampling=greedy", "sampling.max_tokens=8", "chunks_per_worker=1")
+    run_launch(
+        tmp_path,
+        "cluster=local",
+        "cluster.workers=2",
+        "model.tensor_parallel_size=3",
+        "data=example_prompts",
+        "data.limit=4",
+        "sampling=greedy",
+        "sampling.max_tokens=8",
+        "chunks_per_worker=1",
+    )
     run = RunDir(tmp_path / "runs/example_prompts__smollm2_cpu__greedy")
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(4)) and "Paris" in rows[0]["text"]

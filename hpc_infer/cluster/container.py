@@ -73,8 +73,15 @@ def _under(path: str, roots: list[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-def binds(cfg: ContainerConfig, run_root: Path | None, model_path: str | None, hf_home: str | None,
-          model_roots: list[str], files: list[str | None] = (), writes: list[str | None] = ()) -> list[str]:
+def binds(
+    cfg: ContainerConfig,
+    run_root: Path | None,
+    model_path: str | None,
+    hf_home: str | None,
+    model_roots: list[str],
+    files: list[str | None] = (),
+    writes: list[str | None] = (),
+) -> list[str]:
     """`src:dst[:ro]` for everything the worker touches; `files` are further read-only
     inputs (a LoRA adapter; the chat template travels inside worker.json); `writes` are
     shared directories the worker writes (the compile cache). Paths with `$VARS` are the
@@ -105,8 +112,15 @@ def binds(cfg: ContainerConfig, run_root: Path | None, model_path: str | None, h
 
 
 def container_binds(cluster: ClusterConfig, model: ModelConfig, run_root: Path | None, model_path: str) -> list[str]:
-    return binds(cluster.container, run_root, model_path, cluster.hf_home, cluster.model_roots, [model.lora_path],
-                 [cluster.compile_cache])
+    return binds(
+        cluster.container,
+        run_root,
+        model_path,
+        cluster.hf_home,
+        cluster.model_roots,
+        [model.lora_path],
+        [cluster.compile_cache],
+    )
 
 
 def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool, requests: Path | None = None) -> list[str]:
@@ -131,8 +145,9 @@ def exec_prefix(cfg: ContainerConfig, bind_list: list[str], gpus: bool, requests
     return cmd
 
 
-def python_command(cfg: ContainerConfig, bind_list: list[str], gpus: bool, host_python: str,
-                   requests: Path | None = None) -> str:
+def python_command(
+    cfg: ContainerConfig, bind_list: list[str], gpus: bool, host_python: str, requests: Path | None = None
+) -> str:
     """The string submitit uses as `python`: the host interpreter (or the cluster's
     `python` command, as given), or one inside the image."""
     if not cfg.image:
@@ -161,16 +176,20 @@ def check_paths(cfg: ContainerConfig, bind_list: list[str], env: dict[str, str])
     for spec in cfg.binds:
         src = spec.split(":")[0]
         if not os.path.exists(os.path.expanduser(src)):
-            problems.append(f"cluster.container.binds: {spec}: {src} does not exist on this machine, and Apptainer "
-                            f"refuses to start a container whose bind source is missing; fix the path or drop the "
-                            f"bind")
+            problems.append(
+                f"cluster.container.binds: {spec}: {src} does not exist on this machine, and Apptainer "
+                f"refuses to start a container whose bind source is missing; fix the path or drop the "
+                f"bind"
+            )
     roots = visible_roots(cfg, bind_list)
     for key, value in env.items():
         for part in str(value).split(":"):
             if part.startswith("/") and os.path.exists(part) and not _under(os.path.normpath(part), roots):
-                problems.append(f"cluster.env.{key}: {part} is not visible inside the container (not under a bind "
-                                f"or a default mount); add it to cluster.container.binds, e.g. "
-                                f"'cluster.container.binds=[{part}]'")
+                problems.append(
+                    f"cluster.env.{key}: {part} is not visible inside the container (not under a bind "
+                    f"or a default mount); add it to cluster.container.binds, e.g. "
+                    f"'cluster.container.binds=[{part}]'"
+                )
     return problems
 
 
@@ -182,5 +201,6 @@ def worker_python(rc, run, model_path: str) -> str:
     c = rc.cluster
     bind_list = container_binds(c, rc.model, run.root, model_path) if c.container.image else []
     requests = run.logs / "requeue" if c.backend == "slurm" else None
-    return python_command(c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=c.python or host_python(),
-                          requests=requests)
+    return python_command(
+        c.container, bind_list, gpus=c.gpus_per_task > 0, host_python=c.python or host_python(), requests=requests
+    )

@@ -24,16 +24,19 @@ DEFAULT_DEF = Path(__file__).resolve().parents[2] / "containers" / "vllm-hpc_inf
 def _need_runtime(prefer: str | None) -> str:
     found = runtime_on_path(prefer)
     if not found:
-        raise UserError("no apptainer or singularity on PATH here. Run this on a node that has one (often "
-                        "`module load apptainer`), or ask the cluster admins for the shared image; "
-                        "--dry-run prints the command")
+        raise UserError(
+            "no apptainer or singularity on PATH here. Run this on a node that has one (often "
+            "`module load apptainer`), or ask the cluster admins for the shared image; "
+            "--dry-run prints the command"
+        )
     return found
 
 
 def pull_command(uri: str, dest: Path, force: bool = False, prefer: str | None = None) -> list[str]:
     if not URI.match(uri):
-        raise UserError(f"{uri}: not an image address; write docker://vllm/vllm-openai:<tag> (or library://, "
-                        f"oras://, https://)")
+        raise UserError(
+            f"{uri}: not an image address; write docker://vllm/vllm-openai:<tag> (or library://, oras://, https://)"
+        )
     if dest.suffix != ".sif":
         raise UserError(f"--dest {dest}: name the image file, ending in .sif")
     if dest.exists() and not force:
@@ -41,16 +44,23 @@ def pull_command(uri: str, dest: Path, force: bool = False, prefer: str | None =
     return [runtime_on_path(prefer) or "apptainer", "pull", *(["--force"] if force else []), str(dest), uri]
 
 
-def build_command(definition: Path, dest: Path, fakeroot: bool = True, force: bool = False,
-                  prefer: str | None = None) -> list[str]:
+def build_command(
+    definition: Path, dest: Path, fakeroot: bool = True, force: bool = False, prefer: str | None = None
+) -> list[str]:
     if not definition.is_file():
         raise UserError(f"definition file {definition} does not exist (the project's is {DEFAULT_DEF})")
     if dest.suffix != ".sif":
         raise UserError(f"--dest {dest}: name the image file, ending in .sif")
     if dest.exists() and not force:
         raise UserError(f"{dest} exists; pass --force to replace it")
-    return [runtime_on_path(prefer) or "apptainer", "build", *(["--fakeroot"] if fakeroot else []),
-            *(["--force"] if force else []), str(dest), str(definition)]
+    return [
+        runtime_on_path(prefer) or "apptainer",
+        "build",
+        *(["--fakeroot"] if fakeroot else []),
+        *(["--force"] if force else []),
+        str(dest),
+        str(definition),
+    ]
 
 
 def run(cmd: list[str], prefer: str | None = None) -> None:
@@ -84,8 +94,10 @@ def inspect(image: Path, prefer: str | None = None) -> ImageInfo:
     with open(image, "rb") as f:
         head = f.read(128)
     if SIF_MAGIC not in head:
-        raise UserError(f"{image}: not a SIF image (no SIF header); a sandbox directory or a docker tarball "
-                        f"must be converted with `apptainer build {image.with_suffix('.sif').name} {image}`")
+        raise UserError(
+            f"{image}: not a SIF image (no SIF header); a sandbox directory or a docker tarball "
+            f"must be converted with `apptainer build {image.with_suffix('.sif').name} {image}`"
+        )
     info = ImageInfo(str(image), round(image.stat().st_size / 1e6, 1), True, runtime_on_path(prefer))
     if not info.runtime:
         info.note = "no apptainer/singularity here: labels and the vLLM version were not read"
@@ -98,8 +110,11 @@ def inspect(image: Path, prefer: str | None = None) -> ImageInfo:
             info.labels = json.loads(p.stdout).get("data", {}).get("attributes", {}).get("labels", {}) or {}
         except json.JSONDecodeError:
             info.note = "labels unreadable"
-    p = subprocess.run([info.runtime, "exec", str(image), "python3", "-c", "import vllm; print(vllm.__version__)"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [info.runtime, "exec", str(image), "python3", "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     info.vllm_version = p.stdout.strip() if p.returncode == 0 else None
     if info.vllm_version is None:
         info.note = f"`python3 -c 'import vllm'` failed in the image: {p.stderr.strip()[-300:]}"

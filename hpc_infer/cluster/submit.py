@@ -30,8 +30,21 @@ from .task import WorkerTask
 
 # ENDED: gone from squeue without a submitit result (a rendered script's task, or a task that
 # died before writing one); states() says it when Slurm no longer knows the job.
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE", "FINISHED", "INTERRUPTED", "DONE", "ENDED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "FINISHED",
+    "INTERRUPTED",
+    "DONE",
+    "ENDED",
+}
 LIVE = ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING")  # a job the scheduler still holds
 # squeue did not answer (slurmctld busy, a timeout): nothing is known, so nothing is concluded;
 # a job in this state is neither ended nor dead, and every wait goes on
@@ -174,9 +187,15 @@ class LocalBackend(Backend):
 
         self.record(job_ids, "cancelled")
         root = self.run.root
-        controllers = [p for p in (identify(int(j)) for j in job_ids
-                                   if j.isdigit() and _is_submitit_job(int(j)) and trust.process_of_run(int(j), root))
-                       if p]
+        controllers = [
+            p
+            for p in (
+                identify(int(j))
+                for j in job_ids
+                if j.isdigit() and _is_submitit_job(int(j)) and trust.process_of_run(int(j), root)
+            )
+            if p
+        ]
         tasks = [c for p in controllers for c in descendants(p.pid)]
         host = socket.gethostname()
         for beat in read_heartbeats(self.run):
@@ -189,14 +208,18 @@ class LocalBackend(Backend):
             if w and w not in tasks and trust.process_of_run(pid, root):
                 tasks += [w] + [d for d in descendants(w.pid) if d not in tasks]
         # what is left of the run under init (its controller killed outright): found by the run's mark
-        tasks += [p for p in map(identify, trust.processes_of_run(root)) if p and p not in tasks and p not in controllers]
+        tasks += [
+            p for p in map(identify, trust.processes_of_run(root)) if p and p not in tasks and p not in controllers
+        ]
         everything = controllers + tasks
         signal_all(controllers, signal.SIGTERM)
         killed = stop_all(tasks, grace_s=grace_s, first=signal.SIGINT)
         killed += stop_all(controllers, grace_s=1.0)
-        return (f"stopped {len(controllers)} local worker{'s' * (len(controllers) != 1)} and "
-                f"{len(everything) - len(controllers)} process{'es' * (len(everything) - len(controllers) != 1)} "
-                f"under them" + (f" ({len(killed)} did not stop within {grace_s:g}s and were killed)" if killed else ""))
+        return (
+            f"stopped {len(controllers)} local worker{'s' * (len(controllers) != 1)} and "
+            f"{len(everything) - len(controllers)} process{'es' * (len(everything) - len(controllers) != 1)} "
+            f"under them" + (f" ({len(killed)} did not stop within {grace_s:g}s and were killed)" if killed else "")
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -308,19 +331,25 @@ class SlurmBackend(Backend):
         where = f"cluster={cluster.name} uses the slurm backend"
         missing = [cmd for cmd in ("sbatch", "squeue", "scontrol", "srun") if shutil.which(cmd) is None]
         if missing:
-            raise UserError(f"{where}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH "
-                            f"here: run this on the cluster's login node (or `module load slurm`), or pick "
-                            f"cluster=local to run on this machine. Nothing was planned or submitted.")
+            raise UserError(
+                f"{where}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH "
+                f"here: run this on the cluster's login node (or `module load slurm`), or pick "
+                f"cluster=local to run on this machine. Nothing was planned or submitted."
+            )
         try:
             ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
-            raise UserError(f"{where}, but `scontrol ping` did not answer in 120 s: the controller is down or "
-                            f"unreachable. Nothing was planned or submitted.") from None
+            raise UserError(
+                f"{where}, but `scontrol ping` did not answer in 120 s: the controller is down or "
+                f"unreachable. Nothing was planned or submitted."
+            ) from None
         if ping.returncode != 0 or "UP" not in ping.stdout:
             said = (ping.stdout + ping.stderr).strip().splitlines()
-            raise UserError(f"{where}, but the Slurm controller does not answer (`scontrol ping`: "
-                            f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
-                            f"Nothing was planned or submitted.")
+            raise UserError(
+                f"{where}, but the Slurm controller does not answer (`scontrol ping`: "
+                f"{said[-1] if said else 'no output'}): start it, or ask your admins. "
+                f"Nothing was planned or submitted."
+            )
 
     def submit(self, n_workers: int, task=None, indices: list[int] | None = None, kind: str = "workers") -> list[str]:
         indices = list(indices if indices is not None else range(n_workers))
@@ -331,14 +360,16 @@ class SlurmBackend(Backend):
         try:
             with self._env():
                 for first in range(0, len(indices), per_array):
-                    submitted = ex.map_array(*self._calls(indices[first:first + per_array], task))
+                    submitted = ex.map_array(*self._calls(indices[first : first + per_array], task))
                     ids += [j.job_id for j in submitted]
         except subprocess.CalledProcessError as e:
-            raise UserError(f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "
-                            f"(check cluster.partition/account/qos/gres)") from None
+            raise UserError(
+                f"sbatch refused the job: {(e.stderr or b'').decode(errors='replace').strip()} "
+                f"(check cluster.partition/account/qos/gres)"
+            ) from None
         finally:
             if ids:
-                self.record(ids, kind, indices[:len(ids)])
+                self.record(ids, kind, indices[: len(ids)])
         return ids
 
     def submit_script(self, script: Path, n_tasks: int) -> list[str]:
@@ -358,8 +389,12 @@ class SlurmBackend(Backend):
         None when squeue did not answer (a busy slurmctld: not the same as "ended")."""
         arrays = sorted({j.split("_")[0] for j in job_ids})
         try:
-            p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T %L"],
-                               capture_output=True, text=True, timeout=60)
+            p = subprocess.run(
+                ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T %L"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         if p.returncode != 0 and "Invalid job id" not in p.stderr:  # (gone jobs: exit 1 and that)
@@ -409,8 +444,9 @@ def recorded_backend(run: RunDir) -> tuple[Backend, list[str]]:
     from omegaconf import OmegaConf
 
     name, ids = recorded_jobs(run)
-    cluster = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")),
-                                                  {"backend": name or "debug"}))
+    cluster = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ClusterConfig(name="?")), {"backend": name or "debug"})
+    )
     return make_backend(cluster, run), ids
 
 

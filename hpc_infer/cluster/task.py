@@ -52,3 +52,13 @@ class RouterTask:
 
         _die_with_controller()
         return run_router(run_dir)
+
+
+class TuneTask:
+    """Called with the tune directory (index unused): `hpc-infer tune`'s timing job."""
+
+    def __call__(self, run_dir: str, index: int = 0) -> dict:
+        from ..worker.tuner import run_tune
+
+        _die_with_controller()
+        return run_tune(run_dir)

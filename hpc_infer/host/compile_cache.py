@@ -97,16 +97,25 @@ class CacheUse:
         return won
 
     def describe(self) -> dict:
-        return {"shared": str(self.shared), "private": str(self.private), "seeded": len(self.seeded),
-                **({"problems": self.problems} if self.problems else {})}
+        return {
+            "shared": str(self.shared),
+            "private": str(self.private),
+            "seeded": len(self.seeded),
+            **({"problems": self.problems} if self.problems else {}),
+        }
 
 
 def open_for_model(model: dict, env=os.environ) -> CacheUse:
     """open_cache for a worker.json / serve.json model entry (with `compile_cache` set): keyed by
     the model's served name and its engine's layout, the same for batch workers and replicas."""
     ekw = model.get("engine_kwargs") or {}
-    return open_cache(model["compile_cache"], model.get("served_name") or model["path"],
-                      int(ekw.get("tensor_parallel_size", 1)), int(ekw.get("pipeline_parallel_size", 1)), env)
+    return open_cache(
+        model["compile_cache"],
+        model.get("served_name") or model["path"],
+        int(ekw.get("tensor_parallel_size", 1)),
+        int(ekw.get("pipeline_parallel_size", 1)),
+        env,
+    )
 
 
 def open_cache(root: str, model_name: str, tp: int, pp: int, env=os.environ) -> CacheUse:

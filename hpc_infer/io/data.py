@@ -20,11 +20,29 @@ from typing import Any, Iterator
 
 from ..config import DataConfig
 from ..errors import UserError
-from .records import (InputSpec, Parsed, RecordError, apply_template, ids_unlike_first, line_too_long, mixed_kinds,
-                      parse_block, to_record)
+from .records import (
+    InputSpec,
+    Parsed,
+    RecordError,
+    apply_template,
+    ids_unlike_first,
+    line_too_long,
+    mixed_kinds,
+    parse_block,
+    to_record,
+)
 
-__all__ = ["Record", "Records", "InputScan", "load_records", "load_template", "input_spec", "apply_template",
-           "detect_format", "file_fingerprint"]
+__all__ = [
+    "Record",
+    "Records",
+    "InputScan",
+    "load_records",
+    "load_template",
+    "input_spec",
+    "apply_template",
+    "detect_format",
+    "file_fingerprint",
+]
 BLOCK = 1 << 20
 
 
@@ -51,21 +69,34 @@ class Record:
 
     @classmethod
     def from_json(cls, d: dict) -> "Record":
-        return cls(d["index"], d["id"], prompt=d.get("prompt"), messages=d.get("messages"),
-                   fields=d.get("fields") or {}, sampling=d.get("sampling"))
+        return cls(
+            d["index"],
+            d["id"],
+            prompt=d.get("prompt"),
+            messages=d.get("messages"),
+            fields=d.get("fields") or {},
+            sampling=d.get("sampling"),
+        )
 
 
 def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return "jsonl" if fmt == "json" else fmt
     suffixes = "".join(path.suffixes[-2:]).lower()
-    for ext, name in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv"), (".txt", "txt")):
+    for ext, name in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".parquet", "parquet"),
+        (".csv", "csv"),
+        (".txt", "txt"),
+    ):
         if suffixes.endswith(ext):
             if name == "jsonl" and _looks_like_openai_batch(path):
                 return "openai_batch"
             return name
-    raise UserError(f"{path}: cannot tell the format from the file name; "
-                    f"set data.format=jsonl|openai_batch|parquet|csv|txt")
+    raise UserError(
+        f"{path}: cannot tell the format from the file name; set data.format=jsonl|openai_batch|parquet|csv|txt"
+    )
 
 
 def _looks_like_openai_batch(path: Path) -> bool:
@@ -102,14 +133,19 @@ def load_template(cfg: DataConfig) -> str | None:
 
 
 def input_spec(cfg: DataConfig) -> InputSpec:
-    return InputSpec(format=detect_format(Path(cfg.path).expanduser(), cfg.format), id_field=cfg.id_field,
-                     prompt_field=cfg.prompt_field, messages_field=cfg.messages_field,
-                     system_prompt=cfg.system_prompt, template=load_template(cfg),
-                     template_name=cfg.template_file or "data.template", pair_field=cfg.pair_field)
+    return InputSpec(
+        format=detect_format(Path(cfg.path).expanduser(), cfg.format),
+        id_field=cfg.id_field,
+        prompt_field=cfg.prompt_field,
+        messages_field=cfg.messages_field,
+        system_prompt=cfg.system_prompt,
+        template=load_template(cfg),
+        template_name=cfg.template_file or "data.template",
+        pair_field=cfg.pair_field,
+    )
 
 
-def _parse_rows(spec: InputSpec, path: str, rows: list[tuple[int, Any]], index0: int, kind: str,
-                keep: bool) -> Parsed:
+def _parse_rows(spec: InputSpec, path: str, rows: list[tuple[int, Any]], index0: int, kind: str, keep: bool) -> Parsed:
     """csv/parquet rows (number, row) -> Parsed; chunk files get each row as JSON."""
     out = Parsed(rows[0][0] if rows else 0, keep, spec, kind)
     for k, (number, row) in enumerate(rows):
@@ -182,8 +218,9 @@ class InputScan:
         if self._ids_given is None:
             self._ids_given, self._chat = parsed.has_id, parsed.chat
         elif parsed.has_id != self._ids_given:
-            raise UserError(f"{self.path} {parsed.kind} {parsed.first_line}: "
-                            f"{ids_unlike_first(parsed.has_id, self.cfg.id_field)}")
+            raise UserError(
+                f"{self.path} {parsed.kind} {parsed.first_line}: {ids_unlike_first(parsed.has_id, self.cfg.id_field)}"
+            )
         elif parsed.chat != self._chat:
             raise UserError(f"{self.path} {parsed.kind} {parsed.first_line}: {mixed_kinds(self.spec.format)}")
         take = len(parsed)
@@ -208,8 +245,10 @@ class InputScan:
                 if hash(rec["id"]) in clash:
                     first = seen.setdefault(rec["id"], rec["index"])
                     if first != rec["index"]:
-                        raise UserError(f"{self.path} {parsed.kind} {parsed.record_lines[k]}: duplicate id "
-                                        f"'{rec['id']}' (first seen at record {first + 1}); ids must be unique")
+                        raise UserError(
+                            f"{self.path} {parsed.kind} {parsed.record_lines[k]}: duplicate id "
+                            f"'{rec['id']}' (first seen at record {first + 1}); ids must be unique"
+                        )
 
     def _line_blocks(self, keep: bool, parallel: bool) -> Iterator[Block]:
         """jsonl, OpenAI batch, txt: blocks of whole lines, parsed in order (in a few other
@@ -228,8 +267,17 @@ class InputScan:
                 pending: list = []  # (buf, future or Parsed), oldest first; at most 2 per process
                 offset0 = 0
                 for buf, line0 in self._raw_blocks(f):
-                    args = (self.spec, str(path), buf, line0, self.n if keep else 0, offset0, max_line, keep,
-                            offset0 == 0)
+                    args = (
+                        self.spec,
+                        str(path),
+                        buf,
+                        line0,
+                        self.n if keep else 0,
+                        offset0,
+                        max_line,
+                        keep,
+                        offset0 == 0,
+                    )
                     offset0 += len(buf)
                     pending.append((buf, pool.apply_async(parse_block, args) if pool else parse_block(*args)))
                     while pending and (len(pending) > 2 * procs or not pool):
@@ -250,10 +298,10 @@ class InputScan:
         take = self._take(parsed)
         stop = take < len(parsed) or (self.cfg.limit is not None and self.n >= self.cfg.limit)
         if take < len(parsed):
-            buf = buf[:parsed.ends[take - 1]] if take else b""
+            buf = buf[: parsed.ends[take - 1]] if take else b""
             parsed.truncate(take)
         elif stop and len(parsed):
-            buf = buf[:parsed.ends[-1]]
+            buf = buf[: parsed.ends[-1]]
         digest.update(buf)
         self.size += len(buf)
         self.sha256 = digest.hexdigest()
@@ -284,8 +332,8 @@ class InputScan:
                 if carry_len > max_line + 2:
                     raise line_too_long(str(self.path), line_no + 1, max_line)
                 continue
-            buf = b"".join(carry) + data[:nl + 1]
-            carry, carry_len = [data[nl + 1:]], len(data) - nl - 1
+            buf = b"".join(carry) + data[: nl + 1]
+            carry, carry_len = [data[nl + 1 :]], len(data) - nl - 1
             yield buf, line_no
             line_no += buf.count(b"\n")
 
@@ -359,8 +407,9 @@ def _lines(path: Path, max_line_bytes: int, digest: _Digest) -> Iterator[tuple[i
                 text = body.decode("utf-8")
             except UnicodeDecodeError as e:
                 offset = digest.size - len(raw) + e.start
-                raise UserError(f"{path} line {line_no}: not valid UTF-8 (byte offset {offset}); re-encode the file "
-                                f"as UTF-8") from None
+                raise UserError(
+                    f"{path} line {line_no}: not valid UTF-8 (byte offset {offset}); re-encode the file as UTF-8"
+                ) from None
             if line_no == 1 and text.startswith("\ufeff"):  # Excel writes CSV with a BOM: keep the id column's name
                 text = text[1:]
             yield line_no, text

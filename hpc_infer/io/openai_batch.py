@@ -17,11 +17,36 @@ from ..errors import UserError
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # Body fields accepted besides SAMPLING and GUIDED: mapped below, or without effect on a batch run.
-OTHER_KNOWN = {"model", "user", "stream", "metadata", "store", "logprobs", "top_logprobs", "response_format",
-               "max_tokens", "max_completion_tokens", "stop", "encoding_format"}
-SAMPLING = {"temperature", "top_p", "top_k", "min_p", "n", "seed", "presence_penalty", "frequency_penalty",
-            "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-            "stop_token_ids"}
+OTHER_KNOWN = {
+    "model",
+    "user",
+    "stream",
+    "metadata",
+    "store",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "encoding_format",
+}
+SAMPLING = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "stop_token_ids",
+}
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
@@ -39,9 +64,11 @@ def request_to_row(req: dict, where: str, cfg: Any) -> tuple[dict, dict]:
         raise UserError(f"{where}: 'body' must be an object")
     unknown = sorted(set(body) - OTHER_KNOWN - SAMPLING - set(GUIDED) - {"messages", "prompt", "input"})
     if unknown:
-        raise UserError(f"{where}: body field(s) {', '.join(unknown)} are not supported by hpc_infer's batch runner; "
-                        f"remove them (supported sampling fields: {', '.join(sorted(SAMPLING))}, max_tokens, stop, "
-                        f"logprobs, top_logprobs, response_format)")
+        raise UserError(
+            f"{where}: body field(s) {', '.join(unknown)} are not supported by hpc_infer's batch runner; "
+            f"remove them (supported sampling fields: {', '.join(sorted(SAMPLING))}, max_tokens, stop, "
+            f"logprobs, top_logprobs, response_format)"
+        )
     row: dict[str, Any] = {cfg.id_field or "id": req["custom_id"], "url": url}
     if body.get("model"):
         row["model"] = body["model"]
@@ -74,8 +101,12 @@ def request_to_row(req: dict, where: str, cfg: Any) -> tuple[dict, dict]:
 
 
 # vLLM's create_error_response: HTTP status -> the error's type
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
-               422: "UnprocessableEntityError"}
+ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestEntityTooLarge",
+    422: "UnprocessableEntityError",
+}
 
 
 def _id(prefix: str, *parts: str) -> str:
@@ -89,11 +120,20 @@ def _bytes(token: str) -> list[int]:
 def _chat_logprobs(positions: list[list[dict]], top_n: int) -> dict:
     """vLLM's ChatCompletionLogProbs: per token its logprob and bytes, plus the first `top_n`
     entries of vLLM's logprob dict (none when the request asked for logprobs only)."""
-    return {"content": [
-        {"token": pos[0]["token"], "logprob": max(pos[0]["logprob"], -9999.0), "bytes": _bytes(pos[0]["token"]),
-         "top_logprobs": [{"token": p["token"], "logprob": max(p["logprob"], -9999.0), "bytes": _bytes(p["token"])}
-                          for p in pos[:top_n]]}
-        for pos in positions]}
+    return {
+        "content": [
+            {
+                "token": pos[0]["token"],
+                "logprob": max(pos[0]["logprob"], -9999.0),
+                "bytes": _bytes(pos[0]["token"]),
+                "top_logprobs": [
+                    {"token": p["token"], "logprob": max(p["logprob"], -9999.0), "bytes": _bytes(p["token"])}
+                    for p in pos[:top_n]
+                ],
+            }
+            for pos in positions
+        ]
+    }
 
 
 def _completion_logprobs(positions: list[list[dict]], top_n: int) -> dict:
@@ -120,17 +160,31 @@ def result_to_response(rec: dict, model: str, created: int, run_key: str = "") -
     if rec.get("error"):  # run-batch's failed line: a non-200 status, no body, an ErrorResponse
         err = rec["error"]
         code = int(err.get("code") or 400)
-        return {"id": _id("vllm", run_key, rid), "custom_id": rec["id"],
-                "response": {"status_code": code, "request_id": _id("vllm-batch", run_key, rid), "body": None},
-                "error": {"error": {"message": err.get("message", ""), "type": ERROR_TYPES.get(code, "BadRequestError"),
-                                    "param": err.get("param"), "code": code}}}
+        return {
+            "id": _id("vllm", run_key, rid),
+            "custom_id": rec["id"],
+            "response": {"status_code": code, "request_id": _id("vllm-batch", run_key, rid), "body": None},
+            "error": {
+                "error": {
+                    "message": err.get("message", ""),
+                    "type": ERROR_TYPES.get(code, "BadRequestError"),
+                    "param": err.get("param"),
+                    "code": code,
+                }
+            },
+        }
     url = fields.get("url", "/v1/chat/completions" if "messages" in rec else "/v1/completions")
     model = fields.get("model") or model
     usage = {"prompt_tokens": rec.get("prompt_tokens", 0), "total_tokens": rec.get("prompt_tokens", 0)}
     if url == "/v1/embeddings":
-        body: dict[str, Any] = {"id": _id("embd", run_key, rid), "object": "list", "created": created,
-                                "model": model, "usage": usage,
-                                "data": [{"object": "embedding", "index": 0, "embedding": rec.get("embedding")}]}
+        body: dict[str, Any] = {
+            "id": _id("embd", run_key, rid),
+            "object": "list",
+            "created": created,
+            "model": model,
+            "usage": usage,
+            "data": [{"object": "embedding", "index": 0, "embedding": rec.get("embedding")}],
+        }
     else:
         usage["completion_tokens"] = rec.get("output_tokens", 0)
         usage["total_tokens"] += usage["completion_tokens"]
@@ -138,8 +192,12 @@ def result_to_response(rec: dict, model: str, created: int, run_key: str = "") -
         top_n = int((rec.get("sampling") or {}).get("logprobs") or 0)
         choices = []
         for i, o in enumerate(rec.get("outputs") or []):
-            c: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": o.get("finish_reason"),
-                                 "stop_reason": o.get("stop_reason")}
+            c: dict[str, Any] = {
+                "index": i,
+                "logprobs": None,
+                "finish_reason": o.get("finish_reason"),
+                "stop_reason": o.get("stop_reason"),
+            }
             if chat:
                 c["message"] = {"role": "assistant", "content": o.get("text"), "tool_calls": []}
             else:
@@ -147,9 +205,18 @@ def result_to_response(rec: dict, model: str, created: int, run_key: str = "") -
             if o.get("logprobs"):
                 c["logprobs"] = (_chat_logprobs if chat else _completion_logprobs)(o["logprobs"], top_n)
             choices.append(c)
-        body = {"id": _id("chatcmpl" if chat else "cmpl", run_key, rid),
-                "object": "chat.completion" if chat else "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage, "system_fingerprint": None}
-    return {"id": _id("vllm", run_key, rid), "custom_id": rec["id"],
-            "response": {"status_code": 200, "request_id": _id("vllm-batch", run_key, rid), "body": body},
-            "error": None}
+        body = {
+            "id": _id("chatcmpl" if chat else "cmpl", run_key, rid),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+            "system_fingerprint": None,
+        }
+    return {
+        "id": _id("vllm", run_key, rid),
+        "custom_id": rec["id"],
+        "response": {"status_code": 200, "request_id": _id("vllm-batch", run_key, rid), "body": body},
+        "error": None,
+    }

@@ -41,7 +41,7 @@ class InputSpec:
 
     @property
     def chunk_encoding(self) -> str:
-        """"lines": a chunk is the input's bytes; "rows": one JSON row per line (csv, parquet)."""
+        """ "lines": a chunk is the input's bytes; "rows": one JSON row per line (csv, parquet)."""
         return "lines" if self.format in LINE_FORMATS else "rows"
 
     def to_json(self) -> dict:
@@ -60,8 +60,10 @@ def apply_template(template: str, prompt: str, row: dict, template_name: str) ->
     try:
         return template.format_map(values)
     except KeyError as e:
-        raise RecordError(f"template {template_name} uses {{{e.args[0]}}}, which the record does not have "
-                          f"(fields: {', '.join(sorted(values))})") from None
+        raise RecordError(
+            f"template {template_name} uses {{{e.args[0]}}}, which the record does not have "
+            f"(fields: {', '.join(sorted(values))})"
+        ) from None
     except (ValueError, IndexError) as e:
         raise RecordError(f"template {template_name}: {e}; write literal braces as {{{{ and }}}}") from None
 
@@ -82,8 +84,10 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
     rec: dict[str, Any] = {"id": str(id_value) if has_id else str(index), "index": index}
     messages = row.get(spec.messages_field)
     if messages is not None:
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)
         ):
             raise RecordError(f"'{spec.messages_field}' must be a non-empty list of {{role, content}} objects")
         if spec.system_prompt and messages[0].get("role") != "system":
@@ -99,17 +103,23 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
             prompt = apply_template(spec.template, prompt, row, spec.template_name)
         rec["prompt"] = prompt
     else:
-        raise RecordError(f"no '{spec.prompt_field}' or '{spec.messages_field}' field (fields: "
-                          f"{', '.join(map(str, row))}); set data.prompt_field=<field> or data.messages_field=<field>")
+        raise RecordError(
+            f"no '{spec.prompt_field}' or '{spec.messages_field}' field (fields: "
+            f"{', '.join(map(str, row))}); set data.prompt_field=<field> or data.messages_field=<field>"
+        )
     if spec.pair_field:
         pair = row.get(spec.pair_field)
         if not isinstance(pair, str) or not pair.strip():
-            raise RecordError(f"data.pair_field '{spec.pair_field}' must be a non-empty string (the second text "
-                              f"model.task=score compares with)")
+            raise RecordError(
+                f"data.pair_field '{spec.pair_field}' must be a non-empty string (the second text "
+                f"model.task=score compares with)"
+            )
     for name in spec.needs:
         if row.get(name) is None:
-            raise RecordError(f"no '{name}' field, which {spec.needed_by} needs at merge; add it to every record, "
-                              f"point the hook at another field, or turn the hook off (merge.postprocess={{}})")
+            raise RecordError(
+                f"no '{name}' field, which {spec.needed_by} needs at merge; add it to every record, "
+                f"point the hook at another field, or turn the hook off (merge.postprocess={{}})"
+            )
     if len(row) > 1 + has_id:  # anything besides the prompt/messages and the id
         fields = dict(row)
         fields.pop(spec.id_field, None)
@@ -120,6 +130,11 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
     if overrides:
         rec["sampling"] = overrides
     return rec, has_id
+
+
+# Records whose prompts (template applied; a chat's messages joined) agree on their first
+# PREFIX_CHARS characters share a long prefix: the planner may group them (run/plan.py).
+PREFIX_CHARS = 1024
 
 
 class Parsed:
@@ -134,6 +149,7 @@ class Parsed:
         self.record_lines: list[int] = []  # with `keep`: each record's line (or row)
         self.rows: list | None = None  # csv/parquet: the raw rows, copied into the run as JSON
         self.chars, self.ends, self.hashes = array.array("q"), array.array("q"), array.array("q")
+        self.prefixes = array.array("q")  # hash of each prompt's first PREFIX_CHARS characters
         self.has_id: bool | None = None
         self.chat: bool | None = None
         self.overrides: dict[str, dict] = {}
@@ -147,8 +163,13 @@ class Parsed:
         elif ("messages" in rec) != self.chat:
             raise RecordError(mixed_kinds(self.spec.format))
         prompt = rec.get("prompt")
-        self.chars.append(len(prompt) if prompt is not None else
-                          sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"]))
+        self.chars.append(
+            len(prompt)
+            if prompt is not None
+            else sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"])
+        )
+        head = prompt if prompt is not None else "\n".join(str(m.get("content", "")) for m in rec["messages"])
+        self.prefixes.append(hash(head[:PREFIX_CHARS]))
         self.ends.append(end)
         if has_id:
             self.hashes.append(hash(rec["id"]))
@@ -171,24 +192,39 @@ class Parsed:
 
 
 def line_too_long(path: str, line: int, max_line: int) -> UserError:
-    return UserError(f"{path} line {line}: longer than data.max_line_bytes={max_line} bytes (reading stopped there); "
-                     f"a broken file (missing newlines?), or raise data.max_line_bytes")
+    return UserError(
+        f"{path} line {line}: longer than data.max_line_bytes={max_line} bytes (reading stopped there); "
+        f"a broken file (missing newlines?), or raise data.max_line_bytes"
+    )
 
 
 def ids_unlike_first(has_id: bool, id_field: str) -> str:
-    return (f"{'has' if has_id else 'has no'} '{id_field}' field unlike the first record; give every record an "
-            f"id, or none (then ids are derived from positions)")
+    return (
+        f"{'has' if has_id else 'has no'} '{id_field}' field unlike the first record; give every record an "
+        f"id, or none (then ids are derived from positions)"
+    )
 
 
 def mixed_kinds(fmt: str) -> str:
     if fmt == "openai_batch":
-        return ("mixes /v1/chat/completions and /v1/completions requests; one batch file holds one endpoint (as "
-                "OpenAI's Batch API requires): split it into two files and run both")
+        return (
+            "mixes /v1/chat/completions and /v1/completions requests; one batch file holds one endpoint (as "
+            "OpenAI's Batch API requires): split it into two files and run both"
+        )
     return "mixes plain prompts and chat messages; split it into two data sets"
 
 
-def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int, offset0: int,
-                max_line: int | None, keep: bool, bom: bool = False) -> Parsed:
+def parse_block(
+    spec: InputSpec,
+    path: str,
+    buf: bytes,
+    line0: int,
+    index0: int,
+    offset0: int,
+    max_line: int | None,
+    keep: bool,
+    bom: bool = False,
+) -> Parsed:
     """Whole lines of a line format (or a chunk's JSON rows) -> Parsed: the one line parser,
     for the planner's blocks and the worker's chunks. `line0`: lines before the block;
     `index0`: records before it (positional ids; only exact when `keep`); `offset0`: its
@@ -197,8 +233,9 @@ def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int,
         text = buf.decode("utf-8")
     except UnicodeDecodeError as e:
         line = line0 + buf.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path} line {line}: not valid UTF-8 (byte offset {offset0 + e.start}); re-encode the file "
-                        f"as UTF-8") from None
+        raise UserError(
+            f"{path} line {line}: not valid UTF-8 (byte offset {offset0 + e.start}); re-encode the file as UTF-8"
+        ) from None
     lines = text.split("\n")  # "\n" only: U+2028, U+0085 and form feed stay inside a record
     if not lines[-1]:
         lines.pop()
@@ -228,12 +265,13 @@ def parse_block(spec: InputSpec, path: str, buf: bytes, line0: int, index0: int,
                 try:
                     row = loads(line)
                 except ValueError as e:
-                    raise RecordError(f"invalid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
-                                      f"fix or remove the line") from None
+                    raise RecordError(
+                        f"invalid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
+                        f"fix or remove the line"
+                    ) from None
             rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
             out.add(rec, has_id, line0 + i + 1, min(end, n_buf))
         except RecordError as e:
             raise UserError(f"{path} line {line0 + i + 1}: {e}") from None
         index += 1
     return out
-

@@ -8,6 +8,7 @@ and never download (N concurrent first downloads is a known hang).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..config import ClusterConfig, ModelConfig
@@ -32,8 +33,10 @@ def resolve_model(model: ModelConfig, cluster: ClusterConfig, token: Token | Non
     if model.path:
         path = Path(model.path).expanduser()
         if not _is_model_dir(path):
-            raise UserError(f"model.path={model.path}: no model there (no config.json); fix the path "
-                            f"or unset it to use model.hf_id={model.hf_id}")
+            raise UserError(
+                f"model.path={model.path}: no model there (no config.json); fix the path "
+                f"or unset it to use model.hf_id={model.hf_id}"
+            )
         return str(path.resolve())
     if model.builtin:
         from .cpu_model import builtin_model
@@ -58,8 +61,10 @@ def resolve_model(model: ModelConfig, cluster: ClusterConfig, token: Token | Non
     except Exception:
         pass
     if not download:
-        raise UserError(f"model {model.hf_id} is not in {', '.join(cluster.model_roots) or 'any model root'} "
-                        f"or the HF cache; stage it with `hpc-infer cache stage` or set model.path")
+        raise UserError(
+            f"model {model.hf_id} is not in {', '.join(cluster.model_roots) or 'any model root'} "
+            f"or the HF cache; stage it with `hpc-infer cache stage` or set model.path"
+        )
     return _download_once(model, cache_dir, token)
 
 
@@ -69,21 +74,37 @@ def _download_once(model: ModelConfig, cache_dir: str | None, token: Token | Non
 
     lock_dir = Path(cache_dir or Path.home() / ".cache" / "huggingface" / "hub").expanduser()
     lock_dir.mkdir(parents=True, exist_ok=True)
+
     # a second launcher waits, then finds the files; O_EXCL, never follows a link, needs no flock
-    with Lock(lock_dir / f".hpc_infer-{model.hf_id.replace('/', '--')}.lock", lease_s=300):
+    def waiting() -> None:
+        print(
+            f"[hpc_infer] another launch is downloading {model.hf_id}; waiting for it (one download, not one each)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with Lock(lock_dir / f".hpc_infer-{model.hf_id.replace('/', '--')}.lock", lease_s=300, on_wait=waiting):
         try:
-            return snapshot_download(model.hf_id, revision=model.revision, cache_dir=cache_dir,
-                                     token=token.value if token else None)
+            return snapshot_download(
+                model.hf_id, revision=model.revision, cache_dir=cache_dir, token=token.value if token else None
+            )
         except GatedRepoError:
             hint = "then set HF_TOKEN" if token is None else f"the token from {token.source} has no access yet"
-            raise UserError(f"Access to model {model.hf_id} is restricted: request access on its Hugging Face page, "
-                            f"{hint}") from None
+            raise UserError(
+                f"Access to model {model.hf_id} is restricted: request access on its Hugging Face page, {hint}"
+            ) from None
         except RepositoryNotFoundError:
-            raise UserError(f"model {model.hf_id} does not exist on the Hugging Face hub (or is private: set HF_TOKEN); "
-                            f"check model.hf_id") from None
+            raise UserError(
+                f"model {model.hf_id} does not exist on the Hugging Face hub (or is private: set HF_TOKEN); "
+                f"check model.hf_id"
+            ) from None
         except Exception as e:
             if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-                raise UserError(f"cannot download {model.hf_id}: HF_HUB_OFFLINE=1 is set in your environment; unset it "
-                                f"for this launch (workers stay offline anyway), or stage the model and set model.path") from None
-            raise UserError(f"cannot download {model.hf_id} ({type(e).__name__}); on a machine without network, "
-                            f"stage the model into a shared root (cluster.model_roots) or set model.path") from None
+                raise UserError(
+                    f"cannot download {model.hf_id}: HF_HUB_OFFLINE=1 is set in your environment; unset it "
+                    f"for this launch (workers stay offline anyway), or stage the model and set model.path"
+                ) from None
+            raise UserError(
+                f"cannot download {model.hf_id} ({type(e).__name__}); on a machine without network, "
+                f"stage the model into a shared root (cluster.model_roots) or set model.path"
+            ) from None

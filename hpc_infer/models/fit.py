@@ -60,8 +60,10 @@ def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[li
     try:
         tok = _load_tokenizer(model_path)
     except Exception as e:  # not readable on the login node (only in the image, a gated copy, ...)
-        return [], (f"prompt lengths not checked against max_model_len={limit} (the tokenizer at {model_path} could "
-                    f"not be loaded here: {type(e).__name__}); the workers will refuse what does not fit")
+        return [], (
+            f"prompt lengths not checked against max_model_len={limit} (the tokenizer at {model_path} could "
+            f"not be loaded here: {type(e).__name__}); the workers will refuse what does not fit"
+        )
     template = Path(rc.model.chat_template).read_text() if rc.model.chat_template else None
     found = []
     for c in chunks:  # read back from the staged copy the way a worker reads its chunk
@@ -74,14 +76,23 @@ def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[li
             if chars * MAX_BYTES_PER_CHAR + TEMPLATE_ROOM + want <= limit:
                 continue
             if "messages" in rec:
-                ids = tok.apply_chat_template(rec["messages"], chat_template=template, tokenize=True,
-                                              add_generation_prompt=True)
+                ids = tok.apply_chat_template(
+                    rec["messages"], chat_template=template, tokenize=True, add_generation_prompt=True
+                )
                 n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
             else:
                 n = len(tok(rec["prompt"]).input_ids)
             if n + want > limit:
-                found.append({"index": rec["index"], "line": parsed.record_lines[k], "tokens": n, "limit": limit,
-                              "max_tokens": want, "chat": "messages" in rec})
+                found.append(
+                    {
+                        "index": rec["index"],
+                        "line": parsed.record_lines[k],
+                        "tokens": n,
+                        "limit": limit,
+                        "max_tokens": want,
+                        "chat": "messages" in rec,
+                    }
+                )
     return found, None
 
 
@@ -92,23 +103,31 @@ def apply_policy(rc: Any, found: list[dict], where: str) -> dict:
         return {}
     policy = rc.data.too_long
     if policy == "error":
-        shown = "\n  ".join(f"{where} line {f['line']}: prompt {f['tokens']} tokens + max_tokens {f['max_tokens']} > "
-                            f"max_model_len {f['limit']}" for f in found[:10])
+        shown = "\n  ".join(
+            f"{where} line {f['line']}: prompt {f['tokens']} tokens + max_tokens {f['max_tokens']} > "
+            f"max_model_len {f['limit']}"
+            for f in found[:10]
+        )
         more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
-        raise UserError(f"{len(found)} record{'s' * (len(found) != 1)} cannot fit the model's context:\n  {shown}{more}\n"
-                        f"Shorten them, raise model.max_model_len or lower sampling.max_tokens, or set "
-                        f"data.too_long=mark (each becomes an error record; the rest runs) or data.too_long=truncate "
-                        f"(plain prompts keep their last tokens)")
+        raise UserError(
+            f"{len(found)} record{'s' * (len(found) != 1)} cannot fit the model's context:\n  {shown}{more}\n"
+            f"Shorten them, raise model.max_model_len or lower sampling.max_tokens, or set "
+            f"data.too_long=mark (each becomes an error record; the rest runs) or data.too_long=truncate "
+            f"(plain prompts keep their last tokens)"
+        )
     out = {}
     for f in found:
-        reason = (f"This model's maximum context length is {f['limit']} tokens; the prompt has {f['tokens']} tokens "
-                  f"and max_tokens is {f['max_tokens']} (found at plan time)")
+        reason = (
+            f"This model's maximum context length is {f['limit']} tokens; the prompt has {f['tokens']} tokens "
+            f"and max_tokens is {f['max_tokens']} (found at plan time)"
+        )
         keep = f["limit"] - f["max_tokens"]
         if policy == "truncate" and not f["chat"] and keep > 0:
             out[str(f["index"])] = {"keep": keep, "reason": reason}
         else:
-            out[str(f["index"])] = {"reason": reason + (" (chat records are not truncated)" if policy == "truncate"
-                                                        else "")}
+            out[str(f["index"])] = {
+                "reason": reason + (" (chat records are not truncated)" if policy == "truncate" else "")
+            }
     return out
 
 
@@ -123,7 +142,10 @@ def check_fit(rc: Any, planned: Any, model_path: str, say) -> dict:
     too_long = apply_policy(rc, found, str(rc.data.path))
     if too_long:
         kept = sum(1 for v in too_long.values() if "keep" in v)
-        say(f"{len(too_long)} record{'s' * (len(too_long) != 1)} cannot fit max_model_len (data.too_long="
-            f"{rc.data.too_long}): " + (f"{kept} truncated to their last tokens, " if kept else "")
-            + f"{len(too_long) - kept} will be error records")
+        say(
+            f"{len(too_long)} record{'s' * (len(too_long) != 1)} cannot fit max_model_len (data.too_long="
+            f"{rc.data.too_long}): "
+            + (f"{kept} truncated to their last tokens, " if kept else "")
+            + f"{len(too_long) - kept} will be error records"
+        )
     return too_long

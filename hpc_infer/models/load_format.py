@@ -18,8 +18,13 @@ import subprocess
 from pathlib import Path
 
 # load_format -> the package its loader imports (vllm/model_executor/model_loader/weight_utils.py)
-PACKAGES = {"runai_streamer": "runai_model_streamer", "runai_streamer_sharded": "runai_model_streamer",
-            "fastsafetensors": "fastsafetensors", "instanttensor": "instanttensor", "tensorizer": "tensorizer"}
+PACKAGES = {
+    "runai_streamer": "runai_model_streamer",
+    "runai_streamer_sharded": "runai_model_streamer",
+    "fastsafetensors": "fastsafetensors",
+    "instanttensor": "instanttensor",
+    "tensorizer": "tensorizer",
+}
 SAFETENSORS_ONLY = {"safetensors", "runai_streamer", "fastsafetensors", "instanttensor"}
 # vLLM's ShardedStateLoader file names: TP_ONLY_PATTERN, and PP_AND_TP_PATTERN when PP > 1
 _TP_ONLY = re.compile(r"model-rank-(\d+)-part-\d+\.safetensors$")
@@ -104,8 +109,9 @@ def run_dtype(dtype: str | None, model_path: Path) -> str | None:
     return src if src in ("bfloat16", "float16") else None
 
 
-def check_load_format(fmt: str | None, model_path: str | Path, tp: int, pp: int, python: str,
-                      dtype: str | None = None) -> list[str]:
+def check_load_format(
+    fmt: str | None, model_path: str | Path, tp: int, pp: int, python: str, dtype: str | None = None
+) -> list[str]:
     """Problems, each naming `model.load_format` and the fix; [] when the worker can load it.
     `dtype`: the run's model.dtype, compared with the dtype a sharded copy was written in."""
     if not fmt or fmt in ("auto", "hf", "dummy"):
@@ -116,28 +122,40 @@ def check_load_format(fmt: str | None, model_path: str | Path, tp: int, pp: int,
     if package and not importable(python, package):
         where = "inside the cluster's image" if " exec " in f" {python} " else f"for {python}"
         extra = {"runai_model_streamer": "vllm[runai]"}.get(package, package)
-        problems.append(f"model.load_format={fmt}: the package {package} does not import {where}; install it there "
-                        f"(pip install {extra}) or drop model.load_format")
+        problems.append(
+            f"model.load_format={fmt}: the package {package} does not import {where}; install it there "
+            f"(pip install {extra}) or drop model.load_format"
+        )
     if not path.is_dir():
         return problems  # a remote URI (s3://) is the loader's to read
     if fmt in SAFETENSORS_ONLY and not any(path.glob("*.safetensors")):
-        problems.append(f"model.load_format={fmt}: {path} has no *.safetensors files; this loader reads only "
-                        f"safetensors (convert the checkpoint, or use model.load_format=pt)")
+        problems.append(
+            f"model.load_format={fmt}: {path} has no *.safetensors files; this loader reads only "
+            f"safetensors (convert the checkpoint, or use model.load_format=pt)"
+        )
     if fmt in ("sharded_state", "runai_streamer_sharded"):
         want = {(p, t) for p in range(pp) for t in range(tp)}
         have = sharded_ranks(path)
         if have != want:
-            written = (f"written for TP={1 + max(t for _, t in have)} x PP={1 + max(p for p, _ in have)}" if have
-                       else "has no sharded-state files (model-rank-R-part-N.safetensors)")
-            problems.append(f"model.load_format={fmt}: {path} {written}, and this run needs TP={tp} x PP={pp}; "
-                            f"write a copy for it with `hpc-infer cache shard SOURCE --root DIR --tp {tp} --pp {pp}` "
-                            f"(SOURCE: the model's own checkpoint) and point model.path at the directory it prints")
+            written = (
+                f"written for TP={1 + max(t for _, t in have)} x PP={1 + max(p for p, _ in have)}"
+                if have
+                else "has no sharded-state files (model-rank-R-part-N.safetensors)"
+            )
+            problems.append(
+                f"model.load_format={fmt}: {path} {written}, and this run needs TP={tp} x PP={pp}; "
+                f"write a copy for it with `hpc-infer cache shard SOURCE --root DIR --tp {tp} --pp {pp}` "
+                f"(SOURCE: the model's own checkpoint) and point model.path at the directory it prints"
+            )
         want_dtype, have_dtype = run_dtype(dtype, path), copy_dtype(path) if have else None
         if want_dtype and have_dtype and want_dtype != have_dtype:
-            problems.append(f"model.load_format={fmt}: {path} was written in {have_dtype} and this run loads "
-                            f"{want_dtype} (model.dtype={dtype or 'auto'}): set model.dtype={have_dtype}, or write a "
-                            f"copy in {want_dtype} with `hpc-infer cache shard SOURCE --root DIR --tp {tp}"
-                            + (f" --pp {pp}" if pp > 1 else "") + f" --dtype {want_dtype}`")
+            problems.append(
+                f"model.load_format={fmt}: {path} was written in {have_dtype} and this run loads "
+                f"{want_dtype} (model.dtype={dtype or 'auto'}): set model.dtype={have_dtype}, or write a "
+                f"copy in {want_dtype} with `hpc-infer cache shard SOURCE --root DIR --tp {tp}"
+                + (f" --pp {pp}" if pp > 1 else "")
+                + f" --dtype {want_dtype}`"
+            )
     return problems
 
 
@@ -152,13 +170,16 @@ def incomplete_copy(copy: Path, source: Path) -> str | None:
     want, _ = tensor_stats(src_files)
     have, _ = tensor_stats(sorted(copy.glob("*.safetensors")))
     if have < want:
-        return (f"the sharded copy holds {have:,} weight elements and {source} holds {want:,}: vLLM wrote it "
-                f"without some of the model's weights")
+        return (
+            f"the sharded copy holds {have:,} weight elements and {source} holds {want:,}: vLLM wrote it "
+            f"without some of the model's weights"
+        )
     return None
 
 
-def write_sharded_state(model_path: str, out: Path, tp: int, pp: int, dtype: str = "auto",
-                        max_size: int = 5 << 30) -> str:
+def write_sharded_state(
+    model_path: str, out: Path, tp: int, pp: int, dtype: str = "auto", max_size: int = 5 << 30
+) -> str:
     """A copy of the model as vLLM's per-rank files for TP x PP (what `sharded_state` loads
     without reading and splitting the whole checkpoint on every start), plus its config
     and tokenizer files. Needs the TP x PP devices it is written for (CPU: processes).
@@ -171,11 +192,20 @@ def write_sharded_state(model_path: str, out: Path, tp: int, pp: int, dtype: str
     out.mkdir(parents=True, exist_ok=True)
     if _cpu_build() and tp * pp == 1:
         _keep_cpu_linear_weights()
-    llm = LLM(model=model_path, tensor_parallel_size=tp, pipeline_parallel_size=pp, dtype=dtype,
-              enforce_eager=True, max_model_len=256)
+    llm = LLM(
+        model=model_path,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=256,
+    )
     written = str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
-    pattern = ("model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors" if pp > 1
-               else "model-rank-{rank}-part-{part}.safetensors")
+    pattern = (
+        "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
+        if pp > 1
+        else "model-rank-{rank}-part-{part}.safetensors"
+    )
     llm.llm_engine.engine_core.save_sharded_state(path=str(out), pattern=pattern, max_size=max_size)
     for entry in os.listdir(model_path):  # config, tokenizer, generation config: all but the weights
         src = Path(model_path) / entry

@@ -60,8 +60,10 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
             sampling_params(kw)
         except TypeError as e:  # an unknown field
             name = str(e).split("'")[1] if "'" in str(e) else str(e)
-            raise UserError(f"{where}: {name} is not a SamplingParams field in vLLM {vllm.__version__} "
-                            f"(sampling.extra.{name}); see vLLM's SamplingParams reference for the fields") from None
+            raise UserError(
+                f"{where}: {name} is not a SamplingParams field in vLLM {vllm.__version__} "
+                f"(sampling.extra.{name}); see vLLM's SamplingParams reference for the fields"
+            ) from None
         except Exception as e:  # vLLM's own validation: ValueError / VLLMValidationError
             raise UserError(f"{where}: vLLM {vllm.__version__} refuses these settings: {e}") from None
 
@@ -74,8 +76,10 @@ def check_sampling(sampling: dict, overrides: list[dict] | None = None, base: di
             refused.append(str(e))
     note = f"sampling checked against vLLM {vllm.__version__}"
     if refused:
-        note += (f"; {len(refused)} distinct request bod{'y' if len(refused) == 1 else 'ies'} will fail as error "
-                 f"records (listed in errors.jsonl at merge), e.g. {refused[0]}")
+        note += (
+            f"; {len(refused)} distinct request bod{'y' if len(refused) == 1 else 'ies'} will fail as error "
+            f"records (listed in errors.jsonl at merge), e.g. {refused[0]}"
+        )
     if remembered:
         _remember(remembered, note)
     return note
@@ -90,15 +94,18 @@ def _remembered(spec, sampling: dict, overrides: list[dict] | None, base: dict |
 
     try:
         package = Path(next(iter(spec.submodule_search_locations)))
-        installed = [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                     for f in (package / "sampling_params.py", package / "version.py", package / "_version.py")
-                     if f.exists()]
+        installed = [
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in (package / "sampling_params.py", package / "version.py", package / "_version.py")
+            if f.exists()
+        ]
         ours = [Path(engine.__file__).read_bytes(), Path(__file__).read_bytes()]
     except (OSError, StopIteration, TypeError):
         return None
     distinct = sorted({json.dumps(o, sort_keys=True) for o in (overrides or []) if o})
-    key = hashlib.sha256(json.dumps([str(package), installed, sampling, distinct, base], sort_keys=True,
-                                    default=str).encode())
+    key = hashlib.sha256(
+        json.dumps([str(package), installed, sampling, distinct, base], sort_keys=True, default=str).encode()
+    )
     for code in ours:
         key.update(hashlib.sha256(code).digest())
     return cache_root() / "checks" / f"sampling-{key.hexdigest()[:32]}.txt"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .math_grader import r1_zero_score
+from .math_grader import extract_answer, hendrycks_normalize, r1_zero_score
 
 
 def _truth(record: dict[str, Any], answer_field: str) -> Any:
@@ -29,12 +29,26 @@ def _truth(record: dict[str, Any], answer_field: str) -> Any:
     return truth
 
 
+def extracted(response: str) -> str | None:
+    """The answer a response gives, normalized for a majority vote (maj@k): the text between
+    `<answer>` and `</answer>` (a \\boxed{} inside it unwrapped), Hendrycks-normalized; None
+    without one."""
+    if "<answer>" not in response:
+        return None
+    answer = response.split("<answer>")[-1].split("</answer>")[0]
+    if "\\boxed" in answer:
+        answer = extract_answer(answer) or ""
+    normal = hendrycks_normalize(answer.strip())
+    return normal if normal else None
+
+
 def _score_outputs(record: dict[str, Any], score: Callable[[str], dict[str, float]]) -> dict[str, float]:
-    """Scores every sampled output (n >= 1); the record gets the mean, each output its own."""
+    """Scores every sampled output (n >= 1); the record gets the mean, each output its own
+    scores and its `extracted` answer (run/metrics.py reports pass@k and maj@k from them)."""
     outputs = record.get("outputs") or [{"text": record.get("text", "")}]
     scores = [score(o.get("text", "")) for o in outputs]
     for o, s in zip(outputs, scores):
-        o.update(s)
+        o.update(s, extracted=extracted(o.get("text") or ""))
     return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
 
 
@@ -71,3 +85,7 @@ def math_verify_reward(record: dict[str, Any], answer_field: str = "answer") -> 
 # planner refuses a record without them, with its line, before anything runs.
 r1_zero_reward.field_args = ("answer_field",)
 math_verify_reward.field_args = ("answer_field",)
+# Each output's correctness, format and extracted answer: what summary.json's metrics use
+# (run/metrics.py: pass@k, maj@k, the format/answer categories).
+for _hook in (r1_zero_reward, math_verify_reward):
+    _hook.score_key, _hook.format_key, _hook.answer_key = "answer_reward", "format_reward", "extracted"

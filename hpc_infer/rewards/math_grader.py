@@ -42,10 +42,10 @@ def last_boxed(text: str) -> Optional[str]:
                 break
     if end is None:
         return None
-    span = text[start:end + 1]
+    span = text[start : end + 1]
     if not span.startswith("\\boxed{") or not span.endswith("}"):
         return None  # `\boxed 5`, `\fbox{..}`: the reference extracts nothing from these
-    return span[len("\\boxed{"):-1]
+    return span[len("\\boxed{") : -1]
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -64,16 +64,138 @@ def extract_answer(text: str) -> Optional[str]:
 # Unit words (MathQA's list) removed when they stand alone; used as regex fragments, as
 # the reference does, so "." in "q ." matches any character. Each also with a plural "s".
 _UNIT_WORDS = [
-    "east", "degree", "mph", "kmph", "ft", "m sqaure", " m east", "sq m", "deg", "mile", "q .", "monkey", "prime",
-    "ratio", "profit of rs", "rd", "o", "gm", "p . m", "lb", "tile", "per", "dm", "lt", "gain", "ab", "way", "west",
-    "a .", "b .", "c .", "d .", "e .", "f .", "g .", "h .", "t", "a", "h", "no change", "men", "soldier", "pie", "bc",
-    "excess", "st", "inches", "noon", "percent", "by", "gal", "kmh", "c", "acre", "rise", "a . m", "th", "π r 2", "sq",
-    "mark", "l", "toy", "coin", "sq . m", "gallon", "° f", "profit", "minw", "yr", "women", "feet", "am", "pm", "hr",
-    "cu cm", "square", "v â € ™", "are", "rupee", "rounds", "cubic", "cc", "mtr", "s", "ohm", "number", "kmph", "day",
-    "hour", "minute", "min", "second", "man", "woman", "sec", "cube", "mt", "sq inch", "mp", "∏ cm ³", "hectare",
-    "more", "sec", "unit", "cu . m", "cm 2", "rs .", "rs", "kg", "g", "month", "km", "m", "cm", "mm", "apple", "liter",
-    "loss", "yard", "pure", "year", "increase", "decrease", "d", "less", "Surface", "litre", "pi sq m", "s .",
-    "metre", "meter", "inch",
+    "east",
+    "degree",
+    "mph",
+    "kmph",
+    "ft",
+    "m sqaure",
+    " m east",
+    "sq m",
+    "deg",
+    "mile",
+    "q .",
+    "monkey",
+    "prime",
+    "ratio",
+    "profit of rs",
+    "rd",
+    "o",
+    "gm",
+    "p . m",
+    "lb",
+    "tile",
+    "per",
+    "dm",
+    "lt",
+    "gain",
+    "ab",
+    "way",
+    "west",
+    "a .",
+    "b .",
+    "c .",
+    "d .",
+    "e .",
+    "f .",
+    "g .",
+    "h .",
+    "t",
+    "a",
+    "h",
+    "no change",
+    "men",
+    "soldier",
+    "pie",
+    "bc",
+    "excess",
+    "st",
+    "inches",
+    "noon",
+    "percent",
+    "by",
+    "gal",
+    "kmh",
+    "c",
+    "acre",
+    "rise",
+    "a . m",
+    "th",
+    "π r 2",
+    "sq",
+    "mark",
+    "l",
+    "toy",
+    "coin",
+    "sq . m",
+    "gallon",
+    "° f",
+    "profit",
+    "minw",
+    "yr",
+    "women",
+    "feet",
+    "am",
+    "pm",
+    "hr",
+    "cu cm",
+    "square",
+    "v â € ™",
+    "are",
+    "rupee",
+    "rounds",
+    "cubic",
+    "cc",
+    "mtr",
+    "s",
+    "ohm",
+    "number",
+    "kmph",
+    "day",
+    "hour",
+    "minute",
+    "min",
+    "second",
+    "man",
+    "woman",
+    "sec",
+    "cube",
+    "mt",
+    "sq inch",
+    "mp",
+    "∏ cm ³",
+    "hectare",
+    "more",
+    "sec",
+    "unit",
+    "cu . m",
+    "cm 2",
+    "rs .",
+    "rs",
+    "kg",
+    "g",
+    "month",
+    "km",
+    "m",
+    "cm",
+    "mm",
+    "apple",
+    "liter",
+    "loss",
+    "yard",
+    "pure",
+    "year",
+    "increase",
+    "decrease",
+    "d",
+    "less",
+    "Surface",
+    "litre",
+    "pi sq m",
+    "s .",
+    "metre",
+    "meter",
+    "inch",
 ]
 _UNIT_PATTERNS = [re.compile(r"(^|\W)" + u + r"($|\W)") for u in _UNIT_WORDS + [u + "s" for u in _UNIT_WORDS]]
 _ENCLOSING_TEXT = re.compile(r"^\\text\{(?P<text>.+?)\}$")
@@ -180,8 +302,24 @@ def hendrycks_normalize(answer: Optional[str]) -> Optional[str]:
 # Check 2: Minerva-style normalisation + sympy
 # ---------------------------------------------------------------------------------------
 
-_MINERVA_UNITS = ["degree", "cm", "centimeter", "meter", "mile", "second", "minute", "hour", "day", "week", "month",
-                  "year", "foot", "feet", "inch", "yard"]
+_MINERVA_UNITS = [
+    "degree",
+    "cm",
+    "centimeter",
+    "meter",
+    "mile",
+    "second",
+    "minute",
+    "hour",
+    "day",
+    "week",
+    "month",
+    "year",
+    "foot",
+    "feet",
+    "inch",
+    "yard",
+]
 _MINERVA_UNIT_PATTERNS = [re.compile(u + r"(es)?(s)? *(\^[0-9]+)?") for u in _MINERVA_UNITS]
 _THOUSANDS_COMMA = re.compile(r"(\d)(,)(\d\d\d)($|\D)")
 _TUPLE_CHARS = "()[]"
@@ -284,7 +422,8 @@ def _sympy_equal(truth: str, given: str) -> bool:
     try:
         diff = sympy_parser.parse_expr(
             expr.replace("^", "**"),
-            transformations=sympy_parser.standard_transformations + (sympy_parser.implicit_multiplication_application,))
+            transformations=sympy_parser.standard_transformations + (sympy_parser.implicit_multiplication_application,),
+        )
         return sympy.simplify(diff) == 0
     except Exception:  # noqa: BLE001 - anything sympy cannot parse or simplify is "not equal"
         return False
@@ -295,8 +434,12 @@ def _elements(expr: str) -> list[str]:
     expr = _drop_thousands_commas(expr)
     if not expr:
         return []
-    if (len(expr) > 2 and expr[0] in _TUPLE_CHARS and expr[-1] in _TUPLE_CHARS
-            and not any(c in expr[1:-1] for c in _TUPLE_CHARS)):
+    if (
+        len(expr) > 2
+        and expr[0] in _TUPLE_CHARS
+        and expr[-1] in _TUPLE_CHARS
+        and not any(c in expr[1:-1] for c in _TUPLE_CHARS)
+    ):
         return [e.strip() for e in expr[1:-1].split(",")]
     return [expr]
 
@@ -337,11 +480,20 @@ def _math_verify_equal(given: str, truth: str) -> bool:
         return False
     if t == g:
         return True
-    cfg = dict(extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
-               fallback_mode="no_fallback", extraction_mode=["first_match"], parsing_timeout=1)
+    cfg = dict(
+        extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
+        fallback_mode="no_fallback",
+        extraction_mode=["first_match"],
+        parsing_timeout=1,
+    )
     try:
-        return bool(verify(parse(truth if "$" in truth else f"${truth}$", **cfg),
-                           parse(given if "$" in given else f"${given}$", **cfg), timeout_seconds=1))
+        return bool(
+            verify(
+                parse(truth if "$" in truth else f"${truth}$", **cfg),
+                parse(given if "$" in given else f"${given}$", **cfg),
+                timeout_seconds=1,
+            )
+        )
     except Exception:  # noqa: BLE001
         return False
 

@@ -22,8 +22,16 @@ from typing import BinaryIO, Callable, Iterator
 
 from ..rundir import faults
 from ..errors import RecordsFailed, UserError
-from ..rundir import (TRAILER_KEY, RunDir, current_umask, read_chunk_trailer, read_heartbeats, read_json,
-                             set_permissions, write_json)
+from ..rundir import (
+    TRAILER_KEY,
+    RunDir,
+    current_umask,
+    read_chunk_trailer,
+    read_heartbeats,
+    read_json,
+    set_permissions,
+    write_json,
+)
 from .timeline import draw_timeline
 
 
@@ -46,6 +54,8 @@ class Summary:
     workers: int
     engine_start_s: list[float] = field(default_factory=list)
     launches: list[dict] = field(default_factory=list)  # each launch's span, one clock each (launch_spans)
+    planning: dict | None = None  # prefix groups the records were planned in (run/plan.py), or None
+    engine_settings: dict = field(default_factory=dict)  # what the engine ran with (tuned ones named)
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
     postprocess: dict | None = None  # hook target, records, sums and means of the fields it added
@@ -75,6 +85,7 @@ class _Checked:
     finished: float | None = None
     errors: int = 0
     error_types: dict = field(default_factory=dict)
+    load: Callable[[], bytes] | None = None  # a block of a prefix-grouped run in input order (its bytes, checked)
 
 
 def check_trailer(run: RunDir, chunk: dict) -> _Checked:
@@ -88,18 +99,37 @@ def check_trailer(run: RunDir, chunk: dict) -> _Checked:
         raise _corrupt(path, cid, f"holds the output of chunk {t.get(TRAILER_KEY)}, not chunk {cid}")
     want = (chunk["n_records"], chunk["first_index"], chunk["last_index"])
     if (t.get("records"), t.get("first"), t.get("last")) != want:
-        raise _corrupt(path, cid, f"covers records {t.get('first')}..{t.get('last')} ({t.get('records')}), "
-                                  f"the chunk is {want[1]}..{want[2]} ({want[0]})")
+        raise _corrupt(
+            path,
+            cid,
+            f"covers records {t.get('first')}..{t.get('last')} ({t.get('records')}), "
+            f"the chunk is {want[1]}..{want[2]} ({want[0]})",
+        )
     if t.get("bytes") != body:
-        raise _corrupt(path, cid, f"has {body} bytes of records, its trailer says {t.get('bytes')} "
-                                  f"(lines added, removed or cut)")
-    return _Checked(cid, path, body, int(t["crc32"]), want[0], int(t.get("prompt_tokens", 0)),
-                    int(t.get("output_tokens", 0)), str(t.get("worker", "?")), t.get("started"), t.get("finished"),
-                    int(t.get("errors", 0)), dict(t.get("error_types") or {}))
+        raise _corrupt(
+            path, cid, f"has {body} bytes of records, its trailer says {t.get('bytes')} (lines added, removed or cut)"
+        )
+    return _Checked(
+        cid,
+        path,
+        body,
+        int(t["crc32"]),
+        want[0],
+        int(t.get("prompt_tokens", 0)),
+        int(t.get("output_tokens", 0)),
+        str(t.get("worker", "?")),
+        t.get("started"),
+        t.get("finished"),
+        int(t.get("errors", 0)),
+        dict(t.get("error_types") or {}),
+    )
 
 
 def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
     """Append a chunk's records to `out`, verifying the CRC of exactly the bytes copied."""
+    if chunk.load is not None:  # an input-order block of a grouped run: its chunks' CRCs were checked
+        out.write(chunk.load())
+        return
     crc, left = 0, chunk.body_bytes
     with open(chunk.path, "rb") as f:
         while left:
@@ -111,6 +141,61 @@ def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
             left -= len(data)
     if crc != chunk.crc32:
         raise _corrupt(chunk.path, chunk.id, "records do not match their checksum (edited or damaged)")
+
+
+def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per_block: int = 4096) -> list[_Checked]:
+    """A prefix-grouped run's records in input order, as blocks the writers take like chunks.
+    Each chunk's output holds its records sorted by index, which order.bin names, so no
+    line is parsed: every chunk is read once (its CRC checked, its lines' offsets noted),
+    then each block reads its lines back by offset when it is written."""
+    import array
+
+    from ..rundir.chunks import read_order
+
+    entries = {c["id"]: c for c in manifest["chunks"]}
+    n = manifest["n_records"]
+    where_chunk, where_off, where_len = array.array("q", [-1]) * n, array.array("q", [0]) * n, array.array("q", [0]) * n
+    has_error = bytearray(n)
+    for c in checked:
+        with open(c.path, "rb") as f:
+            body = f.read(c.body_bytes)
+        if len(body) != c.body_bytes:
+            raise _corrupt(c.path, c.id, "shorter than its trailer says")
+        if zlib.crc32(body) != c.crc32:
+            raise _corrupt(c.path, c.id, "records do not match their checksum (edited or damaged)")
+        indices = sorted(i for i, _ in read_order(run.root / "order.bin", *entries[c.id]["positions"]))
+        start = 0
+        for index in indices:
+            end = body.index(b"\n", start) + 1
+            where_chunk[index], where_off[index], where_len[index] = c.id, start, end - start
+            has_error[index] = b'"error": {' in body[start:end]
+            start = end
+    present = [i for i in range(n) if where_chunk[i] >= 0]
+    paths = {c.id: c.path for c in checked}
+
+    def loader(indices: list[int]) -> Callable[[], bytes]:
+        def load() -> bytes:
+            parts, files = [], {}
+            try:
+                for i in indices:
+                    cid = where_chunk[i]
+                    if cid not in files:
+                        files[cid] = open(paths[cid], "rb")
+                    files[cid].seek(where_off[i])
+                    parts.append(files[cid].read(where_len[i]))
+            finally:
+                for f in files.values():
+                    f.close()
+            return b"".join(parts)
+
+        return load
+
+    blocks = []
+    for b in range(0, len(present), per_block):
+        idx = present[b : b + per_block]
+        blocks.append(_Checked(-1 - len(blocks), run.out, 0, 0, len(idx), 0, 0, errors=sum(has_error[i] for i in idx),
+                               load=loader(idx)))
+    return blocks
 
 
 @contextmanager
@@ -178,13 +263,18 @@ def _records(chunk: _Checked, hook: "Hook | None", drop_errors: bool = False) ->
 class Hook:
     """Applies merge.postprocess to each record and totals the numeric fields it adds."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, group_by: list[str] | None = None):
         from ..config import postprocess_fn
+        from .metrics import Metrics
 
         self.target = spec["_target_"]
         self.fn = postprocess_fn(spec)
         self.records = 0
         self.sums: dict[str, float] = {}
+        func = getattr(self.fn, "func", self.fn)  # what the hook says its per-output score and answer are
+        score = getattr(func, "score_key", None)
+        self.metrics = Metrics(score, getattr(func, "answer_key", None), getattr(func, "format_key", None),
+                               list(group_by or [])) if score else None
 
     def __call__(self, record: dict) -> None:
         if record.get("error"):  # nothing was generated: nothing to grade
@@ -192,31 +282,46 @@ class Hook:
         try:
             added = self.fn(record)
         except Exception as e:
-            raise UserError(f"merge.postprocess {self.target} failed on record {record.get('id')!r} "
-                            f"({type(e).__name__}: {e}); fix the hook and merge again (`hpc-infer merge RUN`), "
-                            f"or merge without it: `hpc-infer merge RUN --no-postprocess`") from None
+            raise UserError(
+                f"merge.postprocess {self.target} failed on record {record.get('id')!r} "
+                f"({type(e).__name__}: {e}); fix the hook and merge again (`hpc-infer merge RUN`), "
+                f"or merge without it: `hpc-infer merge RUN --no-postprocess`"
+            ) from None
         if not isinstance(added, dict):
             raise UserError(f"merge.postprocess {self.target} returned {type(added).__name__}, not a dict of fields")
         record.update(added)
+        if self.metrics:
+            self.metrics.add(record)
         self.records += 1
         for k, v in added.items():
             if isinstance(v, (int, float)):
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
     def summary(self) -> dict:
-        return {"target": self.target, "records": self.records, "sums": self.sums,
-                "means": {k: round(v / self.records, 6) for k, v in self.sums.items()} if self.records else {}}
+        return {
+            "target": self.target,
+            "records": self.records,
+            "sums": self.sums,
+            "means": {k: round(v / self.records, 6) for k, v in self.sums.items()} if self.records else {},
+            **({"metrics": self.metrics.result()} if self.metrics else {}),
+        }
 
 
-def _write_jsonl_parsed(chunks: list[_Checked], out: Path, hook: Hook | None,
-                        transform: Callable[[dict], dict] | None = None, drop_errors: bool = False) -> None:
+def _write_jsonl_parsed(
+    chunks: list[_Checked],
+    out: Path,
+    hook: Hook | None,
+    transform: Callable[[dict], dict] | None = None,
+    drop_errors: bool = False,
+) -> None:
     """With a hook or another output shape, each record is parsed, extended or reshaped,
     and written again (slower than the checked copy)."""
     with _atomic_result(out) as f:
         for c in chunks:
             rows = _records(c, hook, drop_errors)
-            f.write("".join(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n"
-                            for r in rows).encode())
+            f.write(
+                "".join(json.dumps(transform(r) if transform else r, ensure_ascii=False) + "\n" for r in rows).encode()
+            )
 
 
 def _rows(chunk: _Checked, hook: Hook | None = None, drop_errors: bool = False) -> list[dict]:
@@ -257,16 +362,26 @@ def _conform(table, schema):
     """A chunk's table with every column of the unified schema, in its order and types."""
     import pyarrow as pa
 
-    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
-               else pa.nulls(table.num_rows, f.type) for f in schema]
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
 ON_ERROR = ("keep", "drop", "fail")
 
 
-def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per_worker: int | None = None,
-          postprocess: dict | None = None, on_error: str = "keep", dest: Path | None = None) -> Summary:
+def merge(
+    run: RunDir,
+    fmt: str = "jsonl",
+    allow_partial: bool = False,
+    gpus_per_worker: int | None = None,
+    postprocess: dict | None = None,
+    on_error: str = "keep",
+    dest: Path | None = None,
+    group_by: list[str] | None = None,
+) -> Summary:
     """Check every finished chunk, then write the result file and summary.json.
 
     Every trailer is checked before the first byte is written; each chunk's CRC is
@@ -294,7 +409,7 @@ def merge(run: RunDir, fmt: str = "jsonl", allow_partial: bool = False, gpus_per
     if gpus_per_worker is None:
         gpus_per_worker = int(spec.get("gpus_per_worker", 0))
     with _merge_lock(dest):
-        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error, dest)
+        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error, dest, group_by)
 
 
 def report_errors(summary: Summary, say: Callable[[str], None]) -> None:
@@ -309,10 +424,15 @@ def report_errors(summary: Summary, say: Callable[[str], None]) -> None:
 def errors_line(s: Summary) -> str:
     """The line `launch` and `merge` end with when records failed."""
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(s.error_types.items(), key=lambda kv: -kv[1]))
-    kept = {"keep": "kept in the results as error records", "drop": "left out of the results",
-            "fail": "kept in the results as error records"}[s.on_error]
-    return (f"{s.errors} of {s.records_expected} records failed ({kinds}); {kept}; listed in {s.errors_file} "
-            f"(a valid input for a follow-up run)")
+    kept = {
+        "keep": "kept in the results as error records",
+        "drop": "left out of the results",
+        "fail": "kept in the results as error records",
+    }[s.on_error]
+    return (
+        f"{s.errors} of {s.records_expected} records failed ({kinds}); {kept}; listed in {s.errors_file} "
+        f"(a valid input for a follow-up run)"
+    )
 
 
 @contextmanager
@@ -327,48 +447,75 @@ def _merge_lock(dest: Path) -> Iterator[None]:
         yield
 
 
-def _merge(run: RunDir, fmt: str, allow_partial: bool, gpus_per_worker: int, postprocess: dict | None,
-           on_error: str, dest: Path) -> Summary:
+def _merge(
+    run: RunDir,
+    fmt: str,
+    allow_partial: bool,
+    gpus_per_worker: int,
+    postprocess: dict | None,
+    on_error: str,
+    dest: Path,
+    group_by: list[str] | None = None,
+) -> Summary:
     manifest = read_json(run.manifest)
     spec = read_json(run.worker_spec)
     done = run.output_files() & set(range(manifest["n_chunks"]))  # damaged ones are named by check_trailer
     missing = sorted(set(range(manifest["n_chunks"])) - done)
     if missing and not allow_partial:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        raise UserError(f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
-                        f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true.")
+        raise UserError(
+            f"run {run.root} is incomplete: {len(missing)} of {manifest['n_chunks']} chunks have no output "
+            f"({shown}). Relaunch the same command to finish them, or merge with merge.allow_partial=true."
+        )
     checked = [check_trailer(run, c) for c in manifest["chunks"] if c["id"] in done]
+    ordered = checked  # what is written, in input order
+    if manifest.get("grouped"):  # chunks of prefix groups: their records interleave in the input
+        ordered = input_order_blocks(run, manifest, checked)
     out = dest / run.results(fmt, partial=bool(missing)).name
-    hook = Hook(postprocess) if postprocess else None
+    hook = Hook(postprocess, group_by) if postprocess else None
     drop = on_error == "drop"
     if fmt == "parquet":
-        _write_parquet(checked, out, hook, drop)
+        _write_parquet(ordered, out, hook, drop)
     elif fmt == "openai_batch":
         from ..io.openai_batch import result_to_response
 
         name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
-        _write_jsonl_parsed(checked, out, hook, lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"),
-                            drop)
+        _write_jsonl_parsed(
+            ordered,
+            out,
+            hook,
+            lambda r: result_to_response(r, name, created, f"{run.root}:{manifest['created']}"),
+            drop,
+        )
     elif hook:
-        _write_jsonl_parsed(checked, out, hook, drop_errors=drop)
+        _write_jsonl_parsed(ordered, out, hook, drop_errors=drop)
     else:
-        _write_jsonl(checked, out, drop)
+        _write_jsonl(ordered, out, drop)
     errors_path = dest / "errors.jsonl"
     n_errors = sum(c.errors for c in checked)
     if n_errors:
-        _write_errors(checked, errors_path)
+        _write_errors(ordered, errors_path)
     elif errors_path.exists():  # an earlier merge's list: nothing failed in this one
         errors_path.unlink()
     beats = read_heartbeats(run)
     sampling = spec.get("sampling", {})
     if spec["input"].get("format") == "openai_batch":  # say which defaults the batch lines took
-        sampling = ({"per_line": "the body's fields; what a body leaves out: vLLM's OpenAI-server defaults "
-                                 "(data.batch_defaults=server)"} if spec.get("batch_defaults", "server") == "server"
-                    else dict(sampling, per_line="the body's fields over the run's sampling group and seed "
-                                                 "(data.batch_defaults=run)"))
+        sampling = (
+            {
+                "per_line": "the body's fields; what a body leaves out: vLLM's OpenAI-server defaults "
+                "(data.batch_defaults=server)"
+            }
+            if spec.get("batch_defaults", "server") == "server"
+            else dict(
+                sampling, per_line="the body's fields over the run's sampling group and seed (data.batch_defaults=run)"
+            )
+        )
     summary = _summarize(run, manifest, checked, beats, out, fmt, missing, sampling, gpus_per_worker)
     summary.timeline = draw_timeline(dest, [asdict(c) for c in checked], beats, run.root.name)
     summary.postprocess = hook.summary() if hook else None
+    summary.planning = manifest.get("grouped")
+    summary.engine_settings = dict(spec["model"].get("engine_kwargs") or {}, **(
+        {"tuned_from": spec["model"]["tuned_from"]} if spec["model"].get("tuned_from") else {}))
     summary.on_error = on_error
     if n_errors and drop:
         summary.records -= n_errors  # records in the result file
@@ -388,9 +535,15 @@ def launch_spans(run: RunDir, checked: list[_Checked]) -> list[dict]:
     between launches) cut out."""
     from ..rundir import jobs
 
-    spans = [{"started": round(float(r["started"]), 3), "ended": round(float(r["ended"]), 3),
-              "wall_s": round(float(r["ended"]) - float(r["started"]), 3), "clock": "launcher"}
-             for r in jobs.launches(run.root)]
+    spans = [
+        {
+            "started": round(float(r["started"]), 3),
+            "ended": round(float(r["ended"]), 3),
+            "wall_s": round(float(r["ended"]) - float(r["started"]), 3),
+            "clock": "launcher",
+        }
+        for r in jobs.launches(run.root)
+    ]
     if spans:
         return spans
     timed = sorted((c.started, c.finished) for c in checked if c.started and c.finished)
@@ -402,13 +555,23 @@ def launch_spans(run: RunDir, checked: list[_Checked]) -> list[dict]:
     return [dict(s, wall_s=round(s["ended"] - s["started"], 3), clock="workers") for s in spans]
 
 
-def _summarize(run: RunDir, manifest: dict, checked: list[_Checked], beats: list[dict], out: Path, fmt: str,
-               missing: list[int], sampling: dict, gpus_per_worker: int) -> Summary:
+def _summarize(
+    run: RunDir,
+    manifest: dict,
+    checked: list[_Checked],
+    beats: list[dict],
+    out: Path,
+    fmt: str,
+    missing: list[int],
+    sampling: dict,
+    gpus_per_worker: int,
+) -> Summary:
     spans = launch_spans(run, checked)
     wall = sum(s["wall_s"] for s in spans)
     out_tokens = sum(c.output_tokens for c in checked)
-    worker_s = sum(max(0.0, b.get("finished_at", b.get("t", b["started"])) - b["started"]) for b in beats
-                   if "started" in b)
+    worker_s = sum(
+        max(0.0, b.get("finished_at", b.get("t", b["started"])) - b["started"]) for b in beats if "started" in b
+    )
     return Summary(
         run=str(run.root),
         results=str(out),

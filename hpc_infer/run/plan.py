@@ -9,6 +9,7 @@ checked concatenation. Relaunching with the same input and settings resumes the 
 
 from __future__ import annotations
 
+import array
 import bisect
 import errno
 import itertools
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf
 
 from ..config import RunConfig
 from ..io.data import InputScan, file_fingerprint, input_spec, load_template
+from ..io.records import PREFIX_CHARS
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
 
@@ -129,9 +131,20 @@ class _ChunkWriter:
             self.lines += data.count(b"\n")
 
     def close(self, last: int) -> None:
-        self.table.append(dict(id=len(self.table), n_records=self.n, est_tokens=self.est, first_index=self.first,
-                               last_index=last, offset=self.offset, bytes=self.bytes, crc32=self.crc,
-                               first_line=self.first_line, max_chars=self.max_chars))
+        self.table.append(
+            dict(
+                id=len(self.table),
+                n_records=self.n,
+                est_tokens=self.est,
+                first_index=self.first,
+                last_index=last,
+                offset=self.offset,
+                bytes=self.bytes,
+                crc32=self.crc,
+                first_line=self.first_line,
+                max_chars=self.max_chars,
+            )
+        )
         self.offset += self.bytes
         self._reset()
 
@@ -160,6 +173,7 @@ class PlannedInput:
     created: Path | None = None  # the first folder of output_root that planning created
     input_format: str = ""  # data.format as read (auto resolved)
     spec: Any = None  # io.records.InputSpec the records were checked with
+    grouped: dict | None = None  # prefix groups the records were planned in (prefix_groups), or None
 
     def discard(self) -> None:
         if self.staging.exists():
@@ -197,8 +211,16 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
         rows = scan.spec.chunk_encoding == "rows"
         per_record = estimate_tokens(0, max_tokens, n)
         seen, base = 0, 0  # estimated tokens so far; records in the blocks before this one
+        # for prefix grouping: each record's prefix key, byte end in input.copy, estimate, length
+        keys, ends, all_ests, chars = array.array("q"), array.array("q"), array.array("q"), array.array("q")
         for raw, seg, parsed, left in scan.blocks(parallel=parallel):
             ests = [c // CHARS_PER_TOKEN + per_record for c in parsed.chars]  # estimate_tokens, inlined
+            if not rows:
+                block_start = writer.offset + writer.bytes - seg  # where this block's byte 0 lands in input.copy
+                keys.extend(parsed.prefixes[: len(ests)])
+                ends.extend(block_start + e for e in parsed.ends[: len(ests)])
+                all_ests.extend(ests)
+                chars.extend(parsed.chars[: len(ests)])
             seen += sum(ests)
             total = seen * (1.0 + left)  # what is read so far, scaled by what is left of the file
             start = 0
@@ -208,10 +230,13 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
                     break
                 writer.add(base + start, stop - start, sum(ests[start:stop]), max(parsed.chars[start:stop]))
                 if rows:
-                    writer.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
-                                         for row in parsed.rows[start:stop]).encode())
+                    writer.write(
+                        "".join(
+                            json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in parsed.rows[start:stop]
+                        ).encode()
+                    )
                 elif i is not None:
-                    writer.write(raw[seg:parsed.ends[i]])
+                    writer.write(raw[seg : parsed.ends[i]])
                     seg = parsed.ends[i]
                 if i is not None:
                     writer.close(base + i)
@@ -220,12 +245,100 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
                 writer.write(raw[seg:])
             base += len(ests)
         writer.finish(base - 1)
-        return PlannedInput(tmp, scan.n, scan.sha256, scan.size, seen, writer.table, list(scan.overrides.values()),
-                            created, scan.spec.format, scan.spec)
+        table, grouping = writer.table, None
+        if not rows and rc.data.group_prefixes == "auto" and len(writer.table) > 1:
+            grouping = prefix_groups(keys)
+            if grouping is not None:
+                table = regroup(staging, grouping[0], ends, all_ests, chars, rc)
+        return PlannedInput(
+            tmp,
+            scan.n,
+            scan.sha256,
+            scan.size,
+            seen,
+            table,
+            list(scan.overrides.values()),
+            created,
+            scan.spec.format,
+            scan.spec,
+            grouping[1] if grouping else None,
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(tmp.parent, created)
         raise
+
+
+def prefix_groups(keys: array.array) -> tuple[list[int], dict] | None:
+    """The order to plan records in when records sharing a long prefix are scattered: groups
+    in the order their first record appears, records in input order within a group. None
+    when grouping would change little: under 10% of the records share a prefix with another,
+    or each group already comes in one piece (a grouped input: nothing to gain, no second
+    pass paid). One dict of the keys: no comparison of records with each other."""
+    first: dict[int, int] = {}
+    size: dict[int, int] = {}
+    runs, prev = 0, None
+    for k in keys:
+        if k not in first:
+            first[k] = len(first)
+        size[k] = size.get(k, 0) + 1
+        runs += k != prev
+        prev = k
+    n = len(keys)
+    shared = sum(c for c in size.values() if c > 1)
+    if not n or shared < 0.1 * n or runs <= 1.5 * len(first):
+        return None
+    order = sorted(range(n), key=lambda i: first[keys[i]])  # stable: input order within a group
+    return order, {"groups": len(first), "records_in_shared_groups": shared, "runs_before": runs,
+                   "prefix_chars": PREFIX_CHARS}
+
+
+def regroup(staging: RunDir, order: list[int], ends: array.array, ests: array.array, chars: array.array,
+            rc: RunConfig) -> list[dict]:
+    """Rewrite input.copy in `order` and cut chunks over it. Each record's original index and
+    line go to `order.bin` (two little-endian int64 a position) so a worker gives its records
+    their own ids, indices and line numbers back, and the merge restores input order. A
+    sequential read (line numbers) and one pass of reads in the new order: only for inputs
+    whose shared prefixes are scattered."""
+    src = staging.input_copy
+    lines = array.array("q")
+    with open(src, "rb") as f:
+        start, line = 0, 1
+        for end in ends:
+            span = f.read(end - start)
+            # the record's own line: after the blank lines before it
+            lines.append(line + span.count(b"\n") - span.endswith(b"\n"))  # after any blank lines before it
+            line += span.count(b"\n")
+            start = end
+    grouped = staging.root / "input.grouped"
+    writer = _ChunkWriter(grouped)
+    cutter = ChunkCutter(rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records)
+    new_ests = [ests[i] for i in order]
+    cuts = set(cutter.cuts(new_ests, sum(new_ests)))
+    positions = array.array("q")
+    with open(src, "rb") as f:
+        p0 = 0
+        for pos, i in enumerate(order):
+            start = ends[i - 1] if i else 0
+            f.seek(start)
+            span = f.read(ends[i] - start)
+            if not span.endswith(b"\n"):
+                span += b"\n"  # the input's last line without a newline: no longer last
+            writer.add(pos, 1, new_ests[pos], chars[i])
+            writer.write(span)
+            positions.extend((i, lines[i]))
+            if pos in cuts or pos == len(order) - 1:
+                entry_start = p0
+                writer.close(pos)
+                idx = [order[q] for q in range(entry_start, pos + 1)]
+                writer.table[-1].update(first_index=min(idx), last_index=max(idx), positions=[entry_start, pos + 1],
+                                        first_line=lines[order[entry_start]])
+                p0 = pos + 1
+    writer.f.close()
+    with open(staging.root / "order.bin", "wb") as f:
+        f.write(positions.tobytes())
+    os.replace(grouped, src)
+    return writer.table
 
 
 def _remove_empty(folder: Path, created: Path | None) -> None:
@@ -271,6 +384,19 @@ def _gres_gpus(gres: str | None) -> int:
     return int(tail) if tail.isdigit() else 1
 
 
+def tuned_settings(rc: RunConfig) -> dict:
+    """The engine settings `hpc-infer tune` kept for this model and cluster ({engine_kwargs,
+    path}), when tune.use and there are any. Never part of the run's fingerprint: they change
+    how fast, not what (a relaunch after tuning resumes)."""
+    if not rc.tune.use or rc.cluster.endpoint or not rc.tuned_path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    kept = OmegaConf.to_container(OmegaConf.load(rc.tuned_path)) or {}
+    kwargs = (kept.get("model") or {}).get("engine_kwargs") or {}
+    return {"engine_kwargs": kwargs, "path": str(rc.tuned_path)} if kwargs else {}
+
+
 def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, too_long: dict | None = None) -> dict:
     """Everything a worker needs, as plain JSON. Never holds a secret."""
     m = rc.model
@@ -287,6 +413,8 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
             engine_kwargs[key] = getattr(m, key)
     if rc.cluster.nodes_per_task > 1:
         engine_kwargs["distributed_executor_backend"] = "ray"  # vLLM spans the nodes through Ray
+    tuned = tuned_settings(rc)  # what `hpc-infer tune` kept; the user's own engine_kwargs win
+    engine_kwargs.update({k: v for k, v in tuned.get("engine_kwargs", {}).items() if k not in m.engine_kwargs})
     engine_kwargs.update(m.engine_kwargs)
     chat_template = Path(m.chat_template).read_text() if m.chat_template else None
     lora = None
@@ -294,10 +422,18 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         path = Path(m.lora_path).expanduser().resolve()
         lora = {"path": str(path), "name": path.name, "max_rank": m.lora_max_rank}
     return {
-        "model": {"path": model_path, "task": m.task, "engine_kwargs": engine_kwargs, "chat_template": chat_template,
-                  "pair_field": rc.data.pair_field, "lora": lora, "served_name": m.hf_id or m.name,
-                  "aliases": [m.name],  # batch lines may name the model by its config name too
-                  "compile_cache": rc.cluster.compile_cache},  # host/compile_cache.py
+        "model": {
+            "path": model_path,
+            "task": m.task,
+            "engine_kwargs": engine_kwargs,
+            "tuned_from": tuned.get("path"),
+            "chat_template": chat_template,
+            "pair_field": rc.data.pair_field,
+            "lora": lora,
+            "served_name": m.hf_id or m.name,
+            "aliases": [m.name],  # batch lines may name the model by its config name too
+            "compile_cache": rc.cluster.compile_cache,
+        },  # host/compile_cache.py
         "input": input_spec(rc.data).to_json(),  # how a worker rebuilds records from chunk files
         "sampling": rc.sampling.to_vllm(),
         "seed": rc.seed,
@@ -312,14 +448,21 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "permissions": rc.permissions,
         # what the merge's figures need without the launcher's config (hpc-infer merge alone)
         "gpus_per_worker": (rc.cluster.gpus_per_task or _gres_gpus(rc.cluster.gres)) * rc.cluster.nodes_per_task
-        if rc.cluster.backend == "slurm" else 0,
+        if rc.cluster.backend == "slurm"
+        else 0,
         "too_long": too_long or {},  # index -> {reason[, keep]}: records that cannot fit (models/fit.py)
         "endpoint": endpoint,  # cluster.endpoint resolved: serve run, urls, model name, key FILE (not the key)
     }
 
 
-def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: str,
-            endpoint: dict | None = None, too_long: dict | None = None) -> tuple[RunDir, bool]:
+def prepare(
+    rc: RunConfig,
+    planned: PlannedInput,
+    model_path: str,
+    config_yaml: str,
+    endpoint: dict | None = None,
+    too_long: dict | None = None,
+) -> tuple[RunDir, bool]:
     """Publish the planned input as the run directory (one rename), or check that an
     existing one is the same run. The staging directory is gone afterwards either way.
 
@@ -331,29 +474,40 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
         if os.path.lexists(run.root):  # resumed only when nobody else could have written it
             from ..rundir import trust
 
-            trust.check_tree(run.root, "run_dir", trust.OWN, SUBDIRS,
-                             fix=f"give a run_name of your own (run_name=...), or another output_root")
+            trust.check_tree(
+                run.root,
+                "run_dir",
+                trust.OWN,
+                SUBDIRS,
+                fix="give a run_name of your own (run_name=...), or another output_root",
+            )
             for f in (run.manifest, run.worker_spec, run.config):
                 if os.path.lexists(f):
                     trust.check(f, "run_dir", trust.OWN, fix="give a run_name of your own (run_name=...)")
         if not run.manifest.exists():
             if run.root.exists() and any(run.root.iterdir()):
-                raise UserError(f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or "
-                                f"set run_name=...")
+                raise UserError(
+                    f"{run.root} exists but has no manifest.json (an interrupted plan?); delete it or set run_name=..."
+                )
             staging = RunDir(planned.staging)
             write_json(staging.worker_spec, worker_spec(rc, model_path, endpoint, too_long))
             staging.config.write_text(config_yaml)
-            write_json(staging.manifest, {
-                "version": MANIFEST_VERSION,
-                "created": time.time(),
-                "input": str(Path(rc.data.path).expanduser().resolve()),
-                "n_records": planned.n_records,
-                "input_bytes": planned.size,
-                "n_chunks": len(planned.chunks),
-                "est_tokens": planned.est_tokens,
-                "fingerprint": parts,
-                "chunks": planned.chunks,
-            })
+            write_json(
+                staging.manifest,
+                {
+                    "version": MANIFEST_VERSION,
+                    "created": time.time(),
+                    "input": str(Path(rc.data.path).expanduser().resolve()),
+                    "n_records": planned.n_records,
+                    "input_bytes": planned.size,
+                    "n_chunks": len(planned.chunks),
+                    "est_tokens": planned.est_tokens,
+                    "fingerprint": parts,
+                    "chunks": planned.chunks,
+                    # prefix groups the records were planned in (run/plan.py: prefix_groups), or None
+                    "grouped": planned.grouped,
+                },
+            )
             secure_root(planned.staging, rc.permissions, rc.run_group)
             try:
                 os.rename(planned.staging, run.root)  # the run directory appears whole, or not at all
@@ -364,9 +518,11 @@ def prepare(rc: RunConfig, planned: PlannedInput, model_path: str, config_yaml: 
                 # Another launch published this run first: resume it if it is the same run, never mix.
         old = read_json(run.manifest)
         if old.get("version") != MANIFEST_VERSION:
-            raise UserError(f"{run.root} was planned by another hpc_infer version (run format {old.get('version')}, "
-                            f"this one writes {MANIFEST_VERSION}); merge it with that version, or give a new "
-                            f"run_name=...")
+            raise UserError(
+                f"{run.root} was planned by another hpc_infer version (run format {old.get('version')}, "
+                f"this one writes {MANIFEST_VERSION}); merge it with that version, or give a new "
+                f"run_name=..."
+            )
         was = old.get("fingerprint", {})
         changed = [k for k in dict.fromkeys([*parts, *was]) if was.get(k) != parts.get(k)]
         if changed:

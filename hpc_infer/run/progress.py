@@ -76,8 +76,9 @@ class DoneTracker:
         return self.done
 
 
-def snapshot(run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0,
-             tracker: DoneTracker | None = None) -> Progress:
+def snapshot(
+    run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0, tracker: DoneTracker | None = None
+) -> Progress:
     manifest = manifest or read_json(run.manifest)
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
@@ -139,19 +140,28 @@ def failures(run: RunDir, states: dict[str, str]) -> list[str]:
         if b.get("state") == "failed" or b.get("error"):
             reported.add(str(b.get("worker")))
             logs = _log_files(run, str(b["worker"])) if b.get("worker") else []
-            lines.append(f"worker {b.get('worker')}: {b.get('error') or 'failed'}"
-                         + (f" (log: {', '.join(logs)})" if logs else ""))
+            lines.append(
+                f"worker {b.get('worker')}: {b.get('error') or 'failed'}"
+                + (f" (log: {', '.join(logs)})" if logs else "")
+            )
     for j, state in states.items():
         if state not in ("COMPLETED", "RUNNING", "PENDING") and j not in reported:
             logs = _log_files(run, j)
             last = _last_error_line(logs)  # died before its heartbeat: e.g. the container did not start
-            lines.append(f"task {j}: {state}" + (f": {last}" if last else "")
-                         + (f" (log: {', '.join(logs)})" if logs else ""))
+            lines.append(
+                f"task {j}: {state}" + (f": {last}" if last else "") + (f" (log: {', '.join(logs)})" if logs else "")
+            )
     return lines
 
 
-def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 2.0, show: bool = True,
-         log_every_s: float = 30.0, lease_s: float = 600.0) -> Progress:
+def wait(
+    run: RunDir,
+    job_states: Callable[[], dict[str, str]],
+    poll_s: float = 2.0,
+    show: bool = True,
+    log_every_s: float = 30.0,
+    lease_s: float = 600.0,
+) -> Progress:
     """Block until every chunk is done, or no job is left that could finish one: none of
     ours, and no live claim of a worker from an earlier launch (a relaunch while the first
     launch's workers still run waits for them instead of calling the run failed).
@@ -174,8 +184,15 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
     p = snapshot(run, manifest, fresh_s, tracker)
     t0 = time.time()
     tty = sys.stderr.isatty()
-    bar = tqdm(total=p.n_records, initial=p.records_done, unit="rec", desc=run.root.name, disable=not (show and tty),
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=p.n_records,
+        initial=p.records_done,
+        unit="rec",
+        desc=run.root.name,
+        disable=not (show and tty),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     last_log = 0.0
     while True:
         p = snapshot(run, manifest, fresh_s, tracker)
@@ -192,9 +209,12 @@ def wait(run: RunDir, job_states: Callable[[], dict[str, str]], poll_s: float = 
         bar.update(max(0, p.records_done - bar.n))
         if show and not tty and (time.time() - last_log >= log_every_s or p.complete):
             last_log = time.time()
-            print(f"[hpc_infer] {run.root.name}: {p.records_done}/{p.n_records} records, "
-                  f"{p.chunks_done}/{p.n_chunks} chunks, {time.time() - t0:,.0f}s, {postfix}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[hpc_infer] {run.root.name}: {p.records_done}/{p.n_records} records, "
+                f"{p.chunks_done}/{p.n_chunks} chunks, {time.time() - t0:,.0f}s, {postfix}",
+                file=sys.stderr,
+                flush=True,
+            )
         if p.complete:
             break
         if not states or all(s in TERMINAL for s in states.values()):
@@ -211,13 +231,17 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
     manifest = read_json(run.manifest)
     p = snapshot(run, manifest, fresh_s_of(run))
     now = time.time()
-    lines = [f"run {run.root}",
-             f"  chunks {p.chunks_done}/{p.n_chunks}   records {p.records_done}/{p.n_records}   "
-             f"output tokens {p.output_tokens:,}" + (f" (+{p.generating_tokens:,} generating)" if p.generating_tokens
-                                                     else "")]
+    lines = [
+        f"run {run.root}",
+        f"  chunks {p.chunks_done}/{p.n_chunks}   records {p.records_done}/{p.n_records}   "
+        f"output tokens {p.output_tokens:,}"
+        + (f" (+{p.generating_tokens:,} generating)" if p.generating_tokens else ""),
+    ]
     if p.live_workers:
-        lines.append(f"  {p.live_workers} live worker{'s' * (p.live_workers != 1)}   {p.tokens_per_s:,.0f} tok/s   "
-                     f"{p.records_per_s:,.1f} records/s   ETA {eta_text(p)}")
+        lines.append(
+            f"  {p.live_workers} live worker{'s' * (p.live_workers != 1)}   {p.tokens_per_s:,.0f} tok/s   "
+            f"{p.records_per_s:,.1f} records/s   ETA {eta_text(p)}"
+        )
     if states:
         lines.append("  tasks:")
         for job_id, state in sorted(states.items()):
@@ -238,10 +262,18 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
             age = now - b.get("t", now)
             chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
             stale = "  (no heartbeat for long: the worker may have died)" if age > 3 * 60 else ""
-            alone = (f"  running chunk {b['isolating']} alone (its workers died with it: finding the record that "
-                     f"kills the engine)") if b.get("isolating") is not None else ""
-            lines.append(f"  worker {b['worker']:>14}  {state:9} chunks={chunks}  {counts}  "
-                         f"last heartbeat {age:.0f}s ago{stale}{alone}")
+            alone = (
+                (
+                    f"  running chunk {b['isolating']} alone (its workers died with it: finding the record that "
+                    f"kills the engine)"
+                )
+                if b.get("isolating") is not None
+                else ""
+            )
+            lines.append(
+                f"  worker {b['worker']:>14}  {state:9} chunks={chunks}  {counts}  "
+                f"last heartbeat {age:.0f}s ago{stale}{alone}"
+            )
     missing = sorted(set(range(p.n_chunks)) - run.done_chunks())
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -254,10 +286,16 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         except (OSError, ValueError):
             lease_s = 600.0
         holders = live_holders(run, lease_s)  # a live holder's attempt is running, not a death
-        deaths = {c: isolate.deaths(run, c, exclude=[holders[c]] if c in holders else [])
-                  for c in missing[:1000] if isolate.attempts_path(run, c).exists()}
+        deaths = {
+            c: isolate.deaths(run, c, exclude=[holders[c]] if c in holders else [])
+            for c in missing[:1000]
+            if isolate.attempts_path(run, c).exists()
+        }
         if any(deaths.values()):
-            lines.append("  workers died with these chunks in their batch: " + ", ".join(
-                f"{c} ({n}x)" for c, n in sorted(deaths.items()) if n) + " (a chunk that died cluster.max_attempts "
-                "times is run alone and bisected)")
+            lines.append(
+                "  workers died with these chunks in their batch: "
+                + ", ".join(f"{c} ({n}x)" for c, n in sorted(deaths.items()) if n)
+                + " (a chunk that died cluster.max_attempts "
+                "times is run alone and bisected)"
+            )
     return "\n".join(lines)

@@ -59,13 +59,13 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
     script_path = run.root / "job.sbatch"
     worker = ["-m", "hpc_infer.worker", str(run.root)]
     if c.container.image:
-        prefix = exec_prefix(c.container, container_binds(c, rc.model, run.root, model_path),
-                             gpus=c.gpus_per_task > 0)
+        prefix = exec_prefix(c.container, container_binds(c, rc.model, run.root, model_path), gpus=c.gpus_per_task > 0)
         python = shlex.join(prefix + [c.container.python])
     else:
         python = shlex.quote(sys.executable)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
     env.filters["shquote"] = lambda v: shlex.quote(str(v))
     template = env.get_template("multi_node.sbatch.j2" if multi else "single_node.sbatch.j2")
     return template.render(
@@ -97,9 +97,11 @@ def render(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> str:
 def write_script(rc: RunConfig, config_yaml: str) -> Path:
     set_permissions(rc.permissions)
     if rc.cluster.backend != "slurm":  # never a Slurm script for a non-Slurm cluster without a word
-        say(f"cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script assumes a "
+        say(
+            f"cluster={rc.cluster.name} is not a Slurm cluster (backend {rc.cluster.backend}): the script assumes a "
             f"default partition, {rc.cluster.gpus_per_task} GPU(s) and the time {rc.cluster.time} per task; for your "
-            f"cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or your own)")
+            f"cluster's #SBATCH lines use its config (cluster=slurm_local, together, aau_ai_cloud, or your own)"
+        )
     check_time_limit(rc.cluster, rc.run_path)
     with plan_input(rc) as planned:
         checked = check_run_sampling(rc, planned.overrides, planned.input_format)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str | None = None) -> str | None:
     """Write timeline.png into `dest` (the run directory, or a merge's --out); returns its
     name, or None with no data."""
@@ -26,28 +27,58 @@ def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str 
     fig, ax = plt.subplots(figsize=(11, max(2.4, 1.2 + 0.45 * len(workers))))
     for b in beats:
         if b.get("worker") in lane and b.get("started") and b.get("engine_start_s"):
-            ax.barh(lane[b["worker"]], b["engine_start_s"], left=b["started"] - t0, color="0.85", height=0.8,
-                    label="engine start")
+            ax.barh(
+                lane[b["worker"]],
+                b["engine_start_s"],
+                left=b["started"] - t0,
+                color="0.85",
+                height=0.8,
+                label="engine start",
+            )
     span = max(c["finished"] for c in timed) - t0 or 1.0
     for c, (slot, slots) in zip(timed, _slots(timed)):
         height = 0.7 / slots
         y, width = lane[c["worker"]] - 0.35 + height * (slot + 0.5), c["finished"] - c["started"]
-        ax.barh(y, width, left=c["started"] - t0, height=height, color=f"C{c['id'] % 10}", edgecolor="black",
-                linewidth=0.3, alpha=0.8, label="chunk (number = chunk id)")
+        ax.barh(
+            y,
+            width,
+            left=c["started"] - t0,
+            height=height,
+            color=f"C{c['id'] % 10}",
+            edgecolor="black",
+            linewidth=0.3,
+            alpha=0.8,
+            label="chunk (number = chunk id)",
+        )
         if width > span / 60:  # label the bar with its chunk id where it fits
-            ax.text(c["started"] - t0 + width / 2, y, str(c["id"]), ha="center", va="center",
-                    fontsize=max(5, min(8, 40 / slots)))
+            ax.text(
+                c["started"] - t0 + width / 2,
+                y,
+                str(c["id"]),
+                ha="center",
+                va="center",
+                fontsize=max(5, min(8, 40 / slots)),
+            )
     ax.set_yticks(range(len(workers)), [str(w) for w in workers], fontsize=7)
     ax.set_ylabel("worker")
     ax.set_xlabel("seconds since the first worker started")
     n_chunks, n_workers = len(timed), len(workers)
-    ax.set_title(f"{title or Path(dest).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
-                 f"worker{'s' * (n_workers != 1)} (stacked bars: chunks in one engine at once)", fontsize=9)
+    ax.set_title(
+        f"{title or Path(dest).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
+        f"worker{'s' * (n_workers != 1)} (stacked bars: chunks in one engine at once)",
+        fontsize=9,
+    )
     handles, labels = ax.get_legend_handles_labels()
     first = {label: h for h, label in zip(handles, labels)}
     if first:
-        ax.legend(list(first.values()), list(first.keys()), loc="upper left", bbox_to_anchor=(1.005, 1.0),
-                  fontsize=7, frameon=False)  # beside the lanes, never over a bar
+        ax.legend(
+            list(first.values()),
+            list(first.keys()),
+            loc="upper left",
+            bbox_to_anchor=(1.005, 1.0),
+            fontsize=7,
+            frameon=False,
+        )  # beside the lanes, never over a bar
     fig.tight_layout()
     out = Path(dest) / "timeline.png"
     tmp = out.with_name(".timeline.png.tmp")

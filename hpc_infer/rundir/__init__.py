@@ -8,13 +8,50 @@ and leases (claims.py), engine attempts and poison bisection (isolate.py), failp
 inside the cluster's vLLM image.
 """
 
-from .chunks import (TRAILER_KEY, ChunkSource, chunk_done, encode_chunk_output, publish_chunk_output,
-                     read_chunk_source, read_chunk_trailer)
-from .files import (UMASKS, current_umask, read_json, read_jsonl, set_permissions, tail_lines, write_atomic,
-                    write_exclusive, write_json, write_jsonl)
+from .chunks import (
+    TRAILER_KEY,
+    ChunkSource,
+    chunk_done,
+    encode_chunk_output,
+    publish_chunk_output,
+    read_chunk_source,
+    read_chunk_trailer,
+)
+from .files import (
+    UMASKS,
+    current_umask,
+    read_json,
+    read_jsonl,
+    set_permissions,
+    tail_lines,
+    write_atomic,
+    write_exclusive,
+    write_json,
+    write_jsonl,
+)
 from .layout import SUBDIRS, RunDir, read_chunk_records, read_heartbeats, secure_root
 
-__all__ = ["TRAILER_KEY", "ChunkSource", "chunk_done", "encode_chunk_output", "publish_chunk_output",
-           "read_chunk_source", "read_chunk_trailer", "UMASKS", "current_umask", "read_json", "read_jsonl",
-           "set_permissions", "tail_lines", "write_atomic", "write_exclusive", "write_json", "write_jsonl", "SUBDIRS", "RunDir",
-           "read_chunk_records", "read_heartbeats", "secure_root"]
+__all__ = [
+    "TRAILER_KEY",
+    "ChunkSource",
+    "chunk_done",
+    "encode_chunk_output",
+    "publish_chunk_output",
+    "read_chunk_source",
+    "read_chunk_trailer",
+    "UMASKS",
+    "current_umask",
+    "read_json",
+    "read_jsonl",
+    "set_permissions",
+    "tail_lines",
+    "write_atomic",
+    "write_exclusive",
+    "write_json",
+    "write_jsonl",
+    "SUBDIRS",
+    "RunDir",
+    "read_chunk_records",
+    "read_heartbeats",
+    "secure_root",
+]

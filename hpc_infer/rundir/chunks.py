@@ -105,10 +105,16 @@ class ChunkSource:
     def __init__(self, body: bytes, parsed: Any, spec: dict, first_index: int):
         self.body, self.parsed, self.spec, self.first_index = body, parsed, spec, first_index
         self.records: list[dict] = parsed.records
+        # a record's position in the chunk by its index (a prefix-grouped chunk's indices are
+        # not one contiguous range)
+        self._position = {r["index"]: k for k, r in enumerate(self.records)}
+
+    def position(self, index: int) -> int:
+        return self._position[index]
 
     def origin(self, k: int) -> dict:
         start = self.parsed.ends[k - 1] if k else 0
-        raw = self.body[start:self.parsed.ends[k]].decode("utf-8", errors="replace").split("\n")
+        raw = self.body[start : self.parsed.ends[k]].decode("utf-8", errors="replace").split("\n")
         text = next((t.rstrip("\r") for t in reversed(raw) if t.strip()), "")
         if self.spec.get("format") == "txt":
             row: Any = {"prompt": text}
@@ -119,8 +125,11 @@ class ChunkSource:
                 row = {"text": text}
         from ..io.records import LINE_FORMATS
 
-        where = ("line", self.parsed.record_lines[k]) if self.spec.get("format") in LINE_FORMATS \
+        where = (
+            ("line", self.parsed.record_lines[k])
+            if self.spec.get("format") in LINE_FORMATS
             else ("row", self.first_index + k + 1)
+        )
         return {where[0]: where[1], "input": row}
 
 
@@ -133,13 +142,37 @@ def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
         f.seek(expect["offset"])
         body = f.read(expect["bytes"])
     if len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]:
-        raise RuntimeError(f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
-                           f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
-                           f"launch again")
+        raise RuntimeError(
+            f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
+            f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
+            f"launch again"
+        )
     first = int(expect["first_index"])
-    parsed = parse_block(InputSpec.from_json(spec), str(path), body, int(expect.get("first_line", 1)) - 1, first, 0,
-                         None, keep=True)
+    positions = expect.get("positions")  # a prefix-grouped chunk: its records' own indices and lines in order.bin
+    parsed = parse_block(
+        InputSpec.from_json(spec), str(path), body, int(expect.get("first_line", 1)) - 1, first, 0, None, keep=True
+    )
     if len(parsed.records) != expect["n_records"]:
-        raise RuntimeError(f"{path}: {len(parsed.records)} records where the plan has {expect['n_records']}; the run "
-                           f"directory is damaged: delete it and launch again")
+        raise RuntimeError(
+            f"{path}: {len(parsed.records)} records where the plan has {expect['n_records']}; the run "
+            f"directory is damaged: delete it and launch again"
+        )
+    if positions:
+        for k, (index, line) in enumerate(read_order(path.parent / "order.bin", *positions)):
+            rec = parsed.records[k]
+            if not parsed.has_id:  # a positional id: the record's own position in the input
+                rec["id"] = str(index)
+            rec["index"] = index
+            parsed.record_lines[k] = line
     return ChunkSource(body, parsed, spec, first)
+
+
+def read_order(path: Path, start: int, stop: int) -> list[tuple[int, int]]:
+    """(original index, line) of the records at positions start..stop-1 of a grouped copy."""
+    import array
+
+    with open(path, "rb") as f:
+        f.seek(start * 16)
+        values = array.array("q")
+        values.frombytes(f.read((stop - start) * 16))
+    return list(zip(values[0::2], values[1::2]))

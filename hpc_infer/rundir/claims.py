@@ -19,8 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_json
-from .layout import RunDir, read_heartbeats
+from .layout import RunDir
 from .lease import age, server_now
 
 
@@ -161,8 +160,7 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
 def live_claims(run: RunDir, lease_s: float) -> set[int]:
     """Chunks being worked on right now: claimed, not done, lease not run out, holder not dead."""
     now = server_now(run.claims)
-    return {cid for cid in run.claimed_chunks() - run.done_chunks()
-            if not is_stale(run, cid, lease_s, now)}
+    return {cid for cid in run.claimed_chunks() - run.done_chunks() if not is_stale(run, cid, lease_s, now)}
 
 
 def live_holders(run: RunDir, lease_s: float) -> dict[int, str]:
@@ -291,8 +289,9 @@ def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float, fresh_s
     if not held:
         return None
     now = server_now(run.heartbeats)
-    beats = [b for b, a in filter(None, (read_beat(p, now) for p in run.heartbeats.glob("*.json")))
-             if live(b, a, fresh_s)]
+    beats = [
+        b for b, a in filter(None, (read_beat(p, now) for p in run.heartbeats.glob("*.json"))) if live(b, a, fresh_s)
+    ]
     rates: list[float] = []
     progress = progress_by_chunk(beats, rates)
 
@@ -332,7 +331,9 @@ class Claimer:
     def _list(self) -> None:
         self._listed = time.time()
         self.listings += 1
-        claimed, done = self.run.claimed_chunks(), self.run.done_chunks()
+        # names only: an output that exists is taken (its trailer is checked once, when it is
+        # claimed or merged); a damaged one is moved aside by the launcher before workers start
+        claimed, done = self.run.claimed_chunks(), self.run.output_files()
         self.taken = claimed | done
         self._claimed_not_done = sorted(claimed - done)
         self._free = [c for c in range(self.n) if c not in self.taken]
@@ -376,8 +377,11 @@ class Claimer:
             return cid
         now = server_now(self.run.claims)
         for cid in self._claimed_not_done:
-            if not skip(cid) and is_stale(self.run, cid, self.lease_s, now) and \
-                    take_over(self.run, cid, self.owner, self.lease_s):
+            if (
+                not skip(cid)
+                and is_stale(self.run, cid, self.lease_s, now)
+                and take_over(self.run, cid, self.owner, self.lease_s)
+            ):
                 if not self.run.chunk_done(cid):
                     return cid
                 release(self.run, cid, self.owner)

@@ -14,6 +14,7 @@ waits for `$HPC_INFER_HOLD_DIR/release` (a test then acts on a known state, e.g.
 that has finished two chunks and holds the third's claim, instead of racing the clock).
 
 Points: claimed (PATH_PART: the claim file, e.g. `claimed@/00002:HOLD`), step (worker), heartbeat (each beat),
+locked (a rundir.lease.Lock just acquired: `locked@.merge.lock:HOLD`),
 tmp_written, renamed (rundir.write_atomic / write_exclusive),
 merge_tmp_written (merge, before the result's rename), record (a record going into the
 engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a

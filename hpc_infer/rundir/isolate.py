@@ -61,9 +61,16 @@ def record_attempt(run: RunDir, chunk_id: int, rng: Range, worker: str, alone: b
     records and is taken back."""
     folder = attempts_path(run, chunk_id)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json",
-               {"range": list(rng), "alone": alone, "worker": worker, "t": round(time.time(), 3),
-                **({"released": True} if released else {})})
+    write_json(
+        folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json",
+        {
+            "range": list(rng),
+            "alone": alone,
+            "worker": worker,
+            "t": round(time.time(), 3),
+            **({"released": True} if released else {}),
+        },
+    )
 
 
 def attempts(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> tuple[int, collections.Counter]:
@@ -133,8 +140,9 @@ def _covered(rng: Range, done: set[Range]) -> bool:
     return _covered((lo, mid), done) and _covered((mid, hi), done)
 
 
-def next_step(rng: Range, tried: collections.Counter, done: set[Range], max_attempts: int,
-              root: bool = True) -> tuple[str, Range] | None:
+def next_step(
+    rng: Range, tried: collections.Counter, done: set[Range], max_attempts: int, root: bool = True
+) -> tuple[str, Range] | None:
     """What to do next for a suspect chunk: ("try", range) alone, ("poison", one record),
     or None when every record is in a finished part. `tried` counts tries alone; each one
     not in a part died. Ranges are the nodes of the chunk's halving tree, so parts never
@@ -148,8 +156,9 @@ def next_step(rng: Range, tried: collections.Counter, done: set[Range], max_atte
     if hi - lo == 1:
         return ("poison", rng) if tried[rng] >= max_attempts else ("try", rng)
     mid = (lo + hi) // 2
-    return (next_step((lo, mid), tried, done, max_attempts, False)
-            or next_step((mid, hi), tried, done, max_attempts, False))
+    return next_step((lo, mid), tried, done, max_attempts, False) or next_step(
+        (mid, hi), tried, done, max_attempts, False
+    )
 
 
 def save_part(run: RunDir, chunk_id: int, rng: Range, rows: list[dict]) -> None:
@@ -171,9 +180,11 @@ def forget(run: RunDir, chunk_id: int) -> None:
 
 
 def poison_reason(tried: int) -> EngineDied:
-    return EngineDied(f"the engine's process died each time this record was in its batch, alone ({tried} times); "
-                      f"the rest of its chunk completed without it. Typical causes: a segfault or an OOM kill "
-                      f"on this input, or a CUDA error. The worker logs hold the cause.")
+    return EngineDied(
+        f"the engine's process died each time this record was in its batch, alone ({tried} times); "
+        f"the rest of its chunk completed without it. Typical causes: a segfault or an OOM kill "
+        f"on this input, or a CUDA error. The worker logs hold the cause."
+    )
 
 
 def engine_died(exc: BaseException) -> bool:

@@ -42,15 +42,22 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None,
-        **extra) -> None:
+def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None, **extra) -> None:
     """One more record; concurrent writers each get their own file."""
     folder = Path(root) / FOLDER
     folder.mkdir(exist_ok=True)
     now = time.time()
-    write_json(folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json",
-               {"backend": backend, "kind": kind, "time": now, "job_ids": list(job_ids),
-                **({"indices": list(indices)} if indices is not None else {}), **extra})
+    write_json(
+        folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json",
+        {
+            "backend": backend,
+            "kind": kind,
+            "time": now,
+            "job_ids": list(job_ids),
+            **({"indices": list(indices)} if indices is not None else {}),
+            **extra,
+        },
+    )
 
 
 def launches(root: Path) -> list[dict]:
@@ -67,8 +74,15 @@ def _legacy(root: Path) -> list[Record]:
     out, index = [], 0
     for launch in old.get("launches", []):
         ids = [str(j) for j in launch.get("job_ids", [])]
-        out.append(Record(old.get("backend", "debug"), "workers", ids, float(launch.get("time", 0)),
-                          list(range(index, index + len(ids)))))
+        out.append(
+            Record(
+                old.get("backend", "debug"),
+                "workers",
+                ids,
+                float(launch.get("time", 0)),
+                list(range(index, index + len(ids))),
+            )
+        )
         index += len(ids)
     if old.get("router"):
         out.append(Record(old.get("backend", "debug"), "router", [str(old["router"])], float("inf")))
@@ -89,9 +103,16 @@ def records(root: Path) -> list[Record]:
         try:
             d = read_json(root / FOLDER / name)
             known = ("backend", "kind", "job_ids", "time", "indices")
-            out.append(Record(str(d["backend"]), str(d["kind"]), [str(j) for j in d["job_ids"]],
-                              float(d.get("time", 0)), [int(i) for i in d.get("indices", [])],
-                              {k: v for k, v in d.items() if k not in known}))
+            out.append(
+                Record(
+                    str(d["backend"]),
+                    str(d["kind"]),
+                    [str(j) for j in d["job_ids"]],
+                    float(d.get("time", 0)),
+                    [int(i) for i in d.get("indices", [])],
+                    {k: v for k, v in d.items() if k not in known},
+                )
+            )
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return out

@@ -102,8 +102,7 @@ def _ids_in(folder: Path, suffix: str) -> list[tuple[int, str]]:
     except FileNotFoundError:
         return []
     n = 5 + len(suffix)
-    return [(int(name[:5]), name) for name in names
-            if len(name) == n and name[:5].isdigit() and name[5:] == suffix]
+    return [(int(name[:5]), name) for name in names if len(name) == n and name[:5].isdigit() and name[5:] == suffix]
 
 
 def secure_root(root: Path, kind: str, group: str | None = None) -> None:
@@ -137,5 +136,4 @@ def read_heartbeats(run: RunDir) -> list[dict]:
 def read_chunk_records(run: RunDir, chunk_id: int) -> list[dict]:
     """Chunk `chunk_id`'s input records as a worker sees them (tools and tests)."""
     manifest = read_json(run.manifest)
-    return read_chunk_source(run.input_copy, manifest["chunks"][chunk_id],
-                             read_json(run.worker_spec)["input"]).records
+    return read_chunk_source(run.input_copy, manifest["chunks"][chunk_id], read_json(run.worker_spec)["input"]).records

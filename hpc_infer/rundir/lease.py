@@ -23,6 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
+from . import faults
+
 _PROBES: dict[str, Path] = {}
 
 
@@ -136,6 +138,7 @@ class Lock:
         self._stop.clear()
         self._thread = threading.Thread(target=self._refresh, daemon=True)
         self._thread.start()
+        faults.point("locked", self.path)  # tests hold a holder here to prove the others wait
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.lease_s / 4):

@@ -82,10 +82,15 @@ def describe(path: Path, st: os.stat_result) -> str:
 
 def refusal(path: Path, st: os.stat_result, why: str, what: str, fix: str | None = None) -> UserError:
     if fix is None:
-        fix = (f"if it is yours, run `chmod -R go-w {path}`" if "writable" in why and st.st_uid == os.getuid()
-               else "use a directory of your own")
-    return UserError(f"{what}: refused {describe(path, st)}: {why}. hpc_infer acts only on what nobody but you "
-                     f"could have written; {fix}")
+        fix = (
+            f"if it is yours, run `chmod -R go-w {path}`"
+            if "writable" in why and st.st_uid == os.getuid()
+            else "use a directory of your own"
+        )
+    return UserError(
+        f"{what}: refused {describe(path, st)}: {why}. hpc_infer acts only on what nobody but you "
+        f"could have written; {fix}"
+    )
 
 
 def check(path: Path | str, what: str, need: str = OWN, fix: str | None = None) -> str:
@@ -97,8 +102,9 @@ def check(path: Path | str, what: str, need: str = OWN, fix: str | None = None) 
     except OSError as e:
         raise UserError(f"{what}: cannot read {path} ({e.strerror})") from None
     if stat.S_ISLNK(st.st_mode):
-        raise UserError(f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link in "
-                        f"their place")
+        raise UserError(
+            f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link in their place"
+        )
     level, why = verdict(st)
     if level is None or (need == OWN and level != OWN):
         raise refusal(path, st, why or f"owned by {_user(st.st_uid)}: you may read it, not act on it", what, fix)
@@ -113,15 +119,25 @@ def open_checked(path: Path | str, what: str, need: str = OWN) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         if e.errno == 40:  # ELOOP: a link in the file's place
-            raise UserError(f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link "
-                            f"in their place") from None
+            raise UserError(
+                f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link in their place"
+            ) from None
         raise
     st = os.fstat(fd)
     level, why = verdict(st)
     if level is None or (need == OWN and level != OWN) or not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise refusal(path, st, why or ("not a regular file" if not stat.S_ISREG(st.st_mode)
-                                        else f"owned by {_user(st.st_uid)}: you may read it, not act on it"), what)
+        raise refusal(
+            path,
+            st,
+            why
+            or (
+                "not a regular file"
+                if not stat.S_ISREG(st.st_mode)
+                else f"owned by {_user(st.st_uid)}: you may read it, not act on it"
+            ),
+            what,
+        )
     return fd
 
 

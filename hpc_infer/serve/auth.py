@@ -89,7 +89,8 @@ class RequireKey:
             if name.lower() == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 return scheme.lower() == "bearer" and hmac.compare_digest(
-                    hashlib.sha256(token.strip().encode()).digest(), self.digest)
+                    hashlib.sha256(token.strip().encode()).digest(), self.digest
+                )
         return False
 
     async def __call__(self, scope, receive, send):
@@ -98,20 +99,41 @@ class RequireKey:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):]
+            path = path[len(root) :]
         if path == PROOF_PATH and scope["type"] == "http":
             nonce = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("nonce") or [""])[0][:128]
             body = json.dumps({"proof": proof(self._key, nonce, self._run_dir)}).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             return await send({"type": "http.response.body", "body": body})
         if path in OPEN_PATHS or self._authorized(scope):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps({"error": {"message": "a valid API key is required (Authorization: Bearer KEY)",
-                                     "type": "Unauthorized", "param": None, "code": 401}}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                                (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "a valid API key is required (Authorization: Bearer KEY)",
+                    "type": "Unauthorized",
+                    "param": None,
+                    "code": 401,
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b"Bearer"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -41,29 +41,58 @@ def resolve_endpoint(rc) -> dict:
         run = ServeRun.open(given, where, trust.OWN)
         root, spec = run.root, run.spec
         explicit = bool(rc.serve.api_key_file)
-        key_file = check_key_file(Path(rc.serve.api_key_file if explicit else spec["key_file"]),
-                                  explicit or bool(spec.get("key_file_explicit")),
-                                  "serve.api_key_file" if explicit else f"{where}: serve.json's key_file")
-        ready = [check_url(r["url"], f"{where}: replica {r['replica']}'s url") for r in replica_states(run)
-                 if r["state"] == "ready"]
+        key_file = check_key_file(
+            Path(rc.serve.api_key_file if explicit else spec["key_file"]),
+            explicit or bool(spec.get("key_file_explicit")),
+            "serve.api_key_file" if explicit else f"{where}: serve.json's key_file",
+        )
+        ready = [
+            check_url(r["url"], f"{where}: replica {r['replica']}'s url")
+            for r in replica_states(run)
+            if r["state"] == "ready"
+        ]
         if not ready:
-            raise UserError(f"{where}: no replica is ready (`hpc-infer serve status {root}`); start or wait for one, "
-                            f"then relaunch")
+            raise UserError(
+                f"{where}: no replica is ready (`hpc-infer serve status {root}`); start or wait for one, then relaunch"
+            )
         router = router_url(run, key_file.read_text().strip())
         if router:  # one URL; as many requests in flight as the replicas behind it take
             check_url(router, f"{where}: the router's url")
-            return dict(common, run=str(root), urls=[router], router=True, model=spec["served_name"],
-                        key_file=str(key_file), model_path=spec["model"]["path"],
-                        concurrency=rc.cluster.endpoint_concurrency * len(ready))
-        return dict(common, run=str(root), urls=ready, model=spec["served_name"], key_file=str(key_file),
-                    model_path=spec["model"]["path"])
+            return dict(
+                common,
+                run=str(root),
+                urls=[router],
+                router=True,
+                model=spec["served_name"],
+                key_file=str(key_file),
+                model_path=spec["model"]["path"],
+                concurrency=rc.cluster.endpoint_concurrency * len(ready),
+            )
+        return dict(
+            common,
+            run=str(root),
+            urls=ready,
+            model=spec["served_name"],
+            key_file=str(key_file),
+            model_path=spec["model"]["path"],
+        )
     urls = [check_url(u.strip(), "cluster.endpoint") for u in rc.cluster.endpoint.split(",") if u.strip()]
     if not urls:
-        raise UserError(f"cluster.endpoint={rc.cluster.endpoint}: give a `hpc-infer serve` run directory or "
-                        f"http(s)://host:port/v1 URL(s)")
+        raise UserError(
+            f"cluster.endpoint={rc.cluster.endpoint}: give a `hpc-infer serve` run directory or "
+            f"http(s)://host:port/v1 URL(s)"
+        )
     if not rc.serve.api_key_file:
-        raise UserError("cluster.endpoint with URLs: name the file holding the server's API key with "
-                        "serve.api_key_file=... (a key never goes into the config)")
+        raise UserError(
+            "cluster.endpoint with URLs: name the file holding the server's API key with "
+            "serve.api_key_file=... (a key never goes into the config)"
+        )
     key_file = check_key_file(Path(rc.serve.api_key_file), True, "serve.api_key_file")
-    return dict(common, run=None, urls=urls, model=rc.serve.name or rc.model.hf_id or rc.model.name,
-                key_file=str(key_file), model_path=f"endpoint:{urls[0]}")
+    return dict(
+        common,
+        run=None,
+        urls=urls,
+        model=rc.serve.name or rc.model.hf_id or rc.model.name,
+        key_file=str(key_file),
+        model_path=f"endpoint:{urls[0]}",
+    )

@@ -49,9 +49,15 @@ def router_wanted(spec: dict, replicas: int) -> bool:
 
 def router_cluster(spec: dict) -> ClusterConfig:
     """The replicas' cluster (partition, account, qos, time, setup, ...) without GPUs, on one node."""
-    return dataclasses.replace(cluster_from(spec), gpus_per_task=0, gres=None, nodes_per_task=1,
-                               cpus_per_task=int(spec.get("router_cpus", 1)), mem=spec.get("router_mem"),
-                               array_parallelism=None)
+    return dataclasses.replace(
+        cluster_from(spec),
+        gpus_per_task=0,
+        gres=None,
+        nodes_per_task=1,
+        cpus_per_task=int(spec.get("router_cpus", 1)),
+        mem=spec.get("router_mem"),
+        array_parallelism=None,
+    )
 
 
 def submit_router(run: ServeRun) -> str:
@@ -99,7 +105,9 @@ def scale(path: str, target: int) -> str:
     run = ServeRun.open(path, "hpc-infer serve scale")
     spec = run.spec
     if "cluster_config" not in spec or not isinstance(spec.get("python"), str):
-        raise UserError(f"{run.root}: this serve run was started by an older hpc_infer; stop it and serve again to scale")
+        raise UserError(
+            f"{run.root}: this serve run was started by an older hpc_infer; stop it and serve again to scale"
+        )
     states = replica_states(run)
     live = [s for s in states if s["state"] in LIVE]
     key = run.key()
@@ -113,7 +121,7 @@ def scale(path: str, target: int) -> str:
         return said + f". Follow with `hpc-infer serve status {run.root}`"
     if target == len(live):
         return f"{run.root}: {target} replica{'s' * (target != 1)} live already"
-    going = sorted(live, key=lambda s: s["replica"], reverse=True)[:len(live) - target]
+    going = sorted(live, key=lambda s: s["replica"], reverse=True)[: len(live) - target]
     for s in going:
         run.removing_marker(s["replica"]).write_text(f"hpc-infer serve scale {target}\n")
     if _router_alive(run) and key:
@@ -136,4 +144,3 @@ def _router_alive(run: ServeRun) -> bool:
         return False
     backend, _ = recorded_backend(RunDir(run.root))
     return backend.states([job]).get(job) in LIVE_JOB
-

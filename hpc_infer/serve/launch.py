@@ -53,11 +53,15 @@ def api_key_file(rc: RunConfig, run_name: str) -> tuple[Path, bool]:
     if rc.serve.api_key_file:
         path = Path(rc.serve.api_key_file).expanduser()
         if not path.is_file():
-            raise UserError(f"serve.api_key_file: {path} does not exist; write your key there (chmod 600), or leave "
-                            f"serve.api_key_file unset to have one generated")
+            raise UserError(
+                f"serve.api_key_file: {path} does not exist; write your key there (chmod 600), or leave "
+                f"serve.api_key_file unset to have one generated"
+            )
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise UserError(f"serve.api_key_file: {path} is readable by others (mode "
-                            f"{oct(stat.S_IMODE(path.stat().st_mode))}); run `chmod 600 {path}`")
+            raise UserError(
+                f"serve.api_key_file: {path} is readable by others (mode "
+                f"{oct(stat.S_IMODE(path.stat().st_mode))}); run `chmod 600 {path}`"
+            )
         return path, False
     KEYS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(KEYS_DIR, 0o700)
@@ -73,10 +77,14 @@ def api_key_file(rc: RunConfig, run_name: str) -> tuple[Path, bool]:
 def serve(rc: RunConfig) -> Path:
     c = rc.cluster
     if c.backend == "debug":
-        raise UserError("cluster=debug runs in this process; serve with cluster=local (this machine) or a Slurm cluster")
+        raise UserError(
+            "cluster=debug runs in this process; serve with cluster=local (this machine) or a Slurm cluster"
+        )
     if c.nodes_per_task > 1 and c.backend != "slurm":
-        raise UserError(f"cluster.nodes_per_task={c.nodes_per_task}: a replica across nodes needs a Slurm cluster "
-                        f"(cluster={c.name} is {c.backend}); serve on one node, or pick a Slurm cluster")
+        raise UserError(
+            f"cluster.nodes_per_task={c.nodes_per_task}: a replica across nodes needs a Slurm cluster "
+            f"(cluster={c.name} is {c.backend}); serve on one node, or pick a Slurm cluster"
+        )
     if rc.serve.replicas > 1 and c.backend == "local" and c.gpus_per_task:
         say("several local replicas share this machine's GPUs")
     BACKENDS[c.backend].check_reachable(c)
@@ -92,8 +100,10 @@ def serve(rc: RunConfig) -> Path:
         import importlib.util
 
         if importlib.util.find_spec("vllm_router") is None:
-            raise UserError("serve.router: vllm-router is not installed here (its wheel is for Linux x86_64 only); "
-                            "`pip install vllm-router==0.1.17`, or serve without it: serve.router=false")
+            raise UserError(
+                "serve.router: vllm-router is not installed here (its wheel is for Linux x86_64 only); "
+                "`pip install vllm-router==0.1.17`, or serve without it: serve.router=false"
+            )
     run_name = rc.run_name or f"serve__{rc.model.name}"
     rc.run_name = run_name
     set_permissions(rc.permissions)
@@ -103,14 +113,18 @@ def serve(rc: RunConfig) -> Path:
         old = ServeRun.open(root, "run_dir", trust.OWN)
         live = [r for r in replica_states(old) if r["state"] in ("ready", "loading", "queued", "restarting")]
         if live:
-            raise UserError(f"{root} is already serving ({len(live)} replica(s) {live[0]['state']}): see "
-                            f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
-                            f"another run_name=...")
+            raise UserError(
+                f"{root} is already serving ({len(live)} replica(s) {live[0]['state']}): see "
+                f"`hpc-infer serve status {root}`, stop it with `hpc-infer serve stop {root}`, or give "
+                f"another run_name=..."
+            )
         gone_router = old.router_job()
         if gone_router:  # the last serve's router (its replicas may have been killed without a word)
             backend = recorded_backend(run)[0]
             backend.cancel_one(gone_router)
-            backend.wait_ended([gone_router], 120)  # gone before its files are cleared: it writes router.json as it stops
+            backend.wait_ended(
+                [gone_router], 120
+            )  # gone before its files are cleared: it writes router.json as it stops
         old.clear()
     elif os.path.lexists(root):
         trust.check(root, "run_dir", trust.OWN, fix="give a run_name of your own (run_name=...)")
@@ -119,21 +133,38 @@ def serve(rc: RunConfig) -> Path:
     key_file, generated = api_key_file(rc, run_name)
     spec = worker_spec(rc, model_path)
     python = worker_python(rc, run, model_path)
-    model = dict(spec["model"], chat_template_path=str(Path(rc.model.chat_template).resolve())
-                 if rc.model.chat_template else None)
+    model = dict(
+        spec["model"],
+        chat_template_path=str(Path(rc.model.chat_template).resolve()) if rc.model.chat_template else None,
+    )
     served = rc.serve.name or rc.model.hf_id or rc.model.name
     serve_spec = {
-        "model": model, "served_name": served, "host": bind_address(rc), "port_min": rc.serve.port_min,
-        "port_max": rc.serve.port_max, "idle_minutes": rc.serve.idle_minutes,
-        "ready_timeout_s": rc.serve.ready_timeout_min * 60, "extra_args": list(rc.serve.extra_args),
-        "max_restarts": rc.serve.max_restarts, "restart_backoff_s": rc.serve.restart_backoff_s,
-        "env": dict(c.env), "key_file": str(key_file), "key_file_explicit": bool(rc.serve.api_key_file),
+        "model": model,
+        "served_name": served,
+        "host": bind_address(rc),
+        "port_min": rc.serve.port_min,
+        "port_max": rc.serve.port_max,
+        "idle_minutes": rc.serve.idle_minutes,
+        "ready_timeout_s": rc.serve.ready_timeout_min * 60,
+        "extra_args": list(rc.serve.extra_args),
+        "max_restarts": rc.serve.max_restarts,
+        "restart_backoff_s": rc.serve.restart_backoff_s,
+        "env": dict(c.env),
+        "key_file": str(key_file),
+        "key_file_explicit": bool(rc.serve.api_key_file),
         "permissions": rc.permissions,
-        "replicas": rc.serve.replicas, "cluster": c.name, "backend": c.backend, "created": time.time(),
+        "replicas": rc.serve.replicas,
+        "cluster": c.name,
+        "backend": c.backend,
+        "created": time.time(),
         # what `serve scale` needs to submit more replicas (and the router) the same way
-        "cluster_config": dataclasses.asdict(c), "python": python, "router": rc.serve.router,
-        "router_policy": rc.serve.router_policy, "router_port": rc.serve.router_port,
-        "router_cpus": rc.serve.router_cpus, "router_mem": rc.serve.router_mem,
+        "cluster_config": dataclasses.asdict(c),
+        "python": python,
+        "router": rc.serve.router,
+        "router_policy": rc.serve.router_policy,
+        "router_port": rc.serve.router_port,
+        "router_cpus": rc.serve.router_cpus,
+        "router_mem": rc.serve.router_mem,
     }
     write_atomic(root / "serve.json", (json.dumps(serve_spec, indent=1) + "\n").encode())
     REGISTRY.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -141,8 +172,10 @@ def serve(rc: RunConfig) -> Path:
         f.write(f"{root}\n")
     srun = ServeRun(root)
     ids = submit_replicas(srun, c, python, rc.serve.replicas)
-    say(f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
-        f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}")
+    say(
+        f"submitted {rc.serve.replicas} {c.backend} replica{'s' * (rc.serve.replicas != 1)} of {served} "
+        f"({model_path}): {ids[0]}{' ...' if len(ids) > 1 else ''}"
+    )
     if with_router:
         say(f"submitted the router (vllm-router, policy {rc.serve.router_policy}): {submit_router(srun)}")
     if generated and sys.stderr.isatty():  # shown once, on a terminal only (never into a log file)
@@ -153,8 +186,9 @@ def serve(rc: RunConfig) -> Path:
     states = wait_ready(srun)
     ready = [s for s in states if s["state"] == "ready"]
     if not ready:
-        why = "; ".join(f"replica {s['replica']}: {s['state']}" + (f" ({s['error']})" if s.get("error") else "")
-                        for s in states)
+        why = "; ".join(
+            f"replica {s['replica']}: {s['state']}" + (f" ({s['error']})" if s.get("error") else "") for s in states
+        )
         raise UserError(f"no replica became ready: {why}. Logs: {root / 'serve'}/<replica>.log and {run.logs}")
     router = None
     if srun.router_job():
@@ -203,9 +237,9 @@ def instructions(root: Path, served: str, key_file: Path, ready: list[dict], rou
         f"   then use base_url http://localhost:8000/v1",
         "python:",
         "  from openai import OpenAI",
-        f"  client = OpenAI(base_url=\"{url}\", api_key=open(\"{key_file}\").read().strip())",
-        f"  print(client.chat.completions.create(model=\"{served}\", "
-        "messages=[{\"role\": \"user\", \"content\": \"Hello\"}]).choices[0].message.content)",
+        f'  client = OpenAI(base_url="{url}", api_key=open("{key_file}").read().strip())',
+        f'  print(client.chat.completions.create(model="{served}", '
+        'messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)',
         f"status: hpc-infer serve status {root}     stop: hpc-infer serve stop {root}",
         f"live load: hpc-infer serve metrics {root}     more or fewer replicas: hpc-infer serve scale {root} N",
         f"batch through it: hpc-infer launch ... cluster.endpoint={root}",

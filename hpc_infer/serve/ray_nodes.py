@@ -53,8 +53,10 @@ def _address_file(root: Path, index: int) -> Path:
 
 def registered(address: str) -> int:
     """Live nodes in the Ray cluster at `address` (0 when it does not answer)."""
-    code = ("import ray, sys\nray.init(address=sys.argv[1], logging_level='ERROR')\n"
-            "print(sum(n['Alive'] for n in ray.nodes()))")
+    code = (
+        "import ray, sys\nray.init(address=sys.argv[1], logging_level='ERROR')\n"
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
     p = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
     try:
         return int(p.stdout.strip().splitlines()[-1])
@@ -68,15 +70,19 @@ def start_head(root: Path, index: int, nodes: int, log_path: Path, spec: dict) -
     port = free_port(spec.get("port_min", 20000), spec.get("port_max", 60000))
     address = f"{ip}:{port}"
     with open(log_path, "ab") as log:
-        head = subprocess.Popen(_ray("start", "--head", f"--node-ip-address={ip}", f"--port={port}", "--block",
-                                     "--disable-usage-stats"), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        head = subprocess.Popen(
+            _ray("start", "--head", f"--node-ip-address={ip}", f"--port={port}", "--block", "--disable-usage-stats"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     write_atomic(_address_file(root, index), (json.dumps({"address": address, "nodes": nodes}) + "\n").encode())
     deadline, seen = time.time() + WAIT_S, 0
     while time.time() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"the Ray head exited with {head.returncode} before the cluster formed "
-                               f"(log: {log_path})")
+            raise RuntimeError(
+                f"the Ray head exited with {head.returncode} before the cluster formed (log: {log_path})"
+            )
         seen = registered(address)
         if seen >= nodes:
             with open(log_path, "a") as log:
@@ -98,8 +104,12 @@ def join_and_wait(root: Path, index: int, log_path: Path) -> dict:
         time.sleep(1)
     address = json.loads(_address_file(root, index).read_text())["address"]
     with open(log_path, "ab") as log:
-        worker = subprocess.Popen(_ray("start", f"--address={address}", "--block", "--disable-usage-stats"),
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            _ray("start", f"--address={address}", "--block", "--disable-usage-stats"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         while stop["why"] is None and worker.poll() is None:
             try:

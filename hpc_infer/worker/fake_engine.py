@@ -69,7 +69,9 @@ class FakeEngine:
             if str(r.get("id")) in self.fail_ids:
                 self._errors.append(error_result(r, FakeRefused(f"refused by the fake engine: {r.get('id')}")))
                 continue
-            want = self.tokens or (r.get("sampling") or {}).get("max_tokens") or (sampling or {}).get("max_tokens") or 16
+            want = (
+                self.tokens or (r.get("sampling") or {}).get("max_tokens") or (sampling or {}).get("max_tokens") or 16
+            )
             self._waiting.append([r, int(want), 0])
 
     def step(self) -> list[dict]:
@@ -89,9 +91,15 @@ class FakeEngine:
             if have >= want:
                 self.generating_tokens -= have
                 text = f"fake {record.get('id')} {have}"
-                done.append(dict(record, text=text, prompt_tokens=len(str(record.get("prompt") or "")) // 4,
-                                 output_tokens=have, outputs=[{"text": text, "finish_reason": "length",
-                                                               "stop_reason": None, "num_tokens": have}]))
+                done.append(
+                    dict(
+                        record,
+                        text=text,
+                        prompt_tokens=len(str(record.get("prompt") or "")) // 4,
+                        output_tokens=have,
+                        outputs=[{"text": text, "finish_reason": "length", "stop_reason": None, "num_tokens": have}],
+                    )
+                )
             else:
                 still.append([record, want, have])
         self._running = still

@@ -80,8 +80,10 @@ class Heartbeat:
 
     def finished_counts(self) -> tuple[int, int]:
         s = self.state
-        return (s["records_done"] + sum((s["in_flight"] or {}).values()),
-                s["output_tokens"] + s.get("in_flight_tokens", 0))
+        return (
+            s["records_done"] + sum((s["in_flight"] or {}).values()),
+            s["output_tokens"] + s.get("in_flight_tokens", 0),
+        )
 
     def beat(self) -> None:
         now = time.time()
@@ -99,8 +101,12 @@ class Heartbeat:
         now = time.time()
         if now - self._errors.get(kind, 0.0) >= 60.0:
             self._errors[kind] = now
-            print(f"[hpc_infer] worker {self.owner.worker_id}: heartbeat failed ({e}); retrying every "
-                  f"{self.interval_s:g}s; no new chunk is claimed while it fails", file=sys.stderr, flush=True)
+            print(
+                f"[hpc_infer] worker {self.owner.worker_id}: heartbeat failed ({e}); retrying every "
+                f"{self.interval_s:g}s; no new chunk is claimed while it fails",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -124,8 +130,16 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval_s + 5)
-        self.update(state=final_state, in_flight={}, held=[], in_flight_tokens=0, in_flight_prompt_tokens=0,
-                    generating_tokens=0, finished_at=time.time(), **kw)
+        self.update(
+            state=final_state,
+            in_flight={},
+            held=[],
+            in_flight_tokens=0,
+            in_flight_prompt_tokens=0,
+            generating_tokens=0,
+            finished_at=time.time(),
+            **kw,
+        )
         try:
             self.beat()
         except OSError as e:

@@ -78,8 +78,13 @@ def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(state, dict) and state.get("state") == "ready" and isinstance(state.get("url"), str) \
-                    and url_problem(state["url"]) is None and _ours(state["url"], key, run):
+            if (
+                isinstance(state, dict)
+                and state.get("state") == "ready"
+                and isinstance(state.get("url"), str)
+                and url_problem(state["url"]) is None
+                and _ours(state["url"], key, run)
+            ):
                 urls.append(state["url"])
     return urls or [u for u in endpoint.get("urls") or [] if not run or _ours(u, key, run)], False
 
@@ -93,18 +98,26 @@ class HttpEngine:
         self.key, self.run_dir = key, endpoint.get("run")
         self.urls, self.router = ready_urls(endpoint, key)
         if not self.urls:
-            raise RuntimeError(f"no ready replica at {endpoint.get('run') or endpoint.get('urls')}; "
-                               f"start one with `hpc-infer serve`, or check `hpc-infer serve status`")
+            raise RuntimeError(
+                f"no ready replica at {endpoint.get('run') or endpoint.get('urls')}; "
+                f"start one with `hpc-infer serve`, or check `hpc-infer serve status`"
+            )
         self.model = endpoint["model"]
         self.task = model.get("task", "auto")
         per = int(endpoint.get("concurrency", 128))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="hpc_infer-http").start()
         limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
-        self.clients = [AsyncOpenAI(base_url=u, api_key=key, max_retries=int(endpoint.get("max_retries", 6)),
-                                    timeout=float(endpoint.get("timeout_s", 3600)),
-                                    http_client=httpx.AsyncClient(limits=limits, follow_redirects=False))
-                        for u in self.urls]
+        self.clients = [
+            AsyncOpenAI(
+                base_url=u,
+                api_key=key,
+                max_retries=int(endpoint.get("max_retries", 6)),
+                timeout=float(endpoint.get("timeout_s", 3600)),
+                http_client=httpx.AsyncClient(limits=limits, follow_redirects=False),
+            )
+            for u in self.urls
+        ]
         self.max_num_seqs = per * len(self.urls)
         self._pending: dict[Future, dict] = {}
         self._next = 0
@@ -141,8 +154,12 @@ class HttpEngine:
             except APIStatusError as e:
                 if e.status_code not in RECORD_ERRORS:
                     raise
-                if e.status_code == 404 and self.run_dir and not self.router \
-                        and not await asyncio.to_thread(_ours, self.urls[i], self.key, self.run_dir):
+                if (
+                    e.status_code == 404
+                    and self.run_dir
+                    and not self.router
+                    and not await asyncio.to_thread(_ours, self.urls[i], self.key, self.run_dir)
+                ):
                     self._mark_down(i, f"it no longer proves it is this serve run's ({e.status_code})", n, order)
                     continue  # not our server any more (a replica died, something else took its port): fail over
                 err = error_result(record, _ServerRefused(e), e.status_code)
@@ -156,9 +173,12 @@ class HttpEngine:
     def _mark_down(self, i: int, why: str, n: int, order: list[int]) -> None:
         if i not in self.down:
             self.down.add(i)
-            print(f"hpc_infer: replica {self.urls[i]} {why}; "
-                  f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"hpc_infer: replica {self.urls[i]} {why}; "
+                f"{'sending its requests to the others' if n + 1 < len(order) else 'no replica left'}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     async def _request(self, client, record: dict, kw: dict) -> dict:
         top = {k: v for k, v in kw.items() if k in TOP_LEVEL}
@@ -177,13 +197,22 @@ class HttpEngine:
         outputs = []
         for c, text in zip(resp.choices, texts):
             ids = getattr(c, "token_ids", None) or (c.model_extra or {}).get("token_ids")
-            outputs.append({"text": text, "finish_reason": c.finish_reason,
-                            "stop_reason": (c.model_extra or {}).get("stop_reason"),
-                            "num_tokens": len(ids) if ids is not None else
-                            (resp.usage.completion_tokens if len(resp.choices) == 1 else None)})
-        return {"text": outputs[0]["text"] if outputs else "", "outputs": outputs,
-                "prompt_tokens": resp.usage.prompt_tokens if resp.usage else 0,
-                "output_tokens": resp.usage.completion_tokens if resp.usage else 0}
+            outputs.append(
+                {
+                    "text": text,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": (c.model_extra or {}).get("stop_reason"),
+                    "num_tokens": len(ids)
+                    if ids is not None
+                    else (resp.usage.completion_tokens if len(resp.choices) == 1 else None),
+                }
+            )
+        return {
+            "text": outputs[0]["text"] if outputs else "",
+            "outputs": outputs,
+            "prompt_tokens": resp.usage.prompt_tokens if resp.usage else 0,
+            "output_tokens": resp.usage.completion_tokens if resp.usage else 0,
+        }
 
     def abort(self, chunk_id: int) -> int:
         """Cancel a chunk's requests not yet sent; ones in flight finish and are dropped."""

@@ -56,8 +56,16 @@ def error_result(record: dict, exc: BaseException, status: int | None = None) ->
     merge lists it in errors.jsonl. `code` is the HTTP status vLLM's server would give."""
     message = str(exc).strip() or type(exc).__name__
     res = dict(record)
-    res.update(text=None, outputs=[], prompt_tokens=0, output_tokens=0,
-               error={"type": getattr(exc, "kind", None) or type(exc).__name__, "message": message[:4000],
-                      "param": getattr(exc, "parameter", None),
-                      "code": status or getattr(exc, "status", None) or 400})
+    res.update(
+        text=None,
+        outputs=[],
+        prompt_tokens=0,
+        output_tokens=0,
+        error={
+            "type": getattr(exc, "kind", None) or type(exc).__name__,
+            "message": message[:4000],
+            "param": getattr(exc, "parameter", None),
+            "code": status or getattr(exc, "status", None) or 400,
+        },
+    )
     return res

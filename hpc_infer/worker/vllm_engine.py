@@ -88,7 +88,8 @@ def cpu_scheduler_kwargs(path: str, kw: dict[str, Any]) -> dict[str, Any]:
             try:
                 cfg = json.loads((Path(path) / "config.json").read_text())
                 longest = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get(
-                    "max_position_embeddings")
+                    "max_position_embeddings"
+                )
             except (OSError, ValueError):
                 longest = None
         out["max_num_batched_tokens"] = max(int(longest or 8192), 2048)
@@ -100,8 +101,9 @@ def cpu_scheduler_kwargs(path: str, kw: dict[str, Any]) -> dict[str, Any]:
 COMPLETIONS_MAX_TOKENS = 16
 
 
-def request_kwargs(record: dict, sampling: dict[str, Any] | None, seed: int | None,
-                   server_defaults: dict[str, Any]) -> dict[str, Any]:
+def request_kwargs(
+    record: dict, sampling: dict[str, Any] | None, seed: int | None, server_defaults: dict[str, Any]
+) -> dict[str, Any]:
     """A record's SamplingParams fields. Run records: the run's sampling, the record's
     overrides, a per-record seed. `sampling=None` (OpenAI batch lines): the body's fields
     on top of what vLLM's OpenAI server applies to a field left out (its defaults from the
@@ -168,8 +170,11 @@ class VllmEngine:
         # What vLLM's OpenAI server applies to a field a request leaves out (the model's
         # generation_config.json, as `vllm serve` / `run-batch` read it).
         self.server_defaults = dict(self.llm.llm_engine.model_config.get_diff_sampling_param())
-        self.served_names = {n for n in (model.get("served_name"), model["path"], Path(model["path"]).name,
-                                         *(model.get("aliases") or [])) if n}
+        self.served_names = {
+            n
+            for n in (model.get("served_name"), model["path"], Path(model["path"]).name, *(model.get("aliases") or []))
+            if n
+        }
 
     @classmethod
     def shared(cls, model: dict[str, Any]) -> "VllmEngine":
@@ -247,8 +252,9 @@ class VllmEngine:
         if self.task == "chat" or "messages" in records[0]:
             # A plain prompt sent to a chat task becomes one user turn.
             conversations = [r.get("messages") or [{"role": "user", "content": r["prompt"]}] for r in records]
-            return self.llm.enqueue_chat(conversations, params, use_tqdm=False, chat_template=self.chat_template,
-                                         lora_request=self.lora)
+            return self.llm.enqueue_chat(
+                conversations, params, use_tqdm=False, chat_template=self.chat_template, lora_request=self.lora
+            )
         return self.llm.enqueue([self._prompt(r) for r in records], params, use_tqdm=False, lora_request=self.lora)
 
     def _prompt(self, record: dict):
@@ -337,8 +343,10 @@ class VllmEngine:
             pairs = [(r.get("fields") or {}).get(self.pair_field) for r in records]
             outs = self.llm.score(texts, pairs, use_tqdm=False, lora_request=self.lora)  # pairwise, 1:1
             extra = [{"score": o.outputs.score} for o in outs]
-        return [dict(r, **e, prompt_tokens=len(o.prompt_token_ids or []), output_tokens=0)
-                for r, e, o in zip(records, extra, outs)]
+        return [
+            dict(r, **e, prompt_tokens=len(o.prompt_token_ids or []), output_tokens=0)
+            for r, e, o in zip(records, extra, outs)
+        ]
 
 
 def _text(record: dict) -> str:
@@ -356,8 +364,10 @@ def _logprobs(c: Any) -> list | None:
     """Per generated token: the sampled token's logprob and the top alternatives."""
     if not c.logprobs:
         return None
-    return [[{"token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank} for lp in pos.values()]
-            for pos in c.logprobs]
+    return [
+        [{"token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank} for lp in pos.values()]
+        for pos in c.logprobs
+    ]
 
 
 def _result(record: dict, out: Any) -> dict:

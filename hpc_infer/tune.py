@@ -1,0 +1,160 @@
+"""`hpc-infer tune model=... cluster=... data=...`: time a small grid of engine settings on a
+sample of the run's own prompts, on one task of the run's cluster, and keep the fastest.
+
+The sample is the first `tune.sample` prompts of data.path, with the run's sampling. One
+task (a Slurm job like a worker, a local process, or this process with cluster=debug)
+runs worker/tuner.py: vLLM's defaults first, then max_num_seqs, max_num_batched_tokens,
+prefix caching off and n-gram speculative decoding one at a time, until `tune.budget_s`
+would be overrun; each setting's engine start and a warm-up excluded, its sample timed
+`tune.repeats` times and its outputs checked. A setting is kept only when it beats the
+defaults by more than the defaults' own spread between repeats (the noise): never one
+slower than the defaults. The table is printed and kept in tune.json; the kept settings
+go to <output_root>/tuned/<model>__<cluster>.yaml, which `launch` applies (and says so)
+unless tune.use=false; a setting given in model.engine_kwargs wins over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .cluster.container import worker_python
+from .cluster.preflight import check_time_limit, cpu_build_on_gpus, preflight
+from .cluster.submit import BACKENDS, TERMINAL, make_backend
+from .config import RunConfig, to_run_config
+from .entry import run_hydra
+from .errors import UserError
+from .log import say
+from .models.cache import resolve_model
+from .run.plan import plan_input, worker_spec
+from .rundir import RunDir, read_chunk_source, write_atomic, write_json
+from .secrets import exported, find_token, job_env
+
+
+def sample_records(rc: RunConfig) -> list[dict]:
+    """The first tune.sample records, as a worker rebuilds them."""
+    rc = dataclasses.replace(rc, data=dataclasses.replace(rc.data, limit=rc.tune.sample, group_prefixes="off"))
+    with plan_input(rc) as planned:
+        spec = planned.spec.to_json()
+        return [r for c in planned.chunks for r in read_chunk_source(planned.staging / "input.copy", c, spec).records]
+
+
+def decide(results: list[dict]) -> dict:
+    """The defaults' mean and noise, each setting's mean and verdict, and the one kept."""
+    base = results[0] if results and "tok_s" in results[0] else None
+    if base is None:
+        raise UserError(f"hpc-infer tune: the defaults did not run: {results[0].get('error') if results else 'nothing'}")
+    mean = sum(base["tok_s"]) / len(base["tok_s"])
+    noise = max(0.02, (max(base["tok_s"]) - min(base["tok_s"])) / mean)
+    base_errors = max(r["errors"] for r in base["runs"])
+    best, rows = None, []
+    for r in results:
+        row = {"setting": r["setting"] or "vLLM's defaults"}
+        if "tok_s" not in r:
+            row["verdict"] = r.get("skipped") or f"refused: {r.get('error')}"
+        else:
+            m = sum(r["tok_s"]) / len(r["tok_s"])
+            valid = all(x["records"] == base["runs"][0]["records"] and x["errors"] <= base_errors and not x["empty"]
+                        for x in r["runs"])
+            row.update(tok_s=round(m, 1), ratio=round(m / mean, 3), engine_start_s=r["engine_start_s"])
+            if not r["setting"]:
+                row["verdict"] = f"the baseline (noise {noise:.1%} between repeats)"
+            elif not valid:
+                row["verdict"] = "outputs not valid (records missing, errors or empty outputs): never kept"
+            elif m > mean * (1 + noise):
+                row["verdict"] = "faster than the noise"
+                if best is None or m > best[1]:
+                    best = (r["setting"], m)
+            else:
+                row["verdict"] = "not faster than the noise"
+        rows.append(row)
+    return {"defaults_tok_s": round(mean, 1), "noise": round(noise, 4), "rows": rows,
+            "kept": best[0] if best else {}, "kept_ratio": round(best[1] / mean, 3) if best else 1.0}
+
+
+def tune(rc: RunConfig) -> Path:
+    c = rc.cluster
+    if c.endpoint:
+        raise UserError("hpc-infer tune times engine settings of vLLM in a worker; cluster.endpoint runs none")
+    BACKENDS[c.backend].check_reachable(c)
+    check_time_limit(c, rc.run_path)
+    token = find_token(c.token_file)
+    wrong_build = cpu_build_on_gpus(c)
+    if wrong_build:
+        raise UserError(wrong_build)
+    model_path = resolve_model(rc.model, c, token)
+    for note in preflight(rc.model, c, model_path):
+        say(note)
+    records = sample_records(rc)
+    root = Path(rc.output_root).expanduser().resolve() / f"tune__{rc.model.name}__{c.name}"
+    shutil.rmtree(root, ignore_errors=True)
+    run = RunDir(root)
+    run.make()
+    base = dataclasses.replace(rc, tune=dataclasses.replace(rc.tune, use=False))  # time vLLM's own defaults
+    spec = worker_spec(base, model_path)
+    from .worker.tuner import candidates
+
+    tune_spec = {"model": spec["model"], "sampling": spec["sampling"], "seed": spec["seed"],
+                 "records": [{k: v for k, v in r.items() if k not in ("worker", "chunk")} for r in records],
+                 "repeats": rc.tune.repeats, "budget_s": rc.tune.budget_s, "env": spec["env"]}
+    tune_spec["grid"] = candidates(tune_spec)
+    write_json(root / "tune_spec.json", tune_spec)
+    say(f"timing {len(tune_spec['grid'])} engine settings on {len(records)} prompts of {rc.data.name} "
+        f"({rc.tune.repeats} timed runs each, within {rc.tune.budget_s:g} s) on one {c.backend} task: {root}")
+    if c.backend == "debug":
+        from .worker.tuner import run_tune
+
+        run_tune(root)
+    else:
+        from .cluster.task import TuneTask
+
+        backend = make_backend(c, run, worker_python(rc, run, model_path))
+        with exported(job_env(token)):
+            (job,) = backend.submit(1, task=TuneTask(), indices=[0])
+        while not (root / "tune.json").exists():
+            if backend.states([job]).get(job) in TERMINAL:
+                if (root / "tune.json").exists():
+                    break
+                raise UserError(f"the tune task {job} ended without a result; see {run.logs}")
+            time.sleep(2)
+    results = json.loads((root / "tune.json").read_text())["results"]
+    verdict = decide(results)
+    write_json(root / "tune.json", {"results": results, **verdict})
+    print(table(verdict))
+    target = rc.tuned_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    overlay = {"model": {"engine_kwargs": verdict["kept"]}}
+    note = (f"# written by `hpc-infer tune` ({time.strftime('%Y-%m-%d %H:%M')}) for model={rc.model.name} "
+            f"cluster={c.name}: {verdict['kept_ratio']}x vLLM's defaults on {len(records)} prompts of {rc.data.name}"
+            f" (tune.json: {root / 'tune.json'}).\n# launch applies it unless tune.use=false; model.engine_kwargs "
+            f"given on the command line win.\n")
+    write_atomic(target, (note + OmegaConf.to_yaml(overlay)).encode())
+    say(("kept " + json.dumps(verdict["kept"]) + f": {verdict['kept_ratio']}x the defaults") if verdict["kept"]
+        else "kept vLLM's defaults: no setting beat them by more than the noise")
+    say(f"settings for launch: {target}")
+    return target
+
+
+def table(v: dict) -> str:
+    lines = [f"{'setting':58} {'tok/s':>8} {'ratio':>6}  verdict"]
+    for r in v["rows"]:
+        name = json.dumps(r["setting"]) if isinstance(r["setting"], dict) else r["setting"]
+        lines.append(f"{name[:58]:58} {r.get('tok_s', ''):>8} {r.get('ratio', ''):>6}  {r['verdict']}")
+    return "\n".join(lines)
+
+
+def _task(cfg: DictConfig) -> None:
+    tune(to_run_config(cfg))
+
+
+def main() -> None:
+    run_hydra(_task, "hpc-infer tune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Prefix-aware planning (run/plan.py: prefix_groups, regroup): records whose prompts share
+their first 1,024 characters are planned into the same chunks; workers give each record its
+own index, id and line back; the merge restores input order."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, read_results, run_launch
+from hpc_infer.rundir import read_chunk_records, read_json
+
+FAKE = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001, "max_num_seqs": 8})}
+
+
+def docs_and_questions(path: Path, docs: int, questions: int, shuffle: bool, ids: bool = True) -> list[dict]:
+    rows = [{**({"id": f"d{d}q{q}"} if ids else {}),
+             "prompt": f"Document {d}: " + f"the story of item {d} goes on. " * 60 + f"\nQuestion {q}: what is {q}?"}
+            for d in range(docs) for q in range(questions)]
+    if shuffle:
+        random.Random(3).shuffle(rows)
+    with open(path, "w") as f:
+        for i, r in enumerate(rows):
+            if i % 7 == 3:
+                f.write("\n")  # blank lines keep their place in the line count
+            f.write(json.dumps(r) + "\n")
+    return rows
+
+
+def _plan(tmp_path, data, *overrides):
+    from hpc_infer.run.plan import plan_input, prepare
+
+    rc = compose(f"output_root={tmp_path}/runs", f"data.path={data}", "cluster=local", "cluster.workers=2",
+                 "sampling=greedy", "sampling.max_tokens=4", *overrides)
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    return run
+
+
+def test_scattered_prefixes_are_grouped_into_chunks(tmp_path):
+    data = tmp_path / "in.jsonl"
+    rows = docs_and_questions(data, docs=12, questions=6, shuffle=True)
+    run = _plan(tmp_path, data)
+    manifest = read_json(run.manifest)
+    assert manifest["grouped"]["groups"] == 12 and manifest["grouped"]["records_in_shared_groups"] == 72
+    seen, lines = {}, {}
+    text = data.read_text().splitlines()
+    for c in manifest["chunks"]:
+        recs = read_chunk_records(run, c["id"])
+        docs = [r["prompt"].split(":")[0] for r in recs]
+        assert docs == sorted(docs, key=docs.index)  # each document's questions together
+        for r in recs:
+            seen[r["index"]] = r["id"]
+        src = __import__("hpc_infer.rundir.chunks", fromlist=["x"]).read_chunk_source(
+            run.input_copy, c, read_json(run.worker_spec)["input"])
+        for k, r in enumerate(src.records):
+            lines[r["id"]] = src.parsed.record_lines[k]
+    assert [seen[i] for i in range(72)] == [r["id"] for r in rows]  # each record its own index back
+    for rid, line in lines.items():
+        assert json.loads(text[line - 1])["id"] == rid  # and its own line in the input
+    chunk_docs = [{r["prompt"].split(":")[0] for r in read_chunk_records(run, c["id"])} for c in manifest["chunks"]]
+    assert sum(len(d) for d in chunk_docs) <= len(chunk_docs) + 12  # a document spans few chunks
+
+
+@pytest.mark.parametrize("case", ["grouped input", "no shared prefix", "off"])
+def test_nothing_is_regrouped_when_it_would_not_help(tmp_path, case):
+    data = tmp_path / "in.jsonl"
+    if case == "no shared prefix":
+        data.write_text("".join(json.dumps({"prompt": f"{i} " + "x" * 2000}) + "\n" for i in range(50)))
+    else:
+        docs_and_questions(data, docs=8, questions=5, shuffle=case == "off")
+    run = _plan(tmp_path, data, *(["data.group_prefixes=off"] if case == "off" else []))
+    manifest = read_json(run.manifest)
+    assert manifest["grouped"] is None and not (run.root / "order.bin").exists()
+
+
+def test_a_grouped_run_merges_in_input_order_with_positional_ids(tmp_path):
+    """Through launch (local workers, the FakeEngine): no id field, so ids are positions and
+    must come back as each record's own; the results are in input order, each once."""
+    data = tmp_path / "in.jsonl"
+    rows = docs_and_questions(data, docs=10, questions=5, shuffle=True, ids=False)
+    p = run_launch(tmp_path, "cluster=local", "cluster.workers=2", f"data.path={data}", "sampling=greedy",
+                   "sampling.max_tokens=3", "run_name=g", env=FAKE)
+    assert "grouped" in p.stderr, p.stderr[-2000:]
+    results = read_results(tmp_path / "runs" / "g" / "results.jsonl")
+    assert [r["id"] for r in results] == [str(i) for i in range(50)]
+    assert [r["prompt"] for r in results] == [r["prompt"] for r in rows]
+    for fmt in ("parquet", "openai_batch"):  # every writer takes the input-order blocks
+        from hpc_infer.run.merge import merge
+        from hpc_infer.rundir import RunDir
+
+        s = merge(RunDir(tmp_path / "runs" / "g"), fmt)
+        assert s.records == 50
