@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import tempfile
 import time
@@ -26,8 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
-WORDS = ("river stone market lantern orchard signal harbor meadow copper winter garden silver tower "
-         "bridge forest candle mirror valley thunder").split()
+WORDS = (
+    "river stone market lantern orchard signal harbor meadow copper winter garden silver tower "
+    "bridge forest candle mirror valley thunder"
+).split()
 
 
 def document(rng: random.Random, n_words: int) -> str:
@@ -42,54 +45,105 @@ def write(path: Path, prompts: list[str]) -> Path:
 def sets(tmp: Path, docs: int, questions: int) -> dict[str, Path]:
     rng = random.Random(0)
     texts = [document(rng, 1100) for _ in range(docs)]  # ~1,400 tokens of SmolLM2's tokenizer
-    qa = [f"Document {d}:\n{texts[d]}\n\nQuestion {q}: which word comes {q + 1}th?" for d in range(docs)
-          for q in range(questions)]
+    qa = [
+        f"Document {d}:\n{texts[d]}\n\nQuestion {q}: which word comes {q + 1}th?"
+        for d in range(docs)
+        for q in range(questions)
+    ]
     shuffled = qa[:]
     random.Random(1).shuffle(shuffled)
     preamble = document(rng, 950)
     few = [f"Examples:\n{preamble}\n\nQuestion {i}: how many words?" for i in range(len(qa))]
     distinct = [f"Note {i}: {document(rng, 1100)}\n\nQuestion: which word is first?" for i in range(len(qa))]
-    return {"grouped": write(tmp / "grouped.jsonl", qa), "shuffled": write(tmp / "shuffled.jsonl", shuffled),
-            "few_shot": write(tmp / "few.jsonl", few), "distinct": write(tmp / "distinct.jsonl", distinct)}
+    return {
+        "grouped": write(tmp / "grouped.jsonl", qa),
+        "shuffled": write(tmp / "shuffled.jsonl", shuffled),
+        "few_shot": write(tmp / "few.jsonl", few),
+        "distinct": write(tmp / "distinct.jsonl", distinct),
+    }
 
 
-def launch(tmp: Path, name: str, data: Path, grouping: str) -> dict:
-    run = f"{name}-{grouping}"
+def launch(tmp: Path, name: str, data: Path, grouping: str, rep: int) -> dict:
+    run = f"{name}-{grouping}-{rep}"
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     t0 = time.time()
-    p = subprocess.run(["hpc-infer", "launch", "cluster=local", "cluster.workers=2", f"data.path={data}",
-                        "sampling=greedy", "sampling.max_tokens=8", "model.dtype=float32", "chunks_per_worker=8",
-                        f"data.group_prefixes={grouping}", f"run_name={run}", f"output_root={tmp}/runs"],
-                       capture_output=True, text=True, env=env, cwd=tmp)
+    p = subprocess.run(
+        [
+            "hpc-infer",
+            "launch",
+            "cluster=local",
+            "cluster.workers=2",
+            f"data.path={data}",
+            "sampling=greedy",
+            "sampling.max_tokens=8",
+            "model.dtype=float32",
+            "chunks_per_worker=8",
+            f"data.group_prefixes={grouping}",
+            f"run_name={run}",
+            f"output_root={tmp}/runs",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+    )
     wall = time.time() - t0
     if p.returncode:
         raise SystemExit(f"{run} failed:\n{p.stderr[-3000:]}")
     s = json.loads((tmp / "runs" / run / "summary.json").read_text())
-    return {"run": run, "launch_s": round(wall, 1), "wall_s": s["wall_s"], "prompt_tokens": s["prompt_tokens"],
-            "grouped": bool(s.get("planning"))}
+    return {
+        "run": run,
+        "launch_s": round(wall, 1),
+        "wall_s": s["wall_s"],
+        "prompt_tokens": s["prompt_tokens"],
+        "grouped": bool(s.get("planning")),
+        "prefix_cache_hit_rate": (s.get("prefix_cache") or {}).get("hit_rate"),
+    }
+
+
+VARIANTS = {  # name -> (set, data.group_prefixes)
+    "shuffled-off": ("shuffled", "off"),
+    "shuffled-auto": ("shuffled", "auto"),
+    "grouped-off": ("grouped", "off"),
+    "few_shot-off": ("few_shot", "off"),
+    "few_shot-auto": ("few_shot", "auto"),
+    "distinct-off": ("distinct", "off"),
+    "distinct-auto": ("distinct", "auto"),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--questions", type=int, default=6)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which launches, in this order")
+    ap.add_argument("--reps", type=int, default=1, help="rounds over the variants (alternated); medians reported")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     data = sets(tmp, args.docs, args.questions)
-    rows = [launch(tmp, "shuffled", data["shuffled"], "off"), launch(tmp, "shuffled", data["shuffled"], "auto"),
-            launch(tmp, "grouped", data["grouped"], "off"), launch(tmp, "few_shot", data["few_shot"], "off"),
-            launch(tmp, "few_shot", data["few_shot"], "auto"), launch(tmp, "distinct", data["distinct"], "off"),
-            launch(tmp, "distinct", data["distinct"], "auto")]
-    for r in rows:
-        print(json.dumps(r))
-    w = {r["run"]: r["wall_s"] for r in rows}
-    print(f"\ndocuments x questions ({args.docs} x {args.questions}, shuffled): input order {w['shuffled-off']:.1f} s, "
-          f"prefix-aware {w['shuffled-auto']:.1f} s: {w['shuffled-off'] / w['shuffled-auto']:.2f}x; "
-          f"given grouped {w['grouped-off']:.1f} s: prefix-aware is {w['grouped-off'] / w['shuffled-auto']:.2f}x of it")
-    print(f"few-shot (one preamble, it fits): off {w['few_shot-off']:.1f} s, auto {w['few_shot-auto']:.1f} s: "
-          f"{w['few_shot-off'] / w['few_shot-auto']:.2f}x")
-    print(f"no shared prefix: off {w['distinct-off']:.1f} s, auto {w['distinct-auto']:.1f} s: "
-          f"{w['distinct-off'] / w['distinct-auto']:.2f}x")
+    names = args.variants.split(",")
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.reps):
+        for n in names:
+            which, grouping = VARIANTS[n]
+            row = launch(tmp, which, data[which], grouping, rep)
+            print(json.dumps(row), flush=True)
+            walls[n].append(row["wall_s"])
+    w = {n: statistics.median(v) for n, v in walls.items()}
+    print(f"\nmedian launch wall time over {args.reps} round(s): " + ", ".join(f"{n} {v:.1f} s" for n, v in w.items()))
+    if {"shuffled-off", "shuffled-auto"} <= set(w):
+        print(
+            f"documents x questions ({args.docs} x {args.questions}, shuffled): input order / prefix-aware = "
+            f"{w['shuffled-off'] / w['shuffled-auto']:.2f}x"
+            + (
+                f"; given grouped / prefix-aware = {w['grouped-off'] / w['shuffled-auto']:.2f}"
+                if "grouped-off" in w
+                else ""
+            )
+        )
+    for which in ("few_shot", "distinct"):
+        if {f"{which}-off", f"{which}-auto"} <= set(w):
+            print(f"{which}: off / auto = {w[f'{which}-off'] / w[f'{which}-auto']:.2f}x")
 
 
 if __name__ == "__main__":

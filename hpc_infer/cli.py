@@ -250,6 +250,15 @@ def _serve_admin(argv: list[str]) -> int:
         return 2
 
 
+# the commands whose settings are Hydra's config groups: command -> the module with its hydra_task
+HYDRA_COMMANDS = {
+    "launch": "hpc_infer.launch",
+    "sbatch": "hpc_infer.run.sbatch",
+    "serve": "hpc_infer.serve.launch",
+    "tune": "hpc_infer.tune",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"] and argv[1:2] and argv[1] in ("metrics", "scale"):
@@ -268,26 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    if argv and argv[0] == "serve":
-        sys.argv = ["hpc-infer serve", *argv[1:]]
-        from .serve.launch import main as serve_main
-
-        serve_main()
-        return 0
-    if argv and argv[0] == "tune":
-        sys.argv = ["hpc-infer tune", *argv[1:]]
-        from .tune import main as tune_main
-
-        tune_main()
-        return 0
-    if argv and argv[0] in ("launch", "sbatch"):
+    if argv and argv[0] in HYDRA_COMMANDS:
         # Hydra parses its own command line: hand the rest of it over.
-        sys.argv = [f"hpc-infer {argv[0]}", *argv[1:]]
-        if argv[0] == "launch":
-            from .launch import main as launch_main
-        else:
-            from .run.sbatch import main as launch_main
-        launch_main()
+        import importlib
+
+        from .entry import run_hydra
+
+        command = f"hpc-infer {argv[0]}"
+        sys.argv = [command, *argv[1:]]
+        run_hydra(importlib.import_module(HYDRA_COMMANDS[argv[0]]).hydra_task, command)
         return 0
     parser = argparse.ArgumentParser(
         prog="hpc-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,9 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         "merge.on_error), drop them from the results, or fail (exit 3)",
     )
     p.set_defaults(fn=cmd_merge)
-    p = sub.add_parser("report", help="one self-contained HTML page of a run's metrics and outputs (or runs side by side)")
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page of a run's metrics and outputs (or runs side by side)"
+    )
     p.add_argument("runs", nargs="+", help="run directories, or a sweep folder (runs/.multirun/<sweep>)")
-    p.add_argument("--out", default=None, metavar="FILE", help="where to write it (default: report.html beside the results)")
+    p.add_argument(
+        "--out", default=None, metavar="FILE", help="where to write it (default: report.html beside the results)"
+    )
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("cache", help="shared model cache (admins): stage, list, verify, catalog, shard")
     p.add_argument("action", choices=["stage", "list", "verify", "catalog", "shard"])

@@ -176,13 +176,18 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
     tuned = read_json(run.worker_spec)["model"].get("tuned_from")
     if tuned:
         kept = OmegaConf.to_container(OmegaConf.load(tuned))["model"]["engine_kwargs"]
-        say(f"engine settings from `hpc-infer tune` ({tuned}): "
-            + (", ".join(f"{k}={v}" for k, v in kept.items()) or "vLLM's defaults") + " (tune.use=false: none)")
+        say(
+            f"engine settings from `hpc-infer tune` ({tuned}): "
+            + (", ".join(f"{k}={v}" for k, v in kept.items()) or "vLLM's defaults")
+            + " (tune.use=false: none)"
+        )
     g = manifest.get("grouped")
     if g:
-        say(f"prefix-aware plan: {g['records_in_shared_groups']} records in {g['groups']} groups sharing their first "
+        say(
+            f"prefix-aware plan: {g['records_in_shared_groups']} records in {g['groups']} groups sharing their first "
             f"{g['prefix_chars']:,} characters planned into the same chunks (they were in {g['runs_before']} pieces); "
-            f"results keep the input's order (data.group_prefixes=off plans in input order)")
+            f"results keep the input's order (data.group_prefixes=off plans in input order)"
+        )
     if remaining:
         backend = make_backend(rc.cluster, run, worker_python(rc, run, model_path))
         resubmits = 0
@@ -217,8 +222,15 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 stuck + "\n  ".join(why) + f"\nLogs: {run.logs}. Fix the cause, then relaunch the same "
                 f"command to resume (finished chunks are kept)."
             )
-    summary = merge(run, rc.merge.format, rc.merge.allow_partial, None, rc.postprocess, rc.merge.on_error,
-                    group_by=list(rc.merge.group_by))
+    summary = merge(
+        run,
+        rc.merge.format,
+        rc.merge.allow_partial,
+        None,
+        rc.postprocess,
+        rc.merge.on_error,
+        group_by=list(rc.merge.group_by),
+    )
     say(
         f"{summary.records} records -> {summary.results} ({summary.output_tokens:,} output tokens, "
         f"{summary.output_tokens_per_s:,.0f} tok/s over {summary.wall_s:.1f}s)"
@@ -258,12 +270,13 @@ def note_in_sweep(root) -> None:
             f.write(f"{root}\n")
 
 
-def _task(cfg: DictConfig) -> None:
+def hydra_task(cfg: DictConfig) -> None:
+    """The command's work on Hydra's composed config (cli.py runs it through entry.run_hydra)."""
     launch(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def main() -> None:
-    run_hydra(_task, "hpc-infer launch")
+    run_hydra(hydra_task, "hpc-infer launch")
 
 
 if __name__ == "__main__":

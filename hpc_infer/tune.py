@@ -27,7 +27,6 @@ from .cluster.container import worker_python
 from .cluster.preflight import check_time_limit, cpu_build_on_gpus, preflight
 from .cluster.submit import BACKENDS, TERMINAL, make_backend
 from .config import RunConfig, to_run_config
-from .entry import run_hydra
 from .errors import UserError
 from .log import say
 from .models.cache import resolve_model
@@ -48,7 +47,9 @@ def decide(results: list[dict]) -> dict:
     """The defaults' mean and noise, each setting's mean and verdict, and the one kept."""
     base = results[0] if results and "tok_s" in results[0] else None
     if base is None:
-        raise UserError(f"hpc-infer tune: the defaults did not run: {results[0].get('error') if results else 'nothing'}")
+        raise UserError(
+            f"hpc-infer tune: the defaults did not run: {results[0].get('error') if results else 'nothing'}"
+        )
     mean = sum(base["tok_s"]) / len(base["tok_s"])
     noise = max(0.02, (max(base["tok_s"]) - min(base["tok_s"])) / mean)
     base_errors = max(r["errors"] for r in base["runs"])
@@ -59,8 +60,10 @@ def decide(results: list[dict]) -> dict:
             row["verdict"] = r.get("skipped") or f"refused: {r.get('error')}"
         else:
             m = sum(r["tok_s"]) / len(r["tok_s"])
-            valid = all(x["records"] == base["runs"][0]["records"] and x["errors"] <= base_errors and not x["empty"]
-                        for x in r["runs"])
+            valid = all(
+                x["records"] == base["runs"][0]["records"] and x["errors"] <= base_errors and not x["empty"]
+                for x in r["runs"]
+            )
             row.update(tok_s=round(m, 1), ratio=round(m / mean, 3), engine_start_s=r["engine_start_s"])
             if not r["setting"]:
                 row["verdict"] = f"the baseline (noise {noise:.1%} between repeats)"
@@ -73,8 +76,13 @@ def decide(results: list[dict]) -> dict:
             else:
                 row["verdict"] = "not faster than the noise"
         rows.append(row)
-    return {"defaults_tok_s": round(mean, 1), "noise": round(noise, 4), "rows": rows,
-            "kept": best[0] if best else {}, "kept_ratio": round(best[1] / mean, 3) if best else 1.0}
+    return {
+        "defaults_tok_s": round(mean, 1),
+        "noise": round(noise, 4),
+        "rows": rows,
+        "kept": best[0] if best else {},
+        "kept_ratio": round(best[1] / mean, 3) if best else 1.0,
+    }
 
 
 def tune(rc: RunConfig) -> Path:
@@ -99,13 +107,21 @@ def tune(rc: RunConfig) -> Path:
     spec = worker_spec(base, model_path)
     from .worker.tuner import candidates
 
-    tune_spec = {"model": spec["model"], "sampling": spec["sampling"], "seed": spec["seed"],
-                 "records": [{k: v for k, v in r.items() if k not in ("worker", "chunk")} for r in records],
-                 "repeats": rc.tune.repeats, "budget_s": rc.tune.budget_s, "env": spec["env"]}
+    tune_spec = {
+        "model": spec["model"],
+        "sampling": spec["sampling"],
+        "seed": spec["seed"],
+        "records": [{k: v for k, v in r.items() if k not in ("worker", "chunk")} for r in records],
+        "repeats": rc.tune.repeats,
+        "budget_s": rc.tune.budget_s,
+        "env": spec["env"],
+    }
     tune_spec["grid"] = candidates(tune_spec)
     write_json(root / "tune_spec.json", tune_spec)
-    say(f"timing {len(tune_spec['grid'])} engine settings on {len(records)} prompts of {rc.data.name} "
-        f"({rc.tune.repeats} timed runs each, within {rc.tune.budget_s:g} s) on one {c.backend} task: {root}")
+    say(
+        f"timing {len(tune_spec['grid'])} engine settings on {len(records)} prompts of {rc.data.name} "
+        f"({rc.tune.repeats} timed runs each, within {rc.tune.budget_s:g} s) on one {c.backend} task: {root}"
+    )
     if c.backend == "debug":
         from .worker.tuner import run_tune
 
@@ -129,13 +145,18 @@ def tune(rc: RunConfig) -> Path:
     target = rc.tuned_path
     target.parent.mkdir(parents=True, exist_ok=True)
     overlay = {"model": {"engine_kwargs": verdict["kept"]}}
-    note = (f"# written by `hpc-infer tune` ({time.strftime('%Y-%m-%d %H:%M')}) for model={rc.model.name} "
-            f"cluster={c.name}: {verdict['kept_ratio']}x vLLM's defaults on {len(records)} prompts of {rc.data.name}"
-            f" (tune.json: {root / 'tune.json'}).\n# launch applies it unless tune.use=false; model.engine_kwargs "
-            f"given on the command line win.\n")
+    note = (
+        f"# written by `hpc-infer tune` ({time.strftime('%Y-%m-%d %H:%M')}) for model={rc.model.name} "
+        f"cluster={c.name}: {verdict['kept_ratio']}x vLLM's defaults on {len(records)} prompts of {rc.data.name}"
+        f" (tune.json: {root / 'tune.json'}).\n# launch applies it unless tune.use=false; model.engine_kwargs "
+        f"given on the command line win.\n"
+    )
     write_atomic(target, (note + OmegaConf.to_yaml(overlay)).encode())
-    say(("kept " + json.dumps(verdict["kept"]) + f": {verdict['kept_ratio']}x the defaults") if verdict["kept"]
-        else "kept vLLM's defaults: no setting beat them by more than the noise")
+    say(
+        ("kept " + json.dumps(verdict["kept"]) + f": {verdict['kept_ratio']}x the defaults")
+        if verdict["kept"]
+        else "kept vLLM's defaults: no setting beat them by more than the noise"
+    )
     say(f"settings for launch: {target}")
     return target
 
@@ -148,13 +169,6 @@ def table(v: dict) -> str:
     return "\n".join(lines)
 
 
-def _task(cfg: DictConfig) -> None:
+def hydra_task(cfg: DictConfig) -> None:
+    """The command's work on Hydra's composed config (cli.py runs it through entry.run_hydra)."""
     tune(to_run_config(cfg))
-
-
-def main() -> None:
-    run_hydra(_task, "hpc-infer tune")
-
-
-if __name__ == "__main__":
-    main()

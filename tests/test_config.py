@@ -44,7 +44,7 @@ def test_shipped_values():
     assert rc.sampling.stop == ["</answer>"] and rc.sampling.include_stop_str_in_output
     assert rc.resolved_run_name == "math_r1_zero__qwen_math__r1_zero"
     assert compose("model=llama33_70b_instruct", "cluster.gpus_per_task=4").model.tensor_parallel_size == 4
-    d = compose("sampling=default").sampling
+    d = compose("model=qwen_math", "sampling=default").sampling  # no card defaults
     assert (d.temperature, d.top_p, d.max_tokens, d.stop) == (1.0, 1.0, 1024, ["\n"])
 
 
@@ -100,3 +100,15 @@ def test_unknown_key_and_wrong_type_fail_in_hydra():
 def test_watchdog_settings_are_checked(override, expect):
     with pytest.raises(UserError, match=re.escape(expect)):
         compose("cluster=local", override)
+
+
+def test_model_card_sampling_defaults_fill_the_chat_and_default_groups():
+    """model.sampling_defaults (what the model card recommends, as vLLM's server reads a
+    generation config) fills sampling=chat/default; the command line and other groups win."""
+    chat = compose("model=smollm2_cpu", "sampling=chat").sampling
+    assert (chat.temperature, chat.top_p, chat.top_k) == (0.2, 0.9, 0)
+    assert compose("model=smollm2_cpu", "sampling=chat", "sampling.temperature=0.7").sampling.temperature == 0.7
+    assert compose("model=smollm2_cpu", "sampling=greedy").sampling.temperature == 0.0
+    assert compose("model=qwen_math", "sampling=chat").sampling.temperature == 1.0  # no card defaults
+    with pytest.raises(UserError, match=r"model.sampling_defaults: \['max_tokens'\] are not model-card sampling"):
+        compose("model=smollm2_cpu", "+model.sampling_defaults.max_tokens=5")

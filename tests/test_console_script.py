@@ -2,6 +2,7 @@
 directory outside the checkout: the door users take (a `python -m` test does not cover it)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -164,5 +165,9 @@ def test_cache_image_model_subcommands(tmp_path):
         f"hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest {tmp_path}/v.sif --dry-run --runtime apptainer",
     )
     assert p.returncode == 0 and p.stdout.startswith("apptainer pull"), p.stderr
-    p = sh(tmp_path, "hpc-infer model build-cpu")
-    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    p = sh(tmp_path, "hpc-infer model build-cpu")  # built once (the fixtures' model): prints where it is
+    assert p.returncode == 0, p.stderr
+    built = Path(p.stdout.strip().splitlines()[-1])
+    config = json.loads((built / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30  # SmolLM2-135M
+    assert (built / "tokenizer.json").is_file() and sorted(built.glob("*.safetensors"))

@@ -8,6 +8,7 @@ NOT_HERE with the reason. Below it, small tests for keys that had none.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -94,6 +95,8 @@ COMMANDS_NOT_HERE = {
     "hpc-infer launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero": "Together's GPUs and shared model copy (the bundled 20-problem sample runs here: tests/test_math_flow.py)",
     "python -m hpc_infer.launch model=qwen_math cluster=together data=math_r1_zero sampling=r1_zero "
     "data.path=/data/a5-alignment/MATH/validation.jsonl cluster.workers=8": "Together's GPUs and its MATH copy",
+    "hpc-infer tune model=qwen_math cluster=together data=math_r1_zero tune.budget_s=900": "a GPU cluster "
+    "(tests/test_tune.py runs `hpc-infer tune` on the local Slurm)",
     "bash scripts/test.sh": "the test command itself; .ci/run runs it on a clean clone",
     "~/venvs/hpc_infer/bin/hpc-infer launch model=qwen_math cluster=together data=math_r1_zero "
     "cluster.container.image=/home/container/vllm-openai_latest.sif": "a GPU cluster and its vLLM image",
@@ -101,7 +104,6 @@ COMMANDS_NOT_HERE = {
     "/shared/$USER/venvs/hpc_infer/bin/hpc-infer launch model=llama31_8b cluster=aau_ai_cloud "
     "data.path=prompts.jsonl": "a GPU cluster",
     "hpc-infer launch model=llama31_8b cluster=aau_ai_cloud data.path=prompts.jsonl": "a GPU cluster",
-    "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud serve.replicas=2": "a GPU cluster",
     "hpc-infer serve model=llama31_8b cluster=aau_ai_cloud": "a GPU cluster",
     "hpc-infer serve model=qwen_math cluster=together serve.replicas=4": "a GPU cluster",
     "hpc-infer image pull docker://vllm/vllm-openai:v0.11.0 --dest /shared/images/vllm.sif": "Apptainer and a registry (--dry-run is tested)",
@@ -122,14 +124,29 @@ COMMANDS_NOT_HERE = {
 }
 
 
+def _as_written_commands() -> set[str]:
+    """The first argument of every as_written(...) call in the tests, read from their syntax
+    trees (so the formatter's line breaks and implicitly joined literals do not matter)."""
+    found = set()
+    for path in TESTS.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "as_written"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                found.add(node.args[0].value)
+    return found
+
+
 def test_every_shown_command_is_run_as_written_or_its_doc_says_why():
     """Each command of a doc's shell block is passed to doc_commands.as_written() by some
     test (placeholders filled in, the rest as printed), or is in COMMANDS_NOT_HERE and its
     doc says the tests do not run it."""
     from doc_commands import DOCS, shown
 
-    tests = "\n".join(p.read_text() for p in TESTS.glob("test_*.py") if p.name != "test_doc_claims.py")
-    tests = re.sub(r'"\s*\n\s*"', "", tests)  # implicit concatenation of string literals
+    asked = _as_written_commands()
     commands = shown()
     assert len(commands) > 40, len(commands)
     missing, unsaid, stale = {}, [], sorted(set(COMMANDS_NOT_HERE) - set(commands))
@@ -141,7 +158,7 @@ def test_every_shown_command_is_run_as_written_or_its_doc_says_why():
                 end = next((i for i in range(start - 1, len(doc_lines)) if doc_lines[i] == "```"), len(doc_lines))
                 if "not run by the tests" not in " ".join(" ".join(doc_lines[max(0, start - 17) : end]).split()):
                     unsaid.append(f"{doc}:{start}: {cmd}")
-        elif f'as_written("{cmd}"' not in tests and f"as_written('{cmd}'" not in tests:
+        elif cmd not in asked:
             missing[cmd] = where
     assert not stale, f"COMMANDS_NOT_HERE names commands no doc shows: {stale}"
     assert not missing, f"shown but run as written by no test (use doc_commands.as_written, or say why): {missing}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hold_env, read_results, release, require_slurm, run_launch, sh, user_env, wait_held
+from hpc_infer.cluster.preflight import filesystem_type
 from hpc_infer.rundir import RunDir, encode_chunk_output, isolate, jobs, read_json, write_json
 
 
@@ -393,3 +394,26 @@ def test_summary_wall_time_is_per_launch_and_gpu_hours_are_the_runs(tmp_path):
     assert s.wall_s == 160.0 and [x["wall_s"] for x in s.launches] == [100.0, 60.0]
     assert s.output_tokens_per_s == round(s.output_tokens / 160.0, 2)
     assert s.gpu_hours == 4.0  # one worker-hour on 4 GPUs
+
+
+def test_a_run_directory_on_a_nodes_own_disk_is_refused_for_other_machines(tmp_path):
+    """output_root on this machine's ext4/tmpfs while the Slurm nodes are other machines
+    (scontrol says so: a shim here) is refused before planning; a one-machine Slurm (the
+    local one) is fine."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "scontrol").write_text(
+        "#!/bin/sh\ncase \"$1\" in ping) echo 'Slurmctld(primary) at x is UP';; "
+        "show) echo 'NodeName=n1 NodeHostName=gpu-node-1 State=IDLE';; esac\n"
+    )
+    (shims / "scontrol").chmod(0o755)
+    for tool in ("sbatch", "squeue", "srun"):
+        (shims / tool).write_text("#!/bin/sh\nexit 0\n")
+        (shims / tool).chmod(0o755)
+    env = user_env()
+    env["PATH"] = f"{shims}:{env['PATH']}"
+    root = Path("/dev/shm") / f"hpc-infer-test-{os.getpid()}-{tmp_path.name}"  # tmpfs on every Linux
+    assert filesystem_type(root) == "tmpfs"
+    p = sh(tmp_path, f"hpc-infer launch cluster=slurm_local output_root={root}/runs", env=env)
+    assert p.returncode == 2 and "own tmpfs file system" in p.stderr and "gpu-node-1" in p.stderr, p.stderr
+    assert "output_root=$SCRATCH/runs" in p.stderr and not root.exists()

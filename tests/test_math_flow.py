@@ -15,7 +15,8 @@ import subprocess
 
 import pytest
 
-from conftest import read_results, run_launch, user_env
+from conftest import read_results, run_launch, run_line, user_checkout, user_env
+from doc_commands import as_written
 from hpc_infer.rundir import read_json
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,35 @@ def test_math_flow_seeded_on_cpu_more_prompt_tokens_than_steps_hold(tmp_path, cp
     ), progress
     spec = read_json(run / "worker.json")
     assert spec["seed"] == 0  # per-record seeds were on
+
+
+def test_the_readme_worked_example_as_typed(tmp_path, cpu_model):
+    """The README's CS336 flow on the bundled 20-problem sample, as typed in the checkout:
+    four samples a problem, graded, pass@k/maj@k overall and by level, the report page."""
+    here = user_checkout(tmp_path)
+    line = as_written(
+        ".venv/bin/hpc-infer launch data=math_r1_zero sampling.n=4 sampling.max_tokens=256 'merge.group_by=[level]'"
+    )
+    p = run_line(here, line, timeout=1800)
+    assert p.returncode == 0, p.stderr[-5000:]
+    run = here / "runs/math_r1_zero__smollm2_cpu__r1_zero"
+    rows = read_results(run / "results.jsonl")
+    assert len(rows) == 20 and all(len(r["outputs"]) == 4 for r in rows)
+    metrics = read_json(run / "summary.json")["postprocess"]["metrics"]
+    from hpc_infer.run.metrics import pass_at_k
+
+    correct = [sum(o["answer_reward"] > 0 for o in r["outputs"]) for r in rows]
+    assert metrics["records"] == 20 and metrics["samples_per_record"] == 4
+    assert metrics["pass@1"]["mean"] == pytest.approx(sum(c / 4 for c in correct) / 20, abs=1e-6)
+    assert metrics["pass@4"]["mean"] == pytest.approx(sum(pass_at_k(4, c, 4) for c in correct) / 20, abs=1e-6)
+    assert {"maj@1", "maj@2", "maj@4"} <= set(metrics)
+    assert sum(metrics["categories"].values()) == 80
+    levels = sorted({r["fields"]["level"] for r in rows})
+    by_level = metrics["groups"]["level"]
+    assert sorted(by_level) == levels and sum(g["records"] for g in by_level.values()) == 20
+    assert "pass@1 " in p.stderr and "(20 records)" in p.stderr  # the headline
+    page = (run / "report.html").read_text()
+    assert f"report: {run}/report.html" in p.stderr and all(level in page for level in levels)
 
 
 def test_failing_worker_tells_the_user_why(tmp_path, cpu_model):

@@ -106,4 +106,18 @@ def test_timeline_png_from_trailers_linked_from_summary(tmp_path):
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, **meta))
     s = merge(run)
     assert s.timeline == "timeline.png" and read_json(run.summary)["timeline"] == "timeline.png"
-    assert (run.root / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the picture holds a bar of each chunk's colour (matplotlib's C0..C9 by chunk id, drawn
+    # at alpha 0.8 over white), in lanes of both workers
+    import matplotlib.colors
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(run.root / "timeline.png")[..., :3]
+    assert pixels.shape[1] == 1100  # 11 in at 100 dpi
+    rows = {}
+    for cid in range(min(10, read_json(run.manifest)["n_chunks"])):
+        bar = 0.8 * np.array(matplotlib.colors.to_rgb(f"C{cid}")) + 0.2
+        hit = np.abs(pixels - bar).max(axis=-1) < 0.02
+        assert hit.sum() > 50, f"no bar of chunk {cid}'s colour"
+        rows[cid] = np.nonzero(hit)[0].mean()
+    assert abs(rows[0] - rows[1]) > 20  # chunks 0 and 1 ran on w0 and w1: different lanes

@@ -41,9 +41,14 @@ def test_pass_at_k_is_the_unbiased_estimator(n):
 
 
 def _record(i, scores, answers, formats, level):
-    return {"id": f"p{i}", "fields": {"level": level},
-            "outputs": [{"text": f"t{j}", "answer_reward": s, "extracted": a, "format_reward": f}
-                        for j, (s, a, f) in enumerate(zip(scores, answers, formats))]}
+    return {
+        "id": f"p{i}",
+        "fields": {"level": level},
+        "outputs": [
+            {"text": f"t{j}", "answer_reward": s, "extracted": a, "format_reward": f}
+            for j, (s, a, f) in enumerate(zip(scores, answers, formats))
+        ],
+    }
 
 
 def test_a_small_case_by_hand():
@@ -104,8 +109,9 @@ def test_the_math_flow_reports_metrics_by_level_through_merge(tmp_path):
     from hpc_infer.rundir import encode_chunk_output, read_chunk_records, read_json, write_atomic
     from hpc_infer.run.plan import plan_input, prepare
 
-    rc = compose(f"output_root={tmp_path}/runs", "data=math_r1_zero", "cluster=local", "sampling.n=4",
-                 "merge.group_by=[level]")
+    rc = compose(
+        f"output_root={tmp_path}/runs", "data=math_r1_zero", "cluster=local", "sampling.n=4", "merge.group_by=[level]"
+    )
     from omegaconf import OmegaConf
 
     run, _ = prepare(rc, plan_input(rc), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))  # as launch writes it
@@ -113,10 +119,25 @@ def test_the_math_flow_reports_metrics_by_level_through_merge(tmp_path):
         rows = []
         for r in read_chunk_records(run, cid):
             truth = r["fields"]["answer"]
-            texts = [f"x </think> <answer>{truth}</answer>", "x </think> <answer>0</answer>", "no format",
-                     f"y </think> <answer>{truth}</answer>"] if r["index"] % 2 == 0 else ["no"] * 4
-            rows.append(dict(r, text=texts[0], outputs=[{"text": t, "num_tokens": 3, "finish_reason": "stop"}
-                                                        for t in texts], prompt_tokens=1, output_tokens=12))
+            texts = (
+                [
+                    f"x </think> <answer>{truth}</answer>",
+                    "x </think> <answer>0</answer>",
+                    "no format",
+                    f"y </think> <answer>{truth}</answer>",
+                ]
+                if r["index"] % 2 == 0
+                else ["no"] * 4
+            )
+            rows.append(
+                dict(
+                    r,
+                    text=texts[0],
+                    outputs=[{"text": t, "num_tokens": 3, "finish_reason": "stop"} for t in texts],
+                    prompt_tokens=1,
+                    output_tokens=12,
+                )
+            )
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w", started=1.0, finished=2.0))
     p = sh(tmp_path, f"hpc-infer merge {run.root}")
     assert p.returncode == 0, p.stderr

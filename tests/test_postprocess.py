@@ -57,11 +57,23 @@ def test_math_run_gets_reward_counts_in_summary(tmp_path):
     assert rows[0]["outputs"][0]["format_reward"] == 1.0
 
 
-def test_parquet_merge_applies_the_hook_once(tmp_path):
+def test_parquet_merge_applies_the_hook_once(tmp_path, monkeypatch):
+    """Once per record, counted: the parquet merge parses and grades each chunk one time."""
     import pyarrow.parquet as pq
 
+    import hpc_infer.rewards as rewards
+
+    calls, real = [], rewards.r1_zero_reward
+
+    def counted(record, **kwargs):
+        calls.append(record["id"])
+        return real(record, **kwargs)
+
+    counted.field_args = real.field_args
+    monkeypatch.setattr(rewards, "r1_zero_reward", counted)  # where the hook's _target_ is looked up
     rc, run = _math_run(tmp_path, lambda r: "no format")
     s = merge(run, fmt="parquet", postprocess=rc.postprocess)
+    assert sorted(calls) == sorted(r["id"] for r in pq.read_table(s.results).to_pylist()) and len(calls) == 6
     assert s.postprocess["records"] == 6 and s.postprocess["sums"]["format_reward"] == 0.0
     assert pq.read_table(s.results).column("format_reward").to_pylist() == [0.0] * 6
 

@@ -17,9 +17,14 @@ FAKE = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001, "max_num_seqs": 8}
 
 
 def docs_and_questions(path: Path, docs: int, questions: int, shuffle: bool, ids: bool = True) -> list[dict]:
-    rows = [{**({"id": f"d{d}q{q}"} if ids else {}),
-             "prompt": f"Document {d}: " + f"the story of item {d} goes on. " * 60 + f"\nQuestion {q}: what is {q}?"}
-            for d in range(docs) for q in range(questions)]
+    rows = [
+        {
+            **({"id": f"d{d}q{q}"} if ids else {}),
+            "prompt": f"Document {d}: " + f"the story of item {d} goes on. " * 60 + f"\nQuestion {q}: what is {q}?",
+        }
+        for d in range(docs)
+        for q in range(questions)
+    ]
     if shuffle:
         random.Random(3).shuffle(rows)
     with open(path, "w") as f:
@@ -33,8 +38,15 @@ def docs_and_questions(path: Path, docs: int, questions: int, shuffle: bool, ids
 def _plan(tmp_path, data, *overrides):
     from hpc_infer.run.plan import plan_input, prepare
 
-    rc = compose(f"output_root={tmp_path}/runs", f"data.path={data}", "cluster=local", "cluster.workers=2",
-                 "sampling=greedy", "sampling.max_tokens=4", *overrides)
+    rc = compose(
+        f"output_root={tmp_path}/runs",
+        f"data.path={data}",
+        "cluster=local",
+        "cluster.workers=2",
+        "sampling=greedy",
+        "sampling.max_tokens=4",
+        *overrides,
+    )
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     return run
 
@@ -54,7 +66,8 @@ def test_scattered_prefixes_are_grouped_into_chunks(tmp_path):
         for r in recs:
             seen[r["index"]] = r["id"]
         src = __import__("hpc_infer.rundir.chunks", fromlist=["x"]).read_chunk_source(
-            run.input_copy, c, read_json(run.worker_spec)["input"])
+            run.input_copy, c, read_json(run.worker_spec)["input"]
+        )
         for k, r in enumerate(src.records):
             lines[r["id"]] = src.parsed.record_lines[k]
     assert [seen[i] for i in range(72)] == [r["id"] for r in rows]  # each record its own index back
@@ -81,8 +94,16 @@ def test_a_grouped_run_merges_in_input_order_with_positional_ids(tmp_path):
     must come back as each record's own; the results are in input order, each once."""
     data = tmp_path / "in.jsonl"
     rows = docs_and_questions(data, docs=10, questions=5, shuffle=True, ids=False)
-    p = run_launch(tmp_path, "cluster=local", "cluster.workers=2", f"data.path={data}", "sampling=greedy",
-                   "sampling.max_tokens=3", "run_name=g", env=FAKE)
+    p = run_launch(
+        tmp_path,
+        "cluster=local",
+        "cluster.workers=2",
+        f"data.path={data}",
+        "sampling=greedy",
+        "sampling.max_tokens=3",
+        "run_name=g",
+        env=FAKE,
+    )
     assert "grouped" in p.stderr, p.stderr[-2000:]
     results = read_results(tmp_path / "runs" / "g" / "results.jsonl")
     assert [r["id"] for r in results] == [str(i) for i in range(50)]

@@ -48,7 +48,10 @@ def wait_for(what: str, cond, timeout: float = 900.0) -> None:
 
 
 def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_path, cpu_model):
-    # each engine step waits 1 s (a failpoint), so both workers are mid-run whatever the machine's speed
+    # each worker stops at its third engine step (a failpoint) until it is killed: both are
+    # mid-run, two steps of tokens generated and none finished, whatever the machine's speed
+    hold = tmp_path / "hold"
+    hold.mkdir()
     run_launch(
         tmp_path,
         "cluster=local",
@@ -58,12 +61,13 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
         "sampling.max_tokens=32",
         "run_name=c",
         "wait=false",
-        env={"HPC_INFER_FAULT": "step:SLEEP1000"},
+        env={"HPC_INFER_FAULT": "step:HOLD:3", "HPC_INFER_HOLD_DIR": str(hold)},
     )
     run = RunDir(tmp_path / "runs" / "c")
+    wait_for("both workers held at their third step", lambda: len(list(hold.glob("held.*"))) == 2)
     wait_for("two workers running", lambda: len([b for b in read_heartbeats(run) if b["state"] == "running"]) == 2)
-    # progress shows tokens as they are generated, before any record is finished (1 s a step here),
-    # and never counts them as done
+    # progress shows tokens as they are generated, before any record is finished, and never
+    # counts them as done
     from hpc_infer.run.progress import snapshot
 
     wait_for("tokens shown while generating", lambda: snapshot(run).generating_tokens > 0, timeout=300)

@@ -22,19 +22,39 @@ def graded_run(tmp_path: Path, name: str, right_every: int):
     from hpc_infer.rundir import encode_chunk_output, read_chunk_records, read_json, write_atomic
     from hpc_infer.run.plan import plan_input, prepare
 
-    rc = compose(f"output_root={tmp_path}/runs", "data=math_r1_zero", "cluster=local", "sampling.n=4",
-                 "merge.group_by=[level,type]", f"run_name={name}")
+    rc = compose(
+        f"output_root={tmp_path}/runs",
+        "data=math_r1_zero",
+        "cluster=local",
+        "sampling.n=4",
+        "merge.group_by=[level,type]",
+        f"run_name={name}",
+    )
     run, _ = prepare(rc, plan_input(rc), "/m", OmegaConf.to_yaml(OmegaConf.structured(rc)))
     for cid in range(read_json(run.manifest)["n_chunks"]):
         rows = []
         for r in read_chunk_records(run, cid):
             truth = r["fields"]["answer"]
             good = r["index"] % right_every == 0
-            texts = [f"a </think> <answer>{truth if good else 0}</answer>", "b </think> <answer>1</answer>",
-                     "no format at all", f"c </think> <answer>{truth if good else 2}</answer>"]
-            rows.append(dict(r, text=texts[0], prompt_tokens=9, output_tokens=40, outputs=[
-                {"text": t, "num_tokens": 10 * (j + 1), "finish_reason": "length" if j == 2 else "stop"}
-                for j, t in enumerate(texts)]))
+            texts = [
+                f"a </think> <answer>{truth if good else 0}</answer>",
+                "b </think> <answer>1</answer>",
+                "no format at all",
+                f"c </think> <answer>{truth if good else 2}</answer>",
+            ]
+            rows.append(
+                dict(
+                    r,
+                    text=texts[0],
+                    prompt_tokens=9,
+                    cached_tokens=3,  # vLLM's prefix-cache hits, as the offline engine reports them
+                    output_tokens=40,
+                    outputs=[
+                        {"text": t, "num_tokens": 10 * (j + 1), "finish_reason": "length" if j == 2 else "stop"}
+                        for j, t in enumerate(texts)
+                    ],
+                )
+            )
         write_atomic(run.out_path(cid), encode_chunk_output(cid, rows, worker="w", started=1.0, finished=2.0 + cid))
     p = sh(tmp_path, f"hpc-infer merge {run.root}")
     assert p.returncode == 0, p.stderr
@@ -53,8 +73,13 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chrome
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,2000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,2000",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     b = webdriver.Chrome(service=Service(driver), options=opts)
@@ -89,12 +114,20 @@ def test_the_report_shows_what_summary_json_holds(tmp_path, browser):
     groups = browser.find_elements(By.CSS_SELECTOR, "#metrics tr")
     assert len(groups) == 1 + 1 + 3 + 5  # header, all, 3 levels, 5 types
     images = browser.find_elements(By.TAG_NAME, "img")
-    sizes = [browser.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, "
-                                    "arguments[0].naturalHeight]", img) for img in images]
+    sizes = [
+        browser.execute_script(
+            "return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight]", img
+        )
+        for img in images
+    ]
     assert len(images) == 4, sizes  # pass@1 by level, by type, the length histogram, the timeline
     assert all(ok and w >= 300 and h >= 150 for ok, w, h in sizes), sizes
     finish = browser.find_element(By.ID, "finish-reasons").text
     assert "length 20" in finish and "stop 60" in finish
+    summary = json.loads((run.root / "summary.json").read_text())
+    assert summary["prefix_cache"] == {"prompt_tokens": 180, "cached_tokens": 60, "hit_rate": 0.3333}
+    engine = browser.find_element(By.ID, "engine").text
+    assert "33.3% of 180 prompt tokens found in vLLM's prefix cache" in engine and "input order" in engine, engine
     cats = browser.find_element(By.ID, "categories").text
     assert f"format=1,answer=1 {metrics['categories']['format=1,answer=1']}" in cats
 

@@ -205,7 +205,9 @@ def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     assert t.returncode == 0 and "node[1-2]" in t.stderr, t.stderr
 
 
-def test_multi_node_ray_clusters_form_in_two_allocations(tmp_path, slurm, cpu_model):
+def test_multi_node_ray_clusters_form_in_two_allocations_then_vllm_runs_or_refuses_ray_on_cpu(
+    tmp_path, slurm, cpu_model
+):
     """`hpc-infer launch` with a two-node model and two workers, on the local two-node Slurm:
     an array of two allocations that share both nodes. In each, a Ray head on the first
     node and a Ray worker on the second (srun steps inside the allocation) form a cluster

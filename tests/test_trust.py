@@ -432,7 +432,7 @@ def test_a_stale_ready_replica_gets_no_key(scratch, monkeypatch):
 
 
 def test_the_key_never_follows_a_redirect(scratch):
-    from hpc_infer.serve.auth import http
+    from hpc_infer.host.http import http
 
     target = Listener()
     hop = Listener(redirect_to=target.url)

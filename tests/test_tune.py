@@ -21,12 +21,16 @@ def _result(setting, tok_s, records=8, errors=0, empty=0):
 
 
 def test_only_a_setting_faster_than_the_noise_is_kept():
-    v = decide([_result({}, [100.0, 110.0]),  # noise: 10 / 105 = 9.5%
-                _result({"max_num_seqs": 64}, [112.0, 113.0]),  # +7%: within the noise
-                _result({"max_num_seqs": 32}, [140.0, 150.0], empty=1),  # fast but an empty output: never
-                _result({"enable_prefix_caching": False}, [90.0, 95.0]),
-                {"setting": {"speculative_config": {"method": "ngram"}}, "error": "NotImplementedError: no spec on CPU"},
-                _result({"max_num_batched_tokens": 4096}, [125.0, 124.0])])  # +18.6%: kept
+    v = decide(
+        [
+            _result({}, [100.0, 110.0]),  # noise: 10 / 105 = 9.5%
+            _result({"max_num_seqs": 64}, [112.0, 113.0]),  # +7%: within the noise
+            _result({"max_num_seqs": 32}, [140.0, 150.0], empty=1),  # fast but an empty output: never
+            _result({"enable_prefix_caching": False}, [90.0, 95.0]),
+            {"setting": {"speculative_config": {"method": "ngram"}}, "error": "NotImplementedError: no spec on CPU"},
+            _result({"max_num_batched_tokens": 4096}, [125.0, 124.0]),
+        ]
+    )  # +18.6%: kept
     assert v["kept"] == {"max_num_batched_tokens": 4096} and v["kept_ratio"] == pytest.approx(124.5 / 105, abs=1e-3)
     verdicts = [r["verdict"] for r in v["rows"]]
     assert verdicts[1] == "not faster than the noise" and verdicts[2].startswith("outputs not valid")
@@ -40,26 +44,35 @@ def test_launch_applies_the_kept_settings_and_the_users_own_win(tmp_path):
     tuned = tmp_path / "runs" / "tuned" / "smollm2_cpu__local.yaml"
     tuned.parent.mkdir(parents=True)
     tuned.write_text("model:\n  engine_kwargs:\n    max_num_seqs: 64\n    enable_prefix_caching: false\n")
-    p = run_launch(tmp_path, "cluster=local", "data.limit=3", "run_name=t", "+model.engine_kwargs.max_num_seqs=16",
-                   env=FAKE)
+    p = run_launch(
+        tmp_path, "cluster=local", "data.limit=3", "run_name=t", "+model.engine_kwargs.max_num_seqs=16", env=FAKE
+    )
     assert f"engine settings from `hpc-infer tune` ({tuned})" in p.stderr, p.stderr
     spec = json.loads((tmp_path / "runs" / "t" / "worker.json").read_text())
     assert spec["model"]["engine_kwargs"]["max_num_seqs"] == 16  # the command line wins
-    assert spec["model"]["engine_kwargs"]["enable_prefix_caching"] is False and spec["model"]["tuned_from"] == str(tuned)
+    assert spec["model"]["engine_kwargs"]["enable_prefix_caching"] is False and spec["model"]["tuned_from"] == str(
+        tuned
+    )
     summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
     assert summary["engine_settings"]["tuned_from"] == str(tuned)
     p = run_launch(tmp_path, "cluster=local", "data.limit=3", "run_name=u", "tune.use=false", env=FAKE)
     assert "hpc-infer tune" not in p.stderr
-    assert "enable_prefix_caching" not in json.loads((tmp_path / "runs" / "u" / "worker.json").read_text())["model"][
-        "engine_kwargs"]
+    assert (
+        "enable_prefix_caching"
+        not in json.loads((tmp_path / "runs" / "u" / "worker.json").read_text())["model"]["engine_kwargs"]
+    )
     assert len(read_results(tmp_path / "runs" / "u" / "results.jsonl")) == 3
 
 
 @pytest.mark.slow
 def test_tune_times_real_settings_on_the_runs_prompts(tmp_path):
     """vLLM's CPU build, four prompts, a budget that fits the defaults and a few settings."""
-    p = sh(tmp_path, f"hpc-infer tune cluster=local tune.sample=4 tune.budget_s=60 sampling.max_tokens=8 "
-                     f"output_root={tmp_path}/runs", timeout=1800)
+    p = sh(
+        tmp_path,
+        f"hpc-infer tune cluster=local tune.sample=4 tune.budget_s=60 sampling.max_tokens=8 "
+        f"output_root={tmp_path}/runs",
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "vLLM's defaults" in p.stdout and "the baseline (noise" in p.stdout, p.stdout
     tune = json.loads((tmp_path / "runs" / "tune__smollm2_cpu__local" / "tune.json").read_text())

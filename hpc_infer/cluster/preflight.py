@@ -441,6 +441,9 @@ def check_time_limit(cluster: ClusterConfig, run_path: Path) -> None:
     from ..log import say
     from ..rundir import RunDir, read_heartbeats
 
+    local = node_local_problem(cluster, Path(run_path))
+    if local:
+        raise UserError(local)
     run = RunDir(Path(run_path))
     starts = (
         [float(b["engine_start_s"]) for b in read_heartbeats(run) if b.get("engine_start_s")]
@@ -452,3 +455,54 @@ def check_time_limit(cluster: ClusterConfig, run_path: Path) -> None:
         raise UserError(refusal)
     if warning:
         say(f"warning: {warning}")
+
+
+LOCAL_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs"}
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system `path` (or its nearest existing parent) lives on, from
+    /proc/self/mountinfo (the longest mount point that contains it)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    real, best, kind = os.path.realpath(path), "", None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(" - ")
+        mount = fields[0].split()[4].replace("\\040", " ")
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fields[1].split()[0] if len(fields) > 1 else None
+    return kind
+
+
+def node_local_problem(cluster: ClusterConfig, run_path: Path) -> str | None:
+    """A Slurm run whose directory is on a node's own disk (/tmp, a local ext4/xfs, tmpfs)
+    while its nodes are other machines: every worker would see another, empty folder."""
+    import socket
+    import subprocess
+
+    if cluster.backend != "slurm":
+        return None
+    kind = filesystem_type(run_path)
+    if kind not in LOCAL_FS:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "nodes", "--oneliner"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    hosts = {w.split("=", 1)[1] for w in out.split() if w.startswith("NodeHostName=")}
+    me = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    if not hosts or hosts <= me:
+        return None  # every node is this machine (a one-machine Slurm): its disk is theirs
+    return (
+        f"output_root: {run_path} is on this machine's own {kind} file system, and cluster={cluster.name}'s "
+        f"nodes ({', '.join(sorted(hosts)[:3])}{' ...' if len(hosts) > 3 else ''}) are other machines: each "
+        f"worker would see a folder of its own. Put runs on storage every node mounts (output_root=$SCRATCH/runs "
+        f"or your home)"
+    )

@@ -19,11 +19,11 @@ class WorkerTask(submitit.helpers.Checkpointable):
     `checkpoint` resubmits the same call."""
 
     def __call__(self, run_dir: str, rank: int = 0, of: int = 1) -> dict:
-        _die_with_controller()
+        die_with_controller()
         return run_worker(run_dir, rank=rank, of=of)
 
 
-def _die_with_controller() -> None:
+def die_with_controller() -> None:
     """A local job's controller (submitit's) is what `cancel` and the launcher know; when it
     ends, even by SIGKILL, its task must end too, not run on re-parented to init."""
     import os
@@ -34,31 +34,11 @@ def _die_with_controller() -> None:
         die_with_parent()
 
 
-class ServeTask:
-    """Called with the serve run directory and the replica index (one per array task)."""
-
-    def __call__(self, run_dir: str, index: int) -> dict:
-        from ..serve.replica import run_replica
-
-        _die_with_controller()
-        return run_replica(run_dir, index)
-
-
-class RouterTask:
-    """Called with the serve run directory (index unused): the router in front of its replicas."""
-
-    def __call__(self, run_dir: str, index: int = 0) -> dict:
-        from ..serve.router import run_router
-
-        _die_with_controller()
-        return run_router(run_dir)
-
-
 class TuneTask:
     """Called with the tune directory (index unused): `hpc-infer tune`'s timing job."""
 
     def __call__(self, run_dir: str, index: int = 0) -> dict:
         from ..worker.tuner import run_tune
 
-        _die_with_controller()
+        die_with_controller()
         return run_tune(run_dir)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
+import subprocess
 import time
 from typing import Iterable, NamedTuple
 
@@ -78,6 +80,46 @@ def signal_all(procs: Iterable[Proc], sig: int) -> None:
                 os.kill(p.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def scheduler_job_id(fallback: str | None = None) -> str:
+    """This process's job as the scheduler names it: a submitit local job, a Slurm array
+    task (`JOB_TASK`), a Slurm job; else `fallback` (host-pid when not given). submitit's
+    local id comes first: a local run started inside an allocation inherits its SLURM_*."""
+    env = os.environ
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return env["SUBMITIT_LOCAL_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return env["SLURM_JOB_ID"]
+    return fallback if fallback is not None else f"{socket.gethostname()}-{os.getpid()}"
+
+
+def start_child(command: list[str], env: dict, log_path, parent_death: int = signal.SIGTERM) -> subprocess.Popen:
+    """A child whose output is appended to `log_path`, that gets `parent_death` when we go,
+    even by SIGKILL (a server left behind would keep answering with the run's key)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: die_with_parent(parent_death),
+        )
+
+
+def stop_child(child: subprocess.Popen, grace_s: float = 60.0, told: bool = False) -> None:
+    """SIGTERM a child we started (if it still runs; not again when `told`: a second SIGTERM
+    makes uvicorn skip its graceful shutdown), SIGKILL it after `grace_s`, reap it."""
+    if not told and child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def stop_all(procs: list[Proc], grace_s: float = 15.0, first: int = signal.SIGTERM) -> list[Proc]:

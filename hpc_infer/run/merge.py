@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import tempfile
 import zlib
@@ -20,12 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-from ..rundir import faults
 from ..errors import RecordsFailed, UserError
 from ..rundir import (
+    atomic_file,
     TRAILER_KEY,
     RunDir,
-    current_umask,
     read_chunk_trailer,
     read_heartbeats,
     read_json,
@@ -55,6 +53,7 @@ class Summary:
     engine_start_s: list[float] = field(default_factory=list)
     launches: list[dict] = field(default_factory=list)  # each launch's span, one clock each (launch_spans)
     planning: dict | None = None  # prefix groups the records were planned in (run/plan.py), or None
+    prefix_cache: dict | None = None  # prompt tokens vLLM's prefix cache held: tokens and hit rate
     engine_settings: dict = field(default_factory=dict)  # what the engine ran with (tuned ones named)
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
@@ -85,7 +84,18 @@ class _Checked:
     finished: float | None = None
     errors: int = 0
     error_types: dict = field(default_factory=dict)
+    cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache, when reported
     load: Callable[[], bytes] | None = None  # a block of a prefix-grouped run in input order (its bytes, checked)
+
+
+def prefix_cache_hits(checked: list[_Checked]) -> dict | None:
+    """The share of prompt tokens vLLM found in its prefix cache, over the chunks whose
+    engine reported it (vLLM's RequestOutput.num_cached_tokens); None when none did."""
+    reported = [c for c in checked if c.cached_tokens is not None]
+    if not reported:
+        return None
+    prompt, cached = sum(c.prompt_tokens for c in reported), sum(c.cached_tokens for c in reported)
+    return {"prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": round(cached / prompt, 4) if prompt else 0.0}
 
 
 def check_trailer(run: RunDir, chunk: dict) -> _Checked:
@@ -122,6 +132,7 @@ def check_trailer(run: RunDir, chunk: dict) -> _Checked:
         t.get("finished"),
         int(t.get("errors", 0)),
         dict(t.get("error_types") or {}),
+        int(t["cached_tokens"]) if t.get("cached_tokens") is not None else None,
     )
 
 
@@ -193,33 +204,18 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
     blocks = []
     for b in range(0, len(present), per_block):
         idx = present[b : b + per_block]
-        blocks.append(_Checked(-1 - len(blocks), run.out, 0, 0, len(idx), 0, 0, errors=sum(has_error[i] for i in idx),
-                               load=loader(idx)))
+        blocks.append(
+            _Checked(
+                -1 - len(blocks), run.out, 0, 0, len(idx), 0, 0, errors=sum(has_error[i] for i in idx), load=loader(idx)
+            )
+        )
     return blocks
-
-
-@contextmanager
-def _atomic_result(out: Path) -> Iterator[BinaryIO]:
-    """The result file, written under a temp name, fsynced and renamed: never half there."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # never shared
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: a group run's results are the group's
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point("merge_tmp_written", out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -> None:
     """Concatenate the checked chunk outputs in chunk order (= input order). With
     merge.on_error=drop, the few chunks holding error records are parsed and filtered."""
-    with _atomic_result(out) as f:
+    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
         for c in chunks:
             if drop_errors and c.errors:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, None, True)).encode())
@@ -234,7 +230,7 @@ def _write_errors(chunks: list[_Checked], out: Path) -> None:
     """errors.jsonl: each failed record's input row as it was written (a valid input for a
     follow-up run: data.path=errors.jsonl data.format=jsonl, or openai_batch for a batch
     file), with what failed under `_hpc_infer_error`. Only chunks with errors are parsed."""
-    with _atomic_result(out) as f:
+    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
         for c in chunks:
             if not c.errors:
                 continue
@@ -273,8 +269,11 @@ class Hook:
         self.sums: dict[str, float] = {}
         func = getattr(self.fn, "func", self.fn)  # what the hook says its per-output score and answer are
         score = getattr(func, "score_key", None)
-        self.metrics = Metrics(score, getattr(func, "answer_key", None), getattr(func, "format_key", None),
-                               list(group_by or [])) if score else None
+        self.metrics = (
+            Metrics(score, getattr(func, "answer_key", None), getattr(func, "format_key", None), list(group_by or []))
+            if score
+            else None
+        )
 
     def __call__(self, record: dict) -> None:
         if record.get("error"):  # nothing was generated: nothing to grade
@@ -316,7 +315,7 @@ def _write_jsonl_parsed(
 ) -> None:
     """With a hook or another output shape, each record is parsed, extended or reshaped,
     and written again (slower than the checked copy)."""
-    with _atomic_result(out) as f:
+    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
         for c in chunks:
             rows = _records(c, hook, drop_errors)
             f.write(
@@ -351,7 +350,10 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
             schemas.append(table.schema)
             paths.append(path)
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-        with _atomic_result(out) as f, pq.ParquetWriter(f, schema) as w:
+        with (
+            atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f,
+            pq.ParquetWriter(f, schema) as w,
+        ):
             for path in paths:
                 with pa.memory_map(str(path)) as source:
                     table = pa.ipc.open_file(source).read_all()
@@ -514,8 +516,10 @@ def _merge(
     summary.timeline = draw_timeline(dest, [asdict(c) for c in checked], beats, run.root.name)
     summary.postprocess = hook.summary() if hook else None
     summary.planning = manifest.get("grouped")
-    summary.engine_settings = dict(spec["model"].get("engine_kwargs") or {}, **(
-        {"tuned_from": spec["model"]["tuned_from"]} if spec["model"].get("tuned_from") else {}))
+    summary.engine_settings = dict(
+        spec["model"].get("engine_kwargs") or {},
+        **({"tuned_from": spec["model"]["tuned_from"]} if spec["model"].get("tuned_from") else {}),
+    )
     summary.on_error = on_error
     if n_errors and drop:
         summary.records -= n_errors  # records in the result file
@@ -591,4 +595,5 @@ def _summarize(
         engine_start_s=[b["engine_start_s"] for b in beats if b.get("engine_start_s") is not None],
         sampling=sampling,
         launches=spans,
+        prefix_cache=prefix_cache_hits(checked),
     )

@@ -70,8 +70,14 @@ class Tally:
         self.categories: Counter = Counter()
         self.examples: dict[str, list[dict]] = {}
 
-    def add(self, record_id: Any, scores: list[float], answers: list[Any] | None, formats: list[float] | None,
-            texts: list[str]) -> None:
+    def add(
+        self,
+        record_id: Any,
+        scores: list[float],
+        answers: list[Any] | None,
+        formats: list[float] | None,
+        texts: list[str],
+    ) -> None:
         n, c = len(scores), sum(1 for s in scores if s > 0)
         self.samples.append((n, c))
         if answers is not None:
@@ -92,16 +98,21 @@ class Tally:
         if not self.samples:
             return {"records": 0}
         n_max = max(n for n, _ in self.samples)
-        out: dict[str, Any] = {"records": len(self.samples), "samples_per_record": n_max,
-                               "pass@1": mean_se([c / n for n, c in self.samples if n])}
+        out: dict[str, Any] = {
+            "records": len(self.samples),
+            "samples_per_record": n_max,
+            "pass@1": mean_se([c / n for n, c in self.samples if n]),
+        }
         for k in powers_of_two(n_max):
             if k > 1:
                 out[f"pass@{k}"] = mean_se([pass_at_k(n, c, k) for n, c in self.samples if n >= k])
         for k, values in self.maj.items():
             out[f"maj@{k}"] = mean_se(values)
         if self.categories:
-            out["categories"] = {key: self.categories.get(key, 0)
-                                 for key in ("format=1,answer=1", "format=1,answer=0", "format=0,answer=0")}
+            out["categories"] = {
+                key: self.categories.get(key, 0)
+                for key in ("format=1,answer=1", "format=1,answer=0", "format=0,answer=0")
+            }
             if self.categories.get("format=0,answer=1"):  # only a grader without a format check gives these
                 out["categories"]["format=0,answer=1"] = self.categories["format=0,answer=1"]
             out["examples"] = self.examples
@@ -142,6 +153,7 @@ class Metrics:
         out = self.all.result()
         out["score"] = self.score_key
         if self.group_by:
-            out["groups"] = {g: {v: t.result() for v, t in sorted(tallies.items())}
-                             for g, tallies in self.groups.items()}
+            out["groups"] = {
+                g: {v: t.result() for v, t in sorted(tallies.items())} for g, tallies in self.groups.items()
+            }
         return out

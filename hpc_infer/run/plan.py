@@ -289,12 +289,17 @@ def prefix_groups(keys: array.array) -> tuple[list[int], dict] | None:
     if not n or shared < 0.1 * n or runs <= 1.5 * len(first):
         return None
     order = sorted(range(n), key=lambda i: first[keys[i]])  # stable: input order within a group
-    return order, {"groups": len(first), "records_in_shared_groups": shared, "runs_before": runs,
-                   "prefix_chars": PREFIX_CHARS}
+    return order, {
+        "groups": len(first),
+        "records_in_shared_groups": shared,
+        "runs_before": runs,
+        "prefix_chars": PREFIX_CHARS,
+    }
 
 
-def regroup(staging: RunDir, order: list[int], ends: array.array, ests: array.array, chars: array.array,
-            rc: RunConfig) -> list[dict]:
+def regroup(
+    staging: RunDir, order: list[int], ends: array.array, ests: array.array, chars: array.array, rc: RunConfig
+) -> list[dict]:
     """Rewrite input.copy in `order` and cut chunks over it. Each record's original index and
     line go to `order.bin` (two little-endian int64 a position) so a worker gives its records
     their own ids, indices and line numbers back, and the merge restores input order. A
@@ -331,8 +336,12 @@ def regroup(staging: RunDir, order: list[int], ends: array.array, ests: array.ar
                 entry_start = p0
                 writer.close(pos)
                 idx = [order[q] for q in range(entry_start, pos + 1)]
-                writer.table[-1].update(first_index=min(idx), last_index=max(idx), positions=[entry_start, pos + 1],
-                                        first_line=lines[order[entry_start]])
+                writer.table[-1].update(
+                    first_index=min(idx),
+                    last_index=max(idx),
+                    positions=[entry_start, pos + 1],
+                    first_line=lines[order[entry_start]],
+                )
                 p0 = pos + 1
     writer.f.close()
     with open(staging.root / "order.bin", "wb") as f:

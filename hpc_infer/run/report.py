@@ -81,13 +81,18 @@ def load(root: Path) -> dict:
 def _metrics_table(metrics: dict) -> str:
     keys = _metric_keys(metrics)
     head = "".join(f"<th>{k}</th>" for k in keys)
-    out = [f'<table id="metrics"><tr><th class="l">group</th><th>records</th>{head}</tr>',
-           f'<tr><td class="l">all</td><td>{metrics.get("records", 0)}</td>'
-           + "".join(f'<td data-metric="{k}">{_fmt(metrics.get(k))}</td>' for k in keys) + "</tr>"]
+    out = [
+        f'<table id="metrics"><tr><th class="l">group</th><th>records</th>{head}</tr>',
+        f'<tr><td class="l">all</td><td>{metrics.get("records", 0)}</td>'
+        + "".join(f'<td data-metric="{k}">{_fmt(metrics.get(k))}</td>' for k in keys)
+        + "</tr>",
+    ]
     for field, groups in (metrics.get("groups") or {}).items():
         for value, m in groups.items():
-            out.append(f'<tr><td class="l">{html.escape(field)} = {html.escape(value)}</td><td>{m.get("records", 0)}'
-                       "</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>")
+            out.append(
+                f'<tr><td class="l">{html.escape(field)} = {html.escape(value)}</td><td>{m.get("records", 0)}'
+                "</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>"
+            )
     return "".join(out) + "</table>"
 
 
@@ -123,8 +128,10 @@ def _histogram(lengths: list[int], max_tokens: int | None) -> str:
 
 
 def _counts_table(counts: dict, what: str, table_id: str) -> str:
-    rows = "".join(f'<tr><td class="l">{html.escape(str(k))}</td><td>{v}</td></tr>'
-                   for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    rows = "".join(
+        f'<tr><td class="l">{html.escape(str(k))}</td><td>{v}</td></tr>'
+        for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
+    )
     return f'<table id="{table_id}"><tr><th class="l">{what}</th><th>count</th></tr>{rows or "<tr><td>none</td><td>0</td></tr>"}</table>'
 
 
@@ -137,32 +144,71 @@ def one_run(r: dict) -> str:
     lengths = [int(o.get("num_tokens") or 0) for o in outputs]
     finish = Counter(str(o.get("finish_reason")) for o in outputs)
     cut = finish.get("length", 0)
-    parts = [f"<h1>{html.escape(r['name'])}</h1>",
-             f'<p class="muted">{s["records"]}/{s["records_expected"]} records, {s["output_tokens"]:,} output tokens, '
-             f'{s["output_tokens_per_s"]:,.0f} tok/s over {s["wall_s"]:.0f} s; sampling '
-             f'{html.escape(json.dumps(spec.get("sampling")))}</p>']
+    parts = [
+        f"<h1>{html.escape(r['name'])}</h1>",
+        f'<p class="muted">{s["records"]}/{s["records_expected"]} records, {s["output_tokens"]:,} output tokens, '
+        f"{s['output_tokens_per_s']:,.0f} tok/s over {s['wall_s']:.0f} s; sampling "
+        f"{html.escape(json.dumps(spec.get('sampling')))}</p>",
+    ]
+    engine = {
+        "prefix cache": (
+            f"{s['prefix_cache']['hit_rate']:.1%} of {s['prefix_cache']['prompt_tokens']:,} prompt tokens "
+            "found in vLLM's prefix cache"
+            if s.get("prefix_cache")
+            else "not reported by the engine"
+        ),
+        "planning": (
+            f"prefix-aware: {s['planning']['records_in_shared_groups']:,} records in "
+            f"{s['planning']['groups']:,} groups sharing their first {s['planning']['prefix_chars']:,} characters"
+            if s.get("planning")
+            else "input order"
+        ),
+        "engine settings": json.dumps(s["engine_settings"]) if s.get("engine_settings") else "vLLM's defaults",
+    }
+    rows_html = "".join(
+        f'<tr><td class="l">{k}</td><td class="l">{html.escape(v)}</td></tr>' for k, v in engine.items()
+    )
+    parts += ["<h2>Engine</h2>", f'<table id="engine">{rows_html}</table>']
     if metrics:
-        parts += ["<h2>Metrics</h2>", _metrics_table(metrics),
-                  f'<p class="muted">score: {html.escape(str(metrics.get("score")))} (hook {html.escape(post["target"])}); '
-                  "pass@k: the unbiased estimator; ± one standard error over records</p>"]
+        parts += [
+            "<h2>Metrics</h2>",
+            _metrics_table(metrics),
+            f'<p class="muted">score: {html.escape(str(metrics.get("score")))} (hook {html.escape(post["target"])}); '
+            "pass@k: the unbiased estimator; ± one standard error over records</p>",
+        ]
         for field, groups in (metrics.get("groups") or {}).items():
             labels = list(groups)
-            parts.append(_img(_bars(labels, [groups[v]["pass@1"]["mean"] for v in labels],
-                                    [groups[v]["pass@1"]["se"] or 0.0 for v in labels], f"pass@1 by {field}"),
-                              f"pass@1 by {field}"))
+            parts.append(
+                _img(
+                    _bars(
+                        labels,
+                        [groups[v]["pass@1"]["mean"] for v in labels],
+                        [groups[v]["pass@1"]["se"] or 0.0 for v in labels],
+                        f"pass@1 by {field}",
+                    ),
+                    f"pass@1 by {field}",
+                )
+            )
         if metrics.get("categories"):
             parts += ["<h2>Format and answer</h2>", _counts_table(metrics["categories"], "category", "categories")]
             for key, examples in (metrics.get("examples") or {}).items():
                 parts.append(f"<h3>{html.escape(key)}</h3>")
-                parts += [f"<p><b>{html.escape(str(e['id']))}</b></p><pre>{html.escape(e['text'])}</pre>"
-                          for e in examples]
+                parts += [
+                    f"<p><b>{html.escape(str(e['id']))}</b></p><pre>{html.escape(e['text'])}</pre>" for e in examples
+                ]
     elif post:
-        parts += ["<h2>Hook</h2>", _counts_table({k: round(v, 4) for k, v in post.get("means", {}).items()},
-                                                 "mean", "hook-means")]
-    parts += ["<h2>Outputs</h2>", _img(_histogram(lengths, max_tokens), "output length histogram"),
-              f'<p class="muted">{cut} of {len(outputs)} outputs cut by max_tokens (finish_reason length)</p>',
-              _counts_table(dict(finish), "finish reason", "finish-reasons"),
-              "<h2>Errors</h2>", _counts_table(s.get("error_types") or {}, "error type", "errors")]
+        parts += [
+            "<h2>Hook</h2>",
+            _counts_table({k: round(v, 4) for k, v in post.get("means", {}).items()}, "mean", "hook-means"),
+        ]
+    parts += [
+        "<h2>Outputs</h2>",
+        _img(_histogram(lengths, max_tokens), "output length histogram"),
+        f'<p class="muted">{cut} of {len(outputs)} outputs cut by max_tokens (finish_reason length)</p>',
+        _counts_table(dict(finish), "finish reason", "finish-reasons"),
+        "<h2>Errors</h2>",
+        _counts_table(s.get("error_types") or {}, "error type", "errors"),
+    ]
     timeline = r["root"] / (s.get("timeline") or "timeline.png")
     if s.get("timeline") and timeline.exists():
         src = "data:image/png;base64," + base64.b64encode(timeline.read_bytes()).decode()
@@ -177,29 +223,42 @@ def _grade(row: dict) -> float | None:
 
 
 def compare(runs: list[dict]) -> str:
-    keys = sorted({k for r in runs for k in _metric_keys((r["summary"].get("postprocess") or {}).get("metrics") or {})},
-                  key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1])))
+    keys = sorted(
+        {k for r in runs for k in _metric_keys((r["summary"].get("postprocess") or {}).get("metrics") or {})},
+        key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1])),
+    )
     head = "".join(f"<th>{k}</th>" for k in keys)
     rows = []
     for r in runs:
         m = (r["summary"].get("postprocess") or {}).get("metrics") or {}
-        rows.append(f'<tr><td class="l">{html.escape(r["name"])}</td><td>{r["summary"]["records"]}</td>'
-                    f'<td>{r["summary"]["output_tokens_per_s"]:,.0f}</td>'
-                    + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>")
-    table = (f'<table id="comparison"><tr><th class="l">run</th><th>records</th><th>tok/s</th>{head}</tr>'
-             + "".join(rows) + "</table>")
+        rows.append(
+            f'<tr><td class="l">{html.escape(r["name"])}</td><td>{r["summary"]["records"]}</td>'
+            f"<td>{r['summary']['output_tokens_per_s']:,.0f}</td>"
+            + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
+            + "</tr>"
+        )
+    table = (
+        f'<table id="comparison"><tr><th class="l">run</th><th>records</th><th>tok/s</th>{head}</tr>'
+        + "".join(rows)
+        + "</table>"
+    )
     grades = [{row.get("id"): (_grade(row), row) for row in r["rows"]} for r in runs]
     shared = set.intersection(*(set(g) for g in grades)) if grades else set()
     differ = sorted((i for i in shared if len({g[i][0] for g in grades}) > 1), key=str)
     lines = []
     for i in differ[:50]:
-        cells = "".join(f"<td>{'' if g[i][0] is None else f'{g[i][0]:.2f}'}<br><span class='muted'>"
-                        f"{html.escape(', '.join(str(o.get('extracted')) for o in g[i][1].get('outputs') or []))}"
-                        f"</span></td>" for g in grades)
+        cells = "".join(
+            f"<td>{'' if g[i][0] is None else f'{g[i][0]:.2f}'}<br><span class='muted'>"
+            f"{html.escape(', '.join(str(o.get('extracted')) for o in g[i][1].get('outputs') or []))}"
+            f"</span></td>"
+            for g in grades
+        )
         lines.append(f'<tr><td class="l">{html.escape(str(i))}</td>{cells}</tr>')
     names = "".join(f"<th>{html.escape(r['name'])}</th>" for r in runs)
-    disagree = (f"<h2>Records the runs grade differently ({len(differ)} of {len(shared)})</h2>"
-                f'<table id="disagreements"><tr><th class="l">id</th>{names}</tr>{"".join(lines)}</table>')
+    disagree = (
+        f"<h2>Records the runs grade differently ({len(differ)} of {len(shared)})</h2>"
+        f'<table id="disagreements"><tr><th class="l">id</th>{names}</tr>{"".join(lines)}</table>'
+    )
     return f"<h1>{len(runs)} runs side by side</h1>{table}{disagree}"
 
 
@@ -220,9 +279,11 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         raise UserError("hpc-infer report: give one or more run directories (or a sweep folder)")
     runs = [load(r) for r in roots]
     body = compare(runs) + "".join(f"<hr>{one_run(r)}" for r in runs) if len(runs) > 1 else one_run(runs[0])
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>hpc_infer report: '
-            f'{html.escape(", ".join(r["name"] for r in runs))}</title><style>{STYLE}</style></head>'
-            f"<body>{body}</body></html>")
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>hpc_infer report: '
+        f"{html.escape(', '.join(r['name'] for r in runs))}</title><style>{STYLE}</style></head>"
+        f"<body>{body}</body></html>"
+    )
     target = out or (roots[0] / "report.html" if len(roots) == 1 else Path(paths[0]).expanduser() / "report.html")
     from ..rundir import write_atomic
 
@@ -234,4 +295,3 @@ def headline(metrics: dict) -> str:
     """pass@1 0.250 ± 0.097, pass@4 0.400 ± 0.112, maj@4 0.300 ± 0.105 (20 records)."""
     keys = _metric_keys(metrics)
     return ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys) + f" ({metrics.get('records', 0)} records)"
-

@@ -1,7 +1,6 @@
 """Render a run as a standalone, readable sbatch script (like a hand-written run_vllm.sh).
 
     hpc-infer sbatch model=qwen_math cluster=together data=math_r1_zero
-    python -m hpc_infer.sbatch ...
 
 The run is planned exactly as `launch` plans it (same run directory, so `launch` and
 the script can resume each other); the script is written to <run>/job.sbatch from
@@ -23,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
 from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, project_root
-from ..entry import run_hydra
 from .plan import plan_input, prepare
 from ..cluster.preflight import check_time_limit, cpu_build_on_gpus, gpus_per_node, preflight
 from .. import rundir
@@ -129,15 +127,8 @@ def write_rendered(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) ->
     return path
 
 
-def _task(cfg: DictConfig) -> None:
+def hydra_task(cfg: DictConfig) -> None:
+    """The command's work on Hydra's composed config (cli.py runs it through entry.run_hydra)."""
     path = write_script(to_run_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
     print(path)
     print(f"submit with: sbatch {path}", file=sys.stderr)
-
-
-def main() -> None:
-    run_hydra(_task, "hpc-infer sbatch")
-
-
-if __name__ == "__main__":
-    main()

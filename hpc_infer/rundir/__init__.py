@@ -19,6 +19,7 @@ from .chunks import (
 )
 from .files import (
     UMASKS,
+    atomic_file,
     current_umask,
     read_json,
     read_jsonl,
@@ -32,6 +33,7 @@ from .files import (
 from .layout import SUBDIRS, RunDir, read_chunk_records, read_heartbeats, secure_root
 
 __all__ = [
+    "atomic_file",
     "TRAILER_KEY",
     "ChunkSource",
     "chunk_done",

@@ -34,6 +34,9 @@ def encode_chunk_output(chunk_id: int, rows: list[dict], **meta: Any) -> bytes:
         "output_tokens": sum(int(r.get("output_tokens", 0)) for r in rows),
         **meta,
     }
+    cached = [int(r["cached_tokens"]) for r in rows if r.get("cached_tokens") is not None]
+    if cached:  # vLLM's prefix-cache hits (the offline engine reports them; a served replica does not)
+        trailer["cached_tokens"] = sum(cached)
     errors = [r["error"].get("type", "Error") for r in rows if r.get("error")]
     if errors:  # the merge lists these without parsing the chunks that have none
         trailer["errors"] = len(errors)

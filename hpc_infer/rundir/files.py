@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from . import faults
 
@@ -32,25 +33,34 @@ def set_permissions(kind: str | None) -> None:
         _UMASK = UMASKS[kind]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` so that readers see either nothing or the whole file. Never creates
-    folders: a run directory deleted under a worker is not brought back piecemeal."""
+@contextmanager
+def atomic_file(path: Path, written: str = "tmp_written", renamed: str = "renamed") -> Iterator[BinaryIO]:
+    """A file that readers see whole or not at all: written under a temp name in its folder,
+    synced, then renamed over `path` (the failpoints `written` and `renamed` around the
+    rename). Never creates folders: a run directory deleted under a worker is not brought
+    back piecemeal."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; shared runs need the umask's mode
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        faults.point("tmp_written", path)
+        faults.point(written, path)
         os.replace(tmp, path)
-        faults.point("renamed", path)
+        faults.point(renamed, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_exclusive(path: Path, data: bytes) -> bool:

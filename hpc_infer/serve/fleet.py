@@ -34,7 +34,7 @@ def cluster_from(spec: dict) -> ClusterConfig:
 
 def submit_replicas(run: ServeRun, cluster: ClusterConfig, python: str, count: int) -> list[str]:
     """`count` more replicas as one array, each under a number of its own."""
-    from ..cluster.task import ServeTask
+    from .tasks import ServeTask
 
     indices = [run.new_index() for _ in range(count)]
     backend = make_backend(cluster, RunDir(run.root), python)
@@ -64,7 +64,7 @@ def submit_router(run: ServeRun) -> str:
     """The router's job: the replicas' cluster without GPUs, one node, serve.router_cpus and
     serve.router_mem; the host's python (the router is not part of the vLLM image)."""
     from ..cluster.submit import host_python
-    from ..cluster.task import RouterTask
+    from .tasks import RouterTask
 
     backend = make_backend(router_cluster(run.spec), RunDir(run.root), host_python())
     (job,) = backend.submit(1, task=RouterTask(), indices=[0], kind="router")

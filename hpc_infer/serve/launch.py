@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 
 from ..models.cache import resolve_model
 from ..config import RunConfig, to_run_config
-from ..entry import run_hydra
 from ..errors import UserError
 from ..cluster.container import worker_python
 from ..log import say
@@ -247,13 +246,6 @@ def instructions(root: Path, served: str, key_file: Path, ready: list[dict], rou
     return "\n".join(lines)
 
 
-def _task(cfg: DictConfig) -> None:
+def hydra_task(cfg: DictConfig) -> None:
+    """The command's work on Hydra's composed config (cli.py runs it through entry.run_hydra)."""
     serve(to_run_config(cfg))
-
-
-def main() -> None:
-    run_hydra(_task, "hpc-infer serve")
-
-
-if __name__ == "__main__":
-    main()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..host.ports import free_port
+from ..host.procs import stop_child
 from ..rundir import write_atomic
 
 WAIT_S = 600.0
@@ -30,17 +31,6 @@ WAIT_S = 600.0
 def node_rank() -> tuple[int, int]:
     """(this node's rank in the job, nodes in the job) from Slurm's environment."""
     return int(os.environ.get("SLURM_NODEID", "0")), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
-
-
-def stop_process(p: subprocess.Popen, grace_s: float = 60) -> None:
-    """SIGTERM a child we started, SIGKILL it if it is still there after `grace_s`."""
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _ray(*args: str) -> list[str]:
@@ -89,7 +79,7 @@ def start_head(root: Path, index: int, nodes: int, log_path: Path, spec: dict) -
                 log.write(f"ray: {seen} nodes registered at {address}\n")
             return head, address
         time.sleep(2)
-    head.terminate()
+    stop_child(head)
     raise RuntimeError(f"Ray did not form: {seen} of {nodes} nodes registered after {WAIT_S:.0f} s (log: {log_path})")
 
 
@@ -119,5 +109,5 @@ def join_and_wait(root: Path, index: int, log_path: Path) -> dict:
                 pass  # not written yet, or being replaced
             time.sleep(2)
     finally:
-        stop_process(worker)
+        stop_child(worker)
     return {"replica": index, "node_state": f"left the Ray cluster ({stop['why'] or 'the replica ended'})"}

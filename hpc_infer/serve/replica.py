@@ -31,9 +31,17 @@ from pathlib import Path
 
 from ..worker.vllm_engine import cpu_build
 from ..host.ports import free_port
-from ..host.procs import become_subreaper, die_with_parent, identify, stop_orphans, this_process
+from ..host.procs import (
+    become_subreaper,
+    identify,
+    scheduler_job_id,
+    start_child,
+    stop_child,
+    stop_orphans,
+    this_process,
+)
 from ..rundir import set_permissions, tail_lines, write_atomic
-from .auth import http
+from ..host.http import http
 from .serverun import STATE_DIR
 
 
@@ -165,17 +173,14 @@ def run_replica(run_dir: str, index: int) -> dict:
         return _run_replica(root, spec, index, nodes, helpers)
     finally:
         for p in helpers:
-            ray_nodes.stop_process(p)
+            stop_child(p)
 
 
 def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) -> dict:
     from . import ray_nodes
 
     state_path, log_path = root / STATE_DIR / f"{index}.json", root / STATE_DIR / f"{index}.log"
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", ""))
-    if os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    job_id = job_id or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+    job_id = scheduler_job_id(fallback=str(os.getpid()))
     host = socket.gethostname()
     state = {
         "replica": index,
@@ -258,16 +263,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             save(port=port, url=f"http://{addr}:{port}/v1")
             if stopping["why"]:
                 return ""
-            with open(log_path, "ab") as log:
-                # the server goes when this replica goes, even by SIGKILL (it would answer with the key)
-                child = subprocess.Popen(
-                    server_command(spec, port),
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-                )
+            child = start_child(server_command(spec, port), env, log_path)  # goes when this replica goes
             server = identify(child.pid)
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
             deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
@@ -277,9 +273,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
                 time.sleep(1)
             if child.poll() is None and stopping["why"] is None and time.time() < deadline:
                 return None
-            if child.poll() is None:
-                child.terminate()
-                child.wait(timeout=60)
+            stop_child(child)
             server_gone()
             if stopping["why"]:
                 return ""
@@ -327,11 +321,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             if idle_s and time.time() - last_active > idle_s:
                 stopping["why"] = f"idle for {spec['idle_minutes']:g} min (serve.idle_minutes)"
                 child.terminate()
-        try:
-            child.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_child(child, grace_s=120, told=True)  # exited, or told to stop above or by on_term
         server_gone()
         if stopping["why"]:
             served = stopping.get("served")

@@ -24,13 +24,10 @@ round-robin; `serve.router_policy` picks another of vllm-router's).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,9 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..host.ports import free_port
-from ..host.procs import die_with_parent, identify, this_process
+from ..host.procs import identify, scheduler_job_id, start_child, stop_child, this_process
 from ..rundir import tail_lines, write_atomic
-from .auth import http, proves_ours
+from ..host.http import bearer_matches, http, key_digest, proves_ours
 from .serverun import ServeRun
 
 SYNC_S = 2.0
@@ -52,15 +49,11 @@ class KeyCheck(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, key: str):
-        digest = hashlib.sha256(key.encode()).digest()
+        digest = key_digest(key)
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
-                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
-                ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                    hashlib.sha256(token.strip().encode()).digest(), digest
-                )
-                self.send_response(200 if ok else 401)
+                self.send_response(200 if bearer_matches(self.headers.get("Authorization") or "", digest) else 401)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -128,7 +121,7 @@ def run_router(run_dir: str) -> dict:
     spec = run.spec
     state_path, log_path = run.router_state_path, run.state_dir / "router.log"
     host = socket.gethostname()
-    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", str(os.getpid()))
+    job_id = scheduler_job_id(fallback=str(os.getpid()))
     state = {
         "job_id": job_id,
         "host": host,
@@ -170,15 +163,9 @@ def run_router(run_dir: str) -> dict:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    with open(log_path, "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-        )
+    child = start_child(
+        [sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"], env, log_path
+    )
     server = identify(child.pid)
     save(port=port, server_pid=child.pid, server_pid_start=server.start if server else None)
     try:
@@ -209,11 +196,5 @@ def run_router(run_dir: str) -> dict:
         save(state="stopped", stopped_because=stop["why"], workers=[])
         return state
     finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_child(child, grace_s=30)
         check.shutdown()

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..cluster.submit import LIVE, UNREACHABLE, recorded_backend
 from ..errors import UserError
 from ..rundir import RunDir, trust
-from .auth import proves_ours
+from ..host.http import proves_ours
 from .replica import metrics
 from .serverun import REGISTRY, ServeRun
 

@@ -237,7 +237,7 @@ class HttpEngine:
 
 
 def _ours(url: str, key: str | None, run: str | None) -> bool:
-    from ..serve.auth import proves_ours
+    from ..host.http import proves_ours
 
     return proves_ours(url.removesuffix("/v1"), key, run) if run else True
 

@@ -50,11 +50,21 @@ def one(tune_dir: Path, k: int) -> dict:
     for _ in range(int(spec["repeats"])):
         t = time.time()
         rows = _generate(engine, records, sampling, seed)
-        runs.append({"seconds": round(time.time() - t, 4), "output_tokens": sum(r["output_tokens"] for r in rows),
-                     "records": len(rows), "errors": sum(1 for r in rows if r.get("error")),
-                     "empty": sum(1 for r in rows if not r.get("error") and r["output_tokens"] == 0)})
-    return {"setting": setting, "engine_start_s": round(start_s, 2), "runs": runs,
-            "tok_s": [round(r["output_tokens"] / r["seconds"], 2) for r in runs]}
+        runs.append(
+            {
+                "seconds": round(time.time() - t, 4),
+                "output_tokens": sum(r["output_tokens"] for r in rows),
+                "records": len(rows),
+                "errors": sum(1 for r in rows if r.get("error")),
+                "empty": sum(1 for r in rows if not r.get("error") and r["output_tokens"] == 0),
+            }
+        )
+    return {
+        "setting": setting,
+        "engine_start_s": round(start_s, 2),
+        "runs": runs,
+        "tok_s": [round(r["output_tokens"] / r["seconds"], 2) for r in runs],
+    }
 
 
 def _generate(engine: Any, records: list[dict], sampling: dict, seed: int | None) -> list[dict]:
@@ -80,8 +90,12 @@ def run_tune(tune_dir: str | Path) -> dict:
             results.append({"setting": setting, "skipped": "the budget (tune.budget_s) would be overrun"})
             continue
         t0 = time.time()
-        p = subprocess.run([sys.executable, "-m", "hpc_infer.worker.tuner", "one", str(tune_dir), str(k)],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [sys.executable, "-m", "hpc_infer.worker.tuner", "one", str(tune_dir), str(k)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         last_cost = time.time() - t0
         if p.returncode == 0 and p.stdout.strip():
             results.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -386,4 +386,7 @@ def _result(record: dict, out: Any) -> dict:
     res["outputs"] = completions
     res["prompt_tokens"] = len(out.prompt_token_ids or [])
     res["output_tokens"] = sum(c["num_tokens"] for c in completions)
+    cached = getattr(out, "num_cached_tokens", None)  # prompt tokens vLLM's prefix cache already held
+    if cached is not None:
+        res["cached_tokens"] = int(cached)
     return res

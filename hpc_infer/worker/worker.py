@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..host.procs import scheduler_job_id
 from ..rundir import (
     RunDir,
     claims,
@@ -53,14 +53,7 @@ CHECK_BACKUPS_S = 5.0  # how often a worker looks whether another copy of a chun
 
 def default_worker_id() -> str:
     """The scheduler's job id (Slurm array task, submitit local job), else host and pid."""
-    env = os.environ
-    if "SUBMITIT_LOCAL_JOB_ID" in env:
-        return env["SUBMITIT_LOCAL_JOB_ID"]
-    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    if "SLURM_JOB_ID" in env:
-        return env["SLURM_JOB_ID"]
-    return f"{socket.gethostname()}-{os.getpid()}"
+    return scheduler_job_id()
 
 
 def default_rank() -> tuple[int, int]:
