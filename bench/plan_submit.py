@@ -11,7 +11,12 @@ Generates N prompts (default 1,000,000), then measures side by side in one run:
 and counts sbatch calls. Needs the local Slurm (slurm/local-cluster.sh) for `submit`;
 without it only read and plan are measured.
 
-    .venv/bin/python bench/plan_submit.py [--records 1000000] [--workers 1000]
+    .venv/bin/python bench/plan_submit.py [--records 1000000] [--workers 1000] [--shared-prefixes]
+
+--shared-prefixes makes the prompts a shuffled documents x questions set (records/100
+documents of 1,100 characters, 100 questions each, in random order), so prefix-aware
+planning groups them: the plan then pays its second pass (the input's copy rewritten in
+group order), and the ratio shows what that costs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=1000)
+    ap.add_argument("--shared-prefixes", action="store_true")
     args = ap.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -48,8 +54,22 @@ def main() -> None:
         tmp = Path(tmp)
         data = tmp / "prompts.jsonl"
         with open(data, "w") as f:
-            for i in range(args.records):
-                f.write(json.dumps({"id": f"q{i}", "prompt": "Solve: " + "x + " * (i % 50) + f"{i} = ?"}) + "\n")
+            if args.shared_prefixes:
+                import random
+
+                rng = random.Random(0)
+                n_docs = max(1, args.records // 100)
+                docs = [
+                    f"Document {d}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(140)) for d in range(n_docs)
+                ]
+                pairs = [(d, q) for d in range(n_docs) for q in range(args.records // n_docs)]
+                rng.shuffle(pairs)
+                for d, q in pairs:
+                    prompt = f"{docs[d][:1100]}\nQuestion {q}: what does word {q} mean?"
+                    f.write(json.dumps({"id": f"d{d}q{q}", "prompt": prompt}) + "\n")
+            else:
+                for i in range(args.records):
+                    f.write(json.dumps({"id": f"q{i}", "prompt": "Solve: " + "x + " * (i % 50) + f"{i} = ?"}) + "\n")
         size_mb = data.stat().st_size / 1e6
 
         t = time.perf_counter()
@@ -75,7 +95,9 @@ def main() -> None:
         plan_input(rc, parallel=False).discard()
         t_plan_1 = time.perf_counter() - t
         t = time.perf_counter()
-        run, _ = prepare(rc, plan_input(rc), "/models/unused", "")
+        planned = plan_input(rc)
+        grouped = planned.grouped
+        run, _ = prepare(rc, planned, "/models/unused", "")
         t_plan = time.perf_counter() - t
 
         # the plan-time context check (models/fit.py) with the real CPU model's tokenizer: only
@@ -119,6 +141,7 @@ def main() -> None:
             sbatch_calls = len(list(run.logs.glob("*_submission.sh")))
 
     print(f"records={n:,} file={size_mb:.0f} MB chunks={n_chunks} workers={args.workers}")
+    print(f"prefix-aware planning: {json.dumps(grouped) if grouped else 'input order (nothing to group)'}")
     print(f"read + json.loads every line: {t_read:6.2f} s")
     print(f"hpc_infer plan, 1 process   : {t_plan_1:6.2f} s   ratio plan/read = {t_plan_1 / t_read:.2f}")
     print(

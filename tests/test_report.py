@@ -130,6 +130,13 @@ def test_the_report_shows_what_summary_json_holds(tmp_path, browser):
     assert "33.3% of 180 prompt tokens found in vLLM's prefix cache" in engine and "input order" in engine, engine
     cats = browser.find_element(By.ID, "categories").text
     assert f"format=1,answer=1 {metrics['categories']['format=1,answer=1']}" in cats
+    # chunk c ran from 1.0 to 2.0 + c on its worker's clock: the last chunk is the slowest
+    last = summary["chunks"] - 1
+    assert [c["chunk"] for c in summary["slowest_chunks"]] == list(range(last, max(last - 5, -1), -1))
+    assert summary["slowest_chunks"][0]["seconds"] == 1.0 + last
+    slow = browser.find_elements(By.CSS_SELECTOR, "#slowest-chunks tr")
+    assert len(slow) == 1 + len(summary["slowest_chunks"])
+    assert slow[1].text.split()[:2] == [str(last), "w"], slow[1].text
 
 
 def test_two_runs_side_by_side_and_a_sweep_folder(tmp_path, browser):

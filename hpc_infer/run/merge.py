@@ -57,6 +57,7 @@ class Summary:
     engine_settings: dict = field(default_factory=dict)  # what the engine ran with (tuned ones named)
     sampling: dict = field(default_factory=dict)
     timeline: str | None = None  # timeline.png: chunks per worker over time
+    slowest_chunks: list[dict] = field(default_factory=list)  # the longest-running chunks (slowest_chunks)
     postprocess: dict | None = None  # hook target, records, sums and means of the fields it added
     errors: int = 0  # records the engine refused (each one an error record, listed in errors.jsonl)
     error_types: dict = field(default_factory=dict)
@@ -86,6 +87,27 @@ class _Checked:
     error_types: dict = field(default_factory=dict)
     cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache, when reported
     load: Callable[[], bytes] | None = None  # a block of a prefix-grouped run in input order (its bytes, checked)
+
+
+def slowest_chunks(checked: list[_Checked], n: int = 5) -> list[dict]:
+    """The n chunks that ran longest, with their worker and rate: where a straggler or a
+    slow record shows (each chunk's times are its own worker's clock, so a duration is
+    never across two clocks)."""
+    timed = [c for c in checked if c.started is not None and c.finished is not None]
+    timed.sort(key=lambda c: c.finished - c.started, reverse=True)
+    return [
+        {
+            "chunk": c.id,
+            "worker": c.worker,
+            "records": c.records,
+            "output_tokens": c.output_tokens,
+            "seconds": round(c.finished - c.started, 2),
+            "output_tokens_per_s": round(c.output_tokens / (c.finished - c.started), 1)
+            if c.finished > c.started
+            else None,
+        }
+        for c in timed[:n]
+    ]
 
 
 def prefix_cache_hits(checked: list[_Checked]) -> dict | None:
@@ -596,4 +618,5 @@ def _summarize(
         sampling=sampling,
         launches=spans,
         prefix_cache=prefix_cache_hits(checked),
+        slowest_chunks=slowest_chunks(checked),
     )

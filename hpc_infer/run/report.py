@@ -209,6 +209,14 @@ def one_run(r: dict) -> str:
         "<h2>Errors</h2>",
         _counts_table(s.get("error_types") or {}, "error type", "errors"),
     ]
+    if s.get("slowest_chunks"):
+        cols = ("chunk", "worker", "records", "output_tokens", "seconds", "output_tokens_per_s")
+        head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(row.get(c)))}</td>" for c in cols) + "</tr>"
+            for row in s["slowest_chunks"]
+        )
+        parts += ["<h2>Slowest chunks</h2>", f'<table id="slowest-chunks"><tr>{head}</tr>{body}</table>']
     timeline = r["root"] / (s.get("timeline") or "timeline.png")
     if s.get("timeline") and timeline.exists():
         src = "data:image/png;base64," + base64.b64encode(timeline.read_bytes()).decode()
