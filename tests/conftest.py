@@ -45,7 +45,8 @@ def run_launch(
     """Run `hpc-infer launch` as a user would: the installed console script, in bash, from tmp_path
     (outside the checkout). `command="python -m hpc_infer.launch"` checks the module form."""
     full_env = user_env(env)
-    cmd = ["bash", "-c", f'exec {command} "$@"', "launch", *overrides, f"output_root={tmp_path / 'runs'}"]
+    own_root = [] if any(o.startswith("output_root=") for o in overrides) else [f"output_root={tmp_path / 'runs'}"]
+    cmd = ["bash", "-c", f'exec {command} "$@"', "launch", *overrides, *own_root]
     # Files, not pipes: local workers inherit the launcher's stdout/stderr, and a pipe
     # would keep us waiting for them even when the launcher itself has returned.
     out, err = tmp_path / "launch.stdout", tmp_path / "launch.stderr"

@@ -74,10 +74,18 @@ def served(tmp_path_factory, cpu_model):
         "command": command,
         "at_start": at_start,
     }
+    # this process reads the run's states as the user who served it: that user's key directory
+    # (serve status proves a replica is ours with the key, and reads keys only from there)
+    from hpc_infer.serve import serverun
+
+    keys_before, serverun.KEYS_DIR = serverun.KEYS_DIR, key_file.parent
     LIVE_SERVE.append(served)
-    yield served
-    stop.set()
-    LIVE_SERVE.remove(served)
+    try:
+        yield served
+    finally:
+        serverun.KEYS_DIR = keys_before
+        stop.set()
+        LIVE_SERVE.remove(served)
     sh(tmp, f"hpc-infer serve stop {root}", env=env)
     assert not hits, "a token or key reached a process command line"  # the whole module's scan
 

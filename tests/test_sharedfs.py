@@ -222,6 +222,7 @@ def test_a_run_on_both_slurm_nodes_through_their_own_mounts(fs, tmp_path, slurm)
         f"output_root={fs.a}/runs",
         env={**FAKE, "HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.2, "max_num_seqs": 2})},
     )
+    assert p.returncode == 0 and (fs.a / "runs").is_dir(), (p.stdout[-2000:], p.stderr[-3000:])
     run = RunDir(next((fs.a / "runs").iterdir()))
     rows = read_results(run.results())
     assert len(rows) == 16 and len({r["id"] for r in rows}) == 16, p.stderr[-2000:]
