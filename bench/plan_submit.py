@@ -125,9 +125,11 @@ def main() -> None:
             t = time.perf_counter()
             found, _ = find_too_long(rc_long, planned_long, model, planned_long.spec)
             t_fit = time.perf_counter() - t
-            t = time.perf_counter()
-            find_too_long(rc, plan_input(rc), model, None)  # the 1M short prompts: no chunk is a candidate
-            t_fit_short = time.perf_counter() - t
+            t_fit_short = None
+            if not args.shared_prefixes:  # the 1M short prompts: no chunk is a candidate
+                t = time.perf_counter()
+                find_too_long(rc, plan_input(rc), model, None)
+                t_fit_short = time.perf_counter() - t
         rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         n_chunks = read_json(run.manifest)["n_chunks"]
 
@@ -144,10 +146,11 @@ def main() -> None:
     print(f"prefix-aware planning: {json.dumps(grouped) if grouped else 'input order (nothing to group)'}")
     print(f"read + json.loads every line: {t_read:6.2f} s")
     print(f"hpc_infer plan, 1 process   : {t_plan_1:6.2f} s   ratio plan/read = {t_plan_1 / t_read:.2f}")
+    short = f"check {t_fit_short:.3f} s" if t_fit_short is not None else "check not run (long prompts)"
     print(
         f"context check, {args.records // 10:,} prompts, 1% long: plan {t_plan_long:.2f} s + check {t_fit:.2f} s "
         f"(ratio {(t_plan_long + t_fit) / t_plan_long:.2f}; {len(found)} found); {args.records:,} short prompts: "
-        f"check {t_fit_short:.3f} s"
+        + short
     )
     print(
         f"hpc_infer plan              : {t_plan:6.2f} s   ratio plan/read = {t_plan / t_read:.2f}   "
