@@ -42,6 +42,20 @@ def _scan(needles: list[bytes], stop: threading.Event, hits: list):
         time.sleep(0.3)
 
 
+# a batch through the replicas slow enough to be held and interrupted mid-way: 8 small chunks,
+# one in flight at a time, 16 forced tokens each, heartbeats every second
+HELD_BATCH = (
+    "data=example",
+    "sampling=greedy",
+    "sampling.max_tokens=16",
+    "sampling.ignore_eos=true",
+    "model.dtype=float32",
+    "cluster.endpoint_concurrency=2",
+    "cluster.max_chunks_in_flight=1",
+    "chunks_per_worker=8",
+    "cluster.heartbeat_s=1",
+)
+
 LIVE_SERVE: list[dict] = []  # the module's shared serve run while its fixture is up
 
 
@@ -533,15 +547,7 @@ def test_a_replica_scancelled_mid_batch_costs_no_request(served, tmp_path):
         "cluster=local",
         f"cluster.endpoint='{states[1]['url']},{states[2]['url']}'",
         f"serve.api_key_file={served['key_file']}",
-        "data=example",
-        "sampling=greedy",
-        "sampling.max_tokens=16",
-        "sampling.ignore_eos=true",
-        "model.dtype=float32",
-        "cluster.endpoint_concurrency=2",
-        "cluster.max_chunks_in_flight=1",
-        "chunks_per_worker=8",
-        "cluster.heartbeat_s=1",
+        *HELD_BATCH,
         env={"HOME": str(served["tmp"] / "home"), **hold_env(tmp_path)},
     )
     wait_held(tmp_path)  # chunks 0 and 1 done through both replicas; it holds chunk 2 until released
@@ -628,15 +634,7 @@ def test_all_replicas_gone_then_relaunch_through_a_restarted_serve_resumes(serve
     args = (
         "cluster=local",
         f"cluster.endpoint={root}",
-        "data=example",
-        "sampling=greedy",
-        "sampling.max_tokens=16",
-        "sampling.ignore_eos=true",
-        "model.dtype=float32",
-        "cluster.endpoint_concurrency=2",
-        "cluster.max_chunks_in_flight=1",
-        "chunks_per_worker=8",
-        "cluster.heartbeat_s=1",
+        *HELD_BATCH,
         "run_name=resume",
     )
     env = {"HOME": str(tmp / "home")}

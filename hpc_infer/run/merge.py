@@ -93,20 +93,21 @@ def slowest_chunks(checked: list[_Checked], n: int = 5) -> list[dict]:
     """The n chunks that ran longest, with their worker and rate: where a straggler or a
     slow record shows (each chunk's times are its own worker's clock, so a duration is
     never across two clocks)."""
-    timed = [c for c in checked if c.started is not None and c.finished is not None]
-    timed.sort(key=lambda c: c.finished - c.started, reverse=True)
+    timed = sorted(
+        ((c.finished - c.started, c) for c in checked if c.started is not None and c.finished is not None),
+        key=lambda sc: sc[0],
+        reverse=True,
+    )
     return [
         {
             "chunk": c.id,
             "worker": c.worker,
             "records": c.records,
             "output_tokens": c.output_tokens,
-            "seconds": round(c.finished - c.started, 2),
-            "output_tokens_per_s": round(c.output_tokens / (c.finished - c.started), 1)
-            if c.finished > c.started
-            else None,
+            "seconds": round(s, 2),
+            "output_tokens_per_s": round(c.output_tokens / s, 1) if s > 0 else None,
         }
-        for c in timed[:n]
+        for s, c in timed[:n]
     ]
 
 
