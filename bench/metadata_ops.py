@@ -73,6 +73,7 @@ NAMESPACE = (
     "symlinkat",
 )
 FAKE = {"step_s": 0.02, "max_num_seqs": 8}
+HEARTBEAT_S = 10.0  # the default of every cluster config but `local` (5 s): what a 1,000-worker run beats at
 OLD_WORKER = """
 import json, os, sys
 sys.path.insert(0, os.environ["HPC_INFER_BENCH_FAKE"])
@@ -94,7 +95,7 @@ root = Path({root!r})
 data = root / "prompts.jsonl"
 data.write_text("".join(json.dumps({{"id": f"r{{i}}", "prompt": f"q{{i}}"}}) + "\\n" for i in range({records})))
 rc = compose(f"output_root={{root}}/runs", f"data.path={{data}}", "cluster=local", "sampling=greedy",
-             "sampling.max_tokens=4", "max_chunk_records={per_chunk}", "chunks_per_worker=64", "cluster.workers=64",
+             "sampling.max_tokens=4", "max_chunk_records={per_chunk}", "cluster.heartbeat_s={heartbeat_s}", "chunks_per_worker=64", "cluster.workers=64",
              "run_name=bench")
 run, _ = prepare(rc, plan_input(rc), "/model/not/loaded", "")
 print(run.root)
@@ -105,7 +106,13 @@ def plan(root: Path, code: Path, n_records: int, chunks: int) -> Path:
     """A run of n_records short prompts in about `chunks` chunks, planned by that checkout
     as its `launch` plans (each version in its own run-directory format)."""
     root.mkdir(parents=True, exist_ok=True)
-    script = PLAN.format(code=str(code), root=str(root), records=n_records, per_chunk=max(1, n_records // chunks))
+    script = PLAN.format(
+        code=str(code),
+        root=str(root),
+        records=n_records,
+        per_chunk=max(1, n_records // chunks),
+        heartbeat_s=HEARTBEAT_S,
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=code)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -223,7 +230,7 @@ def per_chunk_cost(code: Path | None, records: int, chunks: int, n: int = 16) ->
 def steady_rate(trace: Path) -> tuple[int, float]:
     """Namespace calls one worker made in steady state and over how many seconds, from an
     `strace -f -tt` log: from its first heartbeat write at least 10 s after its first claim
-    to its last one (its imports, first claims and shutdown left out, however long a loaded
+    to the last one before its final beat (its imports, first claims and shutdown left out, however long a loaded
     machine makes them). A stat of an open descriptor (newfstatat with an empty path) is not
     a namespace call."""
     beats: list[float] = []
@@ -242,7 +249,9 @@ def steady_rate(trace: Path) -> tuple[int, float]:
             beats.append(t)
         if claimed is None and m.group(4) == "openat" and "/claims/" in args and "O_EXCL" in args:
             claimed = t
-    beats = [b for b in beats if claimed is not None and b >= claimed + 10]
+    # the last beat is the one written on the way out, after the SIGTERM's release of the
+    # claims: a stop's cost, not steady state, so the window ends at the beat before it
+    beats = [b for b in beats if claimed is not None and b >= claimed + 10][:-1]
     if len(beats) < 2:
         return 0, 0.0
     lo, hi = beats[0], beats[-1]
@@ -253,10 +262,13 @@ def per_worker_second(code: Path | None, n: int, window_s: float, startup: float
     """Namespace calls a second a working worker makes apart from finishing chunks (its
     heartbeat, pacing, checks): n workers each holding chunks that finish nothing within
     `window_s` (a slow fake engine), stopped by SIGTERM at its end; counted between each
-    worker's second and last heartbeat (steady_rate), summed over the workers."""
+    worker's second and last heartbeat (steady_rate), summed over the workers. Twice the
+    chunks the workers can hold (8 records a worker fill its engine), so no worker runs out
+    of work in the window: what a worker costs at the tail of a run (its look for stale
+    claims, its backup) is in the per-chunk figure, where it belongs."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
     try:
-        run = plan(tmp, code or ROOT, 4 * n, 2 * n)
+        run = plan(tmp, code or ROOT, 16 * n, 8 * n)
         traces = tmp / "traces"
         traces.mkdir()
         # records that never finish (a million tokens each), steps every half second; each worker
@@ -348,14 +360,17 @@ def extrapolate(m: dict, workers: int = 1000, chunks: int = 16000, run_hours: fl
 
 
 def main() -> None:
+    global HEARTBEAT_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", default="16,64,256")
     ap.add_argument("--records", type=int, default=4096)
     ap.add_argument("--chunks", type=int, default=2048)
     ap.add_argument("--window", type=float, default=120.0, help="seconds the per-worker-second runs last")
+    ap.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, help="cluster.heartbeat_s of the runs")
     ap.add_argument("--before", default=None, help="a git revision whose worker to measure beside this one")
     args = ap.parse_args()
     sizes = [int(x) for x in args.workers.split(",")]
+    HEARTBEAT_S = args.heartbeat
     results = {"this checkout": measure("this checkout", None, sizes, args.records, args.chunks, args.window)}
     if args.before:
         tree = Path(tempfile.mkdtemp(prefix="bench-before-")) / "tree"

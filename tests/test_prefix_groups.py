@@ -51,9 +51,12 @@ def _plan(tmp_path, data, *overrides):
     return run
 
 
-def test_scattered_prefixes_are_grouped_into_chunks(tmp_path):
+@pytest.mark.parametrize("last_newline", [True, False], ids=["ends with a newline", "last line unterminated"])
+def test_scattered_prefixes_are_grouped_into_chunks(tmp_path, last_newline):
     data = tmp_path / "in.jsonl"
     rows = docs_and_questions(data, docs=12, questions=6, shuffle=True)
+    if not last_newline:
+        data.write_bytes(data.read_bytes().rstrip(b"\n"))
     run = _plan(tmp_path, data)
     manifest = read_json(run.manifest)
     assert manifest["grouped"]["groups"] == 12 and manifest["grouped"]["records_in_shared_groups"] == 72

@@ -281,19 +281,30 @@ def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[
     return out
 
 
-def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float, fresh_s: float) -> int | None:
-    """The chunk most likely to finish last: held by a live straggler, not done, no backup yet,
-    with the longest expected time left = records left / the holder's recent rate (from the
-    live holders' heartbeats; bench/balance.py simulates this policy); ties go to the lower id."""
-    held = live_claims(run, lease_s) - backed_up(run)
-    if not held:
-        return None
+BACKUP_SAMPLE = 32  # heartbeats read to pick a backup (not all: 1,000 idle workers look at the tail)
+
+
+def backup_candidate(
+    run: RunDir, sizes: dict[int, int], fresh_s: float, rng: random.Random | None = None
+) -> int | None:
+    """The chunk most likely to finish last: held by a live straggler, no backup yet, with the
+    longest expected time left = records left / the holder's recent rate. Read from a sample
+    of the live workers' heartbeats (each names the chunks it runs and how far it is), never a
+    sweep of the claims or outputs: every idle worker asks this at the tail, so its cost must
+    not grow with the run (a run of up to BACKUP_SAMPLE workers is read whole).
+    bench/balance.py simulates this policy; ties go to the lower id."""
     now = server_now(run.heartbeats)
-    beats = [
-        b for b, a in filter(None, (read_beat(p, now) for p in run.heartbeats.glob("*.json"))) if live(b, a, fresh_s)
-    ]
+    try:
+        names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json")]
+    except OSError:
+        return None
+    names = (rng or random).sample(names, min(BACKUP_SAMPLE, len(names)))
+    beats = [b for b, a in filter(None, (read_beat(run.heartbeats / n, now) for n in names)) if live(b, a, fresh_s)]
     rates: list[float] = []
     progress = progress_by_chunk(beats, rates)
+    held = set(progress) - backed_up(run)
+    if not held:
+        return None
 
     def time_left(c: int) -> float:
         done, r = progress.get(c, (0, 0.0))
@@ -307,6 +318,9 @@ def backup_candidate(run: RunDir, sizes: dict[int, int], lease_s: float, fresh_s
     if not held:
         return None
     return max(sorted(held), key=time_left)
+
+
+SWEEP_SAMPLE = 16  # claims an idle worker checks for staleness (a run's dead holders are few)
 
 
 class Claimer:
@@ -375,8 +389,12 @@ class Claimer:
             cid = self._from_free(skip)
         if cid is not None:
             return cid
+        # stale claims: a random sample, not all of them (every idle worker looks once: a sweep
+        # of every claim by every worker costs O(workers^2) calls on the metadata server); the
+        # launcher's poll and a relaunch drop the rest (release_dead)
         now = server_now(self.run.claims)
-        for cid in self._claimed_not_done:
+        pool = [c for c in self._claimed_not_done if not skip(c)]
+        for cid in random.sample(pool, min(SWEEP_SAMPLE, len(pool))):
             if (
                 not skip(cid)
                 and is_stale(self.run, cid, self.lease_s, now)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,21 +87,35 @@ def run_tune(tune_dir: str | Path) -> dict:
     for key, value in (spec.get("env") or {}).items():
         env.setdefault(key, str(value))
     for k, setting in enumerate(spec["grid"]):
+        left = deadline - time.time()
         if k and time.time() + last_cost > deadline:
             results.append({"setting": setting, "skipped": "the budget (tune.budget_s) would be overrun"})
             continue
         t0 = time.time()
-        p = subprocess.run(
+        # a hard bound: a setting still running when the budget ends is stopped (its process
+        # group: the engine's own children too) and reported, so a tune outlasts its budget only
+        # by the defaults' own run (always run to the end: nothing is compared without them)
+        p = subprocess.Popen(
             [sys.executable, "-m", "hpc_infer.worker.tuner", "one", str(tune_dir), str(k)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,
         )
+        try:
+            stdout, stderr = p.communicate(timeout=max(left, 1.0) if k else None)  # the defaults: the baseline
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            results.append({"setting": setting, "skipped": f"stopped at the budget (tune.budget_s) after {left:.0f} s"})
+            last_cost = time.time() - t0
+            continue
         last_cost = time.time() - t0
-        if p.returncode == 0 and p.stdout.strip():
-            results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        if p.returncode == 0 and stdout.strip():
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
         else:
-            tail = [line for line in p.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
+            tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
             results.append({"setting": setting, "error": tail[0][-400:]})
     out = {"results": results, "finished": time.time()}
     (tune_dir / "tune.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -48,7 +48,7 @@ from ..rundir import (
 from .heartbeat import Heartbeat
 
 EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
-CHECK_BACKUPS_S = 5.0  # how often a worker looks whether another copy of a chunk it runs was published
+CHECK_BACKUPS_S = 15.0  # how often a worker looks whether another copy of a chunk it runs was published
 
 
 def default_worker_id() -> str:
@@ -101,8 +101,9 @@ class Pacing:
 
     def __init__(self, run: RunDir, worker_id: str, heartbeat_s: float, est: dict[int, int]):
         self.run, self.worker_id = run, worker_id
-        # a look every 2 minutes at 8 heartbeats: a small, flat cost per worker (bench/metadata_ops.py)
-        self.every, self.fresh_s = max(120.0, 12 * heartbeat_s), 3 * heartbeat_s + 10
+        # a look every 4 minutes at 8 heartbeats (about 12 calls): a small, flat cost per worker,
+        # 0.05 calls a second (bench/metadata_ops.py); the rate itself spans 12 beats
+        self.every, self.fresh_s = max(240.0, 24 * heartbeat_s), 3 * heartbeat_s + 10
         self.next_at = time.time() + self.every
         self.share, self.leave_tail = 1.0, False
         self.est, self.total = est, max(1, sum(est.values()))
@@ -346,7 +347,7 @@ class Worker:
         """Nothing left to claim and idle: re-execute the tail (MapReduce's backup tasks); the
         first complete output wins (rundir/chunks.py: publish_chunk_output)."""
         for _ in range(3):
-            cid = claims.backup_candidate(self.run, self.sizes, self.lease_s, self.pacing.fresh_s)
+            cid = claims.backup_candidate(self.run, self.sizes, self.pacing.fresh_s)
             if cid is None or isolate.suspect(self.run, cid, self.max_attempts):
                 return  # a suspect's holder runs it alone, slowly, on purpose
             if claims.try_backup(self.run, cid, self.owner) and not self.run.chunk_done(cid):
