@@ -80,3 +80,41 @@ def test_tune_times_real_settings_on_the_runs_prompts(tmp_path):
     assert base["setting"] == {} and len(base["tok_s"]) == 2 and all(r["records"] == 4 for r in base["runs"])
     kept = Path(tmp_path / "runs" / "tuned" / "smollm2_cpu__local.yaml")
     assert kept.exists() and f"settings for launch: {kept}" in p.stderr
+
+
+def test_a_setting_still_running_at_the_budget_is_stopped_with_its_processes(tmp_path):
+    """tune.budget_s bounds every setting but the defaults: setting 1 is held forever (a
+    failpoint before its engine is built), so only the tuner's stop at the budget can end it.
+    The defaults run to the end, setting 1 is reported stopped and its process is gone, and
+    the settings after it are skipped. The fake engine stands in for vLLM: this is the loop."""
+    import os
+
+    from hpc_infer.worker.tuner import run_tune
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    spec = {
+        "model": {"engine_kwargs": {}},
+        "sampling": {"max_tokens": 4},
+        "seed": 0,
+        "records": [{"id": f"r{i}", "index": i, "prompt": f"q{i}"} for i in range(3)],
+        "repeats": 2,
+        "budget_s": 20,  # setting 1 starts when the defaults took under half of it (a fake engine's ~1 s)
+        "env": {
+            "HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001}),
+            "HPC_INFER_FAULT": "tune_setting@setting-1:HOLD",
+            "HPC_INFER_HOLD_DIR": str(hold),
+        },
+        "grid": [{}, {"max_num_seqs": 32}, {"max_num_seqs": 64}],
+    }
+    (tmp_path / "tune_spec.json").write_text(json.dumps(spec))
+    out = run_tune(tmp_path)
+    base, held, after = out["results"]
+    assert len(base["tok_s"]) == 2 and all(r["records"] == 3 for r in base["runs"]), base
+    assert held["skipped"].startswith("stopped at the budget (tune.budget_s)"), held
+    assert after["skipped"] == "the budget (tune.budget_s) would be overrun", after
+    (marker,) = hold.glob("held.*")  # the held process was really there, and is gone now
+    pid = int(marker.name.split(".")[1])
+    assert not os.path.exists(f"/proc/{pid}") or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+    assert not (hold / "release").exists()
+    assert json.loads((tmp_path / "tune.json").read_text())["results"][1] == held

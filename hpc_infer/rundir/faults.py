@@ -18,7 +18,8 @@ locked (a rundir.lease.Lock just acquired: `locked@.merge.lock:HOLD`),
 tmp_written, renamed (rundir.write_atomic / write_exclusive),
 merge_tmp_written (merge, before the result's rename), record (a record going into the
 engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a
-poison record that ends the engine's process every time it is reached).
+poison record that ends the engine's process every time it is reached), tune_setting
+(`hpc-infer tune`'s process for one setting, PATH_PART `setting-K`).
 """
 
 from __future__ import annotations

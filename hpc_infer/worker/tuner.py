@@ -36,14 +36,22 @@ def candidates(spec: dict) -> list[dict]:
 
 
 def one(tune_dir: Path, k: int) -> dict:
-    """Build the engine with setting k, warm it, time the sample `repeats` times."""
-    from .vllm_engine import VllmEngine
+    """Build the engine with setting k, warm it, time the sample `repeats` times (the fake
+    engine when HPC_INFER_FAKE_ENGINE is set, as for a worker: tests of the loop itself)."""
+    from ..rundir import faults
+    from . import fake_engine
 
     spec = json.loads((tune_dir / "tune_spec.json").read_text())
     setting = spec["grid"][k]
+    faults.point("tune_setting", f"setting-{k}")
     model = dict(spec["model"], engine_kwargs=dict(spec["model"]["engine_kwargs"], **setting))
     t0 = time.time()
-    engine = VllmEngine(model)
+    if fake_engine.settings() is not None:
+        engine: Any = fake_engine.FakeEngine(fake_engine.settings())
+    else:
+        from .vllm_engine import VllmEngine
+
+        engine = VllmEngine(model)
     start_s = time.time() - t0
     records, sampling, seed = spec["records"], spec["sampling"], spec.get("seed")
     _generate(engine, records[:1], sampling, seed)  # warm-up: not timed
