@@ -200,6 +200,9 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 return None
             progress = wait(run, lambda: backend.states(job_ids), lease_s=rc.cluster.lease_s)
             if progress.complete or rc.merge.allow_partial:
+                still = backend.wait_exited(job_ids) if progress.complete else []
+                if still:
+                    say(f"workers {', '.join(still)} are still exiting (they stop on their own; the run is complete)")
                 jobs.add(run.root, rc.cluster.backend, "launch", [], started=started, ended=time.time())
                 break
             states = backend.states(job_ids)

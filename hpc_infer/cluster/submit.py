@@ -83,6 +83,12 @@ class Backend:
             time.sleep(1)
         return True
 
+    def wait_exited(self, job_ids: list[str], timeout_s: float = 120.0) -> list[str]:
+        """After a complete run: the jobs still running on this machine after `timeout_s`
+        (their last heartbeat, the engine's shutdown). Only local jobs are this command's own
+        processes; a scheduler's jobs end on their own, on their nodes."""
+        return []
+
     def _calls(self, indices: list[int], task=None) -> tuple:
         """map_array's arguments: a serve task gets its replica number; a batch worker its rank
         among the workers started with it (rundir/claims.py: Claimer's stripes)."""
@@ -173,6 +179,19 @@ class LocalBackend(Backend):
             else:
                 out[j] = "RUNNING" if j.isdigit() and _alive(int(j)) else "FAILED"  # gone without a result
         return out
+
+    def wait_exited(self, job_ids: list[str], timeout_s: float = 120.0) -> list[str]:
+        """A complete run's workers exit on their own once nothing is left (a last heartbeat,
+        the engine's shutdown, their private compile caches removed): `launch` waits for their
+        controllers (each waits for its task) so that nothing of the run is alive when it
+        returns; the ids still running after `timeout_s` are named, never killed."""
+        deadline = time.time() + timeout_s
+        left = [j for j in job_ids if j.isdigit()]
+        while True:
+            left = [j for j in left if _alive(int(j))]
+            if not left or time.time() >= deadline:
+                return left
+            time.sleep(0.2)
 
     def cancel(self, job_ids: list[str], grace_s: float = 15.0) -> str:
         """Stop every process of the run: each job's controller (by its PID, checked to still

@@ -390,13 +390,13 @@ class Claimer:
         if cid is not None:
             return cid
         # stale claims: a random sample, not all of them (every idle worker looks once: a sweep
-        # of every claim by every worker costs O(workers^2) calls on the metadata server); the
-        # launcher's poll and a relaunch drop the rest (release_dead)
+        # of every claim by every worker costs O(workers^2) calls on the metadata server); a
+        # relaunch drops the rest (release_dead)
         now = server_now(self.run.claims)
-        pool = [c for c in self._claimed_not_done if not skip(c)]
-        for cid in random.sample(pool, min(SWEEP_SAMPLE, len(pool))):
+        pool = self._claimed_not_done
+        for cid in sorted(random.sample(pool, min(SWEEP_SAMPLE, len(pool)))):  # a small run: all, in order
             if (
-                not skip(cid)
+                not skip(cid)  # (a look at its attempts: only for the sampled claims)
                 and is_stale(self.run, cid, self.lease_s, now)
                 and take_over(self.run, cid, self.owner, self.lease_s)
             ):
