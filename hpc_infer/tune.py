@@ -48,9 +48,7 @@ def decide(results: list[dict]) -> dict:
     base = results[0] if results and "tok_s" in results[0] else None
     if base is None:
         raise UserError(
-            "hpc-infer tune: the defaults did not run: "
-            + (str(results[0].get("error") or results[0].get("skipped")) if results else "nothing")
-            + ". Give a larger tune.budget_s (it bounds the whole tune, engine starts included)"
+            f"hpc-infer tune: the defaults did not run: {results[0].get('error') if results else 'nothing'}"
         )
     mean = sum(base["tok_s"]) / len(base["tok_s"])
     noise = max(0.02, (max(base["tok_s"]) - min(base["tok_s"])) / mean)

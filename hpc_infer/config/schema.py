@@ -273,9 +273,7 @@ class TuneConfig:
     """`hpc-infer tune`: engine settings timed on a sample of the run's own prompts."""
 
     sample: int = 64  # prompts from data.path (the first ones)
-    budget_s: float = (
-        600.0  # the tune, engine starts included: a setting (not the defaults) still running then is stopped
-    )
+    budget_s: float = 600.0  # engine starts included; a setting still running then is stopped (not the defaults)
     repeats: int = 2  # timed runs of the sample per setting: their spread is the noise
     # launch applies the settings `hpc-infer tune` kept for this model and cluster
     # (<output_root>/tuned/<model>__<cluster>.yaml); a setting given in model.engine_kwargs wins

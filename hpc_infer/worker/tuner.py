@@ -39,19 +39,14 @@ def one(tune_dir: Path, k: int) -> dict:
     """Build the engine with setting k, warm it, time the sample `repeats` times (the fake
     engine when HPC_INFER_FAKE_ENGINE is set, as for a worker: tests of the loop itself)."""
     from ..rundir import faults
-    from . import fake_engine
+    from .worker import make_engine
 
     spec = json.loads((tune_dir / "tune_spec.json").read_text())
     setting = spec["grid"][k]
     faults.point("tune_setting", f"setting-{k}")
     model = dict(spec["model"], engine_kwargs=dict(spec["model"]["engine_kwargs"], **setting))
     t0 = time.time()
-    if fake_engine.settings() is not None:
-        engine: Any = fake_engine.FakeEngine(fake_engine.settings())
-    else:
-        from .vllm_engine import VllmEngine
-
-        engine = VllmEngine(model)
+    engine = make_engine({"model": model})  # a fresh process: its own engine, as a worker's
     start_s = time.time() - t0
     records, sampling, seed = spec["records"], spec["sampling"], spec.get("seed")
     _generate(engine, records[:1], sampling, seed)  # warm-up: not timed
@@ -96,7 +91,7 @@ def run_tune(tune_dir: str | Path) -> dict:
         env.setdefault(key, str(value))
     for k, setting in enumerate(spec["grid"]):
         left = deadline - time.time()
-        if k and time.time() + last_cost > deadline:
+        if k and last_cost > left:
             results.append({"setting": setting, "skipped": "the budget (tune.budget_s) would be overrun"})
             continue
         t0 = time.time()
