@@ -99,3 +99,54 @@ def test_template_with_unknown_field(tmp_path):
 def test_limit(tmp_path):
     p = write(tmp_path, "a.jsonl", "".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(10)))
     assert len(load_records(cfg(p, limit=3))) == 3
+
+
+def scan(path, **kw):
+    """The planner's pass (InputScan, no record kept: orjson first, json deciding its refusals)."""
+    from hpc_infer.io.data import InputScan
+
+    s = InputScan(cfg(path, **kw))
+    s.record_crcs = True
+    return s, [parsed for _raw, _seg, parsed, _left in s.blocks(parallel=False)]
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('{"prompt": "a"}\n{"prompt": "b"\n', "line 2: invalid JSON (Expecting ',' delimiter, column 15)"),
+        ('{"prompt": "a"}\n{"prompt": "b", }\n', "line 2: invalid JSON (Expecting property name enclosed"),
+        ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id '1'"),
+        # the first problem in the file is the one named, whichever check finds it
+        ('{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"prompt": \n', "line 2: has no 'id' field"),
+        ('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n{\n', "line 2: mixes plain prompts"),
+    ],
+)
+def test_the_planners_scan_names_the_same_line_and_error_as_json(tmp_path, text, expect):
+    p = write(tmp_path, "bad.jsonl", text)
+    with pytest.raises(UserError) as e:
+        scan(p)
+    assert str(p) in str(e.value) and expect in str(e.value), str(e.value)
+
+
+def test_what_only_json_reads_is_read_as_json(tmp_path):
+    """orjson refuses NaN, 1e400 and lone surrogates, and reads integers beyond 64 bits as
+    floats; the planner's scan must accept exactly what json accepts, and two big integer ids
+    that only differ beyond a float's precision are not duplicates."""
+    lines = [
+        '{"id": -9223372036854775809, "prompt": "a", "x": NaN}',
+        '{"id": -9223372036854775810, "prompt": "b", "x": 1e400}',
+        '{"id": 18446744073709551616, "prompt": "lone \\ud800 surrogate"}',
+        '{"id": 18446744073709551617, "prompt": "\\u00e9t\\u00e9 \\ud83d\\ude00"}',
+    ]
+    p = write(tmp_path, "j.jsonl", "\n".join(lines) + "\n")
+    s, blocks = scan(p)
+    assert s.n == 4
+    chars = [c for b in blocks for c in b.chars]
+    assert chars == [len(json.loads(line)["prompt"]) for line in lines]
+    recs = load_records(cfg(p))  # what a worker gets: json's values, big ids exact
+    assert [r.id for r in recs] == [str(json.loads(line)["id"]) for line in lines]
+    import zlib
+
+    body = p.read_bytes()  # each record's CRC covers its own line, newline included
+    ends = [i + 1 for i, c in enumerate(body) if c == 10]
+    assert list(blocks[0].crcs) == [zlib.crc32(body[a:b]) for a, b in zip([0] + ends[:-1], ends)]

@@ -117,3 +117,25 @@ def test_a_grouped_run_merges_in_input_order_with_positional_ids(tmp_path):
 
         s = merge(RunDir(tmp_path / "runs" / "g"), fmt)
         assert s.records == 50
+
+
+def test_a_damaged_record_of_a_grouped_chunk_is_refused(tmp_path):
+    """A grouped chunk's records are read one by one from input.copy (no copy in group
+    order): each is checked against its own CRC in order.bin, so one changed byte in one
+    record stops that chunk with the damaged-run error, naming the record."""
+    from hpc_infer.rundir.chunks import read_chunk_source, read_order
+
+    data = tmp_path / "in.jsonl"
+    docs_and_questions(data, docs=12, questions=6, shuffle=True)
+    run = _plan(tmp_path, data)
+    manifest = read_json(run.manifest)
+    assert run.input_copy.read_bytes() == data.read_bytes()  # the copy stays in input order
+    chunk = manifest["chunks"][1]
+    index, _line, start, end, _crc = read_order(run.root / "order.bin", *chunk["positions"])[2]
+    body = bytearray(run.input_copy.read_bytes())
+    body[start + 20] ^= 1  # inside the prompt: still valid JSON
+    run.input_copy.write_bytes(bytes(body))
+    spec = read_json(run.worker_spec)["input"]
+    with pytest.raises(RuntimeError, match=f"record {index} of chunk 1 .* does not match the plan's CRC"):
+        read_chunk_source(run.input_copy, chunk, spec)
+    read_chunk_source(run.input_copy, manifest["chunks"][0], spec)  # the other chunks read as planned

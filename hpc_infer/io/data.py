@@ -157,6 +157,21 @@ def _parse_rows(spec: InputSpec, path: str, rows: list[tuple[int, Any]], index0:
     return out
 
 
+def _fast_loads() -> Any:
+    """orjson's parser (2-3x json's at a million lines), or None without it: io/records.py
+    tries it first and lets json decide what it refuses (NaN, 1e400, lone surrogates). Only
+    for the plan's check of jsonl, which keeps no record: orjson reads an integer beyond 64
+    bits as a float, where json keeps it exact, so records that are kept (the worker's, the
+    duplicate-id re-read's) and OpenAI batch bodies (whose values are checked) are json's.
+    What it could change is a heuristic's input (a token estimate, a prefix key) or an id
+    hash, whose clash is only ever decided by that json re-read."""
+    try:
+        from orjson import loads
+    except ImportError:
+        return None
+    return loads
+
+
 def _scan_processes(size: int) -> int:
     """Processes that parse blocks while this one reads: none for small inputs (a pool
     costs more than it saves), else up to 4 of the cores this process may use."""
@@ -193,6 +208,7 @@ class InputScan:
         if needs:  # fields the merge hook reads: a record without them is refused now, with its line
             self.spec = dataclasses.replace(self.spec, needs=tuple(needs), needed_by=needed_by)
         self.sha256, self.size, self.n = "", 0, 0
+        self.record_crcs = False  # each record's CRC-32 (Parsed.crcs): the planner's, for prefix grouping
         self.overrides: dict[str, dict] = {}
         self._id_hashes = array.array("q")
         self._ids_given: bool | None = None
@@ -277,6 +293,8 @@ class InputScan:
                         max_line,
                         keep,
                         offset0 == 0,
+                        self.record_crcs,
+                        None if keep or self.spec.format != "jsonl" else _fast_loads(),
                     )
                     offset0 += len(buf)
                     pending.append((buf, pool.apply_async(parse_block, args) if pool else parse_block(*args)))

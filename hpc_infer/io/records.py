@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import json
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +23,14 @@ LINE_FORMATS = ("jsonl", "openai_batch", "txt")  # chunk files are byte ranges o
 class RecordError(ValueError):
     """A record's problem, worded without its location: the reader prefixes file and line
     (formatting a location for every good record would cost more than the check)."""
+
+
+class RecordAt(RecordError):
+    """A RecordError of the `at`-th record of a batch (Parsed.add_all)."""
+
+    def __init__(self, at: int, msg: str):
+        super().__init__(msg)
+        self.at = at
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,11 @@ def apply_template(template: str, prompt: str, row: dict, template_name: str) ->
         raise RecordError(f"template {template_name}: {e}; write literal braces as {{{{ and }}}}") from None
 
 
-def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[dict, bool]:
+def to_record(row: Any, index: int, spec: InputSpec, where: str = "", fields: bool = True) -> tuple[dict, bool]:
     """(record, whether the row gave its own id). The record is what a worker runs and what
     the merge keeps: {id, index, prompt | messages, fields, sampling}. Raises RecordError
-    (`where` is used by OpenAI batch bodies only, whose checks name it themselves)."""
+    (`where` is used by OpenAI batch bodies only, whose checks name it themselves; `fields`
+    False: the planner's check, which keeps no record, skips copying the other fields)."""
     if type(row) is not dict:
         raise RecordError(f"expected a JSON object, got {type(row).__name__}")
     overrides = None
@@ -120,7 +130,7 @@ def to_record(row: Any, index: int, spec: InputSpec, where: str = "") -> tuple[d
                 f"no '{name}' field, which {spec.needed_by} needs at merge; add it to every record, "
                 f"point the hook at another field, or turn the hook off (merge.postprocess={{}})"
             )
-    if len(row) > 1 + has_id:  # anything besides the prompt/messages and the id
+    if fields and len(row) > 1 + has_id:  # anything besides the prompt/messages and the id
         fields = dict(row)
         fields.pop(spec.id_field, None)
         fields.pop(spec.prompt_field, None)
@@ -146,9 +156,11 @@ class Parsed:
     def __init__(self, first_line: int, keep: bool, spec: InputSpec, kind: str = "line"):
         self.spec, self.kind = spec, kind
         self.first_line = first_line  # line (or row) number of the block's first record
-        self.record_lines: list[int] = []  # with `keep`: each record's line (or row)
+        self.record_lines = array.array("q")  # each record's line (or row)
         self.rows: list | None = None  # csv/parquet: the raw rows, copied into the run as JSON
         self.chars, self.ends, self.hashes = array.array("q"), array.array("q"), array.array("q")
+        self.starts = array.array("q")  # where each record's own line starts in the block
+        self.crcs = array.array("q")  # with `record_crcs`: the CRC-32 of each record's bytes (start to end)
         self.prefixes = array.array("q")  # hash of each prompt's first PREFIX_CHARS characters
         self.has_id: bool | None = None
         self.chat: bool | None = None
@@ -156,37 +168,60 @@ class Parsed:
         self.records: list[dict] | None = [] if keep else None
 
     def add(self, rec: dict, has_id: bool, line: int, end: int) -> None:
+        self.add_all([rec], [has_id], [line], [end], [-1])
+
+    def add_all(
+        self, recs: list[dict], has_ids: list[bool], lines: list[int], ends: list[int], starts: list[int]
+    ) -> None:
+        """A block's records at once (list comprehensions, not a method call a record: the
+        planner's cost at a million prompts). Raises RecordAt for the first record that
+        differs from the block's first in having an id or being a chat."""
+        if not recs:
+            return
         if self.has_id is None:
-            self.has_id, self.chat, self.first_line = has_id, "messages" in rec, line
-        elif has_id != self.has_id:
-            raise RecordError(ids_unlike_first(has_id, self.spec.id_field))
-        elif ("messages" in rec) != self.chat:
-            raise RecordError(mixed_kinds(self.spec.format))
-        prompt = rec.get("prompt")
-        self.chars.append(
-            len(prompt)
-            if prompt is not None
-            else sum(len(str(m.get("content", ""))) for m in rec["messages"]) + 16 * len(rec["messages"])
+            self.has_id, self.chat, self.first_line = has_ids[0], "messages" in recs[0], lines[0]
+        prompts = [r.get("prompt") for r in recs]
+        bad_id = has_ids.index(not self.has_id) if (not self.has_id) in has_ids else len(recs)
+        bad_kind = (
+            (next((k for k, p in enumerate(prompts) if p is not None), len(recs)))
+            if self.chat
+            else (prompts.index(None) if None in prompts else len(recs))
         )
-        head = prompt if prompt is not None else "\n".join(str(m.get("content", "")) for m in rec["messages"])
-        self.prefixes.append(hash(head[:PREFIX_CHARS]))
-        self.ends.append(end)
-        if has_id:
-            self.hashes.append(hash(rec["id"]))
-        if "sampling" in rec:
-            self.overrides.setdefault(json.dumps(rec["sampling"], sort_keys=True), rec["sampling"])
+        if bad_id < len(recs) or bad_kind < len(recs):
+            k = min(bad_id, bad_kind)
+            self.add_all(recs[:k], has_ids[:k], lines[:k], ends[:k], starts[:k])
+            raise RecordAt(
+                k, ids_unlike_first(has_ids[k], self.spec.id_field) if k == bad_id else mixed_kinds(self.spec.format)
+            )
+        if self.chat:
+            heads = ["\n".join(str(m.get("content", "")) for m in r["messages"]) for r in recs]
+            self.chars.extend(
+                [sum(len(str(m.get("content", ""))) for m in r["messages"]) + 16 * len(r["messages"]) for r in recs]
+            )
+        else:
+            heads = prompts
+            self.chars.extend([len(p) for p in prompts])
+        self.prefixes.extend([hash(h[:PREFIX_CHARS]) for h in heads])
+        self.ends.extend(ends)
+        self.starts.extend(starts)
+        if self.has_id:
+            self.hashes.extend([hash(r["id"]) for r in recs])
+        for r in recs:
+            if "sampling" in r:
+                self.overrides.setdefault(json.dumps(r["sampling"], sort_keys=True), r["sampling"])
+        self.record_lines.extend(lines)
         if self.records is not None:
-            self.records.append(rec)
-            self.record_lines.append(line)
+            self.records.extend(recs)
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def truncate(self, take: int) -> None:
         """Keep the first `take` records (data.limit ends the input inside this block)."""
-        self.chars, self.ends = self.chars[:take], self.ends[:take]
+        self.chars, self.ends, self.record_lines = self.chars[:take], self.ends[:take], self.record_lines[:take]
+        self.starts, self.crcs = self.starts[:take], self.crcs[:take]
         if self.records is not None:
-            self.records, self.record_lines = self.records[:take], self.record_lines[:take]
+            self.records = self.records[:take]
         if self.rows is not None:
             self.rows = self.rows[:take]
 
@@ -214,6 +249,13 @@ def mixed_kinds(fmt: str) -> str:
     return "mixes plain prompts and chat messages; split it into two data sets"
 
 
+def _add_before(out: Parsed, path: str, recs: list, has_ids: list, numbers: list, ends: list, starts: list) -> None:
+    try:
+        out.add_all(recs, has_ids, numbers, ends, starts)
+    except RecordAt as e:
+        raise UserError(f"{path} line {numbers[e.at]}: {e}") from None
+
+
 def parse_block(
     spec: InputSpec,
     path: str,
@@ -224,11 +266,17 @@ def parse_block(
     max_line: int | None,
     keep: bool,
     bom: bool = False,
+    record_crcs: bool = False,
+    fast_loads: Any = None,
 ) -> Parsed:
     """Whole lines of a line format (or a chunk's JSON rows) -> Parsed: the one line parser,
     for the planner's blocks and the worker's chunks. `line0`: lines before the block;
     `index0`: records before it (positional ids; only exact when `keep`); `offset0`: its
-    offset in `path`; `bom`: the block starts the file (a leading BOM is not text)."""
+    offset in `path`; `bom`: the block starts the file (a leading BOM is not text);
+    `record_crcs`: each record's CRC-32 too (a prefix-grouped plan's workers read records
+    one by one, so each is checked on its own); `fast_loads`: a faster JSON parser tried
+    first (the planner's orjson: this module stays stdlib-only for the worker), whose
+    refusals json decides, so what is accepted and every error are json's."""
     try:
         text = buf.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -251,8 +299,15 @@ def parse_block(
     ascii_only, cr, txt = text.isascii(), "\r" in text, spec.format == "txt"
     batch = spec.format == "openai_batch"
     loads = json.JSONDecoder().decode  # json.loads without its per-call wrapper
+    fast = fast_loads if not txt else None
     index, n_buf = index0, len(buf)
+    recs: list[dict] = []
+    has_ids: list[bool] = []
+    numbers: list[int] = []
+    ends: list[int] = []
+    starts: list[int] = []
     for i, line in enumerate(lines):
+        start = end
         end += (len(line) if ascii_only else len(line.encode())) + 1
         if cr and line.endswith("\r"):
             line = line[:-1]
@@ -263,15 +318,27 @@ def parse_block(
                 row = {"prompt": line}
             else:
                 try:
-                    row = loads(line)
-                except ValueError as e:
-                    raise RecordError(
-                        f"invalid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
-                        f"fix or remove the line"
-                    ) from None
-            rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "")
-            out.add(rec, has_id, line0 + i + 1, min(end, n_buf))
+                    row = fast(line) if fast else loads(line)
+                except ValueError:  # orjson.JSONDecodeError is one
+                    try:
+                        row = loads(line)  # what orjson refuses (NaN, big integers, lone surrogates) json may take
+                    except ValueError as e:
+                        raise RecordError(
+                            f"invalid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
+                            f"fix or remove the line"
+                        ) from None
+            rec, has_id = to_record(row, index, spec, f"{path} line {line0 + i + 1}" if batch else "", keep)
         except RecordError as e:
+            _add_before(out, path, recs, has_ids, numbers, ends, starts)  # a record before this one may be wrong first
             raise UserError(f"{path} line {line0 + i + 1}: {e}") from None
+        recs.append(rec)
+        has_ids.append(has_id)
+        numbers.append(line0 + i + 1)
+        ends.append(end if end < n_buf else n_buf)
+        starts.append(start)
         index += 1
+    _add_before(out, path, recs, has_ids, numbers, ends, starts)
+    if record_crcs:
+        view = memoryview(buf)
+        out.crcs.extend([zlib.crc32(view[a:b]) for a, b in zip(starts, out.ends)])
     return out

@@ -197,7 +197,7 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
             raise _corrupt(c.path, c.id, "shorter than its trailer says")
         if zlib.crc32(body) != c.crc32:
             raise _corrupt(c.path, c.id, "records do not match their checksum (edited or damaged)")
-        indices = sorted(i for i, _ in read_order(run.root / "order.bin", *entries[c.id]["positions"]))
+        indices = sorted(row[0] for row in read_order(run.root / "order.bin", *entries[c.id]["positions"]))
         start = 0
         for index in indices:
             end = body.index(b"\n", start) + 1

@@ -33,7 +33,7 @@ from ..io.records import PREFIX_CHARS
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
 
-MANIFEST_VERSION = 4  # 4: jobs/ and attempts/ folders of one file per record (3: chunk bytes = the input's)
+MANIFEST_VERSION = 5  # 5: a prefix-grouped chunk is positions in order.bin (4: jobs/ and attempts/ folders)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
 
 
@@ -112,14 +112,13 @@ class _ChunkWriter:
 
     def _reset(self) -> None:
         self.crc, self.bytes, self.first, self.n, self.est, self.max_chars = 0, 0, -1, 0, 0, 0
-        self.first_line = getattr(self, "lines", 0) + 1
+        self.first_line = 1
 
-    lines = 0  # newlines written so far: a chunk's first line in the input (line formats)
-
-    def add(self, first: int, count: int, est: int, max_chars: int = 0) -> None:
-        """Records `first` .. `first + count - 1` belong to the open chunk."""
+    def add(self, first: int, count: int, est: int, max_chars: int = 0, first_line: int = 1) -> None:
+        """Records `first` .. `first + count - 1` belong to the open chunk; `first_line`: the
+        input line its bytes start at (the line after the previous chunk's last record)."""
         if self.first < 0:
-            self.first = first
+            self.first, self.first_line = first, first_line
         self.n += count
         self.est += est
         self.max_chars = max(self.max_chars, max_chars)
@@ -129,7 +128,6 @@ class _ChunkWriter:
             self.f.write(data)
             self.crc = zlib.crc32(data, self.crc)
             self.bytes += len(data)
-            self.lines += data.count(b"\n")
 
     def close(self, last: int) -> None:
         self.table.append(
@@ -198,6 +196,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     from ..config import hook_needs
 
     scan = InputScan(rc.data, *hook_needs(rc.postprocess))
+    scan.record_crcs = rc.data.group_prefixes == "auto" and scan.spec.chunk_encoding == "lines"
     run = RunDir(rc.run_path)
     created = next((p for p in reversed(run.root.parents) if not p.exists()), None)
     run.root.parent.mkdir(parents=True, exist_ok=True)
@@ -212,16 +211,22 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
         rows = scan.spec.chunk_encoding == "rows"
         per_record = estimate_tokens(0, max_tokens, n)
         seen, base = 0, 0  # estimated tokens so far; records in the blocks before this one
-        # for prefix grouping: each record's prefix key, byte end in input.copy, estimate, length
+        # for prefix grouping, each record's: prefix key, byte range in input.copy, estimate, length,
+        # line and CRC-32
         keys, ends, all_ests, chars = array.array("q"), array.array("q"), array.array("q"), array.array("q")
+        starts, lines, crcs = array.array("q"), array.array("q"), array.array("q")
+        after = 0  # the line of the last record put in a chunk: the next chunk's bytes start after it
         for raw, seg, parsed, left in scan.blocks(parallel=parallel):
             ests = [c // CHARS_PER_TOKEN + per_record for c in parsed.chars]  # estimate_tokens, inlined
             if not rows:
                 block_start = writer.offset + writer.bytes - seg  # where this block's byte 0 lands in input.copy
                 keys.extend(parsed.prefixes[: len(ests)])
                 ends.extend(block_start + e for e in parsed.ends[: len(ests)])
+                starts.extend(block_start + e for e in parsed.starts[: len(ests)])
+                crcs.extend(parsed.crcs[: len(ests)])
                 all_ests.extend(ests)
                 chars.extend(parsed.chars[: len(ests)])
+                lines.extend(parsed.record_lines[: len(ests)])
             seen += sum(ests)
             total = seen * (1.0 + left)  # what is read so far, scaled by what is left of the file
             start = 0
@@ -229,7 +234,14 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
                 stop = len(ests) if i is None else i + 1
                 if stop <= start:
                     break
-                writer.add(base + start, stop - start, sum(ests[start:stop]), max(parsed.chars[start:stop]))
+                writer.add(
+                    base + start,
+                    stop - start,
+                    sum(ests[start:stop]),
+                    max(parsed.chars[start:stop]),
+                    base + start + 1 if rows else after + 1,
+                )
+                after = parsed.record_lines[stop - 1]
                 if rows:
                     writer.write(
                         "".join(
@@ -250,7 +262,8 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
         if not rows and rc.data.group_prefixes == "auto" and len(writer.table) > 1:
             grouping = prefix_groups(keys)
             if grouping is not None:
-                table = regroup(staging, grouping[0], ends, all_ests, chars, rc)
+                columns = {"start": starts, "end": ends, "est": all_ests, "chars": chars, "line": lines, "crc": crcs}
+                table = regroup(staging, grouping[0], {k: np.frombuffer(v, np.int64) for k, v in columns.items()}, rc)
         return PlannedInput(
             tmp,
             scan.n,
@@ -297,81 +310,48 @@ def prefix_groups(keys: array.array) -> tuple[np.ndarray, dict] | None:
     }
 
 
-def record_lines(path: Path, ends: np.ndarray, block: int = 64 << 20) -> np.ndarray:
-    """Each record's own line number in `path` (1-based), from the byte ends of the records:
-    the newlines before its end, less its own, plus one; blank lines before a record are
-    counted. Newline positions are found a block at a time (vectorized, bounded memory)."""
-    newlines = []
-    with open(path, "rb") as f:
-        offset = 0
-        while chunk := f.read(block):
-            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + offset)
-            offset += len(chunk)
-    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
-    before_end = np.searchsorted(nl, ends, side="left")  # newlines at positions < end
-    at = np.minimum(np.searchsorted(nl, ends - 1, side="left"), max(len(nl) - 1, 0))
-    own = (nl[at] == ends - 1) if len(nl) else np.zeros(len(ends), bool)  # the record ends with its newline
-    return before_end - own + 1
-
-
-def regroup(
-    staging: RunDir, order: np.ndarray, ends: array.array, ests: array.array, chars: array.array, rc: RunConfig
-) -> list[dict]:
-    """Rewrite input.copy in `order` and cut chunks over it. Each record's original index and
-    line go to `order.bin` (two little-endian int64 a position) so a worker gives its records
-    their own ids, indices and line numbers back, and the merge restores input order. One
-    sequential scan for newlines and one pass of positioned reads in the new order (from the
-    page cache the first pass filled; no seek per record, and no mapping of the whole copy,
-    which would count it all in the launcher's resident memory): only for inputs whose
-    shared prefixes are scattered."""
-    src = staging.input_copy
-    end = np.frombuffer(ends, dtype=np.int64)
-    start = np.concatenate(([0], end[:-1]))
-    lines = record_lines(src, end)
-    new_ests = np.frombuffer(ests, dtype=np.int64)[order]
-    new_chars = np.frombuffer(chars, dtype=np.int64)[order]
-    cuts = sorted(
-        set(
-            ChunkCutter(rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records).cuts(
-                new_ests.tolist(), float(new_ests.sum())
-            )
-        )
-        | {len(order) - 1}
+def regroup(staging: RunDir, order: np.ndarray, col: dict[str, np.ndarray], rc: RunConfig) -> list[dict]:
+    """Chunks over the records taken in `order`, without moving a byte: a grouped chunk is a
+    range of positions in `order.bin`, whose row for each position is the record's original
+    index, line, byte range in input.copy and the CRC-32 of those bytes (five little-endian
+    int64). A worker reads its records one by one and checks each (rundir/chunks.py); the
+    merge restores input order. Rewriting the copy in group order took one positioned read
+    a record and a second copy of the input: three reads' worth at a million prompts."""
+    cuts = ChunkCutter(rc.cluster.workers, rc.chunks_per_worker, rc.max_chunk_records).cuts(
+        col["est"][order].tolist(), float(col["est"].sum())
     )
-    grouped = staging.root / "input.grouped"
-    writer = _ChunkWriter(grouped)
-    size = src.stat().st_size
-    s_of, e_of = start[order].tolist(), end[order].tolist()
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        unterminated = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        lo = 0
-        for hi in (c + 1 for c in cuts):
-            # the input's last line without a newline is no longer last: it gets one
-            data = b"".join(
-                [
-                    os.pread(fd, b - a, a) + (b"\n" if unterminated and b == size else b"")
-                    for a, b in zip(s_of[lo:hi], e_of[lo:hi])
-                ]
-            )
-            idx = order[lo:hi]
-            writer.add(lo, hi - lo, int(new_ests[lo:hi].sum()), int(new_chars[lo:hi].max()))
-            writer.write(data)
-            writer.close(hi - 1)
-            writer.table[-1].update(
-                first_index=int(idx.min()),
-                last_index=int(idx.max()),
-                positions=[lo, hi],
-                first_line=int(lines[idx[0]]),
-            )
-            lo = hi
-    finally:
-        os.close(fd)
-    writer.f.close()
+    his = sorted(set(c + 1 for c in cuts) | {len(order)})
+    los = [0] + his[:-1]
+    per = {  # each chunk's figures, vectorized over the chunks
+        "n": np.diff([0] + his),
+        "est": np.add.reduceat(col["est"][order], los),
+        "bytes": np.add.reduceat((col["end"] - col["start"])[order], los),
+        "max_chars": np.maximum.reduceat(col["chars"][order], los),
+        "first": np.minimum.reduceat(order, los),
+        "last": np.maximum.reduceat(order, los),
+        "first_line": col["line"][order[los]],
+    }
+    per = {k: v.tolist() for k, v in per.items()}
+    table = [
+        dict(
+            id=c,
+            n_records=per["n"][c],
+            est_tokens=per["est"][c],
+            first_index=per["first"][c],
+            last_index=per["last"][c],
+            offset=None,  # not one byte range: the records' own ranges are in order.bin
+            bytes=per["bytes"][c],
+            crc32=None,  # each record's CRC is in order.bin
+            first_line=per["first_line"][c],
+            max_chars=per["max_chars"][c],
+            positions=[lo, hi],
+        )
+        for c, (lo, hi) in enumerate(zip(los, his))
+    ]
+    rows = np.column_stack([order] + [col[k][order] for k in ("line", "start", "end", "crc")])
     with open(staging.root / "order.bin", "wb") as f:
-        f.write(np.column_stack((order, lines[order])).astype("<i8").tobytes())
-    os.replace(grouped, src)
-    return writer.table
+        f.write(rows.astype("<i8").tobytes())
+    return table
 
 
 def _remove_empty(folder: Path, created: Path | None) -> None:

@@ -137,21 +137,26 @@ class ChunkSource:
 
 
 def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
-    """A chunk's records, its bytes checked against the manifest's size and CRC-32, then
-    rebuilt from the input's own bytes the way the planner checked them (io/records.py)."""
+    """A chunk's records, its bytes checked against the manifest's size and CRC-32 (a
+    prefix-grouped chunk: each record's against order.bin), then rebuilt from the input's
+    own bytes the way the planner checked them (io/records.py)."""
     from ..io.records import InputSpec, parse_block
 
-    with open(path, "rb") as f:
-        f.seek(expect["offset"])
-        body = f.read(expect["bytes"])
-    if len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]:
-        raise RuntimeError(
-            f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
-            f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
-            f"launch again"
-        )
     first = int(expect["first_index"])
-    positions = expect.get("positions")  # a prefix-grouped chunk: its records' own indices and lines in order.bin
+    positions = expect.get("positions")  # a prefix-grouped chunk: its records' rows in order.bin
+    rows = read_order(path.parent / "order.bin", *positions) if positions else []
+    if positions:
+        body = _grouped_body(path, rows, expect["id"])
+    else:
+        with open(path, "rb") as f:
+            f.seek(expect["offset"])
+            body = f.read(expect["bytes"])
+        if len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]:
+            raise RuntimeError(
+                f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
+                f"match the plan's CRC {expect['crc32']}; the run directory is damaged: delete it and "
+                f"launch again"
+            )
     parsed = parse_block(
         InputSpec.from_json(spec), str(path), body, int(expect.get("first_line", 1)) - 1, first, 0, None, keep=True
     )
@@ -160,22 +165,46 @@ def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
             f"{path}: {len(parsed.records)} records where the plan has {expect['n_records']}; the run "
             f"directory is damaged: delete it and launch again"
         )
-    if positions:
-        for k, (index, line) in enumerate(read_order(path.parent / "order.bin", *positions)):
-            rec = parsed.records[k]
-            if not parsed.has_id:  # a positional id: the record's own position in the input
-                rec["id"] = str(index)
-            rec["index"] = index
-            parsed.record_lines[k] = line
+    for k, row in enumerate(rows):  # each record its own index, positional id and line back
+        rec = parsed.records[k]
+        if not parsed.has_id:  # a positional id: the record's own position in the input
+            rec["id"] = str(row[0])
+        rec["index"] = row[0]
+        parsed.record_lines[k] = row[1]
     return ChunkSource(body, parsed, spec, first)
 
 
-def read_order(path: Path, start: int, stop: int) -> list[tuple[int, int]]:
-    """(original index, line) of the records at positions start..stop-1 of a grouped copy."""
+ORDER_ROW = 5  # int64s an order.bin row: original index, line, start and end in input.copy, CRC-32
+
+
+def read_order(path: Path, start: int, stop: int) -> list[tuple[int, ...]]:
+    """The order.bin rows of positions start..stop-1 of a prefix-grouped plan (run/plan.py:
+    regroup): (original index, line, start, end, CRC-32) each."""
     import array
 
     with open(path, "rb") as f:
-        f.seek(start * 16)
+        f.seek(start * 8 * ORDER_ROW)
         values = array.array("q")
-        values.frombytes(f.read((stop - start) * 16))
-    return list(zip(values[0::2], values[1::2]))
+        values.frombytes(f.read((stop - start) * 8 * ORDER_ROW))
+    return [tuple(values[i : i + ORDER_ROW]) for i in range(0, len(values), ORDER_ROW)]
+
+
+def _grouped_body(path: Path, rows: list[tuple[int, ...]], chunk_id: int) -> bytes:
+    """A prefix-grouped chunk's records as one body in chunk order, read one by one from
+    input.copy (in file order) and each checked against its size and CRC-32; a record without
+    its newline (the input's last line) gets one, since it no longer ends the body."""
+    parts = [b""] * len(rows)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for k in sorted(range(len(rows)), key=lambda k: rows[k][2]):
+            index, _line, a, b, crc = rows[k]
+            data = os.pread(fd, b - a, a)
+            if len(data) != b - a or zlib.crc32(data) != crc:
+                raise RuntimeError(
+                    f"{path}: record {index} of chunk {chunk_id} ({b - a} bytes at {a}) does not match the "
+                    f"plan's CRC {crc}; the run directory is damaged: delete it and launch again"
+                )
+            parts[k] = data if data.endswith(b"\n") else data + b"\n"
+    finally:
+        os.close(fd)
+    return b"".join(parts)
