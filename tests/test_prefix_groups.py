@@ -139,3 +139,26 @@ def test_a_damaged_record_of_a_grouped_chunk_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=f"record {index} of chunk 1 .* does not match the plan's CRC"):
         read_chunk_source(run.input_copy, chunk, spec)
     read_chunk_source(run.input_copy, manifest["chunks"][0], spec)  # the other chunks read as planned
+
+
+def test_grouped_chunks_read_back_every_record_of_a_bom_crlf_non_ascii_input(tmp_path):
+    """Each record's byte range is its own line (a BOM before the first is not in it, a
+    \\r\\n is): read back chunk by chunk, the records are exactly the ones read in one piece."""
+    from hpc_infer.config import DataConfig
+    from hpc_infer.io.data import load_records
+
+    rows = docs_and_questions(tmp_path / "plain.jsonl", docs=9, questions=5, shuffle=True)
+    text = "".join(
+        ("\r\n" if i % 5 == 2 else "")
+        + json.dumps(dict(r, prompt="Ünïcødé " + r["prompt"]), ensure_ascii=i % 2 == 0)
+        + "\r\n"
+        for i, r in enumerate(rows)
+    )
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    run = _plan(tmp_path, data)
+    manifest = read_json(run.manifest)
+    assert manifest["grouped"]["groups"] == 9
+    got = sorted((r for c in manifest["chunks"] for r in read_chunk_records(run, c["id"])), key=lambda r: r["index"])
+    want = [r.to_json() for r in load_records(DataConfig(name="t", path=str(data)))]
+    assert got == want
