@@ -141,8 +141,9 @@ def main() -> None:
                 t = time.perf_counter()
                 find_too_long(rc, plan_input(rc), model, None)
                 t_fit_short = time.perf_counter() - t
-        best = None
-        if args.repeat:  # interleaved rounds, best of each: this shared machine's load moves single shots
+        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        best = None  # after the memory figure: best of interleaved rounds (load moves single shots)
+        if args.repeat:
             rc_off = replace(rc, data=replace(rc.data, group_prefixes="off"))
             times: dict[str, list[float]] = {"read": [], "auto": [], "off": []}
             for _ in range(args.repeat):
@@ -155,7 +156,6 @@ def main() -> None:
                     plan_input(c).discard()
                     times[name].append(time.perf_counter() - t)
             best = {k: min(v) for k, v in times.items()}
-        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
         n_chunks = read_json(run.manifest)["n_chunks"]
 
         t_submit = None

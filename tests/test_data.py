@@ -60,10 +60,21 @@ def test_template_file_and_question_alias(tmp_path):
     assert r.prompt == "Q: 1+1\nA(2):"
 
 
+def scan(path, **kw):
+    """The planner's pass (InputScan, no record kept: orjson first, json deciding its refusals)."""
+    from hpc_infer.io.data import InputScan
+
+    s = InputScan(cfg(path, **kw))
+    s.record_crcs = True
+    return s, [parsed for _raw, _seg, parsed, _left in s.blocks(parallel=False)]
+
+
+@pytest.mark.parametrize("read", [load_records, scan], ids=["records kept (json)", "the planner's scan (orjson first)"])
 @pytest.mark.parametrize(
     "text, expect",
     [
-        ('{"prompt": "a"}\n{"prompt": "b"\n', "line 2: invalid JSON"),
+        ('{"prompt": "a"}\n{"prompt": "b"\n', "line 2: invalid JSON (Expecting ',' delimiter, column 15)"),
+        ('{"prompt": "a"}\n{"prompt": "b", }\n', "line 2: invalid JSON (Expecting property name enclosed"),
         ('{"prompt": "a"}\n{"text": "b"}\n', "line 2: no 'prompt' or 'messages' field"),
         ("", "no records"),
         ("\n\n", "no records"),
@@ -74,13 +85,16 @@ def test_template_file_and_question_alias(tmp_path):
         ('{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n', "line 2: has no 'id' field"),
         ('{"messages": "hi"}\n', "line 1: 'messages' must be a non-empty list"),
         ('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n', "mixes plain prompts and chat"),
+        # the first problem in the file is the one named, whichever check finds it
+        ('{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"prompt": \n', "line 2: has no 'id' field"),
+        ('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n{\n', "line 2: mixes plain prompts"),
     ],
 )
-def test_malformed_jsonl_named_by_file_and_line(tmp_path, text, expect):
+def test_malformed_jsonl_named_by_file_and_line(tmp_path, text, expect, read):
     p = write(tmp_path, "bad.jsonl", text)
     with pytest.raises(UserError) as e:
-        load_records(cfg(p))
-    assert str(p) in str(e.value) and expect in str(e.value)
+        read(cfg(p) if read is load_records else p)
+    assert str(p) in str(e.value) and expect in str(e.value), str(e.value)
 
 
 def test_not_utf8(tmp_path):
@@ -99,33 +113,6 @@ def test_template_with_unknown_field(tmp_path):
 def test_limit(tmp_path):
     p = write(tmp_path, "a.jsonl", "".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(10)))
     assert len(load_records(cfg(p, limit=3))) == 3
-
-
-def scan(path, **kw):
-    """The planner's pass (InputScan, no record kept: orjson first, json deciding its refusals)."""
-    from hpc_infer.io.data import InputScan
-
-    s = InputScan(cfg(path, **kw))
-    s.record_crcs = True
-    return s, [parsed for _raw, _seg, parsed, _left in s.blocks(parallel=False)]
-
-
-@pytest.mark.parametrize(
-    "text, expect",
-    [
-        ('{"prompt": "a"}\n{"prompt": "b"\n', "line 2: invalid JSON (Expecting ',' delimiter, column 15)"),
-        ('{"prompt": "a"}\n{"prompt": "b", }\n', "line 2: invalid JSON (Expecting property name enclosed"),
-        ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id '1'"),
-        # the first problem in the file is the one named, whichever check finds it
-        ('{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n{"prompt": \n', "line 2: has no 'id' field"),
-        ('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n{\n', "line 2: mixes plain prompts"),
-    ],
-)
-def test_the_planners_scan_names_the_same_line_and_error_as_json(tmp_path, text, expect):
-    p = write(tmp_path, "bad.jsonl", text)
-    with pytest.raises(UserError) as e:
-        scan(p)
-    assert str(p) in str(e.value) and expect in str(e.value), str(e.value)
 
 
 def test_what_only_json_reads_is_read_as_json(tmp_path):

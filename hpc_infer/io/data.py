@@ -274,6 +274,7 @@ class InputScan:
         with open(path, "rb") as f:
             file_size = max(1, os.fstat(f.fileno()).st_size)
             procs = _scan_processes(file_size) if parallel and not keep else 0
+            fast = None if keep or self.spec.format != "jsonl" else _fast_loads()
             pool = None
             if procs:
                 import multiprocessing
@@ -294,7 +295,7 @@ class InputScan:
                         keep,
                         offset0 == 0,
                         self.record_crcs,
-                        None if keep or self.spec.format != "jsonl" else _fast_loads(),
+                        fast,
                     )
                     offset0 += len(buf)
                     pending.append((buf, pool.apply_async(parse_block, args) if pool else parse_block(*args)))

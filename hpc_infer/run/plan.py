@@ -196,7 +196,8 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     from ..config import hook_needs
 
     scan = InputScan(rc.data, *hook_needs(rc.postprocess))
-    scan.record_crcs = rc.data.group_prefixes == "auto" and scan.spec.chunk_encoding == "lines"
+    group = rc.data.group_prefixes == "auto" and scan.spec.chunk_encoding == "lines"
+    scan.record_crcs = group  # each record's CRC-32, which a grouped chunk's worker checks
     run = RunDir(rc.run_path)
     created = next((p for p in reversed(run.root.parents) if not p.exists()), None)
     run.root.parent.mkdir(parents=True, exist_ok=True)
@@ -218,11 +219,11 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
         after = 0  # the line of the last record put in a chunk: the next chunk's bytes start after it
         for raw, seg, parsed, left in scan.blocks(parallel=parallel):
             ests = [c // CHARS_PER_TOKEN + per_record for c in parsed.chars]  # estimate_tokens, inlined
-            if not rows:
+            if group:
                 block_start = writer.offset + writer.bytes - seg  # where this block's byte 0 lands in input.copy
                 keys.extend(parsed.prefixes[: len(ests)])
-                ends.extend(block_start + e for e in parsed.ends[: len(ests)])
-                starts.extend(block_start + e for e in parsed.starts[: len(ests)])
+                for col, offsets in ((ends, parsed.ends), (starts, parsed.starts)):  # vectorized: not a step a record
+                    col.frombytes((np.frombuffer(offsets, np.int64)[: len(ests)] + block_start).tobytes())
                 crcs.extend(parsed.crcs[: len(ests)])
                 all_ests.extend(ests)
                 chars.extend(parsed.chars[: len(ests)])
@@ -259,7 +260,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
             base += len(ests)
         writer.finish(base - 1)
         table, grouping = writer.table, None
-        if not rows and rc.data.group_prefixes == "auto" and len(writer.table) > 1:
+        if group and len(writer.table) > 1:
             grouping = prefix_groups(keys)
             if grouping is not None:
                 columns = {"start": starts, "end": ends, "est": all_ests, "chars": chars, "line": lines, "crc": crcs}
