@@ -716,21 +716,66 @@ def test_stop_leaves_nothing_in_the_queue(served):
     assert len(states) == n and all(s["state"] == "stopped" for s in states), states
 
 
-def test_idle_replica_stops_itself(tmp_path, cpu_model):
+def test_an_engine_stopped_under_requests_answers_503_then_the_idle_replica_stops_itself(tmp_path, cpu_model):
+    """A local replica: four requests run on it when its engine core gets SIGTERM (what
+    scancel sends every process of a job). vLLM answers each 200 with finish_reason
+    `abort`, its text cut short; the replica's guard (serve/abort_guard.py) turns every one
+    into a 503, which a router or client retries elsewhere. The watchdog restarts the
+    server; once idle for serve.idle_minutes the replica stops itself."""
+    import concurrent.futures
+    import os
+    import signal
+
+    from openai import APIConnectionError, APIStatusError, OpenAI
+
+    from hpc_infer.host.procs import descendants
+    from hpc_infer.serve.replica import metrics
+
     env = user_env({"HOME": str(tmp_path / "home")})
     (tmp_path / "home").mkdir()
     p = sh(
         tmp_path,
-        f"hpc-infer serve cluster=local serve.idle_minutes=0.25 run_name=idle output_root={tmp_path}/runs",
+        f"hpc-infer serve cluster=local wait=false serve.idle_minutes=0.25 serve.restart_backoff_s=1 "
+        f"run_name=idle output_root={tmp_path}/runs",
         env=env,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     state = tmp_path / "runs/idle/serve/0.json"
-    deadline = time.time() + 1800  # bounded; the stop itself does not depend on this timeout
+    deadline = time.time() + 1800  # bounded; neither the answers nor the stop depend on this timeout
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text()).get("url")):
+        time.sleep(0.2)
+    first = json.loads(state.read_text())
+    key = Path(json.loads((tmp_path / "runs/idle/serve.json").read_text())["key_file"]).read_text().strip()
+    client = OpenAI(base_url=first["url"], api_key=key, max_retries=0, timeout=600)
+
+    def one(i):  # sent as soon as the server listens, so they run before its idle clock starts
+        while time.time() < deadline:
+            try:
+                r = client.completions.create(
+                    model=MODEL, prompt=f"Story {i}:", max_tokens=400, extra_body={"ignore_eos": True}
+                )
+                return ("answered", r.choices[0].finish_reason, r.usage.completion_tokens)
+            except APIConnectionError:
+                time.sleep(0.2)
+            except APIStatusError as e:
+                return (e.status_code, str(e))
+
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    futures = [pool.submit(one, i) for i in range(4)]
+    base = first["url"].removesuffix("/v1")
+    while time.time() < deadline and metrics(base, key=key)["running"] < 4 and not any(f.done() for f in futures):
+        time.sleep(0.2)
+    assert not any(f.done() for f in futures), [f.result() for f in futures if f.done()]
+    server = json.loads(state.read_text())["server_pid"]
+    cores = [c.pid for c in descendants(server) if b"EngineCore" in Path(f"/proc/{c.pid}/cmdline").read_bytes()]
+    assert len(cores) == 1, cores
+    os.kill(cores[0], signal.SIGTERM)
+    answers = [f.result() for f in futures]
+    assert all(a[0] == 503 and "finish_reason 'abort'" in a[1] for a in answers), answers
     while time.time() < deadline and json.loads(state.read_text())["state"] != "stopped":
         time.sleep(2)
     s = json.loads(state.read_text())
-    assert s["state"] == "stopped" and "idle" in s["stopped_because"]
+    assert s["state"] == "stopped" and "idle" in s["stopped_because"] and s["restarts"] == 1, s
     assert (
         not Path(f"/proc/{s['server_pid']}").exists()
         or b"api_server" not in Path(f"/proc/{s['server_pid']}/cmdline").read_bytes()

@@ -67,8 +67,10 @@ def server_command(spec: dict, port: int) -> list[str]:
         "--port",
         str(port),
         "--middleware",
-        "hpc_infer.serve.auth.RequireKey",
-    ]  # the key on every route but /health
+        "hpc_infer.serve.auth.RequireKey",  # the key on every route but /health
+        "--middleware",
+        "hpc_infer.serve.abort_guard.AbortedIsUnavailable",  # a request cut short is a 503, retried elsewhere
+    ]
     for key, value in (m.get("engine_kwargs") or {}).items():
         if key == "seed" or value is None or (value is False and key != "enable_chunked_prefill"):
             continue

@@ -142,8 +142,10 @@ class HttpEngine:
 
     async def _failover(self, first: int, record: dict, kw: dict) -> dict:
         """The request on replica `first`; when its retries run out on a connection error or
-        a 5xx, the same request on each other replica in turn (a replica that failed is not
-        given new requests). Re-sending is safe: a request's output is kept only once."""
+        a 5xx, or it answers a request cut short (finish_reason `abort`: a server stopping;
+        our replicas turn that into a 503, serve/abort_guard.py, a server of someone else's
+        may not), the same request on each other replica in turn (a replica that failed is
+        not given new requests). Re-sending is safe: a request's output is kept only once."""
         from openai import APIConnectionError, APIStatusError, InternalServerError
 
         order = [first] + [i for i in range(len(self.clients)) if i != first]
@@ -164,7 +166,7 @@ class HttpEngine:
                     continue  # not our server any more (a replica died, something else took its port): fail over
                 err = error_result(record, _ServerRefused(e), e.status_code)
                 return {k: err[k] for k in ("text", "outputs", "prompt_tokens", "output_tokens", "error")}
-            except (APIConnectionError, InternalServerError) as e:
+            except (APIConnectionError, InternalServerError, CutShort) as e:
                 self._mark_down(i, f"failed after retries ({type(e).__name__}: {e})", n, order)
                 if n + 1 == len(order):
                     raise
@@ -207,6 +209,10 @@ class HttpEngine:
                     else (resp.usage.completion_tokens if len(resp.choices) == 1 else None),
                 }
             )
+        if any(o["finish_reason"] == "abort" for o in outputs):  # never kept as the record's answer
+            raise CutShort(
+                f"answered with finish_reason 'abort' after {resp.usage.completion_tokens if resp.usage else '?'} tokens"
+            )
         return {
             "text": outputs[0]["text"] if outputs else "",
             "outputs": outputs,
@@ -240,6 +246,11 @@ def _ours(url: str, key: str | None, run: str | None) -> bool:
     from ..host.http import proves_ours
 
     return proves_ours(url.removesuffix("/v1"), key, run) if run else True
+
+
+class CutShort(Exception):
+    """A 200 whose answer the server aborted (it was stopping): that replica's failure, not
+    the record's output."""
 
 
 class _ServerRefused(Exception):
