@@ -46,8 +46,13 @@ SlurmctldHost=$H
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# a requeued job waits cred_expire before it may start again (default 120 s; preemption tests requeue)
-AuthInfo=cred_expire=30
+# a requeued job waits cred_expire before it may start again (default 120 s; preemption and
+# time-limit tests requeue, each waiting this long; Slurm refuses less than 5 s)
+AuthInfo=cred_expire=10
+# a job that waits (a requeue's begin time, resources) is started by the next scheduling
+# pass: every 60 s (main) or 30 s (backfill) by default; a one-machine test cluster can
+# afford one every 2 s
+SchedulerParameters=sched_interval=2,bf_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
