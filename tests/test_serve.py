@@ -745,6 +745,7 @@ def test_an_engine_stopped_under_requests_answers_503_then_the_idle_replica_stop
     while time.time() < deadline and not (state.exists() and json.loads(state.read_text()).get("url")):
         time.sleep(0.2)
     first = json.loads(state.read_text())
+    # read directly, like _key(served): ServeRun.key() checks the file against this process's HOME, not the run's
     key = Path(json.loads((tmp_path / "runs/idle/serve.json").read_text())["key_file"]).read_text().strip()
     client = OpenAI(base_url=first["url"], api_key=key, max_retries=0, timeout=600)
 

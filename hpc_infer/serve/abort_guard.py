@@ -22,12 +22,19 @@ from __future__ import annotations
 
 import json
 
+from .auth import route, send_json
+
 GUARDED = ("/v1/completions", "/v1/chat/completions")
 
-MESSAGE = (
-    "the server stopped this request before it finished (finish_reason 'abort': the replica "
-    "is shutting down or its engine stopped); send it again, to another replica"
-)
+UNAVAILABLE = {
+    "error": {
+        "message": "the server stopped this request before it finished (finish_reason 'abort': the "
+        "replica is shutting down or its engine stopped); send it again, to another replica",
+        "type": "ServiceUnavailable",
+        "param": None,
+        "code": 503,
+    }
+}
 
 
 def cut_short(body: bytes) -> bool:
@@ -41,22 +48,12 @@ def cut_short(body: bytes) -> bool:
     return any(isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices)
 
 
-def unavailable_body() -> bytes:
-    return json.dumps(
-        {"error": {"message": MESSAGE, "type": "ServiceUnavailable", "param": None, "code": 503}}
-    ).encode()
-
-
 class AbortedIsUnavailable:
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        if scope["type"] != "http" or scope.get("method") != "POST" or path not in GUARDED:
+        if scope["type"] != "http" or scope.get("method") != "POST" or route(scope) not in GUARDED:
             return await self.app(scope, receive, send)
         held: dict = {"start": None, "body": []}
 
@@ -75,19 +72,8 @@ class AbortedIsUnavailable:
                 return
             body = b"".join(held["body"])
             if cut_short(body):
-                body = unavailable_body()
-                start = {
-                    "type": "http.response.start",
-                    "status": 503,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"retry-after", b"1"),
-                    ],
-                }
-            else:
-                start = held["start"]
-            await send(start)
+                return await send_json(send, 503, UNAVAILABLE, ((b"retry-after", b"1"),))
+            await send(held["start"])
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, guarded_send)

@@ -26,6 +26,20 @@ from ..host.http import PROOF_PATH, bearer_matches, key_digest, proof
 OPEN_PATHS = ("/health",)
 
 
+def route(scope) -> str:
+    """The request's path below the app's `root_path`: what a route matches."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def send_json(send, status: int, payload: dict, headers: tuple = ()) -> None:
+    """A whole JSON answer from an ASGI middleware (ours answer before or instead of vLLM)."""
+    body = json.dumps(payload).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequireKey:
     def __init__(self, app):
         self.app = app
@@ -44,44 +58,18 @@ class RequireKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)  # lifespan
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
+        path = route(scope)
         if path == PROOF_PATH and scope["type"] == "http":
             nonce = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("nonce") or [""])[0][:128]
-            body = json.dumps({"proof": proof(self._key, nonce, self._run_dir)}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            return await send({"type": "http.response.body", "body": body})
+            return await send_json(send, 200, {"proof": proof(self._key, nonce, self._run_dir)})
         if path in OPEN_PATHS or self._authorized(scope):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "a valid API key is required (Authorization: Bearer KEY)",
-                    "type": "Unauthorized",
-                    "param": None,
-                    "code": 401,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b"Bearer"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = {
+            "message": "a valid API key is required (Authorization: Bearer KEY)",
+            "type": "Unauthorized",
+            "param": None,
+            "code": 401,
+        }
+        await send_json(send, 401, {"error": error}, ((b"www-authenticate", b"Bearer"),))
