@@ -117,14 +117,19 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="which launches, in this order")
-    ap.add_argument("--reps", type=int, default=1, help="rounds over the variants (alternated); medians reported")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="rounds over the variants (order reversed every other round); medians reported",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     data = sets(tmp, args.docs, args.questions)
     names = args.variants.split(",")
     walls: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
-        for n in names:
+        for n in names if rep % 2 == 0 else names[::-1]:  # ABBA: neither variant always runs first
             which, grouping = VARIANTS[n]
             row = launch(tmp, which, data[which], grouping, rep)
             print(json.dumps(row), flush=True)

@@ -18,7 +18,13 @@ fi
 START=$(date +%s)
 # lint and format first: a minute at most, and a red one ends the run before the long suite
 "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
+# two workers, a file at a time each (tests/conftest.py orders the files, longest first): much of
+# the suite waits on Slurm's timers and on processes starting, which the other worker overlaps.
+# HPC_INFER_TEST_WORKERS=0 runs it in one process.
+WORKERS=${HPC_INFER_TEST_WORKERS:-2}
+XDIST=()
+[ "$WORKERS" = 0 ] || XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
 rc=0
-"$VENV/bin/python" -m pytest -ra "$@" || rc=$?
+"$VENV/bin/python" -m pytest -ra "${XDIST[@]}" "$@" || rc=$?
 echo "test suite: $(( $(date +%s) - START )) s on $(nproc) cores; CPU flags: $(grep -o -w -E 'avx512f|avx2|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
 exit $rc

@@ -260,6 +260,26 @@ def _restore_umask():
     rundir._UMASK = saved
 
 
+# --- the order files run in ------------------------------------------------------------------
+# scripts/test.sh runs the suite on two xdist workers, a file at a time each (--dist loadfile:
+# a module's shared serve run or engine is built once). The longest files go first, a
+# vLLM-bound one beside a Slurm-timer-bound one, so that the two workers end together and
+# rarely both hold an engine on these 2-core machines. Measured per-file times: README.
+LONGEST_FIRST = (
+    "test_serve.py",
+    "test_lifecycle.py",
+    "test_vllm_runs.py",
+    "test_slurm.py",
+    "test_math_flow.py",
+    "test_container_runs.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # --- the suite's cost: time per file, the slowest tests, engine starts (issue: CI within budget) --
 _TEST_SECONDS: dict[str, float] = {}
 ENGINE_LINE = b"Initializing a V1 LLM engine"  # vLLM logs it once per engine it builds (LLM or server)
@@ -268,15 +288,17 @@ _LOG_SUFFIXES = (".log", ".err", ".out", ".stderr", ".stdout")
 
 def _engine_starts(basetemp: Path) -> dict[str, int]:
     """Engines built by each test's processes, counted from vLLM's own line in the logs the
-    test's runs wrote under its tmp dir (named after the test). Engines built inside the
-    pytest process itself log to pytest's capture and are not counted."""
+    test's runs wrote under its tmp dir (named after the test; under xdist, below the
+    worker's popen-gwN). Engines built inside the pytest process itself log to pytest's
+    capture and are not counted."""
     counts: dict[str, int] = {}
     for f in basetemp.rglob("*"):
         try:
             if f.suffix in _LOG_SUFFIXES and f.is_file() and f.stat().st_size < 64 << 20:
                 n = f.read_bytes().count(ENGINE_LINE)
                 if n:
-                    top = f.relative_to(basetemp).parts[0]
+                    parts = f.relative_to(basetemp).parts
+                    top = parts[1] if parts[0].startswith("popen-gw") and len(parts) > 1 else parts[0]
                     counts[top] = counts.get(top, 0) + n
         except OSError:
             continue
@@ -284,6 +306,11 @@ def _engine_starts(basetemp: Path) -> dict[str, int]:
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    tally = getattr(config, "_hpc_infer_doc_tally", None)
+    if tally:
+        terminalreporter.write_sep(
+            "-", "doc commands observed running in passing tests: %d of %d (%d said not run here)" % tally
+        )
     unobserved = getattr(config, "_hpc_infer_unobserved", None)
     if unobserved:
         terminalreporter.write_sep(
@@ -317,10 +344,24 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 # --- every command a doc shows is observed running, or the session fails -----------------------
-# doc_commands.as_written() records which test asked for which command; a command counts as
-# run once a test that asked for it has passed. At the end of a whole-suite session, any
-# command no passing test ran (and that is not listed as not run here) fails the session.
+# doc_commands.as_written() records which test asked for which command; the test's report
+# carries them (user_properties travel from an xdist worker to the controller), and a command
+# counts as run once a test that asked for it has passed. At the end of a whole-suite session,
+# any command no passing test ran (and that is not listed as not run here) fails the session:
+# in the controller, which sees every worker's reports, never in a worker, which sees its own.
 _OBSERVED: set[str] = set()
+_DOC_COMMANDS = "doc_commands"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "call":
+        import doc_commands
+
+        asked = doc_commands.ASKED.pop(item.nodeid, set())
+        if asked:
+            outcome.get_result().user_properties.append((_DOC_COMMANDS, sorted(asked)))
 
 
 def _whole_suite(config) -> bool:
@@ -334,18 +375,20 @@ def _whole_suite(config) -> bool:
 def pytest_runtest_logreport(report):
     _TEST_SECONDS[report.nodeid] = _TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
     if report.when == "call" and report.passed:
-        import doc_commands
-
-        _OBSERVED.update(doc_commands.ASKED.pop(report.nodeid, set()))
+        for name, commands in report.user_properties:
+            if name == _DOC_COMMANDS:
+                _OBSERVED.update(commands)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not _whole_suite(session.config) or exitstatus != 0:
+    if hasattr(session.config, "workerinput") or not _whole_suite(session.config) or exitstatus != 0:
         return
     import doc_commands
     from test_doc_claims import COMMANDS_NOT_HERE
 
-    unobserved = sorted(set(doc_commands.shown()) - set(COMMANDS_NOT_HERE) - _OBSERVED)
+    shown = set(doc_commands.shown())
+    unobserved = sorted(shown - set(COMMANDS_NOT_HERE) - _OBSERVED)
+    session.config._hpc_infer_doc_tally = (len(shown & _OBSERVED), len(shown), len(shown & set(COMMANDS_NOT_HERE)))
     if unobserved:
         session.config._hpc_infer_unobserved = unobserved
         session.exitstatus = 1
