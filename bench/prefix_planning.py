@@ -148,7 +148,13 @@ def main() -> None:
         )
     for which in ("few_shot", "distinct"):
         if {f"{which}-off", f"{which}-auto"} <= set(w):
-            print(f"{which}: off / auto = {w[f'{which}-off'] / w[f'{which}-auto']:.2f}x")
+            off, auto = walls[f"{which}-off"], walls[f"{which}-auto"]
+            paired = [o / a for o, a in zip(off, auto)]  # each round's two launches ran back to back
+            print(
+                f"{which}: off / auto = {w[f'{which}-off'] / w[f'{which}-auto']:.2f}x (medians); per round "
+                + ", ".join(f"{r:.2f}" for r in paired)
+                + f", geometric mean {statistics.geometric_mean(paired):.2f}x"
+            )
 
 
 if __name__ == "__main__":
