@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import mean
 
 import pytest
 
@@ -20,24 +21,78 @@ def _result(setting, tok_s, records=8, errors=0, empty=0):
     return {"setting": setting, "engine_start_s": 1.0, "runs": runs, "tok_s": tok_s}
 
 
-def test_only_a_setting_faster_than_the_noise_is_kept():
-    v = decide(
-        [
-            _result({}, [100.0, 110.0]),  # noise: 10 / 105 = 9.5%
-            _result({"max_num_seqs": 64}, [112.0, 113.0]),  # +7%: within the noise
-            _result({"max_num_seqs": 32}, [140.0, 150.0], empty=1),  # fast but an empty output: never
-            _result({"enable_prefix_caching": False}, [90.0, 95.0]),
-            {"setting": {"speculative_config": {"method": "ngram"}}, "error": "NotImplementedError: no spec on CPU"},
-            _result({"max_num_batched_tokens": 4096}, [125.0, 124.0]),
-        ]
-    )  # +18.6%: kept
-    assert v["kept"] == {"max_num_batched_tokens": 4096} and v["kept_ratio"] == pytest.approx(124.5 / 105, abs=1e-3)
+GRID = [
+    _result({}, [100.0, 110.0]),  # noise: 10 / 105 = 9.5%
+    _result({"max_num_seqs": 64}, [112.0, 113.0]),  # +7%: within the noise
+    _result({"max_num_seqs": 32}, [140.0, 150.0], empty=1),  # fast but an empty output: never
+    _result({"enable_prefix_caching": False}, [90.0, 95.0]),
+    {"setting": {"speculative_config": {"method": "ngram"}}, "error": "NotImplementedError: no spec on CPU"},
+    _result({"max_num_batched_tokens": 4096}, [125.0, 124.0]),  # +18.6%: the grid's leader
+]
+
+
+def test_only_a_setting_faster_than_the_noise_and_confirmed_is_kept():
+    confirm = {"index": 5, "defaults": _result({}, [80.0, 81.0]), "setting": _result(GRID[5]["setting"], [96.0, 97.0])}
+    v = decide(GRID, confirm)  # the machine got slower for both alike: still +19.8% back to back
+    assert v["kept"] == {"max_num_batched_tokens": 4096} and v["kept_ratio"] == pytest.approx(96.5 / 80.5, abs=1e-3)
     verdicts = [r["verdict"] for r in v["rows"]]
     assert verdicts[1] == "not faster than the noise" and verdicts[2].startswith("outputs not valid")
-    assert verdicts[4].startswith("refused: NotImplementedError")
+    assert verdicts[4].startswith("refused: NotImplementedError") and "confirmed back to back" in verdicts[5]
     assert decide([_result({}, [100.0, 100.0]), _result({"max_num_seqs": 64}, [101.0, 101.5])])["kept"] == {}
     with pytest.raises(UserError, match="the defaults did not run"):
         decide([{"setting": {}, "error": "boom"}])
+
+
+@pytest.mark.parametrize(
+    "confirm, why",
+    [
+        # the grid's +18.6% was the load changing: back to back the two are within the noise
+        (
+            {"index": 5, "defaults": _result({}, [120.0, 121.0]), "setting": _result({}, [124.0, 125.0])},
+            "not in its confirmation (1.033x)",
+        ),
+        (
+            {"index": 5, "skipped": "the budget (tune.budget_s) leaves no time to confirm it"},
+            "not confirmed (the budget",
+        ),
+        (
+            {"index": 5, "defaults": _result({}, [100.0, 100.0]), "setting": {"setting": {}, "error": "OOM"}},
+            "its confirmation did not run (OOM)",
+        ),
+        (None, "not confirmed: not kept"),
+    ],
+)
+def test_a_leader_the_confirmation_does_not_bear_out_is_not_kept(confirm, why):
+    v = decide(GRID, confirm)
+    assert v["kept"] == {} and v["kept_ratio"] == 1.0
+    assert why in v["rows"][5]["verdict"] and v["rows"][5]["verdict"].endswith("not kept"), v["rows"][5]
+
+
+def test_the_tuner_confirms_its_leader_back_to_back_with_the_defaults(tmp_path):
+    """The fake engine's rate is max_num_seqs tokens a step: 1 at the defaults (as the
+    env gives it), 8 with the grid's setting, so the setting leads by 8x whatever the load;
+    the tuner then runs the defaults and the leader again, and decide keeps it."""
+    from hpc_infer.worker.tuner import run_tune
+
+    spec = {
+        "model": {"engine_kwargs": {}},
+        "sampling": {"max_tokens": 16},
+        "seed": 0,
+        "records": [{"id": f"r{i}", "index": i, "prompt": f"q{i}"} for i in range(8)],
+        "repeats": 2,
+        "budget_s": 600,
+        "env": {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.005, "max_num_seqs": 1})},
+        "grid": [{}, {"max_num_seqs": 8}],
+    }
+    (tmp_path / "tune_spec.json").write_text(json.dumps(spec))
+    out = run_tune(tmp_path)
+    base, fast = out["results"]
+    assert mean(fast["tok_s"]) > 3 * mean(base["tok_s"]), out  # 8x by construction; 3x under any load
+    c = out["confirm"]
+    assert c["index"] == 1 and c["defaults"]["setting"] == {} and c["setting"]["setting"] == {"max_num_seqs": 8}
+    assert all(r["records"] == 8 for r in c["defaults"]["runs"] + c["setting"]["runs"])
+    v = decide(out["results"], c)
+    assert v["kept"] == {"max_num_seqs": 8} and v["kept_ratio"] > 3
 
 
 def test_launch_applies_the_kept_settings_and_the_users_own_win(tmp_path):

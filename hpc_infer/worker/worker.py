@@ -501,6 +501,9 @@ def make_engine(spec: dict, worker_id: str = "") -> Any:
 
     conf = fake_engine.settings()
     if conf is not None:
+        seqs = ((spec.get("model") or {}).get("engine_kwargs") or {}).get("max_num_seqs")
+        if seqs:  # the one engine setting the fake has, given as vLLM's (tune's grid changes its rate)
+            conf = dict(conf, max_num_seqs=int(seqs))
         return fake_engine.FakeEngine(conf, worker_id)
     if spec.get("endpoint"):  # batch through running servers: no model load here
         from .http_engine import HttpEngine
