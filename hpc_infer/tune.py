@@ -172,7 +172,7 @@ def tune(rc: RunConfig) -> Path:
     say(
         ("kept " + json.dumps(verdict["kept"]) + f": {verdict['kept_ratio']}x the defaults")
         if verdict["kept"]
-        else "kept vLLM's defaults: no setting beat them by more than the noise"
+        else "kept vLLM's defaults: no setting beat them by more than the noise, confirmed back to back"
     )
     say(f"settings for launch: {target}")
     return target
