@@ -68,23 +68,29 @@ def test_a_leader_the_confirmation_does_not_bear_out_is_not_kept(confirm, why):
     assert why in v["rows"][5]["verdict"] and v["rows"][5]["verdict"].endswith("not kept"), v["rows"][5]
 
 
+def _write_spec(folder: Path, n: int, max_tokens: int, budget_s: float, env: dict, grid: list[dict]) -> None:
+    """The tune_spec.json tune() would write: n fake prompts, 2 timed runs a setting."""
+    spec = {
+        "model": {"engine_kwargs": {}},
+        "sampling": {"max_tokens": max_tokens},
+        "seed": 0,
+        "records": [{"id": f"r{i}", "index": i, "prompt": f"q{i}"} for i in range(n)],
+        "repeats": 2,
+        "budget_s": budget_s,
+        "env": env,
+        "grid": grid,
+    }
+    (folder / "tune_spec.json").write_text(json.dumps(spec))
+
+
 def test_the_tuner_confirms_its_leader_back_to_back_with_the_defaults(tmp_path):
     """The fake engine's rate is max_num_seqs tokens a step: 1 at the defaults (as the
     env gives it), 8 with the grid's setting, so the setting leads by 8x whatever the load;
     the tuner then runs the defaults and the leader again, and decide keeps it."""
     from hpc_infer.worker.tuner import run_tune
 
-    spec = {
-        "model": {"engine_kwargs": {}},
-        "sampling": {"max_tokens": 16},
-        "seed": 0,
-        "records": [{"id": f"r{i}", "index": i, "prompt": f"q{i}"} for i in range(8)],
-        "repeats": 2,
-        "budget_s": 600,
-        "env": {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.005, "max_num_seqs": 1})},
-        "grid": [{}, {"max_num_seqs": 8}],
-    }
-    (tmp_path / "tune_spec.json").write_text(json.dumps(spec))
+    fake = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.005, "max_num_seqs": 1})}
+    _write_spec(tmp_path, 8, 16, 600, fake, [{}, {"max_num_seqs": 8}])
     out = run_tune(tmp_path)
     base, fast = out["results"]
     assert mean(fast["tok_s"]) > 3 * mean(base["tok_s"]), out  # 8x by construction; 3x under any load
@@ -148,21 +154,13 @@ def test_a_setting_still_running_at_the_budget_is_stopped_with_its_processes(tmp
 
     hold = tmp_path / "hold"
     hold.mkdir()
-    spec = {
-        "model": {"engine_kwargs": {}},
-        "sampling": {"max_tokens": 4},
-        "seed": 0,
-        "records": [{"id": f"r{i}", "index": i, "prompt": f"q{i}"} for i in range(3)],
-        "repeats": 2,
-        "budget_s": 20,  # setting 1 starts when the defaults took under half of it (a fake engine's ~1 s)
-        "env": {
-            "HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001}),
-            "HPC_INFER_FAULT": "tune_setting@setting-1:HOLD",
-            "HPC_INFER_HOLD_DIR": str(hold),
-        },
-        "grid": [{}, {"max_num_seqs": 32}, {"max_num_seqs": 64}],
+    env = {
+        "HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001}),
+        "HPC_INFER_FAULT": "tune_setting@setting-1:HOLD",
+        "HPC_INFER_HOLD_DIR": str(hold),
     }
-    (tmp_path / "tune_spec.json").write_text(json.dumps(spec))
+    # budget 20 s: setting 1 starts when the defaults took under half of it (a fake engine's ~1 s)
+    _write_spec(tmp_path, 3, 4, 20, env, [{}, {"max_num_seqs": 32}, {"max_num_seqs": 64}])
     out = run_tune(tmp_path)
     base, held, after = out["results"]
     assert len(base["tok_s"]) == 2 and all(r["records"] == 3 for r in base["runs"]), base

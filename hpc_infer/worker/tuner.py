@@ -115,11 +115,10 @@ def leader(results: list[dict]) -> int | None:
     return best
 
 
-def _time_setting(tune_dir: Path, k: int, env: dict, timeout: float | None) -> tuple[dict, float]:
+def _time_setting(tune_dir: Path, k: int, setting: dict, env: dict, timeout: float | None) -> tuple[dict, float]:
     """Setting k timed in a process of its own: (its result, the seconds it cost). A hard
     bound: a setting still running at `timeout` is stopped with its process group (the
     engine's own children too) and reported."""
-    spec_grid = json.loads((tune_dir / "tune_spec.json").read_text())["grid"]
     t0 = time.time()
     p = subprocess.Popen(
         [sys.executable, "-m", "hpc_infer.worker.tuner", "one", str(tune_dir), str(k)],
@@ -134,13 +133,13 @@ def _time_setting(tune_dir: Path, k: int, env: dict, timeout: float | None) -> t
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
-        return {"setting": spec_grid[k], "skipped": f"stopped at the budget (tune.budget_s) after {timeout:.0f} s"}, (
+        return {"setting": setting, "skipped": f"stopped at the budget (tune.budget_s) after {timeout:.0f} s"}, (
             time.time() - t0
         )
     if p.returncode == 0 and stdout.strip():
         return json.loads(stdout.strip().splitlines()[-1]), time.time() - t0
     tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
-    return {"setting": spec_grid[k], "error": tail[0][-400:]}, time.time() - t0
+    return {"setting": setting, "error": tail[0][-400:]}, time.time() - t0
 
 
 def run_tune(tune_dir: str | Path) -> dict:
@@ -160,7 +159,7 @@ def run_tune(tune_dir: str | Path) -> dict:
         if k and last_cost > left:
             results.append({"setting": setting, "skipped": "the budget (tune.budget_s) would be overrun"})
             continue
-        result, last_cost = _time_setting(tune_dir, k, env, max(left, 1.0) if k else None)
+        result, last_cost = _time_setting(tune_dir, k, setting, env, max(left, 1.0) if k else None)
         costs[k] = last_cost
         results.append(result)
     out: dict = {"results": results}
@@ -170,8 +169,8 @@ def run_tune(tune_dir: str | Path) -> dict:
         if costs[0] + costs[k] > deadline - time.time():
             out["confirm"] = {"index": k, "skipped": "the budget (tune.budget_s) leaves no time to confirm it"}
         else:
-            again, _ = _time_setting(tune_dir, 0, env, max(deadline - time.time(), 1.0))
-            lead, _ = _time_setting(tune_dir, k, env, max(deadline - time.time(), 1.0))
+            again, _ = _time_setting(tune_dir, 0, spec["grid"][0], env, max(deadline - time.time(), 1.0))
+            lead, _ = _time_setting(tune_dir, k, spec["grid"][k], env, max(deadline - time.time(), 1.0))
             out["confirm"] = {"index": k, "defaults": again, "setting": lead}
     out["finished"] = time.time()
     (tune_dir / "tune.json").write_text(json.dumps(out, indent=1) + "\n")
