@@ -43,7 +43,7 @@ def sample_records(rc: RunConfig) -> list[dict]:
     rc = dataclasses.replace(rc, data=dataclasses.replace(rc.data, limit=rc.tune.sample, group_prefixes="off"))
     with plan_input(rc) as planned:
         spec = planned.spec.to_json()
-        return [r for c in planned.chunks for r in read_chunk_source(planned.staging / "input.copy", c, spec).records]
+        return [r for c in planned.chunks for r in read_chunk_source(RunDir(planned.staging).fs, c, spec).records]
 
 
 def decide(results: list[dict], confirm: dict | None = None) -> dict:

@@ -48,7 +48,7 @@ def test_stale_claim_taken_over_once(tmp_path):
     for p in procs:
         p.join()
     assert sum(results) == 1
-    assert claims.read_owner(run.claim_path(0)).worker_id.startswith("t")
+    assert claims.read_owner(run.fs, run.claim_name(0)).worker_id.startswith("t")
 
 
 def test_claim_of_dead_local_process_is_stale_at_once(tmp_path):

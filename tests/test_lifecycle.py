@@ -55,7 +55,7 @@ def _publish(root, q, marker):
 
     run = RunDir(Path(root))
     data = encode_chunk_output(0, [{"index": 0, "id": "a", "prompt_tokens": 1, "output_tokens": 1, "who": marker}])
-    q.put(publish_chunk_output(run.out_path(0), 0, data))
+    q.put(publish_chunk_output(run.fs, run.out_name(0), 0, data))
 
 
 def test_two_finished_copies_publish_exactly_once(tmp_path):
@@ -243,7 +243,7 @@ def test_a_time_limit_with_no_room_is_refused_before_planning(tmp_path):
 def test_a_worker_whose_heartbeat_fails_says_so_and_claims_nothing(tmp_path, monkeypatch, capfd):
     from conftest import compose
     from hpc_infer.run.plan import plan_input, prepare
-    from hpc_infer.worker.worker import run_worker
+    from hpc_infer.worker.worker import HeartbeatLost, run_worker
 
     rc = compose(
         f"output_root={tmp_path}/runs", "data=example", "cluster=local", "cluster.heartbeat_s=0.2", "cluster.lease_s=2"
@@ -251,12 +251,13 @@ def test_a_worker_whose_heartbeat_fails_says_so_and_claims_nothing(tmp_path, mon
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     for k, v in dict(fake(step_s=0.001), HPC_INFER_FAULT="heartbeat:ERRNO_ESTALE").items():
         monkeypatch.setenv(k, v)
-    state = run_worker(run.root, "w")
+    with pytest.raises(HeartbeatLost, match="no heartbeat reached"):  # not 'finished': it did nothing
+        run_worker(run.root, "w")
     err = capfd.readouterr().err
-    assert state["chunks_done"] == 0 and not run.claimed_chunks() and not run.done_chunks()
+    assert not run.claimed_chunks() and not run.done_chunks()
     assert err.count("heartbeat failed") == 1 and "ESTALE" in err and "no new chunk is claimed" in err, err
     monkeypatch.delenv("HPC_INFER_FAULT")
-    state = run_worker(run.root, "w2")
+    run_worker(run.root, "w2")
     assert len(run.done_chunks()) == read_json(run.manifest)["n_chunks"]
 
 

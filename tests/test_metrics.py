@@ -63,8 +63,7 @@ def test_a_small_case_by_hand():
     m.add(_record(0, [1, 0, 1, 0], ["5", "6", "5", "7"], [1, 1, 1, 0], "L1"))
     m.add(_record(1, [0, 0, 0, 0], ["1", "2", "2", "3"], [1, 0, 1, 1], "L2"))
     m.add(_record(2, [0, 0, 0, 1], ["4", "4", "9", "8"], [1, 1, 0, 1], "L2"))
-    m.add({"id": "e", "error": {"type": "x"}, "outputs": []})  # failed records are not graded
-    r = m.result()
+    r = m.result()  # (error records count as failed: test_error_records_count_as_failed_samples_not_left_out)
     assert r["records"] == 3 and r["samples_per_record"] == 4
     assert r["pass@1"]["mean"] == pytest.approx(0.25)
     assert r["pass@2"]["mean"] == pytest.approx((5 / 6 + 0 + 1 / 2) / 3, abs=1e-6)
@@ -149,3 +148,20 @@ def test_the_math_flow_reports_metrics_by_level_through_merge(tmp_path):
     assert "pass@1 0.250" in p.stdout and "maj@4 0.500" in p.stdout, p.stdout
     assert sum(g["records"] for g in m["groups"]["level"].values()) == 20
     Path(tmp_path / "keep").write_text(str(run.root))
+
+
+def test_error_records_count_as_failed_samples_not_left_out():
+    """10% refused records must not turn 0.45 into 0.50: an error record is a record whose
+    every sample failed, and the figure says how many there were."""
+    from hpc_infer.run.metrics import Metrics
+
+    m = Metrics("score", "answer", None, ["level"])
+    for i in range(90):
+        ok = i < 45
+        m.add({"id": i, "level": "L1", "outputs": [{"score": float(ok), "answer": str(ok)}]})
+    for i in range(10):
+        m.add({"id": 100 + i, "level": "L2", "error": {"type": "refused"}})
+    out = m.result()
+    assert out["records"] == 100 and out["errors"] == 10
+    assert out["pass@1"]["mean"] == 0.45 and out["maj@1"]["mean"] == 0.45
+    assert out["groups"]["level"]["L2"]["pass@1"]["mean"] == 0.0

@@ -78,7 +78,7 @@ def test_parts_and_attempts_survive_on_disk(tmp_path):
     isolate.record_attempt(run, 3, (0, 8), "w1", alone=False)
     isolate.record_attempt(run, 3, (0, 8), "w2", alone=False)
     isolate.record_attempt(run, 3, (4, 8), "w2", alone=True)
-    (isolate.attempts_path(run, 3) / "99-torn.json").write_bytes(b'{"range": [0, ')  # damaged: skipped
+    (run.root / isolate.attempts_path(3) / "99-torn.json").write_bytes(b'{"range": [0, ')  # damaged: skipped
     assert isolate.attempts(run, 3) == (2, {(4, 8): 1})
     assert isolate.attempts(run, 3, exclude=["w2"]) == (1, {})  # the live holder's attempt is not a death
     from hpc_infer.rundir import jobs

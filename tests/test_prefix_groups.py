@@ -69,7 +69,7 @@ def test_scattered_prefixes_are_grouped_into_chunks(tmp_path, last_newline):
         for r in recs:
             seen[r["index"]] = r["id"]
         src = __import__("hpc_infer.rundir.chunks", fromlist=["x"]).read_chunk_source(
-            run.input_copy, c, read_json(run.worker_spec)["input"]
+            run.fs, c, read_json(run.worker_spec)["input"]
         )
         for k, r in enumerate(src.records):
             lines[r["id"]] = src.parsed.record_lines[k]
@@ -131,14 +131,14 @@ def test_a_damaged_record_of_a_grouped_chunk_is_refused(tmp_path):
     manifest = read_json(run.manifest)
     assert run.input_copy.read_bytes() == data.read_bytes()  # the copy stays in input order
     chunk = manifest["chunks"][1]
-    index, _line, start, end, _crc = read_order(run.root / "order.bin", *chunk["positions"])[2]
+    index, _line, start, end, _crc = read_order(run.fs, *chunk["positions"])[2]
     body = bytearray(run.input_copy.read_bytes())
     body[start + 20] ^= 1  # inside the prompt: still valid JSON
     run.input_copy.write_bytes(bytes(body))
     spec = read_json(run.worker_spec)["input"]
     with pytest.raises(RuntimeError, match=f"record {index} of chunk 1 .* does not match the plan's CRC"):
-        read_chunk_source(run.input_copy, chunk, spec)
-    read_chunk_source(run.input_copy, manifest["chunks"][0], spec)  # the other chunks read as planned
+        read_chunk_source(run.fs, chunk, spec)
+    read_chunk_source(run.fs, manifest["chunks"][0], spec)  # the other chunks read as planned
 
 
 def test_grouped_chunks_read_back_every_record_of_a_bom_crlf_non_ascii_input(tmp_path):

@@ -114,7 +114,7 @@ def test_the_stand_in_is_what_it_claims(fs):
 import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 from hpc_infer.rundir.lease import Lock
 l = Lock('{fs.a}/ours.lock', lease_s=60, poll_s=0.1)
-print(l._try() or l._stale())""",
+print(l._try() or l._stale() is not None)""",
             ],
         ),
         capture_output=True,
@@ -145,17 +145,28 @@ def _lease_kept(fs: SharedFS, run: RunDir, one: subprocess.Popen, tmp_path: Path
         time.sleep(0.2)
     held = {int(c) for c in read_json(run.heartbeat_path("n1"))["held"]}
     two = _worker(fs, "node2", run, "n2", tmp_path / "n2.log")
-    assert two.wait(timeout=600) == 0, (tmp_path / "n2.log").read_text()[-3000:]
-    taken = [
-        f
-        for f in (run.root / "attempts").rglob("*.json")
-        if read_json(f)["worker"] == "n2" and int(f.parent.name) in held
-    ]
-    assert held and taken == [], taken
-    assert all(read_json(run.claim_path(c))["worker"] == "n1" for c in held)
-    release(tmp_path)
-    assert one.wait(timeout=600) == 0, (tmp_path / "n1.log").read_text()[-3000:]
-    assert _ids(run) == [f"r{i}" for i in range(48)]
+    try:
+        others = set(range(read_json(run.manifest)["n_chunks"])) - held
+        deadline = time.time() + 600  # n2 runs every other chunk, then waits for the live holder (it never
+        while time.time() < deadline and not others <= run.done_chunks():  # leaves a chunk behind: idle_wait)
+            assert two.poll() is None, (tmp_path / "n2.log").read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # n2 idle a while beside the live holder: it must not take the held chunks
+        taken = [
+            f
+            for f in (run.root / "attempts").rglob("*.json")
+            if read_json(f)["worker"] == "n2" and int(f.parent.name) in held
+        ]
+        assert held and taken == [], taken
+        assert all(read_json(run.claim_path(c))["worker"] == "n1" for c in held)
+        release(tmp_path)
+        assert one.wait(timeout=600) == 0, (tmp_path / "n1.log").read_text()[-3000:]
+        assert two.wait(timeout=600) == 0, (tmp_path / "n2.log").read_text()[-3000:]  # all done: it ends
+        assert _ids(run) == [f"r{i}" for i in range(48)]
+    finally:
+        if two.poll() is None:
+            two.kill()
+            two.wait()
 
 
 POINTS = ["claimed", "tmp_written@/out/", "renamed@/out/", "step", "renamed@/heartbeats/", "tmp_written@/attempts/"]

@@ -445,11 +445,14 @@ def check_time_limit(cluster: ClusterConfig, run_path: Path) -> None:
     if local:
         raise UserError(local)
     run = RunDir(Path(run_path))
-    starts = (
-        [float(b["engine_start_s"]) for b in read_heartbeats(run) if b.get("engine_start_s")]
-        if run.heartbeats.is_dir()
-        else []
-    )
+    try:  # an earlier launch's engine starts; a folder the rule refuses is named by the run's own door
+        starts = (
+            [float(b["engine_start_s"]) for b in read_heartbeats(run) if b.get("engine_start_s")]
+            if run.heartbeats.is_dir()
+            else []
+        )
+    except UserError:
+        starts = []
     refusal, warning = time_limit_problem(cluster, max(starts) if starts else None)
     if refusal:
         raise UserError(refusal)

@@ -66,8 +66,11 @@ def find_too_long(rc: Any, planned: Any, model_path: str, spec: Any) -> tuple[li
         )
     template = Path(rc.model.chat_template).read_text() if rc.model.chat_template else None
     found = []
+    from ..rundir import RunDir
+
+    staged = RunDir(Path(planned.staging)).fs
     for c in chunks:  # read back from the staged copy the way a worker reads its chunk
-        parsed = read_chunk_source(Path(planned.staging) / "input.copy", c, spec.to_json()).parsed
+        parsed = read_chunk_source(staged, c, spec.to_json()).parsed
         for k, (rec, chars) in enumerate(zip(parsed.records, parsed.chars)):
             want = run_max
             if batch:

@@ -197,7 +197,7 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
             raise _corrupt(c.path, c.id, "shorter than its trailer says")
         if zlib.crc32(body) != c.crc32:
             raise _corrupt(c.path, c.id, "records do not match their checksum (edited or damaged)")
-        indices = sorted(row[0] for row in read_order(run.root / "order.bin", *entries[c.id]["positions"]))
+        indices = sorted(row[0] for row in read_order(run.fs, *entries[c.id]["positions"]))
         start = 0
         for index in indices:
             end = body.index(b"\n", start) + 1
@@ -299,7 +299,9 @@ class Hook:
         )
 
     def __call__(self, record: dict) -> None:
-        if record.get("error"):  # nothing was generated: nothing to grade
+        if record.get("error"):  # nothing was generated: nothing to grade, a failed record in the metrics
+            if self.metrics:
+                self.metrics.add(record)
             return
         try:
             added = self.fn(record)

@@ -13,7 +13,10 @@ r1_zero_reward: answer_reward, extracted, format_reward).
   to the answer seen first), correct when a sample with that answer was graded correct;
 - each with its standard error over records (sample standard deviation / sqrt(records));
 - categories: counts of outputs by (format, answer) reward, (1, 1), (1, 0), (0, 0) as
-  CS336's write-up asks, with a few example records of each.
+  CS336's write-up asks, with a few example records of each;
+- error records (what the engine refused, a poison record) count as records whose every
+  sample failed (as many samples as the run's other records have): a refusal is not left
+  out of the denominator, which would overstate every figure. `errors` says how many.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Tally:
         self.maj: dict[int, list[float]] = {}  # k -> per-record majority correctness
         self.categories: Counter = Counter()
         self.examples: dict[str, list[dict]] = {}
+        self.errors = 0  # error records: every sample failed (n decided at result())
 
     def add(
         self,
@@ -95,19 +99,21 @@ class Tally:
                     kept.append({"id": record_id, "text": (text or "")[:600]})
 
     def result(self) -> dict:
-        if not self.samples:
+        if not self.samples and not self.errors:
             return {"records": 0}
-        n_max = max(n for n, _ in self.samples)
+        n_max = max([n for n, _ in self.samples] or [1])
+        samples = self.samples + [(n_max, 0)] * self.errors
         out: dict[str, Any] = {
-            "records": len(self.samples),
+            "records": len(samples),
             "samples_per_record": n_max,
-            "pass@1": mean_se([c / n for n, c in self.samples if n]),
+            "errors": self.errors,
+            "pass@1": mean_se([c / n for n, c in samples if n]),
         }
         for k in powers_of_two(n_max):
             if k > 1:
-                out[f"pass@{k}"] = mean_se([pass_at_k(n, c, k) for n, c in self.samples if n >= k])
+                out[f"pass@{k}"] = mean_se([pass_at_k(n, c, k) for n, c in samples if n >= k])
         for k, values in self.maj.items():
-            out[f"maj@{k}"] = mean_se(values)
+            out[f"maj@{k}"] = mean_se(values + [0.0] * self.errors)
         if self.categories:
             out["categories"] = {
                 key: self.categories.get(key, 0)
@@ -137,7 +143,12 @@ class Metrics:
 
     def add(self, record: dict) -> None:
         outputs = record.get("outputs") or []
-        if record.get("error") or not outputs or self.score_key not in outputs[0]:
+        if record.get("error"):  # a failed record: every sample wrong, in its groups too
+            self.all.errors += 1
+            for g in self.group_by:
+                self.groups[g].setdefault(str(field_value(record, g)), Tally()).errors += 1
+            return
+        if not outputs or self.score_key not in outputs[0]:
             return
         scores = [float(o.get(self.score_key) or 0.0) for o in outputs]
         answers = [o.get(self.answer_key) for o in outputs] if self.answer_key else None

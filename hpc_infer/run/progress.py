@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..rundir import RunDir, read_heartbeats, read_json, tail_lines
 from ..rundir.claims import live_claims, rate, read_beat
-from ..rundir.lease import server_now
+from ..rundir.lease import fs_now
 
 
 @dataclass
@@ -70,8 +70,8 @@ class DoneTracker:
         from ..rundir.chunks import chunk_done
         from ..rundir.layout import _ids_in
 
-        for cid, name in _ids_in(self.run.out, ".jsonl"):
-            if cid not in self.done and chunk_done(self.run.out / name, cid):
+        for cid, name in _ids_in(self.run.fs, "out", ".jsonl"):
+            if cid not in self.done and chunk_done(self.run.fs, f"out/{name}", cid):
                 self.done.add(cid)
         return self.done
 
@@ -82,8 +82,9 @@ def snapshot(
     manifest = manifest or read_json(run.manifest)
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
-    now = server_now(run.heartbeats)
-    found = [f for f in (read_beat(p, now) for p in sorted(run.heartbeats.glob("*.json"))) if f]
+    now = fs_now(run.fs, "heartbeats")
+    names = sorted(n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith("."))
+    found = [f for f in (read_beat(run.fs, f"heartbeats/{n}", now) for n in names) if f]
     beats = [b for b, _ in found]
     in_chunk: dict[int, int] = {}
     for b in beats:  # the furthest any holder got in each chunk not yet published
@@ -289,7 +290,7 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         deaths = {
             c: isolate.deaths(run, c, exclude=[holders[c]] if c in holders else [])
             for c in missing[:1000]
-            if isolate.attempts_path(run, c).exists()
+            if run.fs.exists(isolate.attempts_path(c))
         }
         if any(deaths.values()):
             lines.append(

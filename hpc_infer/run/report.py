@@ -302,4 +302,6 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
 def headline(metrics: dict) -> str:
     """pass@1 0.250 ± 0.097, pass@4 0.400 ± 0.112, maj@4 0.300 ± 0.105 (20 records)."""
     keys = _metric_keys(metrics)
-    return ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys) + f" ({metrics.get('records', 0)} records)"
+    errors = metrics.get("errors") or 0
+    failed = f", {errors} of them error records, counted as failed" if errors else ""
+    return ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys) + f" ({metrics.get('records', 0)} records{failed})"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
-from .files import write_exclusive
+from . import clock
+from .fsio import Dir
 
 # A chunk's output ends with one trailer line describing the lines above it. The merge
 # checks the trailer (chunk id, record range, byte count, CRC-32) instead of parsing every
@@ -51,6 +51,18 @@ def read_chunk_trailer(path: Path, tail_bytes: int = 4096) -> tuple[dict, int] |
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - tail_bytes))
         tail = f.read()
+    return parse_trailer(tail, size)
+
+
+def trailer_in(fs: Dir, name: str, tail_bytes: int = 4096) -> tuple[dict, int] | None:
+    """read_chunk_trailer through a run's handle."""
+    st = fs.stat(name)
+    if st is None:
+        raise FileNotFoundError(fs.where(name))
+    return parse_trailer(fs.read_at(name, max(0, st.size - tail_bytes), tail_bytes), st.size)
+
+
+def parse_trailer(tail: bytes, size: int) -> tuple[dict, int] | None:
     if not tail.endswith(b"}\n"):
         return None
     start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
@@ -63,42 +75,42 @@ def read_chunk_trailer(path: Path, tail_bytes: int = 4096) -> tuple[dict, int] |
     return trailer, size - (len(tail) - start)
 
 
-_DONE_CACHE: dict[str, tuple[int, int, bool]] = {}  # path -> (mtime_ns, size, verdict): status polls often
+_DONE_CACHE: dict[str, tuple[int, float, int, bool]] = {}  # file -> (inode, mtime, size, verdict): status polls often
 
 
-def chunk_done(path: Path, chunk_id: int) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+def chunk_done(fs: Dir, name: str, chunk_id: int) -> bool:
+    st = fs.stat(name)
+    if st is None:
         return False
-    key = str(path)
+    key = fs.where(name)
     cached = _DONE_CACHE.get(key)
-    if cached and cached[:2] == (st.st_mtime_ns, st.st_size):
-        return cached[2]
+    if cached and cached[:3] == (st.ino, st.mtime, st.size):
+        return cached[3]
     try:
-        found = read_chunk_trailer(path)
+        found = trailer_in(fs, name)
     except OSError:
         return False
     ok = found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]
-    _DONE_CACHE[key] = (st.st_mtime_ns, st.st_size, ok)
+    _DONE_CACHE[key] = (st.ino, st.mtime, st.size, ok)
     return ok
 
 
-def publish_chunk_output(path: Path, chunk_id: int, data: bytes) -> bool:
+def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool:
     """Publish a chunk's output unless one is already there: with backup copies (or a
     taken-over chunk whose first holder was alive after all) exactly one complete output
     wins (write_exclusive: link(), never a check-then-replace that two finishers could both
     pass), and the later one is discarded. A damaged file there is moved aside first (one
     mover wins the rename), then ours is offered again. Returns whether ours was published."""
-    if write_exclusive(path, data):
+    if fs.publish(name, data):
         return True
-    if chunk_done(path, chunk_id):
+    if chunk_done(fs, name, chunk_id):
         return False
+    folder, _, base = name.rpartition("/")
     try:
-        os.rename(path, path.with_name(f".{path.name}.damaged-{uuid.uuid4().hex[:8]}"))
+        fs.rename(name, f"{folder}/.{base}.damaged-{clock.token()}" if folder else f".{base}.damaged-{clock.token()}")
     except FileNotFoundError:
         pass
-    return write_exclusive(path, data)
+    return fs.publish(name, data)
 
 
 class ChunkSource:
@@ -136,21 +148,20 @@ class ChunkSource:
         return {where[0]: where[1], "input": row}
 
 
-def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
+def read_chunk_source(fs: Dir, expect: dict, spec: dict, name: str = "input.copy") -> ChunkSource:
     """A chunk's records, its bytes checked against the manifest's size and CRC-32 (a
     prefix-grouped chunk: each record's against order.bin), then rebuilt from the input's
     own bytes the way the planner checked them (io/records.py)."""
     from ..io.records import InputSpec, parse_block
 
+    path = fs.where(name)
     first = int(expect["first_index"])
     positions = expect.get("positions")  # a prefix-grouped chunk: its records' rows in order.bin
-    rows = read_order(path.parent / "order.bin", *positions) if positions else []
+    rows = read_order(fs, *positions) if positions else []
     if positions:
-        body = _grouped_body(path, rows, expect["id"])
+        body = _grouped_body(fs, name, rows, expect["id"])
     else:
-        with open(path, "rb") as f:
-            f.seek(expect["offset"])
-            body = f.read(expect["bytes"])
+        body = fs.read_at(name, expect["offset"], expect["bytes"])
         if len(body) != expect["bytes"] or zlib.crc32(body) != expect["crc32"]:
             raise RuntimeError(
                 f"{path}: chunk {expect['id']} ({expect['bytes']} bytes at {expect['offset']}) does not "
@@ -158,7 +169,7 @@ def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
                 f"launch again"
             )
     parsed = parse_block(
-        InputSpec.from_json(spec), str(path), body, int(expect.get("first_line", 1)) - 1, first, 0, None, keep=True
+        InputSpec.from_json(spec), path, body, int(expect.get("first_line", 1)) - 1, first, 0, None, keep=True
     )
     if len(parsed.records) != expect["n_records"]:
         raise RuntimeError(
@@ -177,34 +188,29 @@ def read_chunk_source(path: Path, expect: dict, spec: dict) -> ChunkSource:
 ORDER_ROW = 5  # int64s an order.bin row: original index, line, start and end in input.copy, CRC-32
 
 
-def read_order(path: Path, start: int, stop: int) -> list[tuple[int, ...]]:
+def read_order(fs: Dir, start: int, stop: int) -> list[tuple[int, ...]]:
     """The order.bin rows of positions start..stop-1 of a prefix-grouped plan (run/plan.py:
     regroup): (original index, line, start, end, CRC-32) each."""
     import array
 
-    with open(path, "rb") as f:
-        f.seek(start * 8 * ORDER_ROW)
-        values = array.array("q")
-        values.frombytes(f.read((stop - start) * 8 * ORDER_ROW))
+    values = array.array("q")
+    values.frombytes(fs.read_at("order.bin", start * 8 * ORDER_ROW, (stop - start) * 8 * ORDER_ROW))
     return [tuple(values[i : i + ORDER_ROW]) for i in range(0, len(values), ORDER_ROW)]
 
 
-def _grouped_body(path: Path, rows: list[tuple[int, ...]], chunk_id: int) -> bytes:
+def _grouped_body(fs: Dir, name: str, rows: list[tuple[int, ...]], chunk_id: int) -> bytes:
     """A prefix-grouped chunk's records as one body in chunk order, read one by one from
     input.copy (in file order) and each checked against its size and CRC-32; a record without
     its newline (the input's last line) gets one, since it no longer ends the body."""
     parts = [b""] * len(rows)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for k in sorted(range(len(rows)), key=lambda k: rows[k][2]):
-            index, _line, a, b, crc = rows[k]
-            data = os.pread(fd, b - a, a)
-            if len(data) != b - a or zlib.crc32(data) != crc:
-                raise RuntimeError(
-                    f"{path}: record {index} of chunk {chunk_id} ({b - a} bytes at {a}) does not match the "
-                    f"plan's CRC {crc}; the run directory is damaged: delete it and launch again"
-                )
-            parts[k] = data if data.endswith(b"\n") else data + b"\n"
-    finally:
-        os.close(fd)
+    order = sorted(range(len(rows)), key=lambda k: rows[k][2])
+    found = fs.read_ranges(name, [(rows[k][2], rows[k][3] - rows[k][2]) for k in order])
+    for k, data in zip(order, found):
+        index, _line, a, b, crc = rows[k]
+        if len(data) != b - a or zlib.crc32(data) != crc:
+            raise RuntimeError(
+                f"{fs.where(name)}: record {index} of chunk {chunk_id} ({b - a} bytes at {a}) does not match "
+                f"the plan's CRC {crc}; the run directory is damaged: delete it and launch again"
+            )
+        parts[k] = data if data.endswith(b"\n") else data + b"\n"
     return b"".join(parts)

@@ -14,13 +14,12 @@ import json
 import os
 import random
 import socket
-import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
+from . import clock
+from .fsio import Dir
 from .layout import RunDir
-from .lease import age, server_now
+from .lease import fs_now
 
 
 @dataclass(frozen=True)
@@ -37,23 +36,16 @@ class Owner:
         return json.dumps({"worker": self.worker_id, "host": self.host, "pid": self.pid}).encode()
 
 
-def read_owner(path: Path) -> Owner | None:
+def read_owner(fs: Dir, name: str) -> Owner | None:
     try:
-        d = json.loads(path.read_bytes())
+        d = json.loads(fs.read(name))
         return Owner(str(d["worker"]), str(d["host"]), int(d["pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def try_claim(run: RunDir, chunk_id: int, owner: Owner) -> bool:
-    path = run.claim_path(chunk_id)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(owner.to_bytes())
-    return True
+    return run.fs.create(run.claim_name(chunk_id), owner.to_bytes())
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,7 +68,7 @@ def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool 
     the file server's clock. None when it has no heartbeat (the claim's own age decides)."""
     if owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid):
         return False
-    found = read_beat(run.heartbeat_path(owner.worker_id), now)
+    found = read_beat(run.fs, run.heartbeat_name(owner.worker_id), now)
     if found is None:
         return None
     beat, beat_age = found
@@ -85,15 +77,16 @@ def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool 
     return beat.get("state") not in ("finished", "failed", "stopped", "run deleted") and beat_age <= lease_s
 
 
-def _stale(run: RunDir, path: Path, lease_s: float, now: float) -> bool:
+def _stale(run: RunDir, name: str, lease_s: float, now: float) -> bool:
     """A claim is stale when its holder is gone: its heartbeat (one file a worker writes per
     beat; claims are never touched again, so holding 16 costs nothing more) is older than
     the lease, names another process, or says it ended; or, with no heartbeat, the claim
     itself is older than the lease."""
-    a = age(path, now)
-    if a is None:
+    st = run.fs.stat(name)
+    if st is None:
         return False
-    owner = read_owner(path)
+    a = now - st.mtime
+    owner = read_owner(run.fs, name)
     if owner is None:
         return a > OWNERLESS_GRACE_S
     alive = holder_alive(run, owner, lease_s, now)
@@ -102,7 +95,7 @@ def _stale(run: RunDir, path: Path, lease_s: float, now: float) -> bool:
 
 def is_stale(run: RunDir, chunk_id: int, lease_s: float, now: float | None = None) -> bool:
     """Ages by the file server's clock (`now` from lease.server_now), never this node's."""
-    return _stale(run, run.claim_path(chunk_id), lease_s, now if now is not None else server_now(run.claims))
+    return _stale(run, run.claim_name(chunk_id), lease_s, now if now is not None else fs_now(run.fs, "claims"))
 
 
 def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
@@ -111,30 +104,33 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     The claim is renamed away first (atomic: one renamer wins). If what we renamed
     turns out to be live (another taker's fresh claim), it is linked back.
     """
-    path = run.claim_path(chunk_id)
-    grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    name = run.claim_name(chunk_id)
+    grave = f"{name}.stale-{clock.token(16)}"
     try:
-        os.rename(path, grave)
+        run.fs.rename(name, grave)
     except FileNotFoundError:
         return False
     try:
-        if not _stale(run, grave, lease_s, server_now(run.claims)):
+        if not _stale(run, grave, lease_s, fs_now(run.fs, "claims")):
             try:
-                os.link(grave, path)  # give it back; fails only if yet another claim exists
+                run.fs.link(grave, name)  # give it back; fails only if yet another claim exists
             except FileExistsError:
                 pass
             return False
     finally:
-        os.unlink(grave)
+        try:
+            run.fs.unlink(grave)
+        except FileNotFoundError:
+            pass
     return try_claim(run, chunk_id, owner)
 
 
 def release(run: RunDir, chunk_id: int, owner: Owner) -> None:
     """Remove our claim (not someone else's who took it over)."""
-    path = run.claim_path(chunk_id)
-    if read_owner(path) == owner:
+    name = run.claim_name(chunk_id)
+    if read_owner(run.fs, name) == owner:
         try:
-            os.unlink(path)
+            run.fs.unlink(name)
         except FileNotFoundError:
             pass
 
@@ -143,14 +139,14 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
     """Drop stale claims and claims held by workers known to be dead (used on relaunch)."""
     dropped = []
     done = run.done_chunks()
-    now = server_now(run.claims)
+    now = fs_now(run.fs, "claims")
     for chunk_id in sorted(run.claimed_chunks()):
-        path = run.claim_path(chunk_id)
-        owner = read_owner(path)
+        name = run.claim_name(chunk_id)
+        owner = read_owner(run.fs, name)
         dead = owner is not None and dead_workers is not None and owner.worker_id in dead_workers
         if dead or is_stale(run, chunk_id, lease_s, now) or chunk_id in done:
             try:
-                os.unlink(path)
+                run.fs.unlink(name)
                 dropped.append(chunk_id)
             except FileNotFoundError:
                 pass
@@ -159,7 +155,7 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
 
 def live_claims(run: RunDir, lease_s: float) -> set[int]:
     """Chunks being worked on right now: claimed, not done, lease not run out, holder not dead."""
-    now = server_now(run.claims)
+    now = fs_now(run.fs, "claims")
     return {cid for cid in run.claimed_chunks() - run.done_chunks() if not is_stale(run, cid, lease_s, now)}
 
 
@@ -167,36 +163,25 @@ def live_holders(run: RunDir, lease_s: float) -> dict[int, str]:
     """Chunk -> the worker holding a live claim on it (its attempt is running, not a death)."""
     out = {}
     for cid in live_claims(run, lease_s):
-        owner = read_owner(run.claim_path(cid))
+        owner = read_owner(run.fs, run.claim_name(cid))
         if owner:
             out[cid] = owner.worker_id
     return out
 
 
-def backups_dir(run: RunDir) -> Path:
-    """Backup markers, apart from the claims: a worker running a chunk looks here (a few names)
-    to learn whether another copy of it may be published, never lists the claims for that."""
-    return run.claims / "backups"
+BACKUPS = "claims/backups"  # backup markers, apart from the claims: a worker running a chunk
+# looks here (a few names) to learn whether another copy of it may be published
 
 
 def backed_up(run: RunDir) -> set[int]:
-    try:
-        return {int(n) for n in os.listdir(backups_dir(run)) if n.isdigit()}
-    except FileNotFoundError:
-        return set()
+    return {int(n) for n in run.fs.listdir(BACKUPS) if n.isdigit()}
 
 
 def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:
     """Mark a backup copy of a chunk (O_EXCL: at most one backup per chunk, ever)."""
-    folder = backups_dir(run)
-    folder.mkdir(exist_ok=True)
-    try:
-        fd = os.open(folder / f"{chunk_id:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"worker": owner.worker_id, "host": owner.host, "pid": owner.pid, "t": time.time()}))
-    return True
+    run.fs.mkdir(BACKUPS)
+    marker = {"worker": owner.worker_id, "host": owner.host, "pid": owner.pid, "t": clock.now()}
+    return run.fs.create(f"{BACKUPS}/{chunk_id:05d}", json.dumps(marker).encode())
 
 
 STRAGGLER = 0.75  # bench/balance.py simulates the same threshold
@@ -215,15 +200,14 @@ def rate(beat: dict) -> float | None:
     return None
 
 
-def read_beat(path: Path, now: float) -> tuple[dict, float] | None:
+def read_beat(fs: Dir, name: str, now: float) -> tuple[dict, float] | None:
     """(a heartbeat, its age by the file server's clock `now`), or None (gone, being replaced)."""
     try:
-        with open(path, "rb") as f:
-            beat = json.loads(f.read())
-            mtime = os.fstat(f.fileno()).st_mtime
+        data, st = fs.read_stat(name)
+        beat = json.loads(data)
     except (OSError, ValueError):
         return None
-    return (beat, now - mtime) if isinstance(beat, dict) else None
+    return (beat, now - st.mtime) if isinstance(beat, dict) else None
 
 
 def live(beat: dict, beat_age: float, fresh_s: float) -> bool:
@@ -242,21 +226,22 @@ def pace(run: RunDir, worker_id: str, fresh_s: float, rng: random.Random | None 
     others (workers of earlier launches, finished or dead, never count), or None while
     that is unknown. Under STRAGGLER, the worker holds fewer sequences and leaves the last
     chunks to the others (worker.py); bench/balance.py simulates the same policy."""
-    now = server_now(run.heartbeats)
-    mine = read_beat(run.heartbeat_path(worker_id), now)
+    now = fs_now(run.fs, "heartbeats")
+    mine = read_beat(run.fs, run.heartbeat_name(worker_id), now)
     own = rate(mine[0]) if mine else None
     if own is None:
         return None
-    listed, names = _names.get(str(run.root), (0.0, []))
-    if time.time() - listed > NAMES_TTL_S:
+    key = f"{run.fs.path}|{worker_id}"
+    listed, names = _names.get(key, (0.0, []))
+    if clock.now() - listed > NAMES_TTL_S:
         try:
-            names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json") and n != f"{worker_id}.json"]
+            names = [n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and n != f"{worker_id}.json"]
         except OSError:
             return None
-        _names[str(run.root)] = (time.time(), names)
+        _names[key] = (clock.now(), names)
     rates = []
-    for name in (rng or random).sample(names, min(PACE_SAMPLE, len(names))):
-        found = read_beat(run.heartbeats / name, now)
+    for name in (rng or clock.rng()).sample(names, min(PACE_SAMPLE, len(names))):
+        found = read_beat(run.fs, f"heartbeats/{name}", now)
         if found and live(found[0], found[1], fresh_s):
             r = rate(found[0])
             if r is not None and r > 0:
@@ -293,13 +278,12 @@ def backup_candidate(
     sweep of the claims or outputs: every idle worker asks this at the tail, so its cost must
     not grow with the run (a run of up to BACKUP_SAMPLE workers is read whole).
     bench/balance.py simulates this policy; ties go to the lower id."""
-    now = server_now(run.heartbeats)
-    try:
-        names = [n for n in os.listdir(run.heartbeats) if n.endswith(".json")]
-    except OSError:
-        return None
-    names = (rng or random).sample(names, min(BACKUP_SAMPLE, len(names)))
-    beats = [b for b, a in filter(None, (read_beat(run.heartbeats / n, now) for n in names)) if live(b, a, fresh_s)]
+    now = fs_now(run.fs, "heartbeats")
+    names = [n for n in run.fs.listdir("heartbeats") if n.endswith(".json")]
+    names = (rng or clock.rng()).sample(names, min(BACKUP_SAMPLE, len(names)))
+    beats = [
+        b for b, a in filter(None, (read_beat(run.fs, f"heartbeats/{n}", now) for n in names)) if live(b, a, fresh_s)
+    ]
     rates: list[float] = []
     progress = progress_by_chunk(beats, rates)
     held = set(progress) - backed_up(run)
@@ -340,10 +324,11 @@ class Claimer:
         self._free: list[int] = []
         self._claimed_not_done: list[int] = []
         self._listed = 0.0
+        self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
         self.listings = 0
 
     def _list(self) -> None:
-        self._listed = time.time()
+        self._listed = clock.now()
         self.listings += 1
         # names only: an output that exists is taken (its trailer is checked once, when it is
         # claimed or merged); a damaged one is moved aside by the launcher before workers start
@@ -384,7 +369,7 @@ class Claimer:
         if not self._free:
             self._list()
         cid = self._from_free(skip)
-        if cid is None and time.time() - self._listed > 0.2:  # that listing was not fresh: look again
+        if cid is None and clock.now() - self._listed > 0.2:  # that listing was not fresh: look again
             self._list()
             cid = self._from_free(skip)
         if cid is not None:
@@ -392,9 +377,11 @@ class Claimer:
         # stale claims: a random sample, not all of them (every idle worker looks once: a sweep
         # of every claim by every worker costs O(workers^2) calls on the metadata server); a
         # relaunch drops the rest (release_dead)
-        now = server_now(self.run.claims)
+        if clock.now() < self._expiry_due:
+            return None  # no sampled claim can have gone stale yet (idle_wait read their holders)
+        now = fs_now(self.run.fs, "claims")
         pool = self._claimed_not_done
-        for cid in sorted(random.sample(pool, min(SWEEP_SAMPLE, len(pool)))):  # a small run: all, in order
+        for cid in sorted(clock.rng().sample(pool, min(SWEEP_SAMPLE, len(pool)))):  # a small run: all, in order
             if (
                 not skip(cid)  # (a look at its attempts: only for the sampled claims)
                 and is_stale(self.run, cid, self.lease_s, now)
@@ -404,3 +391,44 @@ class Claimer:
                     return cid
                 release(self.run, cid, self.owner)
         return None
+
+    def idle_wait(self, poll_s: float = 10.0) -> float | None:
+        """After next() found nothing: None when every chunk is done (as of a fresh listing),
+        else how long to wait before looking again: at most `poll_s` (a look is two listings:
+        an idle worker ends within a poll of the run's end), and until the first sampled claim
+        not done could go stale (its holder's heartbeat older than the lease), when the claims
+        are read again. An idle worker that waits and looks again takes over a dead holder's
+        chunk without a relaunch, within a lease and a poll of the death."""
+        if clock.now() - self._listed > 0.2:  # next() just listed: that look is fresh
+            self._list()
+        pool = self._claimed_not_done
+        if not pool and not self._free:
+            return None
+        if self._free:
+            return 0.5  # a chunk came free (a claim released) since the last look
+        due = self._expiry_due - clock.now()
+        if due > 0:
+            return min(poll_s, due)
+        wait = self._expiry()
+        self._expiry_due = clock.now() + wait
+        return min(poll_s, wait)
+
+    def _expiry(self) -> float:
+        """Seconds until the first of a sample of the claims not done could go stale."""
+        pool = self._claimed_not_done
+        now = fs_now(self.run.fs, "claims")
+        waits = []
+        for cid in sorted(clock.rng().sample(pool, min(SWEEP_SAMPLE, len(pool)))):
+            st = self.run.fs.stat(self.run.claim_name(cid))
+            if st is None:
+                return 1.0  # released or taken over since the listing: look again now
+            owner = read_owner(self.run.fs, self.run.claim_name(cid))
+            if owner is None:
+                waits.append(OWNERLESS_GRACE_S - (now - st.mtime))
+                continue
+            found = read_beat(self.run.fs, self.run.heartbeat_name(owner.worker_id), now)
+            if found is None or (found[0].get("host"), found[0].get("pid")) != (owner.host, owner.pid):
+                waits.append(self.lease_s - (now - st.mtime) if found is None else 0.0)
+            else:
+                waits.append(self.lease_s - found[1])
+        return min(self.lease_s, max(1.0, min(waits) + 0.5))

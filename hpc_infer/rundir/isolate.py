@@ -24,15 +24,10 @@ worker imports it inside the cluster's image.
 from __future__ import annotations
 
 import collections
-import os
-import shutil
-import time
-import uuid
-from pathlib import Path
+import json
 from typing import Iterable
 
-from . import jobs
-from .files import read_json, read_jsonl, write_json, write_jsonl
+from . import clock, jobs
 from .layout import RunDir
 
 Range = tuple[int, int]  # record offsets within the chunk, [lo, hi)
@@ -45,13 +40,13 @@ class EngineDied(RuntimeError):
     status = 500
 
 
-def attempts_path(run: RunDir, chunk_id: int) -> Path:
-    """The folder of a chunk's attempts (one file each)."""
-    return run.root / "attempts" / f"{chunk_id:05d}"
+def attempts_path(chunk_id: int) -> str:
+    """The folder of a chunk's attempts (one file each), inside the run."""
+    return f"attempts/{chunk_id:05d}"
 
 
-def parts_dir(run: RunDir, chunk_id: int) -> Path:
-    return run.root / "parts" / f"{chunk_id:05d}"
+def parts_dir(chunk_id: int) -> str:
+    return f"parts/{chunk_id:05d}"
 
 
 def record_attempt(run: RunDir, chunk_id: int, rng: Range, worker: str, alone: bool, released: bool = False) -> None:
@@ -59,17 +54,18 @@ def record_attempt(run: RunDir, chunk_id: int, rng: Range, worker: str, alone: b
     before the engine sees it. `released`: the worker stopped for a reason that is not the
     engine's death (a bug, a cancel, a preemption), so that attempt says nothing about the
     records and is taken back."""
-    folder = attempts_path(run, chunk_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(
-        folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json",
-        {
-            "range": list(rng),
-            "alone": alone,
-            "worker": worker,
-            "t": round(time.time(), 3),
-            **({"released": True} if released else {}),
-        },
+    folder = attempts_path(chunk_id)
+    run.fs.mkdir(folder)
+    record = {
+        "range": list(rng),
+        "alone": alone,
+        "worker": worker,
+        "t": round(clock.now(), 3),
+        **({"released": True} if released else {}),
+    }
+    run.fs.replace(
+        f"{folder}/{clock.time_ns():020d}-{clock.token()}.json",
+        (json.dumps(record, indent=1, sort_keys=True) + "\n").encode(),
     )
 
 
@@ -77,10 +73,9 @@ def attempts(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> tuple[i
     """(times the whole chunk went into an engine among other chunks, times each range went
     in alone) that ended in a death: not taken back, not by a worker `hpc-infer cancel`
     ended, not by a worker in `exclude` (the chunk's live holder: its attempt is running)."""
-    folder = attempts_path(run, chunk_id)
-    try:
-        names = sorted(os.listdir(folder))
-    except FileNotFoundError:
+    folder = attempts_path(chunk_id)
+    names = sorted(run.fs.listdir(folder))
+    if not names:
         return 0, collections.Counter()
     not_deaths = set(exclude) | jobs.cancelled(run.root)
     shared, alone = 0, collections.Counter()
@@ -88,7 +83,7 @@ def attempts(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> tuple[i
         if not name.endswith(".json") or name.startswith("."):
             continue
         try:
-            d = read_json(folder / name)
+            d = run.read_json(f"{folder}/{name}")
             lo, hi = d["range"]
             worker = str(d.get("worker"))
         except (OSError, ValueError, KeyError, TypeError):
@@ -112,21 +107,17 @@ def deaths(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> int:
 def suspect(run: RunDir, chunk_id: int, max_attempts: int) -> bool:
     """The chunk went into an engine max_attempts times and was never written: its holder
     died with it in the batch each time. A chunk never tried costs one stat."""
-    if not attempts_path(run, chunk_id).exists():
+    if not run.fs.exists(attempts_path(chunk_id)):
         return False
     return attempts(run, chunk_id)[0] >= max_attempts
 
 
-def done_parts(run: RunDir, chunk_id: int) -> dict[Range, Path]:
+def done_parts(run: RunDir, chunk_id: int) -> dict[Range, str]:
     out = {}
-    try:
-        names = os.listdir(parts_dir(run, chunk_id))
-    except FileNotFoundError:
-        return out
-    for name in names:
+    for name in run.fs.listdir(parts_dir(chunk_id)):
         lo, _, hi = name.removesuffix(".jsonl").partition("-")
         if name.endswith(".jsonl") and lo.isdigit() and hi.isdigit():
-            out[(int(lo), int(hi))] = parts_dir(run, chunk_id) / name
+            out[(int(lo), int(hi))] = f"{parts_dir(chunk_id)}/{name}"
     return out
 
 
@@ -162,21 +153,22 @@ def next_step(
 
 
 def save_part(run: RunDir, chunk_id: int, rng: Range, rows: list[dict]) -> None:
-    folder = parts_dir(run, chunk_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / f"{rng[0]:06d}-{rng[1]:06d}.jsonl", rows)
+    folder = parts_dir(chunk_id)
+    run.fs.mkdir(folder)
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    run.fs.replace(f"{folder}/{rng[0]:06d}-{rng[1]:06d}.jsonl", body)
 
 
 def read_parts(run: RunDir, chunk_id: int) -> list[dict]:
     rows = []
-    for rng, path in sorted(done_parts(run, chunk_id).items()):
-        rows.extend(read_jsonl(path))
+    for rng, name in sorted(done_parts(run, chunk_id).items()):
+        rows.extend(json.loads(line) for line in run.fs.read(name).splitlines() if line.strip())
     return rows
 
 
 def forget(run: RunDir, chunk_id: int) -> None:
     """After the chunk's output is published, its parts are redundant."""
-    shutil.rmtree(parts_dir(run, chunk_id), ignore_errors=True)
+    run.fs.rmtree(parts_dir(chunk_id))
 
 
 def poison_reason(tried: int) -> EngineDied:
@@ -198,10 +190,7 @@ def run_marker(run: RunDir) -> tuple[int, int, int]:
     """Changes whenever a round of workers got further: a chunk published, an engine death
     recorded, a part saved (attempts taken back do not count). The launcher resubmits only
     after a round that changed it."""
-    try:
-        tried = [int(n) for n in os.listdir(run.root / "attempts") if n.isdigit()]
-    except FileNotFoundError:
-        tried = []
+    tried = [int(n) for n in run.fs.listdir("attempts") if n.isdigit()]
     died = sum(deaths(run, cid) for cid in tried)
-    parts = sum(len(files) for _, _, files in os.walk(run.root / "parts"))
+    parts = sum(len(run.fs.listdir(f"parts/{n}")) for n in run.fs.listdir("parts") if n.isdigit())
     return len(run.done_chunks()), died, parts

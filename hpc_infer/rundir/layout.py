@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .chunks import chunk_done, read_chunk_source
-from .files import current_umask, read_json
+from .files import current_umask
+from .fsio import Dir
 
 # the folders steps write into (each checked like the run directory itself: rundir/trust.py)
 SUBDIRS = ("claims", "out", "heartbeats", "logs", "parts", "jobs", "attempts")
@@ -15,7 +18,35 @@ SUBDIRS = ("claims", "out", "heartbeats", "logs", "parts", "jobs", "attempts")
 
 @dataclass(frozen=True)
 class RunDir:
+    """A run directory: its paths (for messages, logs and the steps not yet on the handle)
+    and `fs`, the pinned handle every protocol step reads and writes through (opened and
+    judged on first use: rundir/trust.py `open_dir`; the simulator passes its own)."""
+
     root: Path
+    given_fs: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def fs(self) -> Dir:
+        if self.given_fs is None:
+            from .trust import SHARED, open_dir
+
+            object.__setattr__(self, "given_fs", open_dir(self.root, "run directory", need=SHARED))
+        return self.given_fs
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.fs.read(name))
+
+    @staticmethod
+    def claim_name(chunk_id: int) -> str:
+        return f"claims/{chunk_id:05d}"
+
+    @staticmethod
+    def out_name(chunk_id: int) -> str:
+        return f"out/{chunk_id:05d}.jsonl"
+
+    @staticmethod
+    def heartbeat_name(worker_id: str) -> str:
+        return f"heartbeats/{worker_id}.json"
 
     @property
     def config(self) -> Path:
@@ -81,26 +112,23 @@ class RunDir:
         """Chunk ids with a finished output: exactly `NNNNN.jsonl` (a stray `.bak` copy,
         a temp file or `00001 (copy).jsonl` never counts) whose trailer names that chunk
         and whose size matches the trailer's byte count."""
-        return {cid for cid, name in _ids_in(self.out, ".jsonl") if chunk_done(self.out / name, cid)}
+        return {cid for cid, name in _ids_in(self.fs, "out", ".jsonl") if chunk_done(self.fs, f"out/{name}", cid)}
 
     def output_files(self) -> set[int]:
         """Chunk ids with an exactly named output file, checked or not (the merge checks them
         and names any damage)."""
-        return {cid for cid, _ in _ids_in(self.out, ".jsonl")}
+        return {cid for cid, _ in _ids_in(self.fs, "out", ".jsonl")}
 
     def chunk_done(self, chunk_id: int) -> bool:
-        return chunk_done(self.out_path(chunk_id), chunk_id)
+        return chunk_done(self.fs, self.out_name(chunk_id), chunk_id)
 
     def claimed_chunks(self) -> set[int]:
-        return {cid for cid, _ in _ids_in(self.claims, "")}
+        return {cid for cid, _ in _ids_in(self.fs, "claims", "")}
 
 
-def _ids_in(folder: Path, suffix: str) -> list[tuple[int, str]]:
+def _ids_in(fs: Dir, folder: str, suffix: str) -> list[tuple[int, str]]:
     """(id, name) for names that are exactly five digits plus `suffix`."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
+    names = fs.listdir(folder)
     n = 5 + len(suffix)
     return [(int(name[:5]), name) for name in names if len(name) == n and name[:5].isdigit() and name[5:] == suffix]
 
@@ -125,9 +153,9 @@ def secure_root(root: Path, kind: str, group: str | None = None) -> None:
 def read_heartbeats(run: RunDir) -> list[dict]:
     """Every worker's latest heartbeat (heartbeats/W.json), skipping one being replaced."""
     beats = []
-    for path in sorted(run.heartbeats.glob("*.json")):
+    for name in sorted(n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith(".")):
         try:
-            beats.append(read_json(path))
+            beats.append(run.read_json(f"heartbeats/{name}"))
         except (OSError, ValueError):
             continue  # being replaced right now
     return beats
@@ -135,5 +163,5 @@ def read_heartbeats(run: RunDir) -> list[dict]:
 
 def read_chunk_records(run: RunDir, chunk_id: int) -> list[dict]:
     """Chunk `chunk_id`'s input records as a worker sees them (tools and tests)."""
-    manifest = read_json(run.manifest)
-    return read_chunk_source(run.input_copy, manifest["chunks"][chunk_id], read_json(run.worker_spec)["input"]).records
+    manifest = run.read_json("manifest.json")
+    return read_chunk_source(run.fs, manifest["chunks"][chunk_id], run.read_json("worker.json")["input"]).records

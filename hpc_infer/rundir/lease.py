@@ -50,6 +50,18 @@ def server_now(folder: Path | str) -> float:
         return time.time()
 
 
+def fs_now(fs, sub: str = "") -> float:
+    """server_now through a run's pinned handle (rundir/fsio.py): the mtime of this client's
+    probe file in folder `sub`, touched now."""
+    probe = f"{sub}/.clock-{fs.tag}" if sub else f".clock-{fs.tag}"
+    try:
+        fs.touch(probe)
+        st = fs.stat(probe)
+    except OSError:
+        st = None
+    return st.mtime if st is not None else fs.client_now()
+
+
 def forget_probe(folder: Path | str) -> None:
     probe = _PROBES.pop(str(folder), None)
     if probe is not None:
@@ -110,26 +122,41 @@ class Lock:
         except (OSError, ValueError):
             return {}
 
-    def _stale(self) -> bool:
+    def _stale(self) -> dict | None:
+        """The lock's owner (its token) when the lock is stale, else None."""
         a = age(self.path, server_now(self.path.parent))
         if a is None:
-            return False
+            return None
         owner = self._read(self.path)
-        return a > self.lease_s or (not owner and a > 5.0) or _dead_here(owner)
+        stale = a > self.lease_s or (not owner and a > 5.0) or _dead_here(owner)
+        return owner if stale else None
 
-    def _take_over(self) -> bool:
+    def _take_over(self, judged: dict) -> bool:
+        """Remove the lock that was judged stale, and only that one: renamed away first (one
+        taker wins the rename), then read; a lock that is not the one judged (another taker
+        got there first and made its own, fresh) is linked back and left to its holder."""
         grave = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, grave)  # one taker wins
         except FileNotFoundError:
             return False
-        os.unlink(grave)
+        try:
+            if self._read(grave).get("token") != judged.get("token"):
+                try:
+                    os.link(grave, self.path)
+                except FileExistsError:
+                    pass
+                return False
+        finally:
+            os.unlink(grave)
+        faults.point("lock_taken_over", self.path)
         return self._try()
 
     def acquire(self) -> None:
         said = False
         while not self._try():
-            if self._stale() and self._take_over():
+            judged = self._stale()
+            if judged is not None and self._take_over(judged):
                 break
             if not said and self.on_wait:
                 self.on_wait()

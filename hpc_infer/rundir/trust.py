@@ -14,9 +14,17 @@ have written it. The rule is OpenSSH's StrictModes:
   command reads it as data (status, merge into a folder of the caller's) and acts on
   nothing in it.
 
-Everything else is refused with the path, its owner and mode, and the fix. Files are
-opened with O_NOFOLLOW and checked on the open descriptor (fstat), so a link or a swap
-between the check and the read is refused too. Standard library only.
+A POSIX access ACL counts (`system.posix_acl_access`): a named user or group entry with
+write, or a mask allowing write while named entries exist, is "writable by others", and
+the private-group exception does not apply when an ACL is present (the mode's group bits
+are then the mask). A folder's default ACL is judged the same way (what it would give the
+files made in it). An NFSv4 ACL (`system.nfs4_acl`) cannot be judged here and is refused.
+
+Everything else is refused with the path, its owner and mode, and the fix. Directories
+are opened once as a pinned handle (rundir/fsio.py: `open_dir`) and judged on the
+descriptor; files are opened with O_NOFOLLOW relative to it and checked on the open
+descriptor (fstat), so a link or a swap between the check and the read is refused too.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -61,13 +69,83 @@ def _in_group(gid: int) -> bool:
     return gid == os.getgid() or gid in os.getgroups()
 
 
-def verdict(st: os.stat_result) -> tuple[str | None, str]:
-    """(OWN, SHARED or None, why not) for a stat result."""
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+ACL_WRITE = 0x02
+
+
+def parse_acl(raw: bytes) -> list[tuple[int, int, int]]:
+    """(tag, perm, id) entries of a Linux POSIX ACL xattr (version 2: a 4-byte header, then
+    8-byte entries: u16 tag, u16 perm, u32 id)."""
+    import struct
+
+    if len(raw) < 4 or (len(raw) - 4) % 8 or struct.unpack_from("<I", raw)[0] != 2:
+        raise ValueError("not a POSIX ACL")
+    return [struct.unpack_from("<HHI", raw, 4 + 8 * k) for k in range((len(raw) - 4) // 8)]
+
+
+def acl_problem(entries: list[tuple[int, int, int]], owner: int) -> str | None:
+    """Why an ACL lets someone else write, or None."""
+    named = [e for e in entries if e[0] in (ACL_USER, ACL_GROUP)]
+    for tag, perm, ident in entries:
+        if tag == ACL_USER and perm & ACL_WRITE and ident != owner:
+            return f"writable by user {_user(ident)} (ACL entry)"
+        if tag == ACL_GROUP and perm & ACL_WRITE:
+            return f"writable by group {_group(ident)} (ACL entry)"
+        if tag == ACL_GROUP_OBJ and perm & ACL_WRITE and named:
+            return "writable by its group (ACL present: no private-group exception)"
+        if tag == ACL_MASK and perm & ACL_WRITE and named:
+            return "its ACL mask allows write while named entries exist"
+    return None
+
+
+def _xattr(target: int | str, name: str) -> bytes:
+    """An extended attribute of a descriptor, or of a path without following a link."""
+    if isinstance(target, int):
+        return os.getxattr(target, name)
+    return os.getxattr(target, name, follow_symlinks=False)
+
+
+def read_acls(target: int | str, is_dir: bool) -> tuple[list | None, list | None, bool]:
+    """(access ACL, default ACL, NFSv4 ACL present) of a descriptor or (not followed) path."""
+    found: list = []
+    for name in ("system.posix_acl_access", "system.posix_acl_default" if is_dir else ""):
+        try:
+            found.append(parse_acl(_xattr(target, name)) if name else None)
+        except ValueError:
+            found.append([(ACL_USER, ACL_WRITE, -1)])  # an ACL we cannot parse: judged as the worst
+        except OSError:
+            found.append(None)
+    try:
+        _xattr(target, "system.nfs4_acl")
+        nfs4 = True
+    except OSError:
+        nfs4 = False
+    return found[0], found[1], nfs4
+
+
+def acl_verdict(target: int | str, st: os.stat_result) -> str | None:
+    """Why the ACLs of a file or folder (by descriptor, or by path not followed) let someone
+    else write, or None."""
+    access, default, nfs4 = read_acls(target, stat.S_ISDIR(st.st_mode))
+    if nfs4:
+        return "it carries an NFSv4 ACL, which hpc_infer cannot judge"
+    for entries, which in ((access, ""), (default, " (default ACL: what files made in it get)")):
+        if entries:
+            why = acl_problem(entries, st.st_uid)
+            if why:
+                return why + which
+    return None
+
+
+def verdict(st: os.stat_result, acl: str | None = None, has_acl: bool = False) -> tuple[str | None, str]:
+    """(OWN, SHARED or None, why not) for a stat result (and its ACLs' verdict, when read)."""
     me = os.getuid()
     mode = stat.S_IMODE(st.st_mode)
     if mode & stat.S_IWOTH:
         return None, "writable by everyone"
-    if mode & stat.S_IWGRP and not private_group(st.st_gid, st.st_uid):
+    if acl:
+        return None, acl
+    if mode & stat.S_IWGRP and (has_acl or not private_group(st.st_gid, st.st_uid)):
         return None, f"writable by group {_group(st.st_gid)}"
     if st.st_uid in (me, 0):
         return OWN, ""
@@ -105,10 +183,83 @@ def check(path: Path | str, what: str, need: str = OWN, fix: str | None = None) 
         raise UserError(
             f"{what}: {path} is a symbolic link; hpc_infer reads a run's own files, never a link in their place"
         )
-    level, why = verdict(st)
+    level, why = verdict(st, acl_verdict(str(path), st), _has_acl(str(path), st))
     if level is None or (need == OWN and level != OWN):
         raise refusal(path, st, why or f"owned by {_user(st.st_uid)}: you may read it, not act on it", what, fix)
     return level
+
+
+def _has_acl(target: int | str, st: os.stat_result) -> bool:
+    access, _, _ = read_acls(target, stat.S_ISDIR(st.st_mode))
+    return bool(access and any(e[0] in (ACL_USER, ACL_GROUP) for e in access))
+
+
+def judge_fd(fd: int, path: str, what: str, need: str = OWN, fix: str | None = None) -> str:
+    """The rule on an open descriptor (a pinned folder, a file opened without following a
+    link): OWN or SHARED, or a UserError naming it."""
+    st = os.fstat(fd)
+    level, why = verdict(st, acl_verdict(fd, st), _has_acl(fd, st))
+    if level is None or (need == OWN and level != OWN):
+        raise refusal(Path(path), st, why or f"owned by {_user(st.st_uid)}: you may read it, not act on it", what, fix)
+    return level
+
+
+def exchangeable_parent(ancestors: list[tuple[str, os.stat_result]]) -> str | None:
+    """The first folder above a directory that someone else could rename entries in (writable
+    by others or a group, no sticky bit; OpenSSH's safe_path walks the same way): a run below
+    it may be swapped for another by path, so it is trusted only through its pin."""
+    for path, st in ancestors:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_ISVTX:
+            continue
+        if mode & (stat.S_IWOTH | stat.S_IWGRP) and not (
+            mode & stat.S_IWGRP and not mode & stat.S_IWOTH and private_group(st.st_gid, st.st_uid)
+        ):
+            return path
+        if st.st_uid not in (0, os.getuid()):
+            return path
+    return None
+
+
+def open_dir(path: Path | str, what: str, need: str = OWN, fix: str | None = None):
+    """The pinned handle of a directory we read back (run, serve, tune store, cache, sweep):
+    opened once without following links, judged on its descriptor, every sub-folder judged
+    as it is opened, every file opened relative to it. A missing or refused directory is a
+    UserError naming it."""
+    from .fsio import PinnedDir
+
+    path = Path(path)
+    try:
+        return PinnedDir(path, judge=lambda fd, where: judge_fd(fd, where, what, need, fix))
+    except UserError:
+        raise
+    except OSError as e:
+        if e.errno == 40 or e.errno == 20:  # ELOOP, ENOTDIR: a link (or a file) in a folder's place
+            raise UserError(
+                f"{what}: {path} is a symbolic link or not a folder; hpc_infer reads a run's own files, "
+                f"never a link in their place"
+            ) from None
+        raise UserError(f"{what}: cannot open {path} ({e.strerror})") from None
+
+
+def check_pin(d, pin, what: str) -> None:
+    """Refuse a run directory that is not the one the launcher made (its inode and its
+    owner-only run id): a folder swapped in by whoever can write a parent, named."""
+    from .fsio import RUN_ID
+
+    st = d.stat()
+    try:
+        rid = d.read(RUN_ID).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        rid = None
+    if st is None or st.ino != pin.ino or rid != pin.run_id:
+        raise UserError(
+            f"{what}: {d.path} is not the run directory this job was started for (its identity "
+            f"changed: inode {st.ino if st else '?'} vs {pin.ino}, run id "
+            f"{'matches' if rid == pin.run_id else 'differs'}); someone who can write a folder above "
+            f"it may have swapped it. Nothing was read from it; put runs under a folder only you "
+            f"can write (or a sticky one like /tmp) and launch again"
+        )
 
 
 def open_checked(path: Path | str, what: str, need: str = OWN) -> int:
@@ -124,7 +275,7 @@ def open_checked(path: Path | str, what: str, need: str = OWN) -> int:
             ) from None
         raise
     st = os.fstat(fd)
-    level, why = verdict(st)
+    level, why = verdict(st, acl_verdict(fd, st), _has_acl(fd, st))
     if level is None or (need == OWN and level != OWN) or not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise refusal(

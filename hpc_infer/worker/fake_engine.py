@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import deque
 from typing import Any
 
+from ..rundir import clock
 from .protocol import error_result
 
 ENV = "HPC_INFER_FAKE_ENGINE"
@@ -57,7 +57,7 @@ class FakeEngine:
         self._running: list[list] = []
         self._errors: list[dict] = []
         if conf.get("start_s"):
-            time.sleep(float(conf["start_s"]))  # an engine's start
+            clock.sleep(float(conf["start_s"]))  # an engine's start
 
     @property
     def unfinished(self) -> int:
@@ -80,7 +80,7 @@ class FakeEngine:
             self._running.append(self._waiting.popleft())
         if not self._running:
             return done
-        time.sleep(self.step_s)
+        clock.sleep(self.step_s)
         for req in self._running:
             if str(req[0].get("id")) in self.die_ids:
                 raise FakeEngineDied(f"the fake engine died on record {req[0].get('id')}")

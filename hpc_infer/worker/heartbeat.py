@@ -17,14 +17,16 @@ their time, from which a rate over a recent window is computed. Standard library
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
-import time
 from typing import Any
 
 from ..host import procs
-from ..rundir import RunDir, claims, faults, write_json
+from ..rundir import RunDir, claims, clock, faults
+
+CARRIED = ("chunks_done", "records_done", "prompt_tokens", "output_tokens", "abandoned", "backups")
 
 RECENT = 12  # samples kept in the beat: 12 x heartbeat_s is the window rates are measured over
 
@@ -38,7 +40,8 @@ class Heartbeat:
             "pid": owner.pid,
             "pid_start": procs.this_process().start,  # with pid: exactly this process, for `cancel`
             "python": sys.executable,  # inside a container: the image's interpreter
-            "started": time.time(),
+            "started": clock.now(),
+            "earlier_s": 0.0,  # the time earlier processes of this worker id ran (a requeued task)
             "state": "starting",
             "in_flight": {},  # chunk id -> records finished so far
             "held": [],  # the chunks whose claims are ours (alive while this file is)
@@ -65,14 +68,38 @@ class Heartbeat:
     @property
     def healthy(self) -> bool:
         """Beats reached the run directory lately (within half a lease)."""
-        return time.time() - self.last_ok < self.lease_s / 2
+        return clock.now() - self.last_ok < self.lease_s / 2
 
-    def start(self) -> None:
+    def carry_over(self) -> None:
+        """A requeued task keeps its worker id: the earlier process's beat is read first and
+        its counters and running time carried on (GPU-hours count every segment, progress
+        never goes backwards)."""
+        try:
+            prev = json.loads(self.run.fs.read(self.run.heartbeat_name(self.owner.worker_id)))
+        except (OSError, ValueError):
+            return
+        if not isinstance(prev, dict) or (prev.get("pid"), prev.get("host")) == (self.owner.pid, self.owner.host):
+            return
+        for key in CARRIED:
+            if isinstance(prev.get(key), int):
+                self.state[key] = prev[key]
+        try:
+            start, end = float(prev["started"]), float(prev.get("finished_at") or prev.get("t") or prev["started"])
+            self.state["earlier_s"] = float(prev.get("earlier_s") or 0.0) + max(0.0, end - start)
+        except (KeyError, TypeError, ValueError):
+            pass
+        self.state["segments"] = int(prev.get("segments") or 1) + 1
+
+    def start(self, thread: bool = True) -> None:
+        """The first beat, then one every interval from a thread (`thread=False`: the caller
+        beats, as the protocol simulator does)."""
+        self.carry_over()
         try:
             self.beat()
         except OSError as e:
             self._log(e)
-        self._thread.start()
+        if thread:
+            self._thread.start()
 
     def update(self, **kw: Any) -> None:
         with self._lock:
@@ -86,19 +113,20 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
-        now = time.time()
+        now = clock.now()
         with self._lock:
             records, tokens = self.finished_counts()
             recent = (self.state["recent"] + [[round(now, 3), records, tokens]])[-RECENT:]
             self.state["recent"] = recent
             state = dict(self.state, in_flight=dict(self.state["in_flight"]), recent=list(recent), t=now)
         faults.point("heartbeat", self.run.root)
-        write_json(self.run.heartbeat_path(self.owner.worker_id), state)
-        self.last_ok = time.time()
+        data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+        self.run.fs.replace(self.run.heartbeat_name(self.owner.worker_id), data)
+        self.last_ok = clock.now()
 
     def _log(self, e: OSError) -> None:
         kind = f"{type(e).__name__}:{getattr(e, 'errno', '')}"
-        now = time.time()
+        now = clock.now()
         if now - self._errors.get(kind, 0.0) >= 60.0:
             self._errors[kind] = now
             print(
@@ -112,22 +140,29 @@ class Heartbeat:
         """Beat every interval. The run directory is looked at only when a beat cannot be
         written (one call fewer per beat on the metadata server than a look every time)."""
         while not self._stop.wait(self.interval_s):
-            try:
-                self.beat()
-                self._missing = 0
-                continue
-            except OSError as e:
-                failed = e
-            try:
-                gone = not self.run.root.exists()
-            except OSError:
-                gone = False
-            self._missing = self._missing + 1 if gone else 0
-            if self._missing >= 2:
-                self.run_deleted = True  # the main loop stops at its next step
+            if self.tick():
                 return
-            if not gone:
-                self._log(failed)
+
+    def tick(self) -> bool:
+        """One interval's beat; True once the run directory is gone (two failed beats with
+        the directory missing)."""
+        try:
+            self.beat()
+            self._missing = 0
+            return False
+        except OSError as e:
+            failed = e
+        try:
+            gone = (self.run.fs.stat() or _Gone).nlink == 0  # the pinned folder itself was removed
+        except OSError:
+            gone = False
+        self._missing = self._missing + 1 if gone else 0
+        if self._missing >= 2:
+            self.run_deleted = True  # the main loop stops at its next step
+            return True
+        if not gone:
+            self._log(failed)
+        return False
 
     def stop(self, final_state: str, **kw: Any) -> None:
         self._stop.set()
@@ -140,10 +175,14 @@ class Heartbeat:
             in_flight_tokens=0,
             in_flight_prompt_tokens=0,
             generating_tokens=0,
-            finished_at=time.time(),
+            finished_at=clock.now(),
             **kw,
         )
         try:
             self.beat()
         except OSError as e:
             self._log(e)
+
+
+class _Gone:
+    nlink = 0

@@ -28,7 +28,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,12 @@ from ..host.procs import scheduler_job_id
 from ..rundir import (
     RunDir,
     claims,
+    clock,
     encode_chunk_output,
     faults,
     isolate,
     publish_chunk_output,
     read_chunk_source,
-    read_json,
     set_permissions,
 )
 from .heartbeat import Heartbeat
@@ -70,6 +69,14 @@ class RunDeleted(Exception):
 
     def __init__(self, root: Path):
         super().__init__(f"{root} was deleted while this worker ran; stopping without writing")
+
+
+class HeartbeatLost(RuntimeError):
+    """No beat reached the run directory for a whole lease while the worker held nothing:
+    it never claimed anything and fails (a worker that did nothing is not 'finished')."""
+
+
+DONE = -1.0  # step(): the worker has nothing more to do
 
 
 class Stopped(Exception):
@@ -104,14 +111,14 @@ class Pacing:
         # a look every 4 minutes at 8 heartbeats (about 12 calls): a small, flat cost per worker,
         # 0.05 calls a second (bench/metadata_ops.py); the rate itself spans 12 beats
         self.every, self.fresh_s = max(240.0, 24 * heartbeat_s), 3 * heartbeat_s + 10
-        self.next_at = time.time() + self.every
+        self.next_at = clock.now() + self.every
         self.share, self.leave_tail = 1.0, False
         self.est, self.total = est, max(1, sum(est.values()))
 
     def update(self, claimer: claims.Claimer) -> dict | None:
-        if time.time() < self.next_at:
+        if clock.now() < self.next_at:
             return None
-        self.next_at = time.time() + self.every
+        self.next_at = clock.now() + self.every
         p = claims.pace(self.run, self.worker_id, fresh_s=self.fresh_s)
         if p is None:
             self.share, self.leave_tail = 1.0, False
@@ -139,18 +146,21 @@ class Worker:
         max_chunks: int | None = None,
         rank: int | None = None,
         of: int | None = None,
+        run: RunDir | None = None,
+        owner: claims.Owner | None = None,
+        engine: Any = None,
     ):
-        self.run = RunDir(Path(run_dir))
-        self.spec = spec = read_json(self.run.worker_spec)
+        self.run = run or open_run(Path(run_dir))
+        self.spec = spec = self.run.read_json("worker.json")
         set_permissions(spec.get("permissions"))
-        manifest = read_json(self.run.manifest)
+        manifest = self.run.read_json("manifest.json")
         self.planned = {c["id"]: c for c in manifest["chunks"]}
         self.sizes = {cid: int(c["n_records"]) for cid, c in self.planned.items()}
         for key, value in (spec.get("env") or {}).items():
             os.environ.setdefault(key, str(value))
         os.environ["HF_HUB_OFFLINE"] = "1"  # workers never download; the launcher resolved the model
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        self.owner = claims.Owner.current(worker_id or default_worker_id())
+        self.owner = owner or claims.Owner.current(worker_id or default_worker_id())
         self.lease_s = float(spec.get("lease_s", 600))
         heartbeat_s = float(spec.get("heartbeat_s", 10))
         self.hb = Heartbeat(self.run, self.owner, heartbeat_s, self.lease_s)
@@ -163,7 +173,8 @@ class Worker:
             heartbeat_s,
             {cid: int(c.get("est_tokens", 1)) for cid, c in self.planned.items()},
         )
-        self.engine: Any = None
+        self.engine: Any = engine
+        self._engine_given = engine is not None
         self.inflight: dict[int, Chunk] = {}
         self.max_chunks, self.claimed, self.exhausted = max_chunks, 0, False
         self.max_in_flight = int(spec.get("max_chunks_in_flight", 16))
@@ -175,15 +186,17 @@ class Worker:
         self.suspects_waiting = False  # suspect chunks left for when nothing else is in flight
         self.stop_signal: int | None = None
         self._backups_seen_at = 0.0
+        self._unhealthy_since: float | None = None
 
     # --- the engine -------------------------------------------------------------------------
     def ensure_engine(self) -> Any:
-        if self.engine is None:
+        if self.engine is None or self.hb.state["state"] != "running":
             self.hb.update(state="loading")
-            t0 = time.time()
-            self.engine = make_engine(self.spec, self.owner.worker_id)
+            t0 = clock.now()
+            if self.engine is None:
+                self.engine = make_engine(self.spec, self.owner.worker_id)
             self.hb.update(
-                engine_start_s=round(time.time() - t0, 3),
+                engine_start_s=round(clock.now() - t0, 3),
                 state="running",
                 vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
                 compile_cache=getattr(self.engine, "compile_cache", None),
@@ -206,7 +219,7 @@ class Worker:
 
     def start(self, cid: int, backup: bool = False) -> Chunk:
         """Read a chunk's records (checked against the plan) and put it in flight."""
-        source = read_chunk_source(self.run.input_copy, self.planned[cid], self.spec["input"])
+        source = read_chunk_source(self.run.fs, self.planned[cid], self.spec["input"])
         records = source.records
         for r in records:
             r["worker"], r["chunk"] = self.owner.worker_id, cid
@@ -214,7 +227,7 @@ class Worker:
             if fit:  # found at plan time (models/fit.py): truncated, or failed without the engine
                 r["too_long"] = fit
         chunk = self.inflight[cid] = Chunk(
-            cid, len(records), time.time(), backup=backup, source=source, records=records
+            cid, len(records), clock.now(), backup=backup, source=source, records=records
         )
         self._show_in_flight()
         return chunk
@@ -254,19 +267,20 @@ class Worker:
             raise RuntimeError(f"chunk {chunk.id}: engine returned records {indices}, not the chunk's own")
         try:
             published = publish_chunk_output(
-                self.run.out_path(chunk.id),
+                self.run.fs,
+                self.run.out_name(chunk.id),
                 chunk.id,
                 encode_chunk_output(
                     chunk.id,
                     rows,
                     worker=self.owner.worker_id,
                     started=round(chunk.started, 3),
-                    finished=round(time.time(), 3),
+                    finished=round(clock.now(), 3),
                     **({"backup": True} if chunk.backup else {}),
                 ),
             )
         except FileNotFoundError:
-            if not self.run.root.exists():
+            if self.run_gone():
                 raise RunDeleted(self.run.root) from None
             raise
         if not chunk.backup:
@@ -285,8 +299,14 @@ class Worker:
             records_done=s["records_done"] + len(rows),
             prompt_tokens=s["prompt_tokens"] + sum(r["prompt_tokens"] for r in rows),
             output_tokens=s["output_tokens"] + sum(r["output_tokens"] for r in rows),
-            last_chunk_s=round(time.time() - chunk.started, 3),
+            last_chunk_s=round(clock.now() - chunk.started, 3),
         )
+
+    def run_gone(self) -> bool:
+        """The pinned run folder itself was removed (a folder made again under its name is
+        another run: this worker writes nothing there)."""
+        st = self.run.fs.stat()
+        return st is None or st.nlink == 0
 
     def _show_in_flight(self) -> None:
         rows = [r for k in self.inflight.values() for r in k.rows]
@@ -332,7 +352,7 @@ class Worker:
                 self.suspects_waiting = bool(deferred)
                 self.exhausted = not deferred
                 return
-            faults.point("claimed", self.run.claim_path(cid))
+            faults.point("claimed", self.run.fs.where(self.run.claim_name(cid)))
             chunk = self.start(cid)
             self.claimed += 1
             if verdicts[cid] if cid in verdicts else self.is_suspect(cid):
@@ -361,11 +381,12 @@ class Worker:
         for row in finished:
             chunk = self.inflight[row["chunk"]]
             if row.get("error"):  # refused by the engine: the record's error, with its input line
-                row.update(chunk.source.origin(row["index"] - chunk.source.first_index))
+                # (its place in the chunk by its index: a prefix-grouped chunk is not one range)
+                row.update(chunk.source.origin(chunk.source.position(row["index"])))
             chunk.rows.append(row)
         for chunk in [self.inflight[c] for c in {r["chunk"] for r in finished}]:
             if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
-                if not self.run.manifest.exists():
+                if not self.run.fs.exists("manifest.json"):
                     raise RunDeleted(self.run.root)
                 isolate.save_part(self.run, chunk.id, chunk.part, chunk.rows)
                 chunk.fed = None  # written: nothing of this chunk is in the engine now
@@ -380,9 +401,9 @@ class Worker:
         """Stop running chunks another copy of which was published (a backup raced ours). Only
         chunks with a backup marker can have two copies: a listing of the (few) markers every
         CHECK_BACKUPS_S, then a stat of those chunks' outputs alone."""
-        if time.time() - self._backups_seen_at < CHECK_BACKUPS_S:
+        if clock.now() - self._backups_seen_at < CHECK_BACKUPS_S:
             return
-        self._backups_seen_at = time.time()
+        self._backups_seen_at = clock.now()
         backed = claims.backed_up(self.run)
         for cid in [c for c in self.inflight if c in backed and self.run.chunk_done(c)]:
             self.engine.abort(cid)
@@ -395,36 +416,73 @@ class Worker:
 
     def loop(self) -> None:
         while True:
-            if self.stop_signal is not None:
-                raise Stopped(self.stop_signal)
-            if self.engine is not None and self.spec.get("straggler_pacing", True):
-                said = self.pacing.update(self.claimer)
-                if said:
-                    self.hb.update(**said)
-            if self.suspects_waiting and not self.inflight:
-                self.suspects_waiting = False  # nothing else in flight now: a suspect chunk can run alone
-            self.fill()
-            if not self.inflight and self.pacing.leave_tail:
-                return  # the others finish the tail; a straggler's backup copy would not win
-            if (
-                not self.inflight
-                and self.exhausted
-                and self.backups_left > 0
-                and self.engine is not None
-                and self.stop_signal is None
-                and self.hb.healthy
-            ):
-                self.try_backup()
-            if not self.inflight:
+            wait = self.step()
+            if wait == DONE:
                 return
-            if self.hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
-                raise RunDeleted(self.run.root)
-            faults.point("step")
-            self.take_finished([r for r in self.engine.step() if r["chunk"] in self.inflight])  # abandoned: dropped
-            self.drop_published_elsewhere()
-            generating = int(getattr(self.engine, "generating_tokens", 0))
-            if generating != self.hb.state.get("generating_tokens"):
-                self.hb.update(generating_tokens=generating)
+            while wait > 0 and self.stop_signal is None:  # a signal is acted on within a second
+                clock.sleep(min(wait, 1.0))
+                wait -= 1.0
+
+    def step(self) -> float:
+        """One turn of the worker's state machine (STATES below): DONE, or the seconds to
+        wait before the next turn (0: at once)."""
+        if self.stop_signal is not None:
+            raise Stopped(self.stop_signal)
+        if self.engine is not None and self.spec.get("straggler_pacing", True):
+            said = self.pacing.update(self.claimer)
+            if said:
+                self.hb.update(**said)
+        if self.suspects_waiting and not self.inflight:
+            self.suspects_waiting = False  # nothing else in flight now: a suspect chunk can run alone
+        self.fill()
+        if not self.inflight and self.pacing.leave_tail:
+            return DONE  # the others finish the tail; a straggler's backup copy would not win
+        if (
+            not self.inflight
+            and self.exhausted
+            and self.backups_left > 0
+            and self.engine is not None
+            and self.stop_signal is None
+            and self.hb.healthy
+        ):
+            self.try_backup()
+        if not self.inflight:
+            return self.idle()
+        self._unhealthy_since = None
+        if self.hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
+            raise RunDeleted(self.run.root)
+        faults.point("step")
+        self.take_finished([r for r in self.engine.step() if r["chunk"] in self.inflight])  # abandoned: dropped
+        self.drop_published_elsewhere()
+        generating = int(getattr(self.engine, "generating_tokens", 0))
+        if generating != self.hb.state.get("generating_tokens"):
+            self.hb.update(generating_tokens=generating)
+        return 0.0
+
+    def idle(self) -> float:
+        """Nothing in flight. Beats that do not reach the run directory: wait for them (claim
+        nothing), failing after a whole lease. Chunks claimed by others and not done: wait
+        until the first of their holders' leases could run out, then look again (a dead
+        holder's chunk is taken over by a live worker, with no relaunch). Else DONE."""
+        if self.hb.run_deleted:
+            raise RunDeleted(self.run.root)
+        if not self.hb.healthy and self.stop_signal is None:
+            now = clock.now()
+            self._unhealthy_since = self._unhealthy_since or now
+            if now - self._unhealthy_since > self.lease_s:
+                raise HeartbeatLost(
+                    f"no heartbeat reached {self.run.root} for {self.lease_s:g}s (cluster.lease_s); this "
+                    f"worker claimed nothing. Check the run directory's file system from this node"
+                )
+            return self.hb.interval_s
+        self._unhealthy_since = None
+        if self.max_chunks is not None and self.claimed >= self.max_chunks:
+            return DONE
+        wait = self.claimer.idle_wait(self.hb.interval_s)
+        if wait is None:
+            return DONE
+        self.exhausted = False
+        return wait
 
     # --- start and stop --------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -460,20 +518,44 @@ class Worker:
                 pass  # the lease runs out instead
 
     def work(self) -> dict:
+        """Run until the worker ends (STATES): its counters."""
         saved = self._handle_signals()
-        self.hb.start()
         try:
-            self.loop()
+            self.begin()
+            while True:
+                wait = self.turn()
+                if wait == DONE:
+                    return self.result
+                while wait > 0 and self.stop_signal is None:  # a signal is acted on within a second
+                    clock.sleep(min(wait, 1.0))
+                    wait -= 1.0
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def begin(self, thread: bool = True) -> None:
+        """The first heartbeat (an earlier process's counters carried on), then beats from a
+        thread (`thread=False`: the caller beats, as the protocol simulator does)."""
+        self.hb.start(thread)
+        self.result: dict = {}
+
+    def turn(self) -> float:
+        """One step, and the way out when it ends the worker: DONE once its last heartbeat
+        says how it ended (self.result), else the seconds to wait before the next turn."""
+        try:
+            wait = self.step()
         except RunDeleted as e:
             self._release_all(engine_died=False)
             self.hb._stop.set()
             print(f"worker {self.owner.worker_id}: {e}", file=sys.stderr)
-            return dict(self.hb.state, state="run deleted")
+            self.result = dict(self.hb.state, state="run deleted")
+            return DONE
         except Stopped as e:
             self._release_all(engine_died=False)
             self.hb.stop("stopped", stopped_because=str(e))
             print(f"worker {self.owner.worker_id}: {e}; claims released, attempts taken back", file=sys.stderr)
-            return dict(self.hb.state, signal=e.signum)
+            self.result = dict(self.hb.state, signal=e.signum)
+            return DONE
         except SystemExit:  # submitit's own SIGUSR2 handler: it requeued the task and exits now
             self._release_all(engine_died=False)
             self.hb.stop(
@@ -487,11 +569,31 @@ class Worker:
             self.hb.update(error=(f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:500])
             self.hb.stop("failed")
             raise
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-        self.hb.stop("finished")
-        return dict(self.hb.state)
+        if wait == DONE:
+            self.hb.stop("finished")
+            self.result = dict(self.hb.state)
+        return wait
+
+
+# The worker's states and what moves it between them (step() and turn() walk this table;
+# tests/simulation.py drives them one turn at a time):
+#
+#   state       what it does                                  -> next
+#   starting    first heartbeat (an earlier process's          -> claiming; waiting_beat if it failed
+#               counters carried on)
+#   waiting_beat beats do not reach the run dir: claims        -> claiming once one does; failed after
+#               nothing                                           a lease (HeartbeatLost)
+#   claiming    claims chunks while the engine has room        -> running; idle when none is free
+#   running     engine steps; finished records collected;      -> claiming (room again), publishing
+#               a suspect chunk bisected alone                    (a chunk whole), idle (nothing in flight)
+#   publishing  output linked once, claim released             -> claiming / running
+#   idle        backups of stragglers' chunks; else waits      -> claiming (a chunk came free or a
+#               until the first holder's lease could run out      holder's lease ran out); finished
+#               (idle_wait)                                       (every chunk done)
+#   any         SIGTERM/SIGINT/SIGUSR2 -> stopped (claims released, attempts taken back); the run
+#               folder removed -> run deleted; an exception -> failed (attempts kept if the engine
+#               died: a poison record)
+STATES = ("starting", "waiting_beat", "claiming", "running", "publishing", "idle", "finished", "stopped", "failed")
 
 
 def make_engine(spec: dict, worker_id: str = "") -> Any:
@@ -512,6 +614,20 @@ def make_engine(spec: dict, worker_id: str = "") -> Any:
     from .vllm_engine import VllmEngine
 
     return VllmEngine.shared(spec["model"])
+
+
+def open_run(root: Path) -> RunDir:
+    """The run directory as a worker opens it: pinned, judged as the caller's own (a worker
+    acts on it), and checked against the identity its job was given (HPC_INFER_RUN_PIN): a
+    folder swapped in under the same path since launch is refused by name."""
+    from ..rundir import trust
+    from ..rundir.fsio import PIN_ENV, Pin
+
+    fs = trust.open_dir(root, "worker", need=trust.OWN)
+    pin = Pin.decode(os.environ.get(PIN_ENV, ""))
+    if pin is not None:
+        trust.check_pin(fs, pin, "worker")
+    return RunDir(root, fs)
 
 
 def run_sampling(spec: dict) -> tuple[dict | None, int | None]:

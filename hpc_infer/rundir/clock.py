@@ -1,0 +1,48 @@
+"""Time, sleeps and random names for the run-directory protocol and the worker, behind one
+seam: the real clock everywhere, a simulated node's clock and a seeded generator in the
+protocol simulator (tests/simulation.py), so one seed replays one schedule exactly.
+Standard library only."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+
+
+class Clock:
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, s: float) -> None:
+        time.sleep(s)
+
+    def token(self, nbytes: int = 4) -> str:
+        return secrets.token_hex(nbytes)
+
+    def rng(self) -> random.Random:
+        return random._inst  # the module's generator: samples of claims and heartbeats
+
+
+REAL = Clock()
+current: Clock = REAL
+
+
+def now() -> float:
+    return current.now()
+
+
+def time_ns() -> int:
+    return int(current.now() * 1e9) if current is not REAL else time.time_ns()
+
+
+def sleep(s: float) -> None:
+    current.sleep(s)
+
+
+def token(nbytes: int = 4) -> str:
+    return current.token(nbytes)
+
+
+def rng() -> random.Random:
+    return current.rng()

@@ -1,0 +1,481 @@
+"""A deterministic simulation of the run-directory protocol (FoundationDB's simulation
+testing and TigerBeetle's VOPR are the models): the real Worker, claims, leases, publish,
+attempts and heartbeats run unchanged in one thread, over the simulated file server
+(hpc_infer/rundir/simfs.py) and the fake engine, driven one turn at a time from a seed.
+
+A seed gives a `Schedule`: how many workers, the chunk layout (contiguous or
+prefix-grouped), records the engine refuses, per-node clock skew, the clients' cache
+staleness, file-server faults, and timed events (SIGKILL, SIGTERM, a requeue under the
+same worker id, a node failure, a node's mount failing for a while, a worker that never
+starts, a relaunch). `run_schedule` plays it and checks the invariants after every step
+and at the end; a failure raises `Broken` with the schedule, which `shrink` reduces to a
+minimal one that still fails, printed so that it replays exactly (`Schedule(...)`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hpc_infer.rundir import RunDir, claims, clock
+from hpc_infer.rundir.chunks import TRAILER_KEY, trailer_in
+from hpc_infer.rundir.simfs import Faults, SimClient, SimServer
+from hpc_infer.worker.fake_engine import FakeEngine, FakeEngineDied
+from hpc_infer.worker.worker import DONE, HeartbeatLost, Worker
+
+ROOT = "run"
+EPOCH = 1.8e9  # simulated clocks read like real ones (seconds since 1970), node skew added
+LEASE_S, HEARTBEAT_S = 30.0, 2.0
+T_MAX = 3000.0
+
+
+class Broken(AssertionError):
+    pass
+
+
+# --- layouts: real plans, made once ------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    name: str
+    files: dict[str, bytes]
+    ids: list[str]  # in input order
+    lines: dict[str, int]  # id -> its line in the input
+    n_chunks: int
+
+
+def plan_layouts(tmp: Path) -> dict[str, Layout]:
+    """Two real plans of one input by the real planner: contiguous chunks, and
+    prefix-grouped ones (documents x questions, shuffled)."""
+    from conftest import compose
+
+    from hpc_infer.run.plan import plan_input, prepare
+
+    data = tmp / "in.jsonl"
+    rows = [
+        {"id": f"d{d}q{q}", "prompt": f"Document {d}: " + f"the story of item {d}. " * 60 + f"\nQuestion {q}?"}
+        for d in range(6)
+        for q in range(5)
+    ]
+    random.Random(3).shuffle(rows)
+    lines, text = {}, ""
+    for i, r in enumerate(rows):
+        if i % 7 == 3:
+            text += "\n"  # a blank line: each record keeps its own line number
+        text += json.dumps(r) + "\n"
+        lines[r["id"]] = text.count("\n")
+    data.write_text(text)
+    out = {}
+    for name, group in (("plain", "off"), ("grouped", "auto")):
+        rc = compose(
+            f"output_root={tmp}/{name}",
+            f"data.path={data}",
+            "cluster=local",
+            "cluster.workers=4",
+            f"data.group_prefixes={group}",
+            "sampling=greedy",
+            "sampling.max_tokens=4",
+            f"cluster.lease_s={LEASE_S}",
+            f"cluster.heartbeat_s={HEARTBEAT_S}",
+            "cluster.straggler_pacing=false",
+        )
+        run, _ = prepare(rc, plan_input(rc), "/m", "")
+        files = {
+            str(p.relative_to(run.root)): p.read_bytes()
+            for p in run.root.rglob("*")
+            if p.is_file() and p.name in ("manifest.json", "worker.json", "input.copy", "order.bin", "run_id")
+        }
+        manifest = json.loads(files["manifest.json"])
+        if group == "auto":
+            assert manifest.get("grouped"), "the grouped layout did not group"
+        out[name] = Layout(name, files, [r["id"] for r in rows], lines, manifest["n_chunks"])
+    return out
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    seed: int
+    layout: str
+    workers: int
+    events: list[tuple[float, str, int, float]]  # (time, kind, worker slot, argument)
+    refuse: list[str] = field(default_factory=list)
+    skew: list[float] = field(default_factory=list)  # per node
+    ac_s: float = 0.0
+    eio: float = 0.0
+    estale: float = 0.0
+    slow: dict = field(default_factory=dict)
+
+
+KINDS = ("kill", "term", "requeue", "node_fail", "mount_down", "never_start", "relaunch")
+
+
+def random_schedule(seed: int, layout: Layout) -> Schedule:
+    rng = random.Random(seed)
+    workers = rng.randint(1, 6)
+    events = []
+    for _ in range(rng.choice([0, 1, 1, 2, 3, 4])):
+        kind = rng.choice(KINDS)
+        events.append((round(rng.uniform(0, 20), 3), kind, rng.randrange(workers), round(rng.uniform(1, 40), 3)))
+    events.sort()
+    refuse = rng.sample(layout.ids, rng.choice([0, 0, 1, 3]))
+    return Schedule(
+        seed,
+        layout.name,
+        workers,
+        events,
+        refuse,
+        skew=[round(rng.uniform(-300, 300), 3) for _ in range(3)],
+        ac_s=rng.choice([0.0, 0.0, 1.0, 3.0]),
+        eio=rng.choice([0.0, 0.0, 0.002]),
+        estale=rng.choice([0.0, 0.05]),
+        slow={f"w{rng.randrange(workers)}": rng.choice([1.0, 4.0])},
+    )
+
+
+# --- the simulation ----------------------------------------------------------------------------
+
+
+class SimClock(clock.Clock):
+    def __init__(self, sim: "Sim"):
+        self.sim = sim
+
+    def now(self) -> float:
+        p = self.sim.current
+        return EPOCH + self.sim.t + (self.sim.sched.skew[p.node] if p is not None and self.sim.sched.skew else 0.0)
+
+    def sleep(self, s: float) -> None:
+        if self.sim.current is not None:
+            self.sim.current.debt += s
+
+    def token(self, nbytes: int = 4) -> str:
+        return "%0*x" % (2 * nbytes, self.sim.rng.getrandbits(8 * nbytes))
+
+    def rng(self) -> random.Random:
+        return self.sim.rng
+
+
+@dataclass
+class Proc:
+    slot: int
+    wid: str
+    node: int
+    pid: int
+    worker: Worker | None = None
+    client: SimClient | None = None
+    next_step: float = 0.0
+    next_beat: float = 0.0
+    debt: float = 0.0
+    alive: bool = True
+    how: str = ""  # how it ended
+    started_at: float = 0.0
+    held_at_death: list[int] = field(default_factory=list)
+
+
+class Sim:
+    def __init__(self, sched: Schedule, layout: Layout):
+        self.sched, self.layout = sched, layout
+        self.rng = random.Random(sched.seed * 7919 + 1)
+        self.t = 0.0
+        self.current: Proc | None = None
+        self.server = SimServer(now=lambda: EPOCH + self.t, rng=self.rng, faults=Faults(eio=sched.eio, estale=sched.estale))
+        self.server.put_tree({f"{ROOT}/{k}": v for k, v in layout.files.items()})
+        for d in ("claims", "out", "heartbeats", "logs"):
+            self.server.lookup([ROOT, d], create_dirs=True)
+        self.procs: list[Proc] = []
+        self.next_pid = 1000
+        self.down: dict[int, float] = {}  # node -> mount down until
+        self.seen_outputs: dict[str, tuple[int, bytes]] = {}
+        self.beats: dict[str, dict] = {}  # worker id -> the latest beat seen
+        self.segments: dict[str, list[tuple[float, float]]] = {}
+        self.deadlines: list[tuple[float, list[int], float]] = []  # (by when, chunks, death time)
+        self.last_death = 0.0
+        self.deaths: list[float] = []
+        self.done_at: float | None = None
+        self.relaunches = 0
+        self.manifest = json.loads(layout.files["manifest.json"])
+        self.sizes = {c["id"]: c["n_records"] for c in self.manifest["chunks"]}
+
+    # --- processes ----------------------------------------------------------------------------
+    def start(self, slot: int, wid: str | None = None) -> Proc:
+        node = slot % max(1, len(self.sched.skew) or 1)
+        p = Proc(slot, wid or f"w{slot}", node, self.next_pid, next_step=self.t, next_beat=self.t + HEARTBEAT_S)
+        p.started_at = self.t
+        self.next_pid += 1
+        p.client = SimClient(self.server, ROOT, f"node{node}-{p.pid}", ac_s=self.sched.ac_s, path="/sim/run")
+        conf = {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4, "fail_ids": self.sched.refuse}
+        conf["slow"] = self.sched.slow
+        self.current = p
+        try:
+            p.worker = Worker(
+                "/sim/run",
+                run=RunDir(Path("/sim/run"), p.client),
+                owner=claims.Owner(p.wid, f"simnode{node}", p.pid),
+                engine=FakeEngine(conf, p.wid),
+                rank=slot,
+                of=self.sched.workers,
+            )
+            p.worker.begin(thread=False)
+        except OSError:
+            p.alive, p.how = False, "could not start (file server error)"
+        self.current = None
+        self.procs.append(p)
+        return p
+
+    def end(self, p: Proc, how: str) -> None:
+        """A process ends: killed, stopped or finished. What it held is owed a takeover."""
+        if not p.alive:
+            return
+        p.alive, p.how = False, how
+        w = p.worker
+        hb = self.server.lookup([ROOT, "heartbeats"]).entries.get(f"{p.wid}.json")
+        beat = json.loads(self.server.nodes[hb].data) if hb else None
+        if beat is not None and beat.get("pid") == p.pid:
+            end = beat.get("finished_at") or beat["t"]
+            self.segments.setdefault(p.wid, []).append((beat["started"], end))
+        if how in ("killed", "crashed"):
+            self.deaths.append(self.t)
+        if how in ("killed", "crashed") and w is not None:
+            held = [c for c, k in w.inflight.items() if not k.backup]
+            p.held_at_death = held
+            self.last_death = self.t
+            if held:
+                self.deadlines.append((self.t + LEASE_S + 2 * HEARTBEAT_S + self.sched.ac_s + 2.0, held, self.t))
+
+    # --- events -------------------------------------------------------------------------------
+    def apply(self, kind: str, slot: int, arg: float) -> None:
+        live = [p for p in self.procs if p.alive and p.slot == slot]
+        if kind == "kill":
+            for p in live:
+                self.end(p, "killed")
+        elif kind == "term":
+            for p in live:
+                p.worker.stop_signal = signal.SIGTERM
+        elif kind == "requeue":
+            for p in live:
+                self.end(p, "killed")
+                self.pending.append((self.t + arg, slot, p.wid))
+        elif kind == "node_fail":
+            node = slot % max(1, len(self.sched.skew) or 1)
+            for p in self.procs:
+                if p.alive and p.node == node:
+                    self.end(p, "killed")
+        elif kind == "mount_down":
+            node = slot % max(1, len(self.sched.skew) or 1)
+            self.down[node] = self.t + arg
+        elif kind == "relaunch":  # the launcher: stale claims of dead workers dropped, one new worker each
+            launcher = SimClient(self.server, ROOT, "launcher", ac_s=0.0, path="/sim/run")
+            dead = {p.wid for p in self.procs if not p.alive}
+            claims.release_dead(RunDir(Path("/sim/run"), launcher), LEASE_S, dead)
+            for p in [p for p in self.procs if not p.alive and p.how in ("killed", "crashed")]:
+                self.relaunches += 1
+                self.start(len(self.procs) + 100, f"r{self.relaunches}")
+
+    # --- invariants ---------------------------------------------------------------------------
+    def fail(self, what: str) -> None:
+        raise Broken(f"t={self.t:.3f}: {what}\n  replay: {self.sched!r}")
+
+    def check_step(self) -> None:
+        run = [ROOT]
+        out = self.server.lookup(run + ["out"])
+        for name, ino in out.entries.items():
+            if not (name.endswith(".jsonl") and name[:5].isdigit()):
+                continue
+            node = self.server.nodes[ino]
+            before = self.seen_outputs.get(name)
+            if before is None:
+                self.seen_outputs[name] = (ino, node.data)
+                self.check_output(int(name[:5]), node.data)
+            elif before != (ino, node.data):
+                self.fail(f"out/{name} was published twice with different content")
+        hb = self.server.lookup(run + ["heartbeats"])
+        total = 0
+        for name, ino in hb.entries.items():
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            beat = json.loads(self.server.nodes[ino].data)
+            prev = self.beats.get(beat["worker"])
+            if prev is not None:
+                for key in ("chunks_done", "records_done", "output_tokens"):
+                    if beat[key] < prev[key]:
+                        self.fail(f"worker {beat['worker']}: {key} went back from {prev[key]} to {beat[key]}")
+            self.beats[beat["worker"]] = beat
+            total += beat["records_done"]
+        if total > len(self.layout.ids):
+            self.fail(f"progress counts {total} records of {len(self.layout.ids)}")
+        for by, chunks_, died in list(self.deadlines):
+            if self.t < by:
+                continue
+            self.deadlines.remove((by, chunks_, died))
+            claimed = set(self.server.lookup(run + ["claims"]).entries)
+            published = {n[:5] for n in out.entries}
+            if (
+                not any(p.alive and p.started_at <= died for p in self.procs)
+                or any(
+                    t_ev > died and k in ("kill", "node_fail", "mount_down", "term", "requeue")
+                    for t_ev, k, _, _ in self.sched.events
+                )
+                or any(died < t_d <= by for t_d in self.deaths)
+                or any(f"{c:05d}" not in claimed | published for c in self.sizes)
+            ):
+                continue  # nobody lived through it, another fault came meanwhile, or free work kept them busy
+            for c in chunks_:
+                held = self.server.lookup(run + ["claims"]).entries.get(f"{c:05d}")
+                done = f"{c:05d}.jsonl" in out.entries
+                if not done and held is None:
+                    self.fail(f"chunk {c}, held by a worker that died at {died:.1f}, not taken over by {by:.1f}")
+                if not done and held is not None:
+                    owner = json.loads(self.server.nodes[held].data or b"{}")
+                    if owner.get("pid") not in [p.pid for p in self.procs if p.alive]:
+                        self.fail(f"chunk {c}: still claimed by dead pid {owner.get('pid')} at {self.t:.1f}")
+
+    def check_output(self, cid: int, data: bytes) -> None:
+        lines = data.decode().splitlines()
+        trailer = json.loads(lines[-1])
+        if trailer.get(TRAILER_KEY) != cid:
+            self.fail(f"chunk {cid}'s output names chunk {trailer.get(TRAILER_KEY)}")
+        rows = [json.loads(x) for x in lines[:-1]]
+        if len(rows) != self.sizes[cid]:
+            self.fail(f"chunk {cid}: {len(rows)} records published, planned {self.sizes[cid]}")
+        for r in rows:
+            if r.get("error"):
+                if r["id"] not in self.sched.refuse:
+                    self.fail(f"record {r['id']}: an error record ({r['error']}) it was never refused")
+                if r.get("line") != self.layout.lines[r["id"]]:
+                    self.fail(
+                        f"record {r['id']}: error record names line {r.get('line')}, its line is "
+                        f"{self.layout.lines[r['id']]}"
+                    )
+            elif r["id"] in self.sched.refuse:
+                self.fail(f"record {r['id']} was refused but published as a result")
+
+    def check_end(self) -> None:
+        out = self.server.lookup([ROOT, "out"])
+        done = {int(n[:5]) for n in out.entries if n.endswith(".jsonl") and n[:5].isdigit()}
+        survivors = [p for p in self.procs if p.how == "finished"]
+        if survivors and len(done) < self.layout.n_chunks:
+            self.fail(
+                f"worker {survivors[0].wid} finished with chunks {sorted(set(self.sizes) - done)} not done "
+                f"(a live worker must not leave a dead holder's chunk behind)"
+            )
+        if len(done) == self.layout.n_chunks:  # the merge's view: every id once, in input order
+            self.server.faults = Faults()  # the merge's reads: no injected faults
+            fs = SimClient(self.server, ROOT, "merge", path="/sim/run")
+            rows = []
+            for cid in sorted(done):
+                trailer, size = trailer_in(fs, f"out/{cid:05d}.jsonl")
+                if trailer["bytes"] != size:
+                    self.fail(f"chunk {cid}: trailer says {trailer['bytes']} bytes, file has {size}")
+                rows += [json.loads(x) for x in fs.read(f"out/{cid:05d}.jsonl").decode().splitlines()[:-1]]
+            got = [r["id"] for r in sorted(rows, key=lambda r: r["index"])]
+            if got != self.layout.ids:
+                self.fail(f"the merge's ids are not the input's, once each, in order: {got[:8]}...")
+        for wid, beat in self.beats.items():
+            segs = self.segments.get(wid, [])
+            counted = float(beat.get("earlier_s") or 0.0) + (beat.get("finished_at") or beat["t"]) - beat["started"]
+            if segs and abs(counted - sum(b - a for a, b in segs)) > 1e-3:
+                self.fail(f"worker {wid}: its beat counts {counted:.3f}s, its processes ran {segs}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> "Sim":
+        old = clock.current
+        clock.current = SimClock(self)
+        self.pending: list[tuple[float, int, str]] = []
+        events = sorted(self.sched.events)
+        never = {s for t, k, s, a in events if k == "never_start"}
+        try:
+            for slot in range(self.sched.workers):
+                if slot not in never:
+                    self.start(slot)
+            while self.t < T_MAX:
+                live = [p for p in self.procs if p.alive]
+                nxt = [(p.next_step, 0, i) for i, p in enumerate(self.procs) if p.alive]
+                nxt += [(p.next_beat, 1, i) for i, p in enumerate(self.procs) if p.alive]
+                if events:
+                    nxt.append((events[0][0], 2, -1))
+                if self.pending:
+                    nxt.append((min(self.pending)[0], 3, -1))
+                if not nxt:
+                    break
+                when, what, i = min(nxt)
+                self.t = max(self.t, when)
+                if what == 2:
+                    _, kind, slot, arg = events.pop(0)
+                    self.apply(kind, slot, arg)
+                elif what == 3:
+                    self.pending.sort()
+                    _, slot, wid = self.pending.pop(0)
+                    self.start(slot, wid)
+                else:
+                    self.act(self.procs[i], beat=what == 1)
+                self.check_step()
+                if not live and not events and not self.pending:
+                    break
+            self.check_end()
+        finally:
+            clock.current = old
+        return self
+
+    def act(self, p: Proc, beat: bool) -> None:
+        self.current = p
+        p.client.down = self.down.get(p.node, 0.0) > self.t
+        try:
+            if beat:
+                p.next_beat = self.t + HEARTBEAT_S
+                p.worker.hb.tick()
+                return
+            try:
+                wait = p.worker.turn()
+            except (FakeEngineDied, HeartbeatLost):
+                self.end(p, "crashed")
+                return
+            except OSError:  # a file-server error the worker does not survive: its process ends
+                self.end(p, "crashed")
+                return
+            except Exception as e:
+                self.fail(f"worker {p.wid} raised {type(e).__name__}: {e}")
+            p.next_step = self.t + p.debt + (wait if wait > 0 else 0.0) + 0.001
+            p.debt = 0.0
+            if wait == DONE:
+                self.end(p, "stopped" if p.worker.stop_signal else "finished")
+        finally:
+            self.current = None
+
+
+def run_schedule(sched: Schedule, layouts: dict[str, Layout]) -> Sim:
+    return Sim(sched, layouts[sched.layout]).run()
+
+
+def shrink(sched: Schedule, layouts: dict[str, Layout], budget: int = 200) -> Schedule:
+    """The smallest schedule found that still fails: events dropped one at a time, fewer
+    workers, no refusals, no faults, no skew (each kept only if it still fails)."""
+
+    def fails(s: Schedule) -> bool:
+        try:
+            run_schedule(s, layouts)
+            return False
+        except Broken:
+            return True
+
+    best, tries, changed = sched, 0, True
+    while changed and tries < budget:
+        changed = False
+        candidates = [replace(best, events=best.events[:k] + best.events[k + 1 :]) for k in range(len(best.events))]
+        candidates += [replace(best, workers=best.workers - 1)] if best.workers > 1 else []
+        candidates += [replace(best, refuse=[])] if best.refuse else []
+        candidates += [replace(best, eio=0.0, estale=0.0)] if best.eio or best.estale else []
+        candidates += [replace(best, skew=[0.0] * len(best.skew))] if any(best.skew) else []
+        candidates += [replace(best, ac_s=0.0)] if best.ac_s else []
+        candidates += [replace(best, slow={})] if best.slow else []
+        for c in candidates:
+            tries += 1
+            if fails(c):
+                best, changed = c, True
+                break
+    return best

@@ -1,0 +1,87 @@
+"""The run-directory protocol under the seeded simulator (tests/simulation.py): thousands
+of schedules of workers, kills, requeues, refusals and file-server quirks per run, each
+checked by invariants after every step; and the schedules that found each bug, each
+shown to fail on the old behaviour and pass now.
+
+HPC_INFER_SIM_SEED=N replays from base seed N; HPC_INFER_SIM_SEEDS sets how many."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+
+import pytest
+
+import simulation as S
+
+SEEDS = int(os.environ.get("HPC_INFER_SIM_SEEDS", "1500"))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    return S.plan_layouts(tmp_path_factory.mktemp("sim"))
+
+
+def quiet(fn, *a):
+    with contextlib.redirect_stderr(io.StringIO()):
+        return fn(*a)
+
+
+def test_random_schedules_keep_every_invariant(layouts):
+    base = int(os.environ.get("HPC_INFER_SIM_SEED") or random.SystemRandom().randrange(10**6))
+    print(f"simulator: base seed {base}, {SEEDS} seeds x {len(layouts)} layouts (HPC_INFER_SIM_SEED={base} replays)")
+    for seed in range(base, base + SEEDS):
+        for name, layout in layouts.items():
+            sched = S.random_schedule(seed, layout)
+            try:
+                quiet(S.run_schedule, sched, layouts)
+            except S.Broken as e:
+                small = quiet(S.shrink, sched, layouts)
+                pytest.fail(f"{e}\nshrunk to: {small!r}")
+
+
+# Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
+FOUND = {
+    "an error record in a prefix-grouped chunk": (
+        S.Schedule(1, "grouped", 1, [], ["d5q0", "d4q4", "d3q4"], [0.0, 0.0, 0.0]),
+        ("hpc_infer.rundir.chunks.ChunkSource.position", lambda self, index: index - self.first_index),
+        "IndexError",
+    ),
+    "a dead holder's chunk with no relaunch": (
+        S.Schedule(15, "plain", 2, [], [], [0.0, 0.0, 0.0], eio=0.002, estale=0.05),
+        ("hpc_infer.rundir.claims.Claimer.idle_wait", lambda self, *a: None),
+        "not done",
+    ),
+    "a requeued task keeps its worker id": (
+        S.Schedule(145, "plain", 2, [(2.248, "requeue", 1, 3.335)], [], [0.0, 0.0, 0.0]),
+        ("hpc_infer.worker.heartbeat.Heartbeat.carry_over", lambda self, *a: None),
+        "went back",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOUND))
+def test_each_found_schedule_fails_on_the_old_behaviour_and_passes_now(layouts, case, monkeypatch):
+    sched, (target, old), symptom = FOUND[case]
+    quiet(S.run_schedule, sched, layouts)  # passes now
+    monkeypatch.setattr(target, old)
+    with pytest.raises(S.Broken, match=symptom):
+        quiet(S.run_schedule, sched, layouts)
+
+
+def test_a_failing_schedule_replays_exactly_and_shrinks(layouts, monkeypatch):
+    sched, (target, old), _ = FOUND["a requeued task keeps its worker id"]
+    sched = S.Schedule(sched.seed, "plain", 2, sched.events + [(50.0, "kill", 0, 1.0)], [], [0.0, 0.0, 0.0], ac_s=3.0)
+    monkeypatch.setattr(target, old)
+    msgs = []
+    for _ in range(2):
+        with pytest.raises(S.Broken) as e:
+            quiet(S.run_schedule, sched, layouts)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1]  # one seed, one schedule, one outcome
+    small = quiet(S.shrink, sched, layouts)
+    assert len(small.events) < len(sched.events) and small.ac_s == 0.0
+    with pytest.raises(S.Broken):
+        quiet(S.run_schedule, small, layouts)
