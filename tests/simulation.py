@@ -184,7 +184,9 @@ class Sim:
         self.rng = random.Random(sched.seed * 7919 + 1)
         self.t = 0.0
         self.current: Proc | None = None
-        self.server = SimServer(now=lambda: EPOCH + self.t, rng=self.rng, faults=Faults(eio=sched.eio, estale=sched.estale))
+        self.server = SimServer(
+            now=lambda: EPOCH + self.t, rng=self.rng, faults=Faults(eio=sched.eio, estale=sched.estale)
+        )
         self.server.put_tree({f"{ROOT}/{k}": v for k, v in layout.files.items()})
         for d in ("claims", "out", "heartbeats", "logs"):
             self.server.lookup([ROOT, d], create_dirs=True)
