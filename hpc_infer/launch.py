@@ -85,6 +85,14 @@ def set_aside_damaged(run: RunDir) -> list[int]:
     return damaged
 
 
+def run_env(run: RunDir, token) -> dict[str, str]:
+    """What the jobs inherit: the token (never written anywhere) and the run's identity, which
+    each worker checks before it reads anything (rundir/trust.py: check_pin)."""
+    from .rundir.fsio import PIN_ENV
+
+    return {**job_env(token), PIN_ENV: run.fs.pin().encode()}
+
+
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
     set_aside_damaged(run)
@@ -109,10 +117,10 @@ def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list
         from .run.sbatch import write_rendered
 
         script = write_rendered(rc, run, model_path, n_workers)
-        with exported(job_env(token)):
+        with exported(run_env(run, token)):
             job_ids = backend.submit_script(script, n_workers)
     elif n_workers > 0:
-        with exported(job_env(token)):
+        with exported(run_env(run, token)):
             job_ids = backend.submit(n_workers)
     if job_ids:
         say(

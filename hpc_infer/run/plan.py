@@ -311,6 +311,23 @@ def prefix_groups(keys: array.array) -> tuple[np.ndarray, dict] | None:
     }
 
 
+def published(run: RunDir, staged) -> RunDir:
+    """The run just published by rename, checked again: the folder now at its path must be the
+    one planned (same inode), not one swapped in by whoever can write its parent between the
+    rename and this look. Returns the run on the planned folder's handle."""
+    from ..rundir import trust
+
+    now = trust.open_dir(run.root, "run_dir", trust.OWN)
+    if now.stat().ino != staged.stat().ino:
+        raise UserError(
+            f"{run.root}: the folder at this path is not the run just planned (it was replaced right "
+            f"after it was published); someone who can write {run.root.parent} may be interfering. "
+            f"Nothing was submitted; use an output_root only you can write"
+        )
+    staged.close()
+    return RunDir(run.root, now)
+
+
 def regroup(staging: RunDir, order: np.ndarray, col: dict[str, np.ndarray], rc: RunConfig) -> list[dict]:
     """Chunks over the records taken in `order`, without moving a byte: a grouped chunk is a
     range of positions in `order.bin`, whose row for each position is the record's original
@@ -522,10 +539,15 @@ def prepare(
                     "grouped": planned.grouped,
                 },
             )
+            from ..rundir import trust
+            from ..rundir.fsio import new_run_id
+
+            staged = trust.open_dir(planned.staging, "run_dir", trust.OWN)
+            new_run_id(staged)  # the run's identity: its jobs refuse a folder swapped in later
             secure_root(planned.staging, rc.permissions, rc.run_group)
             try:
                 os.rename(planned.staging, run.root)  # the run directory appears whole, or not at all
-                return run, False
+                return published(run, staged), False
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
@@ -547,6 +569,12 @@ def prepare(
         run.make()
         # cluster-side settings may change; what shapes the records (too_long) is the plan's
         write_json(run.worker_spec, worker_spec(rc, model_path, endpoint, too_long))
-        return run, True
+        from ..rundir import trust
+        from ..rundir.fsio import RUN_ID, new_run_id
+
+        fs = trust.open_dir(run.root, "run_dir", trust.OWN)
+        if not fs.exists(RUN_ID):  # a run planned before runs had an identity
+            new_run_id(fs)
+        return RunDir(run.root, fs), True
     finally:
         planned.discard()
