@@ -81,20 +81,24 @@ def exported(env: dict[str, str]) -> Iterator[None]:
 # --- secrets that must never reach a run's files: one check for every entry point ---------
 
 SECRET_KEY = re.compile(
-    r"(^|[_\-])(token|auth|pass)$|secret|passw|passphrase|api_?key|credential"
-    r"|private_?key",
+    r"(^|[_\-])(token|auth|pwd|dsn)$|pass|secret|api_?key|credential|private_?key|_key$",
     re.I,
-)
+)  # SSHPASS, MYSQL_PWD, AWS_SECRET_ACCESS_KEY, SENTRY_DSN, *_KEY, *CREDENTIAL*
 NOT_SECRET_SUFFIX = ("_file", "_path", "_dir", "_env", "_var")  # token_file names where a secret lives, not it
 TOKEN_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
     r"|glpat-[A-Za-z0-9_\-]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16})"
     r"|\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]+:[^/\s@]+@"
-)  # a URL with a password in it: postgres://u:p@host
+    r"|\b[A-Za-z][A-Za-z0-9+.\-]*://[A-Za-z0-9_\-.~%]{20,}@"
+)  # a URL with a password (postgres://u:p@host) or a token as its user (https://TOKEN@host) in it
+
+
+NOT_SECRET = ("passenv", "pwd", "oldpwd")  # the container's variables to pass on; the shell's folders
 
 
 def secret_key(name: str) -> bool:
-    return bool(SECRET_KEY.search(name)) and not name.lower().endswith(NOT_SECRET_SUFFIX)
+    low = name.lower()
+    return bool(SECRET_KEY.search(name)) and not low.endswith(NOT_SECRET_SUFFIX) and low not in NOT_SECRET
 
 
 def looks_like_token(value: object) -> bool:
@@ -183,22 +187,36 @@ def refuse_secret_overrides(argv: list[str]) -> None:
         key = key.lstrip("+~")
         if (secret_key(key.split(".")[-1]) and value.strip() not in ("", "null")) or looks_like_token(value):
             raise UserError(f"{key}: {SECRET_ADVICE} (value not shown)")
-        # a dict or list value ({MY_TOKEN: ...}, [a, b]): its keys and items, as Hydra will parse them
-        found = [f"{key}{p if p.startswith('[') else '.' + p}" for p in secrets_in(_override_value(value))]
-        if found:
-            raise UserError(f"{', '.join(found)}: {SECRET_ADVICE} (value not shown)")
+        # every value a sweep expands to ({A: 1},{MY_TOKEN: ...}; choice(...); a list or dict), as
+        # Hydra's own override parser reads it, before Hydra writes multirun.yaml
+        for point in _override_values(value):
+            found = [f"{key}{p if p.startswith('[') else '.' + p}" for p in secrets_in(point)]
+            found += [key for s in _strings(point) if holds_secret(s, secrets)]
+            if found:
+                raise UserError(f"{', '.join(sorted(set(found)))}: {SECRET_ADVICE} (value not shown)")
 
 
-def _override_value(value: str) -> object:
-    """An override's value as Hydra's grammar reads it (dicts and lists included), or the text."""
-    if not value.lstrip().startswith(("{", "[")):
-        return value
+def _override_values(value: str) -> list[object]:
+    """Each value an override's right-hand side gives, as Hydra's grammar reads it: one for a
+    plain value, each element of a sweep (`a,b`, `choice(...)`, `glob(...)` left as text)."""
     try:
         from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import ChoiceSweep
 
-        return OverridesParser.create().parse_override(f"x={value}").value()
+        parsed = OverridesParser.create().parse_override(f"x={value}").value()
     except Exception:
-        return value
+        return [value]
+    if isinstance(parsed, ChoiceSweep):
+        return list(parsed.list)
+    return [parsed]
+
+
+def _strings(tree: object) -> list[str]:
+    if isinstance(tree, dict):
+        return [s for k, v in tree.items() for s in [str(k), *_strings(v)]]
+    if isinstance(tree, (list, tuple)):
+        return [s for v in tree for s in _strings(v)]
+    return [tree] if isinstance(tree, str) else []
 
 
 def redact(text: str) -> str:

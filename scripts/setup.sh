@@ -28,8 +28,8 @@ fi
 # the trust tests make real users (useradd, runuser, unshare: Debian's passwd and util-linux).
 # The report's test opens it in headless Chromium (Debian's chromium + chromium-driver, Selenium).
 if [ "$(id -u)" = 0 ] && { ! command -v bwrap >/dev/null || [ ! -x /usr/bin/python3 ] || ! command -v bindfs >/dev/null \
-    || ! command -v strace >/dev/null || ! command -v chromedriver >/dev/null; }; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 bindfs fuse3 strace \
+    || ! command -v strace >/dev/null || ! command -v chromedriver >/dev/null || ! command -v setfacl >/dev/null; }; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap python3 bindfs fuse3 strace acl \
     chromium chromium-driver >/dev/null \
     || echo "could not install bubblewrap/python3/bindfs/chromium: those tests will fail" >&2
 fi

@@ -434,16 +434,27 @@ class SlurmBackend(Backend):
         return states, {j: left for j, (_, left) in queue.items()}
 
     def cancel(self, job_ids: list[str]) -> str:
-        arrays = sorted({j.split("_")[0] for j in job_ids})
+        arrays = sorted({j.split("_")[0] for j in slurm_ids(job_ids)})
         if arrays:
             self.record(job_ids, "cancelled")
-            subprocess.run(["scancel", *arrays], check=False)
+            subprocess.run(["scancel", "--", *arrays], check=False)
         return f"scancel {' '.join(arrays)}" if arrays else "no Slurm job recorded"
 
     def cancel_one(self, job_id: str) -> str:
+        if not slurm_ids([job_id]):
+            return f"not a Slurm job id: {job_id!r} (nothing cancelled)"
         self.record([job_id], "cancelled")
-        subprocess.run(["scancel", job_id], check=False)  # 123_4: that array task only
+        subprocess.run(["scancel", "--", job_id], check=False)  # 123_4: that array task only
         return f"scancel {job_id}"
+
+
+SLURM_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?(\+[0-9]+)?")  # 123, 123_4 (array task), 123+1 (het job)
+
+
+def slurm_ids(job_ids: list[str]) -> list[str]:
+    """The ids that are Slurm job ids by its grammar: an id read back from a job record is data;
+    `--user=bob` or `-1` is never passed to scancel as an option."""
+    return [j for j in job_ids if isinstance(j, str) and SLURM_JOB_ID.fullmatch(j)]
 
 
 BACKENDS = {"slurm": SlurmBackend, "local": LocalBackend, "debug": DebugBackend}

@@ -125,6 +125,19 @@ def script_safe(rc: RunConfig) -> list[str]:
                 f"starting with a digit)"
             )
         fields[f"cluster.env.{key}"] = value
+    for key in ("partition", "account", "qos", "gres", "mem", "time"):
+        value = getattr(c, key)
+        if isinstance(value, str) and any(ch.isspace() for ch in value):
+            problems.append(
+                f"cluster.{key}={value!r}: holds a space, which would make the rest of the value extra "
+                f"#SBATCH options; Slurm's {key} values have none (several: separate them with commas)"
+            )
+    for i, opt in enumerate(c.sbatch_extra):
+        if isinstance(opt, str) and any(ch.isspace() for ch in opt.strip()) and "=" not in opt.split()[0]:
+            problems.append(
+                f"cluster.sbatch_extra[{i}]={opt!r}: one option a line, written --name=value (a space "
+                f"would pass the rest as another option)"
+            )
     for where, value in fields.items():
         if _control(value):
             problems.append(

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..log import printable
 from ..rundir import RunDir, read_heartbeats, read_json, tail_lines
 from ..rundir.claims import live_claims, rate, read_beat
 from ..rundir.lease import fs_now
@@ -299,4 +300,4 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
                 + " (a chunk that died cluster.max_attempts "
                 "times is run alone and bisected)"
             )
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # nothing from a run moves the terminal

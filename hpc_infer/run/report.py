@@ -16,11 +16,11 @@ import base64
 import html
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
-from ..rundir import RunDir, read_json
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -42,29 +42,56 @@ def _img(src: str, alt: str) -> str:
 
 
 def _fmt(m: dict | None) -> str:
-    if not isinstance(m, dict) or m.get("mean") is None:
+    if not isinstance(m, dict) or not isinstance(m.get("mean"), (int, float)):
         return ""
-    return f"{m['mean']:.3f}" + (f" ± {m['se']:.3f}" if m.get("se") is not None else "")
+    se = m.get("se")
+    return f"{m['mean']:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) else "")
 
 
 def _metric_keys(metrics: dict) -> list[str]:
-    keys = [k for k in metrics if k.startswith(("pass@", "maj@"))]
+    keys = [
+        k for k in metrics if isinstance(k, str) and k.startswith(("pass@", "maj@")) and k[k.index("@") + 1 :].isdigit()
+    ]
     return sorted(keys, key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1])))
 
 
+RESULT_NAMES = ("results.jsonl", "results.parquet", "results.openai_batch.jsonl", "results.partial.jsonl")
+
+
+def inside(root: Path, named: object, allowed: tuple[str, ...]) -> str | None:
+    """A file a run's summary names, as a name inside the run (one of `allowed`), or None: an
+    absolute path elsewhere, a `..`, a link is never followed out of the pinned run."""
+    if not isinstance(named, str) or not named:
+        return None
+    p = Path(named)
+    if p.is_absolute():
+        if p.parent != root:
+            return None
+        p = Path(p.name)
+    return p.name if str(p) in allowed else None
+
+
 def load(root: Path) -> dict:
-    """What a report shows of one run: its summary, settings and result rows."""
-    run = RunDir(root)
-    if not run.summary.exists():
+    """What a report shows of one run: its summary, settings and result rows, each read through
+    the run's pinned handle under the trust rule (the caller's own run, or a teammate's read
+    as data), files named inside it only."""
+    from ..rundir import trust
+
+    fs = trust.open_dir(root, "report", need=trust.SHARED)
+    if not fs.exists("summary.json"):
         raise UserError(f"{root}: no summary.json (merge the run first: hpc-infer merge {root})")
-    summary = read_json(run.summary)
-    spec = read_json(run.worker_spec)
-    results = Path(summary["results"])
+    try:
+        summary, spec = json.loads(fs.read("summary.json")), json.loads(fs.read("worker.json"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{root}: summary.json or worker.json unreadable ({e}); merge the run again") from None
+    if not isinstance(summary, dict) or not isinstance(spec, dict):
+        raise UserError(f"{root}: summary.json is not a summary; merge the run again")
+    name = inside(root, summary.get("results"), RESULT_NAMES)
     rows: list[dict] = []
-    if results.suffix == ".parquet":
+    if name and name.endswith(".parquet") and fs.exists(name):
         import pyarrow.parquet as pq
 
-        for r in pq.read_table(results).to_pylist():
+        for r in pq.read_table(io.BytesIO(fs.read(name))).to_pylist():
             for key in ("fields", "messages", "input", "error"):
                 if isinstance(r.get(key), str):
                     try:
@@ -72,10 +99,11 @@ def load(root: Path) -> dict:
                     except ValueError:
                         pass
             rows.append(r)
-    elif results.exists():
-        with open(results) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    return {"root": root, "name": root.name, "summary": summary, "spec": spec, "rows": rows}
+    elif name and fs.exists(name):
+        rows = [json.loads(line) for line in fs.read(name).splitlines() if line.strip()]
+    timeline = inside(root, summary.get("timeline"), ("timeline.png",))
+    png = fs.read(timeline) if timeline and fs.exists(timeline) else None
+    return {"root": root, "name": root.name, "summary": summary, "spec": spec, "rows": rows, "timeline": png}
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -83,15 +111,17 @@ def _metrics_table(metrics: dict) -> str:
     head = "".join(f"<th>{k}</th>" for k in keys)
     out = [
         f'<table id="metrics"><tr><th class="l">group</th><th>records</th>{head}</tr>',
-        f'<tr><td class="l">all</td><td>{metrics.get("records", 0)}</td>'
+        f'<tr><td class="l">all</td><td>{html.escape(str(metrics.get("records", 0)))}</td>'
         + "".join(f'<td data-metric="{k}">{_fmt(metrics.get(k))}</td>' for k in keys)
         + "</tr>",
     ]
     for field, groups in (metrics.get("groups") or {}).items():
         for value, m in groups.items():
             out.append(
-                f'<tr><td class="l">{html.escape(field)} = {html.escape(value)}</td><td>{m.get("records", 0)}'
-                "</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys) + "</tr>"
+                f'<tr><td class="l">{html.escape(str(field))} = {html.escape(str(value))}</td><td>'
+                f"{html.escape(str(m.get('records', 0)))}</td>"
+                + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
+                + "</tr>"
             )
     return "".join(out) + "</table>"
 
@@ -129,14 +159,23 @@ def _histogram(lengths: list[int], max_tokens: int | None) -> str:
 
 def _counts_table(counts: dict, what: str, table_id: str) -> str:
     rows = "".join(
-        f'<tr><td class="l">{html.escape(str(k))}</td><td>{v}</td></tr>'
-        for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
+        f'<tr><td class="l">{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>'
+        for k, v in sorted(counts.items(), key=lambda kv: -kv[1] if isinstance(kv[1], (int, float)) else 0)
     )
     return f'<table id="{table_id}"><tr><th class="l">{what}</th><th>count</th></tr>{rows or "<tr><td>none</td><td>0</td></tr>"}</table>'
 
 
+def _number(value: object, where: str) -> float:
+    """A figure read back from a summary: a number, or the report refuses the run by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"report: {where} is {type(value).__name__}, not a number; merge the run again")
+    return value
+
+
 def one_run(r: dict) -> str:
     s, spec, rows = r["summary"], r["spec"], r["rows"]
+    for key in ("records", "records_expected", "output_tokens", "output_tokens_per_s", "wall_s"):
+        s[key] = _number(s.get(key), f"{r['name']}/summary.json: {key}")
     post = s.get("postprocess") or {}
     metrics = post.get("metrics") or {}
     max_tokens = (spec.get("sampling") or {}).get("max_tokens")
@@ -164,6 +203,7 @@ def one_run(r: dict) -> str:
             else "input order"
         ),
         "engine settings": json.dumps(s["engine_settings"]) if s.get("engine_settings") else "vLLM's defaults",
+        "run": str(r["root"]),
     }
     rows_html = "".join(
         f'<tr><td class="l">{k}</td><td class="l">{html.escape(v)}</td></tr>' for k, v in engine.items()
@@ -217,9 +257,8 @@ def one_run(r: dict) -> str:
             for row in s["slowest_chunks"]
         )
         parts += ["<h2>Slowest chunks</h2>", f'<table id="slowest-chunks"><tr>{head}</tr>{body}</table>']
-    timeline = r["root"] / (s.get("timeline") or "timeline.png")
-    if s.get("timeline") and timeline.exists():
-        src = "data:image/png;base64," + base64.b64encode(timeline.read_bytes()).decode()
+    if r.get("timeline") and r["timeline"].startswith(b"\x89PNG"):
+        src = "data:image/png;base64," + base64.b64encode(r["timeline"]).decode()
         parts += ["<h2>Throughput over time</h2>", _img(src, "timeline: chunks per worker over time")]
     return "\n".join(parts)
 
@@ -281,21 +320,56 @@ def runs_of(path: Path) -> list[Path]:
     raise UserError(f"{path}: neither a run directory (manifest.json) nor a sweep folder (runs.txt)")
 
 
+def _section(fn, r: dict) -> str:
+    """One run's part of the page; a summary of another shape than merge writes is refused
+    by name, never half-rendered."""
+    try:
+        return fn(r)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UserError(
+            f"report: {r['root']}/summary.json does not have the shape merge writes ({type(e).__name__}: {e}); "
+            f"merge the run again (hpc-infer merge {r['root']})"
+        ) from None
+
+
 def write_report(paths: list[Path], out: Path | None = None) -> Path:
     roots = [r for p in paths for r in runs_of(Path(p).expanduser().resolve())]
     if not roots:
         raise UserError("hpc-infer report: give one or more run directories (or a sweep folder)")
     runs = [load(r) for r in roots]
-    body = compare(runs) + "".join(f"<hr>{one_run(r)}" for r in runs) if len(runs) > 1 else one_run(runs[0])
+    if len(runs) > 1:
+        body = _section(lambda _: compare(runs), runs[0]) + "".join(f"<hr>{_section(one_run, r)}" for r in runs)
+    else:
+        body = _section(one_run, runs[0])
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>hpc_infer report: '
         f"{html.escape(', '.join(r['name'] for r in runs))}</title><style>{STYLE}</style></head>"
         f"<body>{body}</body></html>"
     )
-    target = out or (roots[0] / "report.html" if len(roots) == 1 else Path(paths[0]).expanduser() / "report.html")
-    from ..rundir import write_atomic
+    target = Path(out or (roots[0] / "report.html" if len(roots) == 1 else Path(paths[0]).expanduser() / "report.html"))
+    return write_page(target.expanduser().absolute(), page.encode(), runs)
 
-    write_atomic(target, page.encode())
+
+def write_page(target: Path, page: bytes, runs: list[dict]) -> Path:
+    """The page into a folder the caller owns and nobody else can write (else refused, naming
+    --out), as a new file (never through a link), readable as the strictest of its runs allow:
+    it inlines their records."""
+    from ..rundir import UMASKS, trust
+
+    folder = trust.open_dir(
+        target.parent,
+        "report",
+        trust.OWN,
+        fix="write it into a folder of your own: hpc-infer report RUN --out DIR/report.html",
+    )
+    perms = [r["spec"].get("permissions") for r in runs]
+    umask = UMASKS["private"] if "private" in perms or None in perms else UMASKS["group"]
+    folder.replace(target.name, page)
+    fd = folder.open_file(target.name)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
     return target
 
 

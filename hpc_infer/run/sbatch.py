@@ -12,6 +12,8 @@ The token never appears in the script.
 
 from __future__ import annotations
 
+import os
+
 import shlex
 import sys
 from pathlib import Path
@@ -122,8 +124,12 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
 def write_rendered(rc: RunConfig, run: RunDir, model_path: str, n_tasks: int) -> Path:
     """<run>/job.sbatch, executable by those the run's permissions allow."""
     path = run.root / "job.sbatch"
-    path.write_text(render(rc, run, model_path, n_tasks))
-    path.chmod(0o777 & ~rundir.current_umask())
+    run.fs.replace("job.sbatch", render(rc, run, model_path, n_tasks).encode())  # a new file: never through a link
+    fd = run.fs.open_file("job.sbatch")
+    try:
+        os.fchmod(fd, 0o777 & ~rundir.current_umask())
+    finally:
+        os.close(fd)
     return path
 
 

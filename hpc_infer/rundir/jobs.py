@@ -21,6 +21,7 @@ Standard library only.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from .files import read_json, write_json
 
 FOLDER = "jobs"
+JOB_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.+]*")  # Slurm's 123, 123_4, 123+1; a local job's pid
 LEGACY = "jobs.json"
 
 
@@ -102,6 +104,8 @@ def records(root: Path) -> list[Record]:
             continue
         try:
             d = read_json(root / FOLDER / name)
+            if not all(isinstance(j, (str, int)) and JOB_ID.fullmatch(str(j)) for j in d["job_ids"]):
+                continue  # not a job id any scheduler gives (an option such as --user=bob): data, refused
             known = ("backend", "kind", "job_ids", "time", "indices")
             out.append(
                 Record(

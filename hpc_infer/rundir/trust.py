@@ -161,7 +161,9 @@ def describe(path: Path, st: os.stat_result) -> str:
 def refusal(path: Path, st: os.stat_result, why: str, what: str, fix: str | None = None) -> UserError:
     if fix is None:
         fix = (
-            f"if it is yours, run `chmod -R go-w {path}`"
+            f"if it is yours, remove the ACL entries: `setfacl -R -b {path}`"
+            if "ACL" in why and st.st_uid == os.getuid()
+            else f"if it is yours, run `chmod -R go-w {path}`"
             if "writable" in why and st.st_uid == os.getuid()
             else "use a directory of your own"
         )

@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..log import printable
 from ..cluster.submit import LIVE, UNREACHABLE, recorded_backend
 from ..errors import UserError
 from ..rundir import RunDir, trust
@@ -105,7 +106,7 @@ def describe(run: ServeRun) -> str:
         lines.append(line)
         if r["state"] == "failed" and r.get("log_tail"):
             lines += [f"      | {t}" for t in r["log_tail"][-8:]]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # nothing from a run moves the terminal
 
 
 def my_runs() -> list[Path]:

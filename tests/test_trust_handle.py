@@ -1,0 +1,188 @@
+"""The pinned handle and the rule on it (rundir/fsio.py, rundir/trust.py): ACLs count, a
+swapped run directory is refused by its jobs, and the doors added to the rule this round
+(report, job ids, #SBATCH values, status output, secrets in sweeps) hold. Root makes the
+ACL entries (for uid `nobody`); no second login is needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, sh
+from hpc_infer.errors import UserError
+from hpc_infer.rundir import trust
+from hpc_infer.rundir.fsio import PIN_ENV, PinnedDir, split_name
+
+need_acl = pytest.mark.skipif(shutil.which("setfacl") is None and not os.environ.get("CI"), reason="setfacl missing")
+
+
+def _private(tmp_path: Path, name: str = "d") -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    d.chmod(0o700)
+    return d
+
+
+@need_acl
+@pytest.mark.parametrize(
+    "acl, why",
+    [
+        ("u:nobody:rwx", "writable by user nobody (ACL entry)"),
+        ("g:nogroup:rwx", "writable by group nogroup (ACL entry)"),
+        ("u:nobody:r-x,m::rwx", "ACL mask allows write while named entries exist"),
+        ("d:u:nobody:rwx", "default ACL"),
+    ],
+)
+def test_an_acl_that_lets_another_user_write_is_refused(tmp_path, acl, why):
+    d = _private(tmp_path)
+    trust.open_dir(d, "run directory")  # the plain private folder passes
+    subprocess.run(["setfacl", "-m", acl, str(d)], check=True)
+    with pytest.raises(UserError, match=re.escape(why)) as e:
+        trust.open_dir(d, "run directory")
+    assert "setfacl -R -b" in str(e.value)  # the fix, named
+    with pytest.raises(UserError, match=re.escape(why)):
+        trust.check(d, "run directory")
+
+
+@need_acl
+def test_an_acl_on_a_sub_folder_or_a_file_is_refused_when_opened(tmp_path):
+    d = _private(tmp_path)
+    (d / "claims").mkdir()
+    (d / "worker.json").write_text("{}")
+    subprocess.run(["setfacl", "-m", "u:nobody:rwx", str(d / "claims")], check=True)
+    subprocess.run(["setfacl", "-m", "u:nobody:rw", str(d / "worker.json")], check=True)
+    h = trust.open_dir(d, "run directory")
+    with pytest.raises(UserError, match="ACL entry"):
+        h.listdir("claims")
+    with pytest.raises(UserError, match="ACL entry"):
+        trust.open_checked(d / "worker.json", "worker.json")
+
+
+def test_names_never_leave_the_handle_and_links_are_not_followed(tmp_path):
+    d = _private(tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_text("canary")
+    os.symlink(outside, d / "link")
+    os.symlink(tmp_path, d / "dirlink")
+    h = PinnedDir(d)
+    for bad in ("../outside", "/etc/passwd", "a//b", "./x", ""):
+        with pytest.raises(ValueError):
+            split_name(bad)
+    with pytest.raises(OSError):
+        h.read("link")
+    with pytest.raises(OSError):
+        h.read("dirlink/outside")
+    h.replace("link", b"ours")  # replaced as a name: the link itself, never its target
+    assert outside.read_text() == "canary" and (d / "link").read_bytes() == b"ours"
+
+
+def test_a_run_directory_swapped_under_its_path_is_refused_by_its_workers(tmp_path, monkeypatch):
+    """The parent exchange: the run renamed away and another folder (a copy, run_id included)
+    put at its path. A worker given the run's pin refuses it and names it; the real one passes."""
+    from hpc_infer.run.plan import plan_input, prepare
+    from hpc_infer.worker.worker import open_run
+
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    pin = run.fs.pin()
+    monkeypatch.setenv(PIN_ENV, pin.encode())
+    open_run(run.root)  # the real one
+    assert (run.root / "run_id").stat().st_mode & 0o077 == 0  # its owner alone can read the id
+    moved = run.root.with_name("moved")
+    os.rename(run.root, moved)
+    shutil.copytree(moved, run.root)
+    with pytest.raises(UserError, match="not the run directory this job was started for"):
+        open_run(run.root)
+    assert run.fs.pin() == pin  # the launcher's handle still points at the run it made
+
+
+def test_report_reads_only_inside_the_run_escapes_every_value_and_writes_only_where_you_own(tmp_path):
+    from hpc_infer.run.report import write_report
+
+    run = _private(tmp_path, "run")
+    secret = tmp_path / "someone_elses.jsonl"
+    secret.write_text(json.dumps({"id": "CANARY", "outputs": [{"text": "CANARY"}]}) + "\n")
+    (run / "manifest.json").write_text("{}")
+    (run / "worker.json").write_text(json.dumps({"sampling": {"max_tokens": 4}, "permissions": "private"}))
+    summary = {
+        "results": str(secret),  # a path outside the run: never read
+        "timeline": "../../etc/passwd",
+        "records": 1,
+        "records_expected": 1,
+        "output_tokens": 1,
+        "output_tokens_per_s": 1.0,
+        "wall_s": 1.0,
+        "error_types": {"<script>alert(1)</script>": 1},
+        "postprocess": {"target": "<img src=x onerror=alert(2)>", "metrics": {"records": "<b>1</b>", "score": "s"}},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    page = write_report([run]).read_text()
+    assert "CANARY" not in page and "root:" not in page
+    assert "<script>alert" not in page and "<img src=x" not in page and "<b>1</b>" not in page
+    assert (run / "report.html").stat().st_mode & 0o077 == 0  # a private run's records stay private
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UserError, match="--out"):
+        write_report([run], shared / "r.html")
+    summary["records"] = "many"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="not a number"):
+        write_report([run])
+
+
+def test_job_ids_read_back_are_the_schedulers_grammar_and_never_options(tmp_path):
+    from hpc_infer.cluster.submit import slurm_ids
+    from hpc_infer.rundir import jobs
+
+    assert slurm_ids(["123", "123_4", "9+1", "--user=bob", "-1", "12;rm", ""]) == ["123", "123_4", "9+1"]
+    (tmp_path / "jobs").mkdir()
+    jobs.add(tmp_path, "slurm", "workers", ["55"])
+    (tmp_path / "jobs" / "00000000000000000001-x.json").write_text(
+        json.dumps({"backend": "slurm", "kind": "workers", "job_ids": ["--user=victim"], "time": 1})
+    )
+    assert [r.job_ids for r in jobs.records(tmp_path)] == [["55"]]
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [("cluster.partition='gpu --wrap=evil'", "cluster.partition"), ("cluster.account='a b'", "cluster.account")],
+)
+def test_sbatch_values_with_spaces_are_refused(tmp_path, override, named):
+    p = sh(tmp_path, f'hpc-infer sbatch cluster=slurm_local data.limit=2 output_root={tmp_path}/o "{override}"')
+    assert p.returncode == 2 and named in p.stderr and "space" in p.stderr, p.stderr
+
+
+def test_status_prints_a_runs_control_characters_escaped(tmp_path):
+    from hpc_infer.log import printable
+
+    assert printable("w1\x1b[2J\nFAKE LINE") == "w1\\x1b[2J\\nFAKE LINE"
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
+    from hpc_infer.run.plan import plan_input, prepare
+
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    beat = {"worker": "evil\x1b]0;pwned\x07\nworker fake finished", "state": "failed", "error": "x\x1b[31m", "t": 1}
+    (run.root / "heartbeats" / "evil.json").write_text(json.dumps(beat))
+    p = sh(tmp_path, f"hpc-infer status {run.root}")
+    assert "\x1b" not in p.stdout + p.stderr and "\\x1b" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "+key={A: 1},{MY_TOKEN: abcdefgh}",
+        "+x=choice(1,{db_dsn: zzz})",
+        "+cluster.env={SSHPASS: hunter22}",
+        "+y=https://abcdefghijklmnopqrstuvwxyz012@example.org/x",
+    ],
+)
+def test_a_secret_in_any_sweep_point_is_refused_before_hydra_writes(tmp_path, arg):
+    p = sh(tmp_path, f"hpc-infer launch --multirun output_root={tmp_path}/o '{arg}'")
+    assert p.returncode == 2 and "secrets do not belong" in p.stderr, p.stderr
+    assert not list(tmp_path.rglob("multirun.yaml")) and "hunter22" not in p.stderr + p.stdout
