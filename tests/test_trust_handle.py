@@ -186,3 +186,73 @@ def test_a_secret_in_any_sweep_point_is_refused_before_hydra_writes(tmp_path, ar
     p = sh(tmp_path, f"hpc-infer launch --multirun output_root={tmp_path}/o '{arg}'")
     assert p.returncode == 2 and "secrets do not belong" in p.stderr, p.stderr
     assert not list(tmp_path.rglob("multirun.yaml")) and "hunter22" not in p.stderr + p.stdout
+
+
+def _serve(app, port: int):
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        import time
+
+        time.sleep(0.02)
+    return server, t
+
+
+def test_a_relayed_or_malformed_proof_never_verifies(tmp_path, monkeypatch):
+    """Two replicas of one run (their proofs bound to their own port, index and job); a
+    listener on a dead replica's port relays the challenge to the live sibling: refused.
+    Answers of the wrong shape are refusals, never errors."""
+    import http.server
+    import threading
+    import urllib.request
+
+    from hpc_infer.host.http import proves_ours
+    from hpc_infer.host.ports import free_port
+    from hpc_infer.serve.auth import RequireKey
+
+    async def hello(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hi"})
+
+    key, run = "k" * 32, str(tmp_path)
+    monkeypatch.setenv("VLLM_API_KEY", key)
+    monkeypatch.setenv("HPC_INFER_RUN_DIR", run)
+    monkeypatch.setenv("HPC_INFER_REPLICA", "1")
+    monkeypatch.setenv("HPC_INFER_JOB_ID", "77_1")
+    live_port, dead_port, junk_port = free_port(30000, 40000), free_port(40000, 50000), free_port(50000, 60000)
+    server, thread = _serve(RequireKey(hello), live_port)
+    answers = iter([b"[1, 2]", '{"proof": "\u00e9'.encode() + b'"}', b'{"proof": "' + b"a" * 5000 + b'"}', b"{"])
+
+    class Relay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.server.server_port == dead_port:  # pass the challenge on to the live sibling
+                body = urllib.request.urlopen(f"http://127.0.0.1:{live_port}{self.path}").read()
+            else:
+                body = next(answers)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    relays = [http.server.ThreadingHTTPServer(("127.0.0.1", p), Relay) for p in (dead_port, junk_port)]
+    for r in relays:
+        threading.Thread(target=r.serve_forever, daemon=True).start()
+    try:
+        assert proves_ours(f"http://127.0.0.1:{live_port}", key, run, 1, "77_1")  # the real one
+        assert not proves_ours(f"http://127.0.0.1:{live_port}", key, run, 0, "77_0")  # not replica 0
+        assert not proves_ours(f"http://127.0.0.1:{dead_port}", key, run, 0, "77_0")  # relayed
+        assert not proves_ours(f"http://127.0.0.1:{dead_port}", key, run, 1, "77_1")  # relayed, even as 1
+        for _ in range(4):  # a list, non-ASCII, oversized, cut JSON: refusals
+            assert not proves_ours(f"http://127.0.0.1:{junk_port}", key, run, 0, "77_0")
+    finally:
+        for r in relays:
+            r.shutdown()
+        server.should_exit = True
+        thread.join(10)

@@ -28,24 +28,44 @@ def bearer_matches(authorization: str, digest: bytes) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), digest)
 
 
-def proof(key: str, nonce: str, run_dir: str) -> str:
-    return hmac.new(key.encode(), f"hpc_infer-proof\n{nonce}\n{run_dir}".encode(), hashlib.sha256).hexdigest()
+def proof(key: str, nonce: str, run_dir: str, port: int | str, replica: str, job: str) -> str:
+    """HMAC of the run's key over the nonce and everything that names one server: the run, the
+    port its own socket is bound to (not a header), its replica index and its job id. A
+    challenge relayed to a sibling replica comes back with the sibling's port and index in
+    it, and does not verify."""
+    text = f"hpc_infer-proof-2\n{nonce}\n{run_dir}\n{port}\n{replica}\n{job}"
+    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
-def proves_ours(base: str, key: str | None, run_dir: str | Path, timeout: float = 3.0) -> bool:
-    """The server at `base` (http://host:port) holds this run's key and serves this run:
-    it answers a fresh nonce with proof(). The key itself is never sent."""
+def proves_ours(
+    base: str, key: str | None, run_dir: str | Path, replica: object, job: object, timeout: float = 3.0
+) -> bool:
+    """The server at `base` (http://host:port) is replica `replica` of job `job` of this run,
+    listening on that port itself: it answers a fresh nonce with proof(). The key is never
+    sent, and anything but a well-formed proof (not JSON, another type, non-ASCII, too long)
+    is a refusal, never an error."""
     import secrets
+    from urllib.parse import urlsplit
 
     if not key or not base:
+        return False
+    try:
+        port = urlsplit(base).port
+    except ValueError:
+        return False
+    if not port:
         return False
     nonce = secrets.token_hex(16)
     try:
         with _OPENER.open(f"{base}{PROOF_PATH}?nonce={nonce}", timeout=timeout) as r:
-            answer = json.loads(r.read(4096)).get("proof", "")
+            answer = json.loads(r.read(4096))
+        answer = answer.get("proof") if isinstance(answer, dict) else None
     except Exception:  # nothing there, not ours, not JSON: not proven
         return False
-    return isinstance(answer, str) and hmac.compare_digest(answer, proof(key, nonce, os.path.realpath(run_dir)))
+    if not isinstance(answer, str) or len(answer) != 64 or not answer.isascii():
+        return False
+    want = proof(key, nonce, os.path.realpath(run_dir), port, str(replica), str(job))
+    return hmac.compare_digest(answer, want)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -7,10 +7,12 @@ hpc_infer.serve.auth.RequireKey`, turns away any request without the server's ke
 before it reaches a route, so a route a future vLLM adds is covered too. `/health`
 stays open: the replica and the scheduler poll it, and it tells nothing.
 
-`/hpc_infer/proof?nonce=N` is open too, and answers HMAC-SHA256(key, nonce + run
-directory): a client that holds the key can tell our server from whatever else listens on
-that port now (a replica killed outright leaves `ready` in its state file, and every vLLM
-answers `/health`), without sending the key (host/http.py: `proves_ours`).
+`/hpc_infer/proof?nonce=N` is open too, and answers HMAC-SHA256(key, nonce, run directory,
+the port of the server's own socket, its replica index, its job id): a client that holds
+the key can tell this replica's server from whatever else listens on that port now (a
+replica killed outright leaves `ready` in its state file, every vLLM answers `/health`, and
+a listener relaying the challenge to a sibling replica gets the sibling's port and index
+proven, which does not verify), without sending the key (host/http.py: `proves_ours`).
 
 Stdlib only (it runs inside the server's process, in the cluster's vLLM image).
 """
@@ -48,6 +50,9 @@ class RequireKey:
             key = os.urandom(32).hex()
         self.digest = key_digest(key)
         self._key, self._run_dir = key, os.path.realpath(os.environ.get("HPC_INFER_RUN_DIR") or "/nonexistent")
+        # what names this server in its proof (set by serve/replica.py for its own child only)
+        self._replica = os.environ.get("HPC_INFER_REPLICA", "")
+        self._job = os.environ.get("HPC_INFER_JOB_ID", "")
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers") or []:
@@ -61,7 +66,9 @@ class RequireKey:
         path = route(scope)
         if path == PROOF_PATH and scope["type"] == "http":
             nonce = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("nonce") or [""])[0][:128]
-            return await send_json(send, 200, {"proof": proof(self._key, nonce, self._run_dir)})
+            port = (scope.get("server") or ("", ""))[1]  # the port of our own socket, as the server sees it
+            answer = proof(self._key, nonce, self._run_dir, port, self._replica, self._job)
+            return await send_json(send, 200, {"proof": answer})
         if path in OPEN_PATHS or self._authorized(scope):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":

@@ -41,7 +41,7 @@ from ..host.procs import (
     this_process,
 )
 from ..rundir import set_permissions, tail_lines, write_atomic
-from ..host.http import http
+from ..host.http import http, proves_ours
 from .serverun import STATE_DIR
 
 
@@ -210,6 +210,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
         env.setdefault(key, str(value))
     # the run's mark (cancel and stop find its processes by it) and what the server proves itself with
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HPC_INFER_RUN_DIR=os.path.realpath(root))
+    env.update(HPC_INFER_REPLICA=str(index), HPC_INFER_JOB_ID=str(job_id))  # what its server's proof names
     try:
         env["VLLM_API_KEY"] = Path(spec["key_file"]).expanduser().read_text().strip()
     except OSError as e:
@@ -270,7 +271,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
             deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
             while child.poll() is None and stopping["why"] is None and time.time() < deadline:
-                if http(f"{base}/health", timeout=2)[0] == 200:
+                # ready means proven: our own child answers for this replica, job and port (a
+                # /health 200 could come from anything listening there); no key is sent before
+                if proves_ours(base, env["VLLM_API_KEY"], root, index, job_id, timeout=2):
                     break
                 time.sleep(1)
             if child.poll() is None and stopping["why"] is None and time.time() < deadline:

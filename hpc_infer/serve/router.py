@@ -91,7 +91,11 @@ def healthy_replicas(run: ServeRun, key: str) -> tuple[list[str], bool]:
         if f.get("state") not in ("stopped", "failed"):
             ended = False
         base = (f.get("url") or "").removesuffix("/v1")
-        if base and not run.removing_marker(i).exists() and proves_ours(base, key, run.root):
+        if (
+            base
+            and not run.removing_marker(i).exists()
+            and proves_ours(base, key, run.root, f.get("replica", i), f.get("job_id", ""))
+        ):
             urls.append(base)
     return urls, ended
 

@@ -35,7 +35,7 @@ def replica_states(run: ServeRun, with_metrics: bool = False) -> list[dict]:
         js = sched.get(job, "UNKNOWN")
         base = (f.get("url") or "").removesuffix("/v1")
         live = js in LIVE or js == UNREACHABLE  # squeue silent: what the server says decides
-        ours = live and bool(f.get("port")) and proves_ours(base, key, run.root)
+        ours = live and bool(f.get("port")) and proves_ours(base, key, run.root, i, job)
         if ours:
             state = "ready"
         elif js in ("PENDING", "CONFIGURING"):

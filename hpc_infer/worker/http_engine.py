@@ -83,10 +83,10 @@ def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]
                 and state.get("state") == "ready"
                 and isinstance(state.get("url"), str)
                 and url_problem(state["url"]) is None
-                and _ours(state["url"], key, run)
+                and _ours(state["url"], key, run, state.get("replica"), state.get("job_id"))
             ):
                 urls.append(state["url"])
-    return urls or [u for u in endpoint.get("urls") or [] if not run or _ours(u, key, run)], False
+    return urls or [u for u in endpoint.get("urls") or [] if not run], False
 
 
 class HttpEngine:
@@ -242,10 +242,10 @@ class HttpEngine:
         return rows
 
 
-def _ours(url: str, key: str | None, run: str | None) -> bool:
+def _ours(url: str, key: str | None, run: str | None, replica: object, job: object) -> bool:
     from ..host.http import proves_ours
 
-    return proves_ours(url.removesuffix("/v1"), key, run) if run else True
+    return proves_ours(url.removesuffix("/v1"), key, run, replica, job) if run else True
 
 
 class CutShort(Exception):
