@@ -219,6 +219,21 @@ def slurm_available() -> bool:
     return p.returncode == 0 and any(s in p.stdout for s in ("idle", "mix", "alloc", "comp"))
 
 
+def skip_or_fail(why: str) -> None:
+    """Skip where the machine cannot run a test; in CI (HPC_INFER_REQUIRE_SLURM=1: root, every
+    package installed) the same reason is a failure, never a quiet skip."""
+    if os.environ.get("HPC_INFER_REQUIRE_SLURM") == "1":
+        pytest.fail(f"cannot run in CI: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def as_root():
+    """Tests that make real users, mounts or ACLs: root only (CI runs as root)."""
+    if os.getuid() != 0:
+        skip_or_fail("needs root: makes real users, mounts, namespaces or ACLs")
+
+
 def need(module: str):
     """Import `module`, or skip the test; in CI (HPC_INFER_REQUIRE_SLURM=1: everything is
     installed) a missing dependency is a failure, never a quiet skip."""

@@ -179,8 +179,22 @@ class Proc:
 
 
 class Sim:
-    def __init__(self, sched: Schedule, layout: Layout):
+    def __init__(
+        self,
+        sched: Schedule,
+        layout: Layout,
+        engine: dict | None = None,
+        check: bool = True,
+        launcher_poll: bool = False,
+        t_max: float = T_MAX,
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
+        """`engine`: the fake engine's settings; `check`: invariants after every step (the
+        metadata bench turns them off: they read the whole server); `launcher_poll`: a
+        launcher polling progress as `launch` does (run/progress.py)."""
         self.sched, self.layout = sched, layout
+        self.engine_conf = engine or {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4}
+        self.check, self.launcher_poll, self.t_max, self.heartbeat_s = check, launcher_poll, t_max, heartbeat_s
         self.rng = random.Random(sched.seed * 7919 + 1)
         self.t = 0.0
         self.current: Proc | None = None
@@ -207,11 +221,11 @@ class Sim:
     # --- processes ----------------------------------------------------------------------------
     def start(self, slot: int, wid: str | None = None) -> Proc:
         node = slot % max(1, len(self.sched.skew) or 1)
-        p = Proc(slot, wid or f"w{slot}", node, self.next_pid, next_step=self.t, next_beat=self.t + HEARTBEAT_S)
+        p = Proc(slot, wid or f"w{slot}", node, self.next_pid, next_step=self.t, next_beat=self.t + self.heartbeat_s)
         p.started_at = self.t
         self.next_pid += 1
         p.client = SimClient(self.server, ROOT, f"node{node}-{p.pid}", ac_s=self.sched.ac_s, path="/sim/run")
-        conf = {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4, "fail_ids": self.sched.refuse}
+        conf = dict(self.engine_conf, fail_ids=self.sched.refuse)
         conf["slow"] = self.sched.slow
         self.current = p
         try:
@@ -395,10 +409,21 @@ class Sim:
             for slot in range(self.sched.workers):
                 if slot not in never:
                     self.start(slot)
-            while self.t < T_MAX:
-                live = [p for p in self.procs if p.alive]
-                nxt = [(p.next_step, 0, i) for i, p in enumerate(self.procs) if p.alive]
-                nxt += [(p.next_beat, 1, i) for i, p in enumerate(self.procs) if p.alive]
+            import heapq
+
+            queue = [(p.next_step, 0, i) for i, p in enumerate(self.procs)]
+            queue += [(p.next_beat, 1, i) for i, p in enumerate(self.procs)]
+            if self.launcher_poll:
+                queue.append((0.0, 4, -1))
+            heapq.heapify(queue)
+            known = len(self.procs)
+            while self.t < self.t_max:
+                live = any(p.alive for p in self.procs)
+                for i in range(known, len(self.procs)):  # started since: their first step and beat
+                    heapq.heappush(queue, (self.procs[i].next_step, 0, i))
+                    heapq.heappush(queue, (self.procs[i].next_beat, 1, i))
+                known = len(self.procs)
+                nxt = list(queue[:1])
                 if events:
                     nxt.append((events[0][0], 2, -1))
                 if self.pending:
@@ -406,8 +431,14 @@ class Sim:
                 if not nxt:
                     break
                 when, what, i = min(nxt)
+                if what in (0, 1, 4):
+                    heapq.heappop(queue)
+                    if what != 4 and not self.procs[i].alive:
+                        continue
                 self.t = max(self.t, when)
-                if what == 2:
+                if what == 4:
+                    heapq.heappush(queue, (self.t + self.poll(), 4, -1))
+                elif what == 2:
                     _, kind, slot, arg = events.pop(0)
                     self.apply(kind, slot, arg)
                 elif what == 3:
@@ -415,21 +446,40 @@ class Sim:
                     _, slot, wid = self.pending.pop(0)
                     self.start(slot, wid)
                 else:
-                    self.act(self.procs[i], beat=what == 1)
-                self.check_step()
+                    p = self.procs[i]
+                    self.act(p, beat=what == 1)
+                    if p.alive:
+                        heapq.heappush(queue, (p.next_beat, 1, i) if what == 1 else (p.next_step, 0, i))
+                if self.check:
+                    self.check_step()
                 if not live and not events and not self.pending:
                     break
-            self.check_end()
+                if self.launcher_poll and not any(p.alive for p in self.procs) and not events and not self.pending:
+                    break
+            if self.check:
+                self.check_end()
         finally:
             clock.current = old
         return self
+
+    def poll(self) -> float:
+        """One look of the launcher, as `launch` waits (run/progress.py): new outputs, every
+        heartbeat; the seconds to its next look."""
+        from hpc_infer.run import progress
+
+        if not hasattr(self, "_launcher"):
+            client = SimClient(self.server, ROOT, "launcher", path="/sim/run")
+            self._launcher = RunDir(Path("/sim/run"), client)
+            self._tracker = progress.DoneTracker(self._launcher)
+        progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker)
+        return progress.poll_interval(self.sched.workers)
 
     def act(self, p: Proc, beat: bool) -> None:
         self.current = p
         p.client.down = self.down.get(p.node, 0.0) > self.t
         try:
             if beat:
-                p.next_beat = self.t + HEARTBEAT_S
+                p.next_beat = self.t + self.heartbeat_s
                 p.worker.hb.tick()
                 return
             try:

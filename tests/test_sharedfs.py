@@ -24,7 +24,7 @@ from conftest import compose, read_results, require_slurm, run_launch, wait_held
 from hpc_infer.rundir import RunDir, read_json
 from sharedfs import SharedFS, available
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="mounts and namespaces need root (CI runs as root)")
+pytestmark = pytest.mark.usefixtures("as_root")  # mounts and namespaces: root (CI: a failure, never a skip)
 FAKE = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.01, "max_num_seqs": 4})}
 
 

@@ -32,7 +32,7 @@ import pytest
 
 from conftest import BIN, sh, user_env
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="makes real users: needs root (CI runs as root)")
+pytestmark = pytest.mark.usefixtures("as_root")  # makes real users: root (CI: a failure, never a skip)
 
 TOKEN = "hf_TrustProbeToken0123456789abcdefghij"
 ATTACKS = {"doors": 0, "attacks": 0}  # printed at the end of the module: the note's figures

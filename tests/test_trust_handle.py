@@ -19,7 +19,16 @@ from hpc_infer.errors import UserError
 from hpc_infer.rundir import trust
 from hpc_infer.rundir.fsio import PIN_ENV, PinnedDir, split_name
 
-need_acl = pytest.mark.skipif(shutil.which("setfacl") is None and not os.environ.get("CI"), reason="setfacl missing")
+
+@pytest.fixture
+def need_acl_tools(as_root):
+    if shutil.which("setfacl") is None:
+        from conftest import skip_or_fail
+
+        skip_or_fail("setfacl is missing (Debian's acl package; scripts/setup.sh installs it)")
+
+
+need_acl = pytest.mark.usefixtures("need_acl_tools")
 
 
 def _private(tmp_path: Path, name: str = "d") -> Path:

@@ -3,7 +3,8 @@
 Each setting runs in a process of its own (`python -m hpc_infer.worker.tuner ONE DIR K`),
 so one engine's memory, threads or a build's refusal never leak into the next: the
 engine is built and warmed up (not timed), then the sample is generated `repeats` times,
-each timed from the first request in to the last result out. A setting's outputs are
+each timed from the first request in to the last result out, with vLLM's prefix cache
+emptied before each (a repeat must not find its own prompts cached). A setting's outputs are
 checked to be valid (every record back, no error the defaults did not have, tokens
 generated). The driver (`run_tune`) tries the defaults first, then one change at a time,
 until the budget would be overrun; then it times the grid's leader again right after the
@@ -54,6 +55,9 @@ def one(tune_dir: Path, k: int) -> dict:
     _generate(engine, records[:1], sampling, seed)  # warm-up: not timed
     runs = []
     for _ in range(int(spec["repeats"])):
+        # each repeat cold: the same prompts again would all be found in vLLM's prefix cache, which
+        # misjudges the noise and every prefill-bound setting (the run's own chunks are seen once)
+        getattr(engine, "reset_prefix_cache", lambda: None)()
         t = time.time()
         rows = _generate(engine, records, sampling, seed)
         runs.append(

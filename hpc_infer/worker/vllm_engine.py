@@ -295,6 +295,11 @@ class VllmEngine:
             self.generating_tokens = 0
         return done
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (`tune` times each repeat cold: a repeat of the same
+        prompts would otherwise find them all cached, and prefill-bound settings look free)."""
+        self.llm.reset_prefix_cache()
+
     def abort(self, chunk_id: int) -> int:
         """Drop a chunk's unfinished requests (its output was published by another worker)."""
         rids = [rid for rid, r in self._pending.items() if r.get("chunk") == chunk_id]

@@ -154,8 +154,7 @@ class Worker:
         self.spec = spec = self.run.read_json("worker.json")
         set_permissions(spec.get("permissions"))
         manifest = self.run.read_json("manifest.json")
-        self.planned = {c["id"]: c for c in manifest["chunks"]}
-        self.sizes = {cid: int(c["n_records"]) for cid, c in self.planned.items()}
+        self.planned, self.sizes, est = chunk_tables(manifest)
         for key, value in (spec.get("env") or {}).items():
             os.environ.setdefault(key, str(value))
         os.environ["HF_HUB_OFFLINE"] = "1"  # workers never download; the launcher resolved the model
@@ -167,12 +166,7 @@ class Worker:
         if rank is None or of is None:
             rank, of = default_rank()
         self.claimer = claims.Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
-        self.pacing = Pacing(
-            self.run,
-            self.owner.worker_id,
-            heartbeat_s,
-            {cid: int(c.get("est_tokens", 1)) for cid, c in self.planned.items()},
-        )
+        self.pacing = Pacing(self.run, self.owner.worker_id, heartbeat_s, est)
         self.engine: Any = engine
         self._engine_given = engine is not None
         self.inflight: dict[int, Chunk] = {}
@@ -594,6 +588,22 @@ class Worker:
 #               folder removed -> run deleted; an exception -> failed (attempts kept if the engine
 #               died: a poison record)
 STATES = ("starting", "waiting_beat", "claiming", "running", "publishing", "idle", "finished", "stopped", "failed")
+
+
+_TABLES: dict[int, tuple] = {}
+
+
+def chunk_tables(manifest: dict) -> tuple[dict, dict, dict]:
+    """(chunk by id, records by id, estimated tokens by id) of a manifest, read-only; workers
+    given the same manifest object share them (the protocol simulator runs thousands)."""
+    found = _TABLES.get(id(manifest))
+    if found is None or found[0] is not manifest:
+        planned = {c["id"]: c for c in manifest["chunks"]}
+        sizes = {cid: int(c["n_records"]) for cid, c in planned.items()}
+        est = {cid: int(c.get("est_tokens", 1)) for cid, c in planned.items()}
+        _TABLES.clear()
+        found = _TABLES[id(manifest)] = (manifest, planned, sizes, est)
+    return found[1], found[2], found[3]
 
 
 def make_engine(spec: dict, worker_id: str = "") -> Any:

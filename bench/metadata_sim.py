@@ -1,0 +1,140 @@
+"""Metadata calls per second at 1,000 and 10,000 workers, counted exactly by the protocol
+simulator (tests/simulation.py over rundir/simfs.py), launcher included.
+
+The real worker, claims, leases, publish and the launcher's progress poll run unchanged over
+the simulated file server, which counts every call that reaches it (open, stat, readdir,
+create, rename, link, unlink, setattr, mkdir). No attribute cache (`ac_s=0`): every stat and
+listing reaches the server, as `strace` counts them (bench/metadata_ops.py counts real
+processes' system calls the same way, at 16-256 workers: the calibration).
+
+Steady state: every worker busy on chunks of `--records` records, each chunk `--chunk-s`
+simulated seconds long (the fake engine: `--records` sequences at once, 9 steps), the
+window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 calls/s at
+1,000 workers and 2,000/s at 10,000.
+
+    .venv/bin/python bench/metadata_sim.py                      # 1,000 and 10,000 workers
+    .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def layout(tmp: Path, workers: int, chunks_per_worker: int, records: int):
+    from conftest import compose
+
+    import simulation as S
+    from hpc_infer.run.plan import plan_input, prepare
+
+    n = workers * chunks_per_worker * records
+    data = tmp / f"in{workers}.jsonl"
+    with open(data, "w") as f:
+        for i in range(n):
+            f.write(f'{{"id": "r{i}", "prompt": "q {i}"}}\n')
+    rc = compose(
+        f"output_root={tmp}/runs{workers}",
+        f"data.path={data}",
+        "cluster=local",
+        f"cluster.workers={workers}",
+        f"chunks_per_worker={chunks_per_worker}",
+        f"max_chunk_records={records}",
+        "data.group_prefixes=off",
+        "sampling=greedy",
+        "sampling.max_tokens=9",
+        "cluster.lease_s=600",
+        "cluster.heartbeat_s=10",
+    )
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    files = {n: (run.root / n).read_bytes() for n in ("manifest.json", "worker.json", "input.copy", "run_id")}
+    manifest = json.loads(files["manifest.json"])
+    return S.Layout("bench", files, [], {}, manifest["n_chunks"])
+
+
+def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window: float) -> dict:
+    import simulation as S
+    from hpc_infer.rundir import layout as rundir_layout
+
+    parsed: dict = {}
+    original = rundir_layout.RunDir.read_json
+
+    def read_json(self, name):  # one parse of the big manifest, shared (the fake server's bytes are one object)
+        data = self.fs.read(name)
+        key = (name, id(data))
+        if key not in parsed:
+            parsed[key] = (data, json.loads(data))
+        return parsed[key][1]
+
+    rundir_layout.RunDir.read_json = read_json
+    sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
+    engine = {"step_s": chunk_s / 9, "max_num_seqs": records, "tokens": 9}
+    sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=10.0)
+    marks: dict = {}
+    tick = sim.check_step
+
+    def mark() -> None:  # the counters when the window opens (check_step runs after every step)
+        if "start" not in marks and sim.t >= warm:
+            marks["start"] = (sim.t, collections.Counter(sim.server.calls))
+
+    sim.check, sim.check_step = True, mark
+    sim.check_end = lambda: None
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            sim.run()
+    finally:
+        rundir_layout.RunDir.read_json = original
+        sim.check_step = tick
+    start_t, start = marks["start"]
+    calls = sim.server.calls - start
+    span = sim.t - start_t
+    done = sum(1 for n in sim.server.lookup(["run", "out"]).entries if n.endswith(".jsonl"))
+    return {
+        "workers": workers,
+        "chunks": lay.n_chunks,
+        "calls_per_s": round(sum(calls.values()) / span, 1),
+        "per_worker_s": round(sum(calls.values()) / span / workers, 4),
+        "by_kind": dict(sorted(((k, round(v / span, 1)) for k, v in calls.items()), key=lambda kv: -kv[1])),
+        "chunks_done": done,
+        "window_s": round(span, 1),
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--chunks-per-worker", type=int, default=16)
+    ap.add_argument("--records", type=int, default=8, help="records a chunk (the fake engine runs them at once)")
+    ap.add_argument("--chunk-s", type=float, default=225.0, help="simulated seconds a chunk takes")
+    ap.add_argument("--warm", type=float, default=600.0)
+    ap.add_argument("--window", type=float, default=600.0)
+    args = ap.parse_args()
+    budget = {1000: 500, 10000: 2000}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.workers:
+            lay = layout(Path(tmp), n, args.chunks_per_worker, args.records)
+            row = measure(lay, n, args.records, args.chunk_s, args.warm, args.window)
+            goal = f" (budget {budget[n]}/s)" if n in budget else ""
+            print(
+                f"{n:>6} workers, {row['chunks']:>7} chunks: {row['calls_per_s']:>8.1f} calls/s{goal}, "
+                f"{row['per_worker_s']:.4f} per worker-second; {row['by_kind']}; "
+                f"{row['chunks_done']} chunks done by t={args.warm + args.window:.0f}s; {row['wall_s']} s to simulate",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
