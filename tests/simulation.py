@@ -471,7 +471,14 @@ class Sim:
             client = SimClient(self.server, ROOT, "launcher", path="/sim/run")
             self._launcher = RunDir(Path("/sim/run"), client)
             self._tracker = progress.DoneTracker(self._launcher)
-        progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker)
+        seen = progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker)
+        if self.check:  # what launch and status show: never backwards, never over the totals
+            before = getattr(self, "_shown", None)
+            if seen.records_done > seen.n_records or seen.chunks_done > seen.n_chunks:
+                self.fail(f"progress shows {seen.records_done}/{seen.n_records} records")
+            if before is not None and seen.chunks_done < before.chunks_done:
+                self.fail(f"progress went back from {before.chunks_done} to {seen.chunks_done} chunks")
+            self._shown = seen
         return progress.poll_interval(self.sched.workers)
 
     def act(self, p: Proc, beat: bool) -> None:
@@ -501,7 +508,7 @@ class Sim:
 
 
 def run_schedule(sched: Schedule, layouts: dict[str, Layout]) -> Sim:
-    return Sim(sched, layouts[sched.layout]).run()
+    return Sim(sched, layouts[sched.layout], launcher_poll=True).run()
 
 
 def shrink(sched: Schedule, layouts: dict[str, Layout], budget: int = 200) -> Schedule:

@@ -50,7 +50,7 @@ FOUND = {
         "IndexError",
     ),
     "a dead holder's chunk with no relaunch": (
-        S.Schedule(15, "plain", 2, [], [], [0.0, 0.0, 0.0], eio=0.002, estale=0.05),
+        S.Schedule(39, "plain", 2, [(0.519, "node_fail", 0, 16.428)], [], [0.0, 0.0, 0.0]),
         ("hpc_infer.rundir.claims.Claimer.idle_wait", lambda self, *a: None),
         "not done",
     ),
