@@ -186,6 +186,20 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from .cluster.detect import detect
+
+    target, site = detect(args.name, Path(args.config_dir), Path(args.output_root), args.force)
+    print(target)
+    read = [f"{len(site.partitions)} partition(s)"] + (["MaxArraySize"] if site.max_array_size else [])
+    read += ["your accounts and QOS"] if site.accounts is not None else []
+    print(f"read: {', '.join(read)}; not read: {len(site.unread)} (listed at the end of the file)", file=sys.stderr)
+    for line in site.unread:
+        print(f"  not read: {line}", file=sys.stderr)
+    print(f"use it: hpc-infer launch --config-dir {args.config_dir} cluster={args.name}", file=sys.stderr)
+    return 0
+
+
 def cmd_model(args) -> int:
     from .models.cpu_model import ensure_smollm2
 
@@ -256,6 +270,7 @@ HYDRA_COMMANDS = {
     "sbatch": "hpc_infer.run.sbatch",
     "serve": "hpc_infer.serve.launch",
     "tune": "hpc_infer.tune",
+    "doctor": "hpc_infer.doctor",
 }
 
 
@@ -362,12 +377,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fakeroot", action="store_true", help="build as root instead of with --fakeroot")
     p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     p.set_defaults(fn=cmd_image)
+    p = sub.add_parser(
+        "cluster", help="cluster detect [NAME]: read the site (Slurm, runtimes, file systems) into a config"
+    )
+    p.add_argument("action", choices=["detect"])
+    p.add_argument("name", nargs="?", default="site", help="the config's name (cluster=NAME)")
+    p.add_argument("--config-dir", default="conf", help="writes CONFIG_DIR/cluster/NAME.yaml (default: ./conf)")
+    p.add_argument("--output-root", default="runs", help="where runs will go: its file system is reported")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(fn=cmd_cluster)
     p = sub.add_parser("model", help="embedded CPU model")
     p.add_argument("action", choices=["build-cpu"])
     p.set_defaults(fn=cmd_model)
     sub.add_parser("launch", help="plan, submit, wait, merge (Hydra overrides follow)")
     sub.add_parser("tune", help="time engine settings on a sample of the run's prompts; launch uses the fastest")
     sub.add_parser("sbatch", help="render the run as a standalone sbatch script (Hydra overrides follow)")
+    sub.add_parser(
+        "doctor",
+        help="one short job as the run would get it: GPUs, vLLM, model, token, file system (Hydra overrides follow)",
+    )
     sub.add_parser(
         "serve",
         help="OpenAI-compatible vLLM servers (Hydra overrides follow); serve status|stop|metrics RUN, "

@@ -72,11 +72,14 @@ MaxArraySize=${HPC_INFER_MAX_ARRAY_SIZE:-100001}
 KillWait=5
 GresTypes=gpu
 NodeName=node1 NodeHostname=$H NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS RealMemory=$MEM Gres=gpu:4 State=UNKNOWN
-NodeName=node2 NodeHostname=$H NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS RealMemory=$MEM Gres=gpu:4 State=UNKNOWN
+NodeName=node2 NodeHostname=$H NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS RealMemory=$MEM Gres=gpu:l40s:4 State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+# a second partition, node2 alone with its typed GPUs and a time limit: something for
+# `hpc-infer cluster detect` to tell apart (nothing else submits there)
+PartitionName=l40s Nodes=node2 MaxTime=04:00:00 State=UP OverSubscribe=FORCE:4
 CONF
 for i in 0 1 2 3; do touch /dev/shm/fakegpu$i; done
-printf 'AutoDetect=off\nNodeName=node[1-2] Name=gpu File=/dev/shm/fakegpu[0-3]\n' > /etc/slurm/gres.conf
+printf 'AutoDetect=off\nNodeName=node1 Name=gpu File=/dev/shm/fakegpu[0-3]\nNodeName=node2 Name=gpu Type=l40s File=/dev/shm/fakegpu[0-3]\n' > /etc/slurm/gres.conf
 printf 'CgroupPlugin=autodetect\nIgnoreSystemd=yes\n' > /etc/slurm/cgroup.conf
 test -f /etc/munge/munge.key || mungekey -c
 chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge

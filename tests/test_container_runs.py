@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hold_env, preempt_then_finish, read_results, run_launch, run_line, user_checkout
+from conftest import (
+    ROOT,
+    hold_env,
+    preempt_then_finish,
+    read_results,
+    run_launch,
+    run_line,
+    sh,
+    user_checkout,
+    user_env,
+)
 from doc_commands import as_written
 from hpc_infer.rundir import RunDir, read_json
 from test_vllm_runs import _scan_cmdlines
@@ -284,3 +294,18 @@ def test_container_that_cannot_start_fails_with_its_error(tmp_path, cpu_model):
     )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "FAILED: bwrap: execvp /bin/sh: No such file or directory" in p.stderr
+
+
+@pytest.mark.slow
+def test_doctor_runs_its_probe_inside_the_image(tmp_path, cpu_model, vllm_image):
+    """`hpc-infer doctor` with the cluster's image: the probe runs in it (the image's python3
+    and its vLLM), the call logged by the stand-in."""
+    p = sh(
+        tmp_path,
+        f"hpc-infer doctor cluster=local cluster.container.image={vllm_image} output_root={tmp_path}/runs",
+        env=user_env(container_env(tmp_path)),
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "(CPU build)" in p.stdout and "model" in p.stdout
+    (call,) = [json.loads(line) for line in (tmp_path / "apptainer-calls.jsonl").read_text().splitlines()]
+    assert call["image"] == str(vllm_image)

@@ -34,6 +34,16 @@ def die_with_controller() -> None:
         die_with_parent()
 
 
+class DoctorTask:
+    """Called with the doctor directory (index unused): `hpc-infer doctor`'s probe job."""
+
+    def __call__(self, run_dir: str, index: int = 0) -> dict:
+        from ..worker.probe import run_probe
+
+        die_with_controller()
+        return run_probe(run_dir)
+
+
 class TuneTask:
     """Called with the tune directory (index unused): `hpc-infer tune`'s timing job."""
 
