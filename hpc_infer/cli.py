@@ -79,6 +79,29 @@ def _run_config(run, need: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def shipped_hook(target: str) -> bool:
+    """`target` names a function this package ships as a hook, itself: resolved, defined in
+    one of SHIPPED_HOOKS' modules under exactly that name (a text prefix would let
+    `hpc_infer.rewards.os.system` through, an attribute the module merely imports)."""
+    import inspect
+
+    from hydra._internal.utils import _locate
+
+    from .config import SHIPPED_HOOKS
+
+    if not target.startswith(SHIPPED_HOOKS):
+        return False
+    try:
+        obj = _locate(target)
+    except Exception:
+        return False
+    return (
+        inspect.isfunction(obj)
+        and obj.__module__.startswith(tuple(s.rstrip(".") for s in SHIPPED_HOOKS))
+        and f"{obj.__module__}.{obj.__qualname__}" == target
+    )
+
+
 def _run_postprocess(cfg: dict, level: str, typed: str | None) -> dict | None:
     """The merge hook: one the caller typed (--postprocess), else the run's own. A hook is
     code: from a run the caller does not own (a teammate's group run), only a hook this
@@ -96,7 +119,7 @@ def _run_postprocess(cfg: dict, level: str, typed: str | None) -> dict | None:
         return spec
     target = str(spec.get("_target_"))
     plain = all(isinstance(v, (str, int, float, bool, type(None))) for k, v in spec.items())
-    if target.startswith(SHIPPED_HOOKS) and plain:
+    if shipped_hook(target) and plain:
         return spec
     print(
         f"[hpc_infer] the run's merge hook {target} was not run: this run is not yours, and only hooks hpc_infer "

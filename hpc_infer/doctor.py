@@ -41,6 +41,7 @@ def doctor(rc: RunConfig) -> int:
         "model_path": model_path,
         "tensor_parallel_size": rc.model.tensor_parallel_size,
         "multi_node": c.nodes_per_task > 1,
+        "slurm": c.backend == "slurm",
         "gated": bool(getattr(rc.model, "gated", False)),
     }
     write_json(root / "doctor_spec.json", spec)

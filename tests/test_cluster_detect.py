@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import require_slurm, sh
+from doc_commands import as_written
 from hpc_infer.cluster.detect import expand_nodes, parse_gres
 
 
@@ -21,7 +22,8 @@ def test_gres_and_host_lists_as_sites_print_them():
 @pytest.mark.slurm
 def test_cluster_detect_reads_the_local_slurm_and_writes_a_config_that_works(tmp_path):
     require_slurm()
-    p = sh(tmp_path, f"hpc-infer cluster detect mysite --config-dir {tmp_path}/conf --output-root {tmp_path}/runs")
+    fill = {"--config-dir conf": f"--config-dir {tmp_path}/conf"}
+    p = sh(tmp_path, as_written("hpc-infer cluster detect mysite --config-dir conf", fill))  # the README's line
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "conf" / "cluster" / "mysite.yaml").read_text()
     assert "partition: debug" in text  # the default partition
@@ -41,3 +43,19 @@ def test_cluster_detect_reads_the_local_slurm_and_writes_a_config_that_works(tmp
     assert script.returncode == 0, script.stderr
     body = open(script.stdout.strip().splitlines()[-1]).read()
     assert "#SBATCH --partition=debug" in body
+
+
+@pytest.mark.slurm
+def test_the_readmes_doctor_line_names_what_would_fail_here(tmp_path):
+    """The README's doctor line on the config detect wrote: this machine has the partition's
+    GPUs only as placeholders (no driver) and no copy of Qwen2.5-Math: both fail, each with
+    its fix, and doctor exits 1 before any run is planned."""
+    require_slurm()
+    fill = {"--config-dir conf": f"--config-dir {tmp_path}/conf"}
+    assert sh(tmp_path, as_written("hpc-infer cluster detect mysite --config-dir conf", fill)).returncode == 0
+    p = sh(tmp_path, as_written("hpc-infer doctor --config-dir conf cluster=mysite model=qwen_math", fill))
+    assert p.returncode == 1, p.stdout + p.stderr
+    rows = {line.split()[0]: line for line in p.stdout.splitlines()[1:] if line.strip()}
+    assert "FAIL" in rows["model"] and "cache stage" in rows["model"]
+    assert "FAIL" in rows["GPUs"] and "none visible" in rows["GPUs"]
+    assert "the run would fail" in p.stderr and not (tmp_path / "runs" / "doctor__mysite" / "manifest.json").exists()

@@ -265,3 +265,18 @@ def test_a_relayed_or_malformed_proof_never_verifies(tmp_path, monkeypatch):
             r.shutdown()
         server.should_exit = True
         thread.join(10)
+
+
+def test_only_a_hook_defined_in_the_package_passes_as_shipped():
+    """A text prefix let `hpc_infer.rewards.<module it imports>.<anything>` through; the hook
+    is now resolved and must be a function defined there under exactly that name."""
+    from hpc_infer.cli import shipped_hook
+
+    assert shipped_hook("hpc_infer.rewards.r1_zero_reward")
+    for target in (
+        "hpc_infer.rewards.math_grader.re.compile",  # an import of the module: not ours
+        "hpc_infer.rewards.Callable",
+        "hpc_infer.rewardsevil.run",
+        "hpc_infer.rewards.nothing_here",
+    ):
+        assert not shipped_hook(target), target

@@ -151,10 +151,14 @@ def checks(spec: dict, here: Path) -> list[dict]:
         else "export HF_TOKEN in the launching shell, or ~/.cache/huggingface/token",
     )
     fs = _fs_type(here)
+    local = fs in ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "ramfs")
     add(
         "output root",
-        WARN if fs in ("tmpfs", "overlay") and spec.get("multi_node") else OK,
+        WARN if local and spec.get("slurm") else OK,
         f"{here.parent} on {fs or '?'}",
+        "node-local: workers on other nodes would each see another folder; use an output_root on the shared file system"
+        if local and spec.get("slurm")
+        else "",
     )
     probe = here / f".clock-{socket.gethostname()}"
     try:
