@@ -280,3 +280,28 @@ def test_only_a_hook_defined_in_the_package_passes_as_shipped():
         "hpc_infer.rewards.nothing_here",
     ):
         assert not shipped_hook(target), target
+
+
+def test_the_tune_store_decides_engine_flags_only_under_the_rule_and_only_tunes_keys(tmp_path):
+    from hpc_infer.worker.tuner import candidates
+    from hpc_infer.run.plan import TUNABLE, tuned_settings
+
+    assert TUNABLE == {k for g in candidates({"model": {"engine_kwargs": {}}}) for k in g}  # the grid's own keys
+    rc = compose(f"output_root={tmp_path}/o", "data=example", "cluster=local")
+    rc.tuned_path.parent.mkdir(parents=True)
+    rc.tuned_path.write_text("model:\n  engine_kwargs:\n    max_num_seqs: 64\n")
+    assert tuned_settings(rc)["engine_kwargs"] == {"max_num_seqs": 64}
+    rc.tuned_path.write_text("model:\n  engine_kwargs:\n    trust_remote_code: true\n")
+    with pytest.raises(UserError, match="trust_remote_code.*tune.use=false"):
+        tuned_settings(rc)
+    rc.tuned_path.write_text("model:\n  engine_kwargs:\n    max_num_seqs: 64\n")
+    rc.tuned_path.parent.chmod(0o777)  # a store others can write: its settings are not taken
+    with pytest.raises(UserError, match="writable by everyone"):
+        tuned_settings(rc)
+    rc.tuned_path.parent.chmod(0o755)
+    target = tmp_path / "elsewhere.yaml"
+    target.write_text("model:\n  engine_kwargs:\n    max_num_seqs: 8\n")
+    rc.tuned_path.unlink()
+    rc.tuned_path.symlink_to(target)  # a link in the settings' place is never followed
+    with pytest.raises(UserError, match="not the settings"):
+        tuned_settings(rc)

@@ -423,9 +423,27 @@ def tuned_settings(rc: RunConfig) -> dict:
         return {}
     from omegaconf import OmegaConf
 
-    kept = OmegaConf.to_container(OmegaConf.load(rc.tuned_path)) or {}
-    kwargs = (kept.get("model") or {}).get("engine_kwargs") or {}
+    from ..rundir import trust
+
+    fix = "turn it off with tune.use=false, or remove the folder and tune again"
+    store = trust.open_dir(rc.tuned_path.parent, "the tune store", trust.OWN, fix=fix)  # judged, pinned, no link
+    try:
+        kept = OmegaConf.to_container(OmegaConf.create(store.read(rc.tuned_path.name).decode())) or {}
+    except Exception as e:
+        raise UserError(
+            f"{rc.tuned_path}: not the settings `hpc-infer tune` writes ({type(e).__name__}); {fix}"
+        ) from None
+    kwargs = ((kept.get("model") or {}).get("engine_kwargs") or {}) if isinstance(kept, dict) else {}
+    unknown = sorted(set(kwargs) - TUNABLE) if isinstance(kwargs, dict) else ["(not a mapping)"]
+    if unknown:  # only what tune's grid sets: never trust_remote_code, a path, a plugin
+        raise UserError(
+            f"{rc.tuned_path}: holds engine settings `hpc-infer tune` never keeps ({', '.join(map(str, unknown))}); "
+            f"{fix}"
+        )
     return {"engine_kwargs": kwargs, "path": str(rc.tuned_path)} if kwargs else {}
+
+
+TUNABLE = {"max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "speculative_config"}  # worker/tuner.py
 
 
 def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, too_long: dict | None = None) -> dict:
