@@ -77,8 +77,13 @@ def describe(run: ServeRun) -> str:
     now = time.time()
     router = run.router_job()
     if router:
-        r = run.router_state() or {"state": "queued"}
-        line = f"  router     {r['state']:8} job {router}"
+        r = dict(run.router_state() or {"state": "queued"})
+        backend, _ = recorded_backend(RunDir(run.root))
+        js = backend.states([router]).get(router, "UNKNOWN")
+        if r["state"] in ("ready", "loading") and js not in LIVE and js != UNREACHABLE:
+            r["state"] = "ended"  # its file says ready; the scheduler says its job is gone: nothing answers there
+            r["stopped_because"] = r.get("stopped_because") or f"its job is {js.lower()} (the file said ready)"
+        line = f"  router     {r['state']:8} job {router} ({js})"
         if r.get("url"):
             line += f"  {r['url']}  policy {r.get('policy')}, sends to {len(r.get('workers') or [])} replica(s)"
         if r.get("stopped_because") or r.get("error"):
