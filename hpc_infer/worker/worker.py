@@ -125,8 +125,11 @@ class Pacing:
             return None
         straggler = p.ratio < claims.STRAGGLER
         self.share = p.ratio if straggler else 1.0
-        left = sum(e for cid, e in self.est.items() if cid not in claimer.taken)
-        self.leave_tail = straggler and p.others_running and left < claims.TAIL_SHARE * self.total
+        self.leave_tail = (  # the work left unclaimed: summed only for a straggler (a pass over the chunks)
+            straggler
+            and p.others_running
+            and sum(e for cid, e in self.est.items() if cid not in claimer.taken) < claims.TAIL_SHARE * self.total
+        )
         return {"pace": round(p.ratio, 3), "straggler": straggler}
 
 
