@@ -12,7 +12,9 @@ second. Settings:
 
 `fail_ids` come back as error records (what vLLM refuses); a record in `die_ids` makes
 step() raise as vLLM's EngineDeadError does (a poison record); `slow` multiplies step_s
-for workers whose id contains the key (a straggler). Standard library only.
+for workers whose id contains the key (a straggler); `lengths` {"median", "sigma", "max"}
+gives each record its own log-normal output length, drawn from its id (the same on every
+worker: heavy-tailed outputs for the balance bench). Standard library only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class FakeEngine:
         self.max_num_seqs = int(conf.get("max_num_seqs", 64))
         self.tokens = conf.get("tokens")
         self.fail_ids = set(map(str, conf.get("fail_ids") or []))
+        self.lengths = conf.get("lengths")
         self.die_ids = set(map(str, conf.get("die_ids") or []))
         self.generating_tokens = 0
         self._waiting: deque[list] = deque()  # [record, tokens wanted, tokens so far]
@@ -58,6 +61,16 @@ class FakeEngine:
         self._errors: list[dict] = []
         if conf.get("start_s"):
             clock.sleep(float(conf["start_s"]))  # an engine's start
+
+    def _length(self, rid: str) -> int:
+        import random
+        import zlib
+
+        g = random.Random(zlib.crc32(rid.encode()))
+        L = self.lengths
+        return max(
+            1, min(int(L.get("max", 4096)), round(g.lognormvariate(0, float(L.get("sigma", 1.0))) * L["median"]))
+        )
 
     @property
     def unfinished(self) -> int:
@@ -72,6 +85,8 @@ class FakeEngine:
             want = (
                 self.tokens or (r.get("sampling") or {}).get("max_tokens") or (sampling or {}).get("max_tokens") or 16
             )
+            if self.lengths:
+                want = self._length(str(r.get("id")))
             self._waiting.append([r, int(want), 0])
 
     def step(self) -> list[dict]:
