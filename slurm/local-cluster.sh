@@ -75,7 +75,7 @@ NodeName=node1 NodeHostname=$H NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS RealMemo
 NodeName=node2 NodeHostname=$H NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS RealMemory=$MEM Gres=gpu:l40s:4 State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 # a second partition, node2 alone with its typed GPUs and a time limit: something for
-# `hpc-infer cluster detect` to tell apart (nothing else submits there)
+# hpc-infer cluster detect to tell apart (nothing else submits there)
 PartitionName=l40s Nodes=node2 MaxTime=04:00:00 State=UP OverSubscribe=FORCE:4
 CONF
 for i in 0 1 2 3; do touch /dev/shm/fakegpu$i; done
@@ -93,7 +93,7 @@ for n in $NODES; do
   pgrep -f "slurmd -N $n\$" >/dev/null || { rm -f "/run/slurmd-$n.pid"; slurmd -N "$n"; started slurmd "/run/slurmd-$n.pid"; }
 done
 for _ in $(seq 30); do
-  if [ "$(sinfo -h -N -o %t 2>/dev/null | grep -Ec '^(idle|mix|alloc)')" = 2 ]; then echo "slurm up: node1 node2 on $H"; exit 0; fi
+  if [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | grep -Ec ' (idle|mix|alloc)$')" = 2 ]; then echo "slurm up: node1 node2 on $H"; exit 0; fi
   scontrol update nodename=node1,node2 state=resume >/dev/null 2>&1 || true
   sleep 1
 done

@@ -59,7 +59,7 @@ def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp
         assert slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
     from hpc_infer.rundir import claims
 
-    marker = claims.backups_dir(run) / "00000"
+    marker = run.root / claims.BACKUPS / "00000"
     assert json.loads(marker.read_text())["worker"] == "fast"  # the idle worker backed up the straggler's chunk
     beats = {b: read_json(run.heartbeats / f"{b}.json") for b in ("slow", "fast")}
     assert beats["fast"].get("backups") == 1

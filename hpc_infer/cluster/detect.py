@@ -243,7 +243,7 @@ def render(name: str, site: Site, output_root: Path) -> str:
             lines.append(f"cpus_per_task: {min(8, default.cpus)}")
         if default.mem_mb:
             lines.append(
-                f"mem: {min(40, max(1, default.mem_mb // 1024 // 2))}G   # of {default.mem_mb // 1024}G a node"
+                f"mem: {min(40, max(1, default.mem_mb * 9 // 10 // 1024))}G   # of {default.mem_mb // 1024}G a node"
             )
         if default.max_time:
             lines.append(f'time: "{default.max_time}"   # the partition\'s longest')

@@ -433,6 +433,18 @@ class SlurmBackend(Backend):
         states = {j: queue[j][0] if j in queue else _result_state(self.run, j) or "ENDED" for j in job_ids}
         return states, {j: left for j, (_, left) in queue.items()}
 
+    def wait_exited(self, job_ids: list[str], timeout_s: float = 120.0) -> list[str]:
+        """After a complete run: its tasks end on their own (an idle worker looks once a
+        heartbeat interval whether every chunk is published, then its engine shuts down and
+        its private caches go); `launch` returns once the scheduler holds none of them, or
+        names those still held after `timeout_s` (never cancelled: they are finishing)."""
+        deadline = time.time() + timeout_s
+        while True:
+            left = [j for j, s in self.states(job_ids).items() if s in LIVE]
+            if not left or time.time() >= deadline:
+                return left
+            time.sleep(1)
+
     def cancel(self, job_ids: list[str]) -> str:
         arrays = sorted({j.split("_")[0] for j in slurm_ids(job_ids)})
         if arrays:
