@@ -69,14 +69,15 @@ def layout(tmp: Path, workers: int, chunks_per_worker: int, records: int):
     return S.Layout("bench", files, [], {}, manifest["n_chunks"])
 
 
-def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window: float) -> dict:
-    import simulation as S
+def shared_manifest():
+    """Every simulated worker parses the big manifest once between them (the fake server's
+    bytes are one object); returns the RunDir.read_json to put back."""
     from hpc_infer.rundir import layout as rundir_layout
 
     parsed: dict = {}
     original = rundir_layout.RunDir.read_json
 
-    def read_json(self, name):  # one parse of the big manifest, shared (the fake server's bytes are one object)
+    def read_json(self, name):
         data = self.fs.read(name)
         key = (name, id(data))
         if key not in parsed:
@@ -84,6 +85,14 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
         return parsed[key][1]
 
     rundir_layout.RunDir.read_json = read_json
+    return original
+
+
+def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window: float) -> dict:
+    import simulation as S
+    from hpc_infer.rundir import layout as rundir_layout
+
+    original = shared_manifest()
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
     engine = {"step_s": chunk_s / 9, "max_num_seqs": records, "tokens": 9}
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=10.0)
@@ -123,17 +132,7 @@ def balance(lay, workers: int, records: int) -> dict:
     import simulation as S
     from hpc_infer.rundir import layout as rundir_layout
 
-    parsed: dict = {}
-    original = rundir_layout.RunDir.read_json
-
-    def read_json(self, name):
-        data = self.fs.read(name)
-        key = (name, id(data))
-        if key not in parsed:
-            parsed[key] = (data, json.loads(data))
-        return parsed[key][1]
-
-    rundir_layout.RunDir.read_json = read_json
+    original = shared_manifest()
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
     engine = {"step_s": 10.0, "max_num_seqs": records, "lengths": {"median": 3, "sigma": 1.0, "max": 40}}
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=10.0)

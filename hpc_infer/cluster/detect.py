@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..worker.probe import mount_of
 
 
 @dataclass
@@ -111,20 +112,6 @@ def expand_nodes(text: str) -> list[str]:
     return [n for n in out if n and n != "(null)"]
 
 
-def _mount_of(path: Path) -> tuple[str, str] | None:
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    best = max(
-        (m for m in mounts if real == m[0] or real.startswith(m[0].rstrip("/") + "/")),
-        key=lambda m: len(m[0]),
-        default=None,
-    )
-    return (best[0], best[1]) if best else None
-
-
 def read_site(output_root: Path) -> Site:
     site = Site()
     u = site.unread
@@ -184,7 +171,7 @@ def read_site(output_root: Path) -> Site:
     probe = output_root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    site.fs = _mount_of(probe)
+    site.fs = mount_of(probe)
     if site.fs is None:
         u.append(f"the file system under {output_root}: /proc/mounts unreadable")
     try:

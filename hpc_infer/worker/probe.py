@@ -52,7 +52,8 @@ def _vllm() -> tuple[str | None, str | None]:
     return None, None
 
 
-def _fs_type(path: Path) -> str | None:
+def mount_of(path: Path | str) -> tuple[str, str] | None:
+    """(mount point, file system type) that `path` lives on, from /proc/mounts."""
     try:
         mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
     except OSError:
@@ -63,7 +64,12 @@ def _fs_type(path: Path) -> str | None:
         key=lambda m: len(m[0]),
         default=None,
     )
-    return best[1] if best else None
+    return (best[0], best[1]) if best else None
+
+
+def _fs_type(path: Path) -> str | None:
+    found = mount_of(path)
+    return found[1] if found else None
 
 
 def checks(spec: dict, here: Path) -> list[dict]:
