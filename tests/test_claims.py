@@ -150,3 +150,28 @@ def test_a_claim_lives_as_long_as_its_holders_heartbeat(tmp_path):
     assert claims.is_stale(run, 0, lease_s=60)  # the same worker id, another process
     write_json(run.heartbeat_path("w"), {"worker": "w", "host": me.host, "pid": me.pid, "state": "stopped"})
     assert claims.is_stale(run, 0, lease_s=60)
+
+
+def test_two_takers_of_a_dead_holders_lock_never_both_hold_it(tmp_path):
+    """Both judged the dead holder's lock stale; the first took it over and holds a fresh
+    one. The second, acting on its earlier look, must not remove that fresh lock (the old
+    takeover renamed away whatever was there, and both proceeded)."""
+    import json as _json
+    import time as _time
+
+    from hpc_infer.rundir.lease import Lock
+
+    path = tmp_path / "merge.lock"
+    path.write_text(_json.dumps({"host": "elsewhere", "pid": 1, "token": "dead"}))
+    old = _time.time() - 1000
+    os.utime(path, (old, old))
+    a, b = Lock(path, lease_s=60), Lock(path, lease_s=60)
+    judged = b._stale()  # b looks first
+    assert judged and judged["token"] == "dead"
+    a.acquire()  # a takes it over first
+    try:
+        assert not b._take_over(judged)  # b's look is out of date: it takes nothing
+        assert _json.loads(path.read_text())["token"] == a.owner["token"]
+        assert not list(tmp_path.glob("merge.lock.stale-*"))
+    finally:
+        a.release()
