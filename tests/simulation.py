@@ -193,6 +193,10 @@ class Sim:
         metadata bench turns them off: they read the whole server); `launcher_poll`: a
         launcher polling progress as `launch` does (run/progress.py)."""
         self.sched, self.layout = sched, layout
+        from hpc_infer.rundir import chunks
+
+        chunks._DONE_CACHE.clear()  # process-wide caches keyed by path: one schedule's never serve the next's
+        claims._names.clear()
         self.engine_conf = engine or {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4}
         self.check, self.launcher_poll, self.t_max, self.heartbeat_s = check, launcher_poll, t_max, heartbeat_s
         self.rng = random.Random(sched.seed * 7919 + 1)

@@ -42,8 +42,41 @@ def test_random_schedules_keep_every_invariant(layouts):
                 pytest.fail(f"{e}\nshrunk to: {small!r}")
 
 
+def _old_publish(fs, name, chunk_id, data):
+    """publish_chunk_output before the fix: a read error while checking the output already
+    there counted as damage, so a complete published output was moved aside and replaced."""
+    from hpc_infer.rundir import clock
+    from hpc_infer.rundir.chunks import chunk_done
+
+    if fs.publish(name, data):
+        return True
+    if chunk_done(fs, name, chunk_id):
+        return False
+    folder, _, base = name.rpartition("/")
+    try:
+        fs.rename(name, f"{folder}/.{base}.damaged-{clock.token()}")
+    except FileNotFoundError:
+        pass
+    return fs.publish(name, data)
+
+
 # Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
 FOUND = {
+    "a read error taken for a damaged output": (
+        S.Schedule(
+            535260,
+            "plain",
+            5,
+            [(1.227, "kill", 0, 33.314), (3.139, "relaunch", 0, 27.436), (3.403, "node_fail", 2, 32.713)],
+            [],
+            [0.0, 0.0, 0.0],
+            eio=0.002,
+            estale=0.05,
+            slow={"w4": 1.0},
+        ),
+        ("hpc_infer.worker.worker.publish_chunk_output", _old_publish),
+        "published twice with different content",
+    ),
     "an error record in a prefix-grouped chunk": (
         S.Schedule(1, "grouped", 1, [], ["d5q0", "d4q4", "d3q4"], [0.0, 0.0, 0.0]),
         ("hpc_infer.rundir.chunks.ChunkSource.position", lambda self, index: index - self.first_index),

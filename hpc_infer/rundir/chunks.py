@@ -99,11 +99,18 @@ def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool
     """Publish a chunk's output unless one is already there: with backup copies (or a
     taken-over chunk whose first holder was alive after all) exactly one complete output
     wins (write_exclusive: link(), never a check-then-replace that two finishers could both
-    pass), and the later one is discarded. A damaged file there is moved aside first (one
-    mover wins the rename), then ours is offered again. Returns whether ours was published."""
+    pass), and the later one is discarded. A file there that was read and found damaged is
+    moved aside first (one mover wins the rename), then ours is offered again; one that could
+    not be read now (EIO, ESTALE) is left as it is and ours discarded: a transient error never
+    replaces a published output (the next launch sets aside one that is really damaged).
+    Returns whether ours was published."""
     if fs.publish(name, data):
         return True
-    if chunk_done(fs, name, chunk_id):
+    try:
+        found = trailer_in(fs, name)
+    except OSError:
+        return False
+    if found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]:
         return False
     folder, _, base = name.rpartition("/")
     try:
