@@ -69,9 +69,9 @@ def layout(tmp: Path, workers: int, chunks_per_worker: int, records: int):
     return S.Layout("bench", files, [], {}, manifest["n_chunks"])
 
 
-def shared_manifest():
-    """Every simulated worker parses the big manifest once between them (the fake server's
-    bytes are one object); returns the RunDir.read_json to put back."""
+def run_quiet(sim) -> float:
+    """Run a simulation with its output silenced, every simulated worker sharing one parse of
+    the big manifest (the fake server's bytes are one object); returns the wall seconds."""
     from hpc_infer.rundir import layout as rundir_layout
 
     parsed: dict = {}
@@ -85,14 +85,18 @@ def shared_manifest():
         return parsed[key][1]
 
     rundir_layout.RunDir.read_json = read_json
-    return original
+    t0 = time.time()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            sim.run()
+    finally:
+        rundir_layout.RunDir.read_json = original
+    return time.time() - t0
 
 
 def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window: float) -> dict:
     import simulation as S
-    from hpc_infer.rundir import layout as rundir_layout
 
-    original = shared_manifest()
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
     engine = {"step_s": chunk_s / 9, "max_num_seqs": records, "tokens": 9}
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=10.0)
@@ -105,12 +109,9 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
 
     sim.check, sim.check_step = True, mark
     sim.check_end = lambda: None
-    t0 = time.time()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            sim.run()
+        wall = run_quiet(sim)
     finally:
-        rundir_layout.RunDir.read_json = original
         sim.check_step = tick
     start_t, start = marks["start"]
     calls = sim.server.calls - start
@@ -124,25 +125,18 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
         "by_kind": dict(sorted(((k, round(v / span, 1)) for k, v in calls.items()), key=lambda kv: -kv[1])),
         "chunks_done": done,
         "window_s": round(span, 1),
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": round(wall, 1),
     }
 
 
 def balance(lay, workers: int, records: int) -> dict:
     import simulation as S
-    from hpc_infer.rundir import layout as rundir_layout
 
-    original = shared_manifest()
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
     engine = {"step_s": 10.0, "max_num_seqs": records, "lengths": {"median": 3, "sigma": 1.0, "max": 40}}
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=10.0)
     sim.check_end = lambda: None
-    t0 = time.time()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            sim.run()
-    finally:
-        rundir_layout.RunDir.read_json = original
+    wall = run_quiet(sim)
     last: dict[str, float] = {}
     out = sim.server.lookup(["run", "out"])
     for name, ino in out.entries.items():
@@ -156,7 +150,7 @@ def balance(lay, workers: int, records: int) -> dict:
         "published": len(out.entries),
         "balance": round(sum(ends) / len(ends) / ends[-1], 4) if ends else 0.0,
         "makespan_s": round(ends[-1], 1) if ends else 0.0,
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": round(wall, 1),
     }
 
 
