@@ -194,7 +194,11 @@ class SamplingConfig:
 class DataConfig:
     name: str = MISSING
     path: str = MISSING
-    format: str = "auto"  # auto | jsonl | openai_batch | parquet | csv | txt
+    format: str = "auto"  # auto | jsonl | openai_batch | parquet | csv | txt | arrow
+    # A folder of shards or a Hub set (path=hf://datasets/ORG/NAME[@rev]): which split
+    # (test, train, ...) and which subset (the Hub's "config", e.g. GSM8K's main). Unset: the only one.
+    split: Optional[str] = None
+    subset: Optional[str] = None
     id_field: Optional[str] = "id"  # None or absent in the file: ids are derived from line numbers
     prompt_field: str = "prompt"
     messages_field: str = "messages"

@@ -52,6 +52,86 @@ def not_a_file(path: str) -> Optional[str]:
     return None
 
 
+HUB_ADDRESS = re.compile(
+    r"hf://datasets/(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<rev>[A-Za-z0-9_./-]+))?/?"
+)
+
+
+def hub_address(path: str) -> tuple[str, Optional[str]]:
+    """hf://datasets/ORG/NAME[@rev] -> (ORG/NAME, rev or None); anything else is refused with the grammar."""
+    m = HUB_ADDRESS.fullmatch(path)
+    if not m or ".." in m["repo"] or (m["rev"] and ".." in m["rev"]):
+        raise UserError(
+            f"data.path={path}: not a Hub dataset address; write hf://datasets/ORG/NAME, optionally with a "
+            f"revision (a branch, tag or commit): hf://datasets/ORG/NAME@REV. Choose the split and subset with "
+            f"data.split=... and data.subset=..."
+        )
+    return m["repo"], m["rev"]
+
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
+
+
+def data_files_in(folder: Path, max_depth: int = 4, max_entries: int = 100_000) -> list[Path]:
+    """The data files of a folder of shards, in name order: hidden and `_` names skipped,
+    at most `max_depth` levels down (the Hub's deepest layout is subset/split/shard), and a
+    folder of more than `max_entries` entries refused (not a data set folder: /tmp, $HOME)."""
+    import os
+
+    found: list[Path] = []
+    seen = 0
+    level = [folder]
+    for _ in range(max_depth):
+        below: list[Path] = []
+        for d in level:
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                seen += 1
+                if seen > max_entries:
+                    raise UserError(
+                        f"data.path={folder}: more than {max_entries:,} entries below it, so not a folder of one "
+                        f"data set; point data.path at the data set's own folder"
+                    )
+                if e.name.startswith((".", "_")):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    below.append(Path(e.path))
+                elif e.is_file() and e.name.lower().endswith(DATA_SUFFIXES):
+                    found.append(Path(e.path))
+        level = below
+    return sorted(found)
+
+
+def data_path_problem(path: str) -> Optional[str]:
+    """Why data.path cannot be read (None when it looks readable): a Hub address is checked
+    for its grammar here and fetched when the input is planned; a folder must be one we can list."""
+    if path.startswith("hf://"):
+        try:
+            hub_address(path)
+        except UserError as e:
+            return str(e).split(": ", 1)[1]
+        return None
+    p = Path(path).expanduser()
+    problem = not_a_file(path)
+    if problem != "is a directory, not a file":  # a file, or a kernel folder, or nothing there
+        return problem
+    if p.is_dir():
+        import os
+
+        if not os.access(p, os.R_OK | os.X_OK):
+            return "is a folder you cannot list (check its permissions)"
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file() or data_files_in(p):
+            return None
+        return (
+            "is a directory with no .parquet, .jsonl or .arrow files (nor a datasets save_to_disk "
+            "state.json); give the prompt file, or a folder of shards"
+        )
+    return not_a_file(path)
+
+
 def not_writable(folder: str) -> Optional[str]:
     """Why runs cannot be created under `folder` (None when they can); looks up to the
     nearest existing ancestor, since output_root is created on first use."""
@@ -258,12 +338,24 @@ def validate(rc: RunConfig) -> None:
             f"give exactly one of {', '.join(sorted(kinds))} (got {', '.join(sorted(set(spec) & kinds)) or 'none'})",
         )
     check(
-        d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt"),
+        d.format in ("auto", "jsonl", "json", "openai_batch", "parquet", "csv", "txt", "arrow"),
         "data.format",
-        f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt",
+        f"'{d.format}' is not one of auto, jsonl, openai_batch, parquet, csv, txt, arrow",
     )
-    problem = not_a_file(d.path)
-    check(problem is None, "data.path", f"{d.path} {problem}; give the prompt file (jsonl, parquet, csv, txt)")
+    problem = data_path_problem(d.path)
+    check(
+        problem is None,
+        "data.path",
+        f"{d.path} {problem}; give the prompt file (jsonl, parquet, csv, txt), a folder of shards, "
+        f"or hf://datasets/ORG/NAME",
+    )
+    for key in ("split", "subset"):
+        value = getattr(d, key)
+        check(
+            value is None or (isinstance(value, str) and re.fullmatch(r"[\w.-]+", value) is not None),
+            f"data.{key}",
+            f"'{value}' is not a {key} name (letters, digits, '_', '-', '.')",
+        )
     if d.template_file:
         problem = not_a_file(d.template_file)
         check(problem is None, "data.template_file", f"{d.template_file} {problem}")

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 from ..config import DataConfig
 from ..errors import UserError
+from .sources import Source
+from .sources import resolve as resolve_source
 from .records import (
     InputSpec,
     Parsed,
@@ -89,13 +91,14 @@ def detect_format(path: Path, fmt: str) -> str:
         (".parquet", "parquet"),
         (".csv", "csv"),
         (".txt", "txt"),
+        (".arrow", "arrow"),
     ):
         if suffixes.endswith(ext):
             if name == "jsonl" and _looks_like_openai_batch(path):
                 return "openai_batch"
             return name
     raise UserError(
-        f"{path}: cannot tell the format from the file name; set data.format=jsonl|openai_batch|parquet|csv|txt"
+        f"{path}: cannot tell the format from the file name; set data.format=jsonl|openai_batch|parquet|csv|txt|arrow"
     )
 
 
@@ -134,7 +137,7 @@ def load_template(cfg: DataConfig) -> str | None:
 
 def input_spec(cfg: DataConfig) -> InputSpec:
     return InputSpec(
-        format=detect_format(Path(cfg.path).expanduser(), cfg.format),
+        format=resolve_source(cfg).format,
         id_field=cfg.id_field,
         prompt_field=cfg.prompt_field,
         messages_field=cfg.messages_field,
@@ -203,7 +206,8 @@ class InputScan:
         import dataclasses
 
         self.cfg, self.needs, self.needed_by = cfg, needs, needed_by
-        self.path = Path(cfg.path).expanduser()
+        self.source: Source = resolve_source(cfg)
+        self.path = self.source.label  # what messages name
         self.spec = input_spec(cfg)
         if needs:  # fields the merge hook reads: a record without them is refused now, with its line
             self.spec = dataclasses.replace(self.spec, needs=tuple(needs), needed_by=needed_by)
@@ -271,8 +275,8 @@ class InputScan:
         processes for big inputs), then hashed and handed out in file order."""
         path, max_line = self.path, self.cfg.max_line_bytes
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            file_size = max(1, os.fstat(f.fileno()).st_size)
+        with _Chain(self.source.files) as f:
+            file_size = max(1, f.size)
             procs = _scan_processes(file_size) if parallel and not keep else 0
             fast = None if keep or self.spec.format != "jsonl" else _fast_loads()
             pool = None
@@ -357,43 +361,151 @@ class InputScan:
             line_no += buf.count(b"\n")
 
     def _row_blocks(self, keep: bool) -> Iterator[Block]:
-        """csv and parquet: rows, 4096 to a block; chunk files get each row as JSON."""
-        path, limit = self.path, self.cfg.limit
+        """csv, parquet, arrow: rows, 4096 to a block (never across two files, so a message
+        names the right one); chunk files get each row as JSON."""
+        limit = self.cfg.limit
         digest = _Digest()
-        if self.spec.format == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            with open(path, "rb") as f:  # parquet is not streamable by line: read whole, hashed as read
-                raw = digest.update(f.read())
-            try:
-                rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
-            except Exception as e:
-                raise UserError(f"{path}: not a readable parquet file ({e})") from None
-            numbered: Iterator[tuple[int, Any]] = enumerate(rows, start=1)
-            total, kind = len(rows), "row"
-        else:
-            numbered = _csv_rows(_lines(path, self.cfg.max_line_bytes, digest))
+        if self.spec.format == "csv":
+            if len(self.source.files) != 1:
+                raise UserError(f"{self.path}: csv is read from one file; convert the shards to parquet or jsonl")
+            path = self.source.files[0]
+            rows: Iterator[tuple[int, Any, str]] = (
+                (n, row, self.path) for n, row in _csv_rows(_lines(path, self.cfg.max_line_bytes, digest))
+            )
             total, kind = max(1, path.stat().st_size), "line"
+        else:
+            total, rows, kind = self._table_total(), self._table_rows(digest), "row"
         batch: list[tuple[int, Any]] = []
-        for number, row in itertools.chain(numbered, [(None, None)]):
-            if number is not None:
-                batch.append((number, row))
-            if batch and (number is None or len(batch) == 4096 or (limit and self.n + len(batch) >= limit)):
-                parsed = _parse_rows(self.spec, str(path), batch, self.n, kind, True)
-                parsed.rows = [r for _, r in batch]
-                parsed.truncate(self._take(parsed))
-                left = 0.0
-                if number is not None:
-                    done = number if kind == "row" else max(1, digest.size)
-                    left = (total - done) / max(1, done)
-                    if limit:
-                        left = min(left, (limit - self.n) / max(1, self.n))
+        where = self.path
+        for number, row, name in itertools.chain(rows, [(None, None, None)]):
+            if batch and (number is None or name != where):
+                yield from self._row_block(batch, where, kind, total, digest, last=number is None)
                 batch = []
-                yield None, 0, parsed, max(0.0, left)
+                if limit and self.n >= limit:
+                    break
+            if number is None:
+                break
+            where = name
+            batch.append((number, row))
+            if len(batch) == 4096 or (limit and self.n + len(batch) >= limit):
+                yield from self._row_block(batch, where, kind, total, digest, last=False)
+                batch = []
                 if limit and self.n >= limit:
                     break
         self.sha256, self.size = digest.h.hexdigest(), digest.size
+
+    def _row_block(
+        self, batch: list, where: str, kind: str, total: int, digest: "_Digest", last: bool
+    ) -> Iterator[Block]:
+        limit = self.cfg.limit
+        parsed = _parse_rows(self.spec, where, batch, self.n, kind, True)
+        parsed.rows = [r for _, r in batch]
+        parsed.truncate(self._take(parsed))
+        left = 0.0
+        if not last:
+            done = batch[-1][0] if kind == "row" else max(1, digest.size)
+            left = (total - done) / max(1, done)
+            if limit:
+                left = min(left, (limit - self.n) / max(1, self.n))
+        yield None, 0, parsed, max(0.0, left)
+
+    def _table_total(self) -> int:
+        """Rows in all the files, from parquet footers or Arrow batch headers (no data read)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        total = 0
+        for path in self.source.files:
+            try:
+                if self.spec.format == "parquet":
+                    total += pq.read_metadata(path).num_rows
+                else:
+                    total += sum(b.num_rows for b in _arrow_batches(pa.memory_map(str(path))))
+            except (OSError, pa.ArrowException) as e:
+                raise UserError(f"{self.source.name_of(path)}: not a readable {self.spec.format} file ({e})") from None
+        return max(1, total)
+
+    def _table_rows(self, digest: "_Digest") -> Iterator[tuple[int, Any, str]]:
+        """(row number in the whole set, row, file name) streamed a record batch at a time:
+        memory is a batch, not the set. Each file is hashed first, through the same open
+        file, then decoded from it."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        number = 0
+        for path in self.source.files:
+            name = self.source.name_of(path)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(BLOCK), b""):
+                    digest.update(block)
+                f.seek(0)
+                try:
+                    if self.spec.format == "parquet":
+                        batches: Iterator = pq.ParquetFile(f).iter_batches(batch_size=4096)
+                    else:
+                        batches = _arrow_batches(pa.PythonFile(f, mode="r"))
+                    for batch in batches:
+                        for row in batch.to_pylist():
+                            number += 1
+                            yield number, row, name
+                except (OSError, pa.ArrowException) as e:
+                    raise UserError(f"{name}: not a readable {self.spec.format} file ({e})") from None
+
+
+def _arrow_batches(source: Any) -> Iterator:
+    """The record batches of an Arrow IPC stream (what datasets' save_to_disk writes) or file."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        f = pa.ipc.open_file(source)
+        yield from (f.get_batch(i) for i in range(f.num_record_batches))
+        return
+    yield from reader
+
+
+class _Chain:
+    """The source's files as one stream of lines: a file that does not end with a newline
+    gets one before the next file's first line (one file: its bytes as they are)."""
+
+    def __init__(self, files: tuple[Path, ...]):
+        self.files = list(files)
+        self.size = 0
+        self.f: Any = None
+        self.last = b"\n"
+        self._open_next()
+        self.size = sum(os.stat(p).st_size for p in files) + len(files) - 1
+
+    def _open_next(self) -> bool:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if not self.files:
+            return False
+        self.f = open(self.files.pop(0), "rb")
+        return True
+
+    def read(self, n: int) -> bytes:
+        while self.f is not None:
+            data = self.f.read(n)
+            if data:
+                self.last = data[-1:]
+                return data
+            if not self._open_next():
+                return b""
+            if self.last != b"\n":
+                self.last = b"\n"
+                return b"\n"
+        return b""
+
+    def __enter__(self) -> "_Chain":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.f is not None:
+            self.f.close()
 
 
 class _Digest:

@@ -52,6 +52,7 @@ class Summary:
     workers: int
     engine_start_s: list[float] = field(default_factory=list)
     launches: list[dict] = field(default_factory=list)  # each launch's span, one clock each (launch_spans)
+    input: dict | None = None  # what was read: the path, or a Hub repo's commit, subset, split and files
     planning: dict | None = None  # prefix groups the records were planned in (run/plan.py), or None
     prefix_cache: dict | None = None  # prompt tokens vLLM's prefix cache held: tokens and hit rate
     engine_settings: dict = field(default_factory=dict)  # what the engine ran with (tuned ones named)
@@ -541,6 +542,7 @@ def _merge(
     summary.timeline = draw_timeline(dest, [asdict(c) for c in checked], beats, run.root.name)
     summary.postprocess = hook.summary() if hook else None
     summary.planning = manifest.get("grouped")
+    summary.input = {"path": manifest.get("input"), **(manifest.get("source") or {})}
     summary.engine_settings = dict(
         spec["model"].get("engine_kwargs") or {},
         **({"tuned_from": spec["model"]["tuned_from"]} if spec["model"].get("tuned_from") else {}),

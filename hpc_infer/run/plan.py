@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from ..config import RunConfig
 from ..io.data import InputScan, file_fingerprint, input_spec, load_template
+from ..io.sources import resolve as resolve_source
 from ..io.records import PREFIX_CHARS
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
@@ -195,6 +196,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     (`parallel=False`: all in this one)."""
     from ..config import hook_needs
 
+    resolve_source(rc.data, rc.cluster.hf_home, rc.cluster.token_file)  # a Hub set: fetched once, here
     scan = InputScan(rc.data, *hook_needs(rc.postprocess))
     group = rc.data.group_prefixes == "auto" and scan.spec.chunk_encoding == "lines"
     scan.record_crcs = group  # each record's CRC-32, which a grouped chunk's worker checks
@@ -385,6 +387,12 @@ def _remove_empty(folder: Path, created: Path | None) -> None:
             return
 
 
+def input_label(rc: RunConfig) -> str:
+    """What the manifest and summary call the input: the file's absolute path, or hf://...@<commit>."""
+    source = resolve_source(rc.data)
+    return source.label if source.origin.get("hub") else str(Path(rc.data.path).expanduser().resolve())
+
+
 def fingerprint_parts(rc: RunConfig, input_sha256: str = "", endpoint: dict | None = None) -> dict[str, str]:
     """What decides a run's output. A changed part means a different run. The input part is
     the hash of the bytes the records were parsed from (one pass), never a second read."""
@@ -394,9 +402,15 @@ def fingerprint_parts(rc: RunConfig, input_sha256: str = "", endpoint: dict | No
 
     data = OmegaConf.to_container(OmegaConf.structured(rc.data))
     model = OmegaConf.to_container(OmegaConf.structured(rc.model))
+    # split/subset only when set: runs planned before they existed keep their fingerprint
+    settings = {k: v for k, v in data.items() if k not in ("name", "path", "postprocess")}
+    settings = {k: v for k, v in settings.items() if not (k in ("split", "subset") and v is None)}
+    origin = resolve_source(rc.data).origin
     return {
         "input file": (input_sha256 or file_fingerprint(Path(rc.data.path).expanduser()))[:16],
-        "data settings": h({k: v for k, v in data.items() if k not in ("name", "path", "postprocess")}),
+        # a Hub set: the commit it was read at (the bytes' hash above decides; this names them)
+        **({"input revision": f"{origin['hub']}@{origin['revision']}"} if origin.get("hub") else {}),
+        "data settings": h(settings),
         "prompt template": h(load_template(rc.data)),
         "model": h({k: v for k, v in model.items() if k not in ("name",)}),
         "sampling": h(rc.sampling.to_vllm()),
@@ -546,7 +560,9 @@ def prepare(
                 {
                     "version": MANIFEST_VERSION,
                     "created": time.time(),
-                    "input": str(Path(rc.data.path).expanduser().resolve()),
+                    "input": input_label(rc),
+                    # where the records came from: a Hub repo's commit, subset, split and files; a folder's files
+                    "source": {k: v for k, v in resolve_source(rc.data).origin.items() if k != "root"} or None,
                     "n_records": planned.n_records,
                     "input_bytes": planned.size,
                     "n_chunks": len(planned.chunks),
