@@ -23,7 +23,7 @@ from .errors import UserError
 from .run.merge import Summary, merge, report_errors
 from .run.plan import plan_input, prepare
 from .cluster.preflight import check_time_limit, cpu_build_on_gpus, preflight
-from .rundir import RunDir, read_json, set_permissions
+from .rundir import RunDir, set_permissions
 from .secrets import exported, find_token, job_env
 from .run.progress import failures, wait
 from .cluster.submit import BACKENDS, TERMINAL, make_backend, recorded_jobs
@@ -96,7 +96,7 @@ def run_env(run: RunDir, token) -> dict[str, str]:
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
     set_aside_damaged(run)
-    remaining = read_json(run.manifest)["n_chunks"] - len(run.done_chunks())
+    remaining = run.read_json("manifest.json")["n_chunks"] - len(run.done_chunks())
     old_backend, old_ids = recorded_jobs(run)
     dead: set[str] = set()
     if old_ids and old_backend == rc.cluster.backend:
@@ -167,7 +167,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
         blocked = unreachable_for_group(run.root, rc.run_group)
         if blocked:
             say(blocked)
-    manifest = read_json(run.manifest)
+    manifest = run.read_json("manifest.json")
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     if resumed and not remaining:
         say(
@@ -181,7 +181,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}; {sampling_line(rc, planned)}"
             + (f"; HF token from {token.source}" if token else "")
         )
-    tuned = read_json(run.worker_spec)["model"].get("tuned_from")
+    tuned = run.read_json("worker.json")["model"].get("tuned_from")
     if tuned:
         kept = OmegaConf.to_container(OmegaConf.load(tuned))["model"]["engine_kwargs"]
         say(

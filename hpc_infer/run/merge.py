@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import RecordsFailed, UserError
 from ..rundir import (
     atomic_file,
     TRAILER_KEY,
     RunDir,
-    read_chunk_trailer,
     read_heartbeats,
-    read_json,
     set_permissions,
     write_json,
 )
+from ..rundir.chunks import trailer_in
 from .timeline import draw_timeline
 
 
@@ -88,6 +88,10 @@ class _Checked:
     error_types: dict = field(default_factory=dict)
     cached_tokens: int | None = None  # prompt tokens served from vLLM's prefix cache, when reported
     load: Callable[[], bytes] | None = None  # a block of a prefix-grouped run in input order (its bytes, checked)
+    fs: Any = field(default=None, repr=False)  # the run's pinned handle: outputs are opened through it, judged
+
+    def open(self) -> BinaryIO:
+        return os.fdopen(self.fs.open_file(RunDir.out_name(self.id)), "rb")
 
 
 def slowest_chunks(checked: list[_Checked], n: int = 5) -> list[dict]:
@@ -125,7 +129,7 @@ def prefix_cache_hits(checked: list[_Checked]) -> dict | None:
 def check_trailer(run: RunDir, chunk: dict) -> _Checked:
     """Read a chunk output's trailer and hold it against the manifest's chunk table."""
     cid, path = chunk["id"], run.out_path(chunk["id"])
-    found = read_chunk_trailer(path)
+    found = trailer_in(run.fs, run.out_name(cid))
     if found is None:
         raise _corrupt(path, cid, "no valid trailer line (cut short, or not written by an hpc_infer worker)")
     t, body = found
@@ -157,6 +161,7 @@ def check_trailer(run: RunDir, chunk: dict) -> _Checked:
         int(t.get("errors", 0)),
         dict(t.get("error_types") or {}),
         int(t["cached_tokens"]) if t.get("cached_tokens") is not None else None,
+        fs=run.fs,
     )
 
 
@@ -166,7 +171,7 @@ def _copy_checked(chunk: _Checked, out: BinaryIO, block: int = 8 << 20) -> None:
         out.write(chunk.load())
         return
     crc, left = 0, chunk.body_bytes
-    with open(chunk.path, "rb") as f:
+    with chunk.open() as f:
         while left:
             data = f.read(min(block, left))
             if not data:
@@ -192,7 +197,7 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
     where_chunk, where_off, where_len = array.array("q", [-1]) * n, array.array("q", [0]) * n, array.array("q", [0]) * n
     has_error = bytearray(n)
     for c in checked:
-        with open(c.path, "rb") as f:
+        with c.open() as f:
             body = f.read(c.body_bytes)
         if len(body) != c.body_bytes:
             raise _corrupt(c.path, c.id, "shorter than its trailer says")
@@ -206,7 +211,7 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
             has_error[index] = b'"error": {' in body[start:end]
             start = end
     present = [i for i in range(n) if where_chunk[i] >= 0]
-    paths = {c.id: c.path for c in checked}
+    by_id = {c.id: c for c in checked}
 
     def loader(indices: list[int]) -> Callable[[], bytes]:
         def load() -> bytes:
@@ -215,7 +220,7 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
                 for i in indices:
                     cid = where_chunk[i]
                     if cid not in files:
-                        files[cid] = open(paths[cid], "rb")
+                        files[cid] = by_id[cid].open()
                     files[cid].seek(where_off[i])
                     parts.append(files[cid].read(where_len[i]))
             finally:
@@ -428,7 +433,7 @@ def merge(
     """
     if on_error not in ON_ERROR:
         raise UserError(f"merge.on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
-    spec = read_json(run.worker_spec)
+    spec = run.read_json("worker.json")
     dest = Path(dest) if dest else run.root
     if dest == run.root:  # whoever merges (a standalone `hpc-infer merge` too), the files follow the run's permissions
         set_permissions(spec.get("permissions"))
@@ -485,8 +490,8 @@ def _merge(
     dest: Path,
     group_by: list[str] | None = None,
 ) -> Summary:
-    manifest = read_json(run.manifest)
-    spec = read_json(run.worker_spec)
+    manifest = run.read_json("manifest.json")
+    spec = run.read_json("worker.json")
     done = run.output_files() & set(range(manifest["n_chunks"]))  # damaged ones are named by check_trailer
     missing = sorted(set(range(manifest["n_chunks"])) - done)
     if missing and not allow_partial:
@@ -539,7 +544,9 @@ def _merge(
             )
         )
     summary = _summarize(run, manifest, checked, beats, out, fmt, missing, sampling, gpus_per_worker)
-    summary.timeline = draw_timeline(dest, [asdict(c) for c in checked], beats, run.root.name)
+    summary.timeline = draw_timeline(
+        dest, [{k: v for k, v in asdict(c).items() if k != "fs"} for c in checked], beats, run.root.name
+    )
     summary.postprocess = hook.summary() if hook else None
     summary.planning = manifest.get("grouped")
     summary.input = {"path": manifest.get("input"), **(manifest.get("source") or {})}

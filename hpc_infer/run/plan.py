@@ -32,7 +32,7 @@ from ..io.data import InputScan, file_fingerprint, input_spec, load_template
 from ..io.sources import resolve as resolve_source
 from ..io.records import PREFIX_CHARS
 from ..errors import UserError
-from ..rundir import SUBDIRS, RunDir, read_json, secure_root, write_json
+from ..rundir import SUBDIRS, RunDir, secure_root, write_json
 
 MANIFEST_VERSION = 5  # 5: a prefix-grouped chunk is positions in order.bin (4: jobs/ and attempts/ folders)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
@@ -586,7 +586,7 @@ def prepare(
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
                 # Another launch published this run first: resume it if it is the same run, never mix.
-        old = read_json(run.manifest)
+        old = run.read_json("manifest.json")
         if old.get("version") != MANIFEST_VERSION:
             raise UserError(
                 f"{run.root} was planned by another hpc_infer version (run format {old.get('version')}, "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..log import printable
-from ..rundir import RunDir, read_heartbeats, read_json, tail_lines
+from ..rundir import RunDir, read_heartbeats, tail_lines
 from ..rundir.claims import live_claims, rate, read_beat
 from ..rundir.lease import fs_now
 
@@ -80,7 +80,7 @@ class DoneTracker:
 def snapshot(
     run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0, tracker: DoneTracker | None = None
 ) -> Progress:
-    manifest = manifest or read_json(run.manifest)
+    manifest = manifest or run.read_json("manifest.json")
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
     now = fs_now(run.fs, "heartbeats")
@@ -111,7 +111,7 @@ def snapshot(
 def fresh_s_of(run: RunDir) -> float:
     """How recent a heartbeat must be to count its worker as live: 3 beats and some slack."""
     try:
-        return 3 * float(read_json(run.worker_spec).get("heartbeat_s", 10)) + 10
+        return 3 * float(run.read_json("worker.json").get("heartbeat_s", 10)) + 10
     except (OSError, ValueError):
         return 40.0
 
@@ -176,9 +176,9 @@ def wait(
     from ..cluster.submit import TERMINAL
     from ..worker.protocol import POOLING_TASKS
 
-    manifest = read_json(run.manifest)
+    manifest = run.read_json("manifest.json")
     try:
-        pooling = read_json(run.worker_spec)["model"].get("task") in POOLING_TASKS
+        pooling = run.read_json("worker.json")["model"].get("task") in POOLING_TASKS
     except (OSError, ValueError, KeyError):
         pooling = False
     fresh_s = fresh_s_of(run)
@@ -230,7 +230,7 @@ def wait(
 
 def describe(run: RunDir, states: dict[str, str]) -> str:
     """The `hpc-infer status` text: per task state, chunks done, tokens/s, ETA."""
-    manifest = read_json(run.manifest)
+    manifest = run.read_json("manifest.json")
     p = snapshot(run, manifest, fresh_s_of(run))
     now = time.time()
     lines = [
@@ -284,7 +284,7 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         from ..rundir.claims import live_holders
 
         try:
-            lease_s = float(read_json(run.worker_spec).get("lease_s", 600))
+            lease_s = float(run.read_json("worker.json").get("lease_s", 600))
         except (OSError, ValueError):
             lease_s = 600.0
         holders = live_holders(run, lease_s)  # a live holder's attempt is running, not a death

@@ -27,7 +27,7 @@ from ..cluster.container import CODE_MOUNT, container_binds, exec_prefix, projec
 from .plan import plan_input, prepare
 from ..cluster.preflight import check_time_limit, cpu_build_on_gpus, gpus_per_node, preflight
 from .. import rundir
-from ..rundir import RunDir, read_json, set_permissions
+from ..rundir import RunDir, set_permissions
 from ..secrets import find_token
 from ..log import say
 from ..models.fit import check_fit
@@ -115,7 +115,7 @@ def write_script(rc: RunConfig, config_yaml: str) -> Path:
             print(f"[hpc_infer] {note}", file=sys.stderr)
         too_long = check_fit(rc, planned, model_path, say)
         run, _ = prepare(rc, planned, model_path, config_yaml, None, too_long)
-    manifest = read_json(run.manifest)
+    manifest = run.read_json("manifest.json")
     remaining = manifest["n_chunks"] - len(run.done_chunks())
     n_tasks = max(1, min(rc.cluster.workers, remaining))  # multi-node: each task one allocation, its own Ray
     return write_rendered(rc, run, model_path, n_tasks)

@@ -21,6 +21,7 @@ Standard library only: workers import it inside the cluster's image.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..errors import DamagedFile
 from . import clock, faults
 
 RUN_ID = "run_id"  # a random id, mode 0600: the run's identity, readable by its owner alone
@@ -192,7 +194,10 @@ def open_walked(path: str) -> tuple[int, list[tuple[str, os.stat_result]]]:
 
 class PinnedDir(Dir):
     """The real handle. `judge(fd, what_path)` is called on every folder opened (the root
-    and each sub-folder), on the descriptor: rundir/trust.py passes the trust rule."""
+    and each sub-folder) and on every file opened for reading, on the descriptor:
+    rundir/trust.py passes the trust rule. A file in a run we own that another user (or a
+    group, or an ACL entry) could write is refused like such a folder: a door that reads it
+    never has to remember to ask."""
 
     def __init__(self, path: str | os.PathLike, judge=None):
         self.path = os.fspath(path)
@@ -251,10 +256,24 @@ class PinnedDir(Dir):
         """A read-only descriptor of a regular file in here, not a link."""
 
         def op(d: int, base: str) -> int:
-            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=d)
-            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            try:
+                fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=d)
+            except OSError as e:
+                if e.errno == errno.ELOOP:  # a link planted in a run file's place: refused, named
+                    raise DamagedFile(
+                        f"{self.where(name)}: a symbolic link where the run keeps a file of its own; hpc_infer "
+                        f"never follows one. Someone else may have written into this run: plan it again "
+                        f"under a new run_name=..."
+                    ) from None
+                raise
+            try:
+                if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                    raise DamagedFile(f"{self.where(name)}: not a regular file where the run keeps one")
+                if self._judge:
+                    self._judge(fd, self.where(name))
+            except BaseException:
                 os.close(fd)
-                raise OSError(21, "not a regular file", self.where(name))
+                raise
             return fd
 
         return self._at(name, op)
@@ -424,6 +443,14 @@ class PinnedDir(Dir):
 
     def __del__(self) -> None:
         self.close()
+
+    # A handle is its descriptors: a copy (dataclasses.asdict, copy.deepcopy of a record that
+    # holds one) is the same handle, never a second owner that would close them when collected.
+    def __copy__(self) -> "PinnedDir":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "PinnedDir":
+        return self
 
 
 def _unlink_quiet(name: str, dir_fd: int) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import DamagedFile
 from .chunks import chunk_done, read_chunk_source
 from .files import current_umask
 from .fsio import Dir
@@ -34,7 +35,15 @@ class RunDir:
         return self.given_fs
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.fs.read(name))
+        """A JSON file of the run, read through its handle; one that does not parse is named."""
+        raw = self.fs.read(name)
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise DamagedFile(
+                f"{self.fs.where(name)}: not the JSON hpc_infer wrote there ({e}); the run directory was "
+                f"damaged or edited. Plan it again under a new run_name=..."
+            ) from None
 
     @staticmethod
     def claim_name(chunk_id: int) -> str:
