@@ -40,33 +40,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def layout(tmp: Path, workers: int, chunks_per_worker: int, records: int):
-    from conftest import compose
-
     import simulation as S
-    from hpc_infer.run.plan import plan_input, prepare
 
-    n = workers * chunks_per_worker * records
-    data = tmp / f"in{workers}.jsonl"
-    with open(data, "w") as f:
-        for i in range(n):
-            f.write(f'{{"id": "r{i}", "prompt": "q {i}"}}\n')
-    rc = compose(
-        f"output_root={tmp}/runs{workers}",
-        f"data.path={data}",
-        "cluster=local",
-        f"cluster.workers={workers}",
-        f"chunks_per_worker={chunks_per_worker}",
-        f"max_chunk_records={records}",
-        "data.group_prefixes=off",
-        "sampling=greedy",
-        "sampling.max_tokens=9",
-        "cluster.lease_s=600",
-        "cluster.heartbeat_s=10",
-    )
-    run, _ = prepare(rc, plan_input(rc), "/m", "")
-    files = {n: (run.root / n).read_bytes() for n in ("manifest.json", "worker.json", "input.copy", "run_id")}
-    manifest = json.loads(files["manifest.json"])
-    return S.Layout("bench", files, [], {}, manifest["n_chunks"])
+    lay = S.sized_layout(tmp, workers, chunks_per_worker, records, "bench")
+    lay.ids = []  # the bench checks no ids
+    return lay
 
 
 def run_quiet(sim) -> float:

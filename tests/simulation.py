@@ -96,6 +96,37 @@ def plan_layouts(tmp: Path) -> dict[str, Layout]:
     return out
 
 
+def sized_layout(tmp: Path, workers: int, chunks_per_worker: int, records: int, name: str = "sized") -> Layout:
+    """A real plan of `workers x chunks_per_worker x records` short uniform records (the
+    metadata bench's and the ETA check's: a known rate)."""
+    from conftest import compose
+
+    from hpc_infer.run.plan import plan_input, prepare
+
+    n = workers * chunks_per_worker * records
+    data = tmp / f"in{workers}.jsonl"
+    with open(data, "w") as f:
+        for i in range(n):
+            f.write(f'{{"id": "r{i}", "prompt": "q {i}"}}\n')
+    rc = compose(
+        f"output_root={tmp}/runs{workers}",
+        f"data.path={data}",
+        "cluster=local",
+        f"cluster.workers={workers}",
+        f"chunks_per_worker={chunks_per_worker}",
+        f"max_chunk_records={records}",
+        "data.group_prefixes=off",
+        "sampling=greedy",
+        "sampling.max_tokens=9",
+        "cluster.lease_s=600",
+        "cluster.heartbeat_s=10",
+    )
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    files = {n: (run.root / n).read_bytes() for n in ("manifest.json", "worker.json", "input.copy", "run_id")}
+    manifest = json.loads(files["manifest.json"])
+    return Layout(name, files, [f"r{i}" for i in range(n)], {}, manifest["n_chunks"])
+
+
 # --- schedules ---------------------------------------------------------------------------------
 
 
@@ -213,6 +244,7 @@ class Sim:
         self.down: dict[int, float] = {}  # node -> mount down until
         self.seen_outputs: dict[str, tuple[int, bytes]] = {}
         self.beats: dict[str, dict] = {}  # worker id -> the latest beat seen
+        self.shown: list[tuple[float, float | None, int, int]] = []  # launcher polls: (t, ETA, done, total)
         self.segments: dict[str, list[tuple[float, float]]] = {}
         self.deadlines: list[tuple[float, list[int], float]] = []  # (by when, chunks, death time)
         self.last_death = 0.0
@@ -476,6 +508,7 @@ class Sim:
             self._launcher = RunDir(Path("/sim/run"), client)
             self._tracker = progress.DoneTracker(self._launcher)
         seen = progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker)
+        self.shown.append((self.t, seen.eta_s, seen.records_done, seen.n_records))  # what launch shows, when
         if self.check:  # what launch and status show: never backwards, never over the totals
             before = getattr(self, "_shown", None)
             if seen.records_done > seen.n_records or seen.chunks_done > seen.n_chunks:
