@@ -211,7 +211,7 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
                 still = backend.wait_exited(job_ids) if progress.complete else []
                 if still:
                     say(f"workers {', '.join(still)} are still exiting (they stop on their own; the run is complete)")
-                jobs.add(run.root, rc.cluster.backend, "launch", [], started=started, ended=time.time())
+                jobs.add(run.fs, rc.cluster.backend, "launch", [], started=started, ended=time.time())
                 break
             states = backend.states(job_ids)
             why = failures(run, states) or [f"task states: {states}"]

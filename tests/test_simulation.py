@@ -64,17 +64,9 @@ def _old_publish(fs, name, chunk_id, data):
 # Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
 FOUND = {
     "a read error taken for a damaged output": (
-        S.Schedule(
-            535260,
-            "plain",
-            5,
-            [(1.227, "kill", 0, 33.314), (3.139, "relaunch", 0, 27.436), (3.403, "node_fail", 2, 32.713)],
-            [],
-            [0.0, 0.0, 0.0],
-            eio=0.002,
-            estale=0.05,
-            slow={"w4": 1.0},
-        ),
+        # found at seed 535260; found again at 537628 after the worker's job-record read
+        # moved onto the run's handle (one more simulated call shifts each schedule's faults)
+        S.Schedule(537628, "plain", 6, [], [], [-91.959, -186.522, 249.284], ac_s=1.0, eio=0.002, estale=0.0, slow={}),
         ("hpc_infer.worker.worker.publish_chunk_output", _old_publish),
         "published twice with different content",
     ),

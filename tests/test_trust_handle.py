@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, sh
-from hpc_infer.errors import UserError
+from hpc_infer.errors import DamagedFile, UserError
 from hpc_infer.rundir import trust
 from hpc_infer.rundir.fsio import PIN_ENV, PinnedDir, split_name
 
@@ -83,8 +83,8 @@ def test_names_never_leave_the_handle_and_links_are_not_followed(tmp_path):
     for bad in ("../outside", "/etc/passwd", "a//b", "./x", ""):
         with pytest.raises(ValueError):
             split_name(bad)
-    with pytest.raises(OSError):
-        h.read("link")
+    with pytest.raises(DamagedFile, match="a symbolic link where the run keeps a file"):
+        h.read("link")  # refused and named, never followed
     with pytest.raises(OSError):
         h.read("dirlink/outside")
     h.replace("link", b"ours")  # replaced as a name: the link itself, never its target

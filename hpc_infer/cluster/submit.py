@@ -114,7 +114,7 @@ class Backend:
         raise NotImplementedError
 
     def record(self, job_ids: list[str], kind: str = "workers", indices: list[int] | None = None) -> None:
-        jobs.add(self.run.root, self.name, kind, job_ids, indices)
+        jobs.add(self.run.fs, self.name, kind, job_ids, indices)
 
 
 def _result_state(run: RunDir, job_id: str) -> str | None:
@@ -477,7 +477,7 @@ def make_backend(cluster: ClusterConfig, run: RunDir, python: str | None = None)
 
 
 def recorded_jobs(run: RunDir) -> tuple[str | None, list[str]]:
-    return jobs.backend_and_ids(run.root)
+    return jobs.backend_and_ids(run.fs)
 
 
 def recorded_backend(run: RunDir) -> tuple[Backend, list[str]]:

@@ -580,7 +580,7 @@ def launch_spans(run: RunDir, checked: list[_Checked]) -> list[dict]:
             "wall_s": round(float(r["ended"]) - float(r["started"]), 3),
             "clock": "launcher",
         }
-        for r in jobs.launches(run.root)
+        for r in jobs.launches(run.fs)
     ]
     if spans:
         return spans

@@ -77,7 +77,7 @@ def attempts(run: RunDir, chunk_id: int, exclude: Iterable[str] = ()) -> tuple[i
     names = sorted(run.fs.listdir(folder))
     if not names:
         return 0, collections.Counter()
-    not_deaths = set(exclude) | jobs.cancelled(run.root)
+    not_deaths = set(exclude) | jobs.cancelled(run.fs)
     shared, alone = 0, collections.Counter()
     for name in names:
         if not name.endswith(".json") or name.startswith("."):

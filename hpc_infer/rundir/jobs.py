@@ -15,19 +15,26 @@ A record: {"backend", "time", "kind", "job_ids", "indices"?}; kinds:
   wall time).
 
 A run written by an older hpc_infer has one `jobs.json`; it is read as its records.
+`where` is the run's pinned handle (`run.fs`: every record judged as it is opened, never by
+a path resolved again), or a folder's path for a serve folder not yet on a handle.
 Standard library only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 from .files import read_json, write_json
+from .fsio import Dir
+
+Where = Union[Dir, Path, str]
 
 FOLDER = "jobs"
 JOB_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.+]*")  # Slurm's 123, 123_4, 123+1; a local job's pid
@@ -44,33 +51,51 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def add(root: Path, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None, **extra) -> None:
+def add(root: Where, backend: str, kind: str, job_ids: list[str], indices: list[int] | None = None, **extra) -> None:
     """One more record; concurrent writers each get their own file."""
+    now = time.time()
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+    record = {
+        "backend": backend,
+        "kind": kind,
+        "time": now,
+        "job_ids": list(job_ids),
+        **({"indices": list(indices)} if indices is not None else {}),
+        **extra,
+    }
+    if isinstance(root, Dir):
+        root.mkdir(FOLDER)
+        root.replace(f"{FOLDER}/{name}", json.dumps(record).encode())
+        return
     folder = Path(root) / FOLDER
     folder.mkdir(exist_ok=True)
-    now = time.time()
-    write_json(
-        folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json",
-        {
-            "backend": backend,
-            "kind": kind,
-            "time": now,
-            "job_ids": list(job_ids),
-            **({"indices": list(indices)} if indices is not None else {}),
-            **extra,
-        },
-    )
+    write_json(folder / name, record)
 
 
-def launches(root: Path) -> list[dict]:
+def _names(root: Where) -> list[str]:
+    if isinstance(root, Dir):
+        return root.listdir(FOLDER)
+    try:
+        return os.listdir(Path(root) / FOLDER)
+    except FileNotFoundError:
+        return []
+
+
+def _read(root: Where, name: str):
+    if isinstance(root, Dir):
+        return json.loads(root.read(name))
+    return read_json(Path(root) / name)
+
+
+def launches(root: Where) -> list[dict]:
     """Each launch's span on the launcher's own clock ({started, ended}, kind `launch`):
     one clock per launch, so a run's wall time never mixes the file server's and nodes'."""
     return [dict(r.extra) for r in records(root) if r.kind == "launch" and "started" in r.extra]
 
 
-def _legacy(root: Path) -> list[Record]:
+def _legacy(root: Where) -> list[Record]:
     try:
-        old = read_json(root / LEGACY)
+        old = _read(root, LEGACY)
     except (OSError, ValueError):
         return []
     out, index = [], 0
@@ -91,19 +116,14 @@ def _legacy(root: Path) -> list[Record]:
     return out
 
 
-def records(root: Path) -> list[Record]:
+def records(root: Where) -> list[Record]:
     """Every record of the run, oldest first (a record being written is not there yet)."""
-    root = Path(root)
     out = _legacy(root)
-    try:
-        names = sorted(os.listdir(root / FOLDER))
-    except FileNotFoundError:
-        return out
-    for name in names:
+    for name in sorted(_names(root)):
         if not name.endswith(".json") or name.startswith("."):
             continue
         try:
-            d = read_json(root / FOLDER / name)
+            d = _read(root, f"{FOLDER}/{name}")
             if not all(isinstance(j, (str, int)) and JOB_ID.fullmatch(str(j)) for j in d["job_ids"]):
                 continue  # not a job id any scheduler gives (an option such as --user=bob): data, refused
             known = ("backend", "kind", "job_ids", "time", "indices")
@@ -122,7 +142,7 @@ def records(root: Path) -> list[Record]:
     return out
 
 
-def backend_and_ids(root: Path, kinds: tuple[str, ...] = ("workers", "replicas")) -> tuple[str | None, list[str]]:
+def backend_and_ids(root: Where, kinds: tuple[str, ...] = ("workers", "replicas")) -> tuple[str | None, list[str]]:
     """The backend of the run's latest submission and every job id of these kinds, in order."""
     recs = [r for r in records(root) if r.kind in kinds]
     if not recs:
@@ -130,7 +150,7 @@ def backend_and_ids(root: Path, kinds: tuple[str, ...] = ("workers", "replicas")
     return recs[-1].backend, [j for r in recs for j in r.job_ids]
 
 
-def replicas(root: Path) -> dict[int, str]:
+def replicas(root: Where) -> dict[int, str]:
     """A serve run's replica number -> its latest job id."""
     out: dict[int, str] = {}
     for r in records(root):
@@ -139,12 +159,12 @@ def replicas(root: Path) -> dict[int, str]:
     return out
 
 
-def router(root: Path) -> str | None:
+def router(root: Where) -> str | None:
     recs = [r for r in records(root) if r.kind == "router"]
     return recs[-1].job_ids[-1] if recs else None
 
 
-def cancelled(root: Path) -> set[str]:
+def cancelled(root: Where) -> set[str]:
     return {j for r in records(root) if r.kind == "cancelled" for j in r.job_ids}
 
 
