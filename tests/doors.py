@@ -11,6 +11,9 @@ then attacked with every kind an attacker (`mallory`, a real second user) has:
   exchange     (the run folder) her forged copy swapped with it by renameat2(RENAME_EXCHANGE)
                in a loop while the command runs (the run's parent is world-writable, no sticky bit)
 
+The commands: `launch` (discovery only: it makes the run), resume (the same launch again),
+`sbatch` (a script rendered for the existing run), `status`, `merge`, `report`, `cancel`.
+
 Forged content carries a canary string and, where a file can name code, code that would
 create a canary file (a merge hook that runs `touch`, a PYTHONPATH with a sitecustomize); job
 records name her sentinel process's pid. After each attack the invariants: nothing executed
@@ -37,7 +40,7 @@ from conftest import BIN, ROOT
 
 AUDIT_SITE = ROOT / "tests" / "audit_site"
 KINDS = ("owner", "group_write", "other_write", "acl", "symlink", "hardlink")
-COMMANDS = ("resume", "status", "merge", "report", "cancel")
+COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
 FAKE = json.dumps({"step_s": 0.001, "max_num_seqs": 8})
 EXCHANGE = r"""
 import ctypes, os, sys, time
@@ -76,6 +79,7 @@ def user_env(audit_log: Path | None = None) -> dict:
 def run_cmd(site: Site, command: str, run: Path, audit_log: Path | None = None, timeout: int = 300):
     line = {
         "resume": "hpc-infer launch " + " ".join(site.base_args) + f" run_name={run.name}",
+        "sbatch": "hpc-infer sbatch " + " ".join(site.base_args) + f" run_name={run.name}",
         "status": f"hpc-infer status {run}",
         "merge": f"hpc-infer merge {run}",
         "report": f"hpc-infer report {run} --out {site.out / (run.name + '.html')}",
