@@ -42,13 +42,29 @@ AUDIT_SITE = ROOT / "tests" / "audit_site"
 KINDS = ("owner", "group_write", "other_write", "acl", "symlink", "hardlink")
 COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
 FAKE = json.dumps({"step_s": 0.001, "max_num_seqs": 8})
-EXCHANGE = r"""
-import ctypes, os, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-a, b, until = sys.argv[1].encode(), sys.argv[2].encode(), time.time() + float(sys.argv[3])
-while time.time() < until:
-    libc.renameat2(-100, a, -100, b, 2)  # AT_FDCWD, RENAME_EXCHANGE
-"""
+
+
+def exchange_as(user: str, a: Path, b: Path) -> int:
+    """A child process of hers (forked, then setuid: no interpreter of ours to find) that
+    swaps `a` and `b` with renameat2(RENAME_EXCHANGE) in a loop until it is killed."""
+    import ctypes
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        x, y = str(a).encode(), str(b).encode()
+        while True:
+            libc.renameat2(-100, x, -100, y, 2)  # AT_FDCWD, RENAME_EXCHANGE
+    finally:
+        os._exit(0)
 
 
 @dataclass
@@ -330,15 +346,8 @@ def check_one(site: Site, base: Path, k: int, command: str, rel: str, kind: str)
                 if p.is_file() and p.suffix in (".jsonl", ".json", ".yaml"):
                     forge(p, site, sentinel.pid)
             subprocess.run(["chown", "-R", "mallory:mallory", str(forged)], check=True)
-            script = site.mallory_dir / "exchange.py"
-            script.write_text(EXCHANGE)
             before = snapshot(site.top)
-            exchanger = subprocess.Popen(
-                ["/usr/bin/python3", str(script), str(run), str(forged), "120"],
-                user="mallory",
-                group="mallory",
-                start_new_session=True,
-            )
+            exchanger = exchange_as("mallory", run, forged)
         elif not attack(site, run, rel, kind, sentinel.pid):
             return None
         else:
@@ -346,8 +355,8 @@ def check_one(site: Site, base: Path, k: int, command: str, rel: str, kind: str)
         rc, out, err = run_cmd(site, command, run)
     finally:
         if exchanger is not None:
-            exchanger.kill()
-            exchanger.wait()
+            os.kill(exchanger, signal.SIGKILL)
+            os.waitpid(exchanger, 0)
     violations = []
     if site.executed.exists():
         violations.append("EXECUTED: code from a forged file ran")
