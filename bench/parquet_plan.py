@@ -101,9 +101,7 @@ def child(path: str, workers: int, out_root: str) -> None:
     planned = plan_input(rc)
     seconds = time.perf_counter() - t
     table = [(c["n_records"], c["est_tokens"]) for c in planned.chunks]
-    from hpc_infer.io.data import load_records  # the ids in order, read back from the chunk files
-
-    from hpc_infer.rundir import RunDir
+    from hpc_infer.rundir import RunDir  # the ids in order, read back from the chunk files
     from hpc_infer.rundir.chunks import read_chunk_source
 
     ids = hashlib.sha256()
@@ -112,7 +110,6 @@ def child(path: str, workers: int, out_root: str) -> None:
         for r in read_chunk_source(fs, c, planned.spec.to_json()).records:
             ids.update(r["id"].encode() + b"\0")
     planned.discard()
-    del load_records
     print(
         json.dumps(
             {

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import read_results, run_launch, user_env
 from hub_standin import HubStandIn, commit_of
+from test_hub_download import _env
 
 FAKE = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001, "max_num_seqs": 8})}
 MATH = [
@@ -116,16 +117,8 @@ def hub():
 
 
 def hub_env(hub, tmp_path, **extra) -> dict:
-    return {
-        "HF_ENDPOINT": hub.url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": "",
-        "HUGGING_FACE_HUB_TOKEN": "",
-        **FAKE,
-        **extra,
-    }
+    """test_hub_download's environment for the stand-in, with the fake engine."""
+    return _env(hub, tmp_path, **FAKE, **extra)
 
 
 def test_math500_from_the_hub_end_to_end(tmp_path, hub):

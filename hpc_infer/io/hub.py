@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 from ..config import DataConfig
 from ..config.validate import hub_address
 from ..errors import UserError
-from .sources import SHARD_FORMATS, Source, choose_split, pick
+from .sources import SHARD_FORMATS, Source, choose_split, one_format, pick, split_of
 
 CONVERTED = "refs/convert/parquet"
 METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
@@ -128,10 +128,7 @@ def _source(repo, rev, sha, chosen, subset, split, folder: Path, cfg: DataConfig
     missing = [f for f, p in zip(chosen, paths) if not p.is_file()]
     if missing:
         raise UserError(f"data.path={cfg.path}: {missing[0]} is missing from the downloaded copy in {folder}")
-    kinds = {SHARD_FORMATS[Path(f).suffix.lower()] for f in chosen}
-    if len(kinds) != 1:
-        raise UserError(f"data.path={cfg.path}: split {split} mixes formats ({', '.join(chosen)[:300]})")
-    fmt = kinds.pop() if cfg.format == "auto" else ("jsonl" if cfg.format == "json" else cfg.format)
+    fmt = one_format(paths, cfg, f"data.path={cfg.path} split {split}")
     origin = {
         "hub": repo,
         "revision": sha,
@@ -185,8 +182,6 @@ def choose(files: list[str], card: Optional[str], converted: bool, cfg: DataConf
             )
         data = [f for f in data if f.startswith(cfg.subset + "/")]
     chosen = choose_split(data, cfg.split, where)
-    from .sources import split_of
-
     return chosen, cfg.subset, cfg.split or split_of(chosen[0]) or None
 
 
