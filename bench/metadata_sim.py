@@ -16,10 +16,13 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
 
-`--balance` runs whole runs instead, each record's output length log-normal (drawn from its
-id: median 3 engine steps, sigma 1, at most 40, one step 10 simulated seconds), and prints
-balance = the mean over workers of when each published its last chunk / the latest of those
-(1.0: every worker ran out of work at the same moment); the goal is 0.97.
+`--balance` runs whole runs instead (`--records-per-worker`, 2,000 by default, cut by the
+planner into `--chunks-per-worker` guided chunks), each record's output length log-normal
+(drawn from its id: median 300 tokens, sigma 1, at most 4,100, as bench/balance.py), the
+engine's step cost that of the real one (a + c x running requests, bench/engine_model.json;
+one simulated step stands for 100 tokens), and prints balance = the mean over workers of
+when each published its last chunk / the latest of those (1.0: every worker ran out of work
+at the same moment); the goal is 0.97.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
 
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
     engine = {"step_s": chunk_s / 9, "max_num_seqs": records, "tokens": 9}
-    sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=10.0)
+    beat = json.loads(lay.files["worker.json"])["heartbeat_s"]  # the plan's: longer at scale (rundir/lease.py)
+    sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=beat)
     marks: dict = {}
     tick = sim.check_step
 
@@ -98,6 +102,7 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
     return {
         "workers": workers,
         "chunks": lay.n_chunks,
+        "heartbeat_s": beat,
         "calls_per_s": round(sum(calls.values()) / span, 1),
         "per_worker_s": round(sum(calls.values()) / span / workers, 4),
         "by_kind": dict(sorted(((k, round(v / span, 1)) for k, v in calls.items()), key=lambda kv: -kv[1])),
@@ -107,12 +112,25 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
     }
 
 
-def balance(lay, workers: int, records: int) -> dict:
+TOKENS_PER_STEP = 100  # one simulated engine step stands for this many decode steps
+
+
+def balance(lay, workers: int) -> dict:
+    """A whole run with heavy-tailed lengths and the real engine's step cost (a + c x batch,
+    bench/engine_model.json, as bench/balance.py), one simulated step standing for
+    TOKENS_PER_STEP tokens: lengths log-normal, median 300 tokens, sigma 1, at most 4,100."""
     import simulation as S
 
+    m = json.loads((ROOT / "bench" / "engine_model.json").read_text())
     sched = S.Schedule(0, "bench", workers, [], skew=[0.0])
-    engine = {"step_s": 10.0, "max_num_seqs": records, "lengths": {"median": 3, "sigma": 1.0, "max": 40}}
-    sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=10.0)
+    engine = {
+        "step_s": m["a"] * TOKENS_PER_STEP,
+        "step_per_seq_s": m["c"] * TOKENS_PER_STEP,
+        "max_num_seqs": m["max_num_seqs"],
+        "lengths": {"median": 3, "sigma": 1.0, "max": 41},
+    }
+    beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
+    sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=beat)
     sim.check_end = lambda: None
     wall = run_quiet(sim)
     last: dict[str, float] = {}
@@ -141,23 +159,30 @@ def main() -> None:
     ap.add_argument("--warm", type=float, default=600.0)
     ap.add_argument("--window", type=float, default=600.0)
     ap.add_argument("--balance", action="store_true", help="whole runs with heavy-tailed lengths: balance, not calls")
+    ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
     args = ap.parse_args()
     budget = {1000: 500, 10000: 2000}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
-            lay = layout(Path(tmp), n, args.chunks_per_worker, args.records)
             if args.balance:
-                row = balance(lay, n, args.records)
+                import simulation as S
+
+                per_chunk = -(-args.records_per_worker // args.chunks_per_worker)
+                lay = S.sized_layout(Path(tmp), n, args.chunks_per_worker, per_chunk, "bench", cap=False)
+                lay.ids = []
+                row = balance(lay, n)
                 print(
                     f"{n:>6} workers, {row['chunks']:>7} chunks: balance {row['balance']} (goal 0.97), makespan "
                     f"{row['makespan_s']} simulated s, {row['published']} published; {row['wall_s']} s to simulate",
                     flush=True,
                 )
                 continue
+            lay = layout(Path(tmp), n, args.chunks_per_worker, args.records)
             row = measure(lay, n, args.records, args.chunk_s, args.warm, args.window)
             goal = f" (budget {budget[n]}/s)" if n in budget else ""
             print(
-                f"{n:>6} workers, {row['chunks']:>7} chunks: {row['calls_per_s']:>8.1f} calls/s{goal}, "
+                f"{n:>6} workers, {row['chunks']:>7} chunks, a beat every {row['heartbeat_s']:g}s: "
+                f"{row['calls_per_s']:>8.1f} calls/s{goal}, "
                 f"{row['per_worker_s']:.4f} per worker-second; {row['by_kind']}; "
                 f"{row['chunks_done']} chunks done by t={args.warm + args.window:.0f}s; {row['wall_s']} s to simulate",
                 flush=True,

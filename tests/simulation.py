@@ -96,9 +96,12 @@ def plan_layouts(tmp: Path) -> dict[str, Layout]:
     return out
 
 
-def sized_layout(tmp: Path, workers: int, chunks_per_worker: int, records: int, name: str = "sized") -> Layout:
+def sized_layout(
+    tmp: Path, workers: int, chunks_per_worker: int, records: int, name: str = "sized", cap: bool = True
+) -> Layout:
     """A real plan of `workers x chunks_per_worker x records` short uniform records (the
-    metadata bench's and the ETA check's: a known rate)."""
+    metadata bench's and the ETA check's: a known rate), every chunk `records` long (`cap`),
+    or cut as the planner cuts them (guided: shrinking towards the end)."""
     from conftest import compose
 
     from hpc_infer.run.plan import plan_input, prepare
@@ -114,7 +117,7 @@ def sized_layout(tmp: Path, workers: int, chunks_per_worker: int, records: int, 
         "cluster=local",
         f"cluster.workers={workers}",
         f"chunks_per_worker={chunks_per_worker}",
-        f"max_chunk_records={records}",
+        f"max_chunk_records={records if cap else 2000}",
         "data.group_prefixes=off",
         "sampling=greedy",
         "sampling.max_tokens=9",
@@ -499,15 +502,16 @@ class Sim:
         return self
 
     def poll(self) -> float:
-        """One look of the launcher, as `launch` waits (run/progress.py): new outputs, every
-        heartbeat; the seconds to its next look."""
+        """One look of the launcher, as `launch` waits (run/progress.py): new outputs, the
+        heartbeats in turns; the seconds to its next look."""
         from hpc_infer.run import progress
 
         if not hasattr(self, "_launcher"):
             client = SimClient(self.server, ROOT, "launcher", path="/sim/run")
             self._launcher = RunDir(Path("/sim/run"), client)
             self._tracker = progress.DoneTracker(self._launcher)
-        seen = progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker)
+            self._beats = progress.BeatTracker(self._launcher)
+        seen = progress.snapshot(self._launcher, self.manifest, 60.0, self._tracker, self._beats)
         self.shown.append((self.t, seen.eta_s, seen.records_done, seen.n_records))  # what launch shows, when
         if self.check:  # what launch and status show: never backwards, never over the totals
             before = getattr(self, "_shown", None)

@@ -175,3 +175,44 @@ def test_two_takers_of_a_dead_holders_lock_never_both_hold_it(tmp_path):
         assert not list(tmp_path.glob("merge.lock.stale-*"))
     finally:
         a.release()
+
+
+def test_status_counts_a_backup_copys_attempt_as_no_death_and_a_killed_worker_as_lost(tmp_path):
+    """`hpc-infer status` (progress.describe) on a run where chunk 0's holder and a live
+    backup copy of it both recorded an attempt, and a third worker whose last beat said
+    "running" was killed outright: one death (the killed one's), not three, and the killed
+    worker is shown lost, not running."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import compose
+    from hpc_infer.host.procs import identify, this_process
+    from hpc_infer.run.plan import plan_input, prepare
+    from hpc_infer.run.progress import describe
+    from hpc_infer.rundir import isolate
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"q {i}"}) + "\n" for i in range(8)))
+    rc = compose(f"output_root={tmp_path}/runs", f"data.path={data}", "cluster=local", "cluster.workers=2")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_start = identify(dead.pid).start if identify(dead.pid) else 1
+    dead.wait()
+    me = this_process()
+    for wid, pid, start in (
+        ("holder", me.pid, me.start),
+        ("backup", me.pid, me.start),
+        ("killed", dead.pid, dead_start),
+    ):
+        beat = {"worker": wid, "host": claims.socket.gethostname(), "pid": pid, "pid_start": start}
+        beat.update(state="running", t=time.time(), started=time.time(), in_flight={"0": 1}, chunks_done=0)
+        run.fs.replace(run.heartbeat_name(wid), json.dumps(beat).encode())
+        isolate.record_attempt(run, 0, (0, 1), wid, alone=False)
+    assert claims.try_claim(run, 0, claims.Owner("holder", claims.socket.gethostname(), me.pid))
+    text = describe(run, {})
+    assert "workers died with these chunks in their batch: 0 (1x)" in text, text
+    killed = next(line for line in text.splitlines() if "worker" in line and "killed" in line)
+    assert " lost " in killed and "its process is gone" in killed, killed
+    backup = next(line for line in text.splitlines() if "worker" in line and "backup" in line)
+    assert " running " in backup and "not running" not in backup, backup

@@ -100,3 +100,41 @@ def test_cancel_leaves_no_process_and_a_killed_controller_takes_its_worker(tmp_p
         tmp_path, "cluster=local", "data=example_prompts", "sampling=greedy", "sampling.max_tokens=32", "run_name=c"
     )
     assert "resuming" in p.stderr and "8 records ->" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_killed_servers_group_is_stopped_whole_and_nothing_else(tmp_path):
+    """The replica starts its server as the leader of a process group of its own
+    (procs.start_child(own_group=True)); once the server is SIGKILLed, stop_group stops what
+    it started, even a grandchild that escaped to init by a double fork (no subreaper and no
+    /proc tree reaches it), and nothing outside the group: a sentinel we started apart lives."""
+    import psutil
+
+    from hpc_infer.host.procs import start_child, stop_group
+
+    pids = tmp_path / "pids"
+    server = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    if os.fork() == 0:\n"  # the engine core, re-parented away from the server
+        "        open(sys.argv[1], 'a').write(f'{os.getpid()}\\n'); time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "time.sleep(600)\n"
+    )
+    sentinel = subprocess.Popen(["sleep", "600"])
+    child = start_child(
+        [os.sys.executable, "-c", server, str(pids)], dict(os.environ), tmp_path / "log", own_group=True
+    )
+    try:
+        wait_for("the grandchild to start", lambda: pids.exists() and pids.read_text().strip(), timeout=60)
+        grandchild = psutil.Process(int(pids.read_text().split()[0]))
+        assert os.getpgid(grandchild.pid) == child.pid and grandchild.ppid() != child.pid
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        found = stop_group(child.pid, grace_s=5)
+        assert [p.pid for p in found] == [grandchild.pid]
+        wait_for("the grandchild to go", lambda: not grandchild.is_running() or grandchild.status() == "zombie", 30)
+        assert sentinel.poll() is None  # not of the group: untouched
+        assert stop_group(child.pid) == []  # nothing left, nothing else found
+    finally:
+        sentinel.kill()
+        sentinel.wait()

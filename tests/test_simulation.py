@@ -141,3 +141,43 @@ def test_the_eta_is_within_1_5x_of_the_finish_once_a_tenth_is_done(tmp_path):
         f"{[round((t + e) / end, 2) for t, e in shown if e is not None]}; ETA/time left: {left}"
     )
     assert not off, f"(t, ETA shown) whose predicted finish is outside 1.5x of the real one ({end:.1f}s): {off}"
+
+
+def test_beats_lengthen_at_scale_so_the_run_beats_at_most_100_times_a_second(tmp_path):
+    """The plan writes the interval workers use: cluster.heartbeat_s up to 1,000 workers,
+    workers / 100 beyond (10,000 workers: 100 s), never past a quarter of the lease."""
+    from hpc_infer.rundir.lease import beat_interval
+
+    assert beat_interval(10, 600, 8) == 10
+    assert beat_interval(10, 600, 1000) == 10
+    assert beat_interval(10, 600, 10000) == 100
+    assert beat_interval(10, 200, 10000) == 50  # a quarter of the lease
+    assert beat_interval(30, 600, 10) == 30  # the user's longer beat stays
+    lay = S.sized_layout(tmp_path, 2000, 1, 1)
+    assert json.loads(lay.files["worker.json"])["heartbeat_s"] == 20
+
+
+def test_the_launcher_reads_heartbeats_in_turns_within_its_budget():
+    """progress.BeatTracker: the first look reads every beat; later looks read at most
+    READS_PER_S a second of polling, the least recently read first (every beat is read
+    again within workers / READS_PER_S seconds), ages growing by the time since each read."""
+    from pathlib import Path
+
+    from hpc_infer.rundir import RunDir
+    from hpc_infer.rundir.simfs import SimClient, SimServer
+    from hpc_infer.run.progress import BeatTracker
+
+    t = [0.0]
+    server = SimServer(now=lambda: t[0])
+    server.put_tree({f"run/heartbeats/w{i}.json": json.dumps({"worker": f"w{i}", "n": 0}).encode() for i in range(200)})
+    tracker = BeatTracker(RunDir(Path("/sim/run"), SimClient(server, "run", "launcher")))
+    before = server.calls["open"]
+    assert len(tracker.update(0.0)) == 200 and server.calls["open"] - before == 200
+    for step in range(1, 8):  # a look every 2 s: 40 reads each (the floor is 32)
+        t[0] = 2.0 * step
+        before = server.calls["open"]
+        seen = tracker.update(t[0])
+        assert server.calls["open"] - before == 40
+        assert len(seen) == 200 and max(age for _, age in seen) <= t[0]
+    # 200 beats at 40 a look: after 7 looks, none was last read more than 5 looks ago
+    assert min(at for _, _, at in tracker.seen.values()) >= 2.0 * (7 - 4), sorted(tracker.seen.values())[:1]

@@ -9,6 +9,7 @@ any of them, so a worker re-parented to init when its controller died is still f
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -96,9 +97,19 @@ def scheduler_job_id(fallback: str | None = None) -> str:
     return fallback if fallback is not None else f"{socket.gethostname()}-{os.getpid()}"
 
 
-def start_child(command: list[str], env: dict, log_path, parent_death: int = signal.SIGTERM) -> subprocess.Popen:
+def start_child(
+    command: list[str], env: dict, log_path, parent_death: int = signal.SIGTERM, own_group: bool = False
+) -> subprocess.Popen:
     """A child whose output is appended to `log_path`, that gets `parent_death` when we go,
-    even by SIGKILL (a server left behind would keep answering with the run's key)."""
+    even by SIGKILL (a server left behind would keep answering with the run's key); with
+    `own_group`, the leader of a process group of its own, which everything it starts joins
+    (stop_group stops them all, wherever they were re-parented)."""
+
+    def setup() -> None:
+        if own_group:
+            os.setpgid(0, 0)
+        die_with_parent(parent_death)
+
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command,
@@ -106,8 +117,45 @@ def start_child(command: list[str], env: dict, log_path, parent_death: int = sig
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: die_with_parent(parent_death),
+            preexec_fn=setup,
         )
+
+
+def group_members(pgid: int) -> list:
+    """The live processes of process group `pgid` (psutil.Process objects: each knows its
+    start time, so a signal never reaches a pid reused meanwhile). A group's id is its
+    leader's pid, which the kernel does not hand out again while any member lives: the
+    members of a group we started are ours, even once the leader has gone."""
+    import psutil  # a dependency of vLLM: imported here, so a batch worker needs only the stdlib
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def stop_group(pgid: int, grace_s: float = 15.0) -> list:
+    """Stop what is left of a process group we started (a server's engine-core process after
+    the server was SIGKILLed): SIGTERM, then SIGKILL after `grace_s`. Returns what was found."""
+    import psutil
+
+    left = group_members(pgid)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive_ = psutil.wait_procs(left, timeout=grace_s)
+    for p in alive_:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive_, timeout=30)
+    for p in left:  # reap the ones that were our children (a subreaper's orphans too)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(p.pid, os.WNOHANG)
+    return left
 
 
 def stop_child(child: subprocess.Popen, grace_s: float = 60.0, told: bool = False) -> None:

@@ -33,6 +33,7 @@ from ..io.sources import resolve as resolve_source
 from ..io.records import PREFIX_CHARS
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, secure_root, write_json
+from ..rundir.lease import beat_interval
 
 MANIFEST_VERSION = 5  # 5: a prefix-grouped chunk is positions in order.bin (4: jobs/ and attempts/ folders)
 CHARS_PER_TOKEN = 4  # rough, tokenizer-free estimate; only relative sizes matter
@@ -503,7 +504,7 @@ def worker_spec(rc: RunConfig, model_path: str, endpoint: dict | None = None, to
         "batch_defaults": rc.data.batch_defaults,  # OpenAI batch lines: vLLM's server defaults, or the run's
         "env": dict(rc.cluster.env),
         "lease_s": rc.cluster.lease_s,
-        "heartbeat_s": rc.cluster.heartbeat_s,
+        "heartbeat_s": beat_interval(rc.cluster.heartbeat_s, rc.cluster.lease_s, rc.cluster.workers),
         "max_chunks_in_flight": rc.cluster.max_chunks_in_flight,
         "max_backups": rc.cluster.max_backups,
         "straggler_pacing": rc.cluster.straggler_pacing,

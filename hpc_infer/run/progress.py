@@ -11,6 +11,7 @@ never water it down; ETA = records left / that rate, or unknown while it is 0.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,15 +78,49 @@ class DoneTracker:
         return self.done
 
 
+class BeatTracker:
+    """The workers' heartbeats, read in turns: at most READS_PER_S a second of polling (the
+    least recently read first, a new worker's at once), the others as last read. At 10,000
+    workers a poll that read every beat would cost the file server 330 opens a second; this
+    costs 20, and a beat shown is at most workers / 20 seconds old. A beat's age is its age
+    when read plus the time since."""
+
+    READS_PER_S = 20.0
+
+    def __init__(self, run: RunDir):
+        self.run, self.seen, self.last = run, {}, None  # name -> (beat, age when read, read at)
+
+    def update(self, now: float) -> list[tuple[dict, float]]:
+        names = sorted(n for n in self.run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith("."))
+        for gone in self.seen.keys() - set(names):
+            del self.seen[gone]
+        budget = len(names) if self.last is None else max(32, int(self.READS_PER_S * (now - self.last)))
+        self.last = now
+        for n in sorted(names, key=lambda n: self.seen[n][2] if n in self.seen else -1.0)[:budget]:
+            found = read_beat(self.run.fs, f"heartbeats/{n}", now)
+            if found:
+                self.seen[n] = (found[0], found[1], now)
+        return [(b, age + now - at) for b, age, at in self.seen.values()]
+
+
 def snapshot(
-    run: RunDir, manifest: dict | None = None, fresh_s: float = 60.0, tracker: DoneTracker | None = None
+    run: RunDir,
+    manifest: dict | None = None,
+    fresh_s: float = 60.0,
+    tracker: DoneTracker | None = None,
+    beats_seen: BeatTracker | None = None,
 ) -> Progress:
+    """Where a run is: published chunks, and the workers' heartbeats (all read now, or in
+    turns through `beats_seen`, as the launcher's poll does)."""
     manifest = manifest or run.read_json("manifest.json")
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
     now = fs_now(run.fs, "heartbeats")
-    names = sorted(n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith("."))
-    found = [f for f in (read_beat(run.fs, f"heartbeats/{n}", now) for n in names) if f]
+    if beats_seen is not None:
+        found = beats_seen.update(now)
+    else:
+        names = sorted(n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith("."))
+        found = [f for f in (read_beat(run.fs, f"heartbeats/{n}", now) for n in names) if f]
     beats = [b for b, _ in found]
     in_chunk: dict[int, int] = {}
     for b in beats:  # the furthest any holder got in each chunk not yet published
@@ -182,8 +217,8 @@ def wait(
     except (OSError, ValueError, KeyError):
         pooling = False
     fresh_s = fresh_s_of(run)
-    tracker = DoneTracker(run)
-    p = snapshot(run, manifest, fresh_s, tracker)
+    tracker, beats_seen = DoneTracker(run), BeatTracker(run)
+    p = snapshot(run, manifest, fresh_s, tracker, beats_seen)
     t0 = time.time()
     tty = sys.stderr.isatty()
     bar = tqdm(
@@ -197,7 +232,7 @@ def wait(
     )
     last_log = 0.0
     while True:
-        p = snapshot(run, manifest, fresh_s, tracker)
+        p = snapshot(run, manifest, fresh_s, tracker, beats_seen)
         states = job_states()
         failed = sum(1 for s in states.values() if s in TERMINAL and s != "COMPLETED")
         running = sum(1 for s in states.values() if s == "RUNNING")
@@ -220,7 +255,9 @@ def wait(
         if p.complete:
             break
         if not states or all(s in TERMINAL for s in states.values()):
-            p = snapshot(run, manifest, fresh_s, tracker)  # a last look: the final rename may have just landed
+            p = snapshot(
+                run, manifest, fresh_s, tracker, beats_seen
+            )  # a last look: the final rename may have just landed
             if not p.complete and not live_claims(run, lease_s):
                 break
         time.sleep(max(poll_s, poll_interval(len(states))))
@@ -228,10 +265,25 @@ def wait(
     return p
 
 
+def _lost(beat: dict, age: float, fresh_s: float) -> str:
+    """Why a worker whose last beat says it runs does not ("" when it may): its process on
+    this host is gone, or it missed three beats."""
+    from ..host.procs import identify
+
+    pid, start = beat.get("pid"), beat.get("pid_start")
+    if beat.get("host") == socket.gethostname() and isinstance(pid, int) and isinstance(start, int):
+        if identify(pid, start) is None:
+            return "  (not running: its process is gone)"
+    if age > fresh_s:
+        return f"  (not running: no heartbeat for {age:.0f}s, over 3 beats)"
+    return ""
+
+
 def describe(run: RunDir, states: dict[str, str]) -> str:
     """The `hpc-infer status` text: per task state, chunks done, tokens/s, ETA."""
     manifest = run.read_json("manifest.json")
-    p = snapshot(run, manifest, fresh_s_of(run))
+    fresh_s = fresh_s_of(run)
+    p = snapshot(run, manifest, fresh_s)
     now = time.time()
     lines = [
         f"run {run.root}",
@@ -263,18 +315,20 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         else:
             age = now - b.get("t", now)
             chunks = ",".join(map(str, (b.get("in_flight") or {}).keys())) or "-"
-            stale = "  (no heartbeat for long: the worker may have died)" if age > 3 * 60 else ""
+            lost = _lost(b, age, fresh_s)
+            if lost:  # its last beat said running; it is not (killed outright, its node gone)
+                state, chunks = "lost", "-"
             alone = (
                 (
                     f"  running chunk {b['isolating']} alone (its workers died with it: finding the record that "
                     f"kills the engine)"
                 )
-                if b.get("isolating") is not None
+                if b.get("isolating") is not None and not lost
                 else ""
             )
             lines.append(
                 f"  worker {b['worker']:>14}  {state:9} chunks={chunks}  {counts}  "
-                f"last heartbeat {age:.0f}s ago{stale}{alone}"
+                f"last heartbeat {age:.0f}s ago{lost}{alone}"
             )
     missing = sorted(set(range(p.n_chunks)) - run.done_chunks())
     if missing:
@@ -288,8 +342,13 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         except (OSError, ValueError):
             lease_s = 600.0
         holders = live_holders(run, lease_s)  # a live holder's attempt is running, not a death
+        running: dict[int, set[str]] = {}  # and so is a live backup copy's (not the claim's holder)
+        for b in p.workers:
+            if b.get("state") == "running" and not _lost(b, now - b.get("t", now), fresh_s):
+                for c in b.get("in_flight") or {}:
+                    running.setdefault(int(c), set()).add(str(b["worker"]))
         deaths = {
-            c: isolate.deaths(run, c, exclude=[holders[c]] if c in holders else [])
+            c: isolate.deaths(run, c, exclude=sorted(running.get(c, set()) | ({holders[c]} if c in holders else set())))
             for c in missing[:1000]
             if run.fs.exists(isolate.attempts_path(c))
         }

@@ -37,6 +37,7 @@ from ..host.procs import (
     scheduler_job_id,
     start_child,
     stop_child,
+    stop_group,
     stop_orphans,
     this_process,
 )
@@ -242,7 +243,11 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     def server_gone() -> None:
         """After the server exited: stop what it left running (its engine-core process when
-        it was SIGKILLed), never the Ray head of a multi-node replica."""
+        it was SIGKILLed): first its process group (the server leads one of its own), then
+        any orphan re-parented to this replica (a subreaper), never the Ray head of a
+        multi-node replica."""
+        if child is not None:
+            stop_group(child.pid)
         stop_orphans(keep=[h.pid for h in helpers])
 
     if nodes > 1:
@@ -266,7 +271,8 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             save(port=port, url=f"http://{addr}:{port}/v1")
             if stopping["why"]:
                 return ""
-            child = start_child(server_command(spec, port), env, log_path)  # goes when this replica goes
+            # goes when this replica goes; its own process group: stopped whole (server_gone)
+            child = start_child(server_command(spec, port), env, log_path, own_group=True)
             server = identify(child.pid)
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
             deadline = time.time() + float(spec.get("ready_timeout_s", 3600))

@@ -4,10 +4,11 @@ Chosen by the worker when `HPC_INFER_FAKE_ENGINE` holds its settings as JSON (ne
 through a run's config: a run is never fake by accident). Each record generates
 `max_tokens` tokens (the run's or the record's sampling; `tokens` overrides), at most
 `max_num_seqs` requests run at once, each step advances every running request by one
-token and takes `step_s` seconds: a known rate of max_num_seqs / step_s tokens per
-second. Settings:
+token and takes `step_s` seconds (plus `step_per_seq_s` for each running request: a real
+engine's decode step grows with its batch, bench/engine_model.json): a known rate of
+max_num_seqs / step_s tokens per second. Settings:
 
-    {"step_s": 0.002, "max_num_seqs": 64, "tokens": null, "start_s": 0.0,
+    {"step_s": 0.002, "step_per_seq_s": 0.0, "max_num_seqs": 64, "tokens": null, "start_s": 0.0,
      "fail_ids": ["r3"], "die_ids": ["r7"], "slow": {"worker-id-part": 5.0}}
 
 `fail_ids` come back as error records (what vLLM refuses); a record in `die_ids` makes
@@ -47,9 +48,11 @@ def settings() -> dict | None:
 class FakeEngine:
     def __init__(self, conf: dict, worker_id: str = ""):
         self.step_s = float(conf.get("step_s", 0.002))
+        self.step_per_seq_s = float(conf.get("step_per_seq_s", 0.0))
         for part, factor in (conf.get("slow") or {}).items():
             if part in worker_id:
                 self.step_s *= float(factor)
+                self.step_per_seq_s *= float(factor)
         self.max_num_seqs = int(conf.get("max_num_seqs", 64))
         self.tokens = conf.get("tokens")
         self.fail_ids = set(map(str, conf.get("fail_ids") or []))
@@ -95,7 +98,7 @@ class FakeEngine:
             self._running.append(self._waiting.popleft())
         if not self._running:
             return done
-        clock.sleep(self.step_s)
+        clock.sleep(self.step_s + self.step_per_seq_s * len(self._running))
         for req in self._running:
             if str(req[0].get("id")) in self.die_ids:
                 raise FakeEngineDied(f"the fake engine died on record {req[0].get('id')}")

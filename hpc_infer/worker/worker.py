@@ -47,7 +47,8 @@ from ..rundir import (
 from .heartbeat import Heartbeat
 
 EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
-CHECK_BACKUPS_S = 15.0  # how often a worker looks whether another copy of a chunk it runs was published
+CHECK_BACKUPS_S = 15.0  # how often a worker looks whether another copy of a chunk it runs was
+# published: at least this, and 1.5 heartbeats (a run of 10,000 workers beats every 100 s)
 
 
 def default_worker_id() -> str:
@@ -397,8 +398,8 @@ class Worker:
     def drop_published_elsewhere(self) -> None:
         """Stop running chunks another copy of which was published (a backup raced ours). Only
         chunks with a backup marker can have two copies: a listing of the (few) markers every
-        CHECK_BACKUPS_S, then a stat of those chunks' outputs alone."""
-        if clock.now() - self._backups_seen_at < CHECK_BACKUPS_S:
+        CHECK_BACKUPS_S (or 1.5 heartbeats), then a stat of those chunks' outputs alone."""
+        if clock.now() - self._backups_seen_at < max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s):
             return
         self._backups_seen_at = clock.now()
         backed = claims.backed_up(self.run)
