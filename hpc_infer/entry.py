@@ -50,6 +50,7 @@ def check_overrides(argv: list[str]) -> list[str]:
 
     config_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
     config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     problems = []
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -69,14 +70,31 @@ def check_overrides(argv: list[str]) -> list[str]:
                         + f"(options: {', '.join(options)})"
                     )
             continue
-        tree: dict = {}
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        problems += unknown_keys(tree, RunConfig) or wrong_types(tree, RunConfig)
+        for one in _swept(arg) if multirun else [value]:  # each value of a sweep has the field's type
+            tree: dict = {}
+            node = tree
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = one
+            found = unknown_keys(tree, RunConfig) or wrong_types(tree, RunConfig)
+            problems += [f for f in found if f not in problems]
     return problems
+
+
+def _swept(arg: str) -> list[str]:
+    """The values a multirun sweeps `arg` over (`seed=1,2`: 1 and 2), as Hydra's parser reads
+    them; the value itself when it does not sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value = arg.split("=", 1)[1]
+    try:
+        ov = OverridesParser.create().parse_override(arg)
+        if ov.is_sweep_override() and ov.is_discrete_sweep():
+            return list(ov.sweep_string_iterator())
+    except Exception:
+        pass
+    return [value]
 
 
 def _free_form(key: str) -> bool:
@@ -137,25 +155,20 @@ WRITTEN_BY_HYDRA = (
 )
 
 
-def _first_of_sweeps(argv: list[str]) -> list[str]:
-    """The overrides with each sweep (`a=1,2`, `range(...)`) replaced by its first value:
-    one point of a multirun, composed to check what Hydra would write for it."""
+def _sweep_points(argv: list[str]) -> list[list[str]]:
+    """The overrides of every job a multirun would start (`a=1,2 b=x,y`: four), expanded by
+    Hydra's own parser and basic sweeper; one list when nothing sweeps. Hydra composes each
+    job's config, so each is checked: a point after the first may hold what the first does
+    not (`hydra.sweep.subdir=${oc.env:X${hydra.job.num}}`)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    out = []
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            ov = parser.parse_override(arg)
-            if ov.is_sweep_override():
-                first = next(iter(ov.sweep_string_iterator()), None)
-                arg = f"{ov.get_key_element()}={first}" if first is not None else arg
-        except Exception:
-            pass
-        out.append(arg)
-    return out
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+        return BasicSweeper.split_arguments(parsed, None)[0] or [[]]
+    except Exception:  # Hydra itself will say what is wrong (a range or interval sweep included)
+        return [args]
 
 
 def check_before_hydra_writes(argv: list[str]) -> None:
@@ -170,28 +183,34 @@ def check_before_hydra_writes(argv: list[str]) -> None:
 
     config_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
     config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
-    overrides = _first_of_sweeps(argv)
+    extra = []
     if config_dirs:
         dirs = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in config_dirs)
-        overrides.append(f"hydra.searchpath=[{dirs}]")
-    try:
-        with initialize_config_dir(config_dir=str(PACKAGE_DIR / "conf"), version_base=None):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    except Exception:
-        return  # Hydra itself will say what is wrong (its message holds no resolved value)
+        extra.append(f"hydra.searchpath=[{dirs}]")
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    points = _sweep_points(argv) if multirun else [[a for a in argv if not a.startswith("-") and "=" in a]]
     secrets = known_secrets()
-    found = []
-    for key in WRITTEN_BY_HYDRA:
-        try:
-            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
-        except Exception:  # set only at run time (hydra.job.num): Hydra fills it; not a secret from here
-            continue
-        found += [key] if secrets_in_resolved(value, secrets) else []
-    if found:
-        raise UserError(
-            f"{', '.join(found)}: resolves to a secret, which would name a directory or a file; "
-            f"{SECRET_ADVICE} (value not shown)"
-        )
+    with initialize_config_dir(config_dir=str(PACKAGE_DIR / "conf"), version_base=None):
+        for num, point in enumerate(points):
+            # what Hydra sets for each job at run time (hydra.job.num, .id), set as it will be
+            job = [f"hydra.job.num={num}", f"hydra.job.id={num}"] if multirun else []
+            try:
+                cfg = compose(config_name="config", overrides=point + extra + job, return_hydra_config=True)
+            except Exception:
+                return  # Hydra itself will say what is wrong (its message holds no resolved value)
+            found = []
+            for key in WRITTEN_BY_HYDRA:
+                try:
+                    value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+                except Exception:  # set only at run time: Hydra fills it; not a secret from here
+                    continue
+                found += [key] if secrets_in_resolved(value, secrets) else []
+            if found:
+                where = f" (sweep job {num} of {len(points)})" if multirun and len(points) > 1 else ""
+                raise UserError(
+                    f"{', '.join(found)}{where}: resolves to a secret, which would name a directory or a file; "
+                    f"{SECRET_ADVICE} (value not shown)"
+                )
 
 
 def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import compose, sh
+from conftest import compose, sh, user_env
 from hpc_infer.errors import DamagedFile, UserError
 from hpc_infer.rundir import trust
 from hpc_infer.rundir.fsio import PIN_ENV, PinnedDir, split_name
@@ -305,3 +306,24 @@ def test_the_tune_store_decides_engine_flags_only_under_the_rule_and_only_tunes_
     rc.tuned_path.symlink_to(target)  # a link in the settings' place is never followed
     with pytest.raises(UserError, match="not the settings"):
         tuned_settings(rc)
+
+
+def test_hydra_paths_are_resolved_for_every_sweep_point_before_hydra_writes(tmp_path):
+    """`hydra.sweep.subdir` built from `${hydra.job.num}`: the first job's folder is harmless,
+    the second's resolves to the token. Each point is composed as Hydra will compose it (its
+    job number set), so the launch is refused before multirun.yaml or any folder exists."""
+    token = "hf_" + "q" * 34
+    env = {"HF_TOKEN": token, "SUB0": "plain", "SUB1": token}
+    sub = shlex.quote("hydra.sweep.subdir='${oc.env:SUB${hydra.job.num}}'")
+    p = sh(tmp_path, f"hpc-infer launch --multirun output_root={tmp_path}/o seed=1,2 {sub}", env=user_env(env))
+    assert p.returncode == 2 and "hydra.sweep.subdir (sweep job 1 of 2)" in p.stderr, p.stderr
+    assert not list(tmp_path.rglob("multirun.yaml")) and token not in p.stderr + p.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_value_of_a_multirun_sweep_is_checked_for_its_type(tmp_path):
+    """`--multirun seed=1,x` names the bad value, before anything is written (`seed=1,2`, two
+    whole numbers, passes this check: the test above reaches the secret check with it)."""
+    p = sh(tmp_path, f"hpc-infer launch --multirun output_root={tmp_path}/o seed=1,x")
+    assert p.returncode == 2 and "seed=x: must be a whole number" in p.stderr, p.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.rglob("multirun.yaml"))
