@@ -23,6 +23,7 @@ for its vLLM engine: the protocol's cost, before and after, side by side.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -138,7 +139,11 @@ def start_workers(
     timeout_s: float | None = None,
     extra: list[str] | None = None,
     timed: bool = False,
+    traced: int | None = None,
 ) -> list:
+    """n workers on `run`; the first `traced` of them (all when None) each under its own
+    strace, the others plain: a sample of traced workers among many live untraced ones (a
+    traced process runs several times slower, and 1,000 of them do not fit a machine)."""
     env = dict(os.environ, HPC_INFER_FAKE_ENGINE=json.dumps(fake), PYTHONUNBUFFERED="1")
     if code is not None:
         fake_dir = trace_dir / "fake"
@@ -170,16 +175,10 @@ def start_workers(
         argv += extra or []
         if timeout_s:
             argv = ["timeout", "-s", "TERM", "-k", "60", str(timeout_s), *argv]
+        tracer = ["strace", "-f", *(["-tt", "-e", "trace=%file,getdents64"] if timed else ["-c"]), "-o", str(out)]
         procs.append(
             subprocess.Popen(
-                [
-                    "strace",
-                    "-f",
-                    *(["-tt", "-e", "trace=%file,getdents64"] if timed else ["-c"]),
-                    "-o",
-                    str(out),
-                    *argv,
-                ],
+                [*(tracer if traced is None or i < traced else []), *argv],
                 env=env,
                 cwd=code or ROOT,
                 stdout=subprocess.DEVNULL,
@@ -227,12 +226,33 @@ def per_chunk_cost(code: Path | None, records: int, chunks: int, n: int = 16) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def steady_rate(trace: Path) -> tuple[int, float]:
+BEAT = re.compile(r'"w\d+\.json"\)?\s*$|, "w\d+\.json"')
+CLAIM = re.compile(r'(?:/claims/|^\d+, )"?\d+"?, ')
+
+
+def run_calls(trace: Path, run: Path) -> collections.Counter:
+    """Namespace calls a traced worker made on the run directory, by kind: names relative to
+    one of its pinned folders (a descriptor, never AT_FDCWD) or paths inside the run; what
+    Python's imports and the engine cost elsewhere is left out."""
+    kinds: collections.Counter = collections.Counter()
+    for line in trace.read_text().splitlines():
+        m = re.match(r"\s*\d+\s+[\d:.]+\s+(\w+)\((.*)", line)
+        if not m or m.group(1) not in NAMESPACE:
+            continue
+        args = m.group(2)
+        if m.group(1) == "newfstatat" and ', "",' in args:
+            continue
+        if re.match(r"\d+, ", args) or str(run) in args:
+            kinds[m.group(1)] += 1
+    return kinds
+
+
+def steady_rate(trace: Path, kinds: collections.Counter | None = None) -> tuple[int, float]:
     """Namespace calls one worker made in steady state and over how many seconds, from an
     `strace -f -tt` log: from its first heartbeat write at least 10 s after its first claim
     to the last one before its final beat (its imports, first claims and shutdown left out, however long a loaded
     machine makes them). A stat of an open descriptor (newfstatat with an empty path) is not
-    a namespace call."""
+    a namespace call. `kinds` collects the window's calls by system call."""
     beats: list[float] = []
     calls: list[float] = []
     claimed: float | None = None
@@ -244,10 +264,12 @@ def steady_rate(trace: Path) -> tuple[int, float]:
         args = m.group(5)
         if m.group(4) == "newfstatat" and ', "",' in args:
             continue
-        calls.append(t)
-        if m.group(4).startswith("rename") and "/heartbeats/" in args:
+        calls.append((t, m.group(4)))
+        # names are relative to the run's pinned folders (rundir/fsio.py): a beat is the rename
+        # onto `heartbeats/<worker>.json`, a claim an O_EXCL create of `claims/<chunk id>`
+        if m.group(4).startswith("rename") and (BEAT.search(args) or "/heartbeats/" in args):
             beats.append(t)
-        if claimed is None and m.group(4) == "openat" and "/claims/" in args and "O_EXCL" in args:
+        if claimed is None and m.group(4) == "openat" and CLAIM.search(args) and "O_EXCL" in args:
             claimed = t
     # the last beat is the one written on the way out, after the SIGTERM's release of the
     # claims: a stop's cost, not steady state, so the window ends at the beat before it
@@ -255,17 +277,23 @@ def steady_rate(trace: Path) -> tuple[int, float]:
     if len(beats) < 2:
         return 0, 0.0
     lo, hi = beats[0], beats[-1]
-    return sum(1 for t in calls if lo < t <= hi), hi - lo
+    inside = [kind for t, kind in calls if lo < t <= hi]
+    if kinds is not None:
+        kinds.update(inside)
+    return len(inside), hi - lo
 
 
-def per_worker_second(code: Path | None, n: int, window_s: float, startup: float) -> float:
+def per_worker_second(
+    code: Path | None, n: int, window_s: float, startup: float, traced: int | None = None, kinds=None
+) -> float:
     """Namespace calls a second a working worker makes apart from finishing chunks (its
     heartbeat, pacing, checks): n workers each holding chunks that finish nothing within
     `window_s` (a slow fake engine), stopped by SIGTERM at its end; counted between each
     worker's second and last heartbeat (steady_rate), summed over the workers. Twice the
     chunks the workers can hold (8 records a worker fill its engine), so no worker runs out
     of work in the window: what a worker costs at the tail of a run (its look for stale
-    claims, its backup) is in the per-chunk figure, where it belongs."""
+    claims, its backup) is in the per-chunk figure, where it belongs. `traced`: only that many
+    of the n workers are traced (the figure is theirs); `kinds` collects calls by kind."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
     try:
         run = plan(tmp, code or ROOT, 16 * n, 8 * n)
@@ -282,14 +310,18 @@ def per_worker_second(code: Path | None, n: int, window_s: float, startup: float
             {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6},
             timeout_s=window_s,
             timed=True,
+            traced=traced,
         )
         for p in procs:
             p.wait()
-        counted = [steady_rate(f) for f in sorted(traces.glob("slow*.strace"))]
+        counted = [steady_rate(f, kinds) for f in sorted(traces.glob("slow*.strace"))]
         seconds = sum(s for _, s in counted)
         steady = sum(1 for _, s in counted if s > 0)
-        if steady < n / 2:
-            print(f"  only {steady} of {n} workers reached a steady state in {window_s:.0f} s: give a longer --window")
+        if steady < len(counted) / 2:
+            print(
+                f"  only {steady} of {len(counted)} traced workers reached a steady state in {window_s:.0f} s: "
+                f"give a longer --window"
+            )
         return sum(c for c, _ in counted) / seconds if seconds else float("nan")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,15 +356,19 @@ def launcher_poll(run: Path, code: Path, module: str, polls: int, trace_dir: Pat
     return (count([full]) - count([base])) / polls
 
 
-def measure(label: str, code: Path | None, sizes: list[int], records: int, chunks: int, window_s: float) -> dict:
+def measure(
+    label: str, code: Path | None, sizes: list[int], records: int, chunks: int, window_s: float, trace=None
+) -> dict:
     chunk = per_chunk_cost(code, records, chunks)
     print(label, json.dumps(chunk), flush=True)
     rates = {}
     for n in sizes:
         # n workers starting at once on a small machine take a while to import: a longer window
         window = max(window_s, 60 + 1.0 * n)
-        rates[n] = round(per_worker_second(code, n, window, chunk["startup_ops_per_worker"]), 3)
-        print(label, f"{n} workers: {rates[n]} namespace calls per worker-second", flush=True)
+        kinds: collections.Counter = collections.Counter()
+        rates[n] = round(per_worker_second(code, n, window, chunk["startup_ops_per_worker"], trace, kinds), 3)
+        sample = f" ({min(n, trace)} traced)" if trace else ""
+        print(label, f"{n} workers{sample}: {rates[n]} namespace calls per worker-second; {dict(kinds)}", flush=True)
     return dict(chunk, per_worker_s=rates)
 
 
@@ -368,10 +404,13 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=120.0, help="seconds the per-worker-second runs last")
     ap.add_argument("--heartbeat", type=float, default=HEARTBEAT_S, help="cluster.heartbeat_s of the runs")
     ap.add_argument("--before", default=None, help="a git revision whose worker to measure beside this one")
+    ap.add_argument("--trace", type=int, default=None, help="trace only this many workers of each size (a sample)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.workers.split(",")]
     HEARTBEAT_S = args.heartbeat
-    results = {"this checkout": measure("this checkout", None, sizes, args.records, args.chunks, args.window)}
+    results = {
+        "this checkout": measure("this checkout", None, sizes, args.records, args.chunks, args.window, args.trace)
+    }
     if args.before:
         tree = Path(tempfile.mkdtemp(prefix="bench-before-")) / "tree"
         subprocess.run(
@@ -380,7 +419,9 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            results[args.before] = measure(args.before, tree, sizes, args.records, args.chunks, args.window)
+            results[args.before] = measure(
+                args.before, tree, sizes, args.records, args.chunks, args.window, args.trace
+            )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     print("\nnamespace calls (strace -c: open, stat, mkdir, unlink, rename, link, utime, getdents, ...)")

@@ -15,6 +15,7 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py                      # 1,000 and 10,000 workers
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
+    .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256   # against strace of real workers
 
 `--balance` runs whole runs instead (`--records-per-worker`, 2,000 by default, cut by the
 planner into `--chunks-per-worker` guided chunks), each record's output length log-normal
@@ -150,6 +151,86 @@ def balance(lay, workers: int) -> dict:
     }
 
 
+def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tuple[float, dict]:
+    """The simulator in bench/metadata_ops.py's per-worker-second regime: n workers, 16n
+    records in 8n chunks that never finish (a million tokens, a step every 0.5 s), a beat
+    every 10 s, no launcher; calls per worker-second over [warm, warm + window]."""
+    import simulation as S
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lay = S.sized_layout(Path(tmp), n, 8, 2, "calibrate")
+        lay.ids = []
+        sched = S.Schedule(0, "calibrate", n, [], skew=[0.0])
+        engine = {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}
+        sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=warm + window, heartbeat_s=10.0)
+        marks: dict = {}
+
+        def mark() -> None:
+            if "start" not in marks and sim.t >= warm:
+                marks["start"] = (sim.t, collections.Counter(sim.server.calls))
+
+        sim.check, sim.check_step, sim.check_end = True, mark, lambda: None
+        run_quiet(sim)
+        t0, c0 = marks["start"]
+        calls, span = sim.server.calls - c0, sim.t - t0
+        return sum(calls.values()) / span / n, {k: round(v / span / n, 4) for k, v in calls.items()}
+
+
+def whole_run_calls(workers: int = 16, chunks_per_worker: int = 16, records: int = 2) -> None:
+    """The chunks' share: one whole run (fast fake engine, beats every hour so that only the
+    first and last are written, launcher apart) by real workers under strace, counting only
+    the calls on the run directory, and by the simulator on the same plan."""
+    import metadata_ops as O
+    import simulation as S
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lay = S.sized_layout(Path(tmp), workers, chunks_per_worker, records, "whole", heartbeat_s=3600, lease_s=36000)
+        traces = Path(tmp) / "traces"
+        traces.mkdir()
+        t0 = time.time()
+        for p in O.start_workers(lay.root, workers, None, traces, "fast", O.FAKE, timed=True):
+            p.wait()
+        real_s = time.time() - t0
+        real: collections.Counter = collections.Counter()
+        for f in traces.glob("fast*.strace"):
+            real += O.run_calls(f, lay.root)
+        done = len(list((lay.root / "out").glob("*.jsonl")))
+        lay2 = S.sized_layout(Path(tmp) / "sim", workers, chunks_per_worker, records, "whole", heartbeat_s=3600, lease_s=36000)
+        lay2.ids = []
+        sched = S.Schedule(0, "whole", workers, [], skew=[0.0])
+        sim = S.Sim(sched, lay2, engine=dict(O.FAKE), check=False, launcher_poll=False, t_max=10**6, heartbeat_s=3600)
+        sim.check_end = lambda: None
+        run_quiet(sim)
+        simulated = sum(sim.server.calls.values())
+        r = sum(real.values())
+        print(
+            f"a whole run, {workers} workers, {lay.n_chunks} chunks ({done} published by the real ones in "
+            f"{real_s:.0f} s): strace {r / lay.n_chunks:.2f} run-directory calls per chunk {dict(real)}; "
+            f"simulator {simulated / lay2.n_chunks:.2f} {dict(sim.server.calls)} "
+            f"(simulated {sim.t:.0f} s); simulator/strace = {simulated / r:.3f}",
+            flush=True,
+        )
+
+
+def calibrate(sizes: list[int], trace: int) -> None:
+    """Real worker processes under strace (bench/metadata_ops.py: at most `trace` of each size
+    traced, the others live and untraced) against the simulator, in the same regime."""
+    import metadata_ops as O
+
+    for n in sizes:
+        kinds: collections.Counter = collections.Counter()
+        window = max(90.0, 60 + 1.0 * n)  # the strace bench's: longer where more workers start at once
+        real = O.per_worker_second(None, n, window, 0, min(n, trace), kinds)
+        # the same span of a worker's life (from its first beats to its last): a look for
+        # pacing every 240 s falls inside both windows or neither
+        sim, by_kind = steady_per_worker(n, warm=20.0, window=window - 30.0)
+        print(
+            f"{n:>5} workers ({min(n, trace)} traced): strace {real:.4f} calls per worker-second {dict(kinds)}; "
+            f"simulator {sim:.4f} {by_kind}; simulator/strace = {sim / real:.3f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1000, 10000])
@@ -160,7 +241,13 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=600.0)
     ap.add_argument("--balance", action="store_true", help="whole runs with heavy-tailed lengths: balance, not calls")
     ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
+    ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-256)")
+    ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
     args = ap.parse_args()
+    if args.calibrate:
+        whole_run_calls()
+        calibrate(args.workers, args.trace)
+        return
     budget = {1000: 500, 10000: 2000}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:

@@ -12,7 +12,9 @@ then attacked with every kind an attacker (`mallory`, a real second user) has:
                in a loop while the command runs (the run's parent is world-writable, no sticky bit)
 
 The commands: `launch` (discovery only: it makes the run), resume (the same launch again),
-`sbatch` (a script rendered for the existing run), `status`, `merge`, `report`, `cancel`.
+`sbatch` (a script rendered for the existing run), `status`, `merge`, `report`, `cancel`;
+and on a serve run (`serve` with `wait=false`, then `serve stop`: discovery only) `serve
+status`, `serve metrics --once` and `serve stop`.
 
 Forged content carries a canary string and, where a file can name code, code that would
 create a canary file (a merge hook that runs `touch`, a PYTHONPATH with a sitecustomize); job
@@ -41,6 +43,7 @@ from conftest import BIN, ROOT
 AUDIT_SITE = ROOT / "tests" / "audit_site"
 KINDS = ("owner", "group_write", "other_write", "acl", "symlink", "hardlink")
 COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
+SERVE_COMMANDS = ("serve_status", "serve_metrics", "serve_stop")  # on the serve run
 FAKE = json.dumps({"step_s": 0.001, "max_num_seqs": 8})
 
 
@@ -79,12 +82,16 @@ class Site:
     executed: Path  # code run from forged content would create this
     base_args: list[str]
     sentinel: subprocess.Popen | None = None
+    home: Path | None = None  # HOME of the serve commands (their key directory)
+    bases: dict[str, Path] = field(default_factory=dict)  # "batch", "serve" -> the victim's complete run
     doors: dict[str, set[str]] = field(default_factory=dict)  # command -> run-relative paths
     effects: dict[str, dict[str, int]] = field(default_factory=dict)  # command -> processes/connections/signals
 
 
-def user_env(audit_log: Path | None = None) -> dict:
+def user_env(audit_log: Path | None = None, home: Path | None = None) -> dict:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", HPC_INFER_FAKE_ENGINE=FAKE)
+    if home is not None:
+        env["HOME"] = str(home)
     env.pop("PYTHONPATH", None)
     env.pop("HPC_INFER_AUDIT_LOG", None)
     if audit_log is not None:
@@ -100,12 +107,16 @@ def run_cmd(site: Site, command: str, run: Path, audit_log: Path | None = None, 
         "merge": f"hpc-infer merge {run}",
         "report": f"hpc-infer report {run} --out {site.out / (run.name + '.html')}",
         "cancel": f"hpc-infer cancel {run}",
+        "serve_status": f"hpc-infer serve status {run}",
+        "serve_metrics": f"hpc-infer serve metrics {run} --once",
+        "serve_stop": f"hpc-infer serve stop {run}",
     }[command]
     cwd = site.top / "cwd"
     out, err = cwd / "stdout", cwd / "stderr"
+    home = site.home if command.startswith("serve") else None
     with open(out, "w") as fo, open(err, "w") as fe:
         rc = subprocess.run(
-            ["bash", "-c", line], cwd=cwd, env=user_env(audit_log), stdout=fo, stderr=fe, timeout=timeout
+            ["bash", "-c", line], cwd=cwd, env=user_env(audit_log, home), stdout=fo, stderr=fe, timeout=timeout
         ).returncode
     return rc, out.read_text(), err.read_text()
 
@@ -160,6 +171,29 @@ def plan_base(site: Site) -> Path:
         rc, _out, err = run_cmd(site, command, run, log)
         assert rc == 0, (command, err[-3000:])
         site.doors[command], site.effects[command] = discovered(log, run)
+    site.bases["batch"] = base
+    return base
+
+
+def plan_serve_base(site: Site, model: str) -> Path:
+    """The victim's serve run, as `serve` makes it (a local replica, not waited for) and
+    `serve stop` ends it; then each serve command on a copy of it under the audit hook."""
+    site.home = site.top / "home"
+    site.home.mkdir(mode=0o700, exist_ok=True)
+    line = f"hpc-infer serve cluster=local wait=false model.path={model} output_root={site.runs} run_name=servebase"
+    env = user_env(site.top / "audit-serve.jsonl", site.home)
+    for cmd in (line, f"hpc-infer serve stop {site.runs / 'servebase'}"):
+        p = subprocess.run(["bash", "-c", cmd], cwd=site.top / "cwd", env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (cmd, p.stderr[-3000:])
+    base = site.runs / "servebase"
+    site.doors["serve"], site.effects["serve"] = discovered(site.top / "audit-serve.jsonl", base)
+    for command in SERVE_COMMANDS:
+        run = fresh_copy(site, base, f"discover-{command}")
+        log = site.top / f"audit-{command}.jsonl"
+        rc, _out, err = run_cmd(site, command, run, log)
+        assert rc == 0, (command, err[-3000:])
+        site.doors[command], site.effects[command] = discovered(log, run)
+    site.bases["serve"] = base
     return base
 
 
@@ -335,7 +369,8 @@ class Verdict:
         return f"{self.command} {self.rel} {self.kind}: rc={self.rc} {'; '.join(self.violations) or 'held'}"
 
 
-def check_one(site: Site, base: Path, k: int, command: str, rel: str, kind: str) -> Verdict | None:
+def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kind: str) -> Verdict | None:
+    base = site.bases["serve" if command.startswith("serve") else "batch"]
     run = fresh_copy(site, base, f"a{k}")
     sentinel = subprocess.Popen(["sleep", "600"], user="mallory", group="mallory", start_new_session=True)
     exchanger = None
@@ -381,11 +416,8 @@ def check_one(site: Site, base: Path, k: int, command: str, rel: str, kind: str)
             violations.append(f"FORGED: forged content in {p.relative_to(site.top)}")
     if f"VICTIM-SECRET-{site.canary}" in out + err:
         violations.append("LEAKED: the victim's file printed")
-    outside = [
-        p
-        for p in changed
-        if not any(p.is_relative_to(r) for r in (site.runs, site.out, site.top / "cwd", site.mallory_dir))
-    ]
+    mine = (site.runs, site.out, site.top / "cwd", site.mallory_dir, *([site.home] if site.home else []))
+    outside = [p for p in changed if not any(p.is_relative_to(r) for r in mine)]
     if outside:
         violations.append(f"WROTE OUTSIDE: {[str(p) for p in outside][:3]}")
     if rc not in (0, 2):
@@ -395,8 +427,9 @@ def check_one(site: Site, base: Path, k: int, command: str, rel: str, kind: str)
 
 
 def matrix(site: Site) -> list[tuple[str, str, str]]:
-    cells = [(c, rel, kind) for c in COMMANDS for rel in sorted(site.doors[c]) for kind in KINDS]
-    cells += [(c, ".", "exchange") for c in COMMANDS]
+    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS) if c in site.doors]
+    cells = [(c, rel, kind) for c in commands for rel in sorted(site.doors[c]) for kind in KINDS]
+    cells += [(c, ".", "exchange") for c in commands]
     return cells
 
 

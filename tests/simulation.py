@@ -46,6 +46,7 @@ class Layout:
     ids: list[str]  # in input order
     lines: dict[str, int]  # id -> its line in the input
     n_chunks: int
+    root: Path | None = None  # the planned run on disk (real workers can run it too)
 
 
 def plan_layouts(tmp: Path) -> dict[str, Layout]:
@@ -97,7 +98,14 @@ def plan_layouts(tmp: Path) -> dict[str, Layout]:
 
 
 def sized_layout(
-    tmp: Path, workers: int, chunks_per_worker: int, records: int, name: str = "sized", cap: bool = True
+    tmp: Path,
+    workers: int,
+    chunks_per_worker: int,
+    records: int,
+    name: str = "sized",
+    cap: bool = True,
+    heartbeat_s: float = 10.0,
+    lease_s: float = 600.0,
 ) -> Layout:
     """A real plan of `workers x chunks_per_worker x records` short uniform records (the
     metadata bench's and the ETA check's: a known rate), every chunk `records` long (`cap`),
@@ -121,13 +129,13 @@ def sized_layout(
         "data.group_prefixes=off",
         "sampling=greedy",
         "sampling.max_tokens=9",
-        "cluster.lease_s=600",
-        "cluster.heartbeat_s=10",
+        f"cluster.lease_s={lease_s}",
+        f"cluster.heartbeat_s={heartbeat_s}",
     )
     run, _ = prepare(rc, plan_input(rc), "/m", "")
     files = {n: (run.root / n).read_bytes() for n in ("manifest.json", "worker.json", "input.copy", "run_id")}
     manifest = json.loads(files["manifest.json"])
-    return Layout(name, files, [f"r{i}" for i in range(n)], {}, manifest["n_chunks"])
+    return Layout(name, files, [f"r{i}" for i in range(n)], {}, manifest["n_chunks"], run.root)
 
 
 # --- schedules ---------------------------------------------------------------------------------

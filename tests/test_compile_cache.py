@@ -123,3 +123,39 @@ def test_relative_compile_cache_is_refused():
     with pytest.raises(UserError, match="cluster.compile_cache: 'cc' is relative"):
         validate(compose("cluster=local", "cluster.compile_cache=cc"))
     validate(compose("cluster=local", "cluster.compile_cache=$TMPDIR/vllm-compile"))  # the node's own, expanded there
+
+
+def test_only_entries_nobody_else_could_write_are_seeded(tmp_path):
+    """An entry is compiled code the engine runs: one another user owns, one anyone could
+    write, one holding a link (to a file of ours elsewhere) are skipped and named; ours is
+    copied, byte for byte. Each folder and file is judged on its descriptor."""
+    import os
+    import shutil
+
+    from hpc_infer.host.compile_cache import ENTRIES, key_dir, open_cache, vllm_version
+
+    shared = key_dir(str(tmp_path / "cc"), "m", 1, 1, vllm_version()) / ENTRIES
+    for name in ("ours", "foreign", "world", "linked"):
+        (shared / name / "sub").mkdir(parents=True)
+        (shared / name / "sub" / "kernel.py").write_text(f"# {name}\n")
+    (shared / "world" / "sub" / "kernel.py").chmod(0o666)
+    (shared / "linked" / "sub" / "more.py").symlink_to(tmp_path / "elsewhere.py")
+    (tmp_path / "elsewhere.py").write_text("open('/tmp/EXECUTED', 'w')\n")
+    if os.getuid() == 0:  # a real second user where there is one (CI runs as root)
+        from test_trust import _user
+
+        _user("mallory")
+        shutil.chown(shared / "foreign" / "sub" / "kernel.py", "mallory")
+    env: dict = {}
+    use = open_cache(str(tmp_path / "cc"), "m", 1, 1, env)
+    try:
+        assert use.seeded == ["ours"] + ([] if os.getuid() == 0 else ["foreign"]), (use.seeded, use.problems)
+        copied = Path(env["VLLM_CACHE_ROOT"]) / ENTRIES
+        assert (copied / "ours" / "sub" / "kernel.py").read_text() == "# ours\n"
+        assert not (copied / "world").exists() and not (copied / "linked").exists()
+        text = " ".join(use.problems)
+        assert "writable by everyone" in text and "symbolic link" in text, use.problems
+        if os.getuid() == 0:
+            assert "mallory" in text and not (copied / "foreign").exists()
+    finally:
+        shutil.rmtree(use.private, ignore_errors=True)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("as_root")
 
 
 @pytest.fixture(scope="module")
-def site():
+def site(cpu_model):
     if os.getuid() != 0:
         pytest.skip("needs root")  # as_root fails it in CI
     from test_trust import _user
@@ -32,16 +32,19 @@ def site():
     top = Path(tempfile.mkdtemp(prefix="hpc_infer-doors-", dir="/tmp"))
     s = doors.make_site(top)
     base = doors.plan_base(s)
+    doors.plan_serve_base(s, cpu_model)
     yield s, base
     shutil.rmtree(top, ignore_errors=True)
 
 
 def test_doors_are_discovered_for_every_command(site):
     s, _base = site
-    for command in ("launch", *doors.COMMANDS):
+    for command in ("launch", *doors.COMMANDS, "serve", *doors.SERVE_COMMANDS):
         assert s.doors[command], f"{command}: the audit hook saw no run path"
     # every command reads the run's own description through some door
     assert {"manifest.json", "worker.json"} & set().union(*s.doors.values())
+    for command in doors.SERVE_COMMANDS:  # and each serve command its serve.json and replica states
+        assert {"serve.json", "serve/0.json"} <= s.doors[command], (command, s.doors[command])
     print(
         "doors: "
         + ", ".join(f"{c} {len(d)}" for c, d in s.doors.items())

@@ -327,3 +327,19 @@ def test_each_value_of_a_multirun_sweep_is_checked_for_its_type(tmp_path):
     p = sh(tmp_path, f"hpc-infer launch --multirun output_root={tmp_path}/o seed=1,x")
     assert p.returncode == 2 and "seed=x: must be a whole number" in p.stderr, p.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.rglob("multirun.yaml"))
+
+
+def test_a_port_someone_listens_on_is_not_free():
+    """What a restarting replica asks before it reuses the port its clients know
+    (serve/replica.py): taken by any listener, it moves to a free one at once."""
+    import socket
+
+    from hpc_infer.host.ports import free_port, port_free
+
+    port = free_port(20000, 60000)
+    assert port_free(port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert not port_free(port)
+    assert port_free(port)

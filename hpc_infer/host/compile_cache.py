@@ -18,6 +18,13 @@ same files at once. Here no process ever writes into a shared entry:
   where file locks are unreliable, and a killed process leaves at most an `.incoming-*`
   directory that nothing reads.
 
+An entry is compiled code (inductor writes Python and kernels that the engine loads and
+runs), so a seed is copied only from an entry nothing but the caller (or root) could have
+written: every folder and file judged on its own descriptor by the trust rule
+(rundir/trust.py: owner, mode, ACL), opened without following a link, copied through
+those same descriptors. An entry a teammate or anyone else published, or one holding a
+link, is skipped (compiled anew) and named in `problems`.
+
 Standard library only: runs inside the cluster's image.
 """
 
@@ -32,6 +39,9 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import UserError
+from ..rundir import trust
 
 ENTRIES = "torch_compile_cache"  # under VLLM_CACHE_ROOT: one directory per compiled configuration
 
@@ -118,6 +128,43 @@ def open_for_model(model: dict, env=os.environ) -> CacheUse:
     )
 
 
+_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def copy_judged(src: Path, dst: Path) -> None:
+    """Copy the folder `src` to `dst` through descriptors: `src` and every folder in it opened
+    without following a link and judged (trust.OWN: the caller's or root's, nobody else can
+    write it), every file opened the same way and judged before a byte is copied. A link
+    anywhere is a refusal (a UserError), as is anything the rule refuses."""
+    what = "compile cache entry"
+    top = os.open(src, _NOFOLLOW | os.O_DIRECTORY)
+    try:
+        trust.judge_fd(top, str(src), what, trust.OWN)
+        _copy_dir(top, str(src), dst, what)
+    finally:
+        os.close(top)
+
+
+def _copy_dir(dfd: int, where: str, dst: Path, what: str) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in os.scandir(dfd):
+        path = f"{where}/{entry.name}"
+        if entry.is_symlink():
+            raise UserError(f"{what}: {path} is a symbolic link; a compile cache entry holds none")
+        flags = _NOFOLLOW | (os.O_DIRECTORY if entry.is_dir(follow_symlinks=False) else 0)
+        fd = os.open(entry.name, flags, dir_fd=dfd)
+        try:
+            trust.judge_fd(fd, path, what, trust.OWN)
+            if flags & os.O_DIRECTORY:
+                _copy_dir(fd, path, dst / entry.name, what)
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f, open(dst / entry.name, "wb") as out:
+                    shutil.copyfileobj(f, out)
+                    os.fchmod(out.fileno(), os.fstat(fd).st_mode & 0o755)
+        finally:
+            os.close(fd)
+
+
 def open_cache(root: str, model_name: str, tp: int, pp: int, env=os.environ) -> CacheUse:
     """Make this process's private cache, seeded with every published entry, and point vLLM
     at it through `env["VLLM_CACHE_ROOT"]`. The private copy is removed at exit."""
@@ -127,8 +174,11 @@ def open_cache(root: str, model_name: str, tp: int, pp: int, env=os.environ) -> 
     seeded, problems = [], []
     for name in sorted(_entries(shared / ENTRIES)):
         try:
-            shutil.copytree(shared / ENTRIES / name, private / ENTRIES / name, symlinks=True)
+            copy_judged(shared / ENTRIES / name, private / ENTRIES / name)
             seeded.append(name)
+        except UserError as exc:  # someone else could have written it: never loaded, compiled anew
+            shutil.rmtree(private / ENTRIES / name, ignore_errors=True)
+            problems.append(f"not seeding {name}: {exc}")
         except OSError as exc:  # unreadable to us (another user's private entry): compiled anew
             shutil.rmtree(private / ENTRIES / name, ignore_errors=True)
             problems.append(f"seeding {name}: {exc.strerror or exc}")

@@ -34,6 +34,19 @@ def free_port(lo: int, hi: int, span: int = 1, tries: int = 200) -> int:
     raise RuntimeError(f"no free port in [{lo}, {hi}) on {socket.gethostname()}")
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could bind this node's `port` right now: nothing listens there
+    (SO_REUSEADDR, as uvicorn binds: the closed connections of a server that just died,
+    left in TIME_WAIT, do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
 def own_vllm_ports(env: dict, span: int = 16) -> str | None:
     """Give this process its own VLLM_PORT range unless the user set one; returns it."""
     if env.get("VLLM_PORT"):

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..rundir import RunDir
 from ..secrets import exported, find_token, job_env
 from .router import router_workers
-from .serverun import ServeRun
+from .serverun import STATE_DIR, ServeRun
 from .status import replica_states
 
 LIVE = ("ready", "loading", "queued", "restarting")
@@ -37,7 +37,7 @@ def submit_replicas(run: ServeRun, cluster: ClusterConfig, python: str, count: i
     from .tasks import ServeTask
 
     indices = [run.new_index() for _ in range(count)]
-    backend = make_backend(cluster, RunDir(run.root), python)
+    backend = make_backend(cluster, RunDir(run.root, run.fs), python)
     with exported(job_env(find_token(cluster.token_file))):
         return backend.submit(count, task=ServeTask(), indices=indices, kind="replicas")
 
@@ -66,7 +66,7 @@ def submit_router(run: ServeRun) -> str:
     from ..cluster.submit import host_python
     from .tasks import RouterTask
 
-    backend = make_backend(router_cluster(run.spec), RunDir(run.root), host_python())
+    backend = make_backend(router_cluster(run.spec), RunDir(run.root, run.fs), host_python())
     (job,) = backend.submit(1, task=RouterTask(), indices=[0], kind="router")
     return job
 
@@ -123,11 +123,11 @@ def scale(path: str, target: int) -> str:
         return f"{run.root}: {target} replica{'s' * (target != 1)} live already"
     going = sorted(live, key=lambda s: s["replica"], reverse=True)[: len(live) - target]
     for s in going:
-        run.removing_marker(s["replica"]).write_text(f"hpc-infer serve scale {target}\n")
+        run.fs.replace(f"{STATE_DIR}/{s['replica']}.removing", f"hpc-infer serve scale {target}\n".encode())
     if _router_alive(run) and key:
         left = sum(1 for s in live if s not in going and s["state"] == "ready")
         wait_router_follows(run, key, left, timeout_s=60)
-    backend, _ = recorded_backend(RunDir(run.root))
+    backend, _ = recorded_backend(RunDir(run.root, run.fs))
     jobs = [s["job"] for s in going]
     for job in jobs:
         backend.cancel_one(job)
@@ -142,5 +142,5 @@ def _router_alive(run: ServeRun) -> bool:
     job = run.router_job()
     if not job:
         return False
-    backend, _ = recorded_backend(RunDir(run.root))
+    backend, _ = recorded_backend(RunDir(run.root, run.fs))
     return backend.states([job]).get(job) in LIVE_JOB

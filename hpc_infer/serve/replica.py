@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from ..worker.vllm_engine import cpu_build
-from ..host.ports import free_port
+from ..host.ports import free_port, port_free
 from ..host.procs import (
     become_subreaper,
     identify,
@@ -261,8 +261,12 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     def start_server(same_port: int | None = None) -> str | None:
         """Start vLLM's server and wait for /health: None once it answers, else why not
-        ("" when stopped meanwhile). A restart tries the port clients already know first."""
+        ("" when stopped meanwhile). A restart tries the port clients already know first, unless something else listens there
+        now (then a free one at once: the router follows the replica's state file)."""
         nonlocal child
+        if same_port and not port_free(same_port):  # taken meanwhile (by anyone): move at once
+            save(moved_from=same_port)  # not a restart spent: the router follows the new url
+            same_port = None
         for attempt in range(3):  # another job may grab our port between the probe and vLLM's bind
             port = same_port if same_port and attempt == 0 else free_port(lo, hi)
             env["VLLM_PORT"] = str(free_port(lo, hi, span=16))  # vLLM's internal ports, apart from other jobs'

@@ -10,8 +10,11 @@ a 0600 file of the caller's in their key directory, or the file the caller named
 the router) are append-only records (rundir/jobs.py): two `serve scale`s at once lose
 nothing, and replica numbers are taken with O_EXCL (`claim_index`).
 
-Replicas and the router read their own serve.json inside the job without the check: the
-job runs as the user, on the directory the user's own command made.
+Every file is read through the directory's pinned handle (rundir/fsio.py): opened once,
+judged on its descriptor, each state file judged as it is opened (never re-resolved by
+path, so a folder exchanged under a world-writable parent, a link or an ACL entry planted
+after the check is refused, not read). Replicas and the router open their own directory
+the same way, unjudged: the job runs as the user, on the directory the user's command made.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import time
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import UserError
-from ..rundir import jobs, trust, write_atomic
+from ..errors import DamagedFile, UserError
+from ..rundir import jobs, trust
+from ..rundir.fsio import Dir, PinnedDir
 
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
 KEYS_DIR = CONFIG_DIR / "keys"
@@ -60,21 +64,39 @@ def check_key_file(path: Path | str, explicit: bool, where: str) -> Path:
 
 
 class ServeRun:
-    def __init__(self, root: Path | str, level: str = trust.OWN):
+    def __init__(self, root: Path | str, level: str = trust.OWN, fs: Dir | None = None):
         self.root = Path(root)
         self.level = level  # trust.OWN: act on it; trust.SHARED: read it as data only
+        self._fs = fs
+
+    @property
+    def fs(self) -> Dir:
+        """The directory's pinned handle: the judged one of `open`, or (a replica's, the
+        router's, a new run's) opened unjudged the first time it is needed."""
+        if self._fs is None:
+            self._fs = PinnedDir(self.root)
+        return self._fs
 
     @classmethod
     def open(cls, path: Path | str, command: str, need: str = trust.OWN) -> "ServeRun":
-        """The serve run a command was given, checked by the trust rule (and serve.json with it)."""
+        """The serve run a command was given, checked by the trust rule on its handle (and
+        serve.json, the state folder and every state file as they are opened)."""
         root = Path(path).expanduser().resolve()
-        if not (root / "serve.json").exists():
+        fs = trust.open_dir(root, command, need)
+        if fs.stat("serve.json") is None:
+            fs.close()
             raise UserError(f"{path}: not a serve run directory (no serve.json)")
         level = trust.check_tree(root, command, need, SUBDIRS)
-        run = cls(root, level)
-        run._spec = trust.read_json(root / "serve.json", f"{command}: serve.json", need)
-        for f in (root / STATE_DIR).glob("*.json"):
-            trust.check(f, command, need)
+        run = cls(root, level, fs)
+        try:
+            run._spec = json.loads(fs.read("serve.json"))
+            for name in fs.listdir(STATE_DIR):
+                if name.endswith(".json"):
+                    fs.read(f"{STATE_DIR}/{name}")  # judged as it is opened
+        except ValueError:
+            raise DamagedFile(f"{command}: {root / 'serve.json'} is not JSON; serve again into a new folder")
+        if not isinstance(run._spec, dict):
+            raise DamagedFile(f"{command}: {root / 'serve.json'} is not a JSON object; serve again into a new folder")
         return run
 
     # --- paths ----------------------------------------------------------------------------
@@ -104,7 +126,7 @@ class ServeRun:
     # --- contents -------------------------------------------------------------------------
     @cached_property
     def spec(self) -> dict:
-        return getattr(self, "_spec", None) or json.loads(self.spec_path.read_text())
+        return getattr(self, "_spec", None) or json.loads(self.fs.read("serve.json"))
 
     def key(self) -> str | None:
         """The run's API key, only from a file that passes check_key_file, only for a run the
@@ -119,29 +141,33 @@ class ServeRun:
         except (UserError, OSError):
             return None
 
-    def state(self, index: int) -> dict:
+    def _read_json(self, name: str):
+        """A state file through the handle; a damaged or refused one reads as absent (a
+        UserError from the rule still stops the command: it names the file)."""
         try:
-            value = json.loads(self.state_path(index).read_text())
+            return json.loads(self.fs.read(name))
+        except DamagedFile:
+            return None
         except (OSError, ValueError):
-            return {}
+            return None
+
+    def state(self, index: int) -> dict:
+        value = self._read_json(f"{STATE_DIR}/{index}.json")
         return value if isinstance(value, dict) else {}
 
     def router_state(self) -> dict | None:
-        try:
-            value = json.loads(self.router_state_path.read_text())
-        except (OSError, ValueError):
-            return None
+        value = self._read_json(f"{STATE_DIR}/{ROUTER_STATE}")
         return value if isinstance(value, dict) else None
 
     def replica_jobs(self) -> dict[int, str]:
         """Replica number -> its (latest) job id."""
-        return jobs.replicas(self.root)
+        return jobs.replicas(self.fs)
 
     def indices(self) -> list[int]:
         return sorted(self.replica_jobs())
 
     def router_job(self) -> str | None:
-        return jobs.router(self.root)
+        return jobs.router(self.fs)
 
     def new_index(self) -> int:
         """A replica number no other submission has or will take (O_EXCL)."""
@@ -153,11 +179,11 @@ class ServeRun:
         f = self.state(index) or {"replica": index}
         if f.get("state") not in ("stopped", "failed"):
             f.update(state="stopped", stopped_because=why, t=time.time())
-            write_atomic(self.state_path(index), (json.dumps(f) + "\n").encode())
+            self.fs.replace(f"{STATE_DIR}/{index}.json", (json.dumps(f) + "\n").encode())
 
     def clear(self) -> None:
         """Before serving again under the same name: the last serve's states, slots and jobs go."""
-        for pattern in ("*.json", "*.removing", "*.slot"):
-            for old in self.state_dir.glob(pattern):
-                old.unlink()
+        for name in self.fs.listdir(STATE_DIR):
+            if name.endswith((".json", ".removing", ".slot")):
+                self.fs.unlink(f"{STATE_DIR}/{name}")
         jobs.clear(self.root)

@@ -10,6 +10,7 @@ cannot make a live server look failed.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -20,11 +21,11 @@ from ..errors import UserError
 from ..rundir import RunDir, trust
 from ..host.http import proves_ours
 from .replica import metrics
-from .serverun import REGISTRY, ServeRun
+from .serverun import REGISTRY, STATE_DIR, ServeRun
 
 
 def replica_states(run: ServeRun, with_metrics: bool = False) -> list[dict]:
-    backend, _ = recorded_backend(RunDir(run.root))
+    backend, _ = recorded_backend(RunDir(run.root, run.fs))
     jobs = run.replica_jobs()
     sched, left = backend.states_and_time_left(list(jobs.values())) if jobs else ({}, {})
     key = run.key()
@@ -78,7 +79,7 @@ def describe(run: ServeRun) -> str:
     router = run.router_job()
     if router:
         r = dict(run.router_state() or {"state": "queued"})
-        backend, _ = recorded_backend(RunDir(run.root))
+        backend, _ = recorded_backend(RunDir(run.root, run.fs))
         js = backend.states([router]).get(router, "UNKNOWN")
         if r["state"] in ("ready", "loading") and js not in LIVE and js != UNREACHABLE:
             r["state"] = "ended"  # its file says ready; the scheduler says its job is gone: nothing answers there
@@ -175,10 +176,12 @@ def _stop_servers(run: ServeRun) -> int:
 
     host = socket.gethostname()
     left = []
-    for path in sorted(run.state_dir.glob("*.json")):
-        try:
-            f = trust.read_json(path, "hpc-infer serve stop")
-        except UserError:
+    for name in sorted(n for n in run.fs.listdir(STATE_DIR) if n.endswith(".json")):
+        try:  # through the run's handle, judged as it is opened
+            f = json.loads(run.fs.read(f"{STATE_DIR}/{name}"))
+        except (UserError, OSError, ValueError):
+            continue
+        if not isinstance(f, dict):
             continue
         if f.get("host") != host:
             continue
