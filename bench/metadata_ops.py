@@ -230,6 +230,10 @@ BEAT = re.compile(r'"w\d+\.json"\)?\s*$|, "w\d+\.json"')
 CLAIM = re.compile(r'(?:/claims/|^\d+, )"?\d+"?, ')
 
 
+BEAT = re.compile(r'"w\d+\.json"\)?\s*$|, "w\d+\.json"')
+CLAIM = re.compile(r'(?:/claims/|^\d+, )"?\d+"?, ')
+
+
 def run_calls(trace: Path, run: Path) -> collections.Counter:
     """Namespace calls a traced worker made on the run directory, by kind: names relative to
     one of its pinned folders (a descriptor, never AT_FDCWD) or paths inside the run; what
@@ -419,9 +423,7 @@ def main() -> None:
             capture_output=True,
         )
         try:
-            results[args.before] = measure(
-                args.before, tree, sizes, args.records, args.chunks, args.window, args.trace
-            )
+            results[args.before] = measure(args.before, tree, sizes, args.records, args.chunks, args.window, args.trace)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     print("\nnamespace calls (strace -c: open, stat, mkdir, unlink, rename, link, utime, getdents, ...)")

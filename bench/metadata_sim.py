@@ -176,42 +176,6 @@ def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tupl
         return sum(calls.values()) / span / n, {k: round(v / span / n, 4) for k, v in calls.items()}
 
 
-def whole_run_calls(workers: int = 16, chunks_per_worker: int = 16, records: int = 2) -> None:
-    """The chunks' share: one whole run (fast fake engine, beats every hour so that only the
-    first and last are written, launcher apart) by real workers under strace, counting only
-    the calls on the run directory, and by the simulator on the same plan."""
-    import metadata_ops as O
-    import simulation as S
-
-    with tempfile.TemporaryDirectory() as tmp:
-        lay = S.sized_layout(Path(tmp), workers, chunks_per_worker, records, "whole", heartbeat_s=3600, lease_s=36000)
-        traces = Path(tmp) / "traces"
-        traces.mkdir()
-        t0 = time.time()
-        for p in O.start_workers(lay.root, workers, None, traces, "fast", O.FAKE, timed=True):
-            p.wait()
-        real_s = time.time() - t0
-        real: collections.Counter = collections.Counter()
-        for f in traces.glob("fast*.strace"):
-            real += O.run_calls(f, lay.root)
-        done = len(list((lay.root / "out").glob("*.jsonl")))
-        lay2 = S.sized_layout(Path(tmp) / "sim", workers, chunks_per_worker, records, "whole", heartbeat_s=3600, lease_s=36000)
-        lay2.ids = []
-        sched = S.Schedule(0, "whole", workers, [], skew=[0.0])
-        sim = S.Sim(sched, lay2, engine=dict(O.FAKE), check=False, launcher_poll=False, t_max=10**6, heartbeat_s=3600)
-        sim.check_end = lambda: None
-        run_quiet(sim)
-        simulated = sum(sim.server.calls.values())
-        r = sum(real.values())
-        print(
-            f"a whole run, {workers} workers, {lay.n_chunks} chunks ({done} published by the real ones in "
-            f"{real_s:.0f} s): strace {r / lay.n_chunks:.2f} run-directory calls per chunk {dict(real)}; "
-            f"simulator {simulated / lay2.n_chunks:.2f} {dict(sim.server.calls)} "
-            f"(simulated {sim.t:.0f} s); simulator/strace = {simulated / r:.3f}",
-            flush=True,
-        )
-
-
 def calibrate(sizes: list[int], trace: int) -> None:
     """Real worker processes under strace (bench/metadata_ops.py: at most `trace` of each size
     traced, the others live and untraced) against the simulator, in the same regime."""
@@ -245,7 +209,6 @@ def main() -> None:
     ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
     args = ap.parse_args()
     if args.calibrate:
-        whole_run_calls()
         calibrate(args.workers, args.trace)
         return
     budget = {1000: 500, 10000: 2000}

@@ -183,7 +183,9 @@ def plan_serve_base(site: Site, model: str) -> Path:
     line = f"hpc-infer serve cluster=local wait=false model.path={model} output_root={site.runs} run_name=servebase"
     env = user_env(site.top / "audit-serve.jsonl", site.home)
     for cmd in (line, f"hpc-infer serve stop {site.runs / 'servebase'}"):
-        p = subprocess.run(["bash", "-c", cmd], cwd=site.top / "cwd", env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            ["bash", "-c", cmd], cwd=site.top / "cwd", env=env, capture_output=True, text=True, timeout=600
+        )
         assert p.returncode == 0, (cmd, p.stderr[-3000:])
     base = site.runs / "servebase"
     site.doors["serve"], site.effects["serve"] = discovered(site.top / "audit-serve.jsonl", base)
