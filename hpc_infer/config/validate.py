@@ -69,7 +69,9 @@ def hub_address(path: str) -> tuple[str, Optional[str]]:
     return m["repo"], m["rev"]
 
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
+# a data file's suffix -> the format it is read as: the one list (io/sources.py reads it too)
+SHARD_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".arrow": "arrow"}
+DATA_SUFFIXES = tuple(SHARD_FORMATS)
 
 
 def data_files_in(folder: Path, max_depth: int = 4, max_entries: int = 100_000) -> list[Path]:

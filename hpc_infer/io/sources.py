@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import DataConfig
+from ..config.validate import SHARD_FORMATS
 from ..errors import UserError
 
 HUB_PREFIX = "hf://datasets/"
-SHARD_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".arrow": "arrow"}
 # the names the Hub's data-files convention knows as splits, for telling the splits of a layout apart
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
 
