@@ -33,7 +33,7 @@ from .errors import UserError
 from .log import say
 from .models.cache import resolve_model
 from .run.plan import plan_input, worker_spec
-from .rundir import RunDir, read_chunk_source, write_atomic, write_json
+from .rundir import RunDir, read_chunk_source, trust, write_atomic
 from .secrets import exported, find_token, job_env
 from .worker.tuner import candidates, leader, mean_tok_s, noise, valid
 
@@ -118,9 +118,13 @@ def tune(rc: RunConfig) -> Path:
         say(note)
     records = sample_records(rc)
     root = Path(rc.output_root).expanduser().resolve() / f"tune__{rc.model.name}__{c.name}"
+    if root.is_symlink():
+        raise UserError(f"{root}: a link in the tune folder's place; remove it (hpc_infer never writes through one)")
     shutil.rmtree(root, ignore_errors=True)
-    run = RunDir(root)
-    run.make()
+    RunDir(root).make()
+    # the tune task's result decides the settings every launch applies: read it through the
+    # folder's pinned handle, judged as the caller's own (rundir/trust.py), never by path
+    run = RunDir(root, trust.open_dir(root, "the tune folder", trust.OWN))
     base = dataclasses.replace(rc, tune=dataclasses.replace(rc.tune, use=False))  # time vLLM's own defaults
     spec = worker_spec(base, model_path)
     tune_spec = {
@@ -133,7 +137,7 @@ def tune(rc: RunConfig) -> Path:
         "env": spec["env"],
     }
     tune_spec["grid"] = candidates(tune_spec)
-    write_json(root / "tune_spec.json", tune_spec)
+    run.fs.replace("tune_spec.json", (json.dumps(tune_spec, indent=1) + "\n").encode())
     say(
         f"timing {len(tune_spec['grid'])} engine settings on {len(records)} prompts of {rc.data.name} "
         f"({rc.tune.repeats} timed runs each, within {rc.tune.budget_s:g} s) on one {c.backend} task: {root}"
@@ -148,16 +152,18 @@ def tune(rc: RunConfig) -> Path:
         backend = make_backend(c, run, worker_python(rc, run, model_path))
         with exported(job_env(token)):
             (job,) = backend.submit(1, task=TuneTask(), indices=[0])
-        while not (root / "tune.json").exists():
+        while run.fs.stat("tune.json") is None:
             if backend.states([job]).get(job) in TERMINAL:
-                if (root / "tune.json").exists():
+                if run.fs.stat("tune.json") is not None:
                     break
                 raise UserError(f"the tune task {job} ended without a result; see {run.logs}")
             time.sleep(2)
-    timed = json.loads((root / "tune.json").read_text())
+    timed = run.read_json("tune.json")
     results, confirm = timed["results"], timed.get("confirm")
     verdict = decide(results, confirm)
-    write_json(root / "tune.json", {"results": results, "confirm": confirm, **verdict})
+    run.fs.replace(
+        "tune.json", (json.dumps({"results": results, "confirm": confirm, **verdict}, indent=1) + "\n").encode()
+    )
     print(table(verdict))
     target = rc.tuned_path
     target.parent.mkdir(parents=True, exist_ok=True)

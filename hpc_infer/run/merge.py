@@ -22,14 +22,14 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import RecordsFailed, UserError
 from ..rundir import (
-    atomic_file,
     TRAILER_KEY,
     RunDir,
     read_heartbeats,
     set_permissions,
-    write_json,
+    trust,
 )
 from ..rundir.chunks import trailer_in
+from ..rundir.fsio import Dir
 from .timeline import draw_timeline
 
 
@@ -241,10 +241,10 @@ def input_order_blocks(run: RunDir, manifest: dict, checked: list[_Checked], per
     return blocks
 
 
-def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -> None:
+def _write_jsonl(fs: Dir, chunks: list[_Checked], out: Path, drop_errors: bool = False) -> None:
     """Concatenate the checked chunk outputs in chunk order (= input order). With
     merge.on_error=drop, the few chunks holding error records are parsed and filtered."""
-    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
+    with fs.writing(out.name, "merge_tmp_written", "merge_renamed") as f:
         for c in chunks:
             if drop_errors and c.errors:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _records(c, None, True)).encode())
@@ -255,11 +255,11 @@ def _write_jsonl(chunks: list[_Checked], out: Path, drop_errors: bool = False) -
 ERROR_KEY = "_hpc_infer_error"
 
 
-def _write_errors(chunks: list[_Checked], out: Path) -> None:
+def _write_errors(fs: Dir, chunks: list[_Checked], out: Path) -> None:
     """errors.jsonl: each failed record's input row as it was written (a valid input for a
     follow-up run: data.path=errors.jsonl data.format=jsonl, or openai_batch for a batch
     file), with what failed under `_hpc_infer_error`. Only chunks with errors are parsed."""
-    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
+    with fs.writing(out.name, "merge_tmp_written", "merge_renamed") as f:
         for c in chunks:
             if not c.errors:
                 continue
@@ -338,6 +338,7 @@ class Hook:
 
 
 def _write_jsonl_parsed(
+    fs: Dir,
     chunks: list[_Checked],
     out: Path,
     hook: Hook | None,
@@ -346,7 +347,7 @@ def _write_jsonl_parsed(
 ) -> None:
     """With a hook or another output shape, each record is parsed, extended or reshaped,
     and written again (slower than the checked copy)."""
-    with atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f:
+    with fs.writing(out.name, "merge_tmp_written", "merge_renamed") as f:
         for c in chunks:
             rows = _records(c, hook, drop_errors)
             f.write(
@@ -363,7 +364,9 @@ def _rows(chunk: _Checked, hook: Hook | None = None, drop_errors: bool = False) 
     return rows
 
 
-def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, drop_errors: bool = False) -> None:
+def _write_parquet(
+    fs: Dir, chunks: list[_Checked], out: Path, hook: Hook | None = None, drop_errors: bool = False
+) -> None:
     """One row group per chunk, so memory holds one chunk, not the run. Each chunk is parsed
     (and graded by the hook) once: its table is spooled to an Arrow file beside the result
     while the schema is unified over all chunks (a column null in one chunk is typed by
@@ -371,7 +374,9 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.spool-", dir=out.parent) as spool:
+    # the spool beside the result, in the pinned folder itself (its descriptor's path), never
+    # in whatever folder the path names by now
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.spool-", dir=fs.fd_path()) as spool:
         schemas, paths = [], []
         for c in chunks:
             table = pa.Table.from_pylist(_rows(c, hook, drop_errors))
@@ -382,7 +387,7 @@ def _write_parquet(chunks: list[_Checked], out: Path, hook: Hook | None = None, 
             paths.append(path)
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
         with (
-            atomic_file(out, written="merge_tmp_written", renamed="merge_renamed") as f,
+            fs.writing(out.name, "merge_tmp_written", "merge_renamed") as f,
             pq.ParquetWriter(f, schema) as w,
         ):
             for path in paths:
@@ -435,14 +440,18 @@ def merge(
         raise UserError(f"merge.on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
     spec = run.read_json("worker.json")
     dest = Path(dest) if dest else run.root
+    # every file the merge writes goes through a pinned handle of its folder (the run's own,
+    # or --out's, judged as the caller's): never into whatever a path names by the time it is written
     if dest == run.root:  # whoever merges (a standalone `hpc-infer merge` too), the files follow the run's permissions
         set_permissions(spec.get("permissions"))
+        dest_fs = run.fs
     else:
         dest.mkdir(parents=True, exist_ok=True)
+        dest_fs = trust.open_dir(dest, "merge --out", trust.OWN)
     if gpus_per_worker is None:
         gpus_per_worker = int(spec.get("gpus_per_worker", 0))
     with _merge_lock(dest):
-        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error, dest, group_by)
+        return _merge(run, fmt, allow_partial, gpus_per_worker, postprocess, on_error, dest, dest_fs, group_by)
 
 
 def report_errors(summary: Summary, say: Callable[[str], None]) -> None:
@@ -488,6 +497,7 @@ def _merge(
     postprocess: dict | None,
     on_error: str,
     dest: Path,
+    dest_fs: Dir,
     group_by: list[str] | None = None,
 ) -> Summary:
     manifest = run.read_json("manifest.json")
@@ -508,12 +518,13 @@ def _merge(
     hook = Hook(postprocess, group_by) if postprocess else None
     drop = on_error == "drop"
     if fmt == "parquet":
-        _write_parquet(ordered, out, hook, drop)
+        _write_parquet(dest_fs, ordered, out, hook, drop)
     elif fmt == "openai_batch":
         from ..io.openai_batch import result_to_response
 
         name, created = spec["model"].get("served_name") or Path(spec["model"]["path"]).name, int(manifest["created"])
         _write_jsonl_parsed(
+            dest_fs,
             ordered,
             out,
             hook,
@@ -521,15 +532,15 @@ def _merge(
             drop,
         )
     elif hook:
-        _write_jsonl_parsed(ordered, out, hook, drop_errors=drop)
+        _write_jsonl_parsed(dest_fs, ordered, out, hook, drop_errors=drop)
     else:
-        _write_jsonl(ordered, out, drop)
+        _write_jsonl(dest_fs, ordered, out, drop)
     errors_path = dest / "errors.jsonl"
     n_errors = sum(c.errors for c in checked)
     if n_errors:
-        _write_errors(ordered, errors_path)
-    elif errors_path.exists():  # an earlier merge's list: nothing failed in this one
-        errors_path.unlink()
+        _write_errors(dest_fs, ordered, errors_path)
+    elif dest_fs.stat(errors_path.name) is not None:  # an earlier merge's list: nothing failed in this one
+        dest_fs.unlink(errors_path.name)
     beats = read_heartbeats(run)
     sampling = spec.get("sampling", {})
     if spec["input"].get("format") == "openai_batch":  # say which defaults the batch lines took
@@ -545,7 +556,7 @@ def _merge(
         )
     summary = _summarize(run, manifest, checked, beats, out, fmt, missing, sampling, gpus_per_worker)
     summary.timeline = draw_timeline(
-        dest, [{k: v for k, v in asdict(c).items() if k != "fs"} for c in checked], beats, run.root.name
+        dest_fs, [{k: v for k, v in asdict(c).items() if k != "fs"} for c in checked], beats, run.root.name
     )
     summary.postprocess = hook.summary() if hook else None
     summary.planning = manifest.get("grouped")
@@ -562,7 +573,7 @@ def _merge(
         for c in checked:
             for t, k in c.error_types.items():
                 summary.error_types[t] = summary.error_types.get(t, 0) + k
-    write_json(dest / run.summary.name, asdict(summary))
+    dest_fs.replace(run.summary.name, (json.dumps(asdict(summary), indent=1, sort_keys=True) + "\n").encode())
     return summary
 
 

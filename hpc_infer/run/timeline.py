@@ -7,10 +7,14 @@ to the end, how long model loading took, and which worker was slow or died.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..rundir.fsio import Dir
 
 
-def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str | None = None) -> str | None:
+def draw_timeline(dest: "Dir", chunks: list[dict], beats: list[dict], title: str | None = None) -> str | None:
     """Write timeline.png into `dest` (the run directory, or a merge's --out); returns its
     name, or None with no data."""
     timed = [c for c in chunks if c.get("started") and c.get("finished")]
@@ -64,7 +68,7 @@ def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str 
     ax.set_xlabel("seconds since the first worker started")
     n_chunks, n_workers = len(timed), len(workers)
     ax.set_title(
-        f"{title or Path(dest).name}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
+        f"{title or os.path.basename(dest.path)}: {n_chunks} chunk{'s' * (n_chunks != 1)} on {n_workers} "
         f"worker{'s' * (n_workers != 1)} (stacked bars: chunks in one engine at once)",
         fontsize=9,
     )
@@ -80,12 +84,10 @@ def draw_timeline(dest: Path, chunks: list[dict], beats: list[dict], title: str 
             frameon=False,
         )  # beside the lanes, never over a bar
     fig.tight_layout()
-    out = Path(dest) / "timeline.png"
-    tmp = out.with_name(".timeline.png.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with dest.writing("timeline.png") as f:  # through the folder's pinned handle
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(out)
-    return out.name
+    return "timeline.png"
 
 
 def _slots(chunks: list[dict]) -> list[tuple[int, int]]:

@@ -22,13 +22,15 @@ Standard library only: workers import it inside the cluster's image.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import secrets
 import shutil
 import socket
 import stat as stat_mod
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import BinaryIO, Iterator, NamedTuple
 
 from ..errors import DamagedFile
 from . import clock, faults
@@ -125,6 +127,18 @@ class Dir:
 
     def replace(self, name: str, data: bytes) -> None:
         """Whole or not at all: a temp file in the same folder, synced, renamed over `name`."""
+        raise NotImplementedError
+
+    @contextmanager
+    def writing(self, name: str, written: str = "tmp_written", renamed: str = "renamed") -> Iterator[BinaryIO]:
+        """replace() for a file written as a stream (a merge's results): a temp file in the
+        same folder, synced, renamed over `name` when the block ends; removed on an error."""
+        buf = io.BytesIO()
+        yield buf
+        self.replace(name, buf.getvalue())
+
+    def fd_path(self) -> str:
+        """A path naming this folder itself (PinnedDir: its descriptor's); the simulator's has none."""
         raise NotImplementedError
 
     def publish(self, name: str, data: bytes) -> bool:
@@ -358,6 +372,28 @@ class PinnedDir(Dir):
             return True
 
         return self._at(name, op)
+
+    def fd_path(self) -> str:
+        """A path that names this pinned folder itself, whatever has been renamed since
+        (/proc/self/fd/N): for a library that takes only paths (a spool folder)."""
+        return f"/proc/self/fd/{self.root_fd}"
+
+    @contextmanager
+    def writing(self, name: str, written: str = "tmp_written", renamed: str = "renamed") -> Iterator[BinaryIO]:
+        folder, base = split_name(name)
+        d = self._dir(folder)
+        fd, tmp = self._tmp(d, base)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            faults.point(written, self.where(name))
+            os.replace(tmp, base, src_dir_fd=d, dst_dir_fd=d)
+            faults.point(renamed, self.where(name))
+        except BaseException:
+            _unlink_quiet(tmp, d)
+            raise
 
     def replace(self, name: str, data: bytes) -> None:
         def op(d: int, base: str) -> None:
