@@ -88,13 +88,14 @@ class ServeRun:
             raise UserError(f"{path}: not a serve run directory (no serve.json)")
         level = trust.check_tree(root, command, need, SUBDIRS)
         run = cls(root, level, fs)
+        raw = fs.read("serve.json")  # a link or another user's file in its place: refused, named
         try:
-            run._spec = json.loads(fs.read("serve.json"))
-            for name in fs.listdir(STATE_DIR):
-                if name.endswith(".json"):
-                    fs.read(f"{STATE_DIR}/{name}")  # judged as it is opened
-        except ValueError:
-            raise DamagedFile(f"{command}: {root / 'serve.json'} is not JSON; serve again into a new folder")
+            run._spec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DamagedFile(f"{command}: {root / 'serve.json'} is not JSON; serve again into a new folder") from None
+        for name in fs.listdir(STATE_DIR):
+            if name.endswith(".json"):
+                fs.read(f"{STATE_DIR}/{name}")  # each state file judged as it is opened
         if not isinstance(run._spec, dict):
             raise DamagedFile(f"{command}: {root / 'serve.json'} is not a JSON object; serve again into a new folder")
         return run
@@ -142,13 +143,11 @@ class ServeRun:
             return None
 
     def _read_json(self, name: str):
-        """A state file through the handle; a damaged or refused one reads as absent (a
-        UserError from the rule still stops the command: it names the file)."""
+        """A state file through the handle; a missing or damaged one reads as absent (one the
+        rule refuses still stops the command: its UserError names the file)."""
         try:
             return json.loads(self.fs.read(name))
-        except DamagedFile:
-            return None
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # gone, half-written, or damaged (DamagedFile is a ValueError)
             return None
 
     def state(self, index: int) -> dict:
