@@ -76,6 +76,21 @@ def run_quiet(sim) -> float:
     return time.time() - t0
 
 
+def window_calls(sim, warm: float) -> tuple[float, collections.Counter, float]:
+    """Run `sim` quietly: (wall seconds, the calls counted from the first step at or after
+    `warm` simulated seconds to the end, that span in simulated seconds)."""
+    marks: dict = {}
+
+    def mark() -> None:  # the counters when the window opens (check_step runs after every step)
+        if "start" not in marks and sim.t >= warm:
+            marks["start"] = (sim.t, collections.Counter(sim.server.calls))
+
+    sim.check, sim.check_step, sim.check_end = True, mark, lambda: None
+    wall = run_quiet(sim)
+    start_t, start = marks["start"]
+    return wall, sim.server.calls - start, sim.t - start_t
+
+
 def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window: float) -> dict:
     import simulation as S
 
@@ -83,22 +98,7 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
     engine = {"step_s": chunk_s / 9, "max_num_seqs": records, "tokens": 9}
     beat = json.loads(lay.files["worker.json"])["heartbeat_s"]  # the plan's: longer at scale (rundir/lease.py)
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=warm + window, heartbeat_s=beat)
-    marks: dict = {}
-    tick = sim.check_step
-
-    def mark() -> None:  # the counters when the window opens (check_step runs after every step)
-        if "start" not in marks and sim.t >= warm:
-            marks["start"] = (sim.t, collections.Counter(sim.server.calls))
-
-    sim.check, sim.check_step = True, mark
-    sim.check_end = lambda: None
-    try:
-        wall = run_quiet(sim)
-    finally:
-        sim.check_step = tick
-    start_t, start = marks["start"]
-    calls = sim.server.calls - start
-    span = sim.t - start_t
+    wall, calls, span = window_calls(sim, warm)
     done = sum(1 for n in sim.server.lookup(["run", "out"]).entries if n.endswith(".jsonl"))
     return {
         "workers": workers,
@@ -163,16 +163,7 @@ def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tupl
         sched = S.Schedule(0, "calibrate", n, [], skew=[0.0])
         engine = {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}
         sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=warm + window, heartbeat_s=10.0)
-        marks: dict = {}
-
-        def mark() -> None:
-            if "start" not in marks and sim.t >= warm:
-                marks["start"] = (sim.t, collections.Counter(sim.server.calls))
-
-        sim.check, sim.check_step, sim.check_end = True, mark, lambda: None
-        run_quiet(sim)
-        t0, c0 = marks["start"]
-        calls, span = sim.server.calls - c0, sim.t - t0
+        _, calls, span = window_calls(sim, warm)
         return sum(calls.values()) / span / n, {k: round(v / span / n, 4) for k, v in calls.items()}
 
 

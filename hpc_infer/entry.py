@@ -157,13 +157,15 @@ WRITTEN_BY_HYDRA = (
 
 def _sweep_points(argv: list[str]) -> list[list[str]]:
     """The overrides of every job a multirun would start (`a=1,2 b=x,y`: four), expanded by
-    Hydra's own parser and basic sweeper; one list when nothing sweeps. Hydra composes each
-    job's config, so each is checked: a point after the first may hold what the first does
-    not (`hydra.sweep.subdir=${oc.env:X${hydra.job.num}}`)."""
+    Hydra's own parser and basic sweeper; one list when nothing sweeps, or without
+    --multirun. Hydra composes each job's config, so each is checked: a point after the
+    first may hold what the first does not (`hydra.sweep.subdir=${oc.env:X${hydra.job.num}}`)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in argv if not a.startswith("-") and "=" in a]
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return [args]  # one job: Hydra composes the overrides as given
     try:
         parsed = OverridesParser.create().parse_overrides(args)
         return BasicSweeper.split_arguments(parsed, None)[0] or [[]]
@@ -188,7 +190,7 @@ def check_before_hydra_writes(argv: list[str]) -> None:
         dirs = ",".join(f"file://{Path(d).expanduser().resolve()}" for d in config_dirs)
         extra.append(f"hydra.searchpath=[{dirs}]")
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    points = _sweep_points(argv) if multirun else [[a for a in argv if not a.startswith("-") and "=" in a]]
+    points = _sweep_points(argv)
     secrets = known_secrets()
     with initialize_config_dir(config_dir=str(PACKAGE_DIR / "conf"), version_base=None):
         for num, point in enumerate(points):

@@ -165,14 +165,19 @@ def plan_base(site: Site) -> Path:
     assert rc.returncode == 0, rc.stderr[-3000:]
     base = site.runs / "base"
     site.doors["launch"], site.effects["launch"] = discovered(log, base)
-    for command in COMMANDS:
+    _discover(site, base, COMMANDS)
+    site.bases["batch"] = base
+    return base
+
+
+def _discover(site: Site, base: Path, commands: tuple[str, ...]) -> None:
+    """Each command run on a copy of `base` under the audit hook: its doors and effects."""
+    for command in commands:
         run = fresh_copy(site, base, f"discover-{command}")
         log = site.top / f"audit-{command}.jsonl"
         rc, _out, err = run_cmd(site, command, run, log)
         assert rc == 0, (command, err[-3000:])
         site.doors[command], site.effects[command] = discovered(log, run)
-    site.bases["batch"] = base
-    return base
 
 
 def plan_serve_base(site: Site, model: str) -> Path:
@@ -189,12 +194,7 @@ def plan_serve_base(site: Site, model: str) -> Path:
         assert p.returncode == 0, (cmd, p.stderr[-3000:])
     base = site.runs / "servebase"
     site.doors["serve"], site.effects["serve"] = discovered(site.top / "audit-serve.jsonl", base)
-    for command in SERVE_COMMANDS:
-        run = fresh_copy(site, base, f"discover-{command}")
-        log = site.top / f"audit-{command}.jsonl"
-        rc, _out, err = run_cmd(site, command, run, log)
-        assert rc == 0, (command, err[-3000:])
-        site.doors[command], site.effects[command] = discovered(log, run)
+    _discover(site, base, SERVE_COMMANDS)
     site.bases["serve"] = base
     return base
 

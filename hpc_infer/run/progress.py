@@ -116,11 +116,7 @@ def snapshot(
     sizes = {c["id"]: c["n_records"] for c in manifest["chunks"]}
     done = (tracker.update() if tracker else run.done_chunks()) & sizes.keys()
     now = fs_now(run.fs, "heartbeats")
-    if beats_seen is not None:
-        found = beats_seen.update(now)
-    else:
-        names = sorted(n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and not n.startswith("."))
-        found = [f for f in (read_beat(run.fs, f"heartbeats/{n}", now) for n in names) if f]
+    found = (beats_seen or BeatTracker(run)).update(now)  # a fresh tracker's first look reads every beat
     beats = [b for b, _ in found]
     in_chunk: dict[int, int] = {}
     for b in beats:  # the furthest any holder got in each chunk not yet published

@@ -261,8 +261,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
 
     def start_server(same_port: int | None = None) -> str | None:
         """Start vLLM's server and wait for /health: None once it answers, else why not
-        ("" when stopped meanwhile). A restart tries the port clients already know first, unless something else listens there
-        now (then a free one at once: the router follows the replica's state file)."""
+        ("" when stopped meanwhile). A restart tries the port clients already know first,
+        unless something else listens there now (then a free one at once: the router
+        follows the replica's state file)."""
         nonlocal child
         if same_port and not port_free(same_port):  # taken meanwhile (by anyone): move at once
             save(moved_from=same_port)  # not a restart spent: the router follows the new url
