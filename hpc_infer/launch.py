@@ -69,14 +69,16 @@ def sampling_line(rc: RunConfig, planned) -> str:
 
 def set_aside_damaged(run: RunDir) -> list[int]:
     """Outputs that exist but are not complete (cut, edited: never written so by a worker,
-    whose outputs appear whole by link()) are moved aside, said, and their chunks redone:
+    whose outputs appear whole by link()) are moved aside through the run's handle (only
+    the file judged damaged: rundir/chunks.set_aside), said, and their chunks redone:
     workers take an output's name as done without reading it."""
-    import uuid
+    from .rundir.chunks import set_aside
 
     damaged = sorted(run.output_files() - run.done_chunks())
     for cid in damaged:
-        path = run.out_path(cid)
-        path.rename(path.with_name(f".{path.name}.damaged-{uuid.uuid4().hex[:8]}"))
+        st = run.fs.stat(run.out_name(cid))
+        if st is not None:
+            set_aside(run.fs, run.out_name(cid), st)
     if damaged:
         say(
             f"chunk output{'s' * (len(damaged) != 1)} {damaged[:10]} {'were' if len(damaged) != 1 else 'was'} "

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,18 @@ def compose(*overrides: str):
 
 
 BIN = Path(sys.executable).parent  # the venv's bin/, where pip put the `hpc-infer` console script
+# Where the shells this test process starts record the command lines they run (doc_observer.sh)
+DOC_RAN = Path(tempfile.mkdtemp(prefix="hpc_infer-doc-ran-")) / "ran"
 
 
 def user_env(env: dict | None = None) -> dict:
-    """The environment of a user whose PATH has the installed `hpc-infer` (and no checkout on sys.path)."""
+    """The environment of a user whose PATH has the installed `hpc-infer` (and no checkout on
+    sys.path); the bash it starts records what it runs (tests/doc_observer.sh)."""
     full = dict(os.environ, **(env or {}))
     full["PATH"] = f"{BIN}:{full.get('PATH', '')}"
     full.pop("PYTHONPATH", None)
+    full.setdefault("BASH_ENV", str(ROOT / "tests" / "doc_observer.sh"))
+    full.setdefault("HPC_INFER_DOC_RAN", str(DOC_RAN))
     return full
 
 
@@ -340,7 +346,10 @@ def pytest_terminal_summary(terminalreporter, config):
             red=True,
         )
         for cmd in unobserved:
-            terminalreporter.write_line(f"  {cmd}")
+            asked = (
+                "  (a passing test asked for it, but no shell it started ran the line)" if cmd in _ASKED_ONLY else ""
+            )
+            terminalreporter.write_line(f"  {cmd}{asked}")
     if not _TEST_SECONDS:
         return
     per_file: dict[str, float] = {}
@@ -364,13 +373,40 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 # --- every command a doc shows is observed running, or the session fails -----------------------
-# doc_commands.as_written() records which test asked for which command; the test's report
-# carries them (user_properties travel from an xdist worker to the controller), and a command
-# counts as run once a test that asked for it has passed. At the end of a whole-suite session,
-# any command no passing test ran (and that is not listed as not run here) fails the session:
-# in the controller, which sees every worker's reports, never in a worker, which sees its own.
+# doc_commands.as_written() records which test asked for which command (and the line it made
+# of it); the bash that runs a line records it itself (tests/doc_observer.sh, to DOC_RAN). A
+# command counts as run once a passing test asked for it and a shell of that test ran its
+# line. The test's report carries them (user_properties travel from an xdist worker to the
+# controller). At the end of a whole-suite session, any command no passing test ran (and that
+# is not listed as not run here) fails the session: in the controller, which sees every
+# worker's reports, never in a worker, which sees its own.
 _OBSERVED: set[str] = set()
-_DOC_COMMANDS = "doc_commands"
+_ASKED_ONLY: set[str] = set()  # asked for by a passing test, but no shell of it ran the line
+_DOC_COMMANDS, _DOC_ASKED_ONLY = "doc_commands", "doc_commands_not_run"
+_RAN_FROM: dict[str, int] = {}  # test node id -> where its shells' records start in DOC_RAN
+
+
+def _ran_since(offset: int) -> list[str]:
+    """The command lines shells started since `offset` of DOC_RAN, as they recorded them."""
+    try:
+        with open(DOC_RAN, "rb") as f:
+            f.seek(offset)
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    return [
+        r.split(" ", 2)[2]
+        for r in raw.decode(errors="replace").split("\0")
+        if r.startswith("start ") and r.count(" ") >= 2
+    ]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    try:
+        _RAN_FROM[item.nodeid] = DOC_RAN.stat().st_size
+    except FileNotFoundError:
+        _RAN_FROM[item.nodeid] = 0
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -381,7 +417,11 @@ def pytest_runtest_makereport(item, call):
 
         asked = doc_commands.ASKED.pop(item.nodeid, set())
         if asked:
-            outcome.get_result().user_properties.append((_DOC_COMMANDS, sorted(asked)))
+            ran = _ran_since(_RAN_FROM.get(item.nodeid, 0))
+            done = {command for command, line in asked if any(line in r for r in ran)}
+            report = outcome.get_result()
+            report.user_properties.append((_DOC_COMMANDS, sorted(done)))
+            report.user_properties.append((_DOC_ASKED_ONLY, sorted({c for c, _ in asked} - done)))
 
 
 def _whole_suite(config) -> bool:
@@ -398,6 +438,8 @@ def pytest_runtest_logreport(report):
         for name, commands in report.user_properties:
             if name == _DOC_COMMANDS:
                 _OBSERVED.update(commands)
+            elif name == _DOC_ASKED_ONLY:
+                _ASKED_ONLY.update(commands)
 
 
 def pytest_sessionfinish(session, exitstatus):

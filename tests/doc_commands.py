@@ -6,8 +6,9 @@ hands a test one of them, failing when no doc shows it any more, with the placeh
 doc uses (runs/<run>, RUN, N, `...`, /data/models, ...) filled in by the test: the rest
 of the line is run exactly as printed. tests/test_doc_claims.py checks that every shown
 command is run by a test this way, or that its doc says why the tests cannot run it; and
-conftest.py observes it: at the end of a whole-suite session, a shown command no *passing*
-test asked for fails the session.
+conftest.py observes it: the bash that runs a line records it (tests/doc_observer.sh), and at
+the end of a whole-suite session a shown command that no shell of a *passing* test ran fails
+the session.
 """
 
 from __future__ import annotations
@@ -57,18 +58,19 @@ def shown() -> dict[str, list[tuple[str, int]]]:
     return found
 
 
-ASKED: dict[str, set[str]] = {}  # test node id -> the doc commands it ran (conftest observes which passed)
+ASKED: dict[str, set[tuple[str, str]]] = {}  # test node id -> (doc command, the line made of it)
 
 
 def as_written(command: str, fill: dict[str, str] | None = None) -> str:
     """`command` as a doc shows it, placeholders replaced: fill={"runs/<run>": "runs/x"}.
     Keys are the doc's own placeholder text (one fill can serve several commands). The
-    asking test is recorded: once it passes, the command counts as observed running."""
+    asking test and the line are recorded: the command counts as observed running once the
+    test passes and a shell it started (conftest.user_env's bash) recorded running that line."""
     assert command in shown(), f"no doc shows {command!r} any more: update the test with the doc"
-    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
-    if test:
-        ASKED.setdefault(test, set()).add(command)
     line = command
     for placeholder, value in (fill or {}).items():
         line = line.replace(placeholder, value)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    if test:
+        ASKED.setdefault(test, set()).add((command, line))
     return line

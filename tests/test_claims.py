@@ -1,6 +1,7 @@
 """Claims: one winner per chunk across processes, stale takeover by exactly one taker."""
 
 import multiprocessing as mp
+import json
 import os
 import time
 
@@ -216,3 +217,34 @@ def test_status_counts_a_backup_copys_attempt_as_no_death_and_a_killed_worker_as
     assert " lost " in killed and "its process is gone" in killed, killed
     backup = next(line for line in text.splitlines() if "worker" in line and "backup" in line)
     assert " running " in backup and "not running" not in backup, backup
+
+
+def test_a_lock_never_acts_through_a_link_in_its_place(tmp_path):
+    """A link where the lock file is (planted before the lock is taken, and swapped in while
+    it is held): no step of the lock reads the target's age, touches its mtime, or writes
+    it. O_EXCL alone only covers the create; the age, the refresh and the server-clock
+    probe are the steps that would follow a link (the old test checked the create only)."""
+    import time as _time
+
+    from hpc_infer.rundir.lease import Lock, server_now
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    old = _time.time() - 10_000
+    os.utime(victim, (old, old))
+    path = tmp_path / "merge.lock"
+    path.symlink_to(victim)
+    lock = Lock(path, lease_s=0.4, poll_s=0.02)
+    assert lock._stale() == {}  # a link is no lock this code made (its target's age is never read)
+    lock.acquire()  # taken over: the link renamed away, never followed
+    try:
+        assert not path.is_symlink() and json.loads(path.read_text())["token"] == lock.owner["token"]
+        path.unlink()
+        path.symlink_to(victim)  # swapped in while held: the refresh thread touches the lock
+        _time.sleep(0.3)  # three refreshes (every lease/4); they may fail, never follow
+    finally:
+        lock.release()
+    probe = tmp_path / f".clock-{__import__('socket').gethostname()}-{os.getpid()}"
+    probe.symlink_to(victim)  # the clock probe is a link: the server's now is not read through it
+    server_now(tmp_path)
+    assert victim.read_text() == "precious" and victim.stat().st_mtime == old

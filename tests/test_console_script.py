@@ -87,9 +87,12 @@ def test_status_merge_cancel_on_a_run_as_the_docs_write_them(tmp_path, finished_
     p = sh(tmp_path, as_written("hpc-infer status runs/<run>", run))
     n = read_json(finished_run.manifest)["n_chunks"]
     assert p.returncode == 0 and f"chunks {n}/{n}" in p.stdout and "records 4/4" in p.stdout
-    merge = as_written("hpc-infer merge  runs/<run> [--partial] [--format parquet]", run)
     for options in ("", "--partial", "--format parquet"):
-        p = sh(tmp_path, merge.replace("[--partial] [--format parquet]", options))
+        merge = as_written(
+            "hpc-infer merge  runs/<run> [--partial] [--format parquet]",
+            {**run, "[--partial] [--format parquet]": options},
+        )
+        p = sh(tmp_path, merge)
         assert p.returncode == 0 and "4/4 records" in p.stdout, p.stderr
     assert (root / "results.parquet").is_file() and not (root / "results.partial.jsonl").exists()  # complete run
     p = sh(tmp_path, as_written("hpc-infer merge runs/<run>", run))  # docs/ai-cloud-users.md

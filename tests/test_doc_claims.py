@@ -267,3 +267,17 @@ def test_data_postprocess_is_the_default_grader_and_merge_postprocess_overrides_
     assert compose("data=math_r1_zero", "merge.postprocess={}").postprocess is None  # turned off
     # merge.allow_partial: the merge of what is done (tests/test_merge.py runs that merge itself)
     assert compose("merge.allow_partial=true").merge.allow_partial is True
+
+
+def test_a_doc_command_counts_as_run_only_once_a_shell_ran_its_line(tmp_path):
+    """The observer's record comes from the bash that ran the line (tests/doc_observer.sh),
+    not from the test asking for it: asked and not run is not observed; run, it is."""
+    from conftest import DOC_RAN, _ran_since, sh
+    from doc_commands import as_written
+
+    start = DOC_RAN.stat().st_size if DOC_RAN.exists() else 0
+    line = as_written("hpc-infer status runs/<run>", {"runs/<run>": str(tmp_path / "no-run")})
+    assert not any(line in r for r in _ran_since(start))
+    p = sh(tmp_path, line)
+    assert p.returncode == 2 and "no-run" in p.stderr, p.stderr
+    assert any(line in r for r in _ran_since(start))

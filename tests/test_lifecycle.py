@@ -60,8 +60,9 @@ def _publish(root, q, marker):
 
 def test_two_finished_copies_publish_exactly_once(tmp_path):
     """Both copies of a chunk (a backup and its original) have their output written and are
-    held there at a failpoint, then let go together: one is published, the other is told
-    it lost (with check-then-replace both were "published" and both counted)."""
+    held there at a failpoint, then let go together, as real processes: one is published,
+    the other is told it lost. This order alone passes a check-then-replace publish too;
+    tests/test_publish_races.py runs every interleaving and shows that one fails."""
     run = RunDir(tmp_path / "run")
     run.make()
     hold = tmp_path / "hold"

@@ -169,6 +169,16 @@ def _lease_kept(fs: SharedFS, run: RunDir, one: subprocess.Popen, tmp_path: Path
             two.wait()
 
 
+def _until_stale(run: RunDir, lease_s: float) -> None:
+    """Wait for a state, not a time: every claim left is stale by the file server's clock
+    (the deadline only bounds a broken run; a passing one never reaches it)."""
+    from hpc_infer.rundir import claims
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(claims.is_stale(run, c, lease_s) for c in run.claimed_chunks()):
+        time.sleep(0.2)
+
+
 POINTS = ["claimed", "tmp_written@/out/", "renamed@/out/", "step", "renamed@/heartbeats/", "tmp_written@/attempts/"]
 
 
@@ -199,7 +209,7 @@ def test_fault_trials_through_two_mounts(fs, tmp_path):
             (run.out / ".00000.jsonl.x1y2.tmp").write_bytes(b'{"half": ')
         elif damage == "remove_claim" and run.claimed_chunks():
             run.claim_path(sorted(run.claimed_chunks())[0]).unlink()
-        time.sleep(5)  # the dead worker's lease (4 s, by the server's clock) runs out
+        _until_stale(run, lease_s=4)  # the dead worker's lease runs out, by the file server's clock
         for k in range(3):
             w = _worker(fs, "node1", run, f"r{trial}-{k}", tmp_path / f"r{trial}-{k}.log")
             assert w.wait(timeout=600) == 0, (tmp_path / f"r{trial}-{k}.log").read_text()[-3000:]

@@ -125,6 +125,14 @@ def canary_payload(canary: Path) -> bytes:
     return pickle.dumps(("success", Boom()))
 
 
+def test_the_canary_payload_fires_when_loaded(tmp_path):
+    """The positive control for every `not canary.exists()` here: loading the planted pickle
+    does create the canary, so a door that loaded it would fail those asserts."""
+    canary = tmp_path / "canary"
+    pickle.loads(canary_payload(canary))
+    assert canary.exists()
+
+
 class Listener:
     """An HTTP server that records every request's path and Authorization header."""
 

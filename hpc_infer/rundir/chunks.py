@@ -9,8 +9,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from . import clock
-from .fsio import Dir
+from .fsio import Dir, Stat
 
 # A chunk's output ends with one trailer line describing the lines above it. The merge
 # checks the trailer (chunk id, record range, byte count, CRC-32) instead of parsing every
@@ -100,24 +99,52 @@ def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool
     taken-over chunk whose first holder was alive after all) exactly one complete output
     wins (write_exclusive: link(), never a check-then-replace that two finishers could both
     pass), and the later one is discarded. A file there that was read and found damaged is
-    moved aside first (one mover wins the rename), then ours is offered again; one that could
-    not be read now (EIO, ESTALE) is left as it is and ours discarded: a transient error never
-    replaces a published output (the next launch sets aside one that is really damaged).
-    Returns whether ours was published."""
+    set aside first (`set_aside`: only that file, never a fresh one another copy published
+    since), then ours is offered again; one that could not be read now (EIO, ESTALE) is left
+    as it is and ours discarded: a transient error never replaces a published output (the
+    next launch sets aside one that is really damaged). Returns whether ours was published.
+    tests/test_publish_races.py runs two copies through every interleaving of these calls."""
     if fs.publish(name, data):
         return True
     try:
+        st = fs.stat(name)
         found = trailer_in(fs, name)
     except OSError:
         return False
-    if found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]:
+    if st is None or (
+        found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]
+    ):
         return False
+    set_aside(fs, name, st)
+    return fs.publish(name, data)
+
+
+def set_aside(fs: Dir, name: str, judged: Stat) -> bool:
+    """Move the damaged file `judged` (its stat when it was read) out of `name`, and only it:
+    a rename would move whatever is there by then (another copy may have set the damaged one
+    aside and published its own output meanwhile, which a second rename would then hide).
+    So the file is first linked to a name made of its identity (link never replaces: of all
+    who judged the same file, one makes that name), checked to be the judged file, and only
+    then unlinked from `name`. Returns whether this caller set it aside."""
     folder, _, base = name.rpartition("/")
+    grave = f".{base}.damaged-{judged.ino}-{judged.size}-{int(judged.mtime * 1e6)}"
+    grave = f"{folder}/{grave}" if folder else grave
     try:
-        fs.rename(name, f"{folder}/.{base}.damaged-{clock.token()}" if folder else f".{base}.damaged-{clock.token()}")
+        fs.link(name, grave)
+    except (FileExistsError, FileNotFoundError):
+        return False  # another caller is setting it aside, or it is gone
+    moved = fs.stat(grave)
+    if moved is None or moved.ino != judged.ino:
+        try:
+            fs.unlink(grave)  # not the judged file: another copy's output, left where it is
+        except FileNotFoundError:
+            pass
+        return False
+    try:
+        fs.unlink(name)
     except FileNotFoundError:
         pass
-    return fs.publish(name, data)
+    return True
 
 
 class ChunkSource:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ def server_now(folder: Path | str) -> float:
     if probe is None:
         probe = _PROBES[folder] = Path(folder) / f".clock-{socket.gethostname()}-{os.getpid()}"
     try:
-        os.utime(probe)
+        os.utime(probe, follow_symlinks=False)  # a link planted there is touched itself, never its target
     except FileNotFoundError:
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
@@ -45,7 +46,7 @@ def server_now(folder: Path | str) -> float:
     except OSError:
         return time.time()
     try:
-        return os.stat(probe).st_mtime
+        return os.stat(probe, follow_symlinks=False).st_mtime
     except OSError:
         return time.time()
 
@@ -83,9 +84,10 @@ def forget_probe(folder: Path | str) -> None:
 
 
 def age(path: Path | str, now: float) -> float | None:
-    """Seconds since `path` was last written, by the server's clock `now`; None if gone."""
+    """Seconds since `path` was last written, by the server's clock `now`; None if gone. A
+    link's own age, never its target's."""
     try:
-        return now - os.stat(path).st_mtime
+        return now - os.stat(path, follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return None
 
@@ -135,6 +137,11 @@ class Lock:
 
     def _stale(self) -> dict | None:
         """The lock's owner (its token) when the lock is stale, else None."""
+        try:
+            if not stat.S_ISREG(os.stat(self.path, follow_symlinks=False).st_mode):
+                return {}  # a link (or anything else) is no lock this code made: taken over at once
+        except FileNotFoundError:
+            return None
         a = age(self.path, server_now(self.path.parent))
         if a is None:
             return None
@@ -181,7 +188,7 @@ class Lock:
     def _refresh(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                os.utime(self.path)
+                os.utime(self.path, follow_symlinks=False)
             except OSError:
                 pass
 
