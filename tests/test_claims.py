@@ -4,6 +4,9 @@ import multiprocessing as mp
 import json
 import os
 import time
+from pathlib import Path
+
+import pytest
 
 from hpc_infer.rundir import claims
 from hpc_infer.rundir import RunDir, write_json
@@ -248,3 +251,71 @@ def test_a_lock_never_acts_through_a_link_in_its_place(tmp_path):
     probe.symlink_to(victim)  # the clock probe is a link: the server's now is not read through it
     server_now(tmp_path)
     assert victim.read_text() == "precious" and victim.stat().st_mtime == old
+
+
+def _old_take_over(run, chunk_id, owner, lease_s):
+    """take_over before the fix: the stale claim renamed away (its name empty for a while),
+    judged, and a live one linked back, which fails once a plain claimer filled the gap."""
+    from hpc_infer.rundir import clock
+    from hpc_infer.rundir.claims import _stale, try_claim
+    from hpc_infer.rundir.lease import fs_now
+
+    name = run.claim_name(chunk_id)
+    grave = f"{name}.stale-{clock.token(16)}"
+    try:
+        run.fs.rename(name, grave)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _stale(run, grave, lease_s, fs_now(run.fs, "claims")):
+            try:
+                run.fs.link(grave, name)
+            except FileExistsError:
+                pass
+            return False
+    finally:
+        run.fs.unlink(grave)
+    return try_claim(run, chunk_id, owner)
+
+
+@pytest.mark.parametrize("take_over", ["now", "old"])
+def test_two_takers_and_a_claimer_never_both_hold_a_chunk_in_any_interleaving(tmp_path, take_over):
+    """A dead holder's stale claim; two workers take it over while a third claims the chunk
+    plainly, their calls on the run's handle in every order (tests/interleave.py): at most
+    one believes it holds the chunk, and the claim names it. The old takeover (rename away,
+    link back) fails: the explorer finds the order where the link back meets the claimer's
+    fresh claim and two hold it."""
+    import time as _time
+
+    from interleave import explore
+
+    own = {n: claims.Owner(n, "elsewhere", 10**6 + k) for k, n in enumerate("abc")}
+    take = claims.take_over if take_over == "now" else _old_take_over
+
+    def setup(fs):
+        fs.mkdir("claims")
+        fs.create("claims/00000", claims.Owner("dead", "elsewhere", 1).to_bytes())
+        old = _time.time() - 1000  # no heartbeat: the claim's own age says its holder is gone
+        os.utime(f"{fs.path}/claims/00000", (old, old))
+
+    def taker(n):
+        return lambda fs: take(RunDir(Path(fs.path), given_fs=fs), 0, own[n], 30.0)
+
+    def claimer(fs):
+        return claims.try_claim(RunDir(Path(fs.path), given_fs=fs), 0, own["c"])
+
+    def check(fs, results, errors):
+        if any(errors):
+            return f"raised {errors}"
+        if results.count(True) > 1:
+            return f"two hold it: {results}"
+        holder = claims.read_owner(fs, "claims/00000")
+        if True in results and holder != own["abc"[results.index(True)]]:
+            return f"the claim names {holder}, not the taker"
+        return None
+
+    runs, broken = explore(tmp_path, setup, [taker("a"), taker("b"), claimer], check, depth=7)
+    if take_over == "now":
+        assert runs > 100 and not broken, broken[:2]
+    else:
+        assert broken and all("two hold it" in what for _, what in broken), broken[:2]

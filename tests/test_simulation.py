@@ -65,8 +65,21 @@ def _old_publish(fs, name, chunk_id, data):
 FOUND = {
     "a read error taken for a damaged output": (
         # found at seed 535260; found again at 537628 after the worker's job-record read
-        # moved onto the run's handle (one more simulated call shifts each schedule's faults)
-        S.Schedule(537628, "plain", 6, [], [], [-91.959, -186.522, 249.284], ac_s=1.0, eio=0.002, estale=0.0, slow={}),
+        # moved onto the run's handle (one more simulated call shifts each schedule's faults),
+        # and at 550042 (searched with eio=0.002, shrunk: a stale attribute cache is enough)
+        # after takeovers stopped leaving the claim's name empty (more calls again)
+        S.Schedule(
+            550042,
+            "plain",
+            2,
+            [(0.012, "requeue", 1, 8.466), (8.708, "relaunch", 2, 37.756)],
+            [],
+            [0.0, 0.0, 0.0],
+            ac_s=1.0,
+            eio=0.0,
+            estale=0.0,
+            slow={},
+        ),
         ("hpc_infer.worker.worker.publish_chunk_output", _old_publish),
         "published twice with different content",
     ),

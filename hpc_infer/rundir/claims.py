@@ -3,8 +3,8 @@
 A claim is a file created with O_CREAT|O_EXCL, so exactly one worker wins it. Its
 holder refreshes the file's mtime while working; a claim whose mtime is older than
 the lease, or whose holder is a dead process on this host, is stale and may be taken
-over. Takeover renames the stale file away first (rename is atomic: one taker wins),
-then claims anew. Claims only avoid wasted work; exactly-once output comes from each
+over. Takeover is won by creating a marker named after the stale claim (one taker wins)
+and replaces the claim in one rename, so its name is never empty. Claims only avoid wasted work; exactly-once output comes from each
 chunk having a single output path written by rename. Standard library only.
 """
 
@@ -98,31 +98,45 @@ def is_stale(run: RunDir, chunk_id: int, lease_s: float, now: float | None = Non
     return _stale(run, run.claim_name(chunk_id), lease_s, now if now is not None else fs_now(run.fs, "claims"))
 
 
-def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
-    """Take a stale claim. Only one of several concurrent takers succeeds.
+TAKEN = "claims/taken"  # takeover markers: one name per stale claim (its inode and mtime)
 
-    The claim is renamed away first (atomic: one renamer wins). If what we renamed
-    turns out to be live (another taker's fresh claim), it is linked back.
-    """
+
+def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
+    """Take a stale claim: only the claim judged stale, and only one taker.
+
+    The claim's name is never left empty (a plain claimer could create a claim in the gap,
+    and a taker that then put a live claim back would find it taken: two holders; found by
+    tests/test_claims.py's interleavings). Takers of one stale claim race to create a
+    marker named after it (its inode and mtime: a claim is never touched after it is made,
+    so the pair names that one file); the one who creates it checks that the claim is still
+    that file and replaces it with its own in one rename. A marker whose taker died (its
+    holder stale by the same rule as a claim's) is removed, and the next look tries again."""
     name = run.claim_name(chunk_id)
-    grave = f"{name}.stale-{clock.token(16)}"
-    try:
-        run.fs.rename(name, grave)
-    except FileNotFoundError:
+    st = run.fs.stat(name)
+    now = fs_now(run.fs, "claims")
+    if st is None or not _stale(run, name, lease_s, now):
+        return False
+    marker = f"{TAKEN}/{chunk_id:05d}-{st.ino}-{int(st.mtime * 1e9)}"
+    run.fs.mkdir(TAKEN)
+    if not run.fs.create(marker, owner.to_bytes()):
+        if _stale(run, marker, lease_s, now):  # a taker that died between its marker and its rename
+            _unlink_quiet(run.fs, marker)
         return False
     try:
-        if not _stale(run, grave, lease_s, fs_now(run.fs, "claims")):
-            try:
-                run.fs.link(grave, name)  # give it back; fails only if yet another claim exists
-            except FileExistsError:
-                pass
-            return False
+        there = run.fs.stat(name)
+        if there is None or (there.ino, there.mtime) != (st.ino, st.mtime):
+            return False  # gone, or already another claim
+        run.fs.replace(name, owner.to_bytes())
+        return True
     finally:
-        try:
-            run.fs.unlink(grave)
-        except FileNotFoundError:
-            pass
-    return try_claim(run, chunk_id, owner)
+        _unlink_quiet(run.fs, marker)
+
+
+def _unlink_quiet(fs: Dir, name: str) -> None:
+    try:
+        fs.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def release(run: RunDir, chunk_id: int, owner: Owner) -> None:
