@@ -176,7 +176,7 @@ def test_two_takers_of_a_dead_holders_lock_never_both_hold_it(tmp_path):
     try:
         assert not b._take_over(judged)  # b's look is out of date: it takes nothing
         assert _json.loads(path.read_text())["token"] == a.owner["token"]
-        assert not list(tmp_path.glob("merge.lock.stale-*"))
+        assert not list(tmp_path.glob("merge.lock.taking-*"))
     finally:
         a.release()
 
@@ -229,7 +229,8 @@ def test_a_lock_never_acts_through_a_link_in_its_place(tmp_path):
     probe are the steps that would follow a link (the old test checked the create only)."""
     import time as _time
 
-    from hpc_infer.rundir.lease import Lock, server_now
+    from hpc_infer.rundir.fsio import PinnedDir
+    from hpc_infer.rundir.lease import Lock, fs_now
 
     victim = tmp_path / "victim"
     victim.write_text("precious")
@@ -238,8 +239,8 @@ def test_a_lock_never_acts_through_a_link_in_its_place(tmp_path):
     path = tmp_path / "merge.lock"
     path.symlink_to(victim)
     lock = Lock(path, lease_s=0.4, poll_s=0.02)
-    assert lock._stale() == {}  # a link is no lock this code made (its target's age is never read)
-    lock.acquire()  # taken over: the link renamed away, never followed
+    assert lock._stale() is not None  # a link is no lock this code made (its target's age is never read)
+    lock.acquire()  # taken over: the link replaced, never followed
     try:
         assert not path.is_symlink() and json.loads(path.read_text())["token"] == lock.owner["token"]
         path.unlink()
@@ -247,9 +248,10 @@ def test_a_lock_never_acts_through_a_link_in_its_place(tmp_path):
         _time.sleep(0.3)  # three refreshes (every lease/4); they may fail, never follow
     finally:
         lock.release()
-    probe = tmp_path / f".clock-{__import__('socket').gethostname()}-{os.getpid()}"
-    probe.symlink_to(victim)  # the clock probe is a link: the server's now is not read through it
-    server_now(tmp_path)
+    fs = PinnedDir(tmp_path)
+    (tmp_path / f".clock-{fs.tag}").symlink_to(victim)  # the clock probe is a link: never read through
+    fs_now(fs)
+    fs.close()
     assert victim.read_text() == "precious" and victim.stat().st_mtime == old
 
 
@@ -319,3 +321,44 @@ def test_two_takers_and_a_claimer_never_both_hold_a_chunk_in_any_interleaving(tm
         assert runs > 100 and not broken, broken[:2]
     else:
         assert broken and all("two hold it" in what for _, what in broken), broken[:2]
+
+
+def test_two_lock_takers_and_a_plain_taker_never_both_hold_it_in_any_interleaving(tmp_path):
+    """A dead holder's lock (merge, download, cache stage); two processes take it over and a
+    third takes it plainly, each call on the folder's handle in every order: at most one
+    holds it, and the lock file names it."""
+    import time as _time
+
+    from interleave import explore
+
+    from hpc_infer.rundir.lease import Lock
+
+    def setup(fs):
+        fs.create("merge.lock", json.dumps({"host": "elsewhere", "pid": 1, "token": "dead"}).encode())
+        old = _time.time() - 1000
+        os.utime(f"{fs.path}/merge.lock", (old, old))
+
+    locks: dict[int, Lock] = {}
+
+    def taker(k, plain=False):
+        def act(fs):
+            lock = locks[k] = Lock(Path(fs.path) / "merge.lock", lease_s=60, fs=fs)
+            if lock._try():
+                return True
+            judged = None if plain else lock._stale()
+            return judged is not None and lock._take_over(judged)
+
+        return act
+
+    def check(fs, results, errors):
+        if any(errors):
+            return f"raised {errors}"
+        if results.count(True) > 1:
+            return f"two hold it: {results}"
+        token = json.loads(fs.read("merge.lock"))["token"]
+        if True in results and token != locks[results.index(True)].owner["token"]:
+            return "the lock names another"
+        return None
+
+    runs, broken = explore(tmp_path, setup, [taker(0), taker(1), taker(2, plain=True)], check, depth=7)
+    assert runs > 100 and not broken, broken[:2]

@@ -94,7 +94,7 @@ def _stale(run: RunDir, name: str, lease_s: float, now: float) -> bool:
 
 
 def is_stale(run: RunDir, chunk_id: int, lease_s: float, now: float | None = None) -> bool:
-    """Ages by the file server's clock (`now` from lease.server_now), never this node's."""
+    """Ages by the file server's clock (`now` from lease.fs_now), never this node's."""
     return _stale(run, run.claim_name(chunk_id), lease_s, now if now is not None else fs_now(run.fs, "claims"))
 
 

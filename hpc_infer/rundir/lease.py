@@ -4,13 +4,14 @@ that needs no `flock`.
 Nodes' clocks differ (minutes, on a bad day), and a file's mtime is set by the file
 server. So an age is never `time.time() - mtime`: it is the server's now minus the
 mtime, where the server's now is the mtime of a file this process just touched in the
-same folder (`server_now`; `utime(path, None)` asks an NFS server for its own time).
+same folder (`fs_now`; `utime(path, None)` asks an NFS server for its own time).
 
 `Lock` is a lock file created with O_EXCL (atomic on NFSv3/v4, Lustre, GPFS, BeeGFS and
 local disks, where `flock` may be missing, per client, or refused with ENOSYS), holding
 its owner, refreshed by a thread while held, and taken over only once its lease ran out
-by the server's clock (or its owner is a dead process on this host): renamed away first,
-so one taker wins. Opened without following links. Standard library only.
+by the server's clock (or its owner is a dead process on this host): one taker wins a
+marker named after the stale lock and replaces it in one rename. Every step goes through
+a handle on the folder (rundir/fsio.Dir), without following links. Standard library only.
 """
 
 from __future__ import annotations
@@ -26,34 +27,10 @@ from pathlib import Path
 
 from . import faults
 
-_PROBES: dict[str, Path] = {}
-
-
-def server_now(folder: Path | str) -> float:
-    """The file server's clock for `folder`: the mtime of this process's probe file there,
-    touched now. Costs one utime and one stat."""
-    folder = str(folder)
-    probe = _PROBES.get(folder)
-    if probe is None:
-        probe = _PROBES[folder] = Path(folder) / f".clock-{socket.gethostname()}-{os.getpid()}"
-    try:
-        os.utime(probe, follow_symlinks=False)  # a link planted there is touched itself, never its target
-    except FileNotFoundError:
-        try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-        except OSError:
-            return time.time()  # a folder we cannot write: our own clock is all there is
-    except OSError:
-        return time.time()
-    try:
-        return os.stat(probe, follow_symlinks=False).st_mtime
-    except OSError:
-        return time.time()
-
 
 def fs_now(fs, sub: str = "") -> float:
-    """server_now through a run's pinned handle (rundir/fsio.py): the mtime of this client's
-    probe file in folder `sub`, touched now."""
+    """The file server's clock, through a pinned handle (rundir/fsio.py): the mtime of this
+    client's probe file in folder `sub`, touched now (one utime and one stat)."""
     probe = f"{sub}/.clock-{fs.tag}" if sub else f".clock-{fs.tag}"
     try:
         fs.touch(probe)
@@ -74,24 +51,6 @@ def beat_interval(heartbeat_s: float, lease_s: float, workers: int) -> float:
     return round(max(heartbeat_s, min(workers / BEATS_PER_S, lease_s / 4)), 3)
 
 
-def forget_probe(folder: Path | str) -> None:
-    probe = _PROBES.pop(str(folder), None)
-    if probe is not None:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-
-
-def age(path: Path | str, now: float) -> float | None:
-    """Seconds since `path` was last written, by the server's clock `now`; None if gone. A
-    link's own age, never its target's."""
-    try:
-        return now - os.stat(path, follow_symlinks=False).st_mtime
-    except FileNotFoundError:
-        return None
-
-
 def _owner() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
 
@@ -109,66 +68,87 @@ def _dead_here(owner: dict) -> bool:
 
 
 class Lock:
-    """`with Lock(path, lease_s):` one holder at a time across nodes, without flock."""
+    """`with Lock(path, lease_s):` one holder at a time across nodes, without flock. Every
+    step goes through a handle on the lock's folder (rundir/fsio.Dir: `fs`, or one opened
+    on the folder), by name, never following a link."""
 
-    def __init__(self, path: Path | str, lease_s: float = 120.0, poll_s: float = 0.5, on_wait=None):
+    def __init__(self, path: Path | str, lease_s: float = 120.0, poll_s: float = 0.5, on_wait=None, fs=None):
         self.path, self.lease_s, self.poll_s, self.on_wait = Path(path), lease_s, poll_s, on_wait
+        self.name = self.path.name
         self.owner = _owner()
+        self._given, self._fs = fs, fs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _try(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.owner))
-        return True
+    @property
+    def fs(self):
+        if self._fs is None:
+            from .fsio import PinnedDir
 
-    def _read(self, path: Path) -> dict:
+            self._fs = PinnedDir(self.path.parent)
+        return self._fs
+
+    def _mine(self) -> bytes:
+        return json.dumps(self.owner).encode()
+
+    def _try(self) -> bool:
+        return self.fs.create(self.name, self._mine())
+
+    def _read(self, name: str) -> dict:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd) as f:
-                value = json.loads(f.read() or "{}")
+            value = json.loads(self.fs.read(name) or b"{}")
             return value if isinstance(value, dict) else {}
         except (OSError, ValueError):
             return {}
 
     def _stale(self) -> dict | None:
         """The lock's owner (its token) when the lock is stale, else None."""
-        try:
-            if not stat.S_ISREG(os.stat(self.path, follow_symlinks=False).st_mode):
-                return {}  # a link (or anything else) is no lock this code made: taken over at once
+        st = self.fs.stat(self.name)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.mode):
+            return {"ino": st.ino}  # a link (or anything else) is no lock this code made: taken over at once
+        try:  # its age and its owner from one open file: never an old lock's age with a new one's owner
+            raw, st = self.fs.read_stat(self.name)
+            owner = json.loads(raw or b"{}")
+            owner = owner if isinstance(owner, dict) else {}
         except FileNotFoundError:
             return None
-        a = age(self.path, server_now(self.path.parent))
-        if a is None:
-            return None
-        owner = self._read(self.path)
+        except (OSError, ValueError):
+            owner = {}
+        a = fs_now(self.fs) - st.mtime
         stale = a > self.lease_s or (not owner and a > 5.0) or _dead_here(owner)
-        return owner if stale else None
+        if not stale:
+            return None
+        return owner if owner.get("token") else {"ino": st.ino}
 
     def _take_over(self, judged: dict) -> bool:
-        """Remove the lock that was judged stale, and only that one: renamed away first (one
-        taker wins the rename), then read; a lock that is not the one judged (another taker
-        got there first and made its own, fresh) is linked back and left to its holder."""
-        grave = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
-        try:
-            os.rename(self.path, grave)  # one taker wins
-        except FileNotFoundError:
+        """Replace the lock that was judged stale, and only that one, never leaving its name
+        empty (a plain taker could make a lock in the gap, and two would hold it: found by
+        tests/test_claims.py's interleavings). Takers of one stale lock race to create a
+        marker named after it (its token, or its inode when it has none); the one who makes
+        it checks the lock is still the judged one and replaces it with its own in one
+        rename. A marker older than the lease (its taker died) is removed."""
+        ident = judged.get("token") or f"ino{judged.get('ino')}"
+        marker = f"{self.name}.taking-{ident}"
+        if not self.fs.create(marker, self._mine()):
+            st = self.fs.stat(marker)
+            if st is not None and fs_now(self.fs) - st.mtime > self.lease_s:
+                _unlink_quiet(self.fs, marker)
             return False
         try:
-            if self._read(grave).get("token") != judged.get("token"):
-                try:
-                    os.link(grave, self.path)
-                except FileExistsError:
-                    pass
+            st = self.fs.stat(self.name)
+            if st is None:
                 return False
+            now = self._read(self.name) if stat.S_ISREG(st.mode) else {}
+            same = now.get("token") == judged["token"] if judged.get("token") else st.ino == judged.get("ino")
+            if not same:
+                return False
+            self.fs.replace(self.name, self._mine())
         finally:
-            os.unlink(grave)
+            _unlink_quiet(self.fs, marker)
         faults.point("lock_taken_over", self.path)
-        return self._try()
+        return True
 
     def acquire(self) -> None:
         said = False
@@ -188,7 +168,8 @@ class Lock:
     def _refresh(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                os.utime(self.path, follow_symlinks=False)
+                if self._read(self.name).get("token") == self.owner["token"]:
+                    self.fs.touch(self.name)  # never through a link (fsio: utime without following)
             except OSError:
                 pass
 
@@ -196,12 +177,14 @@ class Lock:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        if self._read(self.path).get("token") == self.owner["token"]:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        forget_probe(self.path.parent)
+        try:
+            if self._read(self.name).get("token") == self.owner["token"]:
+                _unlink_quiet(self.fs, self.name)
+            _unlink_quiet(self.fs, f".clock-{self.fs.tag}")  # fs_now's probe: leave the folder as found
+        finally:
+            if self._given is None and self._fs is not None:
+                self._fs.close()
+                self._fs = None
 
     def __enter__(self) -> "Lock":
         self.acquire()
@@ -209,3 +192,10 @@ class Lock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _unlink_quiet(fs, name: str) -> None:
+    try:
+        fs.unlink(name)
+    except FileNotFoundError:
+        pass
