@@ -184,6 +184,41 @@ def test_status_prints_a_runs_control_characters_escaped(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "file, edit, named",
+    [
+        ("manifest.json", lambda m: m.update(extra=1), "extra: not a key hpc_infer writes there"),
+        ("manifest.json", lambda m: m["chunks"][0].update(bytes="12"), "chunks[0].bytes: must be a whole number"),
+        ("manifest.json", lambda m: m.update(n_chunks=m["n_chunks"] + 1), "but the chunk table has"),
+        ("worker.json", lambda w: w["env"].update(PYTHONPATH=["/evil"]), "env.PYTHONPATH: must be a string"),
+        ("worker.json", lambda w: w["model"].pop("path"), "model.path: missing"),
+    ],
+)
+def test_a_run_file_read_back_is_checked_against_its_shape(tmp_path, file, edit, named):
+    """manifest.json and worker.json are read back against their shapes (rundir/schema.py):
+    an unknown key, a missing one or a wrong type stops `status`, `merge` and the worker,
+    naming the file and the key; a heartbeat with a wrong type is read as no heartbeat."""
+    from hpc_infer.rundir import RunDir, claims
+    from hpc_infer.run.plan import plan_input, prepare
+
+    rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    value = json.loads((run.root / file).read_text())
+    edit(value)
+    (run.root / file).write_text(json.dumps(value))
+    for door in ("status", "merge") if file == "manifest.json" else ("merge",):
+        p = sh(tmp_path, f"hpc-infer {door} {run.root}")
+        assert p.returncode == 2 and file in p.stderr and named in p.stderr, (door, p.stderr)
+    with pytest.raises(DamagedFile, match=re.escape(named)):
+        RunDir(run.root).read_json(file)  # the worker's own read, too
+    beat = {"worker": "w", "state": "running", "pid": "1; kill"}
+    (run.root / "heartbeats" / "w.json").write_text(json.dumps(beat))
+    assert claims.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is None
+    beat["pid"] = 1
+    (run.root / "heartbeats" / "w.json").write_text(json.dumps(beat))
+    assert claims.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is not None
+
+
+@pytest.mark.parametrize(
     "arg",
     [
         "+key={A: 1},{MY_TOKEN: abcdefgh}",

@@ -16,7 +16,7 @@ import random
 import socket
 from dataclasses import dataclass
 
-from . import clock
+from . import clock, schema
 from .fsio import Dir
 from .layout import RunDir
 from .lease import fs_now
@@ -221,7 +221,9 @@ def read_beat(fs: Dir, name: str, now: float) -> tuple[dict, float] | None:
         beat = json.loads(data)
     except (OSError, ValueError):
         return None
-    return (beat, now - st.mtime) if isinstance(beat, dict) else None
+    if schema.problems(beat, schema.HEARTBEAT):  # wrong types: read as no heartbeat (rundir/schema.py)
+        return None
+    return beat, now - st.mtime
 
 
 def live(beat: dict, beat_age: float, fresh_s: float) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import DamagedFile
 from .chunks import chunk_done, read_chunk_source
 from .files import current_umask
+from . import schema
 from .fsio import Dir
 
 # the folders steps write into (each checked like the run directory itself: rundir/trust.py)
@@ -38,12 +39,21 @@ class RunDir:
         """A JSON file of the run, read through its handle; one that does not parse is named."""
         raw = self.fs.read(name)
         try:
-            return json.loads(raw)
+            value = json.loads(raw)
         except ValueError as e:
             raise DamagedFile(
                 f"{self.fs.where(name)}: not the JSON hpc_infer wrote there ({e}); the run directory was "
                 f"damaged or edited. Plan it again under a new run_name=..."
             ) from None
+        shape = schema.BY_NAME.get(name)
+        wrong = (schema.problems(value, shape) or schema.semantic(name, value)) if shape else []
+        if wrong:
+            raise DamagedFile(
+                f"{self.fs.where(name)}: not what hpc_infer wrote there ({'; '.join(wrong[:3])}"
+                f"{f'; {len(wrong) - 3} more' if len(wrong) > 3 else ''}); the run directory was damaged or "
+                f"edited. Plan it again under a new run_name=..."
+            )
+        return value
 
     @staticmethod
     def claim_name(chunk_id: int) -> str:
