@@ -182,7 +182,9 @@ def test_the_launcher_reads_heartbeats_in_turns_within_its_budget():
 
     t = [0.0]
     server = SimServer(now=lambda: t[0])
-    server.put_tree({f"run/heartbeats/w{i}.json": json.dumps({"worker": f"w{i}", "state": "running"}).encode() for i in range(200)})
+    server.put_tree(
+        {f"run/heartbeats/w{i}.json": json.dumps({"worker": f"w{i}", "state": "running"}).encode() for i in range(200)}
+    )
     tracker = BeatTracker(RunDir(Path("/sim/run"), SimClient(server, "run", "launcher")))
     before = server.calls["open"]
     assert len(tracker.update(0.0)) == 200 and server.calls["open"] - before == 200
