@@ -378,3 +378,15 @@ def test_a_port_someone_listens_on_is_not_free():
         s.listen()
         assert not port_free(port)
     assert port_free(port)
+
+
+def test_serve_state_files_of_the_wrong_shape_read_as_absent():
+    """A replica's or the router's state file with a wrong type (a port that is a string, a
+    replica number that is not one) is read as no state: never a URL or a port to use."""
+    from hpc_infer.rundir import schema
+
+    good = {"replica": 0, "state": "ready", "port": 8000, "url": "http://n1:8000/v1", "pid": 7, "restarts": 1}
+    assert schema.problems(good, schema.REPLICA_STATE) == []
+    for bad in ({**good, "port": "8000 --evil"}, {**good, "replica": "0"}, {**good, "pid": None}, [good]):
+        assert schema.problems(bad, schema.REPLICA_STATE), bad
+    assert schema.problems({"state": "ready", "url": 5}, schema.ROUTER_STATE) == ["url: must be a string or null"]

@@ -6,8 +6,8 @@ reach the code as a dict of surprises. Each shape lists every key the writer put
 (run/plan.py): an unknown key, a missing one or a wrong type is refused. Standard library
 only (the worker reads through it).
 
-Heartbeats are checked by type for the keys their readers use, and a key not listed is
-ignored, not refused: a worker's state carries keys that vary by what it went through
+Heartbeats and a serve run's state files are checked by type for the keys their readers
+use, and a key not listed is ignored, not refused: a worker's state carries keys that vary by what it went through
 (pacing, isolation), and a heartbeat that cannot be read counts as none (its claims age
 on their own), which is worse than an extra key nobody reads.
 """
@@ -195,6 +195,26 @@ HEARTBEAT = Shape(
         "backups": int,
         "error": OPT_STR,
     },
+    extra_ok=True,
+)
+
+# a serve run's state files (serve/replica.py, serve/router.py): typed like heartbeats
+_PROCESS = {"job_id": str, "host": str, "pid": int, "pid_start": (NUM, None), "started": NUM, "t": NUM}
+REPLICA_STATE = Shape(
+    {"replica": int, "state": str},
+    {
+        **_PROCESS,
+        "port": (int, None),
+        "url": OPT_STR,
+        "ready_at": (NUM, None),
+        "server_pid": (int, None),
+        "moved_from": (int, None),
+    },
+    extra_ok=True,
+)
+ROUTER_STATE = Shape(
+    {"state": str},
+    {**_PROCESS, "url": OPT_STR, "port": (int, None), "server_pid": (int, None), "workers": list, "policy": str},
     extra_ok=True,
 )
 

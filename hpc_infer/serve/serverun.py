@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import DamagedFile, UserError
-from ..rundir import jobs, trust
+from ..rundir import jobs, schema, trust
 from ..rundir.fsio import Dir, PinnedDir
 
 CONFIG_DIR = Path.home() / ".config" / "hpc_infer"
@@ -151,12 +151,13 @@ class ServeRun:
             return None
 
     def state(self, index: int) -> dict:
+        """A replica's state file; one of the wrong shape (rundir/schema.py) reads as absent."""
         value = self._read_json(f"{STATE_DIR}/{index}.json")
-        return value if isinstance(value, dict) else {}
+        return value if not schema.problems(value, schema.REPLICA_STATE) else {}
 
     def router_state(self) -> dict | None:
         value = self._read_json(f"{STATE_DIR}/{ROUTER_STATE}")
-        return value if isinstance(value, dict) else None
+        return value if not schema.problems(value, schema.ROUTER_STATE) else None
 
     def replica_jobs(self) -> dict[int, str]:
         """Replica number -> its (latest) job id."""
