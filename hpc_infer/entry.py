@@ -8,6 +8,8 @@ for unknown keys and secrets before any step writes a file.
 from __future__ import annotations
 
 import functools
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -173,11 +175,53 @@ def _sweep_points(argv: list[str]) -> list[list[str]]:
         return [args]
 
 
-def check_before_hydra_writes(argv: list[str]) -> None:
+SWEEP = None  # the multirun's sweep folder, pinned: Hydra writes into it by /proc/self/fd/N
+
+
+def pin_sweep_dir(sweep: str) -> str:
+    """The sweep folder Hydra writes multirun.yaml (and each job's folder) into, and launch
+    adds runs.txt to: made if missing, judged as the caller's own (rundir/trust.py: a folder
+    someone else made or can write, or a link in its place, is refused, naming it), and
+    pinned: Hydra is given `/proc/self/fd/N` of the judged folder, so a folder swapped in at
+    its path afterwards (by whoever can write its parent) is never written. Returns the
+    override that points Hydra there."""
+    global SWEEP
+    from .rundir import trust
+
+    path = Path(sweep).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass
+    SWEEP = trust.open_dir(
+        path, "hydra.sweep.dir", trust.OWN, fix="give the sweep a folder of your own: hydra.sweep.dir=..."
+    )
+    for name in ("multirun.yaml", "runs.txt"):  # Hydra writes the first by path; we add to the second
+        st = SWEEP.stat(name)
+        if st is None:
+            continue
+        bad = not stat.S_ISREG(st.mode) or st.nlink != 1
+        try:
+            os.close(SWEEP.open_file(name))  # the rule, on its descriptor (owner, mode, ACL): UserError
+        except ValueError:  # DamagedFile: a link in its place
+            bad = True
+        if bad:
+            raise UserError(
+                f"hydra.sweep.dir: {path}/{name} is a link (or not a file of this folder's own), which would "
+                f"be written through; remove it, or give the sweep another folder: hydra.sweep.dir=..."
+            )
+    return f"hydra.sweep.dir={SWEEP.fd_path()}"
+
+
+def check_before_hydra_writes(argv: list[str]) -> list[str]:
     """What Hydra writes before our task runs (the output directories it names, .hydra/,
     multirun.yaml) comes from the composed config resolved: compose it first and refuse a
     secret in those values (hydra.run.dir=${oc.env:...}, output_root from a cluster file).
-    Composition problems are left for Hydra to report, values for to_run_config (redacted)."""
+    Composition problems are left for Hydra to report, values for to_run_config (redacted).
+    In a multirun, the sweep folder is judged and pinned (pin_sweep_dir); returns the
+    overrides to add for Hydra."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -192,6 +236,7 @@ def check_before_hydra_writes(argv: list[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     points = _sweep_points(argv)
     secrets = known_secrets()
+    sweep_dir = None
     with initialize_config_dir(config_dir=str(PACKAGE_DIR / "conf"), version_base=None):
         for num, point in enumerate(points):
             # what Hydra sets for each job at run time (hydra.job.num, .id), set as it will be
@@ -199,7 +244,7 @@ def check_before_hydra_writes(argv: list[str]) -> None:
             try:
                 cfg = compose(config_name="config", overrides=point + extra + job, return_hydra_config=True)
             except Exception:
-                return  # Hydra itself will say what is wrong (its message holds no resolved value)
+                return []  # Hydra itself will say what is wrong (its message holds no resolved value)
             found = []
             for key in WRITTEN_BY_HYDRA:
                 try:
@@ -213,6 +258,12 @@ def check_before_hydra_writes(argv: list[str]) -> None:
                     f"{', '.join(found)}{where}: resolves to a secret, which would name a directory or a file; "
                     f"{SECRET_ADVICE} (value not shown)"
                 )
+            if multirun and sweep_dir is None:
+                try:
+                    sweep_dir = str(OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True))
+                except Exception:
+                    sweep_dir = ""
+    return [pin_sweep_dir(sweep_dir)] if sweep_dir else []
 
 
 def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
@@ -234,7 +285,7 @@ def run_hydra(task: Callable[[DictConfig], None], command: str) -> None:
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
         if not any(a in ("--help", "-h", "--info", "-i", "--cfg", "-c") for a in sys.argv[1:]):
-            check_before_hydra_writes(sys.argv[1:])
+            sys.argv.extend(check_before_hydra_writes(sys.argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -266,21 +266,15 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
 
 def note_in_sweep(root) -> None:
     """In a Hydra multirun, list the run in the sweep folder's runs.txt: `hpc-infer report
-    runs/.multirun/<sweep>` then shows the whole sweep side by side."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    runs/.multirun` then shows the whole sweep side by side. Added through the folder's
+    pinned handle (entry.pin_sweep_dir), never through a link in the file's place."""
+    from .entry import SWEEP
 
-    try:
-        hc = HydraConfig.get()
-    except ValueError:  # not under Hydra (tests call launch() directly)
-        return
-    if hc.mode == RunMode.MULTIRUN:
-        from pathlib import Path
-
-        sweep = Path(hc.sweep.dir)
-        sweep.mkdir(parents=True, exist_ok=True)
-        with open(sweep / "runs.txt", "a") as f:
-            f.write(f"{root}\n")
+    if SWEEP is not None:
+        try:
+            SWEEP.append("runs.txt", f"{root}\n".encode())
+        except (OSError, ValueError) as e:  # a link or a foreign file in its place: refused, said
+            say(f"not listed in the sweep's runs.txt ({e})")
 
 
 def hydra_task(cfg: DictConfig) -> None:

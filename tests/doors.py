@@ -44,6 +44,8 @@ AUDIT_SITE = ROOT / "tests" / "audit_site"
 KINDS = ("owner", "group_write", "other_write", "acl", "symlink", "hardlink")
 COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
 SERVE_COMMANDS = ("serve_status", "serve_metrics", "serve_stop")  # on the serve run
+SWEEP_COMMANDS = ("sweep_report", "sweep_launch")  # on a multirun's sweep folder
+BASE_OF = {**{c: "serve" for c in SERVE_COMMANDS}, **{c: "sweep" for c in SWEEP_COMMANDS}}
 FAKE = json.dumps({"step_s": 0.001, "max_num_seqs": 8})
 
 
@@ -83,7 +85,7 @@ class Site:
     base_args: list[str]
     sentinel: subprocess.Popen | None = None
     home: Path | None = None  # HOME of the serve commands (their key directory)
-    bases: dict[str, Path] = field(default_factory=dict)  # "batch", "serve" -> the victim's complete run
+    bases: dict[str, Path] = field(default_factory=dict)  # "batch", "serve", "sweep" -> the victim's own
     doors: dict[str, set[str]] = field(default_factory=dict)  # command -> run-relative paths
     effects: dict[str, dict[str, int]] = field(default_factory=dict)  # command -> processes/connections/signals
 
@@ -110,6 +112,8 @@ def run_cmd(site: Site, command: str, run: Path, audit_log: Path | None = None, 
         "serve_status": f"hpc-infer serve status {run}",
         "serve_metrics": f"hpc-infer serve metrics {run} --once",
         "serve_stop": f"hpc-infer serve stop {run}",
+        "sweep_report": f"hpc-infer report {run} --out {site.out / (run.name + '.html')}",
+        "sweep_launch": sweep_line(site, run, f"{run}-o"),
     }[command]
     cwd = site.top / "cwd"
     out, err = cwd / "stdout", cwd / "stderr"
@@ -196,6 +200,35 @@ def plan_serve_base(site: Site, model: str) -> Path:
     site.doors["serve"], site.effects["serve"] = discovered(site.top / "audit-serve.jsonl", base)
     _discover(site, base, SERVE_COMMANDS)
     site.bases["serve"] = base
+    return base
+
+
+def sweep_line(site: Site, sweep: Path, output_root: Path | str) -> str:
+    """A two-point multirun into the sweep folder `sweep` (Hydra's multirun.yaml, runs.txt)."""
+    args = " ".join(a for a in site.base_args if not a.startswith("output_root="))
+    return (
+        f"hpc-infer launch --multirun seed=1,2 {args} output_root={output_root} 'run_name=s${{seed}}' "
+        f"hydra.sweep.dir={sweep}"
+    )
+
+
+def plan_sweep_base(site: Site) -> Path:
+    """The victim's multirun sweep folder, as `launch --multirun` makes it; then each sweep
+    command (report on it, another multirun into it) on a copy of it under the audit hook."""
+    base = site.runs / "sweepbase"
+    log = site.top / "audit-sweep.jsonl"
+    p = subprocess.run(
+        ["bash", "-c", sweep_line(site, base, site.runs)],
+        cwd=site.top / "cwd",
+        env=user_env(log),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    site.doors["sweep"], site.effects["sweep"] = discovered(log, base)
+    _discover(site, base, SWEEP_COMMANDS)
+    site.bases["sweep"] = base
     return base
 
 
@@ -372,7 +405,7 @@ class Verdict:
 
 
 def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kind: str) -> Verdict | None:
-    base = site.bases["serve" if command.startswith("serve") else "batch"]
+    base = site.bases[BASE_OF.get(command, "batch")]
     run = fresh_copy(site, base, f"a{k}")
     sentinel = subprocess.Popen(["sleep", "600"], user="mallory", group="mallory", start_new_session=True)
     exchanger = None
@@ -424,12 +457,12 @@ def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kin
         violations.append(f"WROTE OUTSIDE: {[str(p) for p in outside][:3]}")
     if rc not in (0, 2):
         violations.append(f"CRASHED (rc {rc}): {err.strip().splitlines()[-1:] if err.strip() else ''}")
-    subprocess.run(["rm", "-rf", str(run), str(site.runs / f"a{k}-forged")])
+    subprocess.run(["rm", "-rf", str(run), str(site.runs / f"a{k}-forged"), f"{run}-o"])
     return Verdict(command, rel, kind, rc, violations)
 
 
 def matrix(site: Site) -> list[tuple[str, str, str]]:
-    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS) if c in site.doors]
+    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS, *SWEEP_COMMANDS) if c in site.doors]
     cells = [(c, rel, kind) for c in commands for rel in sorted(site.doors[c]) for kind in KINDS]
     cells += [(c, ".", "exchange") for c in commands]
     return cells

@@ -541,6 +541,33 @@ def test_a_newline_never_becomes_a_script_line(scratch, yaml):
     assert not list(scratch.rglob("job.sbatch"))
 
 
+# --- a multirun's sweep folder ----------------------------------------------------------------
+
+
+def test_a_sweep_folder_someone_else_made_is_never_written(scratch):
+    """mallory makes the sweep folder first, in a shared output root (`.multirun`, the
+    default hydra.sweep.dir), with multirun.yaml a link to the victim's file: the victim's
+    multirun is refused before Hydra writes anything, naming hydra.sweep.dir; in a sweep
+    folder of the victim's own, Hydra and runs.txt write into the pinned folder."""
+    victim = scratch / "victim_file"
+    victim.write_text("precious")
+    shared = scratch / "scratch"
+    p = as_user("mallory", f"mkdir {shared}/.multirun && ln -s {victim} {shared}/.multirun/multirun.yaml")
+    assert p.returncode == 0, p.stderr
+    attack()
+    line = f"hpc-infer launch --multirun seed=1,2 cluster=local wait=false data.limit=2 output_root={shared}"
+    p = sh(scratch, line)
+    assert p.returncode == 2 and "hydra.sweep.dir" in p.stderr and "mallory" in p.stderr, p.stderr
+    assert victim.read_text() == "precious" and not list(shared.glob("*__*"))
+    own = scratch / "own"
+    fake = {"HPC_INFER_FAKE_ENGINE": json.dumps({"step_s": 0.001})}
+    mine = line.replace(str(shared), str(own)).replace("wait=false", "sampling.max_tokens=2")
+    p = sh(scratch, mine + " 'run_name=s${seed}'", env=user_env(fake))
+    assert p.returncode == 0, p.stderr[-3000:]
+    listed = (own / ".multirun" / "runs.txt").read_text().split()
+    assert listed == [str(own / "s1"), str(own / "s2")] and (own / ".multirun" / "multirun.yaml").is_file()
+
+
 # --- the admin cache -------------------------------------------------------------------------
 
 

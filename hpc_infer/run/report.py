@@ -311,12 +311,19 @@ def compare(runs: list[dict]) -> str:
 
 def runs_of(path: Path) -> list[Path]:
     """A run directory itself, or the runs a Hydra sweep folder lists (runs.txt, written by
-    each launch of the sweep)."""
+    each launch of the sweep through the folder's pinned handle)."""
     if (path / "manifest.json").exists():
         return [path]
-    listed = path / "runs.txt"
-    if listed.exists():
-        return [Path(p) for p in dict.fromkeys(listed.read_text().split()) if p]
+    if (path / "runs.txt").exists():
+        from ..rundir import trust
+
+        fs = trust.open_dir(path, "sweep folder", trust.SHARED)  # judged, then runs.txt read through it
+        try:
+            listed = fs.read("runs.txt").decode(errors="replace")
+        finally:
+            fs.close()
+        # each run it names is then read under the rule like any other (load)
+        return [Path(p) for p in dict.fromkeys(listed.split()) if p.startswith("/")]
     raise UserError(f"{path}: neither a run directory (manifest.json) nor a sweep folder (runs.txt)")
 
 

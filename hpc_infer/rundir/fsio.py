@@ -141,6 +141,11 @@ class Dir:
         """A path naming this folder itself (PinnedDir: its descriptor's); the simulator's has none."""
         raise NotImplementedError
 
+    def append(self, name: str, data: bytes) -> None:
+        """`data` added at the end of a regular file (created if missing), never through a
+        link: a list several processes add lines to (a sweep's runs.txt)."""
+        raise NotImplementedError
+
     def publish(self, name: str, data: bytes) -> bool:
         """Only if nothing is there: a synced temp file hard-linked to `name` (one copy wins;
         an NFS link whose reply was lost is judged by the temp file's link count)."""
@@ -405,6 +410,25 @@ class PinnedDir(Dir):
             except BaseException:
                 _unlink_quiet(tmp, d)
                 raise
+
+        self._at(name, op)
+
+    def append(self, name: str, data: bytes) -> None:
+        from .files import current_umask
+
+        def op(d: int, base: str) -> None:
+            fd = os.open(base, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=d)
+            try:
+                st = os.fstat(fd)
+                if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    raise DamagedFile(f"{self.where(name)}: not a file of this folder's own (a link to another?)")
+                if self._judge:
+                    self._judge(fd, self.where(name))
+                if st.st_size == 0:
+                    os.fchmod(fd, 0o666 & ~current_umask())
+                os.write(fd, data)
+            finally:
+                os.close(fd)
 
         self._at(name, op)
 

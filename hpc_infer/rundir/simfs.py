@@ -226,6 +226,19 @@ class SimClient(Dir):
             return False
         return self._place(name, self.server._new(False, data), True)
 
+    def append(self, name: str, data: bytes) -> None:
+        self._count("open")
+        self._fault("write", name)
+        d, base = self._folder(name)
+        ino = d.entries.get(base)
+        if ino is None:
+            self._place(name, self.server._new(False, data), True)
+        else:
+            node = self.server.nodes[ino]
+            node.data += data
+            node.mtime = self.server.now()
+            self._forget(name)
+
     def replace(self, name: str, data: bytes) -> None:
         self._count("create")  # the temp file
         self._fault("write", name)
