@@ -171,6 +171,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    from .log import printable
     from .models import cache_admin
 
     if args.action == "stage":
@@ -183,15 +184,26 @@ def cmd_cache(args) -> int:
         for e in entries:
             who = "all" if e.world_readable else ("group" if e.group_readable else "owner")
             print(f"{e.name:32} {e.size_bytes / 2**30:8.2f}Gi  {e.mode:11} {who:12} {e.hf_id or '-'}  {e.path}")
+            if e.problem:
+                print(f"  refused: {printable(e.problem)}")
     elif args.action == "verify":
-        names = [args.source] if args.source else [e.name for e in cache_admin.list_models(args.root)]
-        bad = 0
-        for name in names:
-            problems = cache_admin.verify_dir(Path(args.root).expanduser() / name)
-            bad += bool(problems)
-            print(f"{name}: {'OK' if not problems else 'BROKEN'}")
-            for p in problems:
-                print(f"  {p}")
+        fs = cache_admin.open_root(args.root)
+        try:
+            names = [args.source] if args.source else cache_admin.model_names(fs)
+            root_uid = fs.stat().uid
+            bad = 0
+            for name in names:
+                try:
+                    refused = cache_admin.model_entry(fs, root_uid, name).problem if fs.stat(name) else None
+                    problems = [refused] if refused else cache_admin.verify_model(fs, name)
+                except ValueError as e:  # a name that would leave the root
+                    problems = [str(e)]
+                bad += bool(problems)
+                print(f"{printable(name)}: {'OK' if not problems else 'BROKEN'}")
+                for p in problems:
+                    print(f"  {printable(p)}")
+        finally:
+            fs.close()
         return 1 if bad else 0
     elif args.action == "catalog":
         print(cache_admin.write_catalog(args.root))

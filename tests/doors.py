@@ -45,7 +45,12 @@ KINDS = ("owner", "group_write", "other_write", "acl", "symlink", "hardlink")
 COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
 SERVE_COMMANDS = ("serve_status", "serve_metrics", "serve_stop")  # on the serve run
 SWEEP_COMMANDS = ("sweep_report", "sweep_launch")  # on a multirun's sweep folder
-BASE_OF = {**{c: "serve" for c in SERVE_COMMANDS}, **{c: "sweep" for c in SWEEP_COMMANDS}}
+CACHE_COMMANDS = ("cache_list", "cache_verify", "cache_catalog", "cache_stage")  # on an admin's model cache
+BASE_OF = {
+    **{c: "serve" for c in SERVE_COMMANDS},
+    **{c: "sweep" for c in SWEEP_COMMANDS},
+    **{c: "cache" for c in CACHE_COMMANDS},
+}
 FAKE = json.dumps({"step_s": 0.001, "max_num_seqs": 8})
 
 
@@ -114,6 +119,10 @@ def run_cmd(site: Site, command: str, run: Path, audit_log: Path | None = None, 
         "serve_stop": f"hpc-infer serve stop {run}",
         "sweep_report": f"hpc-infer report {run} --out {site.out / (run.name + '.html')}",
         "sweep_launch": sweep_line(site, run, f"{run}-o"),
+        "cache_list": f"hpc-infer cache list --root {run}",
+        "cache_verify": f"hpc-infer cache verify --root {run}",
+        "cache_catalog": f"hpc-infer cache catalog --root {run}",
+        "cache_stage": f"hpc-infer cache stage {tiny_model(site, 'Tiny-Two')} --root {run}",
     }[command]
     cwd = site.top / "cwd"
     out, err = cwd / "stdout", cwd / "stderr"
@@ -232,6 +241,42 @@ def plan_sweep_base(site: Site) -> Path:
     return base
 
 
+def tiny_model(site: Site, name: str) -> Path:
+    """A model folder as an admin downloads one (config.json, a small safetensors file)."""
+    src = site.top / "downloads" / name
+    if not src.is_dir():
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        src.mkdir(parents=True)
+        (src / "config.json").write_text('{"model_type": "llama"}')
+        save_file({"w": np.ones((8, 8), dtype=np.float32)}, str(src / "model.safetensors"))
+        for p in (src.parent, src, src / "config.json", src / "model.safetensors"):
+            p.chmod(0o755 if p.is_dir() else 0o644)  # meant to be shared: everyone may read it
+    return src
+
+
+def plan_cache_base(site: Site) -> Path:
+    """The admin's model cache with one model staged (`cache stage`), then each cache command
+    on a copy of it under the audit hook."""
+    base = site.runs / "cachebase"
+    log = site.top / "audit-cache.jsonl"
+    line = f"hpc-infer cache stage {tiny_model(site, 'Tiny-One')} --root {base} --hf-id org/Tiny-One"
+    p = subprocess.run(
+        ["bash", "-c", f"mkdir -p {base} && {line}"],
+        cwd=site.top / "cwd",
+        env=user_env(log),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    site.doors["cache"], site.effects["cache"] = discovered(log, base)
+    _discover(site, base, CACHE_COMMANDS)
+    site.bases["cache"] = base
+    return base
+
+
 def fresh_copy(site: Site, base: Path, name: str) -> Path:
     dst = site.runs / name
     subprocess.run(["cp", "-a", str(base), str(dst)], check=True)
@@ -271,6 +316,8 @@ def discovered(log: Path, run: Path) -> tuple[set[str], dict[str, int]]:
                     doors.add(rel if rel in tree else _existing_parent(rel, tree))
             else:
                 doors |= by_tail.get(a.rstrip("/"), set())
+    if doors:
+        doors.add(".")  # the folder itself: every command acts on it (opened component by component)
     return doors, effects
 
 
@@ -455,14 +502,14 @@ def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kin
     outside = [p for p in changed if not any(p.is_relative_to(r) for r in mine)]
     if outside:
         violations.append(f"WROTE OUTSIDE: {[str(p) for p in outside][:3]}")
-    if rc not in (0, 2):
+    if rc not in (0, 2) and not (command == "cache_verify" and rc == 1 and "Traceback" not in err):  # 1: BROKEN found
         violations.append(f"CRASHED (rc {rc}): {err.strip().splitlines()[-1:] if err.strip() else ''}")
     subprocess.run(["rm", "-rf", str(run), str(site.runs / f"a{k}-forged"), f"{run}-o"])
     return Verdict(command, rel, kind, rc, violations)
 
 
 def matrix(site: Site) -> list[tuple[str, str, str]]:
-    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS, *SWEEP_COMMANDS) if c in site.doors]
+    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS, *SWEEP_COMMANDS, *CACHE_COMMANDS) if c in site.doors]
     cells = [(c, rel, kind) for c in commands for rel in sorted(site.doors[c]) for kind in KINDS]
     cells += [(c, ".", "exchange") for c in commands]
     return cells

@@ -80,3 +80,31 @@ def test_cli_list_and_verify(tmp_path, source):
     os.truncate(root / "Tiny-Model" / "model.safetensors", 100)
     v = subprocess.run([*cli, "verify", "--root", str(root)], capture_output=True, text=True)
     assert v.returncode == 1 and "BROKEN" in v.stdout
+
+
+def test_list_verify_and_catalog_read_the_cache_under_the_rule(tmp_path, source):
+    """The root is opened once and judged; a model whose metadata others could write, or that
+    holds a link, is named and left out of the catalog (users would be sent to whatever it
+    says); a link planted as catalog.json is replaced, never written through."""
+    from conftest import sh
+
+    root = tmp_path / "shared"
+    cache_admin.stage(str(source), str(root), name="good", hf_id="org/Good")
+    cache_admin.stage(str(source), str(root), name="bad", hf_id="org/Bad")
+    meta = root / "bad" / cache_admin.META
+    meta.chmod(0o666)  # anyone could now point org/Bad elsewhere
+    cache_admin.stage(str(source), str(root), name="linked", hf_id="org/Linked")
+    (root / "linked" / "extra.safetensors").symlink_to(tmp_path / "victim")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (root / "catalog.json").symlink_to(victim)
+    entries = {e.name: e for e in cache_admin.list_models(str(root))}
+    assert entries["good"].problem is None and entries["good"].hf_id == "org/Good"
+    assert "writable by everyone" in entries["bad"].problem and entries["bad"].hf_id is None
+    assert "link" in entries["linked"].problem
+    p = sh(tmp_path, f"hpc-infer cache catalog --root {root}")
+    assert p.returncode == 0 and "bad: left out of the catalog" in p.stderr and "linked: left out" in p.stderr
+    assert victim.read_text() == "precious" and not (root / "catalog.json").is_symlink()
+    assert list(json.loads((root / "catalog.json").read_text())["models"]) == ["good"]
+    p = sh(tmp_path, f"hpc-infer cache verify --root {root}")
+    assert p.returncode == 1 and "good: OK" in p.stdout and "bad: BROKEN" in p.stdout, p.stdout + p.stderr

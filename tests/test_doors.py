@@ -34,19 +34,22 @@ def site(cpu_model):
     base = doors.plan_base(s)
     doors.plan_serve_base(s, cpu_model)
     doors.plan_sweep_base(s)
+    doors.plan_cache_base(s)
     yield s, base
     shutil.rmtree(top, ignore_errors=True)
 
 
 def test_doors_are_discovered_for_every_command(site):
     s, _base = site
-    for command in ("launch", *doors.COMMANDS, "serve", *doors.SERVE_COMMANDS, "sweep", *doors.SWEEP_COMMANDS):
+    every = ("launch", *doors.COMMANDS, "serve", *doors.SERVE_COMMANDS, "sweep", *doors.SWEEP_COMMANDS)
+    for command in (*every, "cache", *doors.CACHE_COMMANDS):
         assert s.doors[command], f"{command}: the audit hook saw no run path"
     # every command reads the run's own description through some door
     assert {"manifest.json", "worker.json"} & set().union(*s.doors.values())
     for command in doors.SERVE_COMMANDS:  # and each serve command its serve.json and replica states
         assert {"serve.json", "serve/0.json"} <= s.doors[command], (command, s.doors[command])
     assert "runs.txt" in s.doors["sweep_report"] and "multirun.yaml" in s.doors["sweep_launch"], s.doors
+    assert {"Tiny-One/config.json", "Tiny-One/model.safetensors"} <= s.doors["cache_verify"], s.doors
     print(
         "doors: "
         + ", ".join(f"{c} {len(d)}" for c, d in s.doors.items())

@@ -43,6 +43,7 @@ class Entry:
     mode: str  # e.g. drwxr-sr-x
     group_readable: bool
     world_readable: bool
+    problem: str | None = None  # why the cache's rule refused it (left out of the catalog)
 
 
 def _size(path: Path) -> int:
@@ -156,47 +157,83 @@ def _copy_model(src: Path, dst: Path, base: Path) -> tuple[set[str], list[str]]:
 
 
 def verify_dir(path: Path) -> list[str]:
-    """Problems found in a model directory (empty list: complete and readable)."""
-    problems = []
-    config = path / "config.json"
+    """Problems found in a model directory (empty list: complete and readable), read
+    through a handle on it (a source the admin named, or a copy being staged)."""
+    from ..rundir.fsio import PinnedDir
+
     try:
-        json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        problems.append(f"{config}: missing or not JSON ({type(e).__name__})")
-    index = path / "model.safetensors.index.json"
-    shards = sorted(path.glob("*.safetensors"))
-    if index.exists():
+        fs = PinnedDir(path)
+    except OSError as e:
+        return [f"{path}: cannot open it as a folder ({e.strerror}; a link is never followed)"]
+    try:
+        return verify_model(fs, "")
+    finally:
+        fs.close()
+
+
+def verify_model(fs, name: str) -> list[str]:
+    """Problems of the model folder `name` under the handle `fs` ("" for the handle's own
+    folder): every file opened relative to it, never through a link; under a judged root
+    (rundir/trust.py) a file the rule refuses is a problem too, named."""
+    from ..errors import DamagedFile
+
+    at = (lambda n: f"{name}/{n}") if name else (lambda n: n)
+    problems = []
+    try:
+        json.loads(fs.read(at("config.json")))
+    except (OSError, ValueError, UserError) as e:
+        problems.append(f"{fs.where(at('config.json'))}: missing, refused or not JSON ({_why(e)})")
+    try:
+        names = fs.listdir(name)
+    except (OSError, UserError) as e:
+        return problems + [f"{fs.where(name)}: cannot list it ({_why(e)})"]
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    if "model.safetensors.index.json" in names:
         try:
-            wanted = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{index}: unreadable ({type(e).__name__})")
+            wanted = set(json.loads(fs.read(at("model.safetensors.index.json")))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+            problems.append(f"{fs.where(at('model.safetensors.index.json'))}: unreadable ({_why(e)})")
             wanted = set()
-        for name in sorted(wanted - {p.name for p in shards}):
-            problems.append(f"{path / name}: listed in the index but missing")
-    if not shards and not list(path.glob("*.bin")) and not list(path.glob("*.gguf")):
-        problems.append(f"{path}: no weight files (*.safetensors, *.bin, *.gguf)")
+        for missing in sorted(wanted - set(shards)):
+            problems.append(f"{fs.where(at(missing))}: listed in the index but missing")
+    if not shards and not any(n.endswith((".bin", ".gguf")) for n in names):
+        problems.append(f"{fs.where(name)}: no weight files (*.safetensors, *.bin, *.gguf)")
     for shard in shards:
-        problems += _check_safetensors(shard)
+        try:
+            fd = fs.open_file(at(shard))
+        except (OSError, DamagedFile, UserError) as e:
+            problems.append(f"{fs.where(at(shard))}: refused or unreadable ({_why(e)})")
+            continue
+        try:
+            problems += [p.replace(f"/proc/self/fd/{fd}", fs.where(at(shard))) for p in _check_safetensors(fd)]
+        finally:
+            os.close(fd)
     return problems
 
 
-def _check_safetensors(path: Path) -> list[str]:
-    """Header parses and every tensor's bytes lie inside the file (catches truncation)."""
+def _why(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0][:200] or type(e).__name__
+
+
+def _check_safetensors(fd: int) -> list[str]:
+    """Header parses and every tensor's bytes lie inside the file (catches truncation); the
+    file is an open descriptor (read through /proc/self/fd: safetensors takes a path)."""
     from safetensors import safe_open
 
+    path = f"/proc/self/fd/{fd}"
     try:
-        with safe_open(str(path), framework="numpy") as f:
+        with safe_open(path, framework="numpy") as f:
             keys = list(f.keys())
             if keys:
                 f.get_slice(keys[-1])
+        header_len = int.from_bytes(os.pread(fd, 8, 0), "little")
+        header = json.loads(os.pread(fd, header_len, 8))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except Exception as e:
         return [f"{path}: not a readable safetensors file ({type(e).__name__}: {e})"]
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + header_len + end:
-        return [f"{path}: truncated ({path.stat().st_size} bytes, header says {8 + header_len + end})"]
+    size = os.fstat(fd).st_size
+    if size < 8 + header_len + end:
+        return [f"{path}: truncated ({size} bytes, header says {8 + header_len + end})"]
     return []
 
 
@@ -340,37 +377,98 @@ def shard(source: str, root: str, tp: int, pp: int = 1, name: str | None = None,
     return target
 
 
-def list_models(root: str) -> list[Entry]:
+def open_root(root: str):
+    """The cache root, opened once and judged (rundir/trust.py): nobody but its owner may
+    write it; every model folder and file is then read relative to it, never by a path
+    resolved again and never through a link."""
+    from ..rundir import trust
+
+    return trust.open_dir(Path(root).expanduser(), "cache root (--root)", trust.SHARED)
+
+
+def model_names(fs) -> list[str]:
+    """The model folders under the root: folders (never a link), not hidden."""
     out = []
-    for path in sorted(Path(root).expanduser().iterdir()):
-        if not path.is_dir() or path.name.startswith("."):
-            continue
-        meta = {}
-        if (path / META).exists():
-            meta = json.loads((path / META).read_text())
-        mode = path.stat().st_mode
-        files = [p for p in path.rglob("*") if p.is_file()]
-        out.append(
-            Entry(
-                name=path.name,
-                path=str(path),
-                hf_id=meta.get("hf_id"),
-                revision=meta.get("revision"),
-                size_bytes=_size(path),
-                mode=stat.filemode(mode),
-                group_readable=all(p.stat().st_mode & stat.S_IRGRP for p in files),
-                world_readable=all(p.stat().st_mode & stat.S_IROTH for p in files),
-            )
-        )
+    for n in sorted(fs.listdir("")):
+        st = fs.stat(n)
+        if not n.startswith(".") and st is not None and stat.S_ISDIR(st.mode):
+            out.append(n)
     return out
 
 
+def model_entry(fs, root_uid: int, name: str) -> Entry:
+    """One model folder's line; `problem` says why the rule refused it: a folder, file or
+    metadata that someone other than the root's owner (or root) owns or could write."""
+    st = fs.stat(name)
+    files: list = []
+    problem = None
+    meta: dict = {}
+    try:
+        if st.uid not in (root_uid, 0):
+            raise UserError(f"owned by uid {st.uid}, not by the cache root's owner")
+        todo = [name]
+        while todo:
+            folder = todo.pop()
+            for n in fs.listdir(folder):
+                fst = fs.stat(f"{folder}/{n}")
+                if fst is None:
+                    continue
+                if stat.S_ISDIR(fst.mode):
+                    todo.append(f"{folder}/{n}")
+                elif stat.S_ISREG(fst.mode):
+                    files.append(fst)
+                    if fst.uid not in (root_uid, 0):
+                        raise UserError(f"{folder}/{n}: owned by uid {fst.uid}, not by the cache root's owner")
+                else:
+                    raise UserError(f"{folder}/{n}: a link (or not a file) inside a model folder")
+        if fs.stat(f"{name}/{META}") is not None:
+            value = json.loads(fs.read(f"{name}/{META}"))  # judged as it is opened
+            meta = value if isinstance(value, dict) else {}
+            if not all(isinstance(meta.get(k), (str, type(None))) for k in ("hf_id", "revision")):
+                raise ValueError(f"{META}: hf_id and revision must be strings")
+    except (OSError, ValueError, UserError) as e:
+        problem = _why(e)
+    return Entry(
+        name=name,
+        path=fs.where(name),
+        hf_id=None if problem else meta.get("hf_id"),
+        revision=None if problem else meta.get("revision"),
+        size_bytes=sum(f.size for f in files),
+        mode=stat.filemode(st.mode),
+        group_readable=bool(files) and all(f.mode & stat.S_IRGRP for f in files),
+        world_readable=bool(files) and all(f.mode & stat.S_IROTH for f in files),
+        problem=problem,
+    )
+
+
+def list_models(root: str) -> list[Entry]:
+    fs = open_root(root)
+    try:
+        root_uid = fs.stat().uid
+        return [model_entry(fs, root_uid, n) for n in model_names(fs)]
+    finally:
+        fs.close()
+
+
 def write_catalog(root: str) -> Path:
-    entries = list_models(root)
-    catalog = {"models": {e.name: {"path": e.path, "hf_id": e.hf_id, "revision": e.revision} for e in entries}}
-    path = Path(root).expanduser() / "catalog.json"
-    write_json(path, catalog)
-    return path
+    """ROOT/catalog.json (written through the root's handle, never through a link): every
+    model the rule accepts; a refused one is left out and named on stderr."""
+    fs = open_root(root)
+    try:
+        root_uid = fs.stat().uid
+        entries = [model_entry(fs, root_uid, n) for n in model_names(fs)]
+        for e in entries:
+            if e.problem:
+                print(f"[hpc_infer] {e.path}: left out of the catalog ({e.problem})", file=sys.stderr)
+        catalog = {
+            "models": {
+                e.name: {"path": e.path, "hf_id": e.hf_id, "revision": e.revision} for e in entries if not e.problem
+            }
+        }
+        fs.replace("catalog.json", (json.dumps(catalog, indent=1) + "\n").encode())
+        return Path(fs.where("catalog.json"))
+    finally:
+        fs.close()
 
 
 def lookup(catalog_path: str, name: str, hf_id: str | None) -> str | None:
