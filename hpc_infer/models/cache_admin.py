@@ -157,24 +157,44 @@ def _copy_model(src: Path, dst: Path, base: Path) -> tuple[set[str], list[str]]:
 
 
 def verify_dir(path: Path) -> list[str]:
-    """Problems found in a model directory (empty list: complete and readable), read
-    through a handle on it (a source the admin named, or a copy being staged)."""
-    from ..rundir.fsio import PinnedDir
-
+    """Problems found in a model directory the admin named as a source, or a copy being
+    staged (empty list: complete and readable). By path: a source may be a Hub snapshot,
+    whose files are links into its blob store; the copy is made without them."""
+    problems = []
+    config = path / "config.json"
     try:
-        fs = PinnedDir(path)
-    except OSError as e:
-        return [f"{path}: cannot open it as a folder ({e.strerror}; a link is never followed)"]
-    try:
-        return verify_model(fs, "")
-    finally:
-        fs.close()
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{config}: missing or not JSON ({type(e).__name__})")
+    index = path / "model.safetensors.index.json"
+    shards = sorted(path.glob("*.safetensors"))
+    if index.exists():
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{index}: unreadable ({type(e).__name__})")
+            wanted = set()
+        for name in sorted(wanted - {p.name for p in shards}):
+            problems.append(f"{path / name}: listed in the index but missing")
+    if not shards and not list(path.glob("*.bin")) and not list(path.glob("*.gguf")):
+        problems.append(f"{path}: no weight files (*.safetensors, *.bin, *.gguf)")
+    for shard in shards:
+        try:
+            fd = os.open(shard, os.O_RDONLY)
+        except OSError as e:
+            problems.append(f"{shard}: unreadable ({e.strerror})")
+            continue
+        try:
+            problems += [p.replace(f"/proc/self/fd/{fd}", str(shard)) for p in _check_safetensors(fd)]
+        finally:
+            os.close(fd)
+    return problems
 
 
 def verify_model(fs, name: str) -> list[str]:
-    """Problems of the model folder `name` under the handle `fs` ("" for the handle's own
-    folder): every file opened relative to it, never through a link; under a judged root
-    (rundir/trust.py) a file the rule refuses is a problem too, named."""
+    """Problems of the model folder `name` in the cache root's handle `fs` (`cache verify`):
+    every file opened relative to it, never through a link; a file the root's rule
+    (rundir/trust.py) refuses is a problem too, named."""
     from ..errors import DamagedFile
 
     at = (lambda n: f"{name}/{n}") if name else (lambda n: n)
