@@ -163,22 +163,23 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _make_base(site: Site, kind: str, line: str, base: Path, commands: tuple[str, ...]) -> None:
+    """The victim makes `base` with `line` (bash, under the audit hook: the making command's
+    doors and effects, under `kind`), then each of `commands` is discovered on a copy of it."""
+    log = site.top / f"audit-{kind}.jsonl"
+    p = subprocess.run(
+        ["bash", "-c", line], cwd=site.top / "cwd", env=user_env(log), capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, (line, p.stderr[-3000:])
+    site.doors[kind], site.effects[kind] = discovered(log, base)
+    _discover(site, base, commands)
+
+
 def plan_base(site: Site) -> Path:
     """The victim's complete run (fake engine), then each command run on a copy of it under
     the audit hook: the doors are every run path any of their processes touched."""
-    log = site.top / "audit-launch.jsonl"
-    rc = subprocess.run(
-        ["bash", "-c", "hpc-infer launch " + " ".join(site.base_args) + " run_name=base"],
-        cwd=site.top / "cwd",
-        env=user_env(log),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert rc.returncode == 0, rc.stderr[-3000:]
     base = site.runs / "base"
-    site.doors["launch"], site.effects["launch"] = discovered(log, base)
-    _discover(site, base, COMMANDS)
+    _make_base(site, "launch", "hpc-infer launch " + " ".join(site.base_args) + " run_name=base", base, COMMANDS)
     site.bases["batch"] = base
     return base
 
@@ -225,18 +226,7 @@ def plan_sweep_base(site: Site) -> Path:
     """The victim's multirun sweep folder, as `launch --multirun` makes it; then each sweep
     command (report on it, another multirun into it) on a copy of it under the audit hook."""
     base = site.runs / "sweepbase"
-    log = site.top / "audit-sweep.jsonl"
-    p = subprocess.run(
-        ["bash", "-c", sweep_line(site, base, site.runs)],
-        cwd=site.top / "cwd",
-        env=user_env(log),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    site.doors["sweep"], site.effects["sweep"] = discovered(log, base)
-    _discover(site, base, SWEEP_COMMANDS)
+    _make_base(site, "sweep", sweep_line(site, base, site.runs), base, SWEEP_COMMANDS)
     site.bases["sweep"] = base
     return base
 
@@ -260,19 +250,8 @@ def plan_cache_base(site: Site) -> Path:
     """The admin's model cache with one model staged (`cache stage`), then each cache command
     on a copy of it under the audit hook."""
     base = site.runs / "cachebase"
-    log = site.top / "audit-cache.jsonl"
     line = f"hpc-infer cache stage {tiny_model(site, 'Tiny-One')} --root {base} --hf-id org/Tiny-One"
-    p = subprocess.run(
-        ["bash", "-c", f"mkdir -p {base} && {line}"],
-        cwd=site.top / "cwd",
-        env=user_env(log),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    site.doors["cache"], site.effects["cache"] = discovered(log, base)
-    _discover(site, base, CACHE_COMMANDS)
+    _make_base(site, "cache", f"mkdir -p {base} && {line}", base, CACHE_COMMANDS)
     site.bases["cache"] = base
     return base
 

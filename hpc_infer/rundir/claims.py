@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from . import clock, schema
 from .fsio import Dir
 from .layout import RunDir
-from .lease import fs_now
+from .lease import fs_now, unlink_quiet
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     run.fs.mkdir(TAKEN)
     if not run.fs.create(marker, owner.to_bytes()):
         if _stale(run, marker, lease_s, now):  # a taker that died between its marker and its rename
-            _unlink_quiet(run.fs, marker)
+            unlink_quiet(run.fs, marker)
         return False
     try:
         there = run.fs.stat(name)
@@ -129,14 +129,7 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
         run.fs.replace(name, owner.to_bytes())
         return True
     finally:
-        _unlink_quiet(run.fs, marker)
-
-
-def _unlink_quiet(fs: Dir, name: str) -> None:
-    try:
-        fs.unlink(name)
-    except FileNotFoundError:
-        pass
+        unlink_quiet(run.fs, marker)
 
 
 def release(run: RunDir, chunk_id: int, owner: Owner) -> None:

@@ -134,7 +134,7 @@ class Lock:
         if not self.fs.create(marker, self._mine()):
             st = self.fs.stat(marker)
             if st is not None and fs_now(self.fs) - st.mtime > self.lease_s:
-                _unlink_quiet(self.fs, marker)
+                unlink_quiet(self.fs, marker)
             return False
         try:
             st = self.fs.stat(self.name)
@@ -146,7 +146,7 @@ class Lock:
                 return False
             self.fs.replace(self.name, self._mine())
         finally:
-            _unlink_quiet(self.fs, marker)
+            unlink_quiet(self.fs, marker)
         faults.point("lock_taken_over", self.path)
         return True
 
@@ -179,8 +179,8 @@ class Lock:
             self._thread.join()
         try:
             if self._read(self.name).get("token") == self.owner["token"]:
-                _unlink_quiet(self.fs, self.name)
-            _unlink_quiet(self.fs, f".clock-{self.fs.tag}")  # fs_now's probe: leave the folder as found
+                unlink_quiet(self.fs, self.name)
+            unlink_quiet(self.fs, f".clock-{self.fs.tag}")  # fs_now's probe: leave the folder as found
         finally:
             if self._given is None and self._fs is not None:
                 self._fs.close()
@@ -194,7 +194,8 @@ class Lock:
         self.release()
 
 
-def _unlink_quiet(fs, name: str) -> None:
+def unlink_quiet(fs, name: str) -> None:
+    """Remove `name` from the handle `fs`; already gone is fine (claims and locks)."""
     try:
         fs.unlink(name)
     except FileNotFoundError:
