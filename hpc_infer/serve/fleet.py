@@ -17,6 +17,7 @@ import time
 from ..cluster.submit import LIVE as LIVE_JOB, make_backend, recorded_backend
 from ..config import ClusterConfig
 from ..errors import UserError
+from ..host.http import proves_ours
 from ..rundir import RunDir
 from ..secrets import exported, find_token, job_env
 from .router import router_workers
@@ -72,13 +73,17 @@ def submit_router(run: ServeRun) -> str:
 
 
 def router_url(run: ServeRun, key: str | None) -> str | None:
-    """The router's URL while its job is live and it answers (its /list_workers, behind the
-    key), else None. The router is our own job: its state file names it, the scheduler
-    must still hold its job before the key goes to that address."""
+    """The router's URL while its job is live, it proves it is this run's router (the proof
+    names its own socket's port, "router" and its job id: serve/router_front.py) and it
+    answers (its /list_workers, behind the key), else None. No key goes to the address
+    before the proof: a state file names a port anyone may hold once the router is gone."""
     r = run.router_state()
     if not r or r.get("state") != "ready" or not r.get("url") or not key or not _router_alive(run):
         return None
-    return r["url"] if router_workers(r["url"].removesuffix("/v1"), key) is not None else None
+    base = r["url"].removesuffix("/v1")
+    if not proves_ours(base, key, run.root, "router", r.get("job_id", "")):
+        return None
+    return r["url"] if router_workers(base, key) is not None else None
 
 
 def wait_router_follows(run: ServeRun, key: str, want: int, timeout_s: float = 120.0) -> list[str] | None:
@@ -89,8 +94,9 @@ def wait_router_follows(run: ServeRun, key: str, want: int, timeout_s: float = 1
         r = run.router_state()
         if r and r.get("state") in ("failed", "stopped"):
             return None
-        if r and r.get("url") and _router_alive(run):
-            workers = router_workers(r["url"].removesuffix("/v1"), key)
+        base = r["url"].removesuffix("/v1") if r and r.get("url") else None
+        if base and _router_alive(run) and proves_ours(base, key, run.root, "router", r.get("job_id", "")):
+            workers = router_workers(base, key)
             if workers is not None and len(workers) == want:
                 return workers
         time.sleep(1)

@@ -8,13 +8,18 @@ Runs as its own small CPU job next to the replicas' array (serve/launch.py submi
    client's `Authorization` header is good before any route (admin routes
    `/add_worker`, `/remove_worker`, `/list_workers` and `/health` too) and caches a good
    answer. Our check answers 200 for the run's key, 401 for anything else;
-2. starts the router in a child process (the key only in its environment, never on its
-   command line), bound where the replicas are, on a free port;
-3. every `SYNC_S` seconds compares the router's workers with the replicas that prove
+2. binds the router's public port itself and holds it (serve/router_front.py): the proof
+   (the run's HMAC over a nonce, this socket's port, "router" and the job id) is answered
+   there, so clients (serve/fleet.py: router_url, the worker's HTTP engine) prove the
+   router before the key goes to it, and everything else is relayed to vllm-router;
+3. starts vllm-router in a child process on 127.0.0.1 (the key only in its environment,
+   never on its command line) and sends nothing to it, the key included, before
+   `listens` has seen the child itself hold that port;
+4. every `SYNC_S` seconds compares the router's workers with the replicas that prove
    they are this run's (serve/auth.py: proves_ours; every vLLM answers `/health`, and the
    router sends the key to its workers) and are not being removed by `serve scale`, and
    adds or removes the difference; `serve/router.json` says where it is and which replicas it sends to;
-4. ends with the serve run: on SIGTERM (`serve stop`, scancel, the time limit), or once
+5. ends with the serve run: on SIGTERM (`serve stop`, scancel, the time limit), or once
    every replica has stopped or failed for good.
 
 Policy: round-robin (see docs/serve.md: replicas of one model are identical, batch
@@ -37,7 +42,8 @@ from pathlib import Path
 from ..host.ports import free_port
 from ..host.procs import identify, scheduler_job_id, start_child, stop_child, this_process
 from ..rundir import tail_lines, write_atomic
-from ..host.http import bearer_matches, http, key_digest, proves_ours
+from ..host.http import bearer_matches, http, key_digest, proof, proves_ours
+from .router_front import Front, bind_public, listens
 from .serverun import ServeRun
 
 SYNC_S = 2.0
@@ -149,15 +155,25 @@ def run_router(run_dir: str) -> dict:
     check = KeyCheck(key)
     threading.Thread(target=check.serve_forever, daemon=True).start()
     bind = spec.get("host", "0.0.0.0")
-    port = int(spec.get("router_port") or free_port(spec.get("port_min", 20000), spec.get("port_max", 60000)))
+    try:
+        public = _bind_public(bind, spec)
+    except OSError as e:
+        save(
+            state="failed",
+            error=f"serve.router_port={spec.get('router_port')}: {e.strerror}; pick a free port or leave it unset",
+        )
+        raise SystemExit(1)
+    port = public.getsockname()[1]
+    inner = free_port(spec.get("port_min", 20000), spec.get("port_max", 60000))
     addr = "127.0.0.1" if bind in ("127.0.0.1", "localhost") else host
     base = f"http://127.0.0.1:{port}" if addr == "127.0.0.1" else f"http://{addr}:{port}"
+    inner_base = f"http://127.0.0.1:{inner}"  # vllm-router itself: only after listens() said it is our child's
     env = dict(
         os.environ,
         HPC_INFER_ROUTER_KEY=key,
         NO_COLOR="1",
         HPC_INFER_ROUTER_CONF=json.dumps(
-            {"policy": state["policy"], "host": bind, "port": port, "check_url": check.url}
+            {"policy": state["policy"], "host": "127.0.0.1", "port": inner, "check_url": check.url}
         ),
     )
     stop = {"why": None}
@@ -171,9 +187,20 @@ def run_router(run_dir: str) -> dict:
         [sys.executable, "-c", "from hpc_infer.serve.router import child_main; child_main()"], env, log_path
     )
     server = identify(child.pid)
+    owned = {"inner": False}  # the child itself listens on `inner` (checked before the key goes there)
+    run_dir = os.path.realpath(run.root)
+    front = Front(
+        public,
+        lambda nonce, p: proof(key, nonce, run_dir, p, "router", job_id),
+        inner,
+        lambda: owned["inner"] and child.poll() is None,
+    ).start()
     save(port=port, server_pid=child.pid, server_pid_start=server.start if server else None)
     try:
-        while child.poll() is None and stop["why"] is None and router_workers(base, key) is None:
+        while child.poll() is None and stop["why"] is None:
+            owned["inner"] = owned["inner"] or listens(child.pid, inner)
+            if owned["inner"] and router_workers(inner_base, key) is not None:
+                break
             time.sleep(0.5)
         if child.poll() is not None:
             save(state="failed", error=f"the router exited with {child.returncode}", log_tail=tail_lines(log_path))
@@ -181,13 +208,13 @@ def run_router(run_dir: str) -> dict:
         save(state="ready", url=f"{base}/v1", ready_at=time.time())
         while stop["why"] is None and child.poll() is None:
             want, ended = healthy_replicas(run, key)
-            have = router_workers(base, key)
+            have = router_workers(inner_base, key) if child.poll() is None else None
             if have is not None:
                 for url in sorted(set(want) - set(have)):
-                    http(f"{base}/add_worker?url={url}", timeout=60, key=key, method="POST")
+                    http(f"{inner_base}/add_worker?url={url}", timeout=60, key=key, method="POST")
                 for url in sorted(set(have) - set(want)):
-                    http(f"{base}/remove_worker?url={url}", timeout=60, key=key, method="POST")
-                now = router_workers(base, key)
+                    http(f"{inner_base}/remove_worker?url={url}", timeout=60, key=key, method="POST")
+                now = router_workers(inner_base, key)
                 if now is not None and sorted(now) != state["workers"]:
                     save(workers=sorted(now))
             if ended:
@@ -200,5 +227,20 @@ def run_router(run_dir: str) -> dict:
         save(state="stopped", stopped_because=stop["why"], workers=[])
         return state
     finally:
+        front.stop()
         stop_child(child, grace_s=30)
         check.shutdown()
+
+
+def _bind_public(bind: str, spec: dict):
+    """The router's public socket, bound here and held: `serve.router_port` when set (taken:
+    an error naming it), else a free port in the range, another one if it is taken between
+    the probe and the bind."""
+    if spec.get("router_port"):
+        return bind_public(bind, int(spec["router_port"]))
+    for _ in range(20):
+        try:
+            return bind_public(bind, free_port(spec.get("port_min", 20000), spec.get("port_max", 60000)))
+        except OSError:
+            continue
+    return bind_public(bind, 0)

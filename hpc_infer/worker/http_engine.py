@@ -57,10 +57,13 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+WHO: dict[str, tuple] = {}  # a replica URL ready_urls found -> (its replica index, its job id): what it must prove
+
+
 def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]:
     """(the URLs to use now, whether that is the serve run's router), re-read at worker start
     so replicas restarted since the launch are found: the router when the launch found one
-    answering, else the run's replicas that prove they hold its key (serve/auth.py: a state
+    and it proves it is this run's router now (serve/router_front.py), else the run's replicas that prove they hold its key (serve/auth.py: a state
     file left `ready` by a replica killed outright may name a port something else listens on
     now), else the URLs given (for a serve run, only those that prove it too)."""
     run = endpoint.get("run")
@@ -69,7 +72,13 @@ def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]
             state = json.loads((Path(run) / "serve" / "router.json").read_text())
         except (OSError, ValueError):
             state = {}
-        if state.get("state") == "ready" and state.get("url") and url_problem(str(state["url"])) is None:
+        if (
+            isinstance(state, dict)
+            and state.get("state") == "ready"
+            and isinstance(state.get("url"), str)
+            and url_problem(state["url"]) is None
+            and _ours(state["url"], key, run, "router", state.get("job_id"))
+        ):
             return [state["url"]], True
     urls = []
     if run:
@@ -86,6 +95,7 @@ def ready_urls(endpoint: dict, key: str | None = None) -> tuple[list[str], bool]
                 and _ours(state["url"], key, run, state.get("replica"), state.get("job_id"))
             ):
                 urls.append(state["url"])
+                WHO[state["url"]] = (state.get("replica"), state.get("job_id"))
     return urls or [u for u in endpoint.get("urls") or [] if not run], False
 
 
@@ -160,7 +170,9 @@ class HttpEngine:
                     e.status_code == 404
                     and self.run_dir
                     and not self.router
-                    and not await asyncio.to_thread(_ours, self.urls[i], self.key, self.run_dir)
+                    and not await asyncio.to_thread(
+                        _ours, self.urls[i], self.key, self.run_dir, *WHO.get(self.urls[i], ("", ""))
+                    )
                 ):
                     self._mark_down(i, f"it no longer proves it is this serve run's ({e.status_code})", n, order)
                     continue  # not our server any more (a replica died, something else took its port): fail over
