@@ -375,6 +375,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
+    from hpc_infer.config.schema import RunConfig
     from hpc_infer.run.plan import make_chunks
 
     m = measure(MODEL_FILE) if args.measure else EngineModel(**json.loads(MODEL_FILE.read_text()))
@@ -398,8 +399,8 @@ def main() -> None:
         "ours, chunks_per_worker=4",
         "ours, 16",
         "ours, 64",
-        "ours, 16 + backups",
-        "ours, 16 + pacing + backups (default)",
+        "ours, 64 + backups",
+        "ours, 64 + pacing + backups (default)",
     ]
     # Engine starts per scheme, each priced at the measured start: what a scheme pays before
     # its first token, whatever the balance (the shards/task scheme loads once per task).
@@ -428,7 +429,7 @@ def main() -> None:
         for cpw in (4, 16, 64):
             chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
             spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
-        ranges = make_chunks(est, W, 16)
+        ranges = make_chunks(est, W, RunConfig.chunks_per_worker)  # the default (64)
         chunks = [[recs[i] for i in r] for r in ranges]
         chunk_est = [sum(est[i] for i in r) for r in ranges]
         spans.append(run_backups(m, slow, chunks, pacing=False)[0])

@@ -133,6 +133,13 @@ def balance(lay, workers: int) -> dict:
     beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=beat)
     sim.check_end = lambda: None
+    marks: list[tuple[float, int]] = []  # (simulated s, calls so far), every 10 s
+
+    def mark() -> None:
+        if not marks or sim.t >= marks[-1][0] + 10:
+            marks.append((sim.t, sum(sim.server.calls.values())))
+
+    sim.check, sim.check_step = True, mark
     wall = run_quiet(sim)
     last: dict[str, float] = {}
     out = sim.server.lookup(["run", "out"])
@@ -141,10 +148,25 @@ def balance(lay, workers: int) -> dict:
         w = trailer["worker"]
         last[w] = max(last.get(w, 0.0), trailer["finished"] - S.EPOCH)
     ends = sorted(last.values())
+    calls = sum(sim.server.calls.values())
+
+    def rate(lo: float, hi: float) -> float:  # calls a second between two shares of the makespan
+        a = min(marks, key=lambda m: abs(m[0] - lo * ends[-1]))
+        b = min(marks, key=lambda m: abs(m[0] - hi * ends[-1]))
+        return round((b[1] - a[1]) / max(b[0] - a[0], 1e-9), 1)
+
     return {
         "workers": workers,
         "chunks": lay.n_chunks,
         "published": len(out.entries),
+        "calls_per_s": round(calls / ends[-1], 1) if ends else 0.0,  # the whole run, launcher included
+        "steady_calls_per_s": rate(0.2, 0.8) if ends else 0.0,  # the middle of the run
+        "tail_calls_per_s": rate(0.8, 1.0) if ends else 0.0,  # its last fifth: every worker idle, looking
+        "by_kind": dict(
+            sorted(((k, round(v / ends[-1], 1)) for k, v in sim.server.calls.items()), key=lambda kv: -kv[1])
+        )
+        if ends
+        else {},
         "balance": round(sum(ends) / len(ends) / ends[-1], 4) if ends else 0.0,
         "makespan_s": round(ends[-1], 1) if ends else 0.0,
         "wall_s": round(wall, 1),
@@ -189,7 +211,12 @@ def calibrate(sizes: list[int], trace: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--chunks-per-worker", type=int, default=16)
+    ap.add_argument(
+        "--chunks-per-worker",
+        type=int,
+        default=None,
+        help="the plan's chunks_per_worker (default: 16 for calls in steady state, the run default for --balance)",
+    )
     ap.add_argument("--records", type=int, default=8, help="records a chunk (the fake engine runs them at once)")
     ap.add_argument("--chunk-s", type=float, default=225.0, help="simulated seconds a chunk takes")
     ap.add_argument("--warm", type=float, default=600.0)
@@ -203,6 +230,10 @@ def main() -> None:
         calibrate(args.workers, args.trace)
         return
     budget = {1000: 500, 10000: 2000}
+    if args.chunks_per_worker is None:
+        from hpc_infer.config.schema import RunConfig
+
+        args.chunks_per_worker = RunConfig.chunks_per_worker if args.balance else 16
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.workers:
             if args.balance:
@@ -214,7 +245,9 @@ def main() -> None:
                 row = balance(lay, n)
                 print(
                     f"{n:>6} workers, {row['chunks']:>7} chunks: balance {row['balance']} (goal 0.97), makespan "
-                    f"{row['makespan_s']} simulated s, {row['published']} published; {row['wall_s']} s to simulate",
+                    f"{row['makespan_s']} simulated s, {row['published']} published; calls/s: {row['calls_per_s']} "
+                    f"over the run, {row['steady_calls_per_s']} in its middle (20-80%), {row['tail_calls_per_s']} "
+                    f"in its last fifth ({row['by_kind']}); {row['wall_s']} s to simulate",
                     flush=True,
                 )
                 continue

@@ -156,18 +156,19 @@ def test_the_eta_is_within_1_5x_of_the_finish_once_a_tenth_is_done(tmp_path):
     assert not off, f"(t, ETA shown) whose predicted finish is outside 1.5x of the real one ({end:.1f}s): {off}"
 
 
-def test_beats_lengthen_at_scale_so_the_run_beats_at_most_100_times_a_second(tmp_path):
-    """The plan writes the interval workers use: cluster.heartbeat_s up to 1,000 workers,
-    workers / 100 beyond (10,000 workers: 100 s), never past a quarter of the lease."""
+def test_beats_lengthen_at_scale_so_the_run_beats_at_most_50_times_a_second(tmp_path):
+    """The plan writes the interval workers use: cluster.heartbeat_s up to 500 workers,
+    workers / 50 beyond (1,000 workers: 20 s), never past a quarter of the lease."""
     from hpc_infer.rundir.lease import beat_interval
 
     assert beat_interval(10, 600, 8) == 10
-    assert beat_interval(10, 600, 1000) == 10
-    assert beat_interval(10, 600, 10000) == 100
+    assert beat_interval(10, 600, 500) == 10
+    assert beat_interval(10, 600, 1000) == 20
+    assert beat_interval(10, 600, 10000) == 150  # a quarter of the lease
     assert beat_interval(10, 200, 10000) == 50  # a quarter of the lease
     assert beat_interval(30, 600, 10) == 30  # the user's longer beat stays
     lay = S.sized_layout(tmp_path, 2000, 1, 1)
-    assert json.loads(lay.files["worker.json"])["heartbeat_s"] == 20
+    assert json.loads(lay.files["worker.json"])["heartbeat_s"] == 40
 
 
 def test_the_launcher_reads_heartbeats_in_turns_within_its_budget():

@@ -293,7 +293,7 @@ class RunConfig:
     run_name: Optional[str] = None  # default: <data>__<model>__<sampling>
     output_root: str = "runs"
     seed: Optional[int] = 0  # run seed; each record gets a seed derived from it and its id
-    chunks_per_worker: int = 16  # chunk count ~ workers x this (bench/balance.py)
+    chunks_per_worker: int = 64  # the smallest chunk is total / (2 x workers x this): docs/decisions.md
     # Upper bound on a chunk's records: a chunk's output is saved only when it finishes, so
     # a chunk must fit well inside one job's time limit (a requeue redoes it from zero).
     max_chunk_records: int = 2000

@@ -278,6 +278,14 @@ def progress_by_chunk(beats: list[dict], rates: list[float]) -> dict[int, tuple[
 BACKUP_SAMPLE = 32  # heartbeats read to pick a backup (not all: 1,000 idle workers look at the tail)
 
 
+def sample_size(most: int, workers: int, least: int) -> int:
+    """A look's sample: `most` up to 256 workers, then shrinking with the run (at least `least`):
+    every idle worker looks at the tail, so the run's total stays flat (bench/metadata_sim.py
+    --balance: 16 claims and 32 heartbeats an idle worker were 1,100 calls a second in the
+    last fifth of a 1,000-worker run)."""
+    return most if workers <= 256 else max(least, most * 256 // workers)
+
+
 def backup_candidate(
     run: RunDir, sizes: dict[int, int], fresh_s: float, rng: random.Random | None = None
 ) -> int | None:
@@ -289,7 +297,7 @@ def backup_candidate(
     bench/balance.py simulates this policy; ties go to the lower id."""
     now = fs_now(run.fs, "heartbeats")
     names = [n for n in run.fs.listdir("heartbeats") if n.endswith(".json")]
-    names = (rng or clock.rng()).sample(names, min(BACKUP_SAMPLE, len(names)))
+    names = (rng or clock.rng()).sample(names, min(sample_size(BACKUP_SAMPLE, len(names), 8), len(names)))
     beats = [
         b for b, a in filter(None, (read_beat(run.fs, f"heartbeats/{n}", now) for n in names)) if live(b, a, fresh_s)
     ]
@@ -316,23 +324,32 @@ def backup_candidate(
 SWEEP_SAMPLE = 16  # claims an idle worker checks for staleness (a run's dead holders are few)
 
 
+LIST_FRESH_S = 0.2  # a listing older than this is made again before its free chunks are tried
+
+
 class Claimer:
     """Which chunk a worker tries next, with few file-system calls at any scale: first its
     own stripe (rank, rank + of, ...: chunks are ordered largest first, so the first `of`
     chunks go one to each worker with no contention and no listing), then the chunks a
-    listing of claims/ and out/ shows free, in order, then stale claims. A listing is made
-    when the last one's free chunks are used up, and always once more before saying that
-    nothing is left."""
+    fresh listing of claims/ and out/ shows free, in order, then stale claims.
+
+    A listing is used only while fresh (LIST_FRESH_S): a worker claims every few tens of
+    seconds, and by then the others have taken the free chunks it listed, each one a failed
+    create (bench/metadata_sim.py --balance measured 3,000 of them a second at 1,000
+    workers with a kept listing). Whether a chunk is a suspect to leave for later is asked
+    only of a chunk this worker won (a suspect is released again), never of each candidate:
+    that look reads the chunk's attempts, four calls."""
 
     def __init__(self, run: RunDir, n_chunks: int, owner: Owner, lease_s: float, rank: int = 0, of: int = 1):
         self.run, self.n, self.owner, self.lease_s = run, n_chunks, owner, lease_s
         self.stripe = list(range(rank % n_chunks, n_chunks, max(1, of))) if n_chunks else []
+        self.sample = sample_size(SWEEP_SAMPLE, of, 4)  # claims a look checks for staleness
         # done or claimed by someone, as far as we know: a relaunch's workers start from one
         # listing of out/ (empty on a fresh run), never claim-and-release every done chunk
         self.taken: set[int] = set(run.output_files())
         self._free: list[int] = []
         self._claimed_not_done: list[int] = []
-        self._listed = 0.0
+        self._listed = float("-inf")
         self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
         self.listings = 0
 
@@ -346,20 +363,27 @@ class Claimer:
         self._claimed_not_done = sorted(claimed - done)
         self._free = [c for c in range(self.n) if c not in self.taken]
 
-    def _try(self, cid: int) -> bool:
-        if try_claim(self.run, cid, self.owner):
-            if not self.run.chunk_done(cid):
-                return True
+    def _try(self, cid: int, skip) -> str:
+        """ "won", "taken" (by someone, or done) or "left" (won, but `skip` says leave it for
+        now: released again)."""
+        if not try_claim(self.run, cid, self.owner):
+            self.taken.add(cid)
+            return "taken"
+        if self.run.chunk_done(cid):
             release(self.run, cid, self.owner)
-        self.taken.add(cid)
-        return False
+            self.taken.add(cid)
+            return "taken"
+        if skip(cid):
+            release(self.run, cid, self.owner)
+            return "left"
+        return "won"
 
     def _from_free(self, skip) -> int | None:
         for cid in list(self._free):
-            if cid in self.taken or skip(cid):
+            if cid in self.taken:
                 continue
             self._free.remove(cid)
-            if self._try(cid):
+            if self._try(cid, skip) == "won":
                 return cid
         return None
 
@@ -370,17 +394,15 @@ class Claimer:
             if cid in self.taken:
                 self.stripe.pop(0)
                 continue
-            if skip(cid):
-                break
+            got = self._try(cid, skip)
+            if got == "left":
+                break  # kept in the stripe, for later
             self.stripe.pop(0)
-            if self._try(cid):
+            if got == "won":
                 return cid
-        if not self._free:
+        if clock.now() - self._listed > LIST_FRESH_S:
             self._list()
         cid = self._from_free(skip)
-        if cid is None and clock.now() - self._listed > 0.2:  # that listing was not fresh: look again
-            self._list()
-            cid = self._from_free(skip)
         if cid is not None:
             return cid
         # stale claims: a random sample, not all of them (every idle worker looks once: a sweep
@@ -390,10 +412,10 @@ class Claimer:
             return None  # no sampled claim can have gone stale yet (idle_wait read their holders)
         now = fs_now(self.run.fs, "claims")
         pool = self._claimed_not_done
-        for cid in sorted(clock.rng().sample(pool, min(SWEEP_SAMPLE, len(pool)))):  # a small run: all, in order
+        for cid in sorted(clock.rng().sample(pool, min(self.sample, len(pool)))):  # a small run: all, in order
             if (
-                not skip(cid)  # (a look at its attempts: only for the sampled claims)
-                and is_stale(self.run, cid, self.lease_s, now)
+                is_stale(self.run, cid, self.lease_s, now)
+                and not skip(cid)  # (a look at its attempts: only for a stale claim)
                 and take_over(self.run, cid, self.owner, self.lease_s)
             ):
                 if not self.run.chunk_done(cid):
@@ -427,10 +449,12 @@ class Claimer:
         pool = self._claimed_not_done
         now = fs_now(self.run.fs, "claims")
         waits = []
-        for cid in sorted(clock.rng().sample(pool, min(SWEEP_SAMPLE, len(pool)))):
+        for cid in sorted(clock.rng().sample(pool, min(self.sample, len(pool)))):
             st = self.run.fs.stat(self.run.claim_name(cid))
             if st is None:
-                return 1.0  # released or taken over since the listing: look again now
+                # done, released or taken over since the listing: the next poll's listing shows
+                # it (a look at once made every idle worker read 16 claims a second at the tail)
+                continue
             owner = read_owner(self.run.fs, self.run.claim_name(cid))
             if owner is None:
                 waits.append(OWNERLESS_GRACE_S - (now - st.mtime))
@@ -440,4 +464,4 @@ class Claimer:
                 waits.append(self.lease_s - (now - st.mtime) if found is None else 0.0)
             else:
                 waits.append(self.lease_s - found[1])
-        return min(self.lease_s, max(1.0, min(waits) + 0.5))
+        return min(self.lease_s, max(1.0, min(waits, default=self.lease_s) + 0.5))

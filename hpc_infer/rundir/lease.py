@@ -40,14 +40,14 @@ def fs_now(fs, sub: str = "") -> float:
     return st.mtime if st is not None else fs.client_now()
 
 
-BEATS_PER_S = 100.0  # the whole run's heartbeats a second, at most (two namespace calls each)
+BEATS_PER_S = 50.0  # the whole run's heartbeats a second, at most (two namespace calls each)
 
 
 def beat_interval(heartbeat_s: float, lease_s: float, workers: int) -> float:
     """The heartbeat interval a run uses: `cluster.heartbeat_s`, lengthened at scale so that
-    all workers together beat at most BEATS_PER_S times a second (10 s up to 1,000 workers,
-    100 s at 10,000: bench/metadata_sim.py), and never past a quarter of the lease (a claim
-    stays live across four missed beats)."""
+    all workers together beat at most BEATS_PER_S times a second (10 s up to 500 workers, 20 s
+    at 1,000, 150 s at 10,000 with the default lease: bench/metadata_sim.py), and never past
+    a quarter of the lease (a claim stays live across four missed beats)."""
     return round(max(heartbeat_s, min(workers / BEATS_PER_S, lease_s / 4)), 3)
 
 
