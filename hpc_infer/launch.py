@@ -21,7 +21,7 @@ from .log import plural, say
 from .serve.batch_endpoint import resolve_endpoint
 from .errors import UserError
 from .run.merge import Summary, merge, report_errors
-from .run.plan import plan_input, prepare
+from .run.plan import TUNABLE, plan_input, prepare
 from .cluster.preflight import check_time_limit, cpu_build_on_gpus, preflight
 from .rundir import RunDir, set_permissions
 from .secrets import exported, find_token, job_env
@@ -183,12 +183,13 @@ def launch(rc: RunConfig, config_yaml: str) -> Summary | None:
             f"{manifest['n_chunks']} chunks, {remaining} to do; model {model_path}; {sampling_line(rc, planned)}"
             + (f"; HF token from {token.source}" if token else "")
         )
-    tuned = run.read_json("worker.json")["model"].get("tuned_from")
-    if tuned:
-        kept = OmegaConf.to_container(OmegaConf.load(tuned))["model"]["engine_kwargs"]
+    spec_model = run.read_json("worker.json")["model"]
+    tuned = spec_model.get("tuned_from")
+    if tuned:  # what the workers run, from the run's own worker.json: the store is never read again by path
+        kept = {k: v for k, v in spec_model["engine_kwargs"].items() if k in TUNABLE}
         say(
             f"engine settings from `hpc-infer tune` ({tuned}): "
-            + (", ".join(f"{k}={v}" for k, v in kept.items()) or "vLLM's defaults")
+            + (", ".join(f"{k}={v}" for k, v in sorted(kept.items())) or "vLLM's defaults")
             + " (tune.use=false: none)"
         )
     g = manifest.get("grouped")

@@ -46,7 +46,9 @@ COMMANDS = ("resume", "sbatch", "status", "merge", "report", "cancel")
 SERVE_COMMANDS = ("serve_status", "serve_metrics", "serve_stop")  # on the serve run
 SWEEP_COMMANDS = ("sweep_report", "sweep_launch")  # on a multirun's sweep folder
 CACHE_COMMANDS = ("cache_list", "cache_verify", "cache_catalog", "cache_stage")  # on an admin's model cache
+TUNE_COMMANDS = ("tune", "tune_launch")  # on an output root holding a tune folder and the tune store
 BASE_OF = {
+    **{c: "tune" for c in TUNE_COMMANDS},
     **{c: "serve" for c in SERVE_COMMANDS},
     **{c: "sweep" for c in SWEEP_COMMANDS},
     **{c: "cache" for c in CACHE_COMMANDS},
@@ -123,6 +125,8 @@ def run_cmd(site: Site, command: str, run: Path, audit_log: Path | None = None, 
         "cache_verify": f"hpc-infer cache verify --root {run}",
         "cache_catalog": f"hpc-infer cache catalog --root {run}",
         "cache_stage": f"hpc-infer cache stage {tiny_model(site, 'Tiny-Two')} --root {run}",
+        "tune": tune_line(site, run),
+        "tune_launch": "hpc-infer launch " + " ".join(_args_but_root(site)) + f" output_root={run} run_name=t",
     }[command]
     cwd = site.top / "cwd"
     out, err = cwd / "stdout", cwd / "stderr"
@@ -256,6 +260,29 @@ def plan_cache_base(site: Site) -> Path:
     return base
 
 
+def _args_but_root(site: Site) -> list[str]:
+    return [a for a in site.base_args if not a.startswith("output_root=")]
+
+
+def tune_line(site: Site, output_root: Path) -> str:
+    """`hpc-infer tune` on the fake engine: its tune folder and the tune store under `output_root`."""
+    return (
+        "hpc-infer tune "
+        + " ".join(_args_but_root(site))
+        + f" tune.sample=4 tune.budget_s=60 output_root={output_root}"
+    )
+
+
+def plan_tune_base(site: Site) -> Path:
+    """An output root after `hpc-infer tune` (the tune folder, the kept settings in tuned/),
+    then tune again and a launch that applies the kept settings, on copies of it, under the
+    audit hook."""
+    base = site.runs / "tunebase"
+    _make_base(site, "tune-first", tune_line(site, base), base, TUNE_COMMANDS)
+    site.bases["tune"] = base
+    return base
+
+
 def fresh_copy(site: Site, base: Path, name: str) -> Path:
     dst = site.runs / name
     subprocess.run(["cp", "-a", str(base), str(dst)], check=True)
@@ -313,6 +340,11 @@ def forge(path: Path, site: Site, pid: int) -> None:
         (path / "planted.jsonl").write_text(json.dumps({"id": "r0", "text": site.canary}) + "\n")
         return
     name = path.name
+    if path.parent.name == "tuned" and name.endswith(".yaml"):  # the tune store: flags that run code
+        path.write_text(
+            json.dumps({"model": {"engine_kwargs": {"trust_remote_code": True, "tokenizer": site.canary}}}) + "\n"
+        )
+        return
     if name == "config.yaml":
         from omegaconf import OmegaConf
 
@@ -488,7 +520,9 @@ def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kin
 
 
 def matrix(site: Site) -> list[tuple[str, str, str]]:
-    commands = [c for c in (*COMMANDS, *SERVE_COMMANDS, *SWEEP_COMMANDS, *CACHE_COMMANDS) if c in site.doors]
+    commands = [
+        c for c in (*COMMANDS, *SERVE_COMMANDS, *SWEEP_COMMANDS, *CACHE_COMMANDS, *TUNE_COMMANDS) if c in site.doors
+    ]
     cells = [(c, rel, kind) for c in commands for rel in sorted(site.doors[c]) for kind in KINDS]
     cells += [(c, ".", "exchange") for c in commands]
     return cells

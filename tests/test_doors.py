@@ -35,6 +35,7 @@ def site(cpu_model):
     doors.plan_serve_base(s, cpu_model)
     doors.plan_sweep_base(s)
     doors.plan_cache_base(s)
+    doors.plan_tune_base(s)
     yield s, base
     shutil.rmtree(top, ignore_errors=True)
 
@@ -42,7 +43,7 @@ def site(cpu_model):
 def test_doors_are_discovered_for_every_command(site):
     s, _base = site
     every = ("launch", *doors.COMMANDS, "serve", *doors.SERVE_COMMANDS, "sweep", *doors.SWEEP_COMMANDS)
-    for command in (*every, "cache", *doors.CACHE_COMMANDS):
+    for command in (*every, "cache", *doors.CACHE_COMMANDS, "tune-first", *doors.TUNE_COMMANDS):
         assert s.doors[command], f"{command}: the audit hook saw no run path"
     # every command reads the run's own description through some door
     assert {"manifest.json", "worker.json"} & set().union(*s.doors.values())
@@ -50,6 +51,8 @@ def test_doors_are_discovered_for_every_command(site):
         assert {"serve.json", "serve/0.json"} <= s.doors[command], (command, s.doors[command])
     assert "runs.txt" in s.doors["sweep_report"] and "multirun.yaml" in s.doors["sweep_launch"], s.doors
     assert {"Tiny-One/config.json", "Tiny-One/model.safetensors"} <= s.doors["cache_verify"], s.doors
+    store = "tuned/smollm2_cpu__local.yaml"  # the kept settings every launch applies, and the tune folder's result
+    assert store in s.doors["tune_launch"] and "tune__smollm2_cpu__local/tune.json" in s.doors["tune"], s.doors
     print(
         "doors: "
         + ", ".join(f"{c} {len(d)}" for c, d in s.doors.items())
@@ -79,4 +82,6 @@ def test_a_seeded_sample_of_every_door_times_every_attack(site):
 
 @pytest.mark.doors_full
 def test_the_whole_matrix(site):
-    _attack(site, doors.matrix(site[0]))
+    """HPC_INFER_DOORS_COMMANDS=tune,tune_launch (say) attacks those commands' cells only."""
+    only = set(filter(None, os.environ.get("HPC_INFER_DOORS_COMMANDS", "").split(",")))
+    _attack(site, [c for c in doors.matrix(site[0]) if not only or c[0] in only])

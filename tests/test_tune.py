@@ -148,6 +148,7 @@ def test_a_setting_still_running_at_the_budget_is_stopped_with_its_processes(tmp
     failpoint before its engine is built), so only the tuner's stop at the budget can end it.
     The defaults run to the end, setting 1 is reported stopped and its process is gone, and
     the settings after it are skipped. The fake engine stands in for vLLM: this is the loop."""
+    import itertools
     import os
 
     from hpc_infer.worker.tuner import run_tune
@@ -159,9 +160,12 @@ def test_a_setting_still_running_at_the_budget_is_stopped_with_its_processes(tmp
         "HPC_INFER_FAULT": "tune_setting@setting-1:HOLD",
         "HPC_INFER_HOLD_DIR": str(hold),
     }
-    # budget 20 s: setting 1 starts when the defaults took under half of it (a fake engine's ~1 s)
-    _write_spec(tmp_path, 3, 4, 20, env, [{}, {"max_num_seqs": 32}, {"max_num_seqs": 64}])
-    out = run_tune(tmp_path)
+    # The budget is kept on a clock of the test's (one tick a look), so which settings fit never
+    # depends on the machine's load: budget 6; the defaults cost 1 (looks 2-3), setting 1 starts
+    # with 2 left (look 4) and is stopped after 2 real seconds, setting 2 has -1 left (look 7).
+    ticks = itertools.count()
+    _write_spec(tmp_path, 3, 4, 6, env, [{}, {"max_num_seqs": 32}, {"max_num_seqs": 64}])
+    out = run_tune(tmp_path, clock=lambda: float(next(ticks)))
     base, held, after = out["results"]
     assert len(base["tok_s"]) == 2 and all(r["records"] == 3 for r in base["runs"]), base
     assert held["skipped"].startswith("stopped at the budget (tune.budget_s)"), held

@@ -175,11 +175,16 @@ class PlannedInput:
     input_format: str = ""  # data.format as read (auto resolved)
     spec: Any = None  # io.records.InputSpec the records were checked with
     grouped: dict | None = None  # prefix groups the records were planned in (prefix_groups), or None
+    root_fd: int | None = None  # output_root, pinned: `staging` is a path through it (/proc/self/fd/N/...)
+    parent: Path | None = None  # output_root as the user named it (messages, and what discard removes)
 
     def discard(self) -> None:
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
-        _remove_empty(self.staging.parent, self.created)
+        _remove_empty(self.parent or self.staging.parent, self.created)
+        if self.root_fd is not None:
+            os.close(self.root_fd)
+            self.root_fd = None
 
     def __enter__(self) -> "PlannedInput":
         return self
@@ -204,8 +209,12 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     run = RunDir(rc.run_path)
     created = next((p for p in reversed(run.root.parents) if not p.exists()), None)
     run.root.parent.mkdir(parents=True, exist_ok=True)
-    # A staging directory of our own: two first launches of one run_name never share one.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=run.root.parent))
+    # A staging directory of our own (two first launches of one run_name never share one),
+    # made and written through output_root's descriptor: whoever can rename entries above it
+    # may exchange output_root while we plan, and our input's copy must not follow the path
+    # into their folder. `prepare` publishes it by a rename inside that same folder.
+    root_fd = os.open(run.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=f"/proc/self/fd/{root_fd}"))
     try:
         staging = RunDir(tmp)
         staging.make()
@@ -280,10 +289,13 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
             scan.spec.format,
             scan.spec,
             grouping[1] if grouping else None,
+            root_fd,
+            run.root.parent,
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(tmp.parent, created)
+        _remove_empty(run.root.parent, created)
+        os.close(root_fd)
         raise
 
 
@@ -578,10 +590,17 @@ def prepare(
             from ..rundir.fsio import new_run_id
 
             staged = trust.open_dir(planned.staging, "run_dir", trust.OWN)
+            if staged.stat().ino != os.stat(planned.staging).st_ino:  # the handle is the folder we wrote
+                raise UserError(
+                    f"{run.root.parent}: the folder changed while the run was planned (someone who can "
+                    f"write a folder above it may be interfering). Nothing was submitted; use an "
+                    f"output_root only you can write"
+                )
             new_run_id(staged)  # the run's identity: its jobs refuse a folder swapped in later
             secure_root(planned.staging, rc.permissions, rc.run_group)
             try:
-                os.rename(planned.staging, run.root)  # the run directory appears whole, or not at all
+                # the run directory appears whole, or not at all, in the folder we planned in
+                os.rename(planned.staging.name, run.root.name, src_dir_fd=planned.root_fd, dst_dir_fd=planned.root_fd)
                 return published(run, staged), False
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):

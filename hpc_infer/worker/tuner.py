@@ -119,11 +119,13 @@ def leader(results: list[dict]) -> int | None:
     return best
 
 
-def _time_setting(tune_dir: Path, k: int, setting: dict, env: dict, timeout: float | None) -> tuple[dict, float]:
-    """Setting k timed in a process of its own: (its result, the seconds it cost). A hard
-    bound: a setting still running at `timeout` is stopped with its process group (the
-    engine's own children too) and reported."""
-    t0 = time.time()
+def _time_setting(
+    tune_dir: Path, k: int, setting: dict, env: dict, timeout: float | None, clock=time.monotonic
+) -> tuple[dict, float]:
+    """Setting k timed in a process of its own: (its result, the seconds it cost by `clock`).
+    A hard bound: a setting still running at `timeout` is stopped with its process group
+    (the engine's own children too) and reported."""
+    t0 = clock()
     p = subprocess.Popen(
         [sys.executable, "-m", "hpc_infer.worker.tuner", "one", str(tune_dir), str(k)],
         stdout=subprocess.PIPE,
@@ -138,43 +140,44 @@ def _time_setting(tune_dir: Path, k: int, setting: dict, env: dict, timeout: flo
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         return {"setting": setting, "skipped": f"stopped at the budget (tune.budget_s) after {timeout:.0f} s"}, (
-            time.time() - t0
+            clock() - t0
         )
     if p.returncode == 0 and stdout.strip():
-        return json.loads(stdout.strip().splitlines()[-1]), time.time() - t0
+        return json.loads(stdout.strip().splitlines()[-1]), clock() - t0
     tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {p.returncode}"]
-    return {"setting": setting, "error": tail[0][-400:]}, time.time() - t0
+    return {"setting": setting, "error": tail[0][-400:]}, clock() - t0
 
 
-def run_tune(tune_dir: str | Path) -> dict:
+def run_tune(tune_dir: str | Path, clock=time.monotonic) -> dict:
     """Every setting of the grid in turn, each in its own process, then the confirmation of
     the grid's leader, all within the budget (but the first run of the defaults: nothing is
-    compared without them)."""
+    compared without them). The budget is kept by `clock` (a test's own clock decides which
+    settings fit, whatever the machine's load; a setting's stop is still in real seconds)."""
     tune_dir = Path(tune_dir)
     spec = json.loads((tune_dir / "tune_spec.json").read_text())
-    deadline = time.time() + float(spec["budget_s"])
+    deadline = clock() + float(spec["budget_s"])
     results, costs = [], {}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # as a worker: the cluster's env, offline
     for key, value in (spec.get("env") or {}).items():
         env.setdefault(key, str(value))
     last_cost = 0.0
     for k, setting in enumerate(spec["grid"]):
-        left = deadline - time.time()
+        left = deadline - clock()
         if k and last_cost > left:
             results.append({"setting": setting, "skipped": "the budget (tune.budget_s) would be overrun"})
             continue
-        result, last_cost = _time_setting(tune_dir, k, setting, env, max(left, 1.0) if k else None)
+        result, last_cost = _time_setting(tune_dir, k, setting, env, max(left, 1.0) if k else None, clock)
         costs[k] = last_cost
         results.append(result)
     out: dict = {"results": results}
     k = leader(results)
     if k is not None:
         # the defaults again, then the leader again, back to back: kept only if it still wins
-        if costs[0] + costs[k] > deadline - time.time():
+        if costs[0] + costs[k] > deadline - clock():
             out["confirm"] = {"index": k, "skipped": "the budget (tune.budget_s) leaves no time to confirm it"}
         else:
-            again, _ = _time_setting(tune_dir, 0, spec["grid"][0], env, max(deadline - time.time(), 1.0))
-            lead, _ = _time_setting(tune_dir, k, spec["grid"][k], env, max(deadline - time.time(), 1.0))
+            again, _ = _time_setting(tune_dir, 0, spec["grid"][0], env, max(deadline - clock(), 1.0), clock)
+            lead, _ = _time_setting(tune_dir, k, spec["grid"][k], env, max(deadline - clock(), 1.0), clock)
             out["confirm"] = {"index": k, "defaults": again, "setting": lead}
     out["finished"] = time.time()
     (tune_dir / "tune.json").write_text(json.dumps(out, indent=1) + "\n")
