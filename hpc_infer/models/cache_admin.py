@@ -286,11 +286,27 @@ def stage(
     check_names(name, hf_id)
     target = root_p / name
     root_p.mkdir(parents=True, exist_ok=True)
+    # The root, pinned: the copy is made, checked and published through this descriptor
+    # (/proc/self/fd/N/...), so a root exchanged by whoever can rename entries above it never
+    # receives the copy, and the rename that publishes it stays inside the folder checked.
+    try:
+        root_fd = os.open(root_p.resolve(), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise UserError(f"hpc-infer cache stage --root: cannot open {root_p} ({e.strerror})") from None
+    try:
+        return _stage_into(root_fd, root_p, target, src, base, name, hf_id, revision, source)
+    finally:
+        os.close(root_fd)
+
+
+def _stage_into(root_fd, root_p, target, src, base, name, hf_id, revision, source) -> Path:
+    pinned = Path(f"/proc/self/fd/{root_fd}")
     if os.getuid() == 0:  # root writes what a link planted in a root others can write would point it at
         from ..rundir import trust
 
-        trust.check(
-            root_p,
+        trust.judge_fd(
+            root_fd,
+            str(root_p),
             "hpc-infer cache stage --root",
             trust.OWN,
             fix=f"as root, stage only into a root nobody else can write (`chmod go-w {root_p}`)",
@@ -302,12 +318,12 @@ def stage(
         )
 
     with Lock(root_p / f".{name}.lock", lease_s=300, on_wait=waiting):  # O_EXCL, never follows a link, no flock
-        if target.exists():
+        if (pinned / name).exists():
             return target  # another stager finished it while we waited
         problems = verify_dir(src)
         if problems:
             raise UserError("source is incomplete, not staged:\n  " + "\n  ".join(problems))
-        tmp = root_p / f".{name}.staging-{uuid.uuid4().hex[:8]}"
+        tmp = pinned / f".{name}.staging-{uuid.uuid4().hex[:8]}"
         try:
             private, said = _copy_model(src, tmp, base)
             write_json(
@@ -325,7 +341,7 @@ def stage(
             if problems:
                 raise UserError("copy failed verification, not staged:\n  " + "\n  ".join(problems))
             _share(tmp, private)
-            tmp.rename(target)
+            os.rename(tmp.name, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
             for line in said:
                 print(f"[hpc_infer] {line}", file=sys.stderr)
         except OSError as e:  # a rename race, a full disk, a file gone mid-copy: one clear line
