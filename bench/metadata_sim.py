@@ -16,6 +16,7 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
     .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256   # against strace of real workers
+    .venv/bin/python bench/metadata_sim.py --calibrate-chunks   # calls per chunk, against strace (16 workers)
 
 `--balance` runs whole runs instead (`--records-per-worker`, 2,000 by default, cut by the
 planner into `--chunks-per-worker` guided chunks), each record's output length log-normal
@@ -23,7 +24,9 @@ planner into `--chunks-per-worker` guided chunks), each record's output length l
 engine's step cost that of the real one (a + c x running requests, bench/engine_model.json;
 one simulated step stands for 100 tokens), and prints balance = the mean over workers of
 when each published its last chunk / the latest of those (1.0: every worker ran out of work
-at the same moment); the goal is 0.97.
+at the same moment); the goal is 0.97. It also prints calls a second over the whole run, in
+its middle (20-80% of the makespan) and in its last fifth. A listing of a folder counts one
+call per 1,000 names (rundir/simfs.py: DIRENTS_PER_CALL, what getdents64 returns).
 """
 
 from __future__ import annotations
@@ -208,6 +211,50 @@ def calibrate(sizes: list[int], trace: int) -> None:
         )
 
 
+def calibrate_chunks(n: int = 16, sizes=((4096, 2048), (1024, 512))) -> None:
+    """Calls per chunk: n real workers under strace through a fresh run (bench/metadata_ops.py's
+    plan: chunks of 2 records, a fast fake engine; the calls on the run directory, as
+    `run_calls` reads them), against the simulator's n workers through the same plan; each
+    side's calls at two run sizes, differenced, so what a worker costs whatever the run
+    (its start, its last look) drops out."""
+    import metadata_ops as O
+    import simulation as S
+
+    real, sim = [], []
+    for records, chunks in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            run = O.plan(tmp / "real", ROOT, records, chunks)
+            traces = tmp / "traces"
+            traces.mkdir()
+            t0 = time.time()
+            for proc in O.start_workers(run, n, None, traces, "run", O.FAKE, timed=True):
+                proc.wait()
+            wall = time.time() - t0
+            # calls on the run directory (relative to its pinned folders, or paths inside it), not
+            # an fstat of an open descriptor: what the simulator counts (strace -c would add ~15 a chunk)
+            total = sum(sum(O.run_calls(t, run).values()) for t in traces.glob("run*.strace"))
+            real.append((json.loads((run / "manifest.json").read_text())["n_chunks"], total, wall))
+            (tmp / "sim").mkdir()
+            lay = S.sized_layout(tmp / "sim", n, chunks // n, records // chunks, "cal", heartbeat_s=O.HEARTBEAT_S)
+            lay.ids = []
+            sched = S.Schedule(0, "bench", n, [], skew=[0.0])
+            engine = {"step_s": O.FAKE["step_s"], "max_num_seqs": O.FAKE["max_num_seqs"], "tokens": 4}
+            s = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=10**6, heartbeat_s=O.HEARTBEAT_S)
+            s.check_end = lambda: None
+            run_quiet(s)
+            sim.append((lay.n_chunks, sum(s.server.calls.values()), s.t))
+    (c1, r1, w1), (c2, r2, w2) = real
+    (d1, s1, t1), (d2, s2, t2) = sim
+    per_real, per_sim = (r1 - r2) / (c1 - c2), (s1 - s2) / (d1 - d2)
+    print(
+        f"{n} workers, {c1} and {c2} chunks: strace {r1} and {r2} calls ({w1:.0f} s and {w2:.0f} s), "
+        f"{per_real:.2f} a chunk; simulator {s1} and {s2} ({t1:.0f} and {t2:.0f} simulated s), "
+        f"{per_sim:.2f} a chunk ({d1} and {d2} chunks); simulator/strace = {per_sim / per_real:.3f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1000, 10000])
@@ -225,7 +272,11 @@ def main() -> None:
     ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
     ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-256)")
     ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
+    ap.add_argument("--calibrate-chunks", action="store_true", help="calls per chunk against strace (16 workers)")
     args = ap.parse_args()
+    if args.calibrate_chunks:
+        calibrate_chunks()
+        return
     if args.calibrate:
         calibrate(args.workers, args.trace)
         return
