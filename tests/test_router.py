@@ -272,3 +272,32 @@ def test_a_router_whose_port_is_taken_fails_naming_it_and_sends_no_key(tmp_path)
     assert p.returncode == 1, p.stderr[-2000:]
     assert state["state"] == "failed" and f"serve.router_port={theirs.server_address[1]}" in state["error"], state
     assert seen == []  # not one request, so no key
+
+
+def test_the_front_answers_502_when_vllm_router_hangs_up_without_an_answer(tmp_path):
+    """The relay is byte for byte, but a connection vllm-router closes before answering at all
+    is a 502 to the client (which retries it), not a connection closed without a response."""
+    import socket
+    import threading
+
+    inner = socket.socket()
+    inner.bind(("127.0.0.1", 0))
+    inner.listen(4)
+
+    def hang_up():
+        while True:
+            try:
+                c, _ = inner.accept()
+            except OSError:
+                return
+            c.recv(65536)
+            c.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    front = _front(tmp_path, inner.getsockname()[1], lambda: True)
+    try:
+        code, body = _get(f"http://127.0.0.1:{front.port}/v1/models")
+        assert code == 502 and b"without an answer" in body, (code, body)
+    finally:
+        front.stop()
+        inner.close()

@@ -113,15 +113,20 @@ class Front:
             await _reply(writer, 503, b'{"error": "the router is not answering"}')
             return
         inner_w.write(head)
+        forward = asyncio.ensure_future(_pipe(reader, inner_w))
         try:
-            await asyncio.gather(_pipe(reader, inner_w), _pipe(inner_r, writer))
+            # the connection lasts as long as vllm-router's side of it: once that ends, nothing
+            # the client sends can be answered
+            if not await _pipe(inner_r, writer):  # it ended before answering at all: say so
+                await _reply(writer, 502, b'{"error": "the router closed the connection without an answer"}')
         finally:
+            forward.cancel()
             inner_w.close()
             writer.close()
 
 
 async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
-    reason = {200: "OK", 503: "Service Unavailable"}[status]
+    reason = {200: "OK", 502: "Bad Gateway", 503: "Service Unavailable"}[status]
     writer.write(
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         f"connection: close\r\n\r\n".encode()
@@ -134,13 +139,19 @@ async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes) -> None
     writer.close()
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until `src` ends, then end `dst` (half-close, so the other way still finishes)."""
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:
+    """Copy until `src` ends, then end `dst` (half-close, so the other way still finishes);
+    the bytes copied. An error on either side ends the copy; a caller that copied nothing
+    back may still answer (the writer is left open then)."""
+    n = 0
     try:
         while data := await src.read(65536):
             dst.write(data)
+            n += len(data)
             await dst.drain()
-        if dst.can_write_eof():
+        if n and dst.can_write_eof():
             dst.write_eof()
     except (ConnectionError, OSError):
-        dst.close()
+        if n:
+            dst.close()
+    return n
