@@ -240,7 +240,9 @@ def calibrate_chunks(n: int = 16, sizes=((4096, 2048), (1024, 512))) -> None:
             lay.ids = []
             sched = S.Schedule(0, "bench", n, [], skew=[0.0])
             engine = {"step_s": O.FAKE["step_s"], "max_num_seqs": O.FAKE["max_num_seqs"], "tokens": 4}
-            s = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=10**6, heartbeat_s=O.HEARTBEAT_S)
+            s = S.Sim(
+                sched, lay, engine=engine, check=False, launcher_poll=False, t_max=10**6, heartbeat_s=O.HEARTBEAT_S
+            )
             s.check_end = lambda: None
             run_quiet(s)
             sim.append((lay.n_chunks, sum(s.server.calls.values()), s.t))
