@@ -364,8 +364,8 @@ class Claimer:
         self._free = [c for c in range(self.n) if c not in self.taken]
 
     def _try(self, cid: int, skip) -> str:
-        """ "won", "taken" (by someone, or done) or "left" (won, but `skip` says leave it for
-        now: released again)."""
+        """One of "won", "taken" (by someone, or done) or "left" (won, but `skip` says leave it
+        for now: released again)."""
         if not try_claim(self.run, cid, self.owner):
             self.taken.add(cid)
             return "taken"

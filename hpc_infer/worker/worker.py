@@ -371,7 +371,7 @@ class Worker:
         look that found nothing half as often each time (at most 8x): at the tail every
         worker is idle (bench/metadata_sim.py --balance at 1,000 workers: 260 heartbeat
         reads a second over the run before the first, 500 a second in its last fifth before
-        the second). A worker that just went idle looks at once."""
+        the second). Its first look is at once."""
         every = max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s) * 2 ** min(self._backup_misses, 3)
         if clock.now() - self._backup_look_at < every:
             return
