@@ -12,13 +12,18 @@ from hpc_infer.serve.fleet import router_cluster, router_wanted
 from hpc_infer.serve.router import KeyCheck
 
 
-def _status(url: str, header: str | None) -> int:
+def _answer(url: str, header: str | None) -> tuple[int, bytes]:
+    """(status, body) of a GET with this Authorization header (none when None)."""
     req = urllib.request.Request(url, headers={"Authorization": header} if header else {})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status
+            return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.read()
+
+
+def _status(url: str, header: str | None) -> int:
+    return _answer(url, header)[0]
 
 
 def test_key_check_accepts_the_run_key_only():
@@ -112,12 +117,7 @@ def _front(tmp_path, inner_port, inner_ok):
 
 
 def _get(url, key="the-key"):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return _answer(url, f"Bearer {key}")
 
 
 def test_router_front_proves_itself_and_relays_only_to_its_child(tmp_path):
