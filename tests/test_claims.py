@@ -362,3 +362,45 @@ def test_two_lock_takers_and_a_plain_taker_never_both_hold_it_in_any_interleavin
 
     runs, broken = explore(tmp_path, setup, [taker(0), taker(1), taker(2, plain=True)], check, depth=7)
     assert runs > 100 and not broken, broken[:2]
+
+
+def test_an_idle_worker_reads_notices_not_the_run_and_ends_on_done(tmp_path):
+    """Once a listing shows nothing free, an idle worker's look is one listing of
+    claims/notices/ and a sample of the claims it kept, never a listing of claims/ and
+    out/ (at the tail every worker is idle: 10,000 workers listing 100,000 names each
+    beat). A `freed-*` notice makes it list again; `done` ends it; the launcher clears
+    an earlier launch's `done` before it submits workers (launch._submit)."""
+    import socket
+
+    from hpc_infer.rundir.fsio import PinnedDir
+
+    run = RunDir(tmp_path)
+    run.make()
+    lister = {"n": 0}
+
+    class Counting(PinnedDir):
+        def listdir(self, sub=""):
+            lister["n"] += sub in ("claims", "out")
+            return super().listdir(sub)
+
+    run = RunDir(tmp_path, Counting(tmp_path))
+    host = socket.gethostname()
+    other = claims.Owner("w1", host, os.getppid())  # a live process that is not us
+    assert claims.try_claim(run, 0, other)
+    write_json(run.heartbeat_path("w1"), {"worker": "w1", "host": host, "pid": other.pid, "state": "running"})
+    (run.out / "00001.jsonl").write_text("x\n")  # done, as far as names go
+    me = claims.Claimer(run, 3, claims.Owner("w0", host, os.getpid()), lease_s=600, rank=2, of=3)
+    assert me.next() == 2 and me.next() is None  # its stripe, then a listing: nothing free
+    listed = lister["n"]
+    for _ in range(5):
+        assert 0 < me.idle_wait(poll_s=10) <= 10  # chunk 0 is held by a live worker: wait
+        assert me.next() is None
+    assert lister["n"] == listed, "an idle look listed the run"
+    claims.release(run, 0, other)
+    claims.post_freed(run)  # what a worker that lets a chunk go unfinished says
+    assert me.idle_wait(poll_s=10) == 0.5 and lister["n"] == listed + 2  # listed again: chunk 0 is free
+    assert me.next() == 0
+    claims.post_done(run)
+    assert me.idle_wait(poll_s=10) is None  # done: it ends, listing nothing
+    claims.clear_done(run)
+    assert me.idle_wait(poll_s=10) is not None  # chunk 0 (ours now) is not done: a later launch's workers wait

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 
 from . import clock, schema
-from .fsio import Dir
+from .fsio import Dir, Stat
 from .layout import RunDir
 from .lease import fs_now, unlink_quiet
 
@@ -77,12 +77,12 @@ def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool 
     return beat.get("state") not in ("finished", "failed", "stopped", "run deleted") and beat_age <= lease_s
 
 
-def _stale(run: RunDir, name: str, lease_s: float, now: float) -> bool:
+def _stale(run: RunDir, name: str, lease_s: float, now: float, st: Stat | None = None) -> bool:
     """A claim is stale when its holder is gone: its heartbeat (one file a worker writes per
     beat; claims are never touched again, so holding 16 costs nothing more) is older than
     the lease, names another process, or says it ended; or, with no heartbeat, the claim
-    itself is older than the lease."""
-    st = run.fs.stat(name)
+    itself is older than the lease. `st`: the claim's stat when the caller has just read it."""
+    st = st or run.fs.stat(name)
     if st is None:
         return False
     a = now - st.mtime
@@ -157,6 +157,8 @@ def release_dead(run: RunDir, lease_s: float, dead_workers: set[str] | None = No
                 dropped.append(chunk_id)
             except FileNotFoundError:
                 pass
+    if set(dropped) - done:
+        post_freed(run)  # idle workers of an earlier launch, still alive, list again
     return dropped
 
 
@@ -325,6 +327,38 @@ SWEEP_SAMPLE = 16  # claims an idle worker checks for staleness (a run's dead ho
 
 
 LIST_FRESH_S = 0.2  # a listing older than this is made again before its free chunks are tried
+FREE_KEEP = 64  # free chunks kept from a listing (tried in order within LIST_FRESH_S)
+POOL_KEEP = 512  # claims not done kept from a listing, to sample for staleness while idle
+
+NOTICES = "claims/notices"  # what an idle worker reads instead of listing the run: `done` (every
+# chunk has its output) and `freed-*` (a claim was released with its chunk unfinished)
+DONE_NOTICE = f"{NOTICES}/done"
+
+
+def _post(run: RunDir, name: str) -> None:
+    try:
+        if not run.fs.create(name, b""):
+            return
+    except FileNotFoundError:  # a run planned before notices: its folder made on first use
+        run.fs.mkdir(NOTICES)
+        run.fs.create(name, b"")
+
+
+def post_freed(run: RunDir) -> None:
+    """Say that a claim was released with its chunk unfinished (a stop, a dead engine, a
+    suspect left for later, a relaunch dropping dead holders' claims): idle workers list again."""
+    _post(run, f"{NOTICES}/freed-{clock.token(6)}")
+
+
+def post_done(run: RunDir) -> None:
+    """Say that a listing found every chunk's output: idle workers end without listing."""
+    _post(run, DONE_NOTICE)
+
+
+def clear_done(run: RunDir) -> None:
+    """Before workers are submitted for what is left (launch.py): a `done` from an earlier
+    launch must not end them (outputs set aside as damaged since are work again)."""
+    unlink_quiet(run.fs, DONE_NOTICE)
 
 
 class Claimer:
@@ -338,51 +372,91 @@ class Claimer:
     create (bench/metadata_sim.py --balance measured 3,000 of them a second at 1,000
     workers with a kept listing). Whether a chunk is a suspect to leave for later is asked
     only of a chunk this worker won (a suspect is released again), never of each candidate:
-    that look reads the chunk's attempts, four calls."""
+    that look reads the chunk's attempts, four calls.
+
+    An idle worker does not list the run at each look: a listing of claims/ and out/ costs
+    one call per 1,000 names, and at the tail every worker is idle (10,000 workers listing
+    100,000 names every beat were 10,000 calls a second). Once a listing shows nothing free
+    (`quiet`), a look reads claims/notices/ (one call: `done`, or a `freed-*` newer than
+    the listing) and samples the claims not done that the listing showed for staleness. It
+    lists again after a notice, after publishing a chunk itself (the last publisher's
+    listing finds the run done and posts `done`), and when every claim it kept is gone.
+    The memory kept is the stripe and at most FREE_KEEP + POOL_KEEP ids, never a set of the
+    run's chunks (the simulator holds 10,000 workers in one process)."""
 
     def __init__(self, run: RunDir, n_chunks: int, owner: Owner, lease_s: float, rank: int = 0, of: int = 1):
         self.run, self.n, self.owner, self.lease_s = run, n_chunks, owner, lease_s
-        self.stripe = list(range(rank % n_chunks, n_chunks, max(1, of))) if n_chunks else []
+        # done as far as we know: a relaunch's workers start from one listing of out/ (empty
+        # on a fresh run), never claim-and-release every done chunk
+        done = run.output_files()
+        self.stripe = [c for c in range(rank % n_chunks, n_chunks, max(1, of)) if c not in done] if n_chunks else []
         self.sample = sample_size(SWEEP_SAMPLE, of, 4)  # claims a look checks for staleness
-        # done or claimed by someone, as far as we know: a relaunch's workers start from one
-        # listing of out/ (empty on a fresh run), never claim-and-release every done chunk
-        self.taken: set[int] = set(run.output_files())
-        self._free: list[int] = []
-        self._claimed_not_done: list[int] = []
+        self._free: list[int] = []  # the first FREE_KEEP free chunks of the last listing
+        self._more_free = False  # the listing showed more free chunks than were kept
+        self._pool: list[int] = []  # claims not done at the last listing (a sample of POOL_KEEP)
         self._listed = float("-inf")
+        self._quiet = False  # a listing showed nothing free: look at notices, not the run
+        self._notices: set[str] = set()  # the notices seen when the run was last listed
         self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
+        self.pending = 0  # claims not done at the last listing
+        self._all_done = False  # the last listing showed every chunk's output
         self.listings = 0
 
     def _list(self) -> None:
         self._listed = clock.now()
         self.listings += 1
+        self._quiet = False
         # names only: an output that exists is taken (its trailer is checked once, when it is
         # claimed or merged); a damaged one is moved aside by the launcher before workers start
         claimed, done = self.run.claimed_chunks(), self.run.output_files()
-        self.taken = claimed | done
-        self._claimed_not_done = sorted(claimed - done)
-        self._free = [c for c in range(self.n) if c not in self.taken]
+        taken = claimed | done
+        self.stripe = [c for c in self.stripe if c not in taken]
+        free = (c for c in range(self.n) if c not in taken)
+        self._free = [c for c, _ in zip(free, range(FREE_KEEP))]
+        self._more_free = self.n - len(taken) > len(self._free)
+        pool = claimed - done
+        self._pool = sorted(pool if len(pool) <= POOL_KEEP else clock.rng().sample(sorted(pool), POOL_KEEP))
+        self.pending = len(pool)
+        self._all_done = len(done) >= self.n  # names only, as above: every chunk has its output
+        self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
+
+    def unclaimed(self) -> set[int]:
+        """Chunks neither claimed nor done, from a listing of its own (for a straggler deciding
+        to leave the tail: a look every few minutes)."""
+        return set(range(self.n)) - self.run.claimed_chunks() - self.run.output_files()
+
+    def published(self) -> None:
+        """This worker published a chunk: its next look lists the run (the last publisher's
+        listing is the one that finds every chunk done)."""
+        self._quiet = False
+
+    def _news(self) -> str | None:
+        """One call: "done" when a listing found every chunk done, "freed" when a chunk was
+        released unfinished since this worker went quiet, else None."""
+        names = set(self.run.fs.listdir(NOTICES))
+        if "done" in names:
+            return "done"
+        fresh = any(n.startswith("freed-") for n in names - self._notices)
+        self._notices = names  # (read before the listing this look may make: none is missed)
+        return "freed" if fresh and self._quiet else None
 
     def _try(self, cid: int, skip) -> str:
         """One of "won", "taken" (by someone, or done) or "left" (won, but `skip` says leave it
-        for now: released again)."""
+        for now: released again, and said)."""
         if not try_claim(self.run, cid, self.owner):
-            self.taken.add(cid)
             return "taken"
         if self.run.chunk_done(cid):
             release(self.run, cid, self.owner)
-            self.taken.add(cid)
             return "taken"
         if skip(cid):
             release(self.run, cid, self.owner)
+            post_freed(self.run)
             return "left"
         return "won"
 
     def _from_free(self, skip) -> int | None:
-        for cid in list(self._free):
-            if cid in self.taken:
-                continue
-            self._free.remove(cid)
+        while self._free:
+            cid = self._free.pop(0)
             if self._try(cid, skip) == "won":
                 return cid
         return None
@@ -390,17 +464,13 @@ class Claimer:
     def next(self, skip=lambda cid: False) -> int | None:
         """Claim a chunk; never one `skip` says to leave for now (a suspect while others run)."""
         while self.stripe:
-            cid = self.stripe[0]
-            if cid in self.taken:
-                self.stripe.pop(0)
-                continue
-            got = self._try(cid, skip)
+            got = self._try(self.stripe[0], skip)
             if got == "left":
                 break  # kept in the stripe, for later
-            self.stripe.pop(0)
+            cid = self.stripe.pop(0)
             if got == "won":
                 return cid
-        if clock.now() - self._listed > LIST_FRESH_S:
+        if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
             self._list()
         cid = self._from_free(skip)
         if cid is not None:
@@ -411,49 +481,70 @@ class Claimer:
         if clock.now() < self._expiry_due:
             return None  # no sampled claim can have gone stale yet (idle_wait read their holders)
         now = fs_now(self.run.fs, "claims")
-        pool = self._claimed_not_done
+        pool = self._pool
         for cid in sorted(clock.rng().sample(pool, min(self.sample, len(pool)))):  # a small run: all, in order
+            st = self.run.fs.stat(self.run.claim_name(cid))
+            if st is None:
+                self._drop(cid)  # published (or released: a notice says so) since the listing
+                continue
             if (
-                is_stale(self.run, cid, self.lease_s, now)
+                _stale(self.run, self.run.claim_name(cid), self.lease_s, now, st)
                 and not skip(cid)  # (a look at its attempts: only for a stale claim)
                 and take_over(self.run, cid, self.owner, self.lease_s)
             ):
                 if not self.run.chunk_done(cid):
                     return cid
                 release(self.run, cid, self.owner)
+                self._drop(cid)
         return None
 
+    def _drop(self, cid: int) -> None:
+        """A kept claim is gone: forget it; with none left kept, the next look lists again."""
+        if cid in self._pool:
+            self._pool.remove(cid)
+        if not self._pool:
+            self._quiet = False
+
     def idle_wait(self, poll_s: float = 10.0) -> float | None:
-        """After next() found nothing: None when every chunk is done (as of a fresh listing),
-        else how long to wait before looking again: at most `poll_s` (a look is two listings:
-        an idle worker ends within a poll of the run's end), and until the first sampled claim
-        not done could go stale (its holder's heartbeat older than the lease), when the claims
-        are read again. An idle worker that waits and looks again takes over a dead holder's
-        chunk without a relaunch, within a lease and a poll of the death."""
-        if clock.now() - self._listed > 0.2:  # next() just listed: that look is fresh
-            self._list()
-        pool = self._claimed_not_done
-        if not pool and not self._free:
+        """After next() found nothing: None when every chunk is done (a `done` notice, or a
+        fresh listing: then this worker posts it), else how long to wait before looking
+        again: at most `poll_s` (an idle worker ends within a poll of the run's end), and
+        until the first sampled claim not done could go stale (its holder's heartbeat older
+        than the lease), when the claims are read again. An idle worker that waits and looks
+        again takes over a dead holder's chunk without a relaunch, within a lease and a poll
+        of the death."""
+        news = self._news()
+        if news == "done":
             return None
-        if self._free:
-            return 0.5  # a chunk came free (a claim released) since the last look
+        if news == "freed":
+            self._quiet, self._listed = False, float("-inf")
+        if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
+            self._list()
+        if self._all_done:
+            post_done(self.run)
+            return None
+        if self._free or self._more_free or not self._pool:
+            # a chunk came free (a claim released), or one listed free was taken since (not
+            # yet seen claimed): look again soon
+            return 0.5
+        self._quiet = True
         due = self._expiry_due - clock.now()
         if due > 0:
             return min(poll_s, due)
         wait = self._expiry()
         self._expiry_due = clock.now() + wait
-        return min(poll_s, wait)
+        return min(poll_s, wait if self._pool else 0.5)
 
     def _expiry(self) -> float:
         """Seconds until the first of a sample of the claims not done could go stale."""
-        pool = self._claimed_not_done
+        pool = self._pool
         now = fs_now(self.run.fs, "claims")
         waits = []
         for cid in sorted(clock.rng().sample(pool, min(self.sample, len(pool)))):
             st = self.run.fs.stat(self.run.claim_name(cid))
             if st is None:
-                # done, released or taken over since the listing: the next poll's listing shows
-                # it (a look at once made every idle worker read 16 claims a second at the tail)
+                # done, released or taken over since the listing: forgotten (a release is a notice)
+                self._drop(cid)
                 continue
             owner = read_owner(self.run.fs, self.run.claim_name(cid))
             if owner is None:

@@ -41,6 +41,10 @@ class Node:
     data: bytes = b""
     entries: dict[str, int] = field(default_factory=dict)
     nlink: int = 1
+    listing: list[str] | None = None  # the names sorted, kept until the folder changes (CPU at scale)
+
+    def changed(self, now: float) -> None:
+        self.mtime, self.listing = now, None
 
 
 @dataclass
@@ -77,7 +81,8 @@ class SimServer:
                 if not create_dirs:
                     raise FileNotFoundError(errno.ENOENT, "no such file", "/".join(parts))
                 child = self._new(True)
-                node.entries[p], node.mtime = child.ino, self.now()
+                node.entries[p] = child.ino
+                node.changed(self.now())
                 ino = child.ino
             node = self.nodes[ino]
         return node
@@ -88,12 +93,15 @@ class SimServer:
             folder, base = split_name(name)
             d = self.lookup([p for p in folder.split("/") if p], create_dirs=True)
             d.entries[base] = self._new(False, data).ino
+            d.listing = None
 
     def _unref(self, ino: int) -> None:
+        """One name less; a file with none is gone (a reader in the simulator reads at once,
+        so none holds it open): its bytes are freed, as 10,000 workers' beats need."""
         n = self.nodes[ino]
         n.nlink -= 1
         if n.nlink <= 0 and not n.is_dir:
-            n.nlink = 0
+            del self.nodes[ino]
 
 
 class SimClient(Dir):
@@ -157,8 +165,10 @@ class SimClient(Dir):
         if last is not None and last != n.ino and f.estale and self.server.rng.random() < f.estale:
             self._seen_ino.pop(name, None)
             raise OSError(errno.ESTALE, "injected ESTALE: replaced under this reader", self.where(name))
-        self._seen_ino[name] = n.ino
-        self._attr[name] = (self.server.now(), self._stat_of(n))  # close-to-open: fresh attributes
+        if f.estale:
+            self._seen_ino[name] = n.ino
+        if self.ac_s > 0:  # (with no cache, nothing kept: 10,000 clients in one process)
+            self._attr[name] = (self.server.now(), self._stat_of(n))  # close-to-open: fresh attributes
         return n
 
     def read(self, name: str) -> bytes:
@@ -185,7 +195,8 @@ class SimClient(Dir):
             st: Stat | None = self._stat_of(self._node(name))
         except (FileNotFoundError, NotADirectoryError):
             st = None
-        self._attr[name] = (now, st)
+        if self.ac_s > 0:
+            self._attr[name] = (now, st)
         return st
 
     def listdir(self, sub: str = "") -> list[str]:
@@ -196,11 +207,14 @@ class SimClient(Dir):
         self._count("readdir")
         try:
             n = self.server.lookup(self.root + [p for p in sub.split("/") if p]) if sub else self._node("")
-            names = sorted(n.entries) if n.is_dir else []
+            if n.is_dir and n.listing is None:
+                n.listing = sorted(n.entries)
+            names = n.listing if n.is_dir else []
         except (FileNotFoundError, NotADirectoryError):
             names = []
         self.server.calls["readdir"] += len(names) // DIRENTS_PER_CALL  # a long folder is several calls
-        self._list[sub] = (now, names)
+        if self.ac_s > 0:
+            self._list[sub] = (now, names)
         return list(names)
 
     # --- writes -------------------------------------------------------------------------------
@@ -218,7 +232,8 @@ class SimClient(Dir):
             return False
         if old is not None:
             self.server._unref(old)
-        d.entries[base], d.mtime = node.ino, self.server.now()
+        d.entries[base] = node.ino
+        d.changed(self.server.now())
         self._forget(name)
         return True
 
@@ -263,7 +278,10 @@ class SimClient(Dir):
         won = self._place(name, node, True)
         faults.point("renamed", self.where(name))
         self._count("unlink")
-        node.nlink = 1 if won else 0
+        if won:
+            node.nlink = 1
+        else:
+            del self.server.nodes[node.ino]  # the temp file's only name is gone
         return won
 
     def rename(self, src: str, dst: str) -> None:
@@ -273,7 +291,7 @@ class SimClient(Dir):
             self._forget(src)
             raise FileNotFoundError(errno.ENOENT, "no such file", self.where(src))
         ino = sd.entries.pop(sb)
-        sd.mtime = self.server.now()
+        sd.changed(self.server.now())
         self._place(dst, self.server.nodes[ino], False)
         self._forget(src)
 
@@ -291,7 +309,7 @@ class SimClient(Dir):
             self._forget(name)
             raise FileNotFoundError(errno.ENOENT, "no such file", self.where(name))
         self.server._unref(d.entries.pop(base))
-        d.mtime = self.server.now()
+        d.changed(self.server.now())
         self._forget(name)
 
     def touch(self, name: str) -> None:
@@ -318,6 +336,7 @@ class SimClient(Dir):
         self._count("rmdir")
         d, base = self._folder(name)
         d.entries.pop(base, None)
+        d.changed(self.server.now())
         self._forget(name)
         for key in [k for k in self._attr if k.startswith(name + "/")]:
             self._attr.pop(key)

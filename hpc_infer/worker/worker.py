@@ -129,7 +129,7 @@ class Pacing:
         self.leave_tail = (  # the work left unclaimed: summed only for a straggler (a pass over the chunks)
             straggler
             and p.others_running
-            and sum(e for cid, e in self.est.items() if cid not in claimer.taken) < claims.TAIL_SHARE * self.total
+            and sum(self.est.get(cid, 0) for cid in claimer.unclaimed()) < claims.TAIL_SHARE * self.total
         )
         return {"pace": round(p.ratio, 3), "straggler": straggler}
 
@@ -290,6 +290,7 @@ class Worker:
             self.isolating = None
             self.hb.update(isolating=None)
         del self.inflight[chunk.id]
+        self.claimer.published()  # its next look lists the run: the last publisher finds it done
         s = self.hb.state
         if not published:  # another copy finished first: ours is discarded, nothing counted twice
             self.hb.update(abandoned=s.get("abandoned", 0) + 1)
@@ -423,6 +424,7 @@ class Worker:
             if not self.inflight[cid].backup:
                 claims.release(self.run, cid, self.owner)
             del self.inflight[cid]
+            self.claimer.published()
             self.hb.update(abandoned=self.hb.state.get("abandoned", 0) + 1)
 
     def loop(self) -> None:
@@ -517,6 +519,7 @@ class Worker:
     def _release_all(self, engine_died: bool) -> None:
         """Take back what this worker held: its attempts (unless its engine died with them:
         those count toward finding a poison record) and its claims."""
+        freed = False
         for cid, chunk in self.inflight.items():
             try:
                 if chunk.fed and not engine_died:
@@ -525,8 +528,14 @@ class Worker:
                     )
                 if not chunk.backup:
                     claims.release(self.run, cid, self.owner)
+                    freed = True
             except OSError:
                 pass  # the lease runs out instead
+        if freed:
+            try:
+                claims.post_freed(self.run)  # idle workers list again (claims.Claimer)
+            except OSError:
+                pass  # they find it when their sampled claims are gone
 
     def work(self) -> dict:
         """Run until the worker ends (STATES): its counters."""
