@@ -82,7 +82,7 @@ def _stale(run: RunDir, name: str, lease_s: float, now: float, st: Stat | None =
     beat; claims are never touched again, so holding 16 costs nothing more) is older than
     the lease, names another process, or says it ended; or, with no heartbeat, the claim
     itself is older than the lease. `st`: the claim's stat when the caller has just read it."""
-    st = st or run.fs.stat(name)
+    st = st if st is not None else run.fs.stat(name)
     if st is None:
         return False
     a = now - st.mtime
@@ -396,9 +396,8 @@ class Claimer:
         self._pool: list[int] = []  # claims not done at the last listing (a sample of POOL_KEEP)
         self._listed = float("-inf")
         self._quiet = False  # a listing showed nothing free: look at notices, not the run
-        self._notices: set[str] = set()  # the notices seen when the run was last listed
+        self._notices: set[str] = set()  # the notices seen at the last idle look
         self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
-        self.pending = 0  # claims not done at the last listing
         self._all_done = False  # the last listing showed every chunk's output
         self.listings = 0
 
@@ -416,7 +415,6 @@ class Claimer:
         self._more_free = self.n - len(taken) > len(self._free)
         pool = claimed - done
         self._pool = sorted(pool if len(pool) <= POOL_KEEP else clock.rng().sample(sorted(pool), POOL_KEEP))
-        self.pending = len(pool)
         self._all_done = len(done) >= self.n  # names only, as above: every chunk has its output
         self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
 
