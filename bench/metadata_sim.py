@@ -132,6 +132,7 @@ def balance(lay, workers: int) -> dict:
         "step_per_seq_s": m["c"] * TOKENS_PER_STEP,
         "max_num_seqs": m["max_num_seqs"],
         "lengths": {"median": 3, "sigma": 1.0, "max": 41},
+        "lean": True,  # rows without the input's copy: 10,000 workers' unpublished rows fit in memory
     }
     beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
     sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=True, t_max=10**7, heartbeat_s=beat)

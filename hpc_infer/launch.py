@@ -98,7 +98,7 @@ def run_env(run: RunDir, token) -> dict[str, str]:
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
     set_aside_damaged(run)
-    claims.clear_done(run)  # an earlier launch's `done` notice must not end these workers
+    claims.clear_notices(run)  # an earlier launch's `done` must not end these workers
     remaining = run.read_json("manifest.json")["n_chunks"] - len(run.done_chunks())
     old_backend, old_ids = recorded_jobs(run)
     dead: set[str] = set()

@@ -402,5 +402,6 @@ def test_an_idle_worker_reads_notices_not_the_run_and_ends_on_done(tmp_path):
     assert me.next() == 0
     claims.post_done(run)
     assert me.idle_wait(poll_s=10) is None  # done: it ends, listing nothing
-    claims.clear_done(run)
+    claims.clear_notices(run)
+    assert run.fs.listdir(claims.NOTICES) == []  # `done` and the freed-* notice: a new launch starts clean
     assert me.idle_wait(poll_s=10) is not None  # chunk 0 (ours now) is not done: a later launch's workers wait

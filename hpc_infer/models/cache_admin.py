@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..rundir import write_json
+from ..rundir.fsio import fd_path
 from ..rundir.lease import Lock
 
 from .load_format import META  # noqa: E402  (one name for the file every copy carries)
@@ -185,7 +186,7 @@ def verify_dir(path: Path) -> list[str]:
             problems.append(f"{shard}: unreadable ({e.strerror})")
             continue
         try:
-            problems += [p.replace(f"/proc/self/fd/{fd}", str(shard)) for p in _check_safetensors(fd)]
+            problems += [p.replace(fd_path(fd), str(shard)) for p in _check_safetensors(fd)]
         finally:
             os.close(fd)
     return problems
@@ -225,7 +226,7 @@ def verify_model(fs, name: str) -> list[str]:
             problems.append(f"{fs.where(at(shard))}: refused or unreadable ({_why(e)})")
             continue
         try:
-            problems += [p.replace(f"/proc/self/fd/{fd}", fs.where(at(shard))) for p in _check_safetensors(fd)]
+            problems += [p.replace(fd_path(fd), fs.where(at(shard))) for p in _check_safetensors(fd)]
         finally:
             os.close(fd)
     return problems
@@ -240,7 +241,7 @@ def _check_safetensors(fd: int) -> list[str]:
     file is an open descriptor (read through /proc/self/fd: safetensors takes a path)."""
     from safetensors import safe_open
 
-    path = f"/proc/self/fd/{fd}"
+    path = fd_path(fd)
     try:
         with safe_open(path, framework="numpy") as f:
             keys = list(f.keys())
@@ -300,7 +301,7 @@ def stage(
 
 
 def _stage_into(root_fd, root_p, target, src, base, name, hf_id, revision, source) -> Path:
-    pinned = Path(f"/proc/self/fd/{root_fd}")
+    pinned = Path(fd_path(root_fd))
     if os.getuid() == 0:  # root writes what a link planted in a root others can write would point it at
         from ..rundir import trust
 

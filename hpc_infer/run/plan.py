@@ -33,6 +33,7 @@ from ..io.sources import resolve as resolve_source
 from ..io.records import PREFIX_CHARS
 from ..errors import UserError
 from ..rundir import SUBDIRS, RunDir, secure_root, write_json
+from ..rundir.fsio import fd_path
 from ..rundir.lease import beat_interval
 
 MANIFEST_VERSION = 5  # 5: a prefix-grouped chunk is positions in order.bin (4: jobs/ and attempts/ folders)
@@ -214,7 +215,7 @@ def plan_input(rc: RunConfig, parallel: bool = True) -> PlannedInput:
     # may exchange output_root while we plan, and our input's copy must not follow the path
     # into their folder. `prepare` publishes it by a rename inside that same folder.
     root_fd = os.open(run.root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=f"/proc/self/fd/{root_fd}"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.root.name}.planning.", dir=fd_path(root_fd)))
     try:
         staging = RunDir(tmp)
         staging.make()

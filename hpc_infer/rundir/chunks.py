@@ -53,9 +53,10 @@ def read_chunk_trailer(path: Path, tail_bytes: int = 4096) -> tuple[dict, int] |
     return parse_trailer(tail, size)
 
 
-def trailer_in(fs: Dir, name: str, tail_bytes: int = 4096) -> tuple[dict, int] | None:
-    """read_chunk_trailer through a run's handle."""
-    st = fs.stat(name)
+def trailer_in(fs: Dir, name: str, tail_bytes: int = 4096, st: Stat | None = None) -> tuple[dict, int] | None:
+    """read_chunk_trailer through a run's handle; `st`: the caller's stat of it, if it has
+    one (the launcher's progress poll: one stat a file, not two)."""
+    st = st if st is not None else fs.stat(name)
     if st is None:
         raise FileNotFoundError(fs.where(name))
     return parse_trailer(fs.read_at(name, max(0, st.size - tail_bytes), tail_bytes), st.size)
@@ -86,7 +87,7 @@ def chunk_done(fs: Dir, name: str, chunk_id: int) -> bool:
     if cached and cached[:3] == (st.ino, st.mtime, st.size):
         return cached[3]
     try:
-        found = trailer_in(fs, name)
+        found = trailer_in(fs, name, st=st)
     except OSError:
         return False
     ok = found is not None and found[0].get(TRAILER_KEY) == chunk_id and found[0].get("bytes") == found[1]
@@ -108,7 +109,7 @@ def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool
         return True
     try:
         st = fs.stat(name)
-        found = trailer_in(fs, name)
+        found = trailer_in(fs, name, st=st) if st is not None else None
     except OSError:
         return False
     if st is None or (

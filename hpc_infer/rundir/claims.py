@@ -355,10 +355,14 @@ def post_done(run: RunDir) -> None:
     _post(run, DONE_NOTICE)
 
 
-def clear_done(run: RunDir) -> None:
+def clear_notices(run: RunDir) -> None:
     """Before workers are submitted for what is left (launch.py): a `done` from an earlier
-    launch must not end them (outputs set aside as damaged since are work again)."""
-    unlink_quiet(run.fs, DONE_NOTICE)
+    launch must not end them (outputs set aside as damaged since are work again), and the
+    earlier launch's `freed-*` notices go (the new workers list the run when they start, so
+    none is needed; without this the folder every idle look lists would only grow)."""
+    for name in run.fs.listdir(NOTICES):  # [] for a run planned before notices
+        if name == "done" or name.startswith("freed-"):
+            unlink_quiet(run.fs, f"{NOTICES}/{name}")
 
 
 class Claimer:

@@ -84,6 +84,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def fd_path(fd: int) -> str:
+    """The path of an open descriptor (/proc/self/fd/N): what it names when it was opened,
+    whatever has been renamed or replaced since. For libraries that take only paths."""
+    return f"/proc/self/fd/{fd}"
+
+
 class Dir:
     """One directory and everything under it, by relative names. Missing files raise
     FileNotFoundError (stat returns None, listdir []), as the os calls do."""
@@ -381,7 +387,7 @@ class PinnedDir(Dir):
     def fd_path(self) -> str:
         """A path that names this pinned folder itself, whatever has been renamed since
         (/proc/self/fd/N): for a library that takes only paths (a spool folder)."""
-        return f"/proc/self/fd/{self.root_fd}"
+        return fd_path(self.root_fd)
 
     @contextmanager
     def writing(self, name: str, written: str = "tmp_written", renamed: str = "renamed") -> Iterator[BinaryIO]:

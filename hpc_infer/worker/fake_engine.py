@@ -15,7 +15,10 @@ max_num_seqs / step_s tokens per second. Settings:
 step() raise as vLLM's EngineDeadError does (a poison record); `slow` multiplies step_s
 for workers whose id contains the key (a straggler); `lengths` {"median", "sigma", "max"}
 gives each record its own log-normal output length, drawn from its id (the same on every
-worker: heavy-tailed outputs for the balance bench). Standard library only.
+worker: heavy-tailed outputs for the balance bench); `lean` returns rows of id, index,
+chunk, text and token counts alone (no copy of the input record, no `outputs` list): the
+10,000-worker simulation holds every worker's finished, unpublished rows in one process.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class FakeEngine:
         self.fail_ids = set(map(str, conf.get("fail_ids") or []))
         self.lengths = conf.get("lengths")
         self.die_ids = set(map(str, conf.get("die_ids") or []))
+        self.lean = bool(conf.get("lean"))
         self.generating_tokens = 0
         self._waiting: deque[list] = deque()  # [record, tokens wanted, tokens so far]
         self._running: list[list] = []
@@ -109,6 +113,18 @@ class FakeEngine:
             if have >= want:
                 self.generating_tokens -= have
                 text = f"fake {record.get('id')} {have}"
+                if self.lean:
+                    done.append(
+                        {
+                            "id": record.get("id"),
+                            "index": record.get("index"),
+                            "chunk": record.get("chunk"),
+                            "text": text,
+                            "prompt_tokens": len(str(record.get("prompt") or "")) // 4,
+                            "output_tokens": have,
+                        }
+                    )
+                    continue
                 done.append(
                     dict(
                         record,
