@@ -28,6 +28,7 @@ normal worker's share in the ideal.
 
     .venv/bin/python bench/balance.py [--workers 1000] [--records-per-worker 1000]
     .venv/bin/python bench/balance.py --measure     # re-measure the engine constants
+    .venv/bin/python bench/balance.py --workers 10000 --default-only --scenario iid   # the default alone
 """
 
 from __future__ import annotations
@@ -355,6 +356,7 @@ SCENARIOS = {
     "lengths grow along the input": dict(drift=1.5, slow_fraction=0.0),
     "5% of workers 2x slower": dict(drift=0.0, slow_fraction=0.05),
 }
+SHORT = dict(zip(("iid", "drift", "slow"), SCENARIOS))  # --scenario's names
 
 
 def main() -> None:
@@ -372,6 +374,17 @@ def main() -> None:
         default=None,
         help="price an engine start at this many seconds (e.g. bench/engine_start.py's cold start) "
         "instead of engine_model.json's load_s",
+    )
+    ap.add_argument(
+        "--default-only",
+        action="store_true",
+        help="run our default scheme alone (10,000 workers: the other schemes' cells take an hour)",
+    )
+    ap.add_argument(
+        "--scenario",
+        action="append",
+        choices=list(SHORT),
+        help="only these scenarios (iid, drift, slow); default: all",
     )
     args = ap.parse_args()
 
@@ -405,12 +418,16 @@ def main() -> None:
     # Engine starts per scheme, each priced at the measured start: what a scheme pays before
     # its first token, whatever the balance (the shards/task scheme loads once per task).
     starts = [W, W, 4 * W, W, W, W, W, W]
+    if args.default_only:
+        schemes, starts = schemes[-1:], starts[-1:]
     print(
         f"{'engine starts x ' + format(m.load_s, '.1f') + ' s':<30}"
         + "".join(f"{f'{n:,} = {n * m.load_s / 3600:,.1f} worker-h':>40}" for n in starts)
     )
     print(f"{'balance / vs. ideal':<30}" + "".join(f"{name:>40}" for name in schemes))
     for scenario, sc in SCENARIOS.items():
+        if args.scenario and scenario not in {SHORT[k] for k in args.scenario}:
+            continue
         rng = random.Random(args.seed + 1)
         recs = workload(
             W * args.records_per_worker, args.seed, args.max_tokens, args.out_median, args.out_sigma, sc["drift"]
@@ -419,20 +436,26 @@ def main() -> None:
         n = len(recs)
         best = m.load_s + (ideal(m, recs, W) - m.load_s) * W / sum(1 / f for f in slow)
         est = [pt + args.max_tokens for pt, _ in recs]  # what the planner knows: prompt size + max_tokens
-        spans = [
-            run_static(m, slow, [recs[n * i // W : n * (i + 1) // W] for i in range(W)]),
-            run_static(m, slow, [recs[i::W] for i in range(W)]),
-            run_dynamic(
-                m, slow, [recs[n * i // (4 * W) : n * (i + 1) // (4 * W)] for i in range(4 * W)], load_per_chunk=True
-            ),
-        ]
-        for cpw in (4, 16, 64):
-            chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
-            spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
+        spans = []
+        if not args.default_only:
+            spans += [
+                run_static(m, slow, [recs[n * i // W : n * (i + 1) // W] for i in range(W)]),
+                run_static(m, slow, [recs[i::W] for i in range(W)]),
+                run_dynamic(
+                    m,
+                    slow,
+                    [recs[n * i // (4 * W) : n * (i + 1) // (4 * W)] for i in range(4 * W)],
+                    load_per_chunk=True,
+                ),
+            ]
+            for cpw in (4, 16, 64):
+                chunks = [[recs[i] for i in r] for r in make_chunks(est, W, cpw)]
+                spans.append(run_dynamic(m, slow, chunks, load_per_chunk=False))
         ranges = make_chunks(est, W, RunConfig.chunks_per_worker)  # the default (64)
         chunks = [[recs[i] for i in r] for r in ranges]
         chunk_est = [sum(est[i] for i in r) for r in ranges]
-        spans.append(run_backups(m, slow, chunks, pacing=False)[0])
+        if not args.default_only:
+            spans.append(run_backups(m, slow, chunks, pacing=False)[0])
         ends, wasted = run_backups(m, slow, chunks, est=chunk_est)
         spans.append(ends)
         cells = [f"{sum(e) / (W * max(e)):.3f} / {best / max(e):.3f} ({max(e):6.0f} s)" for e in spans]

@@ -99,6 +99,18 @@ class Chunk:
     records: list = field(default_factory=list)
     part: tuple[int, int] | None = None  # a suspect chunk runs one range at a time (isolate.py)
     fed: tuple[int, int] | None = None  # the range whose attempt is recorded and in the engine now
+    tokens: int = 0  # output and prompt tokens of `rows`: the beat's in-flight figures, kept as
+    prompt_tokens: int = 0  # rows come, not summed over every row at every engine step
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.tokens += row["output_tokens"]
+        self.prompt_tokens += row["prompt_tokens"]
+
+    def set_rows(self, rows: list) -> None:
+        self.rows, self.tokens, self.prompt_tokens = [], 0, 0
+        for row in rows:
+            self.add(row)
 
 
 class Pacing:
@@ -243,7 +255,8 @@ class Worker:
                 self.max_attempts,
             )
             if step is None:
-                chunk.rows, chunk.part = isolate.read_parts(self.run, chunk.id), None
+                chunk.set_rows(isolate.read_parts(self.run, chunk.id))
+                chunk.part = None
                 return True
             what, (lo, hi) = step
             if what == "poison":
@@ -253,7 +266,8 @@ class Worker:
                 row.update(chunk.source.origin(lo))
                 isolate.save_part(self.run, chunk.id, (lo, hi), [row])
                 continue
-            chunk.rows, chunk.part = [], (lo, hi)
+            chunk.set_rows([])
+            chunk.part = (lo, hi)
             self.feed(chunk, lo, hi)
             return False
 
@@ -310,12 +324,11 @@ class Worker:
         return st is None or st.nlink == 0
 
     def _show_in_flight(self) -> None:
-        rows = [r for k in self.inflight.values() for r in k.rows]
         self.hb.update(
             in_flight={c: len(k.rows) for c, k in self.inflight.items()},
             held=[c for c, k in self.inflight.items() if not k.backup],
-            in_flight_tokens=sum(r["output_tokens"] for r in rows),
-            in_flight_prompt_tokens=sum(r["prompt_tokens"] for r in rows),
+            in_flight_tokens=sum(k.tokens for k in self.inflight.values()),
+            in_flight_prompt_tokens=sum(k.prompt_tokens for k in self.inflight.values()),
         )
 
     # --- one turn of the loop --------------------------------------------------------------
@@ -395,7 +408,7 @@ class Worker:
             if row.get("error"):  # refused by the engine: the record's error, with its input line
                 # (its place in the chunk by its index: a prefix-grouped chunk is not one range)
                 row.update(chunk.source.origin(chunk.source.position(row["index"])))
-            chunk.rows.append(row)
+            chunk.add(row)
         for chunk in [self.inflight[c] for c in {r["chunk"] for r in finished}]:
             if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
                 if not self.run.fs.exists("manifest.json"):
