@@ -112,32 +112,24 @@ class FakeEngine:
         for record, want, have in self._running:
             if have >= want:
                 self.generating_tokens -= have
-                text = f"fake {record.get('id')} {have}"
-                if self.lean:
-                    done.append(
-                        {
-                            "id": record.get("id"),
-                            "index": record.get("index"),
-                            "chunk": record.get("chunk"),
-                            "text": text,
-                            "prompt_tokens": len(str(record.get("prompt") or "")) // 4,
-                            "output_tokens": have,
-                        }
-                    )
-                    continue
-                done.append(
-                    dict(
-                        record,
-                        text=text,
-                        prompt_tokens=len(str(record.get("prompt") or "")) // 4,
-                        output_tokens=have,
-                        outputs=[{"text": text, "finish_reason": "length", "stop_reason": None, "num_tokens": have}],
-                    )
-                )
+                done.append(self._result(record, have))
             else:
                 still.append([record, want, have])
         self._running = still
         return done
+
+    def _result(self, record: dict, have: int) -> dict:
+        """A finished record's row: the input's fields, the text, the token counts and
+        vLLM's `outputs` list; with `lean`, the id, index and chunk alone beside them."""
+        text = f"fake {record.get('id')} {have}"
+        counts = {"text": text, "prompt_tokens": len(str(record.get("prompt") or "")) // 4, "output_tokens": have}
+        if self.lean:
+            return {k: record.get(k) for k in ("id", "index", "chunk")} | counts
+        return dict(
+            record,
+            **counts,
+            outputs=[{"text": text, "finish_reason": "length", "stop_reason": None, "num_tokens": have}],
+        )
 
     def abort(self, chunk_id: int) -> int:
         n = 0

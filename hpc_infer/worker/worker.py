@@ -99,16 +99,16 @@ class Chunk:
     records: list = field(default_factory=list)
     part: tuple[int, int] | None = None  # a suspect chunk runs one range at a time (isolate.py)
     fed: tuple[int, int] | None = None  # the range whose attempt is recorded and in the engine now
-    tokens: int = 0  # output and prompt tokens of `rows`: the beat's in-flight figures, kept as
+    output_tokens: int = 0  # the token counts of `rows`: the beat's in-flight figures, kept as
     prompt_tokens: int = 0  # rows come, not summed over every row at every engine step
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        self.tokens += row["output_tokens"]
+        self.output_tokens += row["output_tokens"]
         self.prompt_tokens += row["prompt_tokens"]
 
     def set_rows(self, rows: list) -> None:
-        self.rows, self.tokens, self.prompt_tokens = [], 0, 0
+        self.rows, self.output_tokens, self.prompt_tokens = [], 0, 0
         for row in rows:
             self.add(row)
 
@@ -327,7 +327,7 @@ class Worker:
         self.hb.update(
             in_flight={c: len(k.rows) for c, k in self.inflight.items()},
             held=[c for c, k in self.inflight.items() if not k.backup],
-            in_flight_tokens=sum(k.tokens for k in self.inflight.values()),
+            in_flight_tokens=sum(k.output_tokens for k in self.inflight.values()),
             in_flight_prompt_tokens=sum(k.prompt_tokens for k in self.inflight.values()),
         )
 
