@@ -405,3 +405,40 @@ def test_an_idle_worker_reads_notices_not_the_run_and_ends_on_done(tmp_path):
     claims.clear_notices(run)
     assert run.fs.listdir(claims.NOTICES) == []  # `done` and the freed-* notice: a new launch starts clean
     assert me.idle_wait(poll_s=10) is not None  # chunk 0 (ours now) is not done: a later launch's workers wait
+
+
+def test_chunk_ids_past_99999_are_listed_and_odd_names_are_not(tmp_path):
+    """Chunk names are `{id:05d}`: five digits up to 99,999, six from 100,000 on (10,000
+    workers at the default 64 chunks a worker plan 640,000). The listings read exactly five
+    digits, so chunk 100,000 on were never seen: claimed, done or backed up, and a run past
+    100,000 chunks could not finish (the merge counts outputs from the same listing). A
+    name that is not an id as we write it (an extra leading zero, a copy, a digit of
+    another script, which `int()` refuses or misreads) is still not a chunk."""
+    from hpc_infer.rundir.chunks import encode_chunk_output, publish_chunk_output
+
+    run = RunDir(tmp_path)
+    run.make()
+    owner = claims.Owner("w0", "h", os.getpid())
+    for cid in (99_999, 100_000, 123_456):
+        rows = [{"id": str(cid), "index": cid, "text": "x"}]
+        assert publish_chunk_output(run.fs, run.out_name(cid), cid, encode_chunk_output(cid, rows))
+    assert claims.try_claim(run, 100_001, owner) and claims.try_claim(run, 7, owner)
+    assert claims.try_backup(run, 100_002, owner)
+    for odd in ("0100000.jsonl", "100000 (copy).jsonl", "1000000.jsonl.tmp", "\u0662" * 6 + ".jsonl"):
+        (run.out / odd).write_text("x\n")
+    for odd in ("0100001", "\u00b2" * 5, "1e5000"):
+        (run.claims / odd).write_text("x\n")
+        (run.claims / "backups" / odd).write_text("x\n")
+    assert run.output_files() == run.done_chunks() == {99_999, 100_000, 123_456}
+    assert run.claimed_chunks() == {7, 100_001}
+    assert claims.backed_up(run) == {100_002}
+    from hpc_infer.rundir.layout import chunk_id_of
+
+    assert [chunk_id_of(s) for s in ("00000", "99999", "100000", "0100000", "0042", "\u0662" * 5)] == [
+        0,
+        99_999,
+        100_000,
+        None,
+        None,
+        None,
+    ]

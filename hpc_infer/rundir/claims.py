@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import clock, schema
 from .fsio import Dir, Stat
-from .layout import RunDir
+from .layout import RunDir, chunk_id_of
 from .lease import fs_now, unlink_quiet
 
 
@@ -183,7 +183,7 @@ BACKUPS = "claims/backups"  # backup markers, apart from the claims: a worker ru
 
 
 def backed_up(run: RunDir) -> set[int]:
-    return {int(n) for n in run.fs.listdir(BACKUPS) if n.isdigit()}
+    return {cid for cid in map(chunk_id_of, run.fs.listdir(BACKUPS)) if cid is not None}
 
 
 def try_backup(run: RunDir, chunk_id: int, owner: Owner) -> bool:

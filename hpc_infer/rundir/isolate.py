@@ -28,7 +28,7 @@ import json
 from typing import Iterable
 
 from . import clock, jobs
-from .layout import RunDir
+from .layout import RunDir, chunk_id_of
 
 Range = tuple[int, int]  # record offsets within the chunk, [lo, hi)
 
@@ -116,7 +116,7 @@ def done_parts(run: RunDir, chunk_id: int) -> dict[Range, str]:
     out = {}
     for name in run.fs.listdir(parts_dir(chunk_id)):
         lo, _, hi = name.removesuffix(".jsonl").partition("-")
-        if name.endswith(".jsonl") and lo.isdigit() and hi.isdigit():
+        if name.endswith(".jsonl") and f"{lo}{hi}".isascii() and lo.isdigit() and hi.isdigit():
             out[(int(lo), int(hi))] = f"{parts_dir(chunk_id)}/{name}"
     return out
 
@@ -190,7 +190,7 @@ def run_marker(run: RunDir) -> tuple[int, int, int]:
     """Changes whenever a round of workers got further: a chunk published, an engine death
     recorded, a part saved (attempts taken back do not count). The launcher resubmits only
     after a round that changed it."""
-    tried = [int(n) for n in run.fs.listdir("attempts") if n.isdigit()]
+    tried = [cid for cid in map(chunk_id_of, run.fs.listdir("attempts")) if cid is not None]
     died = sum(deaths(run, cid) for cid in tried)
-    parts = sum(len(run.fs.listdir(f"parts/{n}")) for n in run.fs.listdir("parts") if n.isdigit())
+    parts = sum(len(run.fs.listdir(f"parts/{n}")) for n in run.fs.listdir("parts") if chunk_id_of(n) is not None)
     return len(run.done_chunks()), died, parts

@@ -145,11 +145,25 @@ class RunDir:
         return {cid for cid, _ in _ids_in(self.fs, "claims", "")}
 
 
+def chunk_id_of(stem: str) -> int | None:
+    """The chunk id a name's stem spells exactly as we write it (`{id:05d}`: five digits,
+    more from chunk 100,000 on, no extra leading zero; ASCII digits only, since `int()`
+    also reads other scripts' digits and refuses some that `isdigit()` accepts), else None."""
+    if len(stem) < 5 or not (stem.isascii() and stem.isdigit()):
+        return None
+    cid = int(stem)
+    return cid if f"{cid:05d}" == stem else None
+
+
 def _ids_in(fs: Dir, folder: str, suffix: str) -> list[tuple[int, str]]:
-    """(id, name) for names that are exactly five digits plus `suffix`."""
-    names = fs.listdir(folder)
-    n = 5 + len(suffix)
-    return [(int(name[:5]), name) for name in names if len(name) == n and name[:5].isdigit() and name[5:] == suffix]
+    """(id, name) for names that are a chunk id as we write it plus `suffix`."""
+    out = []
+    for name in fs.listdir(folder):
+        if name.endswith(suffix):
+            cid = chunk_id_of(name[: len(name) - len(suffix)])
+            if cid is not None:
+                out.append((cid, name))
+    return out
 
 
 def secure_root(root: Path, kind: str, group: str | None = None) -> None:
