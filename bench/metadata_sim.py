@@ -171,6 +171,9 @@ def balance(lay, workers: int) -> dict:
         )
         if ends
         else {},
+        # whole listings of claims/ and out/ (a worker with nothing of its own left looking
+        # for free chunks): one call per 1,000 names each, so their share grows with the run
+        "listings_per_worker": round(sum(p.worker.claimer.listings for p in sim.procs if p.worker) / workers, 2),
         "balance": round(sum(ends) / len(ends) / ends[-1], 4) if ends else 0.0,
         "makespan_s": round(ends[-1], 1) if ends else 0.0,
         "wall_s": round(wall, 1),
@@ -301,7 +304,8 @@ def main() -> None:
                     f"{n:>6} workers, {row['chunks']:>7} chunks: balance {row['balance']} (goal 0.97), makespan "
                     f"{row['makespan_s']} simulated s, {row['published']} published; calls/s: {row['calls_per_s']} "
                     f"over the run, {row['steady_calls_per_s']} in its middle (20-80%), {row['tail_calls_per_s']} "
-                    f"in its last fifth ({row['by_kind']}); {row['wall_s']} s to simulate",
+                    f"in its last fifth ({row['by_kind']}); {row['listings_per_worker']} listings of the run a "
+                    f"worker; {row['wall_s']} s to simulate",
                     flush=True,
                 )
                 continue

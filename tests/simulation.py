@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hpc_infer.rundir import RunDir, claims, clock
 from hpc_infer.rundir.chunks import TRAILER_KEY, trailer_in
+from hpc_infer.rundir.layout import chunk_id_of
 from hpc_infer.rundir.simfs import Faults, SimClient, SimServer
 from hpc_infer.worker.fake_engine import FakeEngine, FakeEngineDied
 from hpc_infer.worker.worker import DONE, HeartbeatLost, Worker
@@ -348,13 +349,14 @@ class Sim:
         run = [ROOT]
         out = self.server.lookup(run + ["out"])
         for name, ino in out.entries.items():
-            if not (name.endswith(".jsonl") and name[:5].isdigit()):
+            cid = chunk_id_of(name.removesuffix(".jsonl")) if name.endswith(".jsonl") else None
+            if cid is None:
                 continue
             node = self.server.nodes[ino]
             before = self.seen_outputs.get(name)
             if before is None:
                 self.seen_outputs[name] = (ino, node.data)
-                self.check_output(int(name[:5]), node.data)
+                self.check_output(cid, node.data)
             elif before != (ino, node.data):
                 self.fail(f"out/{name} was published twice with different content")
         hb = self.server.lookup(run + ["heartbeats"])
@@ -377,7 +379,7 @@ class Sim:
                 continue
             self.deadlines.remove((by, chunks_, died))
             claimed = set(self.server.lookup(run + ["claims"]).entries)
-            published = {n[:5] for n in out.entries}
+            published = {n.removesuffix(".jsonl") for n in out.entries}
             if (
                 not any(p.alive and p.started_at <= died for p in self.procs)
                 or any(
@@ -420,7 +422,7 @@ class Sim:
 
     def check_end(self) -> None:
         out = self.server.lookup([ROOT, "out"])
-        done = {int(n[:5]) for n in out.entries if n.endswith(".jsonl") and n[:5].isdigit()}
+        done = {chunk_id_of(n.removesuffix(".jsonl")) for n in out.entries if n.endswith(".jsonl")} - {None}
         survivors = [p for p in self.procs if p.how == "finished"]
         if survivors and len(done) < self.layout.n_chunks:
             self.fail(

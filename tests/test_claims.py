@@ -442,3 +442,68 @@ def test_chunk_ids_past_99999_are_listed_and_odd_names_are_not(tmp_path):
         None,
         None,
     ]
+
+
+def test_a_worker_uses_anothers_listing_once_and_the_last_publisher_still_finds_the_run_done(tmp_path):
+    """Listings of claims/ and out/ cost one call per 1,000 names, and every worker whose
+    stripe is used up looks for work a few times a run: 0.068 x workers² calls, 558 readdir
+    a second at 3,000 workers (bench/metadata_sim.py --balance). A worker that lists shares
+    what it found (claims/notices/listing); another uses it once instead of listing, unless
+    a `freed-*` notice is newer than it or it is damaged. A publisher whose shared listing
+    shows nothing free and whose pending claims it samples are all done lists for itself, so
+    the last publisher still finds the run done and posts `done`."""
+    import socket
+
+    from hpc_infer.rundir.chunks import encode_chunk_output, publish_chunk_output
+    from hpc_infer.rundir.fsio import PinnedDir
+
+    RunDir(tmp_path).make()
+    listed: dict[str, int] = {}
+    reader = {"who": ""}
+
+    class Counting(PinnedDir):
+        def listdir(self, sub=""):
+            if sub in ("claims", "out"):
+                listed[reader["who"]] = listed.get(reader["who"], 0) + 1
+            return super().listdir(sub)
+
+    run = RunDir(tmp_path, Counting(tmp_path))
+    host = socket.gethostname()
+    a = claims.Claimer(run, 6, claims.Owner("a", host, os.getpid()), lease_s=600, rank=0, of=2)
+    b = claims.Claimer(run, 6, claims.Owner("b", host, os.getpid()), lease_s=600, rank=1, of=2)
+    listed.clear()  # (each start lists out/ once: what a relaunch has done)
+
+    def publish(c: claims.Claimer, cid: int) -> None:
+        rows = [{"id": str(cid), "index": cid, "text": "x"}]
+        assert publish_chunk_output(run.fs, run.out_name(cid), cid, encode_chunk_output(cid, rows))
+        claims.release(run, cid, c.owner)
+        c.published()
+
+    def look(c: claims.Claimer, who: str) -> int | None:
+        reader["who"] = who
+        c._listed = float("-inf")  # as a look LIST_FRESH_S later
+        return c.next()
+
+    assert [look(a, "a") for _ in range(4)] == [0, 2, 4, 1]  # its stripe, then chunk 1 from its own listing
+    assert listed == {"a": 2} and a.listings == 1
+    assert [look(b, "b") for _ in range(3)] == [3, 5, None]  # its stripe (1 was taken), then a's listing
+    assert "b" not in listed and b.shared_used == 1, "b listed the run instead of using a's listing"
+    assert look(b, "b") is None and listed["b"] == 2  # used once: the next look lists
+
+    for cid in (0, 2, 4, 1):
+        publish(a, cid)
+    assert look(a, "a") is None and a.shared_used == 1 and a.listings == 1  # b's: nothing free, 3 and 5 pending
+    assert look(a, "a") is None and a.listings == 2  # used once: it lists (and shares)
+    publish(b, 3)
+    publish(b, 5)
+    assert look(b, "b") is None and b.listings == 2 and b.shared_used == 1  # a's pending 3 and 5 are done: it lists
+    assert b.idle_wait(poll_s=10) is None and run.fs.exists(claims.DONE_NOTICE)
+
+    claims.clear_notices(run)
+    assert run.fs.listdir(claims.NOTICES) == []  # the launch clears the shared listing with the notices
+    c = claims.Claimer(run, 6, claims.Owner("c", host, os.getpid()), lease_s=600, rank=0, of=1)
+    run.fs.replace(claims.SHARED_LISTING, b'{"token": "x", "n_chunks": 6, "free": [99]}')  # damaged
+    assert look(c, "c") is None and c.listings == 1 and c.shared_used == 0
+    d = claims.Claimer(run, 6, claims.Owner("d", host, os.getpid()), lease_s=600, rank=0, of=1)
+    claims.post_freed(run)  # newer than c's listing: d does not use it
+    assert look(d, "d") is None and d.listings == 1 and d.shared_used == 0

@@ -10,6 +10,7 @@ chunk having a single output path written by rename. Standard library only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -333,6 +334,9 @@ POOL_KEEP = 512  # claims not done kept from a listing, to sample for staleness 
 NOTICES = "claims/notices"  # what an idle worker reads instead of listing the run: `done` (every
 # chunk has its output) and `freed-*` (a claim was released with its chunk unfinished)
 DONE_NOTICE = f"{NOTICES}/done"
+SHARED_LISTING = f"{NOTICES}/listing"  # the last listing a worker made, for the others (Claimer._list)
+SHARED_FREE = 64  # free chunks a shared listing names (the first ones: the largest)
+SHARED_TRIES = 8  # of its free chunks a worker tries (at random), and of its claims a publisher checks
 
 
 def _post(run: RunDir, name: str) -> None:
@@ -361,8 +365,36 @@ def clear_notices(run: RunDir) -> None:
     earlier launch's `freed-*` notices go (the new workers list the run when they start, so
     none is needed; without this the folder every idle look lists would only grow)."""
     for name in run.fs.listdir(NOTICES):  # [] for a run planned before notices
-        if name == "done" or name.startswith("freed-"):
+        if name in ("done", "listing") or name.startswith("freed-"):
             unlink_quiet(run.fs, f"{NOTICES}/{name}")
+
+
+@dataclass(frozen=True)
+class SharedListing:
+    """claims/notices/listing: what one worker's listing of claims/ and out/ found, for the
+    others to use instead of listing again (Claimer._use_shared)."""
+
+    token: str  # which listing: a worker uses each one once
+    n_chunks: int
+    freed: list[str]  # the `freed-*` notices there when it was made (it covers their releases)
+    free: list[int]  # the first SHARED_FREE chunks neither claimed nor done
+    more_free: bool  # more were free than it names
+    pool: list[int]  # claims not done (a sample of POOL_KEEP), to watch for staleness
+    all_done: bool  # every chunk had its output
+
+    @staticmethod
+    def parse(data: bytes, n_chunks: int) -> "SharedListing | None":
+        """None for anything but a listing of this run's chunks in the shape we write (a
+        damaged or foreign file is only a saving lost: the reader lists for itself)."""
+        try:
+            value = json.loads(data)
+        except ValueError:
+            return None
+        if schema.problems(value, schema.SHARED_LISTING) or value["n_chunks"] != n_chunks:
+            return None
+        if not all(0 <= c < n_chunks for c in (*value["free"], *value["pool"])):
+            return None
+        return SharedListing(**value)
 
 
 class Claimer:
@@ -385,6 +417,13 @@ class Claimer:
     the listing) and samples the claims not done that the listing showed for staleness. It
     lists again after a notice, after publishing a chunk itself (the last publisher's
     listing finds the run done and posts `done`), and when every claim it kept is gone.
+
+    A worker that lists shares what it found (claims/notices/listing: the first free chunks,
+    a sample of the claims not done, the notices it covers), and a worker about to list uses
+    that instead when it has not used it yet (_use_shared): one read, not a listing of two
+    folders of the run's size. Workers whose stripes are used up looked for work 3.4 times
+    each over a run, so their own listings grew as workers²; shared, 0.04 to 0.05 a worker
+    are made at 1,000 and 3,000 workers (bench/metadata_sim.py --balance).
     The memory kept is the stripe and at most FREE_KEEP + POOL_KEEP ids, never a set of the
     run's chunks (the simulator holds 10,000 workers in one process)."""
 
@@ -400,27 +439,93 @@ class Claimer:
         self._pool: list[int] = []  # claims not done at the last listing (a sample of POOL_KEEP)
         self._listed = float("-inf")
         self._quiet = False  # a listing showed nothing free: look at notices, not the run
-        self._notices: set[str] = set()  # the notices seen at the last idle look
+        self._notices: set[str] = set()  # the notices seen at the last idle look or listing
         self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
         self._all_done = False  # the last listing showed every chunk's output
-        self.listings = 0
+        self._used = ""  # the token of the shared listing this worker used last
+        self._shared = False  # the last listing was a shared one
+        self._published = False  # this worker published a chunk since its last listing
+        self.listings = 0  # listings of the run this worker made
+        self.shared_used = 0  # shared listings it used instead
 
     def _list(self) -> None:
         self._listed = clock.now()
-        self.listings += 1
         self._quiet = False
+        self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
+        # the notices first: a listing, this worker's or a shared one, must cover every release
+        # they announce to be used
+        self._notices = set(self.run.fs.listdir(NOTICES))
+        freed = sorted(n for n in self._notices if n.startswith("freed-"))
+        self._shared = self._use_shared(freed)
+        self._published = False
+        if self._shared:
+            return
+        self.listings += 1
         # names only: an output that exists is taken (its trailer is checked once, when it is
         # claimed or merged); a damaged one is moved aside by the launcher before workers start
         claimed, done = self.run.claimed_chunks(), self.run.output_files()
         taken = claimed | done
         self.stripe = [c for c in self.stripe if c not in taken]
         free = (c for c in range(self.n) if c not in taken)
-        self._free = [c for c, _ in zip(free, range(FREE_KEEP))]
+        first = [c for c, _ in zip(free, range(max(FREE_KEEP, SHARED_FREE)))]
+        self._free = first[:FREE_KEEP]
         self._more_free = self.n - len(taken) > len(self._free)
         pool = claimed - done
         self._pool = sorted(pool if len(pool) <= POOL_KEEP else clock.rng().sample(sorted(pool), POOL_KEEP))
         self._all_done = len(done) >= self.n  # names only, as above: every chunk has its output
-        self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
+        self._used = clock.token(8)
+        shared = SharedListing(
+            self._used,
+            self.n,
+            freed,
+            first[:SHARED_FREE],
+            self.n - len(taken) > SHARED_FREE,
+            self._pool,
+            self._all_done,
+        )
+        data = json.dumps(dataclasses.asdict(shared)).encode()
+        try:
+            try:
+                self.run.fs.replace(SHARED_LISTING, data)
+            except FileNotFoundError:  # no notice yet: the folder is made by the first one
+                self.run.fs.mkdir(NOTICES)
+                self.run.fs.replace(SHARED_LISTING, data)
+        except OSError:
+            pass  # only a saving for the others: they list for themselves
+
+    def _use_shared(self, freed: list[str]) -> bool:
+        """Use the last listing another worker shared instead of listing claims/ and out/ (one
+        call per 1,000 names): when this worker has not used that one yet and it was made after
+        every `freed-*` notice there now. Every worker whose stripe is used up looks for work
+        2 to 4 times a run, so listings of its own were 0.068 x workers² calls a run
+        (bench/metadata_sim.py --balance: readdir 558/s at 3,000 workers).
+
+        An old one is safe: a chunk becomes free again only by a release, which posts a
+        `freed-*` notice, so the chunks free now are among those it named free or those the
+        notices announce, which it covers. Its free chunks may be taken since: next() then
+        lists at once. A worker that published a chunk since its last listing, when the shared
+        one shows nothing free, checks a few of its pending claims' outputs: all there, and the
+        run may be done, so it lists (the last publisher's listing is the one that finds every
+        chunk done and posts `done`; a shared listing made before that publish cannot)."""
+        try:
+            shared = SharedListing.parse(self.run.fs.read(SHARED_LISTING), self.n)
+        except OSError:
+            return False
+        if shared is None or shared.token == self._used or not set(freed) <= set(shared.freed):
+            return False
+        if self._published and not shared.free and not shared.more_free and not shared.all_done:
+            pool = shared.pool
+            look = clock.rng().sample(pool, min(SHARED_TRIES, len(pool)))
+            if all(self.run.fs.stat(self.run.out_name(c)) is not None for c in look):
+                return False  # (an empty pool too)
+        self._used = shared.token
+        self.shared_used += 1
+        free = shared.free
+        self._free = sorted(clock.rng().sample(free, min(SHARED_TRIES, len(free))))
+        self._more_free = shared.more_free or len(free) > len(self._free)
+        self._pool = list(shared.pool)
+        self._all_done = shared.all_done
+        return True
 
     def unclaimed(self) -> set[int]:
         """Chunks neither claimed nor done, from a listing of its own (for a straggler deciding
@@ -430,7 +535,7 @@ class Claimer:
     def published(self) -> None:
         """This worker published a chunk: its next look lists the run (the last publisher's
         listing is the one that finds every chunk done)."""
-        self._quiet = False
+        self._quiet, self._published = False, True
 
     def _news(self) -> str | None:
         """One call: "done" when a listing found every chunk done, "freed" when a chunk was
@@ -475,6 +580,9 @@ class Claimer:
         if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
             self._list()
         cid = self._from_free(skip)
+        if cid is None and self._shared and (self._more_free or not self._pool):
+            self._list()  # a shared listing whose free chunks were taken since: list now, not a look later
+            cid = self._from_free(skip)
         if cid is not None:
             return cid
         # stale claims: a random sample, not all of them (every idle worker looks once: a sweep

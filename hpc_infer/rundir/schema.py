@@ -218,6 +218,18 @@ ROUTER_STATE = Shape(
     extra_ok=True,
 )
 
+SHARED_LISTING = Shape(  # claims/notices/listing: one worker's listing of the run, for the others
+    {
+        "token": str,
+        "n_chunks": int,
+        "freed": ListOf(str),
+        "free": ListOf(int),
+        "more_free": bool,
+        "pool": ListOf(int),
+        "all_done": bool,
+    }
+)
+
 BY_NAME = {"manifest.json": MANIFEST, "worker.json": WORKER}
 
 
