@@ -507,3 +507,43 @@ def test_a_worker_uses_anothers_listing_once_and_the_last_publisher_still_finds_
     d = claims.Claimer(run, 6, claims.Owner("d", host, os.getpid()), lease_s=600, rank=0, of=1)
     claims.post_freed(run)  # newer than c's listing: d does not use it
     assert look(d, "d") is None and d.listings == 1 and d.shared_used == 0
+
+
+def test_the_launcher_waits_out_a_lagging_view_when_the_workers_said_done(tmp_path):
+    """Every job ended and the launcher's look misses the last output: on a shared file
+    system its client's attribute and entry caches can hide for seconds what another node
+    just published (tests/test_sharedfs.py mounts them with 3 s). It resubmitted workers
+    then (a third worker that found nothing to do, seen in CI). When a worker's listing
+    found every output (the `done` notice), `wait` looks again until its view catches up;
+    without the notice it ends at once, as before."""
+    import json
+
+    from conftest import compose
+    from hpc_infer.run.plan import plan_input, prepare
+    from hpc_infer.run.progress import wait
+    from hpc_infer.rundir.chunks import encode_chunk_output, publish_chunk_output
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"q {i}"}) + "\n" for i in range(8)))
+    rc = compose(f"output_root={tmp_path}/runs", f"data.path={data}", "cluster=local", "cluster.workers=2")
+    run, _ = prepare(rc, plan_input(rc), "/m", "")
+    n = run.read_json("manifest.json")["n_chunks"]
+
+    def publish(cid: int) -> None:
+        rows = [{"id": str(cid), "index": cid, "text": "x"}]
+        assert publish_chunk_output(run.fs, run.out_name(cid), cid, encode_chunk_output(cid, rows))
+
+    for cid in range(n - 1):
+        publish(cid)
+    looks = {"n": 0}
+
+    def ended() -> dict[str, str]:  # every job ended; the last output shows up at the third look
+        looks["n"] += 1
+        if looks["n"] == 3:
+            publish(n - 1)
+        return {"1": "COMPLETED"}
+
+    assert not wait(run, ended, poll_s=0.01, show=False).complete  # no notice: ends at the first look
+    claims.post_done(run)
+    looks["n"] = 0
+    assert wait(run, ended, poll_s=0.01, show=False).complete and looks["n"] >= 3

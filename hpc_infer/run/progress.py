@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..log import printable
 from ..rundir import RunDir, read_heartbeats, tail_lines
-from ..rundir.claims import live_claims, rate, read_beat
+from ..rundir.claims import DONE_NOTICE, live_claims, rate, read_beat
 from ..rundir.lease import fs_now
 
 
@@ -187,6 +187,9 @@ def failures(run: RunDir, states: dict[str, str]) -> list[str]:
     return lines
 
 
+FS_CACHE_S = 60.0  # the longest attribute cache `wait` waits out (NFS's acregmax and acdirmax default)
+
+
 def wait(
     run: RunDir,
     job_states: Callable[[], dict[str, str]],
@@ -227,6 +230,7 @@ def wait(
         dynamic_ncols=True,
     )
     last_log = 0.0
+    ended_at: float | None = None  # when every job was first seen ended with the run not complete
     while True:
         p = snapshot(run, manifest, fresh_s, tracker, beats_seen)
         states = job_states()
@@ -255,7 +259,13 @@ def wait(
                 run, manifest, fresh_s, tracker, beats_seen
             )  # a last look: the final rename may have just landed
             if not p.complete and not live_claims(run, lease_s):
-                break
+                ended_at = ended_at or time.time()
+                # a worker's listing found every output (the `done` notice): this view lags, a
+                # file server's attribute and entry caches (tests/test_sharedfs.py: 3 s) hiding
+                # the last outputs from this client; look again rather than resubmit, for as
+                # long as such a cache can last (a damaged output, named but not done, ends it)
+                if not (run.fs.exists(DONE_NOTICE) and time.time() - ended_at < FS_CACHE_S):
+                    break
         time.sleep(max(poll_s, poll_interval(len(states))))
     bar.close()
     return p
