@@ -339,13 +339,18 @@ SHARED_FREE = 64  # free chunks a shared listing names (the first ones: the larg
 SHARED_TRIES = 8  # of its free chunks a worker tries (at random), and of its claims a publisher checks
 
 
-def _post(run: RunDir, name: str) -> None:
+def _in_notices(run: RunDir, write) -> None:
+    """Write into claims/notices/, the folder made on first use (no notice yet, or a run
+    planned before notices)."""
     try:
-        if not run.fs.create(name, b""):
-            return
-    except FileNotFoundError:  # a run planned before notices: its folder made on first use
+        write()
+    except FileNotFoundError:
         run.fs.mkdir(NOTICES)
-        run.fs.create(name, b"")
+        write()
+
+
+def _post(run: RunDir, name: str) -> None:
+    _in_notices(run, lambda: run.fs.create(name, b""))
 
 
 def post_freed(run: RunDir) -> None:
@@ -448,13 +453,14 @@ class Claimer:
         self.listings = 0  # listings of the run this worker made
         self.shared_used = 0  # shared listings it used instead
 
-    def _list(self) -> None:
+    def _list(self, notices: set[str] | None = None) -> None:
+        """`notices`: claims/notices/ as this look already read it (idle_wait), else read here."""
         self._listed = clock.now()
         self._quiet = False
         self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
         # the notices first: a listing, this worker's or a shared one, must cover every release
         # they announce to be used
-        self._notices = set(self.run.fs.listdir(NOTICES))
+        self._notices = set(self.run.fs.listdir(NOTICES)) if notices is None else notices
         freed = sorted(n for n in self._notices if n.startswith("freed-"))
         self._shared = self._use_shared(freed)
         self._published = False
@@ -485,11 +491,7 @@ class Claimer:
         )
         data = json.dumps(dataclasses.asdict(shared)).encode()
         try:
-            try:
-                self.run.fs.replace(SHARED_LISTING, data)
-            except FileNotFoundError:  # no notice yet: the folder is made by the first one
-                self.run.fs.mkdir(NOTICES)
-                self.run.fs.replace(SHARED_LISTING, data)
+            _in_notices(self.run, lambda: self.run.fs.replace(SHARED_LISTING, data))
         except OSError:
             pass  # only a saving for the others: they list for themselves
 
@@ -629,7 +631,7 @@ class Claimer:
         if news == "freed":
             self._quiet, self._listed = False, float("-inf")
         if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
-            self._list()
+            self._list(self._notices)  # (the notices _news just read)
         if self._all_done:
             post_done(self.run)
             return None

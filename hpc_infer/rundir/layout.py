@@ -160,7 +160,7 @@ def _ids_in(fs: Dir, folder: str, suffix: str) -> list[tuple[int, str]]:
     out = []
     for name in fs.listdir(folder):
         if name.endswith(suffix):
-            cid = chunk_id_of(name[: len(name) - len(suffix)])
+            cid = chunk_id_of(name.removesuffix(suffix))
             if cid is not None:
                 out.append((cid, name))
     return out
