@@ -17,6 +17,8 @@ import pytest
 
 import simulation as S
 
+from hpc_infer.worker.heartbeat import Heartbeat
+
 SEEDS = int(os.environ.get("HPC_INFER_SIM_SEEDS", "1500"))
 
 
@@ -61,6 +63,14 @@ def _old_publish(fs, name, chunk_id, data):
     return fs.publish(name, data)
 
 
+def _old_carry_over(self, _now=Heartbeat.carry_over):
+    """Before: a failed read of the earlier beat (ESTALE, EIO) counted as no earlier beat."""
+    try:
+        _now(self)
+    except OSError:
+        self._carried = True
+
+
 # Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
 FOUND = {
     "a read error taken for a damaged output": (
@@ -96,6 +106,24 @@ FOUND = {
     "a requeued task keeps its worker id": (
         S.Schedule(145, "plain", 2, [(2.248, "requeue", 1, 3.335)], [], [0.0, 0.0, 0.0]),
         ("hpc_infer.worker.heartbeat.Heartbeat.carry_over", lambda self, *a: None),
+        "went back",
+    ),
+    "a requeued task's earlier beat read through ESTALE": (
+        # found at seed 765977 by a clean-clone CI run: the read of the earlier beat failed
+        # with ESTALE, was taken for no beat, and the first beat zeroed the counters
+        S.Schedule(
+            765977,
+            "plain",
+            5,
+            [(0.129, "requeue", 3, 19.637), (2.041, "mount_down", 1, 18.033), (12.546, "requeue", 0, 11.322)],
+            ["d5q3", "d0q4", "d2q1"],
+            [0.0, 0.0, 0.0],
+            ac_s=0.0,
+            eio=0.002,
+            estale=0.05,
+            slow={},
+        ),
+        ("hpc_infer.worker.heartbeat.Heartbeat.carry_over", _old_carry_over),
         "went back",
     ),
 }

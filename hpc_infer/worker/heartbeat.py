@@ -57,6 +57,7 @@ class Heartbeat:
             # Whether a token reached this job (never its value): `status` can tell users.
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
         }
+        self._carried = False  # the earlier process's beat has been read (carry_over)
         self.run_deleted = False
         self.last_ok = 0.0  # no beat has reached the run directory yet: unhealthy until one does
         self._errors: dict[str, float] = {}  # kind of error -> when it was last logged
@@ -73,11 +74,16 @@ class Heartbeat:
     def carry_over(self) -> None:
         """A requeued task keeps its worker id: the earlier process's beat is read first and
         its counters and running time carried on (GPU-hours count every segment, progress
-        never goes backwards)."""
+        never goes backwards). Only a missing beat means there is none: a read that fails
+        otherwise (ESTALE, EIO) raises, and `beat` writes nothing until one succeeds, since a
+        beat written without it would zero the earlier counters."""
         try:
             prev = json.loads(self.run.fs.read(self.run.heartbeat_name(self.owner.worker_id)))
-        except (OSError, ValueError):
-            return
+        except FileNotFoundError:
+            prev = None
+        except ValueError:  # not ours to read back (the file is replaced whole, never torn)
+            prev = None
+        self._carried = True
         if not isinstance(prev, dict) or (prev.get("pid"), prev.get("host")) == (self.owner.pid, self.owner.host):
             return
         for key in CARRIED:
@@ -93,7 +99,6 @@ class Heartbeat:
     def start(self, thread: bool = True) -> None:
         """The first beat, then one every interval from a thread (`thread=False`: the caller
         beats, as the protocol simulator does)."""
-        self.carry_over()
         try:
             self.beat()
         except OSError as e:
@@ -113,6 +118,8 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
+        if not self._carried:
+            self.carry_over()
         now = clock.now()
         with self._lock:
             records, tokens = self.finished_counts()
