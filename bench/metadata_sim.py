@@ -119,10 +119,11 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
 TOKENS_PER_STEP = 100  # one simulated engine step stands for this many decode steps
 
 
-def balance(lay, workers: int) -> dict:
+def balance(lay, workers: int, draw: int = 0) -> dict:
     """A whole run with heavy-tailed lengths and the real engine's step cost (a + c x batch,
     bench/engine_model.json, as bench/balance.py), one simulated step standing for
-    TOKENS_PER_STEP tokens: lengths log-normal, median 300 tokens, sigma 1, at most 4,100."""
+    TOKENS_PER_STEP tokens: lengths log-normal, median 300 tokens, sigma 1, at most 4,100;
+    `draw`: which draw of the lengths (0: the one every earlier figure used)."""
     import simulation as S
 
     m = json.loads((ROOT / "bench" / "engine_model.json").read_text())
@@ -131,7 +132,7 @@ def balance(lay, workers: int) -> dict:
         "step_s": m["a"] * TOKENS_PER_STEP,
         "step_per_seq_s": m["c"] * TOKENS_PER_STEP,
         "max_num_seqs": m["max_num_seqs"],
-        "lengths": {"median": 3, "sigma": 1.0, "max": 41},
+        "lengths": {"median": 3, "sigma": 1.0, "max": 41, "salt": f"{draw}:" if draw else ""},
         "lean": True,  # rows without the input's copy: 10,000 workers' unpublished rows fit in memory
     }
     beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
@@ -275,6 +276,12 @@ def main() -> None:
     ap.add_argument("--warm", type=float, default=600.0)
     ap.add_argument("--window", type=float, default=600.0)
     ap.add_argument("--balance", action="store_true", help="whole runs with heavy-tailed lengths: balance, not calls")
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="--balance: runs with this many draws of the output lengths (one draw's balance moves by about 0.01)",
+    )
     ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
     ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-256)")
     ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
@@ -299,15 +306,23 @@ def main() -> None:
                 per_chunk = -(-args.records_per_worker // args.chunks_per_worker)
                 lay = S.sized_layout(Path(tmp), n, args.chunks_per_worker, per_chunk, "bench", cap=False)
                 lay.ids = []
-                row = balance(lay, n)
-                print(
-                    f"{n:>6} workers, {row['chunks']:>7} chunks: balance {row['balance']} (goal 0.97), makespan "
-                    f"{row['makespan_s']} simulated s, {row['published']} published; calls/s: {row['calls_per_s']} "
-                    f"over the run, {row['steady_calls_per_s']} in its middle (20-80%), {row['tail_calls_per_s']} "
-                    f"in its last fifth ({row['by_kind']}); {row['listings_per_worker']} listings of the run a "
-                    f"worker; {row['wall_s']} s to simulate",
-                    flush=True,
-                )
+                rows = [balance(lay, n, d) for d in range(args.draws)]
+                for d, row in enumerate(rows):
+                    print(
+                        f"{n:>6} workers, {row['chunks']:>7} chunks, draw {d}: balance {row['balance']} (goal 0.97), "
+                        f"makespan {row['makespan_s']} simulated s, {row['published']} published; calls/s: "
+                        f"{row['calls_per_s']} over the run, {row['steady_calls_per_s']} in its middle (20-80%), "
+                        f"{row['tail_calls_per_s']} in its last fifth ({row['by_kind']}); "
+                        f"{row['listings_per_worker']} listings of the run a worker; {row['wall_s']} s to simulate",
+                        flush=True,
+                    )
+                if len(rows) > 1:
+                    b = sorted(r["balance"] for r in rows)
+                    print(
+                        f"{n:>6} workers, {len(rows)} draws: balance mean {sum(b) / len(b):.4f}, "
+                        f"least {b[0]}, most {b[-1]} (goal 0.97)",
+                        flush=True,
+                    )
                 continue
             lay = layout(Path(tmp), n, args.chunks_per_worker, args.records)
             row = measure(lay, n, args.records, args.chunk_s, args.warm, args.window)

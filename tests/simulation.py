@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hpc_infer.rundir import RunDir, claims, clock
+from hpc_infer.rundir import RunDir, claims, clock, lease
 from hpc_infer.rundir.chunks import TRAILER_KEY, trailer_in
 from hpc_infer.rundir.layout import chunk_id_of
 from hpc_infer.rundir.simfs import Faults, SimClient, SimServer
@@ -30,6 +30,9 @@ from hpc_infer.worker.worker import DONE, HeartbeatLost, Worker
 ROOT = "run"
 EPOCH = 1.8e9  # simulated clocks read like real ones (seconds since 1970), node skew added
 LEASE_S, HEARTBEAT_S = 30.0, 2.0
+# once every chunk is published, a live worker ends within this (its idle look comes every
+# beat; the `done` notice is seen through the attribute cache): the end invariant adds ac_s
+END_S = 2 * HEARTBEAT_S + 1.0
 T_MAX = 3000.0
 
 
@@ -165,7 +168,9 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
     events = []
     for _ in range(rng.choice([0, 1, 1, 2, 3, 4])):
         kind = rng.choice(KINDS)
-        events.append((round(rng.uniform(0, 20), 3), kind, rng.randrange(workers), round(rng.uniform(1, 40), 3)))
+        # half while the small layouts' runs last (well under a second), half over the tail
+        t = rng.uniform(0, 0.5) if rng.random() < 0.5 else rng.uniform(0, 20)
+        events.append((round(t, 3), kind, rng.randrange(workers), round(rng.uniform(1, 40), 3)))
     events.sort()
     refuse = rng.sample(layout.ids, rng.choice([0, 0, 1, 3]))
     return Schedule(
@@ -176,7 +181,7 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
         refuse,
         skew=[round(rng.uniform(-300, 300), 3) for _ in range(3)],
         ac_s=rng.choice([0.0, 0.0, 1.0, 3.0]),
-        eio=rng.choice([0.0, 0.0, 0.002]),
+        eio=rng.choice([0.0, 0.0, 0.002, 0.03]),
         estale=rng.choice([0.0, 0.05]),
         slow={f"w{rng.randrange(workers)}": rng.choice([1.0, 4.0])},
     )
@@ -240,6 +245,7 @@ class Sim:
 
         chunks._DONE_CACHE.clear()  # process-wide caches keyed by path: one schedule's never serve the next's
         claims._names.clear()
+        lease._OFFSETS.clear()  # (keyed by client: pids repeat from one schedule to the next)
         self.engine_conf = engine or {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4}
         self.check, self.launcher_poll, self.t_max, self.heartbeat_s = check, launcher_poll, t_max, heartbeat_s
         self.rng = random.Random(sched.seed * 7919 + 1)
@@ -254,6 +260,7 @@ class Sim:
         self.procs: list[Proc] = []
         self.next_pid = 1000
         self.down: dict[int, float] = {}  # node -> mount down until
+        self.mount_ups: list[float] = []  # when each mount outage ends
         self.seen_outputs: dict[str, tuple[int, bytes]] = {}
         self.beats: dict[str, dict] = {}  # worker id -> the latest beat seen
         self.shown: list[tuple[float, float | None, int, int]] = []  # launcher polls: (t, ETA, done, total)
@@ -261,6 +268,7 @@ class Sim:
         self.deadlines: list[tuple[float, list[int], float]] = []  # (by when, chunks, death time)
         self.last_death = 0.0
         self.deaths: list[float] = []
+        self.ends: list[float] = []  # when a process ended other than by finishing (killed, stopped)
         self.done_at: float | None = None
         self.relaunches = 0
         self.manifest = json.loads(layout.files["manifest.json"])
@@ -305,6 +313,8 @@ class Sim:
             self.segments.setdefault(p.wid, []).append((beat["started"], end))
         if how in ("killed", "crashed"):
             self.deaths.append(self.t)
+        if how != "finished":
+            self.ends.append(self.t)
         if how in ("killed", "crashed") and w is not None:
             held = [c for c, k in w.inflight.items() if not k.backup]
             p.held_at_death = held
@@ -333,10 +343,14 @@ class Sim:
         elif kind == "mount_down":
             node = slot % max(1, len(self.sched.skew) or 1)
             self.down[node] = self.t + arg
+            self.mount_ups.append(self.t + arg)
         elif kind == "relaunch":  # the launcher: stale claims of dead workers dropped, one new worker each
             launcher = SimClient(self.server, ROOT, "launcher", ac_s=0.0, path="/sim/run")
             dead = {p.wid for p in self.procs if not p.alive}
-            claims.release_dead(RunDir(Path("/sim/run"), launcher), LEASE_S, dead)
+            try:
+                claims.release_dead(RunDir(Path("/sim/run"), launcher), LEASE_S, dead)
+            except OSError:
+                return  # the launch fails with the file server's error before it submits: no relaunch
             for p in [p for p in self.procs if not p.alive and p.how in ("killed", "crashed")]:
                 self.relaunches += 1
                 self.start(len(self.procs) + 100, f"r{self.relaunches}")
@@ -359,6 +373,10 @@ class Sim:
                 self.check_output(cid, node.data)
             elif before != (ino, node.data):
                 self.fail(f"out/{name} was published twice with different content")
+        if self.done_at is None and len(self.seen_outputs) == self.layout.n_chunks:
+            self.done_at = self.t
+        if self.done_at is not None:
+            self.check_ended()
         hb = self.server.lookup(run + ["heartbeats"])
         total = 0
         for name, ino in hb.entries.items():
@@ -400,6 +418,27 @@ class Sim:
                     if owner.get("pid") not in [p.pid for p in self.procs if p.alive]:
                         self.fail(f"chunk {c}: still claimed by dead pid {owner.get('pid')} at {self.t:.1f}")
 
+    def check_ended(self) -> None:
+        """Liveness at the end: once every chunk is published, each live worker ends within
+        END_S (+ the attribute cache) of that, of its own start, or of a mount coming back.
+        The last publisher's listing finds the run done and posts `done`; the others see it at
+        their next idle look. A process that ends otherwise after the run is done (killed,
+        stopped: maybe the last publisher before it posted) leaves the others a lease to
+        wait out its claims, and a mount down after that keeps its node from looking."""
+        slack = END_S + self.sched.ac_s
+        since = self.done_at
+        ups = [u for u in self.mount_ups if u >= self.done_at]
+        if ups:
+            since = max(since, max(ups))
+        if any(t >= self.done_at for t in self.ends):
+            slack += LEASE_S + 2 * HEARTBEAT_S
+        for p in self.procs:
+            if p.alive and self.t > max(since, p.started_at) + slack:
+                self.fail(
+                    f"worker {p.wid} still running {self.t - max(since, p.started_at):.1f}s after every chunk "
+                    f"was published (at {self.done_at:.1f}; allowed {slack:.1f}s)"
+                )
+
     def check_output(self, cid: int, data: bytes) -> None:
         lines = data.decode().splitlines()
         trailer = json.loads(lines[-1])
@@ -423,6 +462,12 @@ class Sim:
     def check_end(self) -> None:
         out = self.server.lookup([ROOT, "out"])
         done = {chunk_id_of(n.removesuffix(".jsonl")) for n in out.entries if n.endswith(".jsonl")} - {None}
+        alive = [p for p in self.procs if p.alive]
+        if alive and len(done) < self.layout.n_chunks:
+            self.fail(
+                f"the run hangs: {len(alive)} workers alive at the end ({self.t_max:g}s), chunks "
+                f"{sorted(set(self.sizes) - done)} not done"
+            )
         survivors = [p for p in self.procs if p.how == "finished"]
         if survivors and len(done) < self.layout.n_chunks:
             self.fail(
@@ -444,6 +489,8 @@ class Sim:
         for wid, beat in self.beats.items():
             segs = self.segments.get(wid, [])
             counted = float(beat.get("earlier_s") or 0.0) + (beat.get("finished_at") or beat["t"]) - beat["started"]
+            if any(p.alive and p.wid == wid for p in self.procs):  # its segment is still running
+                counted = float(beat.get("earlier_s") or 0.0)
             if segs and abs(counted - sum(b - a for a, b in segs)) > 1e-3:
                 self.fail(f"worker {wid}: its beat counts {counted:.3f}s, its processes ran {segs}")
 
@@ -467,7 +514,6 @@ class Sim:
             heapq.heapify(queue)
             known = len(self.procs)
             while self.t < self.t_max:
-                live = any(p.alive for p in self.procs)
                 for i in range(known, len(self.procs)):  # started since: their first step and beat
                     heapq.heappush(queue, (self.procs[i].next_step, 0, i))
                     heapq.heappush(queue, (self.procs[i].next_beat, 1, i))
@@ -501,8 +547,8 @@ class Sim:
                         heapq.heappush(queue, (p.next_beat, 1, i) if what == 1 else (p.next_step, 0, i))
                 if self.check:
                     self.check_step()
-                if not live and not events and not self.pending:
-                    break
+                if not any(p.alive for p in self.procs) and not events and not self.pending:
+                    break  # (recounted: a requeued task may have started in this step)
                 if self.launcher_poll and not any(p.alive for p in self.procs) and not events and not self.pending:
                     break
             if self.check:
@@ -558,8 +604,8 @@ class Sim:
             self.current = None
 
 
-def run_schedule(sched: Schedule, layouts: dict[str, Layout]) -> Sim:
-    return Sim(sched, layouts[sched.layout], launcher_poll=True).run()
+def run_schedule(sched: Schedule, layouts: dict[str, Layout], t_max: float = T_MAX) -> Sim:
+    return Sim(sched, layouts[sched.layout], launcher_poll=True, t_max=t_max).run()
 
 
 def shrink(sched: Schedule, layouts: dict[str, Layout], budget: int = 200) -> Schedule:

@@ -547,3 +547,42 @@ def test_the_launcher_waits_out_a_lagging_view_when_the_workers_said_done(tmp_pa
     claims.post_done(run)
     looks["n"] = 0
     assert wait(run, ended, poll_s=0.01, show=False).complete and looks["n"] >= 3
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_a_live_holders_claim_left_after_its_publish_is_not_waited_on(tmp_path, monkeypatch, old):
+    """A release reads its claim's owner first; a read error there leaves the claim after
+    the chunk is published. Its holder lives, so its claim never goes stale: an idle worker
+    whose pool held it waited a lease, found the holder alive, and waited again, for ever,
+    never listing the run again (the protocol simulator found it, seed 2307 of a search of
+    early requeues with EIO, together with a dead holder's claim beside it that nobody then
+    saw). Now a sampled claim whose holder lives but whose chunk has its output is dropped.
+    `old`: the check turned off, to show this test fails without it."""
+    import socket
+
+    from hpc_infer.rundir.chunks import encode_chunk_output, publish_chunk_output
+    from hpc_infer.worker.heartbeat import Heartbeat
+
+    if old:
+        monkeypatch.setattr(claims.Claimer, "_published_since", lambda self, cid: False)
+    run = RunDir(tmp_path)
+    run.make()
+    host = socket.gethostname()
+    b_owner = claims.Owner("b", host, os.getpid())
+    b = claims.Claimer(run, 1, b_owner, lease_s=600, rank=0, of=2)
+    a = claims.Claimer(run, 1, claims.Owner("a", host, os.getpid()), lease_s=600, rank=1, of=2)
+    Heartbeat(run, b_owner, 10.0, 600.0).beat()  # b lives and beats
+    assert (b.next(), a.next()) == (0, None)
+    assert a.idle_wait(10.0) == 10.0  # a listed: the one chunk is b's, running
+    rows = [{"id": "0", "index": 0, "text": "x"}]
+    assert publish_chunk_output(run.fs, run.out_name(0), 0, encode_chunk_output(0, rows))
+    b.published()  # b's release failed: its claim stays
+    a._expiry_due = 0.0  # a lease later: the sampled claims are read again
+    waits = []
+    for _ in range(3):
+        a._listed = float("-inf")  # each look LIST_FRESH_S after the last
+        waits.append(a.idle_wait(10.0))
+    if old:
+        assert waits[-1] is not None  # still waiting on b's claim
+        return
+    assert waits[-1] is None and run.fs.exists(claims.DONE_NOTICE)

@@ -71,6 +71,20 @@ def _old_carry_over(self, _now=Heartbeat.carry_over):
         self._carried = True
 
 
+HANG_S = 300.0  # a found schedule that hangs on the old code is stopped here (its events end by 60 s)
+
+
+def _old_fs_now(fs, sub=""):
+    """Before: the node's own clock whenever the probe failed."""
+    probe = f"{sub}/.clock-{fs.tag}" if sub else f".clock-{fs.tag}"
+    try:
+        fs.touch(probe)
+        st = fs.stat(probe)
+    except OSError:
+        st = None
+    return st.mtime if st is not None else fs.client_now()
+
+
 # Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
 FOUND = {
     "a read error taken for a damaged output": (
@@ -108,23 +122,50 @@ FOUND = {
         ("hpc_infer.worker.heartbeat.Heartbeat.carry_over", lambda self, *a: None),
         "went back",
     ),
-    "a requeued task's earlier beat read through ESTALE": (
-        # found at seed 765977 by a clean-clone CI run: the read of the earlier beat failed
-        # with ESTALE, was taken for no beat, and the first beat zeroed the counters
+    "a requeued task's earlier beat read through a file-server error": (
+        # found at seed 765977 by a clean-clone CI run (ESTALE, EIO and a mount down); that
+        # schedule stopped failing on the old code when later fixes added calls, so this is
+        # seed 482 of a search with the old carry-over, shrunk: the read of the earlier beat
+        # failed (EIO), was taken for no beat, and the first beat zeroed the counters
         S.Schedule(
-            765977,
+            482,
             "plain",
             5,
-            [(0.129, "requeue", 3, 19.637), (2.041, "mount_down", 1, 18.033), (12.546, "requeue", 0, 11.322)],
-            ["d5q3", "d0q4", "d2q1"],
+            [(0.36, "mount_down", 0, 15.023), (12.856, "requeue", 4, 21.741), (15.695, "never_start", 2, 7.769)],
+            [],
             [0.0, 0.0, 0.0],
-            ac_s=0.0,
-            eio=0.002,
-            estale=0.05,
+            ac_s=3.0,
+            eio=0.03,
+            estale=0.0,
             slow={},
         ),
         ("hpc_infer.worker.heartbeat.Heartbeat.carry_over", _old_carry_over),
         "went back",
+    ),
+    "two last publishers a moment apart": (
+        # seed 300448, shrunk, found by the end invariant: each missed the other's output
+        # through its attribute cache, nobody posted `done`, every idle worker waited a lease
+        S.Schedule(300448, "plain", 6, [], [], [0.0, 0.0, 0.0], ac_s=1.0),
+        ("hpc_infer.rundir.claims.Claimer._rewatch", lambda self: None),
+        "still running",
+    ),
+    "the node's clock when the server's clock probe fails": (
+        # seed 333: a worker on a node 275 s ahead, whose probe failed (EIO), judged its own new
+        # claim stale, took it over and ran the chunk twice; its rows never matched the chunk
+        S.Schedule(
+            333,
+            "plain",
+            5,
+            [(0.202, "requeue", 2, 21.97)],
+            ["d5q0"],
+            [-148.704, 275.589, -101.812],
+            ac_s=0.0,
+            eio=0.03,
+            estale=0.0,
+            slow={"w2": 1.0},
+        ),
+        ("hpc_infer.rundir.claims.fs_now", _old_fs_now),
+        "hangs",
     ),
 }
 
@@ -135,7 +176,7 @@ def test_each_found_schedule_fails_on_the_old_behaviour_and_passes_now(layouts, 
     quiet(S.run_schedule, sched, layouts)  # passes now
     monkeypatch.setattr(target, old)
     with pytest.raises(S.Broken, match=symptom):
-        quiet(S.run_schedule, sched, layouts)
+        quiet(S.run_schedule, sched, layouts, HANG_S)
 
 
 def test_a_failing_schedule_replays_exactly_and_shrinks(layouts, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..log import printable
 from ..rundir import RunDir, read_heartbeats, tail_lines
-from ..rundir.claims import DONE_NOTICE, live_claims, rate, read_beat
+from ..rundir.claims import DONE_NOTICE, FS_CACHE_S, live_claims, rate, read_beat
 from ..rundir.lease import fs_now
 
 
@@ -185,9 +185,6 @@ def failures(run: RunDir, states: dict[str, str]) -> list[str]:
                 f"task {j}: {state}" + (f": {last}" if last else "") + (f" (log: {', '.join(logs)})" if logs else "")
             )
     return lines
-
-
-FS_CACHE_S = 60.0  # the longest attribute cache `wait` waits out (NFS's acregmax and acdirmax default)
 
 
 def wait(

@@ -337,6 +337,7 @@ DONE_NOTICE = f"{NOTICES}/done"
 SHARED_LISTING = f"{NOTICES}/listing"  # the last listing a worker made, for the others (Claimer._list)
 SHARED_FREE = 64  # free chunks a shared listing names (the first ones: the largest)
 SHARED_TRIES = 8  # of its free chunks a worker tries (at random), and of its claims a publisher checks
+FS_CACHE_S = 60.0  # the longest a file server's client may hide a new file (NFS's acregmax and acdirmax default)
 
 
 def _in_notices(run: RunDir, write) -> None:
@@ -450,6 +451,8 @@ class Claimer:
         self._used = ""  # the token of the shared listing this worker used last
         self._shared = False  # the last listing was a shared one
         self._published = False  # this worker published a chunk since its last listing
+        self._published_at = float("-inf")
+        self._watch: list[int] = []  # chunks whose outputs a publisher's look missed (_rewatch)
         self.listings = 0  # listings of the run this worker made
         self.shared_used = 0  # shared listings it used instead
 
@@ -462,6 +465,7 @@ class Claimer:
         # they announce to be used
         self._notices = set(self.run.fs.listdir(NOTICES)) if notices is None else notices
         freed = sorted(n for n in self._notices if n.startswith("freed-"))
+        published, self._watch = self._published, []
         self._shared = self._use_shared(freed)
         self._published = False
         if self._shared:
@@ -479,6 +483,8 @@ class Claimer:
         pool = claimed - done
         self._pool = sorted(pool if len(pool) <= POOL_KEEP else clock.rng().sample(sorted(pool), POOL_KEEP))
         self._all_done = len(done) >= self.n  # names only, as above: every chunk has its output
+        if published and not self._all_done:
+            self._watch = clock.rng().sample(self._pool, min(SHARED_TRIES, len(self._pool)))
         self._used = clock.token(8)
         shared = SharedListing(
             self._used,
@@ -518,8 +524,10 @@ class Claimer:
         if self._published and not shared.free and not shared.more_free and not shared.all_done:
             pool = shared.pool
             look = clock.rng().sample(pool, min(SHARED_TRIES, len(pool)))
-            if all(self.run.fs.stat(self.run.out_name(c)) is not None for c in look):
+            missing = [c for c in look if self.run.fs.stat(self.run.out_name(c)) is None]
+            if not missing:
                 return False  # (an empty pool too)
+            self._watch = missing
         self._used = shared.token
         self.shared_used += 1
         free = shared.free
@@ -537,7 +545,22 @@ class Claimer:
     def published(self) -> None:
         """This worker published a chunk: its next look lists the run (the last publisher's
         listing is the one that finds every chunk done)."""
-        self._quiet, self._published = False, True
+        self._quiet, self._published, self._published_at = False, True, clock.now()
+
+    def _rewatch(self) -> None:
+        """A publisher's look saw outputs missing: others still running, or published a moment
+        ago and hidden by this client's caches. Two last publishers a moment apart each miss
+        the other's output; each then waited out a lease before any listed the run done (the
+        protocol simulator's end invariant found it). So at each idle look, for FS_CACHE_S
+        after its publish, it stats the first output still missing (one call); once all it
+        missed are there it lists again, as a publisher. One still missing after that is
+        running: its publisher's own look finds the run done."""
+        if clock.now() - self._published_at > FS_CACHE_S:
+            self._watch = []
+        while self._watch and self.run.fs.stat(self.run.out_name(self._watch[0])) is not None:
+            self._watch.pop(0)
+            if not self._watch:
+                self._quiet, self._listed, self._published = False, float("-inf"), True
 
     def _news(self) -> str | None:
         """One call: "done" when a listing found every chunk done, "freed" when a chunk was
@@ -566,7 +589,8 @@ class Claimer:
     def _from_free(self, skip) -> int | None:
         while self._free:
             cid = self._free.pop(0)
-            if self._try(cid, skip) == "won":
+            got = self._try(cid, skip)
+            if got == "won":
                 return cid
         return None
 
@@ -610,6 +634,14 @@ class Claimer:
                 self._drop(cid)
         return None
 
+    def _published_since(self, cid: int) -> bool:
+        """A live holder's claim whose chunk has its output: its release failed (release reads
+        the claim's owner first, and a read error leaves the claim). Waiting on it waited for
+        ever: every idle worker kept a pool of that one claim, never listed again, and never
+        saw a dead holder's claim beside it (the protocol simulator, seed 2307 of a search of
+        requeues with EIO). One stat, only for a sampled claim whose holder lives."""
+        return self.run.fs.stat(self.run.out_name(cid)) is not None
+
     def _drop(self, cid: int) -> None:
         """A kept claim is gone: forget it; with none left kept, the next look lists again."""
         if cid in self._pool:
@@ -630,6 +662,8 @@ class Claimer:
             return None
         if news == "freed":
             self._quiet, self._listed = False, float("-inf")
+        if self._watch:
+            self._rewatch()
         if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
             self._list(self._notices)  # (the notices _news just read)
         if self._all_done:
@@ -665,6 +699,8 @@ class Claimer:
             found = read_beat(self.run.fs, self.run.heartbeat_name(owner.worker_id), now)
             if found is None or (found[0].get("host"), found[0].get("pid")) != (owner.host, owner.pid):
                 waits.append(self.lease_s - (now - st.mtime) if found is None else 0.0)
+            elif self._published_since(cid):
+                self._drop(cid)
             else:
                 waits.append(self.lease_s - found[1])
         return min(self.lease_s, max(1.0, min(waits, default=self.lease_s) + 0.5))

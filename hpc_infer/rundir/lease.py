@@ -28,16 +28,30 @@ from pathlib import Path
 from . import faults
 
 
+_OFFSETS: dict[str, float] = {}  # a client's tag -> the server's clock minus its node's, at its last probe
+PROBE_TRIES = 3
+
+
 def fs_now(fs, sub: str = "") -> float:
     """The file server's clock, through a pinned handle (rundir/fsio.py): the mtime of this
-    client's probe file in folder `sub`, touched now (one utime and one stat)."""
+    client's probe file in folder `sub`, touched now (one utime and one stat).
+
+    A probe that fails (EIO) is tried again; when every try fails, the server's clock is
+    this node's plus the offset the last probe saw. The node's own clock is used only when
+    no probe ever answered: it was the fallback for any failure, and on a node minutes
+    ahead a worker then judged its own claim stale, took it over and ran the chunk twice
+    (the protocol simulator, seed 333: a run that never finished)."""
     probe = f"{sub}/.clock-{fs.tag}" if sub else f".clock-{fs.tag}"
-    try:
-        fs.touch(probe)
-        st = fs.stat(probe)
-    except OSError:
-        st = None
-    return st.mtime if st is not None else fs.client_now()
+    for _ in range(PROBE_TRIES):
+        try:
+            fs.touch(probe)
+            st = fs.stat(probe)
+        except OSError:
+            continue
+        if st is not None:
+            _OFFSETS[fs.tag] = st.mtime - fs.client_now()
+            return st.mtime
+    return fs.client_now() + _OFFSETS.get(fs.tag, 0.0)
 
 
 BEATS_PER_S = 50.0  # the whole run's heartbeats a second, at most (two namespace calls each)
