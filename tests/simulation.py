@@ -549,8 +549,6 @@ class Sim:
                     self.check_step()
                 if not any(p.alive for p in self.procs) and not events and not self.pending:
                     break  # (recounted: a requeued task may have started in this step)
-                if self.launcher_poll and not any(p.alive for p in self.procs) and not events and not self.pending:
-                    break
             if self.check:
                 self.check_end()
         finally:

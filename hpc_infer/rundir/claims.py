@@ -589,8 +589,7 @@ class Claimer:
     def _from_free(self, skip) -> int | None:
         while self._free:
             cid = self._free.pop(0)
-            got = self._try(cid, skip)
-            if got == "won":
+            if self._try(cid, skip) == "won":
                 return cid
         return None
 

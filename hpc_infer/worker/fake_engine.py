@@ -13,11 +13,12 @@ max_num_seqs / step_s tokens per second. Settings:
 
 `fail_ids` come back as error records (what vLLM refuses); a record in `die_ids` makes
 step() raise as vLLM's EngineDeadError does (a poison record); `slow` multiplies step_s
-for workers whose id contains the key (a straggler); `lengths` {"median", "sigma", "max", "salt"}
-gives each record its own log-normal output length, drawn from its id and the salt (the
-same on every worker: heavy-tailed outputs for the balance bench; another salt, another draw); `lean` returns rows of id, index,
-chunk, text and token counts alone (no copy of the input record, no `outputs` list): the
-10,000-worker simulation holds every worker's finished, unpublished rows in one process.
+for workers whose id contains the key (a straggler); `lengths` {"median", "sigma", "max",
+"salt"} gives each record its own log-normal output length, drawn from its id and the salt
+(the same on every worker: heavy-tailed outputs for the balance bench; another salt,
+another draw); `lean` returns rows of id, index, chunk, text and token counts alone (no
+copy of the input record, no `outputs` list): the 10,000-worker simulation holds every
+worker's finished, unpublished rows in one process.
 Standard library only.
 """
 
@@ -73,8 +74,8 @@ class FakeEngine:
         import random
         import zlib
 
-        g = random.Random(zlib.crc32((str(self.lengths.get("salt", "")) + rid).encode()))  # salt: another draw
         L = self.lengths
+        g = random.Random(zlib.crc32((str(L.get("salt", "")) + rid).encode()))  # another salt, another draw
         return max(
             1, min(int(L.get("max", 4096)), round(g.lognormvariate(0, float(L.get("sigma", 1.0))) * L["median"]))
         )

@@ -79,9 +79,7 @@ class Heartbeat:
         beat written without it would zero the earlier counters."""
         try:
             prev = json.loads(self.run.fs.read(self.run.heartbeat_name(self.owner.worker_id)))
-        except FileNotFoundError:
-            prev = None
-        except ValueError:  # not ours to read back (the file is replaced whole, never torn)
+        except (FileNotFoundError, ValueError):  # none, or not ours to read back (replaced whole, never torn)
             prev = None
         self._carried = True
         if not isinstance(prev, dict) or (prev.get("pid"), prev.get("host")) == (self.owner.pid, self.owner.host):
