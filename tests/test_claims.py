@@ -586,3 +586,30 @@ def test_a_live_holders_claim_left_after_its_publish_is_not_waited_on(tmp_path, 
         assert waits[-1] is not None  # still waiting on b's claim
         return
     assert waits[-1] is None and run.fs.exists(claims.DONE_NOTICE)
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_a_live_holders_claim_it_no_longer_holds_goes_stale(tmp_path, monkeypatch, old):
+    """A release whose read of the owner failed leaves the claim of a chunk not yet done (a
+    suspect won and released again: the protocol simulator, seed 301360). Its holder lives,
+    so by the lease alone the claim never went stale and the run never finished. A beat
+    written more than half a lease after the claim that does not list the chunk disowns it;
+    a beat that lists it, or one from before, does not. `old`: the check turned off."""
+    import socket
+
+    if old:
+        monkeypatch.setattr(claims, "holds", lambda beat, cid: True)
+    run = RunDir(tmp_path)
+    run.make()
+    me = claims.Owner("w", socket.gethostname(), os.getpid())
+    claims.try_claim(run, 0, me)
+    made = time.time() - 400  # the claim: 400 s old, by the file server's clock
+    os.utime(run.claim_path(0), (made, made))
+    beat = {"worker": "w", "host": me.host, "pid": me.pid, "state": "running"}
+    write_json(run.heartbeat_path("w"), dict(beat, held=[0]))
+    assert not claims.is_stale(run, 0, lease_s=600)  # held: live
+    write_json(run.heartbeat_path("w"), dict(beat, held=[3]))
+    assert claims.is_stale(run, 0, lease_s=600) != old  # a beat 400 s after it, without it: disowned
+    t = made + 200
+    os.utime(run.heartbeat_path("w"), (t, t))
+    assert not claims.is_stale(run, 0, lease_s=600)  # a beat 200 s after it: maybe composed before

@@ -167,6 +167,25 @@ FOUND = {
         ("hpc_infer.rundir.claims.fs_now", _old_fs_now),
         "hangs",
     ),
+    "a live holder's claim left by a release that failed": (
+        # seed 301360 of a sweep, shrunk: a relaunched worker won a suspect chunk and released
+        # it again, but the release's read of the owner hit EIO and left the claim; its holder
+        # lived, so the claim never went stale and the run hung (claims.disowned)
+        S.Schedule(
+            301360,
+            "plain",
+            4,
+            [(0.115, "never_start", 1, 32.735), (0.329, "mount_down", 0, 24.363), (12.377, "relaunch", 0, 20.304)],
+            ["d5q1"],
+            [0.0, 0.0, 0.0],
+            ac_s=0.0,
+            eio=0.03,
+            estale=0.05,
+            slow={},
+        ),
+        ("hpc_infer.rundir.claims.holds", lambda beat, cid: True),
+        "hangs",
+    ),
 }
 
 

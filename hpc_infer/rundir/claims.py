@@ -63,10 +63,13 @@ def pid_alive(pid: int) -> bool:
 OWNERLESS_GRACE_S = 30.0  # a claim file still empty: being written now (a death mid-write leaves it so)
 
 
-def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool | None:
+def holder_alive(
+    run: RunDir, owner: Owner, lease_s: float, now: float, claim: tuple[int, float] | None = None
+) -> bool | None:
     """Whether a claim's holder is alive, from its heartbeat: the same process (host and pid:
     a requeued task has its job's id but is another process) beating within the lease by
-    the file server's clock. None when it has no heartbeat (the claim's own age decides)."""
+    the file server's clock, and, for `claim` (its chunk id and mtime), still holding it
+    (disowned). None when it has no heartbeat (the claim's own age decides)."""
     if owner.host == socket.gethostname() and owner.pid != os.getpid() and not pid_alive(owner.pid):
         return False
     found = read_beat(run.fs, run.heartbeat_name(owner.worker_id), now)
@@ -75,14 +78,37 @@ def holder_alive(run: RunDir, owner: Owner, lease_s: float, now: float) -> bool 
     beat, beat_age = found
     if (beat.get("host"), beat.get("pid")) != (owner.host, owner.pid):
         return False
+    if claim is not None and disowned(beat, beat_age, *claim, now, lease_s):
+        return False
     return beat.get("state") not in ("finished", "failed", "stopped", "run deleted") and beat_age <= lease_s
 
 
-def _stale(run: RunDir, name: str, lease_s: float, now: float, st: Stat | None = None) -> bool:
+def disowned(beat: dict, beat_age: float, chunk_id: int, made: float, now: float, lease_s: float) -> bool:
+    """A live holder's beat, written more than half a lease after the claim was made (by the
+    file server's clock), that does not list the chunk among those it holds: a claim left by
+    a release that failed (release reads the owner first, and a read error leaves the claim;
+    the protocol simulator, seed 301360: a suspect won and released again through an EIO).
+    Its holder lives, so by the lease alone it never went stale and the run never finished.
+    Half a lease: a beat is written moments after it is composed, so one that landed that
+    late was composed after the claim was made; a wrong verdict would cost a second copy of
+    the chunk (the first complete output wins), never a record."""
+    return not holds(beat, chunk_id) and (now - beat_age) - made > lease_s / 2
+
+
+def holds(beat: dict, chunk_id: int) -> bool:
+    """The beat lists the chunk among those its worker holds (a beat with no list: it may)."""
+    held = beat.get("held")
+    return not isinstance(held, list) or chunk_id in held
+
+
+def _stale(
+    run: RunDir, name: str, lease_s: float, now: float, st: Stat | None = None, chunk_id: int | None = None
+) -> bool:
     """A claim is stale when its holder is gone: its heartbeat (one file a worker writes per
     beat; claims are never touched again, so holding 16 costs nothing more) is older than
-    the lease, names another process, or says it ended; or, with no heartbeat, the claim
-    itself is older than the lease. `st`: the claim's stat when the caller has just read it."""
+    the lease, names another process, says it ended or, for a chunk's claim (`chunk_id`),
+    no longer lists it (disowned); or, with no heartbeat, the claim itself is older than
+    the lease. `st`: the claim's stat when the caller has just read it."""
     st = st if st is not None else run.fs.stat(name)
     if st is None:
         return False
@@ -90,13 +116,14 @@ def _stale(run: RunDir, name: str, lease_s: float, now: float, st: Stat | None =
     owner = read_owner(run.fs, name)
     if owner is None:
         return a > OWNERLESS_GRACE_S
-    alive = holder_alive(run, owner, lease_s, now)
+    alive = holder_alive(run, owner, lease_s, now, None if chunk_id is None else (chunk_id, st.mtime))
     return a > lease_s if alive is None else not alive
 
 
 def is_stale(run: RunDir, chunk_id: int, lease_s: float, now: float | None = None) -> bool:
     """Ages by the file server's clock (`now` from lease.fs_now), never this node's."""
-    return _stale(run, run.claim_name(chunk_id), lease_s, now if now is not None else fs_now(run.fs, "claims"))
+    now = now if now is not None else fs_now(run.fs, "claims")
+    return _stale(run, run.claim_name(chunk_id), lease_s, now, chunk_id=chunk_id)
 
 
 TAKEN = "claims/taken"  # takeover markers: one name per stale claim (its inode and mtime)
@@ -115,7 +142,7 @@ def take_over(run: RunDir, chunk_id: int, owner: Owner, lease_s: float) -> bool:
     name = run.claim_name(chunk_id)
     st = run.fs.stat(name)
     now = fs_now(run.fs, "claims")
-    if st is None or not _stale(run, name, lease_s, now):
+    if st is None or not _stale(run, name, lease_s, now, chunk_id=chunk_id):
         return False
     marker = f"{TAKEN}/{chunk_id:05d}-{st.ino}-{int(st.mtime * 1e9)}"
     run.fs.mkdir(TAKEN)
@@ -623,7 +650,7 @@ class Claimer:
                 self._drop(cid)  # published (or released: a notice says so) since the listing
                 continue
             if (
-                _stale(self.run, self.run.claim_name(cid), self.lease_s, now, st)
+                _stale(self.run, self.run.claim_name(cid), self.lease_s, now, st, cid)
                 and not skip(cid)  # (a look at its attempts: only for a stale claim)
                 and take_over(self.run, cid, self.owner, self.lease_s)
             ):
@@ -700,6 +727,8 @@ class Claimer:
                 waits.append(self.lease_s - (now - st.mtime) if found is None else 0.0)
             elif self._published_since(cid):
                 self._drop(cid)
+            elif not holds(found[0], cid):  # just claimed, or disowned (see disowned)
+                waits.append(self.lease_s / 2 - (now - st.mtime))
             else:
                 waits.append(self.lease_s - found[1])
         return min(self.lease_s, max(1.0, min(waits, default=self.lease_s) + 0.5))
