@@ -101,7 +101,7 @@ def test_the_readme_worked_example_as_typed(tmp_path, cpu_model):
     four samples a problem, graded, pass@k/maj@k overall and by level, the report page."""
     here = user_checkout(tmp_path)
     line = as_written(
-        ".venv/bin/hpc-infer launch data=math_r1_zero sampling.n=4 sampling.max_tokens=256 'merge.group_by=[level]'"
+        ".venv/bin/hpc-infer launch data=math_r1_zero sampling.n=4 sampling.max_tokens=128 'merge.group_by=[level]'"
     )
     p = run_line(here, line, timeout=1800)
     assert p.returncode == 0, p.stderr[-5000:]
