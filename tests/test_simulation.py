@@ -186,6 +186,26 @@ FOUND = {
         ("hpc_infer.rundir.claims.holds", lambda beat, cid: True),
         "hangs",
     ),
+    "a worker whose beats fail after the run is done": (
+        # seed 700906 of a sweep at 8% EIO, shrunk: a worker relaunched after every chunk was
+        # published had its first two beats fail (the earlier beat's read, then the write); it
+        # waited for a beat before looking at anything and outlived the end by 5.4 s. Now a
+        # worker waiting for a beat, with nothing in flight, ends on a `done` notice
+        S.Schedule(
+            700906,
+            "grouped",
+            4,
+            [(16.583, "relaunch", 0, 34.773)],
+            [],
+            [0.0, 0.0, 0.0],
+            ac_s=0.0,
+            eio=0.08,
+            estale=0.0,
+            slow={"w3": 4.0},
+        ),
+        ("hpc_infer.rundir.claims.done_posted", lambda run: False),
+        "still running",
+    ),
 }
 
 

@@ -392,6 +392,14 @@ def post_done(run: RunDir) -> None:
     _post(run, DONE_NOTICE)
 
 
+def done_posted(run: RunDir) -> bool:
+    """A `done` notice is there (one stat; a file-server error reads as not yet)."""
+    try:
+        return run.fs.stat(DONE_NOTICE) is not None
+    except OSError:
+        return False
+
+
 def clear_notices(run: RunDir) -> None:
     """Before workers are submitted for what is left (launch.py): a `done` from an earlier
     launch must not end them (outputs set aside as damaged since are work again), and the

@@ -487,12 +487,16 @@ class Worker:
 
     def idle(self) -> float:
         """Nothing in flight. Beats that do not reach the run directory: wait for them (claim
-        nothing), failing after a whole lease. Chunks claimed by others and not done: wait
-        until the first of their holders' leases could run out, then look again (a dead
-        holder's chunk is taken over by a live worker, with no relaunch). Else DONE."""
+        nothing), failing after a whole lease, unless the run is done meanwhile (a `done`
+        notice: nothing is left to claim, so no beat is needed to end). Chunks claimed by
+        others and not done: wait until the first of their holders' leases could run out,
+        then look again (a dead holder's chunk is taken over by a live worker, with no
+        relaunch). Else DONE."""
         if self.hb.run_deleted:
             raise RunDeleted(self.run.root)
         if not self.hb.healthy and self.stop_signal is None:
+            if claims.done_posted(self.run):
+                return DONE
             now = clock.now()
             self._unhealthy_since = self._unhealthy_since or now
             if now - self._unhealthy_since > self.lease_s:
@@ -614,8 +618,9 @@ class Worker:
 #   state       what it does                                  -> next
 #   starting    first heartbeat (an earlier process's          -> claiming; waiting_beat if it failed
 #               counters carried on)
-#   waiting_beat beats do not reach the run dir: claims        -> claiming once one does; failed after
-#               nothing                                           a lease (HeartbeatLost)
+#   waiting_beat beats do not reach the run dir: claims        -> claiming once one does; finished on a
+#               nothing                                           `done` notice; failed after a lease
+#                                                                 (HeartbeatLost)
 #   claiming    claims chunks while the engine has room        -> running; idle when none is free
 #   running     engine steps; finished records collected;      -> claiming (room again), publishing
 #               a suspect chunk bisected alone                    (a chunk whole), idle (nothing in flight)
