@@ -395,7 +395,7 @@ def post_done(run: RunDir) -> None:
 def done_posted(run: RunDir) -> bool:
     """A `done` notice is there (one stat; a file-server error reads as not yet)."""
     try:
-        return run.fs.stat(DONE_NOTICE) is not None
+        return run.fs.exists(DONE_NOTICE)
     except OSError:
         return False
 
