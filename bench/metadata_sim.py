@@ -15,6 +15,7 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py                      # 1,000 and 10,000 workers
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
+    .venv/bin/python bench/metadata_sim.py --balance --bound --draws 4 --workers 64 200   # and the comparison
     .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256   # against strace of real workers
     .venv/bin/python bench/metadata_sim.py --calibrate-chunks   # calls per chunk, against strace (16 workers)
 
@@ -181,6 +182,55 @@ def balance(lay, workers: int, draw: int = 0) -> dict:
     }
 
 
+def dispatch_bound(workers: int, records: int, draw: int = 0) -> tuple[float, float]:
+    """Balance and makespan of a dispatcher of single records, in input order, to any engine
+    with room, at no claim cost, in the same engine model and the same draw of the lengths
+    as balance(): what a scheduler that knows no output length gets without chunks or a
+    file system (a comparison, not a proof of the best; returns (balance, makespan))."""
+    import heapq
+
+    from hpc_infer.worker.fake_engine import FakeEngine
+
+    m = json.loads((ROOT / "bench" / "engine_model.json").read_text())
+    lengths = {"median": 3, "sigma": 1.0, "max": 41, "salt": f"{draw}:" if draw else ""}
+    eng = FakeEngine({"lengths": lengths})
+    todo = [eng._length(f"r{i}") for i in range(records)]  # the plan's ids: r0, r1, ...
+    a, c, seqs = m["a"] * TOKENS_PER_STEP, m["c"] * TOKENS_PER_STEP, m["max_num_seqs"]
+    running: list[list[int]] = [[] for _ in range(workers)]
+    ends, nxt = [0.0] * workers, 0
+    steps = [(0.0, w) for w in range(workers)]  # (when engine w's next step starts, w)
+    while steps:
+        t, w = heapq.heappop(steps)
+        take = min(seqs - len(running[w]), len(todo) - nxt)
+        running[w] += todo[nxt : nxt + take]
+        nxt += take
+        if running[w]:
+            t += a + c * len(running[w])
+            running[w] = [n - 1 for n in running[w] if n > 1]
+            ends[w] = t
+            heapq.heappush(steps, (t, w))
+    return sum(ends) / workers / max(ends), max(ends)
+
+
+def stripes(lay, workers: int) -> str:
+    """How even the workers' stripes are (rundir/claims.py: stripe): the records in the
+    heaviest and the lightest against the mean, and the same for the old rule (the same
+    place in every round)."""
+    from hpc_infer.rundir.claims import stripe
+
+    sizes = [c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"]]
+    n, mean = len(sizes), sum(sizes) / workers
+
+    def spread(pick) -> str:
+        sums = [sum(sizes[c] for c in pick(r)) for r in range(workers)]
+        return f"{max(sums) / mean - 1:+.1%} / {min(sums) / mean - 1:+.1%}"
+
+    return (
+        f"stripes' records against the mean, heaviest / lightest: {spread(lambda r: stripe(r, workers, n))} "
+        f"(the same place in every round: {spread(lambda r: range(r % n, n, workers))})"
+    )
+
+
 def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tuple[float, dict]:
     """The simulator in bench/metadata_ops.py's per-worker-second regime: n workers, 16n
     records in 8n chunks that never finish (a million tokens, a step every 0.5 s), a beat
@@ -282,6 +332,11 @@ def main() -> None:
         default=1,
         help="--balance: runs with this many draws of the output lengths (one draw's balance moves by about 0.01)",
     )
+    ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="--balance: also a dispatcher of single records at no claim cost, the same draws (a comparison)",
+    )
     ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
     ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-256)")
     ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
@@ -306,6 +361,7 @@ def main() -> None:
                 per_chunk = -(-args.records_per_worker // args.chunks_per_worker)
                 lay = S.sized_layout(Path(tmp), n, args.chunks_per_worker, per_chunk, "bench", cap=False)
                 lay.ids = []
+                print(f"{n:>6} workers: {stripes(lay, n)}", flush=True)
                 rows = [balance(lay, n, d) for d in range(args.draws)]
                 for d, row in enumerate(rows):
                     print(
@@ -314,6 +370,15 @@ def main() -> None:
                         f"{row['calls_per_s']} over the run, {row['steady_calls_per_s']} in its middle (20-80%), "
                         f"{row['tail_calls_per_s']} in its last fifth ({row['by_kind']}); "
                         f"{row['listings_per_worker']} listings of the run a worker; {row['wall_s']} s to simulate",
+                        flush=True,
+                    )
+                if args.bound:
+                    records = sum(c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"])
+                    got = [dispatch_bound(n, records, d) for d in range(args.draws)]
+                    print(
+                        f"{n:>6} workers, single records to any engine with room, no claim cost: balance "
+                        + ", ".join(f"{b:.4f} (makespan {t:.1f})" for b, t in got)
+                        + f", mean {sum(b for b, _ in got) / len(got):.4f}",
                         flush=True,
                     )
                 if len(rows) > 1:

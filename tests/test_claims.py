@@ -484,19 +484,19 @@ def test_a_worker_uses_anothers_listing_once_and_the_last_publisher_still_finds_
         c._listed = float("-inf")  # as a look LIST_FRESH_S later
         return c.next()
 
-    assert [look(a, "a") for _ in range(4)] == [0, 2, 4, 1]  # its stripe, then chunk 1 from its own listing
+    assert [look(a, "a") for _ in range(4)] == [0, 3, 4, 1]  # its stripe, then chunk 1 from its own listing
     assert listed == {"a": 2} and a.listings == 1
-    assert [look(b, "b") for _ in range(3)] == [3, 5, None]  # its stripe (1 was taken), then a's listing
+    assert [look(b, "b") for _ in range(3)] == [2, 5, None]  # its stripe (1 was taken), then a's listing
     assert "b" not in listed and b.shared_used == 1, "b listed the run instead of using a's listing"
     assert look(b, "b") is None and listed["b"] == 2  # used once: the next look lists
 
-    for cid in (0, 2, 4, 1):
+    for cid in (0, 3, 4, 1):
         publish(a, cid)
-    assert look(a, "a") is None and a.shared_used == 1 and a.listings == 1  # b's: nothing free, 3 and 5 pending
+    assert look(a, "a") is None and a.shared_used == 1 and a.listings == 1  # b's: nothing free, 2 and 5 pending
     assert look(a, "a") is None and a.listings == 2  # used once: it lists (and shares)
-    publish(b, 3)
+    publish(b, 2)
     publish(b, 5)
-    assert look(b, "b") is None and b.listings == 2 and b.shared_used == 1  # a's pending 3 and 5 are done: it lists
+    assert look(b, "b") is None and b.listings == 2 and b.shared_used == 1  # a's pending 2 and 5 are done: it lists
     assert b.idle_wait(poll_s=10) is None and run.fs.exists(claims.DONE_NOTICE)
 
     claims.clear_notices(run)
@@ -613,3 +613,16 @@ def test_a_live_holders_claim_it_no_longer_holds_goes_stale(tmp_path, monkeypatc
     t = made + 200
     os.utime(run.heartbeat_path("w"), (t, t))
     assert not claims.is_stale(run, 0, lease_s=600)  # a beat 200 s after it: maybe composed before
+
+
+def test_stripes_alternate_direction_so_each_holds_about_the_same_work():
+    """Chunks shrink along the plan, so the same place in every round gave rank 0 the largest
+    chunk of each round; a place reversed every other round evens the stripes out."""
+    assert [claims.stripe(r, 3, 8) for r in range(3)] == [[0, 5, 6], [1, 4, 7], [2, 3]]
+    assert sorted(c for r in range(64) for c in claims.stripe(r, 64, 1000)) == list(range(1000))
+    assert [claims.stripe(r, 4, 2) for r in range(4)] == [[0], [1], [0], [1]]  # more workers than chunks
+    assert claims.stripe(0, 3, 0) == []
+    sizes = [1000 - c for c in range(640)]  # shrinking, as the guided plan's
+    sums = [sum(sizes[c] for c in claims.stripe(r, 64, 640)) for r in range(64)]
+    old = [sum(sizes[c] for c in range(r, 640, 64)) for r in range(64)]
+    assert max(sums) - min(sums) <= 64 < max(old) - min(old)

@@ -438,11 +438,31 @@ class SharedListing:
         return SharedListing(**value)
 
 
+def stripe(rank: int, of: int, n_chunks: int) -> list[int]:
+    """The chunks worker `rank` of `of` tries first, one from each round of `of` chunks, its
+    place in the round reversed every other round (rank, 2 x of - 1 - rank, 2 x of + rank,
+    ...), so every stripe holds about the same work. Chunks shrink along the plan; with the
+    same place in every round (rank, rank + of, ...) rank 0's stripe held 28% more records
+    than the mean and the last rank's 23% less (64 workers, the default plan; now +10% and
+    -6%), the heavy stripes' big chunks were claimed late, by their owners or by workers
+    whose stripes ran out, and the run's end waited on them: balance 0.964 at 64 workers,
+    0.974 now (bench/metadata_sim.py --balance, docs/decisions.md). More workers than
+    chunks: rank % n_chunks each."""
+    of = max(1, of)
+    if of >= n_chunks:
+        return [rank % n_chunks] if n_chunks else []
+    r = rank % of
+    return [
+        c for k, base in enumerate(range(0, n_chunks, of)) if (c := base + (r if k % 2 == 0 else of - 1 - r)) < n_chunks
+    ]
+
+
 class Claimer:
     """Which chunk a worker tries next, with few file-system calls at any scale: first its
-    own stripe (rank, rank + of, ...: chunks are ordered largest first, so the first `of`
-    chunks go one to each worker with no contention and no listing), then the chunks a
-    fresh listing of claims/ and out/ shows free, in order, then stale claims.
+    own stripe (`stripe`: one chunk from each round of `of`; chunks are ordered largest
+    first, so the first `of` chunks go one to each worker with no contention and no
+    listing), then the chunks a fresh listing of claims/ and out/ shows free, in order,
+    then stale claims.
 
     A listing is used only while fresh (LIST_FRESH_S): a worker claims every few tens of
     seconds, and by then the others have taken the free chunks it listed, each one a failed
@@ -473,7 +493,7 @@ class Claimer:
         # done as far as we know: a relaunch's workers start from one listing of out/ (empty
         # on a fresh run), never claim-and-release every done chunk
         done = run.output_files()
-        self.stripe = [c for c in range(rank % n_chunks, n_chunks, max(1, of)) if c not in done] if n_chunks else []
+        self.stripe = [c for c in stripe(rank, of, n_chunks) if c not in done]
         self.sample = sample_size(SWEEP_SAMPLE, of, 4)  # claims a look checks for staleness
         self._free: list[int] = []  # the first FREE_KEEP free chunks of the last listing
         self._more_free = False  # the listing showed more free chunks than were kept
