@@ -15,7 +15,7 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py                      # 1,000 and 10,000 workers
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
-    .venv/bin/python bench/metadata_sim.py --balance --bound --draws 4 --workers 64 200   # and the comparison
+    .venv/bin/python bench/metadata_sim.py --balance --dispatch --draws 4 --workers 64 200   # and the comparison
     .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256   # against strace of real workers
     .venv/bin/python bench/metadata_sim.py --calibrate-chunks   # calls per chunk, against strace (16 workers)
 
@@ -182,7 +182,7 @@ def balance(lay, workers: int, draw: int = 0) -> dict:
     }
 
 
-def dispatch_bound(workers: int, records: int, draw: int = 0) -> tuple[float, float]:
+def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[float, float]:
     """Balance and makespan of a dispatcher of single records, in input order, to any engine
     with room, at no claim cost, in the same engine model and the same draw of the lengths
     as balance(): what a scheduler that knows no output length gets without chunks or a
@@ -333,7 +333,7 @@ def main() -> None:
         help="--balance: runs with this many draws of the output lengths (one draw's balance moves by about 0.01)",
     )
     ap.add_argument(
-        "--bound",
+        "--dispatch",
         action="store_true",
         help="--balance: also a dispatcher of single records at no claim cost, the same draws (a comparison)",
     )
@@ -372,9 +372,9 @@ def main() -> None:
                         f"{row['listings_per_worker']} listings of the run a worker; {row['wall_s']} s to simulate",
                         flush=True,
                     )
-                if args.bound:
+                if args.dispatch:
                     records = sum(c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"])
-                    got = [dispatch_bound(n, records, d) for d in range(args.draws)]
+                    got = [single_record_dispatch(n, records, d) for d in range(args.draws)]
                     print(
                         f"{n:>6} workers, single records to any engine with room, no claim cost: balance "
                         + ", ".join(f"{b:.4f} (makespan {t:.1f})" for b, t in got)
