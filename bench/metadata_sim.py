@@ -120,6 +120,12 @@ def measure(lay, workers: int, records: int, chunk_s: float, warm: float, window
 TOKENS_PER_STEP = 100  # one simulated engine step stands for this many decode steps
 
 
+def lengths(draw: int) -> dict:
+    """The fake engine's output lengths in steps (worker/fake_engine.py): log-normal, median
+    300 tokens, sigma 1, at most 4,100; `draw` 0 is the one every earlier figure used."""
+    return {"median": 3, "sigma": 1.0, "max": 41, "salt": f"{draw}:" if draw else ""}
+
+
 def balance(lay, workers: int, draw: int = 0) -> dict:
     """A whole run with heavy-tailed lengths and the real engine's step cost (a + c x batch,
     bench/engine_model.json, as bench/balance.py), one simulated step standing for
@@ -133,7 +139,7 @@ def balance(lay, workers: int, draw: int = 0) -> dict:
         "step_s": m["a"] * TOKENS_PER_STEP,
         "step_per_seq_s": m["c"] * TOKENS_PER_STEP,
         "max_num_seqs": m["max_num_seqs"],
-        "lengths": {"median": 3, "sigma": 1.0, "max": 41, "salt": f"{draw}:" if draw else ""},
+        "lengths": lengths(draw),
         "lean": True,  # rows without the input's copy: 10,000 workers' unpublished rows fit in memory
     }
     beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
@@ -192,8 +198,7 @@ def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[f
     from hpc_infer.worker.fake_engine import FakeEngine
 
     m = json.loads((ROOT / "bench" / "engine_model.json").read_text())
-    lengths = {"median": 3, "sigma": 1.0, "max": 41, "salt": f"{draw}:" if draw else ""}
-    eng = FakeEngine({"lengths": lengths})
+    eng = FakeEngine({"lengths": lengths(draw)})
     todo = [eng._length(f"r{i}") for i in range(records)]  # the plan's ids: r0, r1, ...
     a, c, seqs = m["a"] * TOKENS_PER_STEP, m["c"] * TOKENS_PER_STEP, m["max_num_seqs"]
     running: list[list[int]] = [[] for _ in range(workers)]
@@ -212,13 +217,12 @@ def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[f
     return sum(ends) / workers / max(ends), max(ends)
 
 
-def stripes(lay, workers: int) -> str:
+def stripes(sizes: list[int], workers: int) -> str:
     """How even the workers' stripes are (rundir/claims.py: stripe): the records in the
     heaviest and the lightest against the mean, and the same for the old rule (the same
-    place in every round)."""
+    place in every round); `sizes`: each chunk's records, in the plan's order."""
     from hpc_infer.rundir.claims import stripe
 
-    sizes = [c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"]]
     n, mean = len(sizes), sum(sizes) / workers
 
     def spread(pick) -> str:
@@ -361,7 +365,8 @@ def main() -> None:
                 per_chunk = -(-args.records_per_worker // args.chunks_per_worker)
                 lay = S.sized_layout(Path(tmp), n, args.chunks_per_worker, per_chunk, "bench", cap=False)
                 lay.ids = []
-                print(f"{n:>6} workers: {stripes(lay, n)}", flush=True)
+                sizes = [c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"]]
+                print(f"{n:>6} workers: {stripes(sizes, n)}", flush=True)
                 rows = [balance(lay, n, d) for d in range(args.draws)]
                 for d, row in enumerate(rows):
                     print(
@@ -373,8 +378,7 @@ def main() -> None:
                         flush=True,
                     )
                 if args.dispatch:
-                    records = sum(c["n_records"] for c in json.loads(lay.files["manifest.json"])["chunks"])
-                    got = [single_record_dispatch(n, records, d) for d in range(args.draws)]
+                    got = [single_record_dispatch(n, sum(sizes), d) for d in range(args.draws)]
                     print(
                         f"{n:>6} workers, single records to any engine with room, no claim cost: balance "
                         + ", ".join(f"{b:.4f} (makespan {t:.1f})" for b, t in got)

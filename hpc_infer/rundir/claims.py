@@ -452,9 +452,8 @@ def stripe(rank: int, of: int, n_chunks: int) -> list[int]:
     if of >= n_chunks:
         return [rank % n_chunks] if n_chunks else []
     r = rank % of
-    return [
-        c for k, base in enumerate(range(0, n_chunks, of)) if (c := base + (r if k % 2 == 0 else of - 1 - r)) < n_chunks
-    ]
+    picks = (base + (r if k % 2 == 0 else of - 1 - r) for k, base in enumerate(range(0, n_chunks, of)))
+    return [c for c in picks if c < n_chunks]  # the last round may be short
 
 
 class Claimer:
