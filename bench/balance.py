@@ -156,8 +156,8 @@ def run_dynamic(
     return ends
 
 
-STRAGGLER = 0.75  # rundir/claims.py: a worker under this fraction of the median rate is a straggler
-TAIL_SHARE = 1 / 6  # rundir/claims.py: a straggler leaves the last sixth of the estimated work to the others
+STRAGGLER = 0.75  # rundir/tail.py: a worker under this fraction of the median rate is a straggler
+TAIL_SHARE = 1 / 6  # rundir/tail.py: a straggler leaves the last sixth of the estimated work to the others
 
 
 def run_backups(

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import time
 
-from .rundir import claims, isolate, jobs
+from .rundir import claims, isolate, jobs, notices
 from .models.cache import resolve_model
 from .models.fit import check_fit
 from .config import RunConfig, to_run_config
@@ -98,7 +98,7 @@ def run_env(run: RunDir, token) -> dict[str, str]:
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
     set_aside_damaged(run)
-    claims.clear_notices(run)  # an earlier launch's `done` must not end these workers
+    notices.clear_notices(run)  # an earlier launch's `done` must not end these workers
     remaining = run.read_json("manifest.json")["n_chunks"] - len(run.done_chunks())
     old_backend, old_ids = recorded_jobs(run)
     dead: set[str] = set()

@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hpc_infer.rundir import RunDir, claims, clock, lease
+from hpc_infer.rundir import RunDir, claims, clock, lease, tail
 from hpc_infer.rundir.chunks import TRAILER_KEY, trailer_in
 from hpc_infer.rundir.layout import chunk_id_of
 from hpc_infer.rundir.simfs import Faults, SimClient, SimServer
@@ -244,7 +244,7 @@ class Sim:
         from hpc_infer.rundir import chunks
 
         chunks._DONE_CACHE.clear()  # process-wide caches keyed by path: one schedule's never serve the next's
-        claims._names.clear()
+        tail._names.clear()
         lease._OFFSETS.clear()  # (keyed by client: pids repeat from one schedule to the next)
         self.engine_conf = engine or {"step_s": 0.05, "max_num_seqs": 8, "tokens": 4}
         self.check, self.launcher_poll, self.t_max, self.heartbeat_s = check, launcher_poll, t_max, heartbeat_s

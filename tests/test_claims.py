@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_infer.rundir import claims
+from hpc_infer.rundir import claimer, claims, notices, tail
 from hpc_infer.rundir import RunDir, write_json
 
 
@@ -101,7 +101,7 @@ def _beat(run, worker, records, window_s, state="running", age=0.0, start_t=1000
 
 
 def test_pace_is_the_recent_rate_over_the_live_median(tmp_path):
-    from hpc_infer.rundir import claims as c
+    from hpc_infer.rundir import tail as c
 
     run = RunDir(tmp_path)
     run.make()
@@ -122,7 +122,7 @@ def test_pace_is_the_recent_rate_over_the_live_median(tmp_path):
 
 
 def test_pace_unknown_until_another_worker_has_a_rate(tmp_path):
-    from hpc_infer.rundir import claims as c
+    from hpc_infer.rundir import tail as c
 
     run = RunDir(tmp_path)
     run.make()
@@ -389,7 +389,7 @@ def test_an_idle_worker_reads_notices_not_the_run_and_ends_on_done(tmp_path):
     assert claims.try_claim(run, 0, other)
     write_json(run.heartbeat_path("w1"), {"worker": "w1", "host": host, "pid": other.pid, "state": "running"})
     (run.out / "00001.jsonl").write_text("x\n")  # done, as far as names go
-    me = claims.Claimer(run, 3, claims.Owner("w0", host, os.getpid()), lease_s=600, rank=2, of=3)
+    me = claimer.Claimer(run, 3, claims.Owner("w0", host, os.getpid()), lease_s=600, rank=2, of=3)
     assert me.next() == 2 and me.next() is None  # its stripe, then a listing: nothing free
     listed = lister["n"]
     for _ in range(5):
@@ -397,13 +397,13 @@ def test_an_idle_worker_reads_notices_not_the_run_and_ends_on_done(tmp_path):
         assert me.next() is None
     assert lister["n"] == listed, "an idle look listed the run"
     claims.release(run, 0, other)
-    claims.post_freed(run)  # what a worker that lets a chunk go unfinished says
+    notices.post_freed(run)  # what a worker that lets a chunk go unfinished says
     assert me.idle_wait(poll_s=10) == 0.5 and lister["n"] == listed + 2  # listed again: chunk 0 is free
     assert me.next() == 0
-    claims.post_done(run)
+    notices.post_done(run)
     assert me.idle_wait(poll_s=10) is None  # done: it ends, listing nothing
-    claims.clear_notices(run)
-    assert run.fs.listdir(claims.NOTICES) == []  # `done` and the freed-* notice: a new launch starts clean
+    notices.clear_notices(run)
+    assert run.fs.listdir(notices.NOTICES) == []  # `done` and the freed-* notice: a new launch starts clean
     assert me.idle_wait(poll_s=10) is not None  # chunk 0 (ours now) is not done: a later launch's workers wait
 
 
@@ -423,7 +423,7 @@ def test_chunk_ids_past_99999_are_listed_and_odd_names_are_not(tmp_path):
         rows = [{"id": str(cid), "index": cid, "text": "x"}]
         assert publish_chunk_output(run.fs, run.out_name(cid), cid, encode_chunk_output(cid, rows))
     assert claims.try_claim(run, 100_001, owner) and claims.try_claim(run, 7, owner)
-    assert claims.try_backup(run, 100_002, owner)
+    assert tail.try_backup(run, 100_002, owner)
     for odd in ("0100000.jsonl", "100000 (copy).jsonl", "1000000.jsonl.tmp", "\u0662" * 6 + ".jsonl"):
         (run.out / odd).write_text("x\n")
     for odd in ("0100001", "\u00b2" * 5, "1e5000"):
@@ -431,7 +431,7 @@ def test_chunk_ids_past_99999_are_listed_and_odd_names_are_not(tmp_path):
         (run.claims / "backups" / odd).write_text("x\n")
     assert run.output_files() == run.done_chunks() == {99_999, 100_000, 123_456}
     assert run.claimed_chunks() == {7, 100_001}
-    assert claims.backed_up(run) == {100_002}
+    assert tail.backed_up(run) == {100_002}
     from hpc_infer.rundir.layout import chunk_id_of
 
     assert [chunk_id_of(s) for s in ("00000", "99999", "100000", "0100000", "0042", "\u0662" * 5)] == [
@@ -469,17 +469,17 @@ def test_a_worker_uses_anothers_listing_once_and_the_last_publisher_still_finds_
 
     run = RunDir(tmp_path, Counting(tmp_path))
     host = socket.gethostname()
-    a = claims.Claimer(run, 6, claims.Owner("a", host, os.getpid()), lease_s=600, rank=0, of=2)
-    b = claims.Claimer(run, 6, claims.Owner("b", host, os.getpid()), lease_s=600, rank=1, of=2)
+    a = claimer.Claimer(run, 6, claims.Owner("a", host, os.getpid()), lease_s=600, rank=0, of=2)
+    b = claimer.Claimer(run, 6, claims.Owner("b", host, os.getpid()), lease_s=600, rank=1, of=2)
     listed.clear()  # (each start lists out/ once: what a relaunch has done)
 
-    def publish(c: claims.Claimer, cid: int) -> None:
+    def publish(c: claimer.Claimer, cid: int) -> None:
         rows = [{"id": str(cid), "index": cid, "text": "x"}]
         assert publish_chunk_output(run.fs, run.out_name(cid), cid, encode_chunk_output(cid, rows))
         claims.release(run, cid, c.owner)
         c.published()
 
-    def look(c: claims.Claimer, who: str) -> int | None:
+    def look(c: claimer.Claimer, who: str) -> int | None:
         reader["who"] = who
         c._listed = float("-inf")  # as a look LIST_FRESH_S later
         return c.next()
@@ -497,15 +497,15 @@ def test_a_worker_uses_anothers_listing_once_and_the_last_publisher_still_finds_
     publish(b, 2)
     publish(b, 5)
     assert look(b, "b") is None and b.listings == 2 and b.shared_used == 1  # a's pending 2 and 5 are done: it lists
-    assert b.idle_wait(poll_s=10) is None and run.fs.exists(claims.DONE_NOTICE)
+    assert b.idle_wait(poll_s=10) is None and run.fs.exists(notices.DONE_NOTICE)
 
-    claims.clear_notices(run)
-    assert run.fs.listdir(claims.NOTICES) == []  # the launch clears the shared listing with the notices
-    c = claims.Claimer(run, 6, claims.Owner("c", host, os.getpid()), lease_s=600, rank=0, of=1)
-    run.fs.replace(claims.SHARED_LISTING, b'{"token": "x", "n_chunks": 6, "free": [99]}')  # damaged
+    notices.clear_notices(run)
+    assert run.fs.listdir(notices.NOTICES) == []  # the launch clears the shared listing with the notices
+    c = claimer.Claimer(run, 6, claims.Owner("c", host, os.getpid()), lease_s=600, rank=0, of=1)
+    run.fs.replace(notices.SHARED_LISTING, b'{"token": "x", "n_chunks": 6, "free": [99]}')  # damaged
     assert look(c, "c") is None and c.listings == 1 and c.shared_used == 0
-    d = claims.Claimer(run, 6, claims.Owner("d", host, os.getpid()), lease_s=600, rank=0, of=1)
-    claims.post_freed(run)  # newer than c's listing: d does not use it
+    d = claimer.Claimer(run, 6, claims.Owner("d", host, os.getpid()), lease_s=600, rank=0, of=1)
+    notices.post_freed(run)  # newer than c's listing: d does not use it
     assert look(d, "d") is None and d.listings == 1 and d.shared_used == 0
 
 
@@ -544,7 +544,7 @@ def test_the_launcher_waits_out_a_lagging_view_when_the_workers_said_done(tmp_pa
         return {"1": "COMPLETED"}
 
     assert not wait(run, ended, poll_s=0.01, show=False).complete  # no notice: ends at the first look
-    claims.post_done(run)
+    notices.post_done(run)
     looks["n"] = 0
     assert wait(run, ended, poll_s=0.01, show=False).complete and looks["n"] >= 3
 
@@ -552,40 +552,50 @@ def test_the_launcher_waits_out_a_lagging_view_when_the_workers_said_done(tmp_pa
 @pytest.mark.parametrize("old", [False, True])
 def test_a_live_holders_claim_left_after_its_publish_is_not_waited_on(tmp_path, monkeypatch, old):
     """A release reads its claim's owner first; a read error there leaves the claim after
-    the chunk is published. Its holder lives, so its claim never goes stale: an idle worker
-    whose pool held it waited a lease, found the holder alive, and waited again, for ever,
-    never listing the run again (the protocol simulator found it, seed 2307 of a search of
-    early requeues with EIO, together with a dead holder's claim beside it that nobody then
-    saw). Now a sampled claim whose holder lives but whose chunk has its output is dropped.
-    `old`: the check turned off, to show this test fails without it."""
+    the chunk is published. Its holder lives, so by the lease alone its claim never goes
+    stale: an idle worker whose pool held it waited a lease, found the holder alive, and
+    waited again, for ever, never listing the run again (the protocol simulator found it,
+    seed 2307 of a search of early requeues with EIO). The holder's next beats no longer list
+    the chunk, so half a lease after the claim it is disowned (claims.disowned, the one rule
+    for every claim a failed release leaves): the idle worker takes it over, finds the output,
+    lets it go and lists the run again. `old`: disowning turned off (`holds` always true)."""
     import socket
 
     from hpc_infer.rundir.chunks import encode_chunk_output, publish_chunk_output
     from hpc_infer.worker.heartbeat import Heartbeat
 
     if old:
-        monkeypatch.setattr(claims.Claimer, "_published_since", lambda self, cid: False)
+        for module in (claims, claimer):  # the rule both use
+            monkeypatch.setattr(module, "holds", lambda beat, cid: True)
     run = RunDir(tmp_path)
     run.make()
     host = socket.gethostname()
     b_owner = claims.Owner("b", host, os.getpid())
-    b = claims.Claimer(run, 1, b_owner, lease_s=600, rank=0, of=2)
-    a = claims.Claimer(run, 1, claims.Owner("a", host, os.getpid()), lease_s=600, rank=1, of=2)
-    Heartbeat(run, b_owner, 10.0, 600.0).beat()  # b lives and beats
+    b = claimer.Claimer(run, 1, b_owner, lease_s=600, rank=0, of=2)
+    a = claimer.Claimer(run, 1, claims.Owner("a", host, os.getpid()), lease_s=600, rank=1, of=2)
+    hb = Heartbeat(run, b_owner, 10.0, 600.0)
+    hb.beat()  # b lives and beats
     assert (b.next(), a.next()) == (0, None)
     assert a.idle_wait(10.0) == 10.0  # a listed: the one chunk is b's, running
     rows = [{"id": "0", "index": 0, "text": "x"}]
     assert publish_chunk_output(run.fs, run.out_name(0), 0, encode_chunk_output(0, rows))
     b.published()  # b's release failed: its claim stays
+    made = time.time() - 400  # the claim: 400 s old (two thirds of a lease) by the file server's clock
+    os.utime(run.claim_path(0), (made, made))
+    hb.update(held=[])
+    hb.beat()  # b beats on, holding nothing
     a._expiry_due = 0.0  # a lease later: the sampled claims are read again
     waits = []
     for _ in range(3):
         a._listed = float("-inf")  # each look LIST_FRESH_S after the last
         waits.append(a.idle_wait(10.0))
+        if waits[-1] is not None:
+            a._expiry_due = 0.0  # the wait is over
+            assert a.next() is None  # a look: the disowned claim is taken over, done, let go
     if old:
         assert waits[-1] is not None  # still waiting on b's claim
         return
-    assert waits[-1] is None and run.fs.exists(claims.DONE_NOTICE)
+    assert waits[-1] is None and run.fs.exists(notices.DONE_NOTICE)
 
 
 @pytest.mark.parametrize("old", [False, True])
@@ -618,11 +628,11 @@ def test_a_live_holders_claim_it_no_longer_holds_goes_stale(tmp_path, monkeypatc
 def test_stripes_alternate_direction_so_each_holds_about_the_same_work():
     """Chunks shrink along the plan, so the same place in every round gave rank 0 the largest
     chunk of each round; a place reversed every other round evens the stripes out."""
-    assert [claims.stripe(r, 3, 8) for r in range(3)] == [[0, 5, 6], [1, 4, 7], [2, 3]]
-    assert sorted(c for r in range(64) for c in claims.stripe(r, 64, 1000)) == list(range(1000))
-    assert [claims.stripe(r, 4, 2) for r in range(4)] == [[0], [1], [0], [1]]  # more workers than chunks
-    assert claims.stripe(0, 3, 0) == []
+    assert [claimer.stripe(r, 3, 8) for r in range(3)] == [[0, 5, 6], [1, 4, 7], [2, 3]]
+    assert sorted(c for r in range(64) for c in claimer.stripe(r, 64, 1000)) == list(range(1000))
+    assert [claimer.stripe(r, 4, 2) for r in range(4)] == [[0], [1], [0], [1]]  # more workers than chunks
+    assert claimer.stripe(0, 3, 0) == []
     sizes = [1000 - c for c in range(640)]  # shrinking, as the guided plan's
-    sums = [sum(sizes[c] for c in claims.stripe(r, 64, 640)) for r in range(64)]
+    sums = [sum(sizes[c] for c in claimer.stripe(r, 64, 640)) for r in range(64)]
     old = [sum(sizes[c] for c in range(r, 640, 64)) for r in range(64)]
     assert max(sums) - min(sums) <= 64 < max(old) - min(old)

@@ -57,9 +57,9 @@ def test_idle_worker_backs_up_the_straggler_and_the_merge_stays_exactly_once(tmp
         assert fast.wait(timeout=1800) == 0, (tmp_path / "fast.log").read_text()[-3000:]
         release(tmp_path)  # the fast one did every other chunk and a backup copy of chunk 0
         assert slow.wait(timeout=1800) == 0, (tmp_path / "slow.log").read_text()[-3000:]
-    from hpc_infer.rundir import claims
+    from hpc_infer.rundir import tail
 
-    marker = run.root / claims.BACKUPS / "00000"
+    marker = run.root / tail.BACKUPS / "00000"
     assert json.loads(marker.read_text())["worker"] == "fast"  # the idle worker backed up the straggler's chunk
     beats = {b: read_json(run.heartbeats / f"{b}.json") for b in ("slow", "fast")}
     assert beats["fast"].get("backups") == 1

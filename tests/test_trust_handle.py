@@ -197,7 +197,7 @@ def test_a_run_file_read_back_is_checked_against_its_shape(tmp_path, file, edit,
     """manifest.json and worker.json are read back against their shapes (rundir/schema.py):
     an unknown key, a missing one or a wrong type stops `status`, `merge` and the worker,
     naming the file and the key; a heartbeat with a wrong type is read as no heartbeat."""
-    from hpc_infer.rundir import RunDir, claims
+    from hpc_infer.rundir import RunDir, beats
     from hpc_infer.run.plan import plan_input, prepare
 
     rc = compose(f"output_root={tmp_path}/runs", "data=example", "cluster=local")
@@ -212,10 +212,10 @@ def test_a_run_file_read_back_is_checked_against_its_shape(tmp_path, file, edit,
         RunDir(run.root).read_json(file)  # the worker's own read, too
     beat = {"worker": "w", "state": "running", "pid": "1; kill"}
     (run.root / "heartbeats" / "w.json").write_text(json.dumps(beat))
-    assert claims.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is None
+    assert beats.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is None
     beat["pid"] = 1
     (run.root / "heartbeats" / "w.json").write_text(json.dumps(beat))
-    assert claims.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is not None
+    assert beats.read_beat(RunDir(run.root).fs, "heartbeats/w.json", 0.0) is not None
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ class Backend:
 
     def _calls(self, indices: list[int], task=None) -> tuple:
         """map_array's arguments: a serve task gets its replica number; a batch worker its rank
-        among the workers started with it (rundir/claims.py: Claimer's stripes)."""
+        among the workers started with it (rundir/claimer.py: stripe)."""
         roots = [str(self.run.root)] * len(indices)
         if task:
             return task, roots, list(indices)

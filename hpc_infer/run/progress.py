@@ -19,7 +19,9 @@ from typing import Callable
 
 from ..log import printable
 from ..rundir import RunDir, read_heartbeats, tail_lines
-from ..rundir.claims import DONE_NOTICE, FS_CACHE_S, live_claims, rate, read_beat
+from ..rundir.beats import rate, read_beat
+from ..rundir.claims import live_claims
+from ..rundir.notices import FS_CACHE_S, done_posted
 from ..rundir.lease import fs_now
 
 
@@ -261,7 +263,7 @@ def wait(
                 # file server's attribute and entry caches (tests/test_sharedfs.py: 3 s) hiding
                 # the last outputs from this client; look again rather than resubmit, for as
                 # long as such a cache can last (a damaged output, named but not done, ends it)
-                if not (run.fs.exists(DONE_NOTICE) and time.time() - ended_at < FS_CACHE_S):
+                if not (done_posted(run) and time.time() - ended_at < FS_CACHE_S):
                     break
         time.sleep(max(poll_s, poll_interval(len(states))))
     bar.close()

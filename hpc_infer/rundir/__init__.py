@@ -3,9 +3,10 @@
 Workers and the merger may run on other machines, so the shared file system is the bus.
 Every step imports this package and nothing else to read or write a run: paths
 (layout.py), the atomic write (files.py), chunk inputs and outputs (chunks.py), claims
-and leases (claims.py), engine attempts and poison bisection (isolate.py), failpoints
-(faults.py), what may be trusted (trust.py). Standard library only: workers import it
-inside the cluster's vLLM image.
+(claims.py), which chunk next (claimer.py), notices (notices.py), straggler pacing and
+backups (tail.py), others' heartbeats (beats.py), leases and locks (lease.py), engine
+attempts and poison bisection (isolate.py), failpoints (faults.py), what may be trusted
+(trust.py). Standard library only: workers import it inside the cluster's vLLM image.
 """
 
 from .chunks import (

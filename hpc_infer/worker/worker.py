@@ -40,10 +40,13 @@ from ..rundir import (
     encode_chunk_output,
     faults,
     isolate,
+    notices,
     publish_chunk_output,
     read_chunk_source,
     set_permissions,
+    tail,
 )
+from ..rundir.claimer import Claimer
 from .heartbeat import Heartbeat
 
 EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
@@ -128,20 +131,20 @@ class Pacing:
         self.share, self.leave_tail = 1.0, False
         self.est, self.total = est, max(1, sum(est.values()))
 
-    def update(self, claimer: claims.Claimer) -> dict | None:
+    def update(self, claimer: Claimer) -> dict | None:
         if clock.now() < self.next_at:
             return None
         self.next_at = clock.now() + self.every
-        p = claims.pace(self.run, self.worker_id, fresh_s=self.fresh_s)
+        p = tail.pace(self.run, self.worker_id, fresh_s=self.fresh_s)
         if p is None:
             self.share, self.leave_tail = 1.0, False
             return None
-        straggler = p.ratio < claims.STRAGGLER
+        straggler = p.ratio < tail.STRAGGLER
         self.share = p.ratio if straggler else 1.0
         self.leave_tail = (  # the work left unclaimed: summed only for a straggler (a pass over the chunks)
             straggler
             and p.others_running
-            and sum(self.est.get(cid, 0) for cid in claimer.unclaimed()) < claims.TAIL_SHARE * self.total
+            and sum(self.est.get(cid, 0) for cid in claimer.unclaimed()) < tail.TAIL_SHARE * self.total
         )
         return {"pace": round(p.ratio, 3), "straggler": straggler}
 
@@ -181,7 +184,7 @@ class Worker:
         self.hb = Heartbeat(self.run, self.owner, heartbeat_s, self.lease_s)
         if rank is None or of is None:
             rank, of = default_rank()
-        self.claimer = claims.Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
+        self.claimer = Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
         self.pacing = Pacing(self.run, self.owner.worker_id, heartbeat_s, est)
         self.engine: Any = engine
         self._engine_given = engine is not None
@@ -391,11 +394,11 @@ class Worker:
             return
         self._backup_look_at = clock.now()
         for _ in range(3):
-            cid = claims.backup_candidate(self.run, self.sizes, self.pacing.fresh_s)
+            cid = tail.backup_candidate(self.run, self.sizes, self.pacing.fresh_s)
             if cid is None or isolate.suspect(self.run, cid, self.max_attempts):
                 self._backup_misses += 1  # nothing to back up: look half as often (up to 8x apart)
                 return  # a suspect's holder runs it alone, slowly, on purpose
-            if claims.try_backup(self.run, cid, self.owner) and not self.run.chunk_done(cid):
+            if tail.try_backup(self.run, cid, self.owner) and not self.run.chunk_done(cid):
                 self.backups_left -= 1
                 self.hb.update(backups=self.hb.state.get("backups", 0) + 1)
                 chunk = self.start(cid, backup=True)
@@ -429,7 +432,7 @@ class Worker:
         if clock.now() - self._backups_seen_at < max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s):
             return
         self._backups_seen_at = clock.now()
-        backed = claims.backed_up(self.run)
+        backed = tail.backed_up(self.run)
         for cid in [c for c in self.inflight if c in backed and self.run.chunk_done(c)]:
             self.engine.abort(cid)
             if self.isolating == cid:
@@ -495,7 +498,7 @@ class Worker:
         if self.hb.run_deleted:
             raise RunDeleted(self.run.root)
         if not self.hb.healthy and self.stop_signal is None:
-            if claims.done_posted(self.run):
+            if notices.done_posted(self.run):
                 return DONE
             now = clock.now()
             self._unhealthy_since = self._unhealthy_since or now
@@ -550,7 +553,7 @@ class Worker:
                 pass  # the lease runs out instead
         if freed:
             try:
-                claims.post_freed(self.run)  # idle workers list again (claims.Claimer)
+                notices.post_freed(self.run)  # idle workers list again (rundir/claimer.py)
             except OSError:
                 pass  # they find it when their sampled claims are gone
 
