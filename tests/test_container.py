@@ -3,11 +3,12 @@
 that would run; where a runtime exists the same code paths run for real."""
 
 import shlex
+import shutil
 from pathlib import Path
 
 import submitit
 
-from conftest import compose
+from conftest import compose, skip_or_fail
 from hpc_infer.cluster.container import CODE_MOUNT, DEPS_MOUNT, SHIM_DIR, binds, python_command
 from hpc_infer.rundir import RunDir
 from hpc_infer.run.sbatch import render
@@ -56,6 +57,8 @@ def test_exec_line_for_submitit(tmp_path):
         "python3",
     ]
     # submitit puts exactly this in front of `-u -m submitit.core._submit` in the sbatch file
+    if not shutil.which("srun"):  # submitit's executor refuses to exist without it
+        skip_or_fail("submitit's SlurmExecutor needs `srun` on PATH (slurm-wlm; scripts/test.sh installs it)")
     backend = SlurmBackend(rc.cluster, run, cmd)
     ex = backend.executor()
     assert ex._submitit_command_str.startswith(cmd + " -u -m submitit.core._submit")
