@@ -16,6 +16,11 @@ open descriptor (served from the client's cached attributes).
     .venv/bin/python bench/metadata_ops.py                       # this checkout, 16/64/256 workers
     .venv/bin/python bench/metadata_ops.py --before 86a6d31      # and the same with that commit's worker
 
+`--trace N` traces N workers of each size among the others, which run untraced as forks of
+one process that imported the worker once (1,000 real workers start, run 90 s and stop in
+under 4 minutes on 2 cores); the per-worker-second window opens once every worker has
+beaten.
+
 `--before REV` runs REV's worker (from a git worktree) with the same FakeEngine patched in
 for its vLLM engine: the protocol's cost, before and after, side by side.
 """
@@ -28,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,16 +102,17 @@ root = Path({root!r})
 data = root / "prompts.jsonl"
 data.write_text("".join(json.dumps({{"id": f"r{{i}}", "prompt": f"q{{i}}"}}) + "\\n" for i in range({records})))
 rc = compose(f"output_root={{root}}/runs", f"data.path={{data}}", "cluster=local", "sampling=greedy",
-             "sampling.max_tokens=4", "max_chunk_records={per_chunk}", "cluster.heartbeat_s={heartbeat_s}", "chunks_per_worker=64", "cluster.workers=64",
+             "sampling.max_tokens=4", "max_chunk_records={per_chunk}", "cluster.heartbeat_s={heartbeat_s}", "chunks_per_worker=64", "cluster.workers={workers}",
              "run_name=bench")
 run, _ = prepare(rc, plan_input(rc), "/model/not/loaded", "")
 print(run.root)
 """
 
 
-def plan(root: Path, code: Path, n_records: int, chunks: int) -> Path:
+def plan(root: Path, code: Path, n_records: int, chunks: int, workers: int = 64) -> Path:
     """A run of n_records short prompts in about `chunks` chunks, planned by that checkout
-    as its `launch` plans (each version in its own run-directory format)."""
+    as its `launch` plans (each version in its own run-directory format) for `workers`
+    workers (past 500 the plan lengthens their beat: rundir/lease.py, beat_interval)."""
     root.mkdir(parents=True, exist_ok=True)
     script = PLAN.format(
         code=str(code),
@@ -113,6 +120,7 @@ def plan(root: Path, code: Path, n_records: int, chunks: int) -> Path:
         records=n_records,
         per_chunk=max(1, n_records // chunks),
         heartbeat_s=HEARTBEAT_S,
+        workers=workers,
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=code)
     return Path(out.stdout.strip().splitlines()[-1])
@@ -129,6 +137,33 @@ def count(trace_files: list[Path]) -> int:
     return total
 
 
+ZYGOTE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from hpc_infer.worker.worker import main  # imported once: each worker below is a fork of this process
+pids = []
+signal.signal(signal.SIGTERM, lambda *_: [os.kill(pid, signal.SIGTERM) for pid in pids])
+for i in range({first}, {n}):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker sets its own once it starts
+        code = 1
+        try:
+            code = main([{run!r}, "--worker-id", f"w{{i}}", "--rank", str(i), "--of", str({n})])
+        finally:
+            os._exit(code)
+    pids.append(pid)
+print(" ".join(map(str, pids)), flush=True)
+for pid in pids:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+"""
+
+
 def start_workers(
     run: Path,
     n: int,
@@ -143,7 +178,10 @@ def start_workers(
 ) -> list:
     """n workers on `run`; the first `traced` of them (all when None) each under its own
     strace, the others plain: a sample of traced workers among many live untraced ones (a
-    traced process runs several times slower, and 1,000 of them do not fit a machine)."""
+    traced process runs several times slower, and 1,000 of them do not fit a machine). The
+    untraced ones of this checkout are forks of one process that imported the worker once
+    (ZYGOTE; its SIGTERM goes on to each of them): 1,000 interpreters importing the
+    worker each is most of a 1,000-worker run's start on a small machine, and of its memory."""
     env = dict(os.environ, HPC_INFER_FAKE_ENGINE=json.dumps(fake), PYTHONUNBUFFERED="1")
     if code is not None:
         fake_dir = trace_dir / "fake"
@@ -153,23 +191,23 @@ def start_workers(
             src.replace("from .protocol import error_result", "from hpc_infer.worker.engine import error_result")
         )
         env.update(PYTHONPATH=str(code), HPC_INFER_BENCH_FAKE=str(fake_dir))
+    traced = n if traced is None else min(n, traced)
     procs = []
-    for i in range(n):
+    forks = code is None and traced < n and not extra and not timeout_s
+    if forks:
+        zygote = ZYGOTE.format(root=str(ROOT), run=str(run), first=traced, n=n)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", zygote], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        )
+        procs[-1].stdout.readline()  # every fork made: the traced ones start among them
+    for i in range(traced if forks else n):
         argv = (
             [sys.executable, "-c", OLD_WORKER, str(run), "--worker-id", f"w{i}"]
             if code is not None
-            else [
-                sys.executable,
-                "-m",
-                "hpc_infer.worker",
-                str(run),
-                "--worker-id",
-                f"w{i}",
-                "--rank",
-                str(i),
-                "--of",
-                str(n),
-            ]
+            else [sys.executable, "-m", "hpc_infer.worker", str(run), "--worker-id", f"w{i}", "--rank", str(i)]
+            + ["--of", str(n)]
         )
         out = trace_dir / f"{tag}{i}.strace"
         argv += extra or []
@@ -178,7 +216,7 @@ def start_workers(
         tracer = ["strace", "-f", *(["-tt", "-e", "trace=%file,getdents64"] if timed else ["-c"]), "-o", str(out)]
         procs.append(
             subprocess.Popen(
-                [*(tracer if traced is None or i < traced else []), *argv],
+                [*(tracer if i < traced else []), *argv],
                 env=env,
                 cwd=code or ROOT,
                 stdout=subprocess.DEVNULL,
@@ -186,6 +224,34 @@ def start_workers(
             )
         )
     return procs
+
+
+def wait_started(run: Path, n: int, deadline_s: float) -> int:
+    """Seconds until all n workers have beaten once (each has imported, read the run and
+    claimed), or the deadline; returns how many had."""
+    end = time.time() + deadline_s
+    while True:
+        beaten = len(list((run / "heartbeats").glob("*.json"))) if (run / "heartbeats").is_dir() else 0
+        if beaten >= n or time.time() > end:
+            return beaten
+        time.sleep(1.0)
+
+
+def stop(procs: list) -> None:
+    """SIGTERM to every worker this bench started, by PID: a traced one is strace's child
+    (strace itself holds fatal signals while it traces), the forks get theirs from the zygote."""
+    import psutil
+
+    for p in procs:
+        try:
+            kids = psutil.Process(p.pid).children() if p.args[0] == "strace" else []
+        except psutil.NoSuchProcess:
+            continue
+        for target in kids or [p]:
+            try:
+                target.send_signal(signal.SIGTERM)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
 
 
 def workers_until_done(
@@ -289,35 +355,38 @@ def steady_rate(trace: Path, kinds: collections.Counter | None = None) -> tuple[
 
 def per_worker_second(
     code: Path | None, n: int, window_s: float, startup: float, traced: int | None = None, kinds=None
-) -> float:
+) -> tuple[float, float]:
     """Namespace calls a second a working worker makes apart from finishing chunks (its
-    heartbeat, pacing, checks): n workers each holding chunks that finish nothing within
-    `window_s` (a slow fake engine), stopped by SIGTERM at its end; counted between each
-    worker's second and last heartbeat (steady_rate), summed over the workers. Twice the
-    chunks the workers can hold (8 records a worker fill its engine), so no worker runs out
-    of work in the window: what a worker costs at the tail of a run (its look for stale
-    claims, its backup) is in the per-chunk figure, where it belongs. `traced`: only that many
-    of the n workers are traced (the figure is theirs); `kinds` collects calls by kind."""
+    heartbeat, pacing, checks): n workers each holding chunks that finish nothing, running
+    `window_s` after the last of them has beaten once, then stopped by SIGTERM; counted
+    between each traced worker's second and last heartbeat (steady_rate), summed over the
+    workers. Twice the chunks the workers can hold (8 records a worker fill its engine), so no
+    worker runs out of work in the window: what a worker costs at the tail of a run (its look
+    for stale claims, its backup) is in the per-chunk figure, where it belongs. `traced`:
+    only that many of the n workers are traced (the figure is theirs); `kinds` collects calls
+    by kind. Returns (calls per worker-second, the traced workers' mean counted seconds)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-meta-"))
+    procs: list = []
     try:
-        run = plan(tmp, code or ROOT, 16 * n, 8 * n)
+        run = plan(tmp, code or ROOT, 16 * n, 8 * n, workers=n)  # as a launch of n workers plans it
         traces = tmp / "traces"
         traces.mkdir()
-        # records that never finish (a million tokens each), steps every half second; each worker
-        # is stopped by `timeout` inside strace (SIGTERM: it stops at its next step)
+        # records that never finish (a million tokens each), steps every half second
+        t0 = time.time()
         procs = start_workers(
-            run,
-            n,
-            code,
-            traces,
-            "slow",
-            {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6},
-            timeout_s=window_s,
-            timed=True,
-            traced=traced,
+            run, n, code, traces, "slow", {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}, timed=True, traced=traced
         )
+        beaten = wait_started(run, n, 120 + 2.0 * n)
+        started = time.time() - t0
+        time.sleep(window_s)
+        stop(procs)
         for p in procs:
             p.wait()
+        print(
+            f"  {n} workers: {beaten} beating {started:.0f} s after the start, stopped {window_s:.0f} s later, "
+            f"all gone {time.time() - t0:.0f} s after the start",
+            flush=True,
+        )
         counted = [steady_rate(f, kinds) for f in sorted(traces.glob("slow*.strace"))]
         seconds = sum(s for _, s in counted)
         steady = sum(1 for _, s in counted if s > 0)
@@ -326,8 +395,10 @@ def per_worker_second(
                 f"  only {steady} of {len(counted)} traced workers reached a steady state in {window_s:.0f} s: "
                 f"give a longer --window"
             )
-        return sum(c for c, _ in counted) / seconds if seconds else float("nan")
+        rate = sum(c for c, _ in counted) / seconds if seconds else float("nan")
+        return rate, seconds / max(1, steady)
     finally:
+        stop([p for p in procs if p.poll() is None])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -367,10 +438,8 @@ def measure(
     print(label, json.dumps(chunk), flush=True)
     rates = {}
     for n in sizes:
-        # n workers starting at once on a small machine take a while to import: a longer window
-        window = max(window_s, 60 + 1.0 * n)
         kinds: collections.Counter = collections.Counter()
-        rates[n] = round(per_worker_second(code, n, window, chunk["startup_ops_per_worker"], trace, kinds), 3)
+        rates[n] = round(per_worker_second(code, n, window_s, chunk["startup_ops_per_worker"], trace, kinds)[0], 3)
         sample = f" ({min(n, trace)} traced)" if trace else ""
         print(label, f"{n} workers{sample}: {rates[n]} namespace calls per worker-second; {dict(kinds)}", flush=True)
     return dict(chunk, per_worker_s=rates)

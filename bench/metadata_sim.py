@@ -5,7 +5,7 @@ The real worker, claims, leases, publish and the launcher's progress poll run un
 the simulated file server, which counts every call that reaches it (open, stat, readdir,
 create, rename, link, unlink, setattr, mkdir). No attribute cache (`ac_s=0`): every stat and
 listing reaches the server, as `strace` counts them (bench/metadata_ops.py counts real
-processes' system calls the same way, at 16-256 workers: the calibration).
+processes' system calls the same way, at 16-1,000 workers: the calibration).
 
 Steady state: every worker busy on chunks of `--records` records, each chunk `--chunk-s`
 simulated seconds long (the fake engine: `--records` sequences at once, 9 steps), the
@@ -16,7 +16,7 @@ window from `--warm` to `--warm + --window` simulated seconds. The budget: 500 c
     .venv/bin/python bench/metadata_sim.py --workers 16 64 256  # the strace bench's sizes
     .venv/bin/python bench/metadata_sim.py --balance --workers 1000   # whole runs, heavy-tailed lengths
     .venv/bin/python bench/metadata_sim.py --balance --dispatch --draws 4 --workers 64 200   # and the comparison
-    .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256   # against strace of real workers
+    .venv/bin/python bench/metadata_sim.py --calibrate --workers 16 64 256 1000   # against strace of real workers
     .venv/bin/python bench/metadata_sim.py --calibrate-chunks   # calls per chunk, against strace (16 workers)
 
 `--balance` runs whole runs instead (`--records-per-worker`, 2,000 by default, cut by the
@@ -188,11 +188,15 @@ def balance(lay, workers: int, draw: int = 0) -> dict:
     }
 
 
-def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[float, float]:
+def single_record_dispatch(
+    workers: int, records: int, draw: int = 0, longest_first: bool = False
+) -> tuple[float, float]:
     """Balance and makespan of a dispatcher of single records, in input order, to any engine
     with room, at no claim cost, in the same engine model and the same draw of the lengths
     as balance(): what a scheduler that knows no output length gets without chunks or a
-    file system (a comparison, not a proof of the best; returns (balance, makespan))."""
+    file system (a comparison, not a proof of the best; returns (balance, makespan)).
+    `longest_first`: the records in order of their output lengths, longest first (LPT), as
+    if each length were known before its record ran: what knowing the lengths is worth."""
     import heapq
 
     from hpc_infer.worker.fake_engine import FakeEngine
@@ -200,6 +204,8 @@ def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[f
     m = json.loads((ROOT / "bench" / "engine_model.json").read_text())
     eng = FakeEngine({"lengths": lengths(draw)})
     todo = [eng._length(f"r{i}") for i in range(records)]  # the plan's ids: r0, r1, ...
+    if longest_first:
+        todo.sort(reverse=True)
     a, c, seqs = m["a"] * TOKENS_PER_STEP, m["c"] * TOKENS_PER_STEP, m["max_num_seqs"]
     running: list[list[int]] = [[] for _ in range(workers)]
     ends, nxt = [0.0] * workers, 0
@@ -218,10 +224,10 @@ def single_record_dispatch(workers: int, records: int, draw: int = 0) -> tuple[f
 
 
 def stripes(sizes: list[int], workers: int) -> str:
-    """How even the workers' stripes are (rundir/claims.py: stripe): the records in the
+    """How even the workers' stripes are (rundir/claimer.py: stripe): the records in the
     heaviest and the lightest against the mean, and the same for the old rule (the same
     place in every round); `sizes`: each chunk's records, in the plan's order."""
-    from hpc_infer.rundir.claims import stripe
+    from hpc_infer.rundir.claimer import stripe
 
     n, mean = len(sizes), sum(sizes) / workers
 
@@ -235,10 +241,19 @@ def stripes(sizes: list[int], workers: int) -> str:
     )
 
 
+def beat_s(n: int) -> float:
+    """The heartbeat interval a launch of n workers plans at `cluster.heartbeat_s=10` and the
+    default lease (10 s up to 500 workers, n / 50 s past: rundir/lease.py)."""
+    from hpc_infer.rundir.lease import beat_interval
+
+    return beat_interval(10.0, 600.0, n)
+
+
 def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tuple[float, dict]:
     """The simulator in bench/metadata_ops.py's per-worker-second regime: n workers, 16n
-    records in 8n chunks that never finish (a million tokens, a step every 0.5 s), a beat
-    every 10 s, no launcher; calls per worker-second over [warm, warm + window]."""
+    records in 8n chunks that never finish (a million tokens, a step every 0.5 s), the beat
+    the plan gives n workers (10 s up to 500, n / 50 s past: the real workers' plan is the
+    same), no launcher; calls per worker-second over [warm, warm + window]."""
     import simulation as S
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,23 +261,28 @@ def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tupl
         lay.ids = []
         sched = S.Schedule(0, "calibrate", n, [], skew=[0.0])
         engine = {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}
-        sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=warm + window, heartbeat_s=10.0)
+        beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
+        sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=warm + window, heartbeat_s=beat)
         _, calls, span = window_calls(sim, warm)
         return sum(calls.values()) / span / n, {k: round(v / span / n, 4) for k, v in calls.items()}
 
 
-def calibrate(sizes: list[int], trace: int) -> None:
+def calibrate(sizes: list[int], trace: int, window: float) -> None:
     """Real worker processes under strace (bench/metadata_ops.py: at most `trace` of each size
     traced, the others live and untraced) against the simulator, in the same regime."""
     import metadata_ops as O
 
     for n in sizes:
         kinds: collections.Counter = collections.Counter()
-        window = max(90.0, 60 + 1.0 * n)  # the strace bench's: longer where more workers start at once
-        real = O.per_worker_second(None, n, window, 0, min(n, trace), kinds)
-        # the same span of a worker's life (from its first beats to its last): a look for
-        # pacing every 240 s falls inside both windows or neither
-        sim, by_kind = steady_per_worker(n, warm=20.0, window=window - 30.0)
+        real, span = O.per_worker_second(None, n, window, 0, min(n, trace), kinds)
+        # the simulator's workers beat in step (they start at once): its window opens half-way
+        # between two beats and is whole rounds of three beats, which hold two looks at the
+        # backup markers each (every 1.5 beats), whatever their phase; as long as the traced
+        # workers' counted span (whole beats: from a beat 10 s after the first claim to the
+        # last before the stop) as near as that allows. A window that ends on a beat counts a
+        # beat a worker too many (+33% in three beats)
+        beat = beat_s(n)
+        sim, by_kind = steady_per_worker(n, warm=1.5 * beat, window=3 * beat * max(1, round(span / (3 * beat))))
         print(
             f"{n:>5} workers ({min(n, trace)} traced): strace {real:.4f} calls per worker-second {dict(kinds)}; "
             f"simulator {sim:.4f} {by_kind}; simulator/strace = {sim / real:.3f}",
@@ -328,7 +348,13 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=8, help="records a chunk (the fake engine runs them at once)")
     ap.add_argument("--chunk-s", type=float, default=225.0, help="simulated seconds a chunk takes")
     ap.add_argument("--warm", type=float, default=600.0)
-    ap.add_argument("--window", type=float, default=600.0)
+    ap.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="simulated seconds counted (default 600); --calibrate: real seconds the workers run after the "
+        "last has started (default 90)",
+    )
     ap.add_argument("--balance", action="store_true", help="whole runs with heavy-tailed lengths: balance, not calls")
     ap.add_argument(
         "--draws",
@@ -339,10 +365,11 @@ def main() -> None:
     ap.add_argument(
         "--dispatch",
         action="store_true",
-        help="--balance: also a dispatcher of single records at no claim cost, the same draws (a comparison)",
+        help="--balance: also a dispatcher of single records at no claim cost, the same draws, in input "
+        "order and longest first with the lengths known (comparisons)",
     )
     ap.add_argument("--records-per-worker", type=int, default=2000, help="--balance: the run's records / workers")
-    ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-256)")
+    ap.add_argument("--calibrate", action="store_true", help="against real workers under strace (16-1,000)")
     ap.add_argument("--trace", type=int, default=32, help="--calibrate: workers traced of each size (a sample)")
     ap.add_argument("--calibrate-chunks", action="store_true", help="calls per chunk against strace (16 workers)")
     args = ap.parse_args()
@@ -350,7 +377,7 @@ def main() -> None:
         calibrate_chunks()
         return
     if args.calibrate:
-        calibrate(args.workers, args.trace)
+        calibrate(args.workers, args.trace, args.window or 90.0)
         return
     budget = {1000: 500, 10000: 2000}
     if args.chunks_per_worker is None:
@@ -378,13 +405,15 @@ def main() -> None:
                         flush=True,
                     )
                 if args.dispatch:
-                    got = [single_record_dispatch(n, sum(sizes), d) for d in range(args.draws)]
-                    print(
-                        f"{n:>6} workers, single records to any engine with room, no claim cost: balance "
-                        + ", ".join(f"{b:.4f} (makespan {t:.1f})" for b, t in got)
-                        + f", mean {sum(b for b, _ in got) / len(got):.4f}",
-                        flush=True,
-                    )
+                    for order, lpt in (("input order", False), ("longest first, lengths known", True)):
+                        got = [single_record_dispatch(n, sum(sizes), d, lpt) for d in range(args.draws)]
+                        print(
+                            f"{n:>6} workers, single records to any engine with room, no claim cost, "
+                            f"{order}: balance "
+                            + ", ".join(f"{b:.4f} (makespan {t:.1f})" for b, t in got)
+                            + f", mean {sum(b for b, _ in got) / len(got):.4f}",
+                            flush=True,
+                        )
                 if len(rows) > 1:
                     b = sorted(r["balance"] for r in rows)
                     print(
@@ -394,13 +423,13 @@ def main() -> None:
                     )
                 continue
             lay = layout(Path(tmp), n, args.chunks_per_worker, args.records)
-            row = measure(lay, n, args.records, args.chunk_s, args.warm, args.window)
+            row = measure(lay, n, args.records, args.chunk_s, args.warm, args.window or 600.0)
             goal = f" (budget {budget[n]}/s)" if n in budget else ""
             print(
                 f"{n:>6} workers, {row['chunks']:>7} chunks, a beat every {row['heartbeat_s']:g}s: "
                 f"{row['calls_per_s']:>8.1f} calls/s{goal}, "
                 f"{row['per_worker_s']:.4f} per worker-second; {row['by_kind']}; "
-                f"{row['chunks_done']} chunks done by t={args.warm + args.window:.0f}s; {row['wall_s']} s to simulate",
+                f"{row['chunks_done']} chunks done by t={args.warm + (args.window or 600.0):.0f}s; {row['wall_s']} s to simulate",
                 flush=True,
             )
 
