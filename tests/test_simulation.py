@@ -17,6 +17,7 @@ import pytest
 
 import simulation as S
 
+from hpc_infer.rundir.claimer import Claimer
 from hpc_infer.worker.heartbeat import Heartbeat
 
 SEEDS = int(os.environ.get("HPC_INFER_SIM_SEEDS", "1500"))
@@ -83,6 +84,13 @@ def _old_fs_now(fs, sub=""):
     except OSError:
         st = None
     return st.mtime if st is not None else fs.client_now()
+
+
+def _old_list(self, notices=None, _now=Claimer._list):
+    """Before: any listing, a shared one showing chunks free too, ended a worker's being a
+    publisher."""
+    _now(self, notices)
+    self._published = False
 
 
 # Each bug the simulator found, as its shrunk schedule, and the old behaviour it guards against.
@@ -211,6 +219,28 @@ FOUND = {
             slow={"w3": 4.0},
         ),
         ("hpc_infer.rundir.notices.done_posted", lambda run: False),
+        "still running",
+    ),
+    "the last publisher's flag spent on a shared listing older than its publish": (
+        # seed 2001532 of a sweep, shrunk: the last publisher's release failed (EIO), leaving
+        # its claim; an idle worker whose caches hid both the publish and that claim shared a
+        # listing naming the chunk free; the publisher used it (its flag ended there), found
+        # the chunk taken, then used the next shared listing (nothing free, the claim pending)
+        # as a plain worker. Nobody listed the run done: every idle worker waited half a lease
+        # for the claim to go stale (claims.disowned)
+        S.Schedule(
+            2001532,
+            "grouped",
+            5,
+            [(0.033, "relaunch", 0, 16.412)],
+            ["d3q0", "d2q2", "d4q3"],
+            [0.0, 0.0, 0.0],
+            ac_s=3.0,
+            eio=0.03,
+            estale=0.0,
+            slow={},
+        ),
+        ("hpc_infer.rundir.claimer.Claimer._list", _old_list),
         "still running",
     ),
 }

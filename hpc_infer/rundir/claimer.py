@@ -125,9 +125,9 @@ class Claimer:
         freed = sorted(n for n in self._notices if n.startswith("freed-"))
         published, self._watch = self._published, []
         self._shared = self._use_shared(freed)
-        self._published = False
         if self._shared:
-            return
+            return  # a publisher stays one (see _use_shared) until a listing of its own
+        self._published = False
         self.listings += 1
         # names only: an output that exists is taken (its trailer is checked once, when it is
         # claimed or merged); a damaged one is moved aside by the launcher before workers start
@@ -172,7 +172,12 @@ class Claimer:
         lists at once. A worker that published a chunk since its last listing, when the shared
         one shows nothing free, checks a few of its pending claims' outputs: all there, and the
         run may be done, so it lists (the last publisher's listing is the one that finds every
-        chunk done and posts `done`; a shared listing made before that publish cannot)."""
+        chunk done and posts `done`; a shared listing made before that publish cannot). One
+        that shows chunks free leaves it a publisher: the listing may be older than its
+        publish in what it saw (another client's caches hid the publish, and the claim a failed
+        release left), its free chunks turn out taken or done, and the next shared listing shows
+        nothing free; had the first one ended its being a publisher, no worker would list the
+        run done and every idle one would wait out that claim (seed 2001532 of a sweep)."""
         try:
             shared = SharedListing.parse(self.run.fs.read(SHARED_LISTING), self.n)
         except OSError:
@@ -185,7 +190,7 @@ class Claimer:
             missing = [c for c in look if self.run.fs.stat(self.run.out_name(c)) is None]
             if not missing:
                 return False  # (an empty pool too)
-            self._watch = missing
+            self._watch, self._published = missing, False  # _rewatch lists, as a publisher, once they are there
         self._used = shared.token
         self.shared_used += 1
         free = shared.free
