@@ -227,8 +227,8 @@ def start_workers(
 
 
 def wait_started(run: Path, n: int, deadline_s: float) -> int:
-    """Seconds until all n workers have beaten once (each has imported, read the run and
-    claimed), or the deadline; returns how many had."""
+    """Wait until all n workers have beaten once (each has imported, read the run and
+    claimed), or `deadline_s` has passed; returns how many had."""
     end = time.time() + deadline_s
     while True:
         beaten = len(list((run / "heartbeats").glob("*.json"))) if (run / "heartbeats").is_dir() else 0

@@ -241,19 +241,18 @@ def stripes(sizes: list[int], workers: int) -> str:
     )
 
 
-def beat_s(n: int) -> float:
-    """The heartbeat interval a launch of n workers plans at `cluster.heartbeat_s=10` and the
-    default lease (10 s up to 500 workers, n / 50 s past: rundir/lease.py)."""
-    from hpc_infer.rundir.lease import beat_interval
-
-    return beat_interval(10.0, 600.0, n)
-
-
-def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tuple[float, dict]:
+def steady_per_worker(n: int, span: float) -> tuple[float, dict]:
     """The simulator in bench/metadata_ops.py's per-worker-second regime: n workers, 16n
     records in 8n chunks that never finish (a million tokens, a step every 0.5 s), the beat
     the plan gives n workers (10 s up to 500, n / 50 s past: the real workers' plan is the
-    same), no launcher; calls per worker-second over [warm, warm + window]."""
+    same), no launcher; calls per worker-second over a window about `span` seconds long.
+
+    The simulator's workers beat in step (they start at once): the window opens half-way
+    between two beats and is whole rounds of three beats, which hold two looks at the backup
+    markers each (every 1.5 beats) whatever their phase; as near `span` (the traced real
+    workers' counted seconds: whole beats, from a beat 10 s after the first claim to the last
+    before the stop) as that allows. A window that ends on a beat counts a beat a worker too
+    many (+33% in three beats)."""
     import simulation as S
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,9 +261,10 @@ def steady_per_worker(n: int, warm: float = 60.0, window: float = 120.0) -> tupl
         sched = S.Schedule(0, "calibrate", n, [], skew=[0.0])
         engine = {"step_s": 0.5, "max_num_seqs": 8, "tokens": 10**6}
         beat = json.loads(lay.files["worker.json"])["heartbeat_s"]
+        warm, window = 1.5 * beat, 3 * beat * max(1, round(span / (3 * beat)))
         sim = S.Sim(sched, lay, engine=engine, check=False, launcher_poll=False, t_max=warm + window, heartbeat_s=beat)
-        _, calls, span = window_calls(sim, warm)
-        return sum(calls.values()) / span / n, {k: round(v / span / n, 4) for k, v in calls.items()}
+        _, calls, counted = window_calls(sim, warm)
+        return sum(calls.values()) / counted / n, {k: round(v / counted / n, 4) for k, v in calls.items()}
 
 
 def calibrate(sizes: list[int], trace: int, window: float) -> None:
@@ -275,14 +275,7 @@ def calibrate(sizes: list[int], trace: int, window: float) -> None:
     for n in sizes:
         kinds: collections.Counter = collections.Counter()
         real, span = O.per_worker_second(None, n, window, 0, min(n, trace), kinds)
-        # the simulator's workers beat in step (they start at once): its window opens half-way
-        # between two beats and is whole rounds of three beats, which hold two looks at the
-        # backup markers each (every 1.5 beats), whatever their phase; as long as the traced
-        # workers' counted span (whole beats: from a beat 10 s after the first claim to the
-        # last before the stop) as near as that allows. A window that ends on a beat counts a
-        # beat a worker too many (+33% in three beats)
-        beat = beat_s(n)
-        sim, by_kind = steady_per_worker(n, warm=1.5 * beat, window=3 * beat * max(1, round(span / (3 * beat))))
+        sim, by_kind = steady_per_worker(n, span)
         print(
             f"{n:>5} workers ({min(n, trace)} traced): strace {real:.4f} calls per worker-second {dict(kinds)}; "
             f"simulator {sim:.4f} {by_kind}; simulator/strace = {sim / real:.3f}",

@@ -108,7 +108,7 @@ class Claimer:
         self._all_done = False  # the last listing showed every chunk's output
         self._used = ""  # the token of the shared listing this worker used last
         self._shared = False  # the last listing was a shared one
-        self._published = False  # this worker published a chunk since its last listing
+        self._published = False  # this worker published a chunk since its last listing of its own
         self._published_at = float("-inf")
         self._watch: list[int] = []  # chunks whose outputs a publisher's look missed (_rewatch)
         self.listings = 0  # listings of the run this worker made
