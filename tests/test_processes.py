@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launched, run_launch, user_env
+from conftest import launched, need, run_launch, user_env
 from hpc_infer.host.procs import identify
 from hpc_infer.rundir import RunDir, read_heartbeats
 
@@ -138,3 +138,54 @@ def test_a_killed_servers_group_is_stopped_whole_and_nothing_else(tmp_path):
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+def test_a_ray_start_that_fails_is_stopped_whole_and_started_again(tmp_path):
+    """host/ray_start.py, which starts every node of a multi-node replica or sbatch script:
+    Ray gives a starting node a fixed 30 s to register, and on a loaded machine `ray start`
+    exits with "The current node timed out during startup" (a clean-clone CI, 2026-12-07).
+    Here the first start fails that way and leaves a process behind; the runner stops the
+    attempt's whole group (the leftover too), starts Ray again, and a real Ray head then
+    answers with one live node. Told to stop, it stops everything it started."""
+    need("ray")
+    from hpc_infer.host.ports import free_port
+    from hpc_infer.host.procs import alive, descendants
+    from hpc_infer.serve.ray_nodes import registered
+
+    left = tmp_path / "left.pid"
+    shim = tmp_path / "ray_start.sh"  # the first call fails as a start that missed its 30 s
+    shim.write_text(
+        f"if [ ! -e {left} ]; then\n  sleep 600 & echo $! > {left}\n"
+        '  echo "Exception: The current node timed out during startup."\n  exit 1\nfi\n'
+        f'exec {os.sys.executable} -m ray.scripts.scripts start "$@"\n'
+    )
+    port = free_port(20000, 60000)
+    code = (
+        "import sys\nfrom hpc_infer.host.ray_start import run\nsys.exit(run(sys.argv[2:], command=['sh', sys.argv[1]]))"
+    )
+    args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1", "--disable-usage-stats"]
+    log = tmp_path / "ray.log"
+    with open(log, "wb") as out:
+        runner = subprocess.Popen(
+            [os.sys.executable, "-c", code, str(shim), *args], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(
+            "Ray to say it started",
+            lambda: "Ray runtime started." in log.read_text(errors="replace") or runner.poll() is not None,
+            timeout=300,
+        )
+        text = log.read_text(errors="replace")
+        assert runner.poll() is None and "Ray runtime started." in text, text[-3000:]
+        assert "attempt 1 of 3 exited with 1 before Ray said it started; stopped 1 process(es) it left" in text
+        assert identify(int(left.read_text())) is None  # the failed attempt's leftover is gone
+        assert registered(f"127.0.0.1:{port}") == 1  # a real head, on the same port
+        ours = descendants(runner.pid)
+        assert ours, "Ray's processes run under the runner"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=180) == 128 + signal.SIGTERM
+        assert [p for p in ours if alive(p)] == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()

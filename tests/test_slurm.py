@@ -196,7 +196,7 @@ def test_multi_node_ray_script_passes_test_only(tmp_path, slurm, cpu_model):
     script = Path(p.stdout.strip().splitlines()[-1])
     text = script.read_text()
     assert "#SBATCH --nodes=2" in text and "#SBATCH --array=0-2" in text and "--gres=gpu:1" in text
-    assert "-m ray.scripts.scripts start --head" in text and "wait_for_ray 2 2" in text
+    assert "-m hpc_infer.host.ray_start --head" in text and "wait_for_ray 2 2" in text
     assert "6379" not in text and "free_port(" in text  # a port per allocation, picked on its head node
     assert text.count("-m hpc_infer.worker") == 1 and text.count("py=(") == 1  # the exec line once
     assert read_json(script.parent / "worker.json")["model"]["engine_kwargs"]["distributed_executor_backend"] == "ray"

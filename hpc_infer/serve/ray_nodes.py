@@ -6,8 +6,10 @@ a free port, writes its address to serve/<i>.ray.json and waits until every node
 registered; the others join it and stay until the replica on the first node has
 stopped or failed (its serve/<i>.json says so) or Slurm signals them. vLLM on the first
 node then spans the nodes (`--distributed-executor-backend ray`, set by the planner).
-Ray is started through this interpreter (`python -m ray.scripts.scripts`), as in the
-multi-node sbatch template: a job's PATH need not hold `ray`.
+Each node's Ray runs under host/ray_start.py (`python -m hpc_infer.host.ray_start`, this
+interpreter: a job's PATH need not hold `ray`), as in the multi-node sbatch template: a
+start that misses Ray's fixed 30-s registration on a loaded node is stopped whole and
+started again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..host.ports import free_port
-from ..host.procs import stop_child
+from ..host.procs import start_child, stop_child
 from ..rundir import write_atomic
 
 WAIT_S = 600.0
@@ -33,8 +35,11 @@ def node_rank() -> tuple[int, int]:
     return int(os.environ.get("SLURM_NODEID", "0")), int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
 
 
-def _ray(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+def _ray_node(args: list[str], log_path: Path) -> subprocess.Popen:
+    """This node's Ray (`ray start ARGS --block`, started again if a start fails, see
+    host/ray_start.py), its output appended to `log_path`; it goes when we go."""
+    command = [sys.executable, "-m", "hpc_infer.host.ray_start", *args, "--disable-usage-stats"]
+    return start_child(command, dict(os.environ), log_path, own_group=True)
 
 
 def _address_file(root: Path, index: int) -> Path:
@@ -59,13 +64,7 @@ def start_head(root: Path, index: int, nodes: int, log_path: Path, spec: dict) -
     ip = socket.gethostbyname(socket.gethostname())
     port = free_port(spec.get("port_min", 20000), spec.get("port_max", 60000))
     address = f"{ip}:{port}"
-    with open(log_path, "ab") as log:
-        head = subprocess.Popen(
-            _ray("start", "--head", f"--node-ip-address={ip}", f"--port={port}", "--block", "--disable-usage-stats"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    head = _ray_node(["--head", f"--node-ip-address={ip}", f"--port={port}"], log_path)
     write_atomic(_address_file(root, index), (json.dumps({"address": address, "nodes": nodes}) + "\n").encode())
     deadline, seen = time.time() + WAIT_S, 0
     while time.time() < deadline:
@@ -93,13 +92,7 @@ def join_and_wait(root: Path, index: int, log_path: Path) -> dict:
             return {"replica": index, "node_state": "head never came up"}
         time.sleep(1)
     address = json.loads(_address_file(root, index).read_text())["address"]
-    with open(log_path, "ab") as log:
-        worker = subprocess.Popen(
-            _ray("start", f"--address={address}", "--block", "--disable-usage-stats"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    worker = _ray_node([f"--address={address}"], log_path)
     try:
         while stop["why"] is None and worker.poll() is None:
             try:
