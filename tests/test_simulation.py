@@ -165,9 +165,11 @@ FOUND = {
         # seed 333: a worker on a node 275 s ahead, whose probe failed (EIO), judged its own new
         # claim stale, took it over and ran the chunk twice; its rows never matched the chunk.
         # Seed 1016 of the same schedule since stripes alternate direction (333 no longer
-        # failed; shrunk further it fails another way, progress over the total)
+        # failed; shrunk further it fails another way, progress over the total). Seed 5509
+        # since publishers list for themselves after a shared listing's free chunks are gone
+        # (1016 no longer failed): the chunk ran twice, and progress counted it twice
         S.Schedule(
-            1016,
+            5509,
             "plain",
             5,
             [(0.202, "requeue", 2, 21.97)],
@@ -179,7 +181,7 @@ FOUND = {
             slow={"w2": 1.0},
         ),
         (("hpc_infer.rundir.claims.fs_now", "hpc_infer.rundir.claimer.fs_now"), _old_fs_now),
-        "hangs",
+        "progress shows 32/30 records",
     ),
     "a live holder's claim left by a release that failed": (
         # seed 301360 of a sweep, shrunk: a relaunched worker won a suspect chunk and released
@@ -205,18 +207,20 @@ FOUND = {
         # seed 700906 of a sweep at 8% EIO, shrunk: a worker relaunched after every chunk was
         # published had its first two beats fail (the earlier beat's read, then the write); it
         # waited for a beat before looking at anything and outlived the end by 5.4 s. Now a
-        # worker waiting for a beat, with nothing in flight, ends on a `done` notice
+        # worker waiting for a beat, with nothing in flight, ends on a `done` notice. Seed
+        # 706094 of a search at 8% EIO with the old rule patched in, since publishers list for
+        # themselves after a shared listing's free chunks are gone (700906 no longer failed)
         S.Schedule(
-            700906,
+            706094,
             "grouped",
-            4,
-            [(16.583, "relaunch", 0, 34.773)],
+            5,
+            [(19.915, "relaunch", 2, 7.977)],
             [],
             [0.0, 0.0, 0.0],
             ac_s=0.0,
             eio=0.08,
-            estale=0.0,
-            slow={"w3": 4.0},
+            estale=0.05,
+            slow={"w1": 4.0},
         ),
         ("hpc_infer.rundir.notices.done_posted", lambda run: False),
         "still running",
@@ -241,6 +245,15 @@ FOUND = {
             slow={},
         ),
         ("hpc_infer.rundir.claimer.Claimer._list", _old_list),
+        "still running",
+    ),
+    "a publisher quiet on a shared listing's pool": (
+        # seed 4011242 of a 12,000-seed sweep at 5% EIO (shrunk): the last publisher used a
+        # shared listing that showed chunks free; they were taken, and its pool's one claim
+        # outlived its chunk (a failed release). Quiet, waiting on that claim, it never listed
+        # the run done; the idle workers waited for a `done` nobody posted
+        S.Schedule(4011242, "grouped", 5, [], [], [0.0, 0.0, 0.0], ac_s=1.0, eio=0.05, estale=0.05, slow={}),
+        ("hpc_infer.rundir.claimer.Claimer._list_again", lambda self: self._more_free or not self._pool),
         "still running",
     ),
 }

@@ -249,6 +249,15 @@ class Claimer:
             return "left"
         return "won"
 
+    def _list_again(self) -> bool:
+        """After a shared listing gave nothing: list now, not at a look later? When its free
+        chunks were taken since (more were free, or it kept no claim to wait on), or when this
+        worker is a publisher: its own listing is the one that can find the run done. A
+        publisher kept quiet on a pool whose claims outlive their chunks (a release that
+        failed) waited for a `done` nobody would post (seed 4011242 of a sweep). Never after
+        one that found every chunk done."""
+        return not self._all_done and (self._more_free or not self._pool or self._published)
+
     def _from_free(self, skip) -> int | None:
         while self._free:
             cid = self._free.pop(0)
@@ -268,8 +277,8 @@ class Claimer:
         if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
             self._list()
         cid = self._from_free(skip)
-        if cid is None and self._shared and (self._more_free or not self._pool):
-            self._list()  # a shared listing whose free chunks were taken since: list now, not a look later
+        if cid is None and self._shared and self._list_again():
+            self._list()
             cid = self._from_free(skip)
         if cid is not None:
             return cid
