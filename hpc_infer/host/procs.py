@@ -97,6 +97,18 @@ def scheduler_job_id(fallback: str | None = None) -> str:
     return fallback if fallback is not None else f"{socket.gethostname()}-{os.getpid()}"
 
 
+def child_setup(parent_death: int, own_group: bool = False):
+    """What a child we start does before it runs (a `preexec_fn`): gets `parent_death` when
+    we go, and with `own_group` leads a process group of its own (stop_group stops it whole)."""
+
+    def setup() -> None:
+        if own_group:
+            os.setpgid(0, 0)
+        die_with_parent(parent_death)
+
+    return setup
+
+
 def start_child(
     command: list[str], env: dict, log_path, parent_death: int = signal.SIGTERM, own_group: bool = False
 ) -> subprocess.Popen:
@@ -104,12 +116,6 @@ def start_child(
     even by SIGKILL (a server left behind would keep answering with the run's key); with
     `own_group`, the leader of a process group of its own, which everything it starts joins
     (stop_group stops them all, wherever they were re-parented)."""
-
-    def setup() -> None:
-        if own_group:
-            os.setpgid(0, 0)
-        die_with_parent(parent_death)
-
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command,
@@ -117,7 +123,7 @@ def start_child(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=setup,
+            preexec_fn=child_setup(parent_death, own_group),
         )
 
 

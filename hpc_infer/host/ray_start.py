@@ -19,31 +19,28 @@ import subprocess
 import sys
 import threading
 
-from .procs import die_with_parent, stop_group
+from .procs import child_setup, stop_group
 
 ATTEMPTS = 3
 STARTED = "Ray runtime started."
 
 
-def _own_group() -> None:
-    os.setpgid(0, 0)
-    die_with_parent(signal.SIGTERM)
-
-
 def _copy(stream, said: list[bool]) -> None:
-    """Copy a start's output to ours line by line; note when Ray says it started."""
+    """Copy a start's output to our stderr line by line (where `ray start`'s errors went
+    before it ran under us: the sbatch script points at the job's .err); note when Ray says
+    it started."""
     for raw in stream:
-        sys.stdout.buffer.write(raw)
-        sys.stdout.flush()
+        sys.stderr.buffer.write(raw)
+        sys.stderr.flush()
         if STARTED.encode() in raw:
             said.append(True)
 
 
 def run(args: list[str], attempts: int = ATTEMPTS, command: list[str] | None = None) -> int:
     """`ray start ARGS --block` until one attempt says it started (then for as long as it
-    runs), at most `attempts` times; its output is copied to ours line by line. Returns the
-    last attempt's exit status (128 + the signal when we were told to stop). `command`
-    stands in for `python -m ray.scripts.scripts start` (a test's failing start)."""
+    runs), at most `attempts` times; its output and ours go to our stderr. Returns the last
+    attempt's exit status (128 + the signal when we were told to stop). `command` stands in
+    for `python -m ray.scripts.scripts start` (a test's failing start)."""
     told: list[int] = []
     child: subprocess.Popen | None = None
 
@@ -65,7 +62,7 @@ def run(args: list[str], attempts: int = ATTEMPTS, command: list[str] | None = N
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},  # "Ray runtime started." as it is said
-            preexec_fn=_own_group,
+            preexec_fn=child_setup(signal.SIGTERM, own_group=True),
         )
         if told:  # told to stop while it was being started
             os.killpg(child.pid, signal.SIGTERM)
