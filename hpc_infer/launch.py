@@ -72,17 +72,28 @@ def set_aside_damaged(run: RunDir) -> list[int]:
     whose outputs appear whole by link()) are moved aside through the run's handle (only
     the file judged damaged: rundir/chunks.set_aside), said, and their chunks redone:
     workers take an output's name as done without reading it."""
-    from .rundir.chunks import set_aside
+    from .rundir.chunks import grave_of, set_aside
 
-    damaged = sorted(run.output_files() - run.done_chunks())
+    damaged, stuck = sorted(run.output_files() - run.done_chunks()), []
     for cid in damaged:
-        st = run.fs.stat(run.out_name(cid))
-        if st is not None:
-            set_aside(run.fs, run.out_name(cid), st)
-    if damaged:
+        name = run.out_name(cid)
+        st = run.fs.stat(name)
+        if st is not None and not set_aside(run.fs, name, st):
+            now, grave = run.fs.stat(name), run.fs.stat(grave_of(name, st))
+            if now is not None and now.ino == st.ino and grave is not None and grave.ino == st.ino:
+                stuck.append((cid, grave_of(name, st)))  # an earlier set-aside stopped halfway
+    moved = [c for c in damaged if c not in {c for c, _ in stuck}]
+    if moved:
         say(
-            f"chunk output{'s' * (len(damaged) != 1)} {damaged[:10]} {'were' if len(damaged) != 1 else 'was'} "
+            f"chunk output{'s' * (len(moved) != 1)} {moved[:10]} {'were' if len(moved) != 1 else 'was'} "
             f"damaged (no valid trailer): moved aside in {run.out}, redone"
+        )
+    for cid, grave in stuck:
+        say(
+            f"chunk output {run.out}/{run.out_name(cid).rpartition('/')[2]} is damaged (no valid trailer) and "
+            f"was not moved aside: an earlier set-aside of it stopped halfway (a worker killed in it, or a "
+            f"file-server link reply lost), and it is also at {run.root}/{grave}. Once no worker of this "
+            f"run is running, remove that output file (the copy stays under the other name) and launch again"
         )
     return damaged
 

@@ -7,7 +7,7 @@ A seed gives a `Schedule`: how many workers, the chunk layout (contiguous or
 prefix-grouped), records the engine refuses, per-node clock skew, the clients' cache
 staleness, file-server faults, and timed events (SIGKILL, SIGTERM, a requeue under the
 same worker id, a node failure, a node's mount failing for a while, a worker that never
-starts, a relaunch). `run_schedule` plays it and checks the invariants after every step
+starts, a relaunch, a node's clock stepped), and links whose reply is lost. `run_schedule` plays it and checks the invariants after every step
 and at the end; a failure raises `Broken` with the schedule, which `shrink` reduces to a
 minimal one that still fails, printed so that it replays exactly (`Schedule(...)`).
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpc_infer.rundir import RunDir, claims, clock, lease, tail
+from hpc_infer.rundir.beats import seconds_ran
 from hpc_infer.rundir.chunks import TRAILER_KEY, trailer_in
 from hpc_infer.rundir.layout import chunk_id_of
 from hpc_infer.rundir.simfs import Faults, SimClient, SimServer
@@ -157,9 +158,10 @@ class Schedule:
     eio: float = 0.0
     estale: float = 0.0
     slow: dict = field(default_factory=dict)
+    link_lost: float = 0.0  # links whose reply is lost: the retry sees EEXIST on its own link
 
 
-KINDS = ("kill", "term", "requeue", "node_fail", "mount_down", "never_start", "relaunch")
+KINDS = ("kill", "term", "requeue", "node_fail", "mount_down", "never_start", "relaunch", "clock_jump")
 
 
 def random_schedule(seed: int, layout: Layout) -> Schedule:
@@ -184,6 +186,7 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
         eio=rng.choice([0.0, 0.0, 0.002, 0.03]),
         estale=rng.choice([0.0, 0.05]),
         slow={f"w{rng.randrange(workers)}": rng.choice([1.0, 4.0])},
+        link_lost=rng.choice([0.0, 0.0, 0.1, 0.5]),
     )
 
 
@@ -196,7 +199,10 @@ class SimClock(clock.Clock):
 
     def now(self) -> float:
         p = self.sim.current
-        return EPOCH + self.sim.t + (self.sim.sched.skew[p.node] if p is not None and self.sim.sched.skew else 0.0)
+        return EPOCH + self.sim.t + (self.sim.skew[p.node] if p is not None and self.sim.skew else 0.0)
+
+    def monotonic(self) -> float:
+        return self.sim.t  # no skew, no step: every process's monotonic clock runs with the simulation
 
     def sleep(self, s: float) -> None:
         if self.sim.current is not None:
@@ -241,6 +247,7 @@ class Sim:
         metadata bench turns them off: they read the whole server); `launcher_poll`: a
         launcher polling progress as `launch` does (run/progress.py)."""
         self.sched, self.layout = sched, layout
+        self.skew = list(sched.skew)  # each node's clock against the server's; a clock_jump steps one
         from hpc_infer.rundir import chunks
 
         chunks._DONE_CACHE.clear()  # process-wide caches keyed by path: one schedule's never serve the next's
@@ -252,7 +259,9 @@ class Sim:
         self.t = 0.0
         self.current: Proc | None = None
         self.server = SimServer(
-            now=lambda: EPOCH + self.t, rng=self.rng, faults=Faults(eio=sched.eio, estale=sched.estale)
+            now=lambda: EPOCH + self.t,
+            rng=self.rng,
+            faults=Faults(eio=sched.eio, estale=sched.estale, link_lost=sched.link_lost),
         )
         self.server.put_tree({f"{ROOT}/{k}": v for k, v in layout.files.items()})
         for d in ("claims", "out", "heartbeats", "logs"):
@@ -264,7 +273,7 @@ class Sim:
         self.seen_outputs: dict[str, tuple[int, bytes]] = {}
         self.beats: dict[str, dict] = {}  # worker id -> the latest beat seen
         self.shown: list[tuple[float, float | None, int, int]] = []  # launcher polls: (t, ETA, done, total)
-        self.segments: dict[str, list[tuple[float, float]]] = {}
+        self.segments: dict[str, list[float]] = {}  # worker id -> each ended process's running time
         self.deadlines: list[tuple[float, list[int], float]] = []  # (by when, chunks, death time)
         self.last_death = 0.0
         self.deaths: list[float] = []
@@ -308,9 +317,8 @@ class Sim:
         w = p.worker
         hb = self.server.lookup([ROOT, "heartbeats"]).entries.get(f"{p.wid}.json")
         beat = json.loads(self.server.nodes[hb].data) if hb else None
-        if beat is not None and beat.get("pid") == p.pid:
-            end = beat.get("finished_at") or beat["t"]
-            self.segments.setdefault(p.wid, []).append((beat["started"], end))
+        if beat is not None and beat.get("pid") == p.pid:  # its last beat: the running time it wrote
+            self.segments.setdefault(p.wid, []).append(beat["ran_s"])
         if how in ("killed", "crashed"):
             self.deaths.append(self.t)
         if how != "finished":
@@ -344,6 +352,10 @@ class Sim:
             node = slot % max(1, len(self.sched.skew) or 1)
             self.down[node] = self.t + arg
             self.mount_ups.append(self.t + arg)
+        elif kind == "clock_jump":  # a node's clock stepped (NTP, a VM resumed): by -400..+400 s
+            node = slot % max(1, len(self.skew) or 1)
+            if self.skew:
+                self.skew[node] += (arg if int(arg) % 2 else -arg) * 10
         elif kind == "relaunch":  # the launcher: stale claims of dead workers dropped, one new worker each
             launcher = SimClient(self.server, ROOT, "launcher", ac_s=0.0, path="/sim/run")
             dead = {p.wid for p in self.procs if not p.alive}
@@ -486,13 +498,35 @@ class Sim:
             got = [r["id"] for r in sorted(rows, key=lambda r: r["index"])]
             if got != self.layout.ids:
                 self.fail(f"the merge's ids are not the input's, once each, in order: {got[:8]}...")
+        self.check_counts(out)
         for wid, beat in self.beats.items():
             segs = self.segments.get(wid, [])
-            counted = float(beat.get("earlier_s") or 0.0) + (beat.get("finished_at") or beat["t"]) - beat["started"]
+            counted = seconds_ran(beat)  # what the merge's GPU-hours and `status` count
             if any(p.alive and p.wid == wid for p in self.procs):  # its segment is still running
                 counted = float(beat.get("earlier_s") or 0.0)
-            if segs and abs(counted - sum(b - a for a, b in segs)) > 1e-3:
+            if segs and abs(counted - sum(segs)) > 1e-3:
                 self.fail(f"worker {wid}: its beat counts {counted:.3f}s, its processes ran {segs}")
+
+    def check_counts(self, out) -> None:
+        """Each worker's count of chunks it published, against the outputs that name it: never
+        more; and exactly as many for a worker whose one process finished and wrote its last
+        beat (what progress, the report and GPU-hours per record read)."""
+        named: dict[str, int] = {}
+        for name, ino in out.entries.items():
+            if name.endswith(".jsonl"):
+                last = self.server.nodes[ino].data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+                who = json.loads(last).get("worker")
+                named[who] = named.get(who, 0) + 1
+        hb = self.server.lookup([ROOT, "heartbeats"])
+        for name, ino in hb.entries.items():
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            beat = json.loads(self.server.nodes[ino].data)
+            wid, counted = beat["worker"], beat["chunks_done"]
+            procs = [p for p in self.procs if p.wid == wid]
+            whole = len(procs) == 1 and procs[0].how == "finished" and beat.get("state") == "finished"
+            if counted > named.get(wid, 0) or (whole and counted != named.get(wid, 0)):
+                self.fail(f"worker {wid} counts {counted} chunks published, {named.get(wid, 0)} outputs name it")
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> "Sim":
@@ -624,6 +658,7 @@ def shrink(sched: Schedule, layouts: dict[str, Layout], budget: int = 200) -> Sc
         candidates += [replace(best, workers=best.workers - 1)] if best.workers > 1 else []
         candidates += [replace(best, refuse=[])] if best.refuse else []
         candidates += [replace(best, eio=0.0, estale=0.0)] if best.eio or best.estale else []
+        candidates += [replace(best, link_lost=0.0)] if best.link_lost else []
         candidates += [replace(best, skew=[0.0] * len(best.skew))] if any(best.skew) else []
         candidates += [replace(best, ac_s=0.0)] if best.ac_s else []
         candidates += [replace(best, slow={})] if best.slow else []

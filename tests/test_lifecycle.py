@@ -397,6 +397,12 @@ def test_summary_wall_time_is_per_launch_and_gpu_hours_are_the_runs(tmp_path):
     assert s.wall_s == 160.0 and [x["wall_s"] for x in s.launches] == [100.0, 60.0]
     assert s.output_tokens_per_s == round(s.output_tokens / 160.0, 2)
     assert s.gpu_hours == 4.0  # one worker-hour on 4 GPUs
+    # a requeued task: its last process ran half an hour by its monotonic clock (ran_s; the
+    # wall clock stepped back under it), its earlier ones an hour; before, the summary counted
+    # the last process's wall-clock span alone (0 here)
+    beat = {"worker": "w", "started": 5000.0, "t": 4000.0, "finished_at": 4000.0, "ran_s": 1800.0}
+    write_json(run.heartbeat_path("w"), dict(beat, earlier_s=3600.0))
+    assert merge(run).gpu_hours == 6.0
 
 
 def test_a_run_directory_on_a_nodes_own_disk_is_refused_for_other_machines(tmp_path):

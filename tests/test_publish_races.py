@@ -5,6 +5,8 @@ is run through the same explorer and must be caught: the test shows it can fail.
 
 from __future__ import annotations
 
+import os
+
 from hpc_infer.rundir import publish_chunk_output
 from hpc_infer.rundir.chunks import encode_chunk_output
 from hpc_infer.rundir.fsio import Dir
@@ -67,3 +69,76 @@ def test_the_explorer_catches_a_check_then_replace_publish(tmp_path):
     runs, broken = explore(tmp_path, _empty, copies, _check, depth=6)
     assert broken and all("published 2 times" in what for _, what in broken), broken
     assert len(broken) < runs  # some orders pass: a test of one order cannot tell
+
+
+def _old_link_won(link, links_of_temp):
+    """The judgement before: EEXIST taken as lost, whoever made the name."""
+    try:
+        link()
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return links_of_temp() == 2
+
+
+def test_a_link_whose_reply_was_lost_is_judged_by_the_temp_files_link_count(tmp_path, monkeypatch):
+    """NFS: a LINK whose reply is lost is sent again, and the retry fails with EEXIST on the
+    link the first made. The publisher must still know its output won (it counts it: progress,
+    the report, GPU-hours per record), on the simulated file server and on the real handle (its
+    link() made, then failing as the retry does). The old judgement calls both lost."""
+    import errno
+
+    from hpc_infer.rundir import fsio, simfs
+    from hpc_infer.rundir.fsio import PinnedDir
+
+    def real_lost_reply(src, dst, *, src_dir_fd=None, dst_dir_fd=None, follow_symlinks=True, _link=os.link):
+        _link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=follow_symlinks)
+        raise FileExistsError(errno.EEXIST, "exists (the retry of a link whose reply was lost)")
+
+    def publishes(judge) -> list[bool]:
+        server = simfs.SimServer(faults=simfs.Faults(link_lost=1.0))
+        server.put_tree({"out/.keep": b""})
+        sim = simfs.SimClient(server, "", "w0")
+        (tmp_path / judge.__name__).mkdir()
+        real = PinnedDir(tmp_path / judge.__name__)
+        real.mkdir("out")
+        got = []
+        with monkeypatch.context() as m:
+            m.setattr(simfs, "link_won", judge)
+            m.setattr(fsio, "link_won", judge)
+            m.setattr(os, "link", real_lost_reply)
+            for fs in (sim, real):
+                got.append(publish_chunk_output(fs, NAME, 0, COPIES["first"]))
+                assert fs.read(NAME) == COPIES["first"]  # the link was made either way
+                got.append(publish_chunk_output(fs, NAME, 0, COPIES["second"]))  # a real loser
+                assert fs.read(NAME) == COPIES["first"]
+                assert [n for n in fs.listdir("out") if n.startswith(".") and n != ".keep"] == []  # no temp left
+        return got
+
+    assert publishes(fsio.link_won) == [True, False, True, False]
+    assert publishes(_old_link_won) == [False, False, False, False]  # the test fails on the old code
+
+
+def test_a_set_aside_left_halfway_is_said_not_claimed_done(tmp_path, monkeypatch):
+    """A damaged output whose set-aside stopped between its link and its unlink (a worker
+    killed there, or a link reply lost) stays under both names: no later caller may unlink it
+    (only the maker of the grave's name may). The launcher says so, naming both files and the
+    fix, instead of saying it moved it; one it can move, it moves."""
+    from hpc_infer import launch
+    from hpc_infer.rundir import RunDir
+    from hpc_infer.rundir.chunks import grave_of
+
+    run = RunDir(tmp_path)
+    run.make()
+    for cid in (1, 2):
+        run.fs.replace(run.out_name(cid), _output("killed")[:20])  # no trailer: damaged
+    st = run.fs.stat(run.out_name(1))
+    run.fs.link(run.out_name(1), grave_of(run.out_name(1), st))  # chunk 1's set-aside stopped halfway
+    said = []
+    monkeypatch.setattr(launch, "say", said.append)
+    assert launch.set_aside_damaged(run) == [1, 2]
+    assert run.fs.stat(run.out_name(1)).ino == st.ino and run.fs.stat(run.out_name(2)) is None
+    assert said[0].startswith("chunk output [2] was damaged") and "moved aside" in said[0]
+    assert "00001.jsonl is damaged" in said[1] and "stopped halfway" in said[1]
+    assert grave_of(run.out_name(1), st).rpartition("/")[2] in said[1] and len(said) == 2

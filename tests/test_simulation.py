@@ -72,6 +72,31 @@ def _old_carry_over(self, _now=Heartbeat.carry_over):
         self._carried = True
 
 
+def _old_link_won(link, links_of_temp):
+    """Before: a link failing with EEXIST was a lost publish, whoever made the name."""
+    try:
+        link()
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return links_of_temp() == 2
+
+
+def _wall_clock():
+    """Before: a process's waits and intervals were measured on the wall clock."""
+    from hpc_infer.rundir import clock
+
+    return clock.now()
+
+
+def _wall_span(beat):
+    """Before: a process's running time was its beat's wall-clock span."""
+    start = float(beat.get("started") or 0.0)
+    end = float(beat.get("finished_at") or beat.get("t") or start)
+    return float(beat.get("earlier_s") or 0.0) + max(0.0, end - start)
+
+
 HANG_S = 300.0  # a found schedule that hangs on the old code is stopped here (its events end by 60 s)
 
 
@@ -255,6 +280,63 @@ FOUND = {
         S.Schedule(4011242, "grouped", 5, [], [], [0.0, 0.0, 0.0], ac_s=1.0, eio=0.05, estale=0.05, slow={}),
         ("hpc_infer.rundir.claimer.Claimer._list_again", lambda self: self._more_free or not self._pool),
         "still running",
+    ),
+    "a link whose reply was lost, taken for a lost publish": (
+        # seed 1003 of a sweep with lost link replies added to the file server (shrunk): the
+        # retry of a publish's link failed with EEXIST on the link the first made; the worker
+        # took its own output for another copy's, counted it abandoned, not published (the
+        # count progress, the report and GPU-hours per record read); fsio.link_won now judges
+        # any failed link by the temp file's link count
+        S.Schedule(1003, "plain", 1, [], [], [0.0, 0.0, 0.0], link_lost=0.5),
+        ("hpc_infer.rundir.simfs.link_won", _old_link_won),
+        r"counts \d+ chunks published, \d+ outputs name it",
+    ),
+    "a node's clock stepped back under a worker's wait": (
+        # seed 9000045 of a sweep with clock steps added (shrunk): node 0's clock went back 106 s
+        # while its worker waited for its next look; the wait was a deadline on the wall
+        # clock, so it outlived the run by the step. Waits and intervals now use clock.monotonic
+        S.Schedule(
+            9000045,
+            "plain",
+            3,
+            [(0.332, "term", 2, 6.234), (0.493, "clock_jump", 0, 10.579), (12.032, "never_start", 1, 6.266)],
+            [],
+            [0.0, 0.0, 0.0],
+        ),
+        ("hpc_infer.rundir.clock.monotonic", _wall_clock),
+        "still running",
+    ),
+    "a node's clock stepped back under a dead holder's lease": (
+        # seed 9000078 of the same sweep (shrunk): node 0's mount failed and its worker died
+        # holding chunk 0; node 1's clock went back 202 s while its worker waited for that
+        # claim to go stale, so it looked again 202 s late: the chunk was not taken over
+        # within a lease and two beats of the death
+        S.Schedule(
+            9000078,
+            "plain",
+            2,
+            [(0.017, "mount_down", 0, 5.364), (5.945, "clock_jump", 1, 20.232)],
+            [],
+            [0.0, 0.0, 0.0],
+        ),
+        ("hpc_infer.rundir.clock.monotonic", _wall_clock),
+        "still claimed by dead pid",
+    ),
+    "a requeued task's earlier time measured across a clock step": (
+        # seed 9100836 of the sweep with clock steps (shrunk): node 0's clock went back 127 s
+        # while w0 ran; requeued, its new process carried the earlier one's time as its beat's
+        # wall-clock span (finish - start), which the step made negative: 6 s counted as 0.
+        # A beat now carries ran_s, its process's time on the monotonic clock (beats.seconds_ran)
+        S.Schedule(
+            9100836,
+            "plain",
+            2,
+            [(0.335, "node_fail", 1, 19.126), (4.785, "clock_jump", 0, 12.714), (6.685, "requeue", 0, 29.335)],
+            [],
+            [0.0, 0.0, 0.0],
+        ),
+        ("hpc_infer.worker.heartbeat.seconds_ran", _wall_span),
+        r"its beat counts 0.\d+s, its processes ran \[6.0",
     ),
 }
 

@@ -28,6 +28,7 @@ from ..rundir import (
     set_permissions,
     trust,
 )
+from ..rundir.beats import seconds_ran
 from ..rundir.chunks import trailer_in
 from ..rundir.fsio import Dir
 from .timeline import draw_timeline
@@ -47,7 +48,7 @@ class Summary:
     output_tokens: int
     wall_s: float
     output_tokens_per_s: float
-    worker_s: float  # sum over workers of their lifetime
+    worker_s: float  # sum over workers of their running time, every process of a requeued task included
     gpu_hours: float
     workers: int
     engine_start_s: list[float] = field(default_factory=list)
@@ -618,9 +619,7 @@ def _summarize(
     spans = launch_spans(run, checked)
     wall = sum(s["wall_s"] for s in spans)
     out_tokens = sum(c.output_tokens for c in checked)
-    worker_s = sum(
-        max(0.0, b.get("finished_at", b.get("t", b["started"])) - b["started"]) for b in beats if "started" in b
-    )
+    worker_s = sum(seconds_ran(b) for b in beats if "started" in b)  # requeued tasks' earlier processes too
     return Summary(
         run=str(run.root),
         results=str(out),

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..log import printable
 from ..rundir import RunDir, read_heartbeats, tail_lines
-from ..rundir.beats import rate, read_beat
+from ..rundir.beats import rate, read_beat, seconds_ran
 from ..rundir.claims import live_claims
 from ..rundir.notices import FS_CACHE_S, done_posted
 from ..rundir.lease import fs_now
@@ -310,7 +310,7 @@ def describe(run: RunDir, states: dict[str, str]) -> str:
         state = b.get("state", "?")
         if state in ("finished", "failed", "stopped"):
             end = b.get("finished_at") or b.get("t", now)
-            ran = end - b.get("started", end)
+            ran = seconds_ran(b)
             tail = f"ran {ran:,.0f}s, ended {now - end:,.0f}s ago"
             if b.get("error"):
                 tail += f"  error: {b['error']}"

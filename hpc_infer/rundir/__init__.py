@@ -27,7 +27,6 @@ from .files import (
     set_permissions,
     tail_lines,
     write_atomic,
-    write_exclusive,
     write_json,
     write_jsonl,
 )
@@ -49,7 +48,6 @@ __all__ = [
     "set_permissions",
     "tail_lines",
     "write_atomic",
-    "write_exclusive",
     "write_json",
     "write_jsonl",
     "SUBDIRS",

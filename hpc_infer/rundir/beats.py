@@ -19,6 +19,18 @@ def rate(beat: dict) -> float | None:
     return None
 
 
+def seconds_ran(beat: dict) -> float:
+    """A worker's running time over all its processes (its GPU time): a requeued task keeps
+    its worker id, and `earlier_s` carries its earlier processes' time. This process's part is
+    `ran_s`, measured on its monotonic clock (a clock step moves `started` and `t`, not it); a
+    beat without one (an older writer) counts its wall-clock span."""
+    this = beat.get("ran_s")
+    if not isinstance(this, (int, float)):
+        start = float(beat.get("started") or 0.0)
+        this = max(0.0, float(beat.get("finished_at") or beat.get("t") or start) - start)
+    return float(beat.get("earlier_s") or 0.0) + float(this)
+
+
 def read_beat(fs: Dir, name: str, now: float) -> tuple[dict, float] | None:
     """(a heartbeat, its age by the file server's clock `now`), or None (gone, being replaced)."""
     try:

@@ -98,7 +98,7 @@ def chunk_done(fs: Dir, name: str, chunk_id: int) -> bool:
 def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool:
     """Publish a chunk's output unless one is already there: with backup copies (or a
     taken-over chunk whose first holder was alive after all) exactly one complete output
-    wins (write_exclusive: link(), never a check-then-replace that two finishers could both
+    wins (`Dir.publish`: link(), never a check-then-replace that two finishers could both
     pass), and the later one is discarded. A file there that was read and found damaged is
     set aside first (`set_aside`: only that file, never a fresh one another copy published
     since), then ours is offered again; one that could not be read now (EIO, ESTALE) is left
@@ -120,20 +120,32 @@ def publish_chunk_output(fs: Dir, name: str, chunk_id: int, data: bytes) -> bool
     return fs.publish(name, data)
 
 
+def grave_of(name: str, judged: Stat) -> str:
+    """The name a damaged file is set aside under: made of its identity, so one caller of all
+    who judged the same file makes it."""
+    folder, _, base = name.rpartition("/")
+    grave = f".{base}.damaged-{judged.ino}-{judged.size}-{int(judged.mtime * 1e6)}"
+    return f"{folder}/{grave}" if folder else grave
+
+
 def set_aside(fs: Dir, name: str, judged: Stat) -> bool:
     """Move the damaged file `judged` (its stat when it was read) out of `name`, and only it:
     a rename would move whatever is there by then (another copy may have set the damaged one
     aside and published its own output meanwhile, which a second rename would then hide).
     So the file is first linked to a name made of its identity (link never replaces: of all
     who judged the same file, one makes that name), checked to be the judged file, and only
-    then unlinked from `name`. Returns whether this caller set it aside."""
-    folder, _, base = name.rpartition("/")
-    grave = f".{base}.damaged-{judged.ino}-{judged.size}-{int(judged.mtime * 1e6)}"
-    grave = f"{folder}/{grave}" if folder else grave
+    then unlinked from `name`. Returns whether this caller set it aside.
+
+    A caller that dies between the link and the unlink, or whose link's reply is lost (its
+    retry sees EEXIST, and which of the judges made the name cannot be told: they all link
+    the same file), leaves the file under both names: no later caller unlinks `name` then,
+    since only the maker of `grave_of(...)` may (two unlinkers could remove a fresh output
+    published between them). The launcher says so (launch.set_aside_damaged)."""
+    grave = grave_of(name, judged)
     try:
         fs.link(name, grave)
     except (FileExistsError, FileNotFoundError):
-        return False  # another caller is setting it aside, or it is gone
+        return False  # another caller is setting it aside (or stopped halfway), or it is gone
     moved = fs.stat(grave)
     if moved is None or moved.ino != judged.ino:
         try:

@@ -104,7 +104,7 @@ class Claimer:
         self._listed = float("-inf")
         self._quiet = False  # a listing showed nothing free: look at notices, not the run
         self._notices: set[str] = set()  # the notices seen at the last idle look or listing
-        self._expiry_due = 0.0  # idle_wait: when the sampled claims are read again
+        self._expiry_due = float("-inf")  # idle_wait: when the sampled claims are read again
         self._all_done = False  # the last listing showed every chunk's output
         self._used = ""  # the token of the shared listing this worker used last
         self._shared = False  # the last listing was a shared one
@@ -116,9 +116,9 @@ class Claimer:
 
     def _list(self, notices: set[str] | None = None) -> None:
         """`notices`: claims/notices/ as this look already read it (idle_wait), else read here."""
-        self._listed = clock.now()
+        self._listed = clock.monotonic()
         self._quiet = False
-        self._expiry_due = 0.0  # a new pool: its holders are read at the next idle look
+        self._expiry_due = float("-inf")  # a new pool: its holders are read at the next idle look
         # the notices first: a listing, this worker's or a shared one, must cover every release
         # they announce to be used
         self._notices = set(self.run.fs.listdir(NOTICES)) if notices is None else notices
@@ -208,7 +208,7 @@ class Claimer:
     def published(self) -> None:
         """This worker published a chunk: its next look lists the run (the last publisher's
         listing is the one that finds every chunk done)."""
-        self._quiet, self._published, self._published_at = False, True, clock.now()
+        self._quiet, self._published, self._published_at = False, True, clock.monotonic()
 
     def _rewatch(self) -> None:
         """A publisher's look saw outputs missing: others still running, or published a moment
@@ -218,7 +218,7 @@ class Claimer:
         after its publish, it stats the first output still missing (one call); once all it
         missed are there it lists again, as a publisher. One still missing after that is
         running: its publisher's own look finds the run done."""
-        if clock.now() - self._published_at > FS_CACHE_S:
+        if clock.monotonic() - self._published_at > FS_CACHE_S:
             self._watch = []
         while self._watch and self.run.fs.stat(self.run.out_name(self._watch[0])) is not None:
             self._watch.pop(0)
@@ -274,7 +274,7 @@ class Claimer:
             cid = self.stripe.pop(0)
             if got == "won":
                 return cid
-        if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
+        if not self._quiet and clock.monotonic() - self._listed > LIST_FRESH_S:
             self._list()
         cid = self._from_free(skip)
         if cid is None and self._shared and self._list_again():
@@ -285,7 +285,7 @@ class Claimer:
         # stale claims: a random sample, not all of them (every idle worker looks once: a sweep
         # of every claim by every worker costs O(workers^2) calls on the metadata server); a
         # relaunch drops the rest (release_dead)
-        if clock.now() < self._expiry_due:
+        if clock.monotonic() < self._expiry_due:
             return None  # no sampled claim can have gone stale yet (idle_wait read their holders)
         now = fs_now(self.run.fs, "claims")
         pool = self._pool
@@ -327,7 +327,7 @@ class Claimer:
             self._quiet, self._listed = False, float("-inf")
         if self._watch:
             self._rewatch()
-        if not self._quiet and clock.now() - self._listed > LIST_FRESH_S:
+        if not self._quiet and clock.monotonic() - self._listed > LIST_FRESH_S:
             self._list(self._notices)  # (the notices _news just read)
         if self._all_done:
             post_done(self.run)
@@ -337,11 +337,11 @@ class Claimer:
             # yet seen claimed): look again soon
             return 0.5
         self._quiet = True
-        due = self._expiry_due - clock.now()
+        due = self._expiry_due - clock.monotonic()
         if due > 0:
             return min(poll_s, due)
         wait = self._expiry()
-        self._expiry_due = clock.now() + wait
+        self._expiry_due = clock.monotonic() + wait
         return min(poll_s, wait if self._pool else 0.5)
 
     def _expiry(self) -> float:

@@ -1,5 +1,5 @@
 """Time, sleeps and random names for the run-directory protocol and the worker, behind one
-seam: the real clock everywhere, a simulated node's clock and a seeded generator in the
+seam: the real clocks everywhere (the wall clock and a monotonic one), a simulated node's clock and a seeded generator in the
 protocol simulator (tests/simulation.py), so one seed replays one schedule exactly.
 Standard library only."""
 
@@ -13,6 +13,9 @@ import time
 class Clock:
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     def sleep(self, s: float) -> None:
         time.sleep(s)
@@ -30,6 +33,14 @@ current: Clock = REAL
 
 def now() -> float:
     return current.now()
+
+
+def monotonic() -> float:
+    """Seconds on a clock no step moves (NTP, a resumed VM): a process's own waits and
+    intervals. `now()` is for times written down and compared across processes; a wait
+    measured on it lasted the step longer (the protocol simulator's clock jumps found a
+    worker that outlived its run, and a dead holder's chunk never taken over)."""
+    return current.monotonic()
 
 
 def time_ns() -> int:

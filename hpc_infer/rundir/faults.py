@@ -15,7 +15,7 @@ that has finished two chunks and holds the third's claim, instead of racing the 
 
 Points: claimed (PATH_PART: the claim file, e.g. `claimed@/00002:HOLD`), step (worker), heartbeat (each beat),
 locked (a rundir.lease.Lock just acquired: `locked@.merge.lock:HOLD`),
-tmp_written, renamed (rundir.write_atomic / write_exclusive),
+tmp_written, renamed (a `Dir`'s replace / publish, rundir.write_atomic),
 merge_tmp_written (merge, before the result's rename), record (a record going into the
 engine's batch; PATH_PART is matched exactly against its id: `record@r7:KILL` is a
 poison record that ends the engine's process every time it is reached), tune_setting

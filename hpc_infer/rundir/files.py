@@ -63,36 +63,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def write_exclusive(path: Path, data: bytes) -> bool:
-    """Publish `data` at `path` only if nothing is there: the whole file is written and synced
-    under a temp name, then hard-linked to `path`. link() fails with EEXIST when the name
-    exists, atomically on NFSv3/v4, Lustre, GPFS, BeeGFS and local disks (where `rename`
-    would silently replace). An NFS link whose reply was lost is judged by the temp file's
-    link count, as the NFS client docs advise. Returns whether ours was published."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point("tmp_written", path)
-        try:
-            os.link(tmp, path)
-            won = True
-        except FileExistsError:
-            won = False
-        except OSError:
-            won = os.stat(tmp).st_nlink == 2
-        faults.point("renamed", path)
-        return won
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 

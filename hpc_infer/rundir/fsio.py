@@ -30,7 +30,7 @@ import socket
 import stat as stat_mod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import DamagedFile
 from . import clock, faults
@@ -75,6 +75,18 @@ def split_name(name: str) -> tuple[str, str]:
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
         raise ValueError(f"{name!r} is not a plain relative name inside the directory")
     return "/".join(parts[:-1]), parts[-1]
+
+
+def link_won(link: Callable[[], None], links_of_temp: Callable[[], int]) -> bool:
+    """Whether our temp file's hard link made the name. A failed link() is not the answer on
+    NFS: a LINK whose reply was lost is sent again, and the retry fails (EEXIST) on the link
+    the first one made. So any failure is judged by the temp file's link count, as open(2)
+    advises for lock files on NFS: 2 means the name is ours."""
+    try:
+        link()
+        return True
+    except OSError:
+        return links_of_temp() == 2
 
 
 def check_name(name: str) -> str:
@@ -154,7 +166,7 @@ class Dir:
 
     def publish(self, name: str, data: bytes) -> bool:
         """Only if nothing is there: a synced temp file hard-linked to `name` (one copy wins;
-        an NFS link whose reply was lost is judged by the temp file's link count)."""
+        whether ours did is judged by `link_won`, never by link()'s error alone)."""
         raise NotImplementedError
 
     def rename(self, src: str, dst: str) -> None:
@@ -443,13 +455,10 @@ class PinnedDir(Dir):
             tmp = self._write_tmp(d, base, data)
             try:
                 faults.point("tmp_written", self.where(name))
-                try:
-                    os.link(tmp, base, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False)
-                    won = True
-                except FileExistsError:
-                    won = False
-                except OSError:
-                    won = os.stat(tmp, dir_fd=d, follow_symlinks=False).st_nlink == 2
+                won = link_won(
+                    lambda: os.link(tmp, base, src_dir_fd=d, dst_dir_fd=d, follow_symlinks=False),
+                    lambda: os.stat(tmp, dir_fd=d, follow_symlinks=False).st_nlink,
+                )
                 faults.point("renamed", self.where(name))
                 return won
             finally:

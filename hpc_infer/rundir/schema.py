@@ -178,6 +178,7 @@ HEARTBEAT = Shape(
         "python": OPT_STR,
         "t": NUM,
         "earlier_s": NUM,
+        "ran_s": NUM,
         "segments": int,
         "in_flight": MapOf(str, int),
         "held": ListOf(int),

@@ -11,7 +11,8 @@ What it models, each a thing an NFS/Lustre client does to the protocol:
   An open (`read`, `read_stat`, `read_at`) revalidates, as close-to-open consistency does;
   a client's own changes update its own cache;
 - faults, each at a rate per call, drawn from the seeded generator: `EIO` and `ESTALE` on
-  reads (a file replaced under a reader), `ENOSPC` on writes;
+  reads (a file replaced under a reader), `ENOSPC` on writes, and a `link` whose reply is
+  lost: the link is made, and the client's retry fails with `EEXIST` on it;
 - a count of every namespace call by kind (`SimServer.calls`): the metadata cost.
 
 Standard library only."""
@@ -24,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 from . import faults
-from .fsio import Dir, Stat, split_name
+from .fsio import Dir, Stat, link_won, split_name
 
 
 DIRENTS_PER_CALL = 1000  # names one getdents64 returns into glibc's 32 KiB buffer (ours are ~32 bytes
@@ -54,6 +55,7 @@ class Faults:
     eio: float = 0.0  # reads and writes
     estale: float = 0.0  # reads of a file replaced since the client last looked
     enospc: float = 0.0  # writes
+    link_lost: float = 0.0  # links made whose reply is lost (the retry sees EEXIST)
 
 
 class SimServer:
@@ -272,17 +274,31 @@ class SimClient(Dir):
         self._count("create")
         self._fault("write", name)
         self._folder(name)
-        node = self.server._new(False, data)
+        node = self.server._new(False, data)  # the temp file: its one name
         faults.point("tmp_written", self.where(name))
-        self._count("link")
-        won = self._place(name, node, True)
+
+        def links() -> int:
+            self._count("stat")
+            return node.nlink
+
+        won = link_won(lambda: self._link(node, name), links)
         faults.point("renamed", self.where(name))
         self._count("unlink")
-        if won:
-            node.nlink = 1
-        else:
+        node.nlink -= 1
+        if node.nlink <= 0:
             del self.server.nodes[node.ino]  # the temp file's only name is gone
         return won
+
+    def _link(self, node: Node, dst: str) -> None:
+        """One more name for `node`, if `dst` is free; a lost reply's retry fails on the link made."""
+        self._count("link")
+        if not self._place(dst, node, True):
+            raise FileExistsError(errno.EEXIST, "exists", self.where(dst))
+        node.nlink += 1
+        f = self.server.faults
+        if f.link_lost and self.server.rng.random() < f.link_lost:
+            self._count("link")  # the retry
+            raise FileExistsError(errno.EEXIST, "exists (injected: the first link's reply was lost)", self.where(dst))
 
     def rename(self, src: str, dst: str) -> None:
         self._count("rename")
@@ -296,11 +312,7 @@ class SimClient(Dir):
         self._forget(src)
 
     def link(self, src: str, dst: str) -> None:
-        self._count("link")
-        node = self._node(src)
-        if not self._place(dst, node, True):
-            raise FileExistsError(errno.EEXIST, "exists", self.where(dst))
-        node.nlink += 1
+        self._link(self._node(src), dst)
 
     def unlink(self, name: str) -> None:
         self._count("unlink")

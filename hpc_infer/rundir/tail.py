@@ -55,13 +55,13 @@ def pace(run: RunDir, worker_id: str, fresh_s: float, rng: random.Random | None 
     if own is None:
         return None
     key = f"{run.fs.path}|{worker_id}"
-    listed, names = _names.get(key, (0.0, []))
-    if clock.now() - listed > NAMES_TTL_S:
+    listed, names = _names.get(key, (float("-inf"), []))
+    if clock.monotonic() - listed > NAMES_TTL_S:
         try:
             names = [n for n in run.fs.listdir("heartbeats") if n.endswith(".json") and n != f"{worker_id}.json"]
         except OSError:
             return None
-        _names[key] = (clock.now(), names)
+        _names[key] = (clock.monotonic(), names)
     rates = []
     for name in (rng or clock.rng()).sample(names, min(PACE_SAMPLE, len(names))):
         found = read_beat(run.fs, f"heartbeats/{name}", now)

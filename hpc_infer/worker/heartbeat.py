@@ -25,6 +25,7 @@ from typing import Any
 
 from ..host import procs
 from ..rundir import RunDir, claims, clock, faults
+from ..rundir.beats import seconds_ran
 
 CARRIED = ("chunks_done", "records_done", "prompt_tokens", "output_tokens", "abandoned", "backups")
 
@@ -42,6 +43,7 @@ class Heartbeat:
             "python": sys.executable,  # inside a container: the image's interpreter
             "started": clock.now(),
             "earlier_s": 0.0,  # the time earlier processes of this worker id ran (a requeued task)
+            "ran_s": 0.0,  # this process's running time, on its monotonic clock (beats.seconds_ran)
             "state": "starting",
             "in_flight": {},  # chunk id -> records finished so far
             "held": [],  # the chunks whose claims are ours (alive while this file is)
@@ -58,8 +60,9 @@ class Heartbeat:
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
         }
         self._carried = False  # the earlier process's beat has been read (carry_over)
+        self._t0 = clock.monotonic()
         self.run_deleted = False
-        self.last_ok = 0.0  # no beat has reached the run directory yet: unhealthy until one does
+        self.last_ok = float("-inf")  # no beat has reached the run directory yet: unhealthy until one does
         self._errors: dict[str, float] = {}  # kind of error -> when it was last logged
         self._missing = 0
         self._lock = threading.Lock()
@@ -69,7 +72,7 @@ class Heartbeat:
     @property
     def healthy(self) -> bool:
         """Beats reached the run directory lately (within half a lease)."""
-        return clock.now() - self.last_ok < self.lease_s / 2
+        return clock.monotonic() - self.last_ok < self.lease_s / 2
 
     def carry_over(self) -> None:
         """A requeued task keeps its worker id: the earlier process's beat is read first and
@@ -88,9 +91,8 @@ class Heartbeat:
             if isinstance(prev.get(key), int):
                 self.state[key] = prev[key]
         try:
-            start, end = float(prev["started"]), float(prev.get("finished_at") or prev.get("t") or prev["started"])
-            self.state["earlier_s"] = float(prev.get("earlier_s") or 0.0) + max(0.0, end - start)
-        except (KeyError, TypeError, ValueError):
+            self.state["earlier_s"] = seconds_ran(prev)
+        except (TypeError, ValueError):
             pass
         self.state["segments"] = int(prev.get("segments") or 1) + 1
 
@@ -123,11 +125,12 @@ class Heartbeat:
             records, tokens = self.finished_counts()
             recent = (self.state["recent"] + [[round(now, 3), records, tokens]])[-RECENT:]
             self.state["recent"] = recent
+            self.state["ran_s"] = round(clock.monotonic() - self._t0, 3)
             state = dict(self.state, in_flight=dict(self.state["in_flight"]), recent=list(recent), t=now)
         faults.point("heartbeat", self.run.root)
         data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
         self.run.fs.replace(self.run.heartbeat_name(self.owner.worker_id), data)
-        self.last_ok = clock.now()
+        self.last_ok = clock.monotonic()
 
     def _log(self, e: OSError) -> None:
         kind = f"{type(e).__name__}:{getattr(e, 'errno', '')}"

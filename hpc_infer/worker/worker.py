@@ -127,14 +127,14 @@ class Pacing:
         # a look every 4 minutes at 8 heartbeats (about 12 calls): a small, flat cost per worker,
         # 0.05 calls a second (bench/metadata_ops.py); the rate itself spans 12 beats
         self.every, self.fresh_s = max(240.0, 24 * heartbeat_s), 3 * heartbeat_s + 10
-        self.next_at = clock.now() + self.every
+        self.next_at = clock.monotonic() + self.every
         self.share, self.leave_tail = 1.0, False
         self.est, self.total = est, max(1, sum(est.values()))
 
     def update(self, claimer: Claimer) -> dict | None:
-        if clock.now() < self.next_at:
+        if clock.monotonic() < self.next_at:
             return None
-        self.next_at = clock.now() + self.every
+        self.next_at = clock.monotonic() + self.every
         p = tail.pace(self.run, self.worker_id, fresh_s=self.fresh_s)
         if p is None:
             self.share, self.leave_tail = 1.0, False
@@ -198,7 +198,7 @@ class Worker:
         self.isolating: int | None = None  # the suspect chunk this worker runs alone: nothing else is claimed meanwhile
         self.suspects_waiting = False  # suspect chunks left for when nothing else is in flight
         self.stop_signal: int | None = None
-        self._backups_seen_at = 0.0
+        self._backups_seen_at = float("-inf")
         self._backup_look_at = float("-inf")
         self._backup_misses = 0  # looks in a row that found no straggler's chunk
         self._unhealthy_since: float | None = None
@@ -207,11 +207,11 @@ class Worker:
     def ensure_engine(self) -> Any:
         if self.engine is None or self.hb.state["state"] != "running":
             self.hb.update(state="loading")
-            t0 = clock.now()
+            t0 = clock.monotonic()
             if self.engine is None:
                 self.engine = make_engine(self.spec, self.owner.worker_id)
             self.hb.update(
-                engine_start_s=round(clock.now() - t0, 3),
+                engine_start_s=round(clock.monotonic() - t0, 3),
                 state="running",
                 vllm_port=os.environ.get("VLLM_PORT"),  # TP/PP workers: their own range
                 compile_cache=getattr(self.engine, "compile_cache", None),
@@ -390,9 +390,9 @@ class Worker:
         reads a second over the run before the first, 500 a second in its last fifth before
         the second). Its first look is at once."""
         every = max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s) * 2 ** min(self._backup_misses, 3)
-        if clock.now() - self._backup_look_at < every:
+        if clock.monotonic() - self._backup_look_at < every:
             return
-        self._backup_look_at = clock.now()
+        self._backup_look_at = clock.monotonic()
         for _ in range(3):
             cid = tail.backup_candidate(self.run, self.sizes, self.pacing.fresh_s)
             if cid is None or isolate.suspect(self.run, cid, self.max_attempts):
@@ -429,9 +429,9 @@ class Worker:
         """Stop running chunks another copy of which was published (a backup raced ours). Only
         chunks with a backup marker can have two copies: a listing of the (few) markers every
         CHECK_BACKUPS_S (or 1.5 heartbeats), then a stat of those chunks' outputs alone."""
-        if clock.now() - self._backups_seen_at < max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s):
+        if clock.monotonic() - self._backups_seen_at < max(CHECK_BACKUPS_S, 1.5 * self.hb.interval_s):
             return
-        self._backups_seen_at = clock.now()
+        self._backups_seen_at = clock.monotonic()
         backed = tail.backed_up(self.run)
         for cid in [c for c in self.inflight if c in backed and self.run.chunk_done(c)]:
             self.engine.abort(cid)
@@ -500,8 +500,8 @@ class Worker:
         if not self.hb.healthy and self.stop_signal is None:
             if notices.done_posted(self.run):
                 return DONE
-            now = clock.now()
-            self._unhealthy_since = self._unhealthy_since or now
+            now = clock.monotonic()
+            self._unhealthy_since = now if self._unhealthy_since is None else self._unhealthy_since
             if now - self._unhealthy_since > self.lease_s:
                 raise HeartbeatLost(
                     f"no heartbeat reached {self.run.root} for {self.lease_s:g}s (cluster.lease_s); this "
