@@ -6,8 +6,10 @@ attempts and heartbeats run unchanged in one thread, over the simulated file ser
 A seed gives a `Schedule`: how many workers, the chunk layout (contiguous or
 prefix-grouped), records the engine refuses, per-node clock skew, the clients' cache
 staleness, file-server faults, and timed events (SIGKILL, SIGTERM, a requeue under the
-same worker id, a node failure, a node's mount failing for a while, a worker that never
-starts, a relaunch, a node's clock stepped), and links whose reply is lost. `run_schedule` plays it and checks the invariants after every step
+same worker id, the warning before a time limit (SIGUSR2: the worker stops, the rendered
+script requeues it), a node failure, a node's mount failing for a while, a worker that
+never starts, a relaunch, a node's clock stepped; SIGKILL after a stop signal's grace),
+and links whose reply is lost. `run_schedule` plays it and checks the invariants after every step
 and at the end; a failure raises `Broken` with the schedule, which `shrink` reduces to a
 minimal one that still fails, printed so that it replays exactly (`Schedule(...)`).
 """
@@ -159,9 +161,11 @@ class Schedule:
     estale: float = 0.0
     slow: dict = field(default_factory=dict)
     link_lost: float = 0.0  # links whose reply is lost: the retry sees EEXIST on its own link
+    enospc: float = 0.0  # writes refused: the quota or the disk full
 
 
-KINDS = ("kill", "term", "requeue", "node_fail", "mount_down", "never_start", "relaunch", "clock_jump")
+KINDS = ("kill", "term", "requeue", "node_fail", "mount_down", "never_start", "relaunch", "clock_jump", "warn")
+GRACE_S = 5.0  # a stop signal's grace (Slurm's KillWait, scaled to these runs): SIGKILL after it
 
 
 def random_schedule(seed: int, layout: Layout) -> Schedule:
@@ -187,6 +191,7 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
         estale=rng.choice([0.0, 0.05]),
         slow={f"w{rng.randrange(workers)}": rng.choice([1.0, 4.0])},
         link_lost=rng.choice([0.0, 0.0, 0.1, 0.5]),
+        enospc=rng.choice([0.0, 0.0, 0.0, 0.01]),
     )
 
 
@@ -230,6 +235,7 @@ class Proc:
     how: str = ""  # how it ended
     started_at: float = 0.0
     held_at_death: list[int] = field(default_factory=list)
+    requeue_in: float | None = None  # warned of its time limit: requeued this long after it stops
 
 
 class Sim:
@@ -261,7 +267,7 @@ class Sim:
         self.server = SimServer(
             now=lambda: EPOCH + self.t,
             rng=self.rng,
-            faults=Faults(eio=sched.eio, estale=sched.estale, link_lost=sched.link_lost),
+            faults=Faults(eio=sched.eio, estale=sched.estale, enospc=sched.enospc, link_lost=sched.link_lost),
         )
         self.server.put_tree({f"{ROOT}/{k}": v for k, v in layout.files.items()})
         for d in ("claims", "out", "heartbeats", "logs"):
@@ -321,6 +327,8 @@ class Sim:
             self.segments.setdefault(p.wid, []).append(beat["ran_s"])
         if how in ("killed", "crashed"):
             self.deaths.append(self.t)
+        if how == "stopped" and p.requeue_in is not None:
+            self.pending.append((self.t + p.requeue_in, p.slot, p.wid))
         if how != "finished":
             self.ends.append(self.t)
         if how in ("killed", "crashed") and w is not None:
@@ -336,9 +344,15 @@ class Sim:
         if kind == "kill":
             for p in live:
                 self.end(p, "killed")
-        elif kind == "term":
+        elif kind in ("term", "warn"):  # scancel / a time limit's end; the warning before a time limit
             for p in live:
-                p.worker.stop_signal = signal.SIGTERM
+                p.worker.stop_signal = signal.SIGTERM if kind == "term" else signal.SIGUSR2
+                if kind == "warn":
+                    p.requeue_in = arg  # the rendered script requeues the task when the worker exits 75
+                self.timers.append((self.t + GRACE_S, "sigkill", p.pid, 0.0))
+        elif kind == "sigkill":  # the grace ran out: by pid, only if that process still runs
+            for p in [p for p in self.procs if p.alive and p.pid == slot]:
+                self.end(p, "killed")
         elif kind == "requeue":
             for p in live:
                 self.end(p, "killed")
@@ -413,7 +427,7 @@ class Sim:
             if (
                 not any(p.alive and p.started_at <= died for p in self.procs)
                 or any(
-                    t_ev > died and k in ("kill", "node_fail", "mount_down", "term", "requeue")
+                    t_ev > died and k in ("kill", "node_fail", "mount_down", "term", "requeue", "warn")
                     for t_ev, k, _, _ in self.sched.events
                 )
                 or any(died < t_d <= by for t_d in self.deaths)
@@ -534,6 +548,7 @@ class Sim:
         clock.current = SimClock(self)
         self.pending: list[tuple[float, int, str]] = []
         events = sorted(self.sched.events)
+        self.timers: list[tuple[float, str, int, float]] = []  # events the events set (a grace's SIGKILL)
         never = {s for t, k, s, a in events if k == "never_start"}
         try:
             for slot in range(self.sched.workers):
@@ -553,6 +568,10 @@ class Sim:
                     heapq.heappush(queue, (self.procs[i].next_beat, 1, i))
                 known = len(self.procs)
                 nxt = list(queue[:1])
+                if self.timers:
+                    self.timers.sort()
+                    events = sorted(events + self.timers)
+                    self.timers = []
                 if events:
                     nxt.append((events[0][0], 2, -1))
                 if self.pending:
@@ -564,12 +583,18 @@ class Sim:
                     heapq.heappop(queue)
                     if what != 4 and not self.procs[i].alive:
                         continue
+                    if what == 0 and when != self.procs[i].next_step:
+                        continue  # a turn moved earlier by a signal: this one is gone
                 self.t = max(self.t, when)
                 if what == 4:
                     heapq.heappush(queue, (self.t + self.poll(), 4, -1))
                 elif what == 2:
                     _, kind, slot, arg = events.pop(0)
                     self.apply(kind, slot, arg)
+                    for i, p in enumerate(self.procs):  # a signalled worker acts within a second (worker.py)
+                        if p.alive and p.worker is not None and p.worker.stop_signal and p.next_step > self.t + 1.0:
+                            p.next_step = self.t + 1.0
+                            heapq.heappush(queue, (p.next_step, 0, i))
                 elif what == 3:
                     self.pending.sort()
                     _, slot, wid = self.pending.pop(0)
@@ -659,6 +684,7 @@ def shrink(sched: Schedule, layouts: dict[str, Layout], budget: int = 200) -> Sc
         candidates += [replace(best, refuse=[])] if best.refuse else []
         candidates += [replace(best, eio=0.0, estale=0.0)] if best.eio or best.estale else []
         candidates += [replace(best, link_lost=0.0)] if best.link_lost else []
+        candidates += [replace(best, enospc=0.0)] if best.enospc else []
         candidates += [replace(best, skew=[0.0] * len(best.skew))] if any(best.skew) else []
         candidates += [replace(best, ac_s=0.0)] if best.ac_s else []
         candidates += [replace(best, slow={})] if best.slow else []

@@ -438,3 +438,16 @@ def test_the_launcher_reads_heartbeats_in_turns_within_its_budget():
         assert len(seen) == 200 and max(age for _, age in seen) <= t[0]
     # 200 beats at 40 a look: after 7 looks, none was last read more than 5 looks ago
     assert min(at for _, _, at in tracker.seen.values()) >= 2.0 * (7 - 4), sorted(tracker.seen.values())[:1]
+
+
+def test_a_time_limit_warning_stops_the_worker_and_its_task_comes_back_under_its_id(layouts):
+    """SIGUSR2, the scheduler's warning before a time limit: the worker stops at its next
+    step (within a second), and the task comes back under the same worker id (the rendered
+    script requeues it on exit 75); the new process carries the earlier one's counters and
+    time, and the run ends with every invariant kept."""
+    sched = S.Schedule(7, "plain", 2, [(0.2, "warn", 0, 3.0)], [], [0.0, 0.0, 0.0])
+    sim = quiet(S.run_schedule, sched, layouts)
+    w0 = [p for p in sim.procs if p.wid == "w0"]
+    assert [p.how for p in w0] == ["stopped", "finished"]
+    assert w0[1].started_at >= 3.2 and sim.beats["w0"]["segments"] == 2
+    assert sim.beats["w0"]["earlier_s"] > 0

@@ -76,9 +76,9 @@ class Backend:
     def wait_ended(self, job_ids: list[str], timeout_s: float) -> bool:
         """Wait until the scheduler holds none of the jobs (after a cancel); False if some
         still were after `timeout_s`."""
-        deadline = time.time() + timeout_s
+        deadline = time.monotonic() + timeout_s
         while any(s in LIVE or s == UNREACHABLE for s in self.states(job_ids).values()):
-            if time.time() >= deadline:
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(1)
         return True
@@ -185,11 +185,11 @@ class LocalBackend(Backend):
         the engine's shutdown, their private compile caches removed): `launch` waits for their
         controllers (each waits for its task) so that nothing of the run is alive when it
         returns; the ids still running after `timeout_s` are named, never killed."""
-        deadline = time.time() + timeout_s
+        deadline = time.monotonic() + timeout_s
         left = [j for j in job_ids if j.isdigit()]
         while True:
             left = [j for j in left if _alive(int(j))]
-            if not left or time.time() >= deadline:
+            if not left or time.monotonic() >= deadline:
                 return left
             time.sleep(0.2)
 
@@ -438,10 +438,10 @@ class SlurmBackend(Backend):
         heartbeat interval whether every chunk is published, then its engine shuts down and
         its private caches go); `launch` returns once the scheduler holds none of them, or
         names those still held after `timeout_s` (never cancelled: they are finishing)."""
-        deadline = time.time() + timeout_s
+        deadline = time.monotonic() + timeout_s
         while True:
             left = [j for j, s in self.states(job_ids).items() if s in LIVE]
-            if not left or time.time() >= deadline:
+            if not left or time.monotonic() >= deadline:
                 return left
             time.sleep(1)
 

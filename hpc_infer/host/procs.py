@@ -181,9 +181,9 @@ def stop_all(procs: list[Proc], grace_s: float = 15.0, first: int = signal.SIGTE
     wait for it to go. Returns the processes that needed SIGKILL. The outcome (all gone)
     does not depend on how fast they react; only how long it takes does."""
     signal_all(procs, first)
-    deadline = time.time() + grace_s
+    deadline = time.monotonic() + grace_s
     left = [p for p in procs if alive(p)]
-    while left and time.time() < deadline:
+    while left and time.monotonic() < deadline:
         time.sleep(0.1)
         left = [p for p in left if alive(p)]
     signal_all(left, signal.SIGKILL)

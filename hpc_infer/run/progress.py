@@ -217,7 +217,7 @@ def wait(
     fresh_s = fresh_s_of(run)
     tracker, beats_seen = DoneTracker(run), BeatTracker(run)
     p = snapshot(run, manifest, fresh_s, tracker, beats_seen)
-    t0 = time.time()
+    t0 = time.monotonic()
     tty = sys.stderr.isatty()
     bar = tqdm(
         total=p.n_records,
@@ -228,7 +228,7 @@ def wait(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    last_log = 0.0
+    last_log = float("-inf")
     ended_at: float | None = None  # when every job was first seen ended with the run not complete
     while True:
         p = snapshot(run, manifest, fresh_s, tracker, beats_seen)
@@ -243,11 +243,11 @@ def wait(
             postfix = f"tok/s={p.tokens_per_s:,.0f} ETA={eta} running={running} failed={failed}"
         bar.set_postfix_str(postfix, refresh=False)
         bar.update(max(0, p.records_done - bar.n))
-        if show and not tty and (time.time() - last_log >= log_every_s or p.complete):
-            last_log = time.time()
+        if show and not tty and (time.monotonic() - last_log >= log_every_s or p.complete):
+            last_log = time.monotonic()
             print(
                 f"[hpc_infer] {run.root.name}: {p.records_done}/{p.n_records} records, "
-                f"{p.chunks_done}/{p.n_chunks} chunks, {time.time() - t0:,.0f}s, {postfix}",
+                f"{p.chunks_done}/{p.n_chunks} chunks, {time.monotonic() - t0:,.0f}s, {postfix}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -258,12 +258,12 @@ def wait(
                 run, manifest, fresh_s, tracker, beats_seen
             )  # a last look: the final rename may have just landed
             if not p.complete and not live_claims(run, lease_s):
-                ended_at = ended_at or time.time()
+                ended_at = ended_at or time.monotonic()
                 # a worker's listing found every output (the `done` notice): this view lags, a
                 # file server's attribute and entry caches (tests/test_sharedfs.py: 3 s) hiding
                 # the last outputs from this client; look again rather than resubmit, for as
                 # long as such a cache can last (a damaged output, named but not done, ends it)
-                if not (done_posted(run) and time.time() - ended_at < FS_CACHE_S):
+                if not (done_posted(run) and time.monotonic() - ended_at < FS_CACHE_S):
                     break
         time.sleep(max(poll_s, poll_interval(len(states))))
     bar.close()

@@ -88,9 +88,9 @@ def router_url(run: ServeRun, key: str | None) -> str | None:
 
 def wait_router_follows(run: ServeRun, key: str, want: int, timeout_s: float = 120.0) -> list[str] | None:
     """Wait until the router sends to `want` replicas; its workers, or None if it does not answer."""
-    deadline = time.time() + timeout_s
+    deadline = time.monotonic() + timeout_s
     workers = None
-    while time.time() < deadline:
+    while time.monotonic() < deadline:
         r = run.router_state()
         if r and r.get("state") in ("failed", "stopped"):
             return None

@@ -205,14 +205,14 @@ def serve(rc: RunConfig) -> Path:
 def wait_ready(run: ServeRun, poll_s: float = 2.0) -> list[dict]:
     """Per replica queued -> loading -> ready (or failed), one line per change."""
     seen: dict[int, str] = {}
-    t0 = time.time()
+    t0 = time.monotonic()
     while True:
         states = replica_states(run)
         for s in states:
             if seen.get(s["replica"]) != s["state"]:
                 seen[s["replica"]] = s["state"]
                 extra = f" at {s['url']}" if s["state"] == "ready" else (f": {s['error']}" if s.get("error") else "")
-                say(f"replica {s['replica']}: {s['state']}{extra} ({time.time() - t0:.0f}s)")
+                say(f"replica {s['replica']}: {s['state']}{extra} ({time.monotonic() - t0:.0f}s)")
         if states and all(s["state"] in TERMINAL_STATES for s in states):
             return states
         time.sleep(poll_s)

@@ -38,10 +38,10 @@ def sample(run: ServeRun, interval_s: float) -> dict:
     limit = spec.get("cluster_config", {}).get("time")
     limit_min = time_to_minutes(limit) if limit else None
     first = {r["replica"]: r.get("metrics") for r in replica_states(run, with_metrics=True)}
-    t0 = time.time()
+    t0 = time.monotonic()
     time.sleep(interval_s)
     states = replica_states(run, with_metrics=True)
-    dt, now = max(time.time() - t0, 1e-6), time.time()
+    dt, now = max(time.monotonic() - t0, 1e-6), time.time()
     rows = []
     for r in states:
         m, before = r.get("metrics"), first.get(r["replica"])

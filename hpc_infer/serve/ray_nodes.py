@@ -66,8 +66,8 @@ def start_head(root: Path, index: int, nodes: int, log_path: Path, spec: dict) -
     address = f"{ip}:{port}"
     head = _ray_node(["--head", f"--node-ip-address={ip}", f"--port={port}"], log_path)
     write_atomic(_address_file(root, index), (json.dumps({"address": address, "nodes": nodes}) + "\n").encode())
-    deadline, seen = time.time() + WAIT_S, 0
-    while time.time() < deadline:
+    deadline, seen = time.monotonic() + WAIT_S, 0
+    while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(
                 f"the Ray head exited with {head.returncode} before the cluster formed (log: {log_path})"
@@ -86,9 +86,9 @@ def join_and_wait(root: Path, index: int, log_path: Path) -> dict:
     """A further node: join the head's cluster and stay until the replica has ended."""
     state_path, stop = root / "serve" / f"{index}.json", {"why": None}
     signal.signal(signal.SIGTERM, lambda s, f: stop.update(why="SIGTERM"))
-    deadline = time.time() + WAIT_S
+    deadline = time.monotonic() + WAIT_S
     while not _address_file(root, index).exists():
-        if time.time() > deadline or stop["why"]:
+        if time.monotonic() > deadline or stop["why"]:
             return {"replica": index, "node_state": "head never came up"}
         time.sleep(1)
     address = json.loads(_address_file(root, index).read_text())["address"]

@@ -280,14 +280,14 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             child = start_child(server_command(spec, port), env, log_path, own_group=True)
             server = identify(child.pid)
             save(server_pid=child.pid, server_pid_start=server.start if server else None)
-            deadline = time.time() + float(spec.get("ready_timeout_s", 3600))
-            while child.poll() is None and stopping["why"] is None and time.time() < deadline:
+            deadline = time.monotonic() + float(spec.get("ready_timeout_s", 3600))
+            while child.poll() is None and stopping["why"] is None and time.monotonic() < deadline:
                 # ready means proven: our own child answers for this replica, job and port (a
                 # /health 200 could come from anything listening there); no key is sent before
                 if proves_ours(base, env["VLLM_API_KEY"], root, index, job_id, timeout=2):
                     break
                 time.sleep(1)
-            if child.poll() is None and stopping["why"] is None and time.time() < deadline:
+            if child.poll() is None and stopping["why"] is None and time.monotonic() < deadline:
                 return None
             stop_child(child)
             server_gone()
@@ -296,7 +296,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             cause, tail = failure_report(log_path)
             if any("Address already in use" in line for line in tail) and attempt < 2:
                 continue
-            why = "not ready in time" if time.time() >= deadline else f"the server exited with {child.returncode}"
+            why = "not ready in time" if time.monotonic() >= deadline else f"the server exited with {child.returncode}"
             save(log_tail=tail)
             return why + cause
         return "no free port"
@@ -320,7 +320,7 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
     idle_s = float(spec["idle_minutes"]) * 60 if spec.get("idle_minutes") else None
     max_restarts, backoff_s = int(spec.get("max_restarts", 3)), float(spec.get("restart_backoff_s", 5.0))
     last = metrics(stopping["base"], key=env["VLLM_API_KEY"])
-    last_active = time.time()
+    last_active = time.monotonic()
     poll = min(15.0, idle_s / 4) if idle_s else 15.0
     while True:
         while child.poll() is None and stopping["why"] is None:
@@ -332,9 +332,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
                 break
             now = metrics(stopping["base"], key=env["VLLM_API_KEY"])
             if now["requests"] != last["requests"] or now["running"] or now["waiting"]:
-                last_active = time.time()
+                last_active = time.monotonic()
             last = now
-            if idle_s and time.time() - last_active > idle_s:
+            if idle_s and time.monotonic() - last_active > idle_s:
                 stopping["why"] = f"idle for {spec['idle_minutes']:g} min (serve.idle_minutes)"
                 child.terminate()
         stop_child(child, grace_s=120, told=True)  # exited, or told to stop above or by on_term
@@ -364,9 +364,9 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             raise SystemExit(1)
         save(state="restarting", restarts=restarts + 1, last_exit=exit_why, last_exit_at=time.time())
         pause = min(300.0, backoff_s * 2**restarts)
-        end = time.time() + pause
-        while time.time() < end and stopping["why"] is None:
-            time.sleep(max(0.0, min(1.0, end - time.time())))
+        end = time.monotonic() + pause
+        while time.monotonic() < end and stopping["why"] is None:
+            time.sleep(max(0.0, min(1.0, end - time.monotonic())))
         why = start_server(same_port=state.get("port"))
         if why is not None:
             if stopping["why"]:
@@ -374,4 +374,4 @@ def _run_replica(root: Path, spec: dict, index: int, nodes: int, helpers: list) 
             save(state="failed", error=f"restart {restarts + 1} failed: {why}")
             raise SystemExit(1)
         save(state="ready", restarted_at=time.time())
-        last, last_active = metrics(stopping["base"], key=env["VLLM_API_KEY"]), time.time()
+        last, last_active = metrics(stopping["base"], key=env["VLLM_API_KEY"]), time.monotonic()

@@ -48,9 +48,9 @@ def one(tune_dir: Path, k: int) -> dict:
     setting = spec["grid"][k]
     faults.point("tune_setting", f"setting-{k}")
     model = dict(spec["model"], engine_kwargs=dict(spec["model"]["engine_kwargs"], **setting))
-    t0 = time.time()
+    t0 = time.perf_counter()
     engine = make_engine({"model": model})  # a fresh process: its own engine, as a worker's
-    start_s = time.time() - t0
+    start_s = time.perf_counter() - t0
     records, sampling, seed = spec["records"], spec["sampling"], spec.get("seed")
     _generate(engine, records[:1], sampling, seed)  # warm-up: not timed
     runs = []
@@ -58,11 +58,11 @@ def one(tune_dir: Path, k: int) -> dict:
         # each repeat cold: the same prompts again would all be found in vLLM's prefix cache, which
         # misjudges the noise and every prefill-bound setting (the run's own chunks are seen once)
         getattr(engine, "reset_prefix_cache", lambda: None)()
-        t = time.time()
+        t = time.perf_counter()
         rows = _generate(engine, records, sampling, seed)
         runs.append(
             {
-                "seconds": round(time.time() - t, 4),
+                "seconds": round(time.perf_counter() - t, 4),
                 "output_tokens": sum(r["output_tokens"] for r in rows),
                 "records": len(rows),
                 "errors": sum(1 for r in rows if r.get("error")),
