@@ -10,6 +10,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from .rundir import claims, isolate, jobs, notices
 from .models.cache import resolve_model
@@ -106,6 +108,38 @@ def run_env(run: RunDir, token) -> dict[str, str]:
     return {**job_env(token), PIN_ENV: run.fs.pin().encode()}
 
 
+@contextmanager
+def swapped_while_submitting(run: RunDir) -> Iterator[None]:
+    """submitit and the scheduler take the run's logs folder by path. Whoever can write a
+    folder above the run can swap the run away under that path mid-submission (a neighbour's
+    RENAME_EXCHANGE loop: tests/test_doors.py), and the submission then fails on a missing
+    file. Said as what it is, by the run's identity, instead of a traceback; any job already
+    submitted checks that identity before it reads anything (check_pin) and stops."""
+    from .rundir import trust
+
+    try:
+        yield
+    except OSError as e:
+        above = trust.exchangeable_parent(getattr(run.fs, "ancestors", []))
+        try:  # swapped now? (a swap can also have been undone by the time we look: `above` says it could)
+            trust.check_pin(trust.open_dir(run.root, "launch"), run.fs.pin(), "launch")
+            swapped = False
+        except (UserError, OSError):
+            swapped = True
+        if not (swapped or above):
+            raise
+        raise UserError(
+            f"launch: the submission failed on a file of {run.root} ({e.__class__.__name__}: {e.strerror or e}), "
+            + (
+                "which is not the run directory planned any more: it was moved or replaced"
+                if swapped
+                else f"whose path can be swapped for another folder by whoever can write {above}"
+            )
+            + ". Any job already submitted checks the run's identity before it reads anything and stops. Put "
+            "runs under a folder only you can write (output_root=...) and launch again"
+        ) from None
+
+
 def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list[str]:
     """Workers for what is left: claims of dead workers released, live ones waited for."""
     set_aside_damaged(run)
@@ -131,10 +165,10 @@ def _submit(rc: RunConfig, run: RunDir, backend, token, model_path: str) -> list
         from .run.sbatch import write_rendered
 
         script = write_rendered(rc, run, model_path, n_workers)
-        with exported(run_env(run, token)):
+        with exported(run_env(run, token)), swapped_while_submitting(run):
             job_ids = backend.submit_script(script, n_workers)
     elif n_workers > 0:
-        with exported(run_env(run, token)):
+        with exported(run_env(run, token)), swapped_while_submitting(run):
             job_ids = backend.submit(n_workers)
     if job_ids:
         say(

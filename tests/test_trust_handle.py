@@ -390,3 +390,26 @@ def test_serve_state_files_of_the_wrong_shape_read_as_absent():
     for bad in ({**good, "port": "8000 --evil"}, {**good, "replica": "0"}, {**good, "pid": None}, [good]):
         assert schema.problems(bad, schema.REPLICA_STATE), bad
     assert schema.problems({"state": "ready", "url": 5}, schema.ROUTER_STATE) == ["url: must be a string or null"]
+
+
+def test_a_run_swapped_away_while_its_jobs_are_submitted_is_said_not_a_traceback(tmp_path):
+    """submitit takes the logs folder by path: a run swapped for another folder mid-submission
+    made the launch die on a missing file with a traceback (tests/test_doors.py's exchange
+    attack, seed 11998878, under load). Now it is a UserError naming what happened; where the
+    path was not swapped and nobody else could swap it, the error is the original one."""
+    from hpc_infer.launch import swapped_while_submitting
+    from hpc_infer.rundir import RunDir
+    from hpc_infer.rundir.fsio import new_run_id
+
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    os.chmod(tmp_path / "runs", 0o700)
+    run = RunDir(tmp_path / "runs" / "r")
+    new_run_id(run.fs)
+    with pytest.raises(FileNotFoundError):  # nothing swapped, nobody else can: the error as it was
+        with swapped_while_submitting(run):
+            raise FileNotFoundError(2, "No such file or directory", str(run.logs / "x.pkl"))
+    os.rename(tmp_path / "runs" / "r", tmp_path / "runs" / "away")
+    (tmp_path / "runs" / "r").mkdir()  # another folder at the run's path
+    with pytest.raises(UserError, match="not the run directory planned any more: it was moved or replaced"):
+        with swapped_while_submitting(run):
+            raise FileNotFoundError(2, "No such file or directory", str(run.logs / "x.pkl"))

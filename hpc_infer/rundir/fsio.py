@@ -239,8 +239,9 @@ class PinnedDir(Dir):
     def __init__(self, path: str | os.PathLike, judge=None):
         self.path = os.fspath(path)
         self._judge = judge
+        self._fds: dict[str, int] = {}  # (a walk that fails leaves nothing for __del__ to close)
         self.root_fd, self.ancestors = open_walked(self.path)
-        self._fds: dict[str, int] = {"": self.root_fd}
+        self._fds = {"": self.root_fd}
         try:
             if judge:
                 judge(self.root_fd, self.path)
