@@ -477,10 +477,16 @@ def check_one(site: Site, base: Path | None, k: int, command: str, rel: str, kin
             before = snapshot(site.top)
             exchanger = exchange_as("mallory", run, forged)
         elif not attack(site, run, rel, kind, sentinel.pid):
+            sentinel.kill()  # (a process the test started: stopped on every way out)
+            sentinel.wait()
             return None
         else:
             before = snapshot(site.top)
         rc, out, err = run_cmd(site, command, run)
+    except BaseException:
+        sentinel.kill()
+        sentinel.wait()
+        raise
     finally:
         if exchanger is not None:
             os.kill(exchanger, signal.SIGKILL)
