@@ -81,10 +81,12 @@ def set_aside_damaged(run: RunDir) -> list[int]:
         name = run.out_name(cid)
         st = run.fs.stat(name)
         if st is not None and not set_aside(run.fs, name, st):
-            now, grave = run.fs.stat(name), run.fs.stat(grave_of(name, st))
-            if now is not None and now.ino == st.ino and grave is not None and grave.ino == st.ino:
-                stuck.append((cid, grave_of(name, st)))  # an earlier set-aside stopped halfway
-    moved = [c for c in damaged if c not in {c for c, _ in stuck}]
+            grave = grave_of(name, st)
+            now, there = run.fs.stat(name), run.fs.stat(grave)
+            if now is not None and now.ino == st.ino and there is not None and there.ino == st.ino:
+                stuck.append((cid, grave))  # an earlier set-aside stopped halfway
+    left = {c for c, _ in stuck}
+    moved = [c for c in damaged if c not in left]
     if moved:
         say(
             f"chunk output{'s' * (len(moved) != 1)} {moved[:10]} {'were' if len(moved) != 1 else 'was'} "

@@ -531,12 +531,8 @@ class Sim:
                 last = self.server.nodes[ino].data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
                 who = json.loads(last).get("worker")
                 named[who] = named.get(who, 0) + 1
-        hb = self.server.lookup([ROOT, "heartbeats"])
-        for name, ino in hb.entries.items():
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
-            beat = json.loads(self.server.nodes[ino].data)
-            wid, counted = beat["worker"], beat["chunks_done"]
+        for wid, beat in self.beats.items():  # (check_step read them after the last step)
+            counted = beat["chunks_done"]
             procs = [p for p in self.procs if p.wid == wid]
             whole = len(procs) == 1 and procs[0].how == "finished" and beat.get("state") == "finished"
             if counted > named.get(wid, 0) or (whole and counted != named.get(wid, 0)):
@@ -569,7 +565,6 @@ class Sim:
                 known = len(self.procs)
                 nxt = list(queue[:1])
                 if self.timers:
-                    self.timers.sort()
                     events = sorted(events + self.timers)
                     self.timers = []
                 if events:

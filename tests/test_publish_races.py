@@ -11,6 +11,7 @@ from hpc_infer.rundir import publish_chunk_output
 from hpc_infer.rundir.chunks import encode_chunk_output
 from hpc_infer.rundir.fsio import Dir
 from interleave import explore
+from test_simulation import _old_link_won
 
 NAME = "out/00000.jsonl"
 
@@ -69,17 +70,6 @@ def test_the_explorer_catches_a_check_then_replace_publish(tmp_path):
     runs, broken = explore(tmp_path, _empty, copies, _check, depth=6)
     assert broken and all("published 2 times" in what for _, what in broken), broken
     assert len(broken) < runs  # some orders pass: a test of one order cannot tell
-
-
-def _old_link_won(link, links_of_temp):
-    """The judgement before: EEXIST taken as lost, whoever made the name."""
-    try:
-        link()
-        return True
-    except FileExistsError:
-        return False
-    except OSError:
-        return links_of_temp() == 2
 
 
 def test_a_link_whose_reply_was_lost_is_judged_by_the_temp_files_link_count(tmp_path, monkeypatch):
