@@ -179,7 +179,7 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
         events.append((round(t, 3), kind, rng.randrange(workers), round(rng.uniform(1, 40), 3)))
     events.sort()
     refuse = rng.sample(layout.ids, rng.choice([0, 0, 1, 3]))
-    return Schedule(
+    sched = Schedule(
         seed,
         layout.name,
         workers,
@@ -193,6 +193,17 @@ def random_schedule(seed: int, layout: Layout) -> Schedule:
         link_lost=rng.choice([0.0, 0.0, 0.1, 0.5]),
         enospc=rng.choice([0.0, 0.0, 0.0, 0.01]),
     )
+    if rng.random() < 0.2:  # crowded: up to 14 workers on the 16 chunks, more events (drawn
+        # last, so the other four seeds in five replay as they did before crowding was added)
+        sched.workers += rng.randint(4, 8)
+        for _ in range(rng.randint(2, 6)):
+            t = rng.uniform(0, 0.5) if rng.random() < 0.5 else rng.uniform(0, 30)
+            sched.events.append(
+                (round(t, 3), rng.choice(KINDS), rng.randrange(sched.workers), round(rng.uniform(1, 40), 3))
+            )
+        sched.events.sort()
+        sched.slow[f"w{rng.randrange(sched.workers)}"] = 4.0
+    return sched
 
 
 # --- the simulation ----------------------------------------------------------------------------
