@@ -124,7 +124,11 @@ def swapped_while_submitting(run: RunDir) -> Iterator[None]:
     except OSError as e:
         above = trust.exchangeable_parent(getattr(run.fs, "ancestors", []))
         try:  # swapped now? (a swap can also have been undone by the time we look: `above` says it could)
-            trust.check_pin(trust.open_dir(run.root, "launch"), run.fs.pin(), "launch")
+            there = trust.open_dir(run.root, "launch")
+            try:
+                trust.check_pin(there, run.fs.pin(), "launch")
+            finally:
+                there.close()
             swapped = False
         except (UserError, OSError):
             swapped = True
