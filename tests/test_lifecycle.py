@@ -342,6 +342,20 @@ def test_progress_counts_what_finished_and_rates_the_live_window(tmp_path):
     assert f"records {p.records_done}/{p.n_records}" in text and "5 tok/s" in text and f"ETA {p.eta_s:,.0f}s" in text
     assert "died" not in text
 
+    # engines that estimate their end (worker/finish.py): the records no engine has started,
+    # at the rate, then the longest estimate of a live worker less the time since it was made
+    a = json.loads(run.heartbeat_path("a").read_text())
+    write_json(run.heartbeat_path("a"), dict(a, running=3, finish_s=40.0, finish_at=a["t"] - 5.0))
+    b = json.loads(run.heartbeat_path("b").read_text())
+    write_json(run.heartbeat_path("b"), dict(b, running=1, finish_s=20.0, finish_at=b["t"]))
+    old_beat = json.loads(old.read_text())
+    write_json(old, dict(old_beat, running=50, finish_s=900.0, finish_at=old_beat["t"]))  # not live: not counted
+    os.utime(old, (now - 3600, now - 3600))
+    p = snapshot(run, manifest, fresh_s=60)
+    assert p.running == 4 and p.finish_s is not None and 33.0 < p.finish_s <= 35.0  # 40 - 5, less the beat's age
+    left = p.n_records - p.records_done
+    assert abs(p.eta_s - ((left - 4) / 0.5 + p.finish_s)) < 1e-9
+
 
 # --- concurrent writers ----------------------------------------------------------------------
 

@@ -6,7 +6,12 @@ likewise. Tokens still being generated are shown as such, never counted as done 
 made the total overshoot the final one). A rate is the sum over the *live* workers of
 each one's rate over its recent window (its heartbeat's `recent` samples, its own
 clock), so engine starts, a day between launches and dead workers of an earlier launch
-never water it down; ETA = records left / that rate, or unknown while it is 0.
+never water it down. The ETA has two parts: the records no engine has started, at that
+rate, then the longest of those running now, as each live worker estimates it
+(worker/finish.py: the lengths it has seen finish, its steps a second). A rate alone
+misses the end of a run with heavy-tailed lengths, the last records being the long ones
+(the default run's 16 records: 28 s shown, 160 s taken). Engines that give no estimate
+(HTTP): records left / rate. Unknown while the rate is 0 and records wait to start.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Progress:
     tokens_per_s: float = 0.0
     live_workers: int = 0
     workers: list[dict] = field(default_factory=list)
+    running: int = 0  # records the live workers' engines are generating
+    finish_s: float | None = None  # until the longest of those finishes (None: no worker estimates it)
 
     @property
     def complete(self) -> bool:
@@ -46,7 +53,14 @@ class Progress:
     @property
     def eta_s(self) -> float | None:
         left = self.n_records - self.records_done
-        return left / self.records_per_s if self.records_per_s > 0 else (0.0 if left == 0 else None)
+        if left <= 0:
+            return 0.0
+        if self.finish_s is None:
+            return left / self.records_per_s if self.records_per_s > 0 else None
+        waiting = max(0, left - self.running)  # not started (a dead worker's records start again)
+        if waiting and self.records_per_s <= 0:
+            return None
+        return (waiting / self.records_per_s if waiting else 0.0) + self.finish_s
 
 
 def _token_rate(beat: dict) -> float | None:
@@ -54,6 +68,15 @@ def _token_rate(beat: dict) -> float | None:
     if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
         return (recent[-1][2] - recent[0][2]) / (recent[-1][0] - recent[0][0])
     return None
+
+
+def _finish_left(beat: dict, age: float) -> float | None:
+    """Seconds until this worker's running records should all be done: its estimate less
+    the time since it was made (on its own clock, then the beat's age on the reader's)."""
+    est, at = beat.get("finish_s"), beat.get("finish_at")
+    if not isinstance(est, (int, float)) or not isinstance(at, (int, float)):
+        return None
+    return max(0.0, est - max(0.0, float(beat.get("t", at)) - at) - age)
 
 
 def poll_interval(workers: int) -> float:
@@ -125,7 +148,9 @@ def snapshot(
         for c, n in (b.get("in_flight") or {}).items():
             if int(c) not in done:
                 in_chunk[int(c)] = max(in_chunk.get(int(c), 0), int(n))
-    live = [b for b, age in found if b.get("state") == "running" and age < fresh_s]
+    live_found = [(b, age) for b, age in found if b.get("state") == "running" and age < fresh_s]
+    live = [b for b, _ in live_found]
+    ends = [e for e in (_finish_left(b, age) for b, age in live_found) if e is not None]
     return Progress(
         n_records=manifest["n_records"],
         n_chunks=manifest["n_chunks"],
@@ -138,6 +163,8 @@ def snapshot(
         tokens_per_s=sum(max(_token_rate(b) or 0.0, 0.0) for b in live),
         live_workers=len(live),
         workers=beats,
+        running=sum(int(b.get("running") or 0) for b in live),
+        finish_s=max(ends) if ends else None,
     )
 
 

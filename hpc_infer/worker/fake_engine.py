@@ -84,6 +84,11 @@ class FakeEngine:
     def unfinished(self) -> int:
         return len(self._waiting) + len(self._running) + len(self._errors)
 
+    def running_tokens(self) -> list[tuple[int, int | None]]:
+        """Each running request's tokens so far and its cap (never its drawn length)."""
+        cap = int(self.lengths.get("max", 4096)) if self.lengths else None
+        return [(have, cap if cap is not None else want) for _, want, have in self._running]
+
     def add(self, records: list[dict], sampling: dict[str, Any] | None, seed: int | None) -> None:
         for r in records:
             r.pop("too_long", None)

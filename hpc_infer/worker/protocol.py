@@ -33,6 +33,10 @@ class Engine(Protocol):
     def abort(self, chunk_id: int) -> int:
         """Drop a chunk's unfinished requests (another copy of it was published)."""
 
+    # Optional (the ETA's end, worker/finish.py): each running request's tokens so far and
+    # its max_tokens. An engine without it (HTTP) leaves the ETA to the record rate.
+    # def running_tokens(self) -> list[tuple[int, int | None]]: ...
+
 
 def record_seed(run_seed: int, record_id: str) -> int:
     """A per-record seed, so a record's sample does not depend on chunking or worker."""

@@ -167,6 +167,8 @@ class VllmEngine:
         self._pending_alias: dict[str, str] = {}
         self._errors: list[dict] = []  # error records not yet returned by step()
         self.generating_tokens = 0  # tokens generated so far by requests still running (progress only)
+        self._steps = 0  # engine steps taken
+        self._began: dict[str, tuple[int, int | None]] = {}  # request id -> (steps at its add, max_tokens)
         # What vLLM's OpenAI server applies to a field a request leaves out (the model's
         # generation_config.json, as `vllm serve` / `run-batch` read it).
         self.server_defaults = dict(self.llm.llm_engine.model_config.get_diff_sampling_param())
@@ -245,6 +247,7 @@ class VllmEngine:
             if rid is None:
                 continue
             self._pending[rid] = dict(record, seed=p.seed)
+            self._began[rid] = (self._steps, p.max_tokens or self.llm.llm_engine.model_config.max_model_len)
             # vLLM returns internal ids ("7-1a2b3c4d") but reports outputs under "7".
             self._pending_alias[_external_id(rid)] = rid
 
@@ -283,6 +286,7 @@ class VllmEngine:
         # one token per running sequence per step (prefill steps make it an estimate): progress
         # shows tokens as they are generated, not only when a record finishes
         self.generating_tokens += min(len(self._pending), self.max_num_seqs)
+        self._steps += 1
         for out in engine.step():
             if not out.finished:
                 continue
@@ -290,6 +294,7 @@ class VllmEngine:
             if rid in self._pending:
                 self._pending_alias.pop(_external_id(rid), None)
                 done.append(_result(self._pending.pop(rid), out))
+                self._began.pop(rid, None)
                 self.generating_tokens = max(0, self.generating_tokens - done[-1]["output_tokens"])
         if not self._pending:
             self.generating_tokens = 0
@@ -299,6 +304,14 @@ class VllmEngine:
         """Forget every cached prefix (`tune` times each repeat cold: a repeat of the same
         prompts would otherwise find them all cached, and prefill-bound settings look free)."""
         self.llm.reset_prefix_cache()
+
+    def running_tokens(self) -> list[tuple[int, int | None]]:
+        """Each running request's tokens so far (steps since it was added: one token a step,
+        prefill steps make it an estimate) and its max_tokens; the first max_num_seqs
+        requests in the order they were added run, the rest wait."""
+        if self.task in POOLING_TASKS:
+            return []
+        return [(self._steps - at, cap) for at, cap in list(self._began.values())[: self.max_num_seqs]]
 
     def abort(self, chunk_id: int) -> int:
         """Drop a chunk's unfinished requests (its output was published by another worker)."""
@@ -310,6 +323,7 @@ class VllmEngine:
                 self.llm.llm_engine.abort_request(rids)
         for rid in rids:
             self._pending.pop(rid, None)
+            self._began.pop(rid, None)
             self._pending_alias.pop(_external_id(rid), None)
         self._errors = [r for r in self._errors if r.get("chunk") != chunk_id]
         return len(rids)

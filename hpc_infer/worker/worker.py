@@ -47,6 +47,7 @@ from ..rundir import (
     tail,
 )
 from ..rundir.claimer import Claimer
+from .finish import FinishEstimate
 from .heartbeat import Heartbeat
 
 EX_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's warning; the rendered script requeues the task
@@ -182,6 +183,8 @@ class Worker:
         self.lease_s = float(spec.get("lease_s", 600))
         heartbeat_s = float(spec.get("heartbeat_s", 10))
         self.hb = Heartbeat(self.run, self.owner, heartbeat_s, self.lease_s)
+        self.finish = FinishEstimate(window_s=max(30.0, 3 * heartbeat_s))
+        self._finish_at, self._finish_n = float("-inf"), 0  # when the estimate was last made, on how many lengths
         if rank is None or of is None:
             rank, of = default_rank()
         self.claimer = Claimer(self.run, int(manifest["n_chunks"]), self.owner, self.lease_s, rank, of)
@@ -411,6 +414,8 @@ class Worker:
             if row.get("error"):  # refused by the engine: the record's error, with its input line
                 # (its place in the chunk by its index: a prefix-grouped chunk is not one range)
                 row.update(chunk.source.origin(chunk.source.position(row["index"])))
+            else:
+                self.finish.finished(row.get("output_tokens") or 0)
             chunk.add(row)
         for chunk in [self.inflight[c] for c in {r["chunk"] for r in finished}]:
             if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
@@ -481,12 +486,36 @@ class Worker:
         if self.hb.run_deleted:  # the heartbeat thread looks every interval; before a write, we look too
             raise RunDeleted(self.run.root)
         faults.point("step")
+        batch = min(self.engine.unfinished, self.engine.max_num_seqs)
         self.take_finished([r for r in self.engine.step() if r["chunk"] in self.inflight])  # abandoned: dropped
         self.drop_published_elsewhere()
         generating = int(getattr(self.engine, "generating_tokens", 0))
         if generating != self.hb.state.get("generating_tokens"):
             self.hb.update(generating_tokens=generating)
+        self.show_finish(batch)
         return 0.0
+
+    def show_finish(self, batch: int) -> None:
+        """Once a beat: how long this engine's running records should take to finish
+        (worker/finish.py), the end of the launcher's ETA, with when it was estimated."""
+        now = clock.monotonic()
+        self.finish.stepped(now, batch)
+        if not hasattr(self.engine, "running_tokens"):
+            return
+        n = self.finish.n_finished
+        if (
+            now - self._finish_at < self.hb.interval_s
+            and n < 2 * self._finish_n
+            and self.hb.state.get("finish_s") is not None
+        ):
+            return  # again once a beat, or sooner while the lengths seen double (the run's start)
+        running = self.engine.running_tokens()
+        left = self.finish.seconds_left(running, now)
+        if left is not None:  # until there is one, it is looked for at each step
+            self._finish_at, self._finish_n = now, n
+        self.hb.update(
+            running=len(running), finish_s=None if left is None else round(left, 1), finish_at=round(clock.now(), 3)
+        )
 
     def idle(self) -> float:
         """Nothing in flight. Beats that do not reach the run directory: wait for them (claim
@@ -497,6 +526,8 @@ class Worker:
         relaunch). Else DONE."""
         if self.hb.run_deleted:
             raise RunDeleted(self.run.root)
+        if self.hb.state.get("running"):  # nothing left running here: nothing of the ETA's end either
+            self.hb.update(running=0, finish_s=0.0, finish_at=round(clock.now(), 3))
         if not self.hb.healthy and self.stop_signal is None:
             if notices.done_posted(self.run):
                 return DONE
