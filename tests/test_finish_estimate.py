@@ -60,3 +60,18 @@ def test_seconds_left_costs_each_step_by_its_batch_and_forgets_an_idle_gap():
     f.stepped(t + 501, 2)
     assert f.step_cost() == (1.0, 0.0)  # one batch size seen: its mean
     assert f.seconds_left([], t + 501) == 0.0
+
+
+def test_a_fit_that_makes_the_tail_free_falls_back_to_the_mean_step():
+    """Prefill steps at a batch of 20 (slow) and decodes at 18 (fast) fit a steep slope
+    with a negative intercept: as if the tail's steps cost nothing. The real run this was
+    seen on (data=math_r1_zero on the CPU model) then showed 24 s where 160 s were left. The
+    mean step, the batch not counted, is used instead."""
+    f = FinishEstimate(window_s=60.0)
+    t = 0.0
+    f.stepped(t, 20)
+    for batch, d in [(20, 2.0), (20, 2.0), (18, 0.17), (18, 0.17), (18, 0.17), (18, 0.17)]:
+        t += d
+        f.stepped(t, batch)
+    a, c = f.step_cost()
+    assert c == 0.0 and abs(a - (4.0 + 4 * 0.17) / 6) < 1e-9

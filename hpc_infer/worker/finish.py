@@ -52,7 +52,9 @@ class FinishEstimate:
 
     def step_cost(self) -> tuple[float, float] | None:
         """A step's seconds as a + c x its batch (least squares over the window): a batch
-        that empties steps faster. While the batch has not changed, c is 0 and a the mean."""
+        that empties steps faster. While the batch has not changed, or where the fit says
+        a step would cost nothing or less with fewer records (a few long prefill steps among
+        decodes do: vLLM's step is mostly fixed cost), c is 0 and a the mean step."""
         s = list(self.steps)
         if len(s) < 2:
             return None
@@ -62,8 +64,8 @@ class FinishEstimate:
         var = sum((p[0] - mb) ** 2 for p in pts)
         c = sum((p[0] - mb) * (p[1] - md) for p in pts) / var if var > 1e-9 else 0.0
         a = md - c * mb
-        if c < 0 or a < 0:  # noise: a rate alone, or all of it per record
-            a, c = (md, 0.0) if c < 0 else (0.0, md / mb if mb > 0 else 0.0)
+        if c < 0 or a < 0:  # noise (a prefill step among decodes): the mean step, the long side
+            a, c = md, 0.0
         return a, c
 
     def tokens_left(self, running: list[tuple[int, int | None]]) -> float:
