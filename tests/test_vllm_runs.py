@@ -100,6 +100,14 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
     pid = wait_held(tmp_path)  # it holds chunk 2's claim, chunks 0 and 1 finished (never released)
     (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
     assert beat["pid"] == pid and run.done_chunks() == {0, 1}
+    # the vLLM engine's running records and the lengths seen reach the ETA (worker/finish.py):
+    # in a beat the held worker's heartbeat thread writes after its last step (every second;
+    # the deadline only bounds a broken run)
+    deadline = time.time() + 120
+    while "finish_s" not in beat and time.time() < deadline:
+        time.sleep(0.5)
+        (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
+    assert isinstance(beat.get("running"), int) and isinstance(beat.get("finish_s"), (int, float)), beat
     os.kill(beat["pid"], signal.SIGKILL)  # the worker process itself, mid-run
     first_done = {c: run.out_path(c).stat().st_mtime_ns for c in run.done_chunks()}
     n_chunks = read_json(run.manifest)["n_chunks"]

@@ -3,8 +3,9 @@
 A rate of records finished per second predicts the middle of a run and misses its end.
 With heavy-tailed output lengths the records that finish first are the short ones, and
 the last ones left are long, each getting one token per engine step however empty the
-batch. So each worker estimates how many more tokens the longest of its running records
-needs, in expectation, and divides by its own engine steps per second.
+batch. So each worker estimates how many more steps the longest of its running records
+needs, in expectation, each at its own engine's recent step time for the batch it will
+carry (a step costs a + c x batch, fitted over the last minute).
 
 The lengths come from the records this worker finished, with the running ones counted as
 at least as long as they got (Kaplan-Meier: a long record still running is not left out
@@ -22,7 +23,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 
-GRID = 64  # points of the residual's integral: a few milliseconds a beat at 256 running records
+GRID = 64  # points of the integrals: about 30 ms a beat at 256 running records of distinct ages
 
 
 class FinishEstimate:
@@ -33,13 +34,11 @@ class FinishEstimate:
         self.window_s = window_s
         self.steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, steps by then, its batch)
         self.n_steps = 0
+        self.n_finished = 0
 
     def finished(self, output_tokens: int) -> None:
         self.lengths[max(1, int(output_tokens))] += 1
-
-    @property
-    def n_finished(self) -> int:
-        return sum(self.lengths.values())
+        self.n_finished += 1
 
     def stepped(self, now: float, batch: int = 1) -> None:
         """A step of `batch` running records ended at `now`."""
@@ -81,7 +80,7 @@ class FinishEstimate:
             return 0.0, 0.0
         xs = sorted(self.lengths)
         gs = sorted(g for g, _ in running)
-        above = sum(self.lengths.values())  # finished records with length >= x
+        above = self.n_finished  # finished records with length >= x
         surv, s = [], 1.0  # P(length > x) at each finished length x
         for x in xs:
             at_risk = above + len(gs) - bisect_left(gs, x)

@@ -414,8 +414,11 @@ class Worker:
             if row.get("error"):  # refused by the engine: the record's error, with its input line
                 # (its place in the chunk by its index: a prefix-grouped chunk is not one range)
                 row.update(chunk.source.origin(chunk.source.position(row["index"])))
-            else:
-                self.finish.finished(row.get("output_tokens") or 0)
+            else:  # a sample's length (n > 1: the longest of the record's samples, each a sequence)
+                lengths = [o.get("num_tokens") for o in row.get("outputs") or [] if isinstance(o, dict)]
+                self.finish.finished(
+                    max((n for n in lengths if isinstance(n, int)), default=row.get("output_tokens") or 0)
+                )
             chunk.add(row)
         for chunk in [self.inflight[c] for c in {r["chunk"] for r in finished}]:
             if chunk.part is not None and len(chunk.rows) == chunk.part[1] - chunk.part[0]:
