@@ -104,7 +104,7 @@ def test_killed_worker_then_relaunch_loses_and_duplicates_nothing(tmp_path, cpu_
     # in a beat the held worker's heartbeat thread writes after its last step (every second;
     # the deadline only bounds a broken run)
     deadline = time.time() + 120
-    while "finish_s" not in beat and time.time() < deadline:
+    while not isinstance(beat.get("finish_s"), (int, float)) and time.time() < deadline:
         time.sleep(0.5)
         (beat,) = [read_json(p) for p in run.heartbeats.glob("*.json")]
     assert isinstance(beat.get("running"), int) and isinstance(beat.get("finish_s"), (int, float)), beat

@@ -55,6 +55,9 @@ class Heartbeat:
             "in_flight_prompt_tokens": 0,
             "generating_tokens": 0,  # tokens of requests still generating (shown, never counted as done)
             "recent": [],  # [t, records finished, output tokens finished]: the rate window
+            "running": 0,  # requests the engine is generating now (the ETA's records started)
+            "finish_s": None,  # seconds until the last of them should end, estimated at finish_at
+            "finish_at": None,  # (worker/finish.py; None: no estimate yet, or an HTTP engine)
             "engine_start_s": None,
             # Whether a token reached this job (never its value): `status` can tell users.
             "hf_token_present": bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
