@@ -226,8 +226,11 @@ def test_the_readme_default_job_as_typed(tmp_path, cpu_model):
 def test_two_tensor_parallel_workers_start_together_on_one_node(tmp_path, cpu_model):
     """Two local workers, each a tensor_parallel_size=3 vLLM engine (SmolLM2 has 9 heads,
     3 KV heads; the CPU build runs TP with gloo), started together on this one node: each
-    gets its own VLLM_PORT range, both load and serve chunks, greedy outputs are the same
-    as with TP=1 (test above: 'Paris')."""
+    gets its own VLLM_PORT range, both engines load, every chunk is published once, greedy
+    outputs are the same as with TP=1 (test above: 'Paris'). Which worker publishes which
+    chunk is timing: on a loaded 2-core AVX2 machine one engine came up so much later that
+    the other, done, ran a backup copy of its chunk and won (chunks_done 3 and 0), so the
+    split is not asserted."""
     run_launch(
         tmp_path,
         "cluster=local",
@@ -243,6 +246,7 @@ def test_two_tensor_parallel_workers_start_together_on_one_node(tmp_path, cpu_mo
     rows = read_results(run.results())
     assert [r["index"] for r in rows] == list(range(4)) and "Paris" in rows[0]["text"]
     beats = [read_json(p) for p in run.heartbeats.glob("*.json")]
-    assert len(beats) == 2 and all(b["engine_start_s"] and b["chunks_done"] >= 1 for b in beats)
+    assert len(beats) == 2 and all(b["engine_start_s"] for b in beats), beats
+    assert sum(b["chunks_done"] for b in beats) == read_json(run.manifest)["n_chunks"], beats
     ports = [int(b["vllm_port"]) for b in beats]
     assert len(set(ports)) == 2, ports
