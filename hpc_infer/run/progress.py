@@ -8,7 +8,7 @@ each one's rate over its recent window (its heartbeat's `recent` samples, its ow
 clock), so engine starts, a day between launches and dead workers of an earlier launch
 never water it down. The ETA has two parts: the records no engine has started, at that
 rate, then the longest of those running now, as each live worker estimates it
-(worker/finish.py: the lengths it has seen finish, its steps a second). A rate alone
+(worker/finish.py: the lengths it has seen finish, its step time). A rate alone
 misses the end of a run with heavy-tailed lengths, the last records being the long ones
 (the default run's 16 records: 28 s shown, 160 s taken). Engines that give no estimate
 (HTTP): records left / rate. Unknown while the rate is 0 and records wait to start.

@@ -32,8 +32,7 @@ class FinishEstimate:
     def __init__(self, window_s: float = 60.0):
         self.lengths: Counter[int] = Counter()
         self.window_s = window_s
-        self.steps: deque[tuple[float, int, int]] = deque()  # (monotonic time, steps by then, its batch)
-        self.n_steps = 0
+        self.steps: deque[tuple[float, int]] = deque()  # (monotonic time a step ended, its batch)
         self.n_finished = 0
 
     def finished(self, output_tokens: int) -> None:
@@ -44,8 +43,7 @@ class FinishEstimate:
         """A step of `batch` running records ended at `now`."""
         if self.steps and now - self.steps[-1][0] > self.window_s:
             self.steps.clear()  # idle since (its chunks done, a backup copy now): a rate from now
-        self.n_steps += 1
-        self.steps.append((now, self.n_steps, batch))
+        self.steps.append((now, batch))
         while len(self.steps) > 2 and now - self.steps[1][0] > self.window_s:
             self.steps.popleft()
 
@@ -57,7 +55,7 @@ class FinishEstimate:
         s = list(self.steps)
         if len(s) < 2:
             return None
-        pts = [(b[2], b[0] - a[0]) for a, b in zip(s, s[1:])]
+        pts = [(b[1], b[0] - a[0]) for a, b in zip(s, s[1:])]
         n = len(pts)
         mb, md = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
         var = sum((p[0] - mb) ** 2 for p in pts)

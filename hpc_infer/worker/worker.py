@@ -506,6 +506,8 @@ class Worker:
         if not hasattr(self.engine, "running_tokens"):
             return
         n = self.finish.n_finished
+        if not n:
+            return  # no length seen yet: no estimate to make (nor the running records to list each step)
         if (
             now - self._finish_at < self.hb.interval_s
             and n < 2 * self._finish_n
